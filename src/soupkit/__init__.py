@@ -1,0 +1,60 @@
+"""soupkit: model soups and weight-space merging of fine-tuned checkpoints.
+
+Uniform, weighted and checkpoint soups (Wortsman et al., ICML 2022) and the merging methods
+that grew from them, streamed tensor by tensor from safetensors with bounded memory.
+"""
+
+from soupkit._version import __version__
+from soupkit.api import (
+    MergeResult,
+    find_checkpoints,
+    merge,
+    merge_state_dicts,
+    plan,
+    soup_checkpoints,
+    uniform_soup,
+)
+from soupkit.config import MergeConfig, load_recipe
+from soupkit.errors import (
+    CheckpointFormatError,
+    ConfigError,
+    EvaluationError,
+    MergeIOError,
+    NonFiniteError,
+    OutputExistsError,
+    PlanError,
+    SoupError,
+    UnknownMethodError,
+    UnknownParameterError,
+    UnsafeFormatError,
+    UsageError,
+)
+from soupkit.io.checkpoint import open_checkpoint
+from soupkit.plan import MergePlan
+
+__all__ = [
+    "CheckpointFormatError",
+    "ConfigError",
+    "EvaluationError",
+    "MergeConfig",
+    "MergeIOError",
+    "MergePlan",
+    "MergeResult",
+    "NonFiniteError",
+    "OutputExistsError",
+    "PlanError",
+    "SoupError",
+    "UnknownMethodError",
+    "UnknownParameterError",
+    "UnsafeFormatError",
+    "UsageError",
+    "__version__",
+    "find_checkpoints",
+    "load_recipe",
+    "merge",
+    "merge_state_dicts",
+    "open_checkpoint",
+    "plan",
+    "soup_checkpoints",
+    "uniform_soup",
+]

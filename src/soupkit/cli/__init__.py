@@ -1,0 +1,62 @@
+"""The ``soupkit`` command: a thin shell over the Python API.
+
+Each subcommand lives in its own module here with an ``add_parser(subparsers)`` function that
+registers it and sets ``func``; adding a command is one module plus its name in ``_COMMANDS``.
+Exit codes: 0 ok, 1 runtime error, 2 usage or configuration error, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from collections.abc import Sequence
+
+from soupkit._version import __version__
+from soupkit.errors import SoupError
+
+__all__ = ["build_parser", "main"]
+
+_COMMANDS = ("merge", "plan", "validate", "inspect", "methods", "soup_checkpoints")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="soupkit",
+        description="Model soups and weight-space merging of fine-tuned checkpoints.",
+        epilog="Run `soupkit COMMAND --help` for examples of each command.",
+    )
+    parser.add_argument("--version", action="version", version=f"soupkit {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in _COMMANDS:
+        importlib.import_module(f"soupkit.cli.{name}").add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (also used as the console script)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code = args.func(args)
+        return int(code or 0)
+    except SoupError as e:
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted: nothing was written to the output", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 1
+    except Exception as e:  # an internal bug: say so plainly, traceback only on request
+        if os.environ.get("SOUPKIT_DEBUG"):
+            raise
+        print(f"internal error: {type(e).__name__}: {e}\n"
+              "hint: this is a soupkit bug; rerun with SOUPKIT_DEBUG=1 for a traceback and report it",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

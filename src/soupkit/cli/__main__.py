@@ -1,0 +1,5 @@
+import sys
+
+from soupkit.cli import main
+
+sys.exit(main())

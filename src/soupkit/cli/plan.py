@@ -1,0 +1,25 @@
+"""``soupkit plan RECIPE``: a dry run from headers only."""
+
+from __future__ import annotations
+
+import argparse
+
+from soupkit.api import plan
+from soupkit.cli._common import command
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = command(sub, "plan", "dry run: show what a merge would do, from headers only", """
+        soupkit plan recipe.yaml
+        soupkit plan recipe.yaml --all
+    """)
+    p.add_argument("recipe", help="YAML recipe")
+    p.add_argument("--max-shard-size", default="5GB", metavar="SIZE", help="largest output shard")
+    p.add_argument("--all", action="store_true", help="list every tensor, not only the first 40")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    pl = plan(args.recipe, max_shard_size=args.max_shard_size)
+    print(pl.describe(max_rows=len(pl.jobs) if args.all else 40))
+    return 0

@@ -1,0 +1,22 @@
+"""``soupkit validate RECIPE``: check a recipe and its inputs, report every problem."""
+
+from __future__ import annotations
+
+import argparse
+
+from soupkit.api import plan
+from soupkit.cli._common import command
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = command(sub, "validate", "check a recipe and the headers of its inputs; list every problem", """
+        soupkit validate recipe.yaml && soupkit merge recipe.yaml ./merged
+    """)
+    p.add_argument("recipe", help="YAML recipe")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    pl = plan(args.recipe)
+    print(f"ok: {args.recipe}: {pl.method.name} over {len(pl.models)} model(s), {len(pl.jobs)} tensors")
+    return 0

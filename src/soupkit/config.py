@@ -1,0 +1,174 @@
+"""Recipes: the YAML a user writes, validated by pydantic, all problems reported together.
+
+The schema is mergekit's where the meaning is the same, so a mergekit recipe for a method
+soupkit supports runs unchanged::
+
+    merge_method: linear
+    base_model: ./base            # optional for linear; required by task-vector methods
+    models:
+      - model: ./ft-a
+        parameters: {weight: 0.7}
+      - model: ./ft-b
+        parameters: {weight: 0.3}
+    parameters: {normalize: true} # global parameters (and defaults for per-model ones)
+    dtype: float32                # inputs are cast to this before merging (optional)
+    out_dtype: bfloat16           # output dtype (default: dtype, else the inputs' dtype)
+    seed: 0                       # soupkit: seeds stochastic methods per tensor
+
+Relative model paths are resolved against the current directory, as mergekit does.
+A parameter value is a scalar, a list of numbers (a gradient interpolated across layers), or
+a list of ``{filter: SUBSTRING | match: GLOB, value: ...}`` entries where the first entry that
+matches a tensor name wins and an entry without ``filter``/``match`` is the fallback.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
+
+from soupkit.errors import ConfigError
+
+__all__ = [
+    "Conditional",
+    "DTypeName",
+    "MergeConfig",
+    "ModelEntry",
+    "ParamValue",
+    "load_recipe",
+]
+
+DTypeName = Literal["float32", "float16", "bfloat16", "float64"]
+Scalar = Union[StrictBool, StrictInt, StrictFloat, StrictStr]
+
+# mergekit keys soupkit knows about but does not support yet: refused by name, never ignored.
+_MERGEKIT_UNSUPPORTED = {
+    "slices": "layer-range slices",
+    "modules": "per-module recipes",
+    "tokenizer": "the tokenizer block (vocabulary surgery)",
+    "tokenizer_source": None,  # supported, see below
+    "chat_template": "chat_template",
+    "architecture": "architecture overrides",
+}
+
+
+class Conditional(BaseModel):
+    """One entry of a conditional parameter list: the value for tensors that match."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    filter: StrictStr | None = None
+    match: StrictStr | None = None
+    value: Union[Scalar, list[Union[StrictInt, StrictFloat]]]
+
+
+ParamValue = Union[Scalar, list[Union[StrictInt, StrictFloat]], list[Conditional]]
+
+
+class ModelEntry(BaseModel):
+    """One input model and its per-model parameters."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    model: StrictStr
+    parameters: dict[str, ParamValue] = Field(default_factory=dict)
+
+
+class MergeConfig(BaseModel):
+    """A validated recipe (see the module docstring for the format)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    merge_method: StrictStr
+    models: list[ModelEntry] = Field(min_length=1)
+    base_model: StrictStr | None = None
+    parameters: dict[str, ParamValue] = Field(default_factory=dict)
+    dtype: DTypeName | None = None
+    out_dtype: DTypeName | None = None
+    seed: StrictInt = 0
+    tokenizer_source: StrictStr | None = None
+    name: StrictStr | None = None
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json", exclude_none=True), sort_keys=False)
+
+
+def _loc(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def _friendly(err: Mapping[str, Any]) -> str | None:
+    loc = tuple(err["loc"])
+    # pydantic reports every branch of a union; keep the plain location and message.
+    loc = tuple(p for p in loc if not (isinstance(p, str) and ("[" in p or p.startswith(("list", "str", "int", "float", "bool", "function")))))
+    if err["type"] == "extra_forbidden":
+        key = str(loc[-1])
+        parent = loc[:-1]
+        fields: list[str] = []
+        if not parent:
+            fields = list(MergeConfig.model_fields)
+        elif len(parent) == 2 and parent[0] == "models":
+            fields = list(ModelEntry.model_fields)
+        if not parent and key in _MERGEKIT_UNSUPPORTED and _MERGEKIT_UNSUPPORTED[key]:
+            return (f"mergekit key {key!r} ({_MERGEKIT_UNSUPPORTED[key]}) is not supported by "
+                    "soupkit yet; see docs/mergekit.md")
+        close = difflib.get_close_matches(key, fields, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else (f"; allowed: {', '.join(fields)}" if fields else "")
+        return f"{_loc(parent) + '.' if parent else ''}{key}: unknown key{hint}"
+    return f"{_loc(loc)}: {err['msg']}"
+
+
+def load_recipe(source: MergeConfig | Mapping[str, Any] | str | os.PathLike[str]) -> MergeConfig:
+    """Load and validate a recipe.
+
+    Args:
+        source: a `MergeConfig`, a mapping, a path to a YAML file, or YAML text.
+
+    Returns:
+        The validated `MergeConfig`.
+
+    Raises:
+        ConfigError: with every problem found (unknown keys with did-you-mean, wrong types).
+    """
+    if isinstance(source, MergeConfig):
+        return source
+    label: str | None = None
+    data: Any
+    if isinstance(source, Mapping):
+        data = dict(source)
+    else:
+        text: str
+        if isinstance(source, os.PathLike) or (isinstance(source, str) and "\n" not in source
+                                               and source.endswith((".yaml", ".yml", ".json"))):
+            label = str(source)
+            path = Path(source)
+            try:
+                if path.stat().st_size > 10_000_000:
+                    raise ConfigError([f"recipe is {path.stat().st_size} bytes; recipes over 10 MB are refused"], label)
+                text = path.read_text(encoding="utf-8")
+            except FileNotFoundError:
+                raise ConfigError(["file not found"], label) from None
+            except (OSError, UnicodeDecodeError) as e:
+                raise ConfigError([f"cannot read the recipe ({e})"], label) from None
+        else:
+            text = str(source)
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError([f"not valid YAML: {e}"], label) from None
+        except RecursionError:
+            raise ConfigError(["YAML nested too deeply"], label) from None
+    if not isinstance(data, dict):
+        raise ConfigError([f"a recipe is a mapping of keys to values, got {type(data).__name__}"], label)
+    try:
+        return MergeConfig.model_validate(data)
+    except ValidationError as e:
+        msgs = [m for m in (_friendly(err) for err in e.errors()) if m]
+        raise ConfigError(list(dict.fromkeys(msgs)), label) from None
+    except RecursionError:
+        raise ConfigError(["recipe nested too deeply"], label) from None

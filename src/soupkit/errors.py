@@ -1,0 +1,112 @@
+"""Every error soupkit raises on purpose.
+
+```
+SoupError                       base: anything soupkit reports to a user
+├── UsageError                  bad arguments or configuration (CLI exit code 2)
+│   ├── ConfigError             a recipe failed validation; carries *all* problems at once
+│   ├── UnknownMethodError      `merge_method` names no registered method
+│   ├── UnknownParameterError   a parameter the method does not declare
+│   └── OutputExistsError       the output folder exists and is not empty (use --force)
+├── CheckpointFormatError       a file that is not a valid checkpoint (truncated, malformed, hostile)
+│   └── UnsafeFormatError       a pickle checkpoint without the explicit opt-in
+├── PlanError                   inputs that cannot be merged; carries *all* problems at once
+├── NonFiniteError              NaN / Inf in an input or produced by a method
+├── EvaluationError             an evaluator failed on a named candidate
+└── MergeIOError                the output could not be written (disk full, permissions)
+```
+
+Messages have three parts: *what* (file, tensor, model), *observed versus expected*, and a
+*hint*. `SoupError.exit_code` is what the CLI exits with: 2 for usage and configuration
+problems, 1 for everything that goes wrong at run time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+__all__ = [
+    "CheckpointFormatError",
+    "ConfigError",
+    "EvaluationError",
+    "MergeIOError",
+    "NonFiniteError",
+    "OutputExistsError",
+    "PlanError",
+    "SoupError",
+    "UnknownMethodError",
+    "UnknownParameterError",
+    "UnsafeFormatError",
+    "UsageError",
+]
+
+
+class SoupError(Exception):
+    """Base class: an error soupkit explains to the user (no traceback needed)."""
+
+    exit_code: int = 1
+
+
+class UsageError(SoupError):
+    """Raised for bad arguments or configuration, detected before any data moves."""
+
+    exit_code = 2
+
+
+class ConfigError(UsageError):
+    """Raised when a recipe fails validation. ``errors`` holds every problem found."""
+
+    def __init__(self, errors: Sequence[str], source: str | None = None) -> None:
+        self.errors = list(errors)
+        self.source = source
+        where = f" in {source}" if source else ""
+        lines = [f"{len(self.errors)} problem(s){where}:"]
+        lines += [f"  - {e}" for e in self.errors]
+        super().__init__("\n".join(lines))
+
+
+class UnknownMethodError(UsageError):
+    """Raised when a merge method name is not registered (message suggests close names)."""
+
+
+class UnknownParameterError(UsageError):
+    """Raised when a recipe sets a parameter that the method does not declare."""
+
+
+class OutputExistsError(UsageError):
+    """Raised when the output folder exists and is not empty, and ``force`` was not given."""
+
+
+class CheckpointFormatError(SoupError):
+    """Raised when a checkpoint file is malformed, truncated, inconsistent or hostile."""
+
+
+class UnsafeFormatError(CheckpointFormatError):
+    """Raised for pickle-based checkpoints unless the user explicitly opted in."""
+
+    exit_code = 2
+
+
+class PlanError(SoupError):
+    """Raised when the inputs cannot be merged (missing tensors, shape or dtype mismatches).
+
+    ``problems`` holds every problem found, so a user fixes them all in one go.
+    """
+
+    exit_code = 2
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        self.problems = list(problems)
+        head = f"cannot merge: {len(self.problems)} problem(s) found before any data was read"
+        super().__init__("\n".join([head] + [f"  - {p}" for p in self.problems]))
+
+
+class NonFiniteError(SoupError):
+    """Raised when a tensor holds NaN or Inf (in an input or produced by a method)."""
+
+
+class EvaluationError(SoupError):
+    """Raised when an evaluator fails; the message names the candidate."""
+
+
+class MergeIOError(SoupError):
+    """Raised when the output cannot be written (disk full, permissions, ...)."""

@@ -1,0 +1,230 @@
+"""Resolve what a user calls "a model" into validated headers, from headers alone.
+
+Accepted forms:
+
+- a ``.safetensors`` file;
+- a folder with ``model.safetensors``;
+- a sharded folder with ``model.safetensors.index.json`` (Hugging Face layout);
+- a folder holding exactly one ``*.safetensors`` file.
+
+Pickle checkpoints (``.bin``, ``.pt``, ``.pth``, ``.ckpt``) can run code when loaded and are
+refused with `UnsafeFormatError` unless the caller opts in.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from soupkit.errors import CheckpointFormatError, UnsafeFormatError
+from soupkit.io.header import TensorInfo, dtype_code, read_safetensors_header
+
+__all__ = [
+    "CARRY_FILES",
+    "Checkpoint",
+    "PICKLE_SUFFIXES",
+    "in_memory_checkpoint",
+    "open_checkpoint",
+]
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+MAX_INDEX_BYTES = 50_000_000
+
+# Files carried from the base (or first) model folder into the output: configuration and
+# tokenizer. Never code (*.py): a merged model must not smuggle remote code along.
+CARRY_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "chat_template.jinja",
+    "chat_template.json",
+    "preprocessor_config.json",
+)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """One input model, known from its headers.
+
+    Attributes:
+        label: how messages name it (the path as the user wrote it).
+        path: the resolved path (file or folder); None for in-memory models.
+        folder: the folder holding config/tokenizer files, if any.
+        files: the safetensors files that hold its tensors.
+        tensors: tensor name -> `TensorInfo`, in storage order.
+    """
+
+    label: str
+    path: Path | None
+    folder: Path | None
+    files: tuple[Path, ...]
+    tensors: dict[str, TensorInfo] = field(repr=False)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+    @property
+    def num_params(self) -> int:
+        return sum(t.numel for t in self.tensors.values())
+
+
+def _refuse_pickle(p: Path) -> UnsafeFormatError:
+    return UnsafeFormatError(
+        f"{p}: is a pickle checkpoint ({p.suffix}); loading a pickle can execute arbitrary "
+        "code hidden in the file, so soupkit refuses it by default\n"
+        "hint: convert it to safetensors, or if you trust the file opt in with "
+        "--allow-pickle (it is then loaded only with torch.load(weights_only=True))"
+    )
+
+
+def _inside(folder: Path, child: Path) -> bool:
+    try:
+        child.resolve().relative_to(folder.resolve())
+    except ValueError:
+        return False
+    return True
+
+
+def _read_index(folder: Path) -> dict[str, str]:
+    idx = folder / INDEX_NAME
+    try:
+        size = idx.stat().st_size
+        if size > MAX_INDEX_BYTES:
+            raise CheckpointFormatError(f"{idx}: {size} bytes; an index larger than "
+                                        f"{MAX_INDEX_BYTES} bytes is refused")
+        obj = json.loads(idx.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise CheckpointFormatError(f"{idx}: not valid JSON ({e})") from None
+    except OSError as e:
+        raise CheckpointFormatError(f"{idx}: cannot read ({e.strerror})") from None
+    wm = obj.get("weight_map") if isinstance(obj, dict) else None
+    if not isinstance(wm, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in wm.items()):
+        raise CheckpointFormatError(
+            f"{idx}: expected an object with a 'weight_map' of tensor name -> shard file name"
+        )
+    return wm
+
+
+def _open_sharded(folder: Path, label: str) -> Checkpoint:
+    wm = _read_index(folder)
+    idx = folder / INDEX_NAME
+    shards: dict[str, Path] = {}
+    for fname in dict.fromkeys(wm.values()):
+        shard = folder / fname
+        if Path(fname).is_absolute() or ".." in Path(fname).parts or not _inside(folder, shard):
+            raise CheckpointFormatError(
+                f"{idx}: weight_map points outside the model folder: {fname!r}\n"
+                "hint: shard names must be plain file names inside the folder; a hostile index "
+                "may try to read other files"
+            )
+        if not shard.is_file():
+            raise CheckpointFormatError(f"{idx}: shard {fname!r} listed in weight_map does not exist")
+        shards[fname] = shard
+    tensors: dict[str, TensorInfo] = {}
+    problems: list[str] = []
+    for fname, shard in shards.items():
+        header = read_safetensors_header(shard)
+        for name, info in header.tensors.items():
+            if name in tensors:
+                problems.append(f"tensor {name!r} is stored in two shards "
+                                f"({tensors[name].file.name if tensors[name].file else '?'} and {fname})")
+            elif wm.get(name) != fname:
+                where = wm.get(name)
+                problems.append(f"tensor {name!r} is in shard {fname} but the index says "
+                                f"{where if where else 'nothing'}")
+            tensors[name] = info
+    for name, fname in wm.items():
+        if name not in tensors:
+            problems.append(f"index maps {name!r} to {fname}, but that shard has no such tensor")
+    if problems:
+        shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
+        raise CheckpointFormatError(
+            f"{idx}: index and shard headers disagree:\n" + "\n".join(f"  - {m}" for m in shown)
+        )
+    # storage order: by index order of shards, then offset
+    order = {f: i for i, f in enumerate(shards.values())}
+    ordered = sorted(tensors.values(), key=lambda t: (order[t.file] if t.file else 0, t.start))
+    return Checkpoint(label, folder, folder, tuple(shards.values()), {t.name: t for t in ordered})
+
+
+def open_checkpoint(path: str | os.PathLike[str], *, label: str | None = None) -> Checkpoint:
+    """Resolve ``path`` into a `Checkpoint`, reading and validating headers only.
+
+    Args:
+        path: a ``.safetensors`` file, or a model folder (single file or sharded with an index).
+        label: how error messages name this model (default: the path as given).
+
+    Raises:
+        CheckpointFormatError: the path does not exist, holds no checkpoint, or is malformed.
+        UnsafeFormatError: the path is a pickle checkpoint.
+    """
+    p = Path(path)
+    lab = label if label is not None else str(path)
+    if not p.exists():
+        hint = ""
+        if not str(path).startswith((".", "/")) and str(path).count("/") == 1:
+            hint = ("\nhint: this looks like a hub model id; soupkit works offline and never "
+                    "downloads: download it first (e.g. `huggingface-cli download ...`) and give the folder")
+        raise CheckpointFormatError(f"{lab}: no such file or folder{hint}")
+    if p.is_file():
+        if p.suffix in PICKLE_SUFFIXES:
+            raise _refuse_pickle(p)
+        header = read_safetensors_header(p)
+        return Checkpoint(lab, p, p.parent, (p,), header.tensors)
+    if (p / INDEX_NAME).is_file():
+        return _open_sharded(p, lab)
+    if (p / SINGLE_NAME).is_file():
+        header = read_safetensors_header(p / SINGLE_NAME)
+        return Checkpoint(lab, p, p, (p / SINGLE_NAME,), header.tensors)
+    candidates = sorted(x for x in p.glob("*.safetensors") if x.is_file())
+    if len(candidates) == 1:
+        header = read_safetensors_header(candidates[0])
+        return Checkpoint(lab, p, p, (candidates[0],), header.tensors)
+    pickles = sorted(x for x in p.iterdir() if x.suffix in PICKLE_SUFFIXES)
+    if not candidates and pickles:
+        raise _refuse_pickle(pickles[0])
+    found = ", ".join(x.name for x in candidates[:5]) or "none"
+    raise CheckpointFormatError(
+        f"{lab}: folder holds no checkpoint soupkit can read (safetensors files: {found})\n"
+        f"hint: expected {SINGLE_NAME}, a sharded folder with {INDEX_NAME}, or exactly one "
+        "*.safetensors file"
+    )
+
+
+def in_memory_checkpoint(state: Mapping[str, torch.Tensor], label: str) -> Checkpoint:
+    """Wrap an in-memory state dict as a `Checkpoint` (for the Python API).
+
+    Tensors are made contiguous CPU tensors; nothing is copied if they already are.
+    """
+    tensors: dict[str, TensorInfo] = {}
+    for name, t in state.items():
+        if not isinstance(t, torch.Tensor):
+            raise CheckpointFormatError(
+                f"{label}: entry {name!r} is a {type(t).__name__}, expected a torch.Tensor"
+            )
+        t = t.detach().to("cpu").contiguous()
+        try:
+            code = dtype_code(t.dtype)
+        except ValueError:
+            raise CheckpointFormatError(f"{label}: tensor {name!r} has dtype {t.dtype}, which "
+                                        "safetensors cannot store") from None
+        nbytes = t.numel() * t.element_size()
+        tensors[name] = TensorInfo(name, code, tuple(t.shape), None, 0, nbytes, data=t)
+    return Checkpoint(label, None, None, (), tensors)

@@ -1,0 +1,259 @@
+"""Read safetensors headers (and only headers), treating every file as hostile.
+
+Format (https://github.com/huggingface/safetensors#format): 8 bytes little-endian header
+length N, N bytes of UTF-8 JSON, then the data buffer. The JSON maps tensor names to
+``{"dtype", "shape", "data_offsets": [begin, end]}`` (offsets relative to the buffer) plus an
+optional ``__metadata__`` of string to string. The buffer must be covered exactly: no holes,
+no overlaps, nothing after the last tensor.
+
+Everything is checked before a single tensor byte is read, and every failure is a
+`CheckpointFormatError` naming the file, the tensor and what was seen versus expected.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from soupkit.errors import CheckpointFormatError
+
+__all__ = [
+    "DTYPES",
+    "FLOAT_DTYPES",
+    "MAX_HEADER_BYTES",
+    "SafetensorsHeader",
+    "TensorInfo",
+    "dtype_code",
+    "read_safetensors_header",
+]
+
+# safetensors dtype code -> (torch dtype, bytes per element)
+DTYPES: dict[str, tuple[torch.dtype, int]] = {
+    "F64": (torch.float64, 8),
+    "F32": (torch.float32, 4),
+    "F16": (torch.float16, 2),
+    "BF16": (torch.bfloat16, 2),
+    "F8_E4M3": (torch.float8_e4m3fn, 1),
+    "F8_E5M2": (torch.float8_e5m2, 1),
+    "I64": (torch.int64, 8),
+    "I32": (torch.int32, 4),
+    "I16": (torch.int16, 2),
+    "I8": (torch.int8, 1),
+    "U8": (torch.uint8, 1),
+    "U16": (torch.uint16, 2),
+    "U32": (torch.uint32, 4),
+    "U64": (torch.uint64, 8),
+    "BOOL": (torch.bool, 1),
+}
+FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
+_CODE_OF = {td: code for code, (td, _) in DTYPES.items()}
+
+# The reference implementation refuses headers above 100 MB; so do we, before allocating.
+MAX_HEADER_BYTES = 100_000_000
+
+
+def dtype_code(dtype: torch.dtype) -> str:
+    """The safetensors code of a torch dtype (``torch.bfloat16`` -> ``"BF16"``)."""
+    try:
+        return _CODE_OF[dtype]
+    except KeyError:
+        raise ValueError(f"dtype {dtype} cannot be stored in safetensors") from None
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives and what it is, from a header alone.
+
+    Attributes:
+        name: tensor name.
+        dtype: safetensors dtype code (``"BF16"``, ``"F32"``, ...).
+        shape: the tensor's shape.
+        file: the file holding it (None for an in-memory tensor).
+        start: absolute byte offset of its first byte in ``file``.
+        end: absolute byte offset one past its last byte.
+        data: the tensor itself when it lives in memory (API inputs); never for files.
+    """
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    file: Path | None
+    start: int
+    end: int
+    data: torch.Tensor | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def itemsize(self) -> int:
+        return DTYPES[self.dtype][1]
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype][0]
+
+    @property
+    def is_float(self) -> bool:
+        return self.dtype in FLOAT_DTYPES
+
+
+@dataclass(frozen=True)
+class SafetensorsHeader:
+    """A parsed, validated safetensors header.
+
+    Attributes:
+        path: the file.
+        tensors: name -> `TensorInfo`, in the order of their data offsets.
+        metadata: the ``__metadata__`` strings (empty if absent).
+        data_start: absolute offset of the data buffer.
+        file_size: size of the file in bytes.
+    """
+
+    path: Path
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str]
+    data_start: int
+    file_size: int
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise _DuplicateKey(k)
+        out[k] = v
+    return out
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _fail(path: Path, what: str, hint: str = "") -> CheckpointFormatError:
+    msg = f"{path}: {what}"
+    if hint:
+        msg += f"\nhint: {hint}"
+    return CheckpointFormatError(msg)
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def read_safetensors_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
+    """Parse and validate the header of a safetensors file without reading tensor data.
+
+    Args:
+        path: the ``.safetensors`` file.
+
+    Returns:
+        The validated `SafetensorsHeader`.
+
+    Raises:
+        CheckpointFormatError: the file is missing, truncated or its header is malformed,
+            inconsistent or hostile; the message names the file and the tensor.
+    """
+    p = Path(path)
+    try:
+        with open(p, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < 8:
+                raise _fail(p, f"file is {size} bytes, too short to be safetensors (needs >= 8)",
+                            "the file is truncated or not a safetensors file")
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > MAX_HEADER_BYTES:
+                raise _fail(p, f"header length field says {n} bytes; the limit is "
+                               f"{MAX_HEADER_BYTES}", "the file is corrupt or not safetensors")
+            if 8 + n > size:
+                raise _fail(p, f"header length field says {n} bytes but the file has only "
+                               f"{size - 8} after it", "the file is truncated")
+            raw = f.read(n)
+    except FileNotFoundError:
+        raise _fail(p, "no such file") from None
+    except IsADirectoryError:
+        raise _fail(p, "is a directory, expected a .safetensors file") from None
+    except PermissionError:
+        raise _fail(p, "permission denied") from None
+    if len(raw) != n:
+        raise _fail(p, f"read {len(raw)} header bytes, expected {n}", "the file changed or is truncated")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _fail(p, f"header is not valid UTF-8 (byte {e.start})", "not a safetensors file") from None
+    try:
+        obj = json.loads(text, object_pairs_hook=_no_duplicates)
+    except _DuplicateKey as e:
+        raise _fail(p, f"header names tensor {e.args[0]!r} twice",
+                    "a valid file names each tensor once") from None
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise _fail(p, f"header is not valid JSON ({e})", "not a safetensors file") from None
+    if not isinstance(obj, dict):
+        raise _fail(p, f"header is a JSON {type(obj).__name__}, expected an object")
+
+    data_start = 8 + n
+    buffer_size = size - data_start
+    metadata: dict[str, str] = {}
+    raw_meta = obj.pop("__metadata__", None)
+    if raw_meta is not None:
+        if not isinstance(raw_meta, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in raw_meta.items()
+        ):
+            raise _fail(p, "__metadata__ must map strings to strings")
+        metadata = raw_meta
+
+    entries: list[TensorInfo] = []
+    for name, e in obj.items():
+        if not isinstance(e, dict):
+            raise _fail(p, f"tensor {name!r}: entry is a {type(e).__name__}, expected an object")
+        keys = set(e)
+        if keys != {"dtype", "shape", "data_offsets"}:
+            extra = sorted(keys - {"dtype", "shape", "data_offsets"})
+            missing = sorted({"dtype", "shape", "data_offsets"} - keys)
+            raise _fail(p, f"tensor {name!r}: keys {sorted(keys)}; missing {missing}, unexpected {extra}")
+        dt, shape, offs = e["dtype"], e["shape"], e["data_offsets"]
+        if not isinstance(dt, str) or dt not in DTYPES:
+            raise _fail(p, f"tensor {name!r}: unknown dtype {dt!r}",
+                        f"known dtypes: {', '.join(DTYPES)}")
+        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+            raise _fail(p, f"tensor {name!r}: shape {shape!r} is not a list of non-negative integers")
+        if len(shape) > 64:
+            raise _fail(p, f"tensor {name!r}: {len(shape)} dimensions, at most 64 are supported")
+        if (not isinstance(offs, list) or len(offs) != 2 or not all(_is_int(o) for o in offs)):
+            raise _fail(p, f"tensor {name!r}: data_offsets {offs!r} is not [begin, end]")
+        begin, end = offs
+        if not 0 <= begin <= end <= buffer_size:
+            raise _fail(p, f"tensor {name!r}: data_offsets [{begin}, {end}] outside the data "
+                           f"buffer of {buffer_size} bytes", "the file is truncated or corrupt")
+        itemsize = DTYPES[dt][1]
+        expected = math.prod(shape) * itemsize
+        if end - begin != expected:
+            raise _fail(p, f"tensor {name!r}: holds {end - begin} bytes but dtype {dt} x shape "
+                           f"{shape} needs {expected}")
+        entries.append(TensorInfo(name, dt, tuple(shape), p, data_start + begin, data_start + end))
+
+    entries.sort(key=lambda t: (t.start, t.end))
+    cursor, prev = data_start, ""
+    for t in entries:
+        if t.start < cursor:
+            raise _fail(p, f"tensor {t.name!r} overlaps tensor {prev!r} in the data buffer")
+        if t.start > cursor:
+            raise _fail(p, f"data buffer has a hole of {t.start - cursor} bytes before tensor "
+                           f"{t.name!r}", "a valid file covers its buffer exactly")
+        cursor, prev = t.end, t.name
+    if cursor != size:
+        raise _fail(p, f"{size - cursor} bytes after the last tensor are not described by the header",
+                    "the file is corrupt or was appended to")
+    return SafetensorsHeader(p, {t.name: t for t in entries}, metadata, data_start, size)

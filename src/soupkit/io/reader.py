@@ -1,0 +1,109 @@
+"""Read tensor bytes: ``os.preadv`` straight into torch memory, one range at a time.
+
+No memory map and no page-faulted fresh tensors: a read lands in a caller-owned buffer, so the
+engine can reuse buffers across chunks and memory stays bounded by what it asks for.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from pathlib import Path
+
+import torch
+
+from soupkit.errors import CheckpointFormatError
+from soupkit.io.header import TensorInfo
+
+__all__ = ["TensorReader", "byte_view"]
+
+
+def byte_view(t: torch.Tensor) -> memoryview:
+    """A writable memoryview of a contiguous CPU tensor's bytes (zero copy, no numpy)."""
+    if not t.is_contiguous() or t.device.type != "cpu":
+        raise ValueError("byte_view needs a contiguous CPU tensor")
+    n = t.numel() * t.element_size()
+    if n == 0:
+        return memoryview(bytearray(0))
+    return memoryview((ctypes.c_char * n).from_address(t.data_ptr())).cast("B")
+
+
+class TensorReader:
+    """Reads element ranges of tensors from files (or from in-memory tensors).
+
+    File descriptors are opened once per file and kept until `close`. Use as a context manager.
+    """
+
+    def __init__(self) -> None:
+        self._fds: dict[Path, int] = {}
+
+    def __enter__(self) -> TensorReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def _fd(self, path: Path) -> int:
+        fd = self._fds.get(path)
+        if fd is None:
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError as e:
+                raise CheckpointFormatError(f"{path}: cannot open ({e.strerror})") from None
+            self._fds[path] = fd
+        return fd
+
+    def read(
+        self,
+        info: TensorInfo,
+        start: int = 0,
+        stop: int | None = None,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Read elements ``[start, stop)`` of the flattened tensor, in its stored dtype.
+
+        Args:
+            info: the tensor.
+            start: first element.
+            stop: one past the last element (default: the end).
+            out: optional 1-D uint8 buffer of at least the needed bytes to read into; the
+                returned tensor is then a view of it (valid until the buffer is reused).
+
+        Returns:
+            A 1-D tensor of ``stop - start`` elements of dtype ``info.torch_dtype``.
+        """
+        stop = info.numel if stop is None else stop
+        count = stop - start
+        if info.data is not None:
+            return info.data.reshape(-1)[start:stop]
+        nbytes = count * info.itemsize
+        if out is None:
+            buf = torch.empty(nbytes, dtype=torch.uint8)
+        else:
+            buf = out[:nbytes]
+        if nbytes:
+            assert info.file is not None
+            fd = self._fd(info.file)
+            mv = byte_view(buf)
+            offset = info.start + start * info.itemsize
+            done = 0
+            while done < nbytes:
+                try:
+                    n = os.preadv(fd, [mv[done:]], offset + done)
+                except OSError as e:
+                    raise CheckpointFormatError(
+                        f"{info.file}: reading tensor {info.name!r} failed ({e.strerror})"
+                    ) from None
+                if n == 0:
+                    raise CheckpointFormatError(
+                        f"{info.file}: tensor {info.name!r} ends at byte {info.end} but the file "
+                        f"ended at {offset + done}\nhint: the file was truncated or changed "
+                        "while soupkit was reading it"
+                    )
+                done += n
+        return buf.view(info.torch_dtype)

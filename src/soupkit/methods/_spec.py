@@ -1,0 +1,104 @@
+"""What a merge method is: a pure tensor function plus a frozen parameter model.
+
+Two kinds keep the arithmetic honest:
+
+- ``kind="tensors"``: ``fn(tensors, p, *, base, rng) -> Tensor`` gets the models' tensors (and
+  the base tensor when the method uses one) and returns the merged tensor.
+- ``kind="task_vector"``: ``fn(deltas, p, *, rng) -> Tensor`` gets ``deltas[i] = theta_i - base``
+  and returns the merged delta; the engine adds it back to the base.
+
+Every tensor a method sees is float32 and every method is free of I/O: it never learns a file
+name, a tensor name, a device or a recipe. The engine resolves per-tensor parameter values
+before the call, so ``p`` holds plain numbers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+__all__ = ["MethodFn", "MethodSpec", "Params"]
+
+MethodFn = Callable[..., torch.Tensor]
+Kind = Literal["tensors", "task_vector"]
+
+
+class Params(BaseModel):
+    """Base of every method's parameter model: frozen, unknown keys rejected.
+
+    A subclass lists its *per-model* parameters in ``per_model`` (name -> default value); the
+    field for each holds one value per input model, in recipe order. Every other field is a
+    global parameter.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    per_model: ClassVar[Mapping[str, Any]] = {}
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A registered merge method: the function and everything the engine must know about it.
+
+    Attributes:
+        name: the recipe name (`merge_method:`), lower case.
+        fn: the pure tensor function.
+        params: its parameter model (a `Params` subclass).
+        kind: ``"tensors"`` or ``"task_vector"`` (see the module docstring).
+        paper: link to the paper that defines the method.
+        summary: one line for ``soupkit methods``.
+        needs_base: the recipe must name a ``base_model``.
+        elementwise: output element j depends only on input elements j, so the engine may run
+            the method on chunks of a tensor (bounded memory). False for methods with a
+            per-tensor statistic (top-k thresholds, norms, angles).
+        stochastic: the method draws random numbers; the engine passes a ``torch.Generator``
+            seeded from (recipe seed, tensor name).
+        min_models: fewest input models (not counting the base) the method accepts.
+        max_models: most input models, or None for no limit.
+    """
+
+    name: str
+    fn: MethodFn
+    params: type[Params]
+    kind: Kind
+    paper: str
+    summary: str
+    needs_base: bool = False
+    elementwise: bool = True
+    stochastic: bool = False
+    min_models: int = 1
+    max_models: int | None = None
+    aliases: tuple[str, ...] = field(default=())
+
+    @property
+    def per_model_names(self) -> tuple[str, ...]:
+        return tuple(self.params.per_model)
+
+    @property
+    def global_names(self) -> tuple[str, ...]:
+        return tuple(n for n in self.params.model_fields if n not in self.params.per_model)
+
+    def call(
+        self,
+        tensors: Sequence[torch.Tensor],
+        p: Params,
+        *,
+        base: torch.Tensor | None = None,
+        rng: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Run the method on float32 tensors and return the merged float32 tensor.
+
+        For task-vector methods ``tensors`` are the models' tensors: the deltas against
+        ``base`` are formed here, and the merged delta is added back to ``base``.
+        """
+        if self.kind == "task_vector":
+            if base is None:
+                raise ValueError(f"method {self.name!r} needs a base tensor")
+            deltas = [t - base for t in tensors]
+            merged = self.fn(deltas, p, rng=rng)
+            return merged.add_(base)
+        return self.fn(tensors, p, base=base, rng=rng)

@@ -1,0 +1,62 @@
+"""Linear (weighted) average: the uniform soup and its weighted form.
+
+    theta = sum_i w_i * theta_i / sum_i w_i        (normalize: true, the default)
+    theta = sum_i w_i * theta_i                    (normalize: false)
+
+With no weights (all 1) this is the uniform soup of Wortsman et al., "Model soups: averaging
+weights of multiple fine-tuned models improves accuracy without increasing inference time",
+ICML 2022, https://arxiv.org/abs/2203.05482. Same name and semantics as mergekit's `linear`.
+
+Order of operations: products are formed in float32 and summed left to right, then divided by
+the float32 sum of the weights. mergekit computes ``(w * stack).sum(0) / w.sum(0)``, which is
+the same sequence of roundings when it runs in float32 (`dtype: float32`), so the two agree bit
+for bit there. Weights are not re-normalised silently: ``normalize: false`` keeps them as given.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import torch
+
+from soupkit.methods import method
+from soupkit.methods._spec import Params
+
+
+class LinearParams(Params):
+    """Parameters of `linear`.
+
+    Attributes:
+        weight: per model, the weight w_i (default 1.0).
+        normalize: divide by the sum of the weights (default true).
+    """
+
+    per_model: ClassVar[dict[str, Any]] = {"weight": 1.0}
+    weight: tuple[float, ...]
+    normalize: bool = True
+
+
+@method(
+    "linear",
+    kind="tensors",
+    params=LinearParams,
+    paper="https://arxiv.org/abs/2203.05482",
+    summary="weighted mean of the models (uniform soup when no weights are given)",
+)
+def linear(
+    tensors: Sequence[torch.Tensor],
+    p: LinearParams,
+    *,
+    base: torch.Tensor | None = None,
+    rng: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Weighted sum (or mean) of ``tensors`` with weights ``p.weight``."""
+    weights = torch.tensor(p.weight, dtype=torch.float32)
+    acc = tensors[0] * weights[0]
+    for t, w in zip(tensors[1:], weights[1:]):
+        # Multiply then add (never add(alpha=)), so no fused multiply-add changes the rounding.
+        acc += t * w
+    if p.normalize:
+        acc /= weights.sum()
+    return acc

@@ -1,0 +1,426 @@
+"""Plan a merge from headers and the recipe alone: every problem up front, then a complete plan.
+
+`make_plan` checks compatibility of every input (missing or extra tensors, shapes, dtypes,
+parameter names and values, filters that match nothing) and reports *all* problems together in
+one `PlanError` or `ConfigError`, before any tensor data is read. A successful plan knows each
+output tensor's inputs, method parameters, dtype and byte offset, so the writer can put the
+complete header on disk first.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from soupkit import methods
+from soupkit.config import Conditional, MergeConfig, ParamValue
+from soupkit.errors import CheckpointFormatError, ConfigError, PlanError, SoupError, UnknownMethodError
+from soupkit.io.checkpoint import CARRY_FILES, Checkpoint, open_checkpoint
+from soupkit.io.header import DTYPES, TensorInfo
+from soupkit.io.writer import OutputTensor, ShardLayout, layout_shards, parse_size
+from soupkit.methods import MethodSpec, Params
+from soupkit.params import LayerIndex, condition_matches, resolve_chain
+
+__all__ = ["DEFAULT_CHUNK_ELEMS", "MergePlan", "TensorJob", "make_plan", "plan_recipe"]
+
+DEFAULT_CHUNK_ELEMS = 1 << 21  # 2M elements: a few MiB per input, enough to amortise overhead
+_DTYPE_CODE = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
+MAX_PROBLEMS_SHOWN = 50
+
+
+@dataclass(frozen=True)
+class TensorJob:
+    """One output tensor and how to make it.
+
+    Attributes:
+        name: output tensor name.
+        shape: its shape.
+        out_dtype: safetensors dtype code of the output.
+        inputs: the models' tensors, in recipe order (empty for a copy).
+        base: the base model's tensor, when the method uses one.
+        source: for a copy (non-float tensors): the tensor whose bytes are carried over.
+        params: the method's parameters resolved for this tensor (None for a copy).
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    out_dtype: str
+    inputs: tuple[TensorInfo, ...] = ()
+    base: TensorInfo | None = None
+    source: TensorInfo | None = None
+    params: Params | None = None
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def is_copy(self) -> bool:
+        return self.source is not None
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    """Everything needed to run a merge, decided from headers only."""
+
+    config: MergeConfig
+    method: MethodSpec
+    models: tuple[Checkpoint, ...]
+    base: Checkpoint | None
+    jobs: tuple[TensorJob, ...]
+    shards: tuple[ShardLayout, ...]
+    chunk_elems: int
+    carry_from: Path | None
+    filter_counts: dict[str, int] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
+
+    @property
+    def input_bytes(self) -> int:
+        """Bytes of tensor data the merge reads."""
+        n = 0
+        for j in self.jobs:
+            if j.source is not None:
+                n += j.source.nbytes
+            n += sum(t.nbytes for t in j.inputs) + (j.base.nbytes if j.base is not None else 0)
+        return n
+
+    @property
+    def output_bytes(self) -> int:
+        return sum(s.size for s in self.shards)
+
+    @property
+    def peak_memory_bytes(self) -> int:
+        """Estimated peak working memory of the tensor loop (buffers, not the interpreter)."""
+        peak = 0
+        for j in self.jobs:
+            k = len(j.inputs) + (1 if j.base is not None else 0)
+            if j.is_copy:
+                elems = min(j.numel, self.chunk_elems)
+                need = elems * (j.source.itemsize if j.source else 4) * 2
+            else:
+                elems = min(j.numel, self.chunk_elems) if self.method.elementwise else j.numel
+                itemsize = max((t.itemsize for t in j.inputs), default=4)
+                # raw buffers + float32 copies of every input, the deltas/result, and the cast output
+                need = elems * (k * (itemsize + 4) + 4 * (k + 1) + DTYPES[j.out_dtype][1])
+            peak = max(peak, need)
+        return peak
+
+    def describe(self, *, max_rows: int = 40) -> str:
+        """A human-readable dry-run report."""
+        from soupkit._format import human_bytes
+
+        cfg = self.config
+        lines = [
+            f"method      {self.method.name}  ({self.method.paper})",
+            f"models      {len(self.models)}" + "".join(f"\n  - {m.label}" for m in self.models),
+        ]
+        if self.base is not None:
+            lines.append(f"base        {self.base.label}")
+        n_copy = sum(1 for j in self.jobs if j.is_copy)
+        params = sum(j.numel for j in self.jobs)
+        out_dtypes = Counter(j.out_dtype for j in self.jobs)
+        lines += [
+            f"tensors     {len(self.jobs)} ({len(self.jobs) - n_copy} merged, {n_copy} copied: non-float)",
+            f"parameters  {params:,}",
+            f"out dtype   " + ", ".join(f"{d} x{c}" for d, c in out_dtypes.most_common()),
+            f"reads       {human_bytes(self.input_bytes)}",
+            f"writes      {human_bytes(self.output_bytes)} in {len(self.shards)} shard(s)",
+            f"peak memory ~{human_bytes(self.peak_memory_bytes)} of tensor buffers "
+            f"({'chunks of ' + format(self.chunk_elems, ',') + ' elements' if self.method.elementwise else 'whole tensors: this method needs them'})",
+            f"seed        {cfg.seed}" + ("" if self.method.stochastic else " (method is deterministic)"),
+        ]
+        if self.carry_from is not None:
+            lines.append(f"carries     config/tokenizer files from {self.carry_from}")
+        for key, count in self.filter_counts.items():
+            lines.append(f"filter      {key}: matched {count} tensor(s)")
+        lines += [f"note        {n}" for n in self.notes]
+        lines.append("")
+        lines.append(f"{'tensor':<48} {'shape':<18} {'out':<5} params")
+        for j in self.jobs[:max_rows]:
+            shown = "copy (non-float)" if j.is_copy else _short_params(j.params)
+            lines.append(f"{j.name[:48]:<48} {str(list(j.shape))[:18]:<18} {j.out_dtype:<5} {shown}")
+        if len(self.jobs) > max_rows:
+            lines.append(f"... {len(self.jobs) - max_rows} more tensors")
+        return "\n".join(lines)
+
+
+def _short_params(p: Params | None) -> str:
+    if p is None:
+        return ""
+    parts = []
+    for k, v in p.model_dump().items():
+        if isinstance(v, (list, tuple)):
+            v = "[" + ", ".join(f"{x:g}" if isinstance(x, float) else str(x) for x in v) + "]"
+        elif isinstance(v, float):
+            v = f"{v:g}"
+        parts.append(f"{k}={v}")
+    return " ".join(parts)
+
+
+def _iter_conditions(value: ParamValue) -> list[Conditional]:
+    if isinstance(value, list):
+        return [v for v in value if isinstance(v, Conditional)]
+    return []
+
+
+def _check_param_names(cfg: MergeConfig, spec: MethodSpec) -> list[str]:
+    problems: list[str] = []
+    per_model, glob = set(spec.per_model_names), set(spec.global_names)
+    every = sorted(per_model | glob)
+
+    def unknown(key: str, where: str) -> str:
+        close = difflib.get_close_matches(key, every, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        return (f"{where}: unknown parameter {key!r} for method {spec.name!r}; {hint}"
+                f"it takes: {', '.join(every) or 'no parameters'}")
+
+    for key in cfg.parameters:
+        if key not in per_model and key not in glob:
+            problems.append(unknown(key, "parameters"))
+    for i, m in enumerate(cfg.models):
+        for key in m.parameters:
+            if key in glob:
+                problems.append(f"models[{i}].parameters: {key!r} is a global parameter of "
+                                f"{spec.name!r}; set it under the top-level `parameters:`")
+            elif key not in per_model:
+                problems.append(unknown(key, f"models[{i}].parameters"))
+    return problems
+
+
+def _open_all(cfg: MergeConfig, problems: list[str]) -> tuple[list[Checkpoint | None], Checkpoint | None]:
+    cache: dict[str, Checkpoint | None] = {}
+
+    def get(path: str, where: str) -> Checkpoint | None:
+        if path not in cache:
+            try:
+                cache[path] = open_checkpoint(path)
+            except SoupError as e:
+                problems.append(f"{where}: {e}")
+                cache[path] = None
+        return cache[path]
+
+    base = get(cfg.base_model, "base_model") if cfg.base_model else None
+    models = [get(m.model, f"models[{i}]") for i, m in enumerate(cfg.models)]
+    return models, base
+
+
+def plan_recipe(
+    cfg: MergeConfig,
+    *,
+    max_shard_size: int | str = "5GB",
+    chunk_elems: int = DEFAULT_CHUNK_ELEMS,
+) -> MergePlan:
+    """Open every checkpoint the recipe names (headers only) and plan the merge.
+
+    Raises:
+        ConfigError: the recipe is inconsistent with its method (unknown parameters, no base).
+        PlanError: the checkpoints cannot be merged; lists every problem found.
+    """
+    problems: list[str] = []
+    try:
+        spec = methods.get(cfg.merge_method)
+    except UnknownMethodError as e:
+        raise ConfigError([f"merge_method: {e}"]) from None
+    cfg_problems = _check_param_names(cfg, spec)
+    if spec.needs_base and not cfg.base_model:
+        cfg_problems.append(f"merge_method {spec.name!r} needs a `base_model:`")
+    if cfg_problems:
+        raise ConfigError(cfg_problems)
+    models, base = _open_all(cfg, problems)
+    if problems:
+        raise PlanError(problems)
+    return make_plan(
+        cfg, [m for m in models if m is not None], base,
+        max_shard_size=max_shard_size, chunk_elems=chunk_elems,
+    )
+
+
+def _same_file(a: Checkpoint, b: Checkpoint) -> bool:
+    if a.path is None or b.path is None:
+        return a is b
+    try:
+        return os.path.samefile(a.path, b.path)
+    except OSError:
+        return False
+
+
+def make_plan(
+    cfg: MergeConfig,
+    models: Sequence[Checkpoint],
+    base: Checkpoint | None,
+    *,
+    max_shard_size: int | str = "5GB",
+    chunk_elems: int = DEFAULT_CHUNK_ELEMS,
+) -> MergePlan:
+    """Plan a merge of already-opened checkpoints (files or in-memory).
+
+    ``models`` align with ``cfg.models``. See `plan_recipe` for errors.
+    """
+    spec = methods.get(cfg.merge_method)
+    cfg_problems = _check_param_names(cfg, spec)
+    if spec.needs_base and base is None:
+        cfg_problems.append(f"merge_method {spec.name!r} needs a `base_model:`")
+    if cfg_problems:
+        raise ConfigError(cfg_problems)
+    try:
+        shard_limit = parse_size(max_shard_size)
+    except ValueError as e:
+        raise ConfigError([f"max_shard_size: {e}"]) from None
+    if chunk_elems < 1:
+        raise ConfigError([f"chunk_elems must be >= 1, got {chunk_elems}"])
+
+    notes: list[str] = []
+    entries = list(zip(cfg.models, models))
+    if spec.kind == "task_vector" and base is not None:
+        # As mergekit does: the base listed among the models contributes a zero delta; drop it.
+        kept = [(e, m) for e, m in entries if not _same_file(m, base)]
+        if len(kept) != len(entries):
+            notes.append("the base model is also listed under models; its task vector is zero, "
+                         "so it was left out of the merge")
+        entries = kept
+    n = len(entries)
+    problems: list[str] = []
+    if n < spec.min_models:
+        problems.append(f"method {spec.name!r} needs at least {spec.min_models} model(s) "
+                        f"besides the base, got {n}")
+    if spec.max_models is not None and n > spec.max_models:
+        problems.append(f"method {spec.name!r} takes at most {spec.max_models} model(s), got {n}")
+    if problems:
+        raise ConfigError(problems)
+    ckpts = [m for _, m in entries]
+    ref = base if base is not None else ckpts[0]
+    # Methods that do not use a base (linear) only take config/tokenizer files from it.
+    uses_base = spec.needs_base
+    cast_all = cfg.dtype is not None
+
+    # 1. every input has every reference tensor, with the same shape and kind of dtype
+    for m in ckpts + ([base] if base is not None and base is not ref else []):
+        extra = [k for k in m.tensors if k not in ref.tensors]
+        if extra:
+            shown = ", ".join(repr(x) for x in extra[:5]) + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
+            problems.append(f"{m.label} has {len(extra)} tensor(s) that {ref.label} lacks: {shown}\n"
+                            "    hint: the models do not share an architecture, or a head was added")
+    for name, r in ref.tensors.items():
+        group = [(m.label, m.tensors.get(name)) for m in ckpts]
+        missing = [lab for lab, t in group if t is None]
+        if missing:
+            problems.append(f"tensor {name!r} is missing from {', '.join(missing)} (present in {ref.label})")
+            continue
+        shapes = {lab: t.shape for lab, t in group if t is not None}
+        if any(s != r.shape for s in shapes.values()):
+            rows = "\n".join(f"      {lab:<30} {list(s)}" for lab, s in [(ref.label, r.shape), *shapes.items()])
+            hint = ("vocabularies differ; resize embeddings first" if "embed" in name or "lm_head" in name
+                    else "the models do not share an architecture")
+            problems.append(f"tensor {name!r}: shapes differ\n{rows}\n    hint: {hint}")
+            continue
+        kinds = {lab: t.is_float for lab, t in group if t is not None}
+        if any(k != r.is_float for k in kinds.values()):
+            problems.append(f"tensor {name!r}: float in some models and integer in others "
+                            f"({', '.join(f'{lab}: {t.dtype}' for lab, t in group if t is not None)})")
+            continue
+        dts = {t.dtype for _, t in group if t is not None} | {r.dtype}
+        if r.is_float and len(dts) > 1 and not cast_all:
+            problems.append(f"tensor {name!r}: mixed dtypes "
+                            f"({', '.join(f'{lab}: {t.dtype}' for lab, t in [(ref.label, r), *group] if t is not None)})\n"
+                            "    hint: set `dtype:` in the recipe (e.g. float32) to cast every input first")
+    if problems:
+        raise PlanError(problems)
+
+    # 2. resolve parameters per tensor, validate them, count filter matches
+    layers = LayerIndex.from_names(ref.tensors)
+    levels_global: Mapping[str, ParamValue] = cfg.parameters
+    filter_keys: dict[str, Conditional] = {}
+    for where, params in [("parameters", cfg.parameters)] + [
+        (f"models[{i}].parameters", e.parameters) for i, (e, _) in enumerate(entries)
+    ]:
+        for key, value in params.items():
+            for c in _iter_conditions(value):
+                if c.filter is not None or c.match is not None:
+                    label = f"{where}.{key} " + (f"filter={c.filter!r}" if c.filter is not None else "") + \
+                            (f" match={c.match!r}" if c.match is not None else "")
+                    filter_keys[label.strip()] = c
+    filter_counts = {k: 0 for k in filter_keys}
+    param_cache: dict[tuple[Any, ...], Params] = {}
+    bad_params: dict[str, tuple[str, int]] = {}
+    jobs: list[TensorJob] = []
+    out_code = _DTYPE_CODE[cfg.out_dtype] if cfg.out_dtype else (_DTYPE_CODE[cfg.dtype] if cfg.dtype else None)
+    for name, r in ref.tensors.items():
+        for k, c in filter_keys.items():
+            if condition_matches(c, name):
+                filter_counts[k] += 1
+        if not r.is_float:
+            jobs.append(TensorJob(name, r.shape, r.dtype, source=r))
+            continue
+        t = layers.t(name)
+        values: dict[str, Any] = {}
+        for key, default in spec.params.per_model.items():
+            values[key] = tuple(
+                v if (v := resolve_chain(key, (e.parameters, levels_global), name, t)) is not None else default
+                for e, _ in entries
+            )
+        for key in spec.global_names:
+            v = resolve_chain(key, (levels_global,), name, t)
+            if v is not None:
+                values[key] = v
+        cache_key = tuple(sorted(values.items()))
+        p = param_cache.get(cache_key)
+        if p is None:
+            try:
+                p = spec.params.model_validate(values)
+            except ValidationError as e:
+                for err in e.errors():
+                    loc = ".".join(str(x) for x in err["loc"])
+                    msg = f"parameter {loc or '?'}: {err['msg']} (got {err.get('input')!r})"
+                    first, count = bad_params.get(msg, (name, 0))
+                    bad_params[msg] = (first, count + 1)
+                continue
+            param_cache[cache_key] = p
+        jobs.append(TensorJob(
+            name, r.shape, out_code or r.dtype,
+            inputs=tuple(m.tensors[name] for m in ckpts),
+            base=base.tensors[name] if (base is not None and uses_base) else None,
+            params=p,
+        ))
+    for k, count in filter_counts.items():
+        if count == 0:
+            problems.append(f"{k} matched no tensor\n    hint: check the spelling against `soupkit inspect`")
+    for msg, (first, count) in bad_params.items():
+        more = f" and {count - 1} other tensor(s)" if count > 1 else ""
+        problems.append(f"{msg} for tensor {first!r}{more}")
+    if problems:
+        raise ConfigError(problems)
+
+    outputs = [OutputTensor(j.name, j.out_dtype, j.shape) for j in jobs]
+    shards = layout_shards(outputs, shard_limit)
+    carry = _carry_source(cfg, base, ckpts)
+    return MergePlan(
+        config=cfg, method=spec, models=tuple(ckpts), base=base, jobs=tuple(jobs),
+        shards=tuple(shards), chunk_elems=chunk_elems, carry_from=carry,
+        filter_counts=filter_counts, notes=tuple(notes),
+    )
+
+
+def _carry_source(cfg: MergeConfig, base: Checkpoint | None, models: Sequence[Checkpoint]) -> Path | None:
+    src = cfg.tokenizer_source
+    candidates: list[Checkpoint | None]
+    if src is None or src == "base":
+        candidates = [base, *models] if src is None else [base]
+    else:
+        try:
+            ck = open_checkpoint(src)
+        except CheckpointFormatError:
+            folder = Path(src)
+            return folder if folder.is_dir() else None
+        candidates = [ck]
+    for c in candidates:
+        if c is not None and c.folder is not None and any((c.folder / f).is_file() for f in CARRY_FILES):
+            return c.folder
+    return None

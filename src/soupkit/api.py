@@ -184,8 +184,15 @@ def run_merge_plan(
     force: bool = False,
     progress: bool | None = None,
     model_card: bool = True,
+    extra_report: Mapping[str, Any] | None = None,
+    extra_files: Mapping[str, bytes] | None = None,
 ) -> MergeResult:
-    """Run an existing plan into folder ``out`` (see `merge`)."""
+    """Run an existing plan into folder ``out`` (see `merge`).
+
+    ``extra_report`` entries are added to ``soupkit-report.json`` and ``extra_files`` (file name
+    -> bytes) are written beside it, inside the output before it appears, so a search's history
+    and plots are part of the atomic output (used by `soupkit.search`).
+    """
     dest = Path(out)
     _check_not_input(p, dest)
     with OutputFolder(dest, force=force) as tmp:
@@ -206,7 +213,13 @@ def run_merge_plan(
                     shutil.copyfile(src, tmp / name)
         if model_card:
             (tmp / "README.md").write_text(_model_card(p), encoding="utf-8")
-        (tmp / REPORT_NAME).write_text(json.dumps(_report(p, stats, dest), indent=2) + "\n", encoding="utf-8")
+        for fname, data in (extra_files or {}).items():
+            if Path(fname).name != fname or fname in (REPORT_NAME, "README.md"):
+                raise UsageError(f"extra output file {fname!r}: expected a plain file name other than "
+                                 f"{REPORT_NAME} and README.md")
+            (tmp / fname).write_bytes(data)
+        report = {**_report(p, stats, dest), **dict(extra_report or {})}
+        (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     return MergeResult(dest, p, stats)
 
 

@@ -15,7 +15,8 @@ soupkit supports runs unchanged::
     out_dtype: bfloat16           # output dtype (default: dtype, else the inputs' dtype)
     seed: 0                       # soupkit: seeds stochastic methods per tensor
 
-Relative model paths are resolved against the current directory, as mergekit does.
+Relative model paths are resolved against the current directory, as mergekit does; a path
+that exists only relative to the recipe file's folder is taken from there.
 A parameter value is a scalar, a list of numbers (a gradient interpolated across layers), or
 a list of ``{filter: SUBSTRING | match: GLOB, value: ...}`` entries where the first entry that
 matches a tensor name wins and an entry without ``filter``/``match`` is the fallback.
@@ -30,7 +31,7 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
 
 from soupkit.errors import ConfigError
 
@@ -51,7 +52,6 @@ _MERGEKIT_UNSUPPORTED = {
     "slices": "layer-range slices",
     "modules": "per-module recipes",
     "tokenizer": "the tokenizer block (vocabulary surgery)",
-    "tokenizer_source": None,  # supported, see below
     "chat_template": "chat_template",
     "architecture": "architecture overrides",
 }
@@ -90,6 +90,16 @@ class MergeConfig(BaseModel):
     seed: StrictInt = 0
     tokenizer_source: StrictStr | None = None
     name: StrictStr | None = None
+    # The folder of the recipe file, when loaded from one (see `resolve_model_path`).
+    _recipe_dir: Path | None = PrivateAttr(default=None)
+
+    def resolve_model_path(self, path: str) -> str:
+        """Where a model path points: relative to the current directory, as mergekit does;
+        if nothing is there but the path exists relative to the recipe's folder, that one."""
+        if os.path.isabs(path) or os.path.exists(path) or self._recipe_dir is None:
+            return path
+        beside = self._recipe_dir / path
+        return str(beside) if beside.exists() else path
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json", exclude_none=True), sort_keys=False)
@@ -166,7 +176,10 @@ def load_recipe(source: MergeConfig | Mapping[str, Any] | str | os.PathLike[str]
     if not isinstance(data, dict):
         raise ConfigError([f"a recipe is a mapping of keys to values, got {type(data).__name__}"], label)
     try:
-        return MergeConfig.model_validate(data)
+        cfg = MergeConfig.model_validate(data)
+        if label is not None:
+            cfg._recipe_dir = Path(label).resolve().parent
+        return cfg
     except ValidationError as e:
         msgs = [m for m in (_friendly(err) for err in e.errors()) if m]
         raise ConfigError(list(dict.fromkeys(msgs)), label) from None

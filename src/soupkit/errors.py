@@ -40,6 +40,12 @@ __all__ = [
 ]
 
 
+def _item(text: str) -> str:
+    """A list item whose continuation lines stay indented under it."""
+    first, *rest = text.split("\n")
+    return "\n".join([f"  - {first}"] + [f"    {r}" if not r.startswith("    ") else r for r in rest])
+
+
 class SoupError(Exception):
     """Base class: an error soupkit explains to the user (no traceback needed)."""
 
@@ -60,7 +66,7 @@ class ConfigError(UsageError):
         self.source = source
         where = f" in {source}" if source else ""
         lines = [f"{len(self.errors)} problem(s){where}:"]
-        lines += [f"  - {e}" for e in self.errors]
+        lines += [_item(e) for e in self.errors]
         super().__init__("\n".join(lines))
 
 
@@ -97,7 +103,7 @@ class PlanError(SoupError):
     def __init__(self, problems: Sequence[str]) -> None:
         self.problems = list(problems)
         head = f"cannot merge: {len(self.problems)} problem(s) found before any data was read"
-        super().__init__("\n".join([head] + [f"  - {p}" for p in self.problems]))
+        super().__init__("\n".join([head] + [_item(p) for p in self.problems]))
 
 
 class NonFiniteError(SoupError):

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
+from pydantic import model_validator
 
 from soupkit.methods import method
 from soupkit.methods._spec import Params
@@ -35,6 +36,13 @@ class LinearParams(Params):
     per_model: ClassVar[dict[str, Any]] = {"weight": 1.0}
     weight: tuple[float, ...]
     normalize: bool = True
+
+    @model_validator(mode="after")
+    def _nonzero_total(self) -> LinearParams:
+        if self.normalize and sum(self.weight) == 0:
+            raise ValueError(f"weights sum to zero ({list(self.weight)}), so they cannot be "
+                             "normalized; set normalize: false or change the weights")
+        return self
 
 
 @method(

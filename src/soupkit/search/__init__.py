@@ -1,0 +1,24 @@
+"""Soups driven by evaluation: greedy soup, parameter sweeps, learned soup, BatchNorm recalibration.
+
+Search code never imports a data library: it calls an `soupkit.evaluate.Evaluator`
+(``state -> float``, higher is better) or, for the learned soup, a user loss function.
+"""
+
+from __future__ import annotations
+
+from soupkit.search._state import checkpoint_digest, evaluator_identity, read_state
+from soupkit.search.cache import ScoreCache, default_cache_path
+from soupkit.search.greedy import GreedySoupResult, GreedyStep, HeldOutScores, IngredientScore, greedy_soup
+
+__all__ = [
+    "GreedySoupResult",
+    "GreedyStep",
+    "HeldOutScores",
+    "IngredientScore",
+    "ScoreCache",
+    "checkpoint_digest",
+    "default_cache_path",
+    "evaluator_identity",
+    "greedy_soup",
+    "read_state",
+]

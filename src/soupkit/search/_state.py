@@ -1,0 +1,172 @@
+"""Shared plumbing of the search algorithms: read one ingredient, hash it, name an evaluator.
+
+* `read_state` loads one checkpoint into memory tensor by tensor through `soupkit.io`; search code
+  calls it for one ingredient at a time, never for all of them at once.
+* `checkpoint_digest` is the *content* identity of a checkpoint (what score caches key on): the
+  SHA-256 of the SHA-256s of its safetensors files, in storage order. Hashing reads every byte
+  once; `FileHashMemo` remembers a file's hash under a fast key (resolved path, size, mtime in
+  nanoseconds, inode) so an unchanged file is not hashed again.
+* `evaluator_identity` names an evaluator for the cache, or refuses when it cannot do so safely.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import os
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from soupkit.errors import UsageError
+from soupkit.io.checkpoint import Checkpoint
+from soupkit.io.reader import TensorReader
+
+__all__ = [
+    "FileHashMemo",
+    "checkpoint_digest",
+    "evaluator_identity",
+    "file_sha256",
+    "iter_tensors",
+    "progress_bar",
+    "read_state",
+]
+
+_HASH_BLOCK = 1 << 22
+
+
+def progress_bar(total: int | None, enabled: bool | None, desc: str, unit: str = "it") -> Any:
+    """A tqdm bar on stderr (default: shown only when stderr is a terminal)."""
+    from tqdm.auto import tqdm
+
+    disable = (not sys.stderr.isatty()) if enabled is None else (not enabled)
+    scale = unit == "B"
+    return tqdm(total=total, desc=desc, unit=unit, unit_scale=scale, unit_divisor=1024 if scale else 1000,
+                disable=disable, dynamic_ncols=True, leave=False)
+
+
+def iter_tensors(ck: Checkpoint, reader: TensorReader) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(name, tensor)`` of ``ck`` in storage order, one freshly read tensor at a time."""
+    for name, info in ck.tensors.items():
+        yield name, reader.read(info).reshape(info.shape)
+
+
+def read_state(ck: Checkpoint, reader: TensorReader | None = None) -> dict[str, torch.Tensor]:
+    """The whole state dict of one checkpoint, in its stored dtypes (one model in memory).
+
+    Args:
+        ck: the checkpoint (see `soupkit.open_checkpoint`).
+        reader: an open `TensorReader` to reuse (default: a new one, closed afterwards).
+    """
+    if reader is not None:
+        return dict(iter_tensors(ck, reader))
+    with TensorReader() as r:
+        return dict(iter_tensors(ck, r))
+
+
+def file_sha256(path: Path, on_bytes: Callable[[int], None] | None = None) -> str:
+    """SHA-256 (hex) of a file's bytes, read in 4 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(_HASH_BLOCK)
+            if not block:
+                break
+            h.update(block)
+            if on_bytes is not None:
+                on_bytes(len(block))
+    return h.hexdigest()
+
+
+class FileHashMemo:
+    """Remembers file hashes under (resolved path, size, mtime_ns, inode).
+
+    ``records`` maps that fast key to the hex digest; a `ScoreCache` persists it, so a re-run
+    hashes only files that changed (or were touched).
+    """
+
+    def __init__(self, records: dict[str, str] | None = None) -> None:
+        self.records: dict[str, str] = dict(records or {})
+        self.new: dict[str, str] = {}
+
+    @staticmethod
+    def fast_key(path: Path) -> str:
+        st = path.stat()
+        return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
+
+    def sha256(self, path: Path, on_bytes: Callable[[int], None] | None = None) -> str:
+        key = self.fast_key(path)
+        got = self.records.get(key)
+        if got is None:
+            got = file_sha256(path, on_bytes)
+            self.records[key] = got
+            self.new[key] = got
+        elif on_bytes is not None:
+            on_bytes(path.stat().st_size)
+        return got
+
+
+def checkpoint_digest(ck: Checkpoint, memo: FileHashMemo | None = None,
+                      on_bytes: Callable[[int], None] | None = None) -> str:
+    """Content identity of a checkpoint: SHA-256 over ``"<sha256 of file>\\n"`` for each file.
+
+    Files are taken in storage order (the order of the shard index), so the same bytes in the
+    same layout give the same digest wherever the folder lives. In-memory checkpoints are hashed
+    from their tensors (name, dtype, shape and bytes).
+    """
+    h = hashlib.sha256(b"soupkit-checkpoint-v1\n")
+    if ck.path is None:
+        for name, info in ck.tensors.items():
+            assert info.data is not None
+            h.update(f"{name}|{info.dtype}|{list(info.shape)}\n".encode())
+            flat = info.data.detach().to("cpu").contiguous().reshape(-1)
+            h.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
+        return h.hexdigest()
+    m = memo if memo is not None else FileHashMemo()
+    for f in ck.files:
+        h.update(f"{m.sha256(f, on_bytes)}\n".encode())
+    return h.hexdigest()
+
+
+def _source_digest(obj: Any) -> str | None:
+    try:
+        src = inspect.getsourcefile(obj)
+    except TypeError:
+        return None
+    if src is None or not os.path.isfile(src):
+        return None
+    return file_sha256(Path(src))[:16]
+
+
+def evaluator_identity(evaluator: object, given: str | None = None) -> str:
+    """A stable name for an evaluator, used as part of every cache key.
+
+    In order: ``given`` (the caller's ``evaluator_id``); the evaluator's ``cache_key`` attribute
+    (a string, or a method returning one); for a plain module-level function, its qualified name
+    plus a hash of its module's source file (so editing the evaluator invalidates its scores).
+
+    Raises:
+        UsageError: the evaluator is an object, a closure or a partial whose results may depend
+            on state soupkit cannot see (a data path, a captured variable), so caching it under a
+            derived name could return another evaluator's scores.
+    """
+    if given is not None:
+        return given
+    key = getattr(evaluator, "cache_key", None)
+    if callable(key):
+        key = key()
+    if isinstance(key, str) and key:
+        return key
+    if inspect.isfunction(evaluator) and not evaluator.__closure__ and evaluator.__name__ != "<lambda>":
+        name = f"{evaluator.__module__}:{evaluator.__qualname__}"
+        src = _source_digest(evaluator)
+        return f"{name}@{src}" if src else name
+    raise UsageError(
+        f"cannot cache scores of evaluator {evaluator!r}: it is not a plain module-level function, "
+        "so its scores may depend on state soupkit cannot see (a data file, a captured variable)\n"
+        "hint: pass evaluator_id='a name that changes when its data changes', give the evaluator "
+        "a `cache_key` attribute, or turn the cache off (cache=None / --no-cache)"
+    )

@@ -1,0 +1,172 @@
+"""A persistent score cache: a re-run does not evaluate what it has already evaluated.
+
+The cache is an append-only JSON-lines file (default ``~/.cache/soupkit/scores.jsonl``; the
+folder follows ``$SOUPKIT_CACHE_DIR``, else ``$XDG_CACHE_HOME/soupkit``). Each line is one
+record:
+
+* ``{"kind": "score", "evaluator": ID, "subject": KEY, "score": ..., "complete": ..., ...}``:
+  the result of evaluating *subject* with evaluator *ID*. The subject is a content hash: an
+  ingredient's `checkpoint_digest` (SHA-256 of its safetensors files), or for a soup the hash of
+  the recipe with every path replaced by its content digest. Renaming or moving a checkpoint
+  keeps its scores; changing one byte invalidates them.
+* ``{"kind": "file", "key": "PATH|SIZE|MTIME_NS|INODE", "sha256": ...}``: a file's hash under a
+  fast key, so unchanged files are not re-hashed.
+
+Early-stopped results are cached too: such a record holds an upper bound of the score that was
+rejected against a threshold. It answers a later query only when the bound is rejected against
+the *new* threshold as well (``not meets(bound, need, strict)``), which proves the full score is
+rejected too; so a cached decision is always the decision a fresh evaluation would make.
+
+Records are appended with one ``write`` each as soon as they exist, so an interrupted run keeps
+what it computed; unreadable lines (e.g. a torn last line) are skipped. The last record for a
+key wins.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from soupkit.errors import UsageError
+from soupkit.evaluate.protocol import EvalResult, meets
+from soupkit.search._state import FileHashMemo
+
+__all__ = ["ScoreCache", "default_cache_path"]
+
+_VERSION = 1
+
+
+def default_cache_path() -> Path:
+    """``$SOUPKIT_CACHE_DIR/scores.jsonl``, else ``$XDG_CACHE_HOME/soupkit/scores.jsonl``,
+    else ``~/.cache/soupkit/scores.jsonl``."""
+    root = os.environ.get("SOUPKIT_CACHE_DIR")
+    if root:
+        return Path(root) / "scores.jsonl"
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg) if xdg else Path.home() / ".cache"
+    return base / "soupkit" / "scores.jsonl"
+
+
+def _float(x: Any) -> float | None:
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return None
+    return float(x)
+
+
+class ScoreCache:
+    """Scores by (evaluator identity, content key), persisted to a JSON-lines file.
+
+    Args:
+        path: the cache file; ``None`` keeps the cache in memory only (nothing persists).
+
+    Attributes:
+        hits: lookups answered from the cache.
+        memo: the file-hash memo (persisted in the same file).
+    """
+
+    def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
+        self.path = Path(path) if path is not None else None
+        self._scores: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        self.hits = 0
+        self.skipped_lines = 0
+        files: dict[str, str] = {}
+        if self.path is not None and self.path.exists():
+            try:
+                text = self.path.read_text(encoding="utf-8", errors="replace")
+            except OSError as e:
+                raise UsageError(f"{self.path}: cannot read the score cache ({e.strerror})\n"
+                                 "hint: choose another file with --cache, or --no-cache") from None
+            for line in text.splitlines():
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except (json.JSONDecodeError, RecursionError):
+                    self.skipped_lines += 1
+                    continue
+                if not isinstance(rec, dict) or rec.get("v") != _VERSION:
+                    self.skipped_lines += 1
+                    continue
+                if rec.get("kind") == "file" and isinstance(rec.get("key"), str) and isinstance(rec.get("sha256"), str):
+                    files[rec["key"]] = rec["sha256"]
+                elif rec.get("kind") == "score" and self._valid(rec):
+                    self._scores.setdefault((rec["evaluator"], rec["subject"]), []).append(rec)
+                else:
+                    self.skipped_lines += 1
+        self.memo = FileHashMemo(files)
+
+    @staticmethod
+    def _valid(rec: Mapping[str, Any]) -> bool:
+        return (isinstance(rec.get("evaluator"), str) and isinstance(rec.get("subject"), str)
+                and _float(rec.get("score")) is not None and isinstance(rec.get("complete"), bool)
+                and (rec["complete"] or _float(rec.get("need")) is not None))
+
+    def _append(self, rec: Mapping[str, Any]) -> None:
+        if self.path is None:
+            return
+        line = (json.dumps({"v": _VERSION, **rec}, separators=(",", ":")) + "\n").encode("utf-8")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, line)  # one write per record: concurrent runs do not interleave lines
+            finally:
+                os.close(fd)
+        except OSError as e:
+            raise UsageError(f"{self.path}: cannot write the score cache ({e.strerror})\n"
+                             "hint: choose another file with --cache, or --no-cache") from None
+
+    def save_file_hashes(self) -> None:
+        """Persist file hashes computed since the last call."""
+        for key, digest in self.memo.new.items():
+            self._append({"kind": "file", "key": key, "sha256": digest})
+        self.memo.new.clear()
+
+    def lookup(self, evaluator: str, subject: str, *, need: float | None = None,
+               strict: bool = False) -> EvalResult | None:
+        """A cached result that gives the same decision as a fresh evaluation, or None.
+
+        A complete result always qualifies. An early-stopped one qualifies only when ``need``
+        is given and its (upper-bound) score is rejected against it.
+        """
+        recs = self._scores.get((evaluator, subject), [])
+        for rec in reversed(recs):
+            if rec["complete"]:
+                self.hits += 1
+                return self._result(rec)
+        if need is not None:
+            for rec in reversed(recs):
+                if not meets(float(rec["score"]), need, strict=strict):
+                    self.hits += 1
+                    return self._result(rec)
+        return None
+
+    @staticmethod
+    def _result(rec: Mapping[str, Any]) -> EvalResult:
+        metrics = rec.get("metrics")
+        clean = {str(k): float(v) for k, v in metrics.items() if _float(v) is not None} if isinstance(metrics, dict) else {}
+        return EvalResult(score=float(rec["score"]), examples=int(rec.get("examples") or 0),
+                          total=int(rec.get("total") or 0), complete=bool(rec["complete"]), metrics=clean)
+
+    def store(self, evaluator: str, subject: str, result: EvalResult, *, label: str = "",
+              need: float | None = None, strict: bool = False) -> None:
+        """Record ``result`` (and append it to the file right away)."""
+        if not result.complete and need is None:
+            return  # an early stop without a threshold answers nothing later
+        rec: dict[str, Any] = {
+            "kind": "score", "evaluator": evaluator, "subject": subject, "label": label,
+            "score": result.score, "complete": result.complete,
+            "examples": result.examples, "total": result.total,
+            "metrics": {k: v for k, v in result.metrics.items() if not (isinstance(v, float) and math.isnan(v))},
+            "unix": int(time.time()),
+        }
+        if not result.complete:
+            rec["need"] = need
+            rec["strict"] = strict
+        self._scores.setdefault((evaluator, subject), []).append({"v": _VERSION, **rec})
+        self._append(rec)

@@ -166,6 +166,7 @@ def sweep_plot(sweep: Mapping[str, Any]) -> bytes:
         sc.plot([best["score"]], [best["shift_score"]], "*", color=_GREEN, ms=16, zorder=5,
                 label="chosen (best in-distribution)")
         fig.colorbar(points, ax=sc, label=param)
+        sc.margins(0.08)
         sc.set_xlabel("in-distribution score")
         sc.set_ylabel("shifted score")
         sc.set_title(f"in-distribution vs shifted, one point per {param}", fontsize=10)

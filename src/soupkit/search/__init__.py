@@ -9,6 +9,7 @@ from __future__ import annotations
 from soupkit.search._state import checkpoint_digest, evaluator_identity, read_state
 from soupkit.search.cache import ScoreCache, default_cache_path
 from soupkit.search.greedy import GreedySoupResult, GreedyStep, HeldOutScores, IngredientScore, greedy_soup
+from soupkit.search.sweep import SweepPoint, SweepResult, sweep, sweep_recipes
 
 __all__ = [
     "GreedySoupResult",
@@ -16,9 +17,13 @@ __all__ = [
     "HeldOutScores",
     "IngredientScore",
     "ScoreCache",
+    "SweepPoint",
+    "SweepResult",
     "checkpoint_digest",
     "default_cache_path",
     "evaluator_identity",
     "greedy_soup",
     "read_state",
+    "sweep",
+    "sweep_recipes",
 ]

@@ -12,11 +12,15 @@ Everything is checked before a single tensor byte is read, and every failure is 
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import math
 import os
+import stat
 import struct
 from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +35,7 @@ __all__ = [
     "SafetensorsHeader",
     "TensorInfo",
     "dtype_code",
+    "open_regular",
     "read_safetensors_header",
 ]
 
@@ -57,6 +62,8 @@ _CODE_OF = {td: code for code, (td, _) in DTYPES.items()}
 
 # The reference implementation refuses headers above 100 MB; so do we, before allocating.
 MAX_HEADER_BYTES = 100_000_000
+# torch sizes and byte counts are signed 64-bit: a dimension or a tensor beyond this cannot exist.
+MAX_INT64 = (1 << 63) - 1
 
 
 def dtype_code(dtype: torch.dtype) -> str:
@@ -130,16 +137,63 @@ class SafetensorsHeader:
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in out:
-            raise _DuplicateKey(k)
-        out[k] = v
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        for k, _ in pairs:
+            if k in seen:
+                raise _DuplicateKey(k)
+            seen.add(k)
     return out
 
 
 class _DuplicateKey(Exception):
     pass
+
+
+class _BadConstant(Exception):
+    pass
+
+
+def _no_constants(token: str) -> Any:
+    # Python's json accepts NaN / Infinity / -Infinity, which are not JSON; the reference
+    # parser (serde_json) rejects them, and so do we.
+    raise _BadConstant(token)
+
+
+def _utf8_ok(s: str) -> bool:
+    # A JSON escape like "\ud800" decodes to a lone surrogate, which no UTF-8 file can hold:
+    # such a name would break every writer downstream, so it is refused here.
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def open_regular(path: Path) -> int:
+    """Open ``path`` read-only and make sure it is a regular file (never blocks on a FIFO).
+
+    Returns:
+        The file descriptor (blocking mode restored).
+
+    Raises:
+        OSError: the file cannot be opened.
+        CheckpointFormatError: it is a FIFO, a device, a socket or a directory.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = ("a directory" if stat.S_ISDIR(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode)
+                    else "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)
+                    else "a socket" if stat.S_ISSOCK(st.st_mode) else "not a regular file")
+            raise _fail(path, f"is {kind}, expected a regular .safetensors file")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _fail(path: Path, what: str, hint: str = "") -> CheckpointFormatError:
@@ -149,8 +203,17 @@ def _fail(path: Path, what: str, hint: str = "") -> CheckpointFormatError:
     return CheckpointFormatError(msg)
 
 
-def _is_int(x: object) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    # A header of hundreds of thousands of entries creates millions of small acyclic objects;
+    # the cyclic collector would rescan them again and again (2-3x the parse time) for nothing.
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 def read_safetensors_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
@@ -166,9 +229,14 @@ def read_safetensors_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
         CheckpointFormatError: the file is missing, truncated or its header is malformed,
             inconsistent or hostile; the message names the file and the tensor.
     """
+    with _gc_paused():
+        return _read_header(path)
+
+
+def _read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
     p = Path(path)
     try:
-        with open(p, "rb") as f:
+        with open(open_regular(p), "rb") as f:
             size = os.fstat(f.fileno()).st_size
             if size < 8:
                 raise _fail(p, f"file is {size} bytes, too short to be safetensors (needs >= 8)",
@@ -187,6 +255,8 @@ def read_safetensors_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
         raise _fail(p, "is a directory, expected a .safetensors file") from None
     except PermissionError:
         raise _fail(p, "permission denied") from None
+    except (OSError, ValueError) as e:  # ValueError: a NUL byte in the path
+        raise _fail(p, f"cannot read ({getattr(e, 'strerror', None) or e})") from None
     if len(raw) != n:
         raise _fail(p, f"read {len(raw)} header bytes, expected {n}", "the file changed or is truncated")
     try:
@@ -194,11 +264,17 @@ def read_safetensors_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
     except UnicodeDecodeError as e:
         raise _fail(p, f"header is not valid UTF-8 (byte {e.start})", "not a safetensors file") from None
     try:
-        obj = json.loads(text, object_pairs_hook=_no_duplicates)
+        obj = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
     except _DuplicateKey as e:
-        raise _fail(p, f"header names tensor {e.args[0]!r} twice",
-                    "a valid file names each tensor once") from None
-    except (json.JSONDecodeError, RecursionError) as e:
+        raise _fail(p, f"header names key {e.args[0]!r} twice in one object",
+                    "a valid file names each tensor (and each field) once") from None
+    except _BadConstant as e:
+        raise _fail(p, f"header is not valid JSON (it holds the token {e.args[0]}, which JSON "
+                       "does not allow)", "the file is corrupt or hostile") from None
+    except RecursionError:
+        raise _fail(p, "header is not valid JSON (nested too deeply)",
+                    "a safetensors header is a flat object; the file is corrupt or hostile") from None
+    except ValueError as e:  # JSONDecodeError, or an integer with thousands of digits
         raise _fail(p, f"header is not valid JSON ({e})", "not a safetensors file") from None
     if not isinstance(obj, dict):
         raise _fail(p, f"header is a JSON {type(obj).__name__}, expected an object")
@@ -208,37 +284,55 @@ def read_safetensors_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
     metadata: dict[str, str] = {}
     raw_meta = obj.pop("__metadata__", None)
     if raw_meta is not None:
-        if not isinstance(raw_meta, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in raw_meta.items()
-        ):
-            raise _fail(p, "__metadata__ must map strings to strings")
+        if not isinstance(raw_meta, dict):
+            raise _fail(p, f"__metadata__ is a JSON {type(raw_meta).__name__}, expected an object "
+                           "of strings to strings")
+        for k, v in raw_meta.items():
+            if not isinstance(v, str):
+                raise _fail(p, f"__metadata__[{k!r}] is a JSON {type(v).__name__}, expected a string",
+                            "safetensors metadata maps strings to strings")
+            if not (_utf8_ok(k) and _utf8_ok(v)):
+                raise _fail(p, f"__metadata__ key {k!r} or its value is not valid Unicode "
+                               "(a lone surrogate escape)")
         metadata = raw_meta
 
+    if "\\u" in text and not _utf8_ok("".join(obj)):
+        bad = next(n for n in obj if not _utf8_ok(n))
+        raise _fail(p, f"tensor name {bad!r} is not valid Unicode (a lone surrogate escape)",
+                    "the file is corrupt or hostile")
     entries: list[TensorInfo] = []
+    keyset = {"dtype", "shape", "data_offsets"}
+    # `type(x) is int` (not isinstance) also refuses booleans; kept tight: headers of hundreds
+    # of thousands of entries must parse in seconds.
     for name, e in obj.items():
-        if not isinstance(e, dict):
+        if type(e) is not dict:
             raise _fail(p, f"tensor {name!r}: entry is a {type(e).__name__}, expected an object")
-        keys = set(e)
-        if keys != {"dtype", "shape", "data_offsets"}:
-            extra = sorted(keys - {"dtype", "shape", "data_offsets"})
-            missing = sorted({"dtype", "shape", "data_offsets"} - keys)
+        if e.keys() != keyset:
+            keys = set(e)
+            extra = sorted(keys - keyset)
+            missing = sorted(keyset - keys)
             raise _fail(p, f"tensor {name!r}: keys {sorted(keys)}; missing {missing}, unexpected {extra}")
         dt, shape, offs = e["dtype"], e["shape"], e["data_offsets"]
-        if not isinstance(dt, str) or dt not in DTYPES:
+        known = DTYPES.get(dt) if type(dt) is str else None
+        if known is None:
             raise _fail(p, f"tensor {name!r}: unknown dtype {dt!r}",
                         f"known dtypes: {', '.join(DTYPES)}")
-        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        if type(shape) is not list or not all(type(d) is int and d >= 0 for d in shape):
             raise _fail(p, f"tensor {name!r}: shape {shape!r} is not a list of non-negative integers")
         if len(shape) > 64:
             raise _fail(p, f"tensor {name!r}: {len(shape)} dimensions, at most 64 are supported")
-        if (not isinstance(offs, list) or len(offs) != 2 or not all(_is_int(o) for o in offs)):
+        itemsize = known[1]
+        expected = math.prod(shape) * itemsize
+        if expected > MAX_INT64 or (expected == 0 and (
+                any(d > MAX_INT64 for d in shape) or math.prod(d for d in shape if d) * itemsize > MAX_INT64)):
+            raise _fail(p, f"tensor {name!r}: shape {shape} is too large (a dimension or the byte "
+                           "count exceeds 2^63 - 1)", "the file is corrupt or hostile")
+        if type(offs) is not list or len(offs) != 2 or type(offs[0]) is not int or type(offs[1]) is not int:
             raise _fail(p, f"tensor {name!r}: data_offsets {offs!r} is not [begin, end]")
         begin, end = offs
         if not 0 <= begin <= end <= buffer_size:
             raise _fail(p, f"tensor {name!r}: data_offsets [{begin}, {end}] outside the data "
                            f"buffer of {buffer_size} bytes", "the file is truncated or corrupt")
-        itemsize = DTYPES[dt][1]
-        expected = math.prod(shape) * itemsize
         if end - begin != expected:
             raise _fail(p, f"tensor {name!r}: holds {end - begin} bytes but dtype {dt} x shape "
                            f"{shape} needs {expected}")

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from soupkit.errors import CheckpointFormatError
-from soupkit.io.header import TensorInfo
+from soupkit.io.header import TensorInfo, open_regular
 
 __all__ = ["TensorReader", "byte_view"]
 
@@ -52,7 +52,8 @@ class TensorReader:
         fd = self._fds.get(path)
         if fd is None:
             try:
-                fd = os.open(path, os.O_RDONLY)
+                # never a FIFO or device swapped in after the header was read: those would block
+                fd = open_regular(path)
             except OSError as e:
                 raise CheckpointFormatError(f"{path}: cannot open ({e.strerror})") from None
             self._fds[path] = fd

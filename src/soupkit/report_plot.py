@@ -191,7 +191,10 @@ def learned_plot(learned: Mapping[str, Any]) -> bytes:
     ax.plot(range(1, len(losses) + 1), losses, color=_BLUE, lw=1.2)
     ax.set_xlabel("step")
     ax.set_ylabel("training loss (held-out data)")
-    ax.set_title(f"learned soup: {learned['steps']} steps, lr {learned['lr']:g}", fontsize=10)
+    title = f"learned soup: {learned['steps']} steps, lr {learned['lr']:g}"
+    if _finite(learned.get("score")) and _finite(learned.get("uniform_score")):
+        title += f"\nscore {learned['score']:.4g} (uniform soup it started from: {learned['uniform_score']:.4g})"
+    ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     steps = range(0, len(coef))
     for k, name in enumerate(names):

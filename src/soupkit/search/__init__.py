@@ -7,8 +7,16 @@ Search code never imports a data library: it calls an `soupkit.evaluate.Evaluato
 from __future__ import annotations
 
 from soupkit.search._state import checkpoint_digest, evaluator_identity, read_state
+from soupkit.search.bn import recalibrate_bn, write_recalibrated
 from soupkit.search.cache import ScoreCache, default_cache_path
 from soupkit.search.greedy import GreedySoupResult, GreedyStep, HeldOutScores, IngredientScore, greedy_soup
+from soupkit.search.learned import (
+    LearnedSoupResult,
+    StreamingMixture,
+    classification_loss,
+    learned_recipe,
+    learned_soup,
+)
 from soupkit.search.sweep import SweepPoint, SweepResult, sweep, sweep_recipes
 
 __all__ = [
@@ -16,14 +24,21 @@ __all__ = [
     "GreedyStep",
     "HeldOutScores",
     "IngredientScore",
+    "LearnedSoupResult",
     "ScoreCache",
+    "StreamingMixture",
     "SweepPoint",
     "SweepResult",
     "checkpoint_digest",
+    "classification_loss",
     "default_cache_path",
     "evaluator_identity",
     "greedy_soup",
+    "learned_recipe",
+    "learned_soup",
     "read_state",
+    "recalibrate_bn",
     "sweep",
     "sweep_recipes",
+    "write_recalibrated",
 ]

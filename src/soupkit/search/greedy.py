@@ -36,7 +36,7 @@ import hashlib
 import os
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -49,6 +49,7 @@ from soupkit.evaluate.protocol import EvalResult, Evaluator, meets, run_evaluato
 from soupkit.io.checkpoint import Checkpoint
 from soupkit.io.reader import TensorReader
 from soupkit.search._state import checkpoint_digest, evaluator_identity, progress_bar, read_state
+from soupkit.search.bn import write_recalibrated
 from soupkit.search.cache import ScoreCache, default_cache_path
 
 __all__ = ["GreedySoupResult", "GreedyStep", "HeldOutScores", "IngredientScore", "greedy_soup",
@@ -248,6 +249,7 @@ def greedy_soup(
     plot: bool = True,
     max_shard_size: int | str = "5GB",
     report_extra: Mapping[str, Any] | None = None,
+    recalibrate: tuple[torch.nn.Module, Iterable[Any]] | None = None,
 ) -> GreedySoupResult:
     """Greedy soup of ``checkpoints`` driven by ``evaluator`` (see the module docstring).
 
@@ -272,6 +274,10 @@ def greedy_soup(
         plot: write the PNG plot (skipped with a note if matplotlib is missing).
         max_shard_size: largest output shard.
         report_extra: more entries for the report (the CLI records its command line here).
+        recalibrate: ``(model, loader)``: recompute the written soup's BatchNorm statistics in
+            ``model`` on ``loader`` (see `soupkit.search.recalibrate_bn`); every other tensor
+            stays the uniform soup's. Decisions are not affected (evaluate recalibrated
+            candidates by recalibrating inside your evaluator).
 
     Returns:
         A `GreedySoupResult` with the full history.
@@ -413,7 +419,7 @@ def greedy_soup(
     if out is None:
         return _replace(result, seconds=time.perf_counter() - t0)
     return _write(result, out, force=force, progress=progress, plot=plot,
-                  max_shard_size=max_shard_size, report_extra=report_extra, t0=t0)
+                  max_shard_size=max_shard_size, report_extra=report_extra, t0=t0, recalibrate=recalibrate)
 
 
 def _identity(evaluator: object, given: str | None, store: ScoreCache) -> str:
@@ -437,7 +443,7 @@ def _replace(r: GreedySoupResult, **kw: Any) -> GreedySoupResult:
 
 def _write(result: GreedySoupResult, out: str | os.PathLike[str], *, force: bool, progress: bool | None,
            plot: bool, max_shard_size: int | str, report_extra: Mapping[str, Any] | None,
-           t0: float) -> GreedySoupResult:
+           t0: float, recalibrate: tuple[torch.nn.Module, Iterable[Any]] | None = None) -> GreedySoupResult:
     from soupkit import report_plot
 
     notes = list(result.notes)
@@ -453,7 +459,11 @@ def _write(result: GreedySoupResult, out: str | os.PathLike[str], *, force: bool
             notes.append("plot skipped: matplotlib is not installed (pip install 'soupkit[plot]')")
             history["notes"] = notes
     p = plan(linear_recipe(result.ingredients), max_shard_size=max_shard_size)
-    merged = run_merge_plan(p, dest, force=force, progress=progress,
-                            extra_report={"greedy": history, **dict(report_extra or {})}, extra_files=files)
+    extra = {"greedy": history, **dict(report_extra or {})}
+    if recalibrate is not None:
+        merged = write_recalibrated(p, dest, recalibrate[0], recalibrate[1], force=force, progress=progress,
+                                    max_shard_size=max_shard_size, extra_report=extra, extra_files=files)
+    else:
+        merged = run_merge_plan(p, dest, force=force, progress=progress, extra_report=extra, extra_files=files)
     return _replace(result, out=dest, merge=merged, plot=plot_path, notes=notes,
                     seconds=time.perf_counter() - t0)

@@ -38,7 +38,7 @@ import json
 import os
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -52,6 +52,7 @@ from soupkit.execute import MemorySink, run_plan
 from soupkit.io.checkpoint import open_checkpoint
 from soupkit.plan import MergePlan
 from soupkit.search._state import checkpoint_digest, progress_bar
+from soupkit.search.bn import write_recalibrated
 from soupkit.search.cache import ScoreCache
 from soupkit.search.greedy import _identity, open_cache
 
@@ -263,6 +264,7 @@ def sweep(
     plot: bool = True,
     max_shard_size: int | str = "5GB",
     report_extra: Mapping[str, Any] | None = None,
+    recalibrate: tuple[Any, Iterable[Any]] | None = None,
 ) -> SweepResult:
     """Evaluate a merge at every value of one parameter; keep (and write) the best.
 
@@ -290,6 +292,8 @@ def sweep(
         plot: write the PNG plot (needs matplotlib).
         max_shard_size: largest output shard.
         report_extra: more entries for the report.
+        recalibrate: ``(model, loader)``: recompute the written model's BatchNorm statistics
+            (see `soupkit.search.recalibrate_bn`); scores are those of the merge as evaluated.
 
     Returns:
         A `SweepResult`.
@@ -357,11 +361,12 @@ def sweep(
     if out is None:
         return replace(result, seconds=time.perf_counter() - t0)
     return _write(result, plans[best_i], out, force=force, progress=progress, plot=plot,
-                  report_extra=report_extra, t0=t0)
+                  report_extra=report_extra, t0=t0, recalibrate=recalibrate, max_shard_size=max_shard_size)
 
 
 def _write(result: SweepResult, p: MergePlan, out: str | os.PathLike[str], *, force: bool,
-           progress: bool | None, plot: bool, report_extra: Mapping[str, Any] | None, t0: float) -> SweepResult:
+           progress: bool | None, plot: bool, report_extra: Mapping[str, Any] | None, t0: float,
+           recalibrate: tuple[Any, Iterable[Any]] | None = None, max_shard_size: int | str = "5GB") -> SweepResult:
     from soupkit import report_plot
 
     notes = list(result.notes)
@@ -376,6 +381,10 @@ def _write(result: SweepResult, p: MergePlan, out: str | os.PathLike[str], *, fo
         else:
             notes.append("plot skipped: matplotlib is not installed (pip install 'soupkit[plot]')")
             history["notes"] = notes
-    merged = run_merge_plan(p, dest, force=force, progress=progress,
-                            extra_report={"sweep": history, **dict(report_extra or {})}, extra_files=files)
+    extra = {"sweep": history, **dict(report_extra or {})}
+    if recalibrate is not None:
+        merged = write_recalibrated(p, dest, recalibrate[0], recalibrate[1], force=force, progress=progress,
+                                    max_shard_size=max_shard_size, extra_report=extra, extra_files=files)
+    else:
+        merged = run_merge_plan(p, dest, force=force, progress=progress, extra_report=extra, extra_files=files)
     return replace(result, out=dest, merge=merged, plot=plot_path, notes=notes, seconds=time.perf_counter() - t0)

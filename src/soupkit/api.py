@@ -5,10 +5,10 @@ Everything the CLI does goes through these functions.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
-import shutil
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -21,10 +21,11 @@ import yaml
 
 from soupkit._version import __version__
 from soupkit.config import MergeConfig, ModelEntry, load_recipe
-from soupkit.errors import CheckpointFormatError, ConfigError, UsageError
+from soupkit.errors import CheckpointFormatError, ConfigError, MergeIOError, UsageError
 from soupkit.execute import FileSink, MemorySink, RunStats, run_plan
 from soupkit.io.checkpoint import CARRY_FILES, Checkpoint, in_memory_checkpoint
-from soupkit.io.writer import OutputFolder
+from soupkit.io.hashing import BackgroundHasher, changed_files_check, file_state
+from soupkit.io.writer import Journal, OutputFolder
 from soupkit.plan import DEFAULT_CHUNK_ELEMS, MergePlan, make_plan, plan_recipe
 
 __all__ = [
@@ -61,6 +62,7 @@ def plan(
     *,
     max_shard_size: int | str = "5GB",
     chunk_elems: int = DEFAULT_CHUNK_ELEMS,
+    allow_pickle: bool = False,
 ) -> MergePlan:
     """Validate a recipe and plan its merge from headers only (a dry run).
 
@@ -68,12 +70,15 @@ def plan(
         recipe: a `MergeConfig`, a mapping, a YAML path or YAML text.
         max_shard_size: largest output shard (``"5GB"``, ``"500MiB"`` or bytes).
         chunk_elems: elements per chunk for elementwise methods (bounds memory).
+        allow_pickle: accept PyTorch pickle checkpoints (``.bin``, ``.pt``, ``.ckpt``), loaded
+            only through ``torch.load(weights_only=True)``; refused otherwise.
 
     Raises:
         ConfigError: the recipe is invalid (all problems listed).
         PlanError: the checkpoints cannot be merged (all problems listed).
     """
-    return plan_recipe(load_recipe(recipe), max_shard_size=max_shard_size, chunk_elems=chunk_elems)
+    return plan_recipe(load_recipe(recipe), max_shard_size=max_shard_size, chunk_elems=chunk_elems,
+                       allow_pickle=allow_pickle)
 
 
 def _progress_bar(total: int, enabled: bool | None, desc: str) -> Any:
@@ -114,9 +119,15 @@ def _model_card(p: MergePlan) -> str:
     return "\n".join(lines)
 
 
-def _report(p: MergePlan, stats: RunStats, out: Path) -> dict[str, Any]:
+def _report(p: MergePlan, stats: RunStats, out: Path, *, input_hashes: Mapping[Path, str] | None = None,
+            output_hashes: Mapping[str, str] | None = None, other_files: Mapping[str, str] | None = None,
+            resumed_shards: int = 0) -> dict[str, Any]:
+    ih = input_hashes or {}
+    oh = output_hashes or {}
+
     def files(c: Checkpoint) -> list[dict[str, Any]]:
-        return [{"path": str(f), "bytes": f.stat().st_size} for f in c.files]
+        return [{"path": str(f), "bytes": f.stat().st_size,
+                 **({"sha256": ih[f]} if f in ih else {})} for f in c.files]
 
     return {
         "soupkit_version": __version__,
@@ -128,10 +139,15 @@ def _report(p: MergePlan, stats: RunStats, out: Path) -> dict[str, Any]:
             "base": ({"label": p.base.label, "files": files(p.base)} if p.base is not None else None),
             "models": [{"label": m.label, "files": files(m)} for m in p.models],
         },
-        "outputs": [{"file": s.filename, "bytes": s.size, "tensors": len(s.tensors)} for s in p.shards],
+        "inputs_hashed": bool(ih),
+        "outputs": [{"file": s.filename, "bytes": s.size, "tensors": len(s.tensors),
+                     **({"sha256": oh[s.filename]} if s.filename in oh else {})} for s in p.shards],
+        "other_files": [{"file": n, "sha256": h} for n, h in (other_files or {}).items()],
         "notes": list(p.notes),
+        "nonfinite_tensors": list(stats.nonfinite),
         "stats": {"seconds": round(stats.seconds, 3), "bytes_read": stats.bytes_read,
-                  "bytes_written": stats.bytes_written, "tensors": stats.tensors},
+                  "bytes_written": stats.bytes_written, "tensors": stats.tensors,
+                  "resumed_shards": resumed_shards},
     }
 
 
@@ -144,12 +160,17 @@ def merge(
     max_shard_size: int | str = "5GB",
     chunk_elems: int = DEFAULT_CHUNK_ELEMS,
     model_card: bool = True,
+    allow_pickle: bool = False,
+    allow_nonfinite: bool = False,
+    resume: bool = False,
+    hash_inputs: bool = True,
 ) -> MergeResult:
     """Merge the checkpoints a recipe names into a Hugging Face style folder ``out``.
 
     Tensors stream one at a time (elementwise methods in chunks); the output appears atomically
     when complete, with config/tokenizer files carried from the base (or first) model, a
-    ``README.md`` model card and ``soupkit-report.json``.
+    ``README.md`` model card and ``soupkit-report.json`` (recipe, versions, and the sha256 of
+    every input and output file).
 
     Args:
         recipe: a `MergeConfig`, a mapping, a YAML path or YAML text.
@@ -159,22 +180,85 @@ def merge(
         max_shard_size: largest output shard (default 5GB, like Hugging Face).
         chunk_elems: elements per chunk for elementwise methods.
         model_card: write ``README.md`` with the recipe.
+        allow_pickle: accept PyTorch pickle checkpoints, loaded only through
+            ``torch.load(weights_only=True)`` (see SECURITY.md).
+        allow_nonfinite: write NaN / Inf outputs instead of stopping with `NonFiniteError`
+            (the report lists the affected tensors).
+        resume: keep the unfinished output of an interrupted or failed run, and continue it:
+            shards finished before (verified by sha256) are not computed again. The result is
+            byte-identical to an uninterrupted run.
+        hash_inputs: record the sha256 of every input file in the report (computed in a
+            background thread while the merge runs).
 
     Returns:
         A `MergeResult`.
     """
-    p = plan(recipe, max_shard_size=max_shard_size, chunk_elems=chunk_elems)
-    return run_merge_plan(p, out, force=force, progress=progress, model_card=model_card)
+    p = plan(recipe, max_shard_size=max_shard_size, chunk_elems=chunk_elems, allow_pickle=allow_pickle)
+    return run_merge_plan(p, out, force=force, progress=progress, model_card=model_card,
+                          allow_nonfinite=allow_nonfinite, resume=resume, hash_inputs=hash_inputs)
 
 
 def _check_not_input(p: MergePlan, out: Path) -> None:
-    dest = out.resolve()
+    """Refuse an output that is, holds, or sits inside one of the inputs (symlinks resolved).
+
+    With ``force`` an existing output is replaced, so an output folder that contains an input
+    would destroy it; an output inside a model folder would change what that folder holds.
+    """
+    try:
+        dest = out.resolve()
+    except (OSError, RuntimeError, ValueError) as e:  # a symlink loop, a NUL byte
+        raise UsageError(f"{out}: not a usable output path ({e})") from None
+    hint = "hint: inputs are never modified; choose an output folder outside every input"
     for c in (*p.models, *([p.base] if p.base else [])):
         for f in c.files:
             fr = f.resolve()
-            if fr == dest or dest in fr.parents:
-                raise UsageError(f"{out}: the output folder holds input {f} ({c.label})\n"
-                                 "hint: inputs are never modified; choose another output folder")
+            if fr == dest:
+                raise UsageError(f"{out}: the output is input {f} ({c.label})\n{hint}")
+            if dest in fr.parents:
+                raise UsageError(f"{out}: the output folder holds input {f} ({c.label}); writing "
+                                 f"(or --force replacing) it would destroy that input\n{hint}")
+        if c.path is not None and c.path.is_dir():
+            cr = c.path.resolve()
+            if dest == cr or cr in dest.parents:
+                raise UsageError(f"{out}: the output would be inside the input model folder {c.path} "
+                                 f"({c.label})\n{hint}")
+    if p.carry_from is not None:
+        cr = p.carry_from.resolve()
+        if dest == cr or dest in cr.parents:
+            raise UsageError(f"{out}: the output would replace or hold {p.carry_from}, where the "
+                             f"config and tokenizer files come from\n{hint}")
+
+
+def _input_files(p: MergePlan) -> list[Path]:
+    return list(dict.fromkeys(f for c in (*p.models, *([p.base] if p.base else [])) for f in c.files))
+
+
+def _fingerprint(p: MergePlan, dest: Path, states: Mapping[Path, tuple[int, int, int]]) -> str:
+    """What makes two runs produce the same output: recipe, version, layout and the inputs."""
+    h = hashlib.sha256()
+    h.update(json.dumps({
+        "soupkit": __version__,
+        "torch": torch.__version__,
+        "dest": str(dest.absolute()),
+        "recipe": p.config.model_dump(mode="json"),
+        "inputs": [[str(f.absolute()), *st] for f, st in states.items()],
+        "carry_from": str(p.carry_from) if p.carry_from else None,
+    }, sort_keys=True).encode("utf-8"))
+    for s in p.shards:
+        h.update(s.filename.encode("utf-8"))
+        h.update(s.header)
+    return h.hexdigest()
+
+
+def _write_file(path: Path, data: bytes) -> str:
+    """Write ``data`` to ``path`` (errors as `MergeIOError`) and return its sha256."""
+    try:
+        path.write_bytes(data)
+    except OSError as e:
+        raise MergeIOError(f"{path}: cannot write ({e.strerror})"
+                           + ("\nhint: the disk is full; free space or choose another output folder"
+                              if e.errno == 28 else "")) from None
+    return hashlib.sha256(data).hexdigest()
 
 
 def run_merge_plan(
@@ -186,40 +270,76 @@ def run_merge_plan(
     model_card: bool = True,
     extra_report: Mapping[str, Any] | None = None,
     extra_files: Mapping[str, bytes] | None = None,
+    allow_nonfinite: bool = False,
+    resume: bool = False,
+    hash_inputs: bool = True,
 ) -> MergeResult:
     """Run an existing plan into folder ``out`` (see `merge`).
 
     ``extra_report`` entries are added to ``soupkit-report.json`` and ``extra_files`` (file name
     -> bytes) are written beside it, inside the output before it appears, so a search's history
-    and plots are part of the atomic output (used by `soupkit.search`).
+    and plots are part of the atomic output (used by `soupkit.search`). For the other options
+    see `merge`.
     """
     dest = Path(out)
     _check_not_input(p, dest)
-    with OutputFolder(dest, force=force) as tmp:
-        bar = _progress_bar(p.input_bytes, progress, f"merge {p.method.name}")
-        sink = FileSink(p, tmp)
-        try:
-            stats = run_plan(p, sink, progress=bar.update)
-            sink.close()
-        except BaseException:
-            sink.abort()
-            raise
-        finally:
-            bar.close()
-        if p.carry_from is not None:
-            for name in CARRY_FILES:
-                src = p.carry_from / name
-                if src.is_file() and not src.is_symlink():
-                    shutil.copyfile(src, tmp / name)
-        if model_card:
-            (tmp / "README.md").write_text(_model_card(p), encoding="utf-8")
-        for fname, data in (extra_files or {}).items():
-            if Path(fname).name != fname or fname in (REPORT_NAME, "README.md"):
-                raise UsageError(f"extra output file {fname!r}: expected a plain file name other than "
-                                 f"{REPORT_NAME} and README.md")
-            (tmp / fname).write_bytes(data)
-        report = {**_report(p, stats, dest), **dict(extra_report or {})}
-        (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    for fname in extra_files or {}:
+        if Path(fname).name != fname or fname in (REPORT_NAME, "README.md"):
+            raise UsageError(f"extra output file {fname!r}: expected a plain file name other than "
+                             f"{REPORT_NAME} and README.md")
+    inputs = _input_files(p)
+    try:
+        before = {f: file_state(f) for f in inputs}
+    except OSError as e:
+        raise CheckpointFormatError(f"{e.filename}: input disappeared ({e.strerror})") from None
+    fingerprint = _fingerprint(p, dest, before) if resume else None
+    folder = OutputFolder(dest, force=force, resume_key=fingerprint[:16] if fingerprint else None)
+    hasher = BackgroundHasher(inputs) if hash_inputs and inputs else None
+    try:
+        with folder as tmp:
+            done: dict[str, str] = {}
+            journal = None
+            if fingerprint is not None:
+                journal = Journal(tmp, fingerprint)
+                done = journal.verified(p.shards) if folder.resumed else {}
+                journal.start(done, p.shards)
+            bar = _progress_bar(p.input_bytes, progress, f"merge {p.method.name}")
+            sink = FileSink(p, tmp, done=done, journal=journal)
+            try:
+                stats = run_plan(p, sink, progress=bar.update, allow_nonfinite=allow_nonfinite,
+                                 skip=sink.skip)
+                sink.close()
+            except BaseException:
+                sink.abort()
+                raise
+            finally:
+                bar.close()
+            others: dict[str, str] = {}
+            index = tmp / "model.safetensors.index.json"
+            if index.is_file():
+                others[index.name] = hashlib.sha256(index.read_bytes()).hexdigest()
+            if p.carry_from is not None:
+                for name in CARRY_FILES:
+                    src = p.carry_from / name
+                    if src.is_file() and not src.is_symlink():
+                        try:
+                            data = src.read_bytes()
+                        except OSError as e:
+                            raise CheckpointFormatError(f"{src}: cannot read ({e.strerror})") from None
+                        others[name] = _write_file(tmp / name, data)
+            if model_card:
+                others["README.md"] = _write_file(tmp / "README.md", _model_card(p).encode("utf-8"))
+            for fname, data in (extra_files or {}).items():
+                others[fname] = _write_file(tmp / fname, data)
+            input_hashes = hasher.result() if hasher is not None else {}
+            changed_files_check(before)
+            report = {**_report(p, stats, dest, input_hashes=input_hashes, output_hashes=sink.hashes,
+                                other_files=others, resumed_shards=len(done)),
+                      **dict(extra_report or {})}
+            _write_file(tmp / REPORT_NAME, (json.dumps(report, indent=2) + "\n").encode("utf-8"))
+    finally:
+        if hasher is not None:
+            hasher.cancel()
     return MergeResult(dest, p, stats)
 
 
@@ -276,6 +396,7 @@ def merge_state_dicts(
     dtype: str | None = None,
     out_dtype: str | None = None,
     chunk_elems: int = DEFAULT_CHUNK_ELEMS,
+    allow_nonfinite: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Merge in-memory state dicts with any registered method; returns a new state dict.
 
@@ -292,6 +413,7 @@ def merge_state_dicts(
         dtype: cast inputs to this dtype first.
         out_dtype: output dtype (default: the inputs' dtype).
         chunk_elems: elements per chunk for elementwise methods.
+        allow_nonfinite: return NaN / Inf results instead of raising `NonFiniteError`.
     """
     if not states:
         raise UsageError("no state dicts given")
@@ -315,7 +437,7 @@ def merge_state_dicts(
     base_ck = in_memory_checkpoint(base, "base state_dict") if base is not None else None
     p = make_plan(cfg, ckpts, base_ck, chunk_elems=chunk_elems)
     sink = MemorySink(p)
-    run_plan(p, sink)
+    run_plan(p, sink, allow_nonfinite=allow_nonfinite)
     return sink.tensors
 
 

@@ -195,13 +195,14 @@ def _check_param_names(cfg: MergeConfig, spec: MethodSpec) -> list[str]:
     return problems
 
 
-def _open_all(cfg: MergeConfig, problems: list[str]) -> tuple[list[Checkpoint | None], Checkpoint | None]:
+def _open_all(cfg: MergeConfig, problems: list[str], allow_pickle: bool = False,
+              ) -> tuple[list[Checkpoint | None], Checkpoint | None]:
     cache: dict[str, Checkpoint | None] = {}
 
     def get(path: str, where: str) -> Checkpoint | None:
         if path not in cache:
             try:
-                cache[path] = open_checkpoint(path)
+                cache[path] = open_checkpoint(path, allow_pickle=allow_pickle)
             except SoupError as e:
                 problems.append(f"{where}: {e}")
                 cache[path] = None
@@ -217,8 +218,12 @@ def plan_recipe(
     *,
     max_shard_size: int | str = "5GB",
     chunk_elems: int = DEFAULT_CHUNK_ELEMS,
+    allow_pickle: bool = False,
 ) -> MergePlan:
     """Open every checkpoint the recipe names (headers only) and plan the merge.
+
+    ``allow_pickle`` accepts PyTorch pickle checkpoints (loaded only with
+    ``torch.load(weights_only=True)``); without it they are refused with `UnsafeFormatError`.
 
     Raises:
         ConfigError: the recipe is inconsistent with its method (unknown parameters, no base).
@@ -234,7 +239,7 @@ def plan_recipe(
         cfg_problems.append(f"merge_method {spec.name!r} needs a `base_model:`")
     if cfg_problems:
         raise ConfigError(cfg_problems)
-    models, base = _open_all(cfg, problems)
+    models, base = _open_all(cfg, problems, allow_pickle)
     if problems:
         raise PlanError(problems)
     return make_plan(
@@ -277,7 +282,7 @@ def make_plan(
     if chunk_elems < 1:
         raise ConfigError([f"chunk_elems must be >= 1, got {chunk_elems}"])
 
-    notes: list[str] = []
+    notes: list[str] = [n for c in (*models, *([base] if base is not None else [])) for n in c.notes]
     entries = list(zip(cfg.models, models))
     if spec.kind == "task_vector" and base is not None:
         # As mergekit does: the base listed among the models contributes a zero delta; drop it.

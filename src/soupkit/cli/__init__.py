@@ -2,7 +2,11 @@
 
 Each subcommand lives in its own module here with an ``add_parser(subparsers)`` function that
 registers it and sets ``func``; adding a command is one module plus its name in ``_COMMANDS``.
-Exit codes: 0 ok, 1 runtime error, 2 usage or configuration error, 130 interrupted.
+Exit codes: 0 ok, 1 runtime error, 2 usage or configuration error, 130 interrupted (SIGINT),
+143 terminated (SIGTERM).
+
+SIGTERM (what ``kill``, systemd, Slurm and container runtimes send) is turned into an
+exception, like SIGINT, so that every ``with`` block unwinds and no partial output is left.
 """
 
 from __future__ import annotations
@@ -10,7 +14,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 
 from soupkit._version import __version__
@@ -34,19 +40,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised as an exception so that cleanup code runs (see the module docstring)."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code (also used as the console script)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        return _run(args)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         code = args.func(args)
         return int(code or 0)
     except SoupError as e:
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
-        print("interrupted: nothing was written to the output", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        term = isinstance(e, Terminated)
+        print(f"{'terminated' if term else 'interrupted'}: no unfinished output was left in place",
+              file=sys.stderr)
+        return 143 if term else 130
     except BrokenPipeError:
         return 1
     except Exception as e:  # an internal bug: say so plainly, traceback only on request

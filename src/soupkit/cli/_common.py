@@ -13,6 +13,27 @@ def add_output_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="do not show a progress bar")
 
 
+def add_safety_flags(p: argparse.ArgumentParser) -> None:
+    """Opt-ins that relax a safety default, and resuming (see SECURITY.md)."""
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="accept PyTorch pickle checkpoints (.bin/.pt/.pth/.ckpt), loaded only with "
+                        "torch.load(weights_only=True); a pickle can hide code, so only for files you trust")
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="write NaN/Inf outputs instead of stopping (they are listed in the report)")
+    p.add_argument("--resume", action="store_true",
+                   help="keep finished shards when the run is interrupted or fails, and continue "
+                        "from them (verified by sha256) when run again with --resume")
+    p.add_argument("--no-hash-inputs", action="store_true",
+                   help="do not record the sha256 of each input in soupkit-report.json (saves one "
+                        "background read of every input)")
+
+
+def safety_kwargs(args: argparse.Namespace) -> dict[str, bool]:
+    """The keyword arguments of `soupkit.merge` that `add_safety_flags` sets."""
+    return {"allow_pickle": args.allow_pickle, "allow_nonfinite": args.allow_nonfinite,
+            "resume": args.resume, "hash_inputs": not args.no_hash_inputs}
+
+
 def progress_flag(args: argparse.Namespace) -> bool | None:
     return False if args.no_progress else None
 

@@ -3,26 +3,37 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from soupkit._format import human_bytes, human_seconds
 from soupkit.api import merge
-from soupkit.cli._common import add_output_flags, command, progress_flag
+from soupkit.cli._common import add_output_flags, add_safety_flags, command, progress_flag, safety_kwargs
+from soupkit.errors import SoupError
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = command(sub, "merge", "merge the checkpoints a YAML recipe names into OUT_DIR", """
         soupkit merge recipe.yaml ./merged
         soupkit merge recipe.yaml ./merged --force --max-shard-size 2GB
+        soupkit merge recipe.yaml ./merged --resume      # continue after an interrupt
+        soupkit merge recipe.yaml ./merged --allow-pickle # inputs saved with torch.save (.bin/.pt/.ckpt)
     """)
     p.add_argument("recipe", help="YAML recipe (mergekit schema: merge_method, models, base_model, parameters, ...)")
     p.add_argument("out", help="output folder (Hugging Face layout)")
     add_output_flags(p)
+    add_safety_flags(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    r = merge(args.recipe, args.out, force=args.force, progress=progress_flag(args),
-              max_shard_size=args.max_shard_size)
+    try:
+        r = merge(args.recipe, args.out, force=args.force, progress=progress_flag(args),
+                  max_shard_size=args.max_shard_size, **safety_kwargs(args))
+    except (KeyboardInterrupt, SoupError):
+        if args.resume:
+            print(f"note: the finished shards were kept; run the same command with --resume to "
+                  f"continue {args.out}", file=sys.stderr)
+        raise
     s = r.stats
     rate = s.bytes_read / s.seconds / 1e9 if s.seconds > 0 else float("inf")
     print(f"merged {s.tensors} tensors with {r.plan.method.name} into {r.out}: read "
@@ -30,4 +41,11 @@ def run(args: argparse.Namespace) -> int:
           f"{human_seconds(s.seconds)} ({rate:.2f} GB/s)")
     for n in r.plan.notes:
         print(f"note: {n}")
+    if s.skipped:
+        print(f"note: resumed: {s.skipped} tensor(s) in shards finished by an earlier run were "
+              "verified by sha256 and not computed again")
+    if s.nonfinite:
+        shown = ", ".join(s.nonfinite[:10]) + (f" and {len(s.nonfinite) - 10} more" if len(s.nonfinite) > 10 else "")
+        print(f"warning: {len(s.nonfinite)} tensor(s) hold NaN or Inf (written because of "
+              f"--allow-nonfinite): {shown}", file=sys.stderr)
     return 0

@@ -8,21 +8,30 @@ Accepted forms:
 - a folder holding exactly one ``*.safetensors`` file.
 
 Pickle checkpoints (``.bin``, ``.pt``, ``.pth``, ``.ckpt``) can run code when loaded and are
-refused with `UnsafeFormatError` unless the caller opts in.
+refused with `UnsafeFormatError` unless the caller opts in (``allow_pickle=True``); then they
+are loaded only through ``torch.load(weights_only=True)`` (see `soupkit.io.pickle_ckpt`) as a
+single file, a folder with ``pytorch_model.bin`` or exactly one pickle, or a sharded folder
+with ``pytorch_model.bin.index.json``.
+
+Every path an index names is checked to stay inside the model folder (no ``..``, no absolute
+paths, no symlinks that lead out), and the index must agree with the shards' own headers.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from soupkit.errors import CheckpointFormatError, UnsafeFormatError
 from soupkit.io.header import TensorInfo, dtype_code, read_safetensors_header
+from soupkit.io.pickle_ckpt import load_pickle_state_dict
 
 __all__ = [
     "CARRY_FILES",
@@ -34,6 +43,8 @@ __all__ = [
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+PICKLE_INDEX_NAME = "pytorch_model.bin.index.json"
+PICKLE_SINGLE_NAME = "pytorch_model.bin"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 MAX_INDEX_BYTES = 50_000_000
 
@@ -68,6 +79,7 @@ class Checkpoint:
         folder: the folder holding config/tokenizer files, if any.
         files: the safetensors files that hold its tensors.
         tensors: tensor name -> `TensorInfo`, in storage order.
+        notes: things a user should know about how it was read (e.g. a Lightning nesting).
     """
 
     label: str
@@ -75,6 +87,7 @@ class Checkpoint:
     folder: Path | None
     files: tuple[Path, ...]
     tensors: dict[str, TensorInfo] = field(repr=False)
+    notes: tuple[str, ...] = ()
 
     @property
     def nbytes(self) -> int:
@@ -97,20 +110,38 @@ def _refuse_pickle(p: Path) -> UnsafeFormatError:
 def _inside(folder: Path, child: Path) -> bool:
     try:
         child.resolve().relative_to(folder.resolve())
-    except ValueError:
+    except (ValueError, OSError, RuntimeError):  # not inside, NUL byte, name too long, symlink loop
         return False
     return True
 
 
-def _read_index(folder: Path) -> dict[str, str]:
-    idx = folder / INDEX_NAME
+class _DuplicateKey(Exception):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise _DuplicateKey(k)
+        out[k] = v
+    return out
+
+
+def _read_index(folder: Path, name: str = INDEX_NAME) -> dict[str, str]:
+    idx = folder / name
     try:
         size = idx.stat().st_size
         if size > MAX_INDEX_BYTES:
             raise CheckpointFormatError(f"{idx}: {size} bytes; an index larger than "
                                         f"{MAX_INDEX_BYTES} bytes is refused")
-        obj = json.loads(idx.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        obj = json.loads(idx.read_text(encoding="utf-8"), object_pairs_hook=_no_duplicates)
+    except _DuplicateKey as e:
+        raise CheckpointFormatError(f"{idx}: names key {e.args[0]!r} twice in one object\n"
+                                    "hint: the index is ambiguous; it is corrupt or hostile") from None
+    except RecursionError:
+        raise CheckpointFormatError(f"{idx}: not valid JSON (nested too deeply)") from None
+    except ValueError as e:  # UnicodeDecodeError, JSONDecodeError, huge integer literals
         raise CheckpointFormatError(f"{idx}: not valid JSON ({e})") from None
     except OSError as e:
         raise CheckpointFormatError(f"{idx}: cannot read ({e.strerror})") from None
@@ -122,21 +153,29 @@ def _read_index(folder: Path) -> dict[str, str]:
     return wm
 
 
-def _open_sharded(folder: Path, label: str) -> Checkpoint:
-    wm = _read_index(folder)
-    idx = folder / INDEX_NAME
+def _shard_paths(folder: Path, idx: Path, wm: Mapping[str, str]) -> dict[str, Path]:
+    """Resolve the shard names of a weight_map, refusing any that leave ``folder``."""
     shards: dict[str, Path] = {}
     for fname in dict.fromkeys(wm.values()):
         shard = folder / fname
-        if Path(fname).is_absolute() or ".." in Path(fname).parts or not _inside(folder, shard):
+        if ("\x00" in fname or not fname or Path(fname).is_absolute() or ".." in Path(fname).parts
+                or not _inside(folder, shard)):
             raise CheckpointFormatError(
                 f"{idx}: weight_map points outside the model folder: {fname!r}\n"
-                "hint: shard names must be plain file names inside the folder; a hostile index "
-                "may try to read other files"
+                "hint: shard names must be plain file names inside the folder (no '..', no "
+                "absolute paths, no symlinks that lead out); a hostile index may try to read "
+                "other files"
             )
         if not shard.is_file():
             raise CheckpointFormatError(f"{idx}: shard {fname!r} listed in weight_map does not exist")
         shards[fname] = shard
+    return shards
+
+
+def _open_sharded(folder: Path, label: str) -> Checkpoint:
+    wm = _read_index(folder)
+    idx = folder / INDEX_NAME
+    shards = _shard_paths(folder, idx, wm)
     tensors: dict[str, TensorInfo] = {}
     problems: list[str] = []
     for fname, shard in shards.items():
@@ -164,19 +203,66 @@ def _open_sharded(folder: Path, label: str) -> Checkpoint:
     return Checkpoint(label, folder, folder, tuple(shards.values()), {t.name: t for t in ordered})
 
 
-def open_checkpoint(path: str | os.PathLike[str], *, label: str | None = None) -> Checkpoint:
+def _open_pickle(p: Path, label: str, folder: Path) -> Checkpoint:
+    state, note = load_pickle_state_dict(p)
+    ck = in_memory_checkpoint(state, label)
+    return dataclasses.replace(ck, path=p, folder=folder, files=(p,),
+                               notes=(note,) if note else ())
+
+
+def _open_pickle_sharded(folder: Path, label: str) -> Checkpoint:
+    idx = folder / PICKLE_INDEX_NAME
+    wm = _read_index(folder, PICKLE_INDEX_NAME)
+    shards = _shard_paths(folder, idx, wm)
+    state: dict[str, torch.Tensor] = {}
+    notes: list[str] = []
+    problems: list[str] = []
+    for fname, shard in shards.items():
+        part, note = load_pickle_state_dict(shard)
+        if note:
+            notes.append(note)
+        for name, t in part.items():
+            if name in state:
+                problems.append(f"tensor {name!r} is stored in two shards")
+            elif wm.get(name) != fname:
+                problems.append(f"tensor {name!r} is in shard {fname} but the index says "
+                                f"{wm.get(name) or 'nothing'}")
+            state[name] = t
+    problems += [f"index maps {n!r} to {f}, but that shard has no such tensor"
+                 for n, f in wm.items() if n not in state]
+    if problems:
+        shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
+        raise CheckpointFormatError(
+            f"{idx}: index and shards disagree:\n" + "\n".join(f"  - {m}" for m in shown)
+        )
+    ck = in_memory_checkpoint(state, label)
+    return dataclasses.replace(ck, path=folder, folder=folder, files=tuple(shards.values()),
+                               notes=tuple(notes))
+
+
+def open_checkpoint(
+    path: str | os.PathLike[str],
+    *,
+    label: str | None = None,
+    allow_pickle: bool = False,
+) -> Checkpoint:
     """Resolve ``path`` into a `Checkpoint`, reading and validating headers only.
 
     Args:
         path: a ``.safetensors`` file, or a model folder (single file or sharded with an index).
         label: how error messages name this model (default: the path as given).
+        allow_pickle: accept PyTorch pickle checkpoints, loaded only through
+            ``torch.load(weights_only=True)`` into memory-mapped in-memory tensors.
 
     Raises:
         CheckpointFormatError: the path does not exist, holds no checkpoint, or is malformed.
-        UnsafeFormatError: the path is a pickle checkpoint.
+        UnsafeFormatError: the path is a pickle checkpoint and ``allow_pickle`` is false, or
+            the pickle holds more than a plain state dict.
     """
     p = Path(path)
     lab = label if label is not None else str(path)
+    if "\x00" in str(path):
+        raise CheckpointFormatError(f"{lab!r}: a path cannot contain a NUL byte")
     if not p.exists():
         hint = ""
         if not str(path).startswith((".", "/")) and str(path).count("/") == 1:
@@ -185,21 +271,42 @@ def open_checkpoint(path: str | os.PathLike[str], *, label: str | None = None) -
         raise CheckpointFormatError(f"{lab}: no such file or folder{hint}")
     if p.is_file():
         if p.suffix in PICKLE_SUFFIXES:
-            raise _refuse_pickle(p)
+            if not allow_pickle:
+                raise _refuse_pickle(p)
+            return _open_pickle(p, lab, p.parent)
         header = read_safetensors_header(p)
         return Checkpoint(lab, p, p.parent, (p,), header.tensors)
+    if not p.is_dir():
+        # a FIFO, a device or a socket: opening it could block forever or read without end
+        raise CheckpointFormatError(f"{lab}: is not a regular file or a folder\n"
+                                    "hint: give a .safetensors file or a model folder")
     if (p / INDEX_NAME).is_file():
         return _open_sharded(p, lab)
     if (p / SINGLE_NAME).is_file():
         header = read_safetensors_header(p / SINGLE_NAME)
         return Checkpoint(lab, p, p, (p / SINGLE_NAME,), header.tensors)
-    candidates = sorted(x for x in p.glob("*.safetensors") if x.is_file())
+    try:
+        candidates = sorted(x for x in p.glob("*.safetensors") if x.is_file())
+        pickles = sorted(x for x in p.iterdir() if x.suffix in PICKLE_SUFFIXES and x.is_file())
+    except OSError as e:
+        raise CheckpointFormatError(f"{lab}: cannot list the folder ({e.strerror})") from None
     if len(candidates) == 1:
         header = read_safetensors_header(candidates[0])
         return Checkpoint(lab, p, p, (candidates[0],), header.tensors)
-    pickles = sorted(x for x in p.iterdir() if x.suffix in PICKLE_SUFFIXES)
-    if not candidates and pickles:
-        raise _refuse_pickle(pickles[0])
+    if not candidates and (pickles or (p / PICKLE_INDEX_NAME).is_file()):
+        if not allow_pickle:
+            raise _refuse_pickle(pickles[0] if pickles else p / PICKLE_INDEX_NAME)
+        if (p / PICKLE_INDEX_NAME).is_file():
+            return _open_pickle_sharded(p, lab)
+        if (p / PICKLE_SINGLE_NAME).is_file():
+            return _open_pickle(p / PICKLE_SINGLE_NAME, lab, p)
+        if len(pickles) == 1:
+            return _open_pickle(pickles[0], lab, p)
+        raise CheckpointFormatError(
+            f"{lab}: folder holds {len(pickles)} pickle files "
+            f"({', '.join(x.name for x in pickles[:5])}) and no index, so it is unclear which "
+            f"is the model\nhint: give the file itself, or add {PICKLE_INDEX_NAME}"
+        )
     found = ", ".join(x.name for x in candidates[:5]) or "none"
     raise CheckpointFormatError(
         f"{lab}: folder holds no checkpoint soupkit can read (safetensors files: {found})\n"

@@ -11,17 +11,33 @@ and `ShardWriter` then writes each tensor (or chunk of a tensor) at its offset w
 complete; on any failure the partial folder is removed. The index (for sharded output) is
 written last, inside the partial folder. The rename protects against interrupted and crashed
 runs; it does not fsync, so it is not a guarantee against power loss.
+
+Interrupts and kills:
+
+- SIGINT and SIGTERM are held back (``pthread_sigmask``) while the partial folder is created,
+  removed or renamed into place, so a signal cannot split those steps; it is delivered right
+  after them.
+- A process killed outright (SIGKILL, OOM killer, power cut) cannot clean up. Each partial
+  folder holds a ``.soupkit-lock`` file that its run keeps ``flock``-ed; the next run to the
+  same destination removes every partial folder of that destination whose lock is free (its
+  run is gone), so debris never accumulates and never looks like a finished model.
+- Resumable runs (``resume_key``) use a deterministic partial folder that survives failures,
+  with a `Journal` of finished shards and their sha256; a re-run verifies and skips them.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import json
 import math
 import os
 import re
 import shutil
+import signal
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -33,16 +49,25 @@ from soupkit.io.header import DTYPES
 from soupkit.io.reader import byte_view
 
 __all__ = [
+    "JOURNAL_NAME",
+    "Journal",
+    "LOCK_NAME",
     "OutputFolder",
     "OutputTensor",
     "ShardLayout",
     "ShardWriter",
     "layout_shards",
     "parse_size",
+    "remove_stale",
+    "sha256_file",
+    "signals_deferred",
     "write_index",
 ]
 
 INDEX_NAME = "model.safetensors.index.json"
+LOCK_NAME = ".soupkit-lock"
+JOURNAL_NAME = ".soupkit-journal.jsonl"
+_HASH_BLOCK = 8 << 20
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -148,19 +173,70 @@ def write_index(folder: Path, shards: Sequence[ShardLayout]) -> None:
     (folder / INDEX_NAME).write_text(json.dumps(body, indent=2) + "\n", encoding="utf-8")
 
 
+def sha256_file(path: Path) -> str:
+    """The sha256 hex digest of a file, read in blocks (bounded memory)."""
+    h = hashlib.sha256()
+    buf = bytearray(_HASH_BLOCK)
+    mv = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(mv):
+            h.update(mv[:n])
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM back for the duration (delivered when the block ends).
+
+    Used around steps that must not be split by an interrupt: creating, removing or renaming
+    the partial folder. A no-op where signal masks are not available.
+    """
+    sigs = {signal.SIGINT, signal.SIGTERM}
+    try:
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
+    except (AttributeError, OSError, ValueError):
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 class ShardWriter:
-    """Writes one shard: the header first, then tensor bytes at their precomputed offsets."""
+    """Writes one shard: the header first, then tensor bytes at their precomputed offsets.
+
+    The sha256 of the shard is computed on the fly while writes arrive in file order (the
+    engine's order); if they do not, it is computed from the file when the shard is finished.
+    """
 
     def __init__(self, folder: Path, layout: ShardLayout) -> None:
         self.layout = layout
         self.path = folder / layout.filename
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        except OSError as e:
+            raise MergeIOError(f"{self.path}: cannot create ({e.strerror})") from None
         self._written = 0
         self._expected = layout.size - len(layout.header)
+        self._hash: hashlib._Hash | None = hashlib.sha256()
+        self._hash_pos = 0
+        self.sha256: str | None = None
         self._pwrite(layout.header, 0)
+
+    @property
+    def complete(self) -> bool:
+        """Every byte the layout promised has been written."""
+        return self._written == self._expected
 
     def _pwrite(self, data: memoryview | bytes, offset: int) -> None:
         mv = memoryview(data)
+        if self._hash is not None:
+            if offset == self._hash_pos:
+                self._hash.update(mv)
+                self._hash_pos += len(mv)
+            else:
+                self._hash = None  # out of order: hash the file when it is finished
         done = 0
         while done < len(mv):
             try:
@@ -179,10 +255,15 @@ class ShardWriter:
         self._pwrite(byte_view(data), off)
         self._written += data.numel() * data.element_size()
 
-    def close(self) -> None:
-        """Flush and close; raises if fewer bytes were written than the layout promised."""
+    def close(self) -> str:
+        """Close the shard and return its sha256.
+
+        Raises:
+            MergeIOError: fewer bytes were written than the layout promised, or closing failed.
+        """
         if self._fd < 0:
-            return
+            assert self.sha256 is not None
+            return self.sha256
         fd, self._fd = self._fd, -1
         try:
             os.close(fd)
@@ -192,11 +273,138 @@ class ShardWriter:
             raise MergeIOError(
                 f"{self.path}: wrote {self._written} data bytes, the layout needs {self._expected}"
             )
+        if self._hash is not None and self._hash_pos == self.layout.size:
+            self.sha256 = self._hash.hexdigest()
+        else:
+            self.sha256 = sha256_file(self.path)
+        return self.sha256
 
     def abort(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+class Journal:
+    """The record of finished shards in a resumable partial folder.
+
+    One JSON object per line: first ``{"fingerprint": ...}`` (what run the folder belongs
+    to), then ``{"file", "bytes", "sha256"}`` per finished shard, appended as each finishes.
+    """
+
+    def __init__(self, folder: Path, fingerprint: str) -> None:
+        self.path = folder / JOURNAL_NAME
+        self.fingerprint = fingerprint
+
+    def verified(self, layouts: Sequence[ShardLayout]) -> dict[str, str]:
+        """Shards recorded as finished whose file still has the recorded size and sha256.
+
+        Returns:
+            filename -> sha256 of every shard that can be skipped. A journal of another run
+            (different fingerprint), a torn last line or a changed file count as not finished.
+        """
+        sizes = {s.filename: s.size for s in layouts}
+        try:
+            lines = self.path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError):
+            return {}
+        out: dict[str, str] = {}
+        for i, line in enumerate(lines):
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                break  # torn write at a kill: everything after it is unknown
+            if not isinstance(rec, dict):
+                break
+            if i == 0:
+                if rec.get("fingerprint") != self.fingerprint:
+                    return {}
+                continue
+            name, size, sha = rec.get("file"), rec.get("bytes"), rec.get("sha256")
+            if not isinstance(name, str) or sizes.get(name) != size or not isinstance(sha, str):
+                continue
+            f = self.path.parent / name
+            try:
+                if f.stat().st_size == size and sha256_file(f) == sha:
+                    out[name] = sha
+            except OSError:
+                continue
+        return out
+
+    def start(self, keep: dict[str, str], layouts: Sequence[ShardLayout]) -> None:
+        """Rewrite the journal with the fingerprint and the verified shards ``keep``."""
+        sizes = {s.filename: s.size for s in layouts}
+        lines = [json.dumps({"fingerprint": self.fingerprint})]
+        lines += [json.dumps({"file": n, "bytes": sizes[n], "sha256": h}) for n, h in keep.items()]
+        self._write("\n".join(lines) + "\n", "w")
+
+    def record(self, layout: ShardLayout, sha256: str) -> None:
+        """Append a finished shard."""
+        self._write(json.dumps({"file": layout.filename, "bytes": layout.size, "sha256": sha256}) + "\n", "a")
+
+    def _write(self, text: str, mode: str) -> None:
+        try:
+            with open(self.path, mode, encoding="utf-8") as f:
+                f.write(text)
+        except OSError as e:
+            raise MergeIOError(f"{self.path}: cannot write the resume journal ({e.strerror})") from None
+
+
+def _lock(folder: Path, dest: Path) -> int:
+    """Create and flock ``folder/.soupkit-lock`` (content: the destination it belongs to)."""
+    fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(dest).encode("utf-8", "surrogateescape"), 0)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _owner_gone(folder: Path, dest: Path) -> bool:
+    """True when ``folder`` belongs to ``dest`` and no live run holds its lock."""
+    try:
+        fd = os.open(folder / LOCK_NAME, os.O_RDWR)
+    except OSError:
+        return False  # no lock file: not ours to judge (or just being created)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return False  # a live run holds it
+        owner = os.pread(fd, 1 << 16, 0).decode("utf-8", "surrogateescape")
+        return owner == str(dest)
+    finally:
+        os.close(fd)
+
+
+def remove_stale(dest: Path, keep: Path | None = None) -> list[Path]:
+    """Remove partial and trash folders of ``dest`` left by runs that were killed.
+
+    Only folders whose lock file names ``dest`` and is not held by a live process are removed.
+
+    Returns:
+        The folders removed.
+    """
+    parent = dest.parent
+    removed: list[Path] = []
+    if not parent.is_dir():
+        return removed
+    absdest = dest.absolute()
+    for prefix in (f".soupkit-partial-{dest.name}-", f".soupkit-old-{dest.name}-"):
+        try:
+            entries = [e for e in parent.iterdir() if e.name.startswith(prefix)]
+        except OSError:
+            return removed
+        for d in entries:
+            if keep is not None and d == keep:
+                continue
+            if d.is_dir() and not d.is_symlink() and _owner_gone(d, absdest):
+                shutil.rmtree(d, ignore_errors=True)
+                removed.append(d)
+    return removed
 
 
 class OutputFolder:
@@ -208,14 +416,25 @@ class OutputFolder:
             ...write files into tmp...
         # dest now exists with everything; on an exception nothing is left behind.
 
+    Args:
+        dest: the destination folder.
+        force: replace ``dest`` if it exists and is not empty.
+        resume_key: make the partial folder resumable: its name is derived from this key
+            (so a re-run finds it), and it is kept (not removed) when the run fails.
+
     Raises:
         OutputExistsError: ``dest`` exists and is not an empty folder, and ``force`` is false.
     """
 
-    def __init__(self, dest: str | os.PathLike[str], *, force: bool = False) -> None:
+    def __init__(self, dest: str | os.PathLike[str], *, force: bool = False,
+                 resume_key: str | None = None) -> None:
         self.dest = Path(dest)
         self.force = force
+        self.resume_key = resume_key
         self.tmp: Path | None = None
+        self.resumed = False
+        self.kept: Path | None = None
+        self._lock_fd = -1
         if self.dest.exists():
             if not self.dest.is_dir():
                 raise OutputExistsError(f"{self.dest}: exists and is not a folder\nhint: choose another output path")
@@ -225,34 +444,84 @@ class OutputFolder:
                     "hint: pass --force (force=True) to replace it, or choose another folder"
                 )
 
+    @property
+    def partial_path(self) -> Path | None:
+        """Where a resumable run keeps its partial folder (None when not resumable)."""
+        if self.resume_key is None:
+            return None
+        return self.dest.parent / f".soupkit-partial-{self.dest.name}-r{self.resume_key}"
+
     def __enter__(self) -> Path:
         parent = self.dest.parent
-        try:
-            parent.mkdir(parents=True, exist_ok=True)
-            self.tmp = Path(tempfile.mkdtemp(prefix=f".soupkit-partial-{self.dest.name}-", dir=parent))
-            # mkdtemp makes 0700; the finished folder should have the usual permissions.
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(self.tmp, 0o777 & ~umask)
-        except OSError as e:
-            raise MergeIOError(f"{parent}: cannot create the output ({e.strerror})") from None
+        with signals_deferred():
+            try:
+                parent.mkdir(parents=True, exist_ok=True)
+                remove_stale(self.dest, keep=self.partial_path)
+                if self.partial_path is not None:
+                    self.tmp = self.partial_path
+                    try:
+                        os.mkdir(self.tmp, 0o700)
+                    except FileExistsError:
+                        if not self.tmp.is_dir() or self.tmp.is_symlink():
+                            raise MergeIOError(f"{self.tmp}: exists and is not a folder\n"
+                                               "hint: remove it and run again") from None
+                        self.resumed = True
+                else:
+                    self.tmp = Path(tempfile.mkdtemp(prefix=f".soupkit-partial-{self.dest.name}-", dir=parent))
+                try:
+                    self._lock_fd = _lock(self.tmp, self.dest.absolute())
+                except BlockingIOError:
+                    raise MergeIOError(
+                        f"{self.tmp}: another soupkit run is writing this output right now\n"
+                        "hint: wait for it to finish, or choose another output folder"
+                    ) from None
+                # mkdtemp makes 0700; the finished folder should have the usual permissions.
+                umask = os.umask(0)
+                os.umask(umask)
+                os.chmod(self.tmp, 0o777 & ~umask)
+            except OSError as e:
+                if self.tmp is not None and not self.resumed and self._lock_fd < 0:
+                    shutil.rmtree(self.tmp, ignore_errors=True)
+                raise MergeIOError(f"{parent}: cannot create the output ({e.strerror})") from None
         return self.tmp
+
+    def _unlock(self) -> None:
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
 
     def __exit__(
         self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
     ) -> None:
         assert self.tmp is not None
-        if et is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return
-        try:
-            if self.dest.exists():
-                trash = Path(tempfile.mkdtemp(prefix=f".soupkit-old-{self.dest.name}-", dir=self.dest.parent))
-                os.rename(self.dest, trash / "old")
-                os.rename(self.tmp, self.dest)
-                shutil.rmtree(trash, ignore_errors=True)
-            else:
-                os.rename(self.tmp, self.dest)
-        except OSError as e:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            raise MergeIOError(f"{self.dest}: could not move the finished output into place ({e.strerror})") from None
+        with signals_deferred():
+            if et is not None:
+                if self.resume_key is not None:
+                    self.kept = self.tmp  # the journal lets a re-run with resume continue
+                else:
+                    shutil.rmtree(self.tmp, ignore_errors=True)
+                self._unlock()
+                return
+            try:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.tmp / JOURNAL_NAME)
+                if self.dest.exists():
+                    trash = Path(tempfile.mkdtemp(prefix=f".soupkit-old-{self.dest.name}-", dir=self.dest.parent))
+                    trash_fd = _lock(trash, self.dest.absolute())
+                    try:
+                        os.rename(self.dest, trash / "old")
+                        os.rename(self.tmp, self.dest)
+                        shutil.rmtree(trash, ignore_errors=True)
+                    finally:
+                        os.close(trash_fd)
+                else:
+                    os.rename(self.tmp, self.dest)
+                # The lock file travels with the rename so that a kill before this point leaves a
+                # partial folder that the next run can recognise and remove.
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.dest / LOCK_NAME)
+            except OSError as e:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+                raise MergeIOError(f"{self.dest}: could not move the finished output into place ({e.strerror})") from None
+            finally:
+                self._unlock()

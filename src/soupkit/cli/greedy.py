@@ -1,0 +1,86 @@
+"""``soupkit greedy --evaluator MOD:FN --out OUT_DIR CKPT [CKPT ...]``: greedy soup."""
+
+from __future__ import annotations
+
+import argparse
+
+from soupkit._format import human_seconds
+from soupkit.cli._common import command, progress_flag
+from soupkit.cli._search_common import (
+    add_bn_flags,
+    add_cache_flags,
+    add_evaluator_flags,
+    build_evaluator,
+    cli_record,
+    load_bn,
+    open_cli_cache,
+)
+from soupkit.report_plot import short_labels
+from soupkit.search.greedy import GreedySoupResult, greedy_soup
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = command(sub, "greedy", "greedy soup: add ingredients best-first while the held-out score does not drop", """
+        soupkit greedy --evaluator my_eval.py:accuracy --out ./soup runs/*/checkpoint-best
+        soupkit greedy --hf-classification val.csv --test-data test.csv --out ./soup ft-*/
+        soupkit greedy --hf-classification val.csv --text-column sentence --label-column label \\
+            --model-dir ./ft-01 --batch-size 64 --device cuda --out ./soup ft-*/
+        soupkit greedy --evaluator my_eval:score --strict --no-cache --out ./soup a b c
+    """)
+    p.add_argument("checkpoints", nargs="+", metavar="CKPT", help="fine-tuned checkpoints (files or folders) of one architecture")
+    p.add_argument("--out", required=True, metavar="OUT_DIR", help="output folder for the soup, its report and plot")
+    p.add_argument("--strict", action="store_true",
+                   help="accept an ingredient only if the score improves (>, the reference code); default >= (the paper)")
+    p.add_argument("--no-early-stop", action="store_true",
+                   help="evaluate every candidate on every example (default: stop once it cannot reach the soup)")
+    add_evaluator_flags(p, second="test", second_help="held-out test set: the soup and the best single "
+                        "ingredient are also scored on it")
+    add_cache_flags(p)
+    add_bn_flags(p)
+    p.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists and is not empty")
+    p.add_argument("--max-shard-size", default="5GB", metavar="SIZE", help="largest output shard (default 5GB)")
+    p.add_argument("--no-plot", action="store_true", help="do not write greedy-soup.png")
+    p.add_argument("--no-progress", action="store_true", help="do not show progress bars")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    ev, ident, test_ev, test_ident = build_evaluator(args, args.checkpoints, second="test")
+    r = greedy_soup(
+        args.checkpoints, ev, args.out, strict=args.strict, early_stop=not args.no_early_stop,
+        test_evaluator=test_ev, cache=open_cli_cache(args), evaluator_id=ident, test_evaluator_id=test_ident,
+        force=args.force, progress=progress_flag(args), plot=not args.no_plot,
+        max_shard_size=args.max_shard_size, report_extra=cli_record(args),
+        recalibrate=load_bn(args),
+    )
+    print(summary(r))
+    return 0
+
+
+def summary(r: GreedySoupResult) -> str:
+    """The table printed after a greedy soup."""
+    names = dict(zip([s.label for s in r.ingredient_scores], short_labels([s.label for s in r.ingredient_scores])))
+    width = max(len(n) for n in names.values())
+    steps = {s.label: s for s in r.steps}
+    lines = [f"{'rank':>4}  {'ingredient':<{width}}  {'alone':>9}  {'soup with it':>12}  decision"]
+    for s in sorted(r.ingredient_scores, key=lambda s: s.rank):
+        st = steps.get(s.label)
+        if st is None:
+            cand, decision = "", "start (best alone)"
+        else:
+            cand = f"{st.candidate_score:.6g}" if st.complete else f"<={st.candidate_score:.4g}"
+            decision = "accepted" if st.accepted else ("rejected early" if not st.complete else "rejected")
+        lines.append(f"{s.rank:>4}  {names[s.label]:<{width}}  {s.score:>9.6g}  {cand:>12}  {decision}")
+    rule = ">" if r.strict else ">="
+    lines.append("")
+    lines.append(f"greedy soup ({rule}): {len(r.ingredients)} of {len(r.ingredient_scores)} ingredients, "
+                 f"score {r.score:.6g} (best single {r.best_single.score:.6g})")
+    lines.append(f"evaluations: {r.evaluations} run, {r.cache_hits} from the cache; examples evaluated "
+                 f"{r.examples_evaluated:,}, saved by early rejection {r.examples_saved:,}")
+    if r.held_out is not None:
+        lines.append(f"held-out test: soup {r.held_out.soup_score:.6g}, best single "
+                     f"{r.held_out.best_single_score:.6g} ({names.get(r.held_out.best_single, r.held_out.best_single)})")
+    lines.append(f"wrote {r.out} (soupkit-report.json has the history"
+                 + (f", plot {r.plot.name}" if r.plot else "") + f") in {human_seconds(r.seconds)}")
+    lines += [f"note: {n}" for n in r.notes]
+    return "\n".join(lines)

@@ -30,7 +30,9 @@ from soupkit.errors import (
     UsageError,
 )
 from soupkit.io.checkpoint import open_checkpoint
+from soupkit.multi import merge_many, wise_ft
 from soupkit.plan import MergePlan
+from soupkit.task_vectors import TaskVector
 
 __all__ = [
     "CheckpointFormatError",
@@ -44,6 +46,7 @@ __all__ = [
     "OutputExistsError",
     "PlanError",
     "SoupError",
+    "TaskVector",
     "UnknownMethodError",
     "UnknownParameterError",
     "UnsafeFormatError",
@@ -52,9 +55,11 @@ __all__ = [
     "find_checkpoints",
     "load_recipe",
     "merge",
+    "merge_many",
     "merge_state_dicts",
     "open_checkpoint",
     "plan",
     "soup_checkpoints",
     "uniform_soup",
+    "wise_ft",
 ]

@@ -28,9 +28,11 @@ from typing import Protocol
 import torch
 
 from soupkit.errors import NonFiniteError
+from soupkit.global_trim import compute_cuts
 from soupkit.io.header import DTYPES, TensorInfo
 from soupkit.io.reader import TensorReader
 from soupkit.io.writer import Journal, ShardWriter, write_index
+from soupkit.methods import MagnitudeCut
 from soupkit.plan import MergePlan, TensorJob
 
 __all__ = [
@@ -249,14 +251,15 @@ class _Loader:
 
 
 def _merge_range(plan: MergePlan, job: TensorJob, load: _Loader, a: int, b: int, shaped: bool,
-                 rng: torch.Generator | None) -> torch.Tensor:
+                 rng: torch.Generator | None, trim: tuple[MagnitudeCut | None, ...] | None = None,
+                 ) -> torch.Tensor:
     xs = [load.f32(t, a, b) for t in job.inputs]
     base = load.f32(job.base, a, b) if job.base is not None else None
     if shaped:
         xs = [x.view(job.shape) for x in xs]
         base = base.view(job.shape) if base is not None else None
     assert job.params is not None
-    out = plan.method.call(xs, job.params, base=base, rng=rng)
+    out = plan.method.call(xs, job.params, base=base, rng=rng, trim=trim)
     if tuple(out.shape) != (tuple(job.shape) if shaped else (b - a,)):
         raise RuntimeError(f"method {plan.method.name!r} returned shape {list(out.shape)} for "
                            f"tensor {job.name!r}, expected {list(job.shape) if shaped else [b - a]}")
@@ -296,6 +299,8 @@ def run_plan(
     skipped = 0
     with TensorReader() as reader, torch.inference_mode():
         load = _Loader(reader, cast)
+        # trim_scope: global (TIES): a streaming pre-pass finds each model's exact global cut
+        cuts = compute_cuts(plan, reader) if spec.global_trim is not None else {}
 
         def emit(job: TensorJob, out: torch.Tensor, a: int, b: int) -> None:
             # `out` is the method's float32 result for elements [a, b): check, cast, check, write.
@@ -343,7 +348,7 @@ def run_plan(
                         progress(n)
             else:
                 rng = torch.Generator().manual_seed(tensor_seed(plan.config.seed, job.name)) if spec.stochastic else None
-                out = _merge_range(plan, job, load, 0, job.numel, True, rng)
+                out = _merge_range(plan, job, load, 0, job.numel, True, rng, cuts.get(job.name))
                 emit(job, out.reshape(-1), 0, job.numel)
                 n = sum(t.nbytes for t in job.inputs) + (job.base.nbytes if job.base else 0)
                 read += n

@@ -6,13 +6,21 @@ recipe's global ``parameters``, then the method's default. At each level the val
 - a scalar: used as is;
 - a list of numbers, a *gradient*: interpolated piecewise-linearly over the position ``t`` of
   the tensor in the network, ``t = layer / (n_layers - 1)`` for tensors of a numbered layer
-  (``...layers.7...``), ``t = 0`` for embeddings (names with ``embed``, ``wte``, ``wpe``,
-  ``tok_``) and ``t = 1`` for the other tensors outside layers (final norm, head), as mergekit
-  places its "pre" and "post" weights;
+  (``...layers.7...``; ``t = 1`` when the model has a single layer), ``t = 0`` for embeddings
+  (names with ``embed``, ``wte``, ``wpe``, ``tok_``, but not GPT-NeoX's ``embed_out`` head) and
+  ``t = 1`` for the other tensors outside layers (final norm, head), as mergekit places its
+  "pre" and "post" weights;
 - a list of conditions ``{filter: SUBSTRING, value: ...}`` / ``{match: GLOB, value: ...}``: the
   first entry matching the tensor name wins (an entry with neither key, or ``filter: "*"``,
   matches everything); if none matches, resolution falls through to the next level, as in
   mergekit.
+
+This is mergekit's ``evaluate_setting`` (mergekit/config.py) and the ``t`` its planner passes
+(``plan_slice``: ``idx / (num_layers - 1)``, or 1 for one layer; ``t = 0`` for "pre" weights,
+``t = 1`` for "post" weights), with two differences: the layer position comes from the tensor
+name (soupkit has no per-architecture tables; the number of layers is the largest layer index
++ 1), and ``match`` (a glob over the whole name) is soupkit's addition. mergekit also accepts a
+list of strings as a step-wise "gradient"; soupkit's recipes only allow numeric lists.
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ from dataclasses import dataclass
 
 from soupkit.config import Conditional, ParamValue
 
-__all__ = ["LayerIndex", "condition_matches", "resolve_value"]
+__all__ = ["LayerIndex", "condition_matches", "first_match", "resolve_chain", "resolve_value"]
 
 _LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
 _PRE = ("embed", "wte", "wpe", "tok_", "word_embeddings", "position_embeddings", "token_type")
@@ -44,10 +52,14 @@ class LayerIndex:
         return cls(max(idx) + 1 if idx else 0)
 
     def t(self, name: str) -> float:
+        """Position of tensor ``name`` in the network, in [0, 1] (see the module docstring)."""
         m = _LAYER.search(name)
         if m:
-            return int(m.group(1)) / (self.n_layers - 1) if self.n_layers > 1 else 0.0
+            # mergekit's plan_slice: idx / (num_layers - 1), and t = 1 for a single layer
+            return int(m.group(1)) / (self.n_layers - 1) if self.n_layers > 1 else 1.0
         low = name.lower()
+        if "embed_out" in low:  # GPT-NeoX's output head: a "post" weight
+            return 1.0
         return 0.0 if any(k in low for k in _PRE) else 1.0
 
 
@@ -58,6 +70,16 @@ def condition_matches(cond: Conditional, name: str) -> bool:
     if cond.filter is not None and cond.filter != "*" and cond.filter not in name:
         return False
     return True
+
+
+def first_match(value: ParamValue, name: str) -> int | None:
+    """Index of the conditional entry of ``value`` that decides tensor ``name`` (None: none)."""
+    if not isinstance(value, list):
+        return None
+    for i, cond in enumerate(value):
+        if isinstance(cond, Conditional) and condition_matches(cond, name):
+            return i
+    return None
 
 
 def _gradient(values: list[int] | list[float], t: float) -> float:

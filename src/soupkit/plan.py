@@ -23,11 +23,12 @@ from pydantic import ValidationError
 from soupkit import methods
 from soupkit.config import Conditional, MergeConfig, ParamValue
 from soupkit.errors import CheckpointFormatError, ConfigError, PlanError, SoupError, UnknownMethodError
+from soupkit.global_trim import check_global_trim
 from soupkit.io.checkpoint import CARRY_FILES, Checkpoint, open_checkpoint
 from soupkit.io.header import DTYPES, TensorInfo
 from soupkit.io.writer import OutputTensor, ShardLayout, layout_shards, parse_size
 from soupkit.methods import MethodSpec, Params
-from soupkit.params import LayerIndex, condition_matches, resolve_chain
+from soupkit.params import LayerIndex, condition_matches, first_match, resolve_chain
 
 __all__ = ["DEFAULT_CHUNK_ELEMS", "MergePlan", "TensorJob", "make_plan", "plan_recipe"]
 
@@ -156,19 +157,13 @@ def _short_params(p: Params | None) -> str:
     if p is None:
         return ""
     parts = []
-    for k, v in p.model_dump().items():
+    for k, v in p.model_dump(by_alias=True).items():
         if isinstance(v, (list, tuple)):
             v = "[" + ", ".join(f"{x:g}" if isinstance(x, float) else str(x) for x in v) + "]"
         elif isinstance(v, float):
             v = f"{v:g}"
         parts.append(f"{k}={v}")
     return " ".join(parts)
-
-
-def _iter_conditions(value: ParamValue) -> list[Conditional]:
-    if isinstance(value, list):
-        return [v for v in value if isinstance(v, Conditional)]
-    return []
 
 
 def _check_param_names(cfg: MergeConfig, spec: MethodSpec) -> list[str]:
@@ -284,12 +279,14 @@ def make_plan(
 
     notes: list[str] = [n for c in (*models, *([base] if base is not None else [])) for n in c.notes]
     entries = list(zip(cfg.models, models))
-    if spec.kind == "task_vector" and base is not None:
-        # As mergekit does: the base listed among the models contributes a zero delta; drop it.
+    if spec.needs_base and base is not None:
+        # As mergekit does: the base listed among the models is the base, not one more model
+        # (a zero task vector; slerp's and wise_ft's t = 0 end; model_stock's anchor); drop it.
         kept = [(e, m) for e, m in entries if not _same_file(m, base)]
         if len(kept) != len(entries):
             notes.append("the base model is also listed under models; its task vector is zero, "
-                         "so it was left out of the merge")
+                         "so it was left out of the merge" if spec.kind == "task_vector" else
+                         "the base model is also listed under models; it is used as the base only")
         entries = kept
     n = len(entries)
     problems: list[str] = []
@@ -342,28 +339,37 @@ def make_plan(
     # 2. resolve parameters per tensor, validate them, count filter matches
     layers = LayerIndex.from_names(ref.tensors)
     levels_global: Mapping[str, ParamValue] = cfg.parameters
-    filter_keys: dict[str, Conditional] = {}
+    # A filter entry counts for the merged tensors it *decides*: the first matching entry of
+    # its list. An entry that only ever matches after an earlier entry is never used: an error.
+    filter_keys: dict[str, tuple[ParamValue, int, Conditional]] = {}
     for where, params in [("parameters", cfg.parameters)] + [
         (f"models[{i}].parameters", e.parameters) for i, (e, _) in enumerate(entries)
     ]:
         for key, value in params.items():
-            for c in _iter_conditions(value):
-                if c.filter is not None or c.match is not None:
-                    label = f"{where}.{key} " + (f"filter={c.filter!r}" if c.filter is not None else "") + \
-                            (f" match={c.match!r}" if c.match is not None else "")
-                    filter_keys[label.strip()] = c
+            for idx, c in enumerate(value if isinstance(value, list) else []):
+                if isinstance(c, Conditional) and (c.filter is not None or c.match is not None):
+                    label = " ".join([f"{where}.{key}"]
+                                     + ([f"filter={c.filter!r}"] if c.filter is not None else [])
+                                     + ([f"match={c.match!r}"] if c.match is not None else []))
+                    if label in filter_keys:
+                        label += f" (entry {idx + 1})"
+                    filter_keys[label] = (value, idx, c)
     filter_counts = {k: 0 for k in filter_keys}
+    shadowed = {k: 0 for k in filter_keys}
     param_cache: dict[tuple[Any, ...], Params] = {}
     bad_params: dict[str, tuple[str, int]] = {}
     jobs: list[TensorJob] = []
     out_code = _DTYPE_CODE[cfg.out_dtype] if cfg.out_dtype else (_DTYPE_CODE[cfg.dtype] if cfg.dtype else None)
     for name, r in ref.tensors.items():
-        for k, c in filter_keys.items():
-            if condition_matches(c, name):
-                filter_counts[k] += 1
         if not r.is_float:
             jobs.append(TensorJob(name, r.shape, r.dtype, source=r))
             continue
+        for k, (value, idx, c) in filter_keys.items():
+            if condition_matches(c, name):
+                if first_match(value, name) == idx:
+                    filter_counts[k] += 1
+                else:
+                    shadowed[k] += 1
         t = layers.t(name)
         values: dict[str, Any] = {}
         for key, default in spec.params.per_model.items():
@@ -395,8 +401,15 @@ def make_plan(
             params=p,
         ))
     for k, count in filter_counts.items():
-        if count == 0:
-            problems.append(f"{k} matched no tensor\n    hint: check the spelling against `soupkit inspect`")
+        if count == 0 and shadowed[k]:
+            problems.append(f"{k} matched no tensor it decides: the {shadowed[k]} merged tensor(s) it "
+                            "matches all take an earlier entry of the same list\n"
+                            "    hint: the first matching entry wins; put more specific entries first")
+        elif count == 0:
+            problems.append(f"{k} matched no tensor\n    hint: check the spelling against `soupkit inspect` "
+                            "(only merged, floating-point tensors count)")
+    if not bad_params:
+        problems += check_global_trim(spec, jobs)
     for msg, (first, count) in bad_params.items():
         more = f" and {count - 1} other tensor(s)" if count > 1 else ""
         problems.append(f"{msg} for tensor {first!r}{more}")

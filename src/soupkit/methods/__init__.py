@@ -13,9 +13,9 @@ import re
 from collections.abc import Callable
 
 from soupkit.errors import UnknownMethodError
-from soupkit.methods._spec import Kind, MethodFn, MethodSpec, Params
+from soupkit.methods._spec import GlobalTrimFn, Kind, MagnitudeCut, MethodFn, MethodSpec, Params
 
-__all__ = ["REGISTRY", "MethodSpec", "Params", "all_methods", "get", "method"]
+__all__ = ["REGISTRY", "MagnitudeCut", "MethodSpec", "Params", "all_methods", "get", "method"]
 
 REGISTRY: dict[str, MethodSpec] = {}
 _NAME = re.compile(r"^[a-z][a-z0-9_]*[a-z0-9]$")
@@ -34,6 +34,7 @@ def method(
     min_models: int = 1,
     max_models: int | None = None,
     aliases: tuple[str, ...] = (),
+    global_trim: GlobalTrimFn | None = None,
 ) -> Callable[[MethodFn], MethodFn]:
     """Register a pure tensor function as merge method ``name`` (see `MethodSpec`)."""
 
@@ -48,10 +49,14 @@ def method(
             raise ValueError(f"{params.__name__}: per-model parameters {missing} are not fields")
         if kind == "task_vector" and not needs_base:
             raise ValueError(f"task-vector method {name!r} must declare needs_base=True")
+        if global_trim is not None and (kind != "task_vector" or elementwise):
+            raise ValueError(f"method {name!r}: a global trim needs a task-vector method that "
+                             "sees whole tensors (elementwise=False)")
         spec = MethodSpec(
             name=name, fn=fn, params=params, kind=kind, paper=paper, summary=summary,
             needs_base=needs_base, elementwise=elementwise, stochastic=stochastic,
             min_models=min_models, max_models=max_models, aliases=aliases,
+            global_trim=global_trim,
         )
         for n in (name, *aliases):
             REGISTRY[n] = spec
@@ -86,6 +91,16 @@ def all_methods() -> list[MethodSpec]:
 
 
 # Adding a method = one module here + its name in this tuple.
-_MODULES = ("linear",)
+_MODULES = (
+    "linear",
+    "wise_ft",
+    "task_arithmetic",
+    "ties",
+    "dare",
+    "breadcrumbs",
+    "della",
+    "slerp",
+    "model_stock",
+)
 for _m in _MODULES:
     importlib.import_module(f"soupkit.methods.{_m}")

@@ -10,6 +10,12 @@ Two kinds keep the arithmetic honest:
 Every tensor a method sees is float32 and every method is free of I/O: it never learns a file
 name, a tensor name, a device or a recipe. The engine resolves per-tensor parameter values
 before the call, so ``p`` holds plain numbers.
+
+A method that trims by magnitude over *all* tensors of a model at once (TIES with
+``trim_scope: global``) declares ``global_trim``: a function of its parameters returning the
+per-model densities to trim to (or None). The engine then runs a streaming pre-pass that finds
+each model's exact global magnitude cut (`MagnitudeCut`) and passes the cuts for the tensor as
+``trim=`` to the method; the method itself stays a pure function of its tensors.
 """
 
 from __future__ import annotations
@@ -21,10 +27,27 @@ from typing import Any, ClassVar, Literal
 import torch
 from pydantic import BaseModel, ConfigDict
 
-__all__ = ["MethodFn", "MethodSpec", "Params"]
+__all__ = ["GlobalTrimFn", "MagnitudeCut", "MethodFn", "MethodSpec", "Params"]
 
 MethodFn = Callable[..., torch.Tensor]
 Kind = Literal["tensors", "task_vector"]
+
+
+@dataclass(frozen=True)
+class MagnitudeCut:
+    """Which entries of one model's task vector survive a magnitude trim, in one tensor.
+
+    An entry survives when ``|delta| > threshold``; of the entries with ``|delta| == threshold``
+    the first ``ties`` in flat (row-major) order survive, or all of them when ``ties`` is None.
+    ``threshold = inf`` with ``ties = 0`` keeps nothing. The global pre-pass computes these so
+    that exactly ``int(density * N)`` entries survive over all N entries of the model.
+    """
+
+    threshold: float
+    ties: int | None = None
+
+
+GlobalTrimFn = Callable[["Params"], "tuple[float, ...] | None"]
 
 
 class Params(BaseModel):
@@ -59,6 +82,9 @@ class MethodSpec:
             seeded from (recipe seed, tensor name).
         min_models: fewest input models (not counting the base) the method accepts.
         max_models: most input models, or None for no limit.
+        global_trim: for methods that can trim each model's task vector by magnitude over all
+            tensors at once: returns the per-model densities when the tensor's parameters ask
+            for that (else None); the engine then passes ``trim=`` cuts (see `MagnitudeCut`).
     """
 
     name: str
@@ -73,6 +99,7 @@ class MethodSpec:
     min_models: int = 1
     max_models: int | None = None
     aliases: tuple[str, ...] = field(default=())
+    global_trim: GlobalTrimFn | None = None
 
     @property
     def per_model_names(self) -> tuple[str, ...]:
@@ -80,7 +107,9 @@ class MethodSpec:
 
     @property
     def global_names(self) -> tuple[str, ...]:
-        return tuple(n for n in self.params.model_fields if n not in self.params.per_model)
+        """Recipe names of the global parameters (a field's alias when it has one: ``lambda``)."""
+        return tuple(f.alias or n for n, f in self.params.model_fields.items()
+                     if n not in self.params.per_model)
 
     def call(
         self,
@@ -89,16 +118,19 @@ class MethodSpec:
         *,
         base: torch.Tensor | None = None,
         rng: torch.Generator | None = None,
+        trim: Sequence[MagnitudeCut | None] | None = None,
     ) -> torch.Tensor:
         """Run the method on float32 tensors and return the merged float32 tensor.
 
         For task-vector methods ``tensors`` are the models' tensors: the deltas against
-        ``base`` are formed here, and the merged delta is added back to ``base``.
+        ``base`` are formed here, and the merged delta is added back to ``base``. ``trim``
+        (global magnitude cuts, one per model) is passed on only when given.
         """
+        extra: dict[str, Any] = {} if trim is None else {"trim": trim}
         if self.kind == "task_vector":
             if base is None:
                 raise ValueError(f"method {self.name!r} needs a base tensor")
             deltas = [t - base for t in tensors]
-            merged = self.fn(deltas, p, rng=rng)
+            merged = self.fn(deltas, p, rng=rng, **extra)
             return merged.add_(base)
-        return self.fn(tensors, p, base=base, rng=rng)
+        return self.fn(tensors, p, base=base, rng=rng, **extra)

@@ -1,0 +1,103 @@
+"""The shared building blocks: magnitude cuts and their tie rule, band trims, drops, signs."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from soupkit.methods import MagnitudeCut, _ops
+
+
+def test_topk_keeps_exactly_k_and_breaks_ties_by_lower_index() -> None:
+    a = torch.tensor([1.0, 2.0, 2.0, 2.0, 3.0])
+    cut = _ops.topk_cut(a, 3)
+    assert cut == MagnitudeCut(2.0, 2)  # 3 > 2 kept; two of the three 2s
+    assert _ops.cut_mask(a, cut).tolist() == [False, True, True, False, True]
+    assert _ops.topk_cut(a, 4) == MagnitudeCut(2.0, None)  # every tie survives: no quota needed
+    assert _ops.topk_cut(a, 5) is None
+    assert _ops.topk_cut(a, 0) == MagnitudeCut(math.inf, 0)
+    assert not _ops.cut_mask(a, MagnitudeCut(math.inf, 0)).any()
+
+
+@settings(max_examples=150, deadline=None)
+@given(vals=st.lists(st.sampled_from([0.0, 0.5, -0.5, 1.0, -1.0, 2.0, 3.0]), min_size=1, max_size=40),
+       density=st.floats(0.01, 1.0))
+def test_trim_topk_equals_a_stable_sort_reference(vals: list[float], density: float) -> None:
+    x = torch.tensor(vals)
+    k = int(density * x.numel())
+    order = torch.sort(x.abs(), descending=True, stable=True).indices
+    want = torch.zeros_like(x)
+    want[order[:k]] = x[order[:k]]
+    got = _ops.trim_topk(x, density)
+    assert torch.equal(got, want)
+    assert int((got != 0).sum()) <= k
+
+
+@settings(max_examples=150, deadline=None)
+@given(vals=st.lists(st.sampled_from([0.25, -0.25, 1.0, -1.0, 2.0, 4.0, -4.0]), min_size=1, max_size=40),
+       density=st.floats(0.01, 1.0), gamma=st.floats(0.0, 0.99))
+def test_trim_band_keeps_ranks_top_to_top_plus_keep(vals: list[float], density: float, gamma: float) -> None:
+    x = torch.tensor(vals)
+    n = x.numel()
+    keep = int(density * n)
+    top = min(int(gamma * n), n - keep)
+    order = torch.sort(x.abs(), descending=True, stable=True).indices
+    want = torch.zeros_like(x)
+    sel = order[top: top + keep]
+    want[sel] = x[sel]
+    assert torch.equal(_ops.trim_band(x, density, gamma), want)
+
+
+def test_trim_band_hand_example() -> None:
+    # n = 10, density 0.5 -> keep 5; gamma 0.2 -> drop the 2 largest, then the 3 smallest
+    x = torch.tensor([10.0, -9.0, 8.0, -7.0, 6.0, -5.0, 4.0, -3.0, 2.0, -1.0])
+    assert _ops.trim_band(x, 0.5, 0.2).tolist() == [0, 0, 8, -7, 6, -5, 4, 0, 0, 0]
+    # gamma too large for the density: fewer outliers go, density holds (mergekit's rule)
+    assert _ops.trim_band(x, 0.9, 0.5).tolist() == [0, -9, 8, -7, 6, -5, 4, -3, 2, -1]
+    # int(gamma * n) == 0 still keeps `keep` entries (mergekit's indices[n_bot:-0] keeps none)
+    assert _ops.trim_band(x, 0.3, 0.05).tolist() == [10, -9, 8, 0, 0, 0, 0, 0, 0, 0]
+
+
+def test_dare_drop_keeps_density_fraction_and_rescales_exactly() -> None:
+    x = torch.randn(200_000, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(1)
+    y = _ops.dare_drop(x, 0.3, g, "density")
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.3) < 0.005
+    assert torch.equal(y[kept], x[kept] / 0.3)
+    z = _ops.dare_drop(x, 0.3, torch.Generator().manual_seed(1), "none")
+    assert torch.equal(z[kept], x[kept]) and torch.equal(z != 0, kept)  # same draws, same mask
+    l1 = _ops.dare_drop(x, 0.3, torch.Generator().manual_seed(1), "l1")
+    assert torch.allclose(l1.abs().sum(), x.abs().sum(), rtol=1e-5)
+    assert _ops.dare_drop(x, 1.0, g) is x
+
+
+def test_split_generators_make_each_models_draws_independent_of_the_others() -> None:
+    g1 = _ops.split_generators(torch.Generator().manual_seed(5), 3)
+    g2 = _ops.split_generators(torch.Generator().manual_seed(5), 3)
+    draws1 = [torch.rand(4, generator=g) for g in g1]
+    draws2 = [torch.rand(4, generator=g) for g in g2]
+    assert all(torch.equal(a, b) for a, b in zip(draws1, draws2))
+    assert not torch.equal(draws1[0], draws1[1])
+
+
+def test_della_keep_probabilities_ramp_within_rows() -> None:
+    x = torch.tensor([[0.1, -0.4, 0.3, 0.2, -0.5], [5.0, 1.0, 1.0, 3.0, 2.0]])
+    p = _ops.della_keep_probs(x, 0.5, 0.2)
+    # row 0 ranks by |x|: 0.1 -> 0, 0.2 -> 1, 0.3 -> 2, 0.4 -> 3, 0.5 -> 4
+    assert torch.allclose(p[0], torch.tensor([0.3, 0.6, 0.5, 0.4, 0.7]))
+    # row 1 ties (1.0, 1.0) rank by position: index 1 -> 0, index 2 -> 1
+    assert torch.allclose(p[1], torch.tensor([0.7, 0.3, 0.4, 0.6, 0.5]))
+    assert torch.allclose(p.mean(dim=1), torch.tensor([0.5, 0.5]))
+    assert torch.equal(_ops.della_keep_probs(torch.tensor([3.0]), 0.5, 0.2), torch.tensor([0.5]))
+
+
+def test_elect_sign_tie_rules() -> None:
+    a, b = torch.tensor([0.5, 0.0, 1.0]), torch.tensor([-0.5, 0.0, -0.25])
+    assert _ops.elect_sign([a, b], "unweighted", "zero").tolist() == [0.0, 0.0, 1.0]
+    assert _ops.elect_sign([a, b], "unweighted", "positive").tolist() == [1.0, 1.0, 1.0]
+    # by count: +1 and -1 tie at index 2 although the sum is positive
+    assert _ops.elect_sign([a, b], "count", "zero").tolist() == [0.0, 0.0, 0.0]

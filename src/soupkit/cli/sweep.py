@@ -30,9 +30,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         # task arithmetic: how much of the task vectors to add
         soupkit sweep --method task_arithmetic --base ./base ./ft-a ./ft-b --values 0.2,0.4,0.6,0.8,1 \\
             --evaluator my_eval.py:score --out ./ta
-        # TIES density, with the paper's conventions and lambda fixed
+        # TIES density, with mergekit's conventions and lambda fixed
         soupkit sweep --method ties --base ./base ./ft-a ./ft-b ./ft-c --values 0.1,0.2,0.3,0.5 \\
-            --set convention=paper --set lambda=1.0 --evaluator my_eval.py:score --out ./ties
+            --set convention=mergekit --set lambda=1.0 --evaluator my_eval.py:score --out ./ties
     """)
     p.add_argument("checkpoints", nargs="+", metavar="CKPT",
                    help="models to merge; for alpha: the fine-tuned one (with --base), or zero-shot then fine-tuned")

@@ -371,21 +371,21 @@ def greedy_soup(
                 chosen = [labels[j] for j in accepted] + [labels[i]]
                 subject = soup_key([digests[j] for j in accepted] + [digests[i]])
                 need = soup_score
-                result, cached = score(subject, lambda i=i: candidate(i),
+                res, cached = score(subject, lambda i=i: candidate(i),
                                        "soup of " + " + ".join(chosen),
                                        need=need if early_stop else None, strict=strict)
-                ok = meets(result.score, need, strict=strict)
+                ok = meets(res.score, need, strict=strict)
                 if ok:
                     for name, info in ckpts[i].tensors.items():
                         if name in acc:
                             acc[name] += reader.read(info).reshape(info.shape).to(torch.float32)
                     accepted.append(i)
-                    soup_score = result.score
+                    soup_score = res.score
                 steps.append(GreedyStep(
                     rank=rank, label=labels[i], ingredient_score=scores[i], need=need,
-                    candidate_score=result.score, complete=result.complete, accepted=ok,
+                    candidate_score=res.score, complete=res.complete, accepted=ok,
                     soup_size=len(accepted), soup_score=soup_score,
-                    examples=0 if cached else result.examples, total=result.total, cached=cached,
+                    examples=0 if cached else res.examples, total=res.total, cached=cached,
                 ))
                 bar.update(1)
         finally:

@@ -260,7 +260,7 @@ class StreamingMixture:
         if not torch.isfinite(loss.detach()):
             raise UsageError(f"the loss is {loss.item()} at coefficients {self.coefficients().tolist()}\n"
                              "hint: lower the learning rate or check the data")
-        loss.backward()
+        torch.autograd.backward([loss])
         g_alpha = self.alpha_gradient()
         logits = self.logits.detach().requires_grad_(True)
         alpha = torch.softmax(logits / self.temperature, dim=0)

@@ -32,12 +32,23 @@ from soupkit.errors import (
 from soupkit.io.checkpoint import open_checkpoint
 from soupkit.multi import merge_many, wise_ft
 from soupkit.plan import MergePlan
+from soupkit.search import (
+    GreedySoupResult,
+    LearnedSoupResult,
+    SweepResult,
+    greedy_soup,
+    learned_soup,
+    recalibrate_bn,
+    sweep,
+)
 from soupkit.task_vectors import TaskVector
 
 __all__ = [
     "CheckpointFormatError",
     "ConfigError",
     "EvaluationError",
+    "GreedySoupResult",
+    "LearnedSoupResult",
     "MergeConfig",
     "MergeIOError",
     "MergePlan",
@@ -46,6 +57,7 @@ __all__ = [
     "OutputExistsError",
     "PlanError",
     "SoupError",
+    "SweepResult",
     "TaskVector",
     "UnknownMethodError",
     "UnknownParameterError",
@@ -53,13 +65,17 @@ __all__ = [
     "UsageError",
     "__version__",
     "find_checkpoints",
+    "greedy_soup",
+    "learned_soup",
     "load_recipe",
     "merge",
     "merge_many",
     "merge_state_dicts",
     "open_checkpoint",
     "plan",
+    "recalibrate_bn",
     "soup_checkpoints",
+    "sweep",
     "uniform_soup",
     "wise_ft",
 ]

@@ -107,22 +107,19 @@ def greedy_plot(greedy: Mapping[str, Any]) -> bytes:
     if any(not s["complete"] for s in done):
         ax.plot([], [], "v", mfc="none", color=_RED, ms=9, mew=1.8,
                 label="rejected early (upper bound shown)")
-    held = greedy.get("held_out")
-    if held:
-        ax.text(0.99, 0.02, f"held-out test set: soup {held['soup_score']:.4g}, "
-                f"best single {held['best_single_score']:.4g}",
-                transform=ax.transAxes, ha="right", va="bottom", fontsize=8,
-                bbox={"boxstyle": "round", "fc": "white", "ec": _ORANGE})
     ax.set_xticks(xs)
     ax.set_xticklabels(names, rotation=35 if n > 4 else 0, ha="right" if n > 4 else "center", fontsize=8)
     ax.set_xlabel("ingredients, best first (order tried)")
     ax.set_ylabel(f"score ({greedy.get('evaluator_short', 'evaluator')}, higher is better)")
     rule = ">" if greedy["strict"] else ">="
     final = greedy["final"]
+    held = greedy.get("held_out")
     ax.set_title(f"Greedy soup: {len(final['ingredients'])} of {n} ingredients, score "
                  f"{final['score']:.4g} (best single {ranked[0]['score']:.4g}; accept if {rule})\n"
                  f"{greedy['evaluations']} evaluations, {greedy['cache_hits']} cached, "
-                 f"{greedy['examples']['saved']} examples saved by early rejection", fontsize=10)
+                 f"{greedy['examples']['saved']} examples saved by early rejection"
+                 + (f"\nheld-out test set: soup {held['soup_score']:.4g}, best single {held['best_single_score']:.4g}"
+                    if held else ""), fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     return _png(fig)

@@ -284,3 +284,8 @@ def test_output_folder_has_the_soup_history_and_plot(tmp_path: Path) -> None:
     assert g["evaluations"] == r.evaluations and g["held_out"]["soup_score"] == r.held_out.soup_score  # type: ignore[union-attr]
     png = (tmp_path / "soup" / "greedy-soup.png").read_bytes()
     assert r.plot == tmp_path / "soup" / "greedy-soup.png" and png.startswith(b"\x89PNG") and len(png) > 10_000
+    # The plot can be redrawn from the report alone.
+    from soupkit.report_plot import plot_report
+
+    again = plot_report(tmp_path / "soup", tmp_path / "again.png")
+    assert again.read_bytes().startswith(b"\x89PNG")

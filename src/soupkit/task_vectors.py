@@ -26,7 +26,7 @@ import numbers
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any, TypeGuard, Union
 
 import torch
 
@@ -69,7 +69,7 @@ def _source(model: ModelLike | _Source, allow_pickle: bool = False) -> _Source:
     return _Source(key, str(model), ck, str(model))
 
 
-def _is_scalar(x: object) -> bool:
+def _is_scalar(x: object) -> TypeGuard[numbers.Real]:
     return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
@@ -138,7 +138,7 @@ class TaskVector:
     def __mul__(self, k: object) -> TaskVector:
         if not _is_scalar(k):
             return NotImplemented
-        return TaskVector({key: (s, c * float(k)) for key, (s, c) in self._terms.items()})  # type: ignore[arg-type]
+        return TaskVector({key: (s, c * float(k)) for key, (s, c) in self._terms.items()})
 
     __rmul__ = __mul__
 
@@ -147,7 +147,7 @@ class TaskVector:
             return NotImplemented
         if k == 0:
             raise ZeroDivisionError("task vector divided by zero")
-        return self * (1.0 / float(k))  # type: ignore[arg-type]
+        return self.__mul__(1.0 / float(k))
 
     @property
     def terms(self) -> list[tuple[str, float]]:

@@ -38,7 +38,7 @@ from soupkit.methods import MagnitudeCut, MethodSpec
 if TYPE_CHECKING:  # plan imports this module for `check_global_trim`
     from soupkit.plan import MergePlan, TensorJob
 
-__all__ = ["GlobalTrim", "check_global_trim", "compute_cuts", "global_trim_jobs"]
+__all__ = ["GlobalTrim", "check_global_trim", "compute_cuts", "global_trim_jobs", "global_trim_notes"]
 
 _HI_BINS = 1 << 15  # top 16 bits of a non-negative float32 (the sign bit is 0)
 _LO_BINS = 1 << 16
@@ -83,6 +83,16 @@ def check_global_trim(spec: MethodSpec, jobs: Sequence[TensorJob]) -> list[str]:
                     f"{list(got or ())}\n    hint: use trim_scope: per_tensor for per-tensor "
                     "densities (filters, gradients), or one density per model"]
     return []
+
+
+def global_trim_notes(spec: MethodSpec, jobs: Sequence[TensorJob]) -> list[str]:
+    """What ``soupkit plan`` should say about a global trim (its extra reads)."""
+    chosen = global_trim_jobs(spec, jobs)
+    if not chosen:
+        return []
+    return [f"trim_scope: global: a pre-pass reads the {len(chosen)} trimmed tensors of every model "
+            "two more times (three if many entries tie at a threshold) to find each model's exact "
+            "global magnitude threshold"]
 
 
 def _bits(magnitude: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,7 @@ from pydantic import ValidationError
 from soupkit import methods
 from soupkit.config import Conditional, MergeConfig, ParamValue
 from soupkit.errors import CheckpointFormatError, ConfigError, PlanError, SoupError, UnknownMethodError
-from soupkit.global_trim import check_global_trim
+from soupkit.global_trim import check_global_trim, global_trim_notes
 from soupkit.io.checkpoint import CARRY_FILES, Checkpoint, open_checkpoint
 from soupkit.io.header import DTYPES, TensorInfo
 from soupkit.io.writer import OutputTensor, ShardLayout, layout_shards, parse_size
@@ -410,6 +410,7 @@ def make_plan(
                             "(only merged, floating-point tensors count)")
     if not bad_params:
         problems += check_global_trim(spec, jobs)
+        notes += global_trim_notes(spec, jobs)
     for msg, (first, count) in bad_params.items():
         more = f" and {count - 1} other tensor(s)" if count > 1 else ""
         problems.append(f"{msg} for tensor {first!r}{more}")

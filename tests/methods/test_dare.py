@@ -110,3 +110,35 @@ def test_zero_deltas_give_the_base(vals: list[float], n: int, density: float, se
         out = soupkit.merge_state_dicts([base] * n, method, base={"x": torch.tensor(vals)},
                                         parameters={"density": density}, seed=seed)
         assert torch.equal(out["x"], base["x"])
+
+
+def test_a_mergekit_dare_ties_recipe_runs_unchanged(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from .helpers import write
+
+    base = base_state(dtype=torch.bfloat16)
+    fts = finetunes(base, 2)
+    b = write(tmp_path / "base", base)
+    m = [write(tmp_path / f"ft{i}", s) for i, s in enumerate(fts)]
+    recipe = f"""
+models:
+  - model: {b}
+    # no parameters necessary for base model
+  - model: {m[0]}
+    parameters:
+      density: 0.53
+      weight: 0.4
+  - model: {m[1]}
+    parameters:
+      density: 0.53
+      weight: 0.3
+merge_method: dare_ties
+base_model: {b}
+parameters:
+  int8_mask: true
+  normalize: true
+dtype: bfloat16
+"""
+    r = soupkit.merge(recipe, tmp_path / "out", progress=False, hash_inputs=False)
+    assert len(r.plan.models) == 2 and any("base model is also listed" in n for n in r.plan.notes)
+    p = next(j.params for j in r.plan.jobs if j.params is not None)
+    assert p.aggregation == "weighted_mean" and p.int8_mask

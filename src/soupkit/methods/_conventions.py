@@ -7,7 +7,7 @@ method at once to reproduce that anchor. A switch given explicitly wins over the
 
 mergekit's own keys are accepted with mergekit's meaning: ``lambda`` (the scale of the merged
 task vector) and ``normalize`` (divide by the summed weights); ``rescale: true/false`` maps
-to ``density``/``none``.
+to ``density``/``none``; ``int8_mask`` (a memory option) has no effect on the result.
 """
 
 from __future__ import annotations
@@ -40,6 +40,9 @@ class TaskVectorParams(Params):
     Attributes:
         weight: per model, the weight w_i of its task vector (default 1.0).
         lambda_: recipe key ``lambda``: scale of the merged task vector (default 1.0).
+        int8_mask: mergekit's memory option (store its sign masks as int8). Accepted so that
+            mergekit recipes run unchanged; it cannot change a result, and soupkit's masks are
+            boolean anyway.
     """
 
     model_config = ConfigDict(populate_by_name=True)
@@ -47,6 +50,7 @@ class TaskVectorParams(Params):
 
     weight: tuple[Weight, ...]
     lambda_: float = Field(1.0, alias="lambda")
+    int8_mask: bool = False
 
 
 class PresetParams(TaskVectorParams):

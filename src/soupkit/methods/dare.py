@@ -14,7 +14,9 @@ Randomness: an entry survives when its draw ``u ~ U[0, 1)`` from ``torch.rand`` 
 ``density``. Draws come only from the generator the engine passes, which it seeds from
 (recipe seed, tensor name, block of 2^20 elements); each model gets its own generator split off
 it. Each entry's decision is independent of the others, so the methods are elementwise: the
-output bytes do not depend on chunk size, thread count or tensor order.
+output bytes do not depend on chunk size, thread count or tensor order. A model's mask depends
+on its position in the recipe (its generator is the i-th split), not on the other models'
+densities; listing the models in another order gives another, equally distributed, draw.
 
 Convention switches (defaults = the paper; ``convention: mergekit`` / ``peft`` sets them all):
 

@@ -55,8 +55,8 @@ def test_unknown_keys_parameters_and_methods_suggest_fixes(models: list[Path]) -
     r["models"][0]["parameters"] = {"normalize": False}  # type: ignore[index]
     with pytest.raises(ConfigError, match="'normalize' is a global parameter"):
         soupkit.plan(r)
-    with pytest.raises(ConfigError, match="mergekit key 'slices'.*not supported"):
-        soupkit.plan({**recipe(models), "slices": []})
+    with pytest.raises(ConfigError, match="mergekit key 'modules'.*not supported"):
+        soupkit.plan({**recipe(models), "modules": {}})
 
 
 def test_several_config_errors_at_once(tmp_path: Path) -> None:

@@ -17,12 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from soupkit._version import __version__
 from soupkit.config import MergeConfig, ModelEntry, load_recipe
 from soupkit.errors import CheckpointFormatError, ConfigError, MergeIOError, UsageError
 from soupkit.execute import FileSink, MemorySink, RunStats, run_plan
+from soupkit.formats import KeyMap, as_state_dict
 from soupkit.io.checkpoint import CARRY_FILES, Checkpoint, in_memory_checkpoint
 from soupkit.io.hashing import BackgroundHasher, changed_files_check, file_state
 from soupkit.io.writer import Journal, OutputFolder
@@ -63,6 +63,7 @@ def plan(
     max_shard_size: int | str = "5GB",
     chunk_elems: int = DEFAULT_CHUNK_ELEMS,
     allow_pickle: bool = False,
+    key_map: KeyMap | None = None,
 ) -> MergePlan:
     """Validate a recipe and plan its merge from headers only (a dry run).
 
@@ -72,13 +73,15 @@ def plan(
         chunk_elems: elements per chunk for elementwise methods (bounds memory).
         allow_pickle: accept PyTorch pickle checkpoints (``.bin``, ``.pt``, ``.ckpt``), loaded
             only through ``torch.load(weights_only=True)``; refused otherwise.
+        key_map: rename every input's tensors first (`soupkit.formats.KeyMap`, e.g.
+            ``KeyMap.build(strip_prefix="model.")`` for Lightning checkpoints).
 
     Raises:
         ConfigError: the recipe is invalid (all problems listed).
         PlanError: the checkpoints cannot be merged (all problems listed).
     """
     return plan_recipe(load_recipe(recipe), max_shard_size=max_shard_size, chunk_elems=chunk_elems,
-                       allow_pickle=allow_pickle)
+                       allow_pickle=allow_pickle, key_map=key_map)
 
 
 def _progress_bar(total: int, enabled: bool | None, desc: str) -> Any:
@@ -90,15 +93,13 @@ def _progress_bar(total: int, enabled: bool | None, desc: str) -> Any:
 
 
 def _model_card(p: MergePlan) -> str:
+    from soupkit.compat.hf import card_front_matter, render_card
+
     cfg = p.config
-    base = cfg.base_model or cfg.models[0].model
-    front = {
-        "base_model": [base],
-        "library_name": "transformers",
-        "tags": ["merge", "soupkit", cfg.merge_method],
-    }
-    lines = ["---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", ""]
-    lines += [
+    # every input is a base of a merge (the Hub's model tree), the base model first
+    front = card_front_matter([c.label for c in ([p.base] if p.base is not None else []) + list(p.models)],
+                              tags=[cfg.merge_method])
+    lines = [
         f"# {cfg.name or 'Merged model'}",
         "",
         f"This model was made with [soupkit](https://pypi.org/project/soupkit/) {__version__} "
@@ -114,9 +115,8 @@ def _model_card(p: MergePlan) -> str:
         "```yaml",
         cfg.to_yaml().rstrip(),
         "```",
-        "",
     ]
-    return "\n".join(lines)
+    return render_card(front, lines)
 
 
 def _report(p: MergePlan, stats: RunStats, out: Path, *, input_hashes: Mapping[Path, str] | None = None,
@@ -164,6 +164,7 @@ def merge(
     allow_nonfinite: bool = False,
     resume: bool = False,
     hash_inputs: bool = True,
+    key_map: KeyMap | None = None,
 ) -> MergeResult:
     """Merge the checkpoints a recipe names into a Hugging Face style folder ``out``.
 
@@ -189,11 +190,13 @@ def merge(
             byte-identical to an uninterrupted run.
         hash_inputs: record the sha256 of every input file in the report (computed in a
             background thread while the merge runs).
+        key_map: rename every input's tensors first (see `plan`).
 
     Returns:
         A `MergeResult`.
     """
-    p = plan(recipe, max_shard_size=max_shard_size, chunk_elems=chunk_elems, allow_pickle=allow_pickle)
+    p = plan(recipe, max_shard_size=max_shard_size, chunk_elems=chunk_elems, allow_pickle=allow_pickle,
+             key_map=key_map)
     return run_merge_plan(p, out, force=force, progress=progress, model_card=model_card,
                           allow_nonfinite=allow_nonfinite, resume=resume, hash_inputs=hash_inputs)
 
@@ -326,6 +329,10 @@ def run_merge_plan(
                             data = src.read_bytes()
                         except OSError as e:
                             raise CheckpointFormatError(f"{src}: cannot read ({e.strerror})") from None
+                        if name == "config.json" and p.config_updates:  # e.g. a sliced model's layer count
+                            from soupkit.compat.mergekit import update_config
+
+                            data = update_config(src, data, p.config_updates)
                         others[name] = _write_file(tmp / name, data)
             if model_card:
                 others["README.md"] = _write_file(tmp / "README.md", _model_card(p).encode("utf-8"))
@@ -386,10 +393,10 @@ def linear_recipe(
 
 
 def merge_state_dicts(
-    states: Sequence[Mapping[str, torch.Tensor]],
+    states: Sequence[Mapping[str, torch.Tensor] | torch.nn.Module],
     method: str = "linear",
     *,
-    base: Mapping[str, torch.Tensor] | None = None,
+    base: Mapping[str, torch.Tensor] | torch.nn.Module | None = None,
     parameters: Mapping[str, Any] | None = None,
     model_parameters: Sequence[Mapping[str, Any]] | None = None,
     seed: int = 0,
@@ -404,9 +411,10 @@ def merge_state_dicts(
     of the same tensors bit for bit. Inputs are never modified.
 
     Args:
-        states: the models' state dicts.
+        states: the models' state dicts, or the ``nn.Module`` s themselves (their
+            ``state_dict()``), or Lightning-style ``{"state_dict": ...}`` mappings.
         method: a registered method name (see ``soupkit methods``).
-        base: the base model's state dict (task-vector methods need one).
+        base: the base model's state dict or module (task-vector methods need one).
         parameters: global parameters (and per-model defaults), as in a recipe.
         model_parameters: per-model parameters, one mapping per state dict.
         seed: seed for stochastic methods.
@@ -433,8 +441,10 @@ def merge_state_dicts(
     if out_dtype is not None:
         data["out_dtype"] = out_dtype
     cfg = load_recipe(data)
-    ckpts = [in_memory_checkpoint(s, f"state_dict {i}") for i, s in enumerate(states)]
-    base_ck = in_memory_checkpoint(base, "base state_dict") if base is not None else None
+    ckpts = [in_memory_checkpoint(as_state_dict(s, f"state_dict {i}"), f"state_dict {i}")
+             for i, s in enumerate(states)]
+    base_ck = (in_memory_checkpoint(as_state_dict(base, "base state_dict"), "base state_dict")
+               if base is not None else None)
     p = make_plan(cfg, ckpts, base_ck, chunk_elems=chunk_elems)
     sink = MemorySink(p)
     run_plan(p, sink, allow_nonfinite=allow_nonfinite)

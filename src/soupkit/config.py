@@ -15,6 +15,14 @@ soupkit supports runs unchanged::
     out_dtype: bfloat16           # output dtype (default: dtype, else the inputs' dtype)
     seed: 0                       # soupkit: seeds stochastic methods per tensor
 
+Instead of ``models:``, a recipe may give mergekit's ``slices:`` (layer ranges stacked into a
+new model, see `soupkit.compat.mergekit`)::
+
+    merge_method: passthrough
+    slices:
+      - sources: [{model: ./a, layer_range: [0, 16]}]
+      - sources: [{model: ./b, layer_range: [8, 24]}]
+
 Relative model paths are resolved against the current directory, as mergekit does; a path
 that exists only relative to the recipe file's folder is taken from there.
 A parameter value is a scalar, a list of numbers (a gradient interpolated across layers), or
@@ -31,7 +39,20 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from soupkit.errors import ConfigError
 
@@ -41,6 +62,8 @@ __all__ = [
     "MergeConfig",
     "ModelEntry",
     "ParamValue",
+    "Slice",
+    "SliceSource",
     "load_recipe",
 ]
 
@@ -49,7 +72,6 @@ Scalar = Union[StrictBool, StrictInt, StrictFloat, StrictStr]
 
 # mergekit keys soupkit knows about but does not support yet: refused by name, never ignored.
 _MERGEKIT_UNSUPPORTED = {
-    "slices": "layer-range slices",
     "modules": "per-module recipes",
     "tokenizer": "the tokenizer block (vocabulary surgery)",
     "chat_template": "chat_template",
@@ -77,12 +99,31 @@ class ModelEntry(BaseModel):
     parameters: dict[str, ParamValue] = Field(default_factory=dict)
 
 
+class SliceSource(BaseModel):
+    """One source of a slice: layers ``[start, end)`` of a model (mergekit's ``layer_range``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    model: StrictStr
+    layer_range: tuple[StrictInt, StrictInt]
+    parameters: dict[str, ParamValue] = Field(default_factory=dict)
+
+
+class Slice(BaseModel):
+    """One output slice: its sources are merged layer by layer (one source: copied)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    sources: list[SliceSource] = Field(min_length=1)
+    base_model: StrictStr | None = None
+    parameters: dict[str, ParamValue] = Field(default_factory=dict)
+
+
 class MergeConfig(BaseModel):
     """A validated recipe (see the module docstring for the format)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     merge_method: StrictStr
-    models: list[ModelEntry] = Field(min_length=1)
+    slices: list[Slice] | None = None  # before `models`, so that its validator sees it
+    models: list[ModelEntry] = Field(default_factory=list)
     base_model: StrictStr | None = None
     parameters: dict[str, ParamValue] = Field(default_factory=dict)
     dtype: DTypeName | None = None
@@ -93,6 +134,24 @@ class MergeConfig(BaseModel):
     # The folder of the recipe file, when loaded from one (see `resolve_model_path`).
     _recipe_dir: Path | None = PrivateAttr(default=None)
 
+    @field_validator("models")
+    @classmethod
+    def _models_not_empty(cls, v: list[ModelEntry], info: ValidationInfo) -> list[ModelEntry]:
+        # only an explicit `models: []` gets here (defaults are not validated); fine beside slices
+        if not v and not info.data.get("slices"):
+            raise ValueError("List should have at least 1 item after validation, not 0")
+        return v
+
+    @model_validator(mode="after")
+    def _models_or_slices(self) -> MergeConfig:
+        if bool(self.models) == bool(self.slices):
+            raise ValueError("give exactly one of `models:` (a list of models to merge) and "
+                             "`slices:` (layer ranges, see docs/mergekit.md)")
+        if self.tokenizer_source == "union":
+            raise ValueError("tokenizer_source: 'union' (merging vocabularies) is not supported by "
+                             "soupkit; use 'base' or a model path (see docs/mergekit.md)")
+        return self
+
     def resolve_model_path(self, path: str) -> str:
         """Where a model path points: relative to the current directory, as mergekit does;
         if nothing is there but the path exists relative to the recipe's folder, that one."""
@@ -102,7 +161,10 @@ class MergeConfig(BaseModel):
         return str(beside) if beside.exists() else path
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json", exclude_none=True), sort_keys=False)
+        data = self.model_dump(mode="json", exclude_none=True)
+        if not data.get("models"):
+            data.pop("models", None)  # a slices recipe
+        return yaml.safe_dump(data, sort_keys=False)
 
 
 def _loc(loc: tuple[int | str, ...]) -> str:
@@ -124,13 +186,21 @@ def _friendly(err: Mapping[str, Any]) -> str | None:
             fields = list(MergeConfig.model_fields)
         elif len(parent) == 2 and parent[0] == "models":
             fields = list(ModelEntry.model_fields)
+        elif len(parent) == 2 and parent[0] == "slices":
+            fields = list(Slice.model_fields)
+        elif len(parent) == 4 and parent[0] == "slices" and parent[2] == "sources":
+            fields = list(SliceSource.model_fields)
+        if parent and parent[0] == "slices" and key == "residual_weight":
+            return (f"{_loc(parent)}.residual_weight: mergekit key 'residual_weight' is not "
+                    "supported by soupkit; see docs/mergekit.md")
         if not parent and key in _MERGEKIT_UNSUPPORTED and _MERGEKIT_UNSUPPORTED[key]:
             return (f"mergekit key {key!r} ({_MERGEKIT_UNSUPPORTED[key]}) is not supported by "
                     "soupkit yet; see docs/mergekit.md")
         close = difflib.get_close_matches(key, fields, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else (f"; allowed: {', '.join(fields)}" if fields else "")
         return f"{_loc(parent) + '.' if parent else ''}{key}: unknown key{hint}"
-    return f"{_loc(loc)}: {err['msg']}"
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    return f"{_loc(loc)}: {msg}"
 
 
 def load_recipe(source: MergeConfig | Mapping[str, Any] | str | os.PathLike[str]) -> MergeConfig:

@@ -23,6 +23,7 @@ from pydantic import ValidationError
 from soupkit import methods
 from soupkit.config import Conditional, MergeConfig, ParamValue
 from soupkit.errors import CheckpointFormatError, ConfigError, PlanError, SoupError, UnknownMethodError
+from soupkit.formats import KeyMap, rename_checkpoint
 from soupkit.global_trim import check_global_trim, global_trim_notes
 from soupkit.io.checkpoint import CARRY_FILES, Checkpoint, open_checkpoint
 from soupkit.io.header import DTYPES, TensorInfo
@@ -82,6 +83,8 @@ class MergePlan:
     carry_from: Path | None
     filter_counts: dict[str, int] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
+    # keys to change in the carried config.json (e.g. the layer count of a sliced model)
+    config_updates: dict[str, Any] = field(default_factory=dict)
 
     @property
     def input_bytes(self) -> int:
@@ -214,17 +217,26 @@ def plan_recipe(
     max_shard_size: int | str = "5GB",
     chunk_elems: int = DEFAULT_CHUNK_ELEMS,
     allow_pickle: bool = False,
+    key_map: KeyMap | None = None,
 ) -> MergePlan:
     """Open every checkpoint the recipe names (headers only) and plan the merge.
 
     ``allow_pickle`` accepts PyTorch pickle checkpoints (loaded only with
     ``torch.load(weights_only=True)``); without it they are refused with `UnsafeFormatError`.
+    ``key_map`` renames every input's tensors first (`soupkit.formats.KeyMap`: prefix strips
+    and regex renames). Recipes with mergekit ``slices`` are planned by
+    `soupkit.compat.mergekit.plan_slices`.
 
     Raises:
         ConfigError: the recipe is inconsistent with its method (unknown parameters, no base).
         PlanError: the checkpoints cannot be merged; lists every problem found.
     """
     problems: list[str] = []
+    if cfg.slices or (cfg.merge_method == "passthrough" and "passthrough" not in methods.REGISTRY):
+        from soupkit.compat.mergekit import plan_slices  # imports this module
+
+        return plan_slices(cfg, max_shard_size=max_shard_size, chunk_elems=chunk_elems,
+                           allow_pickle=allow_pickle, key_map=key_map)
     try:
         spec = methods.get(cfg.merge_method)
     except UnknownMethodError as e:
@@ -237,6 +249,9 @@ def plan_recipe(
     models, base = _open_all(cfg, problems, allow_pickle)
     if problems:
         raise PlanError(problems)
+    if key_map:
+        models = [rename_checkpoint(m, key_map) if m is not None else None for m in models]
+        base = rename_checkpoint(base, key_map) if base is not None else None
     return make_plan(
         cfg, [m for m in models if m is not None], base,
         max_shard_size=max_shard_size, chunk_elems=chunk_elems,

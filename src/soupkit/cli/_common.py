@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import textwrap
 
+from soupkit.formats import KeyMap
+
 
 def add_output_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists and is not empty")
@@ -32,6 +34,22 @@ def safety_kwargs(args: argparse.Namespace) -> dict[str, bool]:
     """The keyword arguments of `soupkit.merge` that `add_safety_flags` sets."""
     return {"allow_pickle": args.allow_pickle, "allow_nonfinite": args.allow_nonfinite,
             "resume": args.resume, "hash_inputs": not args.no_hash_inputs}
+
+
+def add_key_map_flags(p: argparse.ArgumentParser) -> None:
+    """Tensor renaming applied to every input at plan level (see `soupkit.formats`)."""
+    p.add_argument("--strip-prefix", action="append", default=[], metavar="PREFIX",
+                   help="remove PREFIX from the start of every tensor name that has it, e.g. 'model.' "
+                        "(Lightning) or 'module.' (DDP, timm, open_clip); repeatable")
+    p.add_argument("--rename", action="append", default=[], metavar="'REGEX=>REPLACEMENT'",
+                   help="rename tensors with re.sub, e.g. '^encoder\\.=>model.encoder.'; repeatable, "
+                        "applied in order after the prefix strips")
+
+
+def key_map_from(args: argparse.Namespace) -> KeyMap | None:
+    """The `KeyMap` that `add_key_map_flags` describes (None when no flag was given)."""
+    km = KeyMap.build(strip_prefix=args.strip_prefix, rename=args.rename)
+    return km or None
 
 
 def progress_flag(args: argparse.Namespace) -> bool | None:

@@ -179,8 +179,11 @@ def _friendly(err: Mapping[str, Any]) -> str | None:
     # pydantic reports every branch of a union; keep the plain location and message.
     loc = tuple(p for p in loc if not (isinstance(p, str) and ("[" in p or p.startswith(("list", "str", "int", "float", "bool", "function")))))
     if err["type"] == "extra_forbidden":
-        key = str(loc[-1])
-        parent = loc[:-1]
+        # The last element is the user's own key, whatever it looks like ("strength", "int8"):
+        # never filter it out as if it were a union-branch tag.
+        raw = tuple(err["loc"])
+        key = str(raw[-1])
+        parent = tuple(p for p in raw[:-1] if p in loc)
         fields: list[str] = []
         if not parent:
             fields = list(MergeConfig.model_fields)

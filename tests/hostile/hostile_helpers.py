@@ -93,3 +93,42 @@ def tree_state(folder: Path) -> dict[str, tuple[int, int, str]]:
 def debris(parent: Path) -> list[str]:
     """Hidden soupkit work folders left in ``parent``."""
     return sorted(p.name for p in parent.iterdir() if p.name.startswith(".soupkit-"))
+
+
+def cli_child(argv: list[str], log: str, threads: int | None = None) -> None:
+    """Run ``soupkit`` with ``argv`` in this (forked) process, stdout and stderr into ``log``.
+
+    The target of `cli_process`: such processes start without re-importing torch (the fork
+    server preloaded soupkit), so a kill test costs the merge, not the start-up.
+    """
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    from soupkit.cli import main
+
+    code = main(argv)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    sys.exit(code)
+
+
+_CTX: Any = None
+
+
+def cli_process(argv: list[str], log: Path, threads: int | None = None) -> Any:
+    """Start ``soupkit ARGV`` as a separate process (a `multiprocessing` fork-server child).
+
+    The fork server imports soupkit once (before any torch op, so forking is safe); every
+    process it forks is a real, separately killable process running the CLI's ``main``.
+    """
+    import multiprocessing
+
+    global _CTX
+    if _CTX is None:
+        _CTX = multiprocessing.get_context("forkserver")
+        _CTX.set_forkserver_preload(["soupkit.cli", "hostile_helpers"])
+    proc = _CTX.Process(target=cli_child, args=(argv, str(log), threads))
+    proc.start()
+    return proc

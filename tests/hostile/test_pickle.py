@@ -17,7 +17,7 @@ import soupkit
 from soupkit.errors import CheckpointFormatError, UnsafeFormatError
 from soupkit.io.pickle_ckpt import load_pickle_state_dict
 
-from hostile_helpers import run_cli, tree_state
+from hostile_helpers import cli_process, tree_state
 
 
 def state(seed: int) -> dict[str, torch.Tensor]:
@@ -101,12 +101,14 @@ def test_malicious_pickle_through_the_cli_with_opt_in(tmp_path: Path) -> None:
     torch.save({"w": torch.zeros(2)}, good)
     recipe = tmp_path / "r.yaml"
     recipe.write_text(json.dumps({"merge_method": "linear", "models": [{"model": str(good)}, {"model": str(evil)}]}))
-    r = run_cli("merge", str(recipe), str(tmp_path / "out"), "--allow-pickle")
-    assert r.returncode == 2, r.stderr
+    proc = cli_process(["merge", str(recipe), str(tmp_path / "out"), "--allow-pickle"], tmp_path / "log")
+    proc.join(timeout=120)
+    err = (tmp_path / "log").read_text()
+    assert proc.exitcode == 2, err
     # the planner gathers every input's problem into one PlanError naming the model
-    assert r.stderr.startswith("error: PlanError: cannot merge: 1 problem(s)")
-    assert f"models[1]: {evil}: unsafe pickle, not a plain state dict" in r.stderr
-    assert "posix.system" in r.stderr and "Traceback" not in r.stderr
+    assert err.startswith("error: PlanError: cannot merge: 1 problem(s)")
+    assert f"models[1]: {evil}: unsafe pickle, not a plain state dict" in err
+    assert "posix.system" in err and "Traceback" not in err
     assert not marker.exists() and not (tmp_path / "out").exists()
 
 

@@ -96,7 +96,8 @@ def global_trim_notes(spec: MethodSpec, jobs: Sequence[TensorJob]) -> list[str]:
 
 
 def _bits(magnitude: torch.Tensor) -> torch.Tensor:
-    return magnitude.view(torch.int32)
+    # clear the sign bit: abs() of a NaN may keep it, and bincount refuses negative values
+    return magnitude.view(torch.int32) & 0x7FFFFFFF
 
 
 def _select(hist: torch.Tensor, k: int) -> tuple[int, int]:

@@ -232,3 +232,12 @@ def test_global_trim_is_independent_of_chunking_and_tensor_order() -> None:
     b = soupkit.merge_state_dicts([{k: f[k] for k in rev} for f in fts], "ties", base=rev,
                                   parameters={"density": 0.3})
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("scope", ["global", "per_tensor"])
+def test_a_nan_in_a_task_vector_is_not_trimmed_away(scope: str) -> None:
+    # NaN ranks above every magnitude, so it survives the trim and the engine names the input
+    base = {"a": torch.zeros(4)}
+    ft = {"a": torch.tensor([1.0, float("nan"), 2.0, 3.0])}
+    with pytest.raises(soupkit.NonFiniteError, match="state_dict 0 holds 1 NaN"):
+        soupkit.merge_state_dicts([ft], "ties", base=base, parameters={"density": 0.5, "trim_scope": scope})

@@ -84,8 +84,15 @@ def topk_cut(magnitude: torch.Tensor, k: int) -> MagnitudeCut | None:
 
 
 def cut_mask(magnitude: torch.Tensor, cut: MagnitudeCut) -> torch.Tensor:
-    """Boolean mask of the entries of ``magnitude`` that survive ``cut`` (same shape)."""
+    """Boolean mask of the entries of ``magnitude`` that survive ``cut`` (same shape).
+
+    NaN ranks above every number (as in ``torch.sort``/``topk`` and in the bit-pattern order of
+    the global pre-pass), so a NaN survives any cut that keeps something and reaches the engine's
+    non-finite check instead of vanishing.
+    """
     keep = magnitude > cut.threshold
+    if cut.ties != 0 or cut.threshold != math.inf:
+        keep |= torch.isnan(magnitude)
     if cut.ties is None:
         keep |= magnitude == cut.threshold
     elif cut.ties > 0:

@@ -16,11 +16,14 @@ recipe's global ``parameters``, then the method's default. At each level the val
   mergekit.
 
 This is mergekit's ``evaluate_setting`` (mergekit/config.py) and the ``t`` its planner passes
-(``plan_slice``: ``idx / (num_layers - 1)``, or 1 for one layer; ``t = 0`` for "pre" weights,
-``t = 1`` for "post" weights), with two differences: the layer position comes from the tensor
-name (soupkit has no per-architecture tables; the number of layers is the largest layer index
-+ 1), and ``match`` (a glob over the whole name) is soupkit's addition. mergekit also accepts a
-list of strings as a step-wise "gradient"; soupkit's recipes only allow numeric lists.
+(``plan_slice``: ``idx / (num_layers - 1)``, or 1 for one layer; ``t = 0`` for "pre" weights),
+with these differences: the layer position comes from the tensor name (soupkit has no
+per-architecture tables; the number of layers is the largest layer index + 1); ``match`` (a
+glob over the whole name) is soupkit's addition; mergekit also accepts a list of strings as a
+step-wise "gradient", soupkit's recipes only numeric lists; and "post" weights (final norm,
+head) get ``t = 1``, as mergekit's planner placed them before its module refactor, where
+mergekit 0.1.5 resolves them at ``t = 0`` (its ``plan_module`` reads them with the module's
+``t = 0`` reader; see tests/ecosystem/test_mergekit_reference.py).
 """
 
 from __future__ import annotations

@@ -57,7 +57,7 @@ def test_trim_band_hand_example() -> None:
     assert _ops.trim_band(x, 0.5, 0.2).tolist() == [0, 0, 8, -7, 6, -5, 4, 0, 0, 0]
     # gamma too large for the density: fewer outliers go, density holds (mergekit's rule)
     assert _ops.trim_band(x, 0.9, 0.5).tolist() == [0, -9, 8, -7, 6, -5, 4, -3, 2, -1]
-    # int(gamma * n) == 0 still keeps `keep` entries (mergekit's indices[n_bot:-0] keeps none)
+    # int(gamma * n) == 0 still keeps `keep` entries (mergekit before 0.1.5: indices[n_bot:-0], none)
     assert _ops.trim_band(x, 0.3, 0.05).tolist() == [10, -9, 8, 0, 0, 0, 0, 0, 0, 0]
 
 

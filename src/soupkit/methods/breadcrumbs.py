@@ -13,10 +13,11 @@ model ``gamma`` (default 0.01) is the fraction of *largest* magnitudes dropped (
 beta) and ``density`` the fraction kept, so the smallest ``1 - density - gamma`` are dropped.
 When ``gamma > 1 - density`` fewer outliers are dropped so that ``density`` still holds.
 
-Anchor: mergekit ``breadcrumbs`` / ``breadcrumbs_ties`` (``magnitude_outliers``). Deviations:
-exactly ``keep`` entries survive even when ``int(gamma * n) == 0`` (mergekit's
-``indices[n_bot:-n_top]`` keeps nothing when ``n_top`` is 0); among equal magnitudes the entry
-with the lower flat index ranks higher (mergekit's ``sort`` leaves ties unspecified).
+Anchor: mergekit ``breadcrumbs`` / ``breadcrumbs_ties`` (``magnitude_outliers``), bit for bit
+against mergekit 0.1.5 (tests/methods/test_mergekit_methods.py). Deviations: among equal
+magnitudes the entry with the lower flat index ranks higher (mergekit's ``sort`` leaves ties
+unspecified); and exactly ``keep`` entries survive even when ``int(gamma * n) == 0``, where
+mergekit releases before 0.1.5 (``indices[n_bot:-n_top]``) kept none.
 ``breadcrumbs_ties`` is mergekit's combination (the paper has no sign election); its
 consensus switches are those of `ties`, with the paper convention = TIES' Algorithm 1 and
 ``convention: mergekit`` = weighted sign vote, + on ties, plain sum (mergekit's default

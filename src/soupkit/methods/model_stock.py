@@ -17,7 +17,8 @@ in float32, each norm product clamped to at least 1e-6, each cosine clamped to [
 
 Deviation: a mean cosine below 0 is clamped to 0 (so t = 0 and the tensor stays the base).
 The paper's formula assumes fine-tunes at an acute angle; below 0 it extrapolates away from
-the fine-tunes, and at cos = -1/(N-1) it divides by zero, which mergekit lets through.
+the fine-tunes and diverges at cos = -1/(N-1). mergekit 0.1.5 keeps the base only within 1e-6
+of that singularity and extrapolates elsewhere; for cos >= 0 the two agree bit for bit.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ Anchor: mergekit ``slerp`` (the same recipe: both models under ``models:``, one 
 ``base_model``, global ``t``), including its fall-back to linear interpolation for
 near-parallel tensors (``|cos| > 0.9995``, mergekit's ``DOT_THRESHOLD``). Deviations: the dot
 product and norms accumulate in float64 and the coefficients are computed in float64 (mergekit
-uses numpy float32), so results agree with mergekit to float32 rounding, not bit for bit; a
+works in float32), so results agree with mergekit 0.1.5 to float32 rounding, not bit for bit; a
 tensor with norm <= 1e-8 (e.g. a zero-initialised bias) falls back to linear interpolation
 (mergekit would leave it unnormalised and scale the other endpoint by sin(t*pi/2)); ``t = 0``
 and ``t = 1`` return the endpoints' exact bytes.

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from soupkit.cli import main
 
-from conftest import tiny_state, write_model
+from toymodels import tiny_state, write_model
 
 
 def write_recipe(tmp_path: Path, paths: list[Path], extra: str = "") -> Path:

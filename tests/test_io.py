@@ -15,7 +15,7 @@ from soupkit.errors import CheckpointFormatError, OutputExistsError
 from soupkit.io import OutputFolder, OutputTensor, ShardWriter, TensorReader, layout_shards, open_checkpoint
 from soupkit.io.writer import parse_size, write_index
 
-from conftest import tiny_state, write_model
+from toymodels import tiny_state, write_model
 
 
 def test_writer_golden_bytes(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ import soupkit
 from soupkit import methods
 from soupkit.methods.linear import LinearParams
 
-from conftest import tiny_state, write_model
+from toymodels import tiny_state, write_model
 
 linear = methods.get("linear")
 

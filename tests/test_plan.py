@@ -10,7 +10,7 @@ import torch
 import soupkit
 from soupkit.errors import ConfigError, PlanError
 
-from conftest import tiny_state, write_model
+from toymodels import tiny_state, write_model
 
 
 def recipe(paths: list[Path], **extra: object) -> dict[str, object]:

@@ -14,7 +14,9 @@ from soupkit.api import (
     soup_checkpoints,
     uniform_soup,
 )
+from soupkit.compat.training import CheckpointSoup
 from soupkit.config import MergeConfig, load_recipe
+from soupkit.diagnostics import DiagnosisReport, diagnose
 from soupkit.errors import (
     CheckpointFormatError,
     ConfigError,
@@ -29,7 +31,9 @@ from soupkit.errors import (
     UnsafeFormatError,
     UsageError,
 )
+from soupkit.formats import KeyMap
 from soupkit.io.checkpoint import open_checkpoint
+from soupkit.lora import LoraResult, fold_lora, merge_loras, read_adapter
 from soupkit.multi import merge_many, wise_ft
 from soupkit.plan import MergePlan
 from soupkit.search import (
@@ -45,10 +49,14 @@ from soupkit.task_vectors import TaskVector
 
 __all__ = [
     "CheckpointFormatError",
+    "CheckpointSoup",
     "ConfigError",
+    "DiagnosisReport",
     "EvaluationError",
     "GreedySoupResult",
+    "KeyMap",
     "LearnedSoupResult",
+    "LoraResult",
     "MergeConfig",
     "MergeIOError",
     "MergePlan",
@@ -64,15 +72,19 @@ __all__ = [
     "UnsafeFormatError",
     "UsageError",
     "__version__",
+    "diagnose",
     "find_checkpoints",
+    "fold_lora",
     "greedy_soup",
     "learned_soup",
     "load_recipe",
     "merge",
+    "merge_loras",
     "merge_many",
     "merge_state_dicts",
     "open_checkpoint",
     "plan",
+    "read_adapter",
     "recalibrate_bn",
     "soup_checkpoints",
     "sweep",

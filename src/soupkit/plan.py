@@ -252,10 +252,25 @@ def plan_recipe(
     if key_map:
         models = [rename_checkpoint(m, key_map) if m is not None else None for m in models]
         base = rename_checkpoint(base, key_map) if base is not None else None
-    return make_plan(
+    p = make_plan(
         cfg, [m for m in models if m is not None], base,
         max_shard_size=max_shard_size, chunk_elems=chunk_elems,
     )
+    check_tokenizer_source(cfg, p.carry_from)
+    return p
+
+
+def check_tokenizer_source(cfg: MergeConfig, carry_from: Path | None) -> None:
+    """An explicit ``tokenizer_source`` that yields no files is an error, never silently ignored."""
+    src = cfg.tokenizer_source
+    if src is None or carry_from is not None:
+        return
+    if src == "base" and not cfg.base_model:
+        raise ConfigError(["tokenizer_source: 'base' but the recipe has no `base_model:`\n"
+                           "    hint: set base_model, or give the folder to take the tokenizer from"])
+    raise ConfigError([f"tokenizer_source: {src!r} has no tokenizer or config files to copy "
+                       f"(looked for {', '.join(CARRY_FILES[:4])}, ...)\n"
+                       "    hint: give a model folder that holds its tokenizer files"])
 
 
 def _same_file(a: Checkpoint, b: Checkpoint) -> bool:

@@ -24,7 +24,7 @@ import yaml
 from safetensors.torch import load_file
 
 import soupkit
-from conftest import MERGEKIT_PY, llama_state, write_llama
+from .eco_helpers import MERGEKIT_PY, llama_state, write_llama
 
 pytestmark = pytest.mark.skipif(
     not MERGEKIT_PY.is_file(),

@@ -24,7 +24,7 @@ from soupkit.errors import SoupError
 
 __all__ = ["build_parser", "main"]
 
-_COMMANDS = ("merge", "plan", "validate", "inspect", "methods", "soup_checkpoints", "wise_ft", "greedy", "sweep", "learned")
+_COMMANDS = ("merge", "plan", "validate", "inspect", "methods", "soup_checkpoints", "wise_ft", "greedy", "sweep", "learned", "lora", "diagnose")
 
 
 def build_parser() -> argparse.ArgumentParser:

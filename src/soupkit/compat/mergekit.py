@@ -57,7 +57,7 @@ from soupkit.io.writer import OutputTensor, layout_shards, parse_size
 from soupkit.methods import MethodSpec, Params
 from soupkit.global_trim import check_global_trim
 from soupkit.params import condition_matches, first_match, resolve_chain
-from soupkit.plan import DEFAULT_CHUNK_ELEMS, MergePlan, TensorJob, _carry_source
+from soupkit.plan import DEFAULT_CHUNK_ELEMS, MergePlan, TensorJob, _carry_source, check_tokenizer_source
 
 __all__ = [
     "LAYER_COUNT_KEYS",
@@ -545,6 +545,7 @@ def plan_slices(
                 used.append(s.ck)
     shards = layout_shards([OutputTensor(j.name, j.out_dtype, j.shape) for j in jobs], shard_limit)
     carry = _carry_source(cfg, base_ck, [s.ck for s in first_sources])
+    check_tokenizer_source(cfg, carry)
     updates = _config_updates(_read_config(carry), layer_sources)
     notes = [n for ck in opened.values() for n in ck.notes]
     k = 0

@@ -1,0 +1,921 @@
+"""PEFT LoRA adapters: read them, fold them into their base, merge several exactly.
+
+A PEFT adapter folder holds ``adapter_config.json`` and ``adapter_model.safetensors``. For each
+adapted module ``M`` (``base_model.model.<M>.lora_A.weight``, ``.lora_B.weight``) the weight
+update is the low-rank product
+
+    delta_W = scale * B @ A,     scale = lora_alpha / r   (lora_alpha / sqrt(r) with use_rslora)
+
+with per-module ``r`` and ``lora_alpha`` from ``rank_pattern`` / ``alpha_pattern`` (matched as
+PEFT matches them), transposed for ``fan_in_fan_out`` layers (GPT-2's ``Conv1D``) and for
+embeddings (``lora_embedding_A`` / ``lora_embedding_B``). Convolutions use PEFT's formula.
+Tensors an adapter stores whole (``modules_to_save``, e.g. a classification head, and the
+``base_layer`` copy PEFT saves for adapted embeddings) replace the base model's tensor.
+
+`fold_lora` writes ``W + delta_W`` for every adapted module, streaming the base model tensor by
+tensor (memory: one base tensor plus the adapter's factors for it). With float32 weights the
+result equals PEFT's ``merge_and_unload()`` bit for bit (same operations in the same order).
+For half-precision weights soupkit adds in float32 and rounds once (``rounding="fp32"``, the
+default); ``rounding="peft"`` reproduces PEFT's CPU path instead (delta rounded to the
+adapter's dtype, then added in the weight's dtype).
+
+`merge_loras` merges several adapters of one base *in weight space*: the task vector of adapter
+i on module M is its delta ``delta_i = scale_i * B_i @ A_i`` (zero where it does not adapt M),
+and any merge method combines those deltas exactly, never the factors (averaging the As and Bs
+separately would add cross terms ``B_i @ A_j``). Task-vector methods (``task_arithmetic``,
+``ties``, ``dare_*``, ...) receive the deltas themselves; the other methods (``linear``,
+``slerp``, ...) receive ``W + delta_i`` in float32 and their result minus ``W`` is the merged delta.
+The result is written as a full model, or with ``rank=k`` as a new adapter of rank k: the
+truncated SVD of each merged delta (``B' = U_k diag(S_k)``, ``A' = Vh_k``, ``lora_alpha = r = k``,
+as PEFT's ``add_weighted_adapter(..., combination_type="svd")`` does), with the relative
+Frobenius error ``||delta - B'A'||_F / ||delta||_F`` of each tensor in the report. Since adapters
+come from PEFT, ``convention: peft`` is the default for methods that have conventions (TIES:
+per-tensor trim, as ``add_weighted_adapter`` does); a whole-model magnitude trim
+(``trim_scope: global``) is not available for adapters.
+
+Not supported (refused by name, never ignored): DoRA (``use_dora``), LoRA variants of other
+PEFT types (IA3, LoHa, ...), grouped convolutions.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import ValidationError
+
+from soupkit import methods
+from soupkit._version import __version__
+from soupkit.compat.hf import card_front_matter, render_card
+from soupkit.errors import CheckpointFormatError, ConfigError, PlanError, SoupError, UsageError
+from soupkit.execute import RNG_BLOCK, tensor_seed
+from soupkit.io.checkpoint import CARRY_FILES, Checkpoint, open_checkpoint
+from soupkit.io.header import DTYPES, TensorInfo
+from soupkit.io.reader import TensorReader
+from soupkit.io.writer import OutputFolder, OutputTensor, ShardWriter, layout_shards, parse_size, write_index
+from soupkit.methods import MethodSpec, Params
+from soupkit.params import LayerIndex, resolve_chain
+
+__all__ = [
+    "ADAPTER_CONFIG",
+    "LoraAdapter",
+    "LoraModule",
+    "LoraResult",
+    "fold_lora",
+    "merge_loras",
+    "read_adapter",
+]
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+PREFIX = "base_model.model."
+REPORT_NAME = "soupkit-report.json"
+MAX_CONFIG_BYTES = 10_000_000
+_DTYPE_CODE = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
+# base_model.model.<module>.lora_A[.<adapter name>].weight, lora_embedding_A[.<adapter name>]
+_FACTOR = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B)"
+                     r"(?:\.(?P<name>[A-Za-z0-9_-]+))?(?:\.(?P<param>weight|bias))?$")
+Rounding = Literal["fp32", "peft"]
+
+
+# --------------------------------------------------------------------------------------- reading
+@dataclass(frozen=True)
+class LoraModule:
+    """One adapted module of an adapter.
+
+    Attributes:
+        module: the module path inside the model (``model.layers.0.self_attn.q_proj``).
+        kind: ``"linear"``, ``"embedding"`` or ``"conv"``.
+        a: the A factor (``lora_A.weight``, or ``lora_embedding_A``).
+        b: the B factor.
+        bias: ``lora_B.bias`` when the adapter trained one (``lora_bias: true``), else None.
+        r: the rank (rows of A).
+        alpha: ``lora_alpha`` for this module (after ``alpha_pattern``).
+        scale: ``alpha / r``, or ``alpha / sqrt(r)`` with rslora.
+        fan_in_fan_out: the base weight is stored transposed (``Conv1D``).
+    """
+
+    module: str
+    kind: Literal["linear", "embedding", "conv"]
+    a: TensorInfo
+    b: TensorInfo
+    bias: TensorInfo | None
+    r: int
+    alpha: float
+    scale: float
+    fan_in_fan_out: bool
+
+    def delta(self, reader: TensorReader, weight_shape: Sequence[int]) -> torch.Tensor:
+        """``scale * B @ A`` as float32, laid out like the base weight (PEFT's get_delta_weight)."""
+        a = reader.read(self.a).to(torch.float32).reshape(self.a.shape)
+        b = reader.read(self.b).to(torch.float32).reshape(self.b.shape)
+        if self.kind == "conv":
+            if tuple(weight_shape[2:]) == (1,) * (len(weight_shape) - 2):
+                sq = (b.flatten(1) @ a.flatten(1)).reshape(b.shape[0], a.shape[1], *weight_shape[2:])
+                out = sq * self.scale
+            else:
+                conv = {3: torch.nn.functional.conv1d, 4: torch.nn.functional.conv2d,
+                        5: torch.nn.functional.conv3d}[len(weight_shape)]
+                out = conv(a.transpose(0, 1), b).transpose(0, 1) * self.scale
+        else:
+            prod = b @ a
+            if self.kind == "embedding" or self.fan_in_fan_out:
+                prod = prod.T
+            out = prod * self.scale
+        if tuple(out.shape) != tuple(weight_shape):
+            raise PlanError([f"LoRA module {self.module!r}: B @ A has shape {list(out.shape)} but the base "
+                             f"weight has {list(weight_shape)}\n    hint: the adapter was trained on "
+                             "another model (or with fan_in_fan_out set wrongly, or on a grouped convolution)"])
+        return out.contiguous()
+
+    @property
+    def factor_dtype(self) -> torch.dtype:
+        return self.b.torch_dtype
+
+
+@dataclass(frozen=True)
+class LoraAdapter:
+    """A PEFT LoRA adapter, known from its config and headers.
+
+    Attributes:
+        label: how messages name it.
+        folder: the adapter folder.
+        config: ``adapter_config.json`` as a dict.
+        checkpoint: its tensors (headers only).
+        modules: module path -> `LoraModule`.
+        replacements: module-relative tensor name (``lm_head.weight``) -> a tensor the adapter
+            stores whole (``modules_to_save``, embedding ``base_layer`` copies).
+    """
+
+    label: str
+    folder: Path
+    config: dict[str, Any]
+    checkpoint: Checkpoint
+    modules: dict[str, LoraModule]
+    replacements: dict[str, TensorInfo] = field(default_factory=dict)
+
+    @property
+    def r(self) -> int:
+        return int(self.config.get("r", 8))
+
+    @property
+    def lora_alpha(self) -> float:
+        return float(self.config.get("lora_alpha", 8))
+
+    @property
+    def use_rslora(self) -> bool:
+        return bool(self.config.get("use_rslora", False))
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready facts for reports."""
+        scales = sorted({m.scale for m in self.modules.values()})
+        return {"label": self.label, "r": self.r, "lora_alpha": self.lora_alpha, "use_rslora": self.use_rslora,
+                "target_modules": self.config.get("target_modules"), "modules": len(self.modules),
+                "scales": scales, "replaced_tensors": sorted(self.replacements),
+                "files": [str(f) for f in self.checkpoint.files]}
+
+
+def _pattern_key(keys: Sequence[str], module: str) -> str | None:
+    """PEFT's get_pattern_key: the first pattern ``k`` with ``re.match(rf"(.*\\.)?({k})$", module)``."""
+    for key in keys:
+        try:
+            if re.match(rf"(.*\.)?({key})$", module):
+                return key
+        except re.error:
+            continue
+    return None
+
+
+def _load_config(folder: Path, label: str) -> dict[str, Any]:
+    path = folder / ADAPTER_CONFIG
+    try:
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise CheckpointFormatError(f"{path}: larger than {MAX_CONFIG_BYTES} bytes; refused")
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointFormatError(
+            f"{label}: no {ADAPTER_CONFIG}\nhint: give a PEFT adapter folder (what "
+            "`PeftModel.save_pretrained` writes: adapter_config.json + adapter_model.safetensors)") from None
+    except (OSError, ValueError) as e:
+        raise CheckpointFormatError(f"{path}: cannot read it as JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointFormatError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
+    return cfg
+
+
+def read_adapter(path: str | os.PathLike[str], *, allow_pickle: bool = False, label: str | None = None) -> LoraAdapter:
+    """Read a PEFT LoRA adapter folder (config and tensor headers; no tensor data).
+
+    Args:
+        path: the adapter folder.
+        allow_pickle: accept ``adapter_model.bin`` (loaded with ``torch.load(weights_only=True)``).
+        label: how messages name it (default: the path).
+
+    Raises:
+        CheckpointFormatError: not an adapter folder, inconsistent factors (missing A or B,
+            ranks that disagree with the config).
+        UsageError: an adapter soupkit cannot fold exactly (DoRA, another PEFT type).
+    """
+    folder = Path(path)
+    lab = label or str(path)
+    if folder.is_file() and folder.name == ADAPTER_CONFIG:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise CheckpointFormatError(f"{lab}: not a folder\nhint: give the PEFT adapter folder "
+                                    f"(with {ADAPTER_CONFIG})")
+    cfg = _load_config(folder, lab)
+    peft_type = str(cfg.get("peft_type", "LORA")).upper()
+    if peft_type != "LORA":
+        raise UsageError(f"{lab}: a {peft_type} adapter; soupkit folds and merges LoRA adapters only\n"
+                         "hint: use PEFT's merge_and_unload() for other adapter types")
+    if cfg.get("use_dora"):
+        raise UsageError(f"{lab}: a DoRA adapter (use_dora: true); its magnitude vector rescales "
+                         "the whole weight, which soupkit does not implement\n"
+                         "hint: use PEFT's merge_and_unload() to fold DoRA adapters")
+    weights = next((folder / w for w in ADAPTER_WEIGHTS if (folder / w).is_file()), None)
+    if weights is None:
+        raise CheckpointFormatError(f"{lab}: no {' or '.join(ADAPTER_WEIGHTS)} beside {ADAPTER_CONFIG}")
+    ck = open_checkpoint(weights, label=f"{lab}/{weights.name}", allow_pickle=allow_pickle)
+    r0 = int(cfg.get("r", 8))
+    alpha0 = float(cfg.get("lora_alpha", 8))
+    rslora = bool(cfg.get("use_rslora", False))
+    fifo = bool(cfg.get("fan_in_fan_out", False))
+    rank_pattern = dict(cfg.get("rank_pattern") or {})
+    alpha_pattern = dict(cfg.get("alpha_pattern") or {})
+    factors: dict[str, dict[str, TensorInfo]] = {}
+    replacements: dict[str, TensorInfo] = {}
+    problems: list[str] = []
+    for name, info in ck.tensors.items():
+        rel = name[len(PREFIX):] if name.startswith(PREFIX) else name
+        if "lora_magnitude_vector" in rel:
+            raise UsageError(f"{lab}: holds DoRA magnitude vectors ({name!r}); soupkit does not fold DoRA\n"
+                             "hint: use PEFT's merge_and_unload()")
+        m = _FACTOR.match(rel)
+        if m:
+            key = m.group("kind") + ("" if m.group("param") in (None, "weight") else ".bias")
+            factors.setdefault(m.group("module"), {})[key] = info
+            continue
+        rel = rel.replace(".base_layer.", ".").replace(".modules_to_save.default.", ".")
+        rel = re.sub(r"\.modules_to_save\.[A-Za-z0-9_-]+\.", ".", rel)
+        replacements[rel] = info
+    modules: dict[str, LoraModule] = {}
+    for mod, parts in factors.items():
+        emb = "lora_embedding_A" in parts or "lora_embedding_B" in parts
+        ka, kb = ("lora_embedding_A", "lora_embedding_B") if emb else ("lora_A", "lora_B")
+        if ka not in parts or kb not in parts:
+            problems.append(f"module {mod!r} has {', '.join(sorted(parts))} but not both {ka} and {kb}")
+            continue
+        a, b = parts[ka], parts[kb]
+        rk = _pattern_key(list(rank_pattern), mod)
+        ak = _pattern_key(list(alpha_pattern), mod)
+        r = int(rank_pattern[rk]) if rk is not None else r0
+        alpha = float(alpha_pattern[ak]) if ak is not None else alpha0
+        if r < 1 or a.shape[0] != r or b.shape[1] != r:
+            problems.append(f"module {mod!r}: the config says r = {r} but A is {list(a.shape)} and "
+                            f"B is {list(b.shape)}")
+            continue
+        kind: Literal["linear", "embedding", "conv"] = "embedding" if emb else ("conv" if len(a.shape) > 2 else "linear")
+        scale = alpha / math.sqrt(r) if rslora else alpha / r
+        modules[mod] = LoraModule(mod, kind, a, b, parts.get("lora_B.bias"), r, alpha, scale,
+                                  fifo and kind == "linear")
+    if problems:
+        raise CheckpointFormatError(f"{lab}: inconsistent LoRA factors:\n" + "\n".join(f"  - {p}" for p in problems))
+    if not modules and not replacements:
+        raise CheckpointFormatError(f"{lab}: no LoRA factors (no '*.lora_A.weight' tensors) in {weights.name}\n"
+                                    "hint: soupkit reads adapters saved by PEFT's save_pretrained")
+    return LoraAdapter(lab, folder, cfg, ck, modules, replacements)
+
+
+# -------------------------------------------------------------------------------------- matching
+def _match(names: Mapping[str, Any], rel: str) -> tuple[str | None, str]:
+    """The base tensor for adapter-relative name ``rel`` (``m.weight``): exact, else by dropping
+    leading segments of ``rel`` (adapter on ``BertForX``, base a ``BertModel``), else the unique
+    base name ending in ``.rel`` (base saved with a prefix the adapter lacks)."""
+    if rel in names:
+        return rel, ""
+    parts = rel.split(".")
+    for i in range(1, len(parts) - 1):
+        cand = ".".join(parts[i:])
+        if cand in names:
+            return cand, "dropped adapter prefix " + ".".join(parts[:i]) + "."
+    ends = [n for n in names if n.endswith("." + rel)]
+    if len(ends) == 1:
+        return ends[0], "added base prefix " + ends[0][: -len(rel)]
+    return None, ""
+
+
+@dataclass
+class _Target:
+    """What happens to one base tensor."""
+
+    name: str
+    info: TensorInfo
+    deltas: list[tuple[int, LoraModule, str]] = field(default_factory=list)  # (adapter idx, module, "weight"|"bias")
+    replaced: dict[int, TensorInfo] = field(default_factory=dict)             # adapter idx -> whole tensor
+
+    @property
+    def touched(self) -> bool:
+        return bool(self.deltas or self.replaced)
+
+
+def _targets(adapters: Sequence[LoraAdapter], base: Checkpoint) -> tuple[dict[str, _Target], list[str]]:
+    targets = {n: _Target(n, i) for n, i in base.tensors.items()}
+    problems: list[str] = []
+    notes: list[str] = []
+    for ai, ad in enumerate(adapters):
+        how: set[str] = set()
+        for mod, lm in ad.modules.items():
+            name, why = _match(base.tensors, f"{mod}.weight")
+            if name is None:
+                problems.append(f"{ad.label}: adapted module {mod!r} has no weight {mod + '.weight'!r} "
+                                f"in {base.label}")
+                continue
+            how.add(why)
+            targets[name].deltas.append((ai, lm, "weight"))
+            if lm.bias is not None:
+                bname = name[: -len("weight")] + "bias"
+                if bname not in targets:
+                    problems.append(f"{ad.label}: module {mod!r} trained a bias (lora_bias) but "
+                                    f"{base.label} has no {bname!r}")
+                else:
+                    targets[bname].deltas.append((ai, lm, "bias"))
+        for rel, info in ad.replacements.items():
+            name, why = _match(base.tensors, rel)
+            if name is None:
+                problems.append(f"{ad.label}: stores {rel!r} whole (modules_to_save), but {base.label} "
+                                "has no such tensor")
+                continue
+            how.add(why)
+            targets[name].replaced[ai] = info
+        for why in sorted(w for w in how if w):
+            notes.append(f"{ad.label}: {why} to match {base.label}")
+    if problems:
+        raise PlanError(problems)
+    return targets, notes
+
+
+# ----------------------------------------------------------------------------------------- output
+@dataclass(frozen=True)
+class LoraResult:
+    """What `fold_lora` / `merge_loras` wrote.
+
+    Attributes:
+        out: the output folder.
+        kind: ``"model"`` (full weights) or ``"adapter"`` (a new LoRA).
+        changed: names of the tensors that differ from the base (model) / the adapted modules.
+        svd_errors: for ``kind="adapter"``: module -> relative Frobenius error of the rank-k
+            approximation of its merged delta (0 when the rank suffices).
+        notes: what a user should know (prefix matching, conventions chosen).
+        report: the content of ``soupkit-report.json``.
+    """
+
+    out: Path
+    kind: Literal["model", "adapter"]
+    changed: tuple[str, ...]
+    svd_errors: dict[str, float]
+    notes: tuple[str, ...]
+    report: dict[str, Any]
+
+    @property
+    def max_svd_error(self) -> float:
+        return max(self.svd_errors.values(), default=0.0)
+
+
+def _bar(total: int, enabled: bool | None, desc: str) -> Any:
+    from tqdm.auto import tqdm
+
+    disable = (not sys.stderr.isatty()) if enabled is None else (not enabled)
+    return tqdm(total=total, unit="tensor", desc=desc, disable=disable, dynamic_ncols=True, leave=False)
+
+
+def _write(
+    dest: Path,
+    outputs: Sequence[OutputTensor],
+    produce: Callable[[OutputTensor], torch.Tensor],
+    *,
+    force: bool,
+    max_shard_size: int | str,
+    files: Callable[[Path, dict[str, str]], None],
+    progress: bool | None,
+    desc: str,
+    stem: str = "model",
+) -> dict[str, str]:
+    """Write ``outputs`` (each made by ``produce`` when its turn comes) as shards, then ``files``."""
+    try:
+        limit = parse_size(max_shard_size)
+    except ValueError as e:
+        raise UsageError(f"max_shard_size: {e}") from None
+    shards = layout_shards(outputs, limit)
+    if stem != "model":
+        if len(shards) > 1:
+            limit = max(limit, sum(o.nbytes for o in outputs) + 1)
+            shards = layout_shards(outputs, limit)
+        shards = [s.__class__(f"{stem}.safetensors", s.header, s.offsets, s.tensors, s.size) for s in shards]
+    hashes: dict[str, str] = {}
+    bar = _bar(len(outputs), progress, desc)
+    try:
+        with OutputFolder(dest, force=force) as tmp:
+            for layout in shards:
+                w = ShardWriter(tmp, layout)
+                try:
+                    for o in layout.tensors:
+                        t = produce(o)
+                        w.write(o.name, t.reshape(-1), 0)
+                        bar.update(1)
+                    hashes[layout.filename] = w.close()
+                except BaseException:
+                    w.abort()
+                    raise
+            write_index(tmp, shards)
+            files(tmp, hashes)
+    finally:
+        bar.close()
+    return hashes
+
+
+def _carry(tmp: Path, folders: Sequence[Path | None], skip: Sequence[str] = ()) -> dict[str, str]:
+    import hashlib
+
+    done: dict[str, str] = {}
+    for name in CARRY_FILES:
+        if name in skip:
+            continue
+        for folder in folders:
+            if folder is None:
+                continue
+            src = folder / name
+            if src.is_file() and not src.is_symlink():
+                try:
+                    data = src.read_bytes()
+                except OSError as e:
+                    raise CheckpointFormatError(f"{src}: cannot read ({e.strerror})") from None
+                (tmp / name).write_bytes(data)
+                done[name] = hashlib.sha256(data).hexdigest()
+                break
+    return done
+
+
+def _file_hashes(cks: Sequence[Checkpoint]) -> list[dict[str, Any]]:
+    from soupkit.io.writer import sha256_file
+
+    return [{"path": str(f), "bytes": f.stat().st_size, "sha256": sha256_file(f)}
+            for c in cks for f in c.files]
+
+
+def _out_code(out_dtype: str | None, info: TensorInfo) -> str:
+    if out_dtype is None or not info.is_float:
+        return info.dtype
+    if out_dtype not in _DTYPE_CODE:
+        raise UsageError(f"out_dtype {out_dtype!r}: expected one of {', '.join(_DTYPE_CODE)}")
+    return _DTYPE_CODE[out_dtype]
+
+
+def _open_base(base: str | os.PathLike[str], allow_pickle: bool) -> Checkpoint:
+    return open_checkpoint(base, allow_pickle=allow_pickle)
+
+
+# ------------------------------------------------------------------------------------------- fold
+def fold_lora(
+    adapters: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    base: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    out_dtype: str | None = None,
+    rounding: Rounding = "fp32",
+    tokenizer_source: Literal["base", "adapter"] = "base",
+    force: bool = False,
+    progress: bool | None = None,
+    max_shard_size: int | str = "5GB",
+    allow_pickle: bool = False,
+) -> LoraResult:
+    """Fold LoRA adapter(s) into their base model: ``W + scale * B @ A`` per adapted module.
+
+    Several adapters are added one after the other, as PEFT's ``merge_and_unload`` does with
+    several active adapters. The output is a Hugging Face folder (safetensors, sharded with an
+    index above ``max_shard_size``, config and tokenizer files, README.md, soupkit-report.json).
+
+    Args:
+        adapters: one adapter folder, or several.
+        base: the base model (folder or safetensors file) the adapters were trained on.
+        out: the output folder.
+        out_dtype: output dtype of float tensors (default: the base's).
+        rounding: ``"fp32"``: add in float32, round once; ``"peft"``: reproduce PEFT's rounding
+            for half-precision weights (identical to ``"fp32"`` for float32 weights).
+        tokenizer_source: copy tokenizer files from the ``base`` (default) or the first
+            ``adapter`` folder (when the adapter was trained with added tokens).
+        force: replace a non-empty ``out``.
+        progress: show a progress bar (default: when stderr is a terminal).
+        max_shard_size: largest output shard.
+        allow_pickle: accept pickle checkpoints / ``adapter_model.bin`` (``weights_only``).
+
+    Returns:
+        A `LoraResult` with the changed tensors.
+
+    Raises:
+        CheckpointFormatError: unreadable adapter or base.
+        PlanError: an adapted module the base does not have, or shapes that disagree.
+    """
+    paths = [adapters] if isinstance(adapters, (str, os.PathLike)) else list(adapters)
+    if not paths:
+        raise UsageError("no adapter given")
+    if rounding not in ("fp32", "peft"):
+        raise UsageError(f"rounding {rounding!r}: expected 'fp32' or 'peft'")
+    ads = [read_adapter(p, allow_pickle=allow_pickle) for p in paths]
+    base_ck = _open_base(base, allow_pickle)
+    targets, notes = _targets(ads, base_ck)
+    outputs: list[OutputTensor] = []
+    for name, tg in targets.items():
+        shape = tg.info.shape
+        if tg.replaced:
+            repl = tg.replaced[max(tg.replaced)]  # the last adapter to store it wins, as when loading in order
+            if repl.shape != shape:
+                notes.append(f"{name}: the adapter stores it with shape {list(repl.shape)} (base: {list(shape)})")
+            shape = repl.shape
+        outputs.append(OutputTensor(name, _out_code(out_dtype, tg.info), shape))
+    changed = tuple(n for n, tg in targets.items() if tg.touched)
+
+    with TensorReader() as reader:
+        def produce(o: OutputTensor) -> torch.Tensor:
+            tg = targets[o.name]
+            dt = DTYPES[o.dtype][0]
+            src = tg.replaced[max(tg.replaced)] if tg.replaced else tg.info
+            raw = reader.read(src).reshape(src.shape)
+            if not tg.deltas:
+                return raw.to(dt)
+            if rounding == "peft":
+                w = raw.clone()
+                for _, lm, part in tg.deltas:
+                    d = _delta(lm, part, reader, src.shape)
+                    if lm.factor_dtype in (torch.float16, torch.bfloat16):
+                        d = d.to(lm.factor_dtype)
+                    w += d
+                return w.to(dt)
+            w32 = raw.to(torch.float32, copy=True)
+            for _, lm, part in tg.deltas:
+                w32 += _delta(lm, part, reader, src.shape)
+            return w32.to(dt)
+
+        def files(tmp: Path, hashes: dict[str, str]) -> None:
+            # config.json always comes from the base (an adapter folder has none)
+            carried = _carry(tmp, [ads[0].folder, base_ck.folder] if tokenizer_source == "adapter"
+                             else [base_ck.folder])
+            front = card_front_matter([str(base), *map(str, paths)], tags=["lora", "peft"], relation=None)
+            body = [f"# {Path(out).name}", "",
+                    f"{'These LoRA adapters were' if len(ads) > 1 else 'This LoRA adapter was'} folded into "
+                    f"`{base}` with [soupkit](https://pypi.org/project/soupkit/) {__version__}: "
+                    "W + scale * B @ A for every adapted module.", "", "## Adapters", ""]
+            body += [f"- `{a.label}`: r = {a.r}, lora_alpha = {a.lora_alpha:g}"
+                     f"{', rslora' if a.use_rslora else ''}, {len(a.modules)} module(s)" for a in ads]
+            (tmp / "README.md").write_text(render_card(front, body), encoding="utf-8")
+            report = _report("fold", ads, base_ck, hashes, carried, notes,
+                             {"rounding": rounding, "out_dtype": out_dtype, "changed_tensors": len(changed)})
+            (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+            result_report.update(report)
+
+        result_report: dict[str, Any] = {}
+        _write(Path(out), outputs, produce, force=force, max_shard_size=max_shard_size, files=files,
+               progress=progress, desc="fold lora")
+    return LoraResult(Path(out), "model", changed, {}, tuple(notes), result_report)
+
+
+def _delta(lm: LoraModule, part: str, reader: TensorReader, shape: Sequence[int]) -> torch.Tensor:
+    if part == "bias":
+        assert lm.bias is not None
+        return reader.read(lm.bias).to(torch.float32) * lm.scale
+    return lm.delta(reader, shape)
+
+
+def _report(op: str, ads: Sequence[LoraAdapter], base: Checkpoint, hashes: Mapping[str, str],
+            carried: Mapping[str, str], notes: Sequence[str], extra: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "soupkit_version": __version__,
+        "torch_version": torch.__version__,
+        "created_unix": int(time.time()),
+        "lora": {"operation": op, **dict(extra)},
+        "inputs": {"base": {"label": base.label, "files": _file_hashes([base])},
+                   "adapters": [{**a.summary(), "files": _file_hashes([a.checkpoint])} for a in ads]},
+        "outputs": [{"file": f, "sha256": h} for f, h in hashes.items()],
+        "other_files": [{"file": f, "sha256": h} for f, h in carried.items()],
+        "notes": list(notes),
+    }
+
+
+# ------------------------------------------------------------------------------------------ merge
+def _method_params(spec: MethodSpec, parameters: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """Default to PEFT's convention for methods that have conventions (see the module docstring)."""
+    params = dict(parameters)
+    notes: list[str] = []
+    presets = getattr(spec.params, "presets", None)
+    if isinstance(presets, Mapping) and "peft" in presets and "convention" not in params:
+        params["convention"] = "peft"
+        notes.append(f"{spec.name}: using convention 'peft' (PEFT's add_weighted_adapter), the default "
+                     "for adapters; set parameters.convention to change it")
+    return params, notes
+
+
+def merge_loras(
+    adapters: Sequence[str | os.PathLike[str]],
+    base: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    method: str = "task_arithmetic",
+    parameters: Mapping[str, Any] | None = None,
+    model_parameters: Sequence[Mapping[str, Any]] | None = None,
+    rank: int | None = None,
+    seed: int = 0,
+    out_dtype: str | None = None,
+    force: bool = False,
+    progress: bool | None = None,
+    max_shard_size: int | str = "5GB",
+    allow_pickle: bool = False,
+) -> LoraResult:
+    """Merge several LoRA adapters of one base exactly in weight space.
+
+    Args:
+        adapters: the adapter folders (at least one).
+        base: the base model they were trained on.
+        out: the output folder.
+        method: any registered merge method (``soupkit methods``); task-vector methods get the
+            deltas ``scale_i * B_i @ A_i`` themselves.
+        parameters: the method's global parameters (and per-adapter defaults), as in a recipe
+            (scalars, gradients, ``filter`` lists over base tensor names).
+        model_parameters: per-adapter parameters (e.g. ``{"weight": 0.5}``), one per adapter.
+        rank: write a new adapter of this rank (truncated SVD of each merged delta) instead of
+            a full model.
+        seed: seed for stochastic methods (DARE), per tensor as in file merges.
+        out_dtype: output dtype (full model: of float tensors; adapter: of the factors).
+        force: replace a non-empty ``out``.
+        progress: show a progress bar.
+        max_shard_size: largest output shard (full model).
+        allow_pickle: accept pickle checkpoints / ``adapter_model.bin``.
+
+    Returns:
+        A `LoraResult`; for ``rank`` its ``svd_errors`` hold each module's relative error.
+
+    Raises:
+        ConfigError: unknown method or parameters, or values the method rejects.
+        UsageError: a global magnitude trim, or a rank below 1.
+        PlanError: adapters that do not fit the base or each other.
+    """
+    if not adapters:
+        raise UsageError("no adapters given\nhint: give at least one adapter folder")
+    if model_parameters is not None and len(model_parameters) != len(adapters):
+        raise UsageError(f"{len(model_parameters)} model_parameters for {len(adapters)} adapters")
+    if rank is not None and rank < 1:
+        raise UsageError(f"rank must be at least 1, got {rank}")
+    try:
+        spec = methods.get(method)
+    except SoupError as e:
+        raise ConfigError([f"method: {e}"]) from None
+    glob, notes = _method_params(spec, parameters or {})
+    per = [dict(m) for m in (model_parameters or [{}] * len(adapters))]
+    every = set(spec.per_model_names) | set(spec.global_names)
+    bad = [k for k in glob if k not in every] + [k for m in per for k in m if k not in spec.per_model_names]
+    if bad:
+        raise ConfigError([f"unknown parameter {k!r} for method {spec.name!r} (or a global one given per "
+                           f"adapter); it takes: {', '.join(sorted(every)) or 'nothing'}" for k in dict.fromkeys(bad)])
+    if len(adapters) < spec.min_models or (spec.max_models is not None and len(adapters) > spec.max_models):
+        raise ConfigError([f"method {spec.name!r} takes {spec.min_models}"
+                           f"{'..' + str(spec.max_models) if spec.max_models else '+'} models, got {len(adapters)} adapters"])
+    ads = [read_adapter(p, allow_pickle=allow_pickle) for p in adapters]
+    base_ck = _open_base(base, allow_pickle)
+    targets, match_notes = _targets(ads, base_ck)
+    notes += match_notes
+    layers = LayerIndex.from_names(base_ck.tensors)
+    from soupkit.config import load_recipe
+
+    load_recipe({"merge_method": spec.name, "models": [{"model": str(a), "parameters": p} for a, p in zip(adapters, per)],
+                 "parameters": glob})  # validates value shapes (scalars, gradients, filters) like a recipe
+    cache: dict[tuple[Any, ...], Params] = {}
+    bad_values: dict[str, str] = {}
+
+    def params_for(name: str) -> Params | None:
+        t = layers.t(name)
+        values: dict[str, Any] = {}
+        for key, default in spec.params.per_model.items():
+            values[key] = tuple(v if (v := resolve_chain(key, (m, glob), name, t)) is not None else default for m in per)
+        for key in spec.global_names:
+            v = resolve_chain(key, (glob,), name, t)
+            if v is not None:
+                values[key] = v
+        ck = tuple(sorted(values.items()))
+        if ck not in cache:
+            try:
+                cache[ck] = spec.params.model_validate(values)
+            except ValidationError as e:
+                for err in e.errors():
+                    loc = ".".join(str(x) for x in err["loc"])
+                    bad_values.setdefault(f"parameter {loc or '?'}: {err['msg']} (got {err.get('input')!r})", name)
+                return None
+        p = cache[ck]
+        if spec.global_trim is not None and spec.global_trim(p) is not None:
+            raise UsageError(f"method {spec.name!r} with a whole-model magnitude trim (trim_scope: global) "
+                             "is not available for LoRA merges\nhint: set trim_scope: per_tensor, or "
+                             "convention: peft (the default here)")
+        return p
+
+    merged_names = [n for n, tg in targets.items() if tg.touched and tg.info.is_float]
+    plist = {n: params_for(n) for n in merged_names}
+    if bad_values:
+        raise ConfigError([f"{m} for tensor {n!r}" for m, n in bad_values.items()])
+    if rank is not None:
+        for n in merged_names:
+            if any(lm.kind == "conv" for _, lm, _ in targets[n].deltas):
+                raise UsageError(f"{n}: a convolution; writing a merged LoRA (--rank) supports linear and "
+                                 "embedding modules only\nhint: leave out --rank to write the full model")
+        return _merge_to_adapter(ads, base_ck, targets, spec, plist, Path(out), rank=rank, seed=seed,
+                                 out_dtype=out_dtype, force=force, progress=progress, notes=notes,
+                                 method_params={"parameters": glob, "model_parameters": per})
+
+    outputs = [OutputTensor(n, _out_code(out_dtype, tg.info), tg.info.shape) for n, tg in targets.items()]
+    with TensorReader() as reader:
+        def produce(o: OutputTensor) -> torch.Tensor:
+            tg = targets[o.name]
+            dt = DTYPES[o.dtype][0]
+            raw = reader.read(tg.info).reshape(tg.info.shape)
+            if o.name not in plist:
+                return raw.to(dt)
+            w = raw.to(torch.float32)
+            deltas = _deltas(tg, len(ads), reader, w)
+            merged = _combine(spec, plist[o.name], deltas, w, seed, o.name)  # type: ignore[arg-type]
+            return (w + merged).to(dt)
+
+        def files(tmp: Path, hashes: dict[str, str]) -> None:
+            carried = _carry(tmp, [base_ck.folder])
+            _card_and_report(tmp, "merge", ads, base_ck, hashes, carried, notes, spec, rank=None,
+                             extra={"method": spec.name, "parameters": glob, "model_parameters": per,
+                                    "seed": seed, "out_dtype": out_dtype, "merged_tensors": len(merged_names)},
+                             result=result_report)
+
+        result_report: dict[str, Any] = {}
+        _write(Path(out), outputs, produce, force=force, max_shard_size=max_shard_size, files=files,
+               progress=progress, desc=f"merge loras ({spec.name})")
+    return LoraResult(Path(out), "model", tuple(merged_names), {}, tuple(notes), result_report)
+
+
+def _deltas(tg: _Target, n: int, reader: TensorReader, w: torch.Tensor) -> list[torch.Tensor]:
+    """Adapter i's task vector on this tensor (float32): its whole tensor minus W, plus its
+    LoRA delta; zero for adapters that leave the tensor alone."""
+    out = [torch.zeros_like(w) for _ in range(n)]
+    for ai, info in tg.replaced.items():
+        if info.shape != tg.info.shape:
+            raise PlanError([f"{tg.name}: adapter {ai} stores it with shape {list(info.shape)}, the base has "
+                             f"{list(tg.info.shape)}; merging needs equal shapes"])
+        out[ai] = reader.read(info).to(torch.float32).reshape(w.shape) - w
+    for ai, lm, part in tg.deltas:
+        out[ai] += _delta(lm, part, reader, w.shape)
+    return out
+
+
+def _combine(spec: MethodSpec, p: Params, deltas: list[torch.Tensor], w: torch.Tensor, seed: int,
+             name: str) -> torch.Tensor:
+    """The merged delta for one tensor, with the engine's seeding (see `soupkit.execute`)."""
+    def run(ds: list[torch.Tensor], base: torch.Tensor, rng: torch.Generator | None) -> torch.Tensor:
+        if spec.kind == "task_vector":
+            return spec.fn(ds, p, rng=rng)
+        return spec.call([base + d for d in ds], p, base=base, rng=rng) - base
+
+    if not spec.stochastic:
+        return run(deltas, w, None)
+    if not spec.elementwise:
+        return run(deltas, w, torch.Generator().manual_seed(tensor_seed(seed, name)))
+    flat = [d.reshape(-1) for d in deltas]
+    wf = w.reshape(-1)
+    out = torch.empty_like(wf)
+    for a in range(0, wf.numel(), RNG_BLOCK):
+        b = min(wf.numel(), a + RNG_BLOCK)
+        rng = torch.Generator().manual_seed(tensor_seed(seed, name, a // RNG_BLOCK))
+        out[a:b] = run([f[a:b].clone() for f in flat], wf[a:b], rng)
+    return out.reshape(w.shape)
+
+
+def _card_and_report(tmp: Path, op: str, ads: Sequence[LoraAdapter], base: Checkpoint, hashes: Mapping[str, str],
+                     carried: Mapping[str, str], notes: Sequence[str], spec: MethodSpec, *, rank: int | None,
+                     extra: Mapping[str, Any], result: dict[str, Any]) -> None:
+    is_adapter = rank is not None
+    front = card_front_matter([base.label, *(a.label for a in ads)], tags=["lora", "peft", spec.name],
+                              library_name="peft" if is_adapter else "transformers",
+                              relation="adapter" if is_adapter else "merge")
+    what = f"a LoRA adapter of rank {rank}" if is_adapter else "a full model"
+    body = [f"# {tmp.name if not tmp.name.startswith('.soupkit') else 'Merged LoRA'}", "",
+            f"{len(ads)} LoRA adapter(s) of `{base.label}` merged exactly in weight space (their deltas "
+            f"scale * B @ A) with the `{spec.name}` method ({spec.paper}) by "
+            f"[soupkit](https://pypi.org/project/soupkit/) {__version__}, written as {what}.", "",
+            "## Adapters", ""]
+    body += [f"- `{a.label}`: r = {a.r}, lora_alpha = {a.lora_alpha:g}, {len(a.modules)} module(s)" for a in ads]
+    body += ["", "## Parameters", "", "```json", json.dumps(dict(extra), indent=2, default=str), "```"]
+    (tmp / "README.md").write_text(render_card(front, body), encoding="utf-8")
+    report = _report(op, ads, base, hashes, carried, notes, extra)
+    (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    result.update(report)
+
+
+def _merge_to_adapter(
+    ads: Sequence[LoraAdapter], base: Checkpoint, targets: Mapping[str, _Target], spec: MethodSpec,
+    plist: Mapping[str, Params | None], out: Path, *, rank: int, seed: int, out_dtype: str | None,
+    force: bool, progress: bool | None, notes: list[str], method_params: Mapping[str, Any],
+) -> LoraResult:
+    """Merged deltas -> a PEFT adapter of rank ``rank`` by truncated SVD (factors computed
+    while writing; each tensor's error goes to the report)."""
+    if out_dtype is not None:
+        code = _DTYPE_CODE[out_dtype]
+    else:  # the factors' dtype of the first adapter
+        code = next((lm.b.dtype for a in ads for lm in a.modules.values()), "F32")
+    fdtype = DTYPES[code][0]
+    outputs: list[OutputTensor] = []
+    plan: dict[str, tuple[str, str, str]] = {}  # output name -> (base tensor, module, "A"|"B"|"whole")
+    modules: dict[str, tuple[str, bool, bool]] = {}  # module -> (base weight name, transposed, embedding)
+    for name in plist:
+        tg = targets[name]
+        lora = [lm for _, lm, part in tg.deltas if part == "weight"]
+        if any(part == "bias" for _, _, part in tg.deltas) or (tg.replaced and not lora):
+            # a bias update or a whole-tensor module: stored whole (modules_to_save)
+            out_name = PREFIX + name
+            outputs.append(OutputTensor(out_name, code if tg.info.is_float else tg.info.dtype, tg.info.shape))
+            plan[out_name] = (name, name.rsplit(".", 1)[0], "whole")
+            continue
+        lm0 = lora[0]
+        mod = lm0.module if all(lm.module == lm0.module for lm in lora) else name.rsplit(".", 1)[0]
+        emb = lm0.kind == "embedding"
+        transposed = emb or lm0.fan_in_fan_out
+        rows, cols = tg.info.shape[0], tg.info.shape[1]
+        out_f, in_f = (cols, rows) if transposed else (rows, cols)
+        k = min(rank, out_f, in_f)
+        an, bn = (f"{PREFIX}{mod}.lora_embedding_A", f"{PREFIX}{mod}.lora_embedding_B") if emb else \
+            (f"{PREFIX}{mod}.lora_A.weight", f"{PREFIX}{mod}.lora_B.weight")
+        outputs += [OutputTensor(an, code, (k, in_f)), OutputTensor(bn, code, (out_f, k))]
+        plan[an] = (name, mod, "A")
+        plan[bn] = (name, mod, "B")
+        modules[mod] = (name, transposed, emb)
+        if k < rank:
+            notes.append(f"{mod}: rank {rank} exceeds min(out, in) = {k}; stored at rank {k} (exact)")
+    errors: dict[str, float] = {}
+    norms: dict[str, tuple[float, float]] = {}
+    pending: dict[str, torch.Tensor] = {}
+
+    with TensorReader() as reader:
+        def merged_delta(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+            tg = targets[name]
+            w = reader.read(tg.info).to(torch.float32).reshape(tg.info.shape)
+            p = plist[name]
+            assert p is not None
+            return _combine(spec, p, _deltas(tg, len(ads), reader, w), w, seed, name), w
+
+        def produce(o: OutputTensor) -> torch.Tensor:
+            name, mod, part = plan[o.name]
+            if part == "whole":
+                d, w = merged_delta(name)
+                return (w + d).to(DTYPES[o.dtype][0])
+            if part == "B" and o.name in pending:
+                return pending.pop(o.name)
+            d, _ = merged_delta(name)
+            _, transposed, emb = modules[mod]
+            m = d.T if transposed else d  # PEFT's orientation: delta = B @ A
+            u, s, vh = torch.linalg.svd(m, full_matrices=False)
+            k = o.shape[0] if part == "A" else o.shape[1]
+            b_f = (u[:, :k] * s[:k]).to(fdtype).contiguous()
+            a_f = vh[:k].to(fdtype).contiguous()
+            total = float(torch.linalg.vector_norm(m.double()))
+            resid = float(torch.linalg.vector_norm((m.double() - b_f.double() @ a_f.double())))
+            errors[mod] = resid / total if total > 0 else 0.0
+            norms[mod] = (resid, total)
+            other = o.name.replace("lora_A", "lora_B").replace("lora_embedding_A", "lora_embedding_B") \
+                if part == "A" else o.name.replace("lora_B", "lora_A").replace("lora_embedding_B", "lora_embedding_A")
+            pending[other] = a_f if part == "B" else b_f
+            return a_f if part == "A" else b_f
+
+        def files(tmp: Path, hashes: dict[str, str]) -> None:
+            cfg = dict(ads[0].config)
+            targets_cfg: Any
+            if all(isinstance(a.config.get("target_modules"), list) for a in ads):
+                targets_cfg = sorted({t for a in ads for t in a.config["target_modules"]})
+            else:
+                targets_cfg = sorted(modules)
+            saves = sorted({s for a in ads for s in (a.config.get("modules_to_save") or [])}) or None
+            cfg.update({"r": rank, "lora_alpha": rank, "use_rslora": False, "rank_pattern": {}, "alpha_pattern": {},
+                        "target_modules": targets_cfg, "modules_to_save": saves, "fan_in_fan_out": any(
+                            t for _, t, e in modules.values() if not e), "base_model_name_or_path": base.label,
+                        "use_dora": False, "inference_mode": True})
+            (tmp / ADAPTER_CONFIG).write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
+            tot_r = math.sqrt(sum(r * r for r, _ in norms.values()))
+            tot = math.sqrt(sum(t * t for _, t in norms.values()))
+            extra = {**dict(method_params), "method": spec.name, "rank": rank, "seed": seed,
+                     "svd": {"relative_frobenius_error": {m: round(e, 8) for m, e in sorted(errors.items())},
+                             "max": max(errors.values(), default=0.0),
+                             "overall": tot_r / tot if tot > 0 else 0.0}}
+            _card_and_report(tmp, "merge_to_adapter", ads, base, hashes, {}, notes, spec, rank=rank,
+                             extra=extra, result=result_report)
+
+        result_report: dict[str, Any] = {}
+        _write(out, outputs, produce, force=force, max_shard_size="1000TB", files=files, progress=progress,
+               desc=f"merge loras ({spec.name}, rank {rank})", stem="adapter_model")
+    return LoraResult(out, "adapter", tuple(sorted(modules)), errors, tuple(notes), result_report)

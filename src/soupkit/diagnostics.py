@@ -133,7 +133,8 @@ class DiagnosisReport:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (NaN becomes None)."""
-        return _clean(asdict(self))
+        out: dict[str, Any] = _clean(asdict(self))
+        return out
 
     def to_json(self, path: str | os.PathLike[str] | None = None) -> str:
         """The report as JSON text; also written to ``path`` when given."""

@@ -781,7 +781,8 @@ def _combine(spec: MethodSpec, p: Params, deltas: list[torch.Tensor], w: torch.T
     """The merged delta for one tensor, with the engine's seeding (see `soupkit.execute`)."""
     def run(ds: list[torch.Tensor], base: torch.Tensor, rng: torch.Generator | None) -> torch.Tensor:
         if spec.kind == "task_vector":
-            return spec.fn(ds, p, rng=rng)
+            merged: torch.Tensor = spec.fn(ds, p, rng=rng)
+            return merged
         return spec.call([base + d for d in ds], p, base=base, rng=rng) - base
 
     if not spec.stochastic:
@@ -882,8 +883,8 @@ def _merge_to_adapter(
             m = d.T if transposed else d  # PEFT's orientation: delta = B @ A
             u, s, vh = torch.linalg.svd(m, full_matrices=False)
             k = o.shape[0] if part == "A" else o.shape[1]
-            b_f = (u[:, :k] * s[:k]).to(fdtype).contiguous()
-            a_f = vh[:k].to(fdtype).contiguous()
+            b_f: torch.Tensor = (u[:, :k] * s[:k]).to(fdtype).contiguous()
+            a_f: torch.Tensor = vh[:k].to(fdtype).contiguous()
             total = float(torch.linalg.vector_norm(m.double()))
             resid = float(torch.linalg.vector_norm((m.double() - b_f.double() @ a_f.double())))
             errors[mod] = resid / total if total > 0 else 0.0

@@ -370,17 +370,17 @@ def plan_slices(
         lengths = set()
         sources: list[_Source] = []
         slice_base = opened[sl.base_model] if sl.base_model else base_ck
-        for j, s in enumerate(sl.sources):
-            ck, stack = opened[s.model], stacks[s.model]
-            a, b = s.layer_range
+        for j, entry in enumerate(sl.sources):
+            ck, stack = opened[entry.model], stacks[entry.model]
+            a, b = entry.layer_range
             if not 0 <= a < b:
                 cfg_problems.append(f"{where}.sources[{j}].layer_range: [{a}, {b}] is empty or negative; "
                                     "expected [start, end) with 0 <= start < end")
             elif b > stack.n_layers:
-                cfg_problems.append(f"{where}.sources[{j}].layer_range: [{a}, {b}] but {s.model} has "
+                cfg_problems.append(f"{where}.sources[{j}].layer_range: [{a}, {b}] but {entry.model} has "
                                     f"{stack.n_layers} layer(s) (0..{stack.n_layers - 1}); the end is exclusive")
             lengths.add(b - a)
-            sources.append(_Source(ck, stack, a, b, s.parameters,
+            sources.append(_Source(ck, stack, a, b, entry.parameters,
                                    slice_base is not None and _same(ck, slice_base)))
         if len(lengths) > 1:
             cfg_problems.append(f"{where}: its sources span different numbers of layers "
@@ -423,7 +423,7 @@ def plan_slices(
 
     def add(out_name: str, group: Sequence[tuple[_Source, str]], base_info: TensorInfo | None,
             slice_params: Mapping[str, ParamValue], t: float) -> None:
-        infos = []
+        infos: list[tuple[_Source, TensorInfo]] = []
         for src, name in group:
             info = src.ck.tensors.get(name)
             if info is None:
@@ -431,8 +431,8 @@ def plan_slices(
                 return
             infos.append((src, info))
         first = infos[0][1]
-        for src, info in infos[1:] + ([(None, base_info)] if base_info is not None else []):
-            label = src.ck.label if src is not None else "the base model"
+        others = [(s.ck.label, i) for s, i in infos[1:]] + ([("the base model", base_info)] if base_info else [])
+        for label, info in others:
             if info.shape != first.shape:
                 problems.append(f"output tensor {out_name!r}: shapes differ: {infos[0][0].ck.label} "
                                 f"{info.name!r} {list(first.shape)} vs {label} {info.name!r} {list(info.shape)}")

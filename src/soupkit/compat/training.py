@@ -142,8 +142,9 @@ class CheckpointSoup:
         self._calls += 1
         if step % self.every != 0:
             return False
-        if hasattr(model, "config") and hasattr(model.config, "to_json_string") and self._config_json is None:
-            self._config_json = model.config.to_json_string()
+        to_json = getattr(getattr(model, "config", None), "to_json_string", None)
+        if callable(to_json) and self._config_json is None:  # a transformers model: keep its config
+            self._config_json = str(to_json())
         snap = self._snapshot(model)
         self._newest = {k: v for k, v in snap.items() if not v.is_floating_point()}
         floats = {k: v for k, v in snap.items() if v.is_floating_point()}

@@ -146,6 +146,18 @@ def test_passthrough_of_one_model_with_scale(tmp_path: Path) -> None:
     assert all(torch.equal(out[k], src[k]) for k in src if k != "lm_head.weight")
 
 
+def test_passthrough_of_a_model_without_layers(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    sd = {"0.weight": torch.randn(3, 2), "0.bias": torch.randn(3), "steps": torch.tensor([7])}
+    save_file(sd, str(tmp_path / "mlp.safetensors"))
+    p = soupkit.plan({"merge_method": "passthrough", "models": [{"model": str(tmp_path / "mlp.safetensors")}]})
+    assert sorted(j.name for j in p.jobs) == sorted(sd) and p.config_updates == {}
+    with pytest.raises(ConfigError, match="has no numbered layers"):
+        soupkit.plan({"merge_method": "passthrough", "slices": [
+            {"sources": [{"model": str(tmp_path / "mlp.safetensors"), "layer_range": [0, 1]}]}]})
+
+
 def test_slice_errors_are_reported_together(tmp_path: Path) -> None:
     a, b = _two_models(tmp_path)
     with pytest.raises(ConfigError) as e:

@@ -358,6 +358,7 @@ def plan_slices(
     opened, open_problems = _open_all(cfg, allow_pickle, key_map)
     if open_problems:
         raise PlanError(open_problems)
+    whole = not cfg.slices  # `models:` with passthrough: each model copied whole
     slices = list(cfg.slices) if cfg.slices else _whole_model_slices(cfg, opened)
     stacks = {path: LayerStack.of(ck) for path, ck in opened.items()}
     base_ck = opened[cfg.base_model] if cfg.base_model else None
@@ -373,9 +374,12 @@ def plan_slices(
         for j, entry in enumerate(sl.sources):
             ck, stack = opened[entry.model], stacks[entry.model]
             a, b = entry.layer_range
-            if not 0 <= a < b:
+            if not 0 <= a < b and not (whole and a == b == 0):  # a model without layers: copied whole
                 cfg_problems.append(f"{where}.sources[{j}].layer_range: [{a}, {b}] is empty or negative; "
                                     "expected [start, end) with 0 <= start < end")
+            elif b > stack.n_layers and stack.n_layers == 0:
+                cfg_problems.append(f"{where}.sources[{j}]: {entry.model} has no numbered layers (names "
+                                    "like 'model.layers.0.*' or 'transformer.h.0.*'), so there is nothing to slice")
             elif b > stack.n_layers:
                 cfg_problems.append(f"{where}.sources[{j}].layer_range: [{a}, {b}] but {entry.model} has "
                                     f"{stack.n_layers} layer(s) (0..{stack.n_layers - 1}); the end is exclusive")
@@ -406,7 +410,7 @@ def plan_slices(
     # 2. the output tensors, each with its inputs and parameter levels
     first_sources = resolved[0][0]
     out_stack = first_sources[0].stack
-    if not out_stack.prefix:
+    if not out_stack.prefix and not whole:
         raise PlanError([f"{first_sources[0].ck.label}: no numbered layers found "
                          "(names like 'model.layers.0.*' or 'transformer.h.0.*'), so there is "
                          "nothing to slice"])
@@ -546,7 +550,7 @@ def plan_slices(
     shards = layout_shards([OutputTensor(j.name, j.out_dtype, j.shape) for j in jobs], shard_limit)
     carry = _carry_source(cfg, base_ck, [s.ck for s in first_sources])
     check_tokenizer_source(cfg, carry)
-    updates = _config_updates(_read_config(carry), layer_sources)
+    updates = {} if whole else _config_updates(_read_config(carry), layer_sources)
     notes = [n for ck in opened.values() for n in ck.notes]
     k = 0
     for i, (sources, _) in enumerate(resolved):

@@ -513,7 +513,12 @@ def _plots(rep: DiagnosisReport, folder: Path) -> None:
         fig = Figure(figsize=(max(4.0, 0.35 * len(groups) + 1.5), 3.5), dpi=110, layout="constrained")
         ax = fig.add_subplot()
         ax.bar(range(len(groups)), [100 * rep.sign_conflicts[g] for g in groups], color="#ef6c00")
-        ax.set_xticks(range(len(groups)), [g.replace("layer ", "") for g in groups], rotation=90 if len(groups) > 12 else 0)
+        ticks = [g.replace("layer ", "") for g in groups]
+        if len(groups) > 12 or any(len(t) > 3 for t in ticks):  # long names would overlap
+            ax.set_xticks(range(len(groups)), ticks, rotation=90 if len(groups) > 24 else 45,
+                          ha="center" if len(groups) > 24 else "right")
+        else:
+            ax.set_xticks(range(len(groups)), ticks)
         ax.set_ylabel("sign conflicts (%)")
         ax.set_xlabel("layer / module")
         ax.set_title("sign conflicts between task vectors")

@@ -182,8 +182,9 @@ def _open_sharded(folder: Path, label: str) -> Checkpoint:
         header = read_safetensors_header(shard)
         for name, info in header.tensors.items():
             if name in tensors:
+                first = tensors[name].file
                 problems.append(f"tensor {name!r} is stored in two shards "
-                                f"({tensors[name].file.name if tensors[name].file else '?'} and {fname})")
+                                f"({first.name if first is not None else '?'} and {fname})")
             elif wm.get(name) != fname:
                 where = wm.get(name)
                 problems.append(f"tensor {name!r} is in shard {fname} but the index says "

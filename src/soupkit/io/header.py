@@ -304,15 +304,15 @@ def _read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
     keyset = {"dtype", "shape", "data_offsets"}
     # `type(x) is int` (not isinstance) also refuses booleans; kept tight: headers of hundreds
     # of thousands of entries must parse in seconds.
-    for name, e in obj.items():
-        if type(e) is not dict:
-            raise _fail(p, f"tensor {name!r}: entry is a {type(e).__name__}, expected an object")
-        if e.keys() != keyset:
-            keys = set(e)
+    for name, ent in obj.items():
+        if type(ent) is not dict:
+            raise _fail(p, f"tensor {name!r}: entry is a {type(ent).__name__}, expected an object")
+        if ent.keys() != keyset:
+            keys = set(ent)
             extra = sorted(keys - keyset)
             missing = sorted(keyset - keys)
             raise _fail(p, f"tensor {name!r}: keys {sorted(keys)}; missing {missing}, unexpected {extra}")
-        dt, shape, offs = e["dtype"], e["shape"], e["data_offsets"]
+        dt, shape, offs = ent["dtype"], ent["shape"], ent["data_offsets"]
         known = DTYPES.get(dt) if type(dt) is str else None
         if known is None:
             raise _fail(p, f"tensor {name!r}: unknown dtype {dt!r}",

@@ -230,6 +230,19 @@ def test_disk_full_is_a_clear_error_and_cleans_up(tmp_path: Path, monkeypatch: p
     assert not (tmp_path / "out").exists() and not debris(tmp_path)
 
 
+def test_disk_full_while_writing_the_index(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ms = make_models(tmp_path / "in")
+
+    def full(self: Path, *a: Any, **k: Any) -> int:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full)
+    with pytest.raises(MergeIOError, match=r"model.safetensors.index.json: cannot write \(No space left on device\)"):
+        soupkit.merge(recipe(ms), tmp_path / "out", max_shard_size=SHARD)
+    monkeypatch.undo()
+    assert not (tmp_path / "out").exists() and not debris(tmp_path)
+
+
 def test_disk_full_while_writing_small_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     ms = make_models(tmp_path / "in")
 

@@ -170,7 +170,12 @@ def write_index(folder: Path, shards: Sequence[ShardLayout]) -> None:
     weight_map = {t.name: s.filename for s in shards for t in s.tensors}
     total = sum(t.nbytes for s in shards for t in s.tensors)
     body = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (folder / INDEX_NAME).write_text(json.dumps(body, indent=2) + "\n", encoding="utf-8")
+    try:
+        (folder / INDEX_NAME).write_text(json.dumps(body, indent=2) + "\n", encoding="utf-8")
+    except OSError as e:
+        raise MergeIOError(f"{folder / INDEX_NAME}: cannot write ({e.strerror})"
+                           + ("\nhint: the disk is full; free space or choose another output folder"
+                              if e.errno == 28 else "")) from None
 
 
 def sha256_file(path: Path) -> str:

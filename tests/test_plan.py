@@ -94,7 +94,8 @@ def test_gradient_parameters_interpolate_across_layers(tmp_path: Path) -> None:
     assert w["model.layers.0.mlp.up_proj.weight"] == 0.0
     assert w["model.layers.1.mlp.up_proj.weight"] == 0.5
     assert w["model.layers.2.mlp.up_proj.weight"] == 1.0
-    assert w["model.embed_tokens.weight"] == 0.0 and w["lm_head.weight"] == 1.0
+    # outside the layers: t = 0, as mergekit 0.1.5 resolves them
+    assert w["model.embed_tokens.weight"] == 0.0 and w["lm_head.weight"] == 0.0
 
 
 def test_peak_memory_estimate_is_flat_in_model_size(tmp_path: Path) -> None:

@@ -6,10 +6,8 @@ recipe's global ``parameters``, then the method's default. At each level the val
 - a scalar: used as is;
 - a list of numbers, a *gradient*: interpolated piecewise-linearly over the position ``t`` of
   the tensor in the network, ``t = layer / (n_layers - 1)`` for tensors of a numbered layer
-  (``...layers.7...``; ``t = 1`` when the model has a single layer), ``t = 0`` for embeddings
-  (names with ``embed``, ``wte``, ``wpe``, ``tok_``, but not GPT-NeoX's ``embed_out`` head) and
-  ``t = 1`` for the other tensors outside layers (final norm, head), as mergekit places its
-  "pre" and "post" weights;
+  (``...layers.7...``; ``t = 1`` when the model has a single layer) and ``t = 0`` for every
+  tensor outside the numbered layers (embeddings, final norm, head), as mergekit 0.1.5 does;
 - a list of conditions ``{filter: SUBSTRING, value: ...}`` / ``{match: GLOB, value: ...}``: the
   first entry matching the tensor name wins (an entry with neither key, or ``filter: "*"``,
   matches everything); if none matches, resolution falls through to the next level, as in
@@ -17,13 +15,13 @@ recipe's global ``parameters``, then the method's default. At each level the val
 
 This is mergekit's ``evaluate_setting`` (mergekit/config.py) and the ``t`` its planner passes
 (``plan_slice``: ``idx / (num_layers - 1)``, or 1 for one layer; ``t = 0`` for "pre" weights),
-with these differences: the layer position comes from the tensor name (soupkit has no
-per-architecture tables; the number of layers is the largest layer index + 1); ``match`` (a
-glob over the whole name) is soupkit's addition; mergekit also accepts a list of strings as a
-step-wise "gradient", soupkit's recipes only numeric lists; and "post" weights (final norm,
-head) get ``t = 1``, as mergekit's planner placed them before its module refactor, where
-mergekit 0.1.5 resolves them at ``t = 0`` (its ``plan_module`` reads them with the module's
-``t = 0`` reader; see tests/ecosystem/test_mergekit_reference.py).
+and mergekit 0.1.5's ``plan_module``, which reads the weights outside the layers ("pre" and
+"post": embeddings, final norm, head) with its ``t = 0`` reader (pinned against the real
+mergekit in tests/ecosystem/test_mergekit_reference.py), with these differences: the layer
+position comes from the tensor name (soupkit has no per-architecture tables; the number of
+layers is the largest layer index + 1); ``match`` (a glob over the whole name) is soupkit's
+addition; mergekit also accepts a list of strings as a step-wise "gradient", soupkit's recipes
+only numeric lists.
 """
 
 from __future__ import annotations
@@ -38,7 +36,6 @@ from soupkit.config import Conditional, ParamValue
 __all__ = ["LayerIndex", "condition_matches", "first_match", "resolve_chain", "resolve_value"]
 
 _LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
-_PRE = ("embed", "wte", "wpe", "tok_", "word_embeddings", "position_embeddings", "token_type")
 
 Resolved = bool | int | float | str
 
@@ -60,10 +57,7 @@ class LayerIndex:
         if m:
             # mergekit's plan_slice: idx / (num_layers - 1), and t = 1 for a single layer
             return int(m.group(1)) / (self.n_layers - 1) if self.n_layers > 1 else 1.0
-        low = name.lower()
-        if "embed_out" in low:  # GPT-NeoX's output head: a "post" weight
-            return 1.0
-        return 0.0 if any(k in low for k in _PRE) else 1.0
+        return 0.0  # outside the layers: mergekit 0.1.5 resolves pre and post weights at t = 0
 
 
 def condition_matches(cond: Conditional, name: str) -> bool:

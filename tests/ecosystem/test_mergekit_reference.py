@@ -5,10 +5,9 @@ mergekit runs in its own venv (``benchmarks/.venv-mergekit``, made by
 every recipe is merged in one mergekit process to pay its import time once. The tests are
 skipped when that venv is absent.
 
-Two known differences are pinned as strict xfails (they fail loudly once fixed), see
-docs/mergekit.md: mergekit's ``linear`` accumulates with a fused multiply-add
-(``Tensor.addcmul_``), and mergekit 0.1.5 resolves gradients for the tensors after the last
-layer (final norm, head) at ``t = 0``.
+soupkit's ``linear`` accumulates with mergekit's fused multiply-add (``Tensor.addcmul_``) and
+resolves gradients outside the layers at ``t = 0`` as mergekit 0.1.5 does, so both are pinned
+bit for bit here.
 """
 
 from __future__ import annotations
@@ -140,8 +139,6 @@ def test_gradients_and_filters_match_mergekit_inside_the_layers(outputs: dict[st
     assert _bit_equal(a, b, skip=POST) == []
 
 
-@pytest.mark.xfail(strict=True, reason="mergekit 0.1.5 resolves gradients at t = 0 for the final norm and head "
-                                      "(plan_module's ConfigReader t=0); soupkit.params uses t = 1 (docs/mergekit.md)")
 def test_gradients_after_the_last_layer_match_mergekit(outputs: dict[str, tuple[Path, Path]]) -> None:
     a, b = _states(outputs["linear_gradient"])
     assert _bit_equal(a, b) == []
@@ -153,8 +150,6 @@ def test_linear_with_arbitrary_weights_is_within_one_rounding(outputs: dict[str,
         torch.testing.assert_close(a[k], b[k], rtol=3e-7, atol=1e-9)
 
 
-@pytest.mark.xfail(strict=True, reason="mergekit's linear accumulates with addcmul_ (a fused multiply-add on "
-                                      "CPU), soupkit multiplies then adds (docs/mergekit.md)")
 def test_linear_with_arbitrary_weights_is_bit_identical(outputs: dict[str, tuple[Path, Path]]) -> None:
     a, b = _states(outputs["linear"])
     assert _bit_equal(a, b) == []

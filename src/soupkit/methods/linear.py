@@ -7,10 +7,11 @@ With no weights (all 1) this is the uniform soup of Wortsman et al., "Model soup
 weights of multiple fine-tuned models improves accuracy without increasing inference time",
 ICML 2022, https://arxiv.org/abs/2203.05482. Same name and semantics as mergekit's `linear`.
 
-Order of operations: products are formed in float32 and summed left to right, then divided by
-the float32 sum of the weights. mergekit computes ``(w * stack).sum(0) / w.sum(0)``, which is
-the same sequence of roundings when it runs in float32 (`dtype: float32`), so the two agree bit
-for bit there. Weights are not re-normalised silently: ``normalize: false`` keeps them as given.
+Order of operations (the same roundings as mergekit 0.1.5's `linear`, so the two agree bit for
+bit): in float32, ``acc = w_0 * theta_0``, then ``acc.addcmul_(theta_i, w_i)`` for i = 1..n-1 in
+recipe order (a fused multiply-add: one rounding per step, on every CPU kernel path, whatever the
+chunking or thread count), then ``acc / sum(w)`` with the float32 sum of the weights. Weights are
+not re-normalised silently: ``normalize: false`` keeps them as given.
 """
 
 from __future__ import annotations
@@ -59,12 +60,15 @@ def linear(
     base: torch.Tensor | None = None,
     rng: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Weighted sum (or mean) of ``tensors`` with weights ``p.weight``."""
+    """Weighted sum (or mean) of ``tensors`` with weights ``p.weight``.
+
+    Works in place on ``tensors`` (the engine hands every method tensors it owns).
+    """
     weights = torch.tensor(p.weight, dtype=torch.float32)
-    acc = tensors[0] * weights[0]
+    # acc = w0 * t0 is what addcmul_ from zeros gives (fma(t0, w0, 0) rounds once, like a product)
+    acc = tensors[0].mul_(weights[0])
     for t, w in zip(tensors[1:], weights[1:]):
-        # Multiply then add (never add(alpha=)), so no fused multiply-add changes the rounding.
-        acc += t * w
+        acc.addcmul_(t, w)  # one rounding per step: a fused multiply-add, as mergekit does
     if p.normalize:
-        acc /= weights.sum()
+        acc.div_(weights.sum())
     return acc

@@ -106,6 +106,13 @@ def cli_child(argv: list[str], log: str, threads: int | None = None) -> None:
     os.dup2(fd, 2)
     if threads is not None:
         torch.set_num_threads(threads)
+    import threading
+
+    from tqdm import tqdm
+
+    # tqdm's default lock is a multiprocessing semaphore; a SIGKILLed child cannot release it
+    # and the resource tracker then warns about leaks. A thread lock does the same job here.
+    tqdm.set_lock(threading.RLock())
     from soupkit.cli import main
 
     code = main(argv)

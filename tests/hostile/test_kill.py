@@ -1,6 +1,6 @@
 """Real kills of `soupkit merge` at random moments: the complete, correct output or nothing.
 
-Each run is its own process running ``soupkit merge`` (the CLI's ``main``) on 24 MB of inputs
+Each run is its own process running ``soupkit merge`` (the CLI's ``main``) on 24 MB of inputs (384 MB in the long run)
 writing 8 shards. The processes come from a multiprocessing fork server that imported soupkit
 once, so a run costs the merge and not the two-second torch import. The signal (SIGINT,
 SIGTERM or SIGKILL) is sent a random delay after the run starts writing (its partial folder
@@ -9,7 +9,8 @@ After every kill: the output folder either does not exist or is byte-identical t
 merge; SIGINT / SIGTERM leave no debris at all; SIGKILL may leave a partial folder, which the
 next run removes; and that re-run succeeds.
 
-``SOUPKIT_KILL_RUNS=N`` (or ``HYPOTHESIS_PROFILE=long``: 40) sets the number of kills (default 6).
+``SOUPKIT_KILL_RUNS=N`` (or ``HYPOTHESIS_PROFILE=long``: 40) sets the number of kills (default 6);
+``HYPOTHESIS_PROFILE=long`` also makes the inputs 3 x 128 MB (384 MB read, 8 shards of 16 MB).
 ``SOUPKIT_KILL_SEED`` fixes the random delays (the seed is printed in every failure message).
 """
 
@@ -36,7 +37,8 @@ from hostile_helpers import debris
 LONG = os.environ.get("HYPOTHESIS_PROFILE") == "long"
 RUNS = int(os.environ.get("SOUPKIT_KILL_RUNS", "40" if LONG else "6"))
 SEED = int(os.environ.get("SOUPKIT_KILL_SEED", str(random.SystemRandom().randrange(1 << 30))))
-SHARD = "1MB"
+SHARD = "16MB" if LONG else "1MB"
+ROWS = 4096 if LONG else 256  # x 1024 float32 columns x 8 tensors per model
 SIGNALS = [signal.SIGINT, signal.SIGTERM, signal.SIGKILL]
 
 
@@ -47,7 +49,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     for i in range(3):
         g = torch.Generator().manual_seed(i)
         p = root / f"m{i}.safetensors"
-        save_file({f"layer{j}.weight": torch.randn(256, 1024, generator=g) for j in range(8)}, str(p))
+        save_file({f"layer{j}.weight": torch.randn(ROWS, 1024, generator=g) for j in range(8)}, str(p))
         models.append(p)
     recipe = root / "recipe.yaml"
     recipe.write_text(json.dumps({"merge_method": "linear", "models": [{"model": str(m)} for m in models],

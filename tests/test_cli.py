@@ -83,3 +83,23 @@ def test_console_script_runs_as_a_module(tmp_path: Path) -> None:
     assert res.returncode == 0 and res.stdout.startswith("soupkit ")
     res = subprocess.run([sys.executable, "-m", "soupkit.cli", "merge"], capture_output=True, text=True)
     assert res.returncode == 2 and "required" in res.stderr
+
+
+def test_allow_pickle_is_offered_wherever_checkpoints_are_read(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    state = tiny_state(1)
+    (tmp_path / "pt").mkdir()
+    torch.save(state, tmp_path / "pt" / "model.pt")
+    assert main(["inspect", str(tmp_path / "pt" / "model.pt")]) == 2
+    assert "--allow-pickle" in capsys.readouterr().err
+    assert main(["inspect", str(tmp_path / "pt" / "model.pt"), "--allow-pickle"]) == 0
+    assert "lm_head.weight" in capsys.readouterr().out
+    r = write_recipe(tmp_path, [tmp_path / "pt" / "model.pt", write_model(tmp_path / "sf", tiny_state(2))])
+    for cmd in (["validate", str(r)], ["plan", str(r)]):
+        assert main(cmd) == 2
+        assert main([*cmd, "--allow-pickle"]) == 0
+    run = tmp_path / "run"
+    for step in (1, 2):
+        (run / f"checkpoint-{step}").mkdir(parents=True)
+        torch.save(tiny_state(step), run / f"checkpoint-{step}" / "model.pt")
+    assert main(["soup-checkpoints", str(run), str(tmp_path / "soup"), "--no-progress"]) == 2
+    assert main(["soup-checkpoints", str(run), str(tmp_path / "soup"), "--no-progress", "--allow-pickle"]) == 0

@@ -15,11 +15,16 @@ def add_output_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="do not show a progress bar")
 
 
-def add_safety_flags(p: argparse.ArgumentParser) -> None:
-    """Opt-ins that relax a safety default, and resuming (see SECURITY.md)."""
+def add_pickle_flag(p: argparse.ArgumentParser) -> None:
+    """``--allow-pickle``: the one opt-in that lets pickle checkpoints in (see SECURITY.md)."""
     p.add_argument("--allow-pickle", action="store_true",
                    help="accept PyTorch pickle checkpoints (.bin/.pt/.pth/.ckpt), loaded only with "
                         "torch.load(weights_only=True); a pickle can hide code, so only for files you trust")
+
+
+def add_safety_flags(p: argparse.ArgumentParser) -> None:
+    """Opt-ins that relax a safety default, and resuming (see SECURITY.md)."""
+    add_pickle_flag(p)
     p.add_argument("--allow-nonfinite", action="store_true",
                    help="write NaN/Inf outputs instead of stopping (they are listed in the report)")
     p.add_argument("--resume", action="store_true",

@@ -7,7 +7,7 @@ import json
 from collections import Counter
 
 from soupkit._format import human_bytes
-from soupkit.cli._common import command
+from soupkit.cli._common import add_pickle_flag, command
 from soupkit.io.checkpoint import open_checkpoint
 
 
@@ -18,12 +18,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     """)
     p.add_argument("path", help="a .safetensors file or a model folder")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    add_pickle_flag(p)
     p.add_argument("--max-rows", type=int, default=60, help="tensors to list (default 60; 0 = all)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    ck = open_checkpoint(args.path)
+    ck = open_checkpoint(args.path, allow_pickle=args.allow_pickle)
     if args.json:
         print(json.dumps({
             "path": str(ck.path), "files": [str(f) for f in ck.files],

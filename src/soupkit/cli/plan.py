@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from soupkit.api import plan
-from soupkit.cli._common import add_key_map_flags, command, key_map_from
+from soupkit.cli._common import add_key_map_flags, add_pickle_flag, command, key_map_from
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -17,10 +17,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--max-shard-size", default="5GB", metavar="SIZE", help="largest output shard")
     p.add_argument("--all", action="store_true", help="list every tensor, not only the first 40")
     add_key_map_flags(p)
+    add_pickle_flag(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    pl = plan(args.recipe, max_shard_size=args.max_shard_size, key_map=key_map_from(args))
+    pl = plan(args.recipe, max_shard_size=args.max_shard_size, key_map=key_map_from(args),
+              allow_pickle=args.allow_pickle)
     print(pl.describe(max_rows=len(pl.jobs) if args.all else 40))
     return 0

@@ -6,7 +6,7 @@ import argparse
 
 from soupkit._format import human_seconds
 from soupkit.api import soup_checkpoints
-from soupkit.cli._common import add_output_flags, command, progress_flag
+from soupkit.cli._common import add_output_flags, add_pickle_flag, command, progress_flag
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -22,6 +22,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--weights", default=None, help="comma-separated weights, oldest first")
     p.add_argument("--out-dtype", choices=["float32", "float16", "bfloat16"], default=None)
     add_output_flags(p)
+    add_pickle_flag(p)
     p.set_defaults(func=run)
 
 
@@ -35,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"--weights {args.weights!r}: expected comma-separated numbers, e.g. 1,2,3") from None
     r = soup_checkpoints(args.run_dir, args.out, last=args.last, pattern=args.pattern, weights=weights,
                          out_dtype=args.out_dtype, force=args.force, progress=progress_flag(args),
-                         max_shard_size=args.max_shard_size)
+                         max_shard_size=args.max_shard_size, allow_pickle=args.allow_pickle)
     names = ", ".join(m.label for m in r.plan.models)
     print(f"averaged {len(r.plan.models)} checkpoint(s) ({names}) into {r.out} in {human_seconds(r.stats.seconds)}")
     return 0

@@ -10,7 +10,7 @@ from typing import Any
 from soupkit._format import human_seconds
 from soupkit.cli._common import command, progress_flag
 from soupkit.cli._search_common import cli_record
-from soupkit.errors import SoupError, UsageError
+from soupkit.errors import UsageError
 from soupkit.report_plot import short_labels
 from soupkit.search.learned import LearnedSoupResult, classification_loss, learned_soup
 
@@ -75,14 +75,10 @@ def _hf(args: argparse.Namespace) -> tuple[Any, list[Any]]:
         text_pair_column=args.text_pair_column, batch_size=args.batch_size, max_length=args.max_length,
         device=args.device,
     )
-    batches, labels = getattr(ev, "_batches", None), getattr(ev, "_labels", None)
-    if batches is None or labels is None:
-        raise SoupError("internal: the built-in classification evaluator no longer exposes its batches\n"
-                        "hint: this is a soupkit bug; use --setup meanwhile")
     model = ev.model
     model.requires_grad_(True)  # the evaluator froze it; the coefficients need parameter gradients
     model.eval()  # no dropout: the loss is a function of the coefficients alone
-    data = [{**b, "labels": y} for b, y in zip(batches, labels)]
+    data = ev.labelled_batches()
     random.Random(args.seed).shuffle(data)  # batches come sorted by length; mix them
     return model, data
 

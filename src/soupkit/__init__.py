@@ -14,6 +14,7 @@ from soupkit.api import (
     soup_checkpoints,
     uniform_soup,
 )
+from soupkit.backends import LocalBackend, RayBackend, RemoteEvaluator
 from soupkit.compat.training import CheckpointSoup
 from soupkit.config import MergeConfig, load_recipe
 from soupkit.diagnostics import DiagnosisReport, diagnose
@@ -56,6 +57,7 @@ __all__ = [
     "GreedySoupResult",
     "KeyMap",
     "LearnedSoupResult",
+    "LocalBackend",
     "LoraResult",
     "MergeConfig",
     "MergeIOError",
@@ -64,6 +66,8 @@ __all__ = [
     "NonFiniteError",
     "OutputExistsError",
     "PlanError",
+    "RayBackend",
+    "RemoteEvaluator",
     "SoupError",
     "SweepResult",
     "TaskVector",

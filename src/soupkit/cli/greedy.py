@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from soupkit._format import human_seconds
+from soupkit.cli._backend import add_backend_flags, distributed_lines, make_backend, remote_evaluators
 from soupkit.cli._common import command, progress_flag
 from soupkit.cli._search_common import (
     add_bn_flags,
@@ -26,6 +27,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         soupkit greedy --hf-classification val.csv --text-column sentence --label-column label \\
             --model-dir ./ft-01 --batch-size 64 --device cuda --out ./soup ft-*/
         soupkit greedy --evaluator my_eval:score --strict --no-cache --out ./soup a b c
+        # on a Ray cluster: one GPU per evaluation, checkpoints on shared storage
+        soupkit greedy --backend ray --ray-address auto --ray-num-gpus 1 \\
+            --evaluator my_eval:score --out /shared/soup /shared/runs/*/checkpoint-best
     """)
     p.add_argument("checkpoints", nargs="+", metavar="CKPT", help="fine-tuned checkpoints (files or folders) of one architecture")
     p.add_argument("--out", required=True, metavar="OUT_DIR", help="output folder for the soup, its report and plot")
@@ -37,6 +41,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                         "ingredient are also scored on it")
     add_cache_flags(p)
     add_bn_flags(p)
+    add_backend_flags(p, speculate=True)
     p.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists and is not empty")
     p.add_argument("--max-shard-size", default="5GB", metavar="SIZE", help="largest output shard (default 5GB)")
     p.add_argument("--no-plot", action="store_true", help="do not write greedy-soup.png")
@@ -45,14 +50,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 
 
 def run(args: argparse.Namespace) -> int:
+    backend = make_backend(args)
     ev, ident, test_ev, test_ident = build_evaluator(args, args.checkpoints, second="test")
-    r = greedy_soup(
-        args.checkpoints, ev, args.out, strict=args.strict, early_stop=not args.no_early_stop,
-        test_evaluator=test_ev, cache=open_cli_cache(args), evaluator_id=ident, test_evaluator_id=test_ident,
-        force=args.force, progress=progress_flag(args), plot=not args.no_plot,
-        max_shard_size=args.max_shard_size, report_extra=cli_record(args),
-        recalibrate=load_bn(args),
-    )
+    if backend is not None:  # workers build the evaluators themselves, under the same identities
+        ev, test_ev = remote_evaluators(args, args.checkpoints, "test", ident, test_ident)
+    try:
+        r = greedy_soup(
+            args.checkpoints, ev, args.out, strict=args.strict, early_stop=not args.no_early_stop,
+            test_evaluator=test_ev, cache=open_cli_cache(args), evaluator_id=ident, test_evaluator_id=test_ident,
+            force=args.force, progress=progress_flag(args), plot=not args.no_plot,
+            max_shard_size=args.max_shard_size, report_extra=cli_record(args),
+            recalibrate=load_bn(args), backend=backend, speculate=getattr(args, "speculate", None),
+        )
+    finally:
+        if backend is not None:
+            backend.close()
     print(summary(r))
     return 0
 
@@ -80,6 +92,7 @@ def summary(r: GreedySoupResult) -> str:
     if r.held_out is not None:
         lines.append(f"held-out test: soup {r.held_out.soup_score:.6g}, best single "
                      f"{r.held_out.best_single_score:.6g} ({names.get(r.held_out.best_single, r.held_out.best_single)})")
+    lines += distributed_lines(r.distributed)
     lines.append(f"wrote {r.out} (soupkit-report.json has the history"
                  + (f", plot {r.plot.name}" if r.plot else "") + f") in {human_seconds(r.seconds)}")
     lines += [f"note: {n}" for n in r.notes]

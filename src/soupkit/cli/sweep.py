@@ -8,6 +8,7 @@ from typing import Any
 import yaml
 
 from soupkit._format import human_seconds
+from soupkit.cli._backend import add_backend_flags, distributed_lines, make_backend, remote_evaluators
 from soupkit.cli._common import command, progress_flag
 from soupkit.cli._search_common import (
     add_bn_flags,
@@ -33,6 +34,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         # TIES density, with mergekit's conventions and lambda fixed
         soupkit sweep --method ties --base ./base ./ft-a ./ft-b ./ft-c --values 0.1,0.2,0.3,0.5 \\
             --set convention=mergekit --set lambda=1.0 --evaluator my_eval.py:score --out ./ties
+        # every grid point at once on Ray workers (a local Ray instance, or --ray-address)
+        soupkit sweep --backend ray --ray-num-gpus 1 --base ./zero-shot ./fine-tuned --values 0:1:21 \\
+            --evaluator my_eval:score --out ./wise-ft
     """)
     p.add_argument("checkpoints", nargs="+", metavar="CKPT",
                    help="models to merge; for alpha: the fine-tuned one (with --base), or zero-shot then fine-tuned")
@@ -53,6 +57,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                         "scored at every point for the report and the ID-vs-shift scatter")
     add_cache_flags(p)
     add_bn_flags(p)
+    add_backend_flags(p)
     p.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists and is not empty")
     p.add_argument("--max-shard-size", default="5GB", metavar="SIZE", help="largest output shard (default 5GB)")
     p.add_argument("--no-plot", action="store_true", help="do not write sweep.png")
@@ -95,14 +100,21 @@ def parse_sets(items: list[str]) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> int:
     values = parse_grid(args.values)
     first = [args.base] if args.base else args.checkpoints
+    backend = make_backend(args)
     ev, ident, shift_ev, shift_ident = build_evaluator(args, first, second="shift")
-    r = sweep(
-        args.checkpoints, ev, values, args.out, method=args.method, param=args.param, base=args.base,
-        parameters=parse_sets(args.set), seed=args.seed, dtype=args.dtype, out_dtype=args.out_dtype,
-        shift_evaluator=shift_ev, cache=open_cli_cache(args), evaluator_id=ident, shift_evaluator_id=shift_ident,
-        force=args.force, progress=progress_flag(args), plot=not args.no_plot, max_shard_size=args.max_shard_size,
-        report_extra=cli_record(args), recalibrate=load_bn(args),
-    )
+    if backend is not None:  # workers build the evaluators themselves, under the same identities
+        ev, shift_ev = remote_evaluators(args, first, "shift", ident, shift_ident)
+    try:
+        r = sweep(
+            args.checkpoints, ev, values, args.out, method=args.method, param=args.param, base=args.base,
+            parameters=parse_sets(args.set), seed=args.seed, dtype=args.dtype, out_dtype=args.out_dtype,
+            shift_evaluator=shift_ev, cache=open_cli_cache(args), evaluator_id=ident, shift_evaluator_id=shift_ident,
+            force=args.force, progress=progress_flag(args), plot=not args.no_plot, max_shard_size=args.max_shard_size,
+            report_extra=cli_record(args), recalibrate=load_bn(args), backend=backend,
+        )
+    finally:
+        if backend is not None:
+            backend.close()
     print(summary(r))
     return 0
 
@@ -117,6 +129,7 @@ def summary(r: SweepResult) -> str:
     lines.append("")
     lines.append(f"{r.method}: best {r.param}={r.best.value:g} with score {r.best.score:.6g}; "
                  f"{r.evaluations} evaluations, {r.cache_hits} from the cache")
+    lines += distributed_lines(r.distributed)
     lines.append(f"wrote {r.out} (soupkit-report.json has every point" + (f", plot {r.plot.name}" if r.plot else "")
                  + f") in {human_seconds(r.seconds)}")
     lines += [f"note: {n}" for n in r.notes]

@@ -44,6 +44,7 @@ from typing import Any
 import torch
 
 from soupkit.api import MergeResult, linear_recipe, plan, run_merge_plan
+from soupkit.backends import Backend, resolve_backend
 from soupkit.errors import UsageError
 from soupkit.evaluate.protocol import EvalResult, Evaluator, meets, run_evaluator
 from soupkit.io.checkpoint import Checkpoint
@@ -142,6 +143,8 @@ class GreedySoupResult:
         merge: the engine's result for the written soup.
         plot: the PNG written beside the soup (None without matplotlib or output).
         seconds: wall time.
+        distributed: with a backend: what it ran (workers, jobs, retries, speculative
+            evaluations used / wasted / cancelled, worker time against wall time).
     """
 
     ingredients: list[str]
@@ -160,6 +163,7 @@ class GreedySoupResult:
     plot: Path | None = None
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    distributed: dict[str, Any] | None = None
 
     @property
     def best_single(self) -> IngredientScore:
@@ -184,6 +188,7 @@ class GreedySoupResult:
             "held_out": asdict(self.held_out) if self.held_out is not None else None,
             "seconds": round(self.seconds, 3),
             "notes": list(self.notes),
+            **({"distributed": self.distributed} if self.distributed is not None else {}),
         }
 
 
@@ -250,6 +255,8 @@ def greedy_soup(
     max_shard_size: int | str = "5GB",
     report_extra: Mapping[str, Any] | None = None,
     recalibrate: tuple[torch.nn.Module, Iterable[Any]] | None = None,
+    backend: Backend | str | None = None,
+    speculate: int | None = None,
 ) -> GreedySoupResult:
     """Greedy soup of ``checkpoints`` driven by ``evaluator`` (see the module docstring).
 
@@ -278,6 +285,13 @@ def greedy_soup(
             ``model`` on ``loader`` (see `soupkit.search.recalibrate_bn`); every other tensor
             stays the uniform soup's. Decisions are not affected (evaluate recalibrated
             candidates by recalibrating inside your evaluator).
+        backend: where evaluations run (see `soupkit.backends`): ``None`` / ``"local"`` here;
+            ``"ray"`` or a `RayBackend` on Ray workers, which read the checkpoints from shared
+            storage and build each candidate themselves. The evaluator must then be an import
+            string / `RemoteEvaluator`, or picklable. Same decisions, scores and written bytes.
+        speculate: with a backend, how many candidates of later steps may be evaluated ahead,
+            under both accept and reject hypotheses (default: the backend's parallelism minus
+            one; 0: none). See `soupkit.backends.speculate`.
 
     Returns:
         A `GreedySoupResult` with the full history.
@@ -299,6 +313,7 @@ def greedy_soup(
             raise UsageError(f"checkpoint {lab!r} is given twice (also as {seen[r]!r})\n"
                              "hint: each ingredient may enter the soup once; list it once")
         seen[r] = lab
+    be, owned = resolve_backend(backend)  # an unknown backend fails before any hashing
     store = open_cache(cache)
     eid = _identity(evaluator, evaluator_id, store)
     tid = None
@@ -319,6 +334,21 @@ def greedy_soup(
     finally:
         bar.close()
     store.save_file_hashes()
+
+    if be is not None:
+        from soupkit.search._on_backend import greedy_on_backend
+
+        try:
+            result = greedy_on_backend(be, ckpts, labels, digests, evaluator, eid, test_evaluator, tid, store,
+                                       strict=strict, early_stop=early_stop, speculate=speculate,
+                                       progress=progress)
+        finally:
+            if owned:
+                be.close()
+        if out is None:
+            return _replace(result, seconds=time.perf_counter() - t0)
+        return _write(result, out, force=force, progress=progress, plot=plot, max_shard_size=max_shard_size,
+                      report_extra=report_extra, t0=t0, recalibrate=recalibrate)
 
     score = _Scorer(evaluator, eid, store)
     results: list[tuple[EvalResult, bool]] = []

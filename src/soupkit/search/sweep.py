@@ -45,6 +45,7 @@ from typing import Any
 
 from soupkit import methods
 from soupkit.api import MergeResult, plan, run_merge_plan
+from soupkit.backends import Backend, resolve_backend
 from soupkit.config import MergeConfig, load_recipe
 from soupkit.errors import UsageError
 from soupkit.evaluate.protocol import Evaluator, run_evaluator
@@ -109,6 +110,8 @@ class SweepResult:
         evaluations: evaluator calls made; ``cache_hits``: results taken from the cache.
         out: the output folder, when written; ``merge``: the engine's result for it.
         plot: the PNG written beside the model.
+        distributed: with a backend: what it ran (workers, jobs, retries, worker time against
+            wall time).
     """
 
     method: str
@@ -125,6 +128,7 @@ class SweepResult:
     plot: Path | None = None
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    distributed: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON-ready history written under ``"sweep"`` in ``soupkit-report.json``."""
@@ -144,6 +148,7 @@ class SweepResult:
             "cache_hits": self.cache_hits,
             "seconds": round(self.seconds, 3),
             "notes": list(self.notes),
+            **({"distributed": self.distributed} if self.distributed is not None else {}),
         }
 
 
@@ -265,6 +270,7 @@ def sweep(
     max_shard_size: int | str = "5GB",
     report_extra: Mapping[str, Any] | None = None,
     recalibrate: tuple[Any, Iterable[Any]] | None = None,
+    backend: Backend | str | None = None,
 ) -> SweepResult:
     """Evaluate a merge at every value of one parameter; keep (and write) the best.
 
@@ -294,6 +300,10 @@ def sweep(
         report_extra: more entries for the report.
         recalibrate: ``(model, loader)``: recompute the written model's BatchNorm statistics
             (see `soupkit.search.recalibrate_bn`); scores are those of the merge as evaluated.
+        backend: where the grid points are evaluated (see `soupkit.backends`): ``None`` /
+            ``"local"`` one after another here; ``"ray"`` or a `RayBackend` all at once on Ray
+            workers, each merging its point from shared storage. The evaluators must then be
+            import strings / `RemoteEvaluator`, or picklable. Same scores and written bytes.
 
     Returns:
         A `SweepResult`.
@@ -306,6 +316,7 @@ def sweep(
     name, param, recipes = sweep_recipes(
         checkpoints, values, method=method, param=param, base=base, parameters=parameters,
         model_parameters=model_parameters, seed=seed, dtype=dtype, out_dtype=out_dtype)
+    be, owned = resolve_backend(backend)  # an unknown backend fails before any hashing
     store = open_cache(cache)
     eid = _identity(evaluator, evaluator_id, store)
     sid = _identity(shift_evaluator, shift_evaluator_id, store) if shift_evaluator is not None else None
@@ -325,9 +336,21 @@ def sweep(
 
     calls = hits = 0
     points: list[SweepPoint] = []
-    bar = progress_bar(len(recipes), progress, f"sweep {param}")
+    distributed: dict[str, Any] | None = None
+    notes: list[str] = []
+    if be is not None:  # every point at once on the backend; the loop below is the local path
+        from soupkit.search._on_backend import sweep_on_backend
+
+        try:
+            points, calls, hits, distributed, notes = sweep_on_backend(
+                be, name, param, values, recipes, [_recipe_key(cfg, digest) for cfg in recipes],
+                evaluator, eid, shift_evaluator, sid, store, progress=progress)
+        finally:
+            if owned:
+                be.close()
+    bar = progress_bar(len(recipes) if be is None else 0, progress, f"sweep {param}")
     try:
-        for v, cfg, p in zip(values, recipes, plans):
+        for v, cfg, p in zip(values, recipes, plans) if be is None else ():
             key = _recipe_key(cfg, digest)
             label = f"{name} {param}={v:g}"
             wanted = [(eid, evaluator, label)] + ([(sid, shift_evaluator, label + " (shift set)")] if sid else [])
@@ -357,7 +380,8 @@ def sweep(
     finally:
         bar.close()
     best_i = max(range(len(points)), key=lambda i: (points[i].score, -i))
-    result = SweepResult(name, param, points, points[best_i], recipes[best_i], eid, sid, calls, hits)
+    result = SweepResult(name, param, points, points[best_i], recipes[best_i], eid, sid, calls, hits,
+                         notes=notes, distributed=distributed)
     if out is None:
         return replace(result, seconds=time.perf_counter() - t0)
     return _write(result, plans[best_i], out, force=force, progress=progress, plot=plot,

@@ -1,0 +1,335 @@
+"""What a backend runs: an evaluation job is *where the weights are* plus *how to score them*.
+
+A job never carries tensors. It names the candidate by paths on shared storage (and, for a
+soup, the ingredients' content digests), names the evaluator by an import string or a small
+picklable recipe, and the worker builds both itself (see `soupkit.backends.execute_job`). So a
+job is a few hundred bytes whatever the model size; no multi-GB object ever goes through a
+scheduler's object store.
+
+Candidates:
+
+* `Ingredient`: one checkpoint alone (greedy soup's ingredient scores, the held-out best single).
+* `UniformSoup`: the uniform average of checkpoints, built with greedy soup's float32 running
+  sum, so it equals the candidate the local greedy loop evaluates bit for bit.
+* `RecipeMerge`: any recipe run by the engine into memory (a sweep's grid point), exactly as
+  the local sweep does.
+
+Evaluators (`RemoteEvaluator`): an import string (``"pkg.mod:fn"`` or ``"path/file.py:fn"``,
+imported on the worker), a factory (a picklable callable and its arguments, called on the
+worker), or a picklable evaluator object (sent once per run, not once per job). A worker builds
+each evaluator once per process and reuses it for every candidate.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.machinery
+import importlib.util
+import os
+import sys
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+
+from soupkit._version import __version__
+from soupkit.errors import EvaluationError, UsageError
+from soupkit.evaluate.protocol import EvalResult
+
+__all__ = [
+    "Candidate",
+    "EvalJob",
+    "EvalRequest",
+    "Ingredient",
+    "JobOutcome",
+    "RecipeMerge",
+    "RemoteEvaluator",
+    "UniformSoup",
+]
+
+
+@dataclass(frozen=True)
+class Ingredient:
+    """One checkpoint alone.
+
+    Attributes:
+        path (`str`): the checkpoint (file or folder), absolute, readable from every worker.
+    """
+
+    path: str
+
+
+@dataclass(frozen=True)
+class UniformSoup:
+    """The uniform average of ``paths``, summed in this order in float32 (greedy soup's candidate).
+
+    Non-float tensors come from the first path; the result is cast to the first path's dtypes.
+
+    Attributes:
+        paths (`tuple[str, ...]`): the ingredients, absolute, in recipe order (best first).
+        digests (`tuple[str, ...]`): their content digests; a worker keeps the running sum of
+            the last prefix it built under these, so trying ``soup + next`` after ``soup`` reads
+            one checkpoint, not all of them.
+    """
+
+    paths: tuple[str, ...]
+    digests: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if not self.paths or len(self.paths) != len(self.digests):
+            raise UsageError(f"UniformSoup needs one digest per path, got {len(self.paths)} paths and "
+                             f"{len(self.digests)} digests")
+
+
+@dataclass(frozen=True)
+class RecipeMerge:
+    """A recipe merged by the engine into memory.
+
+    Attributes:
+        recipe (`dict`): the recipe as JSON-ready data (``MergeConfig.model_dump(mode="json")``)
+            with absolute model paths.
+    """
+
+    recipe: dict[str, Any]
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> RecipeMerge:
+        """From a `MergeConfig`, with every model path made absolute (as this process resolves
+        it), so the worker reads the same files whatever its working directory."""
+        data = cfg.model_dump(mode="json", exclude_none=True)
+        resolve = getattr(cfg, "resolve_model_path", lambda p: p)
+
+        def fix(path: str) -> str:
+            return os.path.abspath(str(resolve(path)))
+
+        for m in data.get("models") or []:
+            m["model"] = fix(m["model"])
+        for sl in data.get("slices") or []:
+            for src in sl.get("sources", []):
+                src["model"] = fix(src["model"])
+            if sl.get("base_model"):
+                sl["base_model"] = fix(sl["base_model"])
+        if data.get("base_model"):
+            data["base_model"] = fix(data["base_model"])
+        if data.get("tokenizer_source") not in (None, "base"):
+            data["tokenizer_source"] = fix(data["tokenizer_source"])
+        if not data.get("models"):
+            data.pop("models", None)
+        return cls(data)
+
+
+Candidate = Union[Ingredient, UniformSoup, RecipeMerge]
+
+
+def _source_digest(spec: str, cwd: str) -> str:
+    """SHA-256 prefix of the module file an import string names, found without running it."""
+    target = spec.rpartition(":")[0]
+    path: Path | None = None
+    if target.endswith(".py") or "/" in target or os.sep in target:
+        path = Path(target) if os.path.isabs(target) else Path(cwd) / target
+    else:
+        try:
+            if "." in target:
+                found = importlib.util.find_spec(target)  # imports the parent packages only
+            else:
+                found = importlib.machinery.PathFinder.find_spec(target, [cwd] + [p for p in sys.path if p])
+            path = Path(found.origin) if found is not None and found.origin else None
+        except (ImportError, ValueError):
+            path = None
+    if path is None or not path.is_file():
+        return "nosource"
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class RemoteEvaluator:
+    """An evaluator that a worker process can build by itself.
+
+    Give exactly one of ``spec``, ``factory`` or ``obj``; the class methods are the usual way in.
+    The object is itself an `Evaluator` (it builds the real one in this process on first use), so
+    the same value works with every backend, including none.
+
+    Args:
+        spec (`str`, *optional*): ``"package.module:name"`` or ``"path/to/file.py:name"``
+            (see `soupkit.evaluate.load_evaluator`), imported on the worker.
+        factory (`Callable`, *optional*): a picklable callable (a module-level function or
+            class) returning the evaluator; called on the worker with ``args`` / ``kwargs``.
+        args (`tuple`): positional arguments of ``factory``.
+        kwargs (`dict`): keyword arguments of ``factory``.
+        obj (`Evaluator`, *optional*): a picklable evaluator; sent to the workers once per run.
+        key (`str`, *optional*): the evaluator's identity in the score cache (its
+            ``cache_key``). Default for ``spec``: the spec plus a hash of its module's source
+            file, like the CLI; for ``obj``: the object's own ``cache_key``; none for a factory.
+        cwd (`str`): the directory relative paths and module names are resolved against; the
+            worker builds the evaluator there (default: the current directory, which must
+            exist on the workers when relative paths are used).
+
+    Raises:
+        UsageError: not exactly one way to build it was given.
+    """
+
+    spec: str | None = None
+    factory: Callable[..., Any] | None = None
+    args: tuple[Any, ...] = ()
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+    obj: Any = None
+    key: str | None = None
+    cwd: str = field(default_factory=os.getcwd)
+    token: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    def __post_init__(self) -> None:
+        given = [n for n, v in (("spec", self.spec), ("factory", self.factory), ("obj", self.obj)) if v is not None]
+        if len(given) != 1:
+            raise UsageError(f"RemoteEvaluator needs exactly one of spec, factory, obj; got "
+                             f"{', '.join(given) or 'none'}\nhint: RemoteEvaluator.from_spec('pkg.mod:fn'), "
+                             "RemoteEvaluator.from_factory(Cls, *args), or RemoteEvaluator.from_object(ev)")
+        if self.spec is not None and ":" not in self.spec:
+            raise UsageError(f"evaluator spec {self.spec!r} has no ':name' part\n"
+                             "hint: write 'package.module:function' or 'path/to/file.py:function'")
+
+    @classmethod
+    def from_spec(cls, spec: str, *, key: str | None = None, cwd: str | os.PathLike[str] | None = None) -> RemoteEvaluator:
+        """Import ``spec`` (``"pkg.mod:fn"`` / ``"file.py:fn"``) on each worker."""
+        return cls(spec=spec, key=key, cwd=os.path.abspath(cwd) if cwd is not None else os.getcwd())
+
+    @classmethod
+    def from_factory(cls, factory: Callable[..., Any], *args: Any, key: str | None = None,
+                     **kwargs: Any) -> RemoteEvaluator:
+        """Call ``factory(*args, **kwargs)`` on each worker (e.g. a built-in evaluator's class)."""
+        return cls(factory=factory, args=tuple(args), kwargs=dict(kwargs), key=key)
+
+    @classmethod
+    def from_object(cls, evaluator: Any, *, key: str | None = None) -> RemoteEvaluator:
+        """Send a picklable ``evaluator`` to the workers (once per run)."""
+        if isinstance(evaluator, RemoteEvaluator):
+            return evaluator
+        return cls(obj=evaluator, key=key)
+
+    @property
+    def cache_key(self) -> str | None:
+        """The identity used by score caches (see `soupkit.search.evaluator_identity`)."""
+        if self.key:
+            return self.key
+        if self.spec is not None:
+            return f"{self.spec}@{_source_digest(self.spec, self.cwd)}"
+        if self.obj is not None:
+            own = getattr(self.obj, "cache_key", None)
+            if callable(own):
+                own = own()
+            return own if isinstance(own, str) and own else None
+        return None
+
+    @property
+    def name(self) -> str:
+        """A short human-readable name for messages."""
+        if self.spec is not None:
+            return self.spec
+        target = self.factory if self.factory is not None else self.obj
+        mod = getattr(target, "__module__", None) or type(target).__module__
+        qual = getattr(target, "__qualname__", None) or type(target).__qualname__
+        return f"{mod}:{qual}"
+
+    def __repr__(self) -> str:
+        how = "spec" if self.spec is not None else "factory" if self.factory is not None else "object"
+        return f"RemoteEvaluator({how}={self.name!r})"
+
+    def build(self) -> Any:
+        """The evaluator, built (or taken from this process's cache)."""
+        from soupkit.backends._worker import get_evaluator
+
+        return get_evaluator(self)[0]
+
+    def __call__(self, state: Mapping[str, torch.Tensor]) -> float:
+        """Score ``state`` with the evaluator (built in this process on first use)."""
+        from soupkit.evaluate.protocol import run_evaluator
+
+        return run_evaluator(self.build(), state, label=None).score
+
+    def evaluate(self, state: Mapping[str, torch.Tensor], *, need: float | None = None,
+                 strict: bool = False) -> EvalResult:
+        """Bounded evaluation when the built evaluator supports it, else a full one."""
+        from soupkit.evaluate.protocol import BoundedEvaluator
+
+        ev = self.build()
+        if isinstance(ev, BoundedEvaluator):
+            return ev.evaluate(state, need=need, strict=strict)
+        raw = ev(state)
+        if isinstance(raw, bool) or not isinstance(raw, (int, float)):
+            raise EvaluationError(f"evaluator {self.name} returned {type(raw).__name__} ({raw!r}); expected a "
+                                  "float (higher is better)\nhint: return e.g. accuracy as a Python float")
+        return EvalResult(score=float(raw), examples=0, total=0, complete=True)
+
+
+@dataclass(frozen=True)
+class EvalRequest:
+    """Score the job's candidate with one evaluator.
+
+    Attributes:
+        evaluator (`RemoteEvaluator`): how the worker builds the evaluator.
+        label (`str`): the candidate's name in messages (``"soup of a + b"``).
+        need (`float`, *optional*): acceptance threshold, for exact early rejection.
+        strict (`bool`): the acceptance test is ``>`` rather than ``>=``.
+    """
+
+    evaluator: RemoteEvaluator
+    label: str
+    need: float | None = None
+    strict: bool = False
+
+
+@dataclass(frozen=True)
+class EvalJob:
+    """One candidate, built once by the worker, scored by one or more evaluators.
+
+    Attributes:
+        candidate: where the weights come from (`Ingredient`, `UniformSoup`, `RecipeMerge`).
+        requests: the evaluations to run on it, in order.
+        version: the driver's soupkit version; a worker with another version refuses the job
+            (a different engine could build different bytes).
+    """
+
+    candidate: Candidate
+    requests: tuple[EvalRequest, ...]
+    version: str = __version__
+
+    def __post_init__(self) -> None:
+        if not self.requests:
+            raise UsageError("an evaluation job needs at least one EvalRequest")
+
+    @property
+    def label(self) -> str:
+        """The first request's candidate name."""
+        return self.requests[0].label
+
+
+@dataclass(frozen=True)
+class JobOutcome:
+    """What a worker sends back (a few numbers, never tensors).
+
+    Attributes:
+        results (`tuple[EvalResult, ...]`): one per request, in order.
+        seconds (`float`): worker time for the whole job.
+        build_seconds (`float`): of which building the candidate's weights.
+        worker (`str`): ``host:pid`` of the process that ran it.
+        evaluators_built (`int`): evaluators this job had to build (0 when the worker had them).
+        attempts (`int`): tries it took (more than 1 after a retried failure).
+        failures (`tuple[str, ...]`): what went wrong in the failed tries.
+        cancelled (`bool`): the driver cancelled the job and it stopped early (``results`` holds
+            only what was done; nobody reads it).
+    """
+
+    results: tuple[EvalResult, ...]
+    seconds: float
+    build_seconds: float
+    worker: str
+    evaluators_built: int
+    attempts: int = 1
+    failures: tuple[str, ...] = ()
+    cancelled: bool = False

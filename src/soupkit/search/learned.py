@@ -216,7 +216,7 @@ class StreamingMixture:
                 w = self._weights(a, slot)
                 acc = self._read(slot.infos[0]) * w[0]
                 for info, wk in zip(slot.infos[1:], w[1:]):
-                    acc += self._read(info) * wk  # multiply then add, as `linear` does
+                    acc.addcmul_(self._read(info), wk)  # fused multiply-add, as `linear` does
                 slot.target.copy_(acc)
                 del acc
 

@@ -169,6 +169,35 @@ def _short_params(p: Params | None) -> str:
     return " ".join(parts)
 
 
+def validated_params(
+    spec: MethodSpec,
+    values: Mapping[str, Any],
+    name: str,
+    cache: dict[tuple[Any, ...], Params],
+    bad: dict[str, tuple[str, int]],
+) -> Params | None:
+    """The method's `Params` for one tensor's resolved ``values``, or None if they are invalid.
+
+    Identical value sets share one instance (``cache``); each distinct validation message is
+    recorded once in ``bad`` with the first tensor it hit and how many tensors it hit.
+    """
+    key = tuple(sorted(values.items()))
+    p = cache.get(key)
+    if p is not None:
+        return p
+    try:
+        p = spec.params.model_validate(values)
+    except ValidationError as e:
+        for err in e.errors():
+            loc = ".".join(str(x) for x in err["loc"])
+            msg = f"parameter {loc or '?'}: {err['msg']} (got {err.get('input')!r})"
+            first, count = bad.get(msg, (name, 0))
+            bad[msg] = (first, count + 1)
+        return None
+    cache[key] = p
+    return p
+
+
 def _check_param_names(cfg: MergeConfig, spec: MethodSpec) -> list[str]:
     problems: list[str] = []
     per_model, glob = set(spec.per_model_names), set(spec.global_names)
@@ -200,7 +229,8 @@ def _open_all(cfg: MergeConfig, problems: list[str], allow_pickle: bool = False,
     def get(path: str, where: str) -> Checkpoint | None:
         if path not in cache:
             try:
-                cache[path] = open_checkpoint(path, allow_pickle=allow_pickle)
+                cache[path] = open_checkpoint(cfg.resolve_model_path(path), label=path,
+                                              allow_pickle=allow_pickle)
             except SoupError as e:
                 problems.append(f"{where}: {e}")
                 cache[path] = None
@@ -411,19 +441,9 @@ def make_plan(
             v = resolve_chain(key, (levels_global,), name, t)
             if v is not None:
                 values[key] = v
-        cache_key = tuple(sorted(values.items()))
-        p = param_cache.get(cache_key)
+        p = validated_params(spec, values, name, param_cache, bad_params)
         if p is None:
-            try:
-                p = spec.params.model_validate(values)
-            except ValidationError as e:
-                for err in e.errors():
-                    loc = ".".join(str(x) for x in err["loc"])
-                    msg = f"parameter {loc or '?'}: {err['msg']} (got {err.get('input')!r})"
-                    first, count = bad_params.get(msg, (name, 0))
-                    bad_params[msg] = (first, count + 1)
-                continue
-            param_cache[cache_key] = p
+            continue
         jobs.append(TensorJob(
             name, r.shape, out_code or r.dtype,
             inputs=tuple(m.tensors[name] for m in ckpts),
@@ -464,7 +484,7 @@ def _carry_source(cfg: MergeConfig, base: Checkpoint | None, models: Sequence[Ch
         candidates = [base, *models] if src is None else [base]
     else:
         try:
-            ck = open_checkpoint(src)
+            ck = open_checkpoint(cfg.resolve_model_path(src))
         except CheckpointFormatError:
             folder = Path(src)
             return folder if folder.is_dir() else None

@@ -45,7 +45,6 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-from pydantic import ValidationError
 
 from soupkit import methods
 from soupkit.config import Conditional, MergeConfig, ParamValue, Slice, SliceSource
@@ -57,7 +56,14 @@ from soupkit.io.writer import OutputTensor, layout_shards, parse_size
 from soupkit.methods import MethodSpec, Params
 from soupkit.global_trim import check_global_trim
 from soupkit.params import condition_matches, first_match, resolve_chain
-from soupkit.plan import DEFAULT_CHUNK_ELEMS, MergePlan, TensorJob, _carry_source, check_tokenizer_source
+from soupkit.plan import (
+    DEFAULT_CHUNK_ELEMS,
+    MergePlan,
+    TensorJob,
+    _carry_source,
+    check_tokenizer_source,
+    validated_params,
+)
 
 __all__ = [
     "LAYER_COUNT_KEYS",
@@ -469,19 +475,9 @@ def plan_slices(
             v = resolve_chain(key, (slice_params, cfg.parameters), out_name, t)
             if v is not None:
                 values[key] = v
-        cache_key = tuple(sorted(values.items()))
-        p = param_cache.get(cache_key)
+        p = validated_params(spec, values, out_name, param_cache, bad_params)
         if p is None:
-            try:
-                p = spec.params.model_validate(values)
-            except ValidationError as e:
-                for err in e.errors():
-                    loc = ".".join(str(x) for x in err["loc"])
-                    msg = f"parameter {loc or '?'}: {err['msg']} (got {err.get('input')!r})"
-                    first_name, count = bad_params.get(msg, (out_name, 0))
-                    bad_params[msg] = (first_name, count + 1)
-                return
-            param_cache[cache_key] = p
+            return
         jobs.append(TensorJob(
             out_name, first.shape, out_code or first.dtype,
             inputs=tuple(i for _, i in merged),

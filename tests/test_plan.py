@@ -112,3 +112,17 @@ def test_describe_is_a_readable_dry_run(models: list[Path]) -> None:
     text = soupkit.plan(recipe(models)).describe()
     for part in ("method      linear", "models      3", "copied: non-float", "peak memory", "weight=[1, 1, 1]"):
         assert part in text
+
+
+def test_model_paths_resolve_from_the_recipe_folder_when_not_in_the_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / "proj"
+    for i in range(2):
+        write_model(folder / f"m{i}", tiny_state(i))
+    recipe = folder / "r.yaml"
+    recipe.write_text("merge_method: linear\nmodels:\n  - model: m0\n  - model: m1\n")
+    monkeypatch.chdir(tmp_path)  # m0/m1 do not exist here
+    p = soupkit.plan(recipe)
+    assert [m.label for m in p.models] == ["m0", "m1"]
+    (tmp_path / "m0").mkdir()  # now the cwd wins, as in mergekit: an empty folder is an error
+    with pytest.raises(PlanError, match="folder holds no checkpoint"):
+        soupkit.plan(recipe)

@@ -13,7 +13,7 @@ import re
 from collections.abc import Callable
 
 from soupkit.errors import UnknownMethodError
-from soupkit.methods._spec import GlobalTrimFn, Kind, MagnitudeCut, MethodFn, MethodSpec, Params
+from soupkit.methods._spec import GlobalTrimFn, Kind, MagnitudeCut, MethodFn, MethodSpec, Params, TensorTrimFn
 
 __all__ = ["REGISTRY", "MagnitudeCut", "MethodSpec", "Params", "all_methods", "get", "method"]
 
@@ -35,6 +35,7 @@ def method(
     max_models: int | None = None,
     aliases: tuple[str, ...] = (),
     global_trim: GlobalTrimFn | None = None,
+    tensor_trim: TensorTrimFn | None = None,
 ) -> Callable[[MethodFn], MethodFn]:
     """Register a pure tensor function as merge method ``name`` (see `MethodSpec`)."""
 
@@ -52,11 +53,14 @@ def method(
         if global_trim is not None and (kind != "task_vector" or elementwise):
             raise ValueError(f"method {name!r}: a global trim needs a task-vector method that "
                              "sees whole tensors (elementwise=False)")
+        if tensor_trim is not None and (kind != "task_vector" or elementwise or stochastic):
+            raise ValueError(f"method {name!r}: a per-tensor trim needs a deterministic task-vector "
+                             "method that sees whole tensors (elementwise=False)")
         spec = MethodSpec(
             name=name, fn=fn, params=params, kind=kind, paper=paper, summary=summary,
             needs_base=needs_base, elementwise=elementwise, stochastic=stochastic,
             min_models=min_models, max_models=max_models, aliases=aliases,
-            global_trim=global_trim,
+            global_trim=global_trim, tensor_trim=tensor_trim,
         )
         for n in (name, *aliases):
             REGISTRY[n] = spec

@@ -17,6 +17,13 @@ Conventions every function here keeps, so that results never depend on chunking 
 - Random numbers come only from the generator passed in; each model gets its own generator
   split off it (`split_generators`), so changing one model's density never changes another
   model's mask.
+
+Speed without changing a bit: torch's boolean masks (comparisons into ``bool``,
+``masked_fill``, ``float * bool``) run 5-20x slower than float arithmetic on CPU, so the hot
+paths form masks as float 0/1 (``eq_`` into a float tensor: ``x * agree`` then multiplies by
+exactly 1.0 or 0.0, as the bool promotes to) or as int32 all-ones/zero words (``where(keep, x,
++0.0)`` is ``bits(x) & mask``, bit for bit, NaN and -0.0 included). tests/methods/test_fast_ops.py
+checks every such function against the straightforward formulation on adversarial inputs.
 """
 
 from __future__ import annotations
@@ -102,11 +109,33 @@ def cut_mask(magnitude: torch.Tensor, cut: MagnitudeCut) -> torch.Tensor:
     return keep
 
 
+def _zero_where(x: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
+    """``x.masked_fill(drop, 0.0)`` bit for bit, for float32 ``x`` and int32 ``drop`` of 0/1.
+
+    ``drop - 1`` is 0 where dropped and all ones where kept, so a bitwise AND with the bits of
+    ``x`` gives +0.0 or ``x`` unchanged (NaN payloads and -0.0 included). ``drop`` is consumed.
+    """
+    return torch.bitwise_and(x.view(torch.int32), drop.sub_(1)).view(torch.float32)
+
+
 def apply_cut(delta: torch.Tensor, cut: MagnitudeCut | None) -> torch.Tensor:
-    """Zero the entries of ``delta`` that do not survive ``cut`` (None keeps everything)."""
+    """Zero the entries of ``delta`` that do not survive ``cut`` (None keeps everything).
+
+    Returns a new tensor (``delta`` itself when ``cut`` is None).
+    """
     if cut is None:
         return delta
-    return delta.masked_fill(~cut_mask(delta.abs(), cut), 0.0)
+    finite_rule = cut.threshold == cut.threshold and (cut.ties is None or (cut.ties == 0 and cut.threshold != math.inf))
+    if delta.dtype != torch.float32 or not finite_rule:
+        return delta.masked_fill(~cut_mask(delta.abs(), cut), 0.0)
+    # keep |d| > t (ties == 0) or |d| >= t (ties is None), and NaN: drop exactly where the
+    # opposite comparison holds (NaN fails every comparison, so it is never dropped)
+    drop = torch.empty(delta.shape, dtype=torch.int32)
+    if cut.ties is None:
+        torch.lt(delta.abs(), cut.threshold, out=drop)
+    else:
+        torch.le(delta.abs(), cut.threshold, out=drop)
+    return _zero_where(delta, drop)
 
 
 def trim_topk(delta: torch.Tensor, density: float) -> torch.Tensor:
@@ -205,8 +234,12 @@ def dare_drop(
     """
     if density >= 1:
         return delta
-    keep = torch.rand(delta.shape, generator=generator) < density
-    dropped = delta.masked_fill(~keep, 0.0)
+    u = torch.rand(delta.shape, generator=generator)
+    if delta.dtype == torch.float32:
+        drop = torch.empty(delta.shape, dtype=torch.int32)
+        dropped = _zero_where(delta, torch.ge(u, density, out=drop))  # = masked_fill(~(u < density))
+    else:
+        dropped = delta.masked_fill(~(u < density), 0.0)
     if rescale == "density":
         return dropped.div_(density)
     if rescale == "l1":
@@ -305,15 +338,17 @@ def elect_sign(signed: Sequence[torch.Tensor], source: SignSource, tie: SignTie)
     """
     if source == "count":
         total = torch.sign(signed[0])
+        tmp = torch.empty_like(total)
         for s in signed[1:]:
-            total += torch.sign(s)
+            total += torch.sign(s, out=tmp)
     else:
         total = signed[0].clone()
         for s in signed[1:]:
             total += s
     if tie == "positive":
-        return torch.where(total >= 0, 1.0, -1.0)
-    return torch.sign(total)
+        # where(total >= 0, 1, -1): 2 * 1.0 - 1 and 2 * 0.0 - 1 are exact (NaN: -1, as where)
+        return total.ge_(0).mul_(2.0).sub_(1.0)
+    return total.sign_()
 
 
 def disjoint_merge(
@@ -337,20 +372,41 @@ def disjoint_merge(
     Returns:
         `torch.Tensor`: the merged task vector (float32).
     """
-    acc = torch.zeros_like(deltas[0])
-    div = torch.zeros_like(deltas[0])
-    for d, w, s in zip(deltas, weights, signed):
-        agree = torch.sign(s) == sign
-        acc += (d * _as_f32(w)) * agree
+    return _disjoint([torch.mul(d, _as_f32(w)) for d, w in zip(deltas, weights)], weights, signed, sign,
+                     aggregation)
+
+
+def _disjoint(
+    products: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    signed: Sequence[torch.Tensor],
+    sign: torch.Tensor,
+    aggregation: Aggregation,
+) -> torch.Tensor:
+    """`disjoint_merge` given ``products[t] = deltas[t] * w_t`` (consumed: overwritten).
+
+    The agreement mask is float 1.0 / 0.0 (``eq_`` into a float tensor), which is what the
+    bool mask promotes to in ``product * agree`` and ``div += agree``: the same roundings.
+    """
+    acc = torch.zeros_like(products[0])
+    div = torch.zeros_like(products[0]) if aggregation != "sum" else None
+    agree = torch.empty_like(products[0])
+    for prod, w, s in zip(products, weights, signed):
+        torch.sign(s, out=agree).eq_(sign)
+        acc += prod.mul_(agree)
         if aggregation == "mean":
+            assert div is not None
             div += agree
         elif aggregation == "weighted_mean":
-            div += agree * _as_f32(w)
-    if aggregation == "sum":
+            assert div is not None
+            div += agree.mul_(_as_f32(w))
+    if div is None:
         return acc
     if aggregation == "mean":
         return acc.div_(div.clamp_(min=1.0))
-    return acc.div_(div.masked_fill_(div == 0, 1.0))
+    # div.masked_fill_(div == 0, 1.0): adding (div == 0) as 1.0 / 0.0 gives 1 there and leaves
+    # every other value (NaN included) unchanged
+    return acc.div_(div.add_(torch.eq(div, 0, out=agree)))
 
 
 # ---------------------------------------------------------------------------- compositions
@@ -369,8 +425,11 @@ def linear_combine(
     """``lambda * sum_i w_i delta_i`` (divided by ``sum_i w_i`` when ``normalize``).
 
     The order of operations is mergekit's: weighted sum, then the division, then ``lambda``.
+    The methods own their task vectors, so ``deltas`` are consumed (overwritten in place).
     """
-    merged = weighted_sum(deltas, weights)
+    merged = deltas[0].mul_(_as_f32(weights[0]))
+    for d, w in zip(deltas[1:], weights[1:]):
+        merged += d.mul_(_as_f32(w))  # multiply, then add: as `weighted_sum`, no fused multiply-add
     if normalize:
         merged.div_(torch.tensor(list(weights), dtype=torch.float32).sum())
     return scale_(merged, lam)
@@ -392,8 +451,13 @@ def consensus_combine(
     paper's Algorithm 1 (which has no weights) and PEFT do.
     """
     if sign_source == "weighted":
+        # the weighted deltas vote, and they are the products the disjoint merge sums (it
+        # overwrites each product only after reading that model's sign from it)
         signed: Sequence[torch.Tensor] = [d * _as_f32(w) for d, w in zip(trimmed, weights)]
+        sign = elect_sign(signed, sign_source, sign_tie)
+        products = list(signed)
     else:
         signed = trimmed
-    sign = elect_sign(signed, sign_source, sign_tie)
-    return scale_(disjoint_merge(trimmed, weights, signed, sign, aggregation), lam)
+        sign = elect_sign(signed, sign_source, sign_tie)
+        products = [d * _as_f32(w) for d, w in zip(trimmed, weights)]
+    return scale_(_disjoint(products, weights, signed, sign, aggregation), lam)

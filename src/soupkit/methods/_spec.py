@@ -16,6 +16,12 @@ A method that trims by magnitude over *all* tensors of a model at once (TIES wit
 per-model densities to trim to (or None). The engine then runs a streaming pre-pass that finds
 each model's exact global magnitude cut (`MagnitudeCut`) and passes the cuts for the tensor as
 ``trim=`` to the method; the method itself stays a pure function of its tensors.
+
+A method whose only whole-tensor step is such a magnitude trim (TIES) declares ``tensor_trim``:
+a function of its parameters returning the per-model densities of its per-tensor trim (1 = no
+trim). Given the cuts as ``trim=``, the method is elementwise, so the engine computes each
+model's exact per-tensor cut in a streaming pre-pass (`soupkit.tensor_trim`) and runs the method
+on chunks, with bounded memory; the cuts equal those of `soupkit.methods._ops.topk_cut`.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from pydantic import BaseModel, ConfigDict
 
-__all__ = ["GlobalTrimFn", "MagnitudeCut", "MethodFn", "MethodSpec", "Params"]
+__all__ = ["GlobalTrimFn", "MagnitudeCut", "MethodFn", "MethodSpec", "Params", "TensorTrimFn"]
 
 MethodFn = Callable[..., torch.Tensor]
 Kind = Literal["tensors", "task_vector"]
@@ -48,6 +54,7 @@ class MagnitudeCut:
 
 
 GlobalTrimFn = Callable[["Params"], "tuple[float, ...] | None"]
+TensorTrimFn = Callable[["Params"], "tuple[float, ...]"]
 
 
 class Params(BaseModel):
@@ -85,6 +92,10 @@ class MethodSpec:
         global_trim: for methods that can trim each model's task vector by magnitude over all
             tensors at once: returns the per-model densities when the tensor's parameters ask
             for that (else None); the engine then passes ``trim=`` cuts (see `MagnitudeCut`).
+        tensor_trim: for methods that are elementwise once each model's magnitude cut is known:
+            returns the per-model densities of the per-tensor trim (1 = none) when the tensor's
+            parameters ask for a per-tensor trim, else all 1 (the cut comes from
+            ``global_trim`` or there is none). The engine then always passes ``trim=``.
     """
 
     name: str
@@ -100,6 +111,7 @@ class MethodSpec:
     max_models: int | None = None
     aliases: tuple[str, ...] = field(default=())
     global_trim: GlobalTrimFn | None = None
+    tensor_trim: TensorTrimFn | None = None
 
     @property
     def per_model_names(self) -> tuple[str, ...]:
@@ -123,14 +135,15 @@ class MethodSpec:
         """Run the method on float32 tensors and return the merged float32 tensor.
 
         For task-vector methods ``tensors`` are the models' tensors: the deltas against
-        ``base`` are formed here, and the merged delta is added back to ``base``. ``trim``
-        (global magnitude cuts, one per model) is passed on only when given.
+        ``base`` are formed here (in place: a method owns, and may overwrite, the tensors it
+        gets), and the merged delta is added back to ``base``. ``trim`` (magnitude cuts, one
+        per model) is passed on only when given.
         """
         extra: dict[str, Any] = {} if trim is None else {"trim": trim}
         if self.kind == "task_vector":
             if base is None:
                 raise ValueError(f"method {self.name!r} needs a base tensor")
-            deltas = [t - base for t in tensors]
+            deltas = [t.sub_(base) for t in tensors]
             merged = self.fn(deltas, p, rng=rng, **extra)
             return merged.add_(base)
         return self.fn(tensors, p, base=base, rng=rng, **extra)

@@ -87,6 +87,11 @@ def _global_trim(p: TiesParams) -> tuple[float, ...] | None:
     return None
 
 
+def _tensor_trim(p: TiesParams) -> tuple[float, ...]:
+    # once each model's cut is known, TIES is elementwise: the engine streams it in chunks
+    return p.density if p.trim_scope == "per_tensor" else (1.0,) * len(p.density)
+
+
 @method(
     "ties",
     kind="task_vector",
@@ -96,6 +101,7 @@ def _global_trim(p: TiesParams) -> tuple[float, ...] | None:
     needs_base=True,
     elementwise=False,
     global_trim=_global_trim,  # type: ignore[arg-type]
+    tensor_trim=_tensor_trim,  # type: ignore[arg-type]
 )
 def ties(
     deltas: Sequence[torch.Tensor],

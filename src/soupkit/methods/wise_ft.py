@@ -59,5 +59,5 @@ def wise_ft(
     if base is None:
         raise ValueError("wise_ft needs the zero-shot tensor as base")
     out = base * torch.tensor(1.0 - p.alpha, dtype=torch.float32)
-    out += tensors[0] * torch.tensor(p.alpha, dtype=torch.float32)
+    out += tensors[0].mul_(torch.tensor(p.alpha, dtype=torch.float32))  # the method owns tensors[0]
     return out

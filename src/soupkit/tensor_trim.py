@@ -1,0 +1,120 @@
+"""Exact per-tensor magnitude cuts (TIES ``trim_scope: per_tensor``), streamed in chunks.
+
+`soupkit.methods._ops.topk_cut` finds the cut that keeps the ``k`` largest ``|delta|`` of a
+whole tensor with ``torch.kthvalue``: exact, but it needs the whole tensor in memory and runs at
+a few tens of millions of elements per second. `TopKSelect` finds the *same* cut (same
+threshold, same tie quota, so the same surviving entries) from chunks of the tensor, with a
+radix select over the bit patterns of ``|delta|`` (a non-negative float32 orders like its bit
+pattern read as an integer):
+
+1. `add_hi` histograms the top 16 bits of every chunk (``torch.bincount``, ~1 G elements/s);
+   `select_buckets` then picks, per k, the bucket that holds the k-th largest entry;
+2. `add_lo` histograms the low 16 bits of the entries inside those buckets; `cut` then knows
+   the k-th largest value exactly, and how many entries lie above it and equal to it.
+
+Once the cut of every model is known, TIES is elementwise: the engine runs it on chunks, with
+the tie quota (entries equal to the threshold that survive, lowest flat index first) spread
+over the chunks in order (`chunk_cut`).
+
+NaN ranks above every number here, as in ``kthvalue``; to reproduce `topk_cut` exactly (it
+counts ``above`` with ``>``, which NaN fails), the NaN entries are counted apart (the bucket of
++Inf, which also holds NaN bit patterns, is refined whenever it is not empty).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from soupkit.methods import MagnitudeCut
+
+__all__ = ["TopKSelect", "chunk_cut", "magnitude_bits"]
+
+_HI_BINS = 1 << 15  # top 16 bits of a non-negative float32 (the sign bit is 0)
+_LO_BINS = 1 << 16
+_INF_BITS = 0x7F800000
+
+
+def magnitude_bits(delta: torch.Tensor) -> torch.Tensor:
+    """int32 bit patterns of ``|delta|`` (sign bit cleared, also for NaN), a new tensor."""
+    return delta.abs().view(torch.int32).bitwise_and_(0x7FFFFFFF)
+
+
+def _select(hist: torch.Tensor, k: int) -> tuple[int, int]:
+    """Bucket holding the k-th largest entry, and how many entries lie in higher buckets."""
+    from_top = torch.flip(hist, [0]).cumsum(0)
+    j = int(torch.searchsorted(from_top, torch.tensor([k], dtype=from_top.dtype)))
+    bucket = hist.numel() - 1 - j
+    return bucket, int(from_top[j]) - int(hist[bucket])
+
+
+class TopKSelect:
+    """The exact top-``k`` magnitude cut of one tensor (``numel`` entries), from its chunks.
+
+    Usage: `add_hi` for every chunk, `select_buckets`, `add_lo` for every chunk, then `cut`.
+    Several ``k`` (e.g. several plans' densities over the same deltas) share the passes.
+
+    Args:
+        numel: entries of the whole tensor.
+        ks: the numbers of entries to keep, each ``0 < k < numel``.
+    """
+
+    def __init__(self, numel: int, ks: tuple[int, ...]) -> None:
+        self.numel = numel
+        self.ks = ks
+        self.hi = torch.zeros(_HI_BINS, dtype=torch.int64)
+        self.buckets: dict[int, tuple[int, int]] = {}
+        self.lo: dict[int, torch.Tensor] = {}
+
+    def add_hi(self, bits: torch.Tensor) -> None:
+        self.hi += torch.bincount(bits >> 16, minlength=_HI_BINS)
+
+    def select_buckets(self) -> None:
+        self.buckets = {k: _select(self.hi, k) for k in self.ks}
+        refine = {b for b, _ in self.buckets.values()}
+        if int(self.hi[_INF_BITS >> 16]):  # +Inf shares its bucket with NaN patterns: count them apart
+            refine.add(_INF_BITS >> 16)
+        self.lo = {b: torch.zeros(_LO_BINS, dtype=torch.int64) for b in sorted(refine)}
+
+    def add_lo(self, bits: torch.Tensor) -> None:
+        hi = bits >> 16
+        for b, hist in self.lo.items():
+            inside = bits[hi == b]
+            if inside.numel():
+                hist += torch.bincount(inside & 0xFFFF, minlength=_LO_BINS)
+
+    @property
+    def _nan(self) -> int:
+        """Entries whose magnitude is NaN (bit pattern above +Inf)."""
+        top = _INF_BITS >> 16
+        n = int(self.hi[top + 1:].sum())
+        if top in self.lo:  # the bucket of +Inf also holds NaN patterns 0x7F800001..
+            n += int(self.lo[top][1:].sum())
+        return n
+
+    def cut(self, k: int) -> MagnitudeCut:
+        """The cut that keeps ``k`` entries, exactly as `soupkit.methods._ops.topk_cut` gives it."""
+        bucket, above_hi = self.buckets[k]
+        lo = self.lo[bucket]
+        low, above_lo = _select(lo, k - above_hi)
+        pattern = (bucket << 16) | low
+        equal = int(lo[low])
+        above = above_hi + above_lo
+        if pattern > _INF_BITS:  # the k-th largest is NaN: kthvalue's threshold is NaN
+            return MagnitudeCut(math.nan, k)
+        need = k - (above - self._nan)  # topk_cut counts `above` with `>`, which NaN fails
+        threshold = float(torch.tensor([pattern], dtype=torch.int32).view(torch.float32))
+        return MagnitudeCut(threshold, None if need == equal else need)
+
+
+def chunk_cut(cut: MagnitudeCut | None, equal_in_chunk: int, quota_left: int) -> tuple[MagnitudeCut | None, int]:
+    """The part of a tensor's cut that applies to its next chunk, and the tie quota left after it.
+
+    Chunks must come in flat order. ``equal_in_chunk`` is how many entries of the chunk equal
+    the threshold (only needed when ``cut.ties`` is a number).
+    """
+    if cut is None or cut.ties is None or cut.threshold != cut.threshold:  # NaN threshold: no ties
+        return cut, quota_left
+    take = min(equal_in_chunk, quota_left)
+    return MagnitudeCut(cut.threshold, take), quota_left - take

@@ -1,42 +1,55 @@
 """The streaming loop: for each planned tensor, read -> float32 method -> cast -> write.
 
+One engine, `run_plans`, runs one plan or several plans that read the same tensors (a sweep)
+in a single pass; `run_plan` is `run_plans` with one plan.
+
 Memory is bounded by the plan: elementwise methods run on chunks of ``plan.chunk_elems``
-elements (the inputs of one chunk plus one output chunk); other methods get whole tensors (the
-inputs of one tensor plus one output). Randomness comes only from a `torch.Generator` seeded
-from (recipe seed, tensor name[, block]), so output bytes never depend on order or threads.
+elements (the inputs of one chunk plus one output chunk, and the next chunk read ahead);
+methods whose only whole-tensor step is a magnitude trim (TIES) get each model's exact cut from
+a streaming pre-pass (`soupkit.tensor_trim`) and then run on chunks too; other methods get
+whole tensors (the inputs of one tensor plus one output). Randomness comes only from a
+`torch.Generator` seeded from (recipe seed, tensor name[, block]), so output bytes never depend
+on chunking, order or threads.
 
 Outputs go to a `Sink`: `FileSink` writes planned shards at their offsets; `MemorySink` fills
 in-memory tensors (the Python API's in-memory forms). Both see exactly the same tensors, so a
 streamed merge and an in-memory merge agree bit for bit.
 
-Non-finite values: every merged chunk is checked in float32 before the cast and again after
-it (when the output dtype is narrower than float32), with `all_finite`: one ``sum`` (no
-allocation; NaN and Inf always propagate into a sum) and an exact ``isfinite`` only if the sum
-is not finite. When a check fires, the inputs of that chunk are re-read to name the model that
+Non-finite values: every merged piece is checked after the cast to the output dtype with
+`all_finite`: one ``sum`` (NaN and Inf always propagate into a sum) and an exact ``isfinite``
+only if the sum is not finite. NaN and Inf in the float32 result survive the cast, so this one
+check catches them as well as values that overflow the output dtype; the float32 result is
+examined only after a failed check, to say which of the two happened. When a check fires, the inputs of that chunk are re-read to name the model that
 holds NaN / Inf; a `NonFiniteError` stops the run unless ``allow_nonfinite``.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
+import queue
+import threading
 import time
-from collections.abc import Callable, Collection, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 import torch
 
-from soupkit.errors import NonFiniteError
+from soupkit.errors import NonFiniteError, UsageError
 from soupkit.global_trim import compute_cuts
 from soupkit.io.header import DTYPES, TensorInfo
 from soupkit.io.reader import TensorReader
 from soupkit.io.writer import Journal, ShardWriter, write_index
-from soupkit.methods import MagnitudeCut
+from soupkit.methods import MagnitudeCut, MethodSpec
 from soupkit.plan import MergePlan, TensorJob
+from soupkit.tensor_trim import TopKSelect, chunk_cut, magnitude_bits
 
 __all__ = [
-    "FileSink", "MemorySink", "RNG_BLOCK", "RunStats", "Sink", "all_finite", "run_plan", "tensor_seed",
+    "COMPUTE_ELEMS", "FileSink", "MemorySink", "RNG_BLOCK", "RunStats", "Sink", "all_finite",
+    "check_shared_inputs", "run_plan", "run_plans", "tensor_seed",
 ]
 
 # Stochastic elementwise methods draw per block of this many elements, each block with its own
@@ -236,7 +249,7 @@ def _chunks(n: int, size: int) -> Iterator[tuple[int, int]]:
 
 
 class _Loader:
-    """Reads ranges as float32 (through the recipe's `dtype` first, if set)."""
+    """Reads ranges as float32 (through the recipe's `dtype` first, if set): the diagnostics' reader."""
 
     def __init__(self, reader: TensorReader, cast_to: torch.dtype | None) -> None:
         self.reader = reader
@@ -250,20 +263,680 @@ class _Loader:
         return raw.to(torch.float32, copy=info.data is not None)
 
 
-def _merge_range(plan: MergePlan, job: TensorJob, load: _Loader, a: int, b: int, shaped: bool,
-                 rng: torch.Generator | None, trim: tuple[MagnitudeCut | None, ...] | None = None,
-                 ) -> torch.Tensor:
-    xs = [load.f32(t, a, b) for t in job.inputs]
-    base = load.f32(job.base, a, b) if job.base is not None else None
-    if shaped:
-        xs = [x.view(job.shape) for x in xs]
-        base = base.view(job.shape) if base is not None else None
-    assert job.params is not None
-    out = plan.method.call(xs, job.params, base=base, rng=rng, trim=trim)
-    if tuple(out.shape) != (tuple(job.shape) if shaped else (b - a,)):
-        raise RuntimeError(f"method {plan.method.name!r} returned shape {list(out.shape)} for "
-                           f"tensor {job.name!r}, expected {list(job.shape) if shaped else [b - a]}")
-    return out
+def _same_info(a: TensorInfo | None, b: TensorInfo | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return a == b and a.data is b.data
+
+
+def check_shared_inputs(plans: Sequence[MergePlan]) -> None:
+    """Refuse plans that cannot share one pass (`run_plans`): they must read the same tensors.
+
+    Raises:
+        UsageError: naming the first plan and tensor that differ.
+    """
+    first = plans[0]
+    for k, p in enumerate(plans[1:], start=1):
+        problems: list[str] = []
+        if len(p.jobs) != len(first.jobs):
+            problems.append(f"{len(p.jobs)} output tensors against {len(first.jobs)}")
+        elif p.config.dtype != first.config.dtype:
+            problems.append(f"`dtype: {p.config.dtype}` against `dtype: {first.config.dtype}`")
+        else:
+            for ja, jb in zip(first.jobs, p.jobs):
+                same = (ja.name == jb.name and _same_info(ja.source, jb.source)
+                        and len(ja.inputs) == len(jb.inputs)
+                        and all(_same_info(x, y) for x, y in zip(ja.inputs, jb.inputs))
+                        and (ja.base is None or jb.base is None or _same_info(ja.base, jb.base)))
+                if not same:
+                    problems.append(f"tensor {ja.name!r} is read from different inputs")
+                    break
+        if problems:
+            raise UsageError(f"plan {k} cannot share a pass with plan 0: {problems[0]}\n"
+                             "hint: plans run together must read the same models, base and tensors")
+
+
+# ------------------------------------------------------------------------------------ the engine
+#
+# Three threads share the work, so that reading, computing and writing overlap on two cores:
+#
+# - a reader thread reads the raw bytes of the next unit (a chunk of every input of a tensor)
+#   with os.preadv into pooled buffers while the main thread computes the current one (preadv
+#   releases the GIL);
+# - the main thread converts each input into reusable float32 buffers (``copy_``), runs the
+#   method on cache-sized pieces, checks for NaN / Inf and casts into a pooled output buffer;
+# - a writer thread hands output buffers to the sinks (pwrite and the on-the-fly sha256, both
+#   of which release the GIL), in order.
+#
+# torch's own intra-op thread pool is set to ``threads`` (default 1) for the duration: the
+# elementwise ops on cache-sized pieces gain little from it, and on a contended machine a pool
+# of spinning threads is far slower than one thread (measured; see benchmarks/README.md).
+
+# A unit is read in one go: ``plan.chunk_elems`` elements (bounded memory), a whole RNG block
+# for stochastic methods, or the whole tensor for methods that need it. The main thread then
+# works on pieces of at most this many elements, so that the float32 working set (a few
+# inputs plus temporaries) stays in the CPU caches.
+COMPUTE_ELEMS = 1 << 16
+
+_END = object()
+_POLL = 0.1  # seconds: cross-thread waits poll, so that no lost wake-up can hang a run
+
+
+class _Failure:
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+@dataclass
+class _Unit:
+    """Elements [a, b) of tensor ``j`` of the plans, for one phase of its work."""
+
+    j: int
+    phase: str  # "copy" | "skip" | "hist" (pre-pass 1) | "lo" (pre-pass 2) | "merge"
+    a: int
+    b: int
+    infos: tuple[TensorInfo | None, ...]  # inputs..., then the base (None when not read)
+    nbytes: int = 0
+    raws: list[torch.Tensor | None] = field(default_factory=list)
+    bufs: list[torch.Tensor] = field(default_factory=list)
+
+
+class _Budget:
+    """Bytes of raw units in flight: a unit waits while others hold more than the budget.
+
+    A unit larger than the budget (a whole big tensor) waits until nothing else is in flight,
+    so it is alone in memory: peak memory stays about one big unit, as without prefetching.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self.cond = threading.Condition()
+        self.stopped = False
+
+    def acquire(self, n: int) -> bool:
+        with self.cond:
+            while not self.stopped and self.used and self.used + n > self.limit:
+                self.cond.wait(_POLL)  # a timeout, as in _WriteBehind._run
+            if self.stopped:
+                return False
+            self.used += n
+            return True
+
+    def release(self, n: int) -> None:
+        with self.cond:
+            self.used -= n
+            self.cond.notify_all()
+
+    def stop(self) -> None:
+        with self.cond:
+            self.stopped = True
+            self.cond.notify_all()
+
+
+class _BufferPool:
+    """Reusable uint8 buffers of one standard capacity (bigger requests are not kept)."""
+
+    def __init__(self, capacity: int, keep: int) -> None:
+        self.capacity = capacity
+        self.keep = keep
+        self.free: list[torch.Tensor] = []
+        self.lock = threading.Lock()
+
+    def get(self, n: int) -> torch.Tensor:
+        if n <= self.capacity:
+            with self.lock:
+                if self.free:
+                    return self.free.pop()
+            return torch.empty(self.capacity, dtype=torch.uint8)
+        return torch.empty(n, dtype=torch.uint8)
+
+    def put(self, buf: torch.Tensor) -> None:
+        if buf.numel() == self.capacity:
+            with self.lock:
+                if len(self.free) < self.keep:
+                    self.free.append(buf)
+
+
+class _ReadAhead:
+    """The reader thread: reads the units of ``schedule`` in order, one or two ahead."""
+
+    def __init__(self, schedule: Iterator[_Unit], reader: TensorReader, pool: _BufferPool,
+                 budget: _Budget) -> None:
+        self.pool = pool
+        self.budget = budget
+        self.queue: queue.Queue[object] = queue.Queue(maxsize=2)
+        self._schedule = schedule
+        self._reader = reader
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="soupkit-read", daemon=True)
+        self._thread.start()
+
+    def _put(self, item: object) -> bool:
+        while not self._stop.is_set():
+            try:
+                self.queue.put(item, timeout=_POLL)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self) -> None:
+        try:
+            for u in self._schedule:
+                if not self.budget.acquire(u.nbytes):
+                    return
+                for info in u.infos:
+                    if info is None or u.phase == "skip":
+                        u.raws.append(None)
+                        continue
+                    if info.data is not None:  # in memory: a view, no copy (never handed to a method)
+                        u.raws.append(self._reader.read(info, u.a, u.b))
+                        continue
+                    buf = self.pool.get((u.b - u.a) * info.itemsize)
+                    u.bufs.append(buf)
+                    u.raws.append(self._reader.read(info, u.a, u.b, out=buf))
+                if not self._put(u):
+                    return
+            self._put(_END)
+        except BaseException as e:  # reported in the main thread
+            self._put(_Failure(e))
+
+    def done(self, u: _Unit) -> None:
+        """The main thread is finished with ``u``: its buffers go back to the pool."""
+        for buf in u.bufs:
+            self.pool.put(buf)
+        u.bufs.clear()
+        u.raws.clear()
+        self.budget.release(u.nbytes)
+
+    def close(self) -> None:
+        self._stop.set()
+        self.budget.stop()
+        self._thread.join()
+
+
+class _WriteBehind:
+    """The writer thread: hands output buffers to the sinks in order, then back to the pool."""
+
+    def __init__(self, pool: _BufferPool) -> None:
+        self.pool = pool
+        self.queue: queue.Queue[object] = queue.Queue(maxsize=3)
+        self.error: BaseException | None = None
+        self.cancelled = False
+        self._thread = threading.Thread(target=self._run, name="soupkit-write", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                # Poll: a signal that interrupts the main thread inside Queue.put can leave a
+                # stale waiter that swallows the next notify; a timeout makes that harmless.
+                try:
+                    item = self.queue.get(timeout=_POLL)
+                except queue.Empty:
+                    continue
+                if item is _END:
+                    return
+                assert isinstance(item, tuple)
+                sink: Sink
+                job: TensorJob
+                data: torch.Tensor
+                offset: int
+                buf: torch.Tensor | None
+                sink, job, data, offset, buf = item
+                if self.error is None and not self.cancelled:
+                    try:
+                        sink.write(job, data, offset)
+                    except BaseException as e:  # re-raised in the main thread
+                        self.error = e
+                if buf is not None:
+                    self.pool.put(buf)
+
+    def check(self) -> None:
+        if self.error is not None:
+            e, self.error = self.error, None
+            raise e
+
+    def write(self, sink: Sink, job: TensorJob, data: torch.Tensor, offset: int,
+              buf: torch.Tensor | None) -> None:
+        self.check()
+        self.queue.put((sink, job, data, offset, buf))
+
+    def close(self) -> None:
+        """Wait until every queued write is done; raise the first write error."""
+        self.queue.put(_END)
+        self._thread.join()
+        self.check()
+
+    def cancel(self) -> None:
+        """After a failure: drop the queued writes and stop the thread."""
+        if self._thread.is_alive():
+            self.cancelled = True
+            self.queue.put(_END)
+            self._thread.join()
+
+
+@contextmanager
+def _torch_threads(n: int | None) -> Iterator[None]:
+    old = torch.get_num_threads()
+    want = 1 if n is None else n
+    if want != old:
+        torch.set_num_threads(want)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != old:
+            torch.set_num_threads(old)
+
+
+# How a plan handles one tensor.
+_WHOLE = "whole"      # the method needs the whole tensor (slerp, model_stock, della, breadcrumbs)
+_ELEM = "elem"        # elementwise: any pieces
+_BLOCK = "block"      # elementwise and stochastic: one generator per RNG_BLOCK
+_TRIM = "trim"        # elementwise once each model's magnitude cut is known (TIES)
+
+
+def _mode(spec: MethodSpec) -> str:
+    if spec.tensor_trim is not None:
+        return _TRIM
+    if not spec.elementwise:
+        return _WHOLE
+    return _BLOCK if spec.stochastic else _ELEM
+
+
+@dataclass
+class _JobState:
+    """Per tensor and plan: the magnitude cuts of a TIES-like method, as they become known."""
+
+    cuts: list[MagnitudeCut | None]
+    quota: list[int]
+    select: dict[int, tuple[TopKSelect, dict[int, int]]]  # model -> (selection, plan-local k)
+
+
+class _Engine:
+    def __init__(self, plans: Sequence[MergePlan], sinks: Sequence[Sink], *,
+                 progress: Callable[[int], None] | None, allow_nonfinite: bool,
+                 skips: Sequence[frozenset[str]], cuts: Sequence[Mapping[str, tuple[MagnitudeCut | None, ...]]],
+                 diag: TensorReader, compute_elems: int) -> None:
+        self.plans = plans
+        self.sinks = sinks
+        self.progress = progress
+        self.allow_nonfinite = allow_nonfinite
+        self.skips = skips
+        self.global_cuts = cuts
+        self.cast = getattr(torch, plans[0].config.dtype) if plans[0].config.dtype else None
+        self.diag = _Loader(diag, self.cast)
+        self.compute_elems = compute_elems
+        self.modes = [_mode(p.method) for p in plans]
+        # float32 buffers up to this size are kept for reuse (pieces and RNG blocks)
+        self.keep_elems = max(compute_elems, RNG_BLOCK if _BLOCK in self.modes else 0)
+        self.read = 0
+        self.written = [0] * len(plans)
+        self.skipped = [0] * len(plans)
+        self.nonfinite: list[dict[str, None]] = [{} for _ in plans]
+        self.work: list[torch.Tensor] = []  # reusable float32 buffers, one per input (+ base)
+        self.trim_state: dict[int, _JobState] = {}
+
+    # ------------------------------------------------------------------ schedule (reader thread)
+
+    def _base_info(self, j: int, active: Sequence[int]) -> TensorInfo | None:
+        return next((self.plans[k].jobs[j].base for k in active if self.plans[k].jobs[j].base is not None), None)
+
+    def _active(self, j: int) -> list[int]:
+        return [k for k, p in enumerate(self.plans) if p.jobs[j].name not in self.skips[k]]
+
+    def _needs_prepass(self, j: int, k: int) -> bool:
+        """Plan k trims tensor j per tensor (not by a global cut) with some density below 1."""
+        p = self.plans[k]
+        job = p.jobs[j]
+        if self.modes[k] != _TRIM or job.name in self.global_cuts[k]:
+            return False
+        assert p.method.tensor_trim is not None and job.params is not None
+        return any(d < 1 for d in p.method.tensor_trim(job.params))
+
+    def step(self, j: int, active: Sequence[int]) -> int:
+        """Elements per read unit of tensor j."""
+        job = self.plans[0].jobs[j]
+        modes = {self.modes[k] for k in active}
+        if _WHOLE in modes:
+            return max(job.numel, 1)
+        if _BLOCK in modes:
+            return RNG_BLOCK
+        return self.plans[0].chunk_elems
+
+    def schedule(self) -> Iterator[_Unit]:
+        for j, job in enumerate(self.plans[0].jobs):
+            active = self._active(j)
+            if not active:
+                yield _Unit(j, "skip", 0, 0, ())
+                continue
+            if job.source is not None:
+                for a, b in _chunks(job.numel, self.plans[0].chunk_elems):
+                    yield _Unit(j, "copy", a, b, (job.source,), (b - a) * job.source.itemsize)
+                continue
+            base = self._base_info(j, active)
+            infos = (*job.inputs, base)
+            per_elem = sum(t.itemsize for t in job.inputs) + (base.itemsize if base is not None else 0)
+            step = self.step(j, active)
+            phases = ["merge"]
+            if step < job.numel and any(self._needs_prepass(j, k) for k in active):
+                phases = ["hist", "lo", "merge"]
+            for phase in phases:
+                for a, b in _chunks(job.numel, step):
+                    yield _Unit(j, phase, a, b, infos, (b - a) * per_elem)
+
+    # ------------------------------------------------------------------ compute (main thread)
+
+    def _f32(self, slot: int, raw: torch.Tensor, n: int) -> torch.Tensor:
+        """``raw`` (n elements) as float32, in the reusable buffer of input ``slot``."""
+        while len(self.work) <= slot:
+            self.work.append(torch.empty(0))
+        w = self.work[slot]
+        if w.numel() < n:
+            w = torch.empty(n, dtype=torch.float32)
+            if n <= self.keep_elems:
+                self.work[slot] = w
+        out = w[:n]
+        if self.cast is not None and raw.dtype != self.cast and self.cast != torch.float32:
+            raw = raw.to(self.cast)  # the recipe's dtype rounds first
+        out.copy_(raw)
+        return out
+
+    def _inputs(self, raws: Sequence[torch.Tensor | None], s: int, e: int, with_base: bool,
+                ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        *xs_raw, base_raw = raws
+        xs = [self._f32(i, r[s:e], e - s) for i, r in enumerate(xs_raw) if r is not None]
+        base = self._f32(len(xs_raw), base_raw[s:e], e - s) if (with_base and base_raw is not None) else None
+        return xs, base
+
+    def _emit(self, k: int, job: TensorJob, out: torch.Tensor, a: int, b: int, dest: torch.Tensor) -> None:
+        """Cast the float32 result for elements [a, b) of ``job`` into ``dest``; check for NaN / Inf.
+
+        A NaN or Inf in the float32 result stays one after the cast, so checking the cast
+        output alone catches both cases; the float32 result is only looked at to say which.
+        """
+        dest.copy_(out)
+        if all_finite(dest):
+            return
+        if not self.allow_nonfinite:
+            plan = self.plans[k]
+            if not all_finite(out):
+                raise _nonfinite_error(plan, job, self.diag, a, b, out)
+            raise _nonfinite_error(plan, job, self.diag, a, b, out, dest)
+        self.nonfinite[k][job.name] = None
+
+    def _call(self, k: int, job: TensorJob, xs: list[torch.Tensor], base: torch.Tensor | None,
+              rng: torch.Generator | None, trim: Sequence[MagnitudeCut | None] | None,
+              n: int, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+        spec = self.plans[k].method
+        if shape is not None:
+            xs = [x.view(shape) for x in xs]
+            base = base.view(shape) if base is not None else None
+        assert job.params is not None
+        out = spec.call(xs, job.params, base=base, rng=rng, trim=trim)
+        want = tuple(shape) if shape is not None else (n,)
+        if tuple(out.shape) != want:
+            raise RuntimeError(f"method {spec.name!r} returned shape {list(out.shape)} for "
+                               f"tensor {job.name!r}, expected {list(want)}")
+        return out.reshape(-1)
+
+    def _trim_for(self, k: int, j: int, job: TensorJob) -> _JobState:
+        """The cut state of plan k for tensor j (global cuts, or per-tensor cuts to compute)."""
+        st = self.trim_state.get(k * len(self.plans[0].jobs) + j)
+        if st is not None:
+            return st
+        spec = self.plans[k].method
+        n_models = len(job.inputs)
+        if job.name in self.global_cuts[k]:
+            cuts = list(self.global_cuts[k][job.name])
+        else:
+            cuts = [None] * n_models
+        st = _JobState(cuts, [c.ties if (c is not None and c.ties is not None) else 0 for c in cuts], {})
+        if job.name not in self.global_cuts[k]:
+            assert spec.tensor_trim is not None and job.params is not None
+            for i, d in enumerate(spec.tensor_trim(job.params)):
+                if d >= 1:
+                    continue
+                kk = int(d * job.numel)
+                if kk <= 0:
+                    st.cuts[i] = MagnitudeCut(math.inf, 0)
+                elif kk < job.numel:
+                    st.select[i] = (TopKSelect(job.numel, (kk,)), {})
+        self.trim_state[k * len(self.plans[0].jobs) + j] = st
+        return st
+
+    def _deltas_bits(self, raws: Sequence[torch.Tensor | None], s: int, e: int, models: Sequence[int],
+                     ) -> dict[int, torch.Tensor]:
+        """Bit patterns of |theta_i - theta_0| for elements [s, e), computed as the method does."""
+        xs, base = self._inputs(raws, s, e, True)
+        assert base is not None
+        return {i: magnitude_bits(xs[i].sub_(base)) for i in models}
+
+    def _prepass(self, u: _Unit, active: Sequence[int]) -> None:
+        job0 = self.plans[0].jobs[u.j]
+        states = [(k, self._trim_for(k, u.j, self.plans[k].jobs[u.j])) for k in active
+                  if self._needs_prepass(u.j, k)]
+        models = sorted({i for _, st in states for i in st.select})
+        for s, e in _chunks(u.b - u.a, self.compute_elems):
+            bits = self._deltas_bits(u.raws, s, e, models)
+            for _, st in states:
+                for i, (sel, _) in st.select.items():
+                    if u.phase == "hist":
+                        sel.add_hi(bits[i])
+                    else:
+                        sel.add_lo(bits[i])
+        if u.b == job0.numel:  # the last unit of this pass
+            for _, st in states:
+                for i, (sel, _) in st.select.items():
+                    if u.phase == "hist":
+                        sel.select_buckets()
+                    else:
+                        self._set_cut(st, i, sel.cut(sel.ks[0]))
+                if u.phase == "lo":
+                    st.select.clear()
+
+    @staticmethod
+    def _set_cut(st: _JobState, i: int, cut: MagnitudeCut) -> None:
+        st.cuts[i] = cut
+        st.quota[i] = cut.ties if cut.ties is not None else 0
+
+    def _cuts_whole(self, st: _JobState, raws: Sequence[torch.Tensor | None], n: int) -> None:
+        """Per-tensor cuts from a unit that holds the whole tensor (no pre-pass)."""
+        if not st.select:
+            return
+        models = sorted(st.select)
+        for phase in ("hist", "lo"):
+            for s, e in _chunks(n, self.compute_elems):
+                bits = self._deltas_bits(raws, s, e, models)
+                for i, (sel, _) in st.select.items():
+                    sel.add_hi(bits[i]) if phase == "hist" else sel.add_lo(bits[i])
+            for i, (sel, _) in st.select.items():
+                if phase == "hist":
+                    sel.select_buckets()
+                else:
+                    self._set_cut(st, i, sel.cut(sel.ks[0]))
+        st.select.clear()
+
+    def _piece_cuts(self, st: _JobState, xs: Sequence[torch.Tensor], base: torch.Tensor | None,
+                    ) -> list[MagnitudeCut | None]:
+        """The cuts for the next piece (in flat order): the tie quotas are spread over pieces."""
+        out: list[MagnitudeCut | None] = []
+        for i, c in enumerate(st.cuts):
+            if c is None or c.ties is None or c.threshold != c.threshold:
+                out.append(c)
+                continue
+            equal = 0
+            if st.quota[i] > 0:
+                assert base is not None
+                equal = int(((xs[i] - base).abs_() == c.threshold).sum())
+            pc, st.quota[i] = chunk_cut(c, equal, st.quota[i])
+            out.append(pc)
+        return out
+
+    def _merge(self, u: _Unit, active: Sequence[int]) -> None:
+        j = u.j
+        n = u.b - u.a
+        for k in active:
+            plan, job = self.plans[k], self.plans[k].jobs[j]
+            mode = self.modes[k]
+            out_dtype = DTYPES[job.out_dtype][0]
+            buf = self.out_pool.get(n * out_dtype.itemsize)
+            dest_all = buf[: n * out_dtype.itemsize].view(out_dtype)
+            uses_base = job.base is not None
+            if mode == _WHOLE:
+                xs, base = self._inputs(u.raws, 0, n, uses_base)
+                rng = (torch.Generator().manual_seed(tensor_seed(plan.config.seed, job.name))
+                       if plan.method.stochastic else None)
+                out = self._call(k, job, xs, base, rng, None, n, job.shape)
+                self._emit(k, job, out, u.a, u.b, dest_all)
+            elif mode == _BLOCK:
+                for s, e in _chunks(n, RNG_BLOCK):
+                    xs, base = self._inputs(u.raws, s, e, uses_base)
+                    rng = torch.Generator().manual_seed(
+                        tensor_seed(plan.config.seed, job.name, (u.a + s) // RNG_BLOCK))
+                    out = self._call(k, job, xs, base, rng, None, e - s)
+                    self._emit(k, job, out, u.a + s, u.a + e, dest_all[s:e])
+            else:
+                st = self._trim_for(k, j, job) if mode == _TRIM else None
+                if st is not None and st.select:  # the whole tensor is in this unit: cuts first
+                    self._cuts_whole(st, u.raws, n)
+                for s, e in _chunks(n, self.compute_elems):
+                    xs, base = self._inputs(u.raws, s, e, uses_base)
+                    trim = self._piece_cuts(st, xs, base) if st is not None else None
+                    out = self._call(k, job, xs, base, None, trim, e - s)
+                    self._emit(k, job, out, u.a + s, u.a + e, dest_all[s:e])
+            self.writer.write(self.sinks[k], job, dest_all, u.a, buf)
+            if u.b == job.numel:
+                self.trim_state.pop(k * len(self.plans[0].jobs) + j, None)
+
+    def _copy(self, u: _Unit, active: Sequence[int]) -> None:
+        raw = u.raws[0]
+        assert raw is not None
+        for k in active:
+            job = self.plans[k].jobs[u.j]
+            dt = DTYPES[job.out_dtype][0]
+            buf = self.out_pool.get((u.b - u.a) * dt.itemsize)
+            dest = buf[: (u.b - u.a) * dt.itemsize].view(dt)
+            dest.copy_(raw if raw.dtype == dt else raw.to(dt))
+            self.writer.write(self.sinks[k], job, dest, u.a, buf)
+
+    def _account(self, j: int) -> None:
+        """Tensor j is finished (or skipped) in every plan."""
+        for k, p in enumerate(self.plans):
+            job = p.jobs[j]
+            self.written[k] += job.numel * DTYPES[job.out_dtype][1]
+            if job.name in self.skips[k]:
+                self.skipped[k] += 1
+
+    def run(self, reader: TensorReader) -> None:
+        jobs = self.plans[0].jobs
+        unit = max(self.plans[0].chunk_elems, RNG_BLOCK if _BLOCK in self.modes else 0)
+        itemsize = max([t.itemsize for j in jobs for t in (*j.inputs, j.base, j.source) if t is not None] + [1])
+        per_elem = max([sum(t.itemsize for t in (*j.inputs, j.base, j.source) if t is not None) for j in jobs] + [1])
+        out_size = max([DTYPES[j.out_dtype][1] for p in self.plans for j in p.jobs] + [1])
+        in_pool = _BufferPool(unit * itemsize, keep=2 * (max([len(j.inputs) for j in jobs] + [0]) + 1))
+        self.out_pool = _BufferPool(unit * out_size, keep=4)
+        # two units in flight: the one being computed and the one being read ahead
+        budget = _Budget(2 * unit * per_elem)
+        ahead = _ReadAhead(self.schedule(), reader, in_pool, budget)
+        self.writer = _WriteBehind(self.out_pool)
+        try:
+            while True:
+                item = ahead.queue.get()
+                if item is _END:
+                    break
+                if isinstance(item, _Failure):
+                    raise item.exc
+                assert isinstance(item, _Unit)
+                u = item
+                try:
+                    self._unit(u)
+                finally:
+                    ahead.done(u)
+            self.writer.close()
+        finally:
+            ahead.close()
+            self.writer.cancel()
+
+    def _unit(self, u: _Unit) -> None:
+        jobs0 = self.plans[0].jobs
+        job0 = jobs0[u.j]
+        if u.phase == "skip":
+            n = (job0.source.nbytes if job0.source is not None else
+                 sum(t.nbytes for t in job0.inputs) + (job0.base.nbytes if job0.base else 0))
+            if self.progress:
+                self.progress(n)
+            self._account(u.j)
+            return
+        active = self._active(u.j)
+        if u.phase == "copy":
+            self._copy(u, active)
+        elif u.phase in ("hist", "lo"):
+            self._prepass(u, active)
+            return  # pre-pass reads count as progress only once, with the merge pass
+        else:
+            self._merge(u, active)
+        n = u.nbytes
+        self.read += n
+        if self.progress:
+            self.progress(n)
+        if u.b == job0.numel:
+            self._account(u.j)
+
+
+def run_plans(
+    plans: Sequence[MergePlan],
+    sinks: Sequence[Sink],
+    *,
+    progress: Callable[[int], None] | None = None,
+    allow_nonfinite: bool = False,
+    skip: Sequence[Collection[str]] | None = None,
+    threads: int | None = None,
+) -> list[RunStats]:
+    """Run several plans over the same inputs in one pass, each into its own sink.
+
+    Each chunk of each input is read once and handed to every plan; every plan's output is bit
+    for bit what it gives alone (same chunking rules, per-tensor and per-block seeds, cuts).
+
+    Args:
+        plans: plans that read the same tensors (e.g. one recipe with different parameters).
+        sinks: one sink per plan.
+        progress: called with the number of input bytes consumed after each chunk.
+        allow_nonfinite: write NaN / Inf outputs instead of raising (they are listed in
+            `RunStats.nonfinite`).
+        skip: per plan, names of tensors not to compute (their shard is already finished:
+            resume).
+        threads: torch intra-op threads during the run (default 1: reading and writing
+            already run in their own threads, see the module docstring); restored afterwards.
+
+    Returns:
+        One `RunStats` per plan (``bytes_read`` is the shared pass's, counted once).
+
+    Raises:
+        UsageError: the plans do not read the same inputs.
+        NonFiniteError: a merged chunk holds NaN / Inf (before or after the cast to the output
+            dtype), naming the tensor and the input model that holds them.
+    """
+    if not plans or len(plans) != len(sinks):
+        raise UsageError(f"run_plans needs one sink per plan, got {len(plans)} plans and {len(sinks)} sinks")
+    if skip is not None and len(skip) != len(plans):
+        raise UsageError(f"run_plans needs one skip set per plan, got {len(skip)} for {len(plans)} plans")
+    if threads is not None and threads < 1:
+        raise UsageError(f"threads must be at least 1, got {threads}")
+    check_shared_inputs(plans)
+    t0 = time.perf_counter()
+    skips = [frozenset(s) for s in skip] if skip is not None else [frozenset()] * len(plans)
+    with _torch_threads(threads), TensorReader() as reader, TensorReader() as diag, torch.inference_mode():
+        # trim_scope: global (TIES): a streaming pre-pass finds each model's exact global cut
+        cuts = [compute_cuts(p, reader) if p.method.global_trim is not None else {} for p in plans]
+        engine = _Engine(plans, sinks, progress=progress, allow_nonfinite=allow_nonfinite, skips=skips,
+                         cuts=cuts, diag=diag, compute_elems=COMPUTE_ELEMS)
+        engine.run(reader)
+    seconds = time.perf_counter() - t0
+    return [RunStats(seconds, engine.read, engine.written[k], len(p.jobs),
+                     nonfinite=tuple(engine.nonfinite[k]), skipped=engine.skipped[k])
+            for k, p in enumerate(plans)]
 
 
 def run_plan(
@@ -273,8 +946,9 @@ def run_plan(
     progress: Callable[[int], None] | None = None,
     allow_nonfinite: bool = False,
     skip: Collection[str] = (),
+    threads: int | None = None,
 ) -> RunStats:
-    """Run every job of ``plan`` into ``sink``.
+    """Run every job of ``plan`` into ``sink`` (`run_plans` with one plan).
 
     Args:
         plan: the plan (see `soupkit.plan.make_plan`).
@@ -283,6 +957,7 @@ def run_plan(
         allow_nonfinite: write NaN / Inf outputs instead of raising (they are listed in
             `RunStats.nonfinite`).
         skip: names of tensors not to compute (their shard is already finished: resume).
+        threads: torch intra-op threads during the run (default 1), restored afterwards.
 
     Returns:
         `RunStats` of the run.
@@ -291,69 +966,5 @@ def run_plan(
         NonFiniteError: a merged chunk holds NaN / Inf (before or after the cast to the output
             dtype), naming the tensor and the input model that holds them.
     """
-    t0 = time.perf_counter()
-    cast = getattr(torch, plan.config.dtype) if plan.config.dtype else None
-    spec = plan.method
-    read = written = 0
-    nonfinite: dict[str, None] = {}
-    skipped = 0
-    with TensorReader() as reader, torch.inference_mode():
-        load = _Loader(reader, cast)
-        # trim_scope: global (TIES): a streaming pre-pass finds each model's exact global cut
-        cuts = compute_cuts(plan, reader) if spec.global_trim is not None else {}
-
-        def emit(job: TensorJob, out: torch.Tensor, a: int, b: int) -> None:
-            # `out` is the method's float32 result for elements [a, b): check, cast, check, write.
-            out_dtype = DTYPES[job.out_dtype][0]
-            if not all_finite(out):
-                if not allow_nonfinite:
-                    raise _nonfinite_error(plan, job, load, a, b, out)
-                nonfinite[job.name] = None
-            cast_out = out.to(out_dtype)
-            if (out_dtype.itemsize < 4 and job.name not in nonfinite
-                    and not all_finite(cast_out)):
-                if not allow_nonfinite:
-                    raise _nonfinite_error(plan, job, load, a, b, out, cast_out)
-                nonfinite[job.name] = None
-            sink.write(job, cast_out, a)
-
-        for job in plan.jobs:
-            out_dtype = DTYPES[job.out_dtype][0]
-            if job.name in skip:
-                skipped += 1
-                n = (job.source.nbytes if job.source is not None else
-                     sum(t.nbytes for t in job.inputs) + (job.base.nbytes if job.base else 0))
-                if progress:
-                    progress(n)
-                written += job.numel * DTYPES[job.out_dtype][1]
-                continue
-            if job.source is not None:
-                for a, b in _chunks(job.numel, plan.chunk_elems):
-                    raw = reader.read(job.source, a, b)
-                    sink.write(job, raw if raw.dtype == out_dtype else raw.to(out_dtype), a)
-                    n = (b - a) * job.source.itemsize
-                    read += n
-                    if progress:
-                        progress(n)
-            elif spec.elementwise:
-                step = RNG_BLOCK if spec.stochastic else plan.chunk_elems
-                for a, b in _chunks(job.numel, step):
-                    rng = (torch.Generator().manual_seed(tensor_seed(plan.config.seed, job.name, a // RNG_BLOCK))
-                           if spec.stochastic else None)
-                    out = _merge_range(plan, job, load, a, b, False, rng)
-                    emit(job, out, a, b)
-                    n = sum((b - a) * t.itemsize for t in job.inputs) + ((b - a) * job.base.itemsize if job.base else 0)
-                    read += n
-                    if progress:
-                        progress(n)
-            else:
-                rng = torch.Generator().manual_seed(tensor_seed(plan.config.seed, job.name)) if spec.stochastic else None
-                out = _merge_range(plan, job, load, 0, job.numel, True, rng, cuts.get(job.name))
-                emit(job, out.reshape(-1), 0, job.numel)
-                n = sum(t.nbytes for t in job.inputs) + (job.base.nbytes if job.base else 0)
-                read += n
-                if progress:
-                    progress(n)
-            written += job.numel * DTYPES[job.out_dtype][1]
-    return RunStats(time.perf_counter() - t0, read, written, len(plan.jobs),
-                    nonfinite=tuple(nonfinite), skipped=skipped)
+    return run_plans([plan], [sink], progress=progress, allow_nonfinite=allow_nonfinite,
+                     skip=[skip], threads=threads)[0]

@@ -1,10 +1,10 @@
 """One pass over the inputs, several outputs: WiSE-FT alpha grids and other sweeps.
 
-`run_plans` runs several plans that read the same tensors (the same models, base and tensor
-names; any method and parameters) in a single pass: each chunk of each input is read once and
-handed to every plan, and every plan's output is bit for bit what `soupkit.execute.run_plan`
-gives for that plan alone (same chunking rules, same per-tensor and per-block seeds, same
-global-trim cuts). `merge_many` writes each plan's output into its own folder, atomically and
+`run_plans` (the engine of `soupkit.execute`, re-exported here) runs several plans that read
+the same tensors (the same models, base and tensor names; any method and parameters) in a
+single pass: each chunk of each input is read once and handed to every plan, and every plan's
+output is bit for bit what `soupkit.execute.run_plan` gives for that plan alone (same chunking
+rules, same per-tensor and per-block seeds, same magnitude cuts). `merge_many` writes each plan's output into its own folder, atomically and
 with config files, model card and report, like `soupkit.merge`. `wise_ft` is the WiSE-FT front
 end: one folder ``alpha-0.50/`` per mixing coefficient.
 
@@ -19,7 +19,6 @@ import hashlib
 import json
 import math
 import os
-import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
 from pathlib import Path
@@ -30,168 +29,15 @@ import torch
 from soupkit import api
 from soupkit.config import MergeConfig
 from soupkit.errors import CheckpointFormatError, UsageError
-from soupkit.execute import (
-    RNG_BLOCK,
-    FileSink,
-    RunStats,
-    Sink,
-    _chunks,
-    _Loader,
-    _nonfinite_error,
-    all_finite,
-    tensor_seed,
-)
-from soupkit.global_trim import compute_cuts
+from soupkit.execute import FileSink, check_shared_inputs, run_plans
 from soupkit.io.checkpoint import CARRY_FILES
 from soupkit.io.hashing import BackgroundHasher, changed_files_check, file_state
-from soupkit.io.header import DTYPES, TensorInfo
-from soupkit.io.reader import TensorReader
 from soupkit.io.writer import OutputFolder
-from soupkit.methods import MagnitudeCut
-from soupkit.plan import DEFAULT_CHUNK_ELEMS, MergePlan, TensorJob, make_plan, plan_recipe
+from soupkit.plan import DEFAULT_CHUNK_ELEMS, MergePlan, make_plan, plan_recipe
 
 __all__ = ["alpha_folder_names", "merge_many", "run_plans", "wise_ft", "wise_ft_recipe"]
 
 PathLike = str | os.PathLike[str]
-
-
-def _same_info(a: TensorInfo | None, b: TensorInfo | None) -> bool:
-    if a is None or b is None:
-        return a is b
-    return a == b and a.data is b.data
-
-
-def _check_shared_inputs(plans: Sequence[MergePlan]) -> None:
-    first = plans[0]
-    for k, p in enumerate(plans[1:], start=1):
-        problems: list[str] = []
-        if len(p.jobs) != len(first.jobs):
-            problems.append(f"{len(p.jobs)} output tensors against {len(first.jobs)}")
-        elif p.config.dtype != first.config.dtype:
-            problems.append(f"`dtype: {p.config.dtype}` against `dtype: {first.config.dtype}`")
-        else:
-            for ja, jb in zip(first.jobs, p.jobs):
-                same = (ja.name == jb.name and _same_info(ja.source, jb.source)
-                        and len(ja.inputs) == len(jb.inputs)
-                        and all(_same_info(x, y) for x, y in zip(ja.inputs, jb.inputs))
-                        and (ja.base is None or jb.base is None or _same_info(ja.base, jb.base)))
-                if not same:
-                    problems.append(f"tensor {ja.name!r} is read from different inputs")
-                    break
-        if problems:
-            raise UsageError(f"plan {k} cannot share a pass with plan 0: {problems[0]}\n"
-                             "hint: plans run together must read the same models, base and tensors")
-
-
-def run_plans(
-    plans: Sequence[MergePlan],
-    sinks: Sequence[Sink],
-    *,
-    progress: Callable[[int], None] | None = None,
-    allow_nonfinite: bool = False,
-) -> list[RunStats]:
-    """Run several plans over the same inputs in one pass, each into its own sink.
-
-    Args:
-        plans: plans that read the same tensors (e.g. one recipe with different parameters).
-        sinks: one sink per plan.
-        progress: called with the number of input bytes read after each chunk.
-        allow_nonfinite: write NaN / Inf instead of raising `NonFiniteError`.
-
-    Returns:
-        One `RunStats` per plan (``bytes_read`` is the shared pass's, counted once).
-
-    Raises:
-        UsageError: the plans do not read the same inputs.
-        NonFiniteError: as `soupkit.execute.run_plan`.
-    """
-    if not plans or len(plans) != len(sinks):
-        raise UsageError(f"run_plans needs one sink per plan, got {len(plans)} plans and {len(sinks)} sinks")
-    _check_shared_inputs(plans)
-    t0 = time.perf_counter()
-    read = 0
-    written = [0] * len(plans)
-    nonfinite: list[dict[str, None]] = [{} for _ in plans]
-    with TensorReader() as reader, torch.inference_mode():
-        loads = [_Loader(reader, getattr(torch, p.config.dtype) if p.config.dtype else None) for p in plans]
-        cuts = [compute_cuts(p, reader) if p.method.global_trim is not None else {} for p in plans]
-
-        def emit(k: int, job: TensorJob, out: torch.Tensor, a: int, b: int) -> None:
-            out_dtype = DTYPES[job.out_dtype][0]
-            if not all_finite(out):
-                if not allow_nonfinite:
-                    raise _nonfinite_error(plans[k], job, loads[k], a, b, out)
-                nonfinite[k][job.name] = None
-            cast_out = out.to(out_dtype)
-            if out_dtype.itemsize < 4 and job.name not in nonfinite[k] and not all_finite(cast_out):
-                if not allow_nonfinite:
-                    raise _nonfinite_error(plans[k], job, loads[k], a, b, out, cast_out)
-                nonfinite[k][job.name] = None
-            sinks[k].write(job, cast_out, a)
-
-        def f32(k: int, raw: torch.Tensor) -> torch.Tensor:
-            cast = loads[k].cast_to
-            if cast is not None and raw.dtype != cast:
-                raw = raw.to(cast)
-            return raw.to(torch.float32, copy=True)  # every plan owns (may overwrite) its inputs
-
-        def call(k: int, job: TensorJob, raws: list[torch.Tensor], raw_base: torch.Tensor | None,
-                 shape: tuple[int, ...] | None, rng: torch.Generator | None,
-                 trim: tuple[MagnitudeCut | None, ...] | None) -> torch.Tensor:
-            xs = [f32(k, r) for r in raws]
-            base = f32(k, raw_base) if (raw_base is not None and job.base is not None) else None
-            if shape is not None:
-                xs = [x.view(shape) for x in xs]
-                base = base.view(shape) if base is not None else None
-            assert job.params is not None
-            return plans[k].method.call(xs, job.params, base=base, rng=rng, trim=trim)
-
-        for j, job0 in enumerate(plans[0].jobs):
-            jobs = [p.jobs[j] for p in plans]
-            if job0.source is not None:
-                for a, b in _chunks(job0.numel, plans[0].chunk_elems):
-                    raw = reader.read(job0.source, a, b)
-                    for k, job in enumerate(jobs):
-                        dt = DTYPES[job.out_dtype][0]
-                        sinks[k].write(job, raw if raw.dtype == dt else raw.to(dt), a)
-                    read += (b - a) * job0.source.itemsize
-                    if progress:
-                        progress((b - a) * job0.source.itemsize)
-            else:
-                base_info = next((jb.base for jb in jobs if jb.base is not None), None)
-                whole = any(not p.method.elementwise for p in plans)
-                stochastic = any(p.method.stochastic for p in plans)
-                step = max(job0.numel, 1) if whole else (RNG_BLOCK if stochastic else plans[0].chunk_elems)
-                for a, b in _chunks(job0.numel, step):
-                    raws = [reader.read(t, a, b) for t in job0.inputs]
-                    raw_base = reader.read(base_info, a, b) if base_info is not None else None
-                    for k, (p, job) in enumerate(zip(plans, jobs)):
-                        spec = p.method
-                        if not spec.elementwise:
-                            rng = (torch.Generator().manual_seed(tensor_seed(p.config.seed, job.name))
-                                   if spec.stochastic else None)
-                            out = call(k, job, raws, raw_base, job.shape, rng, cuts[k].get(job.name))
-                            emit(k, job, out.reshape(-1), 0, job.numel)
-                        elif spec.stochastic:  # one generator per RNG block, as run_plan does
-                            for s, e in _chunks(b - a, RNG_BLOCK):
-                                rng = torch.Generator().manual_seed(
-                                    tensor_seed(p.config.seed, job.name, (a + s) // RNG_BLOCK))
-                                out = call(k, job, [r[s:e] for r in raws],
-                                           raw_base[s:e] if raw_base is not None else None, None, rng, None)
-                                emit(k, job, out, a + s, a + e)
-                        else:
-                            out = call(k, job, raws, raw_base, None, None, None)
-                            emit(k, job, out, a, b)
-                    n = sum((b - a) * t.itemsize for t in job0.inputs) + (
-                        (b - a) * base_info.itemsize if base_info is not None else 0)
-                    read += n
-                    if progress:
-                        progress(n)
-            for k, job in enumerate(jobs):
-                written[k] += job.numel * DTYPES[job.out_dtype][1]
-    seconds = time.perf_counter() - t0
-    return [RunStats(seconds, read, written[k], len(p.jobs), nonfinite=tuple(nonfinite[k]))
-            for k, p in enumerate(plans)]
 
 
 def merge_many(
@@ -233,7 +79,7 @@ def merge_many(
                          "hint: give each plan its own folder")
     for p, d in zip(plans, dests):
         api._check_not_input(p, d)
-    _check_shared_inputs(plans)
+    check_shared_inputs(plans)
     inputs = list(dict.fromkeys(f for p in plans for f in api._input_files(p)))
     try:
         before = {f: file_state(f) for f in inputs}

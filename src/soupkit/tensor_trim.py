@@ -24,6 +24,7 @@ counts ``above`` with ``>``, which NaN fails), the NaN entries are counted apart
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -33,6 +34,7 @@ __all__ = ["TopKSelect", "chunk_cut", "magnitude_bits"]
 
 _HI_BINS = 1 << 15  # top 16 bits of a non-negative float32 (the sign bit is 0)
 _LO_BINS = 1 << 16
+_BATCH = 1 << 20  # entries counted per bincount
 _INF_BITS = 0x7F800000
 
 
@@ -66,11 +68,18 @@ class TopKSelect:
         self.hi = torch.zeros(_HI_BINS, dtype=torch.int64)
         self.buckets: dict[int, tuple[int, int]] = {}
         self.lo: dict[int, torch.Tensor] = {}
+        # Bin indices are computed per chunk (cache-sized) and counted in batches: a bincount
+        # costs a whole histogram of memory traffic whatever its input size, which would
+        # dominate on small chunks. One batch buffer per histogram (-1: the top-16-bit one).
+        self._batches: dict[int, list[Any]] = {}
 
     def add_hi(self, bits: torch.Tensor) -> None:
-        self.hi += torch.bincount(bits >> 16, minlength=_HI_BINS)
+        """Count a chunk's bit patterns (from `magnitude_bits`) by their top 16 bits."""
+        self._add(-1, bits >> 16)
 
     def select_buckets(self) -> None:
+        self._flush()
+        self._batches.clear()
         self.buckets = {k: _select(self.hi, k) for k in self.ks}
         refine = {b for b, _ in self.buckets.values()}
         if int(self.hi[_INF_BITS >> 16]):  # +Inf shares its bucket with NaN patterns: count them apart
@@ -78,11 +87,35 @@ class TopKSelect:
         self.lo = {b: torch.zeros(_LO_BINS, dtype=torch.int64) for b in sorted(refine)}
 
     def add_lo(self, bits: torch.Tensor) -> None:
-        hi = bits >> 16
-        for b, hist in self.lo.items():
-            inside = bits[hi == b]
-            if inside.numel():
-                hist += torch.bincount(inside & 0xFFFF, minlength=_LO_BINS)
+        """Count a chunk's entries inside the selected buckets (after `select_buckets`)."""
+        for b in self.lo:
+            # the low 16 bits of the entries inside bucket b, as bins 1..65536, without a
+            # boolean gather: entries below the bucket go to bin 0, entries above it to the last
+            self._add(b, (bits - (b << 16)).clamp_(-1, _LO_BINS).add_(1))
+
+    def _add(self, key: int, idx: torch.Tensor) -> None:
+        m = idx.numel()
+        batch = self._batches.setdefault(key, [torch.empty(_BATCH, dtype=torch.int32), 0])
+        if batch[1] + m > _BATCH:
+            self._count(key, batch[0][: batch[1]])
+            batch[1] = 0
+        if m > _BATCH:
+            self._count(key, idx)
+            return
+        batch[0][batch[1] : batch[1] + m].copy_(idx)
+        batch[1] += m
+
+    def _count(self, key: int, idx: torch.Tensor) -> None:
+        if key < 0:
+            self.hi += torch.bincount(idx, minlength=_HI_BINS)
+        else:
+            self.lo[key] += torch.bincount(idx, minlength=_LO_BINS + 2)[1 : _LO_BINS + 1]
+
+    def _flush(self) -> None:
+        for key, batch in self._batches.items():
+            if batch[1]:
+                self._count(key, batch[0][: batch[1]])
+                batch[1] = 0
 
     @property
     def _nan(self) -> int:
@@ -95,6 +128,7 @@ class TopKSelect:
 
     def cut(self, k: int) -> MagnitudeCut:
         """The cut that keeps ``k`` entries, exactly as `soupkit.methods._ops.topk_cut` gives it."""
+        self._flush()
         bucket, above_hi = self.buckets[k]
         lo = self.lo[bucket]
         low, above_lo = _select(lo, k - above_hi)
@@ -117,4 +151,7 @@ def chunk_cut(cut: MagnitudeCut | None, equal_in_chunk: int, quota_left: int) ->
     if cut is None or cut.ties is None or cut.threshold != cut.threshold:  # NaN threshold: no ties
         return cut, quota_left
     take = min(equal_in_chunk, quota_left)
-    return MagnitudeCut(cut.threshold, take), quota_left - take
+    # every tied entry of the chunk survives: that is the ``>=`` rule (ties None), which the
+    # methods apply without the running count the boundary chunk needs
+    ties = None if 0 < take == equal_in_chunk else take
+    return MagnitudeCut(cut.threshold, ties), quota_left - take

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -139,3 +140,29 @@ def test_helpers_leave_their_inputs_alone() -> None:
     _ops.elect_sign([x, x], "unweighted", "zero")
     _ops.disjoint_merge([x], [1.0], [x], torch.sign(x), "mean")
     assert same(x, keep)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**16), chunk=st.integers(1, 40), density=st.sampled_from([0.1, 0.35, 0.5, 0.8]))
+def test_streamed_per_tensor_ties_with_many_tied_magnitudes_equals_the_whole_tensor_method(
+        tmp_path_factory: pytest.TempPathFactory, seed: int, chunk: int, density: float) -> None:
+    # Deltas from a handful of values: most magnitudes tie at the cut, so the tie quota is spread
+    # over many chunks (all-tied chunks, the boundary chunk, chunks past the quota).
+    import soupkit
+
+    from .helpers import SHAPES, bits_equal, direct, write
+
+    tmp = tmp_path_factory.mktemp("ties")
+    g = torch.Generator().manual_seed(seed)
+    levels = torch.tensor([-2.0, -1.0, 0.0, 1.0, 1.0, 2.0])
+    base = {k: torch.zeros(s) for k, s in SHAPES.items()}
+    fts = [{k: levels[torch.randint(0, 6, s, generator=g)] for k, s in SHAPES.items()} for _ in range(3)]
+    recipe = {"merge_method": "ties", "base_model": str(write(tmp / "base", base)),
+              "parameters": {"density": density, "trim_scope": "per_tensor"},
+              "models": [{"model": str(write(tmp / f"ft{i}", s))} for i, s in enumerate(fts)]}
+    res = soupkit.merge(recipe, tmp / "out", progress=False, chunk_elems=chunk, hash_inputs=False)
+    from safetensors.torch import load_file
+
+    got = load_file(str(res.out / "model.safetensors"))
+    for job in res.plan.jobs:
+        assert bits_equal(got[job.name], direct("ties", fts, base, job.params, job.name)), job.name

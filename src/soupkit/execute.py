@@ -49,7 +49,7 @@ from soupkit.tensor_trim import TopKSelect, chunk_cut, magnitude_bits
 
 __all__ = [
     "COMPUTE_ELEMS", "FileSink", "MemorySink", "RNG_BLOCK", "RunStats", "Sink", "all_finite",
-    "check_shared_inputs", "run_plan", "run_plans", "tensor_seed",
+    "check_shared_inputs", "estimate_peak_bytes", "run_plan", "run_plans", "tensor_seed",
 ]
 
 # Stochastic elementwise methods draw per block of this many elements, each block with its own
@@ -540,9 +540,44 @@ _TRIM = "trim"        # elementwise once each model's magnitude cut is known (TI
 def _mode(spec: MethodSpec) -> str:
     if spec.tensor_trim is not None:
         return _TRIM
-    if not spec.elementwise:
+    if spec.streams_whole_tensors:
         return _WHOLE
     return _BLOCK if spec.stochastic else _ELEM
+
+
+def estimate_peak_bytes(plan: MergePlan) -> int:
+    """Peak bytes of tensor buffers the engine holds for ``plan`` (not the interpreter's own).
+
+    Per tensor: two raw read units in flight (the one computed and the one read ahead), the
+    pooled output buffers (up to five: the pool and the writer's queue), the float32 working
+    set of one compute piece (each input's copy and the method's temporaries, about two per
+    input), plus TIES's radix-select batches; a method that needs whole tensors holds one
+    tensor's raw inputs alone, their float32 copies, temporaries and the output.
+    """
+    from soupkit.tensor_trim import BATCH_ENTRIES
+
+    mode = _mode(plan.method)
+    peak = 0
+    for j in plan.jobs:
+        out = DTYPES[j.out_dtype][1]
+        if j.source is not None:
+            n = min(j.numel, plan.chunk_elems)
+            peak = max(peak, n * (2 * j.source.itemsize + 5 * out))
+            continue
+        k = len(j.inputs) + (1 if j.base is not None else 0)
+        raw = sum(t.itemsize for t in j.inputs) + (j.base.itemsize if j.base is not None else 0)
+        if mode == _WHOLE:
+            n = j.numel
+            need = n * (raw + 4 * (2 * k + 1) + out)
+        else:
+            unit = max(plan.chunk_elems, RNG_BLOCK) if mode == _BLOCK else plan.chunk_elems
+            n = min(j.numel, unit)
+            piece = min(n, RNG_BLOCK if mode == _BLOCK else COMPUTE_ELEMS)
+            need = n * (2 * raw + 5 * out) + piece * 4 * (2 * k + 1)
+            if mode == _TRIM:
+                need += 4 * len(j.inputs) * min(j.numel, BATCH_ENTRIES)
+        peak = max(peak, need)
+    return peak
 
 
 @dataclass

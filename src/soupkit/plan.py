@@ -102,20 +102,11 @@ class MergePlan:
 
     @property
     def peak_memory_bytes(self) -> int:
-        """Estimated peak working memory of the tensor loop (buffers, not the interpreter)."""
-        peak = 0
-        for j in self.jobs:
-            k = len(j.inputs) + (1 if j.base is not None else 0)
-            if j.is_copy:
-                elems = min(j.numel, self.chunk_elems)
-                need = elems * (j.source.itemsize if j.source else 4) * 2
-            else:
-                elems = min(j.numel, self.chunk_elems) if self.method.elementwise else j.numel
-                itemsize = max((t.itemsize for t in j.inputs), default=4)
-                # raw buffers + float32 copies of every input, the deltas/result, and the cast output
-                need = elems * (k * (itemsize + 4) + 4 * (k + 1) + DTYPES[j.out_dtype][1])
-            peak = max(peak, need)
-        return peak
+        """Estimated peak working memory of the merge (tensor buffers, not the interpreter); see
+        `soupkit.execute.estimate_peak_bytes`."""
+        from soupkit.execute import estimate_peak_bytes  # the engine's buffers; execute imports plan
+
+        return estimate_peak_bytes(self)
 
     def describe(self, *, max_rows: int = 40) -> str:
         """A human-readable dry-run report."""
@@ -138,7 +129,7 @@ class MergePlan:
             f"reads       {human_bytes(self.input_bytes)}",
             f"writes      {human_bytes(self.output_bytes)} in {len(self.shards)} shard(s)",
             f"peak memory ~{human_bytes(self.peak_memory_bytes)} of tensor buffers "
-            f"({'chunks of ' + format(self.chunk_elems, ',') + ' elements' if self.method.elementwise else 'whole tensors: this method needs them'})",
+            f"({'whole tensors: this method needs them' if self.method.streams_whole_tensors else 'chunks of ' + format(self.chunk_elems, ',') + ' elements'})",
             f"seed        {cfg.seed}" + ("" if self.method.stochastic else " (method is deterministic)"),
         ]
         if self.carry_from is not None:

@@ -34,7 +34,7 @@ __all__ = ["TopKSelect", "chunk_cut", "magnitude_bits"]
 
 _HI_BINS = 1 << 15  # top 16 bits of a non-negative float32 (the sign bit is 0)
 _LO_BINS = 1 << 16
-_BATCH = 1 << 20  # entries counted per bincount
+BATCH_ENTRIES = 1 << 20  # entries counted per bincount (one int32 buffer per histogram)
 _INF_BITS = 0x7F800000
 
 
@@ -95,11 +95,11 @@ class TopKSelect:
 
     def _add(self, key: int, idx: torch.Tensor) -> None:
         m = idx.numel()
-        batch = self._batches.setdefault(key, [torch.empty(_BATCH, dtype=torch.int32), 0])
-        if batch[1] + m > _BATCH:
+        batch = self._batches.setdefault(key, [torch.empty(BATCH_ENTRIES, dtype=torch.int32), 0])
+        if batch[1] + m > BATCH_ENTRIES:
             self._count(key, batch[0][: batch[1]])
             batch[1] = 0
-        if m > _BATCH:
+        if m > BATCH_ENTRIES:
             self._count(key, idx)
             return
         batch[0][batch[1] : batch[1] + m].copy_(idx)

@@ -22,8 +22,10 @@ def run(args: argparse.Namespace) -> int:
             tags.append("needs base")
         if spec.stochastic:
             tags.append("seeded")
-        if not spec.elementwise:
+        if spec.streams_whole_tensors:
             tags.append("whole tensors")
+        elif spec.tensor_trim is not None:
+            tags.append("chunks after a trim pre-pass")
         print(f"{spec.name:<18} {spec.summary}")
         print(f"{'':<18} per-model: {', '.join(spec.per_model_names) or '-'}; "
               f"global: {', '.join(spec.global_names) or '-'}; [{', '.join(tags)}]")

@@ -114,6 +114,12 @@ class MethodSpec:
     tensor_trim: TensorTrimFn | None = None
 
     @property
+    def streams_whole_tensors(self) -> bool:
+        """The engine hands this method whole tensors (not chunks): neither elementwise nor
+        elementwise once its per-tensor magnitude cuts are known (``tensor_trim``)."""
+        return not self.elementwise and self.tensor_trim is None
+
+    @property
     def per_model_names(self) -> tuple[str, ...]:
         return tuple(self.params.per_model)
 

@@ -20,6 +20,7 @@ random choice is seeded, so the same run prints the same table.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -35,9 +36,66 @@ import torch
 THREADS = 2
 WISE_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 BOOTSTRAP = 2000
+EVAL_SETTINGS = {"max_length": 64, "batch_size": 128}
 
 
 _T0 = time.perf_counter()
+
+
+def _data_id(kind: str, csv: Path) -> str:
+    """Evaluator identity for the score cache: the kind, the evaluator's settings and the data
+    file's content (a change to any of them is a different evaluator)."""
+    settings = ",".join(f"{k}={v}" for k, v in sorted(EVAL_SETTINGS.items()))
+    return f"{kind}:{settings}:{hashlib.sha256(csv.read_bytes()).hexdigest()[:16]}"
+
+
+class _Scorer:
+    """Validation accuracy, test accuracy and per-example test correctness of a checkpoint.
+
+    Memoised by content through soupkit's score cache (the subject is the checkpoint's
+    `checkpoint_digest`, so a rewritten identical soup is not re-evaluated); the test
+    correctness vector, which the paired bootstrap needs, is kept beside it as one small file per
+    digest.
+    """
+
+    def __init__(self, val_ev: Any, test_ev: Any, cache: Any, vid: str, tid: str, folder: Path) -> None:
+        self.val_ev, self.test_ev, self.cache, self.vid, self.tid = val_ev, test_ev, cache, vid, tid
+        self.folder = folder / hashlib.sha256(tid.encode()).hexdigest()[:16]
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, path: Path | str) -> tuple[float, float, torch.Tensor]:
+        import soupkit
+        from soupkit.evaluate import EvalResult, run_evaluator
+        from soupkit.search import checkpoint_digest, read_state
+
+        ck = soupkit.open_checkpoint(path)
+        digest = checkpoint_digest(ck, self.cache.memo)
+        self.cache.save_file_hashes()
+        state: dict[str, torch.Tensor] = {}
+
+        def load() -> dict[str, torch.Tensor]:
+            if not state:
+                state.update(read_state(ck))
+            return state
+
+        val = self.cache.lookup(self.vid, digest)
+        if val is None:
+            val = run_evaluator(self.val_ev, load(), label=str(path))
+            self.cache.store(self.vid, digest, val, label=str(path))
+        stored = self.folder / f"{digest}.pt"
+        if stored.is_file():
+            correct = torch.load(stored)
+        else:
+            correct = self.test_ev.correct(load())
+            tmp = stored.with_suffix(".tmp")
+            torch.save(correct, tmp)
+            os.replace(tmp, stored)
+        n = len(correct)
+        test = int(correct.sum()) / n
+        if self.cache.lookup(self.tid, digest) is None:
+            self.cache.store(self.tid, digest, EvalResult(score=test, examples=n, total=n, complete=True),
+                             label=str(path))
+        return val.score, test, correct
 
 
 def _say(msg: str) -> None:
@@ -157,7 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import soupkit
     from soupkit.evaluate import HFClassificationEvaluator
-    from soupkit.search import read_state
+    from soupkit.search import ScoreCache
 
     from demo.ingredients import build_ingredients
 
@@ -169,21 +227,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     _say("== 2/6 scoring every ingredient on validation and test")
     t1 = time.perf_counter()
-    val_ev = HFClassificationEvaluator(ing.start, ing.data.val, max_length=64, batch_size=128)
-    test_ev = HFClassificationEvaluator(ing.start, ing.data.test, max_length=64, batch_size=128)
-    cache = out / "scores.jsonl"  # greedy's content-hash cache: a re-run evaluates nothing twice
+    val_ev = HFClassificationEvaluator(ing.start, ing.data.val, **EVAL_SETTINGS)  # type: ignore[arg-type]
+    test_ev = HFClassificationEvaluator(ing.start, ing.data.test, **EVAL_SETTINGS)  # type: ignore[arg-type]
+    # greedy's content-hash cache, shared by every score of the run: a re-run evaluates nothing
+    # twice, and greedy finds the ingredients' scores already there
+    cache = ScoreCache(cache_dir / "scores.jsonl")
+    vid, tid = _data_id("demo-val", ing.data.val), _data_id("demo-test", ing.data.test)
+    score = _Scorer(val_ev, test_ev, cache, vid, tid, cache_dir / "test-correct")
 
-    def score(state: dict[str, torch.Tensor]) -> tuple[float, float, torch.Tensor]:
-        correct = test_ev.correct(state)
-        return val_ev(state), int(correct.sum()) / len(correct), correct
-
-    start_state = read_state(soupkit.open_checkpoint(ing.start))
     rows: list[dict[str, Any]] = []
-    sv, st, _ = score(start_state)
+    sv, st, _ = score(ing.start)
     rows.append({"name": "shared start (probe)", "val": sv, "test": st, "note": "zero-shot analogue"})
     singles = []
     for name, path in zip(names, ing.ingredients):
-        v, t, c = score(read_state(soupkit.open_checkpoint(path)))
+        v, t, c = score(path)
         singles.append({"name": name, "path": str(path), "val": v, "test": t, "correct": c})
         _say(f"   {name}: val {100 * v:.2f}  test {100 * t:.2f}")
     best = max(singles, key=lambda r: (r["val"], -singles.index(r)))
@@ -193,14 +250,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     _say("== 3/6 uniform soup")
     uni = soupkit.uniform_soup(ing.ingredients, models_out / "uniform", force=True)
-    uv, ut, _ = score(read_state(soupkit.open_checkpoint(uni.out)))
+    uv, ut, _ = score(uni.out)
     rows.append({"name": "uniform soup", "val": uv, "test": ut, "note": f"all {len(singles)} ingredients"})
 
     _say("== 4/6 greedy soup (selected on validation)")
     gr = soupkit.greedy_soup(ing.ingredients, val_ev, models_out / "greedy", test_evaluator=test_ev,
-                             cache=cache, evaluator_id=f"demo-val:{ing.data.val.name}",
-                             test_evaluator_id=f"demo-test:{ing.data.test.name}", force=True)
-    gv, gt, gcorrect = score(read_state(soupkit.open_checkpoint(models_out / "greedy")))
+                             cache=cache, evaluator_id=vid, test_evaluator_id=tid, force=True)
+    gv, gt, gcorrect = score(models_out / "greedy")
     chosen = [Path(p).name.split("-")[0] for p in gr.ingredients]
     rows.append({"name": "greedy soup", "val": gv, "test": gt, "note": "ingredients: " + ", ".join(chosen)})
 
@@ -208,7 +264,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     wise_runs = soupkit.wise_ft(ing.start, best["path"], models_out / "wise-ft", alphas=WISE_ALPHAS, force=True)
     wise = []
     for alpha, r in zip(WISE_ALPHAS, wise_runs):
-        v, t, _ = score(read_state(soupkit.open_checkpoint(r.out)))
+        v, t, _ = score(r.out)
         wise.append({"alpha": alpha, "val": v, "test": t})
     wise_best = max(wise, key=lambda w: (w["val"], w["alpha"]))
     for w in wise:
@@ -225,7 +281,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     random.Random(0).shuffle(data)
     lr_res = soupkit.learned_soup(ing.ingredients, data, models_out / "learned", model=model, steps=steps,
                                   lr=0.05, force=True)
-    lv, lt, _ = score(read_state(soupkit.open_checkpoint(models_out / "learned")))
+    lv, lt, _ = score(models_out / "learned")
     coeffs = ", ".join(f"{c:.2f}" for c in lr_res.coefficients)  # type: ignore[union-attr]
     rows.append({"name": "learned soup", "val": lv, "test": lt, "note": f"coefficients {coeffs} ({steps} steps)"})
 

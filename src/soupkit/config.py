@@ -235,7 +235,9 @@ def load_recipe(source: MergeConfig | Mapping[str, Any] | str | os.PathLike[str]
                     raise ConfigError([f"recipe is {path.stat().st_size} bytes; recipes over 10 MB are refused"], label)
                 text = path.read_text(encoding="utf-8")
             except FileNotFoundError:
-                raise ConfigError(["file not found"], label) from None
+                raise ConfigError([f"the recipe file {str(path)!r} does not exist (looked in "
+                                   f"{os.getcwd()}); hint: check the path, or pass an absolute one"],
+                                  label) from None
             except (OSError, UnicodeDecodeError) as e:
                 raise ConfigError([f"cannot read the recipe ({e})"], label) from None
         else:

@@ -34,6 +34,7 @@ import torch
 from soupkit.io.header import TensorInfo
 from soupkit.io.reader import TensorReader
 from soupkit.methods import MagnitudeCut, MethodSpec
+from soupkit.tensor_trim import select_bucket as _select
 
 if TYPE_CHECKING:  # plan imports this module for `check_global_trim`
     from soupkit.plan import MergePlan, TensorJob
@@ -98,14 +99,6 @@ def global_trim_notes(spec: MethodSpec, jobs: Sequence[TensorJob]) -> list[str]:
 def _bits(magnitude: torch.Tensor) -> torch.Tensor:
     # clear the sign bit: abs() of a NaN may keep it, and bincount refuses negative values
     return magnitude.view(torch.int32) & 0x7FFFFFFF
-
-
-def _select(hist: torch.Tensor, k: int) -> tuple[int, int]:
-    """Bucket holding the k-th largest entry, and how many entries lie in higher buckets."""
-    from_top = torch.flip(hist, [0]).cumsum(0)
-    j = int(torch.searchsorted(from_top, torch.tensor([k], dtype=from_top.dtype)))
-    bucket = hist.numel() - 1 - j
-    return bucket, int(from_top[j]) - int(hist[bucket])
 
 
 class _Deltas:

@@ -30,7 +30,7 @@ import torch
 
 from soupkit.methods import MagnitudeCut
 
-__all__ = ["TopKSelect", "chunk_cut", "magnitude_bits"]
+__all__ = ["BATCH_ENTRIES", "TopKSelect", "chunk_cut", "magnitude_bits", "select_bucket"]
 
 _HI_BINS = 1 << 15  # top 16 bits of a non-negative float32 (the sign bit is 0)
 _LO_BINS = 1 << 16
@@ -43,7 +43,7 @@ def magnitude_bits(delta: torch.Tensor) -> torch.Tensor:
     return delta.abs().view(torch.int32).bitwise_and_(0x7FFFFFFF)
 
 
-def _select(hist: torch.Tensor, k: int) -> tuple[int, int]:
+def select_bucket(hist: torch.Tensor, k: int) -> tuple[int, int]:
     """Bucket holding the k-th largest entry, and how many entries lie in higher buckets."""
     from_top = torch.flip(hist, [0]).cumsum(0)
     j = int(torch.searchsorted(from_top, torch.tensor([k], dtype=from_top.dtype)))
@@ -80,7 +80,7 @@ class TopKSelect:
     def select_buckets(self) -> None:
         self._flush()
         self._batches.clear()
-        self.buckets = {k: _select(self.hi, k) for k in self.ks}
+        self.buckets = {k: select_bucket(self.hi, k) for k in self.ks}
         refine = {b for b, _ in self.buckets.values()}
         if int(self.hi[_INF_BITS >> 16]):  # +Inf shares its bucket with NaN patterns: count them apart
             refine.add(_INF_BITS >> 16)
@@ -131,7 +131,7 @@ class TopKSelect:
         self._flush()
         bucket, above_hi = self.buckets[k]
         lo = self.lo[bucket]
-        low, above_lo = _select(lo, k - above_hi)
+        low, above_lo = select_bucket(lo, k - above_hi)
         pattern = (bucket << 16) | low
         equal = int(lo[low])
         above = above_hi + above_lo

@@ -38,6 +38,7 @@ from typing import Protocol
 
 import torch
 
+from soupkit._sizes import COMPUTE_ELEMS, RNG_BLOCK
 from soupkit.errors import NonFiniteError, UsageError
 from soupkit.global_trim import compute_cuts
 from soupkit.io.header import DTYPES, TensorInfo
@@ -49,12 +50,9 @@ from soupkit.tensor_trim import TopKSelect, chunk_cut, magnitude_bits
 
 __all__ = [
     "COMPUTE_ELEMS", "FileSink", "MemorySink", "RNG_BLOCK", "RunStats", "Sink", "all_finite",
-    "check_shared_inputs", "estimate_peak_bytes", "run_plan", "run_plans", "tensor_seed",
+    "check_shared_inputs", "run_plan", "run_plans", "tensor_seed",
 ]
 
-# Stochastic elementwise methods draw per block of this many elements, each block with its own
-# generator, so results do not depend on how the engine chunks a tensor.
-RNG_BLOCK = 1 << 20
 
 
 def tensor_seed(seed: int, name: str, block: int | None = None) -> int:
@@ -312,11 +310,7 @@ def check_shared_inputs(plans: Sequence[MergePlan]) -> None:
 # elementwise ops on cache-sized pieces gain little from it, and on a contended machine a pool
 # of spinning threads is far slower than one thread (measured; see benchmarks/README.md).
 
-# A unit is read in one go: ``plan.chunk_elems`` elements (bounded memory), a whole RNG block
-# for stochastic methods, or the whole tensor for methods that need it. The main thread then
-# works on pieces of at most this many elements, so that the float32 working set (a few
-# inputs plus temporaries) stays in the CPU caches.
-COMPUTE_ELEMS = 1 << 16
+# Units and pieces: see soupkit._sizes (RNG_BLOCK, COMPUTE_ELEMS).
 
 _END = object()
 _POLL = 0.1  # seconds: cross-thread waits poll, so that no lost wake-up can hang a run
@@ -543,41 +537,6 @@ def _mode(spec: MethodSpec) -> str:
     if spec.streams_whole_tensors:
         return _WHOLE
     return _BLOCK if spec.stochastic else _ELEM
-
-
-def estimate_peak_bytes(plan: MergePlan) -> int:
-    """Peak bytes of tensor buffers the engine holds for ``plan`` (not the interpreter's own).
-
-    Per tensor: two raw read units in flight (the one computed and the one read ahead), the
-    pooled output buffers (up to five: the pool and the writer's queue), the float32 working
-    set of one compute piece (each input's copy and the method's temporaries, about two per
-    input), plus TIES's radix-select batches; a method that needs whole tensors holds one
-    tensor's raw inputs alone, their float32 copies, temporaries and the output.
-    """
-    from soupkit.tensor_trim import BATCH_ENTRIES
-
-    mode = _mode(plan.method)
-    peak = 0
-    for j in plan.jobs:
-        out = DTYPES[j.out_dtype][1]
-        if j.source is not None:
-            n = min(j.numel, plan.chunk_elems)
-            peak = max(peak, n * (2 * j.source.itemsize + 5 * out))
-            continue
-        k = len(j.inputs) + (1 if j.base is not None else 0)
-        raw = sum(t.itemsize for t in j.inputs) + (j.base.itemsize if j.base is not None else 0)
-        if mode == _WHOLE:
-            n = j.numel
-            need = n * (raw + 4 * (2 * k + 1) + out)
-        else:
-            unit = max(plan.chunk_elems, RNG_BLOCK) if mode == _BLOCK else plan.chunk_elems
-            n = min(j.numel, unit)
-            piece = min(n, RNG_BLOCK if mode == _BLOCK else COMPUTE_ELEMS)
-            need = n * (2 * raw + 5 * out) + piece * 4 * (2 * k + 1)
-            if mode == _TRIM:
-                need += 4 * len(j.inputs) * min(j.numel, BATCH_ENTRIES)
-        peak = max(peak, need)
-    return peak
 
 
 @dataclass

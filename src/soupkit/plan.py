@@ -26,6 +26,7 @@ from soupkit.errors import CheckpointFormatError, ConfigError, PlanError, SoupEr
 from soupkit.formats import KeyMap, rename_checkpoint
 from soupkit.global_trim import check_global_trim, global_trim_notes
 from soupkit.io.checkpoint import CARRY_FILES, Checkpoint, open_checkpoint
+from soupkit._sizes import BATCH_ENTRIES, COMPUTE_ELEMS, OUTPUT_BUFFERS, RNG_BLOCK
 from soupkit.io.header import DTYPES, TensorInfo
 from soupkit.io.writer import OutputTensor, ShardLayout, layout_shards, parse_size
 from soupkit.methods import MethodSpec, Params
@@ -102,11 +103,35 @@ class MergePlan:
 
     @property
     def peak_memory_bytes(self) -> int:
-        """Estimated peak working memory of the merge (tensor buffers, not the interpreter); see
-        `soupkit.execute.estimate_peak_bytes`."""
-        from soupkit.execute import estimate_peak_bytes  # the engine's buffers; execute imports plan
+        """Estimated peak bytes of the engine's tensor buffers for this plan (not the interpreter).
 
-        return estimate_peak_bytes(self)
+        Per tensor: two raw read units in flight (the one computed and the one read ahead), the
+        pooled output buffers, the float32 working set of one compute piece (each input's copy
+        and the method's temporaries, about two per input), plus TIES's radix-select batches; a
+        method that needs whole tensors holds one tensor's raw inputs alone, their float32
+        copies, temporaries and the output.
+        """
+        spec = self.method
+        stochastic = spec.elementwise and spec.stochastic
+        peak = 0
+        for j in self.jobs:
+            out = DTYPES[j.out_dtype][1]
+            if j.source is not None:
+                n = min(j.numel, self.chunk_elems)
+                peak = max(peak, n * (2 * j.source.itemsize + OUTPUT_BUFFERS * out))
+                continue
+            k = len(j.inputs) + (1 if j.base is not None else 0)
+            raw = sum(t.itemsize for t in j.inputs) + (j.base.itemsize if j.base is not None else 0)
+            if spec.streams_whole_tensors:
+                need = j.numel * (raw + 4 * (2 * k + 1) + out)
+            else:
+                n = min(j.numel, max(self.chunk_elems, RNG_BLOCK) if stochastic else self.chunk_elems)
+                piece = min(n, RNG_BLOCK if stochastic else COMPUTE_ELEMS)
+                need = n * (2 * raw + OUTPUT_BUFFERS * out) + piece * 4 * (2 * k + 1)
+                if spec.tensor_trim is not None:
+                    need += 4 * len(j.inputs) * min(j.numel, BATCH_ENTRIES)
+            peak = max(peak, need)
+        return peak
 
     def describe(self, *, max_rows: int = 40) -> str:
         """A human-readable dry-run report."""

@@ -28,13 +28,13 @@ from typing import Any
 
 import torch
 
+from soupkit._sizes import BATCH_ENTRIES
 from soupkit.methods import MagnitudeCut
 
-__all__ = ["BATCH_ENTRIES", "TopKSelect", "chunk_cut", "magnitude_bits", "select_bucket"]
+__all__ = ["TopKSelect", "chunk_cut", "magnitude_bits", "select_bucket"]
 
 _HI_BINS = 1 << 15  # top 16 bits of a non-negative float32 (the sign bit is 0)
 _LO_BINS = 1 << 16
-BATCH_ENTRIES = 1 << 20  # entries counted per bincount (one int32 buffer per histogram)
 _INF_BITS = 0x7F800000
 
 

@@ -1,0 +1,25 @@
+"""The engine's buffer sizes, shared by the engine (`soupkit.execute`, `soupkit.tensor_trim`)
+and by the plan's memory estimate, which must not import the engine (layering: plan -> io,
+methods; execute -> plan)."""
+
+from __future__ import annotations
+
+__all__ = ["BATCH_ENTRIES", "COMPUTE_ELEMS", "OUTPUT_BUFFERS", "RNG_BLOCK"]
+
+# Stochastic elementwise methods draw per block of this many elements, each block with its own
+# generator, so results do not depend on how the engine chunks a tensor.
+RNG_BLOCK = 1 << 20
+
+# A unit is read in one go: ``plan.chunk_elems`` elements (bounded memory), a whole RNG block
+# for stochastic methods, or the whole tensor for methods that need it. The main thread then
+# works on pieces of at most this many elements, so that the float32 working set (a few
+# inputs plus temporaries) stays in the CPU caches.
+COMPUTE_ELEMS = 1 << 16
+
+# Output buffers alive at once at most: the pool keeps 4, the writer's queue holds 3 plus one in
+# hand, but the pool and the queue share buffers; 5 bounds what the estimate counts.
+OUTPUT_BUFFERS = 5
+
+# The radix select of a per-tensor magnitude trim counts bins per batch of this many entries
+# (one int32 buffer per histogram).
+BATCH_ENTRIES = 1 << 20

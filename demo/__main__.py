@@ -273,7 +273,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                          "note": "best WiSE-FT point" if w is wise_best else ""})
 
     _say("== 6/6 learned soup (per-model coefficients trained on validation)")
-    steps = args.learned_steps or (10 if args.quick else 40)
+    steps = args.learned_steps or (5 if args.quick else 40)
     model = val_ev.model  # the evaluator's model: built once, its weights are overwritten anyway
     model.requires_grad_(True)  # the evaluator froze it; coefficients need parameter gradients
     model.eval()  # no dropout: the loss is a function of the coefficients alone

@@ -137,7 +137,7 @@ QUICK = DemoSettings(
     val_size=200,
     test_size=300,
     probe_examples=256,
-    sweep=_sweep(384, [(3e-5, 2, 0.01, 0.0), (5e-5, 2, 0.1, 0.1), (2e-5, 2, 0.0, 0.0)]),
+    sweep=_sweep(256, [(3e-5, 2, 0.01, 0.0), (5e-5, 2, 0.1, 0.1), (2e-5, 2, 0.0, 0.0)]),
 )
 
 

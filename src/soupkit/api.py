@@ -264,6 +264,32 @@ def _write_file(path: Path, data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def finish_folder(p: MergePlan, tmp: Path, model_card: bool) -> dict[str, str]:
+    """Write the files beside the weights into the partial output folder ``tmp``: the carried
+    config and tokenizer files (config.json updated for a sliced model), the model card; and
+    return every such file's sha256, the shard index's included."""
+    others: dict[str, str] = {}
+    index = tmp / "model.safetensors.index.json"
+    if index.is_file():
+        others[index.name] = hashlib.sha256(index.read_bytes()).hexdigest()
+    if p.carry_from is not None:
+        for name in CARRY_FILES:
+            src = p.carry_from / name
+            if src.is_file() and not src.is_symlink():
+                try:
+                    data = src.read_bytes()
+                except OSError as e:
+                    raise CheckpointFormatError(f"{src}: cannot read ({e.strerror})") from None
+                if name == "config.json" and p.config_updates:  # e.g. a sliced model's layer count
+                    from soupkit.compat.mergekit import update_config
+
+                    data = update_config(src, data, p.config_updates)
+                others[name] = _write_file(tmp / name, data)
+    if model_card:
+        others["README.md"] = _write_file(tmp / "README.md", _model_card(p).encode("utf-8"))
+    return others
+
+
 def run_merge_plan(
     p: MergePlan,
     out: str | os.PathLike[str],
@@ -317,25 +343,7 @@ def run_merge_plan(
                 raise
             finally:
                 bar.close()
-            others: dict[str, str] = {}
-            index = tmp / "model.safetensors.index.json"
-            if index.is_file():
-                others[index.name] = hashlib.sha256(index.read_bytes()).hexdigest()
-            if p.carry_from is not None:
-                for name in CARRY_FILES:
-                    src = p.carry_from / name
-                    if src.is_file() and not src.is_symlink():
-                        try:
-                            data = src.read_bytes()
-                        except OSError as e:
-                            raise CheckpointFormatError(f"{src}: cannot read ({e.strerror})") from None
-                        if name == "config.json" and p.config_updates:  # e.g. a sliced model's layer count
-                            from soupkit.compat.mergekit import update_config
-
-                            data = update_config(src, data, p.config_updates)
-                        others[name] = _write_file(tmp / name, data)
-            if model_card:
-                others["README.md"] = _write_file(tmp / "README.md", _model_card(p).encode("utf-8"))
+            others = finish_folder(p, tmp, model_card)
             for fname, data in (extra_files or {}).items():
                 others[fname] = _write_file(tmp / fname, data)
             input_hashes = hasher.result() if hasher is not None else {}

@@ -15,7 +15,6 @@ demanding plan plus the raw chunk.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -30,7 +29,6 @@ from soupkit import api
 from soupkit.config import MergeConfig
 from soupkit.errors import CheckpointFormatError, UsageError
 from soupkit.execute import FileSink, check_shared_inputs, run_plans
-from soupkit.io.checkpoint import CARRY_FILES
 from soupkit.io.hashing import BackgroundHasher, changed_files_check, file_state
 from soupkit.io.writer import OutputFolder
 from soupkit.plan import DEFAULT_CHUNK_ELEMS, MergePlan, make_plan, plan_recipe
@@ -109,7 +107,7 @@ def merge_many(
             input_hashes = hasher.result() if hasher is not None else {}
             changed_files_check(before)
             for k, (p, tmp, sink, st, dest) in enumerate(zip(plans, tmps, sinks, stats, dests)):
-                others = _finish_folder(p, tmp, model_card)
+                others = api.finish_folder(p, tmp, model_card)
                 report = {**api._report(p, st, dest, input_hashes=input_hashes,
                                         output_hashes=sink.hashes, other_files=others),
                           **dict(extra_reports[k] if extra_reports else {})}
@@ -119,26 +117,6 @@ def merge_many(
         if hasher is not None:
             hasher.cancel()
     return results
-
-
-def _finish_folder(p: MergePlan, tmp: Path, model_card: bool) -> dict[str, str]:
-    """Index hash, carried config/tokenizer files and model card, as `soupkit.merge` writes them."""
-    others: dict[str, str] = {}
-    index = tmp / "model.safetensors.index.json"
-    if index.is_file():
-        others[index.name] = hashlib.sha256(index.read_bytes()).hexdigest()
-    if p.carry_from is not None:
-        for name in CARRY_FILES:
-            src = p.carry_from / name
-            if src.is_file() and not src.is_symlink():
-                try:
-                    data = src.read_bytes()
-                except OSError as e:
-                    raise CheckpointFormatError(f"{src}: cannot read ({e.strerror})") from None
-                others[name] = api._write_file(tmp / name, data)
-    if model_card:
-        others["README.md"] = api._write_file(tmp / "README.md", api._model_card(p).encode("utf-8"))
-    return others
 
 
 def alpha_folder_names(alphas: Sequence[float]) -> list[str]:

@@ -103,6 +103,22 @@ def test_passthrough_slices_renumber_layers(tmp_path: Path) -> None:
     assert (tmp_path / "out" / "tokenizer.json").is_file()
 
 
+def test_merge_many_updates_a_sliced_models_config_like_merge(tmp_path: Path) -> None:
+    # merge_many writes the files beside the weights with soupkit.merge's own code: the carried
+    # config.json gets the sliced layer count, not the source model's
+    from soupkit.multi import merge_many
+
+    a, b = _two_models(tmp_path)
+    recipe = {"merge_method": "passthrough", "slices": [
+        {"sources": [{"model": str(a), "layer_range": [0, 3]}]},
+        {"sources": [{"model": str(b), "layer_range": [1, 4]}]}]}
+    (res,) = merge_many([soupkit.plan(recipe)], [tmp_path / "many"], progress=False, hash_inputs=False)
+    soupkit.merge(recipe, tmp_path / "one", progress=False, hash_inputs=False)
+    assert json.loads((res.out / "config.json").read_text())["num_hidden_layers"] == 6
+    assert (res.out / "config.json").read_bytes() == (tmp_path / "one" / "config.json").read_bytes()
+    assert (res.out / "model.safetensors").read_bytes() == (tmp_path / "one" / "model.safetensors").read_bytes()
+
+
 def test_post_weights_come_from_the_last_slice(tmp_path: Path) -> None:
     a, b = _two_models(tmp_path)
     out = soupkit.plan({"merge_method": "passthrough", "slices": [

@@ -214,6 +214,29 @@ def validated_params(
     return p
 
 
+def parameter_problems(
+    filter_counts: Mapping[str, int],
+    shadowed: Mapping[str, int],
+    bad: Mapping[str, tuple[str, int]],
+) -> list[str]:
+    """The problems planning found in per-tensor parameters: filter entries that decide no
+    tensor (matching none, or only tensors an earlier entry takes), and each distinct
+    validation message of `validated_params` with the first tensor it hit."""
+    problems: list[str] = []
+    for key, count in filter_counts.items():
+        if count == 0 and shadowed[key]:
+            problems.append(f"{key} matched no tensor it decides: the {shadowed[key]} merged tensor(s) it "
+                            "matches all take an earlier entry of the same list\n"
+                            "    hint: the first matching entry wins; put more specific entries first")
+        elif count == 0:
+            problems.append(f"{key} matched no tensor\n    hint: check the spelling against "
+                            "`soupkit inspect` (only merged, floating-point tensors count)")
+    for msg, (first, count) in bad.items():
+        more = f" and {count - 1} other tensor(s)" if count > 1 else ""
+        problems.append(f"{msg} for tensor {first!r}{more}")
+    return problems
+
+
 def _check_param_names(cfg: MergeConfig, spec: MethodSpec) -> list[str]:
     problems: list[str] = []
     per_model, glob = set(spec.per_model_names), set(spec.global_names)
@@ -466,20 +489,10 @@ def make_plan(
             base=base.tensors[name] if (base is not None and uses_base) else None,
             params=p,
         ))
-    for k, count in filter_counts.items():
-        if count == 0 and shadowed[k]:
-            problems.append(f"{k} matched no tensor it decides: the {shadowed[k]} merged tensor(s) it "
-                            "matches all take an earlier entry of the same list\n"
-                            "    hint: the first matching entry wins; put more specific entries first")
-        elif count == 0:
-            problems.append(f"{k} matched no tensor\n    hint: check the spelling against `soupkit inspect` "
-                            "(only merged, floating-point tensors count)")
+    problems += parameter_problems(filter_counts, shadowed, bad_params)
     if not bad_params:
         problems += check_global_trim(spec, jobs)
         notes += global_trim_notes(spec, jobs)
-    for msg, (first, count) in bad_params.items():
-        more = f" and {count - 1} other tensor(s)" if count > 1 else ""
-        problems.append(f"{msg} for tensor {first!r}{more}")
     if problems:
         raise ConfigError(problems)
 

@@ -62,6 +62,7 @@ from soupkit.plan import (
     TensorJob,
     _carry_source,
     check_tokenizer_source,
+    parameter_problems,
     validated_params,
 )
 
@@ -522,19 +523,9 @@ def plan_slices(
             k += 1
     outside("post", resolved[-1][0], resolved[-1][1], slices[-1].parameters)
 
-    for key, count in filter_counts.items():
-        if count == 0 and shadowed[key]:
-            problems.append(f"{key} matched no tensor it decides: the {shadowed[key]} merged tensor(s) it "
-                            "matches all take an earlier entry of the same list\n"
-                            "    hint: the first matching entry wins; put more specific entries first")
-        elif count == 0:
-            problems.append(f"{key} matched no output tensor\n    hint: check the spelling against "
-                            "`soupkit inspect` (only merged, floating-point tensors count)")
+    problems += parameter_problems(filter_counts, shadowed, bad_params)
     if not bad_params:
         problems += check_global_trim(spec, jobs)
-    for msg, (first_name, count) in bad_params.items():
-        more = f" and {count - 1} other tensor(s)" if count > 1 else ""
-        problems.append(f"{msg} for tensor {first_name!r}{more}")
     if problems:
         raise PlanError(list(dict.fromkeys(problems)))
 

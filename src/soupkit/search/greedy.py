@@ -471,29 +471,49 @@ def _replace(r: GreedySoupResult, **kw: Any) -> GreedySoupResult:
     return replace(r, **kw)
 
 
-def _write(result: GreedySoupResult, out: str | os.PathLike[str], *, force: bool, progress: bool | None,
-           plot: bool, max_shard_size: int | str, report_extra: Mapping[str, Any] | None,
-           t0: float, recalibrate: tuple[torch.nn.Module, Iterable[Any]] | None = None) -> GreedySoupResult:
+def write_search_output(
+    p: Any, out: str | os.PathLike[str], key: str, history: dict[str, Any], notes: Sequence[str],
+    plot_fn: Any, plot_name: str, *, force: bool, progress: bool | None, plot: bool,
+    max_shard_size: int | str, report_extra: Mapping[str, Any] | None,
+    recalibrate: tuple[torch.nn.Module, Iterable[Any]] | None = None,
+) -> tuple[Path, MergeResult, Path | None, list[str]]:
+    """Write a search's chosen soup (plan ``p``) atomically, with its history under ``key`` in the
+    report and ``plot_fn(history)`` as ``plot_name`` beside it (a note when matplotlib is missing).
+
+    Returns the output folder, the merge result, the plot's path (or None) and the notes.
+    """
     from soupkit import report_plot
 
-    notes = list(result.notes)
+    notes = list(notes)
     files: dict[str, bytes] = {}
     dest = Path(out)
     plot_path = None
-    history = _replace(result, seconds=time.perf_counter() - t0).to_dict()
     if plot:
         if report_plot.matplotlib_available():
-            files[PLOT_NAME] = report_plot.greedy_plot(history)
-            plot_path = dest / PLOT_NAME
+            files[plot_name] = plot_fn(history)
+            plot_path = dest / plot_name
         else:
             notes.append("plot skipped: matplotlib is not installed (pip install 'soupkit[plot]')")
             history["notes"] = notes
-    p = plan(linear_recipe(result.ingredients), max_shard_size=max_shard_size)
-    extra = {"greedy": history, **dict(report_extra or {})}
+    extra = {key: history, **dict(report_extra or {})}
     if recalibrate is not None:
         merged = write_recalibrated(p, dest, recalibrate[0], recalibrate[1], force=force, progress=progress,
                                     max_shard_size=max_shard_size, extra_report=extra, extra_files=files)
     else:
         merged = run_merge_plan(p, dest, force=force, progress=progress, extra_report=extra, extra_files=files)
+    return dest, merged, plot_path, notes
+
+
+def _write(result: GreedySoupResult, out: str | os.PathLike[str], *, force: bool, progress: bool | None,
+           plot: bool, max_shard_size: int | str, report_extra: Mapping[str, Any] | None,
+           t0: float, recalibrate: tuple[torch.nn.Module, Iterable[Any]] | None = None) -> GreedySoupResult:
+    from soupkit import report_plot
+
+    history = _replace(result, seconds=time.perf_counter() - t0).to_dict()
+    p = plan(linear_recipe(result.ingredients), max_shard_size=max_shard_size)
+    dest, merged, plot_path, notes = write_search_output(
+        p, out, "greedy", history, result.notes, report_plot.greedy_plot, PLOT_NAME, force=force,
+        progress=progress, plot=plot, max_shard_size=max_shard_size, report_extra=report_extra,
+        recalibrate=recalibrate)
     return _replace(result, out=dest, merge=merged, plot=plot_path, notes=notes,
                     seconds=time.perf_counter() - t0)

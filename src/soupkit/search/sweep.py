@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from soupkit import methods
-from soupkit.api import MergeResult, plan, run_merge_plan
+from soupkit.api import MergeResult, plan
 from soupkit.backends import Backend, resolve_backend
 from soupkit.config import MergeConfig, load_recipe
 from soupkit.errors import UsageError
@@ -53,9 +53,8 @@ from soupkit.execute import MemorySink, run_plan
 from soupkit.io.checkpoint import open_checkpoint
 from soupkit.plan import MergePlan
 from soupkit.search._state import checkpoint_digest, progress_bar
-from soupkit.search.bn import write_recalibrated
 from soupkit.search.cache import ScoreCache
-from soupkit.search.greedy import _identity, open_cache
+from soupkit.search.greedy import _identity, open_cache, write_search_output
 
 __all__ = ["DEFAULT_PARAM", "SweepPoint", "SweepResult", "sweep", "sweep_recipes"]
 
@@ -393,22 +392,9 @@ def _write(result: SweepResult, p: MergePlan, out: str | os.PathLike[str], *, fo
            recalibrate: tuple[Any, Iterable[Any]] | None = None, max_shard_size: int | str = "5GB") -> SweepResult:
     from soupkit import report_plot
 
-    notes = list(result.notes)
-    files: dict[str, bytes] = {}
-    dest = Path(out)
-    plot_path = None
     history = replace(result, seconds=time.perf_counter() - t0).to_dict()
-    if plot:
-        if report_plot.matplotlib_available():
-            files[PLOT_NAME] = report_plot.sweep_plot(history)
-            plot_path = dest / PLOT_NAME
-        else:
-            notes.append("plot skipped: matplotlib is not installed (pip install 'soupkit[plot]')")
-            history["notes"] = notes
-    extra = {"sweep": history, **dict(report_extra or {})}
-    if recalibrate is not None:
-        merged = write_recalibrated(p, dest, recalibrate[0], recalibrate[1], force=force, progress=progress,
-                                    max_shard_size=max_shard_size, extra_report=extra, extra_files=files)
-    else:
-        merged = run_merge_plan(p, dest, force=force, progress=progress, extra_report=extra, extra_files=files)
+    dest, merged, plot_path, notes = write_search_output(
+        p, out, "sweep", history, result.notes, report_plot.sweep_plot, PLOT_NAME, force=force,
+        progress=progress, plot=plot, max_shard_size=max_shard_size, report_extra=report_extra,
+        recalibrate=recalibrate)
     return replace(result, out=dest, merge=merged, plot=plot_path, notes=notes, seconds=time.perf_counter() - t0)

@@ -127,21 +127,15 @@ def _checkpoints(paths: tuple[str, ...]) -> list[Checkpoint]:
 
 def _soup_state(c: UniformSoup, reader: TensorReader) -> dict[str, torch.Tensor]:
     """``(sum of paths[:-1] + paths[-1]) / n``, with the operations of `soupkit.greedy_soup`."""
+    from soupkit.search._state import start_sum  # not at the top: soupkit.search imports the backends
+
     global _SUM
     ckpts = _checkpoints(c.paths)
     s = _SUM
     _SUM = None  # cleared while the sum may change, so an interrupted job leaves no stale sum
     if s is None or c.digests[:len(s.digests)] != s.digests:
         ref = ckpts[0]
-        acc: dict[str, torch.Tensor] = {}
-        fixed: dict[str, torch.Tensor] = {}
-        out_dtype: dict[str, torch.dtype] = {}
-        for name, info in ref.tensors.items():
-            if info.is_float:
-                acc[name] = reader.read(info).reshape(info.shape).to(torch.float32, copy=True)
-                out_dtype[name] = info.torch_dtype
-            else:  # non-float tensors come from the first ingredient, as the engine does
-                fixed[name] = reader.read(info).reshape(info.shape)
+        acc, fixed, out_dtype = start_sum(ref, reader)
         s = _RunningSum(c.digests[:1], acc, fixed, out_dtype, tuple(ref.tensors))
     for k in range(len(s.digests), len(c.digests) - 1):
         for name, info in ckpts[k].tensors.items():

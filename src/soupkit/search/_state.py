@@ -109,6 +109,23 @@ class FileHashMemo:
         return got
 
 
+def start_sum(ck: Checkpoint, reader: TensorReader,
+              ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.dtype]]:
+    """A running sum started from one ingredient: its float tensors as float32 (the sum), its
+    non-float tensors as they are (taken from the first ingredient, as the engine does), and each
+    float tensor's stored dtype (the soup's output dtype)."""
+    acc: dict[str, torch.Tensor] = {}
+    fixed: dict[str, torch.Tensor] = {}
+    out_dtype: dict[str, torch.dtype] = {}
+    for name, info in ck.tensors.items():
+        if info.is_float:
+            acc[name] = reader.read(info).reshape(info.shape).to(torch.float32, copy=True)
+            out_dtype[name] = info.torch_dtype
+        else:
+            fixed[name] = reader.read(info).reshape(info.shape)
+    return acc, fixed, out_dtype
+
+
 def checkpoint_digest(ck: Checkpoint, memo: FileHashMemo | None = None,
                       on_bytes: Callable[[int], None] | None = None) -> str:
     """Content identity of a checkpoint: SHA-256 over ``"<sha256 of file>\\n"`` for each file.

@@ -49,7 +49,7 @@ from soupkit.errors import UsageError
 from soupkit.evaluate.protocol import EvalResult, Evaluator, meets, run_evaluator
 from soupkit.io.checkpoint import Checkpoint
 from soupkit.io.reader import TensorReader
-from soupkit.search._state import checkpoint_digest, evaluator_identity, progress_bar, read_state
+from soupkit.search._state import checkpoint_digest, evaluator_identity, progress_bar, read_state, start_sum
 from soupkit.search.bn import write_recalibrated
 from soupkit.search.cache import ScoreCache, default_cache_path
 
@@ -373,15 +373,7 @@ def greedy_soup(
     steps: list[GreedyStep] = []
     ref = ckpts[best]
     with TensorReader() as reader:
-        acc: dict[str, torch.Tensor] = {}
-        fixed: dict[str, torch.Tensor] = {}
-        out_dtype: dict[str, torch.dtype] = {}
-        for name, info in ref.tensors.items():
-            if info.is_float:
-                acc[name] = reader.read(info).reshape(info.shape).to(torch.float32, copy=True)
-                out_dtype[name] = info.torch_dtype
-            else:  # non-float tensors come from the first ingredient, as the engine does
-                fixed[name] = reader.read(info).reshape(info.shape)
+        acc, fixed, out_dtype = start_sum(ref, reader)
 
         def candidate(i: int) -> dict[str, torch.Tensor]:
             div = _uniform_divisor(len(accepted) + 1)

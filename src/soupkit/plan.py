@@ -214,6 +214,18 @@ def validated_params(
     return p
 
 
+def count_filter_matches(conds: Mapping[str, Any], name: str, counts: dict[str, int],
+                         shadowed: dict[str, int]) -> None:
+    """Count, for every filter entry (``key -> (value list, entry index, condition)``) that
+    matches tensor ``name``, whether it decides the tensor or an earlier entry does."""
+    for key, (value, idx, c) in conds.items():
+        if condition_matches(c, name):
+            if first_match(value, name) == idx:
+                counts[key] += 1
+            else:
+                shadowed[key] += 1
+
+
 def parameter_problems(
     filter_counts: Mapping[str, int],
     shadowed: Mapping[str, int],
@@ -463,12 +475,7 @@ def make_plan(
         if not r.is_float:
             jobs.append(TensorJob(name, r.shape, r.dtype, source=r))
             continue
-        for k, (value, idx, c) in filter_keys.items():
-            if condition_matches(c, name):
-                if first_match(value, name) == idx:
-                    filter_counts[k] += 1
-                else:
-                    shadowed[k] += 1
+        count_filter_matches(filter_keys, name, filter_counts, shadowed)
         t = layers.t(name)
         values: dict[str, Any] = {}
         for key, default in spec.params.per_model.items():

@@ -55,13 +55,14 @@ from soupkit.io.header import TensorInfo
 from soupkit.io.writer import OutputTensor, layout_shards, parse_size
 from soupkit.methods import MethodSpec, Params
 from soupkit.global_trim import check_global_trim
-from soupkit.params import condition_matches, first_match, resolve_chain
+from soupkit.params import resolve_chain
 from soupkit.plan import (
     DEFAULT_CHUNK_ELEMS,
     MergePlan,
     TensorJob,
     _carry_source,
     check_tokenizer_source,
+    count_filter_matches,
     parameter_problems,
     validated_params,
 )
@@ -458,12 +459,7 @@ def plan_slices(
         if not first.is_float:
             jobs.append(TensorJob(out_name, first.shape, first.dtype, source=first))
             return
-        for key, (value, idx, c) in conds.items():
-            if condition_matches(c, out_name):
-                if first_match(value, out_name) == idx:
-                    filter_counts[key] += 1
-                else:
-                    shadowed[key] += 1
+        count_filter_matches(conds, out_name, filter_counts, shadowed)
         merged = [(s, i) for s, i in infos if not (spec.needs_base and s.is_base)]
         values: dict[str, Any] = {}
         for key, default in spec.params.per_model.items():

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from soupkit import _interrupts
 from soupkit._version import __version__
 from soupkit.config import MergeConfig, ModelEntry, load_recipe
 from soupkit.errors import CheckpointFormatError, ConfigError, MergeIOError, UsageError
@@ -290,6 +291,7 @@ def finish_folder(p: MergePlan, tmp: Path, model_card: bool) -> dict[str, str]:
     return others
 
 
+@_interrupts.held
 def run_merge_plan(
     p: MergePlan,
     out: str | os.PathLike[str],

@@ -38,6 +38,7 @@ from typing import Protocol
 
 import torch
 
+from soupkit import _interrupts
 from soupkit._sizes import COMPUTE_ELEMS, RNG_BLOCK
 from soupkit.errors import NonFiniteError, UsageError
 from soupkit.global_trim import compute_cuts
@@ -464,8 +465,6 @@ class _WriteBehind:
     def _run(self) -> None:
         with torch.inference_mode():
             while True:
-                # Poll: a signal that interrupts the main thread inside Queue.put can leave a
-                # stale waiter that swallows the next notify; a timeout makes that harmless.
                 try:
                     item = self.queue.get(timeout=_POLL)
                 except queue.Empty:
@@ -837,7 +836,11 @@ class _Engine:
         self.writer = _WriteBehind(self.out_pool)
         try:
             while True:
-                item = ahead.queue.get()
+                _interrupts.check()  # a SIGINT / SIGTERM held by run_plans arrives here, locks free
+                try:
+                    item = ahead.queue.get(timeout=_POLL)
+                except queue.Empty:
+                    continue
                 if item is _END:
                     break
                 if isinstance(item, _Failure):
@@ -921,7 +924,8 @@ def run_plans(
     check_shared_inputs(plans)
     t0 = time.perf_counter()
     skips = [frozenset(s) for s in skip] if skip is not None else [frozenset()] * len(plans)
-    with _torch_threads(threads), TensorReader() as reader, TensorReader() as diag, torch.inference_mode():
+    with (_interrupts.deferred(), _torch_threads(threads), TensorReader() as reader, TensorReader() as diag,
+          torch.inference_mode()):
         # trim_scope: global (TIES): a streaming pre-pass finds each model's exact global cut
         cuts = [compute_cuts(p, reader) if p.method.global_trim is not None else {} for p in plans]
         engine = _Engine(plans, sinks, progress=progress, allow_nonfinite=allow_nonfinite, skips=skips,

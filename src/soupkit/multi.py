@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from soupkit import _interrupts
 from soupkit import api
 from soupkit.config import MergeConfig
 from soupkit.errors import CheckpointFormatError, UsageError
@@ -38,6 +39,7 @@ __all__ = ["alpha_folder_names", "merge_many", "run_plans", "wise_ft", "wise_ft_
 PathLike = str | os.PathLike[str]
 
 
+@_interrupts.held
 def merge_many(
     plans: Sequence[MergePlan],
     outs: Sequence[PathLike],

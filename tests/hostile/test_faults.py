@@ -211,6 +211,108 @@ def test_interrupt_while_writing_the_report(tmp_path: Path, monkeypatch: pytest.
     assert not (tmp_path / "out").exists() and not debris(tmp_path)
 
 
+class _SignalledInDel:
+    """Raises an interrupt from ``__del__``, as a signal arriving during garbage collection does:
+    Python cannot propagate it there and would print "Exception ignored" and carry on."""
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+    def __del__(self) -> None:
+        raise self.exc
+
+
+@pytest.mark.parametrize("term", [False, True], ids=["SIGINT", "SIGTERM"])
+def test_interrupt_swallowed_by_python_still_cancels_the_output(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], term: bool) -> None:
+    """CI once saw SIGTERM land in a weakref callback: the merge finished, exit 0, traceback printed."""
+    from soupkit.cli import Terminated, main
+
+    ms = make_models(tmp_path / "in")
+    (tmp_path / "r.yaml").write_text(json.dumps(recipe(ms)))
+    real_report = soupkit.api._report
+
+    def report_then_signal(*a: Any, **k: Any) -> Any:
+        out = real_report(*a, **k)
+        _SignalledInDel(Terminated() if term else KeyboardInterrupt())  # dropped at once: __del__ runs
+        return out
+
+    monkeypatch.setattr(soupkit.api, "_report", report_then_signal)
+    code = main(["merge", str(tmp_path / "r.yaml"), str(tmp_path / "out"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == (143 if term else 130)
+    assert "Traceback" not in err and "Exception ignored" not in err, err
+    assert err.rstrip().endswith(f"{'terminated' if term else 'interrupted'}: no unfinished output was left in place")
+    assert not (tmp_path / "out").exists() and not debris(tmp_path)
+    # Later runs are not cancelled by the old interrupt.
+    monkeypatch.setattr(soupkit.api, "_report", real_report)
+    assert main(["merge", str(tmp_path / "r.yaml"), str(tmp_path / "out"), "--no-progress"]) == 0
+
+
+def test_signal_during_the_engine_waits_for_a_safe_point(tmp_path: Path) -> None:
+    """A SIGINT is held while the engine's threads hold queue locks and raised between units
+    (raised inside queue internals it once left a lock taken and the clean-up hung)."""
+    import signal
+    import threading
+
+    from soupkit.execute import MemorySink, run_plan
+
+    ms = make_models(tmp_path / "in")
+    p = soupkit.plan(recipe(ms))
+    threads_before = threading.active_count()
+    calls: list[str] = []
+
+    def progress(n: int) -> None:
+        if not calls:
+            os.kill(os.getpid(), signal.SIGINT)
+        calls.append("returned")  # not reached if the signal raised inside the callback
+
+    with pytest.raises(KeyboardInterrupt):
+        run_plan(p, MemorySink(p), progress=progress)
+    assert calls == ["returned"]  # raised at the next safe point, before any further unit
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    assert threading.active_count() == threads_before  # reader and writer threads stopped
+    # Without a signal nothing is held back and the run completes.
+    assert run_plan(p, MemorySink(p)).tensors == len(p.jobs)
+
+
+def test_sigterm_during_a_cli_merge_is_held_then_cancels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    import signal
+
+    from soupkit.cli import main
+
+    ms = make_models(tmp_path / "in")
+    (tmp_path / "r.yaml").write_text(json.dumps(recipe(ms)))
+    real_report = soupkit.api._report
+
+    def report_then_sigterm(*a: Any, **k: Any) -> Any:
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real_report(*a, **k)
+
+    monkeypatch.setattr(soupkit.api, "_report", report_then_sigterm)
+    code = main(["merge", str(tmp_path / "r.yaml"), str(tmp_path / "out"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 143 and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists() and not debris(tmp_path)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_other_unraisable_exceptions_still_reach_the_previous_hook(tmp_path: Path) -> None:
+    import sys
+
+    ms = make_models(tmp_path / "in")
+    seen: list[BaseException] = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sys, "unraisablehook", lambda u: seen.append(u.exc_value))
+        from soupkit import _interrupts
+        mp.setattr(_interrupts, "_installed", False)
+        with writer_mod.OutputFolder(tmp_path / "out"):
+            _SignalledInDel(ValueError("not an interrupt"))
+    assert [str(e) for e in seen] == ["not an interrupt"]
+    assert (tmp_path / "out").is_dir() and ms
+
+
 def test_disk_full_is_a_clear_error_and_cleans_up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     ms = make_models(tmp_path / "in")
     real = os.pwrite

@@ -7,6 +7,8 @@ Exit codes: 0 ok, 1 runtime error, 2 usage or configuration error, 130 interrupt
 
 SIGTERM (what ``kill``, systemd, Slurm and container runtimes send) is turned into an
 exception, like SIGINT, so that every ``with`` block unwinds and no partial output is left.
+An interrupt that Python swallows (raised inside a ``__del__`` or weakref callback) is not
+lost: see `soupkit._interrupts`.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import sys
 import threading
 from collections.abc import Sequence
 
+from soupkit import _interrupts
 from soupkit._version import __version__
 from soupkit.errors import SoupError
 
@@ -63,8 +66,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    _interrupts.install()
+    swallowed = _interrupts.swallowed_count()
     try:
         code = args.func(args)
+        _interrupts.raise_if_swallowed(swallowed)
         return int(code or 0)
     except SoupError as e:
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)

@@ -19,6 +19,7 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
+from soupkit import _interrupts
 from soupkit.errors import CheckpointFormatError
 
 __all__ = ["BackgroundHasher", "changed_files_check", "file_state"]
@@ -81,7 +82,9 @@ class BackgroundHasher:
         Raises:
             CheckpointFormatError: a file could not be read.
         """
-        self._thread.join()
+        while self._thread.is_alive():
+            self._thread.join(timeout=0.1)
+            _interrupts.check()  # a held SIGINT / SIGTERM does not wait for the hashing
         if self._error is not None:
             e = self._error
             raise CheckpointFormatError(f"hashing the inputs failed: {getattr(e, 'strerror', None) or e}") from None

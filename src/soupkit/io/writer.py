@@ -44,6 +44,7 @@ from types import TracebackType
 
 import torch
 
+from soupkit import _interrupts
 from soupkit.errors import MergeIOError, OutputExistsError
 from soupkit.io.header import DTYPES
 from soupkit.io.reader import byte_view
@@ -440,6 +441,7 @@ class OutputFolder:
         self.resumed = False
         self.kept: Path | None = None
         self._lock_fd = -1
+        self._swallowed = 0
         if self.dest.exists():
             if not self.dest.is_dir():
                 raise OutputExistsError(f"{self.dest}: exists and is not a folder\nhint: choose another output path")
@@ -457,6 +459,8 @@ class OutputFolder:
         return self.dest.parent / f".soupkit-partial-{self.dest.name}-r{self.resume_key}"
 
     def __enter__(self) -> Path:
+        _interrupts.install()
+        self._swallowed = _interrupts.swallowed_count()
         parent = self.dest.parent
         with signals_deferred():
             try:
@@ -499,6 +503,12 @@ class OutputFolder:
         self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
     ) -> None:
         assert self.tmp is not None
+        if et is None:  # an interrupt Python swallowed (in a __del__) still cancels the output
+            try:
+                _interrupts.raise_if_swallowed(self._swallowed)
+            except KeyboardInterrupt as e:
+                self.__exit__(type(e), e, None)
+                raise
         with signals_deferred():
             if et is not None:
                 if self.resume_key is not None:

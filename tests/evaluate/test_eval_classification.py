@@ -319,3 +319,40 @@ def test_correct_is_per_example_in_file_order(model_dir: Path, texts: list[str],
     batches = ev.labelled_batches()
     assert sum(len(b["labels"]) for b in batches) == len(texts)
     assert all(set(b) >= {"input_ids", "attention_mask", "labels"} for b in batches)
+
+
+def _linear_output_dtypes(model: torch.nn.Module) -> list[torch.dtype]:
+    """Record the output dtype of every nn.Linear call (bfloat16 under bf16 autocast)."""
+    seen: list[torch.dtype] = []
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear):
+            m.register_forward_hook(lambda mod, args, out: seen.append(out.dtype))
+    return seen
+
+
+def test_autocast_runs_matrix_products_in_bfloat16(model_dir: Path, texts: list[str], tmp_path: Path) -> None:
+    preds = per_example_predictions(model_dir, texts)
+    data = write_csv(tmp_path / "d.csv", texts, [LABELS[p] for p in preds])
+    state = load_file(str(model_dir / "model.safetensors"))
+    full = HFClassificationEvaluator(model_dir, data, batch_size=8)
+    amp = HFClassificationEvaluator(model_dir, data, batch_size=8, autocast="bfloat16")
+    full_seen, amp_seen = _linear_output_dtypes(full.model), _linear_output_dtypes(amp.model)
+    assert full(state) == 1.0
+    score = amp(state)
+    assert set(full_seen) == {torch.float32} and set(amp_seen) == {torch.bfloat16}
+    assert all(p.dtype == torch.float32 for p in amp.model.parameters())  # weights stay float32
+    # The score is the accuracy of the autocast model on the evaluator's own batches.
+    hits = 0
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for b in amp.labelled_batches():
+            labels = b.pop("labels")
+            hits += int((amp.model(**b).logits.float().argmax(-1) == labels).sum())
+    assert score == hits / len(texts)
+    assert int(amp.correct(state).sum()) == hits
+    assert score >= 0.8  # bf16 rounding flips at most a few borderline examples of a random model
+
+
+def test_unknown_autocast_dtype_is_refused(model_dir: Path, tmp_path: Path) -> None:
+    data = write_csv(tmp_path / "d.csv", ["a b"], [0])
+    with pytest.raises(EvaluationError, match=r"unknown autocast dtype 'int8'; expected one of \['bfloat16', 'float16'\]"):
+        HFClassificationEvaluator(model_dir, data, autocast="int8")

@@ -91,3 +91,14 @@ def test_text_without_predictable_tokens(tmp_path: Path) -> None:
     text_file.write_text("\n  \n")
     with pytest.raises(EvaluationError, match=r"holds no non-empty line"):
         HFCausalLMPerplexityEvaluator(model_dir, text_file)
+
+
+def test_autocast_perplexity_is_close_to_float32(tmp_path: Path) -> None:
+    model_dir = save_causal_lm(tmp_path / "llama", "llama")
+    text_file = tmp_path / "eval.txt"
+    text_file.write_text("\n".join(random_sentences(12, seed=5, hi=20)) + "\n")
+    state = load_file(str(model_dir / "model.safetensors"))
+    full = HFCausalLMPerplexityEvaluator(model_dir, text_file, max_length=8, batch_size=3)
+    amp = HFCausalLMPerplexityEvaluator(model_dir, text_file, max_length=8, batch_size=3, autocast=torch.bfloat16)
+    a, b = full(state), amp(state)
+    assert a != b and b == pytest.approx(a, rel=2e-2)  # bf16 products: close, not identical

@@ -203,6 +203,11 @@ def test_builtin_hf_classification_greedy_and_learned(tmp_path: Path, monkeypatc
     assert "greedy soup (>=)" in out
     assert main(args + ["--force"]) == 0
     assert "evaluations: 0 run" in capsys.readouterr().out
+    # Mixed precision is another evaluator: its scores are cached under another identity.
+    assert main(args + ["--force", "--eval-autocast", "bfloat16"]) == 0
+    assert "evaluations: 0 run" not in capsys.readouterr().out
+    amp = json.loads((tmp_path / "soup" / "soupkit-report.json").read_text())["greedy"]
+    assert amp["evaluator"].startswith("hf-classification|val.csv|") and amp["evaluator"] != g["evaluator"]
 
     assert main(["learned", "--hf-classification", "val.csv", "--test-data", "test.csv", "--steps", "3",
                  "--batch-size", "20", "--out", "learned", "--no-progress", *paths]) == 0

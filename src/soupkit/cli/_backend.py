@@ -22,7 +22,8 @@ __all__ = ["add_backend_flags", "build_cli_evaluator", "distributed_lines", "mak
 _RAY_FLAGS = ("ray_address", "ray_num_cpus", "ray_num_gpus", "ray_memory", "ray_workers", "ray_max_retries")
 # The flags a built-in evaluator is built from (see soupkit.cli._search_common.build_evaluator).
 _EVAL_FLAGS = ("evaluator", "hf_classification", "hf_perplexity", "text_column", "text_pair_column",
-               "label_column", "metric", "model_dir", "batch_size", "max_length", "device", "eval_dtype")
+               "label_column", "metric", "model_dir", "batch_size", "max_length", "device", "eval_dtype",
+               "eval_autocast")
 
 
 def add_backend_flags(p: argparse.ArgumentParser, *, speculate: bool = False) -> None:

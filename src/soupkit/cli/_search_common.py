@@ -65,7 +65,10 @@ def add_evaluator_flags(p: argparse.ArgumentParser, *, second: str | None, secon
                    "for classification, 512 for perplexity)")
     g.add_argument("--device", default="cpu", help="torch device for evaluation (default: cpu)")
     g.add_argument("--eval-dtype", choices=["float32", "bfloat16", "float16"], default="float32",
-                   help="compute dtype of the built-in evaluators (default float32)")
+                   help="dtype the built-in evaluators cast the weights to (default float32)")
+    g.add_argument("--eval-autocast", choices=["bfloat16", "float16"], default=None,
+                   help="mixed-precision evaluation with torch.autocast: matrix products in this dtype, "
+                        "weights and norms in float32 (bfloat16 is ~2x faster on CPUs with AVX512-BF16)")
     g.add_argument("--evaluator-id", default=None, metavar="NAME",
                    help="the evaluator's identity in the score cache (default: derived, see docs/soups.md)")
     if second:
@@ -150,12 +153,13 @@ def _builtin(kind: str, data: str, args: argparse.Namespace, model_dir: Path) ->
             "text_column": args.text_column, "label_column": args.label_column,
             "text_pair_column": args.text_pair_column, "batch_size": args.batch_size,
             "max_length": args.max_length or 128, "device": args.device, "dtype": args.eval_dtype,
-            "metric": args.metric,
+            "autocast": args.eval_autocast, "metric": args.metric,
         }
         ev: Any = HFClassificationEvaluator(model_dir, data, **kw)
     else:
         kw = {"text_column": args.text_column, "batch_size": args.batch_size,
-              "max_length": args.max_length or 512, "device": args.device, "dtype": args.eval_dtype}
+              "max_length": args.max_length or 512, "device": args.device, "dtype": args.eval_dtype,
+              "autocast": args.eval_autocast}
         ev = HFCausalLMPerplexityEvaluator(model_dir, data, **kw)
     key = getattr(ev, "cache_key", None)
     if isinstance(key, str) and key:

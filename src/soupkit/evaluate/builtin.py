@@ -21,12 +21,13 @@ wraps them with the candidate's name.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
 import re
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,20 @@ def _transformers() -> Any:
             "installed\nhint: pip install 'soupkit[eval]'"
         ) from e
     return transformers
+
+
+_AUTOCAST = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _autocast(device: str, dtype: str | torch.dtype | None) -> Callable[[], Any]:
+    """A factory of the evaluation's autocast context (``None``: full precision)."""
+    if dtype is None:
+        return contextlib.nullcontext
+    amp = dtype if isinstance(dtype, torch.dtype) else _AUTOCAST.get(dtype)
+    if amp not in _AUTOCAST.values():
+        raise EvaluationError(f"unknown autocast dtype {dtype!r}; expected one of {sorted(_AUTOCAST)} or None")
+    device_type = torch.device(device).type
+    return lambda: torch.autocast(device_type=device_type, dtype=amp)
 
 
 def _resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -303,7 +318,13 @@ class HFClassificationEvaluator:
         batch_size (`int`): examples per forward pass.
         max_length (`int`): truncation length in tokens.
         device (`str`): torch device.
-        dtype (`str | torch.dtype`): the model's compute dtype (``"float32"`` by default).
+        dtype (`str | torch.dtype`): the dtype the model's weights are cast to (``"float32"`` by
+            default).
+        autocast (`str | torch.dtype`, *optional*): mixed precision: ``"bfloat16"`` or
+            ``"float16"`` runs matrix products in that dtype under `torch.autocast` while the
+            weights, LayerNorm and softmax stay float32. On a CPU with AVX512-BF16, ``"bfloat16"``
+            evaluates about twice as fast as float32; predictions can differ on a few borderline
+            examples, so compare candidates under one setting.
         metric (`str`): ``"accuracy"`` or ``"neg_loss"`` (negative mean cross-entropy).
 
     Both metrics support exact early stopping (see :mod:`soupkit.evaluate.protocol`): accuracy
@@ -325,6 +346,7 @@ class HFClassificationEvaluator:
         max_length: int = 128,
         device: str = "cpu",
         dtype: str | torch.dtype = "float32",
+        autocast: str | torch.dtype | None = None,
         metric: str = "accuracy",
     ) -> None:
         if metric not in ("accuracy", "neg_loss"):
@@ -334,6 +356,7 @@ class HFClassificationEvaluator:
                 f"batch_size and max_length must be positive, got {batch_size} and {max_length}"
             )
         self.model_dir, self.data_file, self.metric = Path(model_dir), Path(data_file), metric
+        self._amp = _autocast(device, autocast)
         self.model, tokenizer = _load_hf(
             "AutoModelForSequenceClassification", self.model_dir, device, _resolve_dtype(dtype)
         )
@@ -413,7 +436,8 @@ class HFClassificationEvaluator:
                     return EvalResult(
                         bound, done, self.total, False, self._metrics(correct, loss_sum, done)
                     )
-            logits = self.model(**batch).logits.float()
+            with self._amp():
+                logits = self.model(**batch).logits.float()
             correct += int((logits.argmax(-1) == labels).sum())
             # Clamped at 0 so the running sum never decreases: that is what makes the neg_loss
             # bound exact (cross-entropy is >= 0 in exact arithmetic anyway).
@@ -445,7 +469,8 @@ class HFClassificationEvaluator:
         hits = torch.empty(self.total, dtype=torch.bool)
         pos = 0
         for batch, labels in zip(self._batches, self._labels, strict=True):
-            pred = self.model(**batch).logits.argmax(-1)
+            with self._amp():
+                pred = self.model(**batch).logits.float().argmax(-1)
             idx = torch.tensor(self._order[pos: pos + len(labels)])
             hits[idx] = (pred == labels).cpu()
             pos += len(labels)
@@ -486,7 +511,9 @@ class HFCausalLMPerplexityEvaluator:
         max_length (`int`): window length in tokens.
         batch_size (`int`): windows per forward pass.
         device (`str`): torch device.
-        dtype (`str | torch.dtype`): the model's compute dtype.
+        dtype (`str | torch.dtype`): the dtype the model's weights are cast to.
+        autocast (`str | torch.dtype`, *optional*): mixed precision under `torch.autocast`
+            (``"bfloat16"`` or ``"float16"``), as for `HFClassificationEvaluator`.
     """
 
     def __init__(
@@ -499,12 +526,14 @@ class HFCausalLMPerplexityEvaluator:
         batch_size: int = 8,
         device: str = "cpu",
         dtype: str | torch.dtype = "float32",
+        autocast: str | torch.dtype | None = None,
     ) -> None:
         if max_length < 2 or batch_size < 1:
             raise EvaluationError(
                 f"max_length must be >= 2 and batch_size >= 1, got {max_length} and {batch_size}"
             )
         self.model_dir, self.text_file = Path(model_dir), Path(text_file)
+        self._amp = _autocast(device, autocast)
         self.model, tokenizer = _load_hf(
             "AutoModelForCausalLM", self.model_dir, device, _resolve_dtype(dtype)
         )
@@ -556,7 +585,8 @@ class HFCausalLMPerplexityEvaluator:
         self._loader.load(state)
         nll = 0.0
         for batch in self._batches:
-            logits = self.model(**batch).logits.float()
+            with self._amp():
+                logits = self.model(**batch).logits.float()
             logp = F.log_softmax(logits[:, :-1], dim=-1)
             target = batch["input_ids"][:, 1:]
             token_nll = -logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)

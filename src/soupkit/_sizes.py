@@ -4,7 +4,10 @@ methods; execute -> plan)."""
 
 from __future__ import annotations
 
-__all__ = ["BATCH_ENTRIES", "COMPUTE_ELEMS", "OUTPUT_BUFFERS", "RNG_BLOCK"]
+import os
+
+__all__ = ["BATCH_ENTRIES", "COMPUTE_ELEMS", "MAX_COMPUTE_THREADS", "OUTPUT_BUFFERS", "RNG_BLOCK",
+           "compute_threads"]
 
 # Stochastic elementwise methods draw per block of this many elements, each block with its own
 # generator, so results do not depend on how the engine chunks a tensor.
@@ -23,3 +26,18 @@ OUTPUT_BUFFERS = 5
 # The radix select of a per-tensor magnitude trim counts bins per batch of this many entries
 # (one int32 buffer per histogram).
 BATCH_ENTRIES = 1 << 20
+
+# Elementwise pieces of one unit are computed by up to this many threads (the main thread and
+# helpers; torch kernels release the GIL). More rarely pays: reading, writing and hashing need
+# cores too, and the pieces are memory-bound.
+MAX_COMPUTE_THREADS = 4
+
+
+def compute_threads() -> int:
+    """The engine's default number of compute threads: the CPUs this process may use, at most
+    `MAX_COMPUTE_THREADS`."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return max(1, min(cpus, MAX_COMPUTE_THREADS))

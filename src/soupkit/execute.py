@@ -25,6 +25,8 @@ holds NaN / Inf; a `NonFiniteError` stops the run unless ``allow_nonfinite``.
 
 from __future__ import annotations
 
+import concurrent.futures
+import functools
 import hashlib
 import math
 import queue
@@ -40,6 +42,7 @@ import torch
 
 from soupkit import _interrupts
 from soupkit._sizes import COMPUTE_ELEMS, RNG_BLOCK
+from soupkit._sizes import compute_threads as _sizes_compute_threads
 from soupkit.errors import NonFiniteError, UsageError
 from soupkit.global_trim import compute_cuts
 from soupkit.io.header import DTYPES, TensorInfo
@@ -297,13 +300,17 @@ def check_shared_inputs(plans: Sequence[MergePlan]) -> None:
 
 # ------------------------------------------------------------------------------------ the engine
 #
-# Three threads share the work, so that reading, computing and writing overlap on two cores:
+# Threads share the work, so that reading, computing and writing overlap:
 #
 # - a reader thread reads the raw bytes of the next unit (a chunk of every input of a tensor)
-#   with os.preadv into pooled buffers while the main thread computes the current one (preadv
-#   releases the GIL);
+#   with os.preadv into pooled buffers while the current one is computed (preadv releases the
+#   GIL);
 # - the main thread converts each input into reusable float32 buffers (``copy_``), runs the
-#   method on cache-sized pieces, checks for NaN / Inf and casts into a pooled output buffer;
+#   method on cache-sized pieces, checks for NaN / Inf and casts into a pooled output buffer.
+#   For elementwise methods (and stochastic ones, one RNG block per piece) the pieces of a unit
+#   are shared with ``compute_threads - 1`` helper threads, each with its own buffers (torch
+#   kernels release the GIL); TIES-like trims spend a tie quota in piece order and stay on the
+#   main thread;
 # - a writer thread hands output buffers to the sinks (pwrite and the on-the-fly sha256, both
 #   of which release the GIL), in order.
 #
@@ -551,7 +558,7 @@ class _Engine:
     def __init__(self, plans: Sequence[MergePlan], sinks: Sequence[Sink], *,
                  progress: Callable[[int], None] | None, allow_nonfinite: bool,
                  skips: Sequence[frozenset[str]], cuts: Sequence[Mapping[str, tuple[MagnitudeCut | None, ...]]],
-                 diag: TensorReader, compute_elems: int) -> None:
+                 diag: TensorReader, compute_elems: int, workers: int = 1) -> None:
         self.plans = plans
         self.sinks = sinks
         self.progress = progress
@@ -568,7 +575,12 @@ class _Engine:
         self.written = [0] * len(plans)
         self.skipped = [0] * len(plans)
         self.nonfinite: list[dict[str, None]] = [{} for _ in plans]
-        self.work: list[torch.Tensor] = []  # reusable float32 buffers, one per input (+ base)
+        # Elementwise pieces of a unit are split between `workers` threads (see _split).
+        self.workers = workers
+        self.helpers: concurrent.futures.ThreadPoolExecutor | None = None
+        # reusable float32 buffers, one per input (+ base), per compute thread
+        self.works: list[list[torch.Tensor]] = [[] for _ in range(workers)]
+        self.work = self.works[0]
         self.trim_state: dict[int, _JobState] = {}
 
     # ------------------------------------------------------------------ schedule (reader thread)
@@ -595,7 +607,7 @@ class _Engine:
         if _WHOLE in modes:
             return max(job.numel, 1)
         if _BLOCK in modes:
-            return RNG_BLOCK
+            return RNG_BLOCK * self.workers  # one block per compute thread
         return self.plans[0].chunk_elems
 
     def schedule(self) -> Iterator[_Unit]:
@@ -619,17 +631,17 @@ class _Engine:
                 for a, b in _chunks(job.numel, step):
                     yield _Unit(j, phase, a, b, infos, (b - a) * per_elem)
 
-    # ------------------------------------------------------------------ compute (main thread)
+    # ------------------------------------------------------- compute (main thread and helpers)
 
-    def _f32(self, slot: int, raw: torch.Tensor, n: int) -> torch.Tensor:
-        """``raw`` (n elements) as float32, in the reusable buffer of input ``slot``."""
-        while len(self.work) <= slot:
-            self.work.append(torch.empty(0))
-        w = self.work[slot]
+    def _f32(self, slot: int, raw: torch.Tensor, n: int, work: list[torch.Tensor]) -> torch.Tensor:
+        """``raw`` (n elements) as float32, in the reusable buffer ``work[slot]``."""
+        while len(work) <= slot:
+            work.append(torch.empty(0))
+        w = work[slot]
         if w.numel() < n:
             w = torch.empty(n, dtype=torch.float32)
             if n <= self.keep_elems:
-                self.work[slot] = w
+                work[slot] = w
         out = w[:n]
         if self.cast is not None and raw.dtype != self.cast and self.cast != torch.float32:
             raw = raw.to(self.cast)  # the recipe's dtype rounds first
@@ -637,11 +649,46 @@ class _Engine:
         return out
 
     def _inputs(self, raws: Sequence[torch.Tensor | None], s: int, e: int, with_base: bool,
-                ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+                work: list[torch.Tensor] | None = None) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """Elements [s, e) of every input (and the base) as float32, in ``work``'s buffers
+        (default: the main thread's)."""
+        work = self.work if work is None else work
         *xs_raw, base_raw = raws
-        xs = [self._f32(i, r[s:e], e - s) for i, r in enumerate(xs_raw) if r is not None]
-        base = self._f32(len(xs_raw), base_raw[s:e], e - s) if (with_base and base_raw is not None) else None
+        xs = [self._f32(i, r[s:e], e - s, work) for i, r in enumerate(xs_raw) if r is not None]
+        base = (self._f32(len(xs_raw), base_raw[s:e], e - s, work)
+                if (with_base and base_raw is not None) else None)
         return xs, base
+
+    def _split(self, ranges: Sequence[tuple[int, int]],
+               piece: Callable[[int, int, list[torch.Tensor]], None]) -> None:
+        """Run ``piece(s, e, work)`` for every range: contiguous shares on the helper threads,
+        the first share on this thread, each thread with its own float32 buffers.
+
+        Every piece is computed exactly as it would be alone, so the bytes do not depend on
+        the number of threads.
+        """
+        n = min(self.workers, len(ranges))
+        if n < 2 or self.helpers is None:
+            for s, e in ranges:
+                piece(s, e, self.work)
+            return
+        bounds = [len(ranges) * t // n for t in range(n + 1)]
+
+        def share(t: int) -> None:
+            with torch.inference_mode():
+                for s, e in ranges[bounds[t]:bounds[t + 1]]:
+                    piece(s, e, self.works[t])
+
+        futures = [self.helpers.submit(share, t) for t in range(1, n)]
+        try:
+            share(0)
+        finally:
+            # wait for every helper even when this share failed: they write into this unit's
+            # output buffer, which goes back to the pool afterwards
+            done = concurrent.futures.wait(futures)[0]
+        for f in futures:
+            if f in done:
+                f.result()  # re-raise a helper's error
 
     def _emit(self, k: int, job: TensorJob, out: torch.Tensor, a: int, b: int, dest: torch.Tensor) -> None:
         """Cast the float32 result for elements [a, b) of ``job`` into ``dest``; check for NaN / Inf.
@@ -784,24 +831,36 @@ class _Engine:
                 out = self._call(k, job, xs, base, rng, None, n, job.shape)
                 self._emit(k, job, out, u.a, u.b, dest_all)
             elif mode == _BLOCK:
-                for s, e in _chunks(n, RNG_BLOCK):
-                    xs, base = self._inputs(u.raws, s, e, uses_base)
-                    rng = torch.Generator().manual_seed(
-                        tensor_seed(plan.config.seed, job.name, (u.a + s) // RNG_BLOCK))
-                    out = self._call(k, job, xs, base, rng, None, e - s)
-                    self._emit(k, job, out, u.a + s, u.a + e, dest_all[s:e])
-            else:
-                st = self._trim_for(k, j, job) if mode == _TRIM else None
-                if st is not None and st.select:  # the whole tensor is in this unit: cuts first
+                self._split(list(_chunks(n, RNG_BLOCK)), functools.partial(self._block_piece, u, k, dest_all))
+            elif mode == _ELEM:
+                self._split(list(_chunks(n, self.compute_elems)), functools.partial(self._elem_piece, u, k, dest_all))
+            else:  # _TRIM: pieces in order, each model's tie quota is spent from the first piece on
+                st = self._trim_for(k, j, job)
+                if st.select:  # the whole tensor is in this unit: cuts first
                     self._cuts_whole(st, u.raws, n)
                 for s, e in _chunks(n, self.compute_elems):
                     xs, base = self._inputs(u.raws, s, e, uses_base)
-                    trim = self._piece_cuts(st, xs, base) if st is not None else None
-                    out = self._call(k, job, xs, base, None, trim, e - s)
+                    out = self._call(k, job, xs, base, None, self._piece_cuts(st, xs, base), e - s)
                     self._emit(k, job, out, u.a + s, u.a + e, dest_all[s:e])
             self.writer.write(self.sinks[k], job, dest_all, u.a, buf)
             if u.b == job.numel:
                 self.trim_state.pop(k * len(self.plans[0].jobs) + j, None)
+
+    def _elem_piece(self, u: _Unit, k: int, dest_all: torch.Tensor, s: int, e: int, work: list[torch.Tensor]) -> None:
+        """Elements [s, e) of unit ``u`` for plan k, an elementwise method."""
+        job = self.plans[k].jobs[u.j]
+        xs, base = self._inputs(u.raws, s, e, job.base is not None, work)
+        out = self._call(k, job, xs, base, None, None, e - s)
+        self._emit(k, job, out, u.a + s, u.a + e, dest_all[s:e])
+
+    def _block_piece(self, u: _Unit, k: int, dest_all: torch.Tensor, s: int, e: int, work: list[torch.Tensor]) -> None:
+        """RNG block [s, e) of unit ``u`` for plan k, with that block's own generator."""
+        plan = self.plans[k]
+        job = plan.jobs[u.j]
+        xs, base = self._inputs(u.raws, s, e, job.base is not None, work)
+        rng = torch.Generator().manual_seed(tensor_seed(plan.config.seed, job.name, (u.a + s) // RNG_BLOCK))
+        out = self._call(k, job, xs, base, rng, None, e - s)
+        self._emit(k, job, out, u.a + s, u.a + e, dest_all[s:e])
 
     def _copy(self, u: _Unit, active: Sequence[int]) -> None:
         raw = u.raws[0]
@@ -824,7 +883,7 @@ class _Engine:
 
     def run(self, reader: TensorReader) -> None:
         jobs = self.plans[0].jobs
-        unit = max(self.plans[0].chunk_elems, RNG_BLOCK if _BLOCK in self.modes else 0)
+        unit = max(self.plans[0].chunk_elems, RNG_BLOCK * self.workers if _BLOCK in self.modes else 0)
         itemsize = max([t.itemsize for j in jobs for t in (*j.inputs, j.base, j.source) if t is not None] + [1])
         per_elem = max([sum(t.itemsize for t in (*j.inputs, j.base, j.source) if t is not None) for j in jobs] + [1])
         out_size = max([DTYPES[j.out_dtype][1] for p in self.plans for j in p.jobs] + [1])
@@ -834,6 +893,8 @@ class _Engine:
         budget = _Budget(2 * unit * per_elem)
         ahead = _ReadAhead(self.schedule(), reader, in_pool, budget)
         self.writer = _WriteBehind(self.out_pool)
+        if self.workers > 1:
+            self.helpers = concurrent.futures.ThreadPoolExecutor(self.workers - 1, thread_name_prefix="soupkit-compute")
         try:
             while True:
                 _interrupts.check()  # a SIGINT / SIGTERM held by run_plans arrives here, locks free
@@ -853,6 +914,9 @@ class _Engine:
                     ahead.done(u)
             self.writer.close()
         finally:
+            if self.helpers is not None:
+                self.helpers.shutdown(wait=True)
+                self.helpers = None
             ahead.close()
             self.writer.cancel()
 
@@ -890,6 +954,7 @@ def run_plans(
     allow_nonfinite: bool = False,
     skip: Sequence[Collection[str]] | None = None,
     threads: int | None = None,
+    compute_threads: int | None = None,
 ) -> list[RunStats]:
     """Run several plans over the same inputs in one pass, each into its own sink.
 
@@ -904,8 +969,10 @@ def run_plans(
             `RunStats.nonfinite`).
         skip: per plan, names of tensors not to compute (their shard is already finished:
             resume).
-        threads: torch intra-op threads during the run (default 1: reading and writing
-            already run in their own threads, see the module docstring); restored afterwards.
+        threads: torch intra-op threads during the run (default 1: reading, writing and the
+            compute threads already run in their own threads); restored afterwards.
+        compute_threads: threads that share the elementwise pieces of each unit (default: the
+            CPUs this process may use, at most 4); the output bytes do not depend on it.
 
     Returns:
         One `RunStats` per plan (``bytes_read`` is the shared pass's, counted once).
@@ -921,6 +988,8 @@ def run_plans(
         raise UsageError(f"run_plans needs one skip set per plan, got {len(skip)} for {len(plans)} plans")
     if threads is not None and threads < 1:
         raise UsageError(f"threads must be at least 1, got {threads}")
+    if compute_threads is not None and compute_threads < 1:
+        raise UsageError(f"compute_threads must be at least 1, got {compute_threads}")
     check_shared_inputs(plans)
     t0 = time.perf_counter()
     skips = [frozenset(s) for s in skip] if skip is not None else [frozenset()] * len(plans)
@@ -929,7 +998,8 @@ def run_plans(
         # trim_scope: global (TIES): a streaming pre-pass finds each model's exact global cut
         cuts = [compute_cuts(p, reader) if p.method.global_trim is not None else {} for p in plans]
         engine = _Engine(plans, sinks, progress=progress, allow_nonfinite=allow_nonfinite, skips=skips,
-                         cuts=cuts, diag=diag, compute_elems=COMPUTE_ELEMS)
+                         cuts=cuts, diag=diag, compute_elems=COMPUTE_ELEMS,
+                         workers=compute_threads or _sizes_compute_threads())
         engine.run(reader)
     seconds = time.perf_counter() - t0
     return [RunStats(seconds, engine.read, engine.written[k], len(p.jobs),
@@ -945,6 +1015,7 @@ def run_plan(
     allow_nonfinite: bool = False,
     skip: Collection[str] = (),
     threads: int | None = None,
+    compute_threads: int | None = None,
 ) -> RunStats:
     """Run every job of ``plan`` into ``sink`` (`run_plans` with one plan).
 
@@ -956,6 +1027,7 @@ def run_plan(
             `RunStats.nonfinite`).
         skip: names of tensors not to compute (their shard is already finished: resume).
         threads: torch intra-op threads during the run (default 1), restored afterwards.
+        compute_threads: threads sharing the elementwise pieces (see `run_plans`).
 
     Returns:
         `RunStats` of the run.
@@ -965,4 +1037,4 @@ def run_plan(
             dtype), naming the tensor and the input model that holds them.
     """
     return run_plans([plan], [sink], progress=progress, allow_nonfinite=allow_nonfinite,
-                     skip=[skip], threads=threads)[0]
+                     skip=[skip], threads=threads, compute_threads=compute_threads)[0]

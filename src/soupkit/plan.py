@@ -26,7 +26,7 @@ from soupkit.errors import CheckpointFormatError, ConfigError, PlanError, SoupEr
 from soupkit.formats import KeyMap, rename_checkpoint
 from soupkit.global_trim import check_global_trim, global_trim_notes
 from soupkit.io.checkpoint import CARRY_FILES, Checkpoint, open_checkpoint
-from soupkit._sizes import BATCH_ENTRIES, COMPUTE_ELEMS, OUTPUT_BUFFERS, RNG_BLOCK
+from soupkit._sizes import BATCH_ENTRIES, COMPUTE_ELEMS, OUTPUT_BUFFERS, RNG_BLOCK, compute_threads
 from soupkit.io.header import DTYPES, TensorInfo
 from soupkit.io.writer import OutputTensor, ShardLayout, layout_shards, parse_size
 from soupkit.methods import MethodSpec, Params
@@ -106,13 +106,15 @@ class MergePlan:
         """Estimated peak bytes of the engine's tensor buffers for this plan (not the interpreter).
 
         Per tensor: two raw read units in flight (the one computed and the one read ahead), the
-        pooled output buffers, the float32 working set of one compute piece (each input's copy
-        and the method's temporaries, about two per input), plus TIES's radix-select batches; a
+        pooled output buffers, the float32 working set of one compute piece per compute thread
+        (each input's copy and the method's temporaries, about two per input), plus TIES's
+        radix-select batches; a
         method that needs whole tensors holds one tensor's raw inputs alone, their float32
         copies, temporaries and the output.
         """
         spec = self.method
         stochastic = spec.elementwise and spec.stochastic
+        workers = 1 if spec.tensor_trim is not None else compute_threads()  # each its own working set
         peak = 0
         for j in self.jobs:
             out = DTYPES[j.out_dtype][1]
@@ -125,9 +127,9 @@ class MergePlan:
             if spec.streams_whole_tensors:
                 need = j.numel * (raw + 4 * (2 * k + 1) + out)
             else:
-                n = min(j.numel, max(self.chunk_elems, RNG_BLOCK) if stochastic else self.chunk_elems)
+                n = min(j.numel, max(self.chunk_elems, workers * RNG_BLOCK) if stochastic else self.chunk_elems)
                 piece = min(n, RNG_BLOCK if stochastic else COMPUTE_ELEMS)
-                need = n * (2 * raw + OUTPUT_BUFFERS * out) + piece * 4 * (2 * k + 1)
+                need = n * (2 * raw + OUTPUT_BUFFERS * out) + workers * piece * 4 * (2 * k + 1)
                 if spec.tensor_trim is not None:
                     need += 4 * len(j.inputs) * min(j.numel, BATCH_ENTRIES)
             peak = max(peak, need)

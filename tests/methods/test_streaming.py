@@ -77,3 +77,58 @@ def test_global_ties_streams_like_memory(tmp_path: Path) -> None:
     from_file = load_file(str(streamed.out / "model.safetensors"))
     memory = soupkit.merge_state_dicts(fts, "ties", base=base, parameters={"density": 0.2})
     assert all(bits_equal(from_file[k], memory[k]) for k in memory)
+
+
+ELEMENTWISE = ["linear", "wise_ft", "task_arithmetic", "dare_linear", "dare_ties", "ties"]
+
+
+@pytest.mark.parametrize("method", ELEMENTWISE)
+def test_bytes_do_not_depend_on_compute_threads(method: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tiny pieces and RNG blocks, so that every unit is shared between the compute threads."""
+    from soupkit import execute
+
+    monkeypatch.setattr(execute, "COMPUTE_ELEMS", 5)
+    monkeypatch.setattr(execute, "RNG_BLOCK", 8)
+    n, parameters, per_model = CASES[method]
+    spec = methods.get(method)
+    base = base_state(3, torch.bfloat16)
+    fts = finetunes(base, n, scale=0.5)
+    base_dir = write(tmp_path / "base", base)
+    dirs = [write(tmp_path / f"ft{i}", s) for i, s in enumerate(fts)]
+    recipe: dict[str, Any] = {
+        "merge_method": method, "seed": 5, "parameters": parameters,
+        "models": [{"model": str(d), "parameters": p} for d, p in zip(dirs, per_model)],
+    }
+    if spec.needs_base:
+        recipe["base_model"] = str(base_dir)
+    p = soupkit.plan(recipe, chunk_elems=40)
+    runs = {}
+    for threads in (1, 2, 3):
+        sink = execute.MemorySink(p)
+        execute.run_plan(p, sink, compute_threads=threads)
+        runs[threads] = sink.tensors
+    for name in runs[1]:
+        assert bits_equal(runs[2][name], runs[1][name]) and bits_equal(runs[3][name], runs[1][name]), name
+    if not spec.stochastic:  # the block size does not matter to these: the pure function decides
+        for job in p.jobs:
+            if not job.is_copy:
+                want = direct(method, fts, base, job.params, job.name, seed=5).to(torch.bfloat16)
+                assert bits_equal(runs[2][job.name], want), job.name
+
+
+def test_error_in_a_helper_thread_reaches_the_caller(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    from soupkit import execute
+    from soupkit.errors import NonFiniteError
+
+    monkeypatch.setattr(execute, "COMPUTE_ELEMS", 5)
+    base = base_state(4)
+    fts = finetunes(base, 2)
+    fts[1]["model.embed_tokens.weight"][-1, -1] = float("nan")  # last piece: a helper's share
+    dirs = [write(tmp_path / f"ft{i}", s) for i, s in enumerate(fts)]
+    p = soupkit.plan({"merge_method": "linear", "models": [{"model": str(d)} for d in dirs]}, chunk_elems=1000)
+    before = threading.active_count()
+    with pytest.raises(NonFiniteError, match=r"(?s)model\.embed_tokens\.weight.*elements 65\.\.66.*ft1 holds 1 NaN"):
+        execute.run_plan(p, execute.MemorySink(p), compute_threads=2)
+    assert threading.active_count() == before

@@ -103,3 +103,18 @@ def test_allow_pickle_is_offered_wherever_checkpoints_are_read(tmp_path: Path, c
         torch.save(tiny_state(step), run / f"checkpoint-{step}" / "model.pt")
     assert main(["soup-checkpoints", str(run), str(tmp_path / "soup"), "--no-progress"]) == 2
     assert main(["soup-checkpoints", str(run), str(tmp_path / "soup"), "--no-progress", "--allow-pickle"]) == 0
+
+
+def test_cli_tunes_the_allocator_once(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import platform
+
+    import soupkit
+    import soupkit.cli as cli
+
+    calls: list[None] = []
+    monkeypatch.setattr(cli, "tune_allocator", lambda: calls.append(None) or True)
+    assert cli.main(["methods"]) == 0
+    capsys.readouterr()
+    assert len(calls) == 1
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert soupkit.tune_allocator() is True and soupkit.tune_allocator() is True  # idempotent

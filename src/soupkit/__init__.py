@@ -4,6 +4,7 @@ Uniform, weighted and checkpoint soups (Wortsman et al., ICML 2022) and the merg
 that grew from them, streamed tensor by tensor from safetensors with bounded memory.
 """
 
+from soupkit._malloc import tune_allocator
 from soupkit._version import __version__
 from soupkit.api import (
     MergeResult,
@@ -92,6 +93,7 @@ __all__ = [
     "recalibrate_bn",
     "soup_checkpoints",
     "sweep",
+    "tune_allocator",
     "uniform_soup",
     "wise_ft",
 ]

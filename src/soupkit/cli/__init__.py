@@ -22,6 +22,7 @@ import threading
 from collections.abc import Sequence
 
 from soupkit import _interrupts
+from soupkit._malloc import tune_allocator
 from soupkit._version import __version__
 from soupkit.errors import SoupError
 
@@ -55,6 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code (also used as the console script)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    tune_allocator()  # large method temporaries stay in the heap (see soupkit._malloc)
     previous = None
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _on_sigterm)

@@ -68,11 +68,11 @@ def deferred() -> Iterator[None]:
         yield
     finally:
         _active = False
-        for s, old in _previous.items():
-            signal.signal(s, old)
-        _previous_copy = dict(_previous)
+        for num, handler in _previous.items():
+            signal.signal(num, handler)
+        held = dict(_previous)
         _previous.clear()
-        _deliver(_previous_copy)
+        _deliver(held)
 
 
 def held(fn: _F) -> _F:

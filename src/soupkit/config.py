@@ -164,7 +164,7 @@ class MergeConfig(BaseModel):
         data = self.model_dump(mode="json", exclude_none=True)
         if not data.get("models"):
             data.pop("models", None)  # a slices recipe
-        return yaml.safe_dump(data, sort_keys=False)
+        return str(yaml.safe_dump(data, sort_keys=False))
 
 
 def _loc(loc: tuple[int | str, ...]) -> str:

@@ -32,16 +32,10 @@ CASES: dict[str, tuple[int, dict[str, Any], list[dict[str, Any]]]] = {
 }
 
 
-def test_every_registered_method_is_covered() -> None:
-    assert {s.name for s in methods.all_methods()} == set(CASES)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("method", sorted(CASES))
-def test_stream_equals_memory_equals_pure_function(method: str, dtype: torch.dtype, tmp_path: Path) -> None:
+def case(method: str, tmp_path: Path, base: dict[str, torch.Tensor],
+         ) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]], dict[str, Any]]:
+    """The base, the fine-tunes (written under tmp_path) and the recipe of ``CASES[method]``."""
     n, parameters, per_model = CASES[method]
-    spec = methods.get(method)
-    base = base_state(1, dtype)
     fts = finetunes(base, n, scale=0.5)
     base_dir = write(tmp_path / "base", base)
     dirs = [write(tmp_path / f"ft{i}", s) for i, s in enumerate(fts)]
@@ -49,8 +43,21 @@ def test_stream_equals_memory_equals_pure_function(method: str, dtype: torch.dty
         "merge_method": method, "seed": 5, "parameters": parameters,
         "models": [{"model": str(d), "parameters": p} for d, p in zip(dirs, per_model)],
     }
-    if spec.needs_base:
+    if methods.get(method).needs_base:
         recipe["base_model"] = str(base_dir)
+    return base, fts, recipe
+
+
+def test_every_registered_method_is_covered() -> None:
+    assert {s.name for s in methods.all_methods()} == set(CASES)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("method", sorted(CASES))
+def test_stream_equals_memory_equals_pure_function(method: str, dtype: torch.dtype, tmp_path: Path) -> None:
+    spec = methods.get(method)
+    _, parameters, per_model = CASES[method]
+    base, fts, recipe = case(method, tmp_path, base_state(1, dtype))
     streamed = soupkit.merge(recipe, tmp_path / "out", progress=False, chunk_elems=7, hash_inputs=False)
     from_file = load_file(str(streamed.out / "model.safetensors"))
     memory = soupkit.merge_state_dicts(fts, method, base=base if spec.needs_base else None,
@@ -89,18 +96,8 @@ def test_bytes_do_not_depend_on_compute_threads(method: str, tmp_path: Path, mon
 
     monkeypatch.setattr(execute, "COMPUTE_ELEMS", 5)
     monkeypatch.setattr(execute, "RNG_BLOCK", 8)
-    n, parameters, per_model = CASES[method]
     spec = methods.get(method)
-    base = base_state(3, torch.bfloat16)
-    fts = finetunes(base, n, scale=0.5)
-    base_dir = write(tmp_path / "base", base)
-    dirs = [write(tmp_path / f"ft{i}", s) for i, s in enumerate(fts)]
-    recipe: dict[str, Any] = {
-        "merge_method": method, "seed": 5, "parameters": parameters,
-        "models": [{"model": str(d), "parameters": p} for d, p in zip(dirs, per_model)],
-    }
-    if spec.needs_base:
-        recipe["base_model"] = str(base_dir)
+    base, fts, recipe = case(method, tmp_path, base_state(3, torch.bfloat16))
     p = soupkit.plan(recipe, chunk_elems=40)
     runs = {}
     for threads in (1, 2, 3):

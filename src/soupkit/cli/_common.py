@@ -66,5 +66,7 @@ def examples(text: str) -> str:
 
 
 def command(sub: argparse._SubParsersAction, name: str, help: str, epilog: str) -> argparse.ArgumentParser:  # type: ignore[type-arg]
-    return sub.add_parser(name, help=help, description=help, epilog=examples(epilog),
-                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser: argparse.ArgumentParser = sub.add_parser(
+        name, help=help, description=help, epilog=examples(epilog),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    return parser

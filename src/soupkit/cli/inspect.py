@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
             "tensors": {n: {"dtype": t.dtype, "shape": list(t.shape)} for n, t in ck.tensors.items()},
         }, indent=2))
         return 0
-    dtypes = Counter()
+    dtypes: Counter[str] = Counter()
     for t in ck.tensors.values():
         dtypes[t.dtype] += t.numel
     print(f"{ck.label}: {len(ck.tensors)} tensors in {len(ck.files)} file(s), "

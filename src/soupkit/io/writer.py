@@ -17,6 +17,10 @@ Interrupts and kills:
 - SIGINT and SIGTERM are held back (``pthread_sigmask``) while the partial folder is created,
   removed or renamed into place, so a signal cannot split those steps; it is delivered right
   after them.
+- During a merge the signals are held (`soupkit._interrupts`) and delivered at safe points,
+  the last one just before the rename, so an interrupt never lands inside a lock of the
+  engine's threads, and one that Python swallowed (raised in a ``__del__``) still cancels the
+  output instead of being lost.
 - A process killed outright (SIGKILL, OOM killer, power cut) cannot clean up. Each partial
   folder holds a ``.soupkit-lock`` file that its run keeps ``flock``-ed; the next run to the
   same destination removes every partial folder of that destination whose lock is free (its

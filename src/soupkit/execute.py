@@ -309,8 +309,9 @@ def check_shared_inputs(plans: Sequence[MergePlan]) -> None:
 #   method on cache-sized pieces, checks for NaN / Inf and casts into a pooled output buffer.
 #   For elementwise methods (and stochastic ones, one RNG block per piece) the pieces of a unit
 #   are shared with ``compute_threads - 1`` helper threads, each with its own buffers (torch
-#   kernels release the GIL); TIES-like trims spend a tie quota in piece order and stay on the
-#   main thread;
+#   kernels release the GIL). TIES-like trims share their histogram passes the same way (each
+#   helper counts into its own fork; integer counts add exactly) and then merge on the main
+#   thread, which spends each model's tie quota in piece order;
 # - a writer thread hands output buffers to the sinks (pwrite and the on-the-fly sha256, both
 #   of which release the GIL), in order.
 #
@@ -659,10 +660,10 @@ class _Engine:
                 if (with_base and base_raw is not None) else None)
         return xs, base
 
-    def _split(self, ranges: Sequence[tuple[int, int]],
-               piece: Callable[[int, int, list[torch.Tensor]], None]) -> None:
-        """Run ``piece(s, e, work)`` for every range: contiguous shares on the helper threads,
-        the first share on this thread, each thread with its own float32 buffers.
+    def _split(self, ranges: Sequence[tuple[int, int]], piece: Callable[[int, int, int], None]) -> int:
+        """Run ``piece(s, e, t)`` for every range: contiguous shares on the helper threads
+        (t = 1, 2, ...), the first share on this thread (t = 0); thread t uses the float32
+        buffers ``self.works[t]``. Returns the number of threads used.
 
         Every piece is computed exactly as it would be alone, so the bytes do not depend on
         the number of threads.
@@ -670,14 +671,14 @@ class _Engine:
         n = min(self.workers, len(ranges))
         if n < 2 or self.helpers is None:
             for s, e in ranges:
-                piece(s, e, self.work)
-            return
+                piece(s, e, 0)
+            return 1
         bounds = [len(ranges) * t // n for t in range(n + 1)]
 
         def share(t: int) -> None:
             with torch.inference_mode():
                 for s, e in ranges[bounds[t]:bounds[t + 1]]:
-                    piece(s, e, self.works[t])
+                    piece(s, e, t)
 
         futures = [self.helpers.submit(share, t) for t in range(1, n)]
         try:
@@ -689,6 +690,7 @@ class _Engine:
         for f in futures:
             if f in done:
                 f.result()  # re-raise a helper's error
+        return n
 
     def _emit(self, k: int, job: TensorJob, out: torch.Tensor, a: int, b: int, dest: torch.Tensor) -> None:
         """Cast the float32 result for elements [a, b) of ``job`` into ``dest``; check for NaN / Inf.
@@ -747,25 +749,39 @@ class _Engine:
         return st
 
     def _deltas_bits(self, raws: Sequence[torch.Tensor | None], s: int, e: int, models: Sequence[int],
-                     ) -> dict[int, torch.Tensor]:
+                     work: list[torch.Tensor] | None = None) -> dict[int, torch.Tensor]:
         """Bit patterns of |theta_i - theta_0| for elements [s, e), computed as the method does."""
-        xs, base = self._inputs(raws, s, e, True)
+        xs, base = self._inputs(raws, s, e, True, work)
         assert base is not None
         return {i: magnitude_bits(xs[i].sub_(base)) for i in models}
+
+    def _count(self, raws: Sequence[torch.Tensor | None], n: int, phase: str,
+               sels: Sequence[tuple[int, TopKSelect]]) -> None:
+        """Count the magnitude bits of elements [0, n) of each model ``i`` into its selector
+        (phase ``"hist"``: top 16 bits; ``"lo"``: inside the chosen buckets). The pieces are
+        shared between the compute threads; each helper counts into a `TopKSelect.fork`, added
+        back afterwards (integer counts: the same totals in any order)."""
+        models = sorted({i for i, _ in sels})
+        ranges = list(_chunks(n, self.compute_elems))
+        threads = min(self.workers, len(ranges)) if self.helpers is not None else 1
+        parts = [list(sels)] + [[(i, sel.fork()) for i, sel in sels] for _ in range(1, threads)]
+
+        def piece(s: int, e: int, t: int) -> None:
+            bits = self._deltas_bits(raws, s, e, models, self.works[t])
+            for i, sel in parts[t]:
+                sel.add_hi(bits[i]) if phase == "hist" else sel.add_lo(bits[i])
+
+        self._split(ranges, piece)
+        for part in parts[1:]:
+            for (_, sel), (_, forked) in zip(sels, part, strict=True):
+                sel.join(forked)
 
     def _prepass(self, u: _Unit, active: Sequence[int]) -> None:
         job0 = self.plans[0].jobs[u.j]
         states = [(k, self._trim_for(k, u.j, self.plans[k].jobs[u.j])) for k in active
                   if self._needs_prepass(u.j, k)]
-        models = sorted({i for _, st in states for i in st.select})
-        for s, e in _chunks(u.b - u.a, self.compute_elems):
-            bits = self._deltas_bits(u.raws, s, e, models)
-            for _, st in states:
-                for i, (sel, _) in st.select.items():
-                    if u.phase == "hist":
-                        sel.add_hi(bits[i])
-                    else:
-                        sel.add_lo(bits[i])
+        self._count(u.raws, u.b - u.a, u.phase,
+                    [(i, sel) for _, st in states for i, (sel, _) in st.select.items()])
         if u.b == job0.numel:  # the last unit of this pass
             for _, st in states:
                 for i, (sel, _) in st.select.items():
@@ -785,12 +801,8 @@ class _Engine:
         """Per-tensor cuts from a unit that holds the whole tensor (no pre-pass)."""
         if not st.select:
             return
-        models = sorted(st.select)
         for phase in ("hist", "lo"):
-            for s, e in _chunks(n, self.compute_elems):
-                bits = self._deltas_bits(raws, s, e, models)
-                for i, (sel, _) in st.select.items():
-                    sel.add_hi(bits[i]) if phase == "hist" else sel.add_lo(bits[i])
+            self._count(raws, n, phase, [(i, sel) for i, (sel, _) in st.select.items()])
             for i, (sel, _) in st.select.items():
                 if phase == "hist":
                     sel.select_buckets()
@@ -846,18 +858,18 @@ class _Engine:
             if u.b == job.numel:
                 self.trim_state.pop(k * len(self.plans[0].jobs) + j, None)
 
-    def _elem_piece(self, u: _Unit, k: int, dest_all: torch.Tensor, s: int, e: int, work: list[torch.Tensor]) -> None:
-        """Elements [s, e) of unit ``u`` for plan k, an elementwise method."""
+    def _elem_piece(self, u: _Unit, k: int, dest_all: torch.Tensor, s: int, e: int, t: int) -> None:
+        """Elements [s, e) of unit ``u`` for plan k, an elementwise method (on thread t)."""
         job = self.plans[k].jobs[u.j]
-        xs, base = self._inputs(u.raws, s, e, job.base is not None, work)
+        xs, base = self._inputs(u.raws, s, e, job.base is not None, self.works[t])
         out = self._call(k, job, xs, base, None, None, e - s)
         self._emit(k, job, out, u.a + s, u.a + e, dest_all[s:e])
 
-    def _block_piece(self, u: _Unit, k: int, dest_all: torch.Tensor, s: int, e: int, work: list[torch.Tensor]) -> None:
-        """RNG block [s, e) of unit ``u`` for plan k, with that block's own generator."""
+    def _block_piece(self, u: _Unit, k: int, dest_all: torch.Tensor, s: int, e: int, t: int) -> None:
+        """RNG block [s, e) of unit ``u`` for plan k, with that block's own generator (on thread t)."""
         plan = self.plans[k]
         job = plan.jobs[u.j]
-        xs, base = self._inputs(u.raws, s, e, job.base is not None, work)
+        xs, base = self._inputs(u.raws, s, e, job.base is not None, self.works[t])
         rng = torch.Generator().manual_seed(tensor_seed(plan.config.seed, job.name, (u.a + s) // RNG_BLOCK))
         out = self._call(k, job, xs, base, rng, None, e - s)
         self._emit(k, job, out, u.a + s, u.a + e, dest_all[s:e])

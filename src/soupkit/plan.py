@@ -114,7 +114,7 @@ class MergePlan:
         """
         spec = self.method
         stochastic = spec.elementwise and spec.stochastic
-        workers = 1 if spec.tensor_trim is not None else compute_threads()  # each its own working set
+        workers = compute_threads()  # each compute thread has its own working set (and trim batches)
         peak = 0
         for j in self.jobs:
             out = DTYPES[j.out_dtype][1]
@@ -131,7 +131,7 @@ class MergePlan:
                 piece = min(n, RNG_BLOCK if stochastic else COMPUTE_ELEMS)
                 need = n * (2 * raw + OUTPUT_BUFFERS * out) + workers * piece * 4 * (2 * k + 1)
                 if spec.tensor_trim is not None:
-                    need += 4 * len(j.inputs) * min(j.numel, BATCH_ENTRIES)
+                    need += 4 * len(j.inputs) * min(j.numel, BATCH_ENTRIES) * workers
             peak = max(peak, need)
         return peak
 

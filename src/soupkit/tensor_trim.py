@@ -73,6 +73,24 @@ class TopKSelect:
         # dominate on small chunks. One batch buffer per histogram (-1: the top-16-bit one).
         self._batches: dict[int, list[Any]] = {}
 
+    def fork(self) -> TopKSelect:
+        """An empty counter for the same pass, for another thread; add it back with `join`.
+
+        Counts are integers, so adding the threads' histograms gives exactly the counts of one
+        counter that saw every chunk, in any order.
+        """
+        part = TopKSelect(self.numel, self.ks)
+        part.buckets = self.buckets
+        part.lo = {b: torch.zeros_like(h) for b, h in self.lo.items()}
+        return part
+
+    def join(self, part: TopKSelect) -> None:
+        """Add the counts of a `fork` (which is spent afterwards)."""
+        part._flush()
+        self.hi += part.hi
+        for b, h in part.lo.items():
+            self.lo[b] += h
+
     def add_hi(self, bits: torch.Tensor) -> None:
         """Count a chunk's bit patterns (from `magnitude_bits`) by their top 16 bits."""
         self._add(-1, bits >> 16)

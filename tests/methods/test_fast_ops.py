@@ -143,12 +143,18 @@ def test_helpers_leave_their_inputs_alone() -> None:
 
 
 @settings(max_examples=25, deadline=None)
-@given(seed=st.integers(0, 2**16), chunk=st.integers(1, 40), density=st.sampled_from([0.1, 0.35, 0.5, 0.8]))
+@given(seed=st.integers(0, 2**16), chunk=st.integers(1, 40), density=st.sampled_from([0.1, 0.35, 0.5, 0.8]),
+       piece=st.integers(1, 9), threads=st.integers(1, 3))
 def test_streamed_per_tensor_ties_with_many_tied_magnitudes_equals_the_whole_tensor_method(
-        tmp_path_factory: pytest.TempPathFactory, seed: int, chunk: int, density: float) -> None:
+        tmp_path_factory: pytest.TempPathFactory, seed: int, chunk: int, density: float, piece: int,
+        threads: int) -> None:
     # Deltas from a handful of values: most magnitudes tie at the cut, so the tie quota is spread
-    # over many chunks (all-tied chunks, the boundary chunk, chunks past the quota).
+    # over many chunks (all-tied chunks, the boundary chunk, chunks past the quota); pieces of
+    # `piece` elements, with the histogram passes shared between `threads` compute threads.
+    from unittest import mock
+
     import soupkit
+    from soupkit import execute
 
     from .helpers import SHAPES, bits_equal, direct, write
 
@@ -160,7 +166,9 @@ def test_streamed_per_tensor_ties_with_many_tied_magnitudes_equals_the_whole_ten
     recipe = {"merge_method": "ties", "base_model": str(write(tmp / "base", base)),
               "parameters": {"density": density, "trim_scope": "per_tensor"},
               "models": [{"model": str(write(tmp / f"ft{i}", s))} for i, s in enumerate(fts)]}
-    res = soupkit.merge(recipe, tmp / "out", progress=False, chunk_elems=chunk, hash_inputs=False)
+    with mock.patch.object(execute, "COMPUTE_ELEMS", piece), \
+            mock.patch.object(execute, "_sizes_compute_threads", lambda: threads):
+        res = soupkit.merge(recipe, tmp / "out", progress=False, chunk_elems=chunk, hash_inputs=False)
     from safetensors.torch import load_file
 
     got = load_file(str(res.out / "model.safetensors"))

@@ -106,7 +106,12 @@ def cli_child(argv: list[str], log: str, threads: int | None = None) -> None:
     os.dup2(fd, 2)
     if threads is not None:
         torch.set_num_threads(threads)
+    import signal
     import threading
+
+    # As in a terminal: a shell starts background jobs (CI, nohup) with SIGINT ignored, which
+    # the fork server would pass on, and the SIGINT kills would then test nothing.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     from tqdm import tqdm
 

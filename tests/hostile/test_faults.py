@@ -249,7 +249,7 @@ def test_interrupt_swallowed_by_python_still_cancels_the_output(
     assert main(["merge", str(tmp_path / "r.yaml"), str(tmp_path / "out"), "--no-progress"]) == 0
 
 
-def test_signal_during_the_engine_waits_for_a_safe_point(tmp_path: Path) -> None:
+def test_signal_during_the_engine_waits_for_a_safe_point(tmp_path: Path, request: pytest.FixtureRequest) -> None:
     """A SIGINT is held while the engine's threads hold queue locks and raised between units
     (raised inside queue internals it once left a lock taken and the clean-up hung)."""
     import signal
@@ -261,6 +261,10 @@ def test_signal_during_the_engine_waits_for_a_safe_point(tmp_path: Path) -> None
     p = soupkit.plan(recipe(ms))
     threads_before = threading.active_count()
     calls: list[str] = []
+    # A shell starts background jobs with SIGINT ignored (CI may run us that way): use Python's
+    # usual handler for this test.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, previous))
 
     def progress(n: int) -> None:
         if not calls:

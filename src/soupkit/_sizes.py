@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 
 __all__ = ["BATCH_ENTRIES", "COMPUTE_ELEMS", "MAX_COMPUTE_THREADS", "OUTPUT_BUFFERS", "RNG_BLOCK",
-           "compute_threads"]
+           "compute_threads", "stream_threads"]
 
 # Stochastic elementwise methods draw per block of this many elements, each block with its own
 # generator, so results do not depend on how the engine chunks a tensor.
@@ -33,11 +33,22 @@ BATCH_ENTRIES = 1 << 20
 MAX_COMPUTE_THREADS = 4
 
 
-def compute_threads() -> int:
-    """The engine's default number of compute threads: the CPUs this process may use, at most
-    `MAX_COMPUTE_THREADS`."""
+def _cpus() -> int:
     try:
-        cpus = len(os.sched_getaffinity(0))
+        return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
-        cpus = os.cpu_count() or 1
-    return max(1, min(cpus, MAX_COMPUTE_THREADS))
+        return os.cpu_count() or 1
+
+
+def compute_threads() -> int:
+    """The engine's default number of compute threads for compute-bound pieces (stochastic
+    methods' RNG blocks): the CPUs this process may use, at most `MAX_COMPUTE_THREADS`."""
+    return max(1, min(_cpus(), MAX_COMPUTE_THREADS))
+
+
+def stream_threads() -> int:
+    """The default for pieces of cheap elementwise work (linear, task arithmetic, TIES's passes):
+    one CPU fewer, because copying the inputs out of the page cache and writing the output keep
+    about one core busy. On 2 cores a second compute thread measured no faster for linear and
+    10 % slower for TIES, and 1.4x faster for DARE (benchmarks/README.md)."""
+    return max(1, min(_cpus() - 1, MAX_COMPUTE_THREADS))

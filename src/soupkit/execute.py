@@ -43,6 +43,7 @@ import torch
 from soupkit import _interrupts
 from soupkit._sizes import COMPUTE_ELEMS, RNG_BLOCK
 from soupkit._sizes import compute_threads as _sizes_compute_threads
+from soupkit._sizes import stream_threads as _sizes_stream_threads
 from soupkit.errors import NonFiniteError, UsageError
 from soupkit.global_trim import compute_cuts
 from soupkit.io.header import DTYPES, TensorInfo
@@ -308,8 +309,9 @@ def check_shared_inputs(plans: Sequence[MergePlan]) -> None:
 # - the main thread converts each input into reusable float32 buffers (``copy_``), runs the
 #   method on cache-sized pieces, checks for NaN / Inf and casts into a pooled output buffer.
 #   For elementwise methods (and stochastic ones, one RNG block per piece) the pieces of a unit
-#   are shared with ``compute_threads - 1`` helper threads, each with its own buffers (torch
-#   kernels release the GIL). TIES-like trims share their histogram passes the same way (each
+#   are shared with helper threads, each with its own buffers (torch kernels release the GIL):
+#   by default all usable CPUs (at most 4) for RNG blocks, one fewer for cheap pieces, whose
+#   page-cache copies and writes keep about one core busy (see soupkit._sizes). TIES-like trims share their histogram passes the same way (each
 #   helper counts into its own fork; integer counts add exactly) and then merge on the main
 #   thread, which spends each model's tie quota in piece order;
 # - a writer thread hands output buffers to the sinks (pwrite and the on-the-fly sha256, both
@@ -559,7 +561,7 @@ class _Engine:
     def __init__(self, plans: Sequence[MergePlan], sinks: Sequence[Sink], *,
                  progress: Callable[[int], None] | None, allow_nonfinite: bool,
                  skips: Sequence[frozenset[str]], cuts: Sequence[Mapping[str, tuple[MagnitudeCut | None, ...]]],
-                 diag: TensorReader, compute_elems: int, workers: int = 1) -> None:
+                 diag: TensorReader, compute_elems: int, workers: int = 1, stream_workers: int = 1) -> None:
         self.plans = plans
         self.sinks = sinks
         self.progress = progress
@@ -576,11 +578,13 @@ class _Engine:
         self.written = [0] * len(plans)
         self.skipped = [0] * len(plans)
         self.nonfinite: list[dict[str, None]] = [{} for _ in plans]
-        # Elementwise pieces of a unit are split between `workers` threads (see _split).
-        self.workers = workers
+        # Pieces of a unit are split between `workers` threads (RNG blocks) or `stream_workers`
+        # threads (cheap elementwise pieces, TIES's counting passes); see _split.
+        self.workers = max(workers, stream_workers)
+        self.stream_workers = stream_workers
         self.helpers: concurrent.futures.ThreadPoolExecutor | None = None
         # reusable float32 buffers, one per input (+ base), per compute thread
-        self.works: list[list[torch.Tensor]] = [[] for _ in range(workers)]
+        self.works: list[list[torch.Tensor]] = [[] for _ in range(self.workers)]
         self.work = self.works[0]
         self.trim_state: dict[int, _JobState] = {}
 
@@ -660,15 +664,16 @@ class _Engine:
                 if (with_base and base_raw is not None) else None)
         return xs, base
 
-    def _split(self, ranges: Sequence[tuple[int, int]], piece: Callable[[int, int, int], None]) -> int:
-        """Run ``piece(s, e, t)`` for every range: contiguous shares on the helper threads
-        (t = 1, 2, ...), the first share on this thread (t = 0); thread t uses the float32
-        buffers ``self.works[t]``. Returns the number of threads used.
+    def _split(self, ranges: Sequence[tuple[int, int]], piece: Callable[[int, int, int], None],
+               threads: int) -> int:
+        """Run ``piece(s, e, t)`` for every range on up to ``threads`` threads: contiguous shares
+        on the helper threads (t = 1, 2, ...), the first share on this thread (t = 0); thread t
+        uses the float32 buffers ``self.works[t]``. Returns the number of threads used.
 
         Every piece is computed exactly as it would be alone, so the bytes do not depend on
         the number of threads.
         """
-        n = min(self.workers, len(ranges))
+        n = min(threads, len(ranges))
         if n < 2 or self.helpers is None:
             for s, e in ranges:
                 piece(s, e, 0)
@@ -763,7 +768,7 @@ class _Engine:
         back afterwards (integer counts: the same totals in any order)."""
         models = sorted({i for i, _ in sels})
         ranges = list(_chunks(n, self.compute_elems))
-        threads = min(self.workers, len(ranges)) if self.helpers is not None else 1
+        threads = min(self.stream_workers, len(ranges)) if self.helpers is not None else 1
         parts = [list(sels)] + [[(i, sel.fork()) for i, sel in sels] for _ in range(1, threads)]
 
         def piece(s: int, e: int, t: int) -> None:
@@ -771,7 +776,7 @@ class _Engine:
             for i, sel in parts[t]:
                 sel.add_hi(bits[i]) if phase == "hist" else sel.add_lo(bits[i])
 
-        self._split(ranges, piece)
+        self._split(ranges, piece, threads)
         for part in parts[1:]:
             for (_, sel), (_, forked) in zip(sels, part, strict=True):
                 sel.join(forked)
@@ -843,9 +848,11 @@ class _Engine:
                 out = self._call(k, job, xs, base, rng, None, n, job.shape)
                 self._emit(k, job, out, u.a, u.b, dest_all)
             elif mode == _BLOCK:
-                self._split(list(_chunks(n, RNG_BLOCK)), functools.partial(self._block_piece, u, k, dest_all))
+                self._split(list(_chunks(n, RNG_BLOCK)), functools.partial(self._block_piece, u, k, dest_all),
+                            self.workers)
             elif mode == _ELEM:
-                self._split(list(_chunks(n, self.compute_elems)), functools.partial(self._elem_piece, u, k, dest_all))
+                self._split(list(_chunks(n, self.compute_elems)), functools.partial(self._elem_piece, u, k, dest_all),
+                            self.stream_workers)
             else:  # _TRIM: pieces in order, each model's tie quota is spent from the first piece on
                 st = self._trim_for(k, j, job)
                 if st.select:  # the whole tensor is in this unit: cuts first
@@ -983,8 +990,10 @@ def run_plans(
             resume).
         threads: torch intra-op threads during the run (default 1: reading, writing and the
             compute threads already run in their own threads); restored afterwards.
-        compute_threads: threads that share the elementwise pieces of each unit (default: the
-            CPUs this process may use, at most 4); the output bytes do not depend on it.
+        compute_threads: threads that share the pieces of each unit (default: the CPUs this
+            process may use, at most 4, for stochastic methods' RNG blocks; one fewer for cheap
+            elementwise pieces and TIES's counting passes, see `soupkit._sizes`); the output
+            bytes do not depend on it.
 
     Returns:
         One `RunStats` per plan (``bytes_read`` is the shared pass's, counted once).
@@ -1011,7 +1020,8 @@ def run_plans(
         cuts = [compute_cuts(p, reader) if p.method.global_trim is not None else {} for p in plans]
         engine = _Engine(plans, sinks, progress=progress, allow_nonfinite=allow_nonfinite, skips=skips,
                          cuts=cuts, diag=diag, compute_elems=COMPUTE_ELEMS,
-                         workers=compute_threads or _sizes_compute_threads())
+                         workers=compute_threads or _sizes_compute_threads(),
+                         stream_workers=compute_threads or _sizes_stream_threads())
         engine.run(reader)
     seconds = time.perf_counter() - t0
     return [RunStats(seconds, engine.read, engine.written[k], len(p.jobs),

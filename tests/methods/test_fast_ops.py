@@ -167,7 +167,8 @@ def test_streamed_per_tensor_ties_with_many_tied_magnitudes_equals_the_whole_ten
               "parameters": {"density": density, "trim_scope": "per_tensor"},
               "models": [{"model": str(write(tmp / f"ft{i}", s))} for i, s in enumerate(fts)]}
     with mock.patch.object(execute, "COMPUTE_ELEMS", piece), \
-            mock.patch.object(execute, "_sizes_compute_threads", lambda: threads):
+            mock.patch.object(execute, "_sizes_compute_threads", lambda: threads), \
+            mock.patch.object(execute, "_sizes_stream_threads", lambda: threads):
         res = soupkit.merge(recipe, tmp / "out", progress=False, chunk_elems=chunk, hash_inputs=False)
     from safetensors.torch import load_file
 

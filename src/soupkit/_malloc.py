@@ -4,9 +4,9 @@ glibc serves an allocation above ``M_MMAP_THRESHOLD`` (128 KiB, raised dynamical
 32 MiB) with its own ``mmap`` and trims the heap top above ``M_TRIM_THRESHOLD`` on free, so the
 multi-MiB temporaries of a method that runs on whole RNG blocks or tensors (DARE, DELLA,
 Breadcrumbs, SLERP) went back to the kernel after every block and came back as fresh
-zero-filled pages: page faults made up 20 of 58 CPU seconds of the DARE-TIES benchmark. Raising
-both thresholds keeps those pages in the heap for reuse (measured: system time 20 s -> 6.6 s,
-wall 33 s -> 22 s; see benchmarks/README.md).
+zero-filled pages. Raising both thresholds keeps those pages in the heap for reuse: on the
+DARE-TIES benchmark with 2 compute threads, the pass went from 27.2 s (15.9 s of system CPU) to
+17.6 s (3.5 s); `benchmarks/ab.py`, see benchmarks/README.md.
 
 The setting is process-wide and cannot be undone exactly (setting a threshold turns glibc's
 dynamic adjustment off), so only the ``soupkit`` command applies it, at start-up; library

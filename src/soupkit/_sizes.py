@@ -49,6 +49,6 @@ def compute_threads() -> int:
 def stream_threads() -> int:
     """The default for pieces of cheap elementwise work (linear, task arithmetic, TIES's passes):
     one CPU fewer, because copying the inputs out of the page cache and writing the output keep
-    about one core busy. On 2 cores a second compute thread measured no faster for linear and
-    10 % slower for TIES, and 1.4x faster for DARE (benchmarks/README.md)."""
+    about one core busy. On 2 cores a second compute thread showed no gain for linear or TIES
+    and made DARE 1.4-1.9x faster (`benchmarks/ab.py`, benchmarks/README.md)."""
     return max(1, min(_cpus() - 1, MAX_COMPUTE_THREADS))

@@ -108,3 +108,18 @@ def test_run_smoke_mergekit_linear(small_data: Path, tmp_path: Path) -> None:
     if "skipped" not in rec["tools"]["soupkit"]:
         check = rec["checks"]["soupkit vs mergekit"]
         assert check["identical"], check["summary"]
+
+
+def test_ab_runs_each_configuration_in_its_own_process(small_data: Path, tmp_path: Path) -> None:
+    recipe = tmp_path / "linear.yaml"
+    recipe.write_text(json.dumps({"merge_method": "linear",
+                                  "models": [{"model": str(small_data / f"ft{i}")} for i in (1, 2)]}))
+    out = tmp_path / "ab-out"
+    r = _run(str(BENCH / "ab.py"), str(recipe), "--configs", "1,2+tune", "--runs", "2", "--out", str(out),
+             timeout=300)
+    assert r.returncode == 0, f"ab.py failed (exit {r.returncode}):\n{r.stdout}\n{r.stderr}"
+    runs = [line for line in r.stdout.splitlines() if line.startswith("run ")]
+    assert [line.split(":")[0].split()[-1] for line in runs] == ["1", "2+tune", "1", "2+tune"]  # alternating
+    medians = r.stdout.split("medians over 2 runs (linear.yaml):")[1].split()
+    assert medians[:2] == ["1:", "pass"] and float(medians[2]) > 0 and "2+tune:" in medians
+    assert not out.exists()  # the last output is removed

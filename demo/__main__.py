@@ -33,19 +33,14 @@ from typing import Any
 
 import torch
 
+from demo.ingredients import bf16_available
+
 THREADS = 2
 WISE_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 BOOTSTRAP = 2000
-
 # bfloat16 autocast where the CPU has native bf16 dot products (as the fine-tunes train): matrix
 # products in bf16, weights and norms in float32, twice as fast as float32 (docs/soups.md).
-def _eval_settings() -> dict[str, Any]:
-    from demo.ingredients import bf16_available
-
-    return {"max_length": 64, "batch_size": 128, "autocast": "bfloat16" if bf16_available() else None}
-
-
-EVAL_SETTINGS = _eval_settings()
+EVAL_SETTINGS = {"max_length": 64, "batch_size": 128, "autocast": "bfloat16" if bf16_available() else None}
 
 
 _T0 = time.perf_counter()

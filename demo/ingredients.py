@@ -610,13 +610,19 @@ def measure(out_dir: Path, *, steps: int = 12, batch_size: int = 32, max_length:
             opt.zero_grad(set_to_none=True)
         rate = (len(batches) - 2) * batch_size / (time.perf_counter() - t0)
         print(f"train {precision}: {rate:.1f} examples/s (batch {batch_size}, {THREADS} threads)")
+    # Evaluation as soupkit's built-in evaluator runs it: 1024 tweets sorted by length, batches
+    # of 128, float32 or under bf16 autocast (the demo's EVAL_SETTINGS).
     model.eval()
-    with torch.inference_mode():
-        t0 = time.perf_counter()
-        for batch in batches:
-            model(**batch)
-        rate = len(seqs) / (time.perf_counter() - t0)
-    print(f"eval fp32: {rate:.1f} examples/s")
+    seqs = sorted(_tokenize(tokenizer, [t for t, _ in train[:1024]], max_length), key=len)
+    batches = [_collate(seqs[i : i + 128], tokenizer.pad_token_id) for i in range(0, len(seqs), 128)]
+    for precision in ("fp32", "bf16 autocast") if bf16_available() else ("fp32",):
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision != "fp32"):
+            model(**batches[0])  # warm-up
+            t0 = time.perf_counter()
+            for batch in batches:
+                model(**batch)
+            rate = len(seqs) / (time.perf_counter() - t0)
+        print(f"eval {precision}: {rate:.1f} examples/s (batch 128, {THREADS} threads)")
 
 
 def _report(result: DemoIngredients) -> None:

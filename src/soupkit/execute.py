@@ -59,7 +59,6 @@ __all__ = [
 ]
 
 
-
 def tensor_seed(seed: int, name: str, block: int | None = None) -> int:
     """A 63-bit seed derived from the recipe seed, the tensor name and (optionally) a block."""
     key = f"{seed}\x00{name}" + (f"\x00{block}" if block is not None else "")
@@ -311,9 +310,10 @@ def check_shared_inputs(plans: Sequence[MergePlan]) -> None:
 #   For elementwise methods (and stochastic ones, one RNG block per piece) the pieces of a unit
 #   are shared with helper threads, each with its own buffers (torch kernels release the GIL):
 #   by default all usable CPUs (at most 4) for RNG blocks, one fewer for cheap pieces, whose
-#   page-cache copies and writes keep about one core busy (see soupkit._sizes). TIES-like trims share their histogram passes the same way (each
-#   helper counts into its own fork; integer counts add exactly) and then merge on the main
-#   thread, which spends each model's tie quota in piece order;
+#   page-cache copies and writes keep about one core busy (see soupkit._sizes). TIES-like
+#   trims share their histogram passes the same way (each helper counts into its own fork;
+#   integer counts add exactly) and then merge on the main thread, which spends each model's
+#   tie quota in piece order;
 # - a writer thread hands output buffers to the sinks (pwrite and the on-the-fly sha256, both
 #   of which release the GIL), in order.
 #

@@ -21,12 +21,12 @@ from typing import Any
 from pydantic import ValidationError
 
 from soupkit import methods
+from soupkit._sizes import BATCH_ENTRIES, COMPUTE_ELEMS, OUTPUT_BUFFERS, RNG_BLOCK, compute_threads, stream_threads
 from soupkit.config import Conditional, MergeConfig, ParamValue
 from soupkit.errors import CheckpointFormatError, ConfigError, PlanError, SoupError, UnknownMethodError
 from soupkit.formats import KeyMap, rename_checkpoint
 from soupkit.global_trim import check_global_trim, global_trim_notes
 from soupkit.io.checkpoint import CARRY_FILES, Checkpoint, open_checkpoint
-from soupkit._sizes import BATCH_ENTRIES, COMPUTE_ELEMS, OUTPUT_BUFFERS, RNG_BLOCK, compute_threads
 from soupkit.io.header import DTYPES, TensorInfo
 from soupkit.io.writer import OutputTensor, ShardLayout, layout_shards, parse_size
 from soupkit.methods import MethodSpec, Params
@@ -108,13 +108,13 @@ class MergePlan:
         Per tensor: two raw read units in flight (the one computed and the one read ahead), the
         pooled output buffers, the float32 working set of one compute piece per compute thread
         (each input's copy and the method's temporaries, about two per input), plus TIES's
-        radix-select batches; a
-        method that needs whole tensors holds one tensor's raw inputs alone, their float32
-        copies, temporaries and the output.
+        radix-select batches per thread; a method that needs whole tensors holds one tensor's
+        raw inputs alone, their float32 copies, temporaries and the output.
         """
         spec = self.method
         stochastic = spec.elementwise and spec.stochastic
-        workers = compute_threads()  # each compute thread has its own working set (and trim batches)
+        # each compute thread has its own working set (and trim batches); as in execute.run_plans
+        workers = compute_threads() if stochastic else stream_threads()
         peak = 0
         for j in self.jobs:
             out = DTYPES[j.out_dtype][1]

@@ -36,7 +36,7 @@ import hashlib
 import os
 import re
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -49,6 +49,7 @@ from soupkit.errors import UsageError
 from soupkit.evaluate.protocol import EvalResult, Evaluator, meets, run_evaluator
 from soupkit.io.checkpoint import Checkpoint
 from soupkit.io.reader import TensorReader
+from soupkit.plan import MergePlan
 from soupkit.search._state import checkpoint_digest, evaluator_identity, progress_bar, read_state, start_sum
 from soupkit.search.bn import write_recalibrated
 from soupkit.search.cache import ScoreCache, default_cache_path
@@ -464,8 +465,8 @@ def _replace(r: GreedySoupResult, **kw: Any) -> GreedySoupResult:
 
 
 def write_search_output(
-    p: Any, out: str | os.PathLike[str], key: str, history: dict[str, Any], notes: Sequence[str],
-    plot_fn: Any, plot_name: str, *, force: bool, progress: bool | None, plot: bool,
+    p: MergePlan, out: str | os.PathLike[str], key: str, history: dict[str, Any], notes: Sequence[str],
+    plot_fn: Callable[[dict[str, Any]], bytes], plot_name: str, *, force: bool, progress: bool | None, plot: bool,
     max_shard_size: int | str, report_extra: Mapping[str, Any] | None,
     recalibrate: tuple[torch.nn.Module, Iterable[Any]] | None = None,
 ) -> tuple[Path, MergeResult, Path | None, list[str]]:

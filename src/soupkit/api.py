@@ -26,7 +26,7 @@ from soupkit.execute import FileSink, MemorySink, RunStats, run_plan
 from soupkit.formats import KeyMap, as_state_dict
 from soupkit.io.checkpoint import CARRY_FILES, Checkpoint, in_memory_checkpoint
 from soupkit.io.hashing import BackgroundHasher, changed_files_check, file_state
-from soupkit.io.writer import Journal, OutputFolder
+from soupkit.io.writer import Journal, OutputFolder, io_failure
 from soupkit.plan import DEFAULT_CHUNK_ELEMS, MergePlan, make_plan, plan_recipe
 
 __all__ = [
@@ -259,9 +259,7 @@ def _write_file(path: Path, data: bytes) -> str:
     try:
         path.write_bytes(data)
     except OSError as e:
-        raise MergeIOError(f"{path}: cannot write ({e.strerror})"
-                           + ("\nhint: the disk is full; free space or choose another output folder"
-                              if e.errno == 28 else "")) from None
+        raise io_failure(f"{path}: cannot write", e) from None
     return hashlib.sha256(data).hexdigest()
 
 

@@ -28,7 +28,7 @@ from soupkit.formats import KeyMap, rename_checkpoint
 from soupkit.global_trim import check_global_trim, global_trim_notes
 from soupkit.io.checkpoint import CARRY_FILES, Checkpoint, open_checkpoint
 from soupkit.io.header import DTYPES, TensorInfo
-from soupkit.io.writer import OutputTensor, ShardLayout, layout_shards, parse_size
+from soupkit.io.writer import STAGING_BYTES, OutputTensor, ShardLayout, layout_shards, parse_size
 from soupkit.methods import MethodSpec, Params
 from soupkit.params import LayerIndex, condition_matches, first_match, resolve_chain
 
@@ -109,7 +109,8 @@ class MergePlan:
         pooled output buffers, the float32 working set of one compute piece per compute thread
         (each input's copy and the method's temporaries, about two per input), plus TIES's
         radix-select batches per thread; a method that needs whole tensors holds one tensor's
-        raw inputs alone, their float32 copies, temporaries and the output.
+        raw inputs alone, their float32 copies, temporaries and the output. Plus the buffer of
+        the shard writer's direct writes.
         """
         spec = self.method
         stochastic = spec.elementwise and spec.stochastic
@@ -129,11 +130,12 @@ class MergePlan:
             else:
                 n = min(j.numel, max(self.chunk_elems, workers * RNG_BLOCK) if stochastic else self.chunk_elems)
                 piece = min(n, RNG_BLOCK if stochastic else COMPUTE_ELEMS)
-                need = n * (2 * raw + OUTPUT_BUFFERS * out) + workers * piece * 4 * (2 * k + 1)
+                # + each thread's raw copy of its piece (pieces read by the compute threads)
+                need = n * (2 * raw + OUTPUT_BUFFERS * out) + workers * piece * (4 * (2 * k + 1) + raw)
                 if spec.tensor_trim is not None:
                     need += 4 * len(j.inputs) * min(j.numel, BATCH_ENTRIES) * workers
             peak = max(peak, need)
-        return peak
+        return peak + min(STAGING_BYTES, self.output_bytes)  # the shard writer's direct-write buffer
 
     def describe(self, *, max_rows: int = 40) -> str:
         """A human-readable dry-run report."""

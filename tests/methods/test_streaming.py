@@ -129,3 +129,39 @@ def test_error_in_a_helper_thread_reaches_the_caller(tmp_path: Path, monkeypatch
     with pytest.raises(NonFiniteError, match=r"(?s)model\.embed_tokens\.weight.*elements 65\.\.66.*ft1 holds 1 NaN"):
         execute.run_plan(p, execute.MemorySink(p), compute_threads=2)
     assert threading.active_count() == before
+
+
+@pytest.mark.parametrize("method", ["linear", "wise_ft", "task_arithmetic"])
+def test_pieces_read_by_the_compute_threads_give_the_same_bytes(method: str, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cheap elementwise methods read their pieces on the compute threads (lazy units); the
+    bytes equal those of units read ahead by the reader thread, at any thread count, and a
+    run of several plans still reads each unit once, for all of them."""
+    from soupkit import execute
+
+    monkeypatch.setattr(execute, "COMPUTE_ELEMS", 5)
+    _, _, recipe = case(method, tmp_path, base_state(5, torch.bfloat16))
+    p = soupkit.plan(recipe, chunk_elems=40)
+    pieces = {"n": 0}
+    real_read_piece = execute._Engine._read_piece
+
+    def counting(self: Any, *a: Any) -> Any:
+        pieces["n"] += 1
+        return real_read_piece(self, *a)
+
+    monkeypatch.setattr(execute._Engine, "_read_piece", counting)
+    runs = {}
+    for threads in (1, 2):
+        sink = execute.MemorySink(p)
+        execute.run_plan(p, sink, compute_threads=threads)
+        runs[threads] = sink.tensors
+    assert pieces["n"] > 0
+    pieces["n"] = 0
+    two = [execute.MemorySink(p), execute.MemorySink(p)]
+    execute.run_plans([p, p], two)
+    assert pieces["n"] == 0  # shared units, read by the reader thread
+    monkeypatch.setattr(execute._Engine, "_lazy", lambda self, infos, active: False)
+    ahead = execute.MemorySink(p)
+    execute.run_plan(p, ahead)
+    for name, want in ahead.tensors.items():
+        assert all(bits_equal(r[name], want) for r in (runs[1], runs[2], two[0].tensors, two[1].tensors)), name

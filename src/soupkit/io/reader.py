@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import threading
 from pathlib import Path
 
 import torch
@@ -36,6 +37,7 @@ class TensorReader:
 
     def __init__(self) -> None:
         self._fds: dict[Path, int] = {}
+        self._lock = threading.Lock()  # several threads read: one descriptor per file
 
     def __enter__(self) -> TensorReader:
         return self
@@ -50,14 +52,18 @@ class TensorReader:
 
     def _fd(self, path: Path) -> int:
         fd = self._fds.get(path)
-        if fd is None:
-            try:
-                # never a FIFO or device swapped in after the header was read: those would block
-                fd = open_regular(path)
-            except OSError as e:
-                raise CheckpointFormatError(f"{path}: cannot open ({e.strerror})") from None
-            self._fds[path] = fd
-        return fd
+        if fd is not None:
+            return fd
+        with self._lock:
+            fd = self._fds.get(path)
+            if fd is None:
+                try:
+                    # never a FIFO or device swapped in after the header was read: those would block
+                    fd = open_regular(path)
+                except OSError as e:
+                    raise CheckpointFormatError(f"{path}: cannot open ({e.strerror})") from None
+                self._fds[path] = fd
+            return fd
 
     def read(
         self,

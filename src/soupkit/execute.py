@@ -683,24 +683,35 @@ class _Engine:
 
     def _split(self, ranges: Sequence[tuple[int, int]], piece: Callable[[int, int, int], None],
                threads: int) -> int:
-        """Run ``piece(s, e, t)`` for every range on up to ``threads`` threads: contiguous shares
-        on the helper threads (t = 1, 2, ...), the first share on this thread (t = 0); thread t
-        uses the float32 buffers ``self.works[t]``. Returns the number of threads used.
+        """Run ``piece(s, e, t)`` for every range on up to ``threads`` threads: this thread
+        (t = 0) and helpers (t = 1, 2, ...) take the next range in turn, so a thread whose
+        core is also reading or writing simply does fewer; thread t uses the float32 buffers
+        ``self.works[t]``. Returns the number of threads used.
 
-        Every piece is computed exactly as it would be alone, so the bytes do not depend on
-        the number of threads.
+        Every piece is computed exactly as it would be alone, so the bytes depend neither on
+        the number of threads nor on which thread took which piece.
         """
         n = min(threads, len(ranges))
         if n < 2 or self.helpers is None:
             for s, e in ranges:
                 piece(s, e, 0)
             return 1
-        bounds = [len(ranges) * t // n for t in range(n + 1)]
+        todo = iter(ranges)
+        lock = threading.Lock()
+        failed = threading.Event()
 
         def share(t: int) -> None:
             with torch.inference_mode():
-                for s, e in ranges[bounds[t]:bounds[t + 1]]:
-                    piece(s, e, t)
+                while not failed.is_set():
+                    with lock:
+                        r = next(todo, None)
+                    if r is None:
+                        return
+                    try:
+                        piece(r[0], r[1], t)
+                    except BaseException:
+                        failed.set()  # the others stop after their current piece
+                        raise
 
         futures = [self.helpers.submit(share, t) for t in range(1, n)]
         try:

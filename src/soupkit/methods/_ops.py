@@ -28,6 +28,7 @@ checks every such function against the straightforward formulation on adversaria
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Literal
@@ -308,8 +309,13 @@ def della_drop(
 # ---------------------------------------------------------------------------- aggregation
 
 
+@functools.lru_cache(maxsize=1024)
 def _as_f32(w: float) -> torch.Tensor:
-    return torch.tensor(w, dtype=torch.float32)
+    """``w`` as a 0-d float32 tensor, made once per value: the methods run per cache-sized piece,
+    thousands of times per tensor (callers only read it). Made outside inference mode, so
+    that it also serves calls that autograd records."""
+    with torch.inference_mode(False):
+        return torch.tensor(w, dtype=torch.float32)
 
 
 def weighted_sum(deltas: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:

@@ -16,6 +16,7 @@ not re-normalised silently: ``normalize: false`` keeps them as given.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -64,11 +65,21 @@ def linear(
 
     Works in place on ``tensors`` (the engine hands every method tensors it owns).
     """
-    weights = torch.tensor(p.weight, dtype=torch.float32)
+    weights, total = _weights(p.weight)
     # acc = w0 * t0 is what addcmul_ from zeros gives (fma(t0, w0, 0) rounds once, like a product)
     acc = tensors[0].mul_(weights[0])
     for t, w in zip(tensors[1:], weights[1:]):
         acc.addcmul_(t, w)  # one rounding per step: a fused multiply-add, as mergekit does
     if p.normalize:
-        acc.div_(weights.sum())
+        acc.div_(total)
     return acc
+
+
+@functools.lru_cache(maxsize=256)
+def _weights(weight: tuple[float, ...]) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    """The weights as 0-d float32 tensors and their float32 sum, made once per recipe (the
+    engine calls the method per cache-sized piece; callers only read them). Made outside
+    inference mode, so that they also serve calls that autograd records."""
+    with torch.inference_mode(False):
+        w = torch.tensor(weight, dtype=torch.float32)
+        return tuple(w.unbind()), w.sum()

@@ -70,7 +70,11 @@ RECIPE_NAMES = ("linear", "task_arithmetic", "ties", "dare_ties")
 #: papers' (soupkit's default): the like-for-like speed comparison for ties and dare_ties.
 #: ``soupkit-nohash`` is soupkit with ``--no-hash-inputs``: no sha256 of every input file for the
 #: report (soupkit's default computes them in a background thread; this shows what they cost).
-TOOLS = ("soupkit", "soupkit-nohash", "soupkit-mergekit", "mergekit")
+#: Every soupkit tool runs with its cache of input digests off (``SOUPKIT_HASH_CACHE=0``), so each
+#: run hashes as a first merge of new inputs does, except ``soupkit-hashcache``: the default as a
+#: user re-merging the same inputs runs it (the cache in ``OUT_DIR/hash-cache``; its first run
+#: fills it, later runs take the digests from it).
+TOOLS = ("soupkit", "soupkit-nohash", "soupkit-hashcache", "soupkit-mergekit", "mergekit")
 CONVENTION_METHODS = ("ties", "dare_ties")
 GIB = 1024**3
 
@@ -773,6 +777,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--only", help=f"comma-separated recipes (default: {','.join(RECIPE_NAMES)})")
     p.add_argument("--tools", default="soupkit,mergekit",
                    help="comma-separated, from soupkit, soupkit-nohash (soupkit with --no-hash-inputs), "
+                        "soupkit-hashcache (soupkit re-merging: input digests from its cache), "
                         "soupkit-mergekit (soupkit with `convention: mergekit`), "
                         "mergekit (default: soupkit,mergekit)")
     p.add_argument("--runs", type=int, help="timed runs per tool and recipe (default 3; 1 with --smoke)")
@@ -846,6 +851,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             tool.name = name
             tool.convention = "mergekit" if name == "soupkit-mergekit" else None
             tool.extra_args = args.soupkit_args.split() + (["--no-hash-inputs"] if name == "soupkit-nohash" else [])
+            tool.env = {**(tool.env or os.environ),
+                        **({"SOUPKIT_CACHE_DIR": str(args.out_dir / "hash-cache")} if name == "soupkit-hashcache"
+                           else {"SOUPKIT_HASH_CACHE": "0"})}
         else:
             tool = probe_mergekit(args.mergekit)
             tool.extra_args = args.mergekit_args.split()

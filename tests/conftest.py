@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,8 @@ from toymodels import tiny_state, write_model
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# soupkit's caches (input hashes, scores) go to a folder of this run, never the user's
+os.environ["SOUPKIT_CACHE_DIR"] = tempfile.mkdtemp(prefix="soupkit-test-cache-")
 
 
 @pytest.fixture

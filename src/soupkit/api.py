@@ -25,7 +25,7 @@ from soupkit.errors import CheckpointFormatError, ConfigError, MergeIOError, Usa
 from soupkit.execute import FileSink, MemorySink, RunStats, run_plan
 from soupkit.formats import KeyMap, as_state_dict
 from soupkit.io.checkpoint import CARRY_FILES, Checkpoint, in_memory_checkpoint
-from soupkit.io.hashing import BackgroundHasher, changed_files_check, file_state
+from soupkit.io.hashing import BackgroundHasher, HashCache, changed_files_check, file_state
 from soupkit.io.writer import Journal, OutputFolder, io_failure
 from soupkit.plan import DEFAULT_CHUNK_ELEMS, MergePlan, make_plan, plan_recipe
 
@@ -323,7 +323,7 @@ def run_merge_plan(
         raise CheckpointFormatError(f"{e.filename}: input disappeared ({e.strerror})") from None
     fingerprint = _fingerprint(p, dest, before) if resume else None
     folder = OutputFolder(dest, force=force, resume_key=fingerprint[:16] if fingerprint else None)
-    hasher = BackgroundHasher(inputs) if hash_inputs and inputs else None
+    hasher = BackgroundHasher(inputs, HashCache.default()) if hash_inputs and inputs else None
     try:
         with folder as tmp:
             done: dict[str, str] = {}

@@ -30,7 +30,7 @@ from soupkit import api
 from soupkit.config import MergeConfig
 from soupkit.errors import CheckpointFormatError, UsageError
 from soupkit.execute import FileSink, check_shared_inputs, run_plans
-from soupkit.io.hashing import BackgroundHasher, changed_files_check, file_state
+from soupkit.io.hashing import BackgroundHasher, HashCache, changed_files_check, file_state
 from soupkit.io.writer import OutputFolder
 from soupkit.plan import DEFAULT_CHUNK_ELEMS, MergePlan, make_plan, plan_recipe
 
@@ -86,7 +86,7 @@ def merge_many(
     except OSError as e:
         raise CheckpointFormatError(f"{e.filename}: input disappeared ({e.strerror})") from None
     folders = [OutputFolder(d, force=force) for d in dests]  # refuses existing outputs up front
-    hasher = BackgroundHasher(inputs) if hash_inputs and inputs else None
+    hasher = BackgroundHasher(inputs, HashCache.default()) if hash_inputs and inputs else None
     results: list[api.MergeResult] = []
     try:
         with ExitStack() as stack:

@@ -23,6 +23,7 @@ import torch
 
 from soupkit.errors import UsageError
 from soupkit.io.checkpoint import Checkpoint
+from soupkit.io.hashing import HashCache
 from soupkit.io.reader import TensorReader
 
 __all__ = [
@@ -82,7 +83,8 @@ def file_sha256(path: Path, on_bytes: Callable[[int], None] | None = None) -> st
 
 
 class FileHashMemo:
-    """Remembers file hashes under (resolved path, size, mtime_ns, inode).
+    """Remembers file hashes under `soupkit.io.hashing.HashCache.key` (path, device, inode,
+    size, modification and change times).
 
     ``records`` maps that fast key to the hex digest; a `ScoreCache` persists it, so a re-run
     hashes only files that changed (or were touched).
@@ -94,8 +96,7 @@ class FileHashMemo:
 
     @staticmethod
     def fast_key(path: Path) -> str:
-        st = path.stat()
-        return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
+        return HashCache.key(path)
 
     def sha256(self, path: Path, on_bytes: Callable[[int], None] | None = None) -> str:
         key = self.fast_key(path)

@@ -34,6 +34,7 @@ from typing import Any
 
 from soupkit.errors import UsageError
 from soupkit.evaluate.protocol import EvalResult, meets
+from soupkit.io.hashing import cache_dir
 from soupkit.search._state import FileHashMemo
 
 __all__ = ["ScoreCache", "default_cache_path"]
@@ -42,14 +43,9 @@ _VERSION = 1
 
 
 def default_cache_path() -> Path:
-    """``$SOUPKIT_CACHE_DIR/scores.jsonl``, else ``$XDG_CACHE_HOME/soupkit/scores.jsonl``,
-    else ``~/.cache/soupkit/scores.jsonl``."""
-    root = os.environ.get("SOUPKIT_CACHE_DIR")
-    if root:
-        return Path(root) / "scores.jsonl"
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg) if xdg else Path.home() / ".cache"
-    return base / "soupkit" / "scores.jsonl"
+    """``scores.jsonl`` in soupkit's cache folder (`soupkit.io.hashing.cache_dir`:
+    ``$SOUPKIT_CACHE_DIR``, else ``$XDG_CACHE_HOME/soupkit``, else ``~/.cache/soupkit``)."""
+    return cache_dir() / "scores.jsonl"
 
 
 def _float(x: Any) -> float | None:

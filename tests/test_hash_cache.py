@@ -1,0 +1,134 @@
+"""The cache of input digests: a re-merge of unchanged inputs hashes nothing, any rewrite of an
+input (even with its size and modification time restored) is hashed again, and a missing,
+damaged or unwritable cache never fails a merge."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import soupkit
+from soupkit.io import hashing
+from soupkit.io.hashing import HashCache
+
+from toymodels import write_model
+
+
+@pytest.fixture
+def cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    d = tmp_path / "cache"
+    monkeypatch.setenv("SOUPKIT_CACHE_DIR", str(d))
+    monkeypatch.delenv("SOUPKIT_HASH_CACHE", raising=False)
+    return d
+
+
+@pytest.fixture
+def hashed(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts the files the hasher reads (one sha256 object per file hashed)."""
+    made: list[int] = []
+    real = hashlib.sha256
+
+    class Spy:
+        @staticmethod
+        def sha256(*a: Any) -> Any:
+            made.append(1)
+            return real(*a)
+
+    monkeypatch.setattr(hashing, "hashlib", Spy)
+    return made
+
+
+def _inputs(tmp_path: Path) -> list[Path]:
+    return [write_model(tmp_path / f"m{i}", {"w": torch.full((32, 32), float(i))}) for i in range(2)]
+
+
+def _merge(ms: list[Path], out: Path) -> dict[str, str]:
+    soupkit.merge({"merge_method": "linear", "models": [{"model": str(m)} for m in ms]}, out,
+                  progress=False, force=True)
+    rep = json.loads((out / "soupkit-report.json").read_text())
+    return {f["path"]: f["sha256"] for m in rep["inputs"]["models"] for f in m["files"]}
+
+
+def _truth(ms: list[Path]) -> dict[str, str]:
+    return {str(m / "model.safetensors"): hashlib.sha256((m / "model.safetensors").read_bytes()).hexdigest()
+            for m in ms}
+
+
+def test_second_merge_of_the_same_inputs_hashes_nothing(tmp_path: Path, cache_dir: Path, hashed: list[int]) -> None:
+    ms = _inputs(tmp_path)
+    assert _merge(ms, tmp_path / "a") == _truth(ms)
+    assert len(hashed) == 2
+    assert (cache_dir / HashCache.NAME).is_file()
+    assert _merge(ms, tmp_path / "b") == _truth(ms)
+    assert len(hashed) == 2  # nothing new
+
+
+def test_rewritten_input_is_hashed_again_even_with_its_stat_restored(tmp_path: Path, cache_dir: Path,
+                                                                      hashed: list[int]) -> None:
+    ms = _inputs(tmp_path)
+    _merge(ms, tmp_path / "a")
+    f = ms[1] / "model.safetensors"
+    st = f.stat()
+    data = bytearray(f.read_bytes())
+    data[-1] ^= 0x01  # same size, other bytes
+    f.write_bytes(bytes(data))
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))  # the modification time as it was
+    assert f.stat().st_size == st.st_size and f.stat().st_mtime_ns == st.st_mtime_ns
+    assert _merge(ms, tmp_path / "b") == _truth(ms)
+    assert len(hashed) == 3  # only the rewritten file
+
+
+def test_cache_can_be_turned_off(tmp_path: Path, cache_dir: Path, hashed: list[int],
+                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SOUPKIT_HASH_CACHE", "0")
+    ms = _inputs(tmp_path)
+    _merge(ms, tmp_path / "a")
+    _merge(ms, tmp_path / "b")
+    assert len(hashed) == 4 and not cache_dir.exists()
+
+
+@pytest.mark.parametrize("content", [b"{not json", b'{"version": 1, "sha256": []}', b'{"version": 9, "sha256": {}}',
+                                     b'{"version": 1, "sha256": {"k": "short"}}', b"\xff\xfe"])
+def test_damaged_cache_is_ignored_and_rewritten(tmp_path: Path, cache_dir: Path, content: bytes) -> None:
+    cache_dir.mkdir()
+    (cache_dir / HashCache.NAME).write_bytes(content)
+    ms = _inputs(tmp_path)
+    assert _merge(ms, tmp_path / "a") == _truth(ms)
+    assert len(json.loads((cache_dir / HashCache.NAME).read_text())["sha256"]) == 2
+
+
+def test_unwritable_cache_does_not_fail_the_merge(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    monkeypatch.setenv("SOUPKIT_CACHE_DIR", str(blocker / "cache"))
+    ms = _inputs(tmp_path)
+    assert _merge(ms, tmp_path / "a") == _truth(ms)
+
+
+def test_cache_keeps_the_newest_entries_and_merges_concurrent_writers(tmp_path: Path) -> None:
+    path = tmp_path / "c.json"
+    a, b = HashCache(path, limit=3), HashCache(path, limit=3)
+    for i in range(4):
+        a.put(f"a{i}", f"{i:064x}")
+    a.save()
+    assert list(HashCache(path).entries) == ["a1", "a2", "a3"]
+    b.put("b0", "f" * 64)  # another run, started before a saved
+    b.save()
+    assert list(HashCache(path).entries) == ["a2", "a3", "b0"]
+
+
+def test_file_changing_while_hashed_is_not_remembered(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    f = tmp_path / "f"
+    f.write_bytes(b"x" * 100)
+    cache = HashCache(tmp_path / "c.json")
+    keys = iter([HashCache.key(f), "changed"])
+    monkeypatch.setattr(HashCache, "key", staticmethod(lambda path: next(keys)))
+    digests = hashing.BackgroundHasher([f], cache).result()
+    assert digests[f] == hashlib.sha256(b"x" * 100).hexdigest()
+    assert cache.entries == {} and not (tmp_path / "c.json").exists()

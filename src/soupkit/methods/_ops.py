@@ -348,8 +348,9 @@ def elect_sign(signed: Sequence[torch.Tensor], source: SignSource, tie: SignTie)
         for s in signed[1:]:
             total += torch.sign(s, out=tmp)
     else:
-        total = signed[0].clone()
-        for s in signed[1:]:
+        # the same left-to-right sums as clone-then-add, one pass fewer
+        total = torch.add(signed[0], signed[1]) if len(signed) > 1 else signed[0].clone()
+        for s in signed[2:]:
             total += s
     if tie == "positive":
         # where(total >= 0, 1, -1): 2 * 1.0 - 1 and 2 * 0.0 - 1 are exact (NaN: -1, as where)
@@ -382,6 +383,13 @@ def disjoint_merge(
                      aggregation)
 
 
+def _weighted(deltas: Sequence[torch.Tensor], weights: Sequence[float]) -> list[torch.Tensor]:
+    """``delta_t * w_t`` (new tensors), and ``delta_t`` itself where ``w_t`` is 1: ``x * 1.0``
+    is ``x`` bit for bit (a delta is a difference, so never a signalling NaN that the product
+    would quiet)."""
+    return [d if w == 1 else d * _as_f32(w) for d, w in zip(deltas, weights)]
+
+
 def _disjoint(
     products: Sequence[torch.Tensor],
     weights: Sequence[float],
@@ -389,10 +397,13 @@ def _disjoint(
     sign: torch.Tensor,
     aggregation: Aggregation,
 ) -> torch.Tensor:
-    """`disjoint_merge` given ``products[t] = deltas[t] * w_t`` (consumed: overwritten).
+    """`disjoint_merge` given ``products[t] = deltas[t] * w_t`` (consumed: overwritten, each
+    only after its own sign has been read, so a product may also be ``signed[t]``).
 
     The agreement mask is float 1.0 / 0.0 (``eq_`` into a float tensor), which is what the
     bool mask promotes to in ``product * agree`` and ``div += agree``: the same roundings.
+    (``acc.addcmul_(prod, agree)`` would save a pass, and the product is exact, but where
+    ``acc`` and the product are both NaN it keeps the other NaN's bits.)
     """
     acc = torch.zeros_like(products[0])
     div = torch.zeros_like(products[0]) if aggregation != "sum" else None
@@ -454,16 +465,16 @@ def consensus_combine(
 
     ``sign_source="weighted"`` votes (and tests agreement) with ``w_i * delta_i`` as mergekit
     does; ``"unweighted"`` and ``"count"`` vote with the trimmed ``delta_i`` themselves, as the
-    paper's Algorithm 1 (which has no weights) and PEFT do.
+    paper's Algorithm 1 (which has no weights) and PEFT do. The methods own their trimmed task
+    vectors, so ``trimmed`` is consumed (a weight of 1 uses, and overwrites, the tensor itself).
     """
     if sign_source == "weighted":
-        # the weighted deltas vote, and they are the products the disjoint merge sums (it
-        # overwrites each product only after reading that model's sign from it)
-        signed: Sequence[torch.Tensor] = [d * _as_f32(w) for d, w in zip(trimmed, weights)]
+        # the weighted deltas vote, and they are the products the disjoint merge sums
+        signed: Sequence[torch.Tensor] = _weighted(trimmed, weights)
         sign = elect_sign(signed, sign_source, sign_tie)
         products = list(signed)
     else:
         signed = trimmed
         sign = elect_sign(signed, sign_source, sign_tie)
-        products = [d * _as_f32(w) for d, w in zip(trimmed, weights)]
+        products = _weighted(trimmed, weights)
     return scale_(_disjoint(products, weights, signed, sign, aggregation), lam)

@@ -342,7 +342,7 @@ class _Unit:
     b: int
     infos: tuple[TensorInfo | None, ...]  # inputs..., then the base (None when not read)
     nbytes: int = 0
-    # read by the compute threads, piece by piece (see _Engine.lazy), not by the reader thread
+    # read by the compute threads, piece by piece (see _Engine._lazy), not by the reader thread
     lazy: bool = False
     raws: list[torch.Tensor | None] = field(default_factory=list)
     bufs: list[torch.Tensor] = field(default_factory=list)
@@ -563,8 +563,7 @@ class _Engine:
     def __init__(self, plans: Sequence[MergePlan], sinks: Sequence[Sink], *,
                  progress: Callable[[int], None] | None, allow_nonfinite: bool,
                  skips: Sequence[frozenset[str]], cuts: Sequence[Mapping[str, tuple[MagnitudeCut | None, ...]]],
-                 diag: TensorReader, compute_elems: int, workers: int = 1, stream_workers: int = 1,
-                 lazy_reads: bool = True) -> None:
+                 diag: TensorReader, compute_elems: int, workers: int = 1, stream_workers: int = 1) -> None:
         self.plans = plans
         self.sinks = sinks
         self.progress = progress
@@ -591,7 +590,6 @@ class _Engine:
         self.work = self.works[0]
         # per compute thread, per input: uint8 buffers for lazy reads
         self.rbufs: list[list[torch.Tensor]] = [[] for _ in range(self.workers)]
-        self.lazy_reads = lazy_reads
         self.trim_state: dict[int, _JobState] = {}
 
     # ------------------------------------------------------------------ schedule (reader thread)
@@ -618,7 +616,7 @@ class _Engine:
         copied out of the page cache by the reader thread and read back from memory by the
         main thread: the linear benchmark's pass went from 2.9 to 2.6 s, with a third less
         system CPU (benchmarks/README.md). Several plans share one read of each unit instead."""
-        return (self.lazy_reads and len(active) == 1 and self.modes[active[0]] == _ELEM
+        return (len(active) == 1 and self.modes[active[0]] == _ELEM
                 and all(t is None or t.data is None for t in infos))
 
     def step(self, j: int, active: Sequence[int]) -> int:

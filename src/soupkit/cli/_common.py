@@ -32,7 +32,8 @@ def add_safety_flags(p: argparse.ArgumentParser) -> None:
                         "from them (verified by sha256) when run again with --resume")
     p.add_argument("--no-hash-inputs", action="store_true",
                    help="do not record the sha256 of each input in soupkit-report.json (saves one "
-                        "background read of every input)")
+                        "background read of every input the first time; digests of unchanged "
+                        "inputs are remembered, see SOUPKIT_HASH_CACHE in the README)")
 
 
 def safety_kwargs(args: argparse.Namespace) -> dict[str, bool]:

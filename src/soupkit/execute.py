@@ -784,7 +784,7 @@ class _Engine:
         """Bit patterns of |theta_i - theta_0| for elements [s, e), computed as the method does."""
         xs, base = self._inputs(raws, s, e, True, work)
         assert base is not None
-        return {i: magnitude_bits(xs[i].sub_(base)) for i in models}
+        return {i: magnitude_bits(xs[i].sub_(base), inplace=True) for i in models}  # xs: scratch
 
     def _count(self, raws: Sequence[torch.Tensor | None], n: int, phase: str,
                sels: Sequence[tuple[int, TopKSelect]]) -> None:

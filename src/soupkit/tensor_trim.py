@@ -23,7 +23,9 @@ counts ``above`` with ``>``, which NaN fails), the NaN entries are counted apart
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -38,9 +40,22 @@ _LO_BINS = 1 << 16
 _INF_BITS = 0x7F800000
 
 
-def magnitude_bits(delta: torch.Tensor) -> torch.Tensor:
-    """int32 bit patterns of ``|delta|`` (sign bit cleared, also for NaN), a new tensor."""
-    return delta.abs().view(torch.int32).bitwise_and_(0x7FFFFFFF)
+def magnitude_bits(delta: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:
+    """int32 bit patterns of ``|delta|`` (float32 ``delta``): the bits of ``delta`` with the
+    sign bit cleared, which is what ``abs`` does (NaN included), in one pass. A new tensor, or
+    with ``inplace`` a view of ``delta``'s memory (then overwritten)."""
+    bits = delta.view(torch.int32)
+    return bits.bitwise_and_(0x7FFFFFFF) if inplace else bits.bitwise_and(0x7FFFFFFF)
+
+
+def _lo_bins(start: int, bits: torch.Tensor, out: torch.Tensor) -> None:
+    """The low 16 bits of the entries inside the bucket whose first pattern is ``start``, as
+    bins 1..65536, without a boolean gather: entries below the bucket go to bin 0, entries
+    above it to the last."""
+    if start > 0:  # bits - (start - 1) cannot overflow: one pass fewer
+        torch.sub(bits, start - 1, out=out).clamp_(0, _LO_BINS + 1)
+    else:
+        torch.sub(bits, start, out=out).clamp_(-1, _LO_BINS).add_(1)
 
 
 def select_bucket(hist: torch.Tensor, k: int) -> tuple[int, int]:
@@ -93,7 +108,7 @@ class TopKSelect:
 
     def add_hi(self, bits: torch.Tensor) -> None:
         """Count a chunk's bit patterns (from `magnitude_bits`) by their top 16 bits."""
-        self._add(-1, bits >> 16)
+        self._add(-1, bits, lambda src, dst: torch.bitwise_right_shift(src, 16, out=dst))
 
     def select_buckets(self) -> None:
         self._flush()
@@ -107,20 +122,22 @@ class TopKSelect:
     def add_lo(self, bits: torch.Tensor) -> None:
         """Count a chunk's entries inside the selected buckets (after `select_buckets`)."""
         for b in self.lo:
-            # the low 16 bits of the entries inside bucket b, as bins 1..65536, without a
-            # boolean gather: entries below the bucket go to bin 0, entries above it to the last
-            self._add(b, (bits - (b << 16)).clamp_(-1, _LO_BINS).add_(1))
+            self._add(b, bits, functools.partial(_lo_bins, b << 16))
 
-    def _add(self, key: int, idx: torch.Tensor) -> None:
-        m = idx.numel()
+    def _add(self, key: int, bits: torch.Tensor, bins: Callable[[torch.Tensor, torch.Tensor], object]) -> None:
+        """Queue the bin indices of ``bits`` for histogram ``key``: ``bins(bits, out)`` writes
+        them straight into the batch buffer (no temporary, no copy)."""
+        m = bits.numel()
         batch = self._batches.setdefault(key, [torch.empty(BATCH_ENTRIES, dtype=torch.int32), 0])
         if batch[1] + m > BATCH_ENTRIES:
             self._count(key, batch[0][: batch[1]])
             batch[1] = 0
         if m > BATCH_ENTRIES:
+            idx = torch.empty(m, dtype=torch.int32)
+            bins(bits.reshape(-1), idx)
             self._count(key, idx)
             return
-        batch[0][batch[1] : batch[1] + m].copy_(idx)
+        bins(bits.reshape(-1), batch[0][batch[1] : batch[1] + m])
         batch[1] += m
 
     def _count(self, key: int, idx: torch.Tensor) -> None:

@@ -130,9 +130,9 @@ def test_profile_reports_phases_and_functions(small_data: Path, tmp_path: Path) 
     recipe.write_text(json.dumps({"merge_method": "ties", "base_model": str(small_data / "base"),
                                   "parameters": {"density": 0.5, "trim_scope": "per_tensor"},
                                   "models": [{"model": str(small_data / f"ft{i}")} for i in (1, 2)]}))
-    r = _run(str(BENCH / "profile.py"), str(recipe), "--out", str(tmp_path / "out"), "--cprofile", "--top", "5",
+    r = _run(str(BENCH / "profile_pass.py"), str(recipe), "--out", str(tmp_path / "out"), "--cprofile", "--top", "5",
              timeout=300)
-    assert r.returncode == 0, f"profile.py failed (exit {r.returncode}):\n{r.stdout}\n{r.stderr}"
+    assert r.returncode == 0, f"profile_pass.py failed (exit {r.returncode}):\n{r.stdout}\n{r.stderr}"
     head, phases = r.stdout.splitlines()[:2]
     assert head.startswith("ties.yaml: pass ") and " GB/s of " in head and "system" in head
     assert phases.startswith("phases (main thread wall s): ") and "merge" in phases

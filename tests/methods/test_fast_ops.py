@@ -175,3 +175,16 @@ def test_streamed_per_tensor_ties_with_many_tied_magnitudes_equals_the_whole_ten
     got = load_file(str(res.out / "model.safetensors"))
     for job in res.plan.jobs:
         assert bits_equal(got[job.name], direct("ties", fts, base, job.params, job.name)), job.name
+
+
+@pytest.mark.parametrize("start", [0, 1 << 16, 5 << 16, 0x7F80 << 16])
+def test_lo_bins_place_every_pattern_like_the_wide_formula(start: int) -> None:
+    """Bins of the radix select's second pass: 0 below the bucket, 1..65536 inside, 65537
+    above, for the extreme patterns (zero, the bucket's edges, +Inf, the largest NaN)."""
+    from soupkit.tensor_trim import _lo_bins
+
+    edges = [0, 1, start - 1, start, start + 7, start + 65535, start + 65536, 0x7F800000, 0x7FFFFFFF]
+    bits = torch.tensor([b for b in edges if 0 <= b <= 0x7FFFFFFF], dtype=torch.int32)
+    out = torch.empty_like(bits)
+    _lo_bins(start, bits, out)
+    assert out.tolist() == ((bits.long() - start).clamp(-1, 65536) + 1).tolist()

@@ -11,9 +11,9 @@ Runs the merge pass of one recipe in this process (no input hashing, like ``ab.p
 The output folder is deleted first and ``sync`` run, so a run does not pay for the previous
 one's writeback. For where the kernel's time goes, wrap it in ``perf``::
 
-    .venv/bin/python benchmarks/profile.py benchmarks/out/full/recipes/linear.yaml
-    .venv/bin/python benchmarks/profile.py benchmarks/out/full/recipes/ties.soupkit-mergekit.yaml --cprofile
-    perf record -F 999 -g -o /tmp/perf.data .venv/bin/python benchmarks/profile.py RECIPE
+    .venv/bin/python benchmarks/profile_pass.py benchmarks/out/full/recipes/linear.yaml
+    .venv/bin/python benchmarks/profile_pass.py benchmarks/out/full/recipes/ties.soupkit-mergekit.yaml --cprofile
+    perf record -F 999 -g -o /tmp/perf.data .venv/bin/python benchmarks/profile_pass.py RECIPE
     perf report -i /tmp/perf.data --no-children --sort dso,sym --stdio
 """
 

@@ -851,6 +851,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             tool.name = name
             tool.convention = "mergekit" if name == "soupkit-mergekit" else None
             tool.extra_args = args.soupkit_args.split() + (["--no-hash-inputs"] if name == "soupkit-nohash" else [])
+            if name == "soupkit-hashcache":  # empty at the start: its first run hashes, the later reuse
+                shutil.rmtree(args.out_dir / "hash-cache", ignore_errors=True)
             tool.env = {**(tool.env or os.environ),
                         **({"SOUPKIT_CACHE_DIR": str(args.out_dir / "hash-cache")} if name == "soupkit-hashcache"
                            else {"SOUPKIT_HASH_CACHE": "0"})}

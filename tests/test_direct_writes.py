@@ -187,3 +187,19 @@ def test_reserve_allocates_the_file(tmp_path: Path) -> None:
     if not done:
         pytest.skip("this filesystem has no fallocate")
     assert p.stat().st_size == 1 << 20 and p.stat().st_blocks * 512 >= 1 << 20
+
+
+def test_direct_write_refused_at_close_falls_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A shard smaller than the buffer meets its first direct write only when it is closed."""
+    calls = {"n": 0}
+
+    def refuse(self: Any, n: int) -> None:
+        calls["n"] += 1
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(writer_mod._Staging, "_write", refuse)
+    monkeypatch.setattr(writer_mod, "_open_direct", lambda path: os.open(path, os.O_WRONLY))
+    tensors = _tensors([5000])
+    raw, _ = _write(tmp_path / "d", tensors, direct=True, chunk=700)
+    assert raw == _write(tmp_path / "b", tensors, direct=False, chunk=700)[0]
+    assert len(raw) % ALIGN and calls["n"] == 1

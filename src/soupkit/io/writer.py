@@ -357,9 +357,10 @@ class ShardWriter:
     The sha256 of the shard is computed on the fly while writes arrive in file order (the
     engine's order); if they do not, it is computed from the file when the shard is finished.
 
-    With ``direct`` (default: `DIRECT_WRITES`, from ``SOUPKIT_DIRECT_WRITES``), bytes that arrive in file order are gathered into an
-    aligned buffer of `STAGING_BYTES` and written with ``O_DIRECT`` (see `_Staging`); a write
-    out of order, a filesystem without ``O_DIRECT``, or a direct write it refuses switch the
+    With ``direct`` (default: `DIRECT_WRITES`, from ``SOUPKIT_DIRECT_WRITES``), bytes that
+    arrive in file order are gathered into an aligned buffer of `STAGING_BYTES` and written
+    with ``O_DIRECT`` (see `_Staging`); a write out of order, a filesystem without
+    ``O_DIRECT``, or a direct write it refuses (even the last, at `close`) switch the
     shard to ordinary buffered writes, with the same bytes in the file.
     """
 
@@ -457,13 +458,15 @@ class ShardWriter:
             assert self.sha256 is not None
             return self.sha256
         if self._stage is not None:
-            st, self._stage = self._stage, None
             try:
-                st.flush(self._fd)
+                self._stage.flush(self._fd)
             except OSError as e:
-                self.abort()
-                raise io_failure(f"{self.path}: write failed", e) from None
-            finally:
+                if e.errno != errno.EINVAL:
+                    self.abort()
+                    raise io_failure(f"{self.path}: write failed", e) from None
+                self._unstage()  # the direct write was refused: everything staged, buffered
+            else:
+                st, self._stage = self._stage, None
                 st.close()
         fd, self._fd = self._fd, -1
         try:

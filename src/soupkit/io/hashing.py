@@ -49,8 +49,9 @@ class HashCache:
     """sha256 digests of files, remembered under their identity and state.
 
     Args:
-        path: the JSON file; None: `default` (or no cache when ``SOUPKIT_HASH_CACHE=0``).
-        limit: entries kept (the newest); older ones are dropped when saving.
+        path: the JSON file (`default` gives the usual one, or no cache when
+            ``SOUPKIT_HASH_CACHE=0``).
+        limit: entries kept (the most recently added); older ones are dropped when saving.
     """
 
     NAME = "input-sha256.json"

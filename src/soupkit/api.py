@@ -11,7 +11,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -122,13 +122,15 @@ def _model_card(p: MergePlan) -> str:
 
 def _report(p: MergePlan, stats: RunStats, out: Path, *, input_hashes: Mapping[Path, str] | None = None,
             output_hashes: Mapping[str, str] | None = None, other_files: Mapping[str, str] | None = None,
-            resumed_shards: int = 0) -> dict[str, Any]:
+            resumed_shards: int = 0, hashes_from_cache: Collection[Path] = ()) -> dict[str, Any]:
     ih = input_hashes or {}
     oh = output_hashes or {}
 
     def files(c: Checkpoint) -> list[dict[str, Any]]:
+        # "sha256_from_cache": the digest was remembered from an earlier run (file unchanged by stat)
         return [{"path": str(f), "bytes": f.stat().st_size,
-                 **({"sha256": ih[f]} if f in ih else {})} for f in c.files]
+                 **({"sha256": ih[f]} if f in ih else {}),
+                 **({"sha256_from_cache": True} if f in hashes_from_cache else {})} for f in c.files]
 
     return {
         "soupkit_version": __version__,
@@ -349,6 +351,7 @@ def run_merge_plan(
             input_hashes = hasher.result() if hasher is not None else {}
             changed_files_check(before)
             report = {**_report(p, stats, dest, input_hashes=input_hashes, output_hashes=sink.hashes,
+                                hashes_from_cache=hasher.from_cache if hasher is not None else (),
                                 other_files=others, resumed_shards=len(done)),
                       **dict(extra_report or {})}
             _write_file(tmp / REPORT_NAME, (json.dumps(report, indent=2) + "\n").encode("utf-8"))

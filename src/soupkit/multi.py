@@ -111,7 +111,8 @@ def merge_many(
             for k, (p, tmp, sink, st, dest) in enumerate(zip(plans, tmps, sinks, stats, dests)):
                 others = api.finish_folder(p, tmp, model_card)
                 report = {**api._report(p, st, dest, input_hashes=input_hashes,
-                                        output_hashes=sink.hashes, other_files=others),
+                                        output_hashes=sink.hashes, other_files=others,
+                                        hashes_from_cache=hasher.from_cache if hasher is not None else ()),
                           **dict(extra_reports[k] if extra_reports else {})}
                 api._write_file(tmp / api.REPORT_NAME, (json.dumps(report, indent=2) + "\n").encode("utf-8"))
                 results.append(api.MergeResult(dest, p, st))

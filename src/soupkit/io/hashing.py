@@ -137,7 +137,7 @@ class BackgroundHasher:
     def __init__(self, files: Sequence[Path], cache: HashCache | None = None) -> None:
         self.files = list(dict.fromkeys(files))
         self.cache = cache
-        self.cached = 0  # files whose digest came from the cache
+        self.from_cache: set[Path] = set()  # files whose digest came from the cache
         self._digests: dict[Path, str] = {}
         self._error: BaseException | None = None
         self._stop = threading.Event()
@@ -153,7 +153,7 @@ class BackgroundHasher:
                 got = self.cache.get(key) if self.cache is not None and key is not None else None
                 if got is not None:
                     self._digests[f] = got
-                    self.cached += 1
+                    self.from_cache.add(f)
                     continue
                 h = hashlib.sha256()
                 with open(f, "rb", buffering=0) as fh:

@@ -140,3 +140,30 @@ def test_file_changing_while_hashed_is_not_remembered(tmp_path: Path, monkeypatc
     digests = hashing.BackgroundHasher([f], cache).result()
     assert digests[f] == hashlib.sha256(b"x" * 100).hexdigest()
     assert cache.entries == {} and not (tmp_path / "c.json").exists()
+
+
+def test_search_and_merge_share_input_digests(tmp_path: Path, cache_dir: Path, hashed: list[int],
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A score cache's file memo and the merges' digest cache are one store: files a search
+    hashed are not hashed again by the merge that writes the soup, and the other way round."""
+    from soupkit.search import _state
+    from soupkit.search.cache import ScoreCache
+
+    searched: list[int] = []
+    real = _state.file_sha256
+    monkeypatch.setattr(_state, "file_sha256", lambda p, on=None: (searched.append(1), real(p, on))[1])
+    ms = _inputs(tmp_path)
+    store = ScoreCache(tmp_path / "scores.jsonl")
+    files = [m / "model.safetensors" for m in ms]
+    assert [store.memo.sha256(f) for f in files] == list(_truth(ms).values())
+    store.save_file_hashes()
+    assert len(searched) == 2
+    assert _merge_report(ms, tmp_path / "a") == {p: (h, True) for p, h in _truth(ms).items()}
+    assert hashed == []  # the merge hashed nothing
+    extra = write_model(tmp_path / "m9", {"w": torch.full((32, 32), 9.0)})
+    _merge([*ms, extra], tmp_path / "b")  # the merge hashes the new file ...
+    assert len(hashed) == 1
+    fresh = ScoreCache(tmp_path / "other-scores.jsonl")
+    fresh.memo.sha256(extra / "model.safetensors")  # ... and a new search's memo finds it
+    assert len(searched) == 2
+    assert ScoreCache(None).memo.shared is None  # an in-memory score cache persists nothing

@@ -4,8 +4,8 @@
   calls it for one ingredient at a time, never for all of them at once.
 * `checkpoint_digest` is the *content* identity of a checkpoint (what score caches key on): the
   SHA-256 of the SHA-256s of its safetensors files, in storage order. Hashing reads every byte
-  once; `FileHashMemo` remembers a file's hash under a fast key (resolved path, size, mtime in
-  nanoseconds, inode) so an unchanged file is not hashed again.
+  once; `FileHashMemo` remembers a file's hash under a fast key (path, device, inode, size,
+  modification and change times) so an unchanged file is not hashed again.
 * `evaluator_identity` names an evaluator for the cache, or refuses when it cannot do so safely.
 """
 
@@ -87,12 +87,16 @@ class FileHashMemo:
     size, modification and change times).
 
     ``records`` maps that fast key to the hex digest; a `ScoreCache` persists it, so a re-run
-    hashes only files that changed (or were touched).
+    hashes only files that changed (or were touched). ``shared`` (the merges' cache of input
+    digests, `HashCache.default()`) is consulted and fed too, so that the files a search hashes
+    for its score identities are not hashed again by the merge that writes its soup, and
+    the other way round.
     """
 
-    def __init__(self, records: dict[str, str] | None = None) -> None:
+    def __init__(self, records: dict[str, str] | None = None, shared: HashCache | None = None) -> None:
         self.records: dict[str, str] = dict(records or {})
         self.new: dict[str, str] = {}
+        self.shared = shared
 
     @staticmethod
     def fast_key(path: Path) -> str:
@@ -101,10 +105,16 @@ class FileHashMemo:
     def sha256(self, path: Path, on_bytes: Callable[[int], None] | None = None) -> str:
         key = self.fast_key(path)
         got = self.records.get(key)
+        if got is None and self.shared is not None:
+            got = self.shared.get(key)
+            if got is not None:
+                self.records[key] = got
         if got is None:
             got = file_sha256(path, on_bytes)
             self.records[key] = got
             self.new[key] = got
+            if self.shared is not None and self.fast_key(path) == key:  # unchanged while read
+                self.shared.put(key, got)
         elif on_bytes is not None:
             on_bytes(path.stat().st_size)
         return got

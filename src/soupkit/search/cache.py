@@ -9,8 +9,9 @@ record:
   ingredient's `checkpoint_digest` (SHA-256 of its safetensors files), or for a soup the hash of
   the recipe with every path replaced by its content digest. Renaming or moving a checkpoint
   keeps its scores; changing one byte invalidates them.
-* ``{"kind": "file", "key": "PATH|SIZE|MTIME_NS|INODE", "sha256": ...}``: a file's hash under a
-  fast key, so unchanged files are not re-hashed.
+* ``{"kind": "file", "key": "PATH|DEV|INODE|SIZE|MTIME_NS|CTIME_NS", "sha256": ...}``: a file's
+  hash under a fast key (`soupkit.io.hashing.HashCache.key`), so unchanged files are not
+  re-hashed.
 
 Early-stopped results are cached too: such a record holds an upper bound of the score that was
 rejected against a threshold. It answers a later query only when the bound is rejected against
@@ -34,7 +35,7 @@ from typing import Any
 
 from soupkit.errors import UsageError
 from soupkit.evaluate.protocol import EvalResult, meets
-from soupkit.io.hashing import cache_dir
+from soupkit.io.hashing import HashCache, cache_dir
 from soupkit.search._state import FileHashMemo
 
 __all__ = ["ScoreCache", "default_cache_path"]
@@ -62,7 +63,8 @@ class ScoreCache:
 
     Attributes:
         hits: lookups answered from the cache.
-        memo: the file-hash memo (persisted in the same file).
+        memo: the file-hash memo (persisted in the same file, and shared with the merges'
+            cache of input digests, `soupkit.io.hashing.HashCache`).
     """
 
     def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
@@ -94,7 +96,8 @@ class ScoreCache:
                     self._scores.setdefault((rec["evaluator"], rec["subject"]), []).append(rec)
                 else:
                     self.skipped_lines += 1
-        self.memo = FileHashMemo(files)
+        # the merges' cache of input digests too, unless nothing may persist
+        self.memo = FileHashMemo(files, HashCache.default() if self.path is not None else None)
 
     @staticmethod
     def _valid(rec: Mapping[str, Any]) -> bool:
@@ -122,6 +125,8 @@ class ScoreCache:
         for key, digest in self.memo.new.items():
             self._append({"kind": "file", "key": key, "sha256": digest})
         self.memo.new.clear()
+        if self.memo.shared is not None:
+            self.memo.shared.save()
 
     def lookup(self, evaluator: str, subject: str, *, need: float | None = None,
                strict: bool = False) -> EvalResult | None:

@@ -203,3 +203,15 @@ def test_direct_write_refused_at_close_falls_back(tmp_path: Path, monkeypatch: p
     raw, _ = _write(tmp_path / "d", tensors, direct=True, chunk=700)
     assert raw == _write(tmp_path / "b", tensors, direct=False, chunk=700)[0]
     assert len(raw) % ALIGN and calls["n"] == 1
+
+
+@pytest.mark.parametrize("value, direct", [("0", False), ("off", False), ("false", False), ("1", True), ("", True)])
+def test_soupkit_direct_writes_variable_is_read_at_import(value: str, direct: bool) -> None:
+    import subprocess
+    import sys
+
+    env = {**os.environ, "SOUPKIT_DIRECT_WRITES": value}
+    r = subprocess.run([sys.executable, "-c", "from soupkit.io import writer; print(writer.DIRECT_WRITES)"],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == str(direct)

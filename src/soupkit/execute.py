@@ -304,7 +304,8 @@ def check_shared_inputs(plans: Sequence[MergePlan]) -> None:
 #
 # - a reader thread reads the raw bytes of the next unit (a chunk of every input of a tensor)
 #   with os.preadv into pooled buffers while the current one is computed (preadv releases the
-#   GIL);
+#   GIL); for one plan of a cheap elementwise method the compute threads instead read each
+#   piece themselves, into their cache (`_Engine._lazy`);
 # - the main thread converts each input into reusable float32 buffers (``copy_``), runs the
 #   method on cache-sized pieces, checks for NaN / Inf and casts into a pooled output buffer.
 #   For elementwise methods (and stochastic ones, one RNG block per piece) the pieces of a unit
@@ -646,7 +647,7 @@ class _Engine:
             phases = ["merge"]
             if step < job.numel and any(self._needs_prepass(j, k) for k in active):
                 phases = ["hist", "lo", "merge"]
-            lazy = phases == ["merge"] and self._lazy(infos, active)
+            lazy = self._lazy(infos, active)  # never with pre-pass phases: those are TIES's
             for phase in phases:
                 for a, b in _chunks(job.numel, step):
                     yield _Unit(j, phase, a, b, infos, (b - a) * per_elem, lazy)
@@ -680,11 +681,11 @@ class _Engine:
         return xs, base
 
     def _split(self, ranges: Sequence[tuple[int, int]], piece: Callable[[int, int, int], None],
-               threads: int) -> int:
+               threads: int) -> None:
         """Run ``piece(s, e, t)`` for every range on up to ``threads`` threads: this thread
         (t = 0) and helpers (t = 1, 2, ...) take the next range in turn, so a thread whose
         core is also reading or writing simply does fewer; thread t uses the float32 buffers
-        ``self.works[t]``. Returns the number of threads used.
+        ``self.works[t]``.
 
         Every piece is computed exactly as it would be alone, so the bytes depend neither on
         the number of threads nor on which thread took which piece.
@@ -693,7 +694,7 @@ class _Engine:
         if n < 2 or self.helpers is None:
             for s, e in ranges:
                 piece(s, e, 0)
-            return 1
+            return
         todo = iter(ranges)
         lock = threading.Lock()
         failed = threading.Event()
@@ -721,7 +722,6 @@ class _Engine:
         for f in futures:
             if f in done:
                 f.result()  # re-raise a helper's error
-        return n
 
     def _emit(self, k: int, job: TensorJob, out: torch.Tensor, a: int, b: int, dest: torch.Tensor) -> None:
         """Cast the float32 result for elements [a, b) of ``job`` into ``dest``; check for NaN / Inf.

@@ -236,6 +236,13 @@ def io_failure(what: str, e: OSError) -> MergeIOError:
     return MergeIOError(f"{what} ({e.strerror}){hint}")
 
 
+def _pwrite_all(fd: int, mv: memoryview, offset: int) -> None:
+    """``os.pwrite`` until every byte of ``mv`` is written at ``offset`` (raises OSError)."""
+    done = 0
+    while done < len(mv):
+        done += os.pwrite(fd, mv[done:], offset + done)
+
+
 def _libc_fallocate() -> Callable[[int, int, int, int], int] | None:
     try:
         f = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).fallocate
@@ -252,9 +259,8 @@ _fallocate = _libc_fallocate()
 def reserve(fd: int, size: int) -> bool:
     """Allocate ``size`` bytes of disk for the file ``fd`` up front (Linux ``fallocate``).
 
-    A full disk then fails here, before any merging, instead of part-way through; and the
-    buffered writes that follow skip the filesystem's per-page block reservation (on ext4 a
-    1.7 GB shard wrote at 2-9 GB/s instead of 0.9-4 GB/s, with a third of the system CPU).
+    A full disk then fails here, before any merging, instead of part-way through; and writes
+    that go through the page cache skip the filesystem's block reservation page by page.
     Unlike ``posix_fallocate``, which falls back to writing a byte into every block where the
     filesystem has no ``fallocate``, this is skipped where the call is not supported.
 
@@ -281,9 +287,8 @@ class _Staging:
     Direct writes skip the page cache. The output then does not push the merge's inputs out
     of the cache (the next merge of the same inputs, a sweep's or a greedy soup's, reads them
     warm again), and the kernel allocates no page-cache pages for it: on a virtual machine
-    whose free memory goes back to the host, every fresh page costs a fault in the host, and
-    buffered writes of a 1.7 GB shard took 2-4 s of system CPU where direct writes take
-    0.1 s (benchmarks/README.md).
+    whose free memory goes back to the host, every fresh page costs a fault in the host
+    (benchmarks/README.md, "Machine", measures it).
     """
 
     ALIGN = 4096  # file offsets, lengths and the buffer's address: any device's logical block
@@ -317,20 +322,14 @@ class _Staging:
                 self.used = 0
 
     def _write(self, n: int) -> None:
-        mv = memoryview(self.buf)[:n]
-        done = 0
-        while done < n:
-            done += os.pwrite(self.fd, mv[done:], self.start + done)
+        _pwrite_all(self.fd, memoryview(self.buf)[:n], self.start)
 
     def flush(self, buffered_fd: int) -> None:
         """Write what is left: the aligned part directly, the tail through ``buffered_fd``."""
         whole = self.used - self.used % self.ALIGN
         if whole:
             self._write(whole)
-        tail = memoryview(self.buf)[whole:self.used]
-        done = 0
-        while done < len(tail):
-            done += os.pwrite(buffered_fd, tail[done:], self.start + whole + done)
+        _pwrite_all(buffered_fd, memoryview(self.buf)[whole:self.used], self.start + whole)
         self.start += self.used
         self.used = 0
 
@@ -423,12 +422,10 @@ class ShardWriter:
             st.close()
 
     def _buffered(self, mv: memoryview, offset: int) -> None:
-        done = 0
-        while done < len(mv):
-            try:
-                done += os.pwrite(self._fd, mv[done:], offset + done)
-            except OSError as e:
-                raise io_failure(f"{self.path}: write failed", e) from None
+        try:
+            _pwrite_all(self._fd, mv, offset)
+        except OSError as e:
+            raise io_failure(f"{self.path}: write failed", e) from None
 
     def _pwrite(self, data: torch.Tensor, offset: int) -> None:
         mv = byte_view(data) if data.numel() else memoryview(b"")

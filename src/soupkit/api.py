@@ -24,7 +24,7 @@ from soupkit.config import MergeConfig, ModelEntry, load_recipe
 from soupkit.errors import CheckpointFormatError, ConfigError, MergeIOError, UsageError
 from soupkit.execute import FileSink, MemorySink, RunStats, run_plan
 from soupkit.formats import KeyMap, as_state_dict
-from soupkit.io.checkpoint import CARRY_FILES, Checkpoint, in_memory_checkpoint
+from soupkit.io.checkpoint import Checkpoint, in_memory_checkpoint
 from soupkit.io.hashing import BackgroundHasher, HashCache, changed_files_check, file_state
 from soupkit.io.writer import Journal, OutputFolder, io_failure
 from soupkit.plan import DEFAULT_CHUNK_ELEMS, MergePlan, make_plan, plan_recipe
@@ -273,19 +273,16 @@ def finish_folder(p: MergePlan, tmp: Path, model_card: bool) -> dict[str, str]:
     index = tmp / "model.safetensors.index.json"
     if index.is_file():
         others[index.name] = hashlib.sha256(index.read_bytes()).hexdigest()
-    if p.carry_from is not None:
-        for name in CARRY_FILES:
-            src = p.carry_from / name
-            if src.is_file() and not src.is_symlink():
-                try:
-                    data = src.read_bytes()
-                except OSError as e:
-                    raise CheckpointFormatError(f"{src}: cannot read ({e.strerror})") from None
-                if name == "config.json" and p.config_updates:  # e.g. a sliced model's layer count
-                    from soupkit.compat.mergekit import update_config
+    for name, src in p.carry_files.items():  # exactly what `plan` listed (links followed at plan time)
+        try:
+            data = src.read_bytes()
+        except OSError as e:
+            raise CheckpointFormatError(f"{src}: cannot read ({e.strerror})") from None
+        if name == "config.json" and p.config_updates:  # e.g. a sliced model's layer count
+            from soupkit.compat.mergekit import update_config
 
-                    data = update_config(src, data, p.config_updates)
-                others[name] = _write_file(tmp / name, data)
+            data = update_config(src, data, p.config_updates)
+        others[name] = _write_file(tmp / name, data)
     if model_card:
         others["README.md"] = _write_file(tmp / "README.md", _model_card(p).encode("utf-8"))
     return others

@@ -26,7 +26,7 @@ from soupkit.config import Conditional, MergeConfig, ParamValue
 from soupkit.errors import CheckpointFormatError, ConfigError, PlanError, SoupError, UnknownMethodError
 from soupkit.formats import KeyMap, rename_checkpoint
 from soupkit.global_trim import check_global_trim, global_trim_notes
-from soupkit.io.checkpoint import CARRY_FILES, Checkpoint, open_checkpoint
+from soupkit.io.checkpoint import CARRY_FILES, Checkpoint, carried_files, open_checkpoint
 from soupkit.io.header import DTYPES, TensorInfo
 from soupkit.io.writer import STAGING_BYTES, OutputTensor, ShardLayout, layout_shards, parse_size
 from soupkit.methods import MethodSpec, Params
@@ -86,6 +86,8 @@ class MergePlan:
     notes: tuple[str, ...] = ()
     # keys to change in the carried config.json (e.g. the layer count of a sliced model)
     config_updates: dict[str, Any] = field(default_factory=dict)
+    # the files carried from `carry_from` into the output: name -> file (links followed)
+    carry_files: dict[str, Path] = field(default_factory=dict)
 
     @property
     def input_bytes(self) -> int:
@@ -162,7 +164,7 @@ class MergePlan:
             f"seed        {cfg.seed}" + ("" if self.method.stochastic else " (method is deterministic)"),
         ]
         if self.carry_from is not None:
-            lines.append(f"carries     config/tokenizer files from {self.carry_from}")
+            lines.append(f"carries     {', '.join(self.carry_files) or 'nothing'} from {self.carry_from}")
         for key, count in self.filter_counts.items():
             lines.append(f"filter      {key}: matched {count} tensor(s)")
         lines += [f"note        {n}" for n in self.notes]
@@ -514,6 +516,7 @@ def make_plan(
         config=cfg, method=spec, models=tuple(ckpts), base=base, jobs=tuple(jobs),
         shards=tuple(shards), chunk_elems=chunk_elems, carry_from=carry,
         filter_counts=filter_counts, notes=tuple(notes),
+        carry_files=carried_files(carry) if carry is not None else {},
     )
 
 
@@ -530,6 +533,7 @@ def _carry_source(cfg: MergeConfig, base: Checkpoint | None, models: Sequence[Ch
             return folder if folder.is_dir() else None
         candidates = [ck]
     for c in candidates:
-        if c is not None and c.folder is not None and any((c.folder / f).is_file() for f in CARRY_FILES):
+        if c is not None and c.folder is not None and any(
+                (c.folder / f).is_file() or (c.folder / f).is_symlink() for f in CARRY_FILES):
             return c.folder
     return None

@@ -50,7 +50,7 @@ from soupkit import methods
 from soupkit.config import Conditional, MergeConfig, ParamValue, Slice, SliceSource
 from soupkit.errors import CheckpointFormatError, ConfigError, PlanError, SoupError, UnknownMethodError
 from soupkit.formats import KeyMap, rename_checkpoint
-from soupkit.io.checkpoint import Checkpoint, open_checkpoint
+from soupkit.io.checkpoint import Checkpoint, carried_files, open_checkpoint
 from soupkit.io.header import TensorInfo
 from soupkit.io.writer import OutputTensor, layout_shards, parse_size
 from soupkit.methods import MethodSpec, Params
@@ -548,4 +548,5 @@ def plan_slices(
         config=cfg, method=spec, models=tuple(used), base=base_ck, jobs=tuple(jobs),
         shards=tuple(shards), chunk_elems=chunk_elems, carry_from=carry,
         filter_counts=filter_counts, notes=tuple(notes), config_updates=updates,
+        carry_files=carried_files(carry) if carry is not None else {},
     )

@@ -14,7 +14,9 @@ single file, a folder with ``pytorch_model.bin`` or exactly one pickle, or a sha
 with ``pytorch_model.bin.index.json``.
 
 Every path an index names is checked to stay inside the model folder (no ``..``, no absolute
-paths, no symlinks that lead out), and the index must agree with the shards' own headers.
+paths, no symlinks that lead out: the rule of `soupkit.io.links`, which lets a Hugging Face
+cache snapshot's links into its ``blobs/`` through), and the index must agree with the shards'
+own headers. `carried_files` applies the same rule to the config and tokenizer files.
 """
 
 from __future__ import annotations
@@ -31,12 +33,14 @@ import torch
 
 from soupkit.errors import CheckpointFormatError, UnsafeFormatError
 from soupkit.io.header import TensorInfo, dtype_code, read_safetensors_header
+from soupkit.io.links import resolve_model_file
 from soupkit.io.pickle_ckpt import load_pickle_state_dict
 
 __all__ = [
     "CARRY_FILES",
     "Checkpoint",
     "PICKLE_SUFFIXES",
+    "carried_files",
     "in_memory_checkpoint",
     "open_checkpoint",
 ]
@@ -67,6 +71,33 @@ CARRY_FILES = (
     "chat_template.json",
     "preprocessor_config.json",
 )
+
+
+def carried_files(folder: Path) -> dict[str, Path]:
+    """The `CARRY_FILES` that ``folder`` holds: name -> the file to copy (links followed by
+    the rule of `soupkit.io.links`), in `CARRY_FILES` order.
+
+    A name that is absent is left out; a name that is present but cannot be carried is an
+    error, never silently dropped from the output.
+
+    Raises:
+        CheckpointFormatError: a carried file is a link that leaves the folder (or the cache's
+            blobs/), a dangling link, or not a regular file.
+    """
+    out: dict[str, Path] = {}
+    for name in CARRY_FILES:
+        src = folder / name
+        if not src.is_symlink() and not src.exists():
+            continue
+        target = resolve_model_file(folder, src)
+        if not target.is_file():
+            what = "a link to a missing file" if src.is_symlink() else "not a regular file"
+            raise CheckpointFormatError(
+                f"{src}: is {what} ({target}), so it cannot be carried to the output\n"
+                "hint: complete the download (a Hugging Face cache may hold only some files), "
+                "remove it, or set `tokenizer_source:` to a folder that holds it")
+        out[name] = target
+    return out
 
 
 @dataclass(frozen=True)
@@ -105,14 +136,6 @@ def _refuse_pickle(p: Path) -> UnsafeFormatError:
         "hint: convert it to safetensors, or if you trust the file opt in with "
         "--allow-pickle (it is then loaded only with torch.load(weights_only=True))"
     )
-
-
-def _inside(folder: Path, child: Path) -> bool:
-    try:
-        child.resolve().relative_to(folder.resolve())
-    except (ValueError, OSError, RuntimeError):  # not inside, NUL byte, name too long, symlink loop
-        return False
-    return True
 
 
 class _DuplicateKey(Exception):
@@ -158,13 +181,19 @@ def _shard_paths(folder: Path, idx: Path, wm: Mapping[str, str]) -> dict[str, Pa
     shards: dict[str, Path] = {}
     for fname in dict.fromkeys(wm.values()):
         shard = folder / fname
-        if ("\x00" in fname or not fname or Path(fname).is_absolute() or ".." in Path(fname).parts
-                or not _inside(folder, shard)):
+        plain = not ("\x00" in fname or not fname or Path(fname).is_absolute() or ".." in Path(fname).parts)
+        why = "" if plain else " (not a plain relative file name)"
+        if plain:
+            try:
+                resolve_model_file(folder, shard)
+            except CheckpointFormatError as e:  # the link rule's reason, first line
+                why = f": {str(e).partition(chr(10))[0]}"
+        if why:
             raise CheckpointFormatError(
-                f"{idx}: weight_map points outside the model folder: {fname!r}\n"
+                f"{idx}: weight_map points outside the model folder: {fname!r}{why}\n"
                 "hint: shard names must be plain file names inside the folder (no '..', no "
-                "absolute paths, no symlinks that lead out); a hostile index may try to read "
-                "other files"
+                "absolute paths, no symlinks that lead out except a Hugging Face cache "
+                "snapshot's into its blobs/); a hostile index may try to read other files"
             )
         if not shard.is_file():
             raise CheckpointFormatError(f"{idx}: shard {fname!r} listed in weight_map does not exist")

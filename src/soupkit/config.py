@@ -14,6 +14,7 @@ soupkit supports runs unchanged::
     dtype: float32                # inputs are cast to this before merging (optional)
     out_dtype: bfloat16           # output dtype (default: dtype, else the inputs' dtype)
     seed: 0                       # soupkit: seeds stochastic methods per tensor
+    strip_prefix: [module.]       # soupkit: removed from every tensor name that has it
 
 Instead of ``models:``, a recipe may give mergekit's ``slices:`` (layer ranges stacked into a
 new model, see `soupkit.compat.mergekit`)::
@@ -131,8 +132,22 @@ class MergeConfig(BaseModel):
     seed: StrictInt = 0
     tokenizer_source: StrictStr | None = None
     name: StrictStr | None = None
+    # soupkit: prefixes removed from every input tensor name that has them (``--strip-prefix``)
+    strip_prefix: list[StrictStr] | None = None
     # The folder of the recipe file, when loaded from one (see `resolve_model_path`).
     _recipe_dir: Path | None = PrivateAttr(default=None)
+
+    @field_validator("strip_prefix", mode="before")
+    @classmethod
+    def _one_prefix_is_a_list(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+    @field_validator("strip_prefix")
+    @classmethod
+    def _no_empty_prefix(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and any(not p for p in v):
+            raise ValueError("a prefix to strip cannot be empty")
+        return v
 
     @field_validator("models")
     @classmethod
@@ -177,7 +192,9 @@ def _loc(loc: tuple[int | str, ...]) -> str:
 def _friendly(err: Mapping[str, Any]) -> str | None:
     loc = tuple(err["loc"])
     # pydantic reports every branch of a union; keep the plain location and message.
-    loc = tuple(p for p in loc if not (isinstance(p, str) and ("[" in p or p.startswith(("list", "str", "int", "float", "bool", "function")))))
+    # (a tag is "str", "list[...]", "function-after[...]"; a key such as "strip_prefix" is kept)
+    loc = tuple(p for p in loc if not (isinstance(p, str) and ("[" in p or p in ("list", "str", "int", "float", "bool")
+                                                               or p.startswith("function"))))
     if err["type"] == "extra_forbidden":
         # The last element is the user's own key, whatever it looks like ("strength", "int8"):
         # never filter it out as if it were a union-branch tag.

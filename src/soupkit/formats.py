@@ -45,6 +45,7 @@ __all__ = [
     "KeyMap",
     "RenameRule",
     "as_state_dict",
+    "prefix_fix",
     "prefix_hint",
     "rename_checkpoint",
     "save_state_dict",
@@ -203,6 +204,40 @@ def prefix_hint(expected: Iterable[str], got: Iterable[str]) -> str | None:
         stripped = {n[len(pre):] if n.startswith(pre) else n for n in names}
         if stripped != set(names) and len(stripped & exp) >= max(1, len(exp) // 2):
             return f"--strip-prefix {pre}"
+    return None
+
+
+def prefix_fix(name_sets: Sequence[Iterable[str]]) -> list[str] | None:
+    """The ``--strip-prefix`` values that make every set of tensor names equal, or None.
+
+    Used when models' names differ: if the only difference is a wrapper prefix (``module.``,
+    ``model.``, ...), the planner says so and names the flag instead of listing every tensor.
+    The strips are applied as `KeyMap` applies them (to every name that has the prefix, in
+    every input), one prefix or two (e.g. ``module.`` on one input and ``_orig_mod.`` on
+    another); None when no such strip makes the sets equal.
+    """
+    sets = [list(dict.fromkeys(s)) for s in name_sets]
+    if len(sets) < 2 or all(set(x) == set(sets[0]) for x in sets[1:]):
+        return None
+    cands = list(dict.fromkeys([*COMMON_PREFIXES, *(p for s in sets for p in _leading_segments(s))]))
+
+    def works(prefixes: list[str]) -> bool:
+        km = KeyMap.build(strip_prefix=prefixes)
+        mapped = []
+        for s in sets:
+            m = {km(n) for n in s}
+            if len(m) != len(s) or "" in m:  # two names would collide: not a fix
+                return False
+            mapped.append(m)
+        return all(m == mapped[0] for m in mapped[1:])
+
+    for p in cands:
+        if works([p]):
+            return [p]
+    for p in cands:
+        for q in cands:
+            if p != q and works([p, q]):
+                return [p, q]
     return None
 
 

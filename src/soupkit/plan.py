@@ -24,7 +24,7 @@ from soupkit import methods
 from soupkit._sizes import BATCH_ENTRIES, COMPUTE_ELEMS, OUTPUT_BUFFERS, RNG_BLOCK, compute_threads, stream_threads
 from soupkit.config import Conditional, MergeConfig, ParamValue
 from soupkit.errors import CheckpointFormatError, ConfigError, PlanError, SoupError, UnknownMethodError
-from soupkit.formats import KeyMap, rename_checkpoint
+from soupkit.formats import KeyMap, prefix_fix, rename_checkpoint
 from soupkit.global_trim import check_global_trim, global_trim_notes
 from soupkit.io.checkpoint import CARRY_FILES, Checkpoint, carried_files, open_checkpoint
 from soupkit.io.header import DTYPES, TensorInfo
@@ -311,7 +311,7 @@ def plan_recipe(
     ``allow_pickle`` accepts PyTorch pickle checkpoints (loaded only with
     ``torch.load(weights_only=True)``); without it they are refused with `UnsafeFormatError`.
     ``key_map`` renames every input's tensors first (`soupkit.formats.KeyMap`: prefix strips
-    and regex renames). Recipes with mergekit ``slices`` are planned by
+    and regex renames), after the recipe's own ``strip_prefix:``. Recipes with mergekit ``slices`` are planned by
     `soupkit.compat.mergekit.plan_slices`.
 
     Raises:
@@ -319,6 +319,8 @@ def plan_recipe(
         PlanError: the checkpoints cannot be merged; lists every problem found.
     """
     problems: list[str] = []
+    if cfg.strip_prefix:  # the recipe's strips first, then the caller's renames
+        key_map = KeyMap(KeyMap.build(strip_prefix=cfg.strip_prefix).rules + (key_map.rules if key_map else ()))
     if cfg.slices or (cfg.merge_method == "passthrough" and "passthrough" not in methods.REGISTRY):
         from soupkit.compat.mergekit import plan_slices  # imports this module
 
@@ -420,6 +422,11 @@ def make_plan(
     uses_base = spec.needs_base
     cast_all = cfg.dtype is not None
 
+    # 0. names that differ only by a wrapper prefix: one problem that names the fix
+    prefix_problem = _prefix_problem(ref, [*ckpts, *([base] if base is not None and base is not ref else [])])
+    if prefix_problem is not None:
+        raise PlanError([prefix_problem])
+
     # 1. every input has every reference tensor, with the same shape and kind of dtype
     for m in ckpts + ([base] if base is not None and base is not ref else []):
         extra = [k for k in m.tensors if k not in ref.tensors]
@@ -518,6 +525,26 @@ def make_plan(
         filter_counts=filter_counts, notes=tuple(notes),
         carry_files=carried_files(carry) if carry is not None else {},
     )
+
+
+def _prefix_problem(ref: Checkpoint, others: Sequence[Checkpoint]) -> str | None:
+    """One problem for inputs whose tensor names differ from ``ref``'s only by a prefix that
+    ``--strip-prefix`` removes (instead of one problem per tensor), or None."""
+    differ = [m for m in others if m.tensors.keys() != ref.tensors.keys()]
+    if not differ:
+        return None
+    fix = prefix_fix([ref.tensors, *(m.tensors for m in differ)])
+    if fix is None:
+        return None
+    km = KeyMap.build(strip_prefix=fix)
+    first = next(iter(ref.tensors))
+    rows = [f"      {m.label:<30} {next((n for n in m.tensors if km(n) == km(first)), '?')!r}"
+            for m in [ref, *differ]]
+    flags = " ".join(f"--strip-prefix {p}" for p in fix)
+    return (f"the models' tensor names differ only by a prefix ({', '.join(repr(p) for p in fix)}); "
+            f"the same tensor is named:\n" + "\n".join(rows) + "\n"
+            f"    hint: add {flags} (recipe key: `strip_prefix: [{', '.join(fix)}]`), which removes "
+            "it from every name that has it")
 
 
 def _carry_source(cfg: MergeConfig, base: Checkpoint | None, models: Sequence[Checkpoint]) -> Path | None:

@@ -93,6 +93,10 @@ def _progress_bar(total: int, enabled: bool | None, desc: str) -> Any:
                 disable=disable, dynamic_ncols=True, leave=False)
 
 
+def _at_commit(c: Checkpoint) -> str:
+    return f" (Hub commit `{c.hub.commit}`)" if c.hub is not None else ""
+
+
 def _model_card(p: MergePlan) -> str:
     from soupkit.compat.hf import card_front_matter, render_card
 
@@ -108,8 +112,8 @@ def _model_card(p: MergePlan) -> str:
         "",
         "## Inputs",
         "",
-        *([f"- base: `{p.base.label}`"] if p.base is not None else []),
-        *[f"- `{m.label}`" for m in p.models],
+        *([f"- base: `{p.base.label}`{_at_commit(p.base)}"] if p.base is not None else []),
+        *[f"- `{m.label}`{_at_commit(m)}" for m in p.models],
         "",
         "## Recipe",
         "",
@@ -132,6 +136,10 @@ def _report(p: MergePlan, stats: RunStats, out: Path, *, input_hashes: Mapping[P
                  **({"sha256": ih[f]} if f in ih else {}),
                  **({"sha256_from_cache": True} if f in hashes_from_cache else {})} for f in c.files]
 
+    def entry(c: Checkpoint) -> dict[str, Any]:
+        # a model named by Hub id: the commit it resolved to and the Hub's ETag of every file used
+        return {"label": c.label, "files": files(c), **({"hub": c.hub.to_json()} if c.hub is not None else {})}
+
     return {
         "soupkit_version": __version__,
         "torch_version": torch.__version__,
@@ -139,8 +147,8 @@ def _report(p: MergePlan, stats: RunStats, out: Path, *, input_hashes: Mapping[P
         "recipe": p.config.model_dump(mode="json", exclude_none=True),
         "method": {"name": p.method.name, "paper": p.method.paper},
         "inputs": {
-            "base": ({"label": p.base.label, "files": files(p.base)} if p.base is not None else None),
-            "models": [{"label": m.label, "files": files(m)} for m in p.models],
+            "base": entry(p.base) if p.base is not None else None,
+            "models": [entry(m) for m in p.models],
         },
         "inputs_hashed": bool(ih),
         "outputs": [{"file": s.filename, "bytes": s.size, "tensors": len(s.tensors),

@@ -7,7 +7,7 @@ written out here so a single-input card, e.g. a folded LoRA, is not mistaken for
 Only names that are Hub ids (``owner/name``) are listed, as mergekit does: a local path such
 as ``./ft-a`` is not a valid ``base_model`` and would make the Hub reject the metadata. A
 path into the Hugging Face cache (``.../models--owner--name/snapshots/<sha>``) is recognised
-as its Hub id. soupkit never asks the network whether an id exists.
+as its Hub id. Writing the card never asks the network whether an id exists.
 """
 
 from __future__ import annotations
@@ -18,25 +18,25 @@ from typing import Any
 
 import yaml
 
+from soupkit.io.hub import parse_hub_ref
+
 __all__ = ["card_front_matter", "hub_id", "render_card"]
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _CACHE = re.compile(r"models--([A-Za-z0-9][A-Za-z0-9_.-]*)--([A-Za-z0-9][A-Za-z0-9_.-]*)(?:/snapshots/[0-9a-f]+)?/?$")
 
 
 def hub_id(name: str) -> str | None:
     """The Hub id a model reference names, or None for a plain local path.
 
-    ``"meta-llama/Llama-3.1-8B"`` -> itself; ``"~/.cache/huggingface/hub/models--org--m/
+    ``"meta-llama/Llama-3.1-8B"`` (or ``...@main``) -> ``"meta-llama/Llama-3.1-8B"``; ``"~/.cache/huggingface/hub/models--org--m/
     snapshots/abc"`` -> ``"org/m"``; ``"./ft-a"``, ``"/data/ft"``, ``"ft-a"`` -> None.
     """
     text = name.strip()
     m = _CACHE.search(text)
     if m:
         return f"{m.group(1)}/{m.group(2)}"
-    if text.startswith((".", "/", "~")) or text.count("/") != 1 or ".." in text:
-        return None
-    return text if _HUB_ID.match(text) and not text.endswith((".safetensors", ".bin", ".pt", ".ckpt")) else None
+    ref = parse_hub_ref(text)  # "owner/name@revision" names the model owner/name
+    return ref[0] if ref is not None else None
 
 
 def card_front_matter(

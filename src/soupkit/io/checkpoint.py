@@ -33,6 +33,7 @@ import torch
 
 from soupkit.errors import CheckpointFormatError, UnsafeFormatError
 from soupkit.io.header import TensorInfo, dtype_code, read_safetensors_header
+from soupkit.io.hub import HubSource, parse_hub_ref, resolve_hub_model
 from soupkit.io.links import resolve_model_file
 from soupkit.io.pickle_ckpt import load_pickle_state_dict
 
@@ -111,6 +112,7 @@ class Checkpoint:
         files: the safetensors files that hold its tensors.
         tensors: tensor name -> `TensorInfo`, in storage order.
         notes: things a user should know about how it was read (e.g. a Lightning nesting).
+        hub: for a model named by Hub id, the revision and files it resolved to.
     """
 
     label: str
@@ -119,6 +121,7 @@ class Checkpoint:
     files: tuple[Path, ...]
     tensors: dict[str, TensorInfo] = field(repr=False)
     notes: tuple[str, ...] = ()
+    hub: HubSource | None = None
 
     @property
     def nbytes(self) -> int:
@@ -279,13 +282,17 @@ def open_checkpoint(
     """Resolve ``path`` into a `Checkpoint`, reading and validating headers only.
 
     Args:
-        path: a ``.safetensors`` file, or a model folder (single file or sharded with an index).
+        path: a ``.safetensors`` file, or a model folder (single file or sharded with an index),
+            or a Hub id (``owner/name[@revision]``) that is not a local path (see
+            `soupkit.io.hub`: cache first, downloaded unless ``HF_HUB_OFFLINE`` is set).
         label: how error messages name this model (default: the path as given).
         allow_pickle: accept PyTorch pickle checkpoints, loaded only through
             ``torch.load(weights_only=True)`` into memory-mapped in-memory tensors.
 
     Raises:
-        CheckpointFormatError: the path does not exist, holds no checkpoint, or is malformed.
+        CheckpointFormatError: the path does not exist (nor resolves as a Hub id), holds no
+            checkpoint, or is malformed.
+        UsageError: a Hub id without huggingface_hub installed (the ``hub`` extra).
         UnsafeFormatError: the path is a pickle checkpoint and ``allow_pickle`` is false, or
             the pickle holds more than a plain state dict.
     """
@@ -294,11 +301,13 @@ def open_checkpoint(
     if "\x00" in str(path):
         raise CheckpointFormatError(f"{lab!r}: a path cannot contain a NUL byte")
     if not p.exists():
-        hint = ""
-        if not str(path).startswith((".", "/")) and str(path).count("/") == 1:
-            hint = ("\nhint: this looks like a hub model id; soupkit works offline and never "
-                    "downloads: download it first (e.g. `huggingface-cli download ...`) and give the folder")
-        raise CheckpointFormatError(f"{lab}: no such file or folder{hint}")
+        ref = parse_hub_ref(str(path))
+        if ref is None:
+            raise CheckpointFormatError(f"{lab}: no such file or folder")
+        # not a local path but a Hub id: the cache's snapshot (downloaded if allowed), opened as a folder
+        folder, src = resolve_hub_model(*ref, label=lab)
+        ck = open_checkpoint(folder, label=lab)
+        return dataclasses.replace(ck, notes=(*ck.notes, src.note(lab)), hub=src)
     if p.is_file():
         if p.suffix in PICKLE_SUFFIXES:
             if not allow_pickle:

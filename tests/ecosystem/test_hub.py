@@ -175,6 +175,10 @@ def test_plan_and_python_api_with_a_tag(tmp_path: Path, hub: Hub) -> None:
 
     out = load_file(tmp_path / "api" / "model.safetensors")
     assert all(bool((out[k] == v).all()) for k, v in llama_state(3).items())  # v0's weights, not main's
+    ins = soupkit_cli(["inspect", "org/tiny-b@v0"], home, None, offline=True, cwd=tmp_path)
+    assert ins.returncode == 0, ins.stderr
+    assert "org/tiny-b@v0: 39 tensors in 1 file(s)" in ins.stdout
+    assert f"note: org/tiny-b@v0: Hub model org/tiny-b at commit {v0}, from the Hugging Face cache" in ins.stdout
 
 
 def test_offline_and_not_cached(tmp_path: Path) -> None:

@@ -120,8 +120,18 @@ class Hub:
             headers["X-Repo-Commit"] = commit
         self._send(h, 404, json.dumps({"error": code}).encode(), headers, send_body)
 
-    def _commit(self, repo: Repo, rev: str) -> str | None:
-        return repo.refs.get(rev) or (rev if rev in repo.commits else None)
+    def _lookup(self, h: BaseHTTPRequestHandler, repo_id: str, rev: str,
+                send_body: bool) -> tuple[str, dict[str, bytes]] | None:
+        """The commit and files of ``repo_id`` at ``rev``; None after answering the Hub's 404."""
+        repo = self.repos.get(repo_id)
+        if repo is None:
+            self._error(h, "RepoNotFound", send_body)
+            return None
+        sha = repo.refs.get(rev) or (rev if rev in repo.commits else None)
+        if sha is None:
+            self._error(h, "RevisionNotFound", send_body)
+            return None
+        return sha, repo.commits[sha]
 
     def _handle(self, h: BaseHTTPRequestHandler, body: bool) -> None:
         url = urlsplit(h.path)
@@ -130,13 +140,10 @@ class Hub:
         parts = path.strip("/").split("/")
         if parts[:2] == ["api", "models"] and len(parts) >= 6 and parts[4] in ("revision", "tree"):
             repo_id, kind, rev = "/".join(parts[2:4]), parts[4], "/".join(parts[5:])
-            repo = self.repos.get(repo_id)
-            if repo is None:
-                return self._error(h, "RepoNotFound", body)
-            sha = self._commit(repo, rev)
-            if sha is None:
-                return self._error(h, "RevisionNotFound", body)
-            files = repo.commits[sha]
+            found = self._lookup(h, repo_id, rev, body)
+            if found is None:
+                return None
+            sha, files = found
             if kind == "revision":
                 doc: object = {"id": repo_id, "sha": sha, "siblings": [{"rfilename": n} for n in files]}
             else:
@@ -146,13 +153,11 @@ class Hub:
             return self._send(h, 200, json.dumps(doc).encode(), {"Content-Type": "application/json"}, body)
         if len(parts) >= 5 and parts[2] == "resolve":
             repo_id, rev, name = "/".join(parts[:2]), parts[3], "/".join(parts[4:])
-            repo = self.repos.get(repo_id)
-            if repo is None:
-                return self._error(h, "RepoNotFound", body)
-            sha = self._commit(repo, rev)
-            if sha is None:
-                return self._error(h, "RevisionNotFound", body)
-            data = repo.commits[sha].get(name)
+            found = self._lookup(h, repo_id, rev, body)
+            if found is None:
+                return None
+            sha, files = found
+            data = files.get(name)
             if data is None:
                 return self._error(h, "EntryNotFound", body, commit=sha)
             headers = {"X-Repo-Commit": sha, "ETag": f'"{git_blob_id(data)}"',

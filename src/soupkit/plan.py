@@ -311,8 +311,8 @@ def plan_recipe(
     ``allow_pickle`` accepts PyTorch pickle checkpoints (loaded only with
     ``torch.load(weights_only=True)``); without it they are refused with `UnsafeFormatError`.
     ``key_map`` renames every input's tensors first (`soupkit.formats.KeyMap`: prefix strips
-    and regex renames), after the recipe's own ``strip_prefix:``. Recipes with mergekit ``slices`` are planned by
-    `soupkit.compat.mergekit.plan_slices`.
+    and regex renames), after the recipe's own ``strip_prefix:``. Recipes with mergekit
+    ``slices`` are planned by `soupkit.compat.mergekit.plan_slices`.
 
     Raises:
         ConfigError: the recipe is inconsistent with its method (unknown parameters, no base).

@@ -22,7 +22,7 @@ from pydantic import ValidationError
 
 from soupkit import methods
 from soupkit._sizes import BATCH_ENTRIES, COMPUTE_ELEMS, OUTPUT_BUFFERS, RNG_BLOCK, compute_threads, stream_threads
-from soupkit.config import Conditional, MergeConfig, ParamValue
+from soupkit.config import Conditional, MergeConfig, ModelEntry, ParamValue
 from soupkit.errors import CheckpointFormatError, ConfigError, PlanError, SoupError, UnknownMethodError
 from soupkit.formats import KeyMap, rename_checkpoint
 from soupkit.global_trim import check_global_trim, global_trim_notes
@@ -394,7 +394,11 @@ def make_plan(
 
     notes: list[str] = [n for c in (*models, *([base] if base is not None else [])) for n in c.notes]
     entries = list(zip(cfg.models, models))
-    if spec.needs_base and base is not None:
+    if spec.base_as_input and base is not None and not any(_same_file(m, base) for m in models):
+        # As mergekit does: the base joins the inputs after the models when it is not listed
+        entries.append((ModelEntry(model=cfg.base_model or "base"), base))
+    uses_base = spec.needs_base or (spec.optional_base and base is not None)
+    if uses_base and base is not None:
         # As mergekit does: the base listed among the models is the base, not one more model
         # (a zero task vector; slerp's and wise_ft's t = 0 end; model_stock's anchor); drop it.
         kept = [(e, m) for e, m in entries if not _same_file(m, base)]
@@ -415,7 +419,6 @@ def make_plan(
     ckpts = [m for _, m in entries]
     ref = base if base is not None else ckpts[0]
     # Methods that do not use a base (linear) only take config/tokenizer files from it.
-    uses_base = spec.needs_base
     cast_all = cfg.dtype is not None
 
     # 1. every input has every reference tensor, with the same shape and kind of dtype

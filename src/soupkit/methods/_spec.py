@@ -82,6 +82,13 @@ class MethodSpec:
         paper: link to the paper that defines the method.
         summary: one line for ``soupkit methods``.
         needs_base: the recipe must name a ``base_model``.
+        optional_base: the method uses the base when the recipe names one and works without
+            it (mergekit's ``BasePolicy.OPTIONAL``: ``nuslerp``, ``multislerp``); it gets
+            ``base=None`` when there is none.
+        base_as_input: the base is one more input, not an anchor (mergekit's ``karcher`` averages
+            every input it is given, base included): the engine lists it among ``tensors`` in
+            mergekit's order (where the recipe lists it, else after the models) and passes
+            ``base=None``.
         elementwise: output element j depends only on input elements j, so the engine may run
             the method on chunks of a tensor (bounded memory). False for methods with a
             per-tensor statistic (top-k thresholds, norms, angles).
@@ -105,6 +112,8 @@ class MethodSpec:
     paper: str
     summary: str
     needs_base: bool = False
+    optional_base: bool = False
+    base_as_input: bool = False
     elementwise: bool = True
     stochastic: bool = False
     min_models: int = 1

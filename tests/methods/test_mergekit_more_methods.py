@@ -171,6 +171,14 @@ RECIPES: dict[str, dict[str, Any]] = {
     "multislerp": {"merge_method": "multislerp", "base_model": "./base", "dtype": "float32", "models": [
         {"model": "./ft0", "parameters": {"weight": 1.0}}, {"model": "./ft1", "parameters": {"weight": 0.5}},
         {"model": "./ft2", "parameters": {"weight": 0.7}}]},
+    "nuslerp_slices": {"merge_method": "nuslerp", "base_model": "./base", "dtype": "float32", "slices": [
+        {"sources": [{"model": "./ft0", "layer_range": [0, 3], "parameters": {"weight": 0.3}},
+                     {"model": "./base", "layer_range": [0, 3]},
+                     {"model": "./ft1", "layer_range": [0, 3], "parameters": {"weight": 0.7}}]}]},
+    "karcher_slices": {"merge_method": "karcher", "base_model": "./base", "dtype": "float32", "slices": [
+        {"sources": [{"model": "./ft0", "layer_range": [0, 2]}, {"model": "./ft2", "layer_range": [0, 2]},
+                     {"model": "./base", "layer_range": [0, 2]}]},
+        {"sources": [{"model": "./ft1", "layer_range": [2, 3]}, {"model": "./base", "layer_range": [2, 3]}]}]},
     "karcher": {"merge_method": "karcher", "base_model": "./base", "dtype": "float32",
                 "models": [{"model": "./ft0"}, {"model": "./ft1"}, {"model": "./ft2"}]},
     "karcher_listed": {"merge_method": "karcher", "base_model": "./base", "dtype": "float32",

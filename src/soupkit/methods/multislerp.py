@@ -15,6 +15,10 @@ antipodal tensors of equal weight), two models fall back to the weighted sum
 ``w_0 v_0 + w_1 v_1``; with three or more the tensor cannot be merged and the merge stops with
 an error naming it (as mergekit does).
 
+Deviation: when every input (every task vector, with a base) is zero, e.g. a tensor no
+fine-tune changed, three or more models give that zero (the base with a base_model) where
+mergekit 0.1.5 stops with its antipodal error; every result mergekit does produce is matched.
+
 Anchor: mergekit 0.1.5 ``multislerp`` (parameters ``weight`` per model, required;
 ``normalize_weights``; ``eps``), the same operations in the same order, in the dtype of the
 tensors given, so a bfloat16 run matches mergekit's bfloat16 run bit for bit.
@@ -95,6 +99,10 @@ def multislerp(
     mean = (units * weights.view(-1, 1)).sum(0)
     mean_norm = torch.norm(mean)
     if mean_norm < eps:
+        if stacked.shape[0] != 2 and not norms.any():
+            # every input is zero (a tensor no fine-tune changed): mergekit stops; the mean is 0
+            out = stacked[0].clone()
+            return out + base if base is not None else out
         if stacked.shape[0] != 2:
             raise MethodInputError(
                 f"multislerp: the weighted mean direction of the {stacked.shape[0]} models is zero "

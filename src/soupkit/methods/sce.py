@@ -16,7 +16,9 @@ Anchor: mergekit 0.1.5 ``sce`` (``select_topk`` = 1, ``int8_mask`` = false), the
 operations in the same order, in the dtype of the tensors given, and the same choice among
 equal variances (torch.topk's), so a bfloat16 run matches mergekit's bfloat16 run bit for bit.
 ``int8_mask`` is accepted; it only changes the dtype of mergekit's masks, never the result.
-Note that an entry whose sign is 0 is erased unless the elected sign of its column is also 0,
+Because the selection ranks entries by their variance *across* models, entries on which all
+models agree exactly (variance 0) are never selected: with ``select_topk < 1``, identical
+models give the base. Note that an entry whose sign is 0 is erased unless the elected sign of its column is also 0,
 which never happens (0 counts as +), as in mergekit.
 """
 

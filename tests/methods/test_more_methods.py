@@ -225,12 +225,12 @@ def _models(tmp_path: Path, n: int) -> tuple[Path, list[Path]]:
 
 
 @pytest.mark.parametrize("method", ["nuslerp", "multislerp"])
-def test_weight_is_required_as_in_mergekit(method: str, tmp_path: Path) -> None:
+def test_weight_defaults_to_one(method: str, tmp_path: Path) -> None:
+    # mergekit requires `weight` here; soupkit, as for every weight, defaults it to 1.0
     base, fts = _models(tmp_path, 2)
-    recipe = {"merge_method": method, "base_model": str(base),
-              "models": [{"model": str(fts[0]), "parameters": {"weight": 0.5}}, {"model": str(fts[1])}]}
-    with pytest.raises(soupkit.ConfigError, match=f"{method} needs a `weight` for each"):
-        soupkit.plan(recipe)
+    models = [{"model": str(f)} for f in fts]
+    plan = soupkit.plan({"merge_method": method, "base_model": str(base), "models": models})
+    assert {j.params.weight for j in plan.jobs if not j.is_copy} == {(1.0, 1.0)}
 
 
 def test_nearswap_needs_t(tmp_path: Path) -> None:

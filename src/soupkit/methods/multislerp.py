@@ -19,7 +19,7 @@ Deviation: when every input (every task vector, with a base) is zero, e.g. a ten
 fine-tune changed, three or more models give that zero (the base with a base_model) where
 mergekit 0.1.5 stops with its antipodal error; every result mergekit does produce is matched.
 
-Anchor: mergekit 0.1.5 ``multislerp`` (parameters ``weight`` per model, required;
+Anchor: mergekit 0.1.5 ``multislerp`` (parameters ``weight`` per model, required by mergekit, default 1.0 here;
 ``normalize_weights``; ``eps``), the same operations in the same order, in the dtype of the
 tensors given, so a bfloat16 run matches mergekit's bfloat16 run bit for bit.
 """
@@ -41,23 +41,16 @@ class MultislerpParams(Params):
     """Parameters of `multislerp`.
 
     Attributes:
-        weight: per model, its weight (required, as in mergekit).
+        weight: per model, its weight (default 1.0).
         normalize_weights: divide the weights by their sum (default true).
         eps: the small constant added to the norms (default 1e-8).
     """
 
-    per_model: ClassVar[dict[str, Any]] = {"weight": None}
+    per_model: ClassVar[dict[str, Any]] = {"weight": 1.0}
     weight: tuple[float, ...]
     normalize_weights: bool = True
     eps: float = Field(1e-8, ge=0)
 
-    @model_validator(mode="before")
-    @classmethod
-    def _weights_given(cls, data: Any) -> Any:
-        if isinstance(data, dict) and any(w is None for w in data.get("weight") or ()):
-            raise ValueError("multislerp needs a `weight` for each model (mergekit requires it "
-                             "too); e.g. weight: 1.0 under each model's parameters")
-        return data
 
     @model_validator(mode="after")
     def _nonzero_total(self) -> MultislerpParams:

@@ -10,8 +10,8 @@
 
 Shoemake, "Animating rotation with quaternion curves", SIGGRAPH 1985 (reference:
 https://en.wikipedia.org/wiki/Slerp); mergekit's "NuSLERP" generalises its `slerp` in three
-ways, all kept here: the position comes from two per-model ``weight`` values (required, as in
-mergekit), the interpolation may run on task vectors around a ``base_model`` (optional), and
+ways, all kept here: the position comes from two per-model ``weight`` values (mergekit
+requires them; soupkit's default is 1.0, i.e. t = 0.5, as for every weight), the interpolation may run on task vectors around a ``base_model`` (optional), and
 the sphere may be per row or per column instead of the whole tensor. ``nuslerp_flatten``
 (default true) treats the tensor as one vector; with ``nuslerp_flatten: false`` each row of
 the last axis is its own vector, or each column with ``nuslerp_row_wise: true`` (that is
@@ -29,7 +29,6 @@ from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
-from pydantic import model_validator
 
 from soupkit.methods import method
 from soupkit.methods._spec import Params
@@ -42,23 +41,16 @@ class NuslerpParams(Params):
     """Parameters of `nuslerp`.
 
     Attributes:
-        weight: per model, its weight; ``t = w_1 / (w_0 + w_1)`` (required, as in mergekit).
+        weight: per model, its weight; ``t = w_1 / (w_0 + w_1)`` (default 1.0).
         nuslerp_row_wise: one sphere per column (norms along axis 0) instead of per row.
         nuslerp_flatten: one sphere for the whole tensor (default true; overrides row_wise).
     """
 
-    per_model: ClassVar[dict[str, Any]] = {"weight": None}
+    per_model: ClassVar[dict[str, Any]] = {"weight": 1.0}
     weight: tuple[float, ...]
     nuslerp_row_wise: bool = False
     nuslerp_flatten: bool = True
 
-    @model_validator(mode="before")
-    @classmethod
-    def _weights_given(cls, data: Any) -> Any:
-        if isinstance(data, dict) and any(w is None for w in data.get("weight") or ()):
-            raise ValueError("nuslerp needs a `weight` for each of its two models (mergekit "
-                             "requires it too); e.g. weight: 0.5 under each model's parameters")
-        return data
 
 
 def slerp_vectors(t: float, v0: torch.Tensor, v1: torch.Tensor, *, dim: int = -1,

@@ -33,7 +33,8 @@ slice), and pre / post weights use ``t = 0``. ``filter`` matches the *output* te
 tensor) takes one source per slice; with ``models:`` it takes one model and copies it whole.
 Other methods take several sources per slice; a method that uses a base needs the base (the
 slice's ``base_model`` or the recipe's) among the slice's sources, as mergekit does, and then
-uses that source as the base only (as `soupkit.plan` does for ``models:``).
+uses that source as the base only (as `soupkit.plan` does for ``models:``). A method whose base
+is optional (``nuslerp``, ``multislerp``) does so only when the slice or recipe names a base.
 """
 
 from __future__ import annotations

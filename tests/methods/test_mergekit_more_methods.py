@@ -233,3 +233,31 @@ def test_recipe_bit_identical_to_mergekit(
     sk, mk = recipe_outputs[name]
     assert sk.keys() == mk.keys()
     assert [k for k in sk if not bits_equal(sk[k], mk[k])] == []
+
+
+def test_mergekit_writes_float32_for_methods_that_promote(tmp_path: Path) -> None:
+    """arcee_fusion and ramplus_tl return float32 for bfloat16 inputs (a float32 mask / scale);
+    with no ``out_dtype`` mergekit 0.1.5 writes that float32 tensor while config.json says
+    bfloat16. soupkit writes ``dtype`` (docs/mergekit.md, "Output dtype")."""
+    g = torch.Generator().manual_seed(2)
+    shapes = _shapes()
+    base = {k: (torch.randn(s, generator=g) * 0.2).bfloat16() for k, s in shapes.items()}
+    ft = {k: (v.float() + 0.05 * torch.randn(v.shape, generator=g)).bfloat16() for k, v in base.items()}
+    _write(tmp_path / "base", base)
+    _write(tmp_path / "ft", ft)
+    jobs = []
+    for m in ("arcee_fusion", "ramplus_tl"):
+        recipe = {"merge_method": m, "base_model": "./base", "dtype": "bfloat16", "models": [{"model": "./ft"}]}
+        (tmp_path / f"{m}.yaml").write_text(yaml.safe_dump(recipe))
+        jobs.append([str(tmp_path / f"{m}.yaml"), str(tmp_path / f"mk_{m}")])
+    proc = subprocess.run([str(MERGEKIT_PY), "-c", RUNNER, json.dumps(jobs)], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for m in ("arcee_fusion", "ramplus_tl"):
+        theirs = load_file(str(tmp_path / f"mk_{m}" / "model.safetensors"))
+        assert {v.dtype for v in theirs.values()} == {torch.float32}
+        with pytest.MonkeyPatch.context() as mp:
+            mp.chdir(tmp_path)
+            soupkit.merge(tmp_path / f"{m}.yaml", tmp_path / f"sk_{m}", progress=False, hash_inputs=False)
+        ours = load_file(str(tmp_path / f"sk_{m}" / "model.safetensors"))
+        assert {v.dtype for v in ours.values()} == {torch.bfloat16}

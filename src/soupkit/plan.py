@@ -107,7 +107,8 @@ class MergePlan:
 
         Per tensor: two raw read units in flight (the one computed and the one read ahead), the
         pooled output buffers, the float32 working set of one compute piece per compute thread
-        (each input's copy and the method's temporaries, about two per input), plus TIES's
+        (each input's copy and the method's temporaries, about two per input; a method that
+        needs whole tensors declares its own count, `MethodSpec.work_per_input`), plus TIES's
         radix-select batches per thread; a method that needs whole tensors holds one tensor's
         raw inputs alone, their float32 copies, temporaries and the output. Plus the buffer of
         the shard writer's direct writes.
@@ -126,7 +127,7 @@ class MergePlan:
             k = len(j.inputs) + (1 if j.base is not None else 0)
             raw = sum(t.itemsize for t in j.inputs) + (j.base.itemsize if j.base is not None else 0)
             if spec.streams_whole_tensors:
-                need = j.numel * (raw + 4 * (2 * k + 1) + out)
+                need = j.numel * (raw + 4 * (spec.work_per_input * k + 1) + out)
             else:
                 n = min(j.numel, max(self.chunk_elems, workers * RNG_BLOCK) if stochastic else self.chunk_elems)
                 piece = min(n, RNG_BLOCK if stochastic else COMPUTE_ELEMS)

@@ -33,6 +33,7 @@ def method(
     base_as_input: bool = False,
     elementwise: bool = True,
     stochastic: bool = False,
+    work_per_input: int = 2,
     min_models: int = 1,
     max_models: int | None = None,
     aliases: tuple[str, ...] = (),
@@ -64,7 +65,7 @@ def method(
         spec = MethodSpec(
             name=name, fn=fn, params=params, kind=kind, paper=paper, summary=summary,
             needs_base=needs_base, optional_base=optional_base, base_as_input=base_as_input,
-            elementwise=elementwise, stochastic=stochastic,
+            elementwise=elementwise, stochastic=stochastic, work_per_input=work_per_input,
             min_models=min_models, max_models=max_models, aliases=aliases,
             global_trim=global_trim, tensor_trim=tensor_trim,
         )

@@ -94,6 +94,9 @@ class MethodSpec:
             per-tensor statistic (top-k thresholds, norms, angles).
         stochastic: the method draws random numbers; the engine passes a ``torch.Generator``
             seeded from (recipe seed, tensor name).
+        work_per_input: float32 working tensors per input (of the tensor's size) the method
+            holds at its peak, copies included; the plan's memory estimate uses it (2 fits
+            most methods; those that stack and mask their inputs hold more).
         min_models: fewest input models (not counting the base) the method accepts.
         max_models: most input models, or None for no limit.
         global_trim: for methods that can trim each model's task vector by magnitude over all
@@ -116,6 +119,7 @@ class MethodSpec:
     base_as_input: bool = False
     elementwise: bool = True
     stochastic: bool = False
+    work_per_input: int = 2
     min_models: int = 1
     max_models: int | None = None
     aliases: tuple[str, ...] = field(default=())

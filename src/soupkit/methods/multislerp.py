@@ -68,6 +68,7 @@ class MultislerpParams(Params):
     summary="barycentric spherical interpolation of N models (tangent space of their mean)",
     optional_base=True,
     elementwise=False,
+    work_per_input=5,  # stacked copies, masks and products, as mergekit forms them
 )
 def multislerp(
     tensors: Sequence[torch.Tensor],

@@ -84,6 +84,7 @@ def slerp_vectors(t: float, v0: torch.Tensor, v1: torch.Tensor, *, dim: int = -1
     summary="spherical interpolation of two models by weight, optionally of task vectors around base_model",
     optional_base=True,
     elementwise=False,
+    work_per_input=3,  # stacked copies, masks and products, as mergekit forms them
     min_models=2,
     max_models=2,
 )

@@ -98,6 +98,7 @@ def ram(
     summary="RAM+ (tensor-local): RAM with each model's unique entries rescaled by its overlap ratio",
     needs_base=True,
     elementwise=False,
+    work_per_input=6,  # stacked copies, masks and products, as mergekit forms them
 )
 def ramplus_tl(
     deltas: Sequence[torch.Tensor],

@@ -80,6 +80,7 @@ def energy_weights(tvs: torch.Tensor) -> torch.Tensor:
     summary="SCE (FuseChat): variance top-k select, energy weights, sign-consensus erase",
     needs_base=True,
     elementwise=False,
+    work_per_input=5,  # stacked copies, masks and products, as mergekit forms them
 )
 def sce(
     deltas: Sequence[torch.Tensor],

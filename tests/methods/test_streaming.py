@@ -65,7 +65,6 @@ def test_every_registered_method_is_covered() -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("method", sorted(CASES))
 def test_stream_equals_memory_equals_pure_function(method: str, dtype: torch.dtype, tmp_path: Path) -> None:
-    spec = methods.get(method)
     _, parameters, per_model = CASES[method]
     base, fts, recipe = case(method, tmp_path, base_state(1, dtype))
     streamed = soupkit.merge(recipe, tmp_path / "out", progress=False, chunk_elems=7, hash_inputs=False)

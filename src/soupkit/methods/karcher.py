@@ -27,6 +27,7 @@ lists it among the models, else after them), not an anchor.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 from pydantic import Field
@@ -59,7 +60,7 @@ def karcher_mean(tensors: Sequence[torch.Tensor], alphas: Sequence[float], *, ma
     units = [torch.zeros_like(t) if n.item() == 0.0 else (t / n).to(t.dtype) for t, n in zip(tensors, norms)]
     valid = [i for i, n in enumerate(norms) if n.item() > tol]
     if not valid:
-        return sum(t * 0 for t in tensors)  # type: ignore[return-value]
+        return cast(torch.Tensor, sum(t * 0 for t in tensors))  # Python's sum, as mergekit (0 + -0.0 = 0.0)
     total = sum(alphas[i] for i in valid)
     weights = [alphas[i] / total for i in valid]
     dirs = [units[i] for i in valid]
@@ -86,8 +87,8 @@ def karcher_mean(tensors: Sequence[torch.Tensor], alphas: Sequence[float], *, ma
         if unit_norm.item() > tol:
             mean = (mean / unit_norm).to(mean.dtype)
 
-    scale = sum(a * n for a, n in zip(alphas, norms))
-    return scale * mean  # type: ignore[return-value]
+    scale = cast(torch.Tensor, sum(a * n for a, n in zip(alphas, norms)))
+    return scale * mean
 
 
 @method(

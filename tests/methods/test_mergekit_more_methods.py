@@ -18,14 +18,12 @@ from typing import Any
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file, save_file
 
-import soupkit
 from soupkit import methods
 
 from .helpers import bits_equal
-from .test_mergekit_methods import MERGEKIT_PY, RUNNER, _shapes, _write
+from .test_mergekit_methods import MERGEKIT_PY, _shapes, _write, merge_both
 
 pytestmark = pytest.mark.skipif(not MERGEKIT_PY.is_file(),
                                 reason="the mergekit reference venv benchmarks/.venv-mergekit is absent")
@@ -210,21 +208,7 @@ def recipe_outputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[
         # sparse updates of two sizes: RAM's epsilon and NearSwap's t fall between them
         _write(root / f"ft{i}", {k: base[k] + torch.randn(s, generator=g) * (torch.rand(s, generator=g) < 0.5)
                                  * torch.where(torch.rand(s, generator=g) < 0.5, 0.01, 0.05) for k, s in shapes.items()})
-    jobs = []
-    for name, recipe in RECIPES.items():
-        (root / f"{name}.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
-        jobs.append([str(root / f"{name}.yaml"), str(root / f"mk_{name}")])
-    proc = subprocess.run([str(MERGEKIT_PY), "-c", RUNNER, json.dumps(jobs)], cwd=root, capture_output=True,
-                          text=True, check=False, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = {}
-    for name, recipe in RECIPES.items():
-        with pytest.MonkeyPatch.context() as mp:
-            mp.chdir(root)
-            soupkit.merge(recipe, root / f"sk_{name}", progress=False, hash_inputs=False)
-        out[name] = (load_file(str(root / f"sk_{name}" / "model.safetensors")),
-                     load_file(str(root / f"mk_{name}" / "model.safetensors")))
-    return out
+    return merge_both(root, RECIPES)
 
 
 @pytest.mark.parametrize("name", sorted(RECIPES))
@@ -245,19 +229,10 @@ def test_mergekit_writes_float32_for_methods_that_promote(tmp_path: Path) -> Non
     ft = {k: (v.float() + 0.05 * torch.randn(v.shape, generator=g)).bfloat16() for k, v in base.items()}
     _write(tmp_path / "base", base)
     _write(tmp_path / "ft", ft)
-    jobs = []
-    for m in ("arcee_fusion", "ramplus_tl"):
-        recipe = {"merge_method": m, "base_model": "./base", "dtype": "bfloat16", "models": [{"model": "./ft"}]}
-        (tmp_path / f"{m}.yaml").write_text(yaml.safe_dump(recipe))
-        jobs.append([str(tmp_path / f"{m}.yaml"), str(tmp_path / f"mk_{m}")])
-    proc = subprocess.run([str(MERGEKIT_PY), "-c", RUNNER, json.dumps(jobs)], cwd=tmp_path, capture_output=True,
-                          text=True, check=False, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    for m in ("arcee_fusion", "ramplus_tl"):
-        theirs = load_file(str(tmp_path / f"mk_{m}" / "model.safetensors"))
+    recipes = {m: {"merge_method": m, "base_model": "./base", "dtype": "bfloat16", "models": [{"model": "./ft"}]}
+               for m in ("arcee_fusion", "ramplus_tl")}
+    for name, (ours, theirs) in merge_both(tmp_path, recipes).items():
         assert {v.dtype for v in theirs.values()} == {torch.float32}
-        with pytest.MonkeyPatch.context() as mp:
-            mp.chdir(tmp_path)
-            soupkit.merge(tmp_path / f"{m}.yaml", tmp_path / f"sk_{m}", progress=False, hash_inputs=False)
-        ours = load_file(str(tmp_path / f"sk_{m}" / "model.safetensors"))
+        config = json.loads((tmp_path / f"mk_{name}" / "config.json").read_text())
+        assert config.get("torch_dtype", config.get("dtype")) == "bfloat16"
         assert {v.dtype for v in ours.values()} == {torch.bfloat16}

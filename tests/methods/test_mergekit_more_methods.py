@@ -42,7 +42,7 @@ save_file(out, sys.argv[3])
 """
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-SHAPES = {"mat": (24, 16), "vec": (40,)}
+SHAPES = {"mat": (24, 16), "vec": (40,), "steps": (16, 12)}  # steps: updates of a few sizes, many ties
 
 # (case name, method, number of models, with base, global parameters, per-model parameters)
 CASES: list[tuple[str, str, int, bool, dict[str, Any], dict[str, list[Any]]]] = [
@@ -79,8 +79,13 @@ def _stand_ins() -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for s, shape in SHAPES.items():
         base = torch.randn(shape, generator=g) * 0.2
+        if s == "steps":  # exact in every dtype, so the ties survive the cast
+            base = 0.25 * torch.randint(-4, 5, shape, generator=g).float()
         out[f"{s}.base"] = base
         for i in range(3):
+            if s == "steps":  # multiples of 1/8: equal variances across many entries (SCE's top-k ties)
+                out[f"{s}.ft{i}"] = base + 0.125 * torch.randint(-2, 3, shape, generator=g)
+                continue
             keep = torch.rand(shape, generator=g) < 0.6
             step = torch.randn(shape, generator=g) * torch.where(torch.rand(shape, generator=g) < 0.5, 0.01, 0.1)
             out[f"{s}.ft{i}"] = base + 0.3 * step.sign() * step.abs() * keep + 0.02 * (i - 1) * keep
@@ -157,6 +162,13 @@ def test_stand_ins_exercise_the_branches() -> None:
     assert var.unique().numel() < var.numel()
     d = tv[0].abs()
     assert (d <= 0.02).any() and (d > 0.02).any()
+    # in "steps", the 40 % cut of SCE's variance ranking falls inside a run of equal variances
+    for dtype in DTYPES.values():
+        steps = torch.stack([(data[f"steps.ft{i}"] - data["steps.base"]).to(dtype) for i in range(3)])
+        var = torch.var(steps, dim=0, unbiased=False).flatten()
+        k = int(torch.count_nonzero(var) * 0.4)
+        kth = var.sort(descending=True).values[k - 1]
+        assert int((var > kth).sum()) < k < int((var >= kth).sum())
 
 
 # Whole recipes, float32, through both tools.

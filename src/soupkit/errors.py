@@ -11,6 +11,7 @@ SoupError                       base: anything soupkit reports to a user
 │   └── UnsafeFormatError       a pickle checkpoint without the explicit opt-in
 ├── PlanError                   inputs that cannot be merged; carries *all* problems at once
 ├── NonFiniteError              NaN / Inf in an input or produced by a method
+├── MethodInputError            a method cannot merge the values of one tensor (e.g. antipodal)
 ├── EvaluationError             an evaluator failed on a named candidate
 └── MergeIOError                the output could not be written (disk full, permissions)
 ```
@@ -29,6 +30,7 @@ __all__ = [
     "ConfigError",
     "EvaluationError",
     "MergeIOError",
+    "MethodInputError",
     "NonFiniteError",
     "OutputExistsError",
     "PlanError",
@@ -108,6 +110,11 @@ class PlanError(SoupError):
 
 class NonFiniteError(SoupError):
     """Raised when a tensor holds NaN or Inf (in an input or produced by a method)."""
+
+
+class MethodInputError(SoupError):
+    """Raised when a merge method cannot merge the values of one tensor (e.g. `multislerp` on
+    antipodal tensors whose weights cancel); the engine adds the tensor's name."""
 
 
 class EvaluationError(SoupError):

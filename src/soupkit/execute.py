@@ -44,7 +44,7 @@ from soupkit import _interrupts
 from soupkit._sizes import COMPUTE_ELEMS, RNG_BLOCK
 from soupkit._sizes import compute_threads as _sizes_compute_threads
 from soupkit._sizes import stream_threads as _sizes_stream_threads
-from soupkit.errors import NonFiniteError, UsageError
+from soupkit.errors import MethodInputError, NonFiniteError, UsageError
 from soupkit.global_trim import compute_cuts
 from soupkit.io.header import DTYPES, TensorInfo
 from soupkit.io.reader import TensorReader
@@ -747,7 +747,10 @@ class _Engine:
             xs = [x.view(shape) for x in xs]
             base = base.view(shape) if base is not None else None
         assert job.params is not None
-        out = spec.call(xs, job.params, base=base, rng=rng, trim=trim)
+        try:
+            out = spec.call(xs, job.params, base=base, rng=rng, trim=trim)
+        except MethodInputError as e:
+            raise MethodInputError(f"tensor {job.name!r}: {e}") from None
         want = tuple(shape) if shape is not None else (n,)
         if tuple(out.shape) != want:
             raise RuntimeError(f"method {spec.name!r} returned shape {list(out.shape)} for "

@@ -783,7 +783,10 @@ def _combine(spec: MethodSpec, p: Params, deltas: list[torch.Tensor], w: torch.T
         if spec.kind == "task_vector":
             merged: torch.Tensor = spec.fn(ds, p, rng=rng)
             return merged
-        return spec.call([base + d for d in ds], p, base=base, rng=rng) - base
+        xs = [base + d for d in ds]
+        if spec.base_as_input:  # karcher: the base is one more input, as with a base_model in a recipe
+            return spec.call([*xs, base.clone()], p, rng=rng) - base
+        return spec.call(xs, p, base=base, rng=rng) - base
 
     if not spec.stochastic:
         return run(deltas, w, None)

@@ -22,7 +22,7 @@ from pydantic import ValidationError
 
 from soupkit import methods
 from soupkit._sizes import BATCH_ENTRIES, COMPUTE_ELEMS, OUTPUT_BUFFERS, RNG_BLOCK, compute_threads, stream_threads
-from soupkit.config import Conditional, MergeConfig, ParamValue
+from soupkit.config import Conditional, MergeConfig, ModelEntry, ParamValue
 from soupkit.errors import CheckpointFormatError, ConfigError, PlanError, SoupError, UnknownMethodError
 from soupkit.formats import KeyMap, prefix_fix, rename_checkpoint
 from soupkit.global_trim import check_global_trim, global_trim_notes
@@ -109,7 +109,8 @@ class MergePlan:
 
         Per tensor: two raw read units in flight (the one computed and the one read ahead), the
         pooled output buffers, the float32 working set of one compute piece per compute thread
-        (each input's copy and the method's temporaries, about two per input), plus TIES's
+        (each input's copy and the method's temporaries, about two per input; a method that
+        needs whole tensors declares its own count, `MethodSpec.work_per_input`), plus TIES's
         radix-select batches per thread; a method that needs whole tensors holds one tensor's
         raw inputs alone, their float32 copies, temporaries and the output. Plus the buffer of
         the shard writer's direct writes.
@@ -128,7 +129,7 @@ class MergePlan:
             k = len(j.inputs) + (1 if j.base is not None else 0)
             raw = sum(t.itemsize for t in j.inputs) + (j.base.itemsize if j.base is not None else 0)
             if spec.streams_whole_tensors:
-                need = j.numel * (raw + 4 * (2 * k + 1) + out)
+                need = j.numel * (raw + 4 * (spec.work_per_input * k + 1) + out)
             else:
                 n = min(j.numel, max(self.chunk_elems, workers * RNG_BLOCK) if stochastic else self.chunk_elems)
                 piece = min(n, RNG_BLOCK if stochastic else COMPUTE_ELEMS)
@@ -398,7 +399,11 @@ def make_plan(
 
     notes: list[str] = [n for c in (*models, *([base] if base is not None else [])) for n in c.notes]
     entries = list(zip(cfg.models, models))
-    if spec.needs_base and base is not None:
+    if spec.base_as_input and base is not None and not any(_same_file(m, base) for m in models):
+        # As mergekit does: the base joins the inputs after the models when it is not listed
+        entries.append((ModelEntry(model=cfg.base_model or "base"), base))
+    uses_base = spec.needs_base or (spec.optional_base and base is not None)
+    if uses_base and base is not None:
         # As mergekit does: the base listed among the models is the base, not one more model
         # (a zero task vector; slerp's and wise_ft's t = 0 end; model_stock's anchor); drop it.
         kept = [(e, m) for e, m in entries if not _same_file(m, base)]
@@ -419,7 +424,6 @@ def make_plan(
     ckpts = [m for _, m in entries]
     ref = base if base is not None else ckpts[0]
     # Methods that do not use a base (linear) only take config/tokenizer files from it.
-    uses_base = spec.needs_base
     cast_all = cfg.dtype is not None
 
     # 0. names that differ only by a wrapper prefix: one problem that names the fix

@@ -247,3 +247,21 @@ def test_refusals(llama: dict[str, Path], tmp_path: Path) -> None:
         soupkit.merge_loras([llama["ad0"], llama["ad1"]], llama["base"], tmp_path / "y", method="ties",
                             parameters={"convention": "paper", "density": 0.5}, progress=False)
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+@pytest.mark.parametrize("method", ["karcher", "nuslerp"])
+def test_merge_loras_treats_the_base_as_a_recipe_does(llama: dict[str, Path], tmp_path: Path, method: str) -> None:
+    # karcher averages the base as one more input, nuslerp interpolates task vectors around it:
+    # merging the adapters equals the recipe over the folded models with `base_model:` the base
+    ads = [llama["ad0"], llama["ad2"]]
+    soupkit.merge_loras(ads, llama["base"], tmp_path / "lora", method=method, progress=False)
+    folded = [soupkit.fold_lora(a, llama["base"], tmp_path / f"f{i}", progress=False).out for i, a in enumerate(ads)]
+    soupkit.merge({"merge_method": method, "base_model": str(llama["base"]), "dtype": "float32",
+                   "models": [{"model": str(f)} for f in folded]}, tmp_path / "recipe", progress=False)
+    got = load_file(str(tmp_path / "lora" / "model.safetensors"))
+    want = load_file(str(tmp_path / "recipe" / "model.safetensors"))
+    base = load_file(str(llama["base"] / "model.safetensors"))
+    changed = [k for k in got if not torch.equal(got[k], base[k])]
+    assert changed
+    for k in changed:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6)

@@ -62,7 +62,9 @@ def direct(method: str, states: Sequence[Mapping[str, torch.Tensor]], base: Mapp
     """The pure method function on whole float32 tensors, seeded as the engine seeds it."""
     spec = methods.get(method)
     xs = [s[name].float().clone() for s in states]
-    b = base[name].float().clone() if (base is not None and spec.needs_base) else None
+    b = base[name].float().clone() if (base is not None and (spec.needs_base or spec.optional_base)) else None
+    if base is not None and spec.base_as_input:  # karcher: the base after the models, as mergekit
+        xs.append(base[name].float().clone())
     rng = None
     if spec.stochastic:
         block = 0 if spec.elementwise else None

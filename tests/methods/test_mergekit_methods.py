@@ -96,17 +96,24 @@ def outputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[dict[st
     for i in range(3):
         _write(root / f"ft{i}", {k: base[k] + shared[k] + 0.03 * torch.randn(s, generator=g) for k, s in shapes.items()})
     _write(root / "other", {k: torch.randn(s, generator=g) * 0.2 for k, s in shapes.items()})
+    return merge_both(root, RECIPES, SOUPKIT_EXTRA)
+
+
+def merge_both(root: Path, recipes: dict[str, dict[str, Any]], extra: dict[str, dict[str, Any]] | None = None,
+               ) -> dict[str, tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]]:
+    """Write each recipe to ``root/NAME.yaml``, merge it with mergekit (one subprocess) and with
+    soupkit (plus ``extra[NAME]`` parameters), from ``root``; (soupkit's, mergekit's) tensors."""
     jobs = []
-    for name, recipe in RECIPES.items():
+    for name, recipe in recipes.items():
         (root / f"{name}.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
         jobs.append([str(root / f"{name}.yaml"), str(root / f"mk_{name}")])
     proc = subprocess.run([str(MERGEKIT_PY), "-c", RUNNER, json.dumps(jobs)], cwd=root, capture_output=True,
-                          text=True, timeout=900)
+                          text=True, check=False, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = {}
-    for name, recipe in RECIPES.items():
+    for name, recipe in recipes.items():
         mine = dict(recipe)
-        mine["parameters"] = {**recipe.get("parameters", {}), **SOUPKIT_EXTRA.get(name, {})}
+        mine["parameters"] = {**recipe.get("parameters", {}), **(extra or {}).get(name, {})}
         with pytest.MonkeyPatch.context() as mp:
             mp.chdir(root)
             soupkit.merge(mine, root / f"sk_{name}", progress=False, hash_inputs=False)

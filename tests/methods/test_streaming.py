@@ -29,6 +29,15 @@ CASES: dict[str, tuple[int, dict[str, Any], list[dict[str, Any]]]] = {
     "della_linear": (3, {"density": 0.6, "epsilon": 0.2, "rescale": "l1"}, [{}, {}, {}]),
     "slerp": (1, {"t": [{"filter": "self_attn", "value": [0.1, 0.9]}, {"value": 0.4}]}, [{}]),
     "model_stock": (3, {"filter_wise": True}, [{}, {}, {}]),
+    "nuslerp": (2, {"nuslerp_flatten": [{"filter": "mlp", "value": False}, {"value": True}]},
+                [{"weight": 0.3}, {"weight": 0.7}]),
+    "multislerp": (3, {}, [{"weight": 1.0}, {"weight": 0.5}, {"weight": 0.8}]),
+    "karcher": (2, {"max_iter": 5}, [{}, {}]),
+    "sce": (3, {"select_topk": 0.5}, [{}, {}, {}]),
+    "arcee_fusion": (1, {}, [{}]),
+    "nearswap": (1, {"t": 0.3}, [{}]),
+    "ram": (3, {"epsilon": 0.2}, [{}, {}, {}]),
+    "ramplus_tl": (3, {"epsilon": 0.2, "r": 0.5}, [{}, {}, {}]),
 }
 
 
@@ -43,7 +52,8 @@ def case(method: str, tmp_path: Path, base: dict[str, torch.Tensor],
         "merge_method": method, "seed": 5, "parameters": parameters,
         "models": [{"model": str(d), "parameters": p} for d, p in zip(dirs, per_model)],
     }
-    if methods.get(method).needs_base:
+    spec = methods.get(method)
+    if spec.needs_base or spec.optional_base or spec.base_as_input:  # a base whenever one is taken
         recipe["base_model"] = str(base_dir)
     return base, fts, recipe
 
@@ -55,12 +65,11 @@ def test_every_registered_method_is_covered() -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("method", sorted(CASES))
 def test_stream_equals_memory_equals_pure_function(method: str, dtype: torch.dtype, tmp_path: Path) -> None:
-    spec = methods.get(method)
     _, parameters, per_model = CASES[method]
     base, fts, recipe = case(method, tmp_path, base_state(1, dtype))
     streamed = soupkit.merge(recipe, tmp_path / "out", progress=False, chunk_elems=7, hash_inputs=False)
     from_file = load_file(str(streamed.out / "model.safetensors"))
-    memory = soupkit.merge_state_dicts(fts, method, base=base if spec.needs_base else None,
+    memory = soupkit.merge_state_dicts(fts, method, base=base if "base_model" in recipe else None,
                                        parameters=parameters, model_parameters=per_model, seed=5)
     assert from_file.keys() == memory.keys()
     for name in memory:

@@ -20,6 +20,10 @@ def run(args: argparse.Namespace) -> int:
         tags = [spec.kind.replace("_", "-")]
         if spec.needs_base:
             tags.append("needs base")
+        elif spec.optional_base:
+            tags.append("optional base")
+        elif spec.base_as_input:
+            tags.append("base is one more input")
         if spec.stochastic:
             tags.append("seeded")
         if spec.streams_whole_tensors:

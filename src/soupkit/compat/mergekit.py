@@ -33,7 +33,8 @@ slice), and pre / post weights use ``t = 0``. ``filter`` matches the *output* te
 tensor) takes one source per slice; with ``models:`` it takes one model and copies it whole.
 Other methods take several sources per slice; a method that uses a base needs the base (the
 slice's ``base_model`` or the recipe's) among the slice's sources, as mergekit does, and then
-uses that source as the base only (as `soupkit.plan` does for ``models:``).
+uses that source as the base only (as `soupkit.plan` does for ``models:``). A method whose base
+is optional (``nuslerp``, ``multislerp``) does so only when the slice or recipe names a base.
 """
 
 from __future__ import annotations
@@ -372,6 +373,8 @@ def plan_slices(
     base_ck = opened[cfg.base_model] if cfg.base_model else None
 
     # 1. structure: layer ranges, slice lengths, sources per slice, bases
+    # (nuslerp, multislerp: a base is optional, and used when the slice has one, as in mergekit)
+    takes_base = spec.needs_base or spec.optional_base
     cfg_problems: list[str] = []
     resolved: list[tuple[list[_Source], Checkpoint | None]] = []
     for i, sl in enumerate(slices):
@@ -398,8 +401,8 @@ def plan_slices(
             cfg_problems.append(f"{where}: its sources span different numbers of layers "
                                 f"({', '.join(str(b - a) for a, b in (s.layer_range for s in sl.sources))}); "
                                 "every source of a slice must give the same number of layers")
-        inputs = [s for s in sources if not (spec.needs_base and s.is_base)]
-        if spec.needs_base:
+        inputs = [s for s in sources if not (takes_base and s.is_base)]
+        if spec.needs_base or (takes_base and slice_base is not None):
             if slice_base is None:
                 cfg_problems.append(f"merge_method {spec.name!r} needs a `base_model:`")
             elif not any(s.is_base for s in sources):
@@ -460,7 +463,7 @@ def plan_slices(
             jobs.append(TensorJob(out_name, first.shape, first.dtype, source=first))
             return
         count_filter_matches(conds, out_name, filter_counts, shadowed)
-        merged = [(s, i) for s, i in infos if not (spec.needs_base and s.is_base)]
+        merged = [(s, i) for s, i in infos if not (takes_base and s.is_base)]
         values: dict[str, Any] = {}
         for key, default in spec.params.per_model.items():
             values[key] = tuple(
@@ -478,7 +481,7 @@ def plan_slices(
         jobs.append(TensorJob(
             out_name, first.shape, out_code or first.dtype,
             inputs=tuple(i for _, i in merged),
-            base=base_info if spec.needs_base else None,
+            base=base_info if takes_base else None,
             params=p,
         ))
 
@@ -489,7 +492,7 @@ def plan_slices(
             if (which == "pre") != is_pre:
                 continue
             base_info = None
-            if spec.needs_base and slice_base is not None:
+            if takes_base and slice_base is not None:
                 base_info = slice_base.tensors.get(name)
                 if base_info is None:
                     problems.append(f"tensor {name!r} is missing from the base model {slice_base.label}")
@@ -511,7 +514,7 @@ def plan_slices(
             base_src = next((s for s in sources if s.is_base), None)
             for rest in rests:
                 base_info = None
-                if spec.needs_base and base_src is not None:
+                if takes_base and base_src is not None:
                     base_info = base_src.ck.tensors.get(base_src.stack.name(base_src.start + j, rest))
                 add(out_stack.name(k, rest), [(s, s.stack.name(s.start + j, rest)) for s in sources],
                     base_info, sl.parameters, t)

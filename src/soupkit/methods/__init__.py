@@ -29,8 +29,11 @@ def method(
     paper: str,
     summary: str,
     needs_base: bool = False,
+    optional_base: bool = False,
+    base_as_input: bool = False,
     elementwise: bool = True,
     stochastic: bool = False,
+    work_per_input: int = 2,
     min_models: int = 1,
     max_models: int | None = None,
     aliases: tuple[str, ...] = (),
@@ -50,6 +53,9 @@ def method(
             raise ValueError(f"{params.__name__}: per-model parameters {missing} are not fields")
         if kind == "task_vector" and not needs_base:
             raise ValueError(f"task-vector method {name!r} must declare needs_base=True")
+        if (optional_base or base_as_input) and (needs_base or kind != "tensors"):
+            raise ValueError(f"method {name!r}: an optional or input base is for tensor methods "
+                             "that do not require a base")
         if global_trim is not None and (kind != "task_vector" or elementwise):
             raise ValueError(f"method {name!r}: a global trim needs a task-vector method that "
                              "sees whole tensors (elementwise=False)")
@@ -58,7 +64,8 @@ def method(
                              "method that sees whole tensors (elementwise=False)")
         spec = MethodSpec(
             name=name, fn=fn, params=params, kind=kind, paper=paper, summary=summary,
-            needs_base=needs_base, elementwise=elementwise, stochastic=stochastic,
+            needs_base=needs_base, optional_base=optional_base, base_as_input=base_as_input,
+            elementwise=elementwise, stochastic=stochastic, work_per_input=work_per_input,
             min_models=min_models, max_models=max_models, aliases=aliases,
             global_trim=global_trim, tensor_trim=tensor_trim,
         )
@@ -105,6 +112,13 @@ _MODULES = (
     "della",
     "slerp",
     "model_stock",
+    "nuslerp",
+    "multislerp",
+    "karcher",
+    "sce",
+    "arcee_fusion",
+    "nearswap",
+    "ram",
 )
 for _m in _MODULES:
     importlib.import_module(f"soupkit.methods.{_m}")

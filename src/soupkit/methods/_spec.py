@@ -82,11 +82,21 @@ class MethodSpec:
         paper: link to the paper that defines the method.
         summary: one line for ``soupkit methods``.
         needs_base: the recipe must name a ``base_model``.
+        optional_base: the method uses the base when the recipe names one and works without
+            it (mergekit's ``BasePolicy.OPTIONAL``: ``nuslerp``, ``multislerp``); it gets
+            ``base=None`` when there is none.
+        base_as_input: the base is one more input, not an anchor (mergekit's ``karcher`` averages
+            every input it is given, base included): the engine lists it among ``tensors`` in
+            mergekit's order (where the recipe lists it, else after the models) and passes
+            ``base=None``.
         elementwise: output element j depends only on input elements j, so the engine may run
             the method on chunks of a tensor (bounded memory). False for methods with a
             per-tensor statistic (top-k thresholds, norms, angles).
         stochastic: the method draws random numbers; the engine passes a ``torch.Generator``
             seeded from (recipe seed, tensor name).
+        work_per_input: float32 working tensors per input (of the tensor's size) the method
+            holds at its peak, copies included; the plan's memory estimate uses it (2 fits
+            most methods; those that stack and mask their inputs hold more).
         min_models: fewest input models (not counting the base) the method accepts.
         max_models: most input models, or None for no limit.
         global_trim: for methods that can trim each model's task vector by magnitude over all
@@ -105,8 +115,11 @@ class MethodSpec:
     paper: str
     summary: str
     needs_base: bool = False
+    optional_base: bool = False
+    base_as_input: bool = False
     elementwise: bool = True
     stochastic: bool = False
+    work_per_input: int = 2
     min_models: int = 1
     max_models: int | None = None
     aliases: tuple[str, ...] = field(default=())

@@ -56,12 +56,13 @@ from pydantic import ValidationError
 from soupkit import methods
 from soupkit._version import __version__
 from soupkit.compat.hf import card_front_matter, render_card
-from soupkit.errors import CheckpointFormatError, ConfigError, PlanError, SoupError, UsageError
-from soupkit.execute import RNG_BLOCK, tensor_seed
+from soupkit.errors import CheckpointFormatError, ConfigError, NonFiniteError, PlanError, SoupError, UsageError
+from soupkit.execute import RNG_BLOCK, all_finite, tensor_seed
 from soupkit.io.checkpoint import CARRY_FILES, Checkpoint, open_checkpoint
 from soupkit.io.header import DTYPES, TensorInfo
 from soupkit.io.reader import TensorReader
 from soupkit.io.writer import OutputFolder, OutputTensor, ShardWriter, layout_shards, parse_size, write_index
+from soupkit.lora_config import _short, pattern_key, validate_adapter_config
 from soupkit.methods import MethodSpec, Params
 from soupkit.params import LayerIndex, resolve_chain
 
@@ -82,8 +83,9 @@ REPORT_NAME = "soupkit-report.json"
 MAX_CONFIG_BYTES = 10_000_000
 _DTYPE_CODE = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
 # base_model.model.<module>.lora_A[.<adapter name>].weight, lora_embedding_A[.<adapter name>]
+# (an adapter name is never "weight" or "bias": ``m.lora_B.bias`` is lora_bias's bias of B)
 _FACTOR = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B)"
-                     r"(?:\.(?P<name>[A-Za-z0-9_-]+))?(?:\.(?P<param>weight|bias))?$")
+                     r"(?:\.(?P<name>(?!(?:weight|bias)$)[A-Za-z0-9_-]+))?(?:\.(?P<param>weight|bias))?$")
 Rounding = Literal["fp32", "peft"]
 
 
@@ -184,17 +186,6 @@ class LoraAdapter:
                 "files": [str(f) for f in self.checkpoint.files]}
 
 
-def _pattern_key(keys: Sequence[str], module: str) -> str | None:
-    """PEFT's get_pattern_key: the first pattern ``k`` with ``re.match(rf"(.*\\.)?({k})$", module)``."""
-    for key in keys:
-        try:
-            if re.match(rf"(.*\.)?({key})$", module):
-                return key
-        except re.error:
-            continue
-    return None
-
-
 def _load_config(folder: Path, label: str) -> dict[str, Any]:
     path = folder / ADAPTER_CONFIG
     try:
@@ -233,32 +224,24 @@ def read_adapter(path: str | os.PathLike[str], *, allow_pickle: bool = False, la
         raise CheckpointFormatError(f"{lab}: not a folder\nhint: give the PEFT adapter folder "
                                     f"(with {ADAPTER_CONFIG})")
     cfg = _load_config(folder, lab)
-    peft_type = str(cfg.get("peft_type", "LORA")).upper()
-    if peft_type != "LORA":
-        raise UsageError(f"{lab}: a {peft_type} adapter; soupkit folds and merges LoRA adapters only\n"
-                         "hint: use PEFT's merge_and_unload() for other adapter types")
-    if cfg.get("use_dora"):
-        raise UsageError(f"{lab}: a DoRA adapter (use_dora: true); its magnitude vector rescales "
-                         "the whole weight, which soupkit does not implement\n"
-                         "hint: use PEFT's merge_and_unload() to fold DoRA adapters")
+    settings = validate_adapter_config(cfg, str(folder / ADAPTER_CONFIG))
     weights = next((folder / w for w in ADAPTER_WEIGHTS if (folder / w).is_file()), None)
     if weights is None:
         raise CheckpointFormatError(f"{lab}: no {' or '.join(ADAPTER_WEIGHTS)} beside {ADAPTER_CONFIG}")
     ck = open_checkpoint(weights, label=f"{lab}/{weights.name}", allow_pickle=allow_pickle)
-    r0 = int(cfg.get("r", 8))
-    alpha0 = float(cfg.get("lora_alpha", 8))
-    rslora = bool(cfg.get("use_rslora", False))
-    fifo = bool(cfg.get("fan_in_fan_out", False))
-    rank_pattern = dict(cfg.get("rank_pattern") or {})
-    alpha_pattern = dict(cfg.get("alpha_pattern") or {})
+    r0, alpha0, rslora, fifo = settings.r, settings.lora_alpha, settings.use_rslora, settings.fan_in_fan_out
+    rank_pattern, alpha_pattern = settings.rank_pattern, settings.alpha_pattern
     factors: dict[str, dict[str, TensorInfo]] = {}
     replacements: dict[str, TensorInfo] = {}
     problems: list[str] = []
     for name, info in ck.tensors.items():
         rel = name[len(PREFIX):] if name.startswith(PREFIX) else name
         if "lora_magnitude_vector" in rel:
-            raise UsageError(f"{lab}: holds DoRA magnitude vectors ({name!r}); soupkit does not fold DoRA\n"
+            raise UsageError(f"{lab}: holds DoRA magnitude vectors ({_short(name, 300)}); soupkit does not fold DoRA\n"
                              "hint: use PEFT's merge_and_unload()")
+        if ".token_adapter." in rel or "trainable_tokens_" in rel:
+            raise UsageError(f"{lab}: holds a trainable tokens adapter ({_short(name, 300)}); soupkit does not fold "
+                             "trainable tokens\nhint: use PEFT's merge_and_unload()")
         m = _FACTOR.match(rel)
         if m:
             key = m.group("kind") + ("" if m.group("param") in (None, "weight") else ".bias")
@@ -275,10 +258,10 @@ def read_adapter(path: str | os.PathLike[str], *, allow_pickle: bool = False, la
             problems.append(f"module {mod!r} has {', '.join(sorted(parts))} but not both {ka} and {kb}")
             continue
         a, b = parts[ka], parts[kb]
-        rk = _pattern_key(list(rank_pattern), mod)
-        ak = _pattern_key(list(alpha_pattern), mod)
-        r = int(rank_pattern[rk]) if rk is not None else r0
-        alpha = float(alpha_pattern[ak]) if ak is not None else alpha0
+        rk = pattern_key(list(rank_pattern), mod)
+        ak = pattern_key(list(alpha_pattern), mod)
+        r = rank_pattern[rk] if rk is not None else r0
+        alpha = alpha_pattern[ak] if ak is not None else alpha0
         if r < 1 or a.shape[0] != r or b.shape[1] != r:
             problems.append(f"module {mod!r}: the config says r = {r} but A is {list(a.shape)} and "
                             f"B is {list(b.shape)}")
@@ -390,6 +373,49 @@ class LoraResult:
         return max(self.svd_errors.values(), default=0.0)
 
 
+@dataclass
+class _FiniteCheck:
+    """What to do with NaN / Inf in an output: ``sources(name)`` gives (label, tensor) pairs of
+    the inputs that made output ``name``, re-read to say which one holds them."""
+
+    allow: bool
+    reader: TensorReader
+    sources: Callable[[str], list[tuple[str, TensorInfo]]]
+    found: list[str] = field(default_factory=list)
+
+    def fail(self, name: str, out: torch.Tensor) -> None:
+        if self.allow:
+            self.found.append(name)
+            return
+        nan, inf = int(torch.isnan(out).sum()), int(torch.isinf(out).sum())
+        what = " and ".join(x for x in (f"{nan:,} NaN" if nan else "", f"{inf:,} Inf" if inf else "") if x)
+        allow = "or pass --allow-nonfinite (allow_nonfinite=True) to write it anyway (listed in the report)"
+        culprits = []
+        for label, info in self.sources(name):
+            raw = self.reader.read(info)
+            if raw.is_floating_point():
+                n_nan, n_inf = int(torch.isnan(raw).sum()), int(torch.isinf(raw).sum())
+                if n_nan or n_inf:
+                    culprits.append(f"{label} holds {n_nan:,} NaN and {n_inf:,} Inf in {_short(info.name, 300)}")
+        if culprits:
+            raise NonFiniteError(f"tensor {_short(name, 300)}: {what} in the output, from the inputs:\n"
+                                 + "\n".join(f"  - {c}" for c in culprits)
+                                 + f"\nhint: that adapter or base is broken (diverged training, a bad "
+                                   f"conversion); leave it out, {allow}")
+        raise NonFiniteError(f"tensor {_short(name, 300)}: {what} in the output although every input is finite "
+                             "(float32 overflow: an extreme lora_alpha / r or merge weight, or a value beyond "
+                             f"the output dtype's range)\nhint: check the adapter's scale and the output dtype, {allow}")
+
+
+def _sources(ads: Sequence[LoraAdapter], base: Checkpoint, tg: _Target) -> list[tuple[str, TensorInfo]]:
+    """The input tensors that make base tensor ``tg``'s output, with the input's label."""
+    out = [(f"base {base.label}", tg.info)]
+    out += [(ads[ai].label, info) for ai, info in tg.replaced.items()]
+    for ai, lm, part in tg.deltas:
+        out += [(ads[ai].label, info) for info in ([lm.bias] if part == "bias" else [lm.a, lm.b]) if info is not None]
+    return out
+
+
 def _bar(total: int, enabled: bool | None, desc: str) -> Any:
     from tqdm.auto import tqdm
 
@@ -407,9 +433,13 @@ def _write(
     files: Callable[[Path, dict[str, str]], None],
     progress: bool | None,
     desc: str,
+    finite: _FiniteCheck,
     stem: str = "model",
 ) -> dict[str, str]:
-    """Write ``outputs`` (each made by ``produce`` when its turn comes) as shards, then ``files``."""
+    """Write ``outputs`` (each made by ``produce`` when its turn comes) as shards, then ``files``.
+
+    Every float output is checked for NaN / Inf (as a merge's are): `NonFiniteError` before
+    anything looks complete, or with ``finite.allow`` the name goes to ``finite.found``."""
     try:
         limit = parse_size(max_shard_size)
     except ValueError as e:
@@ -429,6 +459,8 @@ def _write(
                 try:
                     for o in layout.tensors:
                         t = produce(o)
+                        if not all_finite(t):
+                            finite.fail(o.name, t)
                         w.write(o.name, t.reshape(-1), 0)
                         bar.update(1)
                     hashes[layout.filename] = w.close()
@@ -496,6 +528,7 @@ def fold_lora(
     progress: bool | None = None,
     max_shard_size: int | str = "5GB",
     allow_pickle: bool = False,
+    allow_nonfinite: bool = False,
 ) -> LoraResult:
     """Fold LoRA adapter(s) into their base model: ``W + scale * B @ A`` per adapted module.
 
@@ -516,6 +549,8 @@ def fold_lora(
         progress: show a progress bar (default: when stderr is a terminal).
         max_shard_size: largest output shard.
         allow_pickle: accept pickle checkpoints / ``adapter_model.bin`` (``weights_only``).
+        allow_nonfinite: write NaN / Inf outputs instead of stopping with `NonFiniteError`
+            (they are listed in the report's ``nonfinite_tensors``).
 
     Returns:
         A `LoraResult` with the changed tensors.
@@ -523,6 +558,7 @@ def fold_lora(
     Raises:
         CheckpointFormatError: unreadable adapter or base.
         PlanError: an adapted module the base does not have, or shapes that disagree.
+        NonFiniteError: NaN / Inf in an output (without ``allow_nonfinite``); nothing is written.
     """
     paths = [adapters] if isinstance(adapters, (str, os.PathLike)) else list(adapters)
     if not paths:
@@ -577,13 +613,15 @@ def fold_lora(
                      f"{', rslora' if a.use_rslora else ''}, {len(a.modules)} module(s)" for a in ads]
             (tmp / "README.md").write_text(render_card(front, body), encoding="utf-8")
             report = _report("fold", ads, base_ck, hashes, carried, notes,
-                             {"rounding": rounding, "out_dtype": out_dtype, "changed_tensors": len(changed)})
+                             {"rounding": rounding, "out_dtype": out_dtype, "changed_tensors": len(changed)},
+                             finite.found)
             (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
             result_report.update(report)
 
         result_report: dict[str, Any] = {}
+        finite = _FiniteCheck(allow_nonfinite, reader, lambda n: _sources(ads, base_ck, targets[n]))
         _write(Path(out), outputs, produce, force=force, max_shard_size=max_shard_size, files=files,
-               progress=progress, desc="fold lora")
+               progress=progress, desc="fold lora", finite=finite)
     return LoraResult(Path(out), "model", changed, {}, tuple(notes), result_report)
 
 
@@ -595,7 +633,8 @@ def _delta(lm: LoraModule, part: str, reader: TensorReader, shape: Sequence[int]
 
 
 def _report(op: str, ads: Sequence[LoraAdapter], base: Checkpoint, hashes: Mapping[str, str],
-            carried: Mapping[str, str], notes: Sequence[str], extra: Mapping[str, Any]) -> dict[str, Any]:
+            carried: Mapping[str, str], notes: Sequence[str], extra: Mapping[str, Any],
+            nonfinite: Sequence[str]) -> dict[str, Any]:
     return {
         "soupkit_version": __version__,
         "torch_version": torch.__version__,
@@ -605,6 +644,7 @@ def _report(op: str, ads: Sequence[LoraAdapter], base: Checkpoint, hashes: Mappi
                    "adapters": [{**a.summary(), "files": _file_hashes([a.checkpoint])} for a in ads]},
         "outputs": [{"file": f, "sha256": h} for f, h in hashes.items()],
         "other_files": [{"file": f, "sha256": h} for f, h in carried.items()],
+        "nonfinite_tensors": list(nonfinite),
         "notes": list(notes),
     }
 
@@ -637,6 +677,7 @@ def merge_loras(
     progress: bool | None = None,
     max_shard_size: int | str = "5GB",
     allow_pickle: bool = False,
+    allow_nonfinite: bool = False,
 ) -> LoraResult:
     """Merge several LoRA adapters of one base exactly in weight space.
 
@@ -657,6 +698,7 @@ def merge_loras(
         progress: show a progress bar.
         max_shard_size: largest output shard (full model).
         allow_pickle: accept pickle checkpoints / ``adapter_model.bin``.
+        allow_nonfinite: write NaN / Inf outputs instead of stopping with `NonFiniteError`.
 
     Returns:
         A `LoraResult`; for ``rank`` its ``svd_errors`` hold each module's relative error.
@@ -734,6 +776,7 @@ def merge_loras(
                                  "embedding modules only\nhint: leave out --rank to write the full model")
         return _merge_to_adapter(ads, base_ck, targets, spec, plist, Path(out), rank=rank, seed=seed,
                                  out_dtype=out_dtype, force=force, progress=progress, notes=notes,
+                                 allow_nonfinite=allow_nonfinite,
                                  method_params={"parameters": glob, "model_parameters": per})
 
     outputs = [OutputTensor(n, _out_code(out_dtype, tg.info), tg.info.shape) for n, tg in targets.items()]
@@ -754,11 +797,12 @@ def merge_loras(
             _card_and_report(tmp, "merge", ads, base_ck, hashes, carried, notes, spec, rank=None,
                              extra={"method": spec.name, "parameters": glob, "model_parameters": per,
                                     "seed": seed, "out_dtype": out_dtype, "merged_tensors": len(merged_names)},
-                             result=result_report)
+                             result=result_report, nonfinite=finite.found)
 
         result_report: dict[str, Any] = {}
+        finite = _FiniteCheck(allow_nonfinite, reader, lambda n: _sources(ads, base_ck, targets[n]))
         _write(Path(out), outputs, produce, force=force, max_shard_size=max_shard_size, files=files,
-               progress=progress, desc=f"merge loras ({spec.name})")
+               progress=progress, desc=f"merge loras ({spec.name})", finite=finite)
     return LoraResult(Path(out), "model", tuple(merged_names), {}, tuple(notes), result_report)
 
 
@@ -801,7 +845,7 @@ def _combine(spec: MethodSpec, p: Params, deltas: list[torch.Tensor], w: torch.T
 
 def _card_and_report(tmp: Path, op: str, ads: Sequence[LoraAdapter], base: Checkpoint, hashes: Mapping[str, str],
                      carried: Mapping[str, str], notes: Sequence[str], spec: MethodSpec, *, rank: int | None,
-                     extra: Mapping[str, Any], result: dict[str, Any]) -> None:
+                     extra: Mapping[str, Any], result: dict[str, Any], nonfinite: Sequence[str]) -> None:
     is_adapter = rank is not None
     front = card_front_matter([base.label, *(a.label for a in ads)], tags=["lora", "peft", spec.name],
                               library_name="peft" if is_adapter else "transformers",
@@ -815,7 +859,7 @@ def _card_and_report(tmp: Path, op: str, ads: Sequence[LoraAdapter], base: Check
     body += [f"- `{a.label}`: r = {a.r}, lora_alpha = {a.lora_alpha:g}, {len(a.modules)} module(s)" for a in ads]
     body += ["", "## Parameters", "", "```json", json.dumps(dict(extra), indent=2, default=str), "```"]
     (tmp / "README.md").write_text(render_card(front, body), encoding="utf-8")
-    report = _report(op, ads, base, hashes, carried, notes, extra)
+    report = _report(op, ads, base, hashes, carried, notes, extra, nonfinite)
     (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     result.update(report)
 
@@ -824,6 +868,7 @@ def _merge_to_adapter(
     ads: Sequence[LoraAdapter], base: Checkpoint, targets: Mapping[str, _Target], spec: MethodSpec,
     plist: Mapping[str, Params | None], out: Path, *, rank: int, seed: int, out_dtype: str | None,
     force: bool, progress: bool | None, notes: list[str], method_params: Mapping[str, Any],
+    allow_nonfinite: bool = False,
 ) -> LoraResult:
     """Merged deltas -> a PEFT adapter of rank ``rank`` by truncated SVD (factors computed
     while writing; each tensor's error goes to the report)."""
@@ -914,9 +959,10 @@ def _merge_to_adapter(
                              "max": max(errors.values(), default=0.0),
                              "overall": tot_r / tot if tot > 0 else 0.0}}
             _card_and_report(tmp, "merge_to_adapter", ads, base, hashes, {}, notes, spec, rank=rank,
-                             extra=extra, result=result_report)
+                             extra=extra, result=result_report, nonfinite=finite.found)
 
         result_report: dict[str, Any] = {}
+        finite = _FiniteCheck(allow_nonfinite, reader, lambda n: _sources(ads, base, targets[plan[n][0]]))
         _write(out, outputs, produce, force=force, max_shard_size="1000TB", files=files, progress=progress,
-               desc=f"merge loras ({spec.name}, rank {rank})", stem="adapter_model")
+               desc=f"merge loras ({spec.name}, rank {rank})", stem="adapter_model", finite=finite)
     return LoraResult(out, "adapter", tuple(sorted(modules)), errors, tuple(notes), result_report)

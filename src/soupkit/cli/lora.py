@@ -89,12 +89,15 @@ def _shared(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="do not show a progress bar")
     p.add_argument("--allow-pickle", action="store_true",
                    help="accept .bin checkpoints / adapter_model.bin (torch.load(weights_only=True))")
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="write NaN/Inf outputs instead of stopping (they are listed in the report)")
 
 
 def run_fold(args: argparse.Namespace) -> int:
     r = fold_lora(args.adapters, args.base, args.out, out_dtype=args.out_dtype, rounding=args.rounding,
                   tokenizer_source=args.tokenizer_source, force=args.force, progress=progress_flag(args),
-                  max_shard_size=args.max_shard_size, allow_pickle=args.allow_pickle)
+                  max_shard_size=args.max_shard_size, allow_pickle=args.allow_pickle,
+                  allow_nonfinite=args.allow_nonfinite)
     print(f"folded {len(args.adapters)} adapter(s) into {args.base}: {len(r.changed)} tensor(s) changed -> {r.out}")
     for n in r.notes:
         print(f"note: {n}")
@@ -127,7 +130,7 @@ def run_merge(args: argparse.Namespace) -> int:
     r = merge_loras(args.adapters, args.base, args.out, method=args.method, parameters=_params(args.param),
                     model_parameters=model_parameters, rank=args.rank, seed=args.seed, out_dtype=args.out_dtype,
                     force=args.force, progress=progress_flag(args), max_shard_size=args.max_shard_size,
-                    allow_pickle=args.allow_pickle)
+                    allow_pickle=args.allow_pickle, allow_nonfinite=args.allow_nonfinite)
     for n in r.notes:
         print(f"note: {n}")
     if r.kind == "adapter":

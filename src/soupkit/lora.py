@@ -714,8 +714,20 @@ def merge_loras(
         raise UsageError(f"{len(model_parameters)} model_parameters for {len(adapters)} adapters")
     if rank is not None and rank < 1:
         raise UsageError(f"rank must be at least 1, got {rank}")
+    if method == "linear":
+        raise UsageError(
+            "method 'linear' is ambiguous for LoRA adapters: PEFT's add_weighted_adapter(combination_type="
+            "'linear') combines the factors (A' = sum_i sqrt(w_i*s_i) A_i, B' = sum_i sqrt(w_i*s_i) B_i, so "
+            "B'A' has cross terms B_i A_j), while soupkit's merge averaged the deltas (sum_i w_i s_i B_i A_i "
+            "/ sum_i w_i)\nhint: use 'delta_linear' for the average of the deltas (what 'linear' meant in "
+            "soupkit before), or 'peft_linear' for PEFT's combination of the factors")
+    if method == "peft_linear":
+        return _peft_linear([read_adapter(p, allow_pickle=allow_pickle) for p in adapters],
+                            _open_base(base, allow_pickle), Path(out), model_parameters, parameters, rank=rank,
+                            out_dtype=out_dtype, force=force, progress=progress, max_shard_size=max_shard_size,
+                            allow_nonfinite=allow_nonfinite)
     try:
-        spec = methods.get(method)
+        spec = methods.get("linear" if method == "delta_linear" else method)
     except SoupError as e:
         raise ConfigError([f"method: {e}"]) from None
     glob, notes = _method_params(spec, parameters or {})
@@ -843,17 +855,24 @@ def _combine(spec: MethodSpec, p: Params, deltas: list[torch.Tensor], w: torch.T
     return out.reshape(w.shape)
 
 
+_PEFT_LINEAR = ("peft_linear", "https://huggingface.co/docs/peft/developer_guides/model_merging")
+
+
 def _card_and_report(tmp: Path, op: str, ads: Sequence[LoraAdapter], base: Checkpoint, hashes: Mapping[str, str],
-                     carried: Mapping[str, str], notes: Sequence[str], spec: MethodSpec, *, rank: int | None,
-                     extra: Mapping[str, Any], result: dict[str, Any], nonfinite: Sequence[str]) -> None:
+                     carried: Mapping[str, str], notes: Sequence[str], spec: MethodSpec | tuple[str, str], *,
+                     rank: int | None, extra: Mapping[str, Any], result: dict[str, Any],
+                     nonfinite: Sequence[str]) -> None:
+    name, paper = spec if isinstance(spec, tuple) else (spec.name, spec.paper)
     is_adapter = rank is not None
-    front = card_front_matter([base.label, *(a.label for a in ads)], tags=["lora", "peft", spec.name],
+    front = card_front_matter([base.label, *(a.label for a in ads)], tags=["lora", "peft", name],
                               library_name="peft" if is_adapter else "transformers",
                               relation="adapter" if is_adapter else "merge")
     what = f"a LoRA adapter of rank {rank}" if is_adapter else "a full model"
     body = [f"# {tmp.name if not tmp.name.startswith('.soupkit') else 'Merged LoRA'}", "",
-            f"{len(ads)} LoRA adapter(s) of `{base.label}` merged exactly in weight space (their deltas "
-            f"scale * B @ A) with the `{spec.name}` method ({spec.paper}) by "
+            f"{len(ads)} LoRA adapter(s) of `{base.label}` merged "
+            + ("by combining their factors A and B as PEFT's add_weighted_adapter(combination_type='linear') does"
+               if name == "peft_linear" else "exactly in weight space (their deltas scale * B @ A)")
+            + f" with the `{name}` method ({paper}) by "
             f"[soupkit](https://pypi.org/project/soupkit/) {__version__}, written as {what}.", "",
             "## Adapters", ""]
     body += [f"- `{a.label}`: r = {a.r}, lora_alpha = {a.lora_alpha:g}, {len(a.modules)} module(s)" for a in ads]
@@ -966,3 +985,134 @@ def _merge_to_adapter(
         _write(out, outputs, produce, force=force, max_shard_size="1000TB", files=files, progress=progress,
                desc=f"merge loras ({spec.name}, rank {rank})", stem="adapter_model", finite=finite)
     return LoraResult(out, "adapter", tuple(sorted(modules)), errors, tuple(notes), result_report)
+
+
+def _peft_linear(
+    ads: Sequence[LoraAdapter], base: Checkpoint, out: Path, model_parameters: Sequence[Mapping[str, Any]] | None,
+    parameters: Mapping[str, Any] | None, *, rank: int | None, out_dtype: str | None, force: bool,
+    progress: bool | None, max_shard_size: int | str, allow_nonfinite: bool,
+) -> LoraResult:
+    """PEFT's ``add_weighted_adapter(combination_type="linear")``: a combination of the *factors*.
+
+    For every module, over the adapters that adapt it (scale ``s_i``, weight ``w_i``)::
+
+        A' = sum_i sign(w_i s_i) sqrt(|w_i s_i|) A_i        B' = sum_i sqrt(|w_i s_i|) B_i
+
+    with ``lora_alpha = r`` (scale 1), in PEFT's order of operations. All adapters must have the
+    same rank on a module (PEFT requires equal ``r``). Written as the full model ``W + B'A'``, or
+    with ``rank`` (which must equal that ``r``) as the new adapter itself.
+    """
+    if parameters:
+        raise ConfigError([f"method 'peft_linear' takes only per-adapter weights, not {sorted(parameters)}"])
+    weights: list[float] = []
+    for i, m in enumerate(model_parameters or [{}] * len(ads)):
+        extra = sorted(set(m) - {"weight"})
+        w = m.get("weight", 1.0)
+        if extra or isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
+            raise ConfigError([f"adapter {i}: method 'peft_linear' takes one finite number 'weight' per adapter, "
+                               f"got {_short(dict(m))}"])
+        weights.append(float(w))
+    targets, notes = _targets(ads, base)
+    problems: list[str] = []
+    for ad in ads:
+        # the base_layer copy PEFT saves of an adapted embedding is the weight the factors add to (as
+        # in a fold); other whole tensors (modules_to_save) are not combined by PEFT's linear
+        whole = sorted(r for r in ad.replacements if r.removesuffix(".weight") not in ad.modules)
+        if whole:
+            problems.append(f"{ad.label}: stores tensors whole (modules_to_save: {_short(whole, 300)}); "
+                            "PEFT's linear combination does not merge them")
+        if any(lm.bias is not None for lm in ad.modules.values()):
+            problems.append(f"{ad.label}: trained lora_B biases (lora_bias); PEFT's linear combination drops them")
+    modules: dict[str, list[tuple[int, LoraModule]]] = {}
+    for name, tg in targets.items():
+        lms = [(ai, lm) for ai, lm, part in tg.deltas if part == "weight"]
+        if not lms:
+            continue
+        modules[name] = lms
+        if len({lm.r for _, lm in lms}) > 1 or any(lm.kind == "conv" for _, lm in lms):
+            problems.append(f"{name}: {'a convolution' if any(lm.kind == 'conv' for _, lm in lms) else 'ranks '}"
+                            f"{'' if any(lm.kind == 'conv' for _, lm in lms) else str([lm.r for _, lm in lms])}; "
+                            "PEFT's linear combination needs linear or embedding modules of equal rank")
+    if problems:
+        raise PlanError(problems + ["hint: use 'delta_linear' or 'task_arithmetic', which merge the deltas "
+                                    "of any adapters exactly"])
+    ranks = {lms[0][1].r for lms in modules.values()}
+    if rank is not None and ranks != {rank}:
+        raise UsageError(f"method 'peft_linear' keeps the adapters' rank {sorted(ranks)}, got rank {rank}\n"
+                         "hint: leave out the rank to write the full model, or give the adapters' rank")
+
+    def factors(reader: TensorReader, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        # peft.tuners.lora.model._generalized_task_arithmetic_weighted_adapter, then merge_utils.task_arithmetic
+        wa, wb, a_s, b_s = [], [], [], []
+        for ai, lm in modules[name]:
+            ws = weights[ai] * lm.scale
+            wa.append(math.sqrt(abs(ws)) * (1 if ws >= 0 else -1))
+            wb.append(math.sqrt(abs(ws)))
+            a_s.append(reader.read(lm.a).reshape(lm.a.shape))
+            b_s.append(reader.read(lm.b).reshape(lm.b.shape))
+        dtype = a_s[0].dtype
+        out = []
+        for ts, w in ((a_s, wa), (b_s, wb)):
+            stacked = torch.stack(ts, dim=0)
+            wt = torch.tensor(w).to(stacked.device).view(-1, *([1] * (stacked.dim() - 1)))
+            out.append((wt * stacked).sum(dim=0).to(dtype))
+        return out[0], out[1]
+
+    with TensorReader() as reader:
+        parts: dict[str, tuple[str, int]] = {}  # adapter output tensor -> (base tensor, 0 for A / 1 for B)
+        finite = _FiniteCheck(allow_nonfinite, reader,
+                              lambda n: _sources(ads, base, targets[parts[n][0] if n in parts else n]))
+        result_report: dict[str, Any] = {}
+        extra = {"method": "peft_linear", "weights": weights, "rank": rank}
+        if rank is None:
+            outputs = [OutputTensor(n, _out_code(out_dtype, tg.info), tg.info.shape) for n, tg in targets.items()]
+
+            def produce(o: OutputTensor) -> torch.Tensor:
+                tg = targets[o.name]
+                src = tg.replaced[max(tg.replaced)] if tg.replaced else tg.info
+                raw = reader.read(src).reshape(src.shape)
+                if o.name not in modules:
+                    return raw.to(DTYPES[o.dtype][0])
+                a, b = factors(reader, o.name)
+                lm = modules[o.name][0][1]
+                d = (b.float() @ a.float())
+                d = d.T if (lm.kind == "embedding" or lm.fan_in_fan_out) else d
+                return (raw.to(torch.float32) + d * 1.0).to(DTYPES[o.dtype][0])
+
+            def files(tmp: Path, hashes: dict[str, str]) -> None:
+                carried = _carry(tmp, [base.folder])
+                _card_and_report(tmp, "merge", ads, base, hashes, carried, notes, _PEFT_LINEAR, rank=None,
+                                 extra=extra, result=result_report, nonfinite=finite.found)
+
+            _write(out, outputs, produce, force=force, max_shard_size=max_shard_size, files=files,
+                   progress=progress, desc="merge loras (peft_linear)", finite=finite)
+            return LoraResult(out, "model", tuple(modules), {}, tuple(notes), result_report)
+
+        outputs = []
+        for name, lms in modules.items():
+            lm = lms[0][1]
+            mod = name[: -len(".weight")]
+            emb = lm.kind == "embedding"
+            an, bn = (f"{PREFIX}{mod}.lora_embedding_A", f"{PREFIX}{mod}.lora_embedding_B") if emb else \
+                (f"{PREFIX}{mod}.lora_A.weight", f"{PREFIX}{mod}.lora_B.weight")
+            code = _DTYPE_CODE[out_dtype] if out_dtype else lm.a.dtype
+            outputs += [OutputTensor(an, code, lm.a.shape), OutputTensor(bn, code, lm.b.shape)]
+            parts[an], parts[bn] = (name, 0), (name, 1)
+
+        def produce_factor(o: OutputTensor) -> torch.Tensor:
+            name, which = parts[o.name]
+            return factors(reader, name)[which].to(DTYPES[o.dtype][0])
+
+        def adapter_files(tmp: Path, hashes: dict[str, str]) -> None:
+            r = next(iter(ranks))
+            cfg = dict(ads[0].config)
+            cfg.update({"r": r, "lora_alpha": r, "use_rslora": False, "rank_pattern": {}, "alpha_pattern": {},
+                        "target_modules": sorted({n[: -len(".weight")].rsplit(".", 1)[-1] for n in modules}),
+                        "base_model_name_or_path": base.label, "inference_mode": True})
+            (tmp / ADAPTER_CONFIG).write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
+            _card_and_report(tmp, "merge_to_adapter", ads, base, hashes, {}, notes, _PEFT_LINEAR, rank=r,
+                             extra=extra, result=result_report, nonfinite=finite.found)
+
+        _write(out, outputs, produce_factor, force=force, max_shard_size="1000TB", files=adapter_files,
+               progress=progress, desc="merge loras (peft_linear)", stem="adapter_model", finite=finite)
+        return LoraResult(out, "adapter", tuple(sorted(modules)), {}, tuple(notes), result_report)

@@ -175,14 +175,14 @@ def test_merge_is_exact_in_weight_space(llama: dict[str, Path], tmp_path: Path) 
 def test_merge_to_adapter_reports_the_svd_error(llama: dict[str, Path], tmp_path: Path) -> None:
     ads = [llama["ad0"], llama["ad1"]]
     full = tmp_path / "full"
-    soupkit.merge_loras(ads, llama["base"], full, method="linear", progress=False)
+    soupkit.merge_loras(ads, llama["base"], full, method="delta_linear", progress=False)
     merged = load_file(str(full / "model.safetensors"))
     base = load_file(str(llama["base"] / "model.safetensors"))
     # rank 6 >= 4 + 2: the merged deltas are represented exactly
-    exact = soupkit.merge_loras(ads, llama["base"], tmp_path / "r6", method="linear", rank=6, progress=False)
+    exact = soupkit.merge_loras(ads, llama["base"], tmp_path / "r6", method="delta_linear", rank=6, progress=False)
     assert exact.kind == "adapter" and exact.max_svd_error < 1e-5
     # rank 1: the reported error is the tail of the singular values
-    r1 = soupkit.merge_loras(ads, llama["base"], tmp_path / "r1", method="linear", rank=1, progress=False)
+    r1 = soupkit.merge_loras(ads, llama["base"], tmp_path / "r1", method="delta_linear", rank=1, progress=False)
     for mod, err in r1.svd_errors.items():
         d = (merged[mod + ".weight"] - base[mod + ".weight"]).double()
         s = torch.linalg.svdvals(d)

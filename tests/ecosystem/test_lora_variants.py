@@ -278,3 +278,97 @@ def test_nan_in_a_factor_stops_fold_and_merge(plain: dict[str, Path], tmp_path: 
     assert r.report["nonfinite_tensors"] == ["model.layers.1.self_attn.v_proj.weight"]
     report = json.loads((tmp_path / "out" / "soupkit-report.json").read_text())
     assert report["nonfinite_tensors"] == ["model.layers.1.self_attn.v_proj.weight"]
+
+
+# ---------------------------------------------------------------------------------- merge modes
+@pytest.fixture(scope="module")
+def two(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Two adapters of equal rank (PEFT's linear needs it), different alphas, one with rslora."""
+    root = tmp_path_factory.mktemp("two")
+    model = tiny_llama()
+    model.save_pretrained(root / "base")
+    pm = peft_adapter(model, root / "a", 21, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "embed_tokens"])
+    model = pm.unload()
+    peft_adapter(model, root / "b", 22, r=4, lora_alpha=3, use_rslora=True, target_modules=["q_proj", "down_proj"])
+    return {"base": root / "base", "a": root / "a", "b": root / "b"}
+
+
+def _peft_weighted(two: dict[str, Path], weights: list[float], combination: str, **kw: Any) -> Any:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(two["base"]),
+                                            two["a"], adapter_name="a")
+        pm.load_adapter(two["b"], adapter_name="b")
+        pm.add_weighted_adapter(["a", "b"], weights, "m", combination_type=combination, **kw)
+        pm.set_adapter("m")
+    return pm
+
+
+def test_linear_is_refused_as_ambiguous(two: dict[str, Path], tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(UsageError, match=r"method 'linear' is ambiguous for LoRA adapters: PEFT's.*"
+                                         r"\nhint: use 'delta_linear'.* or 'peft_linear'"):
+        soupkit.merge_loras([two["a"], two["b"]], two["base"], tmp_path / "x", method="linear", progress=False)
+    code = main(["lora", "merge", str(two["a"]), str(two["b"]), "--base", str(two["base"]), "--method", "linear",
+                 str(tmp_path / "x"), "--no-progress"])
+    assert code == 2 and "ambiguous" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_peft_linear_equals_add_weighted_adapter_linear(two: dict[str, Path], tmp_path: Path) -> None:
+    """Bit for bit: the factors of PEFT's combination_type='linear' (negative weight too), and the fold."""
+    weights = [0.7, -0.4]
+    pm = _peft_weighted(two, weights, "linear")
+    r = soupkit.merge_loras([two["a"], two["b"]], two["base"], tmp_path / "ad", method="peft_linear",
+                            model_parameters=[{"weight": w} for w in weights], rank=4, progress=False)
+    assert r.kind == "adapter"
+    mine = load_file(str(tmp_path / "ad" / "adapter_model.safetensors"))
+    layer = pm.base_model.model.model.layers[0].self_attn.q_proj
+    key = "base_model.model.model.layers.0.self_attn.q_proj"
+    assert torch.equal(mine[key + ".lora_A.weight"], layer.lora_A["m"].weight.detach())
+    assert torch.equal(mine[key + ".lora_B.weight"], layer.lora_B["m"].weight.detach())
+    emb = pm.base_model.model.model.embed_tokens
+    assert torch.equal(mine["base_model.model.model.embed_tokens.lora_embedding_A"], emb.lora_embedding_A["m"].detach())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = pm.merge_and_unload(adapter_names=["m"]).state_dict()
+    soupkit.merge_loras([two["a"], two["b"]], two["base"], tmp_path / "full", method="peft_linear",
+                        model_parameters=[{"weight": w} for w in weights], progress=False)
+    assert states_equal(load_file(str(tmp_path / "full" / "model.safetensors")), ref) == []
+    # PEFT loads the adapter soupkit wrote, and folds it to the same model
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        back = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(two["base"]),
+                                              tmp_path / "ad").merge_and_unload().state_dict()
+    assert states_equal(back, ref) == []
+
+
+def test_delta_linear_differs_from_peft_linear_and_is_the_average_of_the_deltas(two: dict[str, Path],
+                                                                                 tmp_path: Path) -> None:
+    soupkit.merge_loras([two["a"], two["b"]], two["base"], tmp_path / "d", method="delta_linear", progress=False)
+    soupkit.merge_loras([two["a"], two["b"]], two["base"], tmp_path / "p", method="peft_linear", progress=False)
+    d = load_file(str(tmp_path / "d" / "model.safetensors"))
+    p = load_file(str(tmp_path / "p" / "model.safetensors"))
+    w = load_file(str(two["base"] / "model.safetensors"))
+    q = "model.layers.0.self_attn.q_proj.weight"
+    deltas = []
+    for ad in (two["a"], two["b"]):
+        cfg = json.loads((ad / "adapter_config.json").read_text())
+        sd = load_file(str(ad / "adapter_model.safetensors"))
+        scale = cfg["lora_alpha"] / (cfg["r"] ** 0.5 if cfg["use_rslora"] else cfg["r"])
+        k = "base_model.model." + q[: -len(".weight")]
+        deltas.append(sd[k + ".lora_B.weight"] @ sd[k + ".lora_A.weight"] * scale)
+    torch.testing.assert_close(d[q], w[q] + (deltas[0] + deltas[1]) / 2, rtol=0, atol=1e-6)
+    assert (d[q] - p[q]).abs().max() > 1e-3  # PEFT's linear adds the cross terms B_a A_b + B_b A_a
+
+
+def test_peft_linear_refuses_what_peft_cannot_combine(two: dict[str, Path], plain: dict[str, Path],
+                                                      tmp_path: Path) -> None:
+    from soupkit.errors import PlanError
+
+    with pytest.raises(UsageError, match=r"keeps the adapters' rank \[4\], got rank 2"):
+        soupkit.merge_loras([two["a"], two["b"]], two["base"], tmp_path / "x", method="peft_linear", rank=2,
+                            progress=False)
+    with pytest.raises(PlanError, match=r"ranks \[4, 2\]; PEFT's linear combination needs"):
+        soupkit.merge_loras([two["a"], plain["ad"]], two["base"], tmp_path / "x", method="peft_linear",
+                            progress=False)
+    assert not (tmp_path / "x").exists()

@@ -63,13 +63,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                                     "error of each tensor is reported).",
                         epilog=examples("""
                             soupkit lora merge ./a1 ./a2 --base ./llama --method ties --param density=0.5 ./merged
-                            soupkit lora merge ./a1 ./a2 --base ./llama --method linear --weights 2,1 --rank 16 ./a12
+                            soupkit lora merge ./a1 ./a2 --base ./llama --method delta_linear --weights 2,1 --rank 16 ./a12
                             soupkit lora merge ./a1 ./a2 ./a3 --base ./llama --method dare_ties --param density=0.3 --seed 1 ./m
                         """), formatter_class=argparse.RawDescriptionHelpFormatter)
     m.add_argument("adapters", nargs="+", metavar="ADAPTER", help="PEFT adapter folders")
     m.add_argument("out", help="output folder")
     m.add_argument("--method", default="task_arithmetic",
-                   help="merge method (see `soupkit methods`); default task_arithmetic")
+                   help="merge method (see `soupkit methods`; default task_arithmetic): every method merges "
+                        "the deltas scale*B@A, e.g. delta_linear (their weighted average), except "
+                        "peft_linear (PEFT's combination_type='linear', a sum of the factors A and B); "
+                        "'linear' is refused as ambiguous")
     m.add_argument("--weights", default=None, help="comma-separated per-adapter weights (the `weight` parameter)")
     m.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                    help="a method parameter, e.g. density=0.5 or lambda=1.2 (repeatable; YAML values)")

@@ -71,6 +71,7 @@ __all__ = [
     "LoraAdapter",
     "LoraModule",
     "LoraResult",
+    "extract_lora",
     "fold_lora",
     "merge_loras",
     "read_adapter",
@@ -385,7 +386,8 @@ class _FiniteCheck:
 
     def fail(self, name: str, out: torch.Tensor) -> None:
         if self.allow:
-            self.found.append(name)
+            if name not in self.found:
+                self.found.append(name)
             return
         nan, inf = int(torch.isnan(out).sum()), int(torch.isinf(out).sum())
         what = " and ".join(x for x in (f"{nan:,} NaN" if nan else "", f"{inf:,} Inf" if inf else "") if x)
@@ -1116,3 +1118,179 @@ def _peft_linear(
         _write(out, outputs, produce_factor, force=force, max_shard_size="1000TB", files=adapter_files,
                progress=progress, desc="merge loras (peft_linear)", stem="adapter_model", finite=finite)
         return LoraResult(out, "adapter", tuple(sorted(modules)), {}, tuple(notes), result_report)
+
+
+# ---------------------------------------------------------------------------------------- extract
+# module names (last component) of embedding layers: PEFT adapts nn.Embedding with other tensor
+# names (lora_embedding_A/B) and soupkit reads headers only, so their changes are stored whole
+EMBEDDING_NAMES = frozenset({"embed_tokens", "embed_positions", "embed_in", "tok_embeddings", "wte", "wpe",
+                             "word_embeddings", "position_embeddings", "token_type_embeddings", "shared",
+                             "embeddings"})
+
+
+def _svd_factors(d: torch.Tensor, k: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+    """Rank-``k`` truncated SVD of ``d`` (float32): ``B = U_k diag(S_k)``, ``A = Vh_k`` in
+    ``dtype``, and the residual and total Frobenius norms of ``d - B @ A`` (in float64)."""
+    u, s, vh = torch.linalg.svd(d, full_matrices=False)
+    b = (u[:, :k] * s[:k]).to(dtype).contiguous()
+    a = vh[:k].to(dtype).contiguous()
+    total = float(torch.linalg.vector_norm(d.double()))
+    resid = float(torch.linalg.vector_norm(d.double() - b.double() @ a.double()))
+    return a, b, resid, total
+
+
+def extract_lora(
+    fine_tuned: str | os.PathLike[str],
+    base: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    rank: int,
+    out_dtype: str | None = None,
+    force: bool = False,
+    progress: bool | None = None,
+    allow_pickle: bool = False,
+    allow_nonfinite: bool = False,
+) -> LoraResult:
+    """Extract a PEFT LoRA adapter of rank ``rank`` from a full fine-tune (mergekit-extract-lora's job).
+
+    For every 2-D ``*.weight`` of a module that is not an embedding, the task vector
+    ``delta = W_ft - W_base`` (float32) is factored by its truncated SVD, ``B = U_k diag(S_k)``,
+    ``A = Vh_k`` with ``k = min(rank, out, in)`` and ``lora_alpha = r`` (scale 1; modules whose
+    ``k`` is below ``rank`` get it through ``rank_pattern`` / ``alpha_pattern``). By Eckart-Young no
+    rank-k adapter folds closer to the fine-tune. Every other tensor that differs from the base
+    (norms, biases, embeddings, and whole modules whose bias changed) is stored whole
+    (``modules_to_save``). Memory: one module's two weights and its SVD.
+
+    Args:
+        fine_tuned: the fine-tuned model (folder or safetensors file).
+        base: the model it was fine-tuned from (same tensor names and shapes).
+        out: the adapter folder to write (``adapter_config.json``, ``adapter_model.safetensors``).
+        rank: the LoRA rank r.
+        out_dtype: dtype of the factors (default float32; whole tensors keep their dtype).
+        force: replace a non-empty ``out``.
+        progress: show a progress bar.
+        allow_pickle: accept pickle checkpoints (``weights_only``).
+        allow_nonfinite: write NaN / Inf factors instead of stopping with `NonFiniteError`.
+
+    Returns:
+        A `LoraResult` of kind ``"adapter"``; ``svd_errors`` holds each module's relative
+        Frobenius error ``||delta - B A||_F / ||delta||_F`` (also in the report).
+
+    Raises:
+        UsageError: a rank below 1 or an unknown ``out_dtype``.
+        PlanError: the two models do not have the same tensors and shapes.
+    """
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise UsageError(f"rank must be a whole number of at least 1, got {rank!r}")
+    if out_dtype is not None and out_dtype not in _DTYPE_CODE:
+        raise UsageError(f"out_dtype {out_dtype!r}: expected one of {', '.join(_DTYPE_CODE)}")
+    code = _DTYPE_CODE[out_dtype or "float32"]
+    ft = open_checkpoint(fine_tuned, allow_pickle=allow_pickle)
+    bs = _open_base(base, allow_pickle)
+    problems = [f"{_short(n, 300)} is in {ft.label} but not in {bs.label}" for n in ft.tensors if n not in bs.tensors]
+    problems += [f"{_short(n, 300)} is in {bs.label} but not in {ft.label}" for n in bs.tensors if n not in ft.tensors]
+    problems += [f"{_short(n, 300)}: shape {list(i.shape)} in {ft.label} but {list(bs.tensors[n].shape)} in {bs.label}"
+                 for n, i in ft.tensors.items() if n in bs.tensors and i.shape != bs.tensors[n].shape]
+    if problems:
+        raise PlanError(problems[:50] + ["hint: give the model this fine-tune started from; a resized vocabulary "
+                                         "cannot be expressed as a LoRA of the base"])
+    factored: dict[str, str] = {}  # module -> its weight's name
+    for name, info in ft.tensors.items():
+        mod, _, param = name.rpartition(".")
+        if (info.is_float and len(info.shape) == 2 and param == "weight" and mod
+                and mod.rsplit(".", 1)[-1] not in EMBEDDING_NAMES):
+            factored[mod] = name
+    notes: list[str] = []
+    whole: list[str] = []
+    with TensorReader() as reader:
+        for name, info in ft.tensors.items():  # what else changed (reads the small tensors, and embeddings)
+            mod = name.rpartition(".")[0]
+            if factored.get(mod) == name:
+                continue
+            if not torch.equal(reader.read(info), reader.read(bs.tensors[name])):
+                whole.append(name)
+                if mod in factored:  # PEFT cannot adapt a module and also store it whole
+                    notes.append(f"{mod}: its {name.rpartition('.')[2]} changed too, so the module is stored whole")
+        for mod in {n.rpartition(".")[0] for n in whole} & set(factored):
+            whole.append(factored.pop(mod))
+        if not factored and not whole:
+            raise PlanError([f"{ft.label} equals {bs.label}: there is nothing to extract"])
+        outputs: list[OutputTensor] = []
+        ranks: dict[str, int] = {}
+        for mod, name in factored.items():
+            rows, cols = ft.tensors[name].shape
+            k = ranks[mod] = min(rank, rows, cols)
+            outputs += [OutputTensor(f"{PREFIX}{mod}.lora_A.weight", code, (k, cols)),
+                        OutputTensor(f"{PREFIX}{mod}.lora_B.weight", code, (rows, k))]
+        whole.sort(key=list(ft.tensors).index)
+        outputs += [OutputTensor(PREFIX + n, ft.tensors[n].dtype, ft.tensors[n].shape) for n in whole]
+        errors: dict[str, float] = {}
+        norms: dict[str, tuple[float, float]] = {}
+        pending: dict[str, torch.Tensor] = {}
+
+        def produce(o: OutputTensor) -> torch.Tensor:
+            if o.name in pending:
+                return pending.pop(o.name)
+            rel = o.name[len(PREFIX):]
+            if rel in ft.tensors:
+                return reader.read(ft.tensors[rel]).reshape(o.shape)
+            is_a = rel.endswith(".lora_A.weight")
+            mod = rel.removesuffix(".lora_A.weight" if is_a else ".lora_B.weight")
+            w = factored[mod]
+            d = (reader.read(ft.tensors[w]).to(torch.float32) - reader.read(bs.tensors[w]).to(torch.float32))
+            rows, cols = ft.tensors[w].shape
+            if not all_finite(d):  # no SVD of NaN: refuse (or, allowed, write NaN factors; no error figure)
+                finite.fail(o.name, d)
+                a = torch.full((ranks[mod], cols), math.nan, dtype=DTYPES[code][0])
+                b = torch.full((rows, ranks[mod]), math.nan, dtype=DTYPES[code][0])
+            else:
+                a, b, resid, total = _svd_factors(d.reshape(rows, cols), ranks[mod], DTYPES[code][0])
+                errors[mod] = resid / total if total > 0 else 0.0
+                norms[mod] = (resid, total)
+            pending[f"{PREFIX}{mod}.lora_{'B' if is_a else 'A'}.weight"] = b if is_a else a
+            return a if is_a else b
+
+        def sources(n: str) -> list[tuple[str, TensorInfo]]:
+            rel = n[len(PREFIX):]
+            w = factored.get(rel.removesuffix(".lora_A.weight").removesuffix(".lora_B.weight"), rel)
+            return [(f"fine-tune {ft.label}", ft.tensors[w]), (f"base {bs.label}", bs.tensors[w])]
+
+        def files(tmp: Path, hashes: dict[str, str]) -> None:
+            small = {m: k for m, k in ranks.items() if k != rank}
+            saves = sorted({n.rpartition(".")[0] for n in whole}) or None
+            cfg = {"peft_type": "LORA", "task_type": None, "base_model_name_or_path": bs.label, "r": rank,
+                   "lora_alpha": rank, "target_modules": sorted(factored), "modules_to_save": saves,
+                   "rank_pattern": small, "alpha_pattern": dict(small), "use_rslora": False,
+                   "fan_in_fan_out": False, "bias": "none", "lora_dropout": 0.0, "init_lora_weights": True,
+                   "use_dora": False, "lora_bias": False, "inference_mode": True}
+            (tmp / ADAPTER_CONFIG).write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
+            tot_r = math.sqrt(sum(r * r for r, _ in norms.values()))
+            tot = math.sqrt(sum(t * t for _, t in norms.values()))
+            svd = {"relative_frobenius_error": {m: round(e, 8) for m, e in sorted(errors.items())},
+                   "max": max(errors.values(), default=0.0), "overall": tot_r / tot if tot > 0 else 0.0}
+            front = card_front_matter([str(base), str(fine_tuned)], tags=["lora", "peft", "extract"],
+                                      library_name="peft", relation="adapter")
+            body = [f"# {Path(out).name}", "",
+                    f"A rank-{rank} LoRA adapter of `{bs.label}` extracted from the fine-tune `{ft.label}` by "
+                    f"[soupkit](https://pypi.org/project/soupkit/) {__version__}: the truncated SVD of each "
+                    f"module's weight difference ({len(factored)} module(s)); {len(whole)} other changed "
+                    f"tensor(s) stored whole. Relative Frobenius error: overall {svd['overall']:.3g}, "
+                    f"max {svd['max']:.3g} (per module in soupkit-report.json)."]
+            (tmp / "README.md").write_text(render_card(front, body), encoding="utf-8")
+            report = {
+                "soupkit_version": __version__, "torch_version": torch.__version__, "created_unix": int(time.time()),
+                "lora": {"operation": "extract", "rank": rank, "out_dtype": out_dtype or "float32",
+                         "modules": len(factored), "stored_whole": whole, "svd": svd},
+                "inputs": {"fine_tuned": {"label": ft.label, "files": _file_hashes([ft])},
+                           "base": {"label": bs.label, "files": _file_hashes([bs])}},
+                "outputs": [{"file": f, "sha256": h} for f, h in hashes.items()],
+                "nonfinite_tensors": list(finite.found), "notes": notes,
+            }
+            (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+            result_report.update(report)
+
+        result_report: dict[str, Any] = {}
+        finite = _FiniteCheck(allow_nonfinite, reader, sources)
+        _write(Path(out), outputs, produce, force=force, max_shard_size="1000TB", files=files, progress=progress,
+               desc=f"extract lora (rank {rank})", stem="adapter_model", finite=finite)
+    return LoraResult(Path(out), "adapter", tuple(sorted(factored)), errors, tuple(notes), result_report)

@@ -809,14 +809,14 @@ def merge_loras(
         def files(tmp: Path, hashes: dict[str, str]) -> None:
             carried = _carry(tmp, [base_ck.folder])
             _card_and_report(tmp, "merge", ads, base_ck, hashes, carried, notes, spec, rank=None,
-                             extra={"method": spec.name, "parameters": glob, "model_parameters": per,
+                             extra={"method": _shown(spec), "parameters": glob, "model_parameters": per,
                                     "seed": seed, "out_dtype": out_dtype, "merged_tensors": len(merged_names)},
                              result=result_report, nonfinite=finite.found)
 
         result_report: dict[str, Any] = {}
         finite = _FiniteCheck(allow_nonfinite, reader, lambda n: _sources(ads, base_ck, targets[n]))
         _write(Path(out), outputs, produce, force=force, max_shard_size=max_shard_size, files=files,
-               progress=progress, desc=f"merge loras ({spec.name})", finite=finite)
+               progress=progress, desc=f"merge loras ({_shown(spec)})", finite=finite)
     return LoraResult(Path(out), "model", tuple(merged_names), {}, tuple(notes), result_report)
 
 
@@ -857,6 +857,11 @@ def _combine(spec: MethodSpec, p: Params, deltas: list[torch.Tensor], w: torch.T
     return out.reshape(w.shape)
 
 
+def _shown(spec: MethodSpec) -> str:
+    """The method's name for adapters: the registry's ``linear`` is reached as ``delta_linear``."""
+    return "delta_linear" if spec.name == "linear" else spec.name
+
+
 _PEFT_LINEAR = ("peft_linear", "https://huggingface.co/docs/peft/developer_guides/model_merging")
 
 
@@ -864,7 +869,7 @@ def _card_and_report(tmp: Path, op: str, ads: Sequence[LoraAdapter], base: Check
                      carried: Mapping[str, str], notes: Sequence[str], spec: MethodSpec | tuple[str, str], *,
                      rank: int | None, extra: Mapping[str, Any], result: dict[str, Any],
                      nonfinite: Sequence[str]) -> None:
-    name, paper = spec if isinstance(spec, tuple) else (spec.name, spec.paper)
+    name, paper = spec if isinstance(spec, tuple) else (_shown(spec), spec.paper)
     is_adapter = rank is not None
     front = card_front_matter([base.label, *(a.label for a in ads)], tags=["lora", "peft", name],
                               library_name="peft" if is_adapter else "transformers",
@@ -975,7 +980,7 @@ def _merge_to_adapter(
             (tmp / ADAPTER_CONFIG).write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
             tot_r = math.sqrt(sum(r * r for r, _ in norms.values()))
             tot = math.sqrt(sum(t * t for _, t in norms.values()))
-            extra = {**dict(method_params), "method": spec.name, "rank": rank, "seed": seed,
+            extra = {**dict(method_params), "method": _shown(spec), "rank": rank, "seed": seed,
                      "svd": {"relative_frobenius_error": {m: round(e, 8) for m, e in sorted(errors.items())},
                              "max": max(errors.values(), default=0.0),
                              "overall": tot_r / tot if tot > 0 else 0.0}}
@@ -985,7 +990,7 @@ def _merge_to_adapter(
         result_report: dict[str, Any] = {}
         finite = _FiniteCheck(allow_nonfinite, reader, lambda n: _sources(ads, base, targets[plan[n][0]]))
         _write(out, outputs, produce, force=force, max_shard_size="1000TB", files=files, progress=progress,
-               desc=f"merge loras ({spec.name}, rank {rank})", stem="adapter_model", finite=finite)
+               desc=f"merge loras ({_shown(spec)}, rank {rank})", stem="adapter_model", finite=finite)
     return LoraResult(out, "adapter", tuple(sorted(modules)), errors, tuple(notes), result_report)
 
 

@@ -136,3 +136,14 @@ def test_catastrophic_keys_take_linear_time(key: str) -> None:
 def test_unsupported_constructs_are_refused(key: str) -> None:
     with pytest.raises(UnsafePatternError):
         safe_match(rf"(.*\.)?({key})$", "a")
+
+
+def test_docs_table_is_the_field_table() -> None:
+    """docs/lora.md lists every field of LORA_FIELDS with its handling and reason."""
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "lora.md").read_text(encoding="utf-8")
+    rows = {line.split("|")[1].strip().strip("`"): line for line in doc.splitlines()
+            if line.startswith("| `")}
+    assert set(LORA_FIELDS) <= set(rows)
+    for name, rule in LORA_FIELDS.items():
+        assert rule.why in rows[name] and rule.feature in rows[name], name
+        assert ("**refused** when set" in rows[name]) == (rule.handling == "refused"), name

@@ -906,11 +906,15 @@ def _merge_to_adapter(
     outputs: list[OutputTensor] = []
     plan: dict[str, tuple[str, str, str]] = {}  # output name -> (base tensor, module, "A"|"B"|"whole")
     modules: dict[str, tuple[str, bool, bool]] = {}  # module -> (base weight name, transposed, embedding)
+    bias_updates: list[str] = []
     for name in plist:
         tg = targets[name]
         lora = [lm for _, lm, part in tg.deltas if part == "weight"]
+        if any(part == "bias" for _, _, part in tg.deltas) and not tg.replaced:
+            bias_updates.append(name)  # lora_bias: after the weights, as lora_B.bias of their module
+            continue
         if any(part == "bias" for _, _, part in tg.deltas) or (tg.replaced and not lora):
-            # a bias update or a whole-tensor module: stored whole (modules_to_save)
+            # a whole-tensor module: stored whole (modules_to_save)
             out_name = PREFIX + name
             outputs.append(OutputTensor(out_name, code if tg.info.is_float else tg.info.dtype, tg.info.shape))
             plan[out_name] = (name, name.rsplit(".", 1)[0], "whole")
@@ -930,6 +934,22 @@ def _merge_to_adapter(
         modules[mod] = (name, transposed, emb)
         if k < rank:
             notes.append(f"{mod}: rank {rank} exceeds min(out, in) = {k}; stored at rank {k} (exact)")
+    # lora_bias: the merged bias update is lora_B.bias (scale 1). PEFT gives every adapted module a
+    # lora_B.bias when lora_bias is set, so the others get zeros, and all need a base bias.
+    by_weight = {w[: -len("weight")] + "bias": m for m, (w, _, _) in modules.items()}
+    for name in bias_updates:
+        if name not in by_weight:
+            raise UsageError(f"{name}: a lora_bias update of a module that is not re-factored; writing a "
+                             "merged LoRA (--rank) cannot hold it\nhint: leave out --rank to write the full model")
+    if bias_updates:
+        for bname, mod in by_weight.items():
+            if bname not in targets:
+                raise UsageError(f"{mod}: has no bias in {base.label}, but a merged adapter with lora_bias gives "
+                                 "every adapted module a bias (as PEFT does)\nhint: leave out --rank to write "
+                                 "the full model")
+            out_name = f"{PREFIX}{mod}.lora_B.bias"
+            outputs.append(OutputTensor(out_name, code, targets[bname].info.shape))
+            plan[out_name] = (bname, mod, "bias" if bname in bias_updates else "zero")
     errors: dict[str, float] = {}
     norms: dict[str, tuple[float, float]] = {}
     pending: dict[str, torch.Tensor] = {}
@@ -944,6 +964,8 @@ def _merge_to_adapter(
 
         def produce(o: OutputTensor) -> torch.Tensor:
             name, mod, part = plan[o.name]
+            if part in ("bias", "zero"):
+                return merged_delta(name)[0].to(fdtype) if part == "bias" else torch.zeros(o.shape, dtype=fdtype)
             if part == "whole":
                 d, w = merged_delta(name)
                 return (w + d).to(DTYPES[o.dtype][0])
@@ -976,7 +998,7 @@ def _merge_to_adapter(
             cfg.update({"r": rank, "lora_alpha": rank, "use_rslora": False, "rank_pattern": {}, "alpha_pattern": {},
                         "target_modules": targets_cfg, "modules_to_save": saves, "fan_in_fan_out": any(
                             t for _, t, e in modules.values() if not e), "base_model_name_or_path": base.label,
-                        "use_dora": False, "inference_mode": True})
+                        "use_dora": False, "inference_mode": True, "lora_bias": bool(bias_updates)})
             (tmp / ADAPTER_CONFIG).write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
             tot_r = math.sqrt(sum(r * r for r, _ in norms.values()))
             tot = math.sqrt(sum(t * t for _, t in norms.values()))

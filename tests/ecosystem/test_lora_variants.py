@@ -56,6 +56,15 @@ def peft_adapter(model: torch.nn.Module, folder: Path, seed: int, **lora: Any) -
     return pm
 
 
+def peft_load_problems(base: Path, adapter: Path) -> tuple[list[str], list[str]]:
+    """(adapter keys PEFT expected but did not find, keys it did not use) when it loads ``adapter``."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(base), adapter)
+        res = pm.load_adapter(adapter, adapter_name="check")
+    return [k for k in res.missing_keys if ".check." in k or k.endswith(".check")], list(res.unexpected_keys)
+
+
 def states_equal(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> list[str]:
     assert set(got) <= set(ref)
     return [k for k in got if not torch.equal(got[k], ref[k])]
@@ -372,3 +381,29 @@ def test_peft_linear_refuses_what_peft_cannot_combine(two: dict[str, Path], plai
         soupkit.merge_loras([two["a"], plain["ad"]], two["base"], tmp_path / "x", method="peft_linear",
                             progress=False)
     assert not (tmp_path / "x").exists()
+
+
+def test_lora_bias_adapters_merge_to_an_adapter_peft_reads(tmp_path: Path) -> None:
+    """--rank with lora_bias: the merged bias update is lora_B.bias, and PEFT's fold of it is the merge."""
+    model = tiny_llama(bias=True)
+    model.save_pretrained(tmp_path / "base")
+    pm = peft_adapter(model, tmp_path / "a", 31, r=2, lora_alpha=4, lora_bias=True, target_modules=["q_proj", "k_proj"])
+    model = pm.unload()
+    peft_adapter(model, tmp_path / "b", 32, r=2, lora_alpha=2, target_modules=["k_proj"])
+    ads = [tmp_path / "a", tmp_path / "b"]
+    soupkit.merge_loras(ads, tmp_path / "base", tmp_path / "full", method="task_arithmetic", progress=False)
+    soupkit.merge_loras(ads, tmp_path / "base", tmp_path / "ad", method="task_arithmetic", rank=4, progress=False)
+    cfg = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    assert cfg["lora_bias"] is True
+    sd = load_file(str(tmp_path / "ad" / "adapter_model.safetensors"))
+    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_B.bias" in sd
+    full = load_file(str(tmp_path / "full" / "model.safetensors"))
+    assert peft_load_problems(tmp_path / "base", tmp_path / "ad") == ([], [])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        back = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base"),
+                                              tmp_path / "ad").merge_and_unload().state_dict()
+    bias = "model.layers.0.self_attn.q_proj.bias"
+    assert not torch.equal(full[bias], load_file(str(tmp_path / "base" / "model.safetensors"))[bias])
+    for name, w in full.items():
+        torch.testing.assert_close(back[name], w, rtol=0, atol=2e-6)

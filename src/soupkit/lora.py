@@ -23,18 +23,27 @@ adapter's dtype, then added in the weight's dtype).
 i on module M is its delta ``delta_i = scale_i * B_i @ A_i`` (zero where it does not adapt M),
 and any merge method combines those deltas exactly, never the factors (averaging the As and Bs
 separately would add cross terms ``B_i @ A_j``). Task-vector methods (``task_arithmetic``,
-``ties``, ``dare_*``, ...) receive the deltas themselves; the other methods (``linear``,
-``slerp``, ...) receive ``W + delta_i`` in float32 and their result minus ``W`` is the merged delta.
+``ties``, ``dare_*``, ...) receive the deltas themselves; the other methods (``delta_linear``,
+the registry's ``linear``; ``slerp``, ...) receive ``W + delta_i`` in float32 and their result
+minus ``W`` is the merged delta. ``linear`` is refused as ambiguous; ``peft_linear`` is PEFT's
+``combination_type="linear"``, which does combine the factors (`_peft_linear`).
 The result is written as a full model, or with ``rank=k`` as a new adapter of rank k: the
 truncated SVD of each merged delta (``B' = U_k diag(S_k)``, ``A' = Vh_k``, ``lora_alpha = r = k``,
 as PEFT's ``add_weighted_adapter(..., combination_type="svd")`` does), with the relative
 Frobenius error ``||delta - B'A'||_F / ||delta||_F`` of each tensor in the report. Since adapters
 come from PEFT, ``convention: peft`` is the default for methods that have conventions (TIES:
 per-tensor trim, as ``add_weighted_adapter`` does); a whole-model magnitude trim
-(``trim_scope: global``) is not available for adapters.
+(``trim_scope: global``) is not available for adapters. A ``lora_bias`` update is written as
+``lora_B.bias`` of its module (``lora_bias: true``).
 
-Not supported (refused by name, never ignored): DoRA (``use_dora``), LoRA variants of other
-PEFT types (IA3, LoHa, ...), grouped convolutions.
+`extract_lora` goes the other way: from a full fine-tune to an adapter, by the truncated SVD of
+each module's ``W_ft - W_base``.
+
+``adapter_config.json`` is validated and every ``LoraConfig`` field classified in
+`soupkit.lora_config`: what soupkit cannot fold exactly (DoRA, aLoRA, trainable tokens, KaSA,
+PiSSA-style initialisations, other PEFT types, ...) is refused by PEFT's name, never ignored;
+grouped convolutions fail on their shapes. NaN / Inf in any output stop the run
+(`NonFiniteError`) unless ``allow_nonfinite``.
 """
 
 from __future__ import annotations

@@ -130,6 +130,9 @@ class LoraModule:
         """``scale * B @ A`` as float32, laid out like the base weight (PEFT's get_delta_weight)."""
         a = reader.read(self.a).to(torch.float32).reshape(self.a.shape)
         b = reader.read(self.b).to(torch.float32).reshape(self.b.shape)
+        if self.kind == "conv" and len(weight_shape) != len(a.shape):
+            raise PlanError([f"LoRA module {self.module!r}: {len(a.shape)}-D convolution factors for a "
+                             f"{len(weight_shape)}-D base weight {list(weight_shape)}"])
         if self.kind == "conv":
             if tuple(weight_shape[2:]) == (1,) * (len(weight_shape) - 2):
                 sq = (b.flatten(1) @ a.flatten(1)).reshape(b.shape[0], a.shape[1], *weight_shape[2:])
@@ -137,7 +140,11 @@ class LoraModule:
             else:
                 conv = {3: torch.nn.functional.conv1d, 4: torch.nn.functional.conv2d,
                         5: torch.nn.functional.conv3d}[len(weight_shape)]
-                out = conv(a.transpose(0, 1), b).transpose(0, 1) * self.scale
+                try:
+                    out = conv(a.transpose(0, 1), b).transpose(0, 1) * self.scale
+                except RuntimeError as e:
+                    raise PlanError([f"LoRA module {self.module!r}: its convolution factors A {list(a.shape)} "
+                                     f"and B {list(b.shape)} do not compose ({str(e)[:200]})"]) from None
         else:
             prod = b @ a
             if self.kind == "embedding" or self.fan_in_fan_out:
@@ -272,13 +279,21 @@ def read_adapter(path: str | os.PathLike[str], *, allow_pickle: bool = False, la
         ak = pattern_key(list(alpha_pattern), mod)
         r = rank_pattern[rk] if rk is not None else r0
         alpha = alpha_pattern[ak] if ak is not None else alpha0
+        nd = len(a.shape)
+        bias = parts.get("lora_B.bias")
+        if nd != len(b.shape) or not (2 <= nd <= 5) or (emb and nd != 2) or (
+                bias is not None and tuple(bias.shape) != (b.shape[0],)):
+            problems.append(f"module {mod!r}: factors of shapes A {list(a.shape)}, B {list(b.shape)}"
+                            f"{'' if bias is None else f', bias {list(bias.shape)}'} are not a LoRA's "
+                            "(A: r x in, B: out x r, both 2-D, or both 3..5-D for a convolution)")
+            continue
         if r < 1 or a.shape[0] != r or b.shape[1] != r:
             problems.append(f"module {mod!r}: the config says r = {r} but A is {list(a.shape)} and "
                             f"B is {list(b.shape)}")
             continue
         kind: Literal["linear", "embedding", "conv"] = "embedding" if emb else ("conv" if len(a.shape) > 2 else "linear")
         scale = alpha / math.sqrt(r) if rslora else alpha / r
-        modules[mod] = LoraModule(mod, kind, a, b, parts.get("lora_B.bias"), r, alpha, scale,
+        modules[mod] = LoraModule(mod, kind, a, b, bias, r, alpha, scale,
                                   fifo and kind == "linear")
     if problems:
         raise CheckpointFormatError(f"{lab}: inconsistent LoRA factors:\n" + "\n".join(f"  - {p}" for p in problems))
@@ -339,6 +354,9 @@ def _targets(adapters: Sequence[LoraAdapter], base: Checkpoint) -> tuple[dict[st
                 if bname not in targets:
                     problems.append(f"{ad.label}: module {mod!r} trained a bias (lora_bias) but "
                                     f"{base.label} has no {bname!r}")
+                elif tuple(targets[bname].info.shape) != tuple(lm.bias.shape):
+                    problems.append(f"{ad.label}: module {mod!r}: lora_B.bias has shape {list(lm.bias.shape)} but "
+                                    f"{bname!r} in {base.label} has {list(targets[bname].info.shape)}")
                 else:
                     targets[bname].deltas.append((ai, lm, "bias"))
         for rel, info in ad.replacements.items():

@@ -147,3 +147,41 @@ def test_docs_table_is_the_field_table() -> None:
     for name, rule in LORA_FIELDS.items():
         assert rule.why in rows[name] and rule.feature in rows[name], name
         assert ("**refused** when set" in rows[name]) == (rule.handling == "refused"), name
+
+
+dims = st.lists(st.integers(0, 5), min_size=0, max_size=5).map(tuple)
+
+
+@settings(max_examples=60 * (20 if LONG else 1), deadline=None, derandomize=not LONG,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(a=dims, b=dims, bias=st.one_of(st.none(), dims), w=dims, r=st.integers(1, 3), fit=st.booleans(),
+       nan=st.booleans(), dtype=st.sampled_from([torch.float32, torch.float16, torch.int8]))
+def test_fuzz_factor_shapes_fold_or_soup_error(tmp_path_factory: pytest.TempPathFactory, a: tuple[int, ...],
+                                               b: tuple[int, ...], bias: tuple[int, ...] | None,
+                                               w: tuple[int, ...], r: int, fit: bool, nan: bool,
+                                               dtype: torch.dtype) -> None:
+    """Hostile factor shapes, dtypes and values: a fold either writes finite W + delta or raises a SoupError."""
+    if fit:  # shapes that compose, so accepted folds are exercised too
+        a, b, w = (r, 3), (4, r), (4, 3)
+    root = tmp_path_factory.mktemp("shapes")
+    (root / "base").mkdir()
+    save_file({"m.weight": torch.ones(w), "m.bias": torch.ones(4)}, str(root / "base" / "model.safetensors"))
+    tensors = {"base_model.model.m.lora_A.weight": torch.ones(a, dtype=dtype),
+               "base_model.model.m.lora_B.weight": torch.full(b, math.nan if nan else 1.0).to(dtype)}
+    if bias is not None:
+        tensors["base_model.model.m.lora_B.bias"] = torch.ones(bias)
+    (root / "ad").mkdir()
+    save_file(tensors, str(root / "ad" / "adapter_model.safetensors"))
+    (root / "ad" / "adapter_config.json").write_text(json.dumps({"r": r, "lora_alpha": 2, "lora_bias": bias is not None}))
+    from soupkit.lora import fold_lora
+
+    try:
+        res = fold_lora(root / "ad", root / "base", root / "out", progress=False)
+    except SoupError:
+        assert not (root / "out").exists()
+        return
+    from safetensors.torch import load_file
+
+    out = load_file(str(root / "out" / "model.safetensors"))
+    assert out["m.weight"].shape == w and bool(torch.isfinite(out["m.weight"]).all())
+    assert res.report["nonfinite_tensors"] == []

@@ -71,7 +71,7 @@ from soupkit.io.checkpoint import CARRY_FILES, Checkpoint, open_checkpoint
 from soupkit.io.header import DTYPES, TensorInfo
 from soupkit.io.reader import TensorReader
 from soupkit.io.writer import OutputFolder, OutputTensor, ShardWriter, layout_shards, parse_size, write_index
-from soupkit.lora_config import _short, pattern_key, validate_adapter_config
+from soupkit.lora_config import clip, pattern_key, validate_adapter_config
 from soupkit.methods import MethodSpec, Params
 from soupkit.params import LayerIndex, resolve_chain
 
@@ -254,10 +254,10 @@ def read_adapter(path: str | os.PathLike[str], *, allow_pickle: bool = False, la
     for name, info in ck.tensors.items():
         rel = name[len(PREFIX):] if name.startswith(PREFIX) else name
         if "lora_magnitude_vector" in rel:
-            raise UsageError(f"{lab}: holds DoRA magnitude vectors ({_short(name, 300)}); soupkit does not fold DoRA\n"
+            raise UsageError(f"{lab}: holds DoRA magnitude vectors ({clip(name, 300)}); soupkit does not fold DoRA\n"
                              "hint: use PEFT's merge_and_unload()")
         if ".token_adapter." in rel or "trainable_tokens_" in rel:
-            raise UsageError(f"{lab}: holds a trainable tokens adapter ({_short(name, 300)}); soupkit does not fold "
+            raise UsageError(f"{lab}: holds a trainable tokens adapter ({clip(name, 300)}); soupkit does not fold "
                              "trainable tokens\nhint: use PEFT's merge_and_unload()")
         m = _FACTOR.match(rel)
         if m:
@@ -425,13 +425,13 @@ class _FiniteCheck:
             if raw.is_floating_point():
                 n_nan, n_inf = int(torch.isnan(raw).sum()), int(torch.isinf(raw).sum())
                 if n_nan or n_inf:
-                    culprits.append(f"{label} holds {n_nan:,} NaN and {n_inf:,} Inf in {_short(info.name, 300)}")
+                    culprits.append(f"{label} holds {n_nan:,} NaN and {n_inf:,} Inf in {clip(info.name, 300)}")
         if culprits:
-            raise NonFiniteError(f"tensor {_short(name, 300)}: {what} in the output, from the inputs:\n"
+            raise NonFiniteError(f"tensor {clip(name, 300)}: {what} in the output, from the inputs:\n"
                                  + "\n".join(f"  - {c}" for c in culprits)
                                  + f"\nhint: that adapter or base is broken (diverged training, a bad "
                                    f"conversion); leave it out, {allow}")
-        raise NonFiniteError(f"tensor {_short(name, 300)}: {what} in the output although every input is finite "
+        raise NonFiniteError(f"tensor {clip(name, 300)}: {what} in the output although every input is finite "
                              "(float32 overflow: an extreme lora_alpha / r or merge weight, or a value beyond "
                              f"the output dtype's range)\nhint: check the adapter's scale and the output dtype, {allow}")
 
@@ -715,7 +715,10 @@ def merge_loras(
         base: the base model they were trained on.
         out: the output folder.
         method: any registered merge method (``soupkit methods``); task-vector methods get the
-            deltas ``scale_i * B_i @ A_i`` themselves.
+            deltas ``scale_i * B_i @ A_i`` themselves. ``delta_linear`` is the weighted average of
+            the deltas (the registry's ``linear``); ``peft_linear`` is PEFT's
+            ``combination_type="linear"``, a combination of the factors; ``linear`` itself is
+            refused as ambiguous (`UsageError`).
         parameters: the method's global parameters (and per-adapter defaults), as in a recipe
             (scalars, gradients, ``filter`` lists over base tensor names).
         model_parameters: per-adapter parameters (e.g. ``{"weight": 0.5}``), one per adapter.
@@ -1066,7 +1069,7 @@ def _peft_linear(
         w = m.get("weight", 1.0)
         if extra or isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
             raise ConfigError([f"adapter {i}: method 'peft_linear' takes one finite number 'weight' per adapter, "
-                               f"got {_short(dict(m))}"])
+                               f"got {clip(dict(m))}"])
         weights.append(float(w))
     targets, notes = _targets(ads, base)
     problems: list[str] = []
@@ -1075,7 +1078,7 @@ def _peft_linear(
         # in a fold); other whole tensors (modules_to_save) are not combined by PEFT's linear
         whole = sorted(r for r in ad.replacements if r.removesuffix(".weight") not in ad.modules)
         if whole:
-            problems.append(f"{ad.label}: stores tensors whole (modules_to_save: {_short(whole, 300)}); "
+            problems.append(f"{ad.label}: stores tensors whole (modules_to_save: {clip(whole, 300)}); "
                             "PEFT's linear combination does not merge them")
         if any(lm.bias is not None for lm in ad.modules.values()):
             problems.append(f"{ad.label}: trained lora_B biases (lora_bias); PEFT's linear combination drops them")
@@ -1085,10 +1088,10 @@ def _peft_linear(
         if not lms:
             continue
         modules[name] = lms
-        if len({lm.r for _, lm in lms}) > 1 or any(lm.kind == "conv" for _, lm in lms):
-            problems.append(f"{name}: {'a convolution' if any(lm.kind == 'conv' for _, lm in lms) else 'ranks '}"
-                            f"{'' if any(lm.kind == 'conv' for _, lm in lms) else str([lm.r for _, lm in lms])}; "
-                            "PEFT's linear combination needs linear or embedding modules of equal rank")
+        if any(lm.kind == "conv" for _, lm in lms):
+            problems.append(f"{name}: a convolution; PEFT's linear combination needs linear or embedding modules")
+        elif len({lm.r for _, lm in lms}) > 1:
+            problems.append(f"{name}: ranks {[lm.r for _, lm in lms]}; PEFT's linear combination needs equal ranks")
     if problems:
         raise PlanError(problems + ["hint: use 'delta_linear' or 'task_arithmetic', which merge the deltas "
                                     "of any adapters exactly"])
@@ -1241,9 +1244,9 @@ def extract_lora(
     code = _DTYPE_CODE[out_dtype or "float32"]
     ft = open_checkpoint(fine_tuned, allow_pickle=allow_pickle)
     bs = _open_base(base, allow_pickle)
-    problems = [f"{_short(n, 300)} is in {ft.label} but not in {bs.label}" for n in ft.tensors if n not in bs.tensors]
-    problems += [f"{_short(n, 300)} is in {bs.label} but not in {ft.label}" for n in bs.tensors if n not in ft.tensors]
-    problems += [f"{_short(n, 300)}: shape {list(i.shape)} in {ft.label} but {list(bs.tensors[n].shape)} in {bs.label}"
+    problems = [f"{clip(n, 300)} is in {ft.label} but not in {bs.label}" for n in ft.tensors if n not in bs.tensors]
+    problems += [f"{clip(n, 300)} is in {bs.label} but not in {ft.label}" for n in bs.tensors if n not in ft.tensors]
+    problems += [f"{clip(n, 300)}: shape {list(i.shape)} in {ft.label} but {list(bs.tensors[n].shape)} in {bs.label}"
                  for n, i in ft.tensors.items() if n in bs.tensors and i.shape != bs.tensors[n].shape]
     if problems:
         raise PlanError(problems[:50] + ["hint: give the model this fine-tune started from; a resized vocabulary "

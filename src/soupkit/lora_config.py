@@ -27,7 +27,7 @@ from typing import Any, Literal
 from soupkit._safe_regex import MAX_PATTERN_CHARS, UnsafePatternError, safe_match
 from soupkit.errors import ConfigError, UsageError
 
-__all__ = ["LORA_FIELDS", "MAX_PATTERN_KEYS", "MAX_RANK", "AdapterSettings", "FieldRule",
+__all__ = ["LORA_FIELDS", "MAX_PATTERN_KEYS", "MAX_RANK", "AdapterSettings", "FieldRule", "clip",
            "pattern_key", "validate_adapter_config"]
 
 MAX_RANK = 1 << 20
@@ -142,7 +142,7 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _short(v: Any, limit: int = 60) -> str:
+def clip(v: Any, limit: int = 60) -> str:
     """``repr(v)``, cut to ``limit`` characters (file contents never make a message long)."""
     text = repr(v)
     return text if len(text) <= limit else text[:limit - 3] + "..."
@@ -153,7 +153,7 @@ def _check_patterns(name: str, value: Any, rank: bool, errors: list[str]) -> dic
         return {}
     if not isinstance(value, dict):
         errors.append(f"{name}: expected an object {{module pattern: {'rank' if rank else 'alpha'}}}, "
-                      f"got {type(value).__name__} {_short(value)}")
+                      f"got {type(value).__name__} {clip(value)}")
         return {}
     if len(value) > MAX_PATTERN_KEYS:
         errors.append(f"{name}: {len(value):,} keys, more than the limit of {MAX_PATTERN_KEYS:,}")
@@ -164,15 +164,15 @@ def _check_patterns(name: str, value: Any, rank: bool, errors: list[str]) -> dic
             errors.append(f"{name}: a key of {len(key):,} characters, more than the limit of {MAX_PATTERN_CHARS}")
             continue
         if rank and not (_is_int(v) and 1 <= v <= MAX_RANK):
-            errors.append(f"{name}[{_short(key)}]: expected a whole number 1..{MAX_RANK}, got {_short(v)}")
+            errors.append(f"{name}[{clip(key)}]: expected a whole number 1..{MAX_RANK}, got {clip(v)}")
             continue
         if not rank and not _is_number(v):
-            errors.append(f"{name}[{_short(key)}]: expected a finite number, got {_short(v)}")
+            errors.append(f"{name}[{clip(key)}]: expected a finite number, got {clip(v)}")
             continue
         try:
             safe_match(rf"(.*\.)?({key})$", "")
         except UnsafePatternError as e:
-            errors.append(f"{name}[{_short(key)}]: PEFT matches the key as a regular expression, and soupkit "
+            errors.append(f"{name}[{clip(key)}]: PEFT matches the key as a regular expression, and soupkit "
                           f"refuses this one: {e}")
             continue
         out[key] = float(v) if not rank else v
@@ -200,35 +200,35 @@ def validate_adapter_config(cfg: Mapping[str, Any], source: str) -> AdapterSetti
     errors: list[str] = []
     peft_type = cfg.get("peft_type", "LORA")
     if not isinstance(peft_type, str):
-        raise ConfigError([f"peft_type: expected a string, got {_short(peft_type)}"], source=source)
+        raise ConfigError([f"peft_type: expected a string, got {clip(peft_type)}"], source=source)
     if peft_type.upper() != "LORA":
-        raise UsageError(f"{source}: a {_short(peft_type)[1:-1]} adapter; soupkit folds and merges LoRA "
+        raise UsageError(f"{source}: a {clip(peft_type)[1:-1]} adapter; soupkit folds and merges LoRA "
                          "adapters only\nhint: use PEFT's merge_and_unload() for other adapter types")
     unknown = [k for k in cfg if k not in LORA_FIELDS]
-    errors += [f"{_short(k)}: not a field of PEFT's LoraConfig that soupkit knows (a newer PEFT?); soupkit "
+    errors += [f"{clip(k)}: not a field of PEFT's LoraConfig that soupkit knows (a newer PEFT?); soupkit "
                "cannot tell whether it changes the folded weights" for k in unknown[:20]]
     r = cfg.get("r", 8)
     if not (_is_int(r) and 1 <= r <= MAX_RANK):
-        errors.append(f"r: expected a whole number 1..{MAX_RANK}, got {_short(r)}")
+        errors.append(f"r: expected a whole number 1..{MAX_RANK}, got {clip(r)}")
     alpha = cfg.get("lora_alpha", 8)
     if not _is_number(alpha):
-        errors.append(f"lora_alpha: expected a finite number, got {_short(alpha)}")
+        errors.append(f"lora_alpha: expected a finite number, got {clip(alpha)}")
     for key in ("fan_in_fan_out", "use_rslora", "use_dora", "lora_bias", "inference_mode", "use_qalora",
                 "ensure_weight_tying"):
         if key in cfg and not isinstance(cfg[key], bool):
-            errors.append(f"{key}: expected true or false, got {_short(cfg[key])}")
+            errors.append(f"{key}: expected true or false, got {clip(cfg[key])}")
     if cfg.get("bias", "none") not in ("none", "all", "lora_only"):
-        errors.append(f"bias: expected 'none', 'all' or 'lora_only', got {_short(cfg.get('bias'))}")
+        errors.append(f"bias: expected 'none', 'all' or 'lora_only', got {clip(cfg.get('bias'))}")
     for key in ("target_modules", "exclude_modules", "layers_pattern"):
         v = cfg.get(key)
         if not (v is None or isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) for x in v))):
-            errors.append(f"{key}: expected a string or a list of strings, got {_short(v)}")
+            errors.append(f"{key}: expected a string or a list of strings, got {clip(v)}")
     v = cfg.get("modules_to_save")
     if not (v is None or (isinstance(v, list) and all(isinstance(x, str) for x in v))):
-        errors.append(f"modules_to_save: expected a list of module names, got {_short(v)}")
+        errors.append(f"modules_to_save: expected a list of module names, got {clip(v)}")
     v = cfg.get("layers_to_transform")
     if not (v is None or _is_int(v) or (isinstance(v, list) and all(_is_int(x) for x in v))):
-        errors.append(f"layers_to_transform: expected a layer index or a list of them, got {_short(v)}")
+        errors.append(f"layers_to_transform: expected a layer index or a list of them, got {clip(v)}")
     init = cfg.get("init_lora_weights", True)
     init_refused = None
     if isinstance(init, bool) or (isinstance(init, str) and init in _INIT_PLAIN):
@@ -236,14 +236,14 @@ def validate_adapter_config(cfg: Mapping[str, Any], source: str) -> AdapterSetti
     elif isinstance(init, str) and (init.lower() in _INIT_REFUSED or init.startswith(("pissa_niter_", "corda"))):
         init_refused = _INIT_REFUSED[next(k for k in _INIT_REFUSED if init.lower().startswith(k))]
     else:
-        errors.append(f"init_lora_weights: expected true, false or one of PEFT's initialisations, got {_short(init)}")
+        errors.append(f"init_lora_weights: expected true, false or one of PEFT's initialisations, got {clip(init)}")
     rank_pattern = _check_patterns("rank_pattern", cfg.get("rank_pattern"), True, errors)
     alpha_pattern = _check_patterns("alpha_pattern", cfg.get("alpha_pattern"), False, errors)
     if errors:
         raise ConfigError(errors, source=source)
     refused = [(k, rule) for k, rule in LORA_FIELDS.items()
                if rule.handling == "refused" and k in cfg and _is_set(cfg[k])]
-    lines = [f"{rule.feature} ({k}: {_short(cfg[k])}): {rule.why}" for k, rule in refused]
+    lines = [f"{rule.feature} ({k}: {clip(cfg[k])}): {rule.why}" for k, rule in refused]
     if init_refused is not None:
         lines.append(f"{init_refused} (init_lora_weights: {init!r}): this initialisation changes the base "
                      "weights (or the layer), so the saved factors apply to PEFT's residual model, not "

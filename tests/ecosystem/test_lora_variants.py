@@ -337,7 +337,7 @@ def test_peft_linear_refuses_what_peft_cannot_combine(two: dict[str, Path], plai
     with pytest.raises(UsageError, match=r"keeps the adapters' rank \[4\], got rank 2"):
         soupkit.merge_loras([two["a"], two["b"]], two["base"], tmp_path / "x", method="peft_linear", rank=2,
                             progress=False)
-    with pytest.raises(PlanError, match=r"ranks \[4, 2\]; PEFT's linear combination needs"):
+    with pytest.raises(PlanError, match=r"ranks \[4, 2\]; PEFT.s linear combination needs equal ranks"):
         soupkit.merge_loras([two["a"], plain["ad"]], two["base"], tmp_path / "x", method="peft_linear",
                             progress=False)
     assert not (tmp_path / "x").exists()

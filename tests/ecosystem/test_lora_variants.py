@@ -367,3 +367,12 @@ def test_lora_bias_adapters_merge_to_an_adapter_peft_reads(tmp_path: Path) -> No
     assert not torch.equal(full[bias], load_file(str(tmp_path / "base" / "model.safetensors"))[bias])
     for name, w in full.items():
         torch.testing.assert_close(back[name], w, rtol=0, atol=2e-6)
+
+
+def test_cli_peft_linear_to_an_adapter(two: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["lora", "merge", str(two["a"]), str(two["b"]), "--base", str(two["base"]), "--method", "peft_linear",
+                 "--weights", "0.5,0.5", "--rank", "4", str(tmp_path / "m"), "--no-progress"])
+    out = capsys.readouterr().out
+    assert code == 0 and "with peft_linear into a rank-4 adapter" in out and "SVD" not in out
+    report = json.loads((tmp_path / "m" / "soupkit-report.json").read_text())
+    assert report["lora"]["method"] == "peft_linear" and report["lora"]["weights"] == [0.5, 0.5]

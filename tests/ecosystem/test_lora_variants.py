@@ -376,3 +376,19 @@ def test_cli_peft_linear_to_an_adapter(two: dict[str, Path], tmp_path: Path, cap
     assert code == 0 and "with peft_linear into a rank-4 adapter" in out and "SVD" not in out
     report = json.loads((tmp_path / "m" / "soupkit-report.json").read_text())
     assert report["lora"]["method"] == "peft_linear" and report["lora"]["weights"] == [0.5, 0.5]
+
+
+def test_task_arithmetic_to_an_adapter_equals_peft_svd_combination(two: dict[str, Path], tmp_path: Path) -> None:
+    """PEFT's combination_type='svd' is task arithmetic on the deltas, then a truncated SVD: the same
+    math as soupkit's task_arithmetic with --rank (exact here: rank 8 >= 4 + 4)."""
+    weights = [0.7, -0.4]
+    pm = _peft_weighted(two, weights, "svd", svd_rank=8)
+    soupkit.merge_loras([two["a"], two["b"]], two["base"], tmp_path / "ad", method="task_arithmetic",
+                        model_parameters=[{"weight": w} for w in weights], rank=8, progress=False)
+    mine = load_file(str(tmp_path / "ad" / "adapter_model.safetensors"))
+    for path in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
+        layer = pm.base_model.model.get_submodule(path)
+        theirs = (layer.lora_B["m"].weight @ layer.lora_A["m"].weight).detach()
+        key = f"base_model.model.{path}"
+        torch.testing.assert_close(mine[key + ".lora_B.weight"] @ mine[key + ".lora_A.weight"], theirs,
+                                   rtol=1e-4, atol=1e-6)

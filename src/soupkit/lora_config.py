@@ -231,7 +231,8 @@ def validate_adapter_config(cfg: Mapping[str, Any], source: str) -> AdapterSetti
         errors.append(f"layers_to_transform: expected a layer index or a list of them, got {clip(v)}")
     init = cfg.get("init_lora_weights", True)
     init_refused = None
-    if isinstance(init, bool) or (isinstance(init, str) and init in _INIT_PLAIN):
+    # PEFT compares "gaussian" case-insensitively, the others exactly
+    if isinstance(init, bool) or (isinstance(init, str) and (init in _INIT_PLAIN or init.lower() == "gaussian")):
         pass
     elif isinstance(init, str) and (init.lower() in _INIT_REFUSED or init.startswith(("pissa_niter_", "corda"))):
         init_refused = _INIT_REFUSED[next(k for k in _INIT_REFUSED if init.lower().startswith(k))]

@@ -36,7 +36,7 @@ from soupkit.errors import (
 )
 from soupkit.formats import KeyMap
 from soupkit.io.checkpoint import open_checkpoint
-from soupkit.lora import LoraResult, fold_lora, merge_loras, read_adapter
+from soupkit.lora import LoraResult, extract_lora, fold_lora, merge_loras, read_adapter
 from soupkit.multi import merge_many, wise_ft
 from soupkit.plan import MergePlan
 from soupkit.search import (
@@ -80,6 +80,7 @@ __all__ = [
     "UsageError",
     "__version__",
     "diagnose",
+    "extract_lora",
     "find_checkpoints",
     "fold_lora",
     "greedy_soup",

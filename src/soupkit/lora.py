@@ -23,18 +23,27 @@ adapter's dtype, then added in the weight's dtype).
 i on module M is its delta ``delta_i = scale_i * B_i @ A_i`` (zero where it does not adapt M),
 and any merge method combines those deltas exactly, never the factors (averaging the As and Bs
 separately would add cross terms ``B_i @ A_j``). Task-vector methods (``task_arithmetic``,
-``ties``, ``dare_*``, ...) receive the deltas themselves; the other methods (``linear``,
-``slerp``, ...) receive ``W + delta_i`` in float32 and their result minus ``W`` is the merged delta.
+``ties``, ``dare_*``, ...) receive the deltas themselves; the other methods (``delta_linear``,
+the registry's ``linear``; ``slerp``, ...) receive ``W + delta_i`` in float32 and their result
+minus ``W`` is the merged delta. ``linear`` is refused as ambiguous; ``peft_linear`` is PEFT's
+``combination_type="linear"``, which does combine the factors (`_peft_linear`).
 The result is written as a full model, or with ``rank=k`` as a new adapter of rank k: the
 truncated SVD of each merged delta (``B' = U_k diag(S_k)``, ``A' = Vh_k``, ``lora_alpha = r = k``,
 as PEFT's ``add_weighted_adapter(..., combination_type="svd")`` does), with the relative
 Frobenius error ``||delta - B'A'||_F / ||delta||_F`` of each tensor in the report. Since adapters
 come from PEFT, ``convention: peft`` is the default for methods that have conventions (TIES:
 per-tensor trim, as ``add_weighted_adapter`` does); a whole-model magnitude trim
-(``trim_scope: global``) is not available for adapters.
+(``trim_scope: global``) is not available for adapters. A ``lora_bias`` update is written as
+``lora_B.bias`` of its module (``lora_bias: true``).
 
-Not supported (refused by name, never ignored): DoRA (``use_dora``), LoRA variants of other
-PEFT types (IA3, LoHa, ...), grouped convolutions.
+`extract_lora` goes the other way: from a full fine-tune to an adapter, by the truncated SVD of
+each module's ``W_ft - W_base``.
+
+``adapter_config.json`` is validated and every ``LoraConfig`` field classified in
+`soupkit.lora_config`: what soupkit cannot fold exactly (DoRA, aLoRA, trainable tokens, KaSA,
+PiSSA-style initialisations, other PEFT types, ...) is refused by PEFT's name, never ignored;
+grouped convolutions fail on their shapes. NaN / Inf in any output stop the run
+(`NonFiniteError`) unless ``allow_nonfinite``.
 """
 
 from __future__ import annotations
@@ -56,12 +65,13 @@ from pydantic import ValidationError
 from soupkit import methods
 from soupkit._version import __version__
 from soupkit.compat.hf import card_front_matter, render_card
-from soupkit.errors import CheckpointFormatError, ConfigError, PlanError, SoupError, UsageError
-from soupkit.execute import RNG_BLOCK, tensor_seed
+from soupkit.errors import CheckpointFormatError, ConfigError, NonFiniteError, PlanError, SoupError, UsageError
+from soupkit.execute import RNG_BLOCK, all_finite, tensor_seed
 from soupkit.io.checkpoint import CARRY_FILES, Checkpoint, open_checkpoint
 from soupkit.io.header import DTYPES, TensorInfo
 from soupkit.io.reader import TensorReader
 from soupkit.io.writer import OutputFolder, OutputTensor, ShardWriter, layout_shards, parse_size, write_index
+from soupkit.lora_config import clip, pattern_key, validate_adapter_config
 from soupkit.methods import MethodSpec, Params
 from soupkit.params import LayerIndex, resolve_chain
 
@@ -70,6 +80,7 @@ __all__ = [
     "LoraAdapter",
     "LoraModule",
     "LoraResult",
+    "extract_lora",
     "fold_lora",
     "merge_loras",
     "read_adapter",
@@ -82,8 +93,9 @@ REPORT_NAME = "soupkit-report.json"
 MAX_CONFIG_BYTES = 10_000_000
 _DTYPE_CODE = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
 # base_model.model.<module>.lora_A[.<adapter name>].weight, lora_embedding_A[.<adapter name>]
+# (an adapter name is never "weight" or "bias": ``m.lora_B.bias`` is lora_bias's bias of B)
 _FACTOR = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B)"
-                     r"(?:\.(?P<name>[A-Za-z0-9_-]+))?(?:\.(?P<param>weight|bias))?$")
+                     r"(?:\.(?P<name>(?!(?:weight|bias)$)[A-Za-z0-9_-]+))?(?:\.(?P<param>weight|bias))?$")
 Rounding = Literal["fp32", "peft"]
 
 
@@ -118,6 +130,9 @@ class LoraModule:
         """``scale * B @ A`` as float32, laid out like the base weight (PEFT's get_delta_weight)."""
         a = reader.read(self.a).to(torch.float32).reshape(self.a.shape)
         b = reader.read(self.b).to(torch.float32).reshape(self.b.shape)
+        if self.kind == "conv" and len(weight_shape) != len(a.shape):
+            raise PlanError([f"LoRA module {self.module!r}: {len(a.shape)}-D convolution factors for a "
+                             f"{len(weight_shape)}-D base weight {list(weight_shape)}"])
         if self.kind == "conv":
             if tuple(weight_shape[2:]) == (1,) * (len(weight_shape) - 2):
                 sq = (b.flatten(1) @ a.flatten(1)).reshape(b.shape[0], a.shape[1], *weight_shape[2:])
@@ -125,7 +140,11 @@ class LoraModule:
             else:
                 conv = {3: torch.nn.functional.conv1d, 4: torch.nn.functional.conv2d,
                         5: torch.nn.functional.conv3d}[len(weight_shape)]
-                out = conv(a.transpose(0, 1), b).transpose(0, 1) * self.scale
+                try:
+                    out = conv(a.transpose(0, 1), b).transpose(0, 1) * self.scale
+                except RuntimeError as e:
+                    raise PlanError([f"LoRA module {self.module!r}: its convolution factors A {list(a.shape)} "
+                                     f"and B {list(b.shape)} do not compose ({str(e)[:200]})"]) from None
         else:
             prod = b @ a
             if self.kind == "embedding" or self.fan_in_fan_out:
@@ -184,17 +203,6 @@ class LoraAdapter:
                 "files": [str(f) for f in self.checkpoint.files]}
 
 
-def _pattern_key(keys: Sequence[str], module: str) -> str | None:
-    """PEFT's get_pattern_key: the first pattern ``k`` with ``re.match(rf"(.*\\.)?({k})$", module)``."""
-    for key in keys:
-        try:
-            if re.match(rf"(.*\.)?({key})$", module):
-                return key
-        except re.error:
-            continue
-    return None
-
-
 def _load_config(folder: Path, label: str) -> dict[str, Any]:
     path = folder / ADAPTER_CONFIG
     try:
@@ -233,32 +241,24 @@ def read_adapter(path: str | os.PathLike[str], *, allow_pickle: bool = False, la
         raise CheckpointFormatError(f"{lab}: not a folder\nhint: give the PEFT adapter folder "
                                     f"(with {ADAPTER_CONFIG})")
     cfg = _load_config(folder, lab)
-    peft_type = str(cfg.get("peft_type", "LORA")).upper()
-    if peft_type != "LORA":
-        raise UsageError(f"{lab}: a {peft_type} adapter; soupkit folds and merges LoRA adapters only\n"
-                         "hint: use PEFT's merge_and_unload() for other adapter types")
-    if cfg.get("use_dora"):
-        raise UsageError(f"{lab}: a DoRA adapter (use_dora: true); its magnitude vector rescales "
-                         "the whole weight, which soupkit does not implement\n"
-                         "hint: use PEFT's merge_and_unload() to fold DoRA adapters")
+    settings = validate_adapter_config(cfg, str(folder / ADAPTER_CONFIG))
     weights = next((folder / w for w in ADAPTER_WEIGHTS if (folder / w).is_file()), None)
     if weights is None:
         raise CheckpointFormatError(f"{lab}: no {' or '.join(ADAPTER_WEIGHTS)} beside {ADAPTER_CONFIG}")
     ck = open_checkpoint(weights, label=f"{lab}/{weights.name}", allow_pickle=allow_pickle)
-    r0 = int(cfg.get("r", 8))
-    alpha0 = float(cfg.get("lora_alpha", 8))
-    rslora = bool(cfg.get("use_rslora", False))
-    fifo = bool(cfg.get("fan_in_fan_out", False))
-    rank_pattern = dict(cfg.get("rank_pattern") or {})
-    alpha_pattern = dict(cfg.get("alpha_pattern") or {})
+    r0, alpha0, rslora, fifo = settings.r, settings.lora_alpha, settings.use_rslora, settings.fan_in_fan_out
+    rank_pattern, alpha_pattern = settings.rank_pattern, settings.alpha_pattern
     factors: dict[str, dict[str, TensorInfo]] = {}
     replacements: dict[str, TensorInfo] = {}
     problems: list[str] = []
     for name, info in ck.tensors.items():
         rel = name[len(PREFIX):] if name.startswith(PREFIX) else name
         if "lora_magnitude_vector" in rel:
-            raise UsageError(f"{lab}: holds DoRA magnitude vectors ({name!r}); soupkit does not fold DoRA\n"
+            raise UsageError(f"{lab}: holds DoRA magnitude vectors ({clip(name, 300)}); soupkit does not fold DoRA\n"
                              "hint: use PEFT's merge_and_unload()")
+        if ".token_adapter." in rel or "trainable_tokens_" in rel:
+            raise UsageError(f"{lab}: holds a trainable tokens adapter ({clip(name, 300)}); soupkit does not fold "
+                             "trainable tokens\nhint: use PEFT's merge_and_unload()")
         m = _FACTOR.match(rel)
         if m:
             key = m.group("kind") + ("" if m.group("param") in (None, "weight") else ".bias")
@@ -275,17 +275,25 @@ def read_adapter(path: str | os.PathLike[str], *, allow_pickle: bool = False, la
             problems.append(f"module {mod!r} has {', '.join(sorted(parts))} but not both {ka} and {kb}")
             continue
         a, b = parts[ka], parts[kb]
-        rk = _pattern_key(list(rank_pattern), mod)
-        ak = _pattern_key(list(alpha_pattern), mod)
-        r = int(rank_pattern[rk]) if rk is not None else r0
-        alpha = float(alpha_pattern[ak]) if ak is not None else alpha0
+        rk = pattern_key(list(rank_pattern), mod)
+        ak = pattern_key(list(alpha_pattern), mod)
+        r = rank_pattern[rk] if rk is not None else r0
+        alpha = alpha_pattern[ak] if ak is not None else alpha0
+        nd = len(a.shape)
+        bias = parts.get("lora_B.bias")
+        if nd != len(b.shape) or not (2 <= nd <= 5) or (emb and nd != 2) or (
+                bias is not None and tuple(bias.shape) != (b.shape[0],)):
+            problems.append(f"module {mod!r}: factors of shapes A {list(a.shape)}, B {list(b.shape)}"
+                            f"{'' if bias is None else f', bias {list(bias.shape)}'} are not a LoRA's "
+                            "(A: r x in, B: out x r, both 2-D, or both 3..5-D for a convolution)")
+            continue
         if r < 1 or a.shape[0] != r or b.shape[1] != r:
             problems.append(f"module {mod!r}: the config says r = {r} but A is {list(a.shape)} and "
                             f"B is {list(b.shape)}")
             continue
         kind: Literal["linear", "embedding", "conv"] = "embedding" if emb else ("conv" if len(a.shape) > 2 else "linear")
         scale = alpha / math.sqrt(r) if rslora else alpha / r
-        modules[mod] = LoraModule(mod, kind, a, b, parts.get("lora_B.bias"), r, alpha, scale,
+        modules[mod] = LoraModule(mod, kind, a, b, bias, r, alpha, scale,
                                   fifo and kind == "linear")
     if problems:
         raise CheckpointFormatError(f"{lab}: inconsistent LoRA factors:\n" + "\n".join(f"  - {p}" for p in problems))
@@ -346,6 +354,9 @@ def _targets(adapters: Sequence[LoraAdapter], base: Checkpoint) -> tuple[dict[st
                 if bname not in targets:
                     problems.append(f"{ad.label}: module {mod!r} trained a bias (lora_bias) but "
                                     f"{base.label} has no {bname!r}")
+                elif tuple(targets[bname].info.shape) != tuple(lm.bias.shape):
+                    problems.append(f"{ad.label}: module {mod!r}: lora_B.bias has shape {list(lm.bias.shape)} but "
+                                    f"{bname!r} in {base.label} has {list(targets[bname].info.shape)}")
                 else:
                     targets[bname].deltas.append((ai, lm, "bias"))
         for rel, info in ad.replacements.items():
@@ -390,6 +401,50 @@ class LoraResult:
         return max(self.svd_errors.values(), default=0.0)
 
 
+@dataclass
+class _FiniteCheck:
+    """What to do with NaN / Inf in an output: ``sources(name)`` gives (label, tensor) pairs of
+    the inputs that made output ``name``, re-read to say which one holds them."""
+
+    allow: bool
+    reader: TensorReader
+    sources: Callable[[str], list[tuple[str, TensorInfo]]]
+    found: list[str] = field(default_factory=list)
+
+    def fail(self, name: str, out: torch.Tensor) -> None:
+        if self.allow:
+            if name not in self.found:
+                self.found.append(name)
+            return
+        nan, inf = int(torch.isnan(out).sum()), int(torch.isinf(out).sum())
+        what = " and ".join(x for x in (f"{nan:,} NaN" if nan else "", f"{inf:,} Inf" if inf else "") if x)
+        allow = "or pass --allow-nonfinite (allow_nonfinite=True) to write it anyway (listed in the report)"
+        culprits = []
+        for label, info in self.sources(name):
+            raw = self.reader.read(info)
+            if raw.is_floating_point():
+                n_nan, n_inf = int(torch.isnan(raw).sum()), int(torch.isinf(raw).sum())
+                if n_nan or n_inf:
+                    culprits.append(f"{label} holds {n_nan:,} NaN and {n_inf:,} Inf in {clip(info.name, 300)}")
+        if culprits:
+            raise NonFiniteError(f"tensor {clip(name, 300)}: {what} in the output, from the inputs:\n"
+                                 + "\n".join(f"  - {c}" for c in culprits)
+                                 + f"\nhint: that adapter or base is broken (diverged training, a bad "
+                                   f"conversion); leave it out, {allow}")
+        raise NonFiniteError(f"tensor {clip(name, 300)}: {what} in the output although every input is finite "
+                             "(float32 overflow: an extreme lora_alpha / r or merge weight, or a value beyond "
+                             f"the output dtype's range)\nhint: check the adapter's scale and the output dtype, {allow}")
+
+
+def _sources(ads: Sequence[LoraAdapter], base: Checkpoint, tg: _Target) -> list[tuple[str, TensorInfo]]:
+    """The input tensors that make base tensor ``tg``'s output, with the input's label."""
+    out = [(f"base {base.label}", tg.info)]
+    out += [(ads[ai].label, info) for ai, info in tg.replaced.items()]
+    for ai, lm, part in tg.deltas:
+        out += [(ads[ai].label, info) for info in ([lm.bias] if part == "bias" else [lm.a, lm.b]) if info is not None]
+    return out
+
+
 def _bar(total: int, enabled: bool | None, desc: str) -> Any:
     from tqdm.auto import tqdm
 
@@ -407,9 +462,13 @@ def _write(
     files: Callable[[Path, dict[str, str]], None],
     progress: bool | None,
     desc: str,
+    finite: _FiniteCheck,
     stem: str = "model",
 ) -> dict[str, str]:
-    """Write ``outputs`` (each made by ``produce`` when its turn comes) as shards, then ``files``."""
+    """Write ``outputs`` (each made by ``produce`` when its turn comes) as shards, then ``files``.
+
+    Every float output is checked for NaN / Inf (as a merge's are): `NonFiniteError` before
+    anything looks complete, or with ``finite.allow`` the name goes to ``finite.found``."""
     try:
         limit = parse_size(max_shard_size)
     except ValueError as e:
@@ -429,6 +488,8 @@ def _write(
                 try:
                     for o in layout.tensors:
                         t = produce(o)
+                        if not all_finite(t):
+                            finite.fail(o.name, t)
                         w.write(o.name, t.reshape(-1), 0)
                         bar.update(1)
                     hashes[layout.filename] = w.close()
@@ -496,6 +557,7 @@ def fold_lora(
     progress: bool | None = None,
     max_shard_size: int | str = "5GB",
     allow_pickle: bool = False,
+    allow_nonfinite: bool = False,
 ) -> LoraResult:
     """Fold LoRA adapter(s) into their base model: ``W + scale * B @ A`` per adapted module.
 
@@ -516,6 +578,8 @@ def fold_lora(
         progress: show a progress bar (default: when stderr is a terminal).
         max_shard_size: largest output shard.
         allow_pickle: accept pickle checkpoints / ``adapter_model.bin`` (``weights_only``).
+        allow_nonfinite: write NaN / Inf outputs instead of stopping with `NonFiniteError`
+            (they are listed in the report's ``nonfinite_tensors``).
 
     Returns:
         A `LoraResult` with the changed tensors.
@@ -523,6 +587,7 @@ def fold_lora(
     Raises:
         CheckpointFormatError: unreadable adapter or base.
         PlanError: an adapted module the base does not have, or shapes that disagree.
+        NonFiniteError: NaN / Inf in an output (without ``allow_nonfinite``); nothing is written.
     """
     paths = [adapters] if isinstance(adapters, (str, os.PathLike)) else list(adapters)
     if not paths:
@@ -577,13 +642,15 @@ def fold_lora(
                      f"{', rslora' if a.use_rslora else ''}, {len(a.modules)} module(s)" for a in ads]
             (tmp / "README.md").write_text(render_card(front, body), encoding="utf-8")
             report = _report("fold", ads, base_ck, hashes, carried, notes,
-                             {"rounding": rounding, "out_dtype": out_dtype, "changed_tensors": len(changed)})
+                             {"rounding": rounding, "out_dtype": out_dtype, "changed_tensors": len(changed)},
+                             finite.found)
             (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
             result_report.update(report)
 
         result_report: dict[str, Any] = {}
+        finite = _FiniteCheck(allow_nonfinite, reader, lambda n: _sources(ads, base_ck, targets[n]))
         _write(Path(out), outputs, produce, force=force, max_shard_size=max_shard_size, files=files,
-               progress=progress, desc="fold lora")
+               progress=progress, desc="fold lora", finite=finite)
     return LoraResult(Path(out), "model", changed, {}, tuple(notes), result_report)
 
 
@@ -595,7 +662,8 @@ def _delta(lm: LoraModule, part: str, reader: TensorReader, shape: Sequence[int]
 
 
 def _report(op: str, ads: Sequence[LoraAdapter], base: Checkpoint, hashes: Mapping[str, str],
-            carried: Mapping[str, str], notes: Sequence[str], extra: Mapping[str, Any]) -> dict[str, Any]:
+            carried: Mapping[str, str], notes: Sequence[str], extra: Mapping[str, Any],
+            nonfinite: Sequence[str]) -> dict[str, Any]:
     return {
         "soupkit_version": __version__,
         "torch_version": torch.__version__,
@@ -605,6 +673,7 @@ def _report(op: str, ads: Sequence[LoraAdapter], base: Checkpoint, hashes: Mappi
                    "adapters": [{**a.summary(), "files": _file_hashes([a.checkpoint])} for a in ads]},
         "outputs": [{"file": f, "sha256": h} for f, h in hashes.items()],
         "other_files": [{"file": f, "sha256": h} for f, h in carried.items()],
+        "nonfinite_tensors": list(nonfinite),
         "notes": list(notes),
     }
 
@@ -637,6 +706,7 @@ def merge_loras(
     progress: bool | None = None,
     max_shard_size: int | str = "5GB",
     allow_pickle: bool = False,
+    allow_nonfinite: bool = False,
 ) -> LoraResult:
     """Merge several LoRA adapters of one base exactly in weight space.
 
@@ -645,7 +715,10 @@ def merge_loras(
         base: the base model they were trained on.
         out: the output folder.
         method: any registered merge method (``soupkit methods``); task-vector methods get the
-            deltas ``scale_i * B_i @ A_i`` themselves.
+            deltas ``scale_i * B_i @ A_i`` themselves. ``delta_linear`` is the weighted average of
+            the deltas (the registry's ``linear``); ``peft_linear`` is PEFT's
+            ``combination_type="linear"``, a combination of the factors; ``linear`` itself is
+            refused as ambiguous (`UsageError`).
         parameters: the method's global parameters (and per-adapter defaults), as in a recipe
             (scalars, gradients, ``filter`` lists over base tensor names).
         model_parameters: per-adapter parameters (e.g. ``{"weight": 0.5}``), one per adapter.
@@ -657,6 +730,7 @@ def merge_loras(
         progress: show a progress bar.
         max_shard_size: largest output shard (full model).
         allow_pickle: accept pickle checkpoints / ``adapter_model.bin``.
+        allow_nonfinite: write NaN / Inf outputs instead of stopping with `NonFiniteError`.
 
     Returns:
         A `LoraResult`; for ``rank`` its ``svd_errors`` hold each module's relative error.
@@ -672,8 +746,20 @@ def merge_loras(
         raise UsageError(f"{len(model_parameters)} model_parameters for {len(adapters)} adapters")
     if rank is not None and rank < 1:
         raise UsageError(f"rank must be at least 1, got {rank}")
+    if method == "linear":
+        raise UsageError(
+            "method 'linear' is ambiguous for LoRA adapters: PEFT's add_weighted_adapter(combination_type="
+            "'linear') combines the factors (A' = sum_i sqrt(w_i*s_i) A_i, B' = sum_i sqrt(w_i*s_i) B_i, so "
+            "B'A' has cross terms B_i A_j), while soupkit's merge averaged the deltas (sum_i w_i s_i B_i A_i "
+            "/ sum_i w_i)\nhint: use 'delta_linear' for the average of the deltas (what 'linear' meant in "
+            "soupkit before), or 'peft_linear' for PEFT's combination of the factors")
+    if method == "peft_linear":
+        return _peft_linear([read_adapter(p, allow_pickle=allow_pickle) for p in adapters],
+                            _open_base(base, allow_pickle), Path(out), model_parameters, parameters, rank=rank,
+                            out_dtype=out_dtype, force=force, progress=progress, max_shard_size=max_shard_size,
+                            allow_nonfinite=allow_nonfinite)
     try:
-        spec = methods.get(method)
+        spec = methods.get("linear" if method == "delta_linear" else method)
     except SoupError as e:
         raise ConfigError([f"method: {e}"]) from None
     glob, notes = _method_params(spec, parameters or {})
@@ -734,6 +820,7 @@ def merge_loras(
                                  "embedding modules only\nhint: leave out --rank to write the full model")
         return _merge_to_adapter(ads, base_ck, targets, spec, plist, Path(out), rank=rank, seed=seed,
                                  out_dtype=out_dtype, force=force, progress=progress, notes=notes,
+                                 allow_nonfinite=allow_nonfinite,
                                  method_params={"parameters": glob, "model_parameters": per})
 
     outputs = [OutputTensor(n, _out_code(out_dtype, tg.info), tg.info.shape) for n, tg in targets.items()]
@@ -752,13 +839,14 @@ def merge_loras(
         def files(tmp: Path, hashes: dict[str, str]) -> None:
             carried = _carry(tmp, [base_ck.folder])
             _card_and_report(tmp, "merge", ads, base_ck, hashes, carried, notes, spec, rank=None,
-                             extra={"method": spec.name, "parameters": glob, "model_parameters": per,
+                             extra={"method": _shown(spec), "parameters": glob, "model_parameters": per,
                                     "seed": seed, "out_dtype": out_dtype, "merged_tensors": len(merged_names)},
-                             result=result_report)
+                             result=result_report, nonfinite=finite.found)
 
         result_report: dict[str, Any] = {}
+        finite = _FiniteCheck(allow_nonfinite, reader, lambda n: _sources(ads, base_ck, targets[n]))
         _write(Path(out), outputs, produce, force=force, max_shard_size=max_shard_size, files=files,
-               progress=progress, desc=f"merge loras ({spec.name})")
+               progress=progress, desc=f"merge loras ({_shown(spec)})", finite=finite)
     return LoraResult(Path(out), "model", tuple(merged_names), {}, tuple(notes), result_report)
 
 
@@ -802,23 +890,35 @@ def _combine(spec: MethodSpec, p: Params, deltas: list[torch.Tensor], w: torch.T
     return out.reshape(w.shape)
 
 
+def _shown(spec: MethodSpec) -> str:
+    """The method's name for adapters: the registry's ``linear`` is reached as ``delta_linear``."""
+    return "delta_linear" if spec.name == "linear" else spec.name
+
+
+_PEFT_LINEAR = ("peft_linear", "https://huggingface.co/docs/peft/developer_guides/model_merging")
+
+
 def _card_and_report(tmp: Path, op: str, ads: Sequence[LoraAdapter], base: Checkpoint, hashes: Mapping[str, str],
-                     carried: Mapping[str, str], notes: Sequence[str], spec: MethodSpec, *, rank: int | None,
-                     extra: Mapping[str, Any], result: dict[str, Any]) -> None:
+                     carried: Mapping[str, str], notes: Sequence[str], spec: MethodSpec | tuple[str, str], *,
+                     rank: int | None, extra: Mapping[str, Any], result: dict[str, Any],
+                     nonfinite: Sequence[str]) -> None:
+    name, paper = spec if isinstance(spec, tuple) else (_shown(spec), spec.paper)
     is_adapter = rank is not None
-    front = card_front_matter([base.label, *(a.label for a in ads)], tags=["lora", "peft", spec.name],
+    front = card_front_matter([base.label, *(a.label for a in ads)], tags=["lora", "peft", name],
                               library_name="peft" if is_adapter else "transformers",
                               relation="adapter" if is_adapter else "merge")
     what = f"a LoRA adapter of rank {rank}" if is_adapter else "a full model"
     body = [f"# {tmp.name if not tmp.name.startswith('.soupkit') else 'Merged LoRA'}", "",
-            f"{len(ads)} LoRA adapter(s) of `{base.label}` merged exactly in weight space (their deltas "
-            f"scale * B @ A) with the `{spec.name}` method ({spec.paper}) by "
+            f"{len(ads)} LoRA adapter(s) of `{base.label}` merged "
+            + ("by combining their factors A and B as PEFT's add_weighted_adapter(combination_type='linear') does"
+               if name == "peft_linear" else "exactly in weight space (their deltas scale * B @ A)")
+            + f" with the `{name}` method ({paper}) by "
             f"[soupkit](https://pypi.org/project/soupkit/) {__version__}, written as {what}.", "",
             "## Adapters", ""]
     body += [f"- `{a.label}`: r = {a.r}, lora_alpha = {a.lora_alpha:g}, {len(a.modules)} module(s)" for a in ads]
     body += ["", "## Parameters", "", "```json", json.dumps(dict(extra), indent=2, default=str), "```"]
     (tmp / "README.md").write_text(render_card(front, body), encoding="utf-8")
-    report = _report(op, ads, base, hashes, carried, notes, extra)
+    report = _report(op, ads, base, hashes, carried, notes, extra, nonfinite)
     (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     result.update(report)
 
@@ -827,6 +927,7 @@ def _merge_to_adapter(
     ads: Sequence[LoraAdapter], base: Checkpoint, targets: Mapping[str, _Target], spec: MethodSpec,
     plist: Mapping[str, Params | None], out: Path, *, rank: int, seed: int, out_dtype: str | None,
     force: bool, progress: bool | None, notes: list[str], method_params: Mapping[str, Any],
+    allow_nonfinite: bool = False,
 ) -> LoraResult:
     """Merged deltas -> a PEFT adapter of rank ``rank`` by truncated SVD (factors computed
     while writing; each tensor's error goes to the report)."""
@@ -838,11 +939,15 @@ def _merge_to_adapter(
     outputs: list[OutputTensor] = []
     plan: dict[str, tuple[str, str, str]] = {}  # output name -> (base tensor, module, "A"|"B"|"whole")
     modules: dict[str, tuple[str, bool, bool]] = {}  # module -> (base weight name, transposed, embedding)
+    bias_updates: list[str] = []
     for name in plist:
         tg = targets[name]
         lora = [lm for _, lm, part in tg.deltas if part == "weight"]
+        if any(part == "bias" for _, _, part in tg.deltas) and not tg.replaced:
+            bias_updates.append(name)  # lora_bias: after the weights, as lora_B.bias of their module
+            continue
         if any(part == "bias" for _, _, part in tg.deltas) or (tg.replaced and not lora):
-            # a bias update or a whole-tensor module: stored whole (modules_to_save)
+            # a whole-tensor module: stored whole (modules_to_save)
             out_name = PREFIX + name
             outputs.append(OutputTensor(out_name, code if tg.info.is_float else tg.info.dtype, tg.info.shape))
             plan[out_name] = (name, name.rsplit(".", 1)[0], "whole")
@@ -862,6 +967,22 @@ def _merge_to_adapter(
         modules[mod] = (name, transposed, emb)
         if k < rank:
             notes.append(f"{mod}: rank {rank} exceeds min(out, in) = {k}; stored at rank {k} (exact)")
+    # lora_bias: the merged bias update is lora_B.bias (scale 1). PEFT gives every adapted module a
+    # lora_B.bias when lora_bias is set, so the others get zeros, and all need a base bias.
+    by_weight = {w[: -len("weight")] + "bias": m for m, (w, _, _) in modules.items()}
+    for name in bias_updates:
+        if name not in by_weight:
+            raise UsageError(f"{name}: a lora_bias update of a module that is not re-factored; writing a "
+                             "merged LoRA (--rank) cannot hold it\nhint: leave out --rank to write the full model")
+    if bias_updates:
+        for bname, mod in by_weight.items():
+            if bname not in targets:
+                raise UsageError(f"{mod}: has no bias in {base.label}, but a merged adapter with lora_bias gives "
+                                 "every adapted module a bias (as PEFT does)\nhint: leave out --rank to write "
+                                 "the full model")
+            out_name = f"{PREFIX}{mod}.lora_B.bias"
+            outputs.append(OutputTensor(out_name, code, targets[bname].info.shape))
+            plan[out_name] = (bname, mod, "bias" if bname in bias_updates else "zero")
     errors: dict[str, float] = {}
     norms: dict[str, tuple[float, float]] = {}
     pending: dict[str, torch.Tensor] = {}
@@ -876,6 +997,8 @@ def _merge_to_adapter(
 
         def produce(o: OutputTensor) -> torch.Tensor:
             name, mod, part = plan[o.name]
+            if part in ("bias", "zero"):
+                return merged_delta(name)[0].to(fdtype) if part == "bias" else torch.zeros(o.shape, dtype=fdtype)
             if part == "whole":
                 d, w = merged_delta(name)
                 return (w + d).to(DTYPES[o.dtype][0])
@@ -908,18 +1031,326 @@ def _merge_to_adapter(
             cfg.update({"r": rank, "lora_alpha": rank, "use_rslora": False, "rank_pattern": {}, "alpha_pattern": {},
                         "target_modules": targets_cfg, "modules_to_save": saves, "fan_in_fan_out": any(
                             t for _, t, e in modules.values() if not e), "base_model_name_or_path": base.label,
-                        "use_dora": False, "inference_mode": True})
+                        "use_dora": False, "inference_mode": True, "lora_bias": bool(bias_updates)})
             (tmp / ADAPTER_CONFIG).write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
             tot_r = math.sqrt(sum(r * r for r, _ in norms.values()))
             tot = math.sqrt(sum(t * t for _, t in norms.values()))
-            extra = {**dict(method_params), "method": spec.name, "rank": rank, "seed": seed,
+            extra = {**dict(method_params), "method": _shown(spec), "rank": rank, "seed": seed,
                      "svd": {"relative_frobenius_error": {m: round(e, 8) for m, e in sorted(errors.items())},
                              "max": max(errors.values(), default=0.0),
                              "overall": tot_r / tot if tot > 0 else 0.0}}
             _card_and_report(tmp, "merge_to_adapter", ads, base, hashes, {}, notes, spec, rank=rank,
-                             extra=extra, result=result_report)
+                             extra=extra, result=result_report, nonfinite=finite.found)
 
         result_report: dict[str, Any] = {}
+        finite = _FiniteCheck(allow_nonfinite, reader, lambda n: _sources(ads, base, targets[plan[n][0]]))
         _write(out, outputs, produce, force=force, max_shard_size="1000TB", files=files, progress=progress,
-               desc=f"merge loras ({spec.name}, rank {rank})", stem="adapter_model")
+               desc=f"merge loras ({_shown(spec)}, rank {rank})", stem="adapter_model", finite=finite)
     return LoraResult(out, "adapter", tuple(sorted(modules)), errors, tuple(notes), result_report)
+
+
+def _peft_linear(
+    ads: Sequence[LoraAdapter], base: Checkpoint, out: Path, model_parameters: Sequence[Mapping[str, Any]] | None,
+    parameters: Mapping[str, Any] | None, *, rank: int | None, out_dtype: str | None, force: bool,
+    progress: bool | None, max_shard_size: int | str, allow_nonfinite: bool,
+) -> LoraResult:
+    """PEFT's ``add_weighted_adapter(combination_type="linear")``: a combination of the *factors*.
+
+    For every module, over the adapters that adapt it (scale ``s_i``, weight ``w_i``)::
+
+        A' = sum_i sign(w_i s_i) sqrt(|w_i s_i|) A_i        B' = sum_i sqrt(|w_i s_i|) B_i
+
+    with ``lora_alpha = r`` (scale 1), in PEFT's order of operations. All adapters must have the
+    same rank on a module (PEFT requires equal ``r``). Written as the full model ``W + B'A'``, or
+    with ``rank`` (which must equal that ``r``) as the new adapter itself.
+    """
+    if parameters:
+        raise ConfigError([f"method 'peft_linear' takes only per-adapter weights, not {sorted(parameters)}"])
+    weights: list[float] = []
+    for i, m in enumerate(model_parameters or [{}] * len(ads)):
+        extra = sorted(set(m) - {"weight"})
+        w = m.get("weight", 1.0)
+        if extra or isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
+            raise ConfigError([f"adapter {i}: method 'peft_linear' takes one finite number 'weight' per adapter, "
+                               f"got {clip(dict(m))}"])
+        weights.append(float(w))
+    targets, notes = _targets(ads, base)
+    problems: list[str] = []
+    for ad in ads:
+        # the base_layer copy PEFT saves of an adapted embedding is the weight the factors add to (as
+        # in a fold); other whole tensors (modules_to_save) are not combined by PEFT's linear
+        whole = sorted(r for r in ad.replacements if r.removesuffix(".weight") not in ad.modules)
+        if whole:
+            problems.append(f"{ad.label}: stores tensors whole (modules_to_save: {clip(whole, 300)}); "
+                            "PEFT's linear combination does not merge them")
+        if any(lm.bias is not None for lm in ad.modules.values()):
+            problems.append(f"{ad.label}: trained lora_B biases (lora_bias); PEFT's linear combination drops them")
+    modules: dict[str, list[tuple[int, LoraModule]]] = {}
+    for name, tg in targets.items():
+        lms = [(ai, lm) for ai, lm, part in tg.deltas if part == "weight"]
+        if not lms:
+            continue
+        modules[name] = lms
+        if any(lm.kind == "conv" for _, lm in lms):
+            problems.append(f"{name}: a convolution; PEFT's linear combination needs linear or embedding modules")
+        elif len({lm.r for _, lm in lms}) > 1:
+            problems.append(f"{name}: ranks {[lm.r for _, lm in lms]}; PEFT's linear combination needs equal ranks")
+    if problems:
+        raise PlanError(problems + ["hint: use 'delta_linear' or 'task_arithmetic', which merge the deltas "
+                                    "of any adapters exactly"])
+    ranks = {lms[0][1].r for lms in modules.values()}
+    if rank is not None and ranks != {rank}:
+        raise UsageError(f"method 'peft_linear' keeps the adapters' rank {sorted(ranks)}, got rank {rank}\n"
+                         "hint: leave out the rank to write the full model, or give the adapters' rank")
+
+    def factors(reader: TensorReader, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        # peft.tuners.lora.model._generalized_task_arithmetic_weighted_adapter, then merge_utils.task_arithmetic
+        wa, wb, a_s, b_s = [], [], [], []
+        for ai, lm in modules[name]:
+            ws = weights[ai] * lm.scale
+            wa.append(math.sqrt(abs(ws)) * (1 if ws >= 0 else -1))
+            wb.append(math.sqrt(abs(ws)))
+            a_s.append(reader.read(lm.a).reshape(lm.a.shape))
+            b_s.append(reader.read(lm.b).reshape(lm.b.shape))
+        dtype = a_s[0].dtype
+        out = []
+        for ts, w in ((a_s, wa), (b_s, wb)):
+            stacked = torch.stack(ts, dim=0)
+            wt = torch.tensor(w).to(stacked.device).view(-1, *([1] * (stacked.dim() - 1)))
+            out.append((wt * stacked).sum(dim=0).to(dtype))
+        return out[0], out[1]
+
+    with TensorReader() as reader:
+        parts: dict[str, tuple[str, int]] = {}  # adapter output tensor -> (base tensor, 0 for A / 1 for B)
+        finite = _FiniteCheck(allow_nonfinite, reader,
+                              lambda n: _sources(ads, base, targets[parts[n][0] if n in parts else n]))
+        result_report: dict[str, Any] = {}
+        extra = {"method": "peft_linear", "weights": weights, "rank": rank}
+        if rank is None:
+            outputs = [OutputTensor(n, _out_code(out_dtype, tg.info), tg.info.shape) for n, tg in targets.items()]
+
+            def produce(o: OutputTensor) -> torch.Tensor:
+                tg = targets[o.name]
+                src = tg.replaced[max(tg.replaced)] if tg.replaced else tg.info
+                raw = reader.read(src).reshape(src.shape)
+                if o.name not in modules:
+                    return raw.to(DTYPES[o.dtype][0])
+                a, b = factors(reader, o.name)
+                lm = modules[o.name][0][1]
+                d = (b.float() @ a.float())
+                d = d.T if (lm.kind == "embedding" or lm.fan_in_fan_out) else d
+                return (raw.to(torch.float32) + d * 1.0).to(DTYPES[o.dtype][0])
+
+            def files(tmp: Path, hashes: dict[str, str]) -> None:
+                carried = _carry(tmp, [base.folder])
+                _card_and_report(tmp, "merge", ads, base, hashes, carried, notes, _PEFT_LINEAR, rank=None,
+                                 extra=extra, result=result_report, nonfinite=finite.found)
+
+            _write(out, outputs, produce, force=force, max_shard_size=max_shard_size, files=files,
+                   progress=progress, desc="merge loras (peft_linear)", finite=finite)
+            return LoraResult(out, "model", tuple(modules), {}, tuple(notes), result_report)
+
+        outputs = []
+        for name, lms in modules.items():
+            lm = lms[0][1]
+            mod = name[: -len(".weight")]
+            emb = lm.kind == "embedding"
+            an, bn = (f"{PREFIX}{mod}.lora_embedding_A", f"{PREFIX}{mod}.lora_embedding_B") if emb else \
+                (f"{PREFIX}{mod}.lora_A.weight", f"{PREFIX}{mod}.lora_B.weight")
+            code = _DTYPE_CODE[out_dtype] if out_dtype else lm.a.dtype
+            outputs += [OutputTensor(an, code, lm.a.shape), OutputTensor(bn, code, lm.b.shape)]
+            parts[an], parts[bn] = (name, 0), (name, 1)
+
+        def produce_factor(o: OutputTensor) -> torch.Tensor:
+            name, which = parts[o.name]
+            return factors(reader, name)[which].to(DTYPES[o.dtype][0])
+
+        def adapter_files(tmp: Path, hashes: dict[str, str]) -> None:
+            r = next(iter(ranks))
+            cfg = dict(ads[0].config)
+            cfg.update({"r": r, "lora_alpha": r, "use_rslora": False, "rank_pattern": {}, "alpha_pattern": {},
+                        "target_modules": sorted({n[: -len(".weight")].rsplit(".", 1)[-1] for n in modules}),
+                        "base_model_name_or_path": base.label, "inference_mode": True})
+            (tmp / ADAPTER_CONFIG).write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
+            _card_and_report(tmp, "merge_to_adapter", ads, base, hashes, {}, notes, _PEFT_LINEAR, rank=r,
+                             extra=extra, result=result_report, nonfinite=finite.found)
+
+        _write(out, outputs, produce_factor, force=force, max_shard_size="1000TB", files=adapter_files,
+               progress=progress, desc="merge loras (peft_linear)", stem="adapter_model", finite=finite)
+        return LoraResult(out, "adapter", tuple(sorted(modules)), {}, tuple(notes), result_report)
+
+
+# ---------------------------------------------------------------------------------------- extract
+# module names (last component) of embedding layers: PEFT adapts nn.Embedding with other tensor
+# names (lora_embedding_A/B) and soupkit reads headers only, so their changes are stored whole
+EMBEDDING_NAMES = frozenset({"embed_tokens", "embed_positions", "embed_in", "tok_embeddings", "wte", "wpe",
+                             "word_embeddings", "position_embeddings", "token_type_embeddings", "shared",
+                             "embeddings"})
+
+
+def _svd_factors(d: torch.Tensor, k: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+    """Rank-``k`` truncated SVD of ``d`` (float32): ``B = U_k diag(S_k)``, ``A = Vh_k`` in
+    ``dtype``, and the residual and total Frobenius norms of ``d - B @ A`` (in float64)."""
+    u, s, vh = torch.linalg.svd(d, full_matrices=False)
+    b = (u[:, :k] * s[:k]).to(dtype).contiguous()
+    a = vh[:k].to(dtype).contiguous()
+    total = float(torch.linalg.vector_norm(d.double()))
+    resid = float(torch.linalg.vector_norm(d.double() - b.double() @ a.double()))
+    return a, b, resid, total
+
+
+def extract_lora(
+    fine_tuned: str | os.PathLike[str],
+    base: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    rank: int,
+    out_dtype: str | None = None,
+    force: bool = False,
+    progress: bool | None = None,
+    allow_pickle: bool = False,
+    allow_nonfinite: bool = False,
+) -> LoraResult:
+    """Extract a PEFT LoRA adapter of rank ``rank`` from a full fine-tune (mergekit-extract-lora's job).
+
+    For every 2-D ``*.weight`` of a module that is not an embedding, the task vector
+    ``delta = W_ft - W_base`` (float32) is factored by its truncated SVD, ``B = U_k diag(S_k)``,
+    ``A = Vh_k`` with ``k = min(rank, out, in)`` and ``lora_alpha = r`` (scale 1; modules whose
+    ``k`` is below ``rank`` get it through ``rank_pattern`` / ``alpha_pattern``). By Eckart-Young no
+    rank-k adapter folds closer to the fine-tune. Every other tensor that differs from the base
+    (norms, biases, embeddings, and whole modules whose bias changed) is stored whole
+    (``modules_to_save``). Memory: one module's two weights and its SVD.
+
+    Args:
+        fine_tuned: the fine-tuned model (folder or safetensors file).
+        base: the model it was fine-tuned from (same tensor names and shapes).
+        out: the adapter folder to write (``adapter_config.json``, ``adapter_model.safetensors``).
+        rank: the LoRA rank r.
+        out_dtype: dtype of the factors (default float32; whole tensors keep their dtype).
+        force: replace a non-empty ``out``.
+        progress: show a progress bar.
+        allow_pickle: accept pickle checkpoints (``weights_only``).
+        allow_nonfinite: write NaN / Inf factors instead of stopping with `NonFiniteError`.
+
+    Returns:
+        A `LoraResult` of kind ``"adapter"``; ``svd_errors`` holds each module's relative
+        Frobenius error ``||delta - B A||_F / ||delta||_F`` (also in the report).
+
+    Raises:
+        UsageError: a rank below 1 or an unknown ``out_dtype``.
+        PlanError: the two models do not have the same tensors and shapes.
+    """
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise UsageError(f"rank must be a whole number of at least 1, got {rank!r}")
+    if out_dtype is not None and out_dtype not in _DTYPE_CODE:
+        raise UsageError(f"out_dtype {out_dtype!r}: expected one of {', '.join(_DTYPE_CODE)}")
+    code = _DTYPE_CODE[out_dtype or "float32"]
+    ft = open_checkpoint(fine_tuned, allow_pickle=allow_pickle)
+    bs = _open_base(base, allow_pickle)
+    problems = [f"{clip(n, 300)} is in {ft.label} but not in {bs.label}" for n in ft.tensors if n not in bs.tensors]
+    problems += [f"{clip(n, 300)} is in {bs.label} but not in {ft.label}" for n in bs.tensors if n not in ft.tensors]
+    problems += [f"{clip(n, 300)}: shape {list(i.shape)} in {ft.label} but {list(bs.tensors[n].shape)} in {bs.label}"
+                 for n, i in ft.tensors.items() if n in bs.tensors and i.shape != bs.tensors[n].shape]
+    if problems:
+        raise PlanError(problems[:50] + ["hint: give the model this fine-tune started from; a resized vocabulary "
+                                         "cannot be expressed as a LoRA of the base"])
+    factored: dict[str, str] = {}  # module -> its weight's name
+    for name, info in ft.tensors.items():
+        mod, _, param = name.rpartition(".")
+        if (info.is_float and len(info.shape) == 2 and param == "weight" and mod
+                and mod.rsplit(".", 1)[-1] not in EMBEDDING_NAMES):
+            factored[mod] = name
+    notes: list[str] = []
+    whole: list[str] = []
+    with TensorReader() as reader:
+        for name, info in ft.tensors.items():  # what else changed (reads the small tensors, and embeddings)
+            mod = name.rpartition(".")[0]
+            if factored.get(mod) == name:
+                continue
+            if not torch.equal(reader.read(info), reader.read(bs.tensors[name])):
+                whole.append(name)
+                if mod in factored:  # PEFT cannot adapt a module and also store it whole
+                    notes.append(f"{mod}: its {name.rpartition('.')[2]} changed too, so the module is stored whole")
+        for mod in {n.rpartition(".")[0] for n in whole} & set(factored):
+            whole.append(factored.pop(mod))
+        if not factored and not whole:
+            raise PlanError([f"{ft.label} equals {bs.label}: there is nothing to extract"])
+        outputs: list[OutputTensor] = []
+        ranks: dict[str, int] = {}
+        for mod, name in factored.items():
+            rows, cols = ft.tensors[name].shape
+            k = ranks[mod] = min(rank, rows, cols)
+            outputs += [OutputTensor(f"{PREFIX}{mod}.lora_A.weight", code, (k, cols)),
+                        OutputTensor(f"{PREFIX}{mod}.lora_B.weight", code, (rows, k))]
+        whole.sort(key=list(ft.tensors).index)
+        outputs += [OutputTensor(PREFIX + n, ft.tensors[n].dtype, ft.tensors[n].shape) for n in whole]
+        errors: dict[str, float] = {}
+        norms: dict[str, tuple[float, float]] = {}
+        pending: dict[str, torch.Tensor] = {}
+
+        def produce(o: OutputTensor) -> torch.Tensor:
+            if o.name in pending:
+                return pending.pop(o.name)
+            rel = o.name[len(PREFIX):]
+            if rel in ft.tensors:
+                return reader.read(ft.tensors[rel]).reshape(o.shape)
+            is_a = rel.endswith(".lora_A.weight")
+            mod = rel.removesuffix(".lora_A.weight" if is_a else ".lora_B.weight")
+            w = factored[mod]
+            d = (reader.read(ft.tensors[w]).to(torch.float32) - reader.read(bs.tensors[w]).to(torch.float32))
+            rows, cols = ft.tensors[w].shape
+            if not all_finite(d):  # no SVD of NaN: refuse (or, allowed, write NaN factors; no error figure)
+                finite.fail(o.name, d)
+                a = torch.full((ranks[mod], cols), math.nan, dtype=DTYPES[code][0])
+                b = torch.full((rows, ranks[mod]), math.nan, dtype=DTYPES[code][0])
+            else:
+                a, b, resid, total = _svd_factors(d.reshape(rows, cols), ranks[mod], DTYPES[code][0])
+                errors[mod] = resid / total if total > 0 else 0.0
+                norms[mod] = (resid, total)
+            pending[f"{PREFIX}{mod}.lora_{'B' if is_a else 'A'}.weight"] = b if is_a else a
+            return a if is_a else b
+
+        def sources(n: str) -> list[tuple[str, TensorInfo]]:
+            rel = n[len(PREFIX):]
+            w = factored.get(rel.removesuffix(".lora_A.weight").removesuffix(".lora_B.weight"), rel)
+            return [(f"fine-tune {ft.label}", ft.tensors[w]), (f"base {bs.label}", bs.tensors[w])]
+
+        def files(tmp: Path, hashes: dict[str, str]) -> None:
+            small = {m: k for m, k in ranks.items() if k != rank}
+            saves = sorted({n.rpartition(".")[0] for n in whole}) or None
+            cfg = {"peft_type": "LORA", "task_type": None, "base_model_name_or_path": bs.label, "r": rank,
+                   "lora_alpha": rank, "target_modules": sorted(factored), "modules_to_save": saves,
+                   "rank_pattern": small, "alpha_pattern": dict(small), "use_rslora": False,
+                   "fan_in_fan_out": False, "bias": "none", "lora_dropout": 0.0, "init_lora_weights": True,
+                   "use_dora": False, "lora_bias": False, "inference_mode": True}
+            (tmp / ADAPTER_CONFIG).write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
+            tot_r = math.sqrt(sum(r * r for r, _ in norms.values()))
+            tot = math.sqrt(sum(t * t for _, t in norms.values()))
+            svd = {"relative_frobenius_error": {m: round(e, 8) for m, e in sorted(errors.items())},
+                   "max": max(errors.values(), default=0.0), "overall": tot_r / tot if tot > 0 else 0.0}
+            front = card_front_matter([str(base), str(fine_tuned)], tags=["lora", "peft", "extract"],
+                                      library_name="peft", relation="adapter")
+            body = [f"# {Path(out).name}", "",
+                    f"A rank-{rank} LoRA adapter of `{bs.label}` extracted from the fine-tune `{ft.label}` by "
+                    f"[soupkit](https://pypi.org/project/soupkit/) {__version__}: the truncated SVD of each "
+                    f"module's weight difference ({len(factored)} module(s)); {len(whole)} other changed "
+                    f"tensor(s) stored whole. Relative Frobenius error: overall {svd['overall']:.3g}, "
+                    f"max {svd['max']:.3g} (per module in soupkit-report.json)."]
+            (tmp / "README.md").write_text(render_card(front, body), encoding="utf-8")
+            report = {
+                "soupkit_version": __version__, "torch_version": torch.__version__, "created_unix": int(time.time()),
+                "lora": {"operation": "extract", "rank": rank, "out_dtype": out_dtype or "float32",
+                         "modules": len(factored), "stored_whole": whole, "svd": svd},
+                "inputs": {"fine_tuned": {"label": ft.label, "files": _file_hashes([ft])},
+                           "base": {"label": bs.label, "files": _file_hashes([bs])}},
+                "outputs": [{"file": f, "sha256": h} for f, h in hashes.items()],
+                "nonfinite_tensors": list(finite.found), "notes": notes,
+            }
+            (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+            result_report.update(report)
+
+        result_report: dict[str, Any] = {}
+        finite = _FiniteCheck(allow_nonfinite, reader, sources)
+        _write(Path(out), outputs, produce, force=force, max_shard_size="1000TB", files=files, progress=progress,
+               desc=f"extract lora (rank {rank})", stem="adapter_model", finite=finite)
+    return LoraResult(Path(out), "adapter", tuple(sorted(factored)), errors, tuple(notes), result_report)

@@ -17,28 +17,14 @@ from soupkit.cli import main
 from soupkit.errors import CheckpointFormatError, PlanError, UsageError
 from soupkit.lora import read_adapter
 
+from .lora_helpers import peft_adapter as make_adapter
+from .lora_helpers import states_equal as _equal_states
+from .lora_helpers import tiny_llama
+
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 # PEFT warns about its own choices while saving (e.g. saving adapted embedding layers)
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:peft")
-
-
-def tiny_llama() -> "transformers.LlamaForCausalLM":
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                   num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
-                                   tie_word_embeddings=False)
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(cfg).eval()
-
-
-def make_adapter(model: torch.nn.Module, folder: Path, seed: int, **lora: object) -> "peft.PeftModel":
-    """A PEFT adapter with random non-zero A and B (init_lora_weights=False), saved to ``folder``."""
-    torch.manual_seed(seed)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pm = peft.get_peft_model(model, peft.LoraConfig(init_lora_weights=False, **lora))  # type: ignore[arg-type]
-        pm.save_pretrained(folder)
-    return pm
 
 
 @pytest.fixture(scope="module")
@@ -61,11 +47,6 @@ def _peft_fold(base: Path, adapter: Path) -> dict[str, torch.Tensor]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return peft.PeftModel.from_pretrained(m, adapter).merge_and_unload().state_dict()
-
-
-def _equal_states(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> list[str]:
-    assert set(got) <= set(ref)
-    return [k for k in got if not torch.equal(got[k], ref[k])]
 
 
 def test_fold_equals_peft_merge_and_unload(tmp_path: Path) -> None:
@@ -175,14 +156,14 @@ def test_merge_is_exact_in_weight_space(llama: dict[str, Path], tmp_path: Path) 
 def test_merge_to_adapter_reports_the_svd_error(llama: dict[str, Path], tmp_path: Path) -> None:
     ads = [llama["ad0"], llama["ad1"]]
     full = tmp_path / "full"
-    soupkit.merge_loras(ads, llama["base"], full, method="linear", progress=False)
+    soupkit.merge_loras(ads, llama["base"], full, method="delta_linear", progress=False)
     merged = load_file(str(full / "model.safetensors"))
     base = load_file(str(llama["base"] / "model.safetensors"))
     # rank 6 >= 4 + 2: the merged deltas are represented exactly
-    exact = soupkit.merge_loras(ads, llama["base"], tmp_path / "r6", method="linear", rank=6, progress=False)
+    exact = soupkit.merge_loras(ads, llama["base"], tmp_path / "r6", method="delta_linear", rank=6, progress=False)
     assert exact.kind == "adapter" and exact.max_svd_error < 1e-5
     # rank 1: the reported error is the tail of the singular values
-    r1 = soupkit.merge_loras(ads, llama["base"], tmp_path / "r1", method="linear", rank=1, progress=False)
+    r1 = soupkit.merge_loras(ads, llama["base"], tmp_path / "r1", method="delta_linear", rank=1, progress=False)
     for mod, err in r1.svd_errors.items():
         d = (merged[mod + ".weight"] - base[mod + ".weight"]).double()
         s = torch.linalg.svdvals(d)

@@ -17,6 +17,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from soupkit import _extras
+
 __all__ = [
     "greedy_plot",
     "learned_plot",
@@ -30,12 +32,8 @@ _GREEN, _RED, _BLUE, _GREY, _ORANGE = "#2e7d32", "#c62828", "#1565c0", "#9e9e9e"
 
 
 def matplotlib_available() -> bool:
-    """Whether matplotlib can be imported."""
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """Whether matplotlib can be imported (the ``plot`` extra)."""
+    return _extras.available("matplotlib")
 
 
 def short_labels(labels: Sequence[str]) -> list[str]:

@@ -72,8 +72,13 @@ def import_time_imports(tree: ast.Module) -> set[str]:
 
 @pytest.mark.parametrize("path", sorted(SRC.rglob("*.py")), ids=lambda p: str(p.relative_to(SRC)))
 def test_no_optional_package_is_imported_with_soupkit(path: Path) -> None:
-    bad = import_time_imports(ast.parse(path.read_text())) & set(OPTIONAL)
+    tree = ast.parse(path.read_text())
+    bad = import_time_imports(tree) & set(OPTIONAL)
     assert not bad, f"{path.relative_to(SRC)} imports {sorted(bad)} at import time; use soupkit._extras.require"
+    anywhere = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    anywhere |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module and n.level == 0}
+    direct = {m for m in anywhere if m.split(".")[0] in OPTIONAL}
+    assert not direct, f"{path.relative_to(SRC)} imports {sorted(direct)} itself; use soupkit._extras.require"
 
 
 def test_require_returns_the_module_or_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -99,6 +104,14 @@ def test_missing_transformers_names_the_eval_extra(monkeypatch: pytest.MonkeyPat
     with pytest.raises(EvaluationError, match=r"the built-in Hugging Face evaluation needs the 'transformers' "
                                               r"package, which is not installed .*\nhint: pip install 'soupkit\[eval\]'"):
         HFClassificationEvaluator(tmp_path, tmp_path / "val.csv")
+
+
+def test_plotting_without_matplotlib_names_the_plot_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    from soupkit import report_plot
+
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    with pytest.raises(UsageError, match=r"plotting needs the 'matplotlib' package.*\nhint: pip install 'soupkit\[plot\]'"):
+        report_plot.sweep_plot({"param": "alpha", "points": []})
 
 
 def test_missing_matplotlib_skips_plots_with_the_hint(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,

@@ -469,8 +469,8 @@ def _verdict(rep: DiagnosisReport, cosine_threshold: float, barrier_tolerance: f
 
 
 def _plots(rep: DiagnosisReport, folder: Path) -> None:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    FigureCanvasAgg = _extras.require("matplotlib.backends.backend_agg", "plot", "plotting").FigureCanvasAgg
+    Figure = _extras.require("matplotlib.figure", "plot", "plotting").Figure
 
     folder.mkdir(parents=True, exist_ok=True)
     short = _short(rep.models)

@@ -49,7 +49,7 @@ def short_labels(labels: Sequence[str]) -> list[str]:
 
 
 def _figure(width: float, height: float, ncols: int = 1) -> tuple[Any, Any]:
-    from matplotlib.figure import Figure
+    Figure = _extras.require("matplotlib.figure", "plot", "plotting").Figure
 
     fig = Figure(figsize=(width, height), dpi=110, layout="constrained")
     axes = fig.subplots(1, ncols)
@@ -57,9 +57,7 @@ def _figure(width: float, height: float, ncols: int = 1) -> tuple[Any, Any]:
 
 
 def _png(fig: Any) -> bytes:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    FigureCanvasAgg(fig)
+    _extras.require("matplotlib.backends.backend_agg", "plot", "plotting").FigureCanvasAgg(fig)
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return buf.getvalue()

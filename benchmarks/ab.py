@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     results: dict[str, list[dict[str, float]]] = {c: [] for c in args.configs.split(",")}
     for r in range(args.runs):
-        for name, (threads, tune) in zip(results, configs):
+        for name, (_threads, _tune) in zip(results, configs):
             shutil.rmtree(args.out, ignore_errors=True)
             os.sync()
             cmd = [sys.executable, __file__, args.recipe, "--child", "--configs", name, "--out", args.out]

@@ -37,7 +37,7 @@ import difflib
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import yaml
 from pydantic import (
@@ -69,7 +69,7 @@ __all__ = [
 ]
 
 DTypeName = Literal["float32", "float16", "bfloat16", "float64"]
-Scalar = Union[StrictBool, StrictInt, StrictFloat, StrictStr]
+Scalar = StrictBool | StrictInt | StrictFloat | StrictStr
 
 # mergekit keys soupkit knows about but does not support yet: refused by name, never ignored.
 _MERGEKIT_UNSUPPORTED = {
@@ -86,10 +86,10 @@ class Conditional(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     filter: StrictStr | None = None
     match: StrictStr | None = None
-    value: Union[Scalar, list[Union[StrictInt, StrictFloat]]]
+    value: Scalar | list[StrictInt | StrictFloat]
 
 
-ParamValue = Union[Scalar, list[Union[StrictInt, StrictFloat]], list[Conditional]]
+ParamValue = Scalar | list[StrictInt | StrictFloat] | list[Conditional]
 
 
 class ModelEntry(BaseModel):

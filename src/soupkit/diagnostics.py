@@ -44,6 +44,7 @@ from typing import Any
 
 import torch
 
+from soupkit import _extras
 from soupkit.errors import UsageError
 from soupkit.formats import KeyMap, prefix_hint, rename_checkpoint
 from soupkit.io.checkpoint import Checkpoint, in_memory_checkpoint, open_checkpoint
@@ -468,8 +469,8 @@ def _verdict(rep: DiagnosisReport, cosine_threshold: float, barrier_tolerance: f
 
 
 def _plots(rep: DiagnosisReport, folder: Path) -> None:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    FigureCanvasAgg = _extras.require("matplotlib.backends.backend_agg", "plot", "plotting").FigureCanvasAgg
+    Figure = _extras.require("matplotlib.figure", "plot", "plotting").Figure
 
     folder.mkdir(parents=True, exist_ok=True)
     short = _short(rep.models)
@@ -591,9 +592,9 @@ def diagnose(
     _verdict(rep, cosine_threshold, barrier_tolerance)
     if out is not None:
         folder = Path(out)
-        try:
+        if _extras.available("matplotlib"):
             _plots(rep, folder)
-        except ImportError:
+        else:
             rep.advice.append("install matplotlib (pip install 'soupkit[plot]') for the plots")
         folder.mkdir(parents=True, exist_ok=True)
         rep.to_json(folder / "diagnosis.json")

@@ -17,6 +17,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from soupkit import _extras
+
 __all__ = [
     "greedy_plot",
     "learned_plot",
@@ -30,12 +32,8 @@ _GREEN, _RED, _BLUE, _GREY, _ORANGE = "#2e7d32", "#c62828", "#1565c0", "#9e9e9e"
 
 
 def matplotlib_available() -> bool:
-    """Whether matplotlib can be imported."""
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """Whether matplotlib can be imported (the ``plot`` extra)."""
+    return _extras.available("matplotlib")
 
 
 def short_labels(labels: Sequence[str]) -> list[str]:
@@ -51,7 +49,7 @@ def short_labels(labels: Sequence[str]) -> list[str]:
 
 
 def _figure(width: float, height: float, ncols: int = 1) -> tuple[Any, Any]:
-    from matplotlib.figure import Figure
+    Figure = _extras.require("matplotlib.figure", "plot", "plotting").Figure
 
     fig = Figure(figsize=(width, height), dpi=110, layout="constrained")
     axes = fig.subplots(1, ncols)
@@ -59,9 +57,7 @@ def _figure(width: float, height: float, ncols: int = 1) -> tuple[Any, Any]:
 
 
 def _png(fig: Any) -> bytes:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    FigureCanvasAgg(fig)
+    _extras.require("matplotlib.backends.backend_agg", "plot", "plotting").FigureCanvasAgg(fig)
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return buf.getvalue()

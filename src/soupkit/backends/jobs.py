@@ -31,7 +31,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import torch
 
@@ -121,7 +121,7 @@ class RecipeMerge:
         return cls(data)
 
 
-Candidate = Union[Ingredient, UniformSoup, RecipeMerge]
+Candidate = Ingredient | UniformSoup | RecipeMerge
 
 
 def _source_digest(spec: str, cwd: str) -> str:

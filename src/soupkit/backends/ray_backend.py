@@ -41,13 +41,14 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from soupkit import _extras
 from soupkit.backends._worker import execute_job, worker_name
 from soupkit.backends.jobs import EvalJob, EvalRequest, JobOutcome
 from soupkit.errors import EvaluationError, UsageError
 
 __all__ = ["EvaluationWorker", "RayBackend", "StoredObject", "import_ray"]
 
-_INSTALL_HINT = "hint: pip install 'soupkit[ray]'"
+_INSTALL_HINT = _extras.install_hint("ray")
 
 
 def import_ray() -> Any:
@@ -56,11 +57,7 @@ def import_ray() -> Any:
     Raises:
         UsageError: ray is not installed (with the pip command that installs it).
     """
-    try:
-        import ray
-    except ImportError as e:
-        raise UsageError(f"the Ray backend needs the 'ray' package, which is not installed ({e})\n"
-                         f"{_INSTALL_HINT}") from None
+    ray = _extras.require("ray", "ray", "the Ray backend")
     if not hasattr(ray, "remote"):  # e.g. a folder named ray/ on sys.path, not the package
         where = getattr(ray, "__path__", None) or getattr(ray, "__file__", "?")
         raise UsageError(f"the Ray backend needs the 'ray' package; 'import ray' found {where}, which is not it\n"

@@ -501,7 +501,7 @@ def plan_slices(
 
     outside("pre", first_sources, resolved[0][1], slices[0].parameters)
     k = 0
-    for (sources, slice_base), sl in zip(resolved, slices):
+    for (sources, _slice_base), sl in zip(resolved, slices):
         n = sources[0].end - sources[0].start
         for j in range(n):
             t = j / (n - 1) if n > 1 else 1.0

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from soupkit import _extras
 from soupkit.errors import EvaluationError
 from soupkit.evaluate.protocol import EvalResult, accuracy_bound, meets
 
@@ -43,14 +44,8 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def _transformers() -> Any:
-    try:
-        import transformers
-    except ImportError as e:
-        raise EvaluationError(
-            "the built-in Hugging Face evaluators need the 'transformers' package, which is not "
-            "installed\nhint: pip install 'soupkit[eval]'"
-        ) from e
-    return transformers
+    return _extras.require("transformers", "eval", "the built-in Hugging Face evaluation",
+                           EvaluationError)
 
 
 _AUTOCAST = {"bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -431,7 +431,8 @@ def greedy_soup(
             score.calls += tscore.calls
             score.hits += tscore.hits
             score.examples += tscore.examples
-        del acc, fixed
+        acc.clear()  # the running sum is not needed to write the soup
+        fixed.clear()
 
     result = GreedySoupResult(
         ingredients=[labels[j] for j in accepted], score=soup_score,

@@ -37,7 +37,6 @@ __all__ = ["HubSource", "parse_hub_ref", "resolve_hub_model"]
 
 _REF = re.compile(r"^(?P<repo>[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*)(?:@(?P<rev>[A-Za-z0-9][\w./-]*))?$")
 _NOT_A_MODEL = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".json", ".yaml", ".yml")
-INSTALL_HINT = "pip install 'soupkit[hub]'"
 
 
 def parse_hub_ref(text: str) -> tuple[str, str | None] | None:
@@ -140,13 +139,13 @@ def resolve_hub_model(repo_id: str, revision: str | None, *, label: str) -> tupl
         CheckpointFormatError: not in the cache and ``HF_HUB_OFFLINE`` is set, the model or the
             revision does not exist, it holds no safetensors weights, or the download failed.
     """
-    try:
-        from huggingface_hub import constants, snapshot_download
-        from huggingface_hub import errors as hf_errors
-    except ImportError:
-        raise UsageError(f"{label}: no such file or folder; read as a Hub id it needs huggingface_hub, "
-                         f"which soupkit's `hub` extra installs\nhint: {INSTALL_HINT}, or give a local "
-                         "folder") from None
+    from soupkit._extras import require
+
+    hf = require("huggingface_hub", "hub",
+                 f"{label}: no such file or folder; read as a Hub id, it")
+    hf_errors = require("huggingface_hub.errors", "hub", f"{label}: reading a Hub id")
+    constants = require("huggingface_hub.constants", "hub", f"{label}: reading a Hub id")
+    snapshot_download = hf.snapshot_download
     from soupkit.io.checkpoint import CARRY_FILES, INDEX_NAME
 
     what = f"{repo_id}@{revision}" if revision else repo_id
@@ -170,9 +169,7 @@ def resolve_hub_model(repo_id: str, revision: str | None, *, label: str) -> tupl
     try:
         folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=meta))
         commit = folder.name
-        from huggingface_hub import HfApi
-
-        listing = HfApi().list_repo_files(repo_id, revision=commit)
+        listing = hf.HfApi().list_repo_files(repo_id, revision=commit)
         names = _weight_names(folder, listing)
         if not names:
             shown = ", ".join(listing[:10]) + (" ..." if len(listing) > 10 else "")

@@ -44,7 +44,7 @@ from soupkit import _interrupts
 from soupkit._sizes import COMPUTE_ELEMS, RNG_BLOCK
 from soupkit._sizes import compute_threads as _sizes_compute_threads
 from soupkit._sizes import stream_threads as _sizes_stream_threads
-from soupkit.errors import NonFiniteError, UsageError
+from soupkit.errors import NonFiniteError, UsageError, shown
 from soupkit.global_trim import compute_cuts
 from soupkit.io.header import DTYPES, TensorInfo
 from soupkit.io.reader import TensorReader
@@ -207,7 +207,7 @@ def _nonfinite_error(plan: MergePlan, job: TensorJob, load: _Loader, a: int, b: 
         big = float(out.abs().max())
         limit = float(torch.finfo(DTYPES[job.out_dtype][0]).max)
         return NonFiniteError(
-            f"tensor {job.name!r}: {what} in {where}the output after the cast to {job.out_dtype}: "
+            f"tensor {shown(job.name, quote=True)}: {what} in {where}the output after the cast to {job.out_dtype}: "
             f"the merged values are finite in float32 but reach {big:.6g}, beyond the largest "
             f"{job.out_dtype} value {limit:.6g}\n"
             f"hint: set `out_dtype: bfloat16` or `float32` in the recipe, {allow}"
@@ -229,13 +229,13 @@ def _nonfinite_error(plan: MergePlan, job: TensorJob, load: _Loader, a: int, b: 
                                 f"({c_inf:,} values become Inf)")
     if culprits:
         return NonFiniteError(
-            f"tensor {job.name!r}: {what} in {where}the merged output, from the inputs:\n"
+            f"tensor {shown(job.name, quote=True)}: {what} in {where}the merged output, from the inputs:\n"
             + "\n".join(f"  - {c}" for c in culprits)
             + f"\nhint: the input checkpoint is broken (diverged training, a bad conversion); leave "
               f"that model out, {allow}"
         )
     return NonFiniteError(
-        f"tensor {job.name!r}: method {plan.method.name!r} produced {what} in {where}the output "
+        f"tensor {shown(job.name, quote=True)}: method {plan.method.name!r} produced {what} in {where}the output "
         "although every input is finite there (float32 overflow or a division by zero, e.g. "
         "weights that sum to 0 or an extreme rescale)\n"
         f"hint: check the method's parameters for this tensor, {allow}"
@@ -291,7 +291,7 @@ def check_shared_inputs(plans: Sequence[MergePlan]) -> None:
                         and all(_same_info(x, y) for x, y in zip(ja.inputs, jb.inputs))
                         and (ja.base is None or jb.base is None or _same_info(ja.base, jb.base)))
                 if not same:
-                    problems.append(f"tensor {ja.name!r} is read from different inputs")
+                    problems.append(f"tensor {shown(ja.name, quote=True)} is read from different inputs")
                     break
         if problems:
             raise UsageError(f"plan {k} cannot share a pass with plan 0: {problems[0]}\n"
@@ -751,7 +751,7 @@ class _Engine:
         want = tuple(shape) if shape is not None else (n,)
         if tuple(out.shape) != want:
             raise RuntimeError(f"method {spec.name!r} returned shape {list(out.shape)} for "
-                               f"tensor {job.name!r}, expected {list(want)}")
+                               f"tensor {shown(job.name, quote=True)}, expected {list(want)}")
         return out.reshape(-1)
 
     def _trim_for(self, k: int, j: int, job: TensorJob) -> _JobState:

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from soupkit.errors import CheckpointFormatError, UnsafeFormatError
+from soupkit.errors import CheckpointFormatError, UnsafeFormatError, shown
 from soupkit.io.header import TensorInfo, dtype_code, read_safetensors_header
 from soupkit.io.pickle_ckpt import load_pickle_state_dict
 
@@ -100,7 +100,7 @@ class Checkpoint:
 
 def _refuse_pickle(p: Path) -> UnsafeFormatError:
     return UnsafeFormatError(
-        f"{p}: is a pickle checkpoint ({p.suffix}); loading a pickle can execute arbitrary "
+        f"{shown(p)}: is a pickle checkpoint ({p.suffix}); loading a pickle can execute arbitrary "
         "code hidden in the file, so soupkit refuses it by default\n"
         "hint: convert it to safetensors, or if you trust the file opt in with "
         "--allow-pickle (it is then loaded only with torch.load(weights_only=True))"
@@ -133,22 +133,22 @@ def _read_index(folder: Path, name: str = INDEX_NAME) -> dict[str, str]:
     try:
         size = idx.stat().st_size
         if size > MAX_INDEX_BYTES:
-            raise CheckpointFormatError(f"{idx}: {size} bytes; an index larger than "
+            raise CheckpointFormatError(f"{shown(idx)}: {size} bytes; an index larger than "
                                         f"{MAX_INDEX_BYTES} bytes is refused")
         obj = json.loads(idx.read_text(encoding="utf-8"), object_pairs_hook=_no_duplicates)
     except _DuplicateKey as e:
-        raise CheckpointFormatError(f"{idx}: names key {e.args[0]!r} twice in one object\n"
+        raise CheckpointFormatError(f"{shown(idx)}: names key {shown(e.args[0], quote=True)} twice in one object\n"
                                     "hint: the index is ambiguous; it is corrupt or hostile") from None
     except RecursionError:
-        raise CheckpointFormatError(f"{idx}: not valid JSON (nested too deeply)") from None
+        raise CheckpointFormatError(f"{shown(idx)}: not valid JSON (nested too deeply)") from None
     except ValueError as e:  # UnicodeDecodeError, JSONDecodeError, huge integer literals
-        raise CheckpointFormatError(f"{idx}: not valid JSON ({e})") from None
+        raise CheckpointFormatError(f"{shown(idx)}: not valid JSON ({e})") from None
     except OSError as e:
-        raise CheckpointFormatError(f"{idx}: cannot read ({e.strerror})") from None
+        raise CheckpointFormatError(f"{shown(idx)}: cannot read ({e.strerror})") from None
     wm = obj.get("weight_map") if isinstance(obj, dict) else None
     if not isinstance(wm, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in wm.items()):
         raise CheckpointFormatError(
-            f"{idx}: expected an object with a 'weight_map' of tensor name -> shard file name"
+            f"{shown(idx)}: expected an object with a 'weight_map' of tensor name -> shard file name"
         )
     return wm
 
@@ -161,13 +161,13 @@ def _shard_paths(folder: Path, idx: Path, wm: Mapping[str, str]) -> dict[str, Pa
         if ("\x00" in fname or not fname or Path(fname).is_absolute() or ".." in Path(fname).parts
                 or not _inside(folder, shard)):
             raise CheckpointFormatError(
-                f"{idx}: weight_map points outside the model folder: {fname!r}\n"
+                f"{shown(idx)}: weight_map points outside the model folder: {shown(fname, quote=True)}\n"
                 "hint: shard names must be plain file names inside the folder (no '..', no "
                 "absolute paths, no symlinks that lead out); a hostile index may try to read "
                 "other files"
             )
         if not shard.is_file():
-            raise CheckpointFormatError(f"{idx}: shard {fname!r} listed in weight_map does not exist")
+            raise CheckpointFormatError(f"{shown(idx)}: shard {shown(fname, quote=True)} listed in weight_map does not exist")
         shards[fname] = shard
     return shards
 
@@ -183,20 +183,20 @@ def _open_sharded(folder: Path, label: str) -> Checkpoint:
         for name, info in header.tensors.items():
             if name in tensors:
                 first = tensors[name].file
-                problems.append(f"tensor {name!r} is stored in two shards "
-                                f"({first.name if first is not None else '?'} and {fname})")
+                problems.append(f"tensor {shown(name, quote=True)} is stored in two shards "
+                                f"({shown(first.name) if first is not None else '?'} and {shown(fname)})")
             elif wm.get(name) != fname:
                 where = wm.get(name)
-                problems.append(f"tensor {name!r} is in shard {fname} but the index says "
+                problems.append(f"tensor {shown(name, quote=True)} is in shard {shown(fname)} but the index says "
                                 f"{where if where else 'nothing'}")
             tensors[name] = info
     for name, fname in wm.items():
         if name not in tensors:
-            problems.append(f"index maps {name!r} to {fname}, but that shard has no such tensor")
+            problems.append(f"index maps {shown(name, quote=True)} to {shown(fname)}, but that shard has no such tensor")
     if problems:
-        shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
+        listed = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
         raise CheckpointFormatError(
-            f"{idx}: index and shard headers disagree:\n" + "\n".join(f"  - {m}" for m in shown)
+            f"{shown(idx)}: index and shard headers disagree:\n" + "\n".join(f"  - {m}" for m in listed)
         )
     # storage order: by index order of shards, then offset
     order = {f: i for i, f in enumerate(shards.values())}
@@ -224,17 +224,17 @@ def _open_pickle_sharded(folder: Path, label: str) -> Checkpoint:
             notes.append(note)
         for name, t in part.items():
             if name in state:
-                problems.append(f"tensor {name!r} is stored in two shards")
+                problems.append(f"tensor {shown(name, quote=True)} is stored in two shards")
             elif wm.get(name) != fname:
-                problems.append(f"tensor {name!r} is in shard {fname} but the index says "
+                problems.append(f"tensor {shown(name, quote=True)} is in shard {shown(fname)} but the index says "
                                 f"{wm.get(name) or 'nothing'}")
             state[name] = t
-    problems += [f"index maps {n!r} to {f}, but that shard has no such tensor"
+    problems += [f"index maps {shown(n, quote=True)} to {shown(f)}, but that shard has no such tensor"
                  for n, f in wm.items() if n not in state]
     if problems:
-        shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
+        listed = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
         raise CheckpointFormatError(
-            f"{idx}: index and shards disagree:\n" + "\n".join(f"  - {m}" for m in shown)
+            f"{shown(idx)}: index and shards disagree:\n" + "\n".join(f"  - {m}" for m in listed)
         )
     ck = in_memory_checkpoint(state, label)
     return dataclasses.replace(ck, path=folder, folder=folder, files=tuple(shards.values()),
@@ -263,13 +263,13 @@ def open_checkpoint(
     p = Path(path)
     lab = label if label is not None else str(path)
     if "\x00" in str(path):
-        raise CheckpointFormatError(f"{lab!r}: a path cannot contain a NUL byte")
+        raise CheckpointFormatError(f"{shown(lab, quote=True)}: a path cannot contain a NUL byte")
     if not p.exists():
         hint = ""
         if not str(path).startswith((".", "/")) and str(path).count("/") == 1:
             hint = ("\nhint: this looks like a hub model id; soupkit works offline and never "
                     "downloads: download it first (e.g. `huggingface-cli download ...`) and give the folder")
-        raise CheckpointFormatError(f"{lab}: no such file or folder{hint}")
+        raise CheckpointFormatError(f"{shown(lab)}: no such file or folder{hint}")
     if p.is_file():
         if p.suffix in PICKLE_SUFFIXES:
             if not allow_pickle:
@@ -279,7 +279,7 @@ def open_checkpoint(
         return Checkpoint(lab, p, p.parent, (p,), header.tensors)
     if not p.is_dir():
         # a FIFO, a device or a socket: opening it could block forever or read without end
-        raise CheckpointFormatError(f"{lab}: is not a regular file or a folder\n"
+        raise CheckpointFormatError(f"{shown(lab)}: is not a regular file or a folder\n"
                                     "hint: give a .safetensors file or a model folder")
     if (p / INDEX_NAME).is_file():
         return _open_sharded(p, lab)
@@ -290,7 +290,7 @@ def open_checkpoint(
         candidates = sorted(x for x in p.glob("*.safetensors") if x.is_file())
         pickles = sorted(x for x in p.iterdir() if x.suffix in PICKLE_SUFFIXES and x.is_file())
     except OSError as e:
-        raise CheckpointFormatError(f"{lab}: cannot list the folder ({e.strerror})") from None
+        raise CheckpointFormatError(f"{shown(lab)}: cannot list the folder ({e.strerror})") from None
     if len(candidates) == 1:
         header = read_safetensors_header(candidates[0])
         return Checkpoint(lab, p, p, (candidates[0],), header.tensors)
@@ -304,13 +304,13 @@ def open_checkpoint(
         if len(pickles) == 1:
             return _open_pickle(pickles[0], lab, p)
         raise CheckpointFormatError(
-            f"{lab}: folder holds {len(pickles)} pickle files "
+            f"{shown(lab)}: folder holds {len(pickles)} pickle files "
             f"({', '.join(x.name for x in pickles[:5])}) and no index, so it is unclear which "
             f"is the model\nhint: give the file itself, or add {PICKLE_INDEX_NAME}"
         )
     found = ", ".join(x.name for x in candidates[:5]) or "none"
     raise CheckpointFormatError(
-        f"{lab}: folder holds no checkpoint soupkit can read (safetensors files: {found})\n"
+        f"{shown(lab)}: folder holds no checkpoint soupkit can read (safetensors files: {found})\n"
         f"hint: expected {SINGLE_NAME}, a sharded folder with {INDEX_NAME}, or exactly one "
         "*.safetensors file"
     )
@@ -325,13 +325,13 @@ def in_memory_checkpoint(state: Mapping[str, torch.Tensor], label: str) -> Check
     for name, t in state.items():
         if not isinstance(t, torch.Tensor):
             raise CheckpointFormatError(
-                f"{label}: entry {name!r} is a {type(t).__name__}, expected a torch.Tensor"
+                f"{shown(label)}: entry {shown(name, quote=True)} is a {type(t).__name__}, expected a torch.Tensor"
             )
         t = t.detach().to("cpu").contiguous()
         try:
             code = dtype_code(t.dtype)
         except ValueError:
-            raise CheckpointFormatError(f"{label}: tensor {name!r} has dtype {t.dtype}, which "
+            raise CheckpointFormatError(f"{shown(label)}: tensor {shown(name, quote=True)} has dtype {t.dtype}, which "
                                         "safetensors cannot store") from None
         nbytes = t.numel() * t.element_size()
         tensors[name] = TensorInfo(name, code, tuple(t.shape), None, 0, nbytes, data=t)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from soupkit.errors import CheckpointFormatError
+from soupkit.errors import CheckpointFormatError, shown
 from soupkit.io.header import TensorInfo, open_regular
 
 __all__ = ["TensorReader", "byte_view"]
@@ -104,11 +104,11 @@ class TensorReader:
                     n = os.preadv(fd, [mv[done:]], offset + done)
                 except OSError as e:
                     raise CheckpointFormatError(
-                        f"{info.file}: reading tensor {info.name!r} failed ({e.strerror})"
+                        f"{shown(info.file)}: reading tensor {shown(info.name, quote=True)} failed ({e.strerror})"
                     ) from None
                 if n == 0:
                     raise CheckpointFormatError(
-                        f"{info.file}: tensor {info.name!r} ends at byte {info.end} but the file "
+                        f"{shown(info.file)}: tensor {shown(info.name, quote=True)} ends at byte {info.end} but the file "
                         f"ended at {offset + done}\nhint: the file was truncated or changed "
                         "while soupkit was reading it"
                     )

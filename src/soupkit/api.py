@@ -21,12 +21,12 @@ import torch
 from soupkit import _interrupts
 from soupkit._version import __version__
 from soupkit.config import MergeConfig, ModelEntry, load_recipe
-from soupkit.errors import CheckpointFormatError, ConfigError, MergeIOError, UsageError
+from soupkit.errors import CheckpointFormatError, ConfigError, MergeIOError, UsageError, shown
 from soupkit.execute import FileSink, MemorySink, RunStats, run_plan
 from soupkit.formats import KeyMap, as_state_dict
-from soupkit.io.checkpoint import CARRY_FILES, Checkpoint, in_memory_checkpoint
+from soupkit.io.checkpoint import MAX_CARRY_BYTES, Checkpoint, carried_files, in_memory_checkpoint
 from soupkit.io.hashing import BackgroundHasher, HashCache, changed_files_check, file_state
-from soupkit.io.writer import Journal, OutputFolder, io_failure
+from soupkit.io.writer import Journal, OutputFolder, copy_file, io_failure
 from soupkit.plan import DEFAULT_CHUNK_ELEMS, MergePlan, make_plan, plan_recipe
 
 __all__ = [
@@ -274,18 +274,17 @@ def finish_folder(p: MergePlan, tmp: Path, model_card: bool) -> dict[str, str]:
     if index.is_file():
         others[index.name] = hashlib.sha256(index.read_bytes()).hexdigest()
     if p.carry_from is not None:
-        for name in CARRY_FILES:
-            src = p.carry_from / name
-            if src.is_file() and not src.is_symlink():
-                try:
-                    data = src.read_bytes()
-                except OSError as e:
-                    raise CheckpointFormatError(f"{src}: cannot read ({e.strerror})") from None
-                if name == "config.json" and p.config_updates:  # e.g. a sliced model's layer count
-                    from soupkit.compat.mergekit import update_config
+        for name, src in carried_files(p.carry_from).items():  # links and sizes checked again
+            if name == "config.json" and p.config_updates:  # e.g. a sliced model's layer count
+                from soupkit.compat.mergekit import update_config
 
-                    data = update_config(src, data, p.config_updates)
-                others[name] = _write_file(tmp / name, data)
+                try:
+                    data = src.read_bytes()  # at most MAX_CARRY_BYTES, checked just above
+                except OSError as e:
+                    raise CheckpointFormatError(f"{shown(src)}: cannot read ({e.strerror})") from None
+                others[name] = _write_file(tmp / name, update_config(src, data, p.config_updates))
+            else:
+                others[name] = copy_file(src, tmp / name, MAX_CARRY_BYTES)
     if model_card:
         others["README.md"] = _write_file(tmp / "README.md", _model_card(p).encode("utf-8"))
     return others

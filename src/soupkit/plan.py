@@ -26,7 +26,7 @@ from soupkit.config import Conditional, MergeConfig, ParamValue
 from soupkit.errors import CheckpointFormatError, ConfigError, PlanError, SoupError, UnknownMethodError, shown
 from soupkit.formats import KeyMap, rename_checkpoint
 from soupkit.global_trim import check_global_trim, global_trim_notes
-from soupkit.io.checkpoint import CARRY_FILES, Checkpoint, open_checkpoint
+from soupkit.io.checkpoint import CARRY_FILES, Checkpoint, carried_files, open_checkpoint
 from soupkit.io.header import DTYPES, TensorInfo
 from soupkit.io.writer import STAGING_BYTES, OutputTensor, ShardLayout, layout_shards, parse_size
 from soupkit.methods import MethodSpec, Params
@@ -530,6 +530,6 @@ def _carry_source(cfg: MergeConfig, base: Checkpoint | None, models: Sequence[Ch
             return folder if folder.is_dir() else None
         candidates = [ck]
     for c in candidates:
-        if c is not None and c.folder is not None and any((c.folder / f).is_file() for f in CARRY_FILES):
+        if c is not None and c.folder is not None and carried_files(c.folder):  # checks sizes and links
             return c.folder
     return None

@@ -6,16 +6,24 @@ error (exit 1 or 2) in bounded time and memory, or a correct result.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import time
+import tracemalloc
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
 import soupkit
+from soupkit import config
 from soupkit.errors import MAX_SHOWN_CHARS, CheckpointFormatError, shown
+from soupkit.io.checkpoint import MAX_CARRY_BYTES, carried_files
+from soupkit.io.links import resolve_model_file, snapshot_blobs
 
-from hostile_helpers import entry, raw_file, run_cli
+from hostile_helpers import entry, raw_file, run_cli, sharded_folder
 
 import pytest
 
@@ -92,3 +100,296 @@ def test_unrelated_file_reported_without_echoing_its_bytes(tmp_path: Path) -> No
     msg = str(ei.value)
     assert "not a safetensors file: the first 8 bytes are not a plausible header length (file is 32 bytes)" in msg
     assert str(int.from_bytes(b"root:x:0", "little")) not in msg and "root" not in msg.replace(str(tmp_path), "")
+
+
+# --- 1: YAML alias and merge-key bombs ----------------------------------------------------------
+
+def merge_key_bomb(levels: int = 8) -> str:
+    """The issue's recipe: each level merges nine copies of the one before (9^8 pairs)."""
+    y = "a0: &a0 {k0: 1, k1: 2}\n" + "".join(
+        f"a{i}: &a{i} {{<<: [{', '.join([f'*a{i - 1}'] * 9)}]}}\n" for i in range(1, levels + 1))
+    return y + "merge_method: linear\nmodels: [{model: m1}]\n"
+
+
+def _bounded(fn: Callable[[], object]) -> tuple[float, int]:
+    """Seconds and peak bytes Python allocated while ``fn`` ran."""
+    tracemalloc.start()
+    t = time.perf_counter()
+    try:
+        fn()
+    finally:
+        elapsed = time.perf_counter() - t
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    return elapsed, peak
+
+
+@pytest.mark.parametrize("text", [
+    merge_key_bomb(8),
+    merge_key_bomb(9),
+    # the billion laughs with lists, used where the schema wants a list
+    "a: &a [1, 1, 1, 1, 1, 1, 1, 1, 1]\n" + "".join(
+        f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 9)}]\n" for i in range(8))
+    + "merge_method: linear\nmodels: [{model: m1, parameters: {weight: *i}}]\n",
+])
+def test_alias_and_merge_key_bombs_are_refused_fast(tmp_path: Path, text: str) -> None:
+    recipe = tmp_path / "bomb.yaml"
+    recipe.write_text(text)
+    assert len(text.encode()) < 700
+
+    def load() -> None:
+        with pytest.raises(soupkit.ConfigError, match="more than 1,000,000 values once its aliases and merge keys are expanded"):
+            soupkit.load_recipe(recipe)
+
+    elapsed, peak = _bounded(load)
+    assert elapsed < 1.0 and peak < 5_000_000
+    r = run_cli("validate", str(recipe), timeout=60)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "recipe refused" in r.stderr
+
+
+def test_recursive_alias_is_refused() -> None:
+    with pytest.raises(soupkit.ConfigError, match="refers to the mapping or list that contains it"):
+        soupkit.load_recipe("merge_method: linear\nmodels: &m [{model: a}, *m]\n")
+
+
+def test_aliases_and_merge_keys_within_the_limit_still_work() -> None:
+    text = ("merge_method: linear\n"
+        "models:\n"
+        "  - {model: a, parameters: &p {weight: 0.5}}\n"
+        "  - {model: b, parameters: {<<: *p}}\n")
+    cfg = soupkit.load_recipe(text)
+    assert [m.parameters["weight"] for m in cfg.models] == [0.5, 0.5]
+    assert config.MAX_RECIPE_NODES == 1_000_000 and config.MAX_RECIPE_BYTES == 10_000_000
+
+
+# --- 2: a recipe that is not a regular file --------------------------------------------------------
+
+def _fifo(p: Path) -> Path:
+    os.mkfifo(p)
+    return p
+
+
+def _dev_zero(p: Path) -> Path:
+    p.symlink_to("/dev/zero")
+    return p
+
+
+def _folder(p: Path) -> Path:
+    p.mkdir()
+    return p
+
+
+@pytest.mark.parametrize("build,kind", [(_fifo, "a FIFO"), (_dev_zero, "a device"), (_folder, "a folder")])
+def test_recipe_that_is_not_a_regular_file(tmp_path: Path, build: Callable[[Path], Path], kind: str) -> None:
+    recipe = build(tmp_path / "r.yaml")
+    with pytest.raises(soupkit.ConfigError, match=f"the recipe is {kind}, expected a regular YAML file; it was not read"):
+        soupkit.load_recipe(recipe)
+    r = run_cli("validate", str(recipe), timeout=60)
+    assert r.returncode == 2 and f"the recipe is {kind}" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_recipe_path_without_yaml_suffix(tmp_path: Path, models: list[Path]) -> None:
+    recipe = tmp_path / "recipe"
+    recipe.write_text(json.dumps({"merge_method": "linear", "models": [{"model": str(m)} for m in models]}))
+    # the CLI's argument is always a file, whatever its name
+    r = run_cli("validate", str(recipe))
+    assert r.returncode == 0, r.stderr
+    # the Python API: a Path is a file; a one-line str is a file only with a recipe suffix
+    assert len(soupkit.load_recipe(recipe).models) == 3
+    with pytest.raises(soupkit.ConfigError, match="is neither a recipe file .* nor the YAML text of a recipe"):
+        soupkit.load_recipe(str(recipe))
+    with pytest.raises(soupkit.ConfigError, match="does not exist"):
+        soupkit.load_recipe(str(tmp_path / "missing.yml"))
+
+
+def test_recipe_over_the_size_limit(tmp_path: Path) -> None:
+    recipe = tmp_path / "big.yaml"
+    with open(recipe, "wb") as f:
+        f.truncate(config.MAX_RECIPE_BYTES + 1)  # sparse: costs no disk
+    with pytest.raises(soupkit.ConfigError, match="recipes over 10,000,000 bytes are refused"):
+        soupkit.load_recipe(recipe)
+
+
+# --- 3: carried files have a size limit, and are copied streamed ---------------------------------
+
+def _recipe(tmp_path: Path, models: list[Path]) -> Path:
+    r = tmp_path / "r.yaml"
+    r.write_text(json.dumps({"merge_method": "linear", "models": [{"model": str(m)} for m in models]}))
+    return r
+
+
+@pytest.mark.parametrize("size", [6 << 30, 1 << 30])
+def test_oversized_carried_file_is_refused_before_reading(tmp_path: Path, models: list[Path], size: int) -> None:
+    with open(models[0] / "config.json", "wb") as f:
+        f.truncate(size)  # sparse: no disk, and reading it would need `size` bytes of memory
+    recipe = _recipe(tmp_path, models)
+
+    def plan() -> None:
+        with pytest.raises(CheckpointFormatError) as ei:
+            soupkit.plan(recipe)
+        msg = str(ei.value)
+        assert f"{models[0] / 'config.json'}: {size:,} bytes" in msg and "larger than 100,000,000 bytes" in msg
+
+    elapsed, peak = _bounded(plan)
+    assert elapsed < 5 and peak < 20_000_000
+    assert MAX_CARRY_BYTES == 100_000_000
+    r = run_cli("merge", str(recipe), str(tmp_path / "out"))
+    assert r.returncode == 1 and "larger than 100,000,000 bytes" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_carried_files_are_copied_streamed(tmp_path: Path, models: list[Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    tok = os.urandom(3_000_000)
+    (models[0] / "tokenizer.json").write_bytes(tok)
+    (models[0] / "config.json").write_text('{"model_type": "toy"}')
+
+    def no_whole_reads(self: Path, *a: object, **k: object) -> bytes:
+        raise AssertionError(f"{self} read whole")
+
+    monkeypatch.setattr(Path, "read_bytes", no_whole_reads)
+    soupkit.merge(_recipe(tmp_path, models), tmp_path / "out", progress=False)
+    monkeypatch.undo()
+    assert (tmp_path / "out" / "tokenizer.json").read_bytes() == tok
+    report = json.loads((tmp_path / "out" / "soupkit-report.json").read_text())
+    assert hashlib.sha256(tok).hexdigest() in json.dumps(report)
+
+
+# --- 12: one rule for links ------------------------------------------------------------------------
+
+def _model_with_link(tmp_path: Path, name: str, target: Path) -> Path:
+    m = tmp_path / "m"
+    m.mkdir()
+    (m / name).symlink_to(target)
+    return m
+
+
+def test_model_file_symlink_out_of_the_folder_is_refused(tmp_path: Path) -> None:
+    outside = tmp_path / "elsewhere.safetensors"
+    save_file({"a": torch.zeros(2)}, str(outside))
+    m = _model_with_link(tmp_path, "model.safetensors", outside)
+    with pytest.raises(CheckpointFormatError, match="symbolic link that leads outside the model folder"):
+        soupkit.open_checkpoint(m)
+    r = run_cli("inspect", str(m))
+    assert r.returncode == 1 and "leads outside the model folder" in r.stderr
+
+
+def test_index_symlink_out_of_the_folder_is_refused(tmp_path: Path) -> None:
+    other = sharded_folder(tmp_path / "other")
+    m = tmp_path / "m"
+    m.mkdir()
+    for f in other.iterdir():
+        if f.suffix == ".safetensors":
+            (m / f.name).write_bytes(f.read_bytes())
+    (m / "model.safetensors.index.json").symlink_to(other / "model.safetensors.index.json")
+    with pytest.raises(CheckpointFormatError, match="index is a symbolic link that leads outside"):
+        soupkit.open_checkpoint(m)
+
+
+def test_carried_file_symlink_out_of_the_folder_is_refused(tmp_path: Path, models: list[Path]) -> None:
+    secret = tmp_path / "secret.txt"
+    secret.write_text("top secret")
+    (models[0] / "tokenizer.json").symlink_to(secret)
+    with pytest.raises(CheckpointFormatError, match="carried file is a symbolic link that leads outside"):
+        soupkit.plan(_recipe(tmp_path, models))
+
+
+def test_links_inside_the_folder_are_followed(tmp_path: Path) -> None:
+    m = tmp_path / "m"
+    (m / "real").mkdir(parents=True)
+    save_file({"a": torch.ones(2)}, str(m / "real" / "w.safetensors"))
+    (m / "model.safetensors").symlink_to("real/w.safetensors")
+    (m / "real" / "config.json").write_text("{}")
+    (m / "config.json").symlink_to("real/config.json")
+    ck = soupkit.open_checkpoint(m)
+    assert ck.files == ((m / "real" / "w.safetensors").resolve(),)
+    assert carried_files(m) == {"config.json": (m / "real" / "config.json").resolve()}
+
+
+def hf_cache_snapshot(root: Path, sharded: bool) -> Path:
+    """A Hugging Face hub cache as huggingface_hub lays it out: snapshot files link to blobs."""
+    repo = root / "hub" / "models--org--toy"
+    blobs = repo / "blobs"
+    snap = repo / "snapshots" / ("a" * 40)
+    blobs.mkdir(parents=True)
+    snap.mkdir(parents=True)
+    src = sharded_folder(root / "src") if sharded else None
+    files: dict[str, bytes] = {}
+    if src is not None:
+        files = {f.name: f.read_bytes() for f in src.iterdir()}
+    else:
+        save_file({"a": torch.ones(3)}, str(root / "one.safetensors"))
+        files = {"model.safetensors": (root / "one.safetensors").read_bytes()}
+    files["config.json"] = b'{"model_type": "toy"}'
+    for name, data in files.items():
+        digest = hashlib.sha256(data).hexdigest()
+        (blobs / digest).write_bytes(data)
+        (snap / name).symlink_to(Path("..", "..", "blobs", digest))
+    return snap
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_hf_cache_snapshot_links_into_its_blobs_are_followed(tmp_path: Path, sharded: bool) -> None:
+    snap = hf_cache_snapshot(tmp_path, sharded)
+    ck = soupkit.open_checkpoint(snap)
+    blobs = (snap.parent.parent / "blobs").resolve()
+    assert all(f.parent == blobs for f in ck.files)
+    assert set(ck.tensors) == ({"a", "b", "c"} if sharded else {"a"})
+    assert list(carried_files(snap)) == ["config.json"]
+    assert snapshot_blobs(snap) == snap.parent.parent / "blobs"
+
+
+def test_hf_cache_snapshot_link_outside_its_blobs_is_refused(tmp_path: Path) -> None:
+    snap = hf_cache_snapshot(tmp_path, False)
+    other = tmp_path / "hub" / "models--org--other" / "blobs"
+    other.mkdir(parents=True)
+    save_file({"a": torch.ones(3)}, str(other / "x"))
+    (snap / "model.safetensors").unlink()
+    (snap / "model.safetensors").symlink_to(other / "x")  # another repository's blob
+    with pytest.raises(CheckpointFormatError, match="leads outside the model folder"):
+        soupkit.open_checkpoint(snap)
+    assert snapshot_blobs(tmp_path / "m-not-a-snapshot") is None
+
+
+def test_broken_and_looping_links_are_errors(tmp_path: Path) -> None:
+    m = tmp_path / "m"
+    m.mkdir()
+    (m / "model.safetensors").symlink_to("nowhere.safetensors")
+    with pytest.raises(CheckpointFormatError, match="which does not exist"):
+        soupkit.open_checkpoint(m)
+    (m / "model.safetensors").unlink()
+    (m / "model.safetensors").symlink_to("model.safetensors")
+    with pytest.raises(CheckpointFormatError, match="cannot follow"):
+        soupkit.open_checkpoint(m)
+    for bad in ["", "../x", "/etc/passwd", "a\x00b"]:
+        with pytest.raises(CheckpointFormatError, match="is not a plain name"):
+            resolve_model_file(m, bad)
+
+
+# --- 9: NaN weights and empty lists are errors -----------------------------------------------------
+
+@pytest.mark.parametrize("params,part", [
+    ({"weight": float("nan")}, "weight: nan is not a usable value"),
+    ({"weight": float("inf")}, "weight: inf is not a usable value"),
+    ({"weight": [0.5, float("nan")]}, "weight: nan is not a usable value"),
+    ({"weight": [{"filter": "mlp", "value": float("-inf")}, {"value": 1.0}]}, "weight: -inf is not a usable value"),
+    ({"weight": []}, "weight: an empty list sets nothing"),
+    ({"weight": [{"filter": "mlp", "value": []}]}, "weight: an entry's value is an empty list"),
+])
+def test_nonfinite_and_empty_parameter_values(tmp_path: Path, models: list[Path], params: dict[str, object],
+                                              part: str) -> None:
+    data = {"merge_method": "linear", "models": [{"model": str(m), "parameters": params} for m in models]}
+    with pytest.raises(soupkit.ConfigError, match="models\\[0\\].parameters: " + part.replace("[", "\\[")):
+        soupkit.load_recipe(data)
+    data = {"merge_method": "linear", "parameters": params, "models": [{"model": str(m)} for m in models]}
+    with pytest.raises(soupkit.ConfigError, match="parameters: "):
+        soupkit.plan(data)
+
+
+def test_nan_weight_in_yaml_fails_validate_on_the_cli(tmp_path: Path, models: list[Path]) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("merge_method: linear\nmodels:\n" + "".join(
+        f"  - model: {m}\n    parameters: {{weight: {w}}}\n" for m, w in zip(models, [".nan", "1", "[]"])))
+    r = run_cli("validate", str(recipe))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "2 problem(s)" in r.stderr and "weight: nan is not a usable value" in r.stderr
+    assert "weight: an empty list sets nothing" in r.stderr

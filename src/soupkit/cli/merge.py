@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 import sys
 
 from soupkit._format import human_bytes, human_seconds
@@ -27,7 +28,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         soupkit merge recipe.yaml ./merged --allow-pickle # inputs saved with torch.save (.bin/.pt/.ckpt)
         soupkit merge recipe.yaml ./merged --allow-pickle --strip-prefix model.  # Lightning .ckpt files
     """)
-    p.add_argument("recipe", help="YAML recipe (mergekit schema: merge_method, models, base_model, parameters, ...)")
+    p.add_argument("recipe", type=Path, help="YAML recipe (mergekit schema: merge_method, models, base_model, parameters, ...)")
     p.add_argument("out", help="output folder (Hugging Face layout)")
     add_output_flags(p)
     add_safety_flags(p)

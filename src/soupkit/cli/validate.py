@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from soupkit.api import plan
 from soupkit.cli._common import add_key_map_flags, add_pickle_flag, command, key_map_from
@@ -12,7 +13,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p = command(sub, "validate", "check a recipe and the headers of its inputs; list every problem", """
         soupkit validate recipe.yaml && soupkit merge recipe.yaml ./merged
     """)
-    p.add_argument("recipe", help="YAML recipe")
+    p.add_argument("recipe", type=Path, help="YAML recipe")
     add_key_map_flags(p)
     add_pickle_flag(p)
     p.set_defaults(func=run)

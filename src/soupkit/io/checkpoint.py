@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,11 +32,14 @@ import torch
 
 from soupkit.errors import CheckpointFormatError, UnsafeFormatError, shown
 from soupkit.io.header import TensorInfo, dtype_code, read_safetensors_header
+from soupkit.io.links import resolve_model_file
 from soupkit.io.pickle_ckpt import load_pickle_state_dict
 
 __all__ = [
     "CARRY_FILES",
     "Checkpoint",
+    "MAX_CARRY_BYTES",
+    "carried_files",
     "PICKLE_SUFFIXES",
     "in_memory_checkpoint",
     "open_checkpoint",
@@ -67,6 +71,45 @@ CARRY_FILES = (
     "chat_template.json",
     "preprocessor_config.json",
 )
+
+
+# A config or tokenizer file larger than this is refused when the merge is planned, before it is
+# read (the largest tokenizer.json files of current models are about 35 MB).
+MAX_CARRY_BYTES = 100_000_000
+
+
+def carried_files(folder: Path) -> dict[str, Path]:
+    """The config and tokenizer files (`CARRY_FILES`) of ``folder`` that go to the output.
+
+    Each is found by the link rule (`resolve_model_file`), must be a regular file and at most
+    `MAX_CARRY_BYTES`; checked from ``stat`` alone, nothing is read.
+
+    Returns:
+        File name -> resolved path, for the files that exist.
+
+    Raises:
+        CheckpointFormatError: a file that breaks the link rule, is not a regular file, or is too
+            large; the message names it and the limit.
+    """
+    out: dict[str, Path] = {}
+    for name in CARRY_FILES:
+        f = resolve_model_file(folder, name, what="carried file")
+        if f is None:
+            continue
+        try:
+            st = f.stat()
+        except OSError as e:
+            raise CheckpointFormatError(f"{shown(folder / name)}: cannot read ({e.strerror})") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise CheckpointFormatError(f"{shown(folder / name)}: is not a regular file (a folder, FIFO "
+                                        "or device); it would be copied to the output\nhint: remove it")
+        if st.st_size > MAX_CARRY_BYTES:
+            raise CheckpointFormatError(
+                f"{shown(folder / name)}: {st.st_size:,} bytes; config and tokenizer files larger than "
+                f"{MAX_CARRY_BYTES:,} bytes are not carried to the output\nhint: the file is corrupt "
+                "or hostile; remove it, or give `tokenizer_source:` a folder with sane files")
+        out[name] = f
+    return out
 
 
 @dataclass(frozen=True)
@@ -107,12 +150,10 @@ def _refuse_pickle(p: Path) -> UnsafeFormatError:
     )
 
 
-def _inside(folder: Path, child: Path) -> bool:
-    try:
-        child.resolve().relative_to(folder.resolve())
-    except (ValueError, OSError, RuntimeError):  # not inside, NUL byte, name too long, symlink loop
-        return False
-    return True
+def _regular(folder: Path, name: str, what: str = "file") -> Path | None:
+    """``folder/name`` resolved by the link rule if it is a regular file, else None."""
+    f = resolve_model_file(folder, name, what=what)
+    return f if f is not None and f.is_file() else None
 
 
 class _DuplicateKey(Exception):
@@ -130,12 +171,13 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 def _read_index(folder: Path, name: str = INDEX_NAME) -> dict[str, str]:
     idx = folder / name
+    real = _regular(folder, name, "index") or idx
     try:
-        size = idx.stat().st_size
+        size = real.stat().st_size
         if size > MAX_INDEX_BYTES:
             raise CheckpointFormatError(f"{shown(idx)}: {size} bytes; an index larger than "
                                         f"{MAX_INDEX_BYTES} bytes is refused")
-        obj = json.loads(idx.read_text(encoding="utf-8"), object_pairs_hook=_no_duplicates)
+        obj = json.loads(real.read_text(encoding="utf-8"), object_pairs_hook=_no_duplicates)
     except _DuplicateKey as e:
         raise CheckpointFormatError(f"{shown(idx)}: names key {shown(e.args[0], quote=True)} twice in one object\n"
                                     "hint: the index is ambiguous; it is corrupt or hostile") from None
@@ -154,19 +196,19 @@ def _read_index(folder: Path, name: str = INDEX_NAME) -> dict[str, str]:
 
 
 def _shard_paths(folder: Path, idx: Path, wm: Mapping[str, str]) -> dict[str, Path]:
-    """Resolve the shard names of a weight_map, refusing any that leave ``folder``."""
+    """Resolve the shard names of a weight_map by the link rule (`resolve_model_file`)."""
     shards: dict[str, Path] = {}
     for fname in dict.fromkeys(wm.values()):
-        shard = folder / fname
-        if ("\x00" in fname or not fname or Path(fname).is_absolute() or ".." in Path(fname).parts
-                or not _inside(folder, shard)):
+        try:
+            shard = resolve_model_file(folder, fname, what="shard")
+        except CheckpointFormatError as e:
             raise CheckpointFormatError(
                 f"{shown(idx)}: weight_map points outside the model folder: {shown(fname, quote=True)}\n"
                 "hint: shard names must be plain file names inside the folder (no '..', no "
                 "absolute paths, no symlinks that lead out); a hostile index may try to read "
-                "other files"
-            )
-        if not shard.is_file():
+                f"other files\n({e})"
+            ) from None
+        if shard is None or not shard.is_file():
             raise CheckpointFormatError(f"{shown(idx)}: shard {shown(fname, quote=True)} listed in weight_map does not exist")
         shards[fname] = shard
     return shards
@@ -281,26 +323,31 @@ def open_checkpoint(
         # a FIFO, a device or a socket: opening it could block forever or read without end
         raise CheckpointFormatError(f"{shown(lab)}: is not a regular file or a folder\n"
                                     "hint: give a .safetensors file or a model folder")
-    if (p / INDEX_NAME).is_file():
+    # every file below is found by name inside the folder: the link rule applies (io/links.py)
+    if _regular(p, INDEX_NAME, "index"):
         return _open_sharded(p, lab)
-    if (p / SINGLE_NAME).is_file():
-        header = read_safetensors_header(p / SINGLE_NAME)
-        return Checkpoint(lab, p, p, (p / SINGLE_NAME,), header.tensors)
+    single = _regular(p, SINGLE_NAME)
+    if single is not None:
+        header = read_safetensors_header(single)
+        return Checkpoint(lab, p, p, (single,), header.tensors)
     try:
-        candidates = sorted(x for x in p.glob("*.safetensors") if x.is_file())
-        pickles = sorted(x for x in p.iterdir() if x.suffix in PICKLE_SUFFIXES and x.is_file())
+        names = sorted(x.name for x in p.iterdir())
     except OSError as e:
         raise CheckpointFormatError(f"{shown(lab)}: cannot list the folder ({e.strerror})") from None
+    candidates = [f for n in names if n.endswith(".safetensors") and (f := _regular(p, n)) is not None]
+    pickles = [f for n in names if Path(n).suffix in PICKLE_SUFFIXES and (f := _regular(p, n)) is not None]
     if len(candidates) == 1:
         header = read_safetensors_header(candidates[0])
         return Checkpoint(lab, p, p, (candidates[0],), header.tensors)
-    if not candidates and (pickles or (p / PICKLE_INDEX_NAME).is_file()):
+    pickle_index = _regular(p, PICKLE_INDEX_NAME, "index")
+    if not candidates and (pickles or pickle_index):
         if not allow_pickle:
             raise _refuse_pickle(pickles[0] if pickles else p / PICKLE_INDEX_NAME)
-        if (p / PICKLE_INDEX_NAME).is_file():
+        if pickle_index:
             return _open_pickle_sharded(p, lab)
-        if (p / PICKLE_SINGLE_NAME).is_file():
-            return _open_pickle(p / PICKLE_SINGLE_NAME, lab, p)
+        pickle_single = _regular(p, PICKLE_SINGLE_NAME)
+        if pickle_single is not None:
+            return _open_pickle(pickle_single, lab, p)
         if len(pickles) == 1:
             return _open_pickle(pickles[0], lab, p)
         raise CheckpointFormatError(

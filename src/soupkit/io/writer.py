@@ -53,8 +53,8 @@ from types import TracebackType
 import torch
 
 from soupkit import _interrupts
-from soupkit.errors import MergeIOError, OutputExistsError
-from soupkit.io.header import DTYPES
+from soupkit.errors import CheckpointFormatError, MergeIOError, OutputExistsError, shown
+from soupkit.io.header import DTYPES, open_regular
 from soupkit.io.reader import byte_view
 
 __all__ = [
@@ -195,6 +195,46 @@ def sha256_file(path: Path) -> str:
     with open(path, "rb", buffering=0) as f:
         while n := f.readinto(mv):
             h.update(mv[:n])
+    return h.hexdigest()
+
+
+def copy_file(src: Path, dst: Path, limit: int) -> str:
+    """Copy ``src`` to ``dst`` in blocks (never whole in memory) and return its sha256.
+
+    Raises:
+        CheckpointFormatError: ``src`` cannot be read, is not a regular file, or has grown past
+            ``limit`` bytes since it was checked.
+        MergeIOError: ``dst`` cannot be written.
+    """
+    h = hashlib.sha256()
+    mv = memoryview(bytearray(_HASH_BLOCK))
+    done = 0
+    try:
+        fin = open(open_regular(src), "rb", buffering=0)
+    except OSError as e:
+        raise CheckpointFormatError(f"{shown(src)}: cannot read ({e.strerror})") from None
+    with fin:
+        try:
+            fout = open(dst, "wb")
+        except OSError as e:
+            raise io_failure(f"{dst}: cannot write", e) from None
+        with fout:
+            while True:
+                try:
+                    n = fin.readinto(mv)
+                except OSError as e:
+                    raise CheckpointFormatError(f"{shown(src)}: cannot read ({e.strerror})") from None
+                if not n:
+                    break
+                done += n
+                if done > limit:
+                    raise CheckpointFormatError(f"{shown(src)}: grew past {limit:,} bytes while it was "
+                                                "copied\nhint: another program is writing it")
+                h.update(mv[:n])
+                try:
+                    fout.write(mv[:n])
+                except OSError as e:
+                    raise io_failure(f"{dst}: cannot write", e) from None
     return h.hexdigest()
 
 

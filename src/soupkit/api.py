@@ -22,9 +22,10 @@ from soupkit import _interrupts
 from soupkit._version import __version__
 from soupkit.config import MergeConfig, ModelEntry, load_recipe
 from soupkit.errors import CheckpointFormatError, ConfigError, MergeIOError, UsageError, shown
-from soupkit.execute import FileSink, MemorySink, RunStats, run_plan
+from soupkit.execute import FileSink, MemorySink, RunStats, plan_stamps, run_plan
 from soupkit.formats import KeyMap, as_state_dict
 from soupkit.io.checkpoint import MAX_CARRY_BYTES, Checkpoint, carried_files, in_memory_checkpoint
+from soupkit.io.header import FileStamp
 from soupkit.io.hashing import BackgroundHasher, HashCache, changed_files_check, file_state
 from soupkit.io.writer import Journal, OutputFolder, copy_file, io_failure
 from soupkit.plan import DEFAULT_CHUNK_ELEMS, MergePlan, make_plan, plan_recipe
@@ -239,7 +240,24 @@ def _input_files(p: MergePlan) -> list[Path]:
     return list(dict.fromkeys(f for c in (*p.models, *([p.base] if p.base else [])) for f in c.files))
 
 
-def _fingerprint(p: MergePlan, dest: Path, states: Mapping[Path, tuple[int, int, int]]) -> str:
+def input_states(plans: Sequence[MergePlan], inputs: Sequence[Path]) -> dict[Path, FileStamp]:
+    """Each input file's identity as the plans saw it (when its header was read; now, for a
+    file a plan has no stamp of), after checking that none changed since.
+
+    Raises:
+        CheckpointFormatError: an input was rewritten, replaced or removed after planning.
+    """
+    stamps = plan_stamps(plans)
+    try:
+        now = {f: file_state(f) for f in inputs}
+    except OSError as e:
+        raise CheckpointFormatError(f"{shown(e.filename)}: input disappeared ({e.strerror})") from None
+    before = {f: stamps.get(f, st) for f, st in now.items()}
+    changed_files_check(before, "after it was planned")
+    return before
+
+
+def _fingerprint(p: MergePlan, dest: Path, states: Mapping[Path, FileStamp]) -> str:
     """What makes two runs produce the same output: recipe, version, layout and the inputs."""
     h = hashlib.sha256()
     h.update(json.dumps({
@@ -318,10 +336,7 @@ def run_merge_plan(
             raise UsageError(f"extra output file {fname!r}: expected a plain file name other than "
                              f"{REPORT_NAME} and README.md")
     inputs = _input_files(p)
-    try:
-        before = {f: file_state(f) for f in inputs}
-    except OSError as e:
-        raise CheckpointFormatError(f"{e.filename}: input disappeared ({e.strerror})") from None
+    before = input_states([p], inputs)
     fingerprint = _fingerprint(p, dest, before) if resume else None
     folder = OutputFolder(dest, force=force, resume_key=fingerprint[:16] if fingerprint else None)
     hasher = BackgroundHasher(inputs, HashCache.default()) if hash_inputs and inputs else None

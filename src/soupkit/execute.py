@@ -46,7 +46,7 @@ from soupkit._sizes import compute_threads as _sizes_compute_threads
 from soupkit._sizes import stream_threads as _sizes_stream_threads
 from soupkit.errors import NonFiniteError, UsageError, shown
 from soupkit.global_trim import compute_cuts
-from soupkit.io.header import DTYPES, TensorInfo
+from soupkit.io.header import DTYPES, FileStamp, TensorInfo
 from soupkit.io.reader import TensorReader
 from soupkit.io.writer import Journal, ShardWriter, write_index
 from soupkit.methods import MagnitudeCut, MethodSpec
@@ -383,7 +383,12 @@ class _Budget:
 
 
 class _BufferPool:
-    """Reusable uint8 buffers of one standard capacity (bigger requests are not kept)."""
+    """Reusable uint8 buffers of one standard capacity (bigger requests are not kept).
+
+    A request for less than 1/16 of the capacity gets a buffer of its own size, not a pooled
+    one: a merge of thousands of small inputs would otherwise reserve a full-capacity buffer
+    per input per unit in flight (address space that ``ulimit -v`` counts, though never touched).
+    """
 
     def __init__(self, capacity: int, keep: int) -> None:
         self.capacity = capacity
@@ -392,6 +397,8 @@ class _BufferPool:
         self.lock = threading.Lock()
 
     def get(self, n: int) -> torch.Tensor:
+        if n < self.capacity // 16:
+            return torch.empty(n, dtype=torch.uint8)
         if n <= self.capacity:
             with self.lock:
                 if self.free:
@@ -1012,6 +1019,12 @@ class _Engine:
             self._account(u.j)
 
 
+def plan_stamps(plans: Sequence[MergePlan]) -> dict[Path, FileStamp]:
+    """Every input file's identity when the plans read its header (`Checkpoint.stamps`)."""
+    return {f: st for p in plans for c in (*p.models, *([p.base] if p.base is not None else []))
+            for f, st in c.stamps.items()}
+
+
 def run_plans(
     plans: Sequence[MergePlan],
     sinks: Sequence[Sink],
@@ -1061,8 +1074,9 @@ def run_plans(
     check_shared_inputs(plans)
     t0 = time.perf_counter()
     skips = [frozenset(s) for s in skip] if skip is not None else [frozenset()] * len(plans)
-    with (_interrupts.deferred(), _torch_threads(threads), TensorReader() as reader, TensorReader() as diag,
-          torch.inference_mode()):
+    stamps = plan_stamps(plans)  # a file rewritten since planning is refused when it is opened
+    with (_interrupts.deferred(), _torch_threads(threads), TensorReader(stamps) as reader,
+          TensorReader(stamps) as diag, torch.inference_mode()):
         # trim_scope: global (TIES): a streaming pre-pass finds each model's exact global cut
         cuts = [compute_cuts(p, reader) if p.method.global_trim is not None else {} for p in plans]
         engine = _Engine(plans, sinks, progress=progress, allow_nonfinite=allow_nonfinite, skips=skips,

@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 
 import soupkit
 from soupkit import config
+from soupkit.api import run_merge_plan
 from soupkit.errors import MAX_SHOWN_CHARS, CheckpointFormatError, shown
 from soupkit.io.checkpoint import MAX_CARRY_BYTES, carried_files
 from soupkit.io.links import resolve_model_file, snapshot_blobs
@@ -393,3 +394,62 @@ def test_nan_weight_in_yaml_fails_validate_on_the_cli(tmp_path: Path, models: li
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "2 problem(s)" in r.stderr and "weight: nan is not a usable value" in r.stderr
     assert "weight: an empty list sets nothing" in r.stderr
+
+
+# --- 10: an input rewritten between plan and run ---------------------------------------------------
+
+@pytest.mark.parametrize("how", ["in-place", "replaced", "mtime-restored"])
+def test_input_rewritten_after_plan_is_refused(tmp_path: Path, models: list[Path], how: str) -> None:
+    p = soupkit.plan(_recipe(tmp_path, models))
+    f = models[1] / "model.safetensors"
+    st = f.stat()
+    data = bytearray(f.read_bytes())
+    data[-4:] = b"\x00\x00\xc0\x7f"  # same size, same header: the last float becomes NaN
+    if how == "replaced":
+        tmp = f.with_suffix(".new")
+        tmp.write_bytes(data)
+        os.replace(tmp, f)
+    else:
+        with open(f, "r+b") as fh:
+            fh.write(data)
+        if how == "mtime-restored":
+            os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert f.stat().st_size == st.st_size
+    with pytest.raises(CheckpointFormatError, match="the input file changed after it was planned") as ei:
+        run_merge_plan(p, tmp_path / "out", progress=False)
+    assert str(f.resolve()) in str(ei.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_reader_checks_the_stamp_when_it_opens_a_file(tmp_path: Path, models: list[Path]) -> None:
+    from soupkit.execute import run_plan, MemorySink
+
+    p = soupkit.plan(_recipe(tmp_path, models))
+    f = models[2] / "model.safetensors"
+    os.utime(f, ns=(0, 0))  # only the identity changes; the engine alone must notice
+    with pytest.raises(CheckpointFormatError, match="changed after its header was read"):
+        run_plan(p, MemorySink(p))
+
+
+# --- 8: output names of every legal length ---------------------------------------------------------
+
+@pytest.mark.parametrize("n", [240, 255])
+def test_long_legal_output_names_work(tmp_path: Path, n: int) -> None:
+    a = tmp_path / "a.safetensors"
+    save_file({"w": torch.ones(3)}, str(a))
+    out = tmp_path / ("o" * n)
+    soupkit.uniform_soup([a, a], out, progress=False)
+    assert (out / "model.safetensors").is_file()
+    assert not [x for x in tmp_path.iterdir() if x.name.startswith(".soupkit-")]
+
+
+def test_output_name_over_name_max_is_a_usage_error(tmp_path: Path) -> None:
+    a = tmp_path / "a.safetensors"
+    save_file({"w": torch.ones(3)}, str(a))
+    out = tmp_path / ("o" * 256)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(json.dumps({"merge_method": "linear", "models": [{"model": str(a)}]}))
+    r = run_cli("merge", str(recipe), str(out))
+    assert r.returncode == 2, r.stderr
+    assert "is 256 bytes; this file system allows at most 255 bytes per name" in r.stderr
+    assert "internal error" not in r.stderr and len(r.stderr.splitlines()) == 2

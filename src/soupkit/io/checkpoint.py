@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from soupkit.errors import CheckpointFormatError, UnsafeFormatError, shown
-from soupkit.io.header import TensorInfo, dtype_code, read_safetensors_header
+from soupkit.io.header import FileStamp, TensorInfo, dtype_code, file_stamp, read_safetensors_header
 from soupkit.io.links import resolve_model_file
 from soupkit.io.pickle_ckpt import load_pickle_state_dict
 
@@ -123,6 +123,8 @@ class Checkpoint:
         files: the safetensors files that hold its tensors.
         tensors: tensor name -> `TensorInfo`, in storage order.
         notes: things a user should know about how it was read (e.g. a Lightning nesting).
+        stamps: each file's identity (`soupkit.io.header.file_stamp`) when its header was read:
+            a run refuses a file that no longer matches (rewritten after planning).
     """
 
     label: str
@@ -131,6 +133,7 @@ class Checkpoint:
     files: tuple[Path, ...]
     tensors: dict[str, TensorInfo] = field(repr=False)
     notes: tuple[str, ...] = ()
+    stamps: Mapping[Path, FileStamp] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def nbytes(self) -> int:
@@ -220,8 +223,10 @@ def _open_sharded(folder: Path, label: str) -> Checkpoint:
     shards = _shard_paths(folder, idx, wm)
     tensors: dict[str, TensorInfo] = {}
     problems: list[str] = []
+    stamps: dict[Path, FileStamp] = {}
     for fname, shard in shards.items():
         header = read_safetensors_header(shard)
+        stamps[shard] = header.stamp
         for name, info in header.tensors.items():
             if name in tensors:
                 first = tensors[name].file
@@ -243,14 +248,23 @@ def _open_sharded(folder: Path, label: str) -> Checkpoint:
     # storage order: by index order of shards, then offset
     order = {f: i for i, f in enumerate(shards.values())}
     ordered = sorted(tensors.values(), key=lambda t: (order[t.file] if t.file else 0, t.start))
-    return Checkpoint(label, folder, folder, tuple(shards.values()), {t.name: t for t in ordered})
+    return Checkpoint(label, folder, folder, tuple(shards.values()), {t.name: t for t in ordered},
+                      stamps=stamps)
+
+
+def _stamp(p: Path) -> FileStamp:
+    try:
+        return file_stamp(os.stat(p))
+    except OSError as e:
+        raise CheckpointFormatError(f"{shown(p)}: cannot read ({e.strerror})") from None
 
 
 def _open_pickle(p: Path, label: str, folder: Path) -> Checkpoint:
+    stamp = _stamp(p)  # before loading: a rewrite while it loads is caught too
     state, note = load_pickle_state_dict(p)
     ck = in_memory_checkpoint(state, label)
     return dataclasses.replace(ck, path=p, folder=folder, files=(p,),
-                               notes=(note,) if note else ())
+                               notes=(note,) if note else (), stamps={p: stamp})
 
 
 def _open_pickle_sharded(folder: Path, label: str) -> Checkpoint:
@@ -260,6 +274,7 @@ def _open_pickle_sharded(folder: Path, label: str) -> Checkpoint:
     state: dict[str, torch.Tensor] = {}
     notes: list[str] = []
     problems: list[str] = []
+    stamps = {shard: _stamp(shard) for shard in shards.values()}
     for fname, shard in shards.items():
         part, note = load_pickle_state_dict(shard)
         if note:
@@ -280,7 +295,7 @@ def _open_pickle_sharded(folder: Path, label: str) -> Checkpoint:
         )
     ck = in_memory_checkpoint(state, label)
     return dataclasses.replace(ck, path=folder, folder=folder, files=tuple(shards.values()),
-                               notes=tuple(notes))
+                               notes=tuple(notes), stamps=stamps)
 
 
 def open_checkpoint(
@@ -318,7 +333,7 @@ def open_checkpoint(
                 raise _refuse_pickle(p)
             return _open_pickle(p, lab, p.parent)
         header = read_safetensors_header(p)
-        return Checkpoint(lab, p, p.parent, (p,), header.tensors)
+        return Checkpoint(lab, p, p.parent, (p,), header.tensors, stamps={p: header.stamp})
     if not p.is_dir():
         # a FIFO, a device or a socket: opening it could block forever or read without end
         raise CheckpointFormatError(f"{shown(lab)}: is not a regular file or a folder\n"
@@ -329,7 +344,7 @@ def open_checkpoint(
     single = _regular(p, SINGLE_NAME)
     if single is not None:
         header = read_safetensors_header(single)
-        return Checkpoint(lab, p, p, (single,), header.tensors)
+        return Checkpoint(lab, p, p, (single,), header.tensors, stamps={single: header.stamp})
     try:
         names = sorted(x.name for x in p.iterdir())
     except OSError as e:
@@ -338,7 +353,7 @@ def open_checkpoint(
     pickles = [f for n in names if Path(n).suffix in PICKLE_SUFFIXES and (f := _regular(p, n)) is not None]
     if len(candidates) == 1:
         header = read_safetensors_header(candidates[0])
-        return Checkpoint(lab, p, p, (candidates[0],), header.tensors)
+        return Checkpoint(lab, p, p, (candidates[0],), header.tensors, stamps={candidates[0]: header.stamp})
     pickle_index = _regular(p, PICKLE_INDEX_NAME, "index")
     if not candidates and (pickles or pickle_index):
         if not allow_pickle:

@@ -31,10 +31,13 @@ from soupkit.errors import CheckpointFormatError, shown
 __all__ = [
     "DTYPES",
     "FLOAT_DTYPES",
+    "FileStamp",
     "MAX_HEADER_BYTES",
     "SafetensorsHeader",
     "TensorInfo",
+    "changed_message",
     "dtype_code",
+    "file_stamp",
     "open_regular",
     "read_safetensors_header",
 ]
@@ -64,6 +67,26 @@ _CODE_OF = {td: code for code, (td, _) in DTYPES.items()}
 MAX_HEADER_BYTES = 100_000_000
 # torch sizes and byte counts are signed 64-bit: a dimension or a tensor beyond this cannot exist.
 MAX_INT64 = (1 << 63) - 1
+
+
+FileStamp = tuple[int, int, int, int, int]
+
+
+def file_stamp(st: os.stat_result) -> FileStamp:
+    """A file's identity: (device, inode, size, mtime_ns, ctime_ns).
+
+    Any rewrite changes it, even to the same size within the same second (the ctime moves even
+    when a writer puts the mtime back); a file replaced by another one changes the inode.
+    """
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def changed_message(f: Path, before: FileStamp, now: FileStamp, when: str) -> str:
+    """The error for an input whose identity moved from ``before`` to ``now``."""
+    what = (f"size {before[2]} -> {now[2]}" if before[2] != now[2] else
+            "replaced by another file" if before[:2] != now[:2] else "rewritten, same size")
+    return (f"{shown(f)}: the input file changed {when} ({what})\nhint: another program wrote "
+            "it; wait until it is done, then plan and merge again")
 
 
 def dtype_code(dtype: torch.dtype) -> str:
@@ -127,6 +150,8 @@ class SafetensorsHeader:
         metadata: the ``__metadata__`` strings (empty if absent).
         data_start: absolute offset of the data buffer.
         file_size: size of the file in bytes.
+        stamp: the file's identity when the header was read (`file_stamp`); a run checks it
+            when it opens the file, so bytes written after planning are never merged.
     """
 
     path: Path
@@ -134,6 +159,7 @@ class SafetensorsHeader:
     metadata: dict[str, str]
     data_start: int
     file_size: int
+    stamp: FileStamp = (0, 0, 0, 0, 0)
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -237,7 +263,8 @@ def _read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
     p = Path(path)
     try:
         with open(open_regular(p), "rb") as f:
-            size = os.fstat(f.fileno()).st_size
+            st = os.fstat(f.fileno())
+            size = st.st_size
             if size < 8:
                 raise _fail(p, f"file is {size} bytes, too short to be safetensors (needs >= 8)",
                             "the file is truncated or not a safetensors file")
@@ -355,4 +382,4 @@ def _read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
     if cursor != size:
         raise _fail(p, f"{size - cursor} bytes after the last tensor are not described by the header",
                     "the file is corrupt or was appended to")
-    return SafetensorsHeader(p, {t.name: t for t in entries}, metadata, data_start, size)
+    return SafetensorsHeader(p, {t.name: t for t in entries}, metadata, data_start, size, file_stamp(st))

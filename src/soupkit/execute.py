@@ -910,7 +910,10 @@ class _Engine:
                 bufs.append(torch.empty(0, dtype=torch.uint8))
             n = (e - s) * info.itemsize
             if bufs[slot].numel() < n:
-                bufs[slot] = torch.empty(max(n, self.compute_elems * info.itemsize), dtype=torch.uint8)
+                # grown geometrically up to one compute piece: thousands of small inputs do not
+                # each reserve a full piece (1 MiB of address space per input under `ulimit -v`)
+                grow = min(self.compute_elems * info.itemsize, 2 * bufs[slot].numel())
+                bufs[slot] = torch.empty(max(n, grow), dtype=torch.uint8)
             out.append(self.reader.read(info, u.a + s, u.a + e, out=bufs[slot]))
         return out
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import subprocess
+import sys
 import time
 import tracemalloc
 from collections.abc import Callable
@@ -453,3 +455,88 @@ def test_output_name_over_name_max_is_a_usage_error(tmp_path: Path) -> None:
     assert r.returncode == 2, r.stderr
     assert "is 256 bytes; this file system allows at most 255 bytes per name" in r.stderr
     assert "internal error" not in r.stderr and len(r.stderr.splitlines()) == 2
+
+
+@pytest.mark.slow
+def test_ten_thousand_inputs_under_a_4g_address_space_limit(tmp_path: Path) -> None:
+    """10,000 inputs under ``ulimit -v 4G``: each input's read buffer used to be a full compute
+    piece (1 MiB of address space per input); it now grows with what is read."""
+    import resource
+
+    n = 10_000
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < n + 100:
+        pytest.skip(f"needs {n + 100} open files, the hard limit is {hard}")
+    src = tmp_path / "m.safetensors"
+    save_file({"a": torch.arange(4.0), "b": torch.ones(2, 2)}, str(src))
+    for i in range(n):  # hard links: 10,000 separate input files that cost no disk
+        os.link(src, tmp_path / f"m{i}.safetensors")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(json.dumps({"merge_method": "linear",
+                                  "models": [{"model": f"m{i}.safetensors"} for i in range(n)]}))
+
+    def limits() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (4 << 30, resource.getrlimit(resource.RLIMIT_AS)[1]))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, n + 100) if hard == resource.RLIM_INFINITY
+                                                    else max(soft, min(hard, n + 100)), hard))
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p), "OMP_NUM_THREADS": "1"}
+    env.pop("SOUPKIT_DEBUG", None)
+    r = subprocess.run([sys.executable, "-m", "soupkit.cli", "merge", "--no-hash-inputs", str(recipe), "out"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, preexec_fn=limits)
+    assert r.returncode == 0, r.stderr[-2000:]
+    from safetensors.torch import load_file
+
+    out = load_file(str(tmp_path / "out" / "model.safetensors"))
+    torch.testing.assert_close(out["a"], torch.arange(4.0), rtol=1e-4, atol=1e-4)
+
+
+# --- 11: the evaluator's import does not put the current directory on sys.path -----------------
+
+def test_stray_module_in_cwd_does_not_run_with_an_evaluator_path(tmp_path: Path, models: list[Path]) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    marker = tmp_path / "PWNED"
+    for name in ("matplotlib", "transformers", "tqdm", "json5"):  # what soupkit or a user imports later
+        (work / f"{name}.py").write_text(f"open({str(marker)!r}, 'a').write('{name}\\n')\n")
+    evals = tmp_path / "evals"
+    evals.mkdir()
+    (evals / "helper_mod.py").write_text("FACTOR = 2.0\n")
+    (evals / "my_eval.py").write_text(
+        "import helper_mod\n"  # its own folder is searched while it is imported
+        "def score(state):\n"
+        "    import matplotlib  # the real one (or none): never the current directory's\n"
+        "    return helper_mod.FACTOR * float(state['model.norm.weight'].sum())\n")
+    # the `soupkit` command (`python -m soupkit.cli` puts the current directory first on
+    # sys.path before soupkit starts: Python's rule, see SECURITY.md)
+    script = Path(sys.executable).parent / "soupkit"
+    if not script.exists():
+        pytest.skip("the soupkit console script is not installed")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p and p != str(work))}
+    r = subprocess.run([str(script), "greedy", *map(str, models), "--evaluator", f"{evals / 'my_eval.py'}:score",
+                        "--out", str(tmp_path / "out")], cwd=work, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert not marker.exists(), marker.read_text()
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_evaluator_import_leaves_sys_path_as_it_was(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from soupkit.evaluate import load_evaluator
+
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", os.getcwd(), str(tmp_path))])
+    monkeypatch.chdir(tmp_path)
+    before = list(sys.path)
+    (tmp_path / "cwd_eval_mod_15.py").write_text("def score(state):\n    return 1.0\n")
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    (sub / "file_eval_15.py").write_text("import sibling_15\ndef score(state):\n    return sibling_15.X\n")
+    (sub / "sibling_15.py").write_text("X = 3.0\n")
+    assert load_evaluator("cwd_eval_mod_15:score")({}) == 1.0
+    assert sys.path == before
+    assert load_evaluator(f"{sub / 'file_eval_15.py'}:score")({}) == 3.0
+    assert sys.path == before
+    # the current directory is searched after the installed packages
+    (tmp_path / "pytest.py").write_text("raise SystemExit('the current directory shadowed pytest')\n")
+    (tmp_path / "shadow_eval_15.py").write_text("import pytest\ndef score(state):\n    return 2.0\n")
+    assert load_evaluator("shadow_eval_15:score")({}) == 2.0

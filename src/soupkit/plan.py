@@ -144,10 +144,10 @@ class MergePlan:
         cfg = self.config
         lines = [
             f"method      {self.method.name}  ({self.method.paper})",
-            f"models      {len(self.models)}" + "".join(f"\n  - {m.label}" for m in self.models),
+            f"models      {len(self.models)}" + "".join(f"\n  - {shown(m.label)}" for m in self.models),
         ]
         if self.base is not None:
-            lines.append(f"base        {self.base.label}")
+            lines.append(f"base        {shown(self.base.label)}")
         n_copy = sum(1 for j in self.jobs if j.is_copy)
         params = sum(j.numel for j in self.jobs)
         out_dtypes = Counter(j.out_dtype for j in self.jobs)
@@ -423,13 +423,13 @@ def make_plan(
         extra = [k for k in m.tensors if k not in ref.tensors]
         if extra:
             listed = ", ".join(shown(x, quote=True) for x in extra[:5]) + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
-            problems.append(f"{m.label} has {len(extra)} tensor(s) that {ref.label} lacks: {listed}\n"
+            problems.append(f"{shown(m.label)} has {len(extra)} tensor(s) that {shown(ref.label)} lacks: {listed}\n"
                             "    hint: the models do not share an architecture, or a head was added")
     for name, r in ref.tensors.items():
         group = [(m.label, m.tensors.get(name)) for m in ckpts]
         missing = [lab for lab, t in group if t is None]
         if missing:
-            problems.append(f"tensor {shown(name, quote=True)} is missing from {', '.join(missing)} (present in {ref.label})")
+            problems.append(f"tensor {shown(name, quote=True)} is missing from {', '.join(shown(x) for x in missing)} (present in {shown(ref.label)})")
             continue
         shapes = {lab: t.shape for lab, t in group if t is not None}
         if any(s != r.shape for s in shapes.values()):

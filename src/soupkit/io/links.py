@@ -50,8 +50,9 @@ def resolve_model_file(folder: Path, name: str, *, what: str = "file") -> Path |
         what: how messages call the file (``"shard"``, ``"carried file"``, ...).
 
     Returns:
-        The resolved path of the target (no symlinks left), or None when ``folder`` has no
-        entry of that name.
+        ``folder / name`` when no link was followed inside the folder, else the resolved
+        target (no symlinks left, so the file opened later is the one checked); None when
+        ``folder`` has no entry of that name.
 
     Raises:
         CheckpointFormatError: the name is not a plain relative name, or a link leads outside
@@ -76,7 +77,8 @@ def resolve_model_file(folder: Path, name: str, *, what: str = "file") -> Path |
         raise CheckpointFormatError(
             f"{shown(path)}: cannot follow ({getattr(e, 'strerror', None) or 'symlink loop'})") from None
     if target == root or root in target.parents:
-        return target
+        # no link on the way: the path as the caller named it (messages and reports keep it)
+        return path if target.relative_to(root) == Path(os.path.normpath(name)) else target
     blobs = snapshot_blobs(folder)
     if blobs is not None and blobs in target.parents:
         return target

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 import sys
+from pathlib import Path
 
 from soupkit._format import human_bytes, human_seconds
 from soupkit.api import merge

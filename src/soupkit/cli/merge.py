@@ -17,7 +17,7 @@ from soupkit.cli._common import (
     progress_flag,
     safety_kwargs,
 )
-from soupkit.errors import SoupError
+from soupkit.errors import SoupError, shown
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -51,12 +51,13 @@ def run(args: argparse.Namespace) -> int:
           f"{human_bytes(s.bytes_read)}, wrote {human_bytes(s.bytes_written)} in "
           f"{human_seconds(s.seconds)} ({rate:.2f} GB/s)")
     for n in r.plan.notes:
-        print(f"note: {n}")
+        print(f"note: {shown(n, limit=2000)}")
     if s.skipped:
         print(f"note: resumed: {s.skipped} tensor(s) in shards finished by an earlier run were "
               "verified by sha256 and not computed again")
     if s.nonfinite:
-        shown = ", ".join(s.nonfinite[:10]) + (f" and {len(s.nonfinite) - 10} more" if len(s.nonfinite) > 10 else "")
+        listed = ", ".join(shown(n) for n in s.nonfinite[:10]) + (
+            f" and {len(s.nonfinite) - 10} more" if len(s.nonfinite) > 10 else "")
         print(f"warning: {len(s.nonfinite)} tensor(s) hold NaN or Inf (written because of "
-              f"--allow-nonfinite): {shown}", file=sys.stderr)
+              f"--allow-nonfinite): {listed}", file=sys.stderr)
     return 0

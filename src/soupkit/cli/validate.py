@@ -7,6 +7,7 @@ from pathlib import Path
 
 from soupkit.api import plan
 from soupkit.cli._common import add_key_map_flags, add_pickle_flag, command, key_map_from
+from soupkit.errors import shown
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -22,5 +23,5 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 def run(args: argparse.Namespace) -> int:
     pl = plan(args.recipe, key_map=key_map_from(args),
               allow_pickle=args.allow_pickle)
-    print(f"ok: {args.recipe}: {pl.method.name} over {len(pl.models)} model(s), {len(pl.jobs)} tensors")
+    print(f"ok: {shown(args.recipe)}: {pl.method.name} over {len(pl.models)} model(s), {len(pl.jobs)} tensors")
     return 0

@@ -350,11 +350,14 @@ def open_checkpoint(
     except OSError as e:
         raise CheckpointFormatError(f"{shown(lab)}: cannot list the folder ({e.strerror})") from None
     candidates = [f for n in names if n.endswith(".safetensors") and (f := _regular(p, n)) is not None]
-    pickles = [f for n in names if Path(n).suffix in PICKLE_SUFFIXES and (f := _regular(p, n)) is not None]
     if len(candidates) == 1:
         header = read_safetensors_header(candidates[0])
         return Checkpoint(lab, p, p, (candidates[0],), header.tensors, stamps={candidates[0]: header.stamp})
-    pickle_index = _regular(p, PICKLE_INDEX_NAME, "index")
+    pickles: list[Path] = []
+    pickle_index = None
+    if not candidates:  # pickles are looked at (and their links checked) only when they would be used
+        pickles = [f for n in names if Path(n).suffix in PICKLE_SUFFIXES and (f := _regular(p, n)) is not None]
+        pickle_index = _regular(p, PICKLE_INDEX_NAME, "index")
     if not candidates and (pickles or pickle_index):
         if not allow_pickle:
             raise _refuse_pickle(pickles[0] if pickles else p / PICKLE_INDEX_NAME)

@@ -21,12 +21,13 @@ import torch
 from soupkit import _interrupts
 from soupkit._version import __version__
 from soupkit.config import MergeConfig, ModelEntry, load_recipe
-from soupkit.errors import CheckpointFormatError, ConfigError, MergeIOError, UsageError
-from soupkit.execute import FileSink, MemorySink, RunStats, run_plan
+from soupkit.errors import CheckpointFormatError, ConfigError, MergeIOError, UsageError, shown
+from soupkit.execute import FileSink, MemorySink, RunStats, plan_stamps, run_plan
 from soupkit.formats import KeyMap, as_state_dict
-from soupkit.io.checkpoint import Checkpoint, in_memory_checkpoint
+from soupkit.io.checkpoint import MAX_CARRY_BYTES, Checkpoint, in_memory_checkpoint
+from soupkit.io.header import FileStamp
 from soupkit.io.hashing import BackgroundHasher, HashCache, changed_files_check, file_state
-from soupkit.io.writer import Journal, OutputFolder, io_failure
+from soupkit.io.writer import Journal, OutputFolder, copy_file, io_failure
 from soupkit.plan import DEFAULT_CHUNK_ELEMS, MergePlan, make_plan, plan_recipe
 
 __all__ = [
@@ -247,7 +248,24 @@ def _input_files(p: MergePlan) -> list[Path]:
     return list(dict.fromkeys(f for c in (*p.models, *([p.base] if p.base else [])) for f in c.files))
 
 
-def _fingerprint(p: MergePlan, dest: Path, states: Mapping[Path, tuple[int, int, int]]) -> str:
+def input_states(plans: Sequence[MergePlan], inputs: Sequence[Path]) -> dict[Path, FileStamp]:
+    """Each input file's identity as the plans saw it (when its header was read; now, for a
+    file a plan has no stamp of), after checking that none changed since.
+
+    Raises:
+        CheckpointFormatError: an input was rewritten, replaced or removed after planning.
+    """
+    stamps = plan_stamps(plans)
+    try:
+        now = {f: file_state(f) for f in inputs}
+    except OSError as e:
+        raise CheckpointFormatError(f"{shown(e.filename)}: input disappeared ({e.strerror})") from None
+    before = {f: stamps.get(f, st) for f, st in now.items()}
+    changed_files_check(before, "after it was planned")
+    return before
+
+
+def _fingerprint(p: MergePlan, dest: Path, states: Mapping[Path, FileStamp]) -> str:
     """What makes two runs produce the same output: recipe, version, layout and the inputs."""
     h = hashlib.sha256()
     h.update(json.dumps({
@@ -281,16 +299,17 @@ def finish_folder(p: MergePlan, tmp: Path, model_card: bool) -> dict[str, str]:
     index = tmp / "model.safetensors.index.json"
     if index.is_file():
         others[index.name] = hashlib.sha256(index.read_bytes()).hexdigest()
-    for name, src in p.carry_files.items():  # exactly what `plan` listed (links followed at plan time)
-        try:
-            data = src.read_bytes()
-        except OSError as e:
-            raise CheckpointFormatError(f"{src}: cannot read ({e.strerror})") from None
+    for name, src in p.carry_files.items():  # exactly what `plan` listed (links and sizes checked there)
         if name == "config.json" and p.config_updates:  # e.g. a sliced model's layer count
             from soupkit.compat.mergekit import update_config
 
-            data = update_config(src, data, p.config_updates)
-        others[name] = _write_file(tmp / name, data)
+            try:
+                data = src.read_bytes()  # at most MAX_CARRY_BYTES, checked at plan time
+            except OSError as e:
+                raise CheckpointFormatError(f"{shown(src)}: cannot read ({e.strerror})") from None
+            others[name] = _write_file(tmp / name, update_config(src, data, p.config_updates))
+        else:
+            others[name] = copy_file(src, tmp / name, MAX_CARRY_BYTES)
     if model_card:
         others["README.md"] = _write_file(tmp / "README.md", _model_card(p).encode("utf-8"))
     return others
@@ -324,10 +343,7 @@ def run_merge_plan(
             raise UsageError(f"extra output file {fname!r}: expected a plain file name other than "
                              f"{REPORT_NAME} and README.md")
     inputs = _input_files(p)
-    try:
-        before = {f: file_state(f) for f in inputs}
-    except OSError as e:
-        raise CheckpointFormatError(f"{e.filename}: input disappeared ({e.strerror})") from None
+    before = input_states([p], inputs)
     fingerprint = _fingerprint(p, dest, before) if resume else None
     folder = OutputFolder(dest, force=force, resume_key=fingerprint[:16] if fingerprint else None)
     hasher = BackgroundHasher(inputs, HashCache.default()) if hash_inputs and inputs else None

@@ -34,7 +34,9 @@ matches a tensor name wins and an entry without ``filter``/``match`` is the fall
 from __future__ import annotations
 
 import difflib
+import math
 import os
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -55,7 +57,7 @@ from pydantic import (
     model_validator,
 )
 
-from soupkit.errors import ConfigError
+from soupkit.errors import ConfigError, shown
 
 __all__ = [
     "Conditional",
@@ -92,12 +94,32 @@ class Conditional(BaseModel):
 ParamValue = Scalar | list[StrictInt | StrictFloat] | list[Conditional]
 
 
+def _check_values(params: dict[str, ParamValue]) -> dict[str, ParamValue]:
+    """Parameter values that mean something: no NaN or infinity, no empty list (which would
+    otherwise leave the parameter silently unset)."""
+    for key, value in params.items():
+        items = value if isinstance(value, list) else [value]
+        if isinstance(value, list) and not value:
+            raise ValueError(f"{key}: an empty list sets nothing; give a number, a gradient of "
+                             "at least one number, or a list of {filter/match, value} entries")
+        for item in items:
+            inner = item.value if isinstance(item, Conditional) else item
+            for x in inner if isinstance(inner, list) else [inner]:
+                if isinstance(x, float) and not math.isfinite(x):
+                    raise ValueError(f"{key}: {x} is not a usable value; parameters must be "
+                                     "finite numbers")
+            if isinstance(item, Conditional) and isinstance(item.value, list) and not item.value:
+                raise ValueError(f"{key}: an entry's value is an empty list, which sets nothing")
+    return params
+
+
 class ModelEntry(BaseModel):
     """One input model and its per-model parameters."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     model: StrictStr
     parameters: dict[str, ParamValue] = Field(default_factory=dict)
+    _values = field_validator("parameters")(_check_values)
 
 
 class SliceSource(BaseModel):
@@ -107,6 +129,7 @@ class SliceSource(BaseModel):
     model: StrictStr
     layer_range: tuple[StrictInt, StrictInt]
     parameters: dict[str, ParamValue] = Field(default_factory=dict)
+    _values = field_validator("parameters")(_check_values)
 
 
 class Slice(BaseModel):
@@ -116,6 +139,7 @@ class Slice(BaseModel):
     sources: list[SliceSource] = Field(min_length=1)
     base_model: StrictStr | None = None
     parameters: dict[str, ParamValue] = Field(default_factory=dict)
+    _values = field_validator("parameters")(_check_values)
 
 
 class MergeConfig(BaseModel):
@@ -148,6 +172,7 @@ class MergeConfig(BaseModel):
         if v is not None and any(not p for p in v):
             raise ValueError("a prefix to strip cannot be empty")
         return v
+    _values = field_validator("parameters")(_check_values)
 
     @field_validator("models")
     @classmethod
@@ -223,11 +248,125 @@ def _friendly(err: Mapping[str, Any]) -> str | None:
     return f"{_loc(loc)}: {msg}"
 
 
+# A recipe file larger than this is refused before it is read.
+MAX_RECIPE_BYTES = 10_000_000
+# A recipe may hold at most this many YAML values (scalars, lists, mappings) once every alias
+# (`*a`) and merge key (`<<: *a`) is expanded: counted on the parsed node graph, before anything
+# is built, so an alias or merge-key bomb of a few hundred bytes is refused in milliseconds.
+MAX_RECIPE_NODES = 1_000_000
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` (no object tags); `_safe_load` bounds the expansion of its aliases."""
+
+
+def _expanded_nodes(root: yaml.Node, limit: int) -> int:
+    """How many nodes ``root`` stands for once aliases and merge keys are expanded.
+
+    Linear in the number of distinct nodes: each node's expanded size is computed once.
+
+    Raises:
+        ValueError: the graph is recursive (an alias inside its own anchor), or the count
+            passes ``limit`` (counting stops there).
+    """
+    size: dict[int, int] = {}
+    active: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        key = id(node)
+        if done:
+            active.discard(key)
+            if isinstance(node, yaml.SequenceNode):
+                n = 1 + sum(size[id(c)] for c in node.value)
+            elif isinstance(node, yaml.MappingNode):
+                n = 1 + sum(size[id(k)] + size[id(v)] for k, v in node.value)
+            else:
+                n = 1
+            if n > limit:
+                raise ValueError(f"more than {limit:,} values once its aliases and merge keys are expanded")
+            size[key] = n
+            continue
+        if key in size:
+            continue
+        if key in active:
+            raise ValueError("an alias refers to the mapping or list that contains it (a recursive structure)")
+        active.add(key)
+        stack.append((node, True))
+        if isinstance(node, yaml.SequenceNode):
+            stack.extend((c, False) for c in node.value if id(c) not in size)
+        elif isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                stack.extend((c, False) for c in (k, v) if id(c) not in size)
+    return size[id(root)]
+
+
+def _safe_load(text: str, label: str | None) -> Any:
+    """``yaml.safe_load`` with the expansion of aliases and merge keys bounded."""
+    loader = _RecipeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        try:
+            _expanded_nodes(node, MAX_RECIPE_NODES)
+        except ValueError as e:
+            raise ConfigError([f"recipe refused: {e}; a recipe may hold at most "
+                               f"{MAX_RECIPE_NODES:,} values (hint: a few hundred bytes of nested "
+                               "aliases can stand for billions of values; write the recipe out)"],
+                              label) from None
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _read_recipe_file(path: Path, label: str) -> str:
+    """The text of a recipe file: a regular file of at most `MAX_RECIPE_BYTES`, read once.
+
+    A FIFO, a device (``/dev/zero``), a socket or a folder is refused from ``fstat`` alone,
+    without reading a byte (so a FIFO cannot hang and a device cannot fill memory).
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise ConfigError([f"the recipe file {shown(path, quote=True)} does not exist (looked in "
+                           f"{shown(os.getcwd())}); hint: check the path, or pass an absolute one"],
+                          label) from None
+    except (OSError, ValueError) as e:  # ValueError: a NUL byte in the path
+        raise ConfigError([f"cannot open the recipe ({getattr(e, 'strerror', None) or e})"], label) from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        kind = ("a folder" if stat.S_ISDIR(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode)
+                else "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)
+                else "not a regular file")
+        raise ConfigError([f"the recipe is {kind}, expected a regular YAML file; it was not read"], label)
+    with open(fd, "rb") as f:
+        if st.st_size > MAX_RECIPE_BYTES:
+            raise ConfigError([f"recipe is {st.st_size} bytes; recipes over {MAX_RECIPE_BYTES:,} "
+                               "bytes are refused"], label)
+        os.set_blocking(fd, True)
+        try:
+            raw = f.read(st.st_size + 1)  # bounded even if the file grows meanwhile
+        except OSError as e:
+            raise ConfigError([f"cannot read the recipe ({e.strerror})"], label) from None
+    if len(raw) > st.st_size:
+        raise ConfigError(["the recipe file grew while it was read; hint: read it when it is "
+                           "complete"], label)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError([f"cannot read the recipe (not UTF-8 text: byte {e.start})"], label) from None
+
+
 def load_recipe(source: MergeConfig | Mapping[str, Any] | str | os.PathLike[str]) -> MergeConfig:
     """Load and validate a recipe.
 
     Args:
-        source: a `MergeConfig`, a mapping, a path to a YAML file, or YAML text.
+        source: a `MergeConfig`, a mapping, a path to a YAML file (an `os.PathLike`, or a str of
+            one line ending in ``.yaml``, ``.yml`` or ``.json``), or YAML text (any other str).
+            The CLI always passes a path. A recipe file must be a regular file of at most
+            `MAX_RECIPE_BYTES`; its YAML may expand to at most `MAX_RECIPE_NODES` values.
 
     Returns:
         The validated `MergeConfig`.
@@ -238,39 +377,34 @@ def load_recipe(source: MergeConfig | Mapping[str, Any] | str | os.PathLike[str]
     if isinstance(source, MergeConfig):
         return source
     label: str | None = None
+    recipe_file: Path | None = None
     data: Any
     if isinstance(source, Mapping):
         data = dict(source)
     else:
         text: str
-        if isinstance(source, os.PathLike) or (isinstance(source, str) and "\n" not in source
-                                               and source.endswith((".yaml", ".yml", ".json"))):
-            label = str(source)
-            path = Path(source)
-            try:
-                if path.stat().st_size > 10_000_000:
-                    raise ConfigError([f"recipe is {path.stat().st_size} bytes; recipes over 10 MB are refused"], label)
-                text = path.read_text(encoding="utf-8")
-            except FileNotFoundError:
-                raise ConfigError([f"the recipe file {str(path)!r} does not exist (looked in "
-                                   f"{os.getcwd()}); hint: check the path, or pass an absolute one"],
-                                  label) from None
-            except (OSError, UnicodeDecodeError) as e:
-                raise ConfigError([f"cannot read the recipe ({e})"], label) from None
+        one_line = isinstance(source, str) and "\n" not in source
+        if isinstance(source, os.PathLike) or (one_line and str(source).endswith((".yaml", ".yml", ".json"))):
+            label, recipe_file = shown(source), Path(source)
+            text = _read_recipe_file(recipe_file, label)
         else:
             text = str(source)
         try:
-            data = yaml.safe_load(text)
+            data = _safe_load(text, label)
         except yaml.YAMLError as e:
             raise ConfigError([f"not valid YAML: {e}"], label) from None
         except RecursionError:
             raise ConfigError(["YAML nested too deeply"], label) from None
+        if one_line and not isinstance(data, dict):
+            raise ConfigError([f"{shown(source, quote=True)} is neither a recipe file (a path must "
+                               "end in .yaml, .yml or .json; or pass a pathlib.Path) nor the YAML "
+                               "text of a recipe (a mapping)"])
     if not isinstance(data, dict):
         raise ConfigError([f"a recipe is a mapping of keys to values, got {type(data).__name__}"], label)
     try:
         cfg = MergeConfig.model_validate(data)
-        if label is not None:
-            cfg._recipe_dir = Path(label).resolve().parent
+        if recipe_file is not None:
+            cfg._recipe_dir = recipe_file.resolve().parent
         return cfg
     except ValidationError as e:
         msgs = [m for m in (_friendly(err) for err in e.errors()) if m]

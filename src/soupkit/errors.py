@@ -19,10 +19,17 @@ SoupError                       base: anything soupkit reports to a user
 Messages have three parts: *what* (file, tensor, model), *observed versus expected*, and a
 *hint*. `SoupError.exit_code` is what the CLI exits with: 2 for usage and configuration
 problems, 1 for everything that goes wrong at run time.
+
+Every string that comes from an input (a tensor name, a path, a key of a recipe or an index)
+goes through `shown` before it is put in a message or printed: control characters are shown
+escaped, as ``repr`` does (``\\x1b``, ``\\n``), so a hostile name cannot move the cursor, retitle
+the terminal or forge a log line, and a name longer than `MAX_SHOWN_CHARS` is cut, so a 5 MB
+name gives a short line.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 __all__ = [
@@ -39,7 +46,47 @@ __all__ = [
     "UnknownParameterError",
     "UnsafeFormatError",
     "UsageError",
+    "shown",
 ]
+
+# How many characters of one untrusted string a message shows (the rest is counted, not shown).
+MAX_SHOWN_CHARS = 200
+
+
+def shown(value: object, *, quote: bool = False, limit: int = MAX_SHOWN_CHARS) -> str:
+    r"""An untrusted string (tensor name, path, key) as a message may show it.
+
+    Non-printable characters (C0/C1 controls, newlines, escape sequences, bidi overrides, lone
+    surrogates from undecodable file names) are escaped as ``repr`` escapes them; text longer
+    than ``limit`` characters is cut, with the number of characters left out.
+
+    Args:
+        value: a str, a path or bytes (decoded as the file system does).
+        quote: put it in single quotes (like ``{name!r}``) - for names inside a sentence.
+        limit: characters kept.
+
+    Examples:
+        >>> print(shown("w\x1b[2J"))
+        w\x1b[2J
+        >>> print(shown("b\nerror: fake", quote=True))
+        'b\nerror: fake'
+        >>> print(shown("x" * 300, limit=3))
+        xxx...(297 more characters)
+    """
+    if isinstance(value, bytes):
+        text = os.fsdecode(value)
+    elif isinstance(value, os.PathLike):
+        text = os.fsdecode(os.fspath(value))
+    else:
+        text = str(value)
+    cut = len(text) - limit if len(text) > limit else 0
+    if cut:
+        text = text[:limit]
+    if quote:
+        text = repr(text)
+    elif not text.isprintable():
+        text = repr(text)[1:-1]
+    return text + (f"...({cut} more characters)" if cut else "")
 
 
 def _item(text: str) -> str:

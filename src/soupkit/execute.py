@@ -44,9 +44,9 @@ from soupkit import _interrupts
 from soupkit._sizes import COMPUTE_ELEMS, RNG_BLOCK
 from soupkit._sizes import compute_threads as _sizes_compute_threads
 from soupkit._sizes import stream_threads as _sizes_stream_threads
-from soupkit.errors import MethodInputError, NonFiniteError, UsageError
+from soupkit.errors import MethodInputError, NonFiniteError, UsageError, shown
 from soupkit.global_trim import compute_cuts
-from soupkit.io.header import DTYPES, TensorInfo
+from soupkit.io.header import DTYPES, FileStamp, TensorInfo
 from soupkit.io.reader import TensorReader
 from soupkit.io.writer import Journal, ShardWriter, write_index
 from soupkit.methods import MagnitudeCut, MethodSpec
@@ -207,7 +207,7 @@ def _nonfinite_error(plan: MergePlan, job: TensorJob, load: _Loader, a: int, b: 
         big = float(out.abs().max())
         limit = float(torch.finfo(DTYPES[job.out_dtype][0]).max)
         return NonFiniteError(
-            f"tensor {job.name!r}: {what} in {where}the output after the cast to {job.out_dtype}: "
+            f"tensor {shown(job.name, quote=True)}: {what} in {where}the output after the cast to {job.out_dtype}: "
             f"the merged values are finite in float32 but reach {big:.6g}, beyond the largest "
             f"{job.out_dtype} value {limit:.6g}\n"
             f"hint: set `out_dtype: bfloat16` or `float32` in the recipe, {allow}"
@@ -229,13 +229,13 @@ def _nonfinite_error(plan: MergePlan, job: TensorJob, load: _Loader, a: int, b: 
                                 f"({c_inf:,} values become Inf)")
     if culprits:
         return NonFiniteError(
-            f"tensor {job.name!r}: {what} in {where}the merged output, from the inputs:\n"
+            f"tensor {shown(job.name, quote=True)}: {what} in {where}the merged output, from the inputs:\n"
             + "\n".join(f"  - {c}" for c in culprits)
             + f"\nhint: the input checkpoint is broken (diverged training, a bad conversion); leave "
               f"that model out, {allow}"
         )
     return NonFiniteError(
-        f"tensor {job.name!r}: method {plan.method.name!r} produced {what} in {where}the output "
+        f"tensor {shown(job.name, quote=True)}: method {plan.method.name!r} produced {what} in {where}the output "
         "although every input is finite there (float32 overflow or a division by zero, e.g. "
         "weights that sum to 0 or an extreme rescale)\n"
         f"hint: check the method's parameters for this tensor, {allow}"
@@ -291,7 +291,7 @@ def check_shared_inputs(plans: Sequence[MergePlan]) -> None:
                         and all(_same_info(x, y) for x, y in zip(ja.inputs, jb.inputs))
                         and (ja.base is None or jb.base is None or _same_info(ja.base, jb.base)))
                 if not same:
-                    problems.append(f"tensor {ja.name!r} is read from different inputs")
+                    problems.append(f"tensor {shown(ja.name, quote=True)} is read from different inputs")
                     break
         if problems:
             raise UsageError(f"plan {k} cannot share a pass with plan 0: {problems[0]}\n"
@@ -383,7 +383,12 @@ class _Budget:
 
 
 class _BufferPool:
-    """Reusable uint8 buffers of one standard capacity (bigger requests are not kept)."""
+    """Reusable uint8 buffers of one standard capacity (bigger requests are not kept).
+
+    A request for less than 1/16 of the capacity gets a buffer of its own size, not a pooled
+    one: a merge of thousands of small inputs would otherwise reserve a full-capacity buffer
+    per input per unit in flight (address space that ``ulimit -v`` counts, though never touched).
+    """
 
     def __init__(self, capacity: int, keep: int) -> None:
         self.capacity = capacity
@@ -392,6 +397,8 @@ class _BufferPool:
         self.lock = threading.Lock()
 
     def get(self, n: int) -> torch.Tensor:
+        if n < self.capacity // 16:
+            return torch.empty(n, dtype=torch.uint8)
         if n <= self.capacity:
             with self.lock:
                 if self.free:
@@ -754,7 +761,7 @@ class _Engine:
         want = tuple(shape) if shape is not None else (n,)
         if tuple(out.shape) != want:
             raise RuntimeError(f"method {spec.name!r} returned shape {list(out.shape)} for "
-                               f"tensor {job.name!r}, expected {list(want)}")
+                               f"tensor {shown(job.name, quote=True)}, expected {list(want)}")
         return out.reshape(-1)
 
     def _trim_for(self, k: int, j: int, job: TensorJob) -> _JobState:
@@ -906,7 +913,10 @@ class _Engine:
                 bufs.append(torch.empty(0, dtype=torch.uint8))
             n = (e - s) * info.itemsize
             if bufs[slot].numel() < n:
-                bufs[slot] = torch.empty(max(n, self.compute_elems * info.itemsize), dtype=torch.uint8)
+                # grown geometrically up to one compute piece: thousands of small inputs do not
+                # each reserve a full piece (1 MiB of address space per input under `ulimit -v`)
+                grow = min(self.compute_elems * info.itemsize, 2 * bufs[slot].numel())
+                bufs[slot] = torch.empty(max(n, grow), dtype=torch.uint8)
             out.append(self.reader.read(info, u.a + s, u.a + e, out=bufs[slot]))
         return out
 
@@ -1015,6 +1025,12 @@ class _Engine:
             self._account(u.j)
 
 
+def plan_stamps(plans: Sequence[MergePlan]) -> dict[Path, FileStamp]:
+    """Every input file's identity when the plans read its header (`Checkpoint.stamps`)."""
+    return {f: st for p in plans for c in (*p.models, *([p.base] if p.base is not None else []))
+            for f, st in c.stamps.items()}
+
+
 def run_plans(
     plans: Sequence[MergePlan],
     sinks: Sequence[Sink],
@@ -1064,8 +1080,9 @@ def run_plans(
     check_shared_inputs(plans)
     t0 = time.perf_counter()
     skips = [frozenset(s) for s in skip] if skip is not None else [frozenset()] * len(plans)
-    with (_interrupts.deferred(), _torch_threads(threads), TensorReader() as reader, TensorReader() as diag,
-          torch.inference_mode()):
+    stamps = plan_stamps(plans)  # a file rewritten since planning is refused when it is opened
+    with (_interrupts.deferred(), _torch_threads(threads), TensorReader(stamps) as reader,
+          TensorReader(stamps) as diag, torch.inference_mode()):
         # trim_scope: global (TIES): a streaming pre-pass finds each model's exact global cut
         cuts = [compute_cuts(p, reader) if p.method.global_trim is not None else {} for p in plans]
         engine = _Engine(plans, sinks, progress=progress, allow_nonfinite=allow_nonfinite, skips=skips,

@@ -504,23 +504,17 @@ def _write(
 
 
 def _carry(tmp: Path, folders: Sequence[Path | None], skip: Sequence[str] = ()) -> dict[str, str]:
-    import hashlib
+    from soupkit.io.checkpoint import MAX_CARRY_BYTES, carried_files
+    from soupkit.io.writer import copy_file
 
     done: dict[str, str] = {}
+    found = [carried_files(folder) for folder in folders if folder is not None]  # links, sizes
     for name in CARRY_FILES:
         if name in skip:
             continue
-        for folder in folders:
-            if folder is None:
-                continue
-            src = folder / name
-            if src.is_file() and not src.is_symlink():
-                try:
-                    data = src.read_bytes()
-                except OSError as e:
-                    raise CheckpointFormatError(f"{src}: cannot read ({e.strerror})") from None
-                (tmp / name).write_bytes(data)
-                done[name] = hashlib.sha256(data).hexdigest()
+        for files in found:
+            if name in files:
+                done[name] = copy_file(files[name], tmp / name, MAX_CARRY_BYTES)  # streamed
                 break
     return done
 

@@ -28,9 +28,9 @@ import torch
 from soupkit import _interrupts
 from soupkit import api
 from soupkit.config import MergeConfig
-from soupkit.errors import CheckpointFormatError, UsageError
+from soupkit.errors import UsageError
 from soupkit.execute import FileSink, check_shared_inputs, run_plans
-from soupkit.io.hashing import BackgroundHasher, HashCache, changed_files_check, file_state
+from soupkit.io.hashing import BackgroundHasher, HashCache, changed_files_check
 from soupkit.io.writer import OutputFolder
 from soupkit.plan import DEFAULT_CHUNK_ELEMS, MergePlan, make_plan, plan_recipe
 
@@ -81,10 +81,7 @@ def merge_many(
         api._check_not_input(p, d)
     check_shared_inputs(plans)
     inputs = list(dict.fromkeys(f for p in plans for f in api._input_files(p)))
-    try:
-        before = {f: file_state(f) for f in inputs}
-    except OSError as e:
-        raise CheckpointFormatError(f"{e.filename}: input disappeared ({e.strerror})") from None
+    before = api.input_states(plans, inputs)
     folders = [OutputFolder(d, force=force) for d in dests]  # refuses existing outputs up front
     hasher = BackgroundHasher(inputs, HashCache.default()) if hash_inputs and inputs else None
     results: list[api.MergeResult] = []

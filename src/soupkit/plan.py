@@ -23,7 +23,7 @@ from pydantic import ValidationError
 from soupkit import methods
 from soupkit._sizes import BATCH_ENTRIES, COMPUTE_ELEMS, OUTPUT_BUFFERS, RNG_BLOCK, compute_threads, stream_threads
 from soupkit.config import Conditional, MergeConfig, ModelEntry, ParamValue
-from soupkit.errors import CheckpointFormatError, ConfigError, PlanError, SoupError, UnknownMethodError
+from soupkit.errors import CheckpointFormatError, ConfigError, PlanError, SoupError, UnknownMethodError, shown
 from soupkit.formats import KeyMap, prefix_fix, rename_checkpoint
 from soupkit.global_trim import check_global_trim, global_trim_notes
 from soupkit.io.checkpoint import CARRY_FILES, Checkpoint, carried_files, open_checkpoint
@@ -147,10 +147,10 @@ class MergePlan:
         cfg = self.config
         lines = [
             f"method      {self.method.name}  ({self.method.paper})",
-            f"models      {len(self.models)}" + "".join(f"\n  - {m.label}" for m in self.models),
+            f"models      {len(self.models)}" + "".join(f"\n  - {shown(m.label)}" for m in self.models),
         ]
         if self.base is not None:
-            lines.append(f"base        {self.base.label}")
+            lines.append(f"base        {shown(self.base.label)}")
         n_copy = sum(1 for j in self.jobs if j.is_copy)
         params = sum(j.numel for j in self.jobs)
         out_dtypes = Counter(j.out_dtype for j in self.jobs)
@@ -172,8 +172,8 @@ class MergePlan:
         lines.append("")
         lines.append(f"{'tensor':<48} {'shape':<18} {'out':<5} params")
         for j in self.jobs[:max_rows]:
-            shown = "copy (non-float)" if j.is_copy else _short_params(j.params)
-            lines.append(f"{j.name[:48]:<48} {str(list(j.shape))[:18]:<18} {j.out_dtype:<5} {shown}")
+            params = "copy (non-float)" if j.is_copy else _short_params(j.params)
+            lines.append(f"{shown(j.name, limit=48):<48} {str(list(j.shape))[:18]:<18} {j.out_dtype:<5} {params}")
         if len(self.jobs) > max_rows:
             lines.append(f"... {len(self.jobs) - max_rows} more tensors")
         return "\n".join(lines)
@@ -252,7 +252,7 @@ def parameter_problems(
                             "`soupkit inspect` (only merged, floating-point tensors count)")
     for msg, (first, count) in bad.items():
         more = f" and {count - 1} other tensor(s)" if count > 1 else ""
-        problems.append(f"{msg} for tensor {first!r}{more}")
+        problems.append(f"{msg} for tensor {shown(first, quote=True)}{more}")
     return problems
 
 
@@ -435,30 +435,30 @@ def make_plan(
     for m in ckpts + ([base] if base is not None and base is not ref else []):
         extra = [k for k in m.tensors if k not in ref.tensors]
         if extra:
-            shown = ", ".join(repr(x) for x in extra[:5]) + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
-            problems.append(f"{m.label} has {len(extra)} tensor(s) that {ref.label} lacks: {shown}\n"
+            listed = ", ".join(shown(x, quote=True) for x in extra[:5]) + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
+            problems.append(f"{shown(m.label)} has {len(extra)} tensor(s) that {shown(ref.label)} lacks: {listed}\n"
                             "    hint: the models do not share an architecture, or a head was added")
     for name, r in ref.tensors.items():
         group = [(m.label, m.tensors.get(name)) for m in ckpts]
         missing = [lab for lab, t in group if t is None]
         if missing:
-            problems.append(f"tensor {name!r} is missing from {', '.join(missing)} (present in {ref.label})")
+            problems.append(f"tensor {shown(name, quote=True)} is missing from {', '.join(shown(x) for x in missing)} (present in {shown(ref.label)})")
             continue
         shapes = {lab: t.shape for lab, t in group if t is not None}
         if any(s != r.shape for s in shapes.values()):
             rows = "\n".join(f"      {lab:<30} {list(s)}" for lab, s in [(ref.label, r.shape), *shapes.items()])
             hint = ("vocabularies differ; resize embeddings first" if "embed" in name or "lm_head" in name
                     else "the models do not share an architecture")
-            problems.append(f"tensor {name!r}: shapes differ\n{rows}\n    hint: {hint}")
+            problems.append(f"tensor {shown(name, quote=True)}: shapes differ\n{rows}\n    hint: {hint}")
             continue
         kinds = {lab: t.is_float for lab, t in group if t is not None}
         if any(k != r.is_float for k in kinds.values()):
-            problems.append(f"tensor {name!r}: float in some models and integer in others "
+            problems.append(f"tensor {shown(name, quote=True)}: float in some models and integer in others "
                             f"({', '.join(f'{lab}: {t.dtype}' for lab, t in group if t is not None)})")
             continue
         dts = {t.dtype for _, t in group if t is not None} | {r.dtype}
         if r.is_float and len(dts) > 1 and not cast_all:
-            problems.append(f"tensor {name!r}: mixed dtypes "
+            problems.append(f"tensor {shown(name, quote=True)}: mixed dtypes "
                             f"({', '.join(f'{lab}: {t.dtype}' for lab, t in [(ref.label, r), *group] if t is not None)})\n"
                             "    hint: set `dtype:` in the recipe (e.g. float32) to cast every input first")
     if problems:
@@ -564,7 +564,6 @@ def _carry_source(cfg: MergeConfig, base: Checkpoint | None, models: Sequence[Ch
             return folder if folder.is_dir() else None
         candidates = [ck]
     for c in candidates:
-        if c is not None and c.folder is not None and any(
-                (c.folder / f).is_file() or (c.folder / f).is_symlink() for f in CARRY_FILES):
+        if c is not None and c.folder is not None and carried_files(c.folder):  # checks sizes and links
             return c.folder
     return None

@@ -16,7 +16,7 @@ import soupkit
 from soupkit.cli import main
 from soupkit.errors import CheckpointFormatError, PlanError
 from soupkit.formats import save_state_dict
-from soupkit.io.links import cache_blobs_folder, resolve_model_file
+from soupkit.io.links import resolve_model_file, snapshot_blobs
 
 from .eco_helpers import llama_config, llama_state
 
@@ -83,24 +83,24 @@ def test_the_link_rule(tmp_path: Path) -> None:
     cache = tmp_path / "hub"
     snap = to_cache_snapshot(hf_model(tmp_path, "a", 0), cache, "org/a")
     other = to_cache_snapshot(hf_model(tmp_path, "b", 1), cache, "org/b")
-    assert cache_blobs_folder(snap.resolve()) == (cache / "models--org--a" / "blobs").resolve()
-    assert cache_blobs_folder((snap / "sub").resolve()) == (cache / "models--org--a" / "blobs").resolve()
-    assert cache_blobs_folder(tmp_path) is None
+    assert snapshot_blobs(snap) == (cache / "models--org--a" / "blobs").resolve()
+    assert snapshot_blobs(snap / "sub") == (cache / "models--org--a" / "blobs").resolve()
+    assert snapshot_blobs(tmp_path) is None
     # into its own blobs: followed
-    assert resolve_model_file(snap, snap / "config.json").parent.name == "blobs"
+    assert resolve_model_file(snap, "config.json").parent.name == "blobs"
     # into another repository's blobs, or out of the cache: refused with the reason
     blob_b = os.readlink(other / "config.json")
     os.symlink(Path("../../../models--org--b/snapshots") / REV / blob_b, snap / "x.json")
-    with pytest.raises(CheckpointFormatError, match="outside the model folder .* or the cache's .*blobs"):
-        resolve_model_file(snap, snap / "x.json")
+    with pytest.raises(CheckpointFormatError, match=r"x.json: file is a symbolic link that leads outside the model folder \(to .*models--org--b/blobs"):
+        resolve_model_file(snap, "x.json")
     plain = tmp_path / "plain"
     plain.mkdir()
     (tmp_path / "secret").write_text("s")
     os.symlink(tmp_path / "secret", plain / "config.json")
     with pytest.raises(CheckpointFormatError) as e:
-        resolve_model_file(plain, plain / "config.json")
-    assert f"leads to {tmp_path / 'secret'}, outside the model folder {plain}\n" in str(e.value)
-    assert "hint: soupkit follows a link only to a file inside the model folder" in str(e.value)
+        resolve_model_file(plain, "config.json")
+    assert f"leads outside the model folder (to {(tmp_path / 'secret').resolve()})\n" in str(e.value)
+    assert "hint: a link is followed only if its target stays inside the model folder" in str(e.value)
 
 
 def test_shard_linked_to_another_cache_repo_is_refused(tmp_path: Path) -> None:
@@ -114,8 +114,8 @@ def test_shard_linked_to_another_cache_repo_is_refused(tmp_path: Path) -> None:
     with pytest.raises(CheckpointFormatError) as e:
         soupkit.open_checkpoint(snap)
     msg = str(e.value)
-    assert f"weight_map points outside the model folder: {shard!r}: " in msg
-    assert "models--org--b/blobs" in msg and "or the cache's" in msg
+    assert f"weight_map points outside the model folder: {shard!r}\n" in msg
+    assert "models--org--b/blobs" in msg and "leads outside the model folder" in msg
 
 
 def test_carried_file_that_leaves_or_dangles_is_an_error_not_a_drop(tmp_path: Path) -> None:
@@ -125,14 +125,14 @@ def test_carried_file_that_leaves_or_dangles_is_an_error_not_a_drop(tmp_path: Pa
     (tmp_path / "secret.json").write_text("{}")
     (snap / "tokenizer_config.json").unlink()
     os.symlink(tmp_path / "secret.json", snap / "tokenizer_config.json")
-    with pytest.raises(CheckpointFormatError, match=r"tokenizer_config.json: leads to .*secret.json, outside"):
+    with pytest.raises(CheckpointFormatError, match=r"tokenizer_config.json: carried file is a symbolic link that leads outside the model folder \(to .*secret.json"):
         soupkit.plan(recipe)
     (snap / "tokenizer_config.json").unlink()
     os.symlink("../../blobs/" + "0" * 64, snap / "tokenizer_config.json")  # blob never downloaded
     with pytest.raises(CheckpointFormatError) as e:
         soupkit.plan(recipe)
-    assert "tokenizer_config.json: is a link to a missing file" in str(e.value)
-    assert "hint: complete the download" in str(e.value)
+    assert "tokenizer_config.json: is a symbolic link to '../../blobs/000" in str(e.value)
+    assert "which does not exist\nhint: the folder is incomplete (an interrupted download?)" in str(e.value)
 
 
 def test_plain_folder_carries_what_plan_lists(tmp_path: Path) -> None:

@@ -349,14 +349,30 @@ def test_disk_full_while_writing_the_index(tmp_path: Path, monkeypatch: pytest.M
     assert not (tmp_path / "out").exists() and not debris(tmp_path)
 
 
-def test_disk_full_while_writing_small_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("where", ["README.md", "config.json"])
+def test_disk_full_while_writing_small_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str) -> None:
     ms = make_models(tmp_path / "in")
 
-    def full(self: Path, data: bytes) -> int:
+    def full(*args: Any) -> int:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(Path, "write_bytes", full)
-    with pytest.raises(MergeIOError, match=r"config.json: cannot write \(No space left on device\)\nhint: the disk is full"):
+    if where == "README.md":  # written whole
+        monkeypatch.setattr(Path, "write_bytes", full)
+    else:  # carried files are copied in blocks (soupkit.io.writer.copy_file)
+        import io
+
+        import soupkit.io.writer as writer
+
+        class Full(io.FileIO):
+            write = full
+
+        real_open = open
+
+        def fake_open(file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+            return Full(file, "wb") if mode == "wb" else real_open(file, mode, *args, **kwargs)
+
+        monkeypatch.setattr(writer, "open", fake_open, raising=False)
+    with pytest.raises(MergeIOError, match=rf"{where}: cannot write \(No space left on device\)\nhint: the disk is full"):
         soupkit.merge(recipe(ms), tmp_path / "out")
     monkeypatch.undo()
     assert not (tmp_path / "out").exists() and not debris(tmp_path)

@@ -1,4 +1,10 @@
-"""Fuzzing: recipes, safetensors headers and sharded indexes only ever fail with a SoupError.
+"""Fuzzing: recipes, safetensors headers and sharded indexes.
+
+What is refused is refused with the right error (ConfigError for recipes,
+CheckpointFormatError for files), never an internal error; what is accepted is valid (a recipe
+of the schema that round-trips through YAML; a header whose offsets lie in the file, cover the
+buffer without hole or overlap, and hold dtype size x shape bytes each; an index that agrees
+with its shards).
 
 The budget is small in ``make test`` (a few seconds). For a long run::
 
@@ -10,9 +16,11 @@ The budget is small in ``make test`` (a few seconds). For a long run::
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +30,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import soupkit
-from soupkit.errors import SoupError
-from soupkit.io.header import DTYPES, read_safetensors_header
+from soupkit import config
+from soupkit.config import MergeConfig
+from soupkit.errors import CheckpointFormatError, ConfigError
+from soupkit.io.header import DTYPES, SafetensorsHeader, read_safetensors_header
 
 LONG = os.environ.get("HYPOTHESIS_PROFILE") == "long"
 
@@ -53,10 +63,21 @@ structured = st.fixed_dictionaries({"merge_method": st.one_of(st.sampled_from(["
 
 
 def load_or_soup_error(source: Any) -> None:
+    """Load a recipe: what is refused is a ConfigError (never another error); what is accepted
+    is a valid recipe of the schema, and survives a round trip through YAML unchanged."""
     try:
-        soupkit.load_recipe(source)
-    except SoupError:
-        pass
+        cfg = soupkit.load_recipe(source)
+    except ConfigError as e:
+        assert e.errors and all(isinstance(m, str) and m for m in e.errors)
+        return
+    assert isinstance(cfg, MergeConfig)
+    assert MergeConfig.model_validate(cfg.model_dump()) == cfg
+    assert bool(cfg.models) != bool(cfg.slices)
+    again = soupkit.load_recipe(cfg.to_yaml())
+    assert again.model_dump() == cfg.model_dump()
+    for params in [cfg.parameters, *(m.parameters for m in cfg.models)]:
+        for value in params.values():  # no NaN, no infinity, no empty list
+            assert value != [] and "nan" not in repr(value) and "inf" not in repr(value)
 
 
 @budget(100)
@@ -93,6 +114,34 @@ def test_yaml_tags_cannot_construct_objects(tmp_path: Path) -> None:
     assert not marker.exists()
 
 
+@budget(60)
+@given(depth=st.integers(1, 12), fanout=st.integers(1, 12), merge_keys=st.booleans())
+def test_alias_chains_are_refused_exactly_when_they_expand_past_the_limit(depth: int, fanout: int,
+                                                                          merge_keys: bool) -> None:
+    if merge_keys:  # each level merges `fanout` copies of the level before
+        y = "a0: &a0 {k0: 1, k1: 2}\n" + "".join(
+            f"a{i}: &a{i} {{<<: [{', '.join([f'*a{i - 1}'] * fanout)}]}}\n" for i in range(1, depth + 1))
+    else:  # each level is a list of `fanout` copies of the level before
+        y = "a0: &a0 [1, 2]\n" + "".join(
+            f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * fanout)}]\n" for i in range(1, depth + 1))
+    text = y + "merge_method: linear\nmodels: [{model: m1}]\n"
+    # expected count, as the loader counts: a node and everything it stands for
+    size = 5 if merge_keys else 3  # {k0: 1, k1: 2} / [1, 2]
+    total = 1 + 1 + size  # the document mapping, the key "a0", its value
+    for _ in range(depth):
+        size = (2 + (1 + fanout * size)) if merge_keys else (1 + fanout * size)  # {<<: [...]} / [...]
+        total += 1 + size
+    total += 2 + 5  # merge_method: linear / models: [{model: m1}]
+    t = time.perf_counter()
+    try:
+        soupkit.load_recipe(text)
+    except ConfigError as e:
+        assert ("more than 1,000,000 values" in str(e)) == (total > config.MAX_RECIPE_NODES), (total, str(e))
+    else:
+        raise AssertionError("a0...: unknown keys are always refused")
+    assert time.perf_counter() - t < 2.0
+
+
 def test_yaml_billion_laughs_is_bounded() -> None:
     lol = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
         f"{chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}]\n"
@@ -110,6 +159,23 @@ def valid_header(n: int) -> dict[str, Any]:
         h[f"t{i}"] = {"dtype": "F32", "shape": [2, i + 1], "data_offsets": [pos, pos + 8 * (i + 1)]}
         pos += 8 * (i + 1)
     return h
+
+
+def assert_valid(h: SafetensorsHeader) -> None:
+    """What a header that was accepted promises: known dtypes, byte counts that match dtype x
+    shape, offsets inside the file, tensors in offset order covering the buffer exactly."""
+    size = h.path.stat().st_size
+    assert h.file_size == size and 8 <= h.data_start <= size
+    assert all(isinstance(k, str) and isinstance(v, str) for k, v in h.metadata.items())
+    cursor = h.data_start
+    for name, t in h.tensors.items():
+        assert t.name == name and t.file == h.path and t.dtype in DTYPES
+        assert all(type(d) is int and d >= 0 for d in t.shape)
+        assert t.start == cursor, "no hole and no overlap"
+        assert t.end - t.start == math.prod(t.shape) * DTYPES[t.dtype][1]
+        assert t.end <= size
+        cursor = t.end
+    assert cursor == size, "nothing after the last tensor"
 
 
 def write(path: Path, header: bytes, data_len: int, length: int | None = None) -> None:
@@ -134,9 +200,10 @@ def test_mutated_headers(tmp_path: Path, n: int, key: str, which: int, value: An
     p = tmp_path / "x.safetensors"
     write(p, json.dumps(h).encode(), max(0, total + extra_data))
     try:
-        read_safetensors_header(p)
-    except SoupError:
-        pass
+        header = read_safetensors_header(p)
+    except CheckpointFormatError:
+        return
+    assert_valid(header)
 
 
 @budget(200)
@@ -145,9 +212,10 @@ def test_random_header_bytes(tmp_path: Path, header: bytes, data_len: int, lengt
     p = tmp_path / "x.safetensors"
     write(p, header, data_len, length)
     try:
-        read_safetensors_header(p)
-    except SoupError:
-        pass
+        parsed = read_safetensors_header(p)
+    except CheckpointFormatError:
+        return
+    assert_valid(parsed)
 
 
 @budget(100)
@@ -168,11 +236,11 @@ def test_truncated_or_bitflipped_real_file(tmp_path: Path, noise: bytes) -> None
     p.write_bytes(bytes(raw))
     try:
         ck = soupkit.open_checkpoint(p)
-    except SoupError:
+    except CheckpointFormatError:
         return
-    # whatever parsed is internally consistent: every tensor lies inside the file
-    size = p.stat().st_size
-    assert all(0 <= t.start <= t.end <= size for t in ck.tensors.values())
+    # whatever parsed is internally consistent
+    assert_valid(read_safetensors_header(p))
+    assert set(ck.tensors) == set(read_safetensors_header(p).tensors)
 
 
 # --- sharded indexes ----------------------------------------------------------------------------
@@ -191,9 +259,13 @@ def test_fuzzed_index(tmp_path_factory: pytest.TempPathFactory, wm: Any) -> None
     (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": wm}))
     try:
         ck = soupkit.open_checkpoint(folder)
-    except SoupError:
+    except CheckpointFormatError:
         return
     assert all(f.resolve().parent == folder.resolve() for f in ck.files)
+    # an accepted index agrees exactly with the shards' own headers
+    assert set(ck.tensors) == set(wm) and all(ck.tensors[n].file.resolve() == (folder / wm[n]).resolve() for n in wm)
+    for f in ck.files:
+        assert_valid(read_safetensors_header(f))
 
 
 @pytest.mark.parametrize("data,part", [

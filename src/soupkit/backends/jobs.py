@@ -131,11 +131,14 @@ def _source_digest(spec: str, cwd: str) -> str:
     if target.endswith(".py") or "/" in target or os.sep in target:
         path = Path(target) if os.path.isabs(target) else Path(cwd) / target
     else:
+        from soupkit.evaluate.loader import import_path
+
         try:
             if "." in target:
-                found = importlib.util.find_spec(target)  # imports the parent packages only
+                with import_path(cwd, first=False):  # searched as load_evaluator searches
+                    found = importlib.util.find_spec(target)  # imports the parent packages only
             else:
-                found = importlib.machinery.PathFinder.find_spec(target, [cwd] + [p for p in sys.path if p])
+                found = importlib.machinery.PathFinder.find_spec(target, [p for p in sys.path if p] + [cwd])
             path = Path(found.origin) if found is not None and found.origin else None
         except (ImportError, ValueError):
             path = None

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from soupkit import _interrupts
 from soupkit._malloc import tune_allocator
 from soupkit._version import __version__
-from soupkit.errors import SoupError
+from soupkit.errors import SoupError, shown
 
 __all__ = ["build_parser", "main"]
 
@@ -67,6 +67,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, previous)
 
 
+# Characters of one line of an error message printed (the rest is counted, not printed).
+MAX_LINE_CHARS = 2000
+
+
+def one_line_each(message: str) -> str:
+    """An error message as the terminal gets it: a last guard behind the messages' own `shown`.
+
+    Each line has its control characters escaped and is cut to `MAX_LINE_CHARS`, so no input
+    string that reached a message unescaped can send escape codes or forge a line.
+    """
+    return "\n".join(shown(line, limit=MAX_LINE_CHARS) for line in message.split("\n"))
+
+
 def _run(args: argparse.Namespace) -> int:
     _interrupts.install()
     swallowed = _interrupts.swallowed_count()
@@ -75,7 +88,7 @@ def _run(args: argparse.Namespace) -> int:
         _interrupts.raise_if_swallowed(swallowed)
         return int(code or 0)
     except SoupError as e:
-        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        print(f"error: {type(e).__name__}: {one_line_each(str(e))}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt as e:
         term = isinstance(e, Terminated)
@@ -87,7 +100,7 @@ def _run(args: argparse.Namespace) -> int:
     except Exception as e:  # an internal bug: say so plainly, traceback only on request
         if os.environ.get("SOUPKIT_DEBUG"):
             raise
-        print(f"internal error: {type(e).__name__}: {e}\n"
+        print(f"internal error: {type(e).__name__}: {one_line_each(str(e))}\n"
               "hint: this is a soupkit bug; rerun with SOUPKIT_DEBUG=1 for a traceback and report it",
               file=sys.stderr)
         return 1

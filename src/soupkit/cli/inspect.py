@@ -8,6 +8,7 @@ from collections import Counter
 
 from soupkit._format import human_bytes
 from soupkit.cli._common import add_pickle_flag, command
+from soupkit.errors import shown
 from soupkit.io.checkpoint import open_checkpoint
 
 
@@ -37,16 +38,18 @@ def run(args: argparse.Namespace) -> int:
     dtypes: Counter[str] = Counter()
     for t in ck.tensors.values():
         dtypes[t.dtype] += t.numel
-    print(f"{ck.label}: {len(ck.tensors)} tensors in {len(ck.files)} file(s), "
+    print(f"{shown(ck.label)}: {len(ck.tensors)} tensors in {len(ck.files)} file(s), "
           f"{ck.num_params:,} parameters, {human_bytes(ck.nbytes)}")
     print("dtypes: " + ", ".join(f"{d} {n:,}" for d, n in dtypes.most_common()))
     if ck.hub is not None:
         print(f"note: {ck.hub.note(ck.label)}")
     rows = list(ck.tensors.values())
     limit = len(rows) if args.max_rows == 0 else args.max_rows
-    width = min(60, max((len(t.name) for t in rows), default=10))
-    for t in rows[:limit]:
-        print(f"  {t.name:<{width}}  {t.dtype:<5} {str(list(t.shape)):<20} {t.numel:>14,}")
+    # names are shown escaped (a name cannot send escape codes) and cut to 200 characters
+    names = [shown(t.name) for t in rows[:limit]]
+    width = min(60, max((len(n) for n in names), default=10))
+    for t, name in zip(rows, names):
+        print(f"  {name:<{width}}  {t.dtype:<5} {str(list(t.shape)):<20} {t.numel:>14,}")
     if len(rows) > limit:
         print(f"  ... {len(rows) - limit} more (use --max-rows 0 for all)")
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from soupkit._format import human_bytes, human_seconds
 from soupkit.api import merge
@@ -16,7 +17,7 @@ from soupkit.cli._common import (
     progress_flag,
     safety_kwargs,
 )
-from soupkit.errors import SoupError
+from soupkit.errors import SoupError, shown
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -27,7 +28,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         soupkit merge recipe.yaml ./merged --allow-pickle # inputs saved with torch.save (.bin/.pt/.ckpt)
         soupkit merge recipe.yaml ./merged --allow-pickle --strip-prefix model.  # Lightning .ckpt files
     """)
-    p.add_argument("recipe", help="YAML recipe (mergekit schema: merge_method, models, base_model, parameters, ...)")
+    p.add_argument("recipe", type=Path, help="YAML recipe (mergekit schema: merge_method, models, base_model, parameters, ...)")
     p.add_argument("out", help="output folder (Hugging Face layout)")
     add_output_flags(p)
     add_safety_flags(p)
@@ -50,12 +51,13 @@ def run(args: argparse.Namespace) -> int:
           f"{human_bytes(s.bytes_read)}, wrote {human_bytes(s.bytes_written)} in "
           f"{human_seconds(s.seconds)} ({rate:.2f} GB/s)")
     for n in r.plan.notes:
-        print(f"note: {n}")
+        print(f"note: {shown(n, limit=2000)}")
     if s.skipped:
         print(f"note: resumed: {s.skipped} tensor(s) in shards finished by an earlier run were "
               "verified by sha256 and not computed again")
     if s.nonfinite:
-        shown = ", ".join(s.nonfinite[:10]) + (f" and {len(s.nonfinite) - 10} more" if len(s.nonfinite) > 10 else "")
+        listed = ", ".join(shown(n) for n in s.nonfinite[:10]) + (
+            f" and {len(s.nonfinite) - 10} more" if len(s.nonfinite) > 10 else "")
         print(f"warning: {len(s.nonfinite)} tensor(s) hold NaN or Inf (written because of "
-              f"--allow-nonfinite): {shown}", file=sys.stderr)
+              f"--allow-nonfinite): {listed}", file=sys.stderr)
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from soupkit.api import plan
 from soupkit.cli._common import add_key_map_flags, add_pickle_flag, command, key_map_from
@@ -13,7 +14,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         soupkit plan recipe.yaml
         soupkit plan recipe.yaml --all
     """)
-    p.add_argument("recipe", help="YAML recipe")
+    p.add_argument("recipe", type=Path, help="YAML recipe")
     p.add_argument("--max-shard-size", default="5GB", metavar="SIZE", help="largest output shard")
     p.add_argument("--all", action="store_true", help="list every tensor, not only the first 40")
     add_key_map_flags(p)

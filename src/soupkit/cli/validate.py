@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from soupkit.api import plan
 from soupkit.cli._common import add_key_map_flags, add_pickle_flag, command, key_map_from
+from soupkit.errors import shown
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = command(sub, "validate", "check a recipe and the headers of its inputs; list every problem", """
         soupkit validate recipe.yaml && soupkit merge recipe.yaml ./merged
     """)
-    p.add_argument("recipe", help="YAML recipe")
+    p.add_argument("recipe", type=Path, help="YAML recipe")
     add_key_map_flags(p)
     add_pickle_flag(p)
     p.set_defaults(func=run)
@@ -21,5 +23,5 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 def run(args: argparse.Namespace) -> int:
     pl = plan(args.recipe, key_map=key_map_from(args),
               allow_pickle=args.allow_pickle)
-    print(f"ok: {args.recipe}: {pl.method.name} over {len(pl.models)} model(s), {len(pl.jobs)} tensors")
+    print(f"ok: {shown(args.recipe)}: {pl.method.name} over {len(pl.models)} model(s), {len(pl.jobs)} tensors")
     return 0

@@ -7,7 +7,7 @@ import sys
 
 from soupkit._format import human_bytes, human_seconds
 from soupkit.cli._common import add_output_flags, command, progress_flag
-from soupkit.errors import UsageError
+from soupkit.errors import UsageError, shown
 from soupkit.multi import wise_ft
 
 
@@ -81,9 +81,9 @@ def run(args: argparse.Namespace) -> int:
     for a, r in zip(alphas, results):
         print(f"  alpha {a:g}: {r.out}")
     for n in results[0].plan.notes:
-        print(f"note: {n}")
+        print(f"note: {shown(n, limit=2000)}")
     bad = sorted({t for r in results for t in r.stats.nonfinite})
     if bad:
         print(f"warning: {len(bad)} tensor(s) hold NaN or Inf (written because of "
-              f"--allow-nonfinite): {', '.join(bad[:10])}", file=sys.stderr)
+              f"--allow-nonfinite): {', '.join(shown(t) for t in bad[:10])}", file=sys.stderr)
     return 0

@@ -7,6 +7,7 @@ and named as ``mymodule:evaluator``; soupkit never guesses constructor arguments
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 import importlib
@@ -14,6 +15,7 @@ import importlib.util
 import inspect
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import cast
@@ -26,10 +28,22 @@ __all__ = ["load_evaluator"]
 _FORMS = "'package.module:name' or 'path/to/file.py:name'"
 
 
-def _add_to_path(directory: str) -> None:
-    # Like `python -m`: modules next to where the user runs soupkit are importable.
-    if directory not in sys.path:
-        sys.path.insert(0, directory)
+@contextlib.contextmanager
+def import_path(directory: str, *, first: bool) -> Iterator[None]:
+    """``directory`` on ``sys.path`` while the evaluator is imported, and never after: nothing
+    else soupkit imports later (matplotlib, transformers, ...) can be shadowed by a file there."""
+    added = directory not in sys.path
+    if added:
+        if first:
+            sys.path.insert(0, directory)
+        else:
+            sys.path.append(directory)
+    try:
+        yield
+    finally:
+        if added:
+            with contextlib.suppress(ValueError):
+                sys.path.remove(directory)
 
 
 def _import_file(path: Path, spec_text: str) -> ModuleType:
@@ -45,7 +59,6 @@ def _import_file(path: Path, spec_text: str) -> ModuleType:
     name = f"_soupkit_user_{resolved.stem}_{digest}"
     if name in sys.modules:
         return sys.modules[name]
-    _add_to_path(str(resolved.parent))  # like `python file.py`: its siblings are importable
     spec = importlib.util.spec_from_file_location(name, resolved)
     if spec is None or spec.loader is None:
         raise EvaluationError(
@@ -55,7 +68,9 @@ def _import_file(path: Path, spec_text: str) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     try:
-        spec.loader.exec_module(module)
+        # like `python file.py`, the file's siblings are importable - while it is imported
+        with import_path(str(resolved.parent), first=True):
+            spec.loader.exec_module(module)
     except BaseException as e:
         del sys.modules[name]
         if not isinstance(e, Exception):
@@ -69,7 +84,9 @@ def _import_file(path: Path, spec_text: str) -> ModuleType:
 
 def _import_module(module_name: str, spec_text: str) -> ModuleType:
     try:
-        return importlib.import_module(module_name)
+        # the current directory is searched after the installed packages, during this import only
+        with import_path(os.getcwd(), first=False):
+            return importlib.import_module(module_name)
     except ModuleNotFoundError as e:
         # Tell "your module does not exist" apart from "your module imports something missing".
         if e.name is not None and (module_name == e.name or module_name.startswith(e.name + ".")):
@@ -93,9 +110,17 @@ def _import_module(module_name: str, spec_text: str) -> ModuleType:
 def load_evaluator(spec: str) -> Evaluator:
     """Import the evaluator named by ``spec``.
 
-    The current directory is put on ``sys.path`` first (as ``python -m`` does), so a module next
-    to where soupkit runs is found. A file path's own folder is also put on ``sys.path``, so the
-    file can import its neighbours. ``name`` may be dotted (``module:obj.attr``).
+    What is imported, and from where (SECURITY.md, "The evaluator's import rule"):
+
+    - ``path/to/file.py:name``: that file, loaded by its path (under a private module name);
+      while it runs its top level, its own folder is first on ``sys.path`` (as with ``python
+      file.py``), so it can import its neighbours; the current directory is not searched.
+    - ``package.module:name``: that module, found on ``sys.path`` with the current directory
+      searched *after* the installed packages, while the import runs.
+
+    Either entry is removed from ``sys.path`` when the import returns, so a file such as
+    ``matplotlib.py`` in the current directory never shadows what soupkit imports later.
+    ``name`` may be dotted (``module:obj.attr``).
 
     Args:
         spec (`str`): ``"package.module:name"`` or ``"path/to/file.py:name"``.
@@ -113,7 +138,6 @@ def load_evaluator(spec: str) -> Evaluator:
             f"cannot load evaluator {spec!r}: expected {_FORMS}, got no ':name' part\n"
             f"hint: for a function `score` in eval_fns.py, write 'eval_fns:score'"
         )
-    _add_to_path(os.getcwd())
     is_file = target.endswith(".py") or os.sep in target or "/" in target
     module = _import_file(Path(target), spec) if is_file else _import_module(target, spec)
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,8 +32,8 @@ from typing import Any
 
 import torch
 
-from soupkit.errors import CheckpointFormatError, UnsafeFormatError
-from soupkit.io.header import TensorInfo, dtype_code, read_safetensors_header
+from soupkit.errors import CheckpointFormatError, UnsafeFormatError, shown
+from soupkit.io.header import FileStamp, TensorInfo, dtype_code, file_stamp, read_safetensors_header
 from soupkit.io.hub import HubSource, parse_hub_ref, resolve_hub_model
 from soupkit.io.links import resolve_model_file
 from soupkit.io.pickle_ckpt import load_pickle_state_dict
@@ -40,6 +41,7 @@ from soupkit.io.pickle_ckpt import load_pickle_state_dict
 __all__ = [
     "CARRY_FILES",
     "Checkpoint",
+    "MAX_CARRY_BYTES",
     "PICKLE_SUFFIXES",
     "carried_files",
     "in_memory_checkpoint",
@@ -74,30 +76,42 @@ CARRY_FILES = (
 )
 
 
-def carried_files(folder: Path) -> dict[str, Path]:
-    """The `CARRY_FILES` that ``folder`` holds: name -> the file to copy (links followed by
-    the rule of `soupkit.io.links`), in `CARRY_FILES` order.
+# A config or tokenizer file larger than this is refused when the merge is planned, before it is
+# read (the largest tokenizer.json files of current models are about 35 MB).
+MAX_CARRY_BYTES = 100_000_000
 
-    A name that is absent is left out; a name that is present but cannot be carried is an
-    error, never silently dropped from the output.
+
+def carried_files(folder: Path) -> dict[str, Path]:
+    """The config and tokenizer files (`CARRY_FILES`) of ``folder`` that go to the output.
+
+    Each is found by the link rule (`resolve_model_file`), must be a regular file and at most
+    `MAX_CARRY_BYTES`; checked from ``stat`` alone, nothing is read.
+
+    Returns:
+        File name -> resolved path, for the files that exist.
 
     Raises:
-        CheckpointFormatError: a carried file is a link that leaves the folder (or the cache's
-            blobs/), a dangling link, or not a regular file.
+        CheckpointFormatError: a file that breaks the link rule, is not a regular file, or is too
+            large; the message names it and the limit.
     """
     out: dict[str, Path] = {}
     for name in CARRY_FILES:
-        src = folder / name
-        if not src.is_symlink() and not src.exists():
+        f = resolve_model_file(folder, name, what="carried file")
+        if f is None:
             continue
-        target = resolve_model_file(folder, src)
-        if not target.is_file():
-            what = "a link to a missing file" if src.is_symlink() else "not a regular file"
+        try:
+            st = f.stat()
+        except OSError as e:
+            raise CheckpointFormatError(f"{shown(folder / name)}: cannot read ({e.strerror})") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise CheckpointFormatError(f"{shown(folder / name)}: is not a regular file (a folder, FIFO "
+                                        "or device); it would be copied to the output\nhint: remove it")
+        if st.st_size > MAX_CARRY_BYTES:
             raise CheckpointFormatError(
-                f"{src}: is {what} ({target}), so it cannot be carried to the output\n"
-                "hint: complete the download (a Hugging Face cache may hold only some files), "
-                "remove it, or set `tokenizer_source:` to a folder that holds it")
-        out[name] = target
+                f"{shown(folder / name)}: {st.st_size:,} bytes; config and tokenizer files larger than "
+                f"{MAX_CARRY_BYTES:,} bytes are not carried to the output\nhint: the file is corrupt "
+                "or hostile; remove it, or give `tokenizer_source:` a folder with sane files")
+        out[name] = f
     return out
 
 
@@ -113,6 +127,8 @@ class Checkpoint:
         tensors: tensor name -> `TensorInfo`, in storage order.
         notes: things a user should know about how it was read (e.g. a Lightning nesting).
         hub: for a model named by Hub id, the revision and files it resolved to.
+        stamps: each file's identity (`soupkit.io.header.file_stamp`) when its header was read:
+            a run refuses a file that no longer matches (rewritten after planning).
     """
 
     label: str
@@ -122,6 +138,7 @@ class Checkpoint:
     tensors: dict[str, TensorInfo] = field(repr=False)
     notes: tuple[str, ...] = ()
     hub: HubSource | None = None
+    stamps: Mapping[Path, FileStamp] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def nbytes(self) -> int:
@@ -134,11 +151,17 @@ class Checkpoint:
 
 def _refuse_pickle(p: Path) -> UnsafeFormatError:
     return UnsafeFormatError(
-        f"{p}: is a pickle checkpoint ({p.suffix}); loading a pickle can execute arbitrary "
+        f"{shown(p)}: is a pickle checkpoint ({p.suffix}); loading a pickle can execute arbitrary "
         "code hidden in the file, so soupkit refuses it by default\n"
         "hint: convert it to safetensors, or if you trust the file opt in with "
         "--allow-pickle (it is then loaded only with torch.load(weights_only=True))"
     )
+
+
+def _regular(folder: Path, name: str, what: str = "file") -> Path | None:
+    """``folder/name`` resolved by the link rule if it is a regular file, else None."""
+    f = resolve_model_file(folder, name, what=what)
+    return f if f is not None and f.is_file() else None
 
 
 class _DuplicateKey(Exception):
@@ -156,50 +179,46 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 def _read_index(folder: Path, name: str = INDEX_NAME) -> dict[str, str]:
     idx = folder / name
+    real = _regular(folder, name, "index") or idx
     try:
-        size = idx.stat().st_size
+        size = real.stat().st_size
         if size > MAX_INDEX_BYTES:
-            raise CheckpointFormatError(f"{idx}: {size} bytes; an index larger than "
+            raise CheckpointFormatError(f"{shown(idx)}: {size} bytes; an index larger than "
                                         f"{MAX_INDEX_BYTES} bytes is refused")
-        obj = json.loads(idx.read_text(encoding="utf-8"), object_pairs_hook=_no_duplicates)
+        obj = json.loads(real.read_text(encoding="utf-8"), object_pairs_hook=_no_duplicates)
     except _DuplicateKey as e:
-        raise CheckpointFormatError(f"{idx}: names key {e.args[0]!r} twice in one object\n"
+        raise CheckpointFormatError(f"{shown(idx)}: names key {shown(e.args[0], quote=True)} twice in one object\n"
                                     "hint: the index is ambiguous; it is corrupt or hostile") from None
     except RecursionError:
-        raise CheckpointFormatError(f"{idx}: not valid JSON (nested too deeply)") from None
+        raise CheckpointFormatError(f"{shown(idx)}: not valid JSON (nested too deeply)") from None
     except ValueError as e:  # UnicodeDecodeError, JSONDecodeError, huge integer literals
-        raise CheckpointFormatError(f"{idx}: not valid JSON ({e})") from None
+        raise CheckpointFormatError(f"{shown(idx)}: not valid JSON ({e})") from None
     except OSError as e:
-        raise CheckpointFormatError(f"{idx}: cannot read ({e.strerror})") from None
+        raise CheckpointFormatError(f"{shown(idx)}: cannot read ({e.strerror})") from None
     wm = obj.get("weight_map") if isinstance(obj, dict) else None
     if not isinstance(wm, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in wm.items()):
         raise CheckpointFormatError(
-            f"{idx}: expected an object with a 'weight_map' of tensor name -> shard file name"
+            f"{shown(idx)}: expected an object with a 'weight_map' of tensor name -> shard file name"
         )
     return wm
 
 
 def _shard_paths(folder: Path, idx: Path, wm: Mapping[str, str]) -> dict[str, Path]:
-    """Resolve the shard names of a weight_map, refusing any that leave ``folder``."""
+    """Resolve the shard names of a weight_map by the link rule (`resolve_model_file`)."""
     shards: dict[str, Path] = {}
     for fname in dict.fromkeys(wm.values()):
-        shard = folder / fname
-        plain = not ("\x00" in fname or not fname or Path(fname).is_absolute() or ".." in Path(fname).parts)
-        why = "" if plain else " (not a plain relative file name)"
-        if plain:
-            try:
-                resolve_model_file(folder, shard)
-            except CheckpointFormatError as e:  # the link rule's reason, first line
-                why = f": {str(e).partition(chr(10))[0]}"
-        if why:
+        try:
+            shard = resolve_model_file(folder, fname, what="shard")
+        except CheckpointFormatError as e:
             raise CheckpointFormatError(
-                f"{idx}: weight_map points outside the model folder: {fname!r}{why}\n"
+                f"{shown(idx)}: weight_map points outside the model folder: {shown(fname, quote=True)}\n"
                 "hint: shard names must be plain file names inside the folder (no '..', no "
-                "absolute paths, no symlinks that lead out except a Hugging Face cache "
-                "snapshot's into its blobs/); a hostile index may try to read other files"
-            )
-        if not shard.is_file():
-            raise CheckpointFormatError(f"{idx}: shard {fname!r} listed in weight_map does not exist")
+                "absolute paths, no symlinks that lead out except a Hugging Face cache snapshot's into "
+                "its blobs/); a hostile index may try to read "
+                f"other files\n({e})"
+            ) from None
+        if shard is None or not shard.is_file():
+            raise CheckpointFormatError(f"{shown(idx)}: shard {shown(fname, quote=True)} listed in weight_map does not exist")
         shards[fname] = shard
     return shards
 
@@ -210,37 +229,48 @@ def _open_sharded(folder: Path, label: str) -> Checkpoint:
     shards = _shard_paths(folder, idx, wm)
     tensors: dict[str, TensorInfo] = {}
     problems: list[str] = []
+    stamps: dict[Path, FileStamp] = {}
     for fname, shard in shards.items():
         header = read_safetensors_header(shard)
+        stamps[shard] = header.stamp
         for name, info in header.tensors.items():
             if name in tensors:
                 first = tensors[name].file
-                problems.append(f"tensor {name!r} is stored in two shards "
-                                f"({first.name if first is not None else '?'} and {fname})")
+                problems.append(f"tensor {shown(name, quote=True)} is stored in two shards "
+                                f"({shown(first.name) if first is not None else '?'} and {shown(fname)})")
             elif wm.get(name) != fname:
                 where = wm.get(name)
-                problems.append(f"tensor {name!r} is in shard {fname} but the index says "
+                problems.append(f"tensor {shown(name, quote=True)} is in shard {shown(fname)} but the index says "
                                 f"{where if where else 'nothing'}")
             tensors[name] = info
     for name, fname in wm.items():
         if name not in tensors:
-            problems.append(f"index maps {name!r} to {fname}, but that shard has no such tensor")
+            problems.append(f"index maps {shown(name, quote=True)} to {shown(fname)}, but that shard has no such tensor")
     if problems:
-        shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
+        listed = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
         raise CheckpointFormatError(
-            f"{idx}: index and shard headers disagree:\n" + "\n".join(f"  - {m}" for m in shown)
+            f"{shown(idx)}: index and shard headers disagree:\n" + "\n".join(f"  - {m}" for m in listed)
         )
     # storage order: by index order of shards, then offset
     order = {f: i for i, f in enumerate(shards.values())}
     ordered = sorted(tensors.values(), key=lambda t: (order[t.file] if t.file else 0, t.start))
-    return Checkpoint(label, folder, folder, tuple(shards.values()), {t.name: t for t in ordered})
+    return Checkpoint(label, folder, folder, tuple(shards.values()), {t.name: t for t in ordered},
+                      stamps=stamps)
+
+
+def _stamp(p: Path) -> FileStamp:
+    try:
+        return file_stamp(os.stat(p))
+    except OSError as e:
+        raise CheckpointFormatError(f"{shown(p)}: cannot read ({e.strerror})") from None
 
 
 def _open_pickle(p: Path, label: str, folder: Path) -> Checkpoint:
+    stamp = _stamp(p)  # before loading: a rewrite while it loads is caught too
     state, note = load_pickle_state_dict(p)
     ck = in_memory_checkpoint(state, label)
     return dataclasses.replace(ck, path=p, folder=folder, files=(p,),
-                               notes=(note,) if note else ())
+                               notes=(note,) if note else (), stamps={p: stamp})
 
 
 def _open_pickle_sharded(folder: Path, label: str) -> Checkpoint:
@@ -250,27 +280,28 @@ def _open_pickle_sharded(folder: Path, label: str) -> Checkpoint:
     state: dict[str, torch.Tensor] = {}
     notes: list[str] = []
     problems: list[str] = []
+    stamps = {shard: _stamp(shard) for shard in shards.values()}
     for fname, shard in shards.items():
         part, note = load_pickle_state_dict(shard)
         if note:
             notes.append(note)
         for name, t in part.items():
             if name in state:
-                problems.append(f"tensor {name!r} is stored in two shards")
+                problems.append(f"tensor {shown(name, quote=True)} is stored in two shards")
             elif wm.get(name) != fname:
-                problems.append(f"tensor {name!r} is in shard {fname} but the index says "
+                problems.append(f"tensor {shown(name, quote=True)} is in shard {shown(fname)} but the index says "
                                 f"{wm.get(name) or 'nothing'}")
             state[name] = t
-    problems += [f"index maps {n!r} to {f}, but that shard has no such tensor"
+    problems += [f"index maps {shown(n, quote=True)} to {shown(f)}, but that shard has no such tensor"
                  for n, f in wm.items() if n not in state]
     if problems:
-        shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
+        listed = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
         raise CheckpointFormatError(
-            f"{idx}: index and shards disagree:\n" + "\n".join(f"  - {m}" for m in shown)
+            f"{shown(idx)}: index and shards disagree:\n" + "\n".join(f"  - {m}" for m in listed)
         )
     ck = in_memory_checkpoint(state, label)
     return dataclasses.replace(ck, path=folder, folder=folder, files=tuple(shards.values()),
-                               notes=tuple(notes))
+                               notes=tuple(notes), stamps=stamps)
 
 
 def open_checkpoint(
@@ -299,11 +330,11 @@ def open_checkpoint(
     p = Path(path)
     lab = label if label is not None else str(path)
     if "\x00" in str(path):
-        raise CheckpointFormatError(f"{lab!r}: a path cannot contain a NUL byte")
+        raise CheckpointFormatError(f"{shown(lab, quote=True)}: a path cannot contain a NUL byte")
     if not p.exists():
         ref = parse_hub_ref(str(path))
         if ref is None:
-            raise CheckpointFormatError(f"{lab}: no such file or folder")
+            raise CheckpointFormatError(f"{shown(lab)}: no such file or folder")
         # not a local path but a Hub id: the cache's snapshot (downloaded if allowed), opened as a folder
         folder, src = resolve_hub_model(*ref, label=lab)
         ck = open_checkpoint(folder, label=lab)
@@ -314,41 +345,49 @@ def open_checkpoint(
                 raise _refuse_pickle(p)
             return _open_pickle(p, lab, p.parent)
         header = read_safetensors_header(p)
-        return Checkpoint(lab, p, p.parent, (p,), header.tensors)
+        return Checkpoint(lab, p, p.parent, (p,), header.tensors, stamps={p: header.stamp})
     if not p.is_dir():
         # a FIFO, a device or a socket: opening it could block forever or read without end
-        raise CheckpointFormatError(f"{lab}: is not a regular file or a folder\n"
+        raise CheckpointFormatError(f"{shown(lab)}: is not a regular file or a folder\n"
                                     "hint: give a .safetensors file or a model folder")
-    if (p / INDEX_NAME).is_file():
+    # every file below is found by name inside the folder: the link rule applies (io/links.py)
+    if _regular(p, INDEX_NAME, "index"):
         return _open_sharded(p, lab)
-    if (p / SINGLE_NAME).is_file():
-        header = read_safetensors_header(p / SINGLE_NAME)
-        return Checkpoint(lab, p, p, (p / SINGLE_NAME,), header.tensors)
+    single = _regular(p, SINGLE_NAME)
+    if single is not None:
+        header = read_safetensors_header(single)
+        return Checkpoint(lab, p, p, (single,), header.tensors, stamps={single: header.stamp})
     try:
-        candidates = sorted(x for x in p.glob("*.safetensors") if x.is_file())
-        pickles = sorted(x for x in p.iterdir() if x.suffix in PICKLE_SUFFIXES and x.is_file())
+        names = sorted(x.name for x in p.iterdir())
     except OSError as e:
-        raise CheckpointFormatError(f"{lab}: cannot list the folder ({e.strerror})") from None
+        raise CheckpointFormatError(f"{shown(lab)}: cannot list the folder ({e.strerror})") from None
+    candidates = [f for n in names if n.endswith(".safetensors") and (f := _regular(p, n)) is not None]
     if len(candidates) == 1:
         header = read_safetensors_header(candidates[0])
-        return Checkpoint(lab, p, p, (candidates[0],), header.tensors)
-    if not candidates and (pickles or (p / PICKLE_INDEX_NAME).is_file()):
+        return Checkpoint(lab, p, p, (candidates[0],), header.tensors, stamps={candidates[0]: header.stamp})
+    pickles: list[Path] = []
+    pickle_index = None
+    if not candidates:  # pickles are looked at (and their links checked) only when they would be used
+        pickles = [f for n in names if Path(n).suffix in PICKLE_SUFFIXES and (f := _regular(p, n)) is not None]
+        pickle_index = _regular(p, PICKLE_INDEX_NAME, "index")
+    if not candidates and (pickles or pickle_index):
         if not allow_pickle:
             raise _refuse_pickle(pickles[0] if pickles else p / PICKLE_INDEX_NAME)
-        if (p / PICKLE_INDEX_NAME).is_file():
+        if pickle_index:
             return _open_pickle_sharded(p, lab)
-        if (p / PICKLE_SINGLE_NAME).is_file():
-            return _open_pickle(p / PICKLE_SINGLE_NAME, lab, p)
+        pickle_single = _regular(p, PICKLE_SINGLE_NAME)
+        if pickle_single is not None:
+            return _open_pickle(pickle_single, lab, p)
         if len(pickles) == 1:
             return _open_pickle(pickles[0], lab, p)
         raise CheckpointFormatError(
-            f"{lab}: folder holds {len(pickles)} pickle files "
+            f"{shown(lab)}: folder holds {len(pickles)} pickle files "
             f"({', '.join(x.name for x in pickles[:5])}) and no index, so it is unclear which "
             f"is the model\nhint: give the file itself, or add {PICKLE_INDEX_NAME}"
         )
     found = ", ".join(x.name for x in candidates[:5]) or "none"
     raise CheckpointFormatError(
-        f"{lab}: folder holds no checkpoint soupkit can read (safetensors files: {found})\n"
+        f"{shown(lab)}: folder holds no checkpoint soupkit can read (safetensors files: {found})\n"
         f"hint: expected {SINGLE_NAME}, a sharded folder with {INDEX_NAME}, or exactly one "
         "*.safetensors file"
     )
@@ -363,13 +402,13 @@ def in_memory_checkpoint(state: Mapping[str, torch.Tensor], label: str) -> Check
     for name, t in state.items():
         if not isinstance(t, torch.Tensor):
             raise CheckpointFormatError(
-                f"{label}: entry {name!r} is a {type(t).__name__}, expected a torch.Tensor"
+                f"{shown(label)}: entry {shown(name, quote=True)} is a {type(t).__name__}, expected a torch.Tensor"
             )
         t = t.detach().to("cpu").contiguous()
         try:
             code = dtype_code(t.dtype)
         except ValueError:
-            raise CheckpointFormatError(f"{label}: tensor {name!r} has dtype {t.dtype}, which "
+            raise CheckpointFormatError(f"{shown(label)}: tensor {shown(name, quote=True)} has dtype {t.dtype}, which "
                                         "safetensors cannot store") from None
         nbytes = t.numel() * t.element_size()
         tensors[name] = TensorInfo(name, code, tuple(t.shape), None, 0, nbytes, data=t)

@@ -24,11 +24,12 @@ import json
 import os
 import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from soupkit import _interrupts
-from soupkit.errors import CheckpointFormatError
+from soupkit.errors import CheckpointFormatError, shown
+from soupkit.io.header import FileStamp, changed_message, file_stamp
 
 __all__ = ["BackgroundHasher", "HashCache", "cache_dir", "changed_files_check", "file_state"]
 
@@ -114,10 +115,9 @@ class HashCache:
         self.new.clear()
 
 
-def file_state(path: Path) -> tuple[int, int, int]:
-    """(size, mtime in ns, inode) of a file: what changes when it is rewritten."""
-    st = os.stat(path)
-    return st.st_size, st.st_mtime_ns, st.st_ino
+def file_state(path: Path) -> FileStamp:
+    """The identity of a file now (see `soupkit.io.header.file_stamp`)."""
+    return file_stamp(os.stat(path))
 
 
 class BackgroundHasher:
@@ -193,8 +193,8 @@ class BackgroundHasher:
         return dict(self._digests)
 
 
-def changed_files_check(before: dict[Path, tuple[int, int, int]]) -> None:
-    """Raise if any file's (size, mtime, inode) differs from ``before``.
+def changed_files_check(before: Mapping[Path, FileStamp], when: str = "while soupkit was merging it") -> None:
+    """Raise if any file's identity (`file_state`) differs from ``before``.
 
     Raises:
         CheckpointFormatError: naming the first file that changed.
@@ -203,10 +203,7 @@ def changed_files_check(before: dict[Path, tuple[int, int, int]]) -> None:
         try:
             now = file_state(f)
         except OSError as e:
-            raise CheckpointFormatError(f"{f}: input disappeared during the merge ({e.strerror})") from None
+            raise CheckpointFormatError(f"{shown(f)}: input disappeared {when} ({e.strerror})") from None
         if now != st:
-            raise CheckpointFormatError(
-                f"{f}: the input file changed while soupkit was merging it (size {st[0]} -> "
-                f"{now[0]}, modified time or inode changed)\nhint: another program is writing "
-                "it; wait until it is done and merge again"
-            )
+            raise CheckpointFormatError(changed_message(f, st, now, when))
+

@@ -26,15 +26,18 @@ from typing import Any
 
 import torch
 
-from soupkit.errors import CheckpointFormatError
+from soupkit.errors import CheckpointFormatError, shown
 
 __all__ = [
     "DTYPES",
     "FLOAT_DTYPES",
+    "FileStamp",
     "MAX_HEADER_BYTES",
     "SafetensorsHeader",
     "TensorInfo",
+    "changed_message",
     "dtype_code",
+    "file_stamp",
     "open_regular",
     "read_safetensors_header",
 ]
@@ -64,6 +67,26 @@ _CODE_OF = {td: code for code, (td, _) in DTYPES.items()}
 MAX_HEADER_BYTES = 100_000_000
 # torch sizes and byte counts are signed 64-bit: a dimension or a tensor beyond this cannot exist.
 MAX_INT64 = (1 << 63) - 1
+
+
+FileStamp = tuple[int, int, int, int, int]
+
+
+def file_stamp(st: os.stat_result) -> FileStamp:
+    """A file's identity: (device, inode, size, mtime_ns, ctime_ns).
+
+    Any rewrite changes it, even to the same size within the same second (the ctime moves even
+    when a writer puts the mtime back); a file replaced by another one changes the inode.
+    """
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def changed_message(f: Path, before: FileStamp, now: FileStamp, when: str) -> str:
+    """The error for an input whose identity moved from ``before`` to ``now``."""
+    what = (f"size {before[2]} -> {now[2]}" if before[2] != now[2] else
+            "replaced by another file" if before[:2] != now[:2] else "rewritten, same size")
+    return (f"{shown(f)}: the input file changed {when} ({what})\nhint: another program wrote "
+            "it; wait until it is done, then plan and merge again")
 
 
 def dtype_code(dtype: torch.dtype) -> str:
@@ -127,6 +150,8 @@ class SafetensorsHeader:
         metadata: the ``__metadata__`` strings (empty if absent).
         data_start: absolute offset of the data buffer.
         file_size: size of the file in bytes.
+        stamp: the file's identity when the header was read (`file_stamp`); a run checks it
+            when it opens the file, so bytes written after planning are never merged.
     """
 
     path: Path
@@ -134,6 +159,7 @@ class SafetensorsHeader:
     metadata: dict[str, str]
     data_start: int
     file_size: int
+    stamp: FileStamp = (0, 0, 0, 0, 0)
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -197,7 +223,7 @@ def open_regular(path: Path) -> int:
 
 
 def _fail(path: Path, what: str, hint: str = "") -> CheckpointFormatError:
-    msg = f"{path}: {what}"
+    msg = f"{shown(path)}: {what}"
     if hint:
         msg += f"\nhint: {hint}"
     return CheckpointFormatError(msg)
@@ -237,17 +263,23 @@ def _read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
     p = Path(path)
     try:
         with open(open_regular(p), "rb") as f:
-            size = os.fstat(f.fileno()).st_size
+            st = os.fstat(f.fileno())
+            size = st.st_size
             if size < 8:
                 raise _fail(p, f"file is {size} bytes, too short to be safetensors (needs >= 8)",
                             "the file is truncated or not a safetensors file")
             (n,) = struct.unpack("<Q", f.read(8))
-            if n > MAX_HEADER_BYTES:
-                raise _fail(p, f"header length field says {n} bytes; the limit is "
-                               f"{MAX_HEADER_BYTES}", "the file is corrupt or not safetensors")
+            # A header starts with "{". Any other file (text, an image, /etc/passwd through a
+            # symlink) has a "length" that is just its first bytes: never echoed as if meaningful.
+            if n > MAX_HEADER_BYTES or (8 + n > size and f.read(1) != b"{"):
+                raise _fail(p, f"not a safetensors file: the first 8 bytes are not a plausible "
+                               f"header length (file is {size} bytes)",
+                            f"a safetensors file starts with the length of its JSON header (at "
+                            f"most {MAX_HEADER_BYTES} bytes, within the file), then the header")
             if 8 + n > size:
                 raise _fail(p, f"header length field says {n} bytes but the file has only "
                                f"{size - 8} after it", "the file is truncated")
+            f.seek(8)
             raw = f.read(n)
     except FileNotFoundError:
         raise _fail(p, "no such file") from None
@@ -266,7 +298,7 @@ def _read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
     try:
         obj = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
     except _DuplicateKey as e:
-        raise _fail(p, f"header names key {e.args[0]!r} twice in one object",
+        raise _fail(p, f"header names key {shown(e.args[0], quote=True)} twice in one object",
                     "a valid file names each tensor (and each field) once") from None
     except _BadConstant as e:
         raise _fail(p, f"header is not valid JSON (it holds the token {e.args[0]}, which JSON "
@@ -289,16 +321,16 @@ def _read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
                            "of strings to strings")
         for k, v in raw_meta.items():
             if not isinstance(v, str):
-                raise _fail(p, f"__metadata__[{k!r}] is a JSON {type(v).__name__}, expected a string",
+                raise _fail(p, f"__metadata__[{shown(k, quote=True)}] is a JSON {type(v).__name__}, expected a string",
                             "safetensors metadata maps strings to strings")
             if not (_utf8_ok(k) and _utf8_ok(v)):
-                raise _fail(p, f"__metadata__ key {k!r} or its value is not valid Unicode "
+                raise _fail(p, f"__metadata__ key {shown(k, quote=True)} or its value is not valid Unicode "
                                "(a lone surrogate escape)")
         metadata = raw_meta
 
     if "\\u" in text and not _utf8_ok("".join(obj)):
         bad = next(n for n in obj if not _utf8_ok(n))
-        raise _fail(p, f"tensor name {bad!r} is not valid Unicode (a lone surrogate escape)",
+        raise _fail(p, f"tensor name {shown(bad, quote=True)} is not valid Unicode (a lone surrogate escape)",
                     "the file is corrupt or hostile")
     entries: list[TensorInfo] = []
     keyset = {"dtype", "shape", "data_offsets"}
@@ -306,35 +338,35 @@ def _read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
     # of thousands of entries must parse in seconds.
     for name, ent in obj.items():
         if type(ent) is not dict:
-            raise _fail(p, f"tensor {name!r}: entry is a {type(ent).__name__}, expected an object")
+            raise _fail(p, f"tensor {shown(name, quote=True)}: entry is a {type(ent).__name__}, expected an object")
         if ent.keys() != keyset:
             keys = set(ent)
             extra = sorted(keys - keyset)
             missing = sorted(keyset - keys)
-            raise _fail(p, f"tensor {name!r}: keys {sorted(keys)}; missing {missing}, unexpected {extra}")
+            raise _fail(p, f"tensor {shown(name, quote=True)}: keys {sorted(keys)}; missing {missing}, unexpected {extra}")
         dt, shape, offs = ent["dtype"], ent["shape"], ent["data_offsets"]
         known = DTYPES.get(dt) if type(dt) is str else None
         if known is None:
-            raise _fail(p, f"tensor {name!r}: unknown dtype {dt!r}",
+            raise _fail(p, f"tensor {shown(name, quote=True)}: unknown dtype {dt!r}",
                         f"known dtypes: {', '.join(DTYPES)}")
         if type(shape) is not list or not all(type(d) is int and d >= 0 for d in shape):
-            raise _fail(p, f"tensor {name!r}: shape {shape!r} is not a list of non-negative integers")
+            raise _fail(p, f"tensor {shown(name, quote=True)}: shape {shape!r} is not a list of non-negative integers")
         if len(shape) > 64:
-            raise _fail(p, f"tensor {name!r}: {len(shape)} dimensions, at most 64 are supported")
+            raise _fail(p, f"tensor {shown(name, quote=True)}: {len(shape)} dimensions, at most 64 are supported")
         itemsize = known[1]
         expected = math.prod(shape) * itemsize
         if expected > MAX_INT64 or (expected == 0 and (
                 any(d > MAX_INT64 for d in shape) or math.prod(d for d in shape if d) * itemsize > MAX_INT64)):
-            raise _fail(p, f"tensor {name!r}: shape {shape} is too large (a dimension or the byte "
+            raise _fail(p, f"tensor {shown(name, quote=True)}: shape {shape} is too large (a dimension or the byte "
                            "count exceeds 2^63 - 1)", "the file is corrupt or hostile")
         if type(offs) is not list or len(offs) != 2 or type(offs[0]) is not int or type(offs[1]) is not int:
-            raise _fail(p, f"tensor {name!r}: data_offsets {offs!r} is not [begin, end]")
+            raise _fail(p, f"tensor {shown(name, quote=True)}: data_offsets {offs!r} is not [begin, end]")
         begin, end = offs
         if not 0 <= begin <= end <= buffer_size:
-            raise _fail(p, f"tensor {name!r}: data_offsets [{begin}, {end}] outside the data "
+            raise _fail(p, f"tensor {shown(name, quote=True)}: data_offsets [{begin}, {end}] outside the data "
                            f"buffer of {buffer_size} bytes", "the file is truncated or corrupt")
         if end - begin != expected:
-            raise _fail(p, f"tensor {name!r}: holds {end - begin} bytes but dtype {dt} x shape "
+            raise _fail(p, f"tensor {shown(name, quote=True)}: holds {end - begin} bytes but dtype {dt} x shape "
                            f"{shape} needs {expected}")
         entries.append(TensorInfo(name, dt, tuple(shape), p, data_start + begin, data_start + end))
 
@@ -342,12 +374,12 @@ def _read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
     cursor, prev = data_start, ""
     for t in entries:
         if t.start < cursor:
-            raise _fail(p, f"tensor {t.name!r} overlaps tensor {prev!r} in the data buffer")
+            raise _fail(p, f"tensor {shown(t.name, quote=True)} overlaps tensor {shown(prev, quote=True)} in the data buffer")
         if t.start > cursor:
             raise _fail(p, f"data buffer has a hole of {t.start - cursor} bytes before tensor "
-                           f"{t.name!r}", "a valid file covers its buffer exactly")
+                           f"{shown(t.name, quote=True)}", "a valid file covers its buffer exactly")
         cursor, prev = t.end, t.name
     if cursor != size:
         raise _fail(p, f"{size - cursor} bytes after the last tensor are not described by the header",
                     "the file is corrupt or was appended to")
-    return SafetensorsHeader(p, {t.name: t for t in entries}, metadata, data_start, size)
+    return SafetensorsHeader(p, {t.name: t for t in entries}, metadata, data_start, size, file_stamp(st))

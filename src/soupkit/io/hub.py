@@ -119,7 +119,9 @@ def _etags(folder: Path, names: list[str]) -> dict[str, str]:
     for n in names:
         f = folder / n
         if f.is_symlink() and f.is_file():
-            out[n] = resolve_model_file(folder, f).name
+            target = resolve_model_file(folder, n)
+            if target is not None:
+                out[n] = target.name
     return out
 
 

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from soupkit.errors import CheckpointFormatError, UnsafeFormatError
+from soupkit.errors import CheckpointFormatError, UnsafeFormatError, shown
 from soupkit.io.header import open_regular
 
 __all__ = ["LIGHTNING_KEY", "load_pickle_state_dict"]
@@ -119,38 +119,38 @@ def load_pickle_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], s
     note: str | None = None
     if isinstance(obj, Mapping) and isinstance(obj.get(LIGHTNING_KEY), Mapping):
         others = [str(k) for k in obj if k != LIGHTNING_KEY]
-        note = (f"{p}: took the tensors from its {LIGHTNING_KEY!r} entry (a Lightning checkpoint)"
+        note = (f"{shown(p)}: took the tensors from its {LIGHTNING_KEY!r} entry (a Lightning checkpoint)"
                 + (f"; ignored {', '.join(others[:_MAX_LISTED])}" if others else ""))
         obj = obj[LIGHTNING_KEY]
     if isinstance(obj, torch.nn.Module):  # cannot happen with weights_only, kept as a guard
         raise _unsafe(p, "a whole nn.Module")
     if not isinstance(obj, Mapping):
         raise CheckpointFormatError(
-            f"{p}: holds a {type(obj).__name__}, expected a state dict (a mapping of tensor "
+            f"{shown(p)}: holds a {type(obj).__name__}, expected a state dict (a mapping of tensor "
             "names to tensors)\nhint: save `model.state_dict()`, not the model or a list"
         )
     bad: list[str] = []
     state: dict[str, torch.Tensor] = {}
     for k, v in obj.items():
         if not isinstance(k, str):
-            bad.append(f"key {k!r} ({type(k).__name__}, expected a string)")
+            bad.append(f"key {shown(repr(k))} ({type(k).__name__}, expected a string)")
         elif not isinstance(v, torch.Tensor):
-            bad.append(f"{k!r} ({type(v).__name__})")
+            bad.append(f"{shown(k, quote=True)} ({type(v).__name__})")
         elif v.layout != torch.strided or v.is_quantized:
-            bad.append(f"{k!r} ({'quantized' if v.is_quantized else str(v.layout)} tensor)")
+            bad.append(f"{shown(k, quote=True)} ({'quantized' if v.is_quantized else str(v.layout)} tensor)")
         else:
             state[k] = v
     if bad:
         nested = [str(k) for k, v in obj.items()
                   if isinstance(v, Mapping) and any(isinstance(x, torch.Tensor) for x in v.values())]
-        hint = (f"entry {nested[0]!r} looks like a state dict; save that entry alone "
-                f"(e.g. torch.save(ckpt[{nested[0]!r}], path)) or convert to safetensors"
+        hint = (f"entry {shown(nested[0], quote=True)} looks like a state dict; save that entry alone "
+                f"(e.g. torch.save(ckpt[{shown(nested[0], quote=True)}], path)) or convert to safetensors"
                 if nested else "soupkit merges plain state dicts of dense tensors; save "
                 "`model.state_dict()` only, or convert to safetensors")
-        shown = ", ".join(bad[:_MAX_LISTED]) + (f" and {len(bad) - _MAX_LISTED} more" if len(bad) > _MAX_LISTED else "")
+        listed = ", ".join(bad[:_MAX_LISTED]) + (f" and {len(bad) - _MAX_LISTED} more" if len(bad) > _MAX_LISTED else "")
         raise CheckpointFormatError(
-            f"{p}: not a plain state dict: {len(bad)} of {len(obj)} entries are not dense tensors: "
-            f"{shown}\nhint: {hint}"
+            f"{shown(p)}: not a plain state dict: {len(bad)} of {len(obj)} entries are not dense tensors: "
+            f"{listed}\nhint: {hint}"
         )
     return state, note
 

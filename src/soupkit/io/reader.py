@@ -7,14 +7,16 @@ engine can reuse buffers across chunks and memory stays bounded by what it asks 
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
-from soupkit.errors import CheckpointFormatError
-from soupkit.io.header import TensorInfo, open_regular
+from soupkit.errors import CheckpointFormatError, shown
+from soupkit.io.header import FileStamp, TensorInfo, changed_message, file_stamp, open_regular
 
 __all__ = ["TensorReader", "byte_view"]
 
@@ -33,9 +35,15 @@ class TensorReader:
     """Reads element ranges of tensors from files (or from in-memory tensors).
 
     File descriptors are opened once per file and kept until `close`. Use as a context manager.
+
+    Args:
+        expected: file -> its identity when its header was read (`Checkpoint.stamps`); a file
+            whose open descriptor no longer matches is refused, so bytes written after
+            planning are never read as if the header described them.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, expected: Mapping[Path, FileStamp] | None = None) -> None:
+        self._expected = dict(expected or {})
         self._fds: dict[Path, int] = {}
         self._lock = threading.Lock()  # several threads read: one descriptor per file
 
@@ -61,7 +69,14 @@ class TensorReader:
                     # never a FIFO or device swapped in after the header was read: those would block
                     fd = open_regular(path)
                 except OSError as e:
-                    raise CheckpointFormatError(f"{path}: cannot open ({e.strerror})") from None
+                    hint = ("\nhint: a merge keeps every input file open; raise the limit of open "
+                            "files (`ulimit -n`) above the number of input files"
+                            if e.errno == errno.EMFILE else "")
+                    raise CheckpointFormatError(f"{shown(path)}: cannot open ({e.strerror}){hint}") from None
+                want = self._expected.get(path)
+                if want is not None and (now := file_stamp(os.fstat(fd))) != want:
+                    os.close(fd)
+                    raise CheckpointFormatError(changed_message(path, want, now, "after its header was read"))
                 self._fds[path] = fd
             return fd
 
@@ -104,11 +119,11 @@ class TensorReader:
                     n = os.preadv(fd, [mv[done:]], offset + done)
                 except OSError as e:
                     raise CheckpointFormatError(
-                        f"{info.file}: reading tensor {info.name!r} failed ({e.strerror})"
+                        f"{shown(info.file)}: reading tensor {shown(info.name, quote=True)} failed ({e.strerror})"
                     ) from None
                 if n == 0:
                     raise CheckpointFormatError(
-                        f"{info.file}: tensor {info.name!r} ends at byte {info.end} but the file "
+                        f"{shown(info.file)}: tensor {shown(info.name, quote=True)} ends at byte {info.end} but the file "
                         f"ended at {offset + done}\nhint: the file was truncated or changed "
                         "while soupkit was reading it"
                     )

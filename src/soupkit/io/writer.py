@@ -53,8 +53,8 @@ from types import TracebackType
 import torch
 
 from soupkit import _interrupts
-from soupkit.errors import MergeIOError, OutputExistsError
-from soupkit.io.header import DTYPES
+from soupkit.errors import CheckpointFormatError, MergeIOError, OutputExistsError, UsageError, shown
+from soupkit.io.header import DTYPES, open_regular
 from soupkit.io.reader import byte_view
 
 __all__ = [
@@ -195,6 +195,46 @@ def sha256_file(path: Path) -> str:
     with open(path, "rb", buffering=0) as f:
         while n := f.readinto(mv):
             h.update(mv[:n])
+    return h.hexdigest()
+
+
+def copy_file(src: Path, dst: Path, limit: int) -> str:
+    """Copy ``src`` to ``dst`` in blocks (never whole in memory) and return its sha256.
+
+    Raises:
+        CheckpointFormatError: ``src`` cannot be read, is not a regular file, or has grown past
+            ``limit`` bytes since it was checked.
+        MergeIOError: ``dst`` cannot be written.
+    """
+    h = hashlib.sha256()
+    mv = memoryview(bytearray(_HASH_BLOCK))
+    done = 0
+    try:
+        fin = open(open_regular(src), "rb", buffering=0)
+    except OSError as e:
+        raise CheckpointFormatError(f"{shown(src)}: cannot read ({e.strerror})") from None
+    with fin:
+        try:
+            fout = open(dst, "wb")
+        except OSError as e:
+            raise io_failure(f"{dst}: cannot write", e) from None
+        with fout:
+            while True:
+                try:
+                    n = fin.readinto(mv)
+                except OSError as e:
+                    raise CheckpointFormatError(f"{shown(src)}: cannot read ({e.strerror})") from None
+                if not n:
+                    break
+                done += n
+                if done > limit:
+                    raise CheckpointFormatError(f"{shown(src)}: grew past {limit:,} bytes while it was "
+                                                "copied\nhint: another program is writing it")
+                h.update(mv[:n])
+                try:
+                    fout.write(mv[:n])
+                except OSError as e:
+                    raise io_failure(f"{dst}: cannot write", e) from None
     return h.hexdigest()
 
 
@@ -584,6 +624,14 @@ def _owner_gone(folder: Path, dest: Path) -> bool:
         os.close(fd)
 
 
+def work_tag(dest: Path) -> str:
+    """How hidden work folders beside ``dest`` name it: its name, or for a name over 48 bytes a
+    hash of it, so ``.soupkit-partial-<tag>-<random>`` stays within the file system's name limit
+    for any legal ``dest`` (the lock file inside says which destination a folder belongs to)."""
+    raw = os.fsencode(dest.name)
+    return dest.name if len(raw) <= 48 else "h" + hashlib.sha256(raw).hexdigest()[:16]
+
+
 def remove_stale(dest: Path, keep: Path | None = None) -> list[Path]:
     """Remove partial and trash folders of ``dest`` left by runs that were killed.
 
@@ -597,7 +645,7 @@ def remove_stale(dest: Path, keep: Path | None = None) -> list[Path]:
     if not parent.is_dir():
         return removed
     absdest = dest.absolute()
-    for prefix in (f".soupkit-partial-{dest.name}-", f".soupkit-old-{dest.name}-"):
+    for prefix in (f".soupkit-partial-{work_tag(dest)}-", f".soupkit-old-{work_tag(dest)}-"):
         try:
             entries = [e for e in parent.iterdir() if e.name.startswith(prefix)]
         except OSError:
@@ -609,6 +657,23 @@ def remove_stale(dest: Path, keep: Path | None = None) -> list[Path]:
                 shutil.rmtree(d, ignore_errors=True)
                 removed.append(d)
     return removed
+
+
+def _check_name_length(dest: Path) -> None:
+    """Refuse an output path the file system cannot hold (a name over NAME_MAX bytes)."""
+    name_max = 255
+    for probe in dest.absolute().parents:  # the nearest folder that exists says its limit
+        try:
+            name_max = os.pathconf(probe, "PC_NAME_MAX")
+            break
+        except (OSError, ValueError):
+            continue
+    for part in dest.absolute().parts[1:]:
+        n = len(os.fsencode(part))
+        if n > name_max:
+            raise UsageError(f"{shown(dest)}: the name {shown(part, quote=True, limit=40)} is {n} bytes; "
+                             f"this file system allows at most {name_max} bytes per name\n"
+                             "hint: choose a shorter output name")
 
 
 class OutputFolder:
@@ -628,6 +693,7 @@ class OutputFolder:
 
     Raises:
         OutputExistsError: ``dest`` exists and is not an empty folder, and ``force`` is false.
+        UsageError: a name in ``dest`` is longer than the file system allows.
     """
 
     def __init__(self, dest: str | os.PathLike[str], *, force: bool = False,
@@ -640,6 +706,7 @@ class OutputFolder:
         self.kept: Path | None = None
         self._lock_fd = -1
         self._swallowed = 0
+        _check_name_length(self.dest)
         if self.dest.exists():
             if not self.dest.is_dir():
                 raise OutputExistsError(f"{self.dest}: exists and is not a folder\nhint: choose another output path")
@@ -654,7 +721,7 @@ class OutputFolder:
         """Where a resumable run keeps its partial folder (None when not resumable)."""
         if self.resume_key is None:
             return None
-        return self.dest.parent / f".soupkit-partial-{self.dest.name}-r{self.resume_key}"
+        return self.dest.parent / f".soupkit-partial-{work_tag(self.dest)}-r{self.resume_key}"
 
     def __enter__(self) -> Path:
         _interrupts.install()
@@ -674,7 +741,7 @@ class OutputFolder:
                                                "hint: remove it and run again") from None
                         self.resumed = True
                 else:
-                    self.tmp = Path(tempfile.mkdtemp(prefix=f".soupkit-partial-{self.dest.name}-", dir=parent))
+                    self.tmp = Path(tempfile.mkdtemp(prefix=f".soupkit-partial-{work_tag(self.dest)}-", dir=parent))
                 try:
                     self._lock_fd = _lock(self.tmp, self.dest.absolute())
                 except BlockingIOError:
@@ -719,7 +786,7 @@ class OutputFolder:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self.tmp / JOURNAL_NAME)
                 if self.dest.exists():
-                    trash = Path(tempfile.mkdtemp(prefix=f".soupkit-old-{self.dest.name}-", dir=self.dest.parent))
+                    trash = Path(tempfile.mkdtemp(prefix=f".soupkit-old-{work_tag(self.dest)}-", dir=self.dest.parent))
                     trash_fd = _lock(trash, self.dest.absolute())
                     try:
                         os.rename(self.dest, trash / "old")

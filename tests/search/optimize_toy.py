@@ -12,6 +12,8 @@ The evaluators are module-level objects (importable by path on Ray workers): ``v
 
 from __future__ import annotations
 
+import os
+import signal
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -72,8 +74,8 @@ def space(paths: Sequence[Path], points: int = L) -> dict[str, object]:
 class Accuracy:
     """A bounded evaluator (exact early rejection) on one split."""
 
-    def __init__(self, split: str, batch: int = 50) -> None:
-        self.split, self.batch = split, batch
+    def __init__(self, split: str, batch: int = 50, kill_at: int = 0) -> None:
+        self.split, self.batch, self.kill_at = split, batch, kill_at
         self.cache_key = f"optimize-toy-{split}"
         self.calls = 0
         self._data: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -87,6 +89,8 @@ class Accuracy:
             self._data = data(self.split)
         x, y = self._data
         self.calls += 1
+        if self.calls == self.kill_at:  # the resumption test: die mid-run, as a killed job does
+            os.kill(os.getpid(), signal.SIGKILL)
         total, correct, done = len(y), 0, 0
         for a in range(0, total, self.batch):
             if need is not None and not meets(accuracy_bound(correct, total - done, total), need, strict=strict):

@@ -66,3 +66,27 @@ def test_lm_eval_accuracy_on_a_local_task_equals_the_hand_computed_one(tmp_path:
         LMEvalEvaluator(model_dir, ["nope"], include_path=task)
     with pytest.raises(EvaluationError, match="no metric 'bleu'"):
         LMEvalEvaluator(model_dir, ["soupkit_toy"], include_path=task, metric="bleu")(state)
+
+
+def test_cli_optimize_with_lm_eval_on_two_tiny_causal_lms(tmp_path: Path, task: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("optuna", reason="needs the optimize extra")
+    import yaml
+
+    from soupkit.cli import main
+
+    a = tiny_hf.save_causal_lm(tmp_path / "a", "gpt2", seed=0)
+    b = tiny_hf.save_causal_lm(tmp_path / "b", "gpt2", seed=1)
+    space = {"merge_method": "linear", "models": [{"model": str(a), "parameters": {"weight": {"min": 0, "max": 1}}},
+                                                  {"model": str(b), "parameters": {"weight": {"min": 0, "max": 1}}}]}
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(space))
+    monkeypatch.chdir(tmp_path)
+    assert main(["optimize", "space.yaml", "--lm-eval", "soupkit_toy", "--holdout-lm-eval", "soupkit_toy",
+                 "--lm-eval-include", str(task), "--trials", "3", "--out", "opt", "--no-cache", "--no-progress",
+                 "--no-plot"]) == 2  # the same tasks as held-out set: refused (same identity)
+    assert "same identity" in capsys.readouterr().err
+    assert main(["optimize", "space.yaml", "--lm-eval", "soupkit_toy", "--lm-eval-include", str(task),
+                 "--trials", "3", "--out", "opt", "--no-cache", "--no-progress", "--no-plot"]) == 0
+    report = json.loads((tmp_path / "opt" / "report.json").read_text())
+    assert report["trials_finished"] == 3 and report["evaluator"].startswith("lm-eval|soupkit_toy|acc|")
+    assert (tmp_path / "opt" / "model" / "model.safetensors").is_file()

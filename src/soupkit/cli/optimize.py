@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import re
+from typing import Any
 
 from soupkit._format import human_seconds
 from soupkit.cli._backend import add_backend_flags, distributed_lines, make_backend, remote_evaluators
@@ -47,6 +48,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--top", type=int, default=5, metavar="K", help="best trials listed and re-scored on the held-out set")
     add_evaluator_flags(p, second="holdout", second_help="held-out set: the best trials are re-scored on it "
                         "(never used to choose)")
+    g = p.add_argument_group("lm-evaluation-harness (instead of the evaluators above; pip install 'soupkit[lm-eval]')")
+    g.add_argument("--lm-eval", metavar="TASKS", default=None,
+                   help="score a causal LM on lm-eval tasks (comma-separated), the mean of --lm-eval-metric")
+    g.add_argument("--holdout-lm-eval", metavar="TASKS", default=None, help="held-out lm-eval tasks")
+    g.add_argument("--lm-eval-include", metavar="DIR", default=None,
+                   help="folder of local task YAML files (with local data files: runs offline)")
+    g.add_argument("--lm-eval-metric", default="acc", help="metric to average over the tasks (default acc)")
+    g.add_argument("--lm-eval-limit", type=int, default=None, metavar="N", help="at most N documents per task")
     add_cache_flags(p)
     add_backend_flags(p)
     p.add_argument("--force", action="store_true", help="start a new study in OUT_DIR, deleting the old study.db")
@@ -75,9 +84,12 @@ def run(args: argparse.Namespace) -> int:
     if space.source.get("base_model"):
         first = [str(space.source["base_model"])]
     backend = make_backend(args)
-    ev, ident, hold_ev, hold_ident = build_evaluator(args, first, second="holdout")
-    if backend is not None:  # workers build the evaluators themselves, under the same identities
-        ev, hold_ev = remote_evaluators(args, first, "holdout", ident, hold_ident)
+    if args.lm_eval or args.holdout_lm_eval:
+        ev, ident, hold_ev, hold_ident = lm_eval_evaluators(args, first, remote=backend is not None)
+    else:
+        ev, ident, hold_ev, hold_ident = build_evaluator(args, first, second="holdout")
+        if backend is not None:  # workers build the evaluators themselves, under the same identities
+            ev, hold_ev = remote_evaluators(args, first, "holdout", ident, hold_ident)
     try:
         r = optimize(space, ev, args.out, trials=args.trials, timeout=timeout, holdout_evaluator=hold_ev,
                      sampler=args.sampler, seed=args.seed, parallel=args.parallel, storage=args.storage,
@@ -90,6 +102,42 @@ def run(args: argparse.Namespace) -> int:
             backend.close()
     print(summary(r))
     return 0
+
+
+def lm_eval_evaluators(args: argparse.Namespace, first: list[str], *, remote: bool
+                       ) -> tuple[Any, str, Any | None, str | None]:
+    """The ``--lm-eval`` evaluators (built on the workers with a backend), with their identities."""
+    from pathlib import Path
+
+    from soupkit.backends import RemoteEvaluator
+    from soupkit.evaluate.lmeval import LMEvalEvaluator
+
+    others = [f for f in ("evaluator", "hf_classification", "hf_perplexity", "holdout_evaluator", "holdout_data")
+              if getattr(args, f)]
+    if not args.lm_eval or others:
+        raise UsageError("--lm-eval replaces the other evaluators: give --lm-eval TASKS (and optionally "
+                         "--holdout-lm-eval TASKS) without " + (", ".join("--" + f.replace("_", "-") for f in others)
+                                                                or "them"))
+    model_dir = args.model_dir or (first[0] if first else None)
+    if model_dir is None:
+        raise UsageError("--lm-eval needs --model-dir (a Hugging Face folder with config and tokenizer)")
+    if Path(model_dir).is_file():
+        model_dir = str(Path(model_dir).parent)
+    kw = {"include_path": args.lm_eval_include, "metric": args.lm_eval_metric, "limit": args.lm_eval_limit,
+          "batch_size": args.batch_size, "device": args.device, "dtype": args.eval_dtype}
+    out: list[Any] = []
+    for tasks in (args.lm_eval, args.holdout_lm_eval):
+        if not tasks:
+            out += [None, None]
+            continue
+        names = [t.strip() for t in tasks.split(",") if t.strip()]
+        local = LMEvalEvaluator(model_dir, names, **kw)
+        ident = args.evaluator_id if args.evaluator_id and tasks == args.lm_eval else local.cache_key
+        if remote:
+            out += [RemoteEvaluator.from_factory(LMEvalEvaluator, model_dir, names, key=ident, **kw), ident]
+        else:
+            out += [local, ident]
+    return out[0], out[1], out[2], out[3]
 
 
 def summary(r: OptimizeResult) -> str:

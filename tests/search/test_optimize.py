@@ -201,3 +201,18 @@ def test_cli_optimize_writes_the_outputs_and_exits_2_on_a_bad_space(
     assert "range min 2 is not below max 1" in capsys.readouterr().err
     assert main(["optimize", "space.yaml", "--evaluator", f"{TOY}:val", "--out", "b"]) == 2
     assert "give a budget" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("sampler", ["cmaes", "random"])
+def test_every_sampler_runs_a_method_choice_with_density_and_is_deterministic(
+        tmp_path: Path, ings: list[Path], sampler: str) -> None:
+    space = {"merge_method": {"choice": ["linear", "ties"]}, "base_model": str(ings[3]),
+             "models": [{"model": str(p), "parameters": {"weight": {"min": 0.1, "max": 1}}} for p in ings[:3]],
+             "parameters": {"density": {"min": 0.2, "max": 1.0}}}
+    runs = [optimize(space, toy.Accuracy("val"), tmp_path / f"{sampler}{k}", trials=8, sampler=sampler, seed=2,
+                     progress=False, plot=False, write_model=False) for k in range(2)]
+    assert trials_of(runs[0]) == trials_of(runs[1])
+    methods_seen = {t.params["merge_method"] for t in runs[0].trials}
+    assert methods_seen == {"linear", "ties"}
+    for t in runs[0].trials:
+        assert ("parameters.density" in t.params) == (t.params["merge_method"] == "ties")

@@ -54,6 +54,7 @@ import math
 import os
 import socket
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -402,7 +403,11 @@ def make_sampler(name: str, seed: int) -> Any:
             raise UsageError(f"the cmaes sampler needs the `cmaes` package\nhint: {_INSTALL}") from None
         # Pruned trials count with their (rejected) upper bound: without them a generation of
         # CMA-ES would wait for trials that beat the best, and never end.
-        return optuna.samplers.CmaEsSampler(seed=seed, consider_pruned_trials=True, warn_independent_sampling=False)
+        # (`consider_pruned_trials` is flagged experimental by Optuna; its meaning is plain.)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.samplers.CmaEsSampler(seed=seed, consider_pruned_trials=True,
+                                                warn_independent_sampling=False)
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     raise UsageError(f"unknown sampler {name!r}; expected one of {', '.join(SAMPLERS)}")

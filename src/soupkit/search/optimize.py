@@ -704,8 +704,9 @@ def optimize(
     if dest is not None:
         if dest.exists() and not dest.is_dir():
             raise UsageError(f"{dest}: exists and is not a folder")
-        if force and storage is None and (dest / STUDY_DB).exists():
-            (dest / STUDY_DB).unlink()
+        if force and storage is None:
+            for name in (STUDY_DB, STUDY_DB + "-wal", STUDY_DB + "-shm"):  # a stale WAL must not meet a new file
+                (dest / name).unlink(missing_ok=True)
         if dest.is_dir() and any(dest.iterdir()) and not (dest / STUDY_DB).exists() and storage is None:
             raise UsageError(f"{dest}: exists, is not empty and holds no study ({STUDY_DB})\n"
                              "hint: choose a new folder, or give the folder of an earlier optimize run to resume it")

@@ -41,9 +41,11 @@ from soupkit.plan import MergePlan
 from soupkit.search import (
     GreedySoupResult,
     LearnedSoupResult,
+    OptimizeResult,
     SweepResult,
     greedy_soup,
     learned_soup,
+    optimize,
     recalibrate_bn,
     sweep,
 )
@@ -65,6 +67,7 @@ __all__ = [
     "MergePlan",
     "MergeResult",
     "NonFiniteError",
+    "OptimizeResult",
     "OutputExistsError",
     "PlanError",
     "RayBackend",
@@ -88,6 +91,7 @@ __all__ = [
     "merge_many",
     "merge_state_dicts",
     "open_checkpoint",
+    "optimize",
     "plan",
     "read_adapter",
     "recalibrate_bn",

@@ -16,9 +16,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "search"))
 
-import optimize_toy as toy  # noqa: E402
+import optimize_toy as toy
 
-from soupkit.search.optimize import optimize  # noqa: E402
+from soupkit.search.optimize import optimize
 
 SEEDS = (0, 1, 2)
 CHECKS = (20, 40, 80)

@@ -6,16 +6,16 @@ import json
 from pathlib import Path
 
 import pytest
+import tiny_hf
 import torch
 
-import tiny_hf
 from soupkit.errors import EvaluationError
 from soupkit.search import read_state
 
 pytest.importorskip("lm_eval", reason="needs the lm-eval extra: pip install 'soupkit[lm-eval]'")
 
-from soupkit import open_checkpoint  # noqa: E402
-from soupkit.evaluate.lmeval import LMEvalEvaluator  # noqa: E402
+from soupkit import open_checkpoint
+from soupkit.evaluate.lmeval import LMEvalEvaluator
 
 ROWS = [("the movie was very", ["good", "sad", "long"], 0), ("we loved it so", ["much", "bad", "dull"], 1),
         ("i hated the", ["film", "good", "fun"], 0), ("the music was", ["great", "awful", "dull"], 2)]

@@ -13,12 +13,12 @@ if not hasattr(ray, "remote"):  # tests/ray/ itself, found as a namespace packag
     pytest.skip("needs the ray extra: pip install 'soupkit[ray]' (make test installs it)", allow_module_level=True)
 pytest.importorskip("optuna", reason="needs the optimize extra: pip install 'soupkit[optimize]'")
 
-from soupkit import RayBackend, RemoteEvaluator  # noqa: E402
-from soupkit.search.optimize import optimize  # noqa: E402
+from soupkit import RayBackend, RemoteEvaluator
+from soupkit.search.optimize import optimize
 
 SEARCH = Path(__file__).parent.parent / "search"
 sys.path.insert(0, str(SEARCH))
-import optimize_toy as toy  # noqa: E402
+import optimize_toy as toy
 
 pytestmark = pytest.mark.ray
 TOY = str(SEARCH / "optimize_toy.py")

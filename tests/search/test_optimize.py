@@ -11,19 +11,18 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+import optimize_toy as toy
 import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
 
-import optimize_toy as toy
 from soupkit.errors import ConfigError, UsageError
 
 optuna = pytest.importorskip("optuna", reason="needs the optimize extra: pip install 'soupkit[optimize]'")
 
-from soupkit.cli import main  # noqa: E402
-from soupkit.execute import MemorySink, run_plan  # noqa: E402
-from soupkit.search.optimize import load_space, optimize  # noqa: E402
+from soupkit.cli import main
+from soupkit.search.optimize import load_space, optimize
 
 HERE = Path(__file__).parent
 TOY = str(HERE / "optimize_toy.py")

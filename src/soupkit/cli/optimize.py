@@ -7,9 +7,20 @@ import re
 from typing import Any
 
 from soupkit._format import human_seconds
-from soupkit.cli._backend import add_backend_flags, distributed_lines, make_backend, remote_evaluators
+from soupkit.cli._backend import (
+    add_backend_flags,
+    distributed_lines,
+    make_backend,
+    remote_evaluators,
+)
 from soupkit.cli._common import command, progress_flag
-from soupkit.cli._search_common import add_cache_flags, add_evaluator_flags, build_evaluator, cli_record, open_cli_cache
+from soupkit.cli._search_common import (
+    add_cache_flags,
+    add_evaluator_flags,
+    build_evaluator,
+    cli_record,
+    open_cli_cache,
+)
 from soupkit.errors import UsageError
 from soupkit.search.optimize import SAMPLERS, OptimizeResult, load_space, optimize
 

@@ -64,7 +64,16 @@ import yaml
 
 from soupkit import methods
 from soupkit.api import MergeResult, plan
-from soupkit.backends import Backend, EvalJob, EvalRequest, RecipeMerge, RunLog, remote_evaluator, resolve_backend, run_jobs
+from soupkit.backends import (
+    Backend,
+    EvalJob,
+    EvalRequest,
+    RecipeMerge,
+    RunLog,
+    remote_evaluator,
+    resolve_backend,
+    run_jobs,
+)
 from soupkit.config import MergeConfig, load_recipe
 from soupkit.errors import ConfigError, PlanError, SoupError, UsageError
 from soupkit.evaluate.protocol import EvalResult, Evaluator, run_evaluator

@@ -215,3 +215,16 @@ def test_every_sampler_runs_a_method_choice_with_density_and_is_deterministic(
     assert methods_seen == {"linear", "ties"}
     for t in runs[0].trials:
         assert ("parameters.density" in t.params) == (t.params["merge_method"] == "ties")
+
+
+def test_a_refused_point_fails_only_its_trial_with_the_reason(tmp_path: Path, ings: list[Path]) -> None:
+    # every weight on the {0, 0.5} grid: the all-zero point cannot be normalised
+    space = {"merge_method": "linear", "parameters": {"normalize": True},
+             "models": [{"model": str(p), "parameters": {"weight": {"choice": [0.5, 0.0]}}} for p in ings[:2]]}
+    r = optimize(space, toy.Accuracy("val"), None, storage=str(tmp_path / "s.db"), trials=6, sampler="random",
+                 seed=0, progress=False)
+    study = optuna.load_study(study_name="soupkit-optimize", storage=f"sqlite:///{tmp_path / 's.db'}")
+    failed = [t for t in study.get_trials() if t.state.name == "FAIL"]
+    assert r.failed == len(failed) >= 1 and len(r.trials) == 6
+    assert "weights sum to zero" in failed[0].user_attrs["error"]
+    assert any("recorded as failed" in n for n in r.notes)

@@ -216,8 +216,8 @@ class _Parser:
             if not top:
                 self.errors.append(f"{name}: points: is only allowed on a whole parameter value")
                 return None
-            if isinstance(points, bool) or not isinstance(points, int) or points < 1:
-                self.errors.append(f"{name}: points must be a whole number >= 1, got {points!r}")
+            if isinstance(points, bool) or not isinstance(points, int) or not 1 <= points <= 4096:
+                self.errors.append(f"{name}: points must be a whole number from 1 to 4096, got {points!r}")
                 return None
             rng = {k: x for k, x in v.items() if k != "points"}
             return [self.range_dim(f"{name}[{i}]", rng, meths) for i in range(points)]
@@ -520,6 +520,8 @@ class OptimizeResult:
         top: the best few complete trials, with held-out scores when a held-out evaluator was given.
         study_name / storage: where the study lives.
         evaluations / cache_hits: evaluator calls made by this run, results taken from the cache.
+        adopted: trials left running by a dead process and re-run by this one.
+        failed: trials of the study whose sampled recipe the method refused.
         out: the output folder; ``model``: the merged model folder; ``merge``: its merge result.
     """
 
@@ -537,6 +539,7 @@ class OptimizeResult:
     evaluations: int
     cache_hits: int
     adopted: int = 0
+    failed: int = 0
     seconds: float = 0.0
     out: Path | None = None
     model: Path | None = None
@@ -560,6 +563,7 @@ class OptimizeResult:
             "trials_finished": len(self.trials),
             "trials_complete": n_complete,
             "trials_pruned": len(self.trials) - n_complete,
+            "trials_failed": self.failed,
             "top": [rec(t) for t in self.top],
             "leakage_note": (f"the best validation score was selected among {len(self.trials)} trials, so it "
                              "overstates the recipe's quality; the held-out column is the honest estimate"),
@@ -948,7 +952,7 @@ def _search(optuna: Any, study: Any, sp: SearchSpace, evaluator: Evaluator, eid:
     result = OptimizeResult(
         best=ranked[0], recipe=best_cfg, trials=records, top=ranked, study_name=study_name, storage=url,
         sampler=sampler, seed=seed, parallel=parallel, evaluator=eid, holdout_evaluator=hid, evaluations=calls,
-        cache_hits=hits, adopted=n_adopted, notes=notes + (log.notes(be) if be is not None else []),
+        cache_hits=hits, adopted=n_adopted, failed=len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,))), notes=notes + (log.notes(be) if be is not None else []),
         distributed=log.to_dict(be) if be is not None else None, space=sp.source)
     if dest is None:
         return _replace(result, seconds=time.perf_counter() - t0)

@@ -1,8 +1,8 @@
 """``python -m demo.optimize``: per-layer mixing coefficients found by `soupkit.optimize`, against
 the uniform, greedy and learned soups of ``make demo``, on its untouched test set.
 
-It runs after ``make demo`` (it reuses its cached ingredients read-only, and its soups when
-``results/demo/models/`` has them; otherwise it builds them the same way):
+It runs after ``make demo``: it reuses its cached ingredients (read-only) and its soups in
+``results/demo/models/``:
 
 1. the search space: a ``linear`` recipe over the demo's fine-tunes with one weight range
    ``[0, 1]`` per model and per encoder layer (``points: 6`` for MiniLM's 6 layers; embeddings and
@@ -10,7 +10,7 @@ It runs after ``make demo`` (it reuses its cached ingredients read-only, and its
 2. `soupkit.optimize` with Optuna's TPE sampler against validation accuracy, with exact early
    rejection as pruning; the best trials re-scored on the test set for the leakage table (never
    used to choose);
-3. the chosen recipe and the uniform, greedy and learned soups scored on test, with a paired
+3. the chosen recipe and make demo's uniform, greedy and learned soups scored on test, with a paired
    bootstrap interval of (optimized minus each of them);
 4. ``results/demo-optimize/{report.md, report.json, history.png, coefficients.png}``.
 
@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import random
 import sys
 import time
 from collections.abc import Sequence
@@ -32,7 +30,14 @@ from typing import Any
 
 import torch
 
-from demo.__main__ import BOOTSTRAP, EVAL_SETTINGS, THREADS, _data_id, paired_bootstrap
+from demo.__main__ import (
+    BOOTSTRAP,
+    EVAL_SETTINGS,
+    THREADS,
+    _data_id,
+    paired_bootstrap,
+    pin_run,
+)
 
 LAYERS = 6  # all-MiniLM-L6-v2
 
@@ -65,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--cache", type=Path, default=Path(".cache/demo/standard"),
                         help="the demo's ingredient cache (read only; default .cache/demo/standard)")
     parser.add_argument("--demo-results", type=Path, default=Path("results/demo"),
-                        help="make demo's results, whose soups are reused when present")
+                        help="make demo's results folder, with its soups in models/ (default results/demo)")
     parser.add_argument("--out", type=Path, default=Path("results/demo-optimize"), help="results folder")
     parser.add_argument("--trials", type=int, default=60, help="Optuna trials (default 60)")
     parser.add_argument("--points", type=int, default=LAYERS, help="weights per model along the layers (default 6)")
@@ -73,12 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    torch.set_num_threads(THREADS)
-    torch.manual_seed(0)
-    random.seed(0)
+    pin_run()
     t0 = time.perf_counter()
 
     import soupkit
@@ -87,6 +87,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from soupkit.search.optimize import optimize
 
     start, fts, val_csv, test_csv = locate(args.cache)
+    soups = {name: args.demo_results / "models" / name for name in ("uniform", "greedy", "learned")}
+    missing = [str(p) for p in soups.values() if not (p / "model.safetensors").is_file()]
+    if missing:
+        raise SystemExit(f"error: make demo's soups are missing: {', '.join(missing)}\nhint: run `make demo` "
+                         "first, or give --demo-results")
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     val_ev = HFClassificationEvaluator(start, val_csv, **EVAL_SETTINGS)  # type: ignore[arg-type]
@@ -94,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     vid, tid = _data_id("demo-val", val_csv), _data_id("demo-test", test_csv)
     cache = out / "scores.jsonl"  # ours: the demo's cache folder is only read
 
-    _say(t0, f"== 1/3 optimize: {len(fts)} fine-tunes x {args.points} per-layer weights, {args.trials} trials "
+    _say(t0, f"== 1/2 optimize: {len(fts)} fine-tunes x {args.points} per-layer weights, {args.trials} trials "
              f"({args.sampler}), validation {val_csv}")
     r = optimize(space(fts, args.points), val_ev, out / "search", trials=args.trials, holdout_evaluator=test_ev,
                  sampler=args.sampler, seed=args.seed, cache=cache, evaluator_id=vid, holdout_evaluator_id=tid,
@@ -103,31 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _say(t0, f"   best trial {r.best.number}: validation {100 * r.best.score:.2f} "
              f"({r.evaluations} evaluations, {r.cache_hits} cached)")
 
-    _say(t0, "== 2/3 the demo's soups (reused from make demo when present)")
-    soups: dict[str, Path] = {}
-    models = args.demo_results / "models"
-    mine = out / "soups"
-    for name in ("uniform", "greedy", "learned"):
-        got = models / name
-        if (got / "model.safetensors").is_file():
-            soups[name] = got
-    if "uniform" not in soups:
-        soups["uniform"] = soupkit.uniform_soup(fts, mine / "uniform", force=True).out  # type: ignore[assignment]
-    if "greedy" not in soups:
-        soups["greedy"] = soupkit.greedy_soup(fts, val_ev, mine / "greedy", cache=cache, evaluator_id=vid,
-                                              force=True, plot=False).out  # type: ignore[assignment]
-    if "learned" not in soups:
-        model = val_ev.model
-        model.requires_grad_(True)
-        model.eval()
-        data = val_ev.labelled_batches()
-        random.Random(0).shuffle(data)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=EVAL_SETTINGS["autocast"] is not None):
-            soupkit.learned_soup(fts, data, mine / "learned", model=model, steps=30, lr=0.05, force=True)
-        model.requires_grad_(False)
-        soups["learned"] = mine / "learned"
-
-    _say(t0, "== 3/3 test accuracy and paired bootstrap intervals")
+    _say(t0, "== 2/2 test accuracy and paired bootstrap intervals")
     assert r.model is not None
     rows: list[dict[str, Any]] = []
     correct: dict[str, torch.Tensor] = {}

@@ -84,6 +84,9 @@ def test_space_problems_are_reported_together_before_any_trial(ings: list[Path])
     assert "models[1].weight: unknown range key 'maxx'; did you mean 'max'?" in text
     assert "parameters.alpha: none of the methods linear, ties takes parameter 'alpha'" in text
     assert "parameters.density: a log range needs min > 0, got 0" in text
+    with pytest.raises(ConfigError, match=r"the range \[0, 1\] is not a whole number of steps 0.3"):
+        load_space({"merge_method": "linear", "models": [{"model": str(ings[0])}],
+                    "parameters": {"weight": {"min": 0, "max": 1, "step": 0.3}}})
     with pytest.raises(ConfigError, match="nothing to search"):
         load_space({"merge_method": "linear", "models": [{"model": str(p)} for p in ings[:2]]})
     with pytest.raises(ConfigError, match="with merge_method linear and every range at its middle value"):
@@ -228,3 +231,13 @@ def test_a_refused_point_fails_only_its_trial_with_the_reason(tmp_path: Path, in
     assert r.failed == len(failed) >= 1 and len(r.trials) == 6
     assert "weights sum to zero" in failed[0].user_attrs["error"]
     assert any("recorded as failed" in n for n in r.notes)
+
+
+def test_a_new_study_starts_at_the_middle_of_every_range(tmp_path: Path, ings: list[Path]) -> None:
+    space = {"merge_method": "linear", "parameters": {"normalize": True},
+             "models": [{"model": str(p), "parameters": {"weight": {"min": 0, "max": 1.5, "step": 0.5}}} for p in ings]}
+    r = optimize(space, toy.Accuracy("val"), tmp_path / "o", trials=2, progress=False, plot=False, write_model=False)
+    assert r.trials[0].params == {f"models[{i}].weight": 1.0 for i in range(4)}  # 0.75 on the 0.5 grid
+    off = optimize(space, toy.Accuracy("val"), tmp_path / "p", trials=1, start_at_middle=False, progress=False,
+                   plot=False, write_model=False)
+    assert off.trials[0].params != r.trials[0].params

@@ -56,6 +56,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--study-name", default="soupkit-optimize", metavar="NAME", help="the study's name in the storage")
     p.add_argument("--no-prune", action="store_true",
                    help="evaluate every trial fully (default: a bounded evaluator stops a trial that cannot beat the best)")
+    p.add_argument("--no-middle-start", action="store_true",
+                   help="do not make a new study's first trial the middle of every range (for weights in [0, 1]: "
+                        "the uniform soup)")
     p.add_argument("--top", type=int, default=5, metavar="K", help="best trials listed and re-scored on the held-out set")
     add_evaluator_flags(p, second="holdout", second_help="held-out set: the best trials are re-scored on it "
                         "(never used to choose)")
@@ -104,7 +107,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         r = optimize(space, ev, args.out, trials=args.trials, timeout=timeout, holdout_evaluator=hold_ev,
                      sampler=args.sampler, seed=args.seed, parallel=args.parallel, storage=args.storage,
-                     study_name=args.study_name, prune=not args.no_prune, top=args.top, cache=open_cli_cache(args),
+                     study_name=args.study_name, prune=not args.no_prune,
+                     start_at_middle=not args.no_middle_start, top=args.top, cache=open_cli_cache(args),
                      evaluator_id=ident, holdout_evaluator_id=hold_ident, backend=backend, force=args.force,
                      progress=progress_flag(args), plot=not args.no_plot, max_shard_size=args.max_shard_size,
                      report_extra=cli_record(args))

@@ -146,7 +146,12 @@ class Dim:
             return self.low
         if where == "high":
             return self.high
-        return math.sqrt(self.low * self.high) if self.log else (self.low + self.high) / 2
+        if self.log:
+            return math.sqrt(self.low * self.high)
+        mid = (self.low + self.high) / 2
+        if self.step is not None:  # on the grid, as Optuna samples it
+            mid = min(self.low + round((mid - self.low) / self.step) * self.step, self.high)
+        return mid
 
 
 def _is_range(v: Any) -> bool:
@@ -190,6 +195,10 @@ class _Parser:
             return None
         if step is not None and not (_number(step) and step > 0 and not log):
             self.errors.append(f"{name}: step must be a positive number (and not with log), got {step!r}")
+            return None
+        if step is not None and abs((hi - lo) / step - round((hi - lo) / step)) > 1e-9:
+            self.errors.append(f"{name}: the range [{lo}, {hi}] is not a whole number of steps {step}\n"
+                               "hint: choose max = min + k * step")
             return None
         d = Dim(name, float(lo), float(hi), log, float(step) if step is not None else None, methods=meths)
         self.dims.append(d)
@@ -300,6 +309,12 @@ class SearchSpace:
     def fixed(self, where: str, method: str) -> dict[str, Any]:
         """A recipe with every range at its ``low`` / ``mid`` / ``high`` value, for ``method``."""
         return self._fill(lambda d: method if d.name == "merge_method" else d.fixed(where))
+
+    def middle_params(self) -> dict[str, Any]:
+        """Every dimension at its middle (a choice: its first value), by dimension name; for a
+        method choice, only the first method's dimensions."""
+        first = self.methods[0] if self.methods else None
+        return {d.name: d.fixed("mid") for d in self.dims if d.methods is None or first in d.methods}
 
     def recipe(self, data: Mapping[str, Any]) -> MergeConfig:
         cfg = load_recipe(dict(data))
@@ -650,6 +665,7 @@ def optimize(
     storage: str | None = None,
     study_name: str = "soupkit-optimize",
     prune: bool = True,
+    start_at_middle: bool = True,
     top: int = 5,
     cache: ScoreCache | str | os.PathLike[str] | bool | None = None,
     evaluator_id: str | None = None,
@@ -681,6 +697,8 @@ def optimize(
             path for a shared study; default SQLite in ``out``.
         study_name: the study's name in the storage.
         prune: stop a bounded evaluator's candidate once it cannot beat the best trial so far.
+        start_at_middle: a new study's first trial is the middle of every range (the first value of
+            every choice): for weights in [0, 1], the uniform soup, so the search starts from it.
         top: how many of the best trials the report lists (and re-scores on the held-out set).
         cache: the score cache, as for `greedy_soup` (default: memory only).
         evaluator_id / holdout_evaluator_id: the evaluators' cache identities.
@@ -730,7 +748,8 @@ def optimize(
         return _run(optuna, sp, evaluator, dest, url, be, trials=trials, timeout=timeout,
                     holdout_evaluator=holdout_evaluator, sampler=sampler, seed=seed,
                     parallel=parallel if parallel is not None else (be.parallelism if be is not None else 1),
-                    study_name=study_name, prune=prune, top=top, cache=cache, evaluator_id=evaluator_id,
+                    study_name=study_name, prune=prune, start_at_middle=start_at_middle, top=top, cache=cache,
+                    evaluator_id=evaluator_id,
                     holdout_evaluator_id=holdout_evaluator_id, progress=progress, plot=plot,
                     write_model=write_model, max_shard_size=max_shard_size, report_extra=report_extra, t0=t0,
                     force=force)
@@ -741,7 +760,8 @@ def optimize(
 
 def _run(optuna: Any, sp: SearchSpace, evaluator: Evaluator, dest: Path | None, url: str, be: Backend | None, *,
          trials: int | None, timeout: float | None, holdout_evaluator: Evaluator | None, sampler: str, seed: int,
-         parallel: int, study_name: str, prune: bool, top: int, cache: Any, evaluator_id: str | None,
+         parallel: int, study_name: str, prune: bool, start_at_middle: bool, top: int, cache: Any,
+         evaluator_id: str | None,
          holdout_evaluator_id: str | None, progress: bool | None, plot: bool, write_model: bool,
          max_shard_size: int | str, report_extra: Mapping[str, Any] | None, t0: float, force: bool) -> OptimizeResult:
     if parallel < 1:
@@ -776,6 +796,8 @@ def _run(optuna: Any, sp: SearchSpace, evaluator: Evaluator, dest: Path | None, 
         if all(v is None for v in old.values()):
             for k, v in ident.items():
                 study.set_user_attr(f"soupkit_{k}", v)
+            if start_at_middle and not study.get_trials(deepcopy=False):
+                study.enqueue_trial(sp.middle_params())
         elif old != ident:
             diff = ", ".join(f"{k}: stored {old[k]!r}, now {ident[k]!r}" for k in ident if old[k] != ident[k])
             raise UsageError(f"study {study_name!r} in {url} was made with another setup ({diff})\n"

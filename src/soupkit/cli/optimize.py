@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     if args.trials is None and timeout is None:
         raise UsageError("give a budget: --trials N and/or --timeout TIME")
     space = load_space(args.space)  # every problem of the space before any evaluator is built
-    first = sorted({m["model"] for m in space.source.get("models") or [] if isinstance(m, dict)})[:1]
+    first = [str(m["model"]) for m in space.source.get("models") or [] if isinstance(m, dict)][:1]
     if space.source.get("base_model"):
         first = [str(space.source["base_model"])]
     backend = make_backend(args)

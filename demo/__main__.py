@@ -199,6 +199,16 @@ def _outcome(best: dict[str, Any], greedy: dict[str, Any], uniform: dict[str, An
             "points on test (there is no distribution-shift set here, which is where WiSE-FT helps).")
 
 
+def pin_run() -> None:
+    """Offline, 2 threads, seeded: the same run prints the same table (also used by demo.optimize)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    torch.set_num_threads(THREADS)
+    torch.manual_seed(0)
+    random.seed(0)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="CI-sized run: a few hundred examples, 3 ingredients")
@@ -207,12 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--learned-steps", type=int, default=None, help="learned-soup optimisation steps")
     args = parser.parse_args(argv)
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    torch.set_num_threads(THREADS)
-    torch.manual_seed(0)
-    random.seed(0)
+    pin_run()
     out: Path = args.out or Path("results/demo-quick" if args.quick else "results/demo")
     cache_dir = args.cache / ("quick" if args.quick else "standard")
     out.mkdir(parents=True, exist_ok=True)

@@ -42,9 +42,11 @@ from soupkit.plan import MergePlan
 from soupkit.search import (
     GreedySoupResult,
     LearnedSoupResult,
+    OptimizeResult,
     SweepResult,
     greedy_soup,
     learned_soup,
+    optimize,
     recalibrate_bn,
     sweep,
 )
@@ -67,6 +69,7 @@ __all__ = [
     "MergeResult",
     "MethodInputError",
     "NonFiniteError",
+    "OptimizeResult",
     "OutputExistsError",
     "PlanError",
     "RayBackend",
@@ -91,6 +94,7 @@ __all__ = [
     "merge_many",
     "merge_state_dicts",
     "open_checkpoint",
+    "optimize",
     "plan",
     "read_adapter",
     "recalibrate_bn",

@@ -25,7 +25,8 @@ EXTRAS: dict[str, tuple[tuple[str, ...], str]] = {
     "plot": (("matplotlib",), "PNG plots of greedy soups, sweeps, learned soups and diagnoses"),
     "ray": (("ray",), "`--backend ray`: candidate evaluation on a Ray cluster"),
     "hub": (("huggingface_hub",), "Hub ids via huggingface_hub"),
-    "optimize": (("optuna",), "Optuna-based recipe search"),
+    "optimize": (("optuna", "cmaes"), "`soupkit optimize`: Optuna-based recipe search (TPE, CMA-ES)"),
+    "lm-eval": (("lm_eval",), "`--lm-eval`: score causal LMs with lm-evaluation-harness tasks"),
     "dev": ((), "the test suite, ruff and the build front end (contributors)"),
     "docs": ((), "MkDocs, Material and mkdocstrings, to build the documentation site"),
 }

@@ -28,7 +28,7 @@ from soupkit.errors import SoupError, shown
 
 __all__ = ["build_parser", "main"]
 
-_COMMANDS = ("merge", "plan", "validate", "inspect", "methods", "soup_checkpoints", "wise_ft", "greedy", "sweep", "learned", "lora", "diagnose")
+_COMMANDS = ("merge", "plan", "validate", "inspect", "methods", "soup_checkpoints", "wise_ft", "greedy", "sweep", "optimize", "learned", "lora", "diagnose")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,4 +1,5 @@
-"""Soups driven by evaluation: greedy soup, parameter sweeps, learned soup, BatchNorm recalibration.
+"""Soups driven by evaluation: greedy soup, parameter sweeps, recipe search (optimize), learned
+soup, BatchNorm recalibration.
 
 Search code never imports a data library: it calls an `soupkit.evaluate.Evaluator`
 (``state -> float``, higher is better) or, for the learned soup, a user loss function.
@@ -17,6 +18,7 @@ from soupkit.search.learned import (
     learned_recipe,
     learned_soup,
 )
+from soupkit.search.optimize import OptimizeResult, SearchSpace, TrialRecord, load_space, optimize
 from soupkit.search.sweep import SweepPoint, SweepResult, sweep, sweep_recipes
 
 __all__ = [
@@ -25,10 +27,13 @@ __all__ = [
     "HeldOutScores",
     "IngredientScore",
     "LearnedSoupResult",
+    "OptimizeResult",
+    "SearchSpace",
     "ScoreCache",
     "StreamingMixture",
     "SweepPoint",
     "SweepResult",
+    "TrialRecord",
     "checkpoint_digest",
     "classification_loss",
     "default_cache_path",
@@ -36,6 +41,8 @@ __all__ = [
     "greedy_soup",
     "learned_recipe",
     "learned_soup",
+    "load_space",
+    "optimize",
     "read_state",
     "recalibrate_bn",
     "sweep",

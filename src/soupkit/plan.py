@@ -30,6 +30,7 @@ from soupkit.io.checkpoint import CARRY_FILES, Checkpoint, open_checkpoint
 from soupkit.io.header import DTYPES, TensorInfo
 from soupkit.io.writer import STAGING_BYTES, OutputTensor, ShardLayout, layout_shards, parse_size
 from soupkit.methods import MethodSpec, Params
+from soupkit.methods._conventions import describe_convention
 from soupkit.params import LayerIndex, condition_matches, first_match, resolve_chain
 
 __all__ = ["DEFAULT_CHUNK_ELEMS", "MergePlan", "TensorJob", "make_plan", "plan_recipe"]
@@ -161,6 +162,8 @@ class MergePlan:
             f"({'whole tensors: this method needs them' if self.method.streams_whole_tensors else 'chunks of ' + format(self.chunk_elems, ',') + ' elements'})",
             f"seed        {cfg.seed}" + ("" if self.method.stochastic else " (method is deterministic)"),
         ]
+        conventions = dict.fromkeys(c for j in self.jobs if (c := describe_convention(j.params)) is not None)
+        lines += [f"convention  {c}" for c in conventions]
         if self.carry_from is not None:
             lines.append(f"carries     config/tokenizer files from {self.carry_from}")
         for key, count in self.filter_counts.items():

@@ -19,9 +19,10 @@ magnitudes the entry with the lower flat index ranks higher (mergekit's ``sort``
 unspecified); and exactly ``keep`` entries survive even when ``int(gamma * n) == 0``, where
 mergekit releases before 0.1.5 (``indices[n_bot:-n_top]``) kept none.
 ``breadcrumbs_ties`` is mergekit's combination (the paper has no sign election); its
-consensus switches are those of `ties`, with the paper convention = TIES' Algorithm 1 and
-``convention: mergekit`` = weighted sign vote, + on ties, plain sum (mergekit's default
-``normalize: false``).
+consensus switches are those of `ties`, with the default ``convention: mergekit`` = weighted
+sign vote, + on ties, plain sum (mergekit's default ``normalize: false``) and
+``convention: paper`` = TIES' Algorithm 1. ``breadcrumbs`` accepts ``convention`` too (both
+values give the same arithmetic: it has no switches).
 """
 
 from __future__ import annotations
@@ -33,12 +34,12 @@ import torch
 from pydantic import Field, model_validator
 
 from soupkit.methods import _ops, method
-from soupkit.methods._conventions import ConsensusParams, Density, TaskVectorParams
+from soupkit.methods._conventions import ConsensusParams, Density, PresetParams
 
 Gamma = Annotated[float, Field(ge=0, lt=1)]
 
 
-class BreadcrumbsParams(TaskVectorParams):
+class BreadcrumbsParams(PresetParams):
     """Parameters of `breadcrumbs`.
 
     Attributes:
@@ -47,9 +48,12 @@ class BreadcrumbsParams(TaskVectorParams):
         gamma: per model, the fraction of largest-magnitude entries dropped, in [0, 1)
             (default 0.01, as mergekit).
         normalize: divide by the sum of the weights (default false, as mergekit).
+        convention: accepted as by every method with conventions; ``paper`` and ``mergekit``
+            mean the same arithmetic here (the paper's trim has mergekit's parameterisation).
     """
 
     per_model: ClassVar[dict[str, Any]] = {"weight": 1.0, "density": 1.0, "gamma": 0.01}
+    presets: ClassVar[dict[str, dict[str, Any]]] = {"paper": {}, "mergekit": {}}
     density: tuple[Density, ...]
     gamma: tuple[Gamma, ...]
     normalize: bool = False
@@ -78,6 +82,7 @@ class BreadcrumbsTiesParams(ConsensusParams):
     }
     density: tuple[Density, ...]
     gamma: tuple[Gamma, ...]
+    aggregation: _ops.Aggregation = "sum"  # mergekit's normalize: false
 
 
 def _trim(deltas: Sequence[torch.Tensor], density: Sequence[float],

@@ -18,7 +18,8 @@ output bytes do not depend on chunk size, thread count or tensor order. A model'
 on its position in the recipe (its generator is the i-th split), not on the other models'
 densities; listing the models in another order gives another, equally distributed, draw.
 
-Convention switches (defaults = the paper; ``convention: mergekit`` / ``peft`` sets them all):
+Convention switches (defaults = mergekit's, so a mergekit recipe gives mergekit's model;
+``convention: paper`` / ``peft`` sets them all to the other anchor):
 
 - ``rescale``: ``density`` (paper, PEFT: divide survivors by density), ``l1`` (mergekit:
   scale the sparsified tensor to the L1 norm of the original), ``none``. mergekit's boolean
@@ -66,7 +67,7 @@ class DareLinearParams(PresetParams):
     }
     bool_rescale: ClassVar[dict[bool, str]] = _BOOL
     density: tuple[Density, ...]
-    rescale: Rescale = "density"
+    rescale: Rescale = "l1"
     normalize: bool = False
 
     @model_validator(mode="after")
@@ -97,7 +98,8 @@ class DareTiesParams(ConsensusParams):
     }
     bool_rescale: ClassVar[dict[bool, str]] = _BOOL
     density: tuple[Density, ...]
-    rescale: Rescale = "density"
+    rescale: Rescale = "l1"
+    aggregation: _ops.Aggregation = "sum"  # mergekit's normalize: false
 
 
 def _drop(deltas: Sequence[torch.Tensor], density: Sequence[float], rescale: Rescale,

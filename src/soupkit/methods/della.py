@@ -16,7 +16,8 @@ and ``epsilon`` (default 0.15), the *half*-width of the keep-probability range
 drop-probability ramp (about twice ours). ``density - epsilon`` must be > 0 and
 ``density + epsilon`` <= 1 (mergekit asks < 1; a keep probability of 1 is harmless).
 
-Convention switches (defaults = the paper; ``convention: mergekit`` sets them all):
+Convention switches (defaults = mergekit's, so a mergekit recipe gives mergekit's model;
+``convention: paper`` sets them all to the paper's):
 
 - ``rescale``: ``probability`` divides each survivor by its own keep probability (the paper's
   1 / (1 - p_i)); ``l1`` matches the L1 norm of the original task vector (mergekit);
@@ -76,7 +77,7 @@ class DellaLinearParams(PresetParams):
     bool_rescale: ClassVar[dict[bool, str]] = _BOOL
     density: tuple[Density, ...]
     epsilon: tuple[Epsilon, ...]
-    rescale: Rescale = "probability"
+    rescale: Rescale = "l1"
     normalize: bool = False
 
     @model_validator(mode="after")
@@ -108,7 +109,7 @@ class DellaParams(ConsensusParams):
     bool_rescale: ClassVar[dict[bool, str]] = _BOOL
     density: tuple[Density, ...]
     epsilon: tuple[Epsilon, ...]
-    rescale: Rescale = "probability"
+    rescale: Rescale = "l1"
 
     @model_validator(mode="after")
     def _check(self) -> DellaParams:

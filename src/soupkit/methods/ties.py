@@ -11,16 +11,17 @@ Yadav et al., "TIES-Merging: Resolving Interference When Merging Models", NeurIP
 https://arxiv.org/abs/2306.01708 (Algorithm 1; the paper has no per-model weights, i.e.
 w_i = 1).
 
-Convention switches (defaults = the paper; ``convention: mergekit`` / ``peft`` sets them all):
+Convention switches (defaults = mergekit's ``ties``, so a mergekit recipe gives mergekit's
+model; ``convention: paper`` / ``peft`` sets them all to the other anchor):
 
-================  ==================  ===================  =====================
-switch            paper (default)     mergekit ``ties``     PEFT ``ties``
-================  ==================  ===================  =====================
-``trim_scope``    ``global``          ``per_tensor``       ``per_tensor``
-``sign_source``   ``unweighted``      ``weighted``         ``unweighted`` (total)
-``sign_tie``      ``zero``            ``positive``         ``positive``
-``aggregation``   ``mean``            ``weighted_mean``    ``mean``
-================  ==================  ===================  =====================
+================  ==================  =====================  =====================
+switch            paper               mergekit (default)     PEFT ``ties``
+================  ==================  =====================  =====================
+``trim_scope``    ``global``          ``per_tensor``         ``per_tensor``
+``sign_source``   ``unweighted``      ``weighted``           ``unweighted`` (total)
+``sign_tie``      ``zero``            ``positive``           ``positive``
+``aggregation``   ``mean``            ``weighted_mean``      ``mean``
+================  ==================  =====================  =====================
 
 - ``trim_scope: global`` keeps the top-k of each model's *whole* task vector (all merged
   tensors at once, as the paper's code flattens the model); the engine finds the exact global
@@ -65,7 +66,7 @@ class TiesParams(ConsensusParams):
         weight: per model, weight w_i (default 1.0).
         density: per model, the fraction of the task vector kept, in (0, 1] (default 1.0:
             no trim, as mergekit; the paper's experiments keep 0.2).
-        trim_scope: ``global`` (paper) or ``per_tensor`` (mergekit, PEFT).
+        trim_scope: ``per_tensor`` (mergekit, the default; PEFT) or ``global`` (paper).
     """
 
     per_model: ClassVar[dict[str, Any]] = {"weight": 1.0, "density": 1.0}
@@ -78,7 +79,7 @@ class TiesParams(ConsensusParams):
                  "aggregation": "mean"},
     }
     density: tuple[Density, ...]
-    trim_scope: TrimScope = "global"
+    trim_scope: TrimScope = "per_tensor"
 
 
 def _global_trim(p: TiesParams) -> tuple[float, ...] | None:

@@ -14,6 +14,7 @@ soupkit supports runs unchanged::
     dtype: float32                # inputs are cast to this before merging (optional)
     out_dtype: bfloat16           # output dtype (default: dtype, else the inputs' dtype)
     seed: 0                       # soupkit: seeds stochastic methods per tensor
+    compute: float32              # soupkit: `exact` computes as mergekit 0.1.5 does, bit for bit
 
 Instead of ``models:``, a recipe may give mergekit's ``slices:`` (layer ranges stacked into a
 new model, see `soupkit.compat.mergekit`)::
@@ -57,6 +58,7 @@ from pydantic import (
 from soupkit.errors import ConfigError
 
 __all__ = [
+    "Compute",
     "Conditional",
     "DTypeName",
     "MergeConfig",
@@ -68,6 +70,9 @@ __all__ = [
 ]
 
 DTypeName = Literal["float32", "float16", "bfloat16", "float64"]
+# float32: accumulate in float32 (the default, more precise than a bf16 / fp16 recipe dtype);
+# exact: compute in the recipe's dtype with mergekit 0.1.5's arithmetic (docs/mergekit.md)
+Compute = Literal["float32", "exact"]
 Scalar = Union[StrictBool, StrictInt, StrictFloat, StrictStr]
 
 # mergekit keys soupkit knows about but does not support yet: refused by name, never ignored.
@@ -129,6 +134,7 @@ class MergeConfig(BaseModel):
     dtype: DTypeName | None = None
     out_dtype: DTypeName | None = None
     seed: StrictInt = 0
+    compute: Compute = "float32"
     tokenizer_source: StrictStr | None = None
     name: StrictStr | None = None
     # The folder of the recipe file, when loaded from one (see `resolve_model_path`).

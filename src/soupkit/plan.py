@@ -89,6 +89,12 @@ class MergePlan:
     config_updates: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def whole_tensors(self) -> bool:
+        """The engine hands the method whole tensors: it needs them, or exact mode (which
+        computes each tensor as mergekit does, in one piece)."""
+        return self.method.streams_whole_tensors or self.config.compute == "exact"
+
+    @property
     def input_bytes(self) -> int:
         """Bytes of tensor data the merge reads."""
         n = 0
@@ -126,7 +132,7 @@ class MergePlan:
                 continue
             k = len(j.inputs) + (1 if j.base is not None else 0)
             raw = sum(t.itemsize for t in j.inputs) + (j.base.itemsize if j.base is not None else 0)
-            if spec.streams_whole_tensors:
+            if self.whole_tensors:
                 need = j.numel * (raw + 4 * (2 * k + 1) + out)
             else:
                 n = min(j.numel, max(self.chunk_elems, workers * RNG_BLOCK) if stochastic else self.chunk_elems)
@@ -159,7 +165,11 @@ class MergePlan:
             f"reads       {human_bytes(self.input_bytes)}",
             f"writes      {human_bytes(self.output_bytes)} in {len(self.shards)} shard(s)",
             f"peak memory ~{human_bytes(self.peak_memory_bytes)} of tensor buffers "
-            f"({'whole tensors: this method needs them' if self.method.streams_whole_tensors else 'chunks of ' + format(self.chunk_elems, ',') + ' elements'})",
+            f"({_pieces(self)})",
+            f"compute     " + ("exact: in the recipe's dtype "
+                               f"({cfg.dtype or 'of the inputs'}), mergekit 0.1.5's arithmetic bit for bit"
+                               if cfg.compute == "exact" else "float32 accumulation (`compute: exact` for "
+                               "mergekit's bits in the recipe's dtype)"),
             f"seed        {cfg.seed}" + ("" if self.method.stochastic else " (method is deterministic)"),
         ]
         conventions = dict.fromkeys(c for j in self.jobs if (c := describe_convention(j.params)) is not None)
@@ -177,6 +187,14 @@ class MergePlan:
         if len(self.jobs) > max_rows:
             lines.append(f"... {len(self.jobs) - max_rows} more tensors")
         return "\n".join(lines)
+
+
+def _pieces(p: MergePlan) -> str:
+    if p.config.compute == "exact":
+        return "whole tensors: exact mode"
+    if p.method.streams_whole_tensors:
+        return "whole tensors: this method needs them"
+    return f"chunks of {p.chunk_elems:,} elements"
 
 
 def _short_params(p: Params | None) -> str:
@@ -504,6 +522,8 @@ def make_plan(
             params=p,
         ))
     problems += parameter_problems(filter_counts, shadowed, bad_params)
+    if cfg.compute == "exact":
+        problems += exact_problems(spec, jobs)
     if not bad_params:
         problems += check_global_trim(spec, jobs)
         notes += global_trim_notes(spec, jobs)
@@ -518,6 +538,23 @@ def make_plan(
         shards=tuple(shards), chunk_elems=chunk_elems, carry_from=carry,
         filter_counts=filter_counts, notes=tuple(notes),
     )
+
+
+def exact_problems(spec: MethodSpec, jobs: Sequence[TensorJob]) -> list[str]:
+    """Why ``compute: exact`` cannot reproduce mergekit for these jobs: each distinct reason
+    that the method's ``exact_check`` gives, with the first tensor and how many it hits."""
+    if spec.exact_check is None:
+        return []
+    seen: dict[str, tuple[str, int]] = {}
+    for j in jobs:
+        if j.params is None:
+            continue
+        msg = spec.exact_check(j.params)
+        if msg is not None:
+            first, count = seen.get(msg, (j.name, 0))
+            seen[msg] = (first, count + 1)
+    return [f"compute: exact: {spec.name}: {msg} (tensor {first!r}"
+            + (f" and {count - 1} other tensor(s))" if count > 1 else ")") for msg, (first, count) in seen.items()]
 
 
 def _carry_source(cfg: MergeConfig, base: Checkpoint | None, models: Sequence[Checkpoint]) -> Path | None:

@@ -13,7 +13,16 @@ import re
 from collections.abc import Callable
 
 from soupkit.errors import UnknownMethodError
-from soupkit.methods._spec import GlobalTrimFn, Kind, MagnitudeCut, MethodFn, MethodSpec, Params, TensorTrimFn
+from soupkit.methods._spec import (
+    ExactCheckFn,
+    GlobalTrimFn,
+    Kind,
+    MagnitudeCut,
+    MethodFn,
+    MethodSpec,
+    Params,
+    TensorTrimFn,
+)
 
 __all__ = ["REGISTRY", "MagnitudeCut", "MethodSpec", "Params", "all_methods", "get", "method"]
 
@@ -36,6 +45,8 @@ def method(
     aliases: tuple[str, ...] = (),
     global_trim: GlobalTrimFn | None = None,
     tensor_trim: TensorTrimFn | None = None,
+    exact: MethodFn | None = None,
+    exact_check: ExactCheckFn | None = None,
 ) -> Callable[[MethodFn], MethodFn]:
     """Register a pure tensor function as merge method ``name`` (see `MethodSpec`)."""
 
@@ -60,7 +71,7 @@ def method(
             name=name, fn=fn, params=params, kind=kind, paper=paper, summary=summary,
             needs_base=needs_base, elementwise=elementwise, stochastic=stochastic,
             min_models=min_models, max_models=max_models, aliases=aliases,
-            global_trim=global_trim, tensor_trim=tensor_trim,
+            global_trim=global_trim, tensor_trim=tensor_trim, exact=exact, exact_check=exact_check,
         )
         for n in (name, *aliases):
             REGISTRY[n] = spec

@@ -33,7 +33,7 @@ from typing import Annotated, Any, ClassVar
 import torch
 from pydantic import Field, model_validator
 
-from soupkit.methods import _ops, method
+from soupkit.methods import _exact, _ops, method
 from soupkit.methods._conventions import ConsensusParams, Density, PresetParams
 
 Gamma = Annotated[float, Field(ge=0, lt=1)]
@@ -98,6 +98,7 @@ def _trim(deltas: Sequence[torch.Tensor], density: Sequence[float],
     summary="Model Breadcrumbs: drop largest (gamma) and smallest entries, weighted sum",
     needs_base=True,
     elementwise=False,
+    exact=_exact.gta_method("magnitude_outliers", None),
 )
 def breadcrumbs(
     deltas: Sequence[torch.Tensor], p: BreadcrumbsParams, *, rng: torch.Generator | None = None
@@ -115,6 +116,8 @@ def breadcrumbs(
     summary="Model Breadcrumbs trim, then TIES sign election and disjoint merge",
     needs_base=True,
     elementwise=False,
+    exact=_exact.gta_method("magnitude_outliers", "sum"),
+    exact_check=_exact.gta_check,
 )
 def breadcrumbs_ties(
     deltas: Sequence[torch.Tensor], p: BreadcrumbsTiesParams, *, rng: torch.Generator | None = None

@@ -44,7 +44,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from pydantic import model_validator
 
-from soupkit.methods import _ops, method
+from soupkit.methods import _exact, _ops, method
 from soupkit.methods._conventions import ConsensusParams, Density, PresetParams
 
 Rescale = Literal["density", "l1", "none"]
@@ -116,6 +116,8 @@ def _drop(deltas: Sequence[torch.Tensor], density: Sequence[float], rescale: Res
     summary="DARE: drop task-vector entries at random, rescale, weighted sum",
     needs_base=True,
     stochastic=True,
+    exact=_exact.gta_method("random", None),
+    exact_check=_exact.gta_check,
 )
 def dare_linear(
     deltas: Sequence[torch.Tensor], p: DareLinearParams, *, rng: torch.Generator | None = None
@@ -133,6 +135,8 @@ def dare_linear(
     summary="DARE drop-and-rescale, then TIES sign election and disjoint merge",
     needs_base=True,
     stochastic=True,
+    exact=_exact.gta_method("random", "sum"),
+    exact_check=_exact.gta_check,
 )
 def dare_ties(
     deltas: Sequence[torch.Tensor], p: DareTiesParams, *, rng: torch.Generator | None = None

@@ -42,7 +42,7 @@ from typing import Annotated, Any, ClassVar, Literal
 import torch
 from pydantic import Field, model_validator
 
-from soupkit.methods import _ops, method
+from soupkit.methods import _exact, _ops, method
 from soupkit.methods._conventions import ConsensusParams, Density, PresetParams
 
 Rescale = Literal["probability", "l1", "none"]
@@ -133,6 +133,8 @@ def _drop(deltas: Sequence[torch.Tensor], p: DellaParams | DellaLinearParams,
     needs_base=True,
     elementwise=False,
     stochastic=True,
+    exact=_exact.gta_method("della_magprune", "sum"),
+    exact_check=_exact.gta_check,
 )
 def della(
     deltas: Sequence[torch.Tensor], p: DellaParams, *, rng: torch.Generator | None = None
@@ -153,6 +155,8 @@ def della(
     needs_base=True,
     elementwise=False,
     stochastic=True,
+    exact=_exact.gta_method("della_magprune", None),
+    exact_check=_exact.gta_check,
 )
 def della_linear(
     deltas: Sequence[torch.Tensor], p: DellaLinearParams, *, rng: torch.Generator | None = None

@@ -52,7 +52,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
-from soupkit.methods import _ops, method
+from soupkit.methods import _exact, _ops, method
 from soupkit.methods._conventions import ConsensusParams, Density
 from soupkit.methods._spec import MagnitudeCut
 
@@ -103,6 +103,8 @@ def _tensor_trim(p: TiesParams) -> tuple[float, ...]:
     elementwise=False,
     global_trim=_global_trim,  # type: ignore[arg-type]
     tensor_trim=_tensor_trim,  # type: ignore[arg-type]
+    exact=_exact.gta_method("magnitude", "sum"),
+    exact_check=_exact.gta_check,
 )
 def ties(
     deltas: Sequence[torch.Tensor],

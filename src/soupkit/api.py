@@ -291,14 +291,32 @@ def finish_folder(p: MergePlan, tmp: Path, model_card: bool) -> dict[str, str]:
                     data = src.read_bytes()
                 except OSError as e:
                     raise CheckpointFormatError(f"{src}: cannot read ({e.strerror})") from None
-                if name == "config.json" and p.config_updates:  # e.g. a sliced model's layer count
-                    from soupkit.compat.mergekit import update_config
-
-                    data = update_config(src, data, p.config_updates)
+                if name == "config.json":
+                    data = _updated_config(p, src, data)
                 others[name] = _write_file(tmp / name, data)
     if model_card:
         others["README.md"] = _write_file(tmp / "README.md", _model_card(p).encode("utf-8"))
     return others
+
+
+def _updated_config(p: MergePlan, src: Path, data: bytes) -> bytes:
+    """The carried ``config.json`` with the plan's updates (e.g. a sliced model's layer count)
+    and ``torch_dtype`` (and ``dtype``, if the file has that newer key) naming the dtype the
+    tensors are written in, so ``transformers`` with ``dtype="auto"`` loads what was written."""
+    from soupkit.compat.mergekit import update_config
+
+    updates = dict(p.config_updates)
+    written = p.written_dtype
+    if written is not None:
+        try:
+            obj = json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            obj = None
+        if isinstance(obj, dict):
+            for key in ("torch_dtype", "dtype"):
+                if (key == "torch_dtype" or key in obj) and obj.get(key) != written:
+                    updates[key] = written
+    return update_config(src, data, updates) if updates else data
 
 
 @_interrupts.held

@@ -37,6 +37,7 @@ __all__ = ["DEFAULT_CHUNK_ELEMS", "MergePlan", "TensorJob", "make_plan", "plan_r
 
 DEFAULT_CHUNK_ELEMS = 1 << 21  # 2M elements: a few MiB per input, enough to amortise overhead
 _DTYPE_CODE = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
+_DTYPE_NAME = {code: name for name, code in _DTYPE_CODE.items()}
 MAX_PROBLEMS_SHOWN = 50
 
 
@@ -87,6 +88,13 @@ class MergePlan:
     notes: tuple[str, ...] = ()
     # keys to change in the carried config.json (e.g. the layer count of a sliced model)
     config_updates: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def written_dtype(self) -> str | None:
+        """The torch dtype name (``"bfloat16"``, ...) of every floating-point tensor written, or
+        None when they differ or there are none: what ``config.json`` must name."""
+        names = {_DTYPE_NAME[j.out_dtype] for j in self.jobs if j.out_dtype in _DTYPE_NAME}
+        return names.pop() if len(names) == 1 else None
 
     @property
     def whole_tensors(self) -> bool:

@@ -282,6 +282,33 @@ def parameter_problems(
     return problems
 
 
+# Parameters some mergekit 0.1.5 method takes. mergekit accepts any of them on any method and
+# ignores those the method does not use (its planner looks up only the names a method declares),
+# e.g. `weight` on model_stock: soupkit accepts them too, with a note saying they are ignored.
+MERGEKIT_PARAMETERS = frozenset({
+    "weight", "density", "gamma", "epsilon", "lambda", "normalize", "rescale", "int8_mask", "t",
+    "filter_wise", "select_topk", "nuslerp_flatten", "nuslerp_row_wise", "eps", "max_iter", "tol",
+    "scale", "similarity_threshold",
+})
+# ... except where the name does change mergekit's result and soupkit's method has no such switch
+_MERGEKIT_NOT_IGNORED = {("rescale", "ties"), ("rescale", "breadcrumbs"), ("rescale", "breadcrumbs_ties")}
+
+
+def _ignored(key: str, value: Any, spec: MethodSpec) -> bool:
+    """``key`` is a mergekit parameter that mergekit ignores for this method (see above)."""
+    if key in spec.per_model_names or key in spec.global_names or key not in MERGEKIT_PARAMETERS:
+        return False
+    return not ((key, spec.name) in _MERGEKIT_NOT_IGNORED and value is not False)
+
+
+def ignored_parameter_notes(cfg: MergeConfig, spec: MethodSpec) -> list[str]:
+    """One note per mergekit parameter the recipe gives that this method does not use."""
+    keys = [k for k, v in cfg.parameters.items() if _ignored(k, v, spec)]
+    keys += [k for m in cfg.models for k, v in m.parameters.items() if _ignored(k, v, spec)]
+    return [f"parameter {k!r} is ignored: {spec.name!r} does not use it (mergekit accepts and ignores it too)"
+            for k in dict.fromkeys(keys)]
+
+
 def _check_param_names(cfg: MergeConfig, spec: MethodSpec) -> list[str]:
     problems: list[str] = []
     per_model, glob = set(spec.per_model_names), set(spec.global_names)
@@ -293,11 +320,13 @@ def _check_param_names(cfg: MergeConfig, spec: MethodSpec) -> list[str]:
         return (f"{where}: unknown parameter {key!r} for method {spec.name!r}; {hint}"
                 f"it takes: {', '.join(every) or 'no parameters'}")
 
-    for key in cfg.parameters:
-        if key not in per_model and key not in glob:
+    for key, value in cfg.parameters.items():
+        if key not in per_model and key not in glob and not _ignored(key, value, spec):
             problems.append(unknown(key, "parameters"))
     for i, m in enumerate(cfg.models):
-        for key in m.parameters:
+        for key, value in m.parameters.items():
+            if _ignored(key, value, spec):
+                continue
             if key in glob:
                 problems.append(f"models[{i}].parameters: {key!r} is a global parameter of "
                                 f"{spec.name!r}; set it under the top-level `parameters:`")
@@ -422,6 +451,7 @@ def make_plan(
         raise ConfigError([f"chunk_elems must be >= 1, got {chunk_elems}"])
 
     notes: list[str] = [n for c in (*models, *([base] if base is not None else [])) for n in c.notes]
+    notes += ignored_parameter_notes(cfg, spec)
     entries = list(zip(cfg.models, models))
     if spec.needs_base and base is not None:
         # As mergekit does: the base listed among the models is the base, not one more model

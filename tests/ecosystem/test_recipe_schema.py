@@ -101,3 +101,25 @@ def test_exact_mode_streamed_equals_in_memory(bf16_models: Path, monkeypatch: py
     # and the same recipe again gives the same bytes
     again = soupkit.merge(recipe, bf16_models / "again", progress=False, hash_inputs=False)
     assert (again.out / "model.safetensors").read_bytes() == (r.out / "model.safetensors").read_bytes()
+
+
+def test_parameters_mergekit_ignores_are_accepted_with_a_note(bf16_models: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(bf16_models)
+    recipe = {"merge_method": "model_stock", "base_model": "./base", "parameters": {"density": 0.5},
+              "models": [{"model": "./ft0", "parameters": {"weight": 0.5}}, {"model": "./ft1", "parameters": {"weight": 0.5}}]}
+    p = soupkit.plan(recipe)
+    assert [n for n in p.notes if "ignored" in n] == [
+        "parameter 'density' is ignored: 'model_stock' does not use it (mergekit accepts and ignores it too)",
+        "parameter 'weight' is ignored: 'model_stock' does not use it (mergekit accepts and ignores it too)"]
+    # the merge equals the one without those keys
+    a = soupkit.merge(recipe, bf16_models / "a", progress=False, hash_inputs=False)
+    b = soupkit.merge({**recipe, "parameters": {}, "models": [{"model": "./ft0"}, {"model": "./ft1"}]},
+                      bf16_models / "b", progress=False, hash_inputs=False)
+    assert (a.out / "model.safetensors").read_bytes() == (b.out / "model.safetensors").read_bytes()
+    # a typo is still an error, and so is a mergekit key that would change mergekit's result
+    with pytest.raises(soupkit.ConfigError, match="unknown parameter 'wieght'"):
+        soupkit.plan({**recipe, "parameters": {"wieght": 1.0}})
+    with pytest.raises(soupkit.ConfigError, match="unknown parameter 'rescale' for method 'ties'"):
+        soupkit.plan(_recipe(parameters={"rescale": True}))
+    assert "ignored" in " ".join(soupkit.plan(_recipe(parameters={"rescale": False})).notes)

@@ -79,7 +79,6 @@ Scalar = Union[StrictBool, StrictInt, StrictFloat, StrictStr]
 _MERGEKIT_UNSUPPORTED = {
     "modules": "per-module recipes",
     "tokenizer": "the tokenizer block (vocabulary surgery)",
-    "chat_template": "chat_template",
     "architecture": "architecture overrides",
 }
 
@@ -136,6 +135,8 @@ class MergeConfig(BaseModel):
     seed: StrictInt = 0
     compute: Compute = "float32"
     tokenizer_source: StrictStr | None = None
+    # mergekit's chat template override; accepted, not applied (`recipe_notes` says so)
+    chat_template: StrictStr | None = None
     name: StrictStr | None = None
     # The folder of the recipe file, when loaded from one (see `resolve_model_path`).
     _recipe_dir: Path | None = PrivateAttr(default=None)
@@ -155,8 +156,18 @@ class MergeConfig(BaseModel):
                              "`slices:` (layer ranges, see docs/mergekit.md)")
         if self.tokenizer_source == "union":
             raise ValueError("tokenizer_source: 'union' (merging vocabularies) is not supported by "
-                             "soupkit; use 'base' or a model path (see docs/mergekit.md)")
+                             "soupkit: it needs the tokenizers' vocabularies merged and every model's "
+                             "embedding and head rows re-indexed and filled before the merge; use "
+                             "'base' or a model path when the vocabularies agree (see docs/mergekit.md)")
         return self
+
+    def recipe_notes(self) -> list[str]:
+        """What soupkit does differently from mergekit for this recipe's top-level keys."""
+        if self.chat_template is None:
+            return []
+        return [f"chat_template: {self.chat_template!r} is not applied: soupkit carries the tokenizer "
+                "files (and the chat template in them) unchanged; set the template in "
+                "tokenizer_config.json / chat_template.jinja of the tokenizer source if needed"]
 
     def resolve_model_path(self, path: str) -> str:
         """Where a model path points: relative to the current directory, as mergekit does;

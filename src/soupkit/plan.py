@@ -301,12 +301,27 @@ def _ignored(key: str, value: Any, spec: MethodSpec) -> bool:
     return not ((key, spec.name) in _MERGEKIT_NOT_IGNORED and value is not False)
 
 
+def _same_as_global(cfg: MergeConfig, spec: MethodSpec, key: str, value: Any) -> bool:
+    """A global parameter repeated under a model with the value it has anyway (the top-level
+    one, else the method's default): mergekit ignores it there, and so may soupkit."""
+    if key in cfg.parameters:
+        return bool(cfg.parameters[key] == value)
+    field = next((f for n, f in spec.params.model_fields.items() if (f.alias or n) == key), None)
+    return field is not None and field.default == value
+
+
 def ignored_parameter_notes(cfg: MergeConfig, spec: MethodSpec) -> list[str]:
-    """One note per mergekit parameter the recipe gives that this method does not use."""
+    """One note per mergekit parameter the recipe gives that this method does not use, and per
+    global parameter repeated under a model with its global value."""
     keys = [k for k, v in cfg.parameters.items() if _ignored(k, v, spec)]
     keys += [k for m in cfg.models for k, v in m.parameters.items() if _ignored(k, v, spec)]
-    return [f"parameter {k!r} is ignored: {spec.name!r} does not use it (mergekit accepts and ignores it too)"
-            for k in dict.fromkeys(keys)]
+    notes = [f"parameter {k!r} is ignored: {spec.name!r} does not use it (mergekit accepts and ignores it too)"
+             for k in dict.fromkeys(keys)]
+    repeated = [k for m in cfg.models for k, v in m.parameters.items()
+                if k in spec.global_names and _same_as_global(cfg, spec, k, v)]
+    notes += [f"parameter {k!r} under a model is ignored: it is global (its top-level value applies, "
+              "as in mergekit)" for k in dict.fromkeys(repeated)]
+    return notes
 
 
 def _check_param_names(cfg: MergeConfig, spec: MethodSpec) -> list[str]:
@@ -328,8 +343,11 @@ def _check_param_names(cfg: MergeConfig, spec: MethodSpec) -> list[str]:
             if _ignored(key, value, spec):
                 continue
             if key in glob:
+                if _same_as_global(cfg, spec, key, value):
+                    continue
                 problems.append(f"models[{i}].parameters: {key!r} is a global parameter of "
-                                f"{spec.name!r}; set it under the top-level `parameters:`")
+                                f"{spec.name!r}; set it under the top-level `parameters:` (mergekit "
+                                "would ignore it here: it reads global parameters from the top level only)")
             elif key not in per_model:
                 problems.append(unknown(key, f"models[{i}].parameters"))
     return problems
@@ -451,7 +469,7 @@ def make_plan(
         raise ConfigError([f"chunk_elems must be >= 1, got {chunk_elems}"])
 
     notes: list[str] = [n for c in (*models, *([base] if base is not None else [])) for n in c.notes]
-    notes += ignored_parameter_notes(cfg, spec)
+    notes += ignored_parameter_notes(cfg, spec) + cfg.recipe_notes()
     entries = list(zip(cfg.models, models))
     if spec.needs_base and base is not None:
         # As mergekit does: the base listed among the models is the base, not one more model

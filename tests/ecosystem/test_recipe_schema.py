@@ -123,3 +123,18 @@ def test_parameters_mergekit_ignores_are_accepted_with_a_note(bf16_models: Path,
     with pytest.raises(soupkit.ConfigError, match="unknown parameter 'rescale' for method 'ties'"):
         soupkit.plan(_recipe(parameters={"rescale": True}))
     assert "ignored" in " ".join(soupkit.plan(_recipe(parameters={"rescale": False})).notes)
+
+
+def test_chat_template_and_global_parameters_under_a_model(bf16_models: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(bf16_models)
+    recipe = {**_recipe("della", chat_template="auto", parameters={"lambda": 0.9, "epsilon": 0.1}),
+              "models": [{"model": "./ft0", "parameters": {"density": 0.5, "lambda": 0.9}},
+                         {"model": "./ft1", "parameters": {"density": 0.5}}]}
+    notes = soupkit.plan(recipe).notes
+    assert "chat_template: 'auto' is not applied" in " ".join(notes)
+    assert ("parameter 'lambda' under a model is ignored: it is global (its top-level value applies, as in "
+            "mergekit)") in notes
+    # a different value under a model would be ignored by mergekit: an error, not a silent change
+    recipe["models"][0]["parameters"]["lambda"] = 0.5  # type: ignore[index]
+    with pytest.raises(soupkit.ConfigError, match="'lambda' is a global parameter of 'della'"):
+        soupkit.plan(recipe)

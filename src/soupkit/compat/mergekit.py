@@ -534,7 +534,7 @@ def plan_slices(
     carry = _carry_source(cfg, base_ck, [s.ck for s in first_sources])
     check_tokenizer_source(cfg, carry)
     updates = {} if whole else _config_updates(_read_config(carry), layer_sources)
-    notes = [n for ck in opened.values() for n in ck.notes]
+    notes = [n for ck in opened.values() for n in ck.notes] + cfg.recipe_notes()
     k = 0
     for i, (sources, _) in enumerate(resolved):
         n = sources[0].end - sources[0].start

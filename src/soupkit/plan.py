@@ -360,8 +360,9 @@ def _open_all(cfg: MergeConfig, problems: list[str], allow_pickle: bool = False,
     def get(path: str, where: str) -> Checkpoint | None:
         if path not in cache:
             try:
-                cache[path] = open_checkpoint(cfg.resolve_model_path(path), label=path,
-                                              allow_pickle=allow_pickle)
+                from soupkit.compat.model_adapter import open_model  # imports soupkit.lora
+
+                cache[path] = open_model(cfg, path, allow_pickle=allow_pickle)
             except SoupError as e:
                 problems.append(f"{where}: {e}")
                 cache[path] = None

@@ -50,7 +50,8 @@ from soupkit import methods
 from soupkit.config import Conditional, MergeConfig, ParamValue, Slice, SliceSource
 from soupkit.errors import CheckpointFormatError, ConfigError, PlanError, SoupError, UnknownMethodError
 from soupkit.formats import KeyMap, rename_checkpoint
-from soupkit.io.checkpoint import Checkpoint, open_checkpoint
+from soupkit.compat.model_adapter import open_model
+from soupkit.io.checkpoint import Checkpoint
 from soupkit.io.header import TensorInfo
 from soupkit.io.writer import OutputTensor, layout_shards, parse_size
 from soupkit.methods import MethodSpec, Params
@@ -267,7 +268,7 @@ def _open_all(cfg: MergeConfig, allow_pickle: bool, key_map: KeyMap | None,
     problems: list[str] = []
     for path, where in paths.items():
         try:
-            ck = open_checkpoint(cfg.resolve_model_path(path), label=path, allow_pickle=allow_pickle)
+            ck = open_model(cfg, path, allow_pickle=allow_pickle)
             opened[path] = rename_checkpoint(ck, key_map)
         except SoupError as e:
             problems.append(f"{where}: {e}")

@@ -17,7 +17,8 @@ Anchor: mergekit ``breadcrumbs`` / ``breadcrumbs_ties`` (``magnitude_outliers``)
 against mergekit 0.1.5 (tests/methods/test_mergekit_methods.py). Deviations: among equal
 magnitudes the entry with the lower flat index ranks higher (mergekit's ``sort`` leaves ties
 unspecified); and exactly ``keep`` entries survive even when ``int(gamma * n) == 0``, where
-mergekit releases before 0.1.5 (``indices[n_bot:-n_top]``) kept none.
+mergekit releases before 0.1.5 (``indices[n_bot:-n_top]``) kept none. In exact mode
+(``compute: exact``) the ranks are mergekit's (see `soupkit.methods._exact`).
 ``breadcrumbs_ties`` is mergekit's combination (the paper has no sign election); its
 consensus switches are those of `ties`, with the default ``convention: mergekit`` = weighted
 sign vote, + on ties, plain sum (mergekit's default ``normalize: false``) and

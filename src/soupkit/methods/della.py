@@ -30,7 +30,8 @@ Rows are the first dimension (a tensor is viewed as ``[shape[0], -1]``; a vector
 mergekit ranks along dimension 1, which is the same for matrices and vectors and differs for
 tensors of 3 or more dimensions. Ranks break ties by position (stable sort), where mergekit's
 ``argsort`` leaves them unspecified; a row of one entry gets keep probability ``density``
-(mergekit divides 0 by 0 there). The method needs whole tensors (ranks are per row) and draws
+(mergekit divides 0 by 0 there); exact mode (``compute: exact``) ranks and draws as mergekit
+does (see `soupkit.methods._exact`). The method needs whole tensors (ranks are per row) and draws
 from one generator per tensor, seeded from (recipe seed, tensor name).
 """
 

@@ -33,6 +33,7 @@ switch            paper               mergekit (default)     PEFT ``ties``
   tensor whose name sorts first wins. The paper's released code keeps every entry ``>=`` its
   kth value instead (at least k + 1 entries); PEFT's ``topk`` and mergekit's ``argsort``
   leave the choice among ties unspecified.
+  In exact mode (``compute: exact``) the choice is mergekit's (see `soupkit.methods._exact`).
 - ``sign_tie: zero``: where the trimmed deltas sum to exactly 0 the elected sign is 0 and the
   merged entry is 0 (Algorithm 1 with sgn(0) = 0); mergekit and PEFT elect + there. (The
   paper's code resolves such entries to the majority sign of the whole model, which is not

@@ -13,7 +13,7 @@ expect:
   and the size of the change of mergekit's merge (`_distribution_close`).
 - ``method-13b``: a method that lands with issue 13b (xfail until then).
 
-Every mergekit run happens in one subprocess (its import time is paid once). Run this file
+Every mergekit run happens in one subprocess (`run_mergekit`). Run this file
 directly to print the results table of docs/mergekit.md::
 
     PYTHONPATH=src .venv/bin/python tests/ecosystem/test_mergekit_corpus.py
@@ -21,9 +21,7 @@ directly to print the results table of docs/mergekit.md::
 
 from __future__ import annotations
 
-import json
 import re
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,10 +35,11 @@ from safetensors.torch import load_file
 import soupkit
 
 if __package__:
-    from .eco_helpers import MERGEKIT_PY, llama_config, llama_state, write_llama, write_tokenizer
+    from .eco_helpers import MERGEKIT_PY, llama_config, llama_state, run_mergekit, write_llama, write_tokenizer
 else:  # run as a script (the results table)
     sys.path.insert(0, str(Path(__file__).parent))
-    from eco_helpers import MERGEKIT_PY, llama_config, llama_state, write_llama, write_tokenizer  # type: ignore[no-redef]
+    from eco_helpers import (  # type: ignore[no-redef]
+        MERGEKIT_PY, llama_config, llama_state, run_mergekit, write_llama, write_tokenizer)
 
 RECIPES = Path(__file__).parent / "recipes"
 FT = 5  # fine-tunes per stand-in pool
@@ -48,21 +47,6 @@ FT = 5  # fine-tunes per stand-in pool
 # Default mode (float32 accumulation) against mergekit's bf16 / fp16 arithmetic, per tensor:
 # ||soupkit - mergekit|| <= DEFAULT_BOUND * ||mergekit|| (docs/mergekit.md gives the measured values)
 DEFAULT_BOUND = 0.03
-
-RUNNER = r"""
-import json, os, sys, yaml, torch
-from mergekit.config import MergeConfiguration
-from mergekit.merge import run_merge
-from mergekit.io.tasks import LoaderCache
-from mergekit.options import MergeOptions
-for cwd, cfg, out in json.loads(sys.argv[1]):
-    os.chdir(cwd)
-    LoaderCache.loaders = {}  # keyed by the relative path: the same "./ft1" in another pool is another model
-    torch.manual_seed(0)
-    c = MergeConfiguration.model_validate(yaml.safe_load(open(cfg)))
-    run_merge(c, out, MergeOptions(copy_tokenizer=False, lazy_unpickle=False, out_shard_size=10**12, quiet=True))
-"""
-
 
 @dataclass(frozen=True)
 class Recipe:
@@ -112,11 +96,7 @@ def run_corpus(root: Path) -> dict[str, dict[str, Any]]:
     """Run every recipe with mergekit, soupkit exact and soupkit default; compare."""
     rs = recipes()
     pools = make_pools(root, {r.layers for r in rs})
-    jobs = [[str(pools[r.layers]), str(r.path), str(root / "mk" / r.name)] for r in rs]
-    proc = subprocess.run([str(MERGEKIT_PY), "-c", RUNNER, json.dumps(jobs)], capture_output=True, text=True,
-                          timeout=900)
-    if proc.returncode != 0:
-        raise RuntimeError(proc.stderr[-3000:])
+    run_mergekit([(pools[r.layers], r.path, root / "mk" / r.name, None) for r in rs])
     results: dict[str, dict[str, Any]] = {}
     for r in rs:
         res: dict[str, Any] = {"recipe": r}

@@ -11,8 +11,6 @@ Skipped when the mergekit venv is absent.
 
 from __future__ import annotations
 
-import json
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -23,21 +21,10 @@ from safetensors.torch import load_file
 
 import soupkit
 
-from .eco_helpers import MERGEKIT_PY, llama_state, write_llama
+from .eco_helpers import MERGEKIT_PY, llama_state, run_mergekit, write_llama
 
 pytestmark = pytest.mark.skipif(not MERGEKIT_PY.is_file(),
                                 reason="the mergekit reference venv benchmarks/.venv-mergekit is absent")
-
-RUNNER = r"""
-import json, sys, yaml, torch
-from mergekit.config import MergeConfiguration
-from mergekit.merge import run_merge
-from mergekit.options import MergeOptions
-torch.manual_seed(0)
-for cfg, out in json.loads(sys.argv[1]):
-    c = MergeConfiguration.model_validate(yaml.safe_load(open(cfg)))
-    run_merge(c, out, MergeOptions(copy_tokenizer=False, lazy_unpickle=False, out_shard_size=10**12, quiet=True))
-"""
 
 FT = ["./ft0", "./ft1", "./ft2"]
 
@@ -98,13 +85,9 @@ STOCHASTIC = {
 
 def _run_both(root: Path, recipes: dict[str, dict[str, Any]]) -> dict[str, tuple[dict[str, torch.Tensor],
                                                                                   dict[str, torch.Tensor]]]:
-    jobs = []
     for name, recipe in recipes.items():
         (root / f"{name}.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
-        jobs.append([str(root / f"{name}.yaml"), str(root / f"mk_{name}")])
-    proc = subprocess.run([str(MERGEKIT_PY), "-c", RUNNER, json.dumps(jobs)], cwd=root, capture_output=True,
-                          text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_mergekit([(root, root / f"{name}.yaml", root / f"mk_{name}", None) for name in recipes])
     out = {}
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)

@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
 import warnings
 from pathlib import Path
 
@@ -16,23 +14,11 @@ from safetensors.torch import load_file
 import soupkit
 from soupkit.lora import fold_lora
 
-from .eco_helpers import MERGEKIT_PY
+from .eco_helpers import MERGEKIT_PY, run_mergekit
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:peft")
-
-RUNNER = r"""
-import json, sys, yaml
-from mergekit.config import MergeConfiguration
-from mergekit.merge import run_merge
-from mergekit.options import MergeOptions
-for cfg, out, cache in json.loads(sys.argv[1]):
-    c = MergeConfiguration.model_validate(yaml.safe_load(open(cfg)))
-    run_merge(c, out, MergeOptions(copy_tokenizer=False, lazy_unpickle=False, out_shard_size=10**12, quiet=True,
-                                   lora_merge_cache=cache))
-"""
-
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -88,10 +74,7 @@ def test_model_plus_adapter_equals_soupkit_lora_fold(models: Path, tmp_path: Pat
 def test_model_plus_adapter_exact_mode_equals_mergekit(models: Path, tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(_recipe()))
-    job = [[str(tmp_path / "r.yaml"), str(tmp_path / "mk"), str(tmp_path / "mk-cache")]]
-    proc = subprocess.run([str(MERGEKIT_PY), "-c", RUNNER, json.dumps(job)], cwd=models, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_mergekit([(models, tmp_path / "r.yaml", tmp_path / "mk", tmp_path / "mk-cache")])
     monkeypatch.chdir(models)
     monkeypatch.setenv("SOUPKIT_LORA_CACHE", str(tmp_path / "cache"))
     sk = soupkit.merge({**_recipe(), "compute": "exact"}, tmp_path / "sk", progress=False, hash_inputs=False)

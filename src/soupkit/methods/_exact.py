@@ -35,8 +35,10 @@ __all__ = [
     "linear",
     "magnitude",
     "magnitude_outliers",
+    "mean_pairwise_cosine",
     "model_stock",
     "slerp",
+    "stock_factor",
 ]
 
 Sparsify = Literal["magnitude", "random", "magnitude_outliers", "della_magprune"]
@@ -248,20 +250,30 @@ def model_stock(tensors: Sequence[torch.Tensor], base: torch.Tensor, filter_wise
     else:
         w0 = w0.reshape(-1)
         ws = [w.reshape(-1) for w in ws]
-    offsets = [w - w0 for w in ws]
+    n = len(ws)
+    t = stock_factor(mean_pairwise_cosine([w - w0 for w in ws]), n)
+    average = sum(ws) / n
+    return (t * average + (1 - t) * w0).reshape(shape)
+
+
+def mean_pairwise_cosine(offsets: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Model Stock's angle: the mean over pairs of the cosine along the last dimension (norm
+    products clamped to >= 1e-6, cosines to [-1, 1]), with a trailing dimension of 1."""
     cosines = []
     for i, oa in enumerate(offsets):
         for ob in offsets[i + 1:]:
             norms = torch.norm(oa, dim=-1) * torch.norm(ob, dim=-1)
             cosines.append(((oa * ob).sum(dim=-1) / norms.clamp(min=1e-6)).clamp(-1, 1))
-    cos = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
-    n = len(ws)
+    return torch.stack(cosines).mean(dim=0).unsqueeze(-1)
+
+
+def stock_factor(cos: torch.Tensor, n: int) -> torch.Tensor:
+    """Model Stock's ``t = n cos / (1 + (n - 1) cos)``, 0 within 1e-6 of the singularity
+    (mergekit 0.1.5)."""
     denominator = 1 + (n - 1) * cos
     singular = denominator.abs() < 1e-6
     safe = torch.where(singular, torch.ones_like(denominator), denominator)
-    t = torch.where(singular, torch.zeros_like(cos), (n * cos) / safe)
-    average = sum(ws) / n
-    return (t * average + (1 - t) * w0).reshape(shape)
+    return torch.where(singular, torch.zeros_like(cos), (n * cos) / safe)
 
 
 # ------------------------------------------------------------------ soupkit parameters -> mergekit's

@@ -94,22 +94,13 @@ def model_stock(
     else:
         w0 = base.reshape(1, -1)
     ws = [w.reshape(w0.shape) for w in tensors]
-    offsets = [w - w0 for w in ws]
-    cosines = []
-    for i, a in enumerate(offsets):
-        for b in offsets[i + 1:]:
-            norms = torch.norm(a, dim=-1) * torch.norm(b, dim=-1)
-            cosines.append(((a * b).sum(dim=-1) / norms.clamp(min=1e-6)).clamp(-1, 1))
-    cos = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
+    cos = _exact.mean_pairwise_cosine([w - w0 for w in ws])
     n = len(ws)
     if p.negative_cos == "keep_base":
         cos = cos.clamp(min=0)
         t = (n * cos) / (1 + (n - 1) * cos)
     else:  # mergekit 0.1.5: keep the base only at the singularity
-        denominator = 1 + (n - 1) * cos
-        singular = denominator.abs() < 1e-6
-        safe = torch.where(singular, torch.ones_like(denominator), denominator)
-        t = torch.where(singular, torch.zeros_like(cos), (n * cos) / safe)
+        t = _exact.stock_factor(cos, n)
     avg = ws[0].clone()
     for w in ws[1:]:
         avg += w

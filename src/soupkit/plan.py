@@ -175,7 +175,8 @@ class MergePlan:
             f"peak memory ~{human_bytes(self.peak_memory_bytes)} of tensor buffers "
             f"({_pieces(self)})",
             f"compute     " + ("exact: in the recipe's dtype "
-                               f"({cfg.dtype or 'of the inputs'}), mergekit 0.1.5's arithmetic bit for bit"
+                               f"({cfg.dtype or 'of the inputs'}), mergekit 0.1.5's arithmetic (its bits for "
+                               "deterministic methods)"
                                if cfg.compute == "exact" else "float32 accumulation (`compute: exact` for "
                                "mergekit's bits in the recipe's dtype)"),
             f"seed        {cfg.seed}" + ("" if self.method.stochastic else " (method is deterministic)"),
@@ -294,7 +295,7 @@ MERGEKIT_PARAMETERS = frozenset({
 _MERGEKIT_NOT_IGNORED = {("rescale", "ties"), ("rescale", "breadcrumbs"), ("rescale", "breadcrumbs_ties")}
 
 
-def _ignored(key: str, value: Any, spec: MethodSpec) -> bool:
+def ignored_by_mergekit(key: str, value: Any, spec: MethodSpec) -> bool:
     """``key`` is a mergekit parameter that mergekit ignores for this method (see above)."""
     if key in spec.per_model_names or key in spec.global_names or key not in MERGEKIT_PARAMETERS:
         return False
@@ -313,8 +314,10 @@ def _same_as_global(cfg: MergeConfig, spec: MethodSpec, key: str, value: Any) ->
 def ignored_parameter_notes(cfg: MergeConfig, spec: MethodSpec) -> list[str]:
     """One note per mergekit parameter the recipe gives that this method does not use, and per
     global parameter repeated under a model with its global value."""
-    keys = [k for k, v in cfg.parameters.items() if _ignored(k, v, spec)]
-    keys += [k for m in cfg.models for k, v in m.parameters.items() if _ignored(k, v, spec)]
+    levels = [cfg.parameters, *(m.parameters for m in cfg.models)]
+    for sl in cfg.slices or []:
+        levels += [sl.parameters, *(s.parameters for s in sl.sources)]
+    keys = [k for params in levels for k, v in params.items() if ignored_by_mergekit(k, v, spec)]
     notes = [f"parameter {k!r} is ignored: {spec.name!r} does not use it (mergekit accepts and ignores it too)"
              for k in dict.fromkeys(keys)]
     repeated = [k for m in cfg.models for k, v in m.parameters.items()
@@ -336,11 +339,11 @@ def _check_param_names(cfg: MergeConfig, spec: MethodSpec) -> list[str]:
                 f"it takes: {', '.join(every) or 'no parameters'}")
 
     for key, value in cfg.parameters.items():
-        if key not in per_model and key not in glob and not _ignored(key, value, spec):
+        if key not in per_model and key not in glob and not ignored_by_mergekit(key, value, spec):
             problems.append(unknown(key, "parameters"))
     for i, m in enumerate(cfg.models):
         for key, value in m.parameters.items():
-            if _ignored(key, value, spec):
+            if ignored_by_mergekit(key, value, spec):
                 continue
             if key in glob:
                 if _same_as_global(cfg, spec, key, value):

@@ -138,3 +138,17 @@ def test_chat_template_and_global_parameters_under_a_model(bf16_models: Path, mo
     recipe["models"][0]["parameters"]["lambda"] = 0.5  # type: ignore[index]
     with pytest.raises(soupkit.ConfigError, match="'lambda' is a global parameter of 'della'"):
         soupkit.plan(recipe)
+
+
+def test_slices_recipes_get_the_same_checks(bf16_models: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(bf16_models)
+    recipe = {"merge_method": "ties", "base_model": "./base", "compute": "exact", "parameters": {"convention": "paper"},
+              "slices": [{"sources": [{"model": m, "layer_range": [0, 2], "parameters": {"density": 0.5}}
+                                      for m in ("./base", "./ft0", "./ft1")]}]}
+    with pytest.raises(soupkit.PlanError, match="compute: exact: ties: mergekit has no sign_source=unweighted"):
+        soupkit.plan(recipe)
+    stock = {"merge_method": "model_stock", "base_model": "./base",
+             "slices": [{"sources": [{"model": m, "layer_range": [0, 2], "parameters": {"weight": 0.5}}
+                                     for m in ("./base", "./ft0", "./ft1")]}]}
+    assert "parameter 'weight' is ignored: 'model_stock' does not use it (mergekit accepts and ignores it too)" \
+        in soupkit.plan(stock).notes

@@ -64,6 +64,9 @@ from soupkit.plan import (
     _carry_source,
     check_tokenizer_source,
     count_filter_matches,
+    exact_problems,
+    ignored_by_mergekit,
+    ignored_parameter_notes,
     parameter_problems,
     validated_params,
 )
@@ -213,7 +216,9 @@ def _param_problems(spec: MethodSpec, cfg: MergeConfig) -> list[str]:
     problems: list[str] = []
 
     def check(params: Mapping[str, ParamValue], where: str, per_source: bool) -> None:
-        for key in params:
+        for key, value in params.items():
+            if ignored_by_mergekit(key, value, spec):
+                continue
             if per_source and key in glob:
                 problems.append(f"{where}: {key!r} is a global parameter of {spec.name!r}; set it "
                                 "under the slice's or the top-level `parameters:`")
@@ -521,6 +526,8 @@ def plan_slices(
     outside("post", resolved[-1][0], resolved[-1][1], slices[-1].parameters)
 
     problems += parameter_problems(filter_counts, shadowed, bad_params)
+    if cfg.compute == "exact":
+        problems += exact_problems(spec, jobs)
     if not bad_params:
         problems += check_global_trim(spec, jobs)
     if problems:
@@ -535,7 +542,7 @@ def plan_slices(
     carry = _carry_source(cfg, base_ck, [s.ck for s in first_sources])
     check_tokenizer_source(cfg, carry)
     updates = {} if whole else _config_updates(_read_config(carry), layer_sources)
-    notes = [n for ck in opened.values() for n in ck.notes] + cfg.recipe_notes()
+    notes = [n for ck in opened.values() for n in ck.notes] + ignored_parameter_notes(cfg, spec) + cfg.recipe_notes()
     k = 0
     for i, (sources, _) in enumerate(resolved):
         n = sources[0].end - sources[0].start

@@ -79,6 +79,7 @@ def test_plan_says_which_convention_and_compute(bf16_models: Path, monkeypatch: 
     (bf16_models / "p.yaml").write_text(json.dumps(_recipe(dtype="bfloat16", parameters={"convention": "paper"})))
     assert main(["plan", "p.yaml", "--compute", "exact"]) == 2
     assert "mergekit has no sign_source=unweighted" in capsys.readouterr().err
+    assert main(["validate", "p.yaml", "--compute", "exact"]) == 2 and main(["validate", "p.yaml"]) == 0
 
 
 @pytest.mark.parametrize("method", ["ties", "dare_ties", "breadcrumbs_ties", "della", "slerp", "model_stock"])

@@ -105,7 +105,7 @@ def main() -> int:
         for name, r in RECIPES.items():
             (root / f"{name}.yaml").write_text(yaml.safe_dump({**r, "dtype": "bfloat16"}, sort_keys=False))
             jobs.append([str(root / f"{name}.yaml"), str(root / f"mk-{name}")])
-        proc = subprocess.run([str(MERGEKIT_PY), "-c", RUNNER, json.dumps(jobs)], cwd=root, capture_output=True,
+        proc = subprocess.run([str(MERGEKIT_PY), "-c", RUNNER, json.dumps(jobs)], cwd=root, capture_output=True, check=False,
                               text=True)
         if proc.returncode:
             print(proc.stderr[-3000:], file=sys.stderr)

@@ -174,7 +174,7 @@ class MergePlan:
             f"writes      {human_bytes(self.output_bytes)} in {len(self.shards)} shard(s)",
             f"peak memory ~{human_bytes(self.peak_memory_bytes)} of tensor buffers "
             f"({_pieces(self)})",
-            f"compute     " + ("exact: in the recipe's dtype "
+            "compute     " + ("exact: in the recipe's dtype "
                                f"({cfg.dtype or 'of the inputs'}), mergekit 0.1.5's arithmetic (its bits for "
                                "deterministic methods)"
                                if cfg.compute == "exact" else "float32 accumulation (`compute: exact` for "

@@ -35,11 +35,24 @@ from safetensors.torch import load_file
 import soupkit
 
 if __package__:
-    from .eco_helpers import MERGEKIT_PY, llama_config, llama_state, run_mergekit, write_llama, write_tokenizer
+    from .eco_helpers import (
+        MERGEKIT_PY,
+        llama_config,
+        llama_state,
+        run_mergekit,
+        write_llama,
+        write_tokenizer,
+    )
 else:  # run as a script (the results table)
     sys.path.insert(0, str(Path(__file__).parent))
     from eco_helpers import (  # type: ignore[no-redef]
-        MERGEKIT_PY, llama_config, llama_state, run_mergekit, write_llama, write_tokenizer)
+        MERGEKIT_PY,
+        llama_config,
+        llama_state,
+        run_mergekit,
+        write_llama,
+        write_tokenizer,
+    )
 
 RECIPES = Path(__file__).parent / "recipes"
 FT = 5  # fine-tunes per stand-in pool
@@ -66,7 +79,7 @@ def recipes() -> list[Recipe]:
     out = []
     for p in sorted(RECIPES.glob("*.yml")):
         text = p.read_text()
-        head = dict(re.findall(r"^# (\w+): (.*)$", text, flags=re.M))
+        head = dict(re.findall(r"^# (\w+): (.*)$", text, flags=re.MULTILINE))
         out.append(Recipe(p.stem, p, head["source"], int(head["layers"]), head["expect"], yaml.safe_load(text)))
     return out
 

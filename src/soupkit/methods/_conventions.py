@@ -23,9 +23,9 @@ from soupkit.methods._ops import Aggregation, SignSource, SignTie
 from soupkit.methods._spec import Params
 
 __all__ = [
+    "DEFAULT_CONVENTION",
     "ConsensusParams",
     "Convention",
-    "DEFAULT_CONVENTION",
     "Density",
     "PresetParams",
     "TaskVectorParams",

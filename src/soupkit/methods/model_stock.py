@@ -26,11 +26,9 @@ t = 0 and the tensor stays the base. For cos >= 0 the two agree bit for bit.
 from __future__ import annotations
 
 from collections.abc import Sequence
-
-import torch
-
 from typing import Any, Literal
 
+import torch
 from pydantic import model_validator
 
 from soupkit.methods import _exact, method

@@ -66,15 +66,17 @@ DEFAULT_SOUPKIT = REPO / ".venv" / "bin" / "soupkit"
 DEFAULT_MERGEKIT = BENCH_DIR / ".venv-mergekit" / "bin" / "mergekit-yaml"
 RECIPE_NAMES = ("linear", "task_arithmetic", "ties", "dare_ties")
 #: ``soupkit-mergekit`` is soupkit run on the recipe plus ``parameters: {convention: mergekit}``
-#: (for the methods that have convention switches), i.e. mergekit's arithmetic instead of the
-#: papers' (soupkit's default): the like-for-like speed comparison for ties and dare_ties.
+#: (for the methods that have convention switches), i.e. mergekit's arithmetic: the like-for-like
+#: speed comparison for ties and dare_ties. mergekit's convention is now soupkit's default too, so
+#: it equals plain ``soupkit``; ``soupkit-paper`` sets ``convention: paper`` (TIES's global trim,
+#: what plain ``soupkit`` ran when the figures in README.md were measured).
 #: ``soupkit-nohash`` is soupkit with ``--no-hash-inputs``: no sha256 of every input file for the
 #: report (soupkit's default computes them in a background thread; this shows what they cost).
 #: Every soupkit tool runs with its cache of input digests off (``SOUPKIT_HASH_CACHE=0``), so each
 #: run hashes as a first merge of new inputs does, except ``soupkit-hashcache``: the default as a
 #: user re-merging the same inputs runs it (the cache in ``OUT_DIR/hash-cache``; its first run
 #: fills it, later runs take the digests from it).
-TOOLS = ("soupkit", "soupkit-nohash", "soupkit-hashcache", "soupkit-mergekit", "mergekit")
+TOOLS = ("soupkit", "soupkit-nohash", "soupkit-hashcache", "soupkit-mergekit", "soupkit-paper", "mergekit")
 CONVENTION_METHODS = ("ties", "dare_ties")
 GIB = 1024**3
 
@@ -779,6 +781,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="comma-separated, from soupkit, soupkit-nohash (soupkit with --no-hash-inputs), "
                         "soupkit-hashcache (soupkit re-merging: input digests from its cache), "
                         "soupkit-mergekit (soupkit with `convention: mergekit`), "
+                        "soupkit-paper (soupkit with `convention: paper`), "
                         "mergekit (default: soupkit,mergekit)")
     p.add_argument("--runs", type=int, help="timed runs per tool and recipe (default 3; 1 with --smoke)")
     p.add_argument("--mergekit-runs", type=int,
@@ -849,7 +852,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if name.startswith("soupkit"):
             tool = probe_soupkit(args.soupkit, soupkit_env)
             tool.name = name
-            tool.convention = "mergekit" if name == "soupkit-mergekit" else None
+            tool.convention = {"soupkit-mergekit": "mergekit", "soupkit-paper": "paper"}.get(name)
             tool.extra_args = args.soupkit_args.split() + (["--no-hash-inputs"] if name == "soupkit-nohash" else [])
             if name == "soupkit-hashcache":  # empty at the start: its first run hashes, the later reuse
                 shutil.rmtree(args.out_dir / "hash-cache", ignore_errors=True)

@@ -20,7 +20,7 @@ import torch
 
 from soupkit import _interrupts
 from soupkit._version import __version__
-from soupkit.config import MergeConfig, ModelEntry, load_recipe
+from soupkit.config import Compute, MergeConfig, ModelEntry, load_recipe
 from soupkit.errors import CheckpointFormatError, ConfigError, MergeIOError, UsageError, shown
 from soupkit.execute import FileSink, MemorySink, RunStats, plan_stamps, run_plan
 from soupkit.formats import KeyMap, as_state_dict
@@ -66,6 +66,7 @@ def plan(
     chunk_elems: int = DEFAULT_CHUNK_ELEMS,
     allow_pickle: bool = False,
     key_map: KeyMap | None = None,
+    compute: Compute | None = None,
 ) -> MergePlan:
     """Validate a recipe and plan its merge from headers only (a dry run).
 
@@ -77,12 +78,19 @@ def plan(
             only through ``torch.load(weights_only=True)``; refused otherwise.
         key_map: rename every input's tensors first (`soupkit.formats.KeyMap`, e.g.
             ``KeyMap.build(strip_prefix="model.")`` for Lightning checkpoints).
+        compute: overrides the recipe's ``compute``: ``"float32"`` (accumulate in float32) or
+            ``"exact"`` (mergekit 0.1.5's arithmetic in the recipe's dtype, bit for bit).
 
     Raises:
         ConfigError: the recipe is invalid (all problems listed).
         PlanError: the checkpoints cannot be merged (all problems listed).
     """
-    return plan_recipe(load_recipe(recipe), max_shard_size=max_shard_size, chunk_elems=chunk_elems,
+    cfg = load_recipe(recipe)
+    if compute is not None and compute != cfg.compute:
+        if compute not in ("float32", "exact"):
+            raise ConfigError([f"compute: expected 'float32' or 'exact', got {compute!r}"])
+        cfg = cfg.model_copy(update={"compute": compute})
+    return plan_recipe(cfg, max_shard_size=max_shard_size, chunk_elems=chunk_elems,
                        allow_pickle=allow_pickle, key_map=key_map)
 
 
@@ -177,6 +185,7 @@ def merge(
     resume: bool = False,
     hash_inputs: bool = True,
     key_map: KeyMap | None = None,
+    compute: Compute | None = None,
 ) -> MergeResult:
     """Merge the checkpoints a recipe names into a Hugging Face style folder ``out``.
 
@@ -203,12 +212,13 @@ def merge(
         hash_inputs: record the sha256 of every input file in the report (computed in a
             background thread while the merge runs).
         key_map: rename every input's tensors first (see `plan`).
+        compute: overrides the recipe's ``compute`` (see `plan`).
 
     Returns:
         A `MergeResult`.
     """
     p = plan(recipe, max_shard_size=max_shard_size, chunk_elems=chunk_elems, allow_pickle=allow_pickle,
-             key_map=key_map)
+             key_map=key_map, compute=compute)
     return run_merge_plan(p, out, force=force, progress=progress, model_card=model_card,
                           allow_nonfinite=allow_nonfinite, resume=resume, hash_inputs=hash_inputs)
 
@@ -300,19 +310,37 @@ def finish_folder(p: MergePlan, tmp: Path, model_card: bool) -> dict[str, str]:
     if index.is_file():
         others[index.name] = hashlib.sha256(index.read_bytes()).hexdigest()
     for name, src in p.carry_files.items():  # exactly what `plan` listed (links and sizes checked there)
-        if name == "config.json" and p.config_updates:  # e.g. a sliced model's layer count
-            from soupkit.compat.mergekit import update_config
-
+        if name == "config.json":  # the dtype written; a sliced model's layer count
             try:
                 data = src.read_bytes()  # at most MAX_CARRY_BYTES, checked at plan time
             except OSError as e:
                 raise CheckpointFormatError(f"{shown(src)}: cannot read ({e.strerror})") from None
-            others[name] = _write_file(tmp / name, update_config(src, data, p.config_updates))
+            others[name] = _write_file(tmp / name, _updated_config(p, src, data))
         else:
             others[name] = copy_file(src, tmp / name, MAX_CARRY_BYTES)
     if model_card:
         others["README.md"] = _write_file(tmp / "README.md", _model_card(p).encode("utf-8"))
     return others
+
+
+def _updated_config(p: MergePlan, src: Path, data: bytes) -> bytes:
+    """The carried ``config.json`` with the plan's updates (e.g. a sliced model's layer count)
+    and ``torch_dtype`` (and ``dtype``, if the file has that newer key) naming the dtype the
+    tensors are written in, so ``transformers`` with ``dtype="auto"`` loads what was written."""
+    from soupkit.compat.mergekit import update_config
+
+    updates = dict(p.config_updates)
+    written = p.written_dtype
+    if written is not None:
+        try:
+            obj = json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            obj = None
+        if isinstance(obj, dict):
+            for key in ("torch_dtype", "dtype"):
+                if (key == "torch_dtype" or key in obj) and obj.get(key) != written:
+                    updates[key] = written
+    return update_config(src, data, updates) if updates else data
 
 
 @_interrupts.held
@@ -436,6 +464,7 @@ def merge_state_dicts(
     out_dtype: str | None = None,
     chunk_elems: int = DEFAULT_CHUNK_ELEMS,
     allow_nonfinite: bool = False,
+    compute: Compute = "float32",
 ) -> dict[str, torch.Tensor]:
     """Merge in-memory state dicts with any registered method; returns a new state dict.
 
@@ -454,6 +483,7 @@ def merge_state_dicts(
         out_dtype: output dtype (default: the inputs' dtype).
         chunk_elems: elements per chunk for elementwise methods.
         allow_nonfinite: return NaN / Inf results instead of raising `NonFiniteError`.
+        compute: ``"float32"`` or ``"exact"`` (mergekit's arithmetic in ``dtype``, see `plan`).
     """
     if not states:
         raise UsageError("no state dicts given")
@@ -465,6 +495,7 @@ def merge_state_dicts(
         "models": [{"model": f"<state_dict {i}>", "parameters": dict(p)} for i, p in enumerate(mp)],
         "parameters": dict(parameters or {}),
         "seed": seed,
+        "compute": compute,
     }
     if base is not None:
         data["base_model"] = "<base state_dict>"

@@ -15,6 +15,7 @@ soupkit supports runs unchanged::
     out_dtype: bfloat16           # output dtype (default: dtype, else the inputs' dtype)
     seed: 0                       # soupkit: seeds stochastic methods per tensor
     strip_prefix: [module.]       # soupkit: removed from every tensor name that has it
+    compute: float32              # soupkit: `exact` computes as mergekit 0.1.5 does, bit for bit
 
 Instead of ``models:``, a recipe may give mergekit's ``slices:`` (layer ranges stacked into a
 new model, see `soupkit.compat.mergekit`)::
@@ -60,6 +61,7 @@ from pydantic import (
 from soupkit.errors import ConfigError, shown
 
 __all__ = [
+    "Compute",
     "Conditional",
     "DTypeName",
     "MergeConfig",
@@ -71,13 +73,15 @@ __all__ = [
 ]
 
 DTypeName = Literal["float32", "float16", "bfloat16", "float64"]
+# float32: accumulate in float32 (the default, more precise than a bf16 / fp16 recipe dtype);
+# exact: compute in the recipe's dtype with mergekit 0.1.5's arithmetic (docs/mergekit.md)
+Compute = Literal["float32", "exact"]
 Scalar = StrictBool | StrictInt | StrictFloat | StrictStr
 
 # mergekit keys soupkit knows about but does not support yet: refused by name, never ignored.
 _MERGEKIT_UNSUPPORTED = {
     "modules": "per-module recipes",
     "tokenizer": "the tokenizer block (vocabulary surgery)",
-    "chat_template": "chat_template",
     "architecture": "architecture overrides",
 }
 
@@ -154,7 +158,10 @@ class MergeConfig(BaseModel):
     dtype: DTypeName | None = None
     out_dtype: DTypeName | None = None
     seed: StrictInt = 0
+    compute: Compute = "float32"
     tokenizer_source: StrictStr | None = None
+    # mergekit's chat template override; accepted, not applied (`recipe_notes` says so)
+    chat_template: StrictStr | None = None
     name: StrictStr | None = None
     # soupkit: prefixes removed from every input tensor name that has them (``--strip-prefix``)
     strip_prefix: list[StrictStr] | None = None
@@ -189,8 +196,18 @@ class MergeConfig(BaseModel):
                              "`slices:` (layer ranges, see docs/mergekit.md)")
         if self.tokenizer_source == "union":
             raise ValueError("tokenizer_source: 'union' (merging vocabularies) is not supported by "
-                             "soupkit; use 'base' or a model path (see docs/mergekit.md)")
+                             "soupkit: it needs the tokenizers' vocabularies merged and every model's "
+                             "embedding and head rows re-indexed and filled before the merge; use "
+                             "'base' or a model path when the vocabularies agree (see docs/mergekit.md)")
         return self
+
+    def recipe_notes(self) -> list[str]:
+        """What soupkit does differently from mergekit for this recipe's top-level keys."""
+        if self.chat_template is None:
+            return []
+        return [f"chat_template: {self.chat_template!r} is not applied: soupkit carries the tokenizer "
+                "files (and the chat template in them) unchanged; set the template in "
+                "tokenizer_config.json / chat_template.jinja of the tokenizer source if needed"]
 
     def resolve_model_path(self, path: str) -> str:
         """Where a model path points: relative to the current directory, as mergekit does;

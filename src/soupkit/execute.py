@@ -284,6 +284,8 @@ def check_shared_inputs(plans: Sequence[MergePlan]) -> None:
             problems.append(f"{len(p.jobs)} output tensors against {len(first.jobs)}")
         elif p.config.dtype != first.config.dtype:
             problems.append(f"`dtype: {p.config.dtype}` against `dtype: {first.config.dtype}`")
+        elif p.config.compute != first.config.compute:
+            problems.append(f"`compute: {p.config.compute}` against `compute: {first.config.compute}`")
         else:
             for ja, jb in zip(first.jobs, p.jobs):
                 same = (ja.name == jb.name and _same_info(ja.source, jb.source)
@@ -581,7 +583,9 @@ class _Engine:
         self.cast = getattr(torch, plans[0].config.dtype) if plans[0].config.dtype else None
         self.diag = _Loader(diag, self.cast)
         self.compute_elems = compute_elems
-        self.modes = [_mode(p.method) for p in plans]
+        # exact mode (compute: exact): whole tensors in the recipe's dtype, mergekit's arithmetic
+        self.exact = [p.config.compute == "exact" for p in plans]
+        self.modes = [_WHOLE if ex else _mode(p.method) for p, ex in zip(plans, self.exact)]
         # float32 buffers up to this size are kept for reuse (pieces and RNG blocks)
         self.keep_elems = max(compute_elems, RNG_BLOCK if _BLOCK in self.modes else 0)
         self.read = 0
@@ -687,6 +691,24 @@ class _Engine:
                 if (with_base and base_raw is not None) else None)
         return xs, base
 
+    def _exact_inputs(self, raws: Sequence[torch.Tensor | None], n: int, with_base: bool,
+                      ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """Exact mode: every input (and the base) as a new tensor in the compute dtype, as
+        mergekit's loader gives them: the recipe's ``dtype``, else the inputs' promoted dtype."""
+        *xs_raw, base_raw = raws
+        present = [r[:n] for r in xs_raw if r is not None]
+        if with_base and base_raw is not None:
+            present.append(base_raw[:n])
+        dtype = self.cast
+        if dtype is None:
+            dtype = present[0].dtype
+            for r in present[1:]:
+                dtype = torch.promote_types(dtype, r.dtype)
+        out = [r.to(dtype, copy=True) for r in present]
+        if with_base and base_raw is not None:
+            return out[:-1], out[-1]
+        return out, None
+
     def _split(self, ranges: Sequence[tuple[int, int]], piece: Callable[[int, int, int], None],
                threads: int) -> None:
         """Run ``piece(s, e, t)`` for every range on up to ``threads`` threads: this thread
@@ -755,7 +777,7 @@ class _Engine:
             base = base.view(shape) if base is not None else None
         assert job.params is not None
         try:
-            out = spec.call(xs, job.params, base=base, rng=rng, trim=trim)
+            out = spec.call(xs, job.params, base=base, rng=rng, trim=trim, exact=self.exact[k])
         except MethodInputError as e:
             raise MethodInputError(f"tensor {job.name!r}: {e}") from None
         want = tuple(shape) if shape is not None else (n,)
@@ -878,7 +900,10 @@ class _Engine:
             dest_all = buf[: n * out_dtype.itemsize].view(out_dtype)
             uses_base = job.base is not None
             if mode == _WHOLE:
-                xs, base = self._inputs(u.raws, 0, n, uses_base)
+                if self.exact[k]:
+                    xs, base = self._exact_inputs(u.raws, n, uses_base)
+                else:
+                    xs, base = self._inputs(u.raws, 0, n, uses_base)
                 rng = (torch.Generator().manual_seed(tensor_seed(plan.config.seed, job.name))
                        if plan.method.stochastic else None)
                 out = self._call(k, job, xs, base, rng, None, n, job.shape)
@@ -1084,7 +1109,8 @@ def run_plans(
     with (_interrupts.deferred(), _torch_threads(threads), TensorReader(stamps) as reader,
           TensorReader(stamps) as diag, torch.inference_mode()):
         # trim_scope: global (TIES): a streaming pre-pass finds each model's exact global cut
-        cuts = [compute_cuts(p, reader) if p.method.global_trim is not None else {} for p in plans]
+        cuts = [compute_cuts(p, reader) if p.method.global_trim is not None and p.config.compute != "exact"
+                else {} for p in plans]
         engine = _Engine(plans, sinks, progress=progress, allow_nonfinite=allow_nonfinite, skips=skips,
                          cuts=cuts, diag=diag, compute_elems=COMPUTE_ELEMS,
                          workers=compute_threads or _sizes_compute_threads(),

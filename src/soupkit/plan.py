@@ -30,13 +30,28 @@ from soupkit.io.checkpoint import CARRY_FILES, Checkpoint, carried_files, open_c
 from soupkit.io.header import DTYPES, TensorInfo
 from soupkit.io.writer import STAGING_BYTES, OutputTensor, ShardLayout, layout_shards, parse_size
 from soupkit.methods import MethodSpec, Params
+from soupkit.methods._conventions import describe_convention
 from soupkit.params import LayerIndex, condition_matches, first_match, resolve_chain
 
 __all__ = ["DEFAULT_CHUNK_ELEMS", "MergePlan", "TensorJob", "make_plan", "plan_recipe"]
 
 DEFAULT_CHUNK_ELEMS = 1 << 21  # 2M elements: a few MiB per input, enough to amortise overhead
 _DTYPE_CODE = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
+_DTYPE_NAME = {code: name for name, code in _DTYPE_CODE.items()}
 MAX_PROBLEMS_SHOWN = 50
+
+
+def out_dtype_code(cfg: MergeConfig, spec: MethodSpec, stored: str) -> str:
+    """The safetensors dtype a float tensor is written in: ``out_dtype``, else ``dtype``, else
+    the input's (``stored``). In exact mode without ``out_dtype`` it is what mergekit 0.1.5
+    writes: a method whose arithmetic promotes 16-bit inputs (``spec.exact_out_dtype``) gives
+    that dtype."""
+    if cfg.out_dtype:
+        return _DTYPE_CODE[cfg.out_dtype]
+    code = _DTYPE_CODE[cfg.dtype] if cfg.dtype else stored
+    if cfg.compute == "exact" and spec.exact_out_dtype is not None and code in ("BF16", "F16"):
+        return _DTYPE_CODE[spec.exact_out_dtype]
+    return code
 
 
 @dataclass(frozen=True)
@@ -90,6 +105,19 @@ class MergePlan:
     carry_files: dict[str, Path] = field(default_factory=dict)
 
     @property
+    def written_dtype(self) -> str | None:
+        """The torch dtype name (``"bfloat16"``, ...) of every floating-point tensor written, or
+        None when they differ or there are none: what ``config.json`` must name."""
+        names = {_DTYPE_NAME[j.out_dtype] for j in self.jobs if j.out_dtype in _DTYPE_NAME}
+        return names.pop() if len(names) == 1 else None
+
+    @property
+    def whole_tensors(self) -> bool:
+        """The engine hands the method whole tensors: it needs them, or exact mode (which
+        computes each tensor as mergekit does, in one piece)."""
+        return self.method.streams_whole_tensors or self.config.compute == "exact"
+
+    @property
     def input_bytes(self) -> int:
         """Bytes of tensor data the merge reads."""
         n = 0
@@ -128,7 +156,7 @@ class MergePlan:
                 continue
             k = len(j.inputs) + (1 if j.base is not None else 0)
             raw = sum(t.itemsize for t in j.inputs) + (j.base.itemsize if j.base is not None else 0)
-            if spec.streams_whole_tensors:
+            if self.whole_tensors:
                 need = j.numel * (raw + 4 * (spec.work_per_input * k + 1) + out)
             else:
                 n = min(j.numel, max(self.chunk_elems, workers * RNG_BLOCK) if stochastic else self.chunk_elems)
@@ -161,9 +189,16 @@ class MergePlan:
             f"reads       {human_bytes(self.input_bytes)}",
             f"writes      {human_bytes(self.output_bytes)} in {len(self.shards)} shard(s)",
             f"peak memory ~{human_bytes(self.peak_memory_bytes)} of tensor buffers "
-            f"({'whole tensors: this method needs them' if self.method.streams_whole_tensors else 'chunks of ' + format(self.chunk_elems, ',') + ' elements'})",
+            f"({_pieces(self)})",
+            "compute     " + ("exact: in the recipe's dtype "
+                               f"({cfg.dtype or 'of the inputs'}), mergekit 0.1.5's arithmetic (its bits for "
+                               "deterministic methods)"
+                               if cfg.compute == "exact" else "float32 accumulation (`compute: exact` for "
+                               "mergekit's bits in the recipe's dtype)"),
             f"seed        {cfg.seed}" + ("" if self.method.stochastic else " (method is deterministic)"),
         ]
+        conventions = dict.fromkeys(c for j in self.jobs if (c := describe_convention(j.params)) is not None)
+        lines += [f"convention  {c}" for c in conventions]
         if self.carry_from is not None:
             lines.append(f"carries     {', '.join(self.carry_files) or 'nothing'} from {self.carry_from}")
         for key, count in self.filter_counts.items():
@@ -177,6 +212,14 @@ class MergePlan:
         if len(self.jobs) > max_rows:
             lines.append(f"... {len(self.jobs) - max_rows} more tensors")
         return "\n".join(lines)
+
+
+def _pieces(p: MergePlan) -> str:
+    if p.config.compute == "exact":
+        return "whole tensors: exact mode"
+    if p.method.streams_whole_tensors:
+        return "whole tensors: this method needs them"
+    return f"chunks of {p.chunk_elems:,} elements"
 
 
 def _short_params(p: Params | None) -> str:
@@ -256,6 +299,50 @@ def parameter_problems(
     return problems
 
 
+# Parameters some mergekit 0.1.5 method takes. mergekit accepts any of them on any method and
+# ignores those the method does not use (its planner looks up only the names a method declares),
+# e.g. `weight` on model_stock: soupkit accepts them too, with a note saying they are ignored.
+MERGEKIT_PARAMETERS = frozenset({
+    "weight", "density", "gamma", "epsilon", "lambda", "normalize", "rescale", "int8_mask", "t",
+    "filter_wise", "select_topk", "nuslerp_flatten", "nuslerp_row_wise", "eps", "max_iter", "tol",
+    "scale", "similarity_threshold",
+})
+# ... except where the name does change mergekit's result and soupkit's method has no such switch
+_MERGEKIT_NOT_IGNORED = {("rescale", "ties"), ("rescale", "breadcrumbs"), ("rescale", "breadcrumbs_ties")}
+
+
+def ignored_by_mergekit(key: str, value: Any, spec: MethodSpec) -> bool:
+    """``key`` is a mergekit parameter that mergekit ignores for this method (see above)."""
+    if key in spec.per_model_names or key in spec.global_names or key not in MERGEKIT_PARAMETERS:
+        return False
+    return not ((key, spec.name) in _MERGEKIT_NOT_IGNORED and value is not False)
+
+
+def _same_as_global(cfg: MergeConfig, spec: MethodSpec, key: str, value: Any) -> bool:
+    """A global parameter repeated under a model with the value it has anyway (the top-level
+    one, else the method's default): mergekit ignores it there, and so may soupkit."""
+    if key in cfg.parameters:
+        return bool(cfg.parameters[key] == value)
+    field = next((f for n, f in spec.params.model_fields.items() if (f.alias or n) == key), None)
+    return field is not None and field.default == value
+
+
+def ignored_parameter_notes(cfg: MergeConfig, spec: MethodSpec) -> list[str]:
+    """One note per mergekit parameter the recipe gives that this method does not use, and per
+    global parameter repeated under a model with its global value."""
+    levels = [cfg.parameters, *(m.parameters for m in cfg.models)]
+    for sl in cfg.slices or []:
+        levels += [sl.parameters, *(s.parameters for s in sl.sources)]
+    keys = [k for params in levels for k, v in params.items() if ignored_by_mergekit(k, v, spec)]
+    notes = [f"parameter {k!r} is ignored: {spec.name!r} does not use it (mergekit accepts and ignores it too)"
+             for k in dict.fromkeys(keys)]
+    repeated = [k for m in cfg.models for k, v in m.parameters.items()
+                if k in spec.global_names and _same_as_global(cfg, spec, k, v)]
+    notes += [f"parameter {k!r} under a model is ignored: it is global (its top-level value applies, "
+              "as in mergekit)" for k in dict.fromkeys(repeated)]
+    return notes
+
+
 def _check_param_names(cfg: MergeConfig, spec: MethodSpec) -> list[str]:
     problems: list[str] = []
     per_model, glob = set(spec.per_model_names), set(spec.global_names)
@@ -267,14 +354,19 @@ def _check_param_names(cfg: MergeConfig, spec: MethodSpec) -> list[str]:
         return (f"{where}: unknown parameter {key!r} for method {spec.name!r}; {hint}"
                 f"it takes: {', '.join(every) or 'no parameters'}")
 
-    for key in cfg.parameters:
-        if key not in per_model and key not in glob:
+    for key, value in cfg.parameters.items():
+        if key not in per_model and key not in glob and not ignored_by_mergekit(key, value, spec):
             problems.append(unknown(key, "parameters"))
     for i, m in enumerate(cfg.models):
-        for key in m.parameters:
+        for key, value in m.parameters.items():
+            if ignored_by_mergekit(key, value, spec):
+                continue
             if key in glob:
+                if _same_as_global(cfg, spec, key, value):
+                    continue
                 problems.append(f"models[{i}].parameters: {key!r} is a global parameter of "
-                                f"{spec.name!r}; set it under the top-level `parameters:`")
+                                f"{spec.name!r}; set it under the top-level `parameters:` (mergekit "
+                                "would ignore it here: it reads global parameters from the top level only)")
             elif key not in per_model:
                 problems.append(unknown(key, f"models[{i}].parameters"))
     return problems
@@ -287,8 +379,9 @@ def _open_all(cfg: MergeConfig, problems: list[str], allow_pickle: bool = False,
     def get(path: str, where: str) -> Checkpoint | None:
         if path not in cache:
             try:
-                cache[path] = open_checkpoint(cfg.resolve_model_path(path), label=path,
-                                              allow_pickle=allow_pickle)
+                from soupkit.compat.model_adapter import open_model  # imports soupkit.lora
+
+                cache[path] = open_model(cfg, path, allow_pickle=allow_pickle)
             except SoupError as e:
                 problems.append(f"{where}: {e}")
                 cache[path] = None
@@ -398,6 +491,7 @@ def make_plan(
         raise ConfigError([f"chunk_elems must be >= 1, got {chunk_elems}"])
 
     notes: list[str] = [n for c in (*models, *([base] if base is not None else [])) for n in c.notes]
+    notes += ignored_parameter_notes(cfg, spec) + cfg.recipe_notes()
     entries = list(zip(cfg.models, models))
     if spec.base_as_input and base is not None and not any(_same_file(m, base) for m in models):
         # As mergekit does: the base joins the inputs after the models when it is not listed
@@ -487,7 +581,6 @@ def make_plan(
     param_cache: dict[tuple[Any, ...], Params] = {}
     bad_params: dict[str, tuple[str, int]] = {}
     jobs: list[TensorJob] = []
-    out_code = _DTYPE_CODE[cfg.out_dtype] if cfg.out_dtype else (_DTYPE_CODE[cfg.dtype] if cfg.dtype else None)
     for name, r in ref.tensors.items():
         if not r.is_float:
             jobs.append(TensorJob(name, r.shape, r.dtype, source=r))
@@ -508,12 +601,14 @@ def make_plan(
         if p is None:
             continue
         jobs.append(TensorJob(
-            name, r.shape, out_code or r.dtype,
+            name, r.shape, out_dtype_code(cfg, spec, r.dtype),
             inputs=tuple(m.tensors[name] for m in ckpts),
             base=base.tensors[name] if (base is not None and uses_base) else None,
             params=p,
         ))
     problems += parameter_problems(filter_counts, shadowed, bad_params)
+    if cfg.compute == "exact":
+        problems += exact_problems(spec, jobs)
     if not bad_params:
         problems += check_global_trim(spec, jobs)
         notes += global_trim_notes(spec, jobs)
@@ -549,6 +644,21 @@ def _prefix_problem(ref: Checkpoint, others: Sequence[Checkpoint]) -> str | None
             f"the same tensor is named:\n" + "\n".join(rows) + "\n"
             f"    hint: add {flags} (recipe key: `strip_prefix: [{', '.join(fix)}]`), which removes "
             "it from every name that has it")
+def exact_problems(spec: MethodSpec, jobs: Sequence[TensorJob]) -> list[str]:
+    """Why ``compute: exact`` cannot reproduce mergekit for these jobs: each distinct reason
+    that the method's ``exact_check`` gives, with the first tensor and how many it hits."""
+    if spec.exact_check is None:
+        return []
+    seen: dict[str, tuple[str, int]] = {}
+    for j in jobs:
+        if j.params is None:
+            continue
+        msg = spec.exact_check(j.params)
+        if msg is not None:
+            first, count = seen.get(msg, (j.name, 0))
+            seen[msg] = (first, count + 1)
+    return [f"compute: exact: {spec.name}: {msg} (tensor {first!r}"
+            + (f" and {count - 1} other tensor(s))" if count > 1 else ")") for msg, (first, count) in seen.items()]
 
 
 def _carry_source(cfg: MergeConfig, base: Checkpoint | None, models: Sequence[Checkpoint]) -> Path | None:

@@ -79,3 +79,35 @@ def write_llama(folder: Path, state: Mapping[str, torch.Tensor], *, tokenizer: b
     if tokenizer:
         write_tokenizer(folder)
     return folder
+
+
+# mergekit 0.1.5 in its own venv: each job is [cwd, recipe file, output folder, lora cache or None].
+# Its loader cache is keyed by the path as written, so it is emptied between jobs (the same
+# "./ft1" in another folder is another model).
+_MERGEKIT_RUNNER = r"""
+import json, os, sys, yaml, torch
+from mergekit.config import MergeConfiguration
+from mergekit.io.tasks import LoaderCache
+from mergekit.merge import run_merge
+from mergekit.options import MergeOptions
+for cwd, cfg, out, lora_cache in json.loads(sys.argv[1]):
+    os.chdir(cwd)
+    LoaderCache.loaders = {}
+    torch.manual_seed(0)
+    c = MergeConfiguration.model_validate(yaml.safe_load(open(cfg)))
+    run_merge(c, out, MergeOptions(copy_tokenizer=False, lazy_unpickle=False, out_shard_size=10**12, quiet=True,
+                                   lora_merge_cache=lora_cache))
+"""
+
+
+def run_mergekit(jobs: list[tuple[Path, Path, Path, Path | None]], timeout: int = 900) -> None:
+    """Run mergekit 0.1.5 on ``(cwd, recipe, out, lora_cache)`` jobs in one subprocess (its
+    import time is paid once); raises with mergekit's stderr when it fails."""
+    import json
+    import subprocess
+
+    payload = json.dumps([[str(c), str(r), str(o), str(lc) if lc else None] for c, r, o, lc in jobs])
+    proc = subprocess.run([str(MERGEKIT_PY), "-c", _MERGEKIT_RUNNER, payload], capture_output=True, text=True,
+                          timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"mergekit failed:\n{proc.stderr[-3000:]}")

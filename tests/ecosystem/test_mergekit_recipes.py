@@ -52,7 +52,6 @@ tokenizer_source: base
 @pytest.mark.parametrize("extra, message", [
     ({"modules": {}}, "mergekit key 'modules' (per-module recipes) is not supported by soupkit yet; see docs/mergekit.md"),
     ({"tokenizer": {"source": "union"}}, "mergekit key 'tokenizer'"),
-    ({"chat_template": "chatml"}, "mergekit key 'chat_template'"),
     ({"tokenizer_source": "union"}, "tokenizer_source: 'union' (merging vocabularies) is not supported"),
 ])
 def test_unsupported_mergekit_keys_are_refused_by_name(extra: dict[str, object], message: str) -> None:

@@ -26,7 +26,7 @@ def test_breadcrumbs_hand_example() -> None:
     assert out.tolist() == [x + 0.5 * y for x, y in zip(ta, tb)]
     # with TIES consensus (paper convention): elect sgn(ta + tb) = [0 - + - + + + - + 0], then the
     # weighted agreeing entries over their count: index 5 keeps 0.5 * 6, index 6 (4 + 0.5 * 7) / 2
-    pt = BreadcrumbsTiesParams(weight=(1.0, 0.5), density=(0.6, 0.6), gamma=(0.1, 0.1))
+    pt = BreadcrumbsTiesParams(weight=(1.0, 0.5), density=(0.6, 0.6), gamma=(0.1, 0.1), convention="paper")
     tied = methods.get("breadcrumbs_ties").fn([a.clone(), b.clone()], pt)
     assert tied.tolist() == [0, -9, 8, -7, 6, 3, 3.75, -4, 4.5, 0]
 
@@ -51,7 +51,7 @@ def test_breadcrumbs_keeps_exactly_density(seed: int, density: float, gamma: flo
 def test_della_keep_rate_and_rescale() -> None:
     g = torch.Generator().manual_seed(0)
     d = torch.randn(256, 512, generator=g)
-    p = DellaLinearParams(weight=(1.0,), density=(0.4,), epsilon=(0.2,))
+    p = DellaLinearParams(weight=(1.0,), density=(0.4,), epsilon=(0.2,), convention="paper")
     out = methods.get("della_linear").fn([d.clone()], p, rng=torch.Generator().manual_seed(1))
     kept = out != 0
     assert abs(kept.float().mean().item() - 0.4) < 0.01

@@ -28,7 +28,7 @@ def test_dare_linear_statistics_match_peft(density: float) -> None:
     (d,) = _deltas(1)
     torch.manual_seed(12345)  # PEFT draws from the global RNG (not from _deltas' seed: correlated)
     peft_out = merge_utils.dare_linear([d.clone()], torch.tensor([1.0]), density)
-    p = DareLinearParams(weight=(1.0,), density=(density,))
+    p = DareLinearParams(weight=(1.0,), density=(density,), convention="paper")
     ours = methods.get("dare_linear").fn([d.clone()], p, rng=torch.Generator().manual_seed(777))
     for out in (peft_out, ours):
         kept = out != 0
@@ -54,14 +54,18 @@ def test_dare_ties_statistics_match_peft() -> None:
 
 def test_dare_ties_with_everything_kept_is_ties_consensus() -> None:
     deltas = [torch.tensor([1.0, -2.0, 0.5]), torch.tensor([-1.0, -1.0, 0.25])]
-    p = DareTiesParams(weight=(1.0, 1.0), density=(1.0, 1.0))
+    p = DareTiesParams(weight=(1.0, 1.0), density=(1.0, 1.0), convention="paper")
     out = methods.get("dare_ties").fn([d.clone() for d in deltas], p, rng=torch.Generator().manual_seed(0))
     assert out.tolist() == [0.0, -1.5, 0.375]  # sign tie -> 0 (paper), mean of agreeing
 
 
 def test_bool_rescale_and_conventions() -> None:
+    paper = {"weight": [1], "density": [0.5], "convention": "paper"}
+    assert DareLinearParams.model_validate({**paper, "rescale": False}).rescale == "none"
+    assert DareLinearParams.model_validate({**paper, "rescale": True}).rescale == "density"
+    # mergekit's `rescale: true` is its L1 rescale (the default convention)
+    assert DareLinearParams.model_validate({"weight": [1], "density": [0.5], "rescale": True}).rescale == "l1"
     assert DareLinearParams.model_validate({"weight": [1], "density": [0.5], "rescale": False}).rescale == "none"
-    assert DareLinearParams.model_validate({"weight": [1], "density": [0.5], "rescale": True}).rescale == "density"
     mk = DareTiesParams.model_validate({"weight": [1], "density": [0.5], "convention": "mergekit"})
     assert (mk.rescale, mk.sign_source, mk.sign_tie, mk.aggregation) == ("l1", "weighted", "positive", "sum")
     with pytest.raises(ValueError, match="greater than 0"):

@@ -20,6 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import soupkit
 from soupkit import methods
 
 from .helpers import bits_equal
@@ -234,7 +235,8 @@ def test_recipe_bit_identical_to_mergekit(
 def test_mergekit_writes_float32_for_methods_that_promote(tmp_path: Path) -> None:
     """arcee_fusion and ramplus_tl return float32 for bfloat16 inputs (a float32 mask / scale);
     with no ``out_dtype`` mergekit 0.1.5 writes that float32 tensor while config.json says
-    bfloat16. soupkit writes ``dtype`` (docs/mergekit.md, "Output dtype")."""
+    bfloat16. soupkit writes ``dtype``, and in exact mode mergekit's float32 (docs/mergekit.md,
+    "Output dtype")."""
     g = torch.Generator().manual_seed(2)
     shapes = _shapes()
     base = {k: (torch.randn(s, generator=g) * 0.2).bfloat16() for k, s in shapes.items()}
@@ -248,3 +250,13 @@ def test_mergekit_writes_float32_for_methods_that_promote(tmp_path: Path) -> Non
         config = json.loads((tmp_path / f"mk_{name}" / "config.json").read_text())
         assert config.get("torch_dtype", config.get("dtype")) == "bfloat16"
         assert {v.dtype for v in ours.values()} == {torch.bfloat16}
+        # exact mode writes what mergekit writes: its float32 tensors, bit for bit, and says so
+        with pytest.MonkeyPatch.context() as mp:
+            mp.chdir(tmp_path)
+            soupkit.merge({**recipes[name], "compute": "exact"}, tmp_path / f"exact_{name}", progress=False,
+                          hash_inputs=False)
+        exact = load_file(str(tmp_path / f"exact_{name}" / "model.safetensors"))
+        assert exact.keys() == theirs.keys()
+        assert all(exact[k].dtype == torch.float32 and bits_equal(exact[k], theirs[k]) for k in theirs)
+        ours_config = json.loads((tmp_path / f"exact_{name}" / "config.json").read_text())
+        assert ours_config["torch_dtype"] == "float32"

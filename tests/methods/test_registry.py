@@ -35,14 +35,15 @@ def test_module_docstring_gives_formula_paper_and_anchor(spec: MethodSpec) -> No
 
 
 @pytest.mark.parametrize("spec", [s for s in ALL if issubclass(s.params, PresetParams)], ids=lambda s: s.name)
-def test_presets_name_only_fields_and_paper_is_the_default(spec: MethodSpec) -> None:
+def test_presets_name_only_fields_and_mergekit_is_the_default(spec: MethodSpec) -> None:
     params: type[PresetParams] = spec.params  # type: ignore[assignment]
     fields = params.model_fields
-    assert "paper" in params.presets
+    assert "paper" in params.presets and "mergekit" in params.presets
     for conv, values in params.presets.items():
         assert set(values) <= set(fields), (conv, set(values) - set(fields))
-    for key, value in params.presets["paper"].items():
+    for key, value in params.presets["mergekit"].items():
         assert fields[key].default == value, key
+    assert fields["convention"].default == "mergekit"
 
 
 def test_registration_refuses_bad_declarations() -> None:
@@ -67,7 +68,7 @@ def test_plan_shows_resolved_parameters_with_recipe_keys(tmp_path: Path, capsys:
     ms = [write(tmp_path / f"m{i}", s) for i, s in enumerate(fts)]
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"merge_method: ties\nbase_model: {b}\nmodels:\n  - model: {ms[0]}\n  - model: {ms[1]}\n"
-                      "parameters: {density: 0.3, lambda: 0.5}\n")
+                      "parameters: {density: 0.3, lambda: 0.5, convention: paper}\n")
     assert main(["plan", str(recipe)]) == 0
     out = capsys.readouterr().out
     assert "lambda=0.5" in out and "trim_scope=global" in out and "density=[0.3, 0.3]" in out

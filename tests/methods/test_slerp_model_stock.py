@@ -95,8 +95,9 @@ def test_slerp_mergekit_recipe_with_both_models_listed(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------- model stock
 
 
-def run_stock(w0: torch.Tensor, ws: list[torch.Tensor], filter_wise: bool = False) -> torch.Tensor:
-    return stock.call([w.clone() for w in ws], ModelStockParams(filter_wise=filter_wise), base=w0.clone())
+def run_stock(w0: torch.Tensor, ws: list[torch.Tensor], filter_wise: bool = False, **kw: str) -> torch.Tensor:
+    return stock.call([w.clone() for w in ws], ModelStockParams.model_validate({"filter_wise": filter_wise, **kw}),
+                      base=w0.clone())
 
 
 def test_model_stock_hand_examples() -> None:
@@ -107,9 +108,17 @@ def test_model_stock_hand_examples() -> None:
     assert torch.allclose(run_stock(w0, [w1, w2]), want)
     # orthogonal fine-tunes: t = 0, the base
     assert torch.equal(run_stock(w0, [torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])]), w0)
-    # obtuse angle (outside the paper's assumption): clamped to t = 0, the base
-    assert torch.equal(run_stock(torch.ones(2), [torch.tensor([2.0, 1.0]), torch.tensor([0.0, 1.1])]),
-                       torch.ones(2))
+    # obtuse angle (outside the paper's assumption): with convention paper, clamped to t = 0, the base
+    assert torch.equal(run_stock(torch.ones(2), [torch.tensor([2.0, 1.0]), torch.tensor([0.0, 1.1])],
+                                 convention="paper"), torch.ones(2))
+    # mergekit (the default) extrapolates: offsets [1, 0] and [-1, 0.1], cos = -1 / sqrt(1.01),
+    # t = 2 cos / (1 + cos), theta = t * avg + (1 - t) * theta_0
+    cos = -1 / math.sqrt(1.01)
+    t = 2 * cos / (1 + cos)
+    want = torch.tensor([1.0, 1.05]) * t + (1 - t) * torch.ones(2)
+    # (t = -19: close to the singularity, float32 rounding of cos is amplified 20x)
+    assert torch.allclose(run_stock(torch.ones(2), [torch.tensor([2.0, 1.0]), torch.tensor([0.0, 1.1])]), want,
+                          rtol=1e-4)
 
 
 def mergekit_model_stock(w_0: torch.Tensor, ws: list[torch.Tensor], filter_wise: bool) -> torch.Tensor:

@@ -32,6 +32,7 @@ TAU = [
 def params(n: int = 3, **kw: Any) -> TiesParams:
     kw.setdefault("weight", (1.0,) * n)
     kw.setdefault("density", (1.0,) * n)
+    kw.setdefault("convention", "paper")  # these tests pin the paper's arithmetic (mergekit's is the default)
     return TiesParams.model_validate(kw)
 
 
@@ -51,7 +52,7 @@ def test_paper_worked_example_trim_elect_disjoint_mean() -> None:
     # through the engine, with a base: theta = base + lambda * tau
     base = {"w": torch.ones(5)}
     states = [{"w": base["w"] + t} for t in TAU]
-    out = soupkit.merge_state_dicts(states, "ties", base=base, parameters={"density": 0.6, "lambda": 2.0})
+    out = soupkit.merge_state_dicts(states, "ties", base=base, parameters={"density": 0.6, "lambda": 2.0, "convention": "paper"})
     assert out["w"].tolist() == [2.0, 2.75, 1.875, -0.5, 2.375]
 
 
@@ -165,7 +166,7 @@ def test_identical_task_vectors_and_zero_deltas(n: int, density: float) -> None:
 def _plan(base: dict[str, torch.Tensor], fts: list[dict[str, torch.Tensor]], parameters: dict[str, Any],
           model_parameters: list[dict[str, Any]] | None = None) -> soupkit.MergePlan:
     cfg = soupkit.load_recipe({
-        "merge_method": "ties", "base_model": "b", "parameters": parameters,
+        "merge_method": "ties", "base_model": "b", "parameters": {"convention": "paper", **parameters},
         "models": [{"model": f"m{i}", "parameters": (model_parameters or [{}] * len(fts))[i]}
                    for i in range(len(fts))],
     })
@@ -190,7 +191,7 @@ def test_streaming_global_threshold_equals_kthvalue_of_the_concatenation(density
         assert stats[i].threshold == float(kth_largest)
         assert stats[i].k == k and stats[i].total == everything.numel()
     # and the merge keeps exactly k entries of each model's whole task vector
-    out = soupkit.merge_state_dicts([fts[0]], "ties", base=base, parameters={"density": density})
+    out = soupkit.merge_state_dicts([fts[0]], "ties", base=base, parameters={"density": density, "convention": "paper"})
     kept = sum(int((out[n] != base[n]).sum()) for n in names)
     assert kept == int(density * sum(base[n].numel() for n in names))
 
@@ -198,10 +199,10 @@ def test_streaming_global_threshold_equals_kthvalue_of_the_concatenation(density
 def test_global_versus_per_tensor_hand_example() -> None:
     base = {"a": torch.zeros(2), "b": torch.zeros(2)}
     ft = {"a": torch.tensor([4.0, -3.0]), "b": torch.tensor([0.5, 2.0])}
-    glob = soupkit.merge_state_dicts([ft], "ties", base=base, parameters={"density": 0.5})
+    glob = soupkit.merge_state_dicts([ft], "ties", base=base, parameters={"density": 0.5, "convention": "paper"})
     assert glob["a"].tolist() == [4.0, -3.0] and glob["b"].tolist() == [0.0, 0.0]
     local = soupkit.merge_state_dicts([ft], "ties", base=base,
-                                      parameters={"density": 0.5, "trim_scope": "per_tensor"})
+                                      parameters={"density": 0.5, "trim_scope": "per_tensor", "convention": "paper"})
     assert local["a"].tolist() == [4.0, 0.0] and local["b"].tolist() == [0.0, 2.0]
 
 
@@ -209,7 +210,7 @@ def test_global_ties_at_the_threshold_go_to_the_first_tensor_by_name_then_index(
     base = {"b": torch.zeros(3), "a": torch.zeros(3), "c": torch.zeros(2)}
     ft = {"b": torch.tensor([1.0, 1.0, 5.0]), "a": torch.tensor([1.0, -1.0, 0.5]), "c": torch.tensor([1.0, 1.0])}
     # N = 8, density 0.5 -> k = 4: 5.0 plus three of the six 1.0s: a[0], a[1] then b[0]
-    out = soupkit.merge_state_dicts([ft], "ties", base=base, parameters={"density": 0.5}, chunk_elems=2)
+    out = soupkit.merge_state_dicts([ft], "ties", base=base, parameters={"density": 0.5, "convention": "paper"}, chunk_elems=2)
     assert out["a"].tolist() == [1.0, -1.0, 0.0]
     assert out["b"].tolist() == [1.0, 0.0, 5.0]
     assert out["c"].tolist() == [0.0, 0.0]
@@ -227,10 +228,10 @@ def test_global_trim_needs_one_density_per_model() -> None:
 def test_global_trim_is_independent_of_chunking_and_tensor_order() -> None:
     base = base_state()
     fts = finetunes(base, 3)
-    a = soupkit.merge_state_dicts(fts, "ties", base=base, parameters={"density": 0.3}, chunk_elems=5)
+    a = soupkit.merge_state_dicts(fts, "ties", base=base, parameters={"density": 0.3, "convention": "paper"}, chunk_elems=5)
     rev = {k: base[k] for k in reversed(list(base))}
     b = soupkit.merge_state_dicts([{k: f[k] for k in rev} for f in fts], "ties", base=rev,
-                                  parameters={"density": 0.3})
+                                  parameters={"density": 0.3, "convention": "paper"})
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -240,4 +241,4 @@ def test_a_nan_in_a_task_vector_is_not_trimmed_away(scope: str) -> None:
     base = {"a": torch.zeros(4)}
     ft = {"a": torch.tensor([1.0, float("nan"), 2.0, 3.0])}
     with pytest.raises(soupkit.NonFiniteError, match="state_dict 0 holds 1 NaN"):
-        soupkit.merge_state_dicts([ft], "ties", base=base, parameters={"density": 0.5, "trim_scope": scope})
+        soupkit.merge_state_dicts([ft], "ties", base=base, parameters={"density": 0.5, "trim_scope": scope, "convention": "paper"})

@@ -22,6 +22,14 @@ def add_pickle_flag(p: argparse.ArgumentParser) -> None:
                         "torch.load(weights_only=True); a pickle can hide code, so only for files you trust")
 
 
+def add_compute_flag(p: argparse.ArgumentParser) -> None:
+    """``--compute``: override the recipe's ``compute`` (exact mode, docs/mergekit.md)."""
+    p.add_argument("--compute", choices=("float32", "exact"), default=None,
+                   help="float32: accumulate in float32 (the default, more precise); exact: compute in "
+                        "the recipe's dtype with mergekit 0.1.5's arithmetic, bit-identical to mergekit "
+                        "(default: the recipe's `compute:` key)")
+
+
 def add_safety_flags(p: argparse.ArgumentParser) -> None:
     """Opt-ins that relax a safety default, and resuming (see SECURITY.md)."""
     add_pickle_flag(p)

@@ -9,6 +9,7 @@ from pathlib import Path
 from soupkit._format import human_bytes, human_seconds
 from soupkit.api import merge
 from soupkit.cli._common import (
+    add_compute_flag,
     add_key_map_flags,
     add_output_flags,
     add_safety_flags,
@@ -24,12 +25,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p = command(sub, "merge", "merge the checkpoints a YAML recipe names into OUT_DIR", """
         soupkit merge recipe.yaml ./merged
         soupkit merge recipe.yaml ./merged --force --max-shard-size 2GB
+        soupkit merge recipe.yaml ./merged --compute exact  # mergekit 0.1.5's bits in the recipe's dtype
         soupkit merge recipe.yaml ./merged --resume      # continue after an interrupt
         soupkit merge recipe.yaml ./merged --allow-pickle # inputs saved with torch.save (.bin/.pt/.ckpt)
         soupkit merge recipe.yaml ./merged --allow-pickle --strip-prefix model.  # Lightning .ckpt files
     """)
     p.add_argument("recipe", type=Path, help="YAML recipe (mergekit schema: merge_method, models, base_model, parameters, ...)")
     p.add_argument("out", help="output folder (Hugging Face layout)")
+    add_compute_flag(p)
     add_output_flags(p)
     add_safety_flags(p)
     add_key_map_flags(p)
@@ -39,7 +42,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 def run(args: argparse.Namespace) -> int:
     try:
         r = merge(args.recipe, args.out, force=args.force, progress=progress_flag(args),
-                  max_shard_size=args.max_shard_size, key_map=key_map_from(args), **safety_kwargs(args))
+                  max_shard_size=args.max_shard_size, key_map=key_map_from(args), compute=args.compute, **safety_kwargs(args))
     except (KeyboardInterrupt, SoupError):
         if args.resume:
             print(f"note: the finished shards were kept; run the same command with --resume to "

@@ -31,9 +31,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         # task arithmetic: how much of the task vectors to add
         soupkit sweep --method task_arithmetic --base ./base ./ft-a ./ft-b --values 0.2,0.4,0.6,0.8,1 \\
             --evaluator my_eval.py:score --out ./ta
-        # TIES density, with mergekit's conventions and lambda fixed
+        # TIES density, with the paper's conventions (mergekit's are the default) and lambda fixed
         soupkit sweep --method ties --base ./base ./ft-a ./ft-b ./ft-c --values 0.1,0.2,0.3,0.5 \\
-            --set convention=mergekit --set lambda=1.0 --evaluator my_eval.py:score --out ./ties
+            --set convention=paper --set lambda=1.0 --evaluator my_eval.py:score --out ./ties
         # every grid point at once on Ray workers (a local Ray instance, or --ray-address)
         soupkit sweep --backend ray --ray-num-gpus 1 --base ./zero-shot ./fine-tuned --values 0:1:21 \\
             --evaluator my_eval:score --out ./wise-ft

@@ -51,7 +51,8 @@ from soupkit import methods
 from soupkit.config import Conditional, MergeConfig, ParamValue, Slice, SliceSource
 from soupkit.errors import CheckpointFormatError, ConfigError, PlanError, SoupError, UnknownMethodError
 from soupkit.formats import KeyMap, rename_checkpoint
-from soupkit.io.checkpoint import Checkpoint, carried_files, open_checkpoint
+from soupkit.compat.model_adapter import open_model
+from soupkit.io.checkpoint import Checkpoint, carried_files
 from soupkit.io.header import TensorInfo
 from soupkit.io.writer import OutputTensor, layout_shards, parse_size
 from soupkit.methods import MethodSpec, Params
@@ -64,6 +65,10 @@ from soupkit.plan import (
     _carry_source,
     check_tokenizer_source,
     count_filter_matches,
+    exact_problems,
+    out_dtype_code,
+    ignored_by_mergekit,
+    ignored_parameter_notes,
     parameter_problems,
     validated_params,
 )
@@ -213,7 +218,9 @@ def _param_problems(spec: MethodSpec, cfg: MergeConfig) -> list[str]:
     problems: list[str] = []
 
     def check(params: Mapping[str, ParamValue], where: str, per_source: bool) -> None:
-        for key in params:
+        for key, value in params.items():
+            if ignored_by_mergekit(key, value, spec):
+                continue
             if per_source and key in glob:
                 problems.append(f"{where}: {key!r} is a global parameter of {spec.name!r}; set it "
                                 "under the slice's or the top-level `parameters:`")
@@ -268,7 +275,7 @@ def _open_all(cfg: MergeConfig, allow_pickle: bool, key_map: KeyMap | None,
     problems: list[str] = []
     for path, where in paths.items():
         try:
-            ck = open_checkpoint(cfg.resolve_model_path(path), label=path, allow_pickle=allow_pickle)
+            ck = open_model(cfg, path, allow_pickle=allow_pickle)
             opened[path] = rename_checkpoint(ck, key_map)
         except SoupError as e:
             problems.append(f"{where}: {e}")
@@ -426,7 +433,6 @@ def plan_slices(
                          "(names like 'model.layers.0.*' or 'transformer.h.0.*'), so there is "
                          "nothing to slice"])
     cast_all = cfg.dtype is not None
-    out_code = _DTYPE_CODE[cfg.out_dtype] if cfg.out_dtype else (_DTYPE_CODE[cfg.dtype] if cfg.dtype else None)
     conds = _conditions(cfg)
     filter_counts = {k: 0 for k in conds}
     shadowed = {k: 0 for k in conds}
@@ -479,7 +485,7 @@ def plan_slices(
         if p is None:
             return
         jobs.append(TensorJob(
-            out_name, first.shape, out_code or first.dtype,
+            out_name, first.shape, out_dtype_code(cfg, spec, first.dtype),
             inputs=tuple(i for _, i in merged),
             base=base_info if takes_base else None,
             params=p,
@@ -523,6 +529,8 @@ def plan_slices(
     outside("post", resolved[-1][0], resolved[-1][1], slices[-1].parameters)
 
     problems += parameter_problems(filter_counts, shadowed, bad_params)
+    if cfg.compute == "exact":
+        problems += exact_problems(spec, jobs)
     if not bad_params:
         problems += check_global_trim(spec, jobs)
     if problems:
@@ -537,7 +545,7 @@ def plan_slices(
     carry = _carry_source(cfg, base_ck, [s.ck for s in first_sources])
     check_tokenizer_source(cfg, carry)
     updates = {} if whole else _config_updates(_read_config(carry), layer_sources)
-    notes = [n for ck in opened.values() for n in ck.notes]
+    notes = [n for ck in opened.values() for n in ck.notes] + ignored_parameter_notes(cfg, spec) + cfg.recipe_notes()
     k = 0
     for i, (sources, _) in enumerate(resolved):
         n = sources[0].end - sources[0].start

@@ -13,7 +13,16 @@ import re
 from collections.abc import Callable
 
 from soupkit.errors import UnknownMethodError
-from soupkit.methods._spec import GlobalTrimFn, Kind, MagnitudeCut, MethodFn, MethodSpec, Params, TensorTrimFn
+from soupkit.methods._spec import (
+    ExactCheckFn,
+    GlobalTrimFn,
+    Kind,
+    MagnitudeCut,
+    MethodFn,
+    MethodSpec,
+    Params,
+    TensorTrimFn,
+)
 
 __all__ = ["REGISTRY", "MagnitudeCut", "MethodSpec", "Params", "all_methods", "get", "method"]
 
@@ -39,6 +48,9 @@ def method(
     aliases: tuple[str, ...] = (),
     global_trim: GlobalTrimFn | None = None,
     tensor_trim: TensorTrimFn | None = None,
+    exact: MethodFn | None = None,
+    exact_check: ExactCheckFn | None = None,
+    exact_out_dtype: str | None = None,
 ) -> Callable[[MethodFn], MethodFn]:
     """Register a pure tensor function as merge method ``name`` (see `MethodSpec`)."""
 
@@ -67,7 +79,8 @@ def method(
             needs_base=needs_base, optional_base=optional_base, base_as_input=base_as_input,
             elementwise=elementwise, stochastic=stochastic, work_per_input=work_per_input,
             min_models=min_models, max_models=max_models, aliases=aliases,
-            global_trim=global_trim, tensor_trim=tensor_trim,
+            global_trim=global_trim, tensor_trim=tensor_trim, exact=exact, exact_check=exact_check,
+            exact_out_dtype=exact_out_dtype,
         )
         for n in (name, *aliases):
             REGISTRY[n] = spec

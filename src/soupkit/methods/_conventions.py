@@ -1,9 +1,11 @@
 """Parameter models shared by the task-vector methods, and the convention presets.
 
 The same method name means different arithmetic in the paper, in mergekit and in PEFT (see
-STYLE.md, anti-pattern 5). soupkit's defaults follow the paper; every place where the anchors
-differ is a named switch, and ``convention: paper | mergekit | peft`` sets all switches of a
-method at once to reproduce that anchor. A switch given explicitly wins over the preset.
+STYLE.md, anti-pattern 5). A recipe is written in mergekit's schema, so a method that mergekit
+defines means mergekit's arithmetic by default (``convention: mergekit``), in recipes and in the
+Python API alike. Every place where the anchors differ is a named switch, and
+``convention: paper | mergekit | peft`` sets all switches of a method at once to reproduce that
+anchor. A switch given explicitly wins over the preset.
 
 mergekit's own keys are accepted with mergekit's meaning: ``lambda`` (the scale of the merged
 task vector) and ``normalize`` (divide by the summed weights); ``rescale: true/false`` maps
@@ -21,15 +23,18 @@ from soupkit.methods._ops import Aggregation, SignSource, SignTie
 from soupkit.methods._spec import Params
 
 __all__ = [
+    "DEFAULT_CONVENTION",
     "ConsensusParams",
     "Convention",
     "Density",
     "PresetParams",
     "TaskVectorParams",
     "Weight",
+    "describe_convention",
 ]
 
 Convention = Literal["paper", "mergekit", "peft"]
+DEFAULT_CONVENTION: Convention = "mergekit"
 Density = Annotated[float, Field(gt=0, le=1)]
 Weight = float
 
@@ -57,12 +62,12 @@ class PresetParams(TaskVectorParams):
     """A task-vector method with convention switches and ``convention`` presets.
 
     Subclasses fill ``presets``: convention name -> switch values. Before validation, every
-    switch the recipe did not set is taken from the chosen preset.
+    switch the recipe did not set is taken from the chosen preset (default: ``mergekit``).
     """
 
     presets: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
     bool_rescale: ClassVar[Mapping[bool, str]] = {}
-    convention: Convention = "paper"
+    convention: Convention = DEFAULT_CONVENTION
 
     @model_validator(mode="before")
     @classmethod
@@ -70,7 +75,7 @@ class PresetParams(TaskVectorParams):
         if not isinstance(data, Mapping):
             return data
         data = dict(data)
-        conv = data.get("convention", "paper")
+        conv = data.get("convention", DEFAULT_CONVENTION)
         if isinstance(conv, str) and conv in ("paper", "mergekit", "peft"):
             if conv not in cls.presets:
                 known = ", ".join(sorted(cls.presets))
@@ -80,7 +85,9 @@ class PresetParams(TaskVectorParams):
             for key, value in cls.presets[conv].items():
                 data.setdefault(key, value)
         if isinstance(data.get("rescale"), bool) and cls.bool_rescale:
-            data["rescale"] = cls.bool_rescale[data["rescale"]]
+            # mergekit's `rescale: true` is its L1 rescale; under another convention, that one's
+            data["rescale"] = ("l1" if data["rescale"] and conv == "mergekit"
+                               else cls.bool_rescale[data["rescale"]])
         return data
 
 
@@ -113,7 +120,26 @@ class ConsensusParams(PresetParams):
             means ``aggregation: sum``. Leave unset to use ``aggregation``.
     """
 
-    sign_source: SignSource = "unweighted"
-    sign_tie: SignTie = "zero"
-    aggregation: Aggregation = "mean"
+    sign_source: SignSource = "weighted"
+    sign_tie: SignTie = "positive"
+    aggregation: Aggregation = "weighted_mean"
     normalize: bool | None = None
+
+
+def describe_convention(params: Any) -> str | None:
+    """One line for ``soupkit plan``: the convention a method's parameters use, and what each
+    other convention would change (None for a method without conventions)."""
+    if not isinstance(params, PresetParams):
+        return None
+    cls = type(params)
+    used = params.convention
+    origin = "the default" if "convention" not in params.model_fields_set else "set in the recipe"
+    others = []
+    for conv, values in cls.presets.items():
+        if conv == used:
+            continue
+        diff = [f"{k}={v}" for k, v in values.items() if getattr(params, k) != v]
+        others.append(f"`convention: {conv}` would set " + (", ".join(diff) if diff else "nothing different"))
+    own = [f"{k}={getattr(params, k)}" for k, v in cls.presets.get(used, {}).items() if getattr(params, k) != v]
+    explicit = f" overridden by {', '.join(own)}" if own else ""
+    return f"{used} ({origin}){explicit}; " + "; ".join(others)

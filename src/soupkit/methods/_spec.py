@@ -22,6 +22,12 @@ a function of its parameters returning the per-model densities of its per-tensor
 trim). Given the cuts as ``trim=``, the method is elementwise, so the engine computes each
 model's exact per-tensor cut in a streaming pre-pass (`soupkit.tensor_trim`) and runs the method
 on chunks, with bounded memory; the cuts equal those of `soupkit.methods._ops.topk_cut`.
+
+Exact mode (``compute: exact``, see `soupkit.methods._exact`): the engine hands the method
+whole tensors in the recipe's dtype (not float32) and calls ``exact`` instead of ``fn`` when the
+method declares one: mergekit 0.1.5's arithmetic op for op. A method whose ``fn`` already is
+dtype-generic and mergekit's declares none. ``exact_check`` says (at plan time) why a tensor's
+parameters have no mergekit counterpart (e.g. TIES's global trim), so exact mode refuses them.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from pydantic import BaseModel, ConfigDict
 
-__all__ = ["GlobalTrimFn", "MagnitudeCut", "MethodFn", "MethodSpec", "Params", "TensorTrimFn"]
+__all__ = ["ExactCheckFn", "GlobalTrimFn", "MagnitudeCut", "MethodFn", "MethodSpec", "Params", "TensorTrimFn"]
 
 MethodFn = Callable[..., torch.Tensor]
 Kind = Literal["tensors", "task_vector"]
@@ -54,6 +60,7 @@ class MagnitudeCut:
 
 
 GlobalTrimFn = Callable[["Params"], "tuple[float, ...] | None"]
+ExactCheckFn = Callable[["Params"], "str | None"]
 TensorTrimFn = Callable[["Params"], "tuple[float, ...]"]
 
 
@@ -106,6 +113,13 @@ class MethodSpec:
             returns the per-model densities of the per-tensor trim (1 = none) when the tensor's
             parameters ask for a per-tensor trim, else all 1 (the cut comes from
             ``global_trim`` or there is none). The engine then always passes ``trim=``.
+        exact: mergekit 0.1.5's arithmetic for exact mode (same signature as ``fn``), when
+            ``fn`` is not already that; None: exact mode calls ``fn``.
+        exact_check: for exact mode: the reason a tensor's parameters cannot be computed as
+            mergekit does (None when they can).
+        exact_out_dtype: for exact mode without ``out_dtype``: the dtype mergekit 0.1.5 writes
+            for bfloat16 / float16 inputs when the method's arithmetic promotes them (a float32
+            mask or scale: ``arcee_fusion``, ``ramplus_tl``); None: the recipe's dtype.
     """
 
     name: str
@@ -125,6 +139,9 @@ class MethodSpec:
     aliases: tuple[str, ...] = field(default=())
     global_trim: GlobalTrimFn | None = None
     tensor_trim: TensorTrimFn | None = None
+    exact: MethodFn | None = None
+    exact_check: ExactCheckFn | None = None
+    exact_out_dtype: str | None = None
 
     @property
     def streams_whole_tensors(self) -> bool:
@@ -150,8 +167,10 @@ class MethodSpec:
         base: torch.Tensor | None = None,
         rng: torch.Generator | None = None,
         trim: Sequence[MagnitudeCut | None] | None = None,
+        exact: bool = False,
     ) -> torch.Tensor:
-        """Run the method on float32 tensors and return the merged float32 tensor.
+        """Run the method on float32 tensors and return the merged float32 tensor (with
+        ``exact``: mergekit's arithmetic on tensors of any float dtype, result in that dtype).
 
         For task-vector methods ``tensors`` are the models' tensors: the deltas against
         ``base`` are formed here (in place: a method owns, and may overwrite, the tensors it
@@ -159,10 +178,11 @@ class MethodSpec:
         per model) is passed on only when given.
         """
         extra: dict[str, Any] = {} if trim is None else {"trim": trim}
+        fn = self.exact if (exact and self.exact is not None) else self.fn
         if self.kind == "task_vector":
             if base is None:
                 raise ValueError(f"method {self.name!r} needs a base tensor")
             deltas = [t.sub_(base) for t in tensors]
-            merged = self.fn(deltas, p, rng=rng, **extra)
+            merged = fn(deltas, p, rng=rng, **extra)
             return merged.add_(base)
-        return self.fn(tensors, p, base=base, rng=rng, **extra)
+        return fn(tensors, p, base=base, rng=rng, **extra)

@@ -71,6 +71,7 @@ def fence(scores: torch.Tensor, rng: torch.Generator | None) -> torch.Tensor:
     paper="https://arcee.ai",
     summary="Arcee Fusion: take the model's change only where its KL-weighted importance is an outlier",
     needs_base=True,
+    exact_out_dtype="float32",  # its float32 mask promotes; mergekit writes what comes out
     elementwise=False,
     stochastic=True,
     min_models=1,

@@ -17,11 +17,13 @@ Anchor: mergekit ``breadcrumbs`` / ``breadcrumbs_ties`` (``magnitude_outliers``)
 against mergekit 0.1.5 (tests/methods/test_mergekit_methods.py). Deviations: among equal
 magnitudes the entry with the lower flat index ranks higher (mergekit's ``sort`` leaves ties
 unspecified); and exactly ``keep`` entries survive even when ``int(gamma * n) == 0``, where
-mergekit releases before 0.1.5 (``indices[n_bot:-n_top]``) kept none.
+mergekit releases before 0.1.5 (``indices[n_bot:-n_top]``) kept none. In exact mode
+(``compute: exact``) the ranks are mergekit's (see `soupkit.methods._exact`).
 ``breadcrumbs_ties`` is mergekit's combination (the paper has no sign election); its
-consensus switches are those of `ties`, with the paper convention = TIES' Algorithm 1 and
-``convention: mergekit`` = weighted sign vote, + on ties, plain sum (mergekit's default
-``normalize: false``).
+consensus switches are those of `ties`, with the default ``convention: mergekit`` = weighted
+sign vote, + on ties, plain sum (mergekit's default ``normalize: false``) and
+``convention: paper`` = TIES' Algorithm 1. ``breadcrumbs`` accepts ``convention`` too (both
+values give the same arithmetic: it has no switches).
 """
 
 from __future__ import annotations
@@ -32,13 +34,13 @@ from typing import Annotated, Any, ClassVar
 import torch
 from pydantic import Field, model_validator
 
-from soupkit.methods import _ops, method
-from soupkit.methods._conventions import ConsensusParams, Density, TaskVectorParams
+from soupkit.methods import _exact, _ops, method
+from soupkit.methods._conventions import ConsensusParams, Density, PresetParams
 
 Gamma = Annotated[float, Field(ge=0, lt=1)]
 
 
-class BreadcrumbsParams(TaskVectorParams):
+class BreadcrumbsParams(PresetParams):
     """Parameters of `breadcrumbs`.
 
     Attributes:
@@ -47,9 +49,12 @@ class BreadcrumbsParams(TaskVectorParams):
         gamma: per model, the fraction of largest-magnitude entries dropped, in [0, 1)
             (default 0.01, as mergekit).
         normalize: divide by the sum of the weights (default false, as mergekit).
+        convention: accepted as by every method with conventions; ``paper`` and ``mergekit``
+            mean the same arithmetic here (the paper's trim has mergekit's parameterisation).
     """
 
     per_model: ClassVar[dict[str, Any]] = {"weight": 1.0, "density": 1.0, "gamma": 0.01}
+    presets: ClassVar[dict[str, dict[str, Any]]] = {"paper": {}, "mergekit": {}}
     density: tuple[Density, ...]
     gamma: tuple[Gamma, ...]
     normalize: bool = False
@@ -78,6 +83,7 @@ class BreadcrumbsTiesParams(ConsensusParams):
     }
     density: tuple[Density, ...]
     gamma: tuple[Gamma, ...]
+    aggregation: _ops.Aggregation = "sum"  # mergekit's normalize: false
 
 
 def _trim(deltas: Sequence[torch.Tensor], density: Sequence[float],
@@ -93,6 +99,7 @@ def _trim(deltas: Sequence[torch.Tensor], density: Sequence[float],
     summary="Model Breadcrumbs: drop largest (gamma) and smallest entries, weighted sum",
     needs_base=True,
     elementwise=False,
+    exact=_exact.gta_method("magnitude_outliers", None),
 )
 def breadcrumbs(
     deltas: Sequence[torch.Tensor], p: BreadcrumbsParams, *, rng: torch.Generator | None = None
@@ -110,6 +117,8 @@ def breadcrumbs(
     summary="Model Breadcrumbs trim, then TIES sign election and disjoint merge",
     needs_base=True,
     elementwise=False,
+    exact=_exact.gta_method("magnitude_outliers", "sum"),
+    exact_check=_exact.gta_check,
 )
 def breadcrumbs_ties(
     deltas: Sequence[torch.Tensor], p: BreadcrumbsTiesParams, *, rng: torch.Generator | None = None

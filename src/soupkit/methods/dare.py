@@ -18,7 +18,8 @@ output bytes do not depend on chunk size, thread count or tensor order. A model'
 on its position in the recipe (its generator is the i-th split), not on the other models'
 densities; listing the models in another order gives another, equally distributed, draw.
 
-Convention switches (defaults = the paper; ``convention: mergekit`` / ``peft`` sets them all):
+Convention switches (defaults = mergekit's, so a mergekit recipe gives mergekit's model;
+``convention: paper`` / ``peft`` sets them all to the other anchor):
 
 - ``rescale``: ``density`` (paper, PEFT: divide survivors by density), ``l1`` (mergekit:
   scale the sparsified tensor to the L1 norm of the original), ``none``. mergekit's boolean
@@ -43,7 +44,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from pydantic import model_validator
 
-from soupkit.methods import _ops, method
+from soupkit.methods import _exact, _ops, method
 from soupkit.methods._conventions import ConsensusParams, Density, PresetParams
 
 Rescale = Literal["density", "l1", "none"]
@@ -66,7 +67,7 @@ class DareLinearParams(PresetParams):
     }
     bool_rescale: ClassVar[dict[bool, str]] = _BOOL
     density: tuple[Density, ...]
-    rescale: Rescale = "density"
+    rescale: Rescale = "l1"
     normalize: bool = False
 
     @model_validator(mode="after")
@@ -97,7 +98,8 @@ class DareTiesParams(ConsensusParams):
     }
     bool_rescale: ClassVar[dict[bool, str]] = _BOOL
     density: tuple[Density, ...]
-    rescale: Rescale = "density"
+    rescale: Rescale = "l1"
+    aggregation: _ops.Aggregation = "sum"  # mergekit's normalize: false
 
 
 def _drop(deltas: Sequence[torch.Tensor], density: Sequence[float], rescale: Rescale,
@@ -114,6 +116,8 @@ def _drop(deltas: Sequence[torch.Tensor], density: Sequence[float], rescale: Res
     summary="DARE: drop task-vector entries at random, rescale, weighted sum",
     needs_base=True,
     stochastic=True,
+    exact=_exact.gta_method("random", None),
+    exact_check=_exact.gta_check,
 )
 def dare_linear(
     deltas: Sequence[torch.Tensor], p: DareLinearParams, *, rng: torch.Generator | None = None
@@ -131,6 +135,8 @@ def dare_linear(
     summary="DARE drop-and-rescale, then TIES sign election and disjoint merge",
     needs_base=True,
     stochastic=True,
+    exact=_exact.gta_method("random", "sum"),
+    exact_check=_exact.gta_check,
 )
 def dare_ties(
     deltas: Sequence[torch.Tensor], p: DareTiesParams, *, rng: torch.Generator | None = None

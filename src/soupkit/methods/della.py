@@ -16,7 +16,8 @@ and ``epsilon`` (default 0.15), the *half*-width of the keep-probability range
 drop-probability ramp (about twice ours). ``density - epsilon`` must be > 0 and
 ``density + epsilon`` <= 1 (mergekit asks < 1; a keep probability of 1 is harmless).
 
-Convention switches (defaults = the paper; ``convention: mergekit`` sets them all):
+Convention switches (defaults = mergekit's, so a mergekit recipe gives mergekit's model;
+``convention: paper`` sets them all to the paper's):
 
 - ``rescale``: ``probability`` divides each survivor by its own keep probability (the paper's
   1 / (1 - p_i)); ``l1`` matches the L1 norm of the original task vector (mergekit);
@@ -29,7 +30,8 @@ Rows are the first dimension (a tensor is viewed as ``[shape[0], -1]``; a vector
 mergekit ranks along dimension 1, which is the same for matrices and vectors and differs for
 tensors of 3 or more dimensions. Ranks break ties by position (stable sort), where mergekit's
 ``argsort`` leaves them unspecified; a row of one entry gets keep probability ``density``
-(mergekit divides 0 by 0 there). The method needs whole tensors (ranks are per row) and draws
+(mergekit divides 0 by 0 there); exact mode (``compute: exact``) ranks and draws as mergekit
+does (see `soupkit.methods._exact`). The method needs whole tensors (ranks are per row) and draws
 from one generator per tensor, seeded from (recipe seed, tensor name).
 """
 
@@ -41,7 +43,7 @@ from typing import Annotated, Any, ClassVar, Literal
 import torch
 from pydantic import Field, model_validator
 
-from soupkit.methods import _ops, method
+from soupkit.methods import _exact, _ops, method
 from soupkit.methods._conventions import ConsensusParams, Density, PresetParams
 
 Rescale = Literal["probability", "l1", "none"]
@@ -76,7 +78,7 @@ class DellaLinearParams(PresetParams):
     bool_rescale: ClassVar[dict[bool, str]] = _BOOL
     density: tuple[Density, ...]
     epsilon: tuple[Epsilon, ...]
-    rescale: Rescale = "probability"
+    rescale: Rescale = "l1"
     normalize: bool = False
 
     @model_validator(mode="after")
@@ -108,7 +110,7 @@ class DellaParams(ConsensusParams):
     bool_rescale: ClassVar[dict[bool, str]] = _BOOL
     density: tuple[Density, ...]
     epsilon: tuple[Epsilon, ...]
-    rescale: Rescale = "probability"
+    rescale: Rescale = "l1"
 
     @model_validator(mode="after")
     def _check(self) -> DellaParams:
@@ -132,6 +134,8 @@ def _drop(deltas: Sequence[torch.Tensor], p: DellaParams | DellaLinearParams,
     needs_base=True,
     elementwise=False,
     stochastic=True,
+    exact=_exact.gta_method("della_magprune", "sum"),
+    exact_check=_exact.gta_check,
 )
 def della(
     deltas: Sequence[torch.Tensor], p: DellaParams, *, rng: torch.Generator | None = None
@@ -152,6 +156,8 @@ def della(
     needs_base=True,
     elementwise=False,
     stochastic=True,
+    exact=_exact.gta_method("della_magprune", None),
+    exact_check=_exact.gta_check,
 )
 def della_linear(
     deltas: Sequence[torch.Tensor], p: DellaLinearParams, *, rng: torch.Generator | None = None

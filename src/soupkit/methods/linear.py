@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 import torch
 from pydantic import model_validator
 
-from soupkit.methods import method
+from soupkit.methods import _exact, method
 from soupkit.methods._spec import Params
 
 
@@ -53,6 +53,7 @@ class LinearParams(Params):
     params=LinearParams,
     paper="https://arxiv.org/abs/2203.05482",
     summary="weighted mean of the models (uniform soup when no weights are given)",
+    exact=lambda tensors, p, *, base=None, rng=None: _exact.linear(tensors, p.weight, p.normalize),
 )
 def linear(
     tensors: Sequence[torch.Tensor],

@@ -15,20 +15,27 @@ in float32, each norm product clamped to at least 1e-6, each cosine clamped to [
 ``sum(thetas) / N`` left to right, then ``t * avg + (1 - t) * theta_0``. ``filter_wise: true``
 (mergekit's switch) computes one angle per row of the last dimension instead of per tensor.
 
-Deviation: a mean cosine below 0 is clamped to 0 (so t = 0 and the tensor stays the base).
-The paper's formula assumes fine-tunes at an acute angle; below 0 it extrapolates away from
-the fine-tunes and diverges at cos = -1/(N-1). mergekit 0.1.5 keeps the base only within 1e-6
-of that singularity and extrapolates elsewhere; for cos >= 0 the two agree bit for bit.
+Negative mean cosines (``negative_cos``): the paper's formula assumes fine-tunes at an acute
+angle; below 0 it extrapolates away from the fine-tunes and diverges at cos = -1/(N-1).
+By default soupkit does what mergekit 0.1.5 does (``extrapolate``: the formula as is, the base
+kept only within 1e-6 of that singularity), so a recipe gives mergekit's model;
+``negative_cos: keep_base`` (or ``convention: paper``) clamps the mean cosine to 0 instead, so
+t = 0 and the tensor stays the base. For cos >= 0 the two agree bit for bit.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any, Literal
 
 import torch
+from pydantic import model_validator
 
-from soupkit.methods import method
+from soupkit.methods import _exact, method
+from soupkit.methods._conventions import DEFAULT_CONVENTION, Convention
 from soupkit.methods._spec import Params
+
+_PRESETS = {"mergekit": "extrapolate", "paper": "keep_base"}
 
 
 class ModelStockParams(Params):
@@ -36,9 +43,26 @@ class ModelStockParams(Params):
 
     Attributes:
         filter_wise: one angle per row (last dimension) instead of per tensor (default false).
+        negative_cos: ``extrapolate`` (mergekit, the default) or ``keep_base`` (clamp a negative
+            mean cosine to 0).
+        convention: ``mergekit`` (default) or ``paper``: sets ``negative_cos`` unless given.
     """
 
     filter_wise: bool = False
+    negative_cos: Literal["extrapolate", "keep_base"] = "extrapolate"
+    convention: Convention = DEFAULT_CONVENTION
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_convention(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "negative_cos" not in data:
+            conv = data.get("convention", DEFAULT_CONVENTION)
+            if conv == "peft":
+                raise ValueError("convention 'peft' is not defined for this method (it has no counterpart "
+                                 "there); use one of: mergekit, paper")
+            if conv in _PRESETS:
+                data = {**data, "negative_cos": _PRESETS[conv]}
+        return data
 
 
 @method(
@@ -50,6 +74,7 @@ class ModelStockParams(Params):
     needs_base=True,
     elementwise=False,
     min_models=2,
+    exact=lambda tensors, p, *, base, rng=None: _exact.model_stock(tensors, base, p.filter_wise),
 )
 def model_stock(
     tensors: Sequence[torch.Tensor],
@@ -67,15 +92,13 @@ def model_stock(
     else:
         w0 = base.reshape(1, -1)
     ws = [w.reshape(w0.shape) for w in tensors]
-    offsets = [w - w0 for w in ws]
-    cosines = []
-    for i, a in enumerate(offsets):
-        for b in offsets[i + 1:]:
-            norms = torch.norm(a, dim=-1) * torch.norm(b, dim=-1)
-            cosines.append(((a * b).sum(dim=-1) / norms.clamp(min=1e-6)).clamp(-1, 1))
-    cos = torch.stack(cosines).mean(dim=0).unsqueeze(-1).clamp(min=0)
+    cos = _exact.mean_pairwise_cosine([w - w0 for w in ws])
     n = len(ws)
-    t = (n * cos) / (1 + (n - 1) * cos)
+    if p.negative_cos == "keep_base":
+        cos = cos.clamp(min=0)
+        t = (n * cos) / (1 + (n - 1) * cos)
+    else:  # mergekit 0.1.5: keep the base only at the singularity
+        t = _exact.stock_factor(cos, n)
     avg = ws[0].clone()
     for w in ws[1:]:
         avg += w

@@ -97,6 +97,7 @@ def ram(
     paper="https://arxiv.org/abs/2601.13572",
     summary="RAM+ (tensor-local): RAM with each model's unique entries rescaled by its overlap ratio",
     needs_base=True,
+    exact_out_dtype="float32",  # its float32 scale promotes; mergekit writes what comes out
     elementwise=False,
     work_per_input=6,  # stacked copies, masks and products, as mergekit forms them
 )

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 import torch
 from pydantic import Field
 
-from soupkit.methods import method
+from soupkit.methods import _exact, method
 from soupkit.methods._spec import Params
 
 DOT_THRESHOLD = 0.9995
@@ -70,6 +70,7 @@ def _lerp(v0: torch.Tensor, v1: torch.Tensor, t: float) -> torch.Tensor:
     elementwise=False,
     min_models=1,
     max_models=1,
+    exact=lambda tensors, p, *, base, rng=None: _exact.slerp(p.t, base, tensors[0]),
 )
 def slerp(
     tensors: Sequence[torch.Tensor],

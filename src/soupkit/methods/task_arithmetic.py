@@ -28,7 +28,7 @@ from collections.abc import Sequence
 import torch
 from pydantic import model_validator
 
-from soupkit.methods import _ops, method
+from soupkit.methods import _exact, _ops, method
 from soupkit.methods._conventions import TaskVectorParams
 
 
@@ -58,6 +58,7 @@ class TaskArithmeticParams(TaskVectorParams):
     paper="https://arxiv.org/abs/2212.04089",
     summary="base + lambda * sum of weighted task vectors (add, negate, scale skills)",
     needs_base=True,
+    exact=_exact.gta_method(None, None),
 )
 def task_arithmetic(
     deltas: Sequence[torch.Tensor], p: TaskArithmeticParams, *, rng: torch.Generator | None = None

@@ -11,16 +11,17 @@ Yadav et al., "TIES-Merging: Resolving Interference When Merging Models", NeurIP
 https://arxiv.org/abs/2306.01708 (Algorithm 1; the paper has no per-model weights, i.e.
 w_i = 1).
 
-Convention switches (defaults = the paper; ``convention: mergekit`` / ``peft`` sets them all):
+Convention switches (defaults = mergekit's ``ties``, so a mergekit recipe gives mergekit's
+model; ``convention: paper`` / ``peft`` sets them all to the other anchor):
 
-================  ==================  ===================  =====================
-switch            paper (default)     mergekit ``ties``     PEFT ``ties``
-================  ==================  ===================  =====================
-``trim_scope``    ``global``          ``per_tensor``       ``per_tensor``
-``sign_source``   ``unweighted``      ``weighted``         ``unweighted`` (total)
-``sign_tie``      ``zero``            ``positive``         ``positive``
-``aggregation``   ``mean``            ``weighted_mean``    ``mean``
-================  ==================  ===================  =====================
+================  ==================  =====================  =====================
+switch            paper               mergekit (default)     PEFT ``ties``
+================  ==================  =====================  =====================
+``trim_scope``    ``global``          ``per_tensor``         ``per_tensor``
+``sign_source``   ``unweighted``      ``weighted``           ``unweighted`` (total)
+``sign_tie``      ``zero``            ``positive``           ``positive``
+``aggregation``   ``mean``            ``weighted_mean``      ``mean``
+================  ==================  =====================  =====================
 
 - ``trim_scope: global`` keeps the top-k of each model's *whole* task vector (all merged
   tensors at once, as the paper's code flattens the model); the engine finds the exact global
@@ -32,6 +33,7 @@ switch            paper (default)     mergekit ``ties``     PEFT ``ties``
   tensor whose name sorts first wins. The paper's released code keeps every entry ``>=`` its
   kth value instead (at least k + 1 entries); PEFT's ``topk`` and mergekit's ``argsort``
   leave the choice among ties unspecified.
+  In exact mode (``compute: exact``) the choice is mergekit's (see `soupkit.methods._exact`).
 - ``sign_tie: zero``: where the trimmed deltas sum to exactly 0 the elected sign is 0 and the
   merged entry is 0 (Algorithm 1 with sgn(0) = 0); mergekit and PEFT elect + there. (The
   paper's code resolves such entries to the majority sign of the whole model, which is not
@@ -51,7 +53,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
-from soupkit.methods import _ops, method
+from soupkit.methods import _exact, _ops, method
 from soupkit.methods._conventions import ConsensusParams, Density
 from soupkit.methods._spec import MagnitudeCut
 
@@ -65,7 +67,7 @@ class TiesParams(ConsensusParams):
         weight: per model, weight w_i (default 1.0).
         density: per model, the fraction of the task vector kept, in (0, 1] (default 1.0:
             no trim, as mergekit; the paper's experiments keep 0.2).
-        trim_scope: ``global`` (paper) or ``per_tensor`` (mergekit, PEFT).
+        trim_scope: ``per_tensor`` (mergekit, the default; PEFT) or ``global`` (paper).
     """
 
     per_model: ClassVar[dict[str, Any]] = {"weight": 1.0, "density": 1.0}
@@ -78,7 +80,7 @@ class TiesParams(ConsensusParams):
                  "aggregation": "mean"},
     }
     density: tuple[Density, ...]
-    trim_scope: TrimScope = "global"
+    trim_scope: TrimScope = "per_tensor"
 
 
 def _global_trim(p: TiesParams) -> tuple[float, ...] | None:
@@ -102,6 +104,8 @@ def _tensor_trim(p: TiesParams) -> tuple[float, ...]:
     elementwise=False,
     global_trim=_global_trim,  # type: ignore[arg-type]
     tensor_trim=_tensor_trim,  # type: ignore[arg-type]
+    exact=_exact.gta_method("magnitude", "sum"),
+    exact_check=_exact.gta_check,
 )
 def ties(
     deltas: Sequence[torch.Tensor],

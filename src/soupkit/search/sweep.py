@@ -47,7 +47,7 @@ from soupkit import methods
 from soupkit.api import MergeResult, plan
 from soupkit.backends import Backend, resolve_backend
 from soupkit.config import MergeConfig, load_recipe
-from soupkit.errors import UsageError
+from soupkit.errors import ConfigError, UsageError
 from soupkit.evaluate.protocol import Evaluator, run_evaluator
 from soupkit.execute import MemorySink, run_plan
 from soupkit.io.checkpoint import open_checkpoint
@@ -194,6 +194,10 @@ def sweep_recipes(
             raise UsageError(f"method {spec.name!r} has no default parameter to sweep\n"
                              f"hint: name one of its parameters: {', '.join(spec.global_names + spec.per_model_names)}")
         param = DEFAULT_PARAM[spec.name]
+    elif param not in spec.global_names + spec.per_model_names and param != "alpha":
+        # a recipe accepts (and ignores) the parameters mergekit ignores; sweeping one is a mistake
+        raise ConfigError([f"unknown parameter {param!r} for method {spec.name!r}: it does not use it; "
+                           f"it takes: {', '.join(sorted(spec.global_names + spec.per_model_names))}"])
     paths = [str(c) for c in checkpoints]
     base_s = str(base) if base is not None else None
     mp = [dict(m) for m in model_parameters] if model_parameters is not None else None

@@ -3,14 +3,22 @@ and greedy soup / sweeps use it through the CLI and the Python API."""
 
 from __future__ import annotations
 
+import json
 import math
 import random
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from safetensors.torch import load_file
 
+import soup_toy as toy
+from soupkit.cli import main
+from soupkit.errors import EvaluationError, UsageError
+from soupkit.search import greedy_soup
 from soupkit.search.sequential import decide, decide_many, example_order, side_max_log_lik
 
 
@@ -149,3 +157,128 @@ def test_example_order_is_a_seeded_permutation() -> None:
     assert sorted(a) == list(range(1000)) and a == example_order(1000, 3) and a != example_order(1000, 4)
     assert example_order(5, 0) == [2, 1, 0, 4, 3]   # pinned: Python's random.Random(0).shuffle
 
+
+
+# ---- greedy soup with sequential decisions -------------------------------------------------------
+
+KINDS = ["good", "perm", "good", "noisy", "good", "good"]
+
+
+def test_greedy_sequential_selects_the_exact_soup_on_fewer_examples(tmp_path: Path) -> None:
+    paths = toy.make_ingredients(tmp_path, KINDS)
+    _, xv, yv, _, _ = toy.problem()
+    exact = greedy_soup(paths, toy.Accuracy(xv, yv))
+    ev = toy.PerExampleAccuracy(xv, yv)
+    r = greedy_soup(paths, ev, tmp_path / "soup", sequential=True, delta=0.01, order_seed=3, sequential_batch=50)
+    assert r.ingredients == exact.ingredients
+    n = len(yv)
+    cand_examples = sum(s.examples + s.soup_examples for s in r.steps)
+    assert cand_examples < 0.5 * n * len(r.steps)          # the exact mode needs about n per candidate
+    assert ev.examples == r.examples_evaluated == len(KINDS) * n + cand_examples
+    assert r.examples_saved == n * len(r.steps) - cand_examples
+    order = example_order(n, 3)
+    for s in r.steps:
+        assert s.test == "sequential" and s.examples_used % 50 == 0 and 0.0 <= s.error_bound <= 0.01
+        assert s.better is not None and s.worse is not None and s.better + s.worse <= s.examples_used
+        assert s.accepted == (s.better > s.worse)             # here the decisions are clear cut
+    # The paired scores are on the first examples_used examples of the seeded order.
+    first = r.steps[0]
+    assert first.need == pytest.approx(float(ev.per_example(_single(paths, r), order[:first.examples_used]).mean()))
+    report = json.loads((tmp_path / "soup" / "soupkit-report.json").read_text())["greedy"]
+    assert report["decisions"] == "sequential" and report["sequential"]["delta"] == 0.01
+    assert report["sequential"]["seed"] == 3 and report["sequential"]["any_decision_differs_at_most"] == 0.05
+    assert {"examples_used", "better", "worse", "error_bound", "test"} <= set(report["steps"][0])
+    assert (tmp_path / "soup" / "greedy-soup.png").read_bytes().startswith(b"\x89PNG")
+
+
+def _single(paths: list[Path], r: Any) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(r.best_single.label) / "model.safetensors"))
+
+
+def test_greedy_sequential_reuses_cached_per_example_results(tmp_path: Path) -> None:
+    paths = toy.make_ingredients(tmp_path, KINDS)
+    _, xv, yv, _, _ = toy.problem()
+    cache = tmp_path / "scores.jsonl"
+    first = greedy_soup(paths, toy.PerExampleAccuracy(xv, yv), sequential=True, cache=cache, evaluator_id="toy")
+    ev = toy.PerExampleAccuracy(xv, yv)
+    again = greedy_soup(paths, ev, sequential=True, cache=cache, evaluator_id="toy")
+    assert ev.examples == 0 and again.examples_evaluated == 0 and again.ingredients == first.ingredients
+    assert [s.examples_used for s in again.steps] == [s.examples_used for s in first.steps]
+    # Another order seed: only the examples not known yet are evaluated.
+    ev2 = toy.PerExampleAccuracy(xv, yv)
+    other = greedy_soup(paths, ev2, sequential=True, cache=cache, evaluator_id="toy", order_seed=9)
+    assert other.ingredients == first.ingredients
+    assert ev2.examples == other.examples_evaluated < sum(s.examples_used + s.soup_examples for s in other.steps)
+
+
+def test_greedy_sequential_refuses_what_it_cannot_do(tmp_path: Path) -> None:
+    paths = toy.make_ingredients(tmp_path, KINDS[:3])
+    _, xv, yv, _, _ = toy.problem()
+    with pytest.raises(UsageError, match=r"sequential decisions need per-example scores, but evaluator "
+                                         r"Accuracy has no per_example"):
+        greedy_soup(paths, toy.Accuracy(xv, yv), sequential=True)
+    with pytest.raises(UsageError, match=r"delta must be in \(0, 1\), got 1.5"):
+        greedy_soup(paths, toy.PerExampleAccuracy(xv, yv), sequential=True, delta=1.5)
+    with pytest.raises(UsageError, match="sequential decisions run in this process only"):
+        greedy_soup(paths, toy.PerExampleAccuracy(xv, yv), sequential=True, backend="ray")
+
+    class Scores(toy.PerExampleAccuracy):
+        def per_example(self, state, indices):  # type: ignore[no-untyped-def]
+            return super().per_example(state, indices) * 0.5
+
+    with pytest.raises(EvaluationError, match=r"per_example returned 0.5 for example \d+; the sequential test "
+                                              r"needs 0/1 correctness per example"):
+        greedy_soup(paths, Scores(xv, yv), sequential=True)
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_greedy_sequential_with_delta_near_one_still_decides_ties_by_the_rule(tmp_path: Path, strict: bool) -> None:
+    # Identical ingredients: every candidate equals the soup (no discordant example), so only the
+    # end of the data can decide: >= accepts, > rejects, exactly as the exact mode.
+    state = toy.states(["good"])[0]
+    paths = [toy.write(tmp_path / f"same{i}", state) for i in range(3)]
+    _, xv, yv, _, _ = toy.problem(n=200)
+    r = greedy_soup(paths, toy.PerExampleAccuracy(xv, yv), sequential=True, delta=0.5, strict=strict,
+                    sequential_batch=64)
+    exact = greedy_soup(paths, toy.Accuracy(xv, yv), strict=strict)
+    assert r.ingredients == exact.ingredients
+    assert all(s.examples_used == 200 and s.error_bound == 0.0 and s.better == s.worse == 0 for s in r.steps)
+
+
+EVAL_MODULE = """
+import torch
+_x, _y = torch.load({data!r}, weights_only=True)
+
+class PerExample:
+    def __call__(self, state):
+        return float(self.per_example(state, range(len(_y))).mean())
+    def n_examples(self):
+        return len(_y)
+    def per_example(self, state, indices):
+        idx = torch.as_tensor(list(indices))
+        logits = _x[idx] @ state["fc.weight"].float().T + state["fc.bias"].float()
+        return (logits.argmax(1) == _y[idx]).float()
+
+per_example = PerExample()
+"""
+
+
+def test_cli_greedy_sequential_and_its_usage_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    _, xv, yv, _, _ = toy.problem()
+    torch.save((xv, yv), tmp_path / "val.pt")
+    (tmp_path / "val_eval.py").write_text(EVAL_MODULE.format(data=str(tmp_path / "val.pt")))
+    paths = [str(p.relative_to(tmp_path)) for p in toy.make_ingredients(tmp_path / "runs", KINDS)]
+    base = ["greedy", "--evaluator", "val_eval:per_example", "--no-cache", "--no-progress"]
+    assert main(base + ["--sequential", "--delta", "0.05", "--order-seed", "1", "--sequential-batch", "100",
+                        "--out", "soup", *paths]) == 0
+    out = capsys.readouterr().out
+    assert "greedy soup (>=): 4 of 6 ingredients" in out and "discordant, error <=" in out
+    assert "sequential decisions: delta 0.05 each, order seed 1; any of the 5 differs" in out
+    g = json.loads((tmp_path / "soup" / "soupkit-report.json").read_text())["greedy"]
+    assert g["sequential"]["batch"] == 100 and all(s["examples_used"] % 100 == 0 for s in g["steps"])
+    assert main(base + ["--delta", "0.05", "--out", "soup2", *paths]) == 2
+    assert "--delta only apply with --sequential" in capsys.readouterr().err
+    assert main(base + ["--sequential", "--delta", "2", "--out", "soup2", *paths]) == 2
+    assert "--delta must be in (0, 1), got 2.0" in capsys.readouterr().err

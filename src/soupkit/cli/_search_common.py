@@ -77,6 +77,42 @@ def add_evaluator_flags(p: argparse.ArgumentParser, *, second: str | None, secon
                        help=second_help + " (same built-in evaluator on another file)")
 
 
+def add_sequential_flags(p: argparse.ArgumentParser, what: str) -> None:
+    """``--sequential`` and its settings (greedy soup, sweep)."""
+    g = p.add_argument_group("paired sequential decisions (default: exact decisions on every example)")
+    g.add_argument("--sequential", action="store_true",
+                   help=f"decide each {what} on as few examples as a paired sequential test needs: examples in "
+                        "a seeded random order, compared example by example, stop once the decision agrees with "
+                        "the exact one up to error probability --delta (needs per-example accuracy, e.g. "
+                        "--hf-classification)")
+    g.add_argument("--delta", type=float, default=None, metavar="P",
+                   help="error probability of each sequential decision (default 0.01)")
+    g.add_argument("--order-seed", type=int, default=None, metavar="N", help="seed of the evaluation order (default 0)")
+    g.add_argument("--sequential-batch", type=int, default=None, metavar="N",
+                   help="examples evaluated between two checks of the test (default 128)")
+
+
+def sequential_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``sequential=`` / ``delta=`` / ... keyword arguments; settings without --sequential are an error.
+
+    Raises:
+        UsageError: --delta / --order-seed / --sequential-batch without --sequential, or bad values.
+    """
+    given = [f"--{n.replace('_', '-')}" for n in ("delta", "order_seed", "sequential_batch")
+             if getattr(args, n) is not None]
+    if not args.sequential:
+        if given:
+            raise UsageError(f"{', '.join(given)} only apply with --sequential\nhint: add --sequential, or drop them")
+        return {}
+    delta = 0.01 if args.delta is None else args.delta
+    if not 0.0 < delta < 1.0:
+        raise UsageError(f"--delta must be in (0, 1), got {delta}\nhint: e.g. --delta 0.01")
+    batch = 128 if args.sequential_batch is None else args.sequential_batch
+    if batch < 1:
+        raise UsageError(f"--sequential-batch must be 1 or more, got {batch}")
+    return {"sequential": True, "delta": delta, "order_seed": args.order_seed or 0, "sequential_batch": batch}
+
+
 def add_cache_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache", default=None, metavar="FILE",
                    help=f"score cache (default: {default_cache_path()}; $SOUPKIT_CACHE_DIR moves it)")

@@ -282,3 +282,12 @@ def test_cli_greedy_sequential_and_its_usage_errors(tmp_path: Path, monkeypatch:
     assert "--delta only apply with --sequential" in capsys.readouterr().err
     assert main(base + ["--sequential", "--delta", "2", "--out", "soup2", *paths]) == 2
     assert "--delta must be in (0, 1), got 2.0" in capsys.readouterr().err
+
+
+def test_plot_labels_are_cut_in_the_middle_and_titles_wrapped() -> None:
+    from soupkit.report_plot import _ellipsize
+
+    long = "hf-classification|/work/main/.cache/demo/standard/data/val.csv|max_length=64@0123456789abcdef"
+    short = _ellipsize(long, 40)
+    assert len(short) == 40 and short.startswith("hf-classification|/") and short.endswith("0123456789abcdef")
+    assert _ellipsize("short", 40) == "short"

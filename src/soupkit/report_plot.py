@@ -192,7 +192,10 @@ def sweep_plot(sweep: Mapping[str, Any]) -> bytes:
         ax.plot(xs, shifted, "s--", color=_ORANGE, label="shifted set")
     ax.set_xlabel(param)
     ax.set_ylabel("score (higher is better)")
-    ax.set_title(f"{sweep['method']}: score vs {param}", fontsize=10)
+    seq = sweep.get("sequential")
+    ax.set_title(f"{sweep['method']}: score vs {param}" + (
+        f"\nsequential (delta {seq['delta']:g}): each score on the examples its point used" if seq else ""),
+        fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     if has_shift:

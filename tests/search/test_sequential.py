@@ -268,9 +268,9 @@ def test_cli_greedy_sequential_and_its_usage_errors(tmp_path: Path, monkeypatch:
     monkeypatch.chdir(tmp_path)
     _, xv, yv, _, _ = toy.problem()
     torch.save((xv, yv), tmp_path / "val.pt")
-    (tmp_path / "val_eval.py").write_text(EVAL_MODULE.format(data=str(tmp_path / "val.pt")))
+    (tmp_path / "seq_eval.py").write_text(EVAL_MODULE.format(data=str(tmp_path / "val.pt")))
     paths = [str(p.relative_to(tmp_path)) for p in toy.make_ingredients(tmp_path / "runs", KINDS)]
-    base = ["greedy", "--evaluator", "val_eval:per_example", "--no-cache", "--no-progress"]
+    base = ["greedy", "--evaluator", "seq_eval:per_example", "--no-cache", "--no-progress"]
     assert main(base + ["--sequential", "--delta", "0.05", "--order-seed", "1", "--sequential-batch", "100",
                         "--out", "soup", *paths]) == 0
     out = capsys.readouterr().out
@@ -291,3 +291,48 @@ def test_plot_labels_are_cut_in_the_middle_and_titles_wrapped() -> None:
     short = _ellipsize(long, 40)
     assert len(short) == 40 and short.startswith("hf-classification|/") and short.endswith("0123456789abcdef")
     assert _ellipsize("short", 40) == "short"
+
+
+# ---- sweeps with sequential decisions ------------------------------------------------------------
+
+def _wise_pair(root: Path) -> tuple[Path, Path]:
+    w = toy.problem()[0]
+    e = 0.8 * torch.randn(toy.C, toy.D, generator=torch.Generator().manual_seed(4))
+    zs = toy.write(root / "zs", {"fc.weight": w + e, "fc.bias": torch.zeros(toy.C)})
+    ft = toy.write(root / "ft", {"fc.weight": w - e, "fc.bias": torch.zeros(toy.C)})
+    return zs, ft
+
+
+def test_sweep_sequential_picks_the_exact_best_point_on_fewer_examples(tmp_path: Path) -> None:
+    from soupkit.search import sweep
+
+    zs, ft = _wise_pair(tmp_path)
+    _, xv, yv, xt, yt = toy.problem()
+    values = [0.0, 0.25, 0.5, 0.75, 1.0]
+    exact = sweep([ft], toy.Accuracy(xv, yv), values, base=zs)
+    ev = toy.PerExampleAccuracy(xv, yv)
+    r = sweep([ft], ev, values, tmp_path / "wise", base=zs, sequential=True, delta=0.01, sequential_batch=50,
+              shift_evaluator=toy.Accuracy(xt, yt, key="shift"))
+    assert r.best.value == exact.best.value == 0.5
+    assert ev.examples == r.sequential["examples_evaluated"] < 0.6 * len(yv) * len(values)  # type: ignore[index]
+    assert r.points[0].replaced_best is None and all(p.replaced_best is not None for p in r.points[1:])
+    assert all(p.error_bound <= 0.01 and 0 < p.examples <= len(yv) for p in r.points)
+    assert [p.shift_score for p in r.points] == [q.score for q in sweep([ft], toy.Accuracy(xt, yt), values, base=zs).points]
+    report = json.loads((tmp_path / "wise" / "soupkit-report.json").read_text())["sweep"]
+    assert report["decisions"] == "sequential" and report["best"]["value"] == 0.5
+    assert {"examples", "examples_used", "better", "worse", "error_bound", "replaced_best"} <= set(report["points"][1])
+
+
+def test_cli_sweep_sequential(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    _, xv, yv, _, _ = toy.problem()
+    torch.save((xv, yv), tmp_path / "val.pt")
+    (tmp_path / "seq_eval.py").write_text(EVAL_MODULE.format(data=str(tmp_path / "val.pt")))
+    _wise_pair(tmp_path)
+    assert main(["sweep", "--base", "zs", "ft", "--values", "0:1:5", "--evaluator", "seq_eval:per_example",
+                 "--sequential", "--no-cache", "--out", "wise", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "best alpha=0.5" in out and "sequential decisions: delta 0.01 each" in out and "discordant" in out
+    assert main(["sweep", "--base", "zs", "ft", "--values", "0:1:5", "--evaluator", "seq_eval:per_example",
+                 "--order-seed", "3", "--no-cache", "--out", "wise2", "--no-progress"]) == 2
+    assert "--order-seed only apply with --sequential" in capsys.readouterr().err

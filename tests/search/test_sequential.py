@@ -336,3 +336,34 @@ def test_cli_sweep_sequential(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, c
     assert main(["sweep", "--base", "zs", "ft", "--values", "0:1:5", "--evaluator", "seq_eval:per_example",
                  "--order-seed", "3", "--no-cache", "--out", "wise2", "--no-progress"]) == 2
     assert "--order-seed only apply with --sequential" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("big_b", "big_a", "t"), [(20, 26, 0), (26, 20, 0), (20, 26, 1), (27, 20, 1), (20, 20, 0)])
+def test_with_a_margin_the_error_rate_stays_under_delta_outside_the_zone(big_b: int, big_a: int, t: int) -> None:
+    # margin M = 5 examples: the zone is t - 6 < B - A < t + 5; just outside it, errors <= delta.
+    delta, total, m = 0.1, 400, 5
+    g = torch.Generator().manual_seed(big_b + 7 * big_a + t)
+    kinds = torch.zeros(total, dtype=torch.int64)
+    kinds[:big_b] = 1
+    kinds[big_b:big_b + big_a] = 2
+    perms = torch.stack([kinds[torch.randperm(total, generator=g)] for _ in range(2000)])
+    cb, ca = torch.cumsum(perms == 1, dim=1), torch.cumsum(perms == 2, dim=1)
+    verdict = torch.zeros(2000, dtype=torch.int8)
+    for n in range(20, total, 20):
+        live = torch.nonzero(verdict == 0)[:, 0]
+        acc, rej, _ = decide_many(total, n, cb[live, n - 1], ca[live, n - 1], delta=delta, threshold=t, margin=m)
+        verdict[live[acc]] = 1
+        verdict[live[rej]] = -1
+    diff = big_b - big_a
+    verdict[verdict == 0] = 1 if diff >= t else -1
+    if t - 1 - m < diff < t + m:      # inside the zone: any decision, but decided earlier than without
+        return
+    wrong = float(((verdict == -1) if diff >= t else (verdict == 1)).float().mean())
+    assert wrong <= delta + 3 * math.sqrt(delta * (1 - delta) / 2000)
+
+
+def test_a_margin_decides_near_ties_earlier() -> None:
+    # B - A = +1 of 39 discordant examples in 1,000: without a margin only the end decides.
+    assert decide(1000, 700, 14, 13, delta=0.05, threshold=0).accept is None
+    d = decide(1000, 700, 14, 13, delta=0.05, threshold=0, margin=30)
+    assert d.accept is True and d.error_bound <= 0.05

@@ -90,6 +90,9 @@ def add_sequential_flags(p: argparse.ArgumentParser, what: str) -> None:
     g.add_argument("--order-seed", type=int, default=None, metavar="N", help="seed of the evaluation order (default 0)")
     g.add_argument("--sequential-batch", type=int, default=None, metavar="N",
                    help="examples evaluated between two checks of the test (default 128)")
+    g.add_argument("--margin", type=float, default=None, metavar="ACC",
+                   help="indifference margin in accuracy (e.g. 0.005): candidates closer than that may be decided "
+                        "either way, the others keep the --delta bound (default 0: every decision bounded)")
 
 
 def sequential_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -98,7 +101,7 @@ def sequential_options(args: argparse.Namespace) -> dict[str, Any]:
     Raises:
         UsageError: --delta / --order-seed / --sequential-batch without --sequential, or bad values.
     """
-    given = [f"--{n.replace('_', '-')}" for n in ("delta", "order_seed", "sequential_batch")
+    given = [f"--{n.replace('_', '-')}" for n in ("delta", "order_seed", "sequential_batch", "margin")
              if getattr(args, n) is not None]
     if not args.sequential:
         if given:
@@ -110,7 +113,11 @@ def sequential_options(args: argparse.Namespace) -> dict[str, Any]:
     batch = 128 if args.sequential_batch is None else args.sequential_batch
     if batch < 1:
         raise UsageError(f"--sequential-batch must be 1 or more, got {batch}")
-    return {"sequential": True, "delta": delta, "order_seed": args.order_seed or 0, "sequential_batch": batch}
+    margin = 0.0 if args.margin is None else args.margin
+    if not 0.0 <= margin < 1.0:
+        raise UsageError(f"--margin must be in [0, 1) (accuracy), got {margin}\nhint: e.g. --margin 0.005")
+    return {"sequential": True, "delta": delta, "order_seed": args.order_seed or 0, "sequential_batch": batch,
+            "margin": margin}
 
 
 def add_cache_flags(p: argparse.ArgumentParser) -> None:

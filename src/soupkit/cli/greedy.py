@@ -105,7 +105,8 @@ def summary(r: GreedySoupResult) -> str:
     if seq:
         lines.append(f"sequential decisions: delta {seq['delta']:g} each, order seed {seq['seed']}; any of the "
                      f"{len(r.steps)} differs from the exact mode's with probability <= "
-                     f"{seq['any_decision_differs_at_most']:.3g}")
+                     f"{seq['any_decision_differs_at_most']:.3g}"
+                     + (f" (for candidates more than {seq['margin']:g} from the soup)" if seq["margin"] else ""))
     if r.held_out is not None:
         lines.append(f"held-out test: soup {r.held_out.soup_score:.6g}, best single "
                      f"{r.held_out.best_single_score:.6g} ({names.get(r.held_out.best_single, r.held_out.best_single)})")

@@ -28,6 +28,9 @@ def require_per_example(evaluator: Evaluator, opts: SequentialOptions) -> int:
     """The number of examples, or a `UsageError` when ``evaluator`` cannot do sequential decisions."""
     if not 0.0 < opts.delta < 1.0 or math.isnan(opts.delta):
         raise UsageError(f"delta must be in (0, 1), got {opts.delta!r}\nhint: e.g. --delta 0.01")
+    if not 0.0 <= opts.margin < 1.0 or math.isnan(opts.margin):
+        raise UsageError(f"the indifference margin must be in [0, 1) (accuracy points), got {opts.margin!r}\n"
+                         "hint: e.g. --margin 0.005 for half a point; 0 decides the exact rule")
     if opts.batch < 1:
         raise UsageError(f"the sequential batch must be 1 or more examples, got {opts.batch}")
     if not isinstance(evaluator, PerExampleEvaluator):
@@ -135,7 +138,8 @@ class PairedRunner:
                 pos = nxt
                 seen = self.order_t[:pos]
                 better, worse = counts(cv[seen], iv[seen])
-                d = decide(self.total, pos, better, worse, delta=self.opts.delta, threshold=threshold)
+                d = decide(self.total, pos, better, worse, delta=self.opts.delta, threshold=threshold,
+                           margin=self.opts.margin_examples(self.total))
                 if d.accept is not None:
                     break
         finally:

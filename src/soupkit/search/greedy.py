@@ -287,6 +287,7 @@ def greedy_soup(
     delta: float = 0.01,
     order_seed: int = 0,
     sequential_batch: int = 128,
+    margin: float = 0.0,
 ) -> GreedySoupResult:
     """Greedy soup of ``checkpoints`` driven by ``evaluator`` (see the module docstring).
 
@@ -332,6 +333,10 @@ def greedy_soup(
             at most ``delta`` (over the evaluation order).
         order_seed: with ``sequential``: the seed of the evaluation order.
         sequential_batch: with ``sequential``: examples evaluated between two checks.
+        margin: with ``sequential``: an indifference margin in accuracy (0.005 = half a point):
+            candidates closer than that to the incumbent may be decided either way, the others
+            keep the ``delta`` bound (see `soupkit.search.sequential`); 0 (default): none, every
+            decision is bounded against the exact one.
 
     Returns:
         A `GreedySoupResult` with the full history.
@@ -353,7 +358,7 @@ def greedy_soup(
             raise UsageError(f"checkpoint {lab!r} is given twice (also as {seen[r]!r})\n"
                              "hint: each ingredient may enter the soup once; list it once")
         seen[r] = lab
-    opts = SequentialOptions(delta, order_seed, sequential_batch) if sequential else None
+    opts = SequentialOptions(delta, order_seed, sequential_batch, margin) if sequential else None
     n_examples = require_per_example(evaluator, opts) if opts is not None else 0
     if opts is not None and backend not in (None, "local"):
         raise UsageError("sequential decisions run in this process only; the backend path evaluates whole "
@@ -525,7 +530,9 @@ def greedy_soup(
         soup_score = final
         seq_info = {**opts.to_dict(), "examples": n_examples, "score_examples": known,
                     "any_decision_differs_at_most": min(1.0, opts.delta * len(steps)),
-                    "order": "uniformly random permutation of the examples, fixed by the seed"}
+                    "order": "uniformly random permutation of the examples, fixed by the seed",
+                    "bound_applies": ("to every decision" if opts.margin == 0 else
+                                      "to decisions whose full-set difference is outside the margin")}
     result = GreedySoupResult(
         ingredients=[labels[j] for j in accepted], score=soup_score,
         ingredient_scores=ingredient_scores, steps=steps, strict=strict, evaluator=eid,

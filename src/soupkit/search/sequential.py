@@ -46,6 +46,16 @@ one search, the chance that any of them differs from the exact mode's is at most
 reports ``error_bound = max over the excluded side of 1 / M_n(theta)`` (an anytime-valid
 p-value, ``<= delta``; 0 when the remaining examples can no longer change the decision).
 
+**Indifference margin** (optional, ``margin`` = ``M`` examples, e.g. half a point of accuracy:
+``M = floor(0.005 * N)``). Candidates that differ from the incumbent by a fraction of a point
+can only be told apart near the end of the data. With a margin, the two sides shrink to
+``B - A <= t - 1 - M`` (clearly worse) and ``B - A >= t + M`` (clearly not worse); the test
+stops once either is excluded (both excluded: the difference is inside the zone, and the rule's
+tie side is taken: accept for ``>=``, reject for ``>``). The bound then reads: *whenever the
+full-set difference is outside the zone* (``B - A <= t - 1 - M`` or ``B - A >= t + M``),
+``P(decision != exact decision) <= delta``; inside the zone, where the two differ by less than
+``M / N`` in accuracy, either decision may be taken. ``M = 0`` (the default) is the exact target.
+
 The maximum over a side is exact and takes ``O(N)``: for a fixed number ``D = A + B`` of
 discordant examples, ``[B]_b [D - B]_a`` is log-concave in ``B`` with its unconstrained maximum
 at ``B* = floor((b D - a) / (a + b)) + 1`` (clipped to ``[b, D - a]``), so the constrained
@@ -74,14 +84,21 @@ class SequentialOptions:
         delta: the error probability of each decision (against the exact full-set decision).
         seed: fixes the evaluation order (a uniformly random permutation of the examples).
         batch: examples evaluated between two checks of the test.
+        margin: indifference margin in accuracy (0.005 = half a point); 0 decides the exact rule.
     """
 
     delta: float = 0.01
     seed: int = 0
     batch: int = 128
+    margin: float = 0.0
+
+    def margin_examples(self, total: int) -> int:
+        """``M``: the margin in examples of a set of ``total`` (accuracy points times examples)."""
+        return int(math.floor(self.margin * total + 1e-9))
 
     def to_dict(self) -> dict[str, object]:
-        return {"delta": self.delta, "seed": self.seed, "batch": self.batch, "test": PAPER}
+        return {"delta": self.delta, "seed": self.seed, "batch": self.batch, "margin": self.margin,
+                "test": PAPER}
 
 
 @dataclass(frozen=True)
@@ -174,7 +191,8 @@ def side_max_log_lik(total: int, n: int, better: torch.Tensor, worse: torch.Tens
 
 
 def decide_many(total: int, n: int, better: torch.Tensor, worse: torch.Tensor, *, delta: float,
-                threshold: int, lf: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                threshold: int, lf: torch.Tensor | None = None, margin: int = 0
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Vectorised :func:`decide`: ``(accept, reject, error_bound)`` tensors over the counts."""
     if lf is None:
         lf = _log_fact(total)
@@ -182,21 +200,24 @@ def decide_many(total: int, n: int, better: torch.Tensor, worse: torch.Tensor, *
     uniq, inverse = torch.unique(key, return_inverse=True)
     if len(uniq) < len(key):   # many orders share counts: decide each distinct pair once
         acc, rej, bound = decide_many(total, n, uniq // (total + 1), uniq % (total + 1), delta=delta,
-                                      threshold=threshold, lf=lf)
+                                      threshold=threshold, lf=lf, margin=margin)
         return acc[inverse], rej[inverse], bound[inverse]
     lm = log_marginal(n, better, worse)
-    rej_side = side_max_log_lik(total, n, better, worse, None, threshold - 1, lf)   # "worse" urns
-    acc_side = side_max_log_lik(total, n, better, worse, threshold, None, lf)       # "not worse" urns
+    rej_side = side_max_log_lik(total, n, better, worse, None, threshold - 1 - margin, lf)   # "worse" urns
+    acc_side = side_max_log_lik(total, n, better, worse, threshold + margin, None, lf)       # "not worse" urns
     log_delta = math.log(delta)
     accept = rej_side - lm <= log_delta
     reject = acc_side - lm <= log_delta
+    if threshold >= 1:   # both sides excluded (only with a margin): inside the zone, the rule's tie side
+        accept = accept & ~reject
     p_acc = torch.exp(torch.clamp(rej_side - lm, max=0.0))
     p_rej = torch.exp(torch.clamp(acc_side - lm, max=0.0))
     bound = torch.where(accept, p_acc, torch.where(reject, p_rej, torch.minimum(p_acc, p_rej)))
     return accept, reject & ~accept, bound
 
 
-def decide(total: int, n: int, better: int, worse: int, *, delta: float, threshold: int) -> PairedDecision:
+def decide(total: int, n: int, better: int, worse: int, *, delta: float, threshold: int,
+           margin: int = 0) -> PairedDecision:
     """Test after ``n`` of ``total`` examples (see the module docstring).
 
     Args:
@@ -206,6 +227,7 @@ def decide(total: int, n: int, better: int, worse: int, *, delta: float, thresho
         worse: examples only the incumbent gets right.
         delta: error probability, in (0, 1).
         threshold: ``t``: the exact rule accepts when ``B - A >= t``.
+        margin: ``M``, the indifference zone in examples (see the module docstring); 0: none.
 
     Returns:
         A `PairedDecision`; at ``n == total`` always decided, exactly as the full-set rule.
@@ -214,7 +236,7 @@ def decide(total: int, n: int, better: int, worse: int, *, delta: float, thresho
         ok = better - worse >= threshold
         return PairedDecision(ok, n, better, worse, 0.0)
     acc, rej, bound = decide_many(total, n, torch.tensor([better]), torch.tensor([worse]), delta=delta,
-                                  threshold=threshold)
+                                  threshold=threshold, margin=margin)
     verdict = True if bool(acc[0]) else (False if bool(rej[0]) else None)
     return PairedDecision(verdict, n, better, worse, float(bound[0]))
 

@@ -291,6 +291,7 @@ def sweep(
     delta: float = 0.01,
     order_seed: int = 0,
     sequential_batch: int = 128,
+    margin: float = 0.0,
 ) -> SweepResult:
     """Evaluate a merge at every value of one parameter; keep (and write) the best.
 
@@ -334,6 +335,10 @@ def sweep(
             at most ``delta``.
         order_seed: with ``sequential``: the seed of the evaluation order.
         sequential_batch: with ``sequential``: examples evaluated between two checks.
+        margin: with ``sequential``: an indifference margin in accuracy (0.005 = half a point):
+            candidates closer than that to the incumbent may be decided either way, the others
+            keep the ``delta`` bound (see `soupkit.search.sequential`); 0 (default): none, every
+            decision is bounded against the exact one.
 
     Returns:
         A `SweepResult`.
@@ -346,7 +351,7 @@ def sweep(
     name, param, recipes = sweep_recipes(
         checkpoints, values, method=method, param=param, base=base, parameters=parameters,
         model_parameters=model_parameters, seed=seed, dtype=dtype, out_dtype=out_dtype)
-    opts = SequentialOptions(delta, order_seed, sequential_batch) if sequential else None
+    opts = SequentialOptions(delta, order_seed, sequential_batch, margin) if sequential else None
     n_examples = require_per_example(evaluator, opts) if opts is not None else 0
     if opts is not None and backend not in (None, "local"):
         raise UsageError("sequential decisions run in this process only; the backend path evaluates whole "
@@ -390,7 +395,9 @@ def sweep(
         seq_info = {**opts.to_dict(), "examples": n_examples, "examples_evaluated": runner.evaluated,
                     "rule": "a point replaces the best before it if it is better (>); ties go to the first listed",
                     "any_decision_differs_at_most": min(1.0, opts.delta * max(len(points) - 1, 0)),
-                    "order": "uniformly random permutation of the examples, fixed by the seed"}
+                    "order": "uniformly random permutation of the examples, fixed by the seed",
+                    "bound_applies": ("to every decision" if opts.margin == 0 else
+                                      "to decisions whose full-set difference is outside the margin")}
         result = SweepResult(name, param, points, points[best_i], recipes[best_i], eid, sid, calls, hits,
                              notes=notes, sequential=seq_info)
         if out is None:

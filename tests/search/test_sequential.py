@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 import soup_toy as toy
+from soupkit.backends import LocalBackend
 from soupkit.cli import main
 from soupkit.errors import EvaluationError, UsageError
 from soupkit.search import greedy_soup
@@ -219,8 +220,9 @@ def test_greedy_sequential_refuses_what_it_cannot_do(tmp_path: Path) -> None:
         greedy_soup(paths, toy.Accuracy(xv, yv), sequential=True)
     with pytest.raises(UsageError, match=r"delta must be in \(0, 1\), got 1.5"):
         greedy_soup(paths, toy.PerExampleAccuracy(xv, yv), sequential=True, delta=1.5)
-    with pytest.raises(UsageError, match="sequential decisions run in this process only"):
-        greedy_soup(paths, toy.PerExampleAccuracy(xv, yv), sequential=True, backend="ray")
+    with pytest.raises(EvaluationError, match=r"evaluator .*Accuracy has no per_example\(state, indices\) / "
+                                              r"n_examples\(\), which sequential decisions need"):
+        greedy_soup(paths, toy.Accuracy(xv, yv), sequential=True, backend=LocalBackend())
 
     class Scores(toy.PerExampleAccuracy):
         def per_example(self, state, indices):  # type: ignore[no-untyped-def]
@@ -367,3 +369,21 @@ def test_a_margin_decides_near_ties_earlier() -> None:
     assert decide(1000, 700, 14, 13, delta=0.05, threshold=0).accept is None
     d = decide(1000, 700, 14, 13, delta=0.05, threshold=0, margin=30)
     assert d.accept is True and d.error_bound <= 0.05
+
+
+def test_greedy_sequential_on_a_backend_makes_the_same_decisions_on_the_same_examples(tmp_path: Path) -> None:
+    from soupkit.backends._worker import clear_caches
+
+    paths = toy.make_ingredients(tmp_path, KINDS)
+    _, xv, yv, xt, yt = toy.problem()
+    kw = {"sequential": True, "delta": 0.01, "order_seed": 5, "sequential_batch": 50}
+    here = greedy_soup(paths, toy.PerExampleAccuracy(xv, yv), test_evaluator=toy.Accuracy(xt, yt, key="t"), **kw)
+    clear_caches()
+    there = greedy_soup(paths, toy.PerExampleAccuracy(xv, yv), test_evaluator=toy.Accuracy(xt, yt, key="t"),
+                        backend=LocalBackend(), **kw)
+    assert there.ingredients == here.ingredients and there.score == here.score
+    assert [(s.accepted, s.examples_used, s.better, s.worse, s.error_bound, s.examples, s.soup_examples)
+            for s in there.steps] == [(s.accepted, s.examples_used, s.better, s.worse, s.error_bound, s.examples,
+                                       s.soup_examples) for s in here.steps]
+    assert there.examples_evaluated == here.examples_evaluated and there.held_out == here.held_out
+    assert there.sequential == here.sequential and there.distributed is not None

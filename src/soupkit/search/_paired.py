@@ -24,8 +24,10 @@ from soupkit.search.sequential import SequentialOptions, check_binary, counts, d
 StateFn = Callable[[], Mapping[str, torch.Tensor]]
 
 
-def require_per_example(evaluator: Evaluator, opts: SequentialOptions) -> int:
-    """The number of examples, or a `UsageError` when ``evaluator`` cannot do sequential decisions."""
+def require_per_example(evaluator: Evaluator, opts: SequentialOptions, *, check_evaluator: bool = True) -> int:
+    """The number of examples, or a `UsageError` when ``evaluator`` cannot do sequential decisions
+    (``check_evaluator=False``: only the options are checked, and 0 is returned; on a backend the
+    workers build the evaluator and check it there)."""
     if not 0.0 < opts.delta < 1.0 or math.isnan(opts.delta):
         raise UsageError(f"delta must be in (0, 1), got {opts.delta!r}\nhint: e.g. --delta 0.01")
     if not 0.0 <= opts.margin < 1.0 or math.isnan(opts.margin):
@@ -33,6 +35,8 @@ def require_per_example(evaluator: Evaluator, opts: SequentialOptions) -> int:
                          "hint: e.g. --margin 0.005 for half a point; 0 decides the exact rule")
     if opts.batch < 1:
         raise UsageError(f"the sequential batch must be 1 or more examples, got {opts.batch}")
+    if not check_evaluator:
+        return 0
     if not isinstance(evaluator, PerExampleEvaluator):
         name = getattr(evaluator, "__qualname__", type(evaluator).__qualname__)
         raise UsageError(
@@ -77,9 +81,12 @@ class PairedOutcome:
 class PairedRunner:
     """Evaluates subjects (content keys) per example in the seeded order, through the cache."""
 
-    def __init__(self, evaluator: PerExampleEvaluator, eid: str, cache: ScoreCache, opts: SequentialOptions,
-                 total: int) -> None:
+    def __init__(self, evaluator: PerExampleEvaluator | None, eid: str, cache: ScoreCache, opts: SequentialOptions,
+                 total: int, remote: Callable[[Any, list[int], str], torch.Tensor] | None = None) -> None:
         self.evaluator, self.eid, self.cache, self.opts, self.total = evaluator, eid, cache, opts, total
+        # On a backend, ``remote(candidate, indices, label)`` scores examples in a job and the
+        # "states" passed to `full` / `compare` are job candidates, not state functions.
+        self.remote = remote
         self.order = example_order(total, opts.seed)
         self.order_t = torch.tensor(self.order, dtype=torch.int64)
         self.evaluated = 0
@@ -92,8 +99,14 @@ class PairedRunner:
             return 0
         who = f"candidate {label!r}"
         try:
-            got = self.evaluator.per_example(state(), missing)
+            if self.remote is not None:
+                got = self.remote(state, missing, label)
+            else:
+                assert self.evaluator is not None
+                got = self.evaluator.per_example(state(), missing)
         except EvaluationError as e:
+            if self.remote is not None:
+                raise
             raise EvaluationError(f"evaluating {who} failed: {e}") from e
         except Exception as e:
             raise EvaluationError(f"evaluating {who} failed: per_example raised {type(e).__name__}: {e}\n"
@@ -112,11 +125,12 @@ class PairedRunner:
     def full(self, subject: str, state: StateFn, label: str) -> tuple[EvalResult, int]:
         """Every example of ``subject`` (an ingredient): ``(result, examples evaluated now)``."""
         values = self.cache.examples(self.eid, subject, self.total)
-        memo = _Memo(state)
+        memo = _Memo(state) if self.remote is None else None
         try:
-            fresh = self._fill(subject, values, self.order, memo, label)
+            fresh = self._fill(subject, values, self.order, memo if memo is not None else state, label)
         finally:
-            memo.clear()
+            if memo is not None:
+                memo.clear()
         if fresh:
             self.cache.store_examples(self.eid, subject, values, label=label)
         score = float(values.sum()) / self.total
@@ -127,7 +141,8 @@ class PairedRunner:
         """Evaluate ``cand`` (and ``inc`` where unknown) batch by batch until the test decides."""
         cv = self.cache.examples(self.eid, cand, self.total)
         iv = self.cache.examples(self.eid, inc, self.total)
-        cmemo, imemo = _Memo(cand_state), _Memo(inc_state)
+        cmemo: Any = _Memo(cand_state) if self.remote is None else cand_state
+        imemo: Any = _Memo(inc_state) if self.remote is None else inc_state
         fresh = inc_fresh = pos = 0
         try:
             while True:
@@ -143,8 +158,9 @@ class PairedRunner:
                 if d.accept is not None:
                     break
         finally:
-            cmemo.clear()
-            imemo.clear()
+            if self.remote is None:
+                cmemo.clear()
+                imemo.clear()
             if fresh:
                 self.cache.store_examples(self.eid, cand, cv, label=cand_label)
             if inc_fresh:

@@ -135,6 +135,11 @@ class ScoreCache:
             return torch.full((n,), math.nan, dtype=torch.float64)
         return got.clone()
 
+    def examples_of(self, evaluator: str, subject: str) -> torch.Tensor | None:
+        """Known per-example scores of ``subject`` whatever their number (NaN where unknown), or None."""
+        got = self._examples.get((evaluator, subject))
+        return None if got is None else got.clone()
+
     def store_examples(self, evaluator: str, subject: str, values: torch.Tensor, *, label: str = "") -> None:
         """Record per-example scores (NaN: not evaluated); a no-op if nothing new is known."""
         key = (evaluator, subject)

@@ -328,7 +328,8 @@ def greedy_soup(
             seeded random order, compared with the soup's correctness example by example, and the
             candidate is decided as soon as the test is sure up to ``delta``. Needs a
             `PerExampleEvaluator` with 0/1 scores (accuracy). The default (False) is the exact
-            mode: the paper's decisions, independent of any seed.
+            mode: the paper's decisions, independent of any seed. With a backend, each batch of
+            examples is a job (no speculation); the decisions are the same as here.
         delta: with ``sequential``: each decision differs from the exact mode's with probability
             at most ``delta`` (over the evaluation order).
         order_seed: with ``sequential``: the seed of the evaluation order.
@@ -359,10 +360,9 @@ def greedy_soup(
                              "hint: each ingredient may enter the soup once; list it once")
         seen[r] = lab
     opts = SequentialOptions(delta, order_seed, sequential_batch, margin) if sequential else None
-    n_examples = require_per_example(evaluator, opts) if opts is not None else 0
-    if opts is not None and backend not in (None, "local"):
-        raise UsageError("sequential decisions run in this process only; the backend path evaluates whole "
-                         "candidates\nhint: drop --backend, or use the exact mode on the backend")
+    local = backend is None or backend == "local"
+    # On a backend the evaluator is built on the workers, which check it there.
+    n_examples = require_per_example(evaluator, opts, check_evaluator=local) if opts is not None else 0
     be, owned = resolve_backend(backend)  # an unknown backend fails before any hashing
     store = open_cache(cache)
     eid = _identity(evaluator, evaluator_id, store)
@@ -386,10 +386,14 @@ def greedy_soup(
     store.save_file_hashes()
 
     if be is not None:
-        from soupkit.search._on_backend import greedy_on_backend
+        from soupkit.search._on_backend import greedy_on_backend, greedy_sequential_on_backend
 
         try:
-            result = greedy_on_backend(be, ckpts, labels, digests, evaluator, eid, test_evaluator, tid, store,
+            if opts is not None:
+                result = greedy_sequential_on_backend(be, ckpts, labels, digests, evaluator, eid, test_evaluator, tid,
+                                                      store, opts, strict=strict, progress=progress)
+            else:
+                result = greedy_on_backend(be, ckpts, labels, digests, evaluator, eid, test_evaluator, tid, store,
                                        strict=strict, early_stop=early_stop, speculate=speculate,
                                        progress=progress)
         finally:
@@ -451,35 +455,21 @@ def greedy_soup(
             div = _uniform_divisor(len(accepted))
             return {n: fixed[n] if n in fixed else (acc[n] / div).to(out_dtype[n]) for n in ref.tensors}
 
-        def soup_subject() -> str:
-            return digests[accepted[0]] if len(accepted) == 1 else soup_key([digests[j] for j in accepted])
-
         bar = progress_bar(len(order) - 1, progress, "greedy soup")
         try:
             for rank, i in enumerate(order[1:], start=1):
                 chosen = [labels[j] for j in accepted] + [labels[i]]
                 subject = soup_key([digests[j] for j in accepted] + [digests[i]])
                 if runner is not None:
-                    po = runner.compare(subject, lambda i=i: candidate(i), "soup of " + " + ".join(chosen),
-                                        soup_subject(), soup_now, "soup of " + " + ".join(labels[j] for j in accepted),
-                                        1 if strict else 0)
-                    if po.accept:
+                    step = sequential_step(runner, score, rank, i, accepted, labels, digests, scores,
+                                           lambda i=i: candidate(i), soup_now, soup_score, strict)
+                    if step.accepted:
                         for name, info in ckpts[i].tensors.items():
                             if name in acc:
                                 acc[name] += reader.read(info).reshape(info.shape).to(torch.float32)
                         accepted.append(i)
-                        soup_score = po.score
-                    score.examples += po.fresh + po.incumbent_fresh
-                    score.saved += po.total - po.examples - po.incumbent_fresh
-                    score.calls += int(po.fresh > 0)
-                    score.hits += int(po.fresh == 0)
-                    steps.append(GreedyStep(
-                        rank=rank, label=labels[i], ingredient_score=scores[i], need=po.incumbent_score,
-                        candidate_score=po.score, complete=po.examples == po.total, accepted=po.accept,
-                        soup_size=len(accepted), soup_score=soup_score, examples=po.fresh, total=po.total,
-                        cached=po.fresh == 0, test="sequential", examples_used=po.examples, better=po.better,
-                        worse=po.worse, error_bound=po.error_bound, soup_examples=po.incumbent_fresh,
-                    ))
+                        soup_score = step.soup_score
+                    steps.append(step)
                     bar.update(1)
                     continue
                 need = soup_score
@@ -524,15 +514,8 @@ def greedy_soup(
         del acc, fixed
 
     seq_info = None
-    if runner is not None and opts is not None:
-        final, known = runner.known_score(digests[accepted[0]] if len(accepted) == 1
-                                          else soup_key([digests[j] for j in accepted]))
-        soup_score = final
-        seq_info = {**opts.to_dict(), "examples": n_examples, "score_examples": known,
-                    "any_decision_differs_at_most": min(1.0, opts.delta * len(steps)),
-                    "order": "uniformly random permutation of the examples, fixed by the seed",
-                    "bound_applies": ("to every decision" if opts.margin == 0 else
-                                      "to decisions whose full-set difference is outside the margin")}
+    if runner is not None:
+        soup_score, seq_info = sequential_summary(runner, accepted, digests, len(steps))
     result = GreedySoupResult(
         ingredients=[labels[j] for j in accepted], score=soup_score,
         ingredient_scores=ingredient_scores, steps=steps, strict=strict, evaluator=eid,
@@ -543,6 +526,48 @@ def greedy_soup(
         return _replace(result, seconds=time.perf_counter() - t0)
     return _write(result, out, force=force, progress=progress, plot=plot,
                   max_shard_size=max_shard_size, report_extra=report_extra, t0=t0, recalibrate=recalibrate)
+
+
+def _soup_subject(accepted: Sequence[int], digests: Sequence[str]) -> str:
+    """The incumbent's cache subject: the ingredient's digest alone, else the soup's key."""
+    return digests[accepted[0]] if len(accepted) == 1 else soup_key([digests[j] for j in accepted])
+
+
+def sequential_step(runner: PairedRunner, score: _Scorer, rank: int, i: int, accepted: Sequence[int],
+                    labels: Sequence[str], digests: Sequence[str], scores: Sequence[float], cand: Any, soup: Any,
+                    soup_score: float, strict: bool) -> GreedyStep:
+    """One greedy step by the paired sequential test (the caller adds the ingredient if accepted).
+
+    ``cand`` / ``soup`` are the candidate's and the current soup's weights: state functions in
+    this process, job candidates on a backend (see `PairedRunner`). ``score`` counts the work.
+    """
+    chosen = [labels[j] for j in accepted]
+    po = runner.compare(soup_key([digests[j] for j in accepted] + [digests[i]]), cand,
+                        "soup of " + " + ".join(chosen + [labels[i]]), _soup_subject(accepted, digests), soup,
+                        "soup of " + " + ".join(chosen), 1 if strict else 0)
+    score.examples += po.fresh + po.incumbent_fresh
+    score.saved += po.total - po.examples - po.incumbent_fresh
+    score.calls += int(po.fresh > 0)
+    score.hits += int(po.fresh == 0)
+    return GreedyStep(
+        rank=rank, label=labels[i], ingredient_score=scores[i], need=po.incumbent_score,
+        candidate_score=po.score, complete=po.examples == po.total, accepted=po.accept,
+        soup_size=len(accepted) + int(po.accept), soup_score=po.score if po.accept else soup_score,
+        examples=po.fresh, total=po.total, cached=po.fresh == 0, test="sequential", examples_used=po.examples,
+        better=po.better, worse=po.worse, error_bound=po.error_bound, soup_examples=po.incumbent_fresh,
+    )
+
+
+def sequential_summary(runner: PairedRunner, accepted: Sequence[int], digests: Sequence[str],
+                       steps: int) -> tuple[float, dict[str, Any]]:
+    """The final soup's score on the examples known for it, and the report's ``"sequential"``."""
+    final, known = runner.known_score(_soup_subject(accepted, digests))
+    opts = runner.opts
+    return final, {**opts.to_dict(), "examples": runner.total, "score_examples": known,
+                   "any_decision_differs_at_most": min(1.0, opts.delta * steps),
+                   "order": "uniformly random permutation of the examples, fixed by the seed",
+                   "bound_applies": ("to every decision" if opts.margin == 0 else
+                                     "to decisions whose full-set difference is outside the margin")}
 
 
 def _identity(evaluator: object, given: str | None, store: ScoreCache) -> str:

@@ -354,8 +354,8 @@ def sweep(
     opts = SequentialOptions(delta, order_seed, sequential_batch, margin) if sequential else None
     n_examples = require_per_example(evaluator, opts) if opts is not None else 0
     if opts is not None and backend not in (None, "local"):
-        raise UsageError("sequential decisions run in this process only; the backend path evaluates whole "
-                         "grid points\nhint: drop --backend, or use the exact mode on the backend")
+        raise UsageError("sequential sweeps run in this process only (greedy soup's sequential decisions also "
+                         "run on a backend)\nhint: drop --backend, or sweep exactly on the backend")
     be, owned = resolve_backend(backend)  # an unknown backend fails before any hashing
     store = open_cache(cache)
     eid = _identity(evaluator, evaluator_id, store)

@@ -136,6 +136,7 @@ def greedy_on_backend(be: Backend, ckpts: Sequence[Checkpoint], labels: list[str
             candidate_score=d.result.score, complete=d.result.complete, accepted=d.accepted,
             soup_size=size, soup_score=soup_score, examples=0 if d.cached else d.result.examples,
             total=d.result.total, cached=d.cached,
+            examples_used=d.result.examples if d.result.examples else d.result.total,
         ))
     calls, hits, examples = calls + loop.evaluations, hits + loop.cache_hits, examples + loop.examples
 

@@ -19,7 +19,7 @@ import torch
 from soupkit.errors import EvaluationError, UsageError
 from soupkit.evaluate.protocol import EvalResult, Evaluator, PerExampleEvaluator
 from soupkit.search.cache import ScoreCache
-from soupkit.search.sequential import SequentialOptions, check_binary, counts, decide, example_order
+from soupkit.search.sequential import SequentialOptions, check_binary, decide, example_order
 
 StateFn = Callable[[], Mapping[str, torch.Tensor]]
 
@@ -152,8 +152,7 @@ class PairedRunner:
                 fresh += self._fill(cand, cv, chunk, cmemo, cand_label)
                 pos = nxt
                 seen = self.order_t[:pos]
-                better, worse = counts(cv[seen], iv[seen])
-                d = decide(self.total, pos, better, worse, delta=self.opts.delta, threshold=threshold,
+                d = decide(self.total, cv[seen] - iv[seen], delta=self.opts.delta, threshold=threshold,
                            margin=self.opts.margin_examples(self.total))
                 if d.accept is not None:
                     break
@@ -165,7 +164,7 @@ class PairedRunner:
                 self.cache.store_examples(self.eid, cand, cv, label=cand_label)
             if inc_fresh:
                 self.cache.store_examples(self.eid, inc, iv, label=inc_label)
-        return PairedOutcome(d.accept, pos, self.total, better, worse, d.error_bound,
+        return PairedOutcome(d.accept, pos, self.total, d.better, d.worse, d.error_bound,
                              float(cv[seen].mean()), float(iv[seen].mean()), fresh, inc_fresh)
 
     def known_score(self, subject: str) -> tuple[float, int]:

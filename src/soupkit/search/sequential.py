@@ -13,53 +13,58 @@ earlier one). The sequential test decides *this* exact full-set decision, the on
 mode makes, not a statement about some larger population: the only randomness is the order in
 which the examples are evaluated, a uniformly random permutation fixed by a seed.
 
-**The test** (Waudby-Smith & Ramdas, "Confidence sequences for sampling without replacement",
-NeurIPS 2020, https://arxiv.org/abs/2006.04347, the prior-posterior-ratio martingale, Sec. 3).
-The evaluated examples are draws *without replacement* from an urn of ``N`` balls of three
-colours, ``theta = (C, B, A)`` (concordant, better, worse). After ``n`` draws with counts
-``(c, b, a)`` the probability of the observed sequence is::
+**The test**: a betting martingale for sampling without replacement (Waudby-Smith & Ramdas,
+"Estimating means of bounded random variables by betting", JRSS-B 2023,
+https://arxiv.org/abs/2010.09686, Section 6). The examples, in the seeded random order, are
+draws without replacement from the ``N`` paired differences ``Z = cand - inc`` in ``{-1, 0, 1}``,
+whose total is ``B - A``. Under a hypothesised total ``T``, the mean of the examples not yet
+drawn before draw ``i`` is::
 
-    L_n(theta) = [C]_c [B]_b [A]_a / [N]_n          ([x]_k = x (x-1) ... (x-k+1), falling factorial)
+    mu_i(T) = (T - S_{i-1}) / (N - i + 1)          S_{i-1} = Z_1 + ... + Z_{i-1}
 
-With the prior ``theta ~ DirichletMultinomial(N; 1, 1, 1)`` the marginal probability of the
-sequence is the Polya-urn probability::
+and ``E[Z_i | past] = mu_i(B - A)``. For a bet ``lambda_i >= 0`` chosen from the past only,
+the wealth::
 
-    m_n = Gamma(3) / Gamma(3 + n) * Gamma(1 + c) Gamma(1 + b) Gamma(1 + a)
+    K_n(T) = prod_{i <= n} (1 + lambda_i (Z_i - mu_i(T)))
 
-and for the true ``theta*`` the ratio ``M_n(theta*) = m_n / L_n(theta*)`` (prior over posterior
-of ``theta*``) is a nonnegative martingale with ``M_0 = 1``. By Ville's inequality,
-``P(exists n: M_n(theta*) >= 1/delta) <= delta``, for every stopping rule. The test stops at
-the first check where one side is excluded:
+has ``E[factor | past] = 1 + lambda_i (mu_i(B - A) - mu_i(T)) <= 1`` whenever ``B - A <= T``:
+it is a nonnegative supermartingale with ``K_0 = 1`` under every total at or below ``T``. By
+Ville's inequality ``P(exists n: K_n(T) >= 1/delta) <= delta``, for every stopping rule. The
+mirror bet ``prod (1 - lambda_i (Z_i - mu_i(T')))`` does the same for every total at or above
+``T'``. The test stops at the first check where
 
-* **not worse** (accept) once every ``theta`` with ``B - A <= t - 1`` has ``M_n(theta) >= 1/delta``;
-* **worse** (reject) once every ``theta`` with ``B - A >= t`` has ``M_n(theta) >= 1/delta``;
-* otherwise it continues; at ``n = N`` every ``theta`` but the true one has ``L_N = 0``, so the
-  decision at the end of the data is exactly the exact mode's.
+* **not worse** (accept): the wealth against ``T = t - 1`` (every "worse" total) reached
+  ``1/delta``, or no "worse" total is possible any more (``S_n - (N - n) >= t``);
+* **worse** (reject): the mirror wealth against ``T' = t`` reached ``1/delta``, or no "not
+  worse" total is possible (``S_n + (N - n) < t``);
+* otherwise it continues; at ``n = N`` the total is known and the decision is exactly the exact
+  mode's.
+
+The bets are the aGRAPA rule of the paper (``lambda_i = (m - mu_i) / (v + (m - mu_i)^2)`` from
+the running mean ``m`` and variance ``v`` of the past differences, clipped to ``[0, 0.75 /
+(1 + mu_i)]`` so that a factor never reaches 0); concordant examples (``Z = 0``) cost almost
+nothing, so the evidence grows with the discordant examples, as in McNemar's test.
 
 **The error bound.** For every candidate and every threshold rule, whatever the candidate,
 ``P(sequential decision != exact full-set decision) <= delta`` over the random order (a wrong
-accept needs ``M_n(theta*) >= 1/delta`` with ``theta*`` in the reject set, and vice versa).
-Ties are not special: ``B = A`` is an accept for ``>=`` and a reject for ``>``, and the bound
-holds at that boundary too (the property tests simulate it). With ``K`` sequential decisions in
-one search, the chance that any of them differs from the exact mode's is at most ``K * delta``
-(union bound); a differing decision changes the path of a greedy soup from there on. Each step
-reports ``error_bound = max over the excluded side of 1 / M_n(theta)`` (an anytime-valid
-p-value, ``<= delta``; 0 when the remaining examples can no longer change the decision).
+accept needs ``K_n(t - 1) >= 1/delta`` while ``B - A <= t - 1``, and vice versa). Ties are not
+special: ``B = A`` is an accept for ``>=`` and a reject for ``>``, and the bound holds at that
+boundary too (the property tests simulate it, and check ``E[K_n] <= 1`` exactly on small urns).
+With ``K`` sequential decisions in one search, the chance that any of them differs from the
+exact mode's is at most ``K * delta`` (union bound); a differing decision changes the path of a
+greedy soup from there on. Each step reports ``error_bound = 1 / max K`` of the side it
+excluded (an anytime-valid p-value, ``<= delta``; 0 when the remaining examples could no longer
+change the decision).
 
 **Indifference margin** (optional, ``margin`` = ``M`` examples, e.g. half a point of accuracy:
 ``M = floor(0.005 * N)``). Candidates that differ from the incumbent by a fraction of a point
-can only be told apart near the end of the data. With a margin, the two sides shrink to
-``B - A <= t - 1 - M`` (clearly worse) and ``B - A >= t + M`` (clearly not worse); the test
-stops once either is excluded (both excluded: the difference is inside the zone, and the rule's
-tie side is taken: accept for ``>=``, reject for ``>``). The bound then reads: *whenever the
-full-set difference is outside the zone* (``B - A <= t - 1 - M`` or ``B - A >= t + M``),
-``P(decision != exact decision) <= delta``; inside the zone, where the two differ by less than
-``M / N`` in accuracy, either decision may be taken. ``M = 0`` (the default) is the exact target.
-
-The maximum over a side is exact and takes ``O(N)``: for a fixed number ``D = A + B`` of
-discordant examples, ``[B]_b [D - B]_a`` is log-concave in ``B`` with its unconstrained maximum
-at ``B* = floor((b D - a) / (a + b)) + 1`` (clipped to ``[b, D - a]``), so the constrained
-maximum is at ``B*`` moved to the side's boundary.
+can only be told apart near the end of the data. With a margin the two bets are placed against
+``T = t - 1 - M`` (clearly worse) and ``T' = t + M`` (clearly not worse); the test stops once
+either wins (both: the difference is inside the zone, and the rule's tie side is taken: accept
+for ``>=``, reject for ``>``). The bound then reads: *whenever the full-set difference is outside
+the zone* (``B - A <= t - 1 - M`` or ``B - A >= t + M``), ``P(decision != exact decision) <=
+delta``; inside the zone, where the two differ by less than ``M / N`` in accuracy, either
+decision may be taken. ``M = 0`` (the default) is the exact target.
 """
 
 from __future__ import annotations
@@ -71,9 +76,10 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["PairedDecision", "SequentialOptions", "decide", "example_order", "log_marginal", "side_max_log_lik"]
+__all__ = ["PairedDecision", "SequentialOptions", "decide", "decide_many", "example_order", "log_wealth"]
 
-PAPER = "Waudby-Smith & Ramdas 2020, https://arxiv.org/abs/2006.04347 (prior-posterior-ratio martingale)"
+PAPER = ("betting martingale for sampling without replacement, Waudby-Smith & Ramdas, JRSS-B 2023, "
+         "https://arxiv.org/abs/2010.09686")
 
 
 @dataclass(frozen=True)
@@ -110,7 +116,7 @@ class PairedDecision:
         n: examples compared.
         better: examples only the candidate gets right.
         worse: examples only the incumbent gets right.
-        error_bound: for a decision, ``max 1/M_n`` over the excluded side (<= delta; 0 when
+        error_bound: for a decision, ``1 / max K`` of the side it excluded (<= delta; 0 when
             certain); for no decision, the smaller of the two sides' values.
     """
 
@@ -129,121 +135,87 @@ def example_order(n: int, seed: int) -> list[int]:
     return order
 
 
-def _log_fact(n: int) -> torch.Tensor:
-    """``log k!`` for k = 0..n, float64."""
-    return torch.lgamma(torch.arange(n + 1, dtype=torch.float64) + 1)
+_CAP = 0.75  # largest bet, as a fraction of the one that could lose everything on one example
 
 
-def _logff(lf: torch.Tensor, x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """``log [x]_k`` (falling factorial), ``-inf`` where ``x < k``."""
-    ok = x >= k
-    xs = torch.where(ok, x, k)
-    out = lf[xs] - lf[xs - k]
-    return torch.where(ok, out, torch.full_like(out, -math.inf))
-
-
-def log_marginal(n: int, better: torch.Tensor, worse: torch.Tensor) -> torch.Tensor:
-    """``log m_n``: the Polya-urn (Dirichlet-multinomial, alpha = 1, 1, 1) probability of an
-    observed sequence with these counts (concordant = n - better - worse)."""
-    b = better.to(torch.float64)
-    a = worse.to(torch.float64)
-    c = n - a - b
-    return (math.lgamma(3.0) - math.lgamma(3.0 + n) + torch.lgamma(c + 1) + torch.lgamma(b + 1)
-            + torch.lgamma(a + 1))
-
-
-def side_max_log_lik(total: int, n: int, better: torch.Tensor, worse: torch.Tensor, lo: int | None,
-                     hi: int | None, lf: torch.Tensor | None = None) -> torch.Tensor:
-    """``max log L_n(theta)`` over urns with ``lo <= B - A <= hi`` (either may be None: unbounded),
-    vectorised over the counts (1-D tensors of equal length); ``-inf`` where no urn is possible.
+def log_wealth(z: torch.Tensor, total: int, target: int, sign: float) -> torch.Tensor:
+    """``log K_i`` for i = 1..n of the bet against the total ``target`` (see the module docstring).
 
     Args:
-        total: N, the examples in the evaluation set.
-        n: examples drawn so far.
-        better, worse: observed counts ``b``, ``a`` (int64 tensors, shape ``[T]``).
-        lo, hi: the side, on ``B - A``.
-        lf: ``log k!`` for k = 0..total (computed if not given).
+        z: paired differences in draw order, ``[T, n]`` (float64, values in {-1, 0, 1}).
+        total: N.
+        target: the hypothesised total ``T`` of all N differences.
+        sign: ``+1`` bets that the total is above ``target`` (wealth grows when it is: rejects
+            every total ``<= target``); ``-1`` the mirror.
+
+    Returns:
+        ``[T, n]`` float64 log-wealth after each draw.
     """
-    if lf is None:
-        lf = _log_fact(total)
-    shape = (len(better), total + 1)
-    b = better.to(torch.int64)[:, None].expand(shape)
-    a = worse.to(torch.int64)[:, None].expand(shape)
-    c = n - a - b
-    d = torch.arange(total + 1, dtype=torch.int64)[None, :].expand(shape)   # D = A + B
-    feasible = (d >= a + b) & (d <= total - c)
-    # Unconstrained maximiser of [B]_b [D-B]_a: B* = floor((bD - a)/(a+b)) + 1 (any B if a+b = 0).
-    den = torch.clamp(a + b, min=1)
-    bstar = torch.where(a + b > 0, torch.div(b * d - a, den, rounding_mode="floor") + 1, b)
-    low = b
-    high = d - a
-    if lo is not None:   # B - A >= lo  <=>  B >= ceil((D + lo) / 2)
-        low = torch.maximum(low, torch.div(d + lo + 1, 2, rounding_mode="floor"))
-    if hi is not None:   # B - A <= hi  <=>  B <= floor((D + hi) / 2)
-        high = torch.minimum(high, torch.div(d + hi, 2, rounding_mode="floor"))
-    feasible &= low <= high
-    bb = torch.minimum(torch.maximum(bstar, low), high)
-    bb = torch.where(feasible, bb, b)
-    dd = torch.where(feasible, d, a + b)
-    ll = _logff(lf, total - dd, c) + _logff(lf, bb, b) + _logff(lf, dd - bb, a) - (lf[total] - lf[total - n])
-    ll = torch.where(feasible, ll, torch.full_like(ll, -math.inf))
-    return ll.max(dim=1).values
+    rows, n = z.shape
+    zero = torch.zeros(rows, 1, dtype=torch.float64)
+    prev = torch.cat([zero, torch.cumsum(z, 1)[:, :-1]], 1)               # S_{i-1}
+    prev_sq = torch.cat([zero, torch.cumsum(z * z, 1)[:, :-1]], 1)
+    i = torch.arange(1, n + 1, dtype=torch.float64)[None, :]
+    mu = (target - prev) / (total - i + 1)                                 # mean of the undrawn, under T
+    mean = prev / i                                                        # past mean, shrunk towards 0
+    var = ((prev_sq + 0.25) / i - mean * mean).clamp(min=1e-3)
+    gap = sign * (mean - mu)
+    lam = (gap / (var + gap * gap)).clamp(min=0.0)
+    # 1 + sign * lam * (z - mu) >= 1 - CAP for every z in [-1, 1]
+    reach = (1.0 + sign * mu).clamp(min=1e-12)
+    lam = torch.minimum(lam, _CAP / reach)
+    lam = torch.where(mu.abs() >= 1.0, torch.zeros_like(lam), lam)         # nothing left to win (or lose)
+    return torch.cumsum(torch.log1p(sign * lam * (z - mu)), 1)
 
 
-def decide_many(total: int, n: int, better: torch.Tensor, worse: torch.Tensor, *, delta: float,
-                threshold: int, lf: torch.Tensor | None = None, margin: int = 0
+def decide_many(total: int, z: torch.Tensor, *, delta: float, threshold: int, margin: int = 0
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Vectorised :func:`decide`: ``(accept, reject, error_bound)`` tensors over the counts."""
-    if lf is None:
-        lf = _log_fact(total)
-    key = better.to(torch.int64) * (total + 1) + worse.to(torch.int64)
-    uniq, inverse = torch.unique(key, return_inverse=True)
-    if len(uniq) < len(key):   # many orders share counts: decide each distinct pair once
-        acc, rej, bound = decide_many(total, n, uniq // (total + 1), uniq % (total + 1), delta=delta,
-                                      threshold=threshold, lf=lf, margin=margin)
-        return acc[inverse], rej[inverse], bound[inverse]
-    lm = log_marginal(n, better, worse)
-    rej_side = side_max_log_lik(total, n, better, worse, None, threshold - 1 - margin, lf)   # "worse" urns
-    acc_side = side_max_log_lik(total, n, better, worse, threshold + margin, None, lf)       # "not worse" urns
-    log_delta = math.log(delta)
-    accept = rej_side - lm <= log_delta
-    reject = acc_side - lm <= log_delta
-    if threshold >= 1:   # both sides excluded (only with a margin): inside the zone, the rule's tie side
+    """Vectorised :func:`decide` over rows of ``z`` (``[T, n]``): ``(accept, reject, error_bound)``."""
+    z = z.to(torch.float64)
+    rows, n = z.shape
+    if n == 0:
+        return (torch.zeros(rows, dtype=torch.bool), torch.zeros(rows, dtype=torch.bool),
+                torch.ones(rows, dtype=torch.float64))
+    s = z.sum(1)
+    rest = total - n
+    up = log_wealth(z, total, threshold - 1 - margin, 1.0).max(1).values    # against every "worse" total
+    down = log_wealth(z, total, threshold + margin, -1.0).max(1).values     # against every "not worse" total
+    level = math.log(1.0 / delta)
+    sure_acc = s - rest >= threshold        # even if every remaining example went to the incumbent
+    sure_rej = s + rest < threshold         # even if every remaining example went to the candidate
+    accept = sure_acc | ((up >= level) & ~sure_rej)
+    reject = sure_rej | ((down >= level) & ~sure_acc)
+    if threshold >= 1:   # both bets won (only with a margin): inside the zone, the rule's tie side
         accept = accept & ~reject
-    p_acc = torch.exp(torch.clamp(rej_side - lm, max=0.0))
-    p_rej = torch.exp(torch.clamp(acc_side - lm, max=0.0))
+    else:
+        reject = reject & ~accept
+    p_acc = torch.where(sure_acc, torch.zeros_like(up), torch.exp(-up.clamp(min=0.0)))
+    p_rej = torch.where(sure_rej, torch.zeros_like(down), torch.exp(-down.clamp(min=0.0)))
     bound = torch.where(accept, p_acc, torch.where(reject, p_rej, torch.minimum(p_acc, p_rej)))
-    return accept, reject & ~accept, bound
+    return accept, reject, bound
 
 
-def decide(total: int, n: int, better: int, worse: int, *, delta: float, threshold: int,
-           margin: int = 0) -> PairedDecision:
-    """Test after ``n`` of ``total`` examples (see the module docstring).
+def decide(total: int, z: torch.Tensor, *, delta: float, threshold: int, margin: int = 0) -> PairedDecision:
+    """Test after the differences ``z`` (candidate minus incumbent, in draw order) of ``total``.
 
     Args:
         total: N, the examples in the evaluation set.
-        n: examples compared so far (a uniformly random subset, evaluated in random order).
-        better: of those, examples only the candidate gets right.
-        worse: examples only the incumbent gets right.
+        z: the paired differences (-1, 0, 1) of the examples compared so far, in the seeded
+            random order.
         delta: error probability, in (0, 1).
         threshold: ``t``: the exact rule accepts when ``B - A >= t``.
         margin: ``M``, the indifference zone in examples (see the module docstring); 0: none.
 
     Returns:
-        A `PairedDecision`; at ``n == total`` always decided, exactly as the full-set rule.
+        A `PairedDecision`; at ``len(z) == total`` always decided, exactly as the full-set rule.
     """
+    n = len(z)
+    better, worse = int((z > 0).sum()), int((z < 0).sum())
     if n >= total:
-        ok = better - worse >= threshold
-        return PairedDecision(ok, n, better, worse, 0.0)
-    acc, rej, bound = decide_many(total, n, torch.tensor([better]), torch.tensor([worse]), delta=delta,
-                                  threshold=threshold, margin=margin)
+        return PairedDecision(better - worse >= threshold, n, better, worse, 0.0)
+    acc, rej, bound = decide_many(total, z.reshape(1, -1), delta=delta, threshold=threshold, margin=margin)
     verdict = True if bool(acc[0]) else (False if bool(rej[0]) else None)
     return PairedDecision(verdict, n, better, worse, float(bound[0]))
-
-
-def counts(cand: torch.Tensor, inc: torch.Tensor) -> tuple[int, int]:
-    """``(better, worse)``: examples only ``cand`` / only ``inc`` gets right (0/1 tensors)."""
-    return int(((cand > 0.5) & (inc < 0.5)).sum()), int(((cand < 0.5) & (inc > 0.5)).sum())
 
 
 def check_binary(values: torch.Tensor, indices: Sequence[int], who: str) -> None:

@@ -18,7 +18,7 @@ The exact mode here uses soupkit's exact early rejection (batches of 128 in file
 Run (from the repository root, after ``make demo`` has built the ingredients)::
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/greedy_sequential.py --seeds 100 --delta 0.01 \\
-        --results benchmarks/results/greedy-sequential
+        --delta 0.05 --margin 0 --margin 0.005 --results benchmarks/results/greedy-sequential
 
 Writes ``RESULTS.json`` and ``RESULTS.md``.
 """
@@ -130,12 +130,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="the demo's cache (make demo): models/ and data/ (read only)")
     ap.add_argument("--seeds", type=int, default=100, help="evaluation orders (seeds 0..N-1)")
     ap.add_argument("--delta", type=float, action="append", default=None, help="delta (repeatable; default 0.01)")
+    ap.add_argument("--margin", type=float, action="append", default=None,
+                    help="indifference margin in accuracy (repeatable; default 0); every delta x margin is run")
     ap.add_argument("--batch", type=int, default=128, help="examples between two checks of the test")
     ap.add_argument("--store", type=Path, default=ROOT / "benchmarks" / "out" / "greedy-sequential-correctness.pt",
                     help="per-example correctness of every soup met (reused by later runs)")
     ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "greedy-sequential")
     args = ap.parse_args(argv)
-    deltas = args.delta or [0.01]
+    configs = [(d, m) for d in (args.delta or [0.01]) for m in (args.margin or [0.0])]
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
 
     from demo.__main__ import EVAL_SETTINGS
@@ -157,20 +159,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         work = Path(tmp)
         exact = run_once(ingredients, ev, work, "exact")
         full = run_once(ingredients, ev, work, "full", early_stop=False)
-        out["exact"], out["full"] = exact, full
+        # One check after every example: the exact decisions, with the full-set discordant counts.
+        counts = run_once(ingredients, ev, work, "counts", sequential=True, sequential_batch=ev.n)
+        out["exact"], out["full"], out["full_counts"] = exact, full, counts
         print(f"exact mode: soup {exact['soup']}, candidate examples {exact['examples_candidates']:,} "
               f"(without early rejection {full['examples_candidates']:,})", flush=True)
-        for delta in deltas:
+        for delta, margin in configs:
             runs = []
             for seed in range(args.seeds):
-                runs.append(run_once(ingredients, ev, work, f"d{delta}-s{seed}", sequential=True, delta=delta,
+                tag = f"d{delta}-m{margin}-s{seed}"
+                runs.append(run_once(ingredients, ev, work, tag, sequential=True, delta=delta, margin=margin,
                                      order_seed=seed, sequential_batch=args.batch))
-                (work / f"d{delta}-s{seed}.jsonl").unlink(missing_ok=True)
+                (work / f"{tag}.jsonl").unlink(missing_ok=True)
             same = sum(r["soup"] == exact["soup"] for r in runs)
             cand = [r["examples_candidates"] for r in runs]
             mean_cand = sum(cand) / len(cand)
             summary = {
-                "delta": delta, "same_soup": same, "orders": len(runs), "same_soup_rate": same / len(runs),
+                "delta": delta, "margin": margin, "same_soup": same, "orders": len(runs), "same_soup_rate": same / len(runs),
                 "mean_candidate_examples": mean_cand,
                 "fraction_of_exact": mean_cand / exact["examples_candidates"],
                 "fraction_of_full": mean_cand / full["examples_candidates"],
@@ -178,7 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "mean_all_examples": sum(r["examples_all"] for r in runs) / len(runs),
                 "different_soups": sorted({" + ".join(r["soup"]) for r in runs if r["soup"] != exact["soup"]}),
             }
-            out["runs"][str(delta)] = {"summary": summary, "runs": runs}
+            out["runs"][f"{delta}/{margin}"] = {"summary": summary, "runs": runs}
             print(json.dumps(summary), flush=True)
     out["soups_evaluated_fully"] = len(ev.table)
     out["seconds"] = round(time.perf_counter() - t0, 1)
@@ -188,18 +193,20 @@ def main(argv: Sequence[str] | None = None) -> int:
              f"{ev.n:,} validation examples, {args.seeds} evaluation orders)", "",
              f"exact mode: soup {' + '.join(exact['soup'])}; candidate examples {exact['examples_candidates']:,} "
              f"with exact early rejection, {full['examples_candidates']:,} without", "",
-             "| delta | same soup as exact | candidate examples (mean) | of exact mode | of no early rejection "
-             "| min / max | all examples incl. ingredients (mean) |",
-             "|---|---|---|---|---|---|---|"]
-    for delta in deltas:
-        s = out["runs"][str(delta)]["summary"]
-        lines.append(f"| {delta:g} | {s['same_soup']}/{s['orders']} ({100 * s['same_soup_rate']:.0f} %) | "
+             "| delta | margin | same soup as exact | candidate examples (mean) | of exact mode | of no early "
+             "rejection | min / max | all examples incl. ingredients (mean) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for delta, margin in configs:
+        s = out["runs"][f"{delta}/{margin}"]["summary"]
+        lines.append(f"| {delta:g} | {margin:g} | {s['same_soup']}/{s['orders']} ({100 * s['same_soup_rate']:.0f} %) | "
                      f"{s['mean_candidate_examples']:,.0f} | {100 * s['fraction_of_exact']:.1f} % | "
                      f"{100 * s['fraction_of_full']:.1f} % | {s['min_candidate_examples']:,} / "
                      f"{s['max_candidate_examples']:,} | {s['mean_all_examples']:,.0f} |")
-    lines += ["", "Per step of the exact run (the discordant counts on all examples decide the exact rule):", ""]
-    lines += ["| candidate | accepted | full-set score |", "|---|---|---|"]
-    lines += [f"| {s['label']} | {s['accepted']} | {s['candidate_score']:.4f} |" for s in full["steps"]]
+    lines += ["", "Each step of the exact run, on all examples: the candidate is better than the soup on `+B` "
+              "examples and worse on `-A`; the exact rule accepts when `B >= A`.", ""]
+    lines += ["| step | candidate | accepted | candidate accuracy | +B / -A |", "|---|---|---|---|---|"]
+    lines += [f"| {k} | {s['label']} | {s['accepted']} | {s['candidate_score']:.4f} | +{s['better']} / -{s['worse']} |"
+              for k, s in enumerate(counts["steps"], start=1)]
     args.results.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

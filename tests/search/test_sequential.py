@@ -123,7 +123,7 @@ def _simulate(total: int, big_b: int, big_a: int, t: int, delta: float, trials: 
 ])
 def test_error_rate_stays_under_delta_at_and_near_the_boundary(big_b: int, big_a: int, t: int) -> None:
     delta = 0.1    # a large delta, so that a too-liberal test would show in 2,000 orders
-    err, used = _simulate(400, big_b, big_a, t, delta, trials=2000, batch=20, seed=big_b * 100 + big_a + t)
+    err, used = _simulate(400, big_b, big_a, t, delta, trials=2000, batch=40, seed=big_b * 100 + big_a + t)
     # 2,000 Bernoulli(<= 0.1) draws: the mean exceeds 0.1 + 3 standard errors with probability < 0.2 %.
     assert err <= delta + 3 * math.sqrt(delta * (1 - delta) / 2000), (err, used)
 
@@ -340,7 +340,7 @@ def test_cli_sweep_sequential(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, c
 def test_with_a_margin_the_error_rate_stays_under_delta_outside_the_zone(big_b: int, big_a: int, t: int) -> None:
     # margin M = 5 examples: the zone is t - 6 < B - A < t + 5; just outside it, errors <= delta.
     delta, m = 0.1, 5
-    err, _ = _simulate(400, big_b, big_a, t, delta, trials=2000, batch=20, seed=big_b + 7 * big_a + t, margin=m)
+    err, _ = _simulate(400, big_b, big_a, t, delta, trials=2000, batch=40, seed=big_b + 7 * big_a + t, margin=m)
     if t - 1 - m < big_b - big_a < t + m:      # inside the zone: either decision is allowed
         return
     assert err <= delta + 3 * math.sqrt(delta * (1 - delta) / 2000)

@@ -143,24 +143,9 @@ def greedy_on_backend(be: Backend, ckpts: Sequence[Checkpoint], labels: list[str
     held: HeldOutScores | None = None
     if test_evaluator is not None:
         assert tid is not None
-        tev = ev if test_evaluator is evaluator else remote_evaluator(test_evaluator)
-        best = order[0]
-        wanted = [(subject(loop.accepted), soup_job(loop.accepted, "final soup (test set)", None, tev)),
-                  (digests[best], EvalJob(Ingredient(paths[best]), (EvalRequest(tev, f"ingredient {labels[best]} (test set)"),)))]
-        held_res: list[EvalResult | None] = [store.lookup(tid, subj) for subj, _ in wanted]
-        hits += sum(r is not None for r in held_res)
-        missing = [k for k, r in enumerate(held_res) if r is None]
-
-        def held_done(k: int, outcome: Any) -> None:
-            j = missing[k]
-            held_res[j] = outcome.results[0]
-            store.store(tid, wanted[j][0], outcome.results[0], label=wanted[j][1].label)
-
-        run_jobs(be, [wanted[k][1] for k in missing], held_done, log=log)
-        calls += len(missing)
-        assert held_res[0] is not None and held_res[1] is not None
-        examples += sum(r.examples for k, r in enumerate(held_res) if k in missing and r is not None)
-        held = HeldOutScores(tid, held_res[0].score, labels[best], held_res[1].score)
+        held, k_calls, k_hits, k_examples = _held_out(be, log, store, ev, evaluator, test_evaluator, tid, paths,
+                                                      digests, labels, loop.accepted, order[0])
+        calls, hits, examples = calls + k_calls, hits + k_hits, examples + k_examples
 
     notes = log.notes(be)
     return GreedySoupResult(
@@ -259,25 +244,9 @@ def greedy_sequential_on_backend(be: Backend, ckpts: Sequence[Checkpoint], label
     held: HeldOutScores | None = None
     if test_evaluator is not None:
         assert tid is not None
-        tev = ev if test_evaluator is evaluator else remote_evaluator(test_evaluator)
-        best = order[0]
-        wanted = [(soup_key([digests[j] for j in accepted]) if len(accepted) > 1 else digests[best],
-                   EvalJob(soup_of(accepted), (EvalRequest(tev, "final soup (test set)"),))),
-                  (digests[best], EvalJob(Ingredient(paths[best]), (EvalRequest(tev, f"ingredient {labels[best]} (test set)"),)))]
-        held_res: list[EvalResult | None] = [store.lookup(tid, subj) for subj, _ in wanted]
-        score.hits += sum(r is not None for r in held_res)
-        missing = [k for k, r in enumerate(held_res) if r is None]
-
-        def held_done(k: int, outcome: Any) -> None:
-            j = missing[k]
-            held_res[j] = outcome.results[0]
-            store.store(tid, wanted[j][0], outcome.results[0], label=wanted[j][1].label)
-
-        run_jobs(be, [wanted[k][1] for k in missing], held_done, log=log)
-        score.calls += len(missing)
-        assert held_res[0] is not None and held_res[1] is not None
-        score.examples += sum(r.examples for k, r in enumerate(held_res) if k in missing and r is not None)
-        held = HeldOutScores(tid, held_res[0].score, labels[best], held_res[1].score)
+        held, k_calls, k_hits, k_examples = _held_out(be, log, store, ev, evaluator, test_evaluator, tid, paths,
+                                                      digests, labels, accepted, order[0])
+        score.calls, score.hits, score.examples = score.calls + k_calls, score.hits + k_hits, score.examples + k_examples
 
     return GreedySoupResult(
         ingredients=[labels[j] for j in accepted], score=soup_score, ingredient_scores=ingredient_scores,
@@ -285,6 +254,31 @@ def greedy_sequential_on_backend(be: Backend, ckpts: Sequence[Checkpoint], label
         examples_evaluated=score.examples, examples_saved=score.saved, held_out=held, notes=log.notes(be),
         distributed=log.to_dict(be), sequential=seq_info,
     )
+
+
+def _held_out(be: Backend, log: RunLog, store: ScoreCache, ev: Any, evaluator: Evaluator, test_evaluator: Evaluator,
+              tid: str, paths: Sequence[str], digests: Sequence[str], labels: Sequence[str], accepted: Sequence[int],
+              best: int) -> tuple[HeldOutScores, int, int, int]:
+    """The final soup and the best single ingredient on the test set, together, through the cache:
+    ``(scores, evaluations, cache hits, examples)``."""
+    tev = ev if test_evaluator is evaluator else remote_evaluator(test_evaluator)
+    wanted = [(soup_key([digests[j] for j in accepted]),
+               EvalJob(UniformSoup(tuple(paths[j] for j in accepted), tuple(digests[j] for j in accepted)),
+                       (EvalRequest(tev, "final soup (test set)"),))),
+              (digests[best], EvalJob(Ingredient(paths[best]), (EvalRequest(tev, f"ingredient {labels[best]} (test set)"),)))]
+    held_res: list[EvalResult | None] = [store.lookup(tid, subj) for subj, _ in wanted]
+    hits = sum(r is not None for r in held_res)
+    missing = [k for k, r in enumerate(held_res) if r is None]
+
+    def held_done(k: int, outcome: Any) -> None:
+        j = missing[k]
+        held_res[j] = outcome.results[0]
+        store.store(tid, wanted[j][0], outcome.results[0], label=wanted[j][1].label)
+
+    run_jobs(be, [wanted[k][1] for k in missing], held_done, log=log)
+    assert held_res[0] is not None and held_res[1] is not None
+    examples = sum(r.examples for k, r in enumerate(held_res) if k in missing and r is not None)
+    return HeldOutScores(tid, held_res[0].score, labels[best], held_res[1].score), len(missing), hits, examples
 
 
 def sweep_on_backend(be: Backend, name: str, param: str, values: Sequence[float], recipes: Sequence[MergeConfig],

@@ -563,11 +563,7 @@ def sequential_summary(runner: PairedRunner, accepted: Sequence[int], digests: S
     """The final soup's score on the examples known for it, and the report's ``"sequential"``."""
     final, known = runner.known_score(_soup_subject(accepted, digests))
     opts = runner.opts
-    return final, {**opts.to_dict(), "examples": runner.total, "score_examples": known,
-                   "any_decision_differs_at_most": min(1.0, opts.delta * steps),
-                   "order": "uniformly random permutation of the examples, fixed by the seed",
-                   "bound_applies": ("to every decision" if opts.margin == 0 else
-                                     "to decisions whose full-set difference is outside the margin")}
+    return final, {**opts.report(runner.total, steps), "score_examples": known}
 
 
 def _identity(evaluator: object, given: str | None, store: ScoreCache) -> str:

@@ -73,6 +73,7 @@ import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -102,9 +103,13 @@ class SequentialOptions:
         """``M``: the margin in examples of a set of ``total`` (accuracy points times examples)."""
         return int(math.floor(self.margin * total + 1e-9))
 
-    def to_dict(self) -> dict[str, object]:
-        return {"delta": self.delta, "seed": self.seed, "batch": self.batch, "margin": self.margin,
-                "test": PAPER}
+    def report(self, examples: int, decisions: int) -> dict[str, Any]:
+        """The report's ``"sequential"`` entries for ``decisions`` decisions on ``examples`` examples."""
+        return {"delta": self.delta, "seed": self.seed, "batch": self.batch, "margin": self.margin, "test": PAPER,
+                "examples": examples, "any_decision_differs_at_most": min(1.0, self.delta * max(decisions, 0)),
+                "order": "uniformly random permutation of the examples, fixed by the seed",
+                "bound_applies": ("to every decision" if self.margin == 0 else
+                                  "to decisions whose full-set difference is outside the margin")}
 
 
 @dataclass(frozen=True)

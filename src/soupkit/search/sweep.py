@@ -388,25 +388,18 @@ def sweep(
         finally:
             if owned:
                 be.close()
-    if opts is not None:
+    seq_info: dict[str, Any] | None = None
+    best_i: int | None = None
+    if opts is not None:  # each point against the best before it; the loop below is the exact path
         runner = PairedRunner(evaluator, eid, store, opts, n_examples)  # type: ignore[arg-type]
         points, best_i, calls, hits = _sequential_points(
             runner, name, param, values, recipes, plans, digest, shift_evaluator, sid, store, progress)
-        seq_info = {**opts.to_dict(), "examples": n_examples, "examples_evaluated": runner.evaluated,
-                    "rule": "a point replaces the best before it if it is better (>); ties go to the first listed",
-                    "any_decision_differs_at_most": min(1.0, opts.delta * max(len(points) - 1, 0)),
-                    "order": "uniformly random permutation of the examples, fixed by the seed",
-                    "bound_applies": ("to every decision" if opts.margin == 0 else
-                                      "to decisions whose full-set difference is outside the margin")}
-        result = SweepResult(name, param, points, points[best_i], recipes[best_i], eid, sid, calls, hits,
-                             notes=notes, sequential=seq_info)
-        if out is None:
-            return replace(result, seconds=time.perf_counter() - t0)
-        return _write(result, plans[best_i], out, force=force, progress=progress, plot=plot,
-                      report_extra=report_extra, t0=t0, recalibrate=recalibrate, max_shard_size=max_shard_size)
-    bar = progress_bar(len(recipes) if be is None else 0, progress, f"sweep {param}")
+        seq_info = {**opts.report(n_examples, len(points) - 1), "examples_evaluated": runner.evaluated,
+                    "rule": "a point replaces the best before it if it is better (>); ties go to the first listed"}
+    exact_here = be is None and opts is None
+    bar = progress_bar(len(recipes) if exact_here else 0, progress, f"sweep {param}")
     try:
-        for v, cfg, p in zip(values, recipes, plans) if be is None else ():
+        for v, cfg, p in zip(values, recipes, plans) if exact_here else ():
             key = _recipe_key(cfg, digest)
             label = f"{name} {param}={v:g}"
             wanted = [(eid, evaluator, label)] + ([(sid, shift_evaluator, label + " (shift set)")] if sid else [])
@@ -435,9 +428,10 @@ def sweep(
             bar.update(1)
     finally:
         bar.close()
-    best_i = max(range(len(points)), key=lambda i: (points[i].score, -i))
+    if best_i is None:
+        best_i = max(range(len(points)), key=lambda i: (points[i].score, -i))
     result = SweepResult(name, param, points, points[best_i], recipes[best_i], eid, sid, calls, hits,
-                         notes=notes, distributed=distributed)
+                         notes=notes, distributed=distributed, sequential=seq_info)
     if out is None:
         return replace(result, seconds=time.perf_counter() - t0)
     return _write(result, plans[best_i], out, force=force, progress=progress, plot=plot,

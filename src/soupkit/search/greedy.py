@@ -25,6 +25,13 @@ is told the score a candidate must reach and may stop as soon as the candidate c
 reach it; the decision is identical to a full evaluation (see `soupkit.evaluate.protocol`). The
 history records the bound, and the examples that were not evaluated are reported as saved.
 
+**Paired sequential decisions** (``sequential=True``; the default is the exact mode above).
+With a `soupkit.evaluate.PerExampleEvaluator`, each candidate is evaluated in batches in a
+seeded random order and compared with the current soup example by example; it is decided as
+soon as a sequential test on the discordant examples is sure, up to ``delta``, of the decision
+the exact mode would make on every example (`soupkit.search.sequential` has the test, its
+formula and the exact statement of the bound). Per-example results are cached like scores.
+
 **Cache.** Scores are cached by content: an ingredient by the SHA-256 of its files, a candidate
 soup by the ordered digests of its ingredients, each together with the evaluator's identity
 (see `soupkit.search.cache`). A re-run with the same inputs evaluates nothing.
@@ -156,7 +163,8 @@ class GreedySoupResult:
         evaluations: evaluator calls made (ingredients, candidates and held-out).
         cache_hits: results taken from the cache instead.
         examples_evaluated: examples the evaluator went through (counting evaluators only).
-        examples_saved: examples early rejection did not need to evaluate.
+        examples_saved: examples early rejection (or the sequential test, net of the soup's own
+            examples it needed) did not need to evaluate, against evaluating every candidate fully.
         held_out: scores on the test set, when one was given.
         out: the output folder, when written.
         merge: the engine's result for the written soup.

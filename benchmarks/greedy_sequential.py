@@ -17,8 +17,11 @@ The exact mode here uses soupkit's exact early rejection (batches of 128 in file
 
 Run (from the repository root, after ``make demo`` has built the ingredients)::
 
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/greedy_sequential.py --seeds 100 --delta 0.01 \\
-        --delta 0.05 --margin 0 --margin 0.005 --results benchmarks/results/greedy-sequential
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/greedy_sequential.py --seeds 50 --delta 0.01 \\
+        --delta 0.05 --margin 0 --margin 0.01 --results benchmarks/results/greedy-sequential
+    # where candidates differ clearly: the test suite's toy problem (seconds)
+    .venv/bin/python benchmarks/greedy_sequential.py --toy --seeds 100 --delta 0.01 --batch 100 \\
+        --store benchmarks/out/toy-correctness.pt --results benchmarks/results/greedy-sequential-toy
 
 Writes ``RESULTS.json`` and ``RESULTS.md``.
 """
@@ -128,6 +131,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--demo-cache", type=Path, default=ROOT / ".cache" / "demo" / "standard",
                     help="the demo's cache (make demo): models/ and data/ (read only)")
+    ap.add_argument("--toy", action="store_true",
+                    help="instead of the demo: the test suite's toy problem (tests/search/soup_toy.py: 4 good, "
+                         "2 harmful ingredients, 2,000 examples), where candidates differ clearly")
     ap.add_argument("--seeds", type=int, default=100, help="evaluation orders (seeds 0..N-1)")
     ap.add_argument("--delta", type=float, action="append", default=None, help="delta (repeatable; default 0.01)")
     ap.add_argument("--margin", type=float, action="append", default=None,
@@ -140,23 +146,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     configs = [(d, m) for d in (args.delta or [0.01]) for m in (args.margin or [0.0])]
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
 
-    from demo.__main__ import EVAL_SETTINGS
-    from soupkit.evaluate import HFClassificationEvaluator
-
-    models = args.demo_cache / "models"
-    ingredients = sorted(str(p) for p in models.glob("ft*-*") if (p / "model.safetensors").is_file())
-    start = next(models.glob("start-*"))
-    val = args.demo_cache / "data" / "val.csv"
-    if len(ingredients) < 2 or not val.is_file():
-        print(f"error: no demo ingredients under {models} (run make demo first)", file=sys.stderr)
-        return 2
     args.store.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    ev = StoredCorrectness(HFClassificationEvaluator(start, val, **EVAL_SETTINGS), args.store)  # type: ignore[arg-type]
-    out: dict[str, Any] = {"ingredients": [Path(p).name for p in ingredients], "examples": ev.n,
-                           "eval_settings": EVAL_SETTINGS, "batch": args.batch, "seeds": args.seeds, "runs": {}}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
+        if args.toy:
+            sys.path.insert(0, str(ROOT / "tests" / "search"))
+            import soup_toy as toy
+
+            kinds = ["good", "perm", "good", "noisy", "good", "good"]
+            ingredients = [str(p) for p in toy.make_ingredients(work / "toy", kinds)]
+            _, xv, yv, _, _ = toy.problem(n=2000)
+            inner: Any = toy.PerExampleAccuracy(xv, yv)
+            settings: dict[str, Any] = {"toy": "tests/search/soup_toy.py", "kinds": kinds}
+        else:
+            from demo.__main__ import EVAL_SETTINGS
+            from soupkit.evaluate import HFClassificationEvaluator
+
+            models = args.demo_cache / "models"
+            ingredients = sorted(str(p) for p in models.glob("ft*-*") if (p / "model.safetensors").is_file())
+            val = args.demo_cache / "data" / "val.csv"
+            if len(ingredients) < 2 or not val.is_file():
+                print(f"error: no demo ingredients under {models} (run make demo first)", file=sys.stderr)
+                return 2
+            inner = HFClassificationEvaluator(next(models.glob("start-*")), val, **EVAL_SETTINGS)  # type: ignore[arg-type]
+            settings = dict(EVAL_SETTINGS)
+        ev = StoredCorrectness(inner, args.store)
+        out: dict[str, Any] = {"ingredients": [Path(p).name for p in ingredients], "examples": ev.n,
+                               "eval_settings": settings, "batch": args.batch, "seeds": args.seeds, "runs": {}}
         exact = run_once(ingredients, ev, work, "exact")
         full = run_once(ingredients, ev, work, "full", early_stop=False)
         # One check after every example: the exact decisions, with the full-set discordant counts.
@@ -189,7 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out["seconds"] = round(time.perf_counter() - t0, 1)
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.with_suffix(".json").write_text(json.dumps(out, indent=1) + "\n")
-    lines = [f"# Greedy soup: sequential vs exact decisions ({len(ingredients)} demo ingredients, "
+    lines = [f"# Greedy soup: sequential vs exact decisions ({len(ingredients)} {'toy' if args.toy else 'demo'} ingredients, "
              f"{ev.n:,} validation examples, {args.seeds} evaluation orders)", "",
              f"exact mode: soup {' + '.join(exact['soup'])}; candidate examples {exact['examples_candidates']:,} "
              f"with exact early rejection, {full['examples_candidates']:,} without", "",

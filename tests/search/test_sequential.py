@@ -10,12 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import soup_toy as toy
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
-import soup_toy as toy
 from soupkit.backends import LocalBackend
 from soupkit.cli import main
 from soupkit.errors import EvaluationError, UsageError
@@ -40,7 +40,7 @@ def test_the_wealth_is_a_supermartingale_under_the_null_exactly(b: int, a: int, 
 
     items = [1.0] * b + [-1.0] * a + [0.0] * c
     total = len(items)
-    target = b - a + (0 if sign > 0 else 0)   # the boundary itself: the hardest null
+    target = b - a   # the boundary itself: the hardest null
     orders = torch.tensor(sorted(set(itertools.permutations(items))), dtype=torch.float64)
     wealth = torch.exp(log_wealth(orders, total, target, sign))
     assert bool((wealth.mean(0) <= 1 + 1e-9).all()), wealth.mean(0)

@@ -19,7 +19,12 @@ import torch
 from soupkit.errors import EvaluationError, UsageError
 from soupkit.evaluate.protocol import EvalResult, Evaluator, PerExampleEvaluator
 from soupkit.search.cache import ScoreCache
-from soupkit.search.sequential import SequentialOptions, check_binary, decide, example_order
+from soupkit.search.sequential import (
+    SequentialOptions,
+    check_binary,
+    decide,
+    example_order,
+)
 
 StateFn = Callable[[], Mapping[str, torch.Tensor]]
 

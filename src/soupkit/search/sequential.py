@@ -101,7 +101,7 @@ class SequentialOptions:
 
     def margin_examples(self, total: int) -> int:
         """``M``: the margin in examples of a set of ``total`` (accuracy points times examples)."""
-        return int(math.floor(self.margin * total + 1e-9))
+        return math.floor(self.margin * total + 1e-9)
 
     def report(self, examples: int, decisions: int) -> dict[str, Any]:
         """The report's ``"sequential"`` entries for ``decisions`` decisions on ``examples`` examples."""

@@ -279,7 +279,7 @@ def test_cli_greedy_sequential_and_its_usage_errors(tmp_path: Path, monkeypatch:
     assert main(base + ["--delta", "0.05", "--out", "soup2", *paths]) == 2
     assert "--delta only apply with --sequential" in capsys.readouterr().err
     assert main(base + ["--sequential", "--delta", "2", "--out", "soup2", *paths]) == 2
-    assert "--delta must be in (0, 1), got 2.0" in capsys.readouterr().err
+    assert "delta must be in (0, 1), got 2.0" in capsys.readouterr().err
 
 
 def test_plot_labels_are_cut_in_the_middle_and_titles_wrapped() -> None:

@@ -98,26 +98,19 @@ def add_sequential_flags(p: argparse.ArgumentParser, what: str) -> None:
 def sequential_options(args: argparse.Namespace) -> dict[str, Any]:
     """The ``sequential=`` / ``delta=`` / ... keyword arguments; settings without --sequential are an error.
 
+    The values themselves are checked by the search (``UsageError``, exit code 2).
+
     Raises:
-        UsageError: --delta / --order-seed / --sequential-batch without --sequential, or bad values.
+        UsageError: --delta / --order-seed / --sequential-batch / --margin without --sequential.
     """
-    given = [f"--{n.replace('_', '-')}" for n in ("delta", "order_seed", "sequential_batch", "margin")
-             if getattr(args, n) is not None]
+    names = ("delta", "order_seed", "sequential_batch", "margin")
+    given = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
     if not args.sequential:
         if given:
-            raise UsageError(f"{', '.join(given)} only apply with --sequential\nhint: add --sequential, or drop them")
+            flags = ", ".join(f"--{n.replace('_', '-')}" for n in given)
+            raise UsageError(f"{flags} only apply with --sequential\nhint: add --sequential, or drop them")
         return {}
-    delta = 0.01 if args.delta is None else args.delta
-    if not 0.0 < delta < 1.0:
-        raise UsageError(f"--delta must be in (0, 1), got {delta}\nhint: e.g. --delta 0.01")
-    batch = 128 if args.sequential_batch is None else args.sequential_batch
-    if batch < 1:
-        raise UsageError(f"--sequential-batch must be 1 or more, got {batch}")
-    margin = 0.0 if args.margin is None else args.margin
-    if not 0.0 <= margin < 1.0:
-        raise UsageError(f"--margin must be in [0, 1) (accuracy), got {margin}\nhint: e.g. --margin 0.005")
-    return {"sequential": True, "delta": delta, "order_seed": args.order_seed or 0, "sequential_batch": batch,
-            "margin": margin}
+    return {"sequential": True, **given}
 
 
 def add_cache_flags(p: argparse.ArgumentParser) -> None:

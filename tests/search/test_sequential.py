@@ -369,3 +369,12 @@ def test_greedy_sequential_on_a_backend_makes_the_same_decisions_on_the_same_exa
                                        s.soup_examples) for s in here.steps]
     assert there.examples_evaluated == here.examples_evaluated and there.held_out == here.held_out
     assert there.sequential == here.sequential and there.distributed is not None
+
+
+def test_sweep_sequential_refuses_a_backend_before_starting_one(tmp_path: Path) -> None:
+    from soupkit.search import sweep
+
+    zs, ft = _wise_pair(tmp_path)
+    _, xv, yv, _, _ = toy.problem()
+    with pytest.raises(UsageError, match="sequential sweeps run in this process only"):
+        sweep([ft], toy.PerExampleAccuracy(xv, yv), [0.0, 1.0], base=zs, sequential=True, backend="ray")

@@ -21,6 +21,8 @@ value is set under the recipe's top-level ``parameters`` (so for a per-model par
 Each grid point is merged by the engine into memory (`soupkit.execute.MemorySink`: the inputs
 stream from the files, one output model is held) and scored by the evaluator. Every point is
 evaluated on every example (no early stopping): the curve, not only the winner, is the result.
+With ``sequential=True`` each point is instead compared with the best point before it by the
+paired sequential test (`soupkit.search.sequential`) and evaluated only until it is decided.
 The best point (highest score; ties go to the value listed first) is then written by the same
 engine, so the written model equals the evaluated one bit for bit. With a second evaluation set
 (``shift_evaluator``, e.g. a distribution shift), every point is also scored there and the plot
@@ -352,10 +354,10 @@ def sweep(
         checkpoints, values, method=method, param=param, base=base, parameters=parameters,
         model_parameters=model_parameters, seed=seed, dtype=dtype, out_dtype=out_dtype)
     opts = SequentialOptions(delta, order_seed, sequential_batch, margin) if sequential else None
-    n_examples = require_per_example(evaluator, opts) if opts is not None else 0
     if opts is not None and backend not in (None, "local"):
         raise UsageError("sequential sweeps run in this process only (greedy soup's sequential decisions also "
                          "run on a backend)\nhint: drop --backend, or sweep exactly on the backend")
+    n_examples = require_per_example(evaluator, opts) if opts is not None else 0
     be, owned = resolve_backend(backend)  # an unknown backend fails before any hashing
     store = open_cache(cache)
     eid = _identity(evaluator, evaluator_id, store)

@@ -67,8 +67,28 @@ def _finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
 
 
+def _ellipsize(text: str, limit: int) -> str:
+    """``text`` cut in the middle to at most ``limit`` characters (both ends stay readable)."""
+    if len(text) <= limit:
+        return text
+    keep = limit - 1
+    return text[: (keep + 1) // 2] + "\u2026" + text[len(text) - keep // 2:]
+
+
+def _title(ax: Any, lines: Sequence[str], width_in: float, fontsize: float = 9.5) -> None:
+    """A title that fits the axes: every line wrapped to the figure's width, never cut off."""
+    import textwrap
+
+    chars = max(30, int(width_in * 72 / (0.62 * fontsize)) - 4)  # average glyph ~0.6 em, a margin
+    wrapped = [w for line in lines for w in textwrap.wrap(line, chars)]
+    ax.set_title("\n".join(wrapped), fontsize=fontsize)
+
+
 def greedy_plot(greedy: Mapping[str, Any]) -> bytes:
     """Score per greedy step: each ingredient alone, each candidate soup, the soup so far.
+
+    With sequential decisions each candidate is annotated with the examples its decision used,
+    the discordant counts (``+better/-worse``) and the decision's error bound.
 
     Args:
         greedy: the ``"greedy"`` section of a greedy soup report (`GreedySoupResult.to_dict`).
@@ -79,8 +99,10 @@ def greedy_plot(greedy: Mapping[str, Any]) -> bytes:
     ranked = sorted(greedy["ingredients"], key=lambda r: r["rank"])
     names = short_labels([r["label"] for r in ranked])
     steps = {s["rank"]: s for s in greedy["steps"]}
+    seq = greedy.get("sequential")
     n = len(ranked)
-    fig, ax = _figure(max(6.0, 1.0 + 0.55 * n), 4.6)
+    width = max(6.4, 1.0 + 0.75 * n) if seq else max(6.4, 1.0 + 0.55 * n)
+    fig, ax = _figure(width, 5.0 if seq else 4.6)
     xs = list(range(n))
     ax.plot(xs, [r["score"] for r in ranked], "o", color=_GREY, ms=6, label="ingredient alone", zorder=2)
     soup = [ranked[0]["score"]]
@@ -89,33 +111,52 @@ def greedy_plot(greedy: Mapping[str, Any]) -> bytes:
         soup.append(s["soup_score"])
         if s["accepted"]:
             ax.plot(x, s["candidate_score"], "o", color=_GREEN, ms=8, zorder=4)
-        elif s["complete"]:
+        elif s["complete"] or s.get("test") == "sequential":
             ax.plot(x, s["candidate_score"], "x", color=_RED, ms=9, mew=2.2, zorder=4)
         else:
             ax.plot(x, s["candidate_score"], "v", mfc="none", color=_RED, ms=9, mew=1.8, zorder=4)
+        if s.get("test") == "sequential":
+            used = s.get("examples_used", 0)
+            note = (f"{used:,}/{s['total']:,} ex.\n+{s.get('better')}/\u2212{s.get('worse')}\n"
+                    f"err\u2264{s.get('error_bound', 0.0):.1g}")
+            ax.annotate(note, (x, 0.02), xycoords=("data", "axes fraction"), ha="center", va="bottom",
+                        fontsize=6.5, color="#424242", zorder=5)
     ax.step(xs, soup, where="post", color=_BLUE, lw=2, label="greedy soup so far", zorder=3)
     ax.plot([0], [ranked[0]["score"]], "o", color=_GREEN, ms=8, zorder=4)
     # Legend entries for the candidate markers, only for those that occur.
     done = greedy["steps"]
     ax.plot([], [], "o", color=_GREEN, ms=8, label="candidate accepted")
-    if any(s["complete"] and not s["accepted"] for s in done):
+    if any(not s["accepted"] and (s["complete"] or s.get("test") == "sequential") for s in done):
         ax.plot([], [], "x", color=_RED, ms=9, mew=2.2, label="candidate rejected")
-    if any(not s["complete"] for s in done):
+    if any(not s["complete"] and s.get("test") != "sequential" for s in done):
         ax.plot([], [], "v", mfc="none", color=_RED, ms=9, mew=1.8,
                 label="rejected early (upper bound shown)")
+    if seq:  # each candidate: examples used, +better/-worse discordant, error bound (along the bottom)
+        lo = min([r["score"] for r in ranked] + [s["candidate_score"] for s in done])
+        hi = max([r["score"] for r in ranked] + [s["candidate_score"] for s in done])
+        pad = max(hi - lo, 1e-3)
+        ax.set_ylim(lo - 0.4 * pad, hi + 0.1 * pad)  # room for the annotations along the bottom
     ax.set_xticks(xs)
     ax.set_xticklabels(names, rotation=35 if n > 4 else 0, ha="right" if n > 4 else "center", fontsize=8)
-    ax.set_xlabel("ingredients, best first (order tried)")
-    ax.set_ylabel(f"score ({greedy.get('evaluator_short', 'evaluator')}, higher is better)")
+    ax.set_xlabel("ingredients, best first (order tried)\n"
+                  f"evaluator: {_ellipsize(str(greedy.get('evaluator', '?')), int(width * 11))}", fontsize=9)
+    ax.set_ylabel("validation score (higher is better)")
     rule = ">" if greedy["strict"] else ">="
     final = greedy["final"]
     held = greedy.get("held_out")
-    ax.set_title(f"Greedy soup: {len(final['ingredients'])} of {n} ingredients, score "
-                 f"{final['score']:.4g} (best single {ranked[0]['score']:.4g}; accept if {rule})\n"
-                 f"{greedy['evaluations']} evaluations, {greedy['cache_hits']} cached, "
-                 f"{greedy['examples']['saved']} examples saved by early rejection"
-                 + (f"\nheld-out test set: soup {held['soup_score']:.4g}, best single {held['best_single_score']:.4g}"
-                    if held else ""), fontsize=10)
+    lines = [f"Greedy soup: {len(final['ingredients'])} of {n} ingredients, score {final['score']:.4g} "
+             f"(best single {ranked[0]['score']:.4g}; accept if {rule})"]
+    if seq:
+        used = sum(s.get("examples_used", 0) for s in done)
+        lines.append(f"sequential decisions (delta {seq['delta']:g}, order seed {seq['seed']}): "
+                     f"{used:,} of {seq['examples'] * len(done):,} candidate examples used; "
+                     f"{greedy['examples']['evaluated']:,} examples evaluated in all")
+    else:
+        lines.append(f"{greedy['evaluations']} evaluations, {greedy['cache_hits']} cached, "
+                     f"{greedy['examples']['saved']:,} examples saved by early rejection")
+    if held:
+        lines.append(f"held-out test set: soup {held['soup_score']:.4g}, best single {held['best_single_score']:.4g}")
+    _title(ax, lines, width)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     return _png(fig)
@@ -147,7 +188,10 @@ def sweep_plot(sweep: Mapping[str, Any]) -> bytes:
         ax.plot(xs, shifted, "s--", color=_ORANGE, label="shifted set")
     ax.set_xlabel(param)
     ax.set_ylabel("score (higher is better)")
-    ax.set_title(f"{sweep['method']}: score vs {param}", fontsize=10)
+    seq = sweep.get("sequential")
+    ax.set_title(f"{sweep['method']}: score vs {param}" + (
+        f"\nsequential (delta {seq['delta']:g}): each score on the examples its point used" if seq else ""),
+        fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     if has_shift:

@@ -356,3 +356,25 @@ def test_unknown_autocast_dtype_is_refused(model_dir: Path, tmp_path: Path) -> N
     data = write_csv(tmp_path / "d.csv", ["a b"], [0])
     with pytest.raises(EvaluationError, match=r"unknown autocast dtype 'int8'; expected one of \['bfloat16', 'float16'\]"):
         HFClassificationEvaluator(model_dir, data, autocast="int8")
+
+
+def test_per_example_scores_requested_examples_in_request_order(model_dir: Path, texts: list[str],
+                                                                 tmp_path: Path) -> None:
+    from soupkit.evaluate.protocol import PerExampleEvaluator
+
+    preds = per_example_predictions(model_dir, texts)
+    labels = [LABELS[p] if i % 3 == 0 else LABELS[(p + 1) % 3] for i, p in enumerate(preds)]
+    data = write_csv(tmp_path / "d.csv", texts, labels)
+    state = load_file(str(model_dir / "model.safetensors"))
+    ev = HFClassificationEvaluator(model_dir, data, batch_size=4)
+    assert isinstance(ev, PerExampleEvaluator) and ev.n_examples() == len(texts)
+    order = list(range(len(texts)))[::-1][: len(texts) - 2] + [0]
+    got = ev.per_example(state, order)
+    assert got.dtype == torch.float32 and got.tolist() == [float(i % 3 == 0) for i in order]
+    # Over every example, the mean is the evaluator's score.
+    assert float(ev.per_example(state, range(len(texts))).sum()) / len(texts) == ev(state)
+    with pytest.raises(EvaluationError, match=r"per_example: example index\(es\) \[99\] are outside the"):
+        ev.per_example(state, [0, 99])
+    loss = HFClassificationEvaluator(model_dir, data, batch_size=4, metric="neg_loss")
+    vals = loss.per_example(state, range(len(texts)))
+    assert float(vals.mean()) == pytest.approx(loss(state), rel=1e-5) and bool((vals <= 0).all())

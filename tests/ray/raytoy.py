@@ -77,6 +77,18 @@ class Accuracy:
         return EvalResult(correct / total, done, total, True)
 
 
+class PerExampleAccuracy(Accuracy):
+    """`Accuracy` that also scores examples one by one (a `PerExampleEvaluator`)."""
+
+    def n_examples(self) -> int:
+        return len(self.y)
+
+    def per_example(self, state: Mapping[str, torch.Tensor], indices: Sequence[int]) -> torch.Tensor:
+        idx = torch.as_tensor(list(indices), dtype=torch.int64)
+        logits = self.x[idx] @ state["fc.weight"].float().T + state["fc.bias"].float()
+        return (logits.argmax(1) == self.y[idx]).float()
+
+
 class Plain:
     """A picklable plain evaluator (no early rejection): accuracy."""
 

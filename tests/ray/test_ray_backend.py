@@ -105,6 +105,19 @@ def test_greedy_on_ray_equals_the_local_greedy_soup(tmp_path: Path, setup: dict[
     assert '"distributed"' in report and '"speculation"' in report
 
 
+def test_sequential_greedy_on_ray_equals_the_local_sequential_greedy_soup(tmp_path: Path, setup: dict[str, Any],
+                                                                          backend: RayBackend) -> None:
+    xv, yv = setup["xv"], setup["yv"]
+    kw = {"sequential": True, "delta": 0.01, "order_seed": 2, "sequential_batch": 60, "plot": False}
+    ref = greedy_soup(setup["paths"], toy.PerExampleAccuracy(xv, yv), tmp_path / "local", **kw)
+    got = greedy_soup(setup["paths"], toy.PerExampleAccuracy(xv, yv), tmp_path / "ray", backend=backend, **kw)
+    assert got.ingredients == ref.ingredients and got.sequential == ref.sequential
+    assert [(s.accepted, s.examples_used, s.better, s.worse, s.error_bound) for s in got.steps] == \
+        [(s.accepted, s.examples_used, s.better, s.worse, s.error_bound) for s in ref.steps]
+    assert got.examples_evaluated == ref.examples_evaluated < 2 * len(yv) * len(setup["paths"])
+    assert toy.files_of(tmp_path / "ray") == toy.files_of(tmp_path / "local")
+
+
 def test_a_worker_that_dies_mid_evaluation_is_retried_and_reported(tmp_path: Path, setup: dict[str, Any],
                                                                    backend: RayBackend) -> None:
     mod = toy.write_eval_module(tmp_path, "crashy", setup["xv"], setup["yv"])

@@ -121,3 +121,16 @@ def naive_greedy(states: Sequence[Mapping[str, torch.Tensor]], score, strict: bo
         if (s > best) if strict else (s >= best):
             soup, best = members, s
     return soup, best
+
+
+class PerExampleAccuracy(Accuracy):
+    """`Accuracy` plus ``per_example`` (a `PerExampleEvaluator`), counting the examples it scores."""
+
+    def n_examples(self) -> int:
+        return len(self.y)
+
+    def per_example(self, state: Mapping[str, torch.Tensor], indices: Sequence[int]) -> torch.Tensor:
+        idx = torch.as_tensor(list(indices), dtype=torch.int64)
+        logits = self.x[idx] @ state["fc.weight"].float().T + state["fc.bias"].float()
+        self.examples += len(idx)
+        return (logits.argmax(1) == self.y[idx]).float()

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +24,15 @@ from typing import Any
 import torch
 
 from soupkit._version import __version__
-from soupkit.backends.jobs import EvalJob, Ingredient, JobOutcome, RecipeMerge, RemoteEvaluator, UniformSoup
+from soupkit.backends.jobs import (
+    EvalJob,
+    EvalRequest,
+    Ingredient,
+    JobOutcome,
+    RecipeMerge,
+    RemoteEvaluator,
+    UniformSoup,
+)
 from soupkit.errors import EvaluationError, SoupError
 from soupkit.evaluate.protocol import EvalResult, run_evaluator
 from soupkit.io.checkpoint import Checkpoint
@@ -225,11 +233,39 @@ def execute_job(job: EvalJob, stop: Callable[[], bool] | None = None) -> JobOutc
     state = build_state(job)
     build_seconds = time.perf_counter() - t1
     results: list[EvalResult] = []
+    values: list[tuple[float, ...] | None] = []
     for ev, req in zip(evaluators, job.requests):
         if stop is not None and stop():
             return JobOutcome(results=tuple(results), seconds=time.perf_counter() - t0, build_seconds=build_seconds,
-                              worker=worker_name(), evaluators_built=built, cancelled=True)
-        results.append(run_evaluator(ev, state, label=req.label, need=req.need, strict=req.strict))
+                              worker=worker_name(), evaluators_built=built, cancelled=True, values=tuple(values))
+        if req.indices is None:
+            results.append(run_evaluator(ev, state, label=req.label, need=req.need, strict=req.strict))
+            values.append(None)
+        else:
+            got = _per_example(ev, state, req)
+            values.append(got)
+            results.append(EvalResult(sum(got) / len(got) if got else 0.0, len(got), len(got), True))
     del state
     return JobOutcome(results=tuple(results), seconds=time.perf_counter() - t0, build_seconds=build_seconds,
-                      worker=worker_name(), evaluators_built=built)
+                      worker=worker_name(), evaluators_built=built, values=tuple(values))
+
+
+def _per_example(ev: Any, state: Mapping[str, torch.Tensor], req: EvalRequest) -> tuple[float, ...]:
+    """``ev.per_example`` on the request's examples (``()``: all), as plain floats."""
+    from soupkit.evaluate.protocol import PerExampleEvaluator
+
+    who = f"candidate {req.label!r} on worker {worker_name()}"
+    if not isinstance(ev, PerExampleEvaluator):
+        raise EvaluationError(f"evaluating {who}: evaluator {req.evaluator.name} has no per_example(state, "
+                              "indices) / n_examples(), which sequential decisions need\nhint: use the built-in "
+                              "classification evaluator, or drop --sequential")
+    try:
+        idx = list(req.indices) if req.indices else list(range(int(ev.n_examples())))
+        got = ev.per_example(state, idx)
+    except EvaluationError as e:
+        raise EvaluationError(f"evaluating {who} failed: {e}") from e
+    except Exception as e:
+        raise EvaluationError(f"evaluating {who} failed: per_example raised {type(e).__name__}: {e}") from e
+    if not isinstance(got, torch.Tensor) or got.shape != (len(idx),):
+        raise EvaluationError(f"evaluating {who}: per_example returned something other than one score per index")
+    return tuple(float(v) for v in got.detach().cpu().tolist())

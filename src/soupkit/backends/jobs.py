@@ -279,12 +279,16 @@ class EvalRequest:
         label (`str`): the candidate's name in messages (``"soup of a + b"``).
         need (`float`, *optional*): acceptance threshold, for exact early rejection.
         strict (`bool`): the acceptance test is ``>`` rather than ``>=``.
+        indices (`tuple[int, ...]`, *optional*): per-example scores of these examples (a
+            `PerExampleEvaluator`, for paired sequential decisions); ``()`` asks for every
+            example. They come back in `JobOutcome.values`.
     """
 
     evaluator: RemoteEvaluator
     label: str
     need: float | None = None
     strict: bool = False
+    indices: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -326,6 +330,8 @@ class JobOutcome:
         failures (`tuple[str, ...]`): what went wrong in the failed tries.
         cancelled (`bool`): the driver cancelled the job and it stopped early (``results`` holds
             only what was done; nobody reads it).
+        values (`tuple`): per request, the per-example scores it asked for (``indices``), or
+            None for a request without ``indices``.
     """
 
     results: tuple[EvalResult, ...]
@@ -336,3 +342,4 @@ class JobOutcome:
     attempts: int = 1
     failures: tuple[str, ...] = ()
     cancelled: bool = False
+    values: tuple[tuple[float, ...] | None, ...] = ()

@@ -43,7 +43,7 @@ from typing import Any
 
 from soupkit import _extras
 from soupkit.backends._worker import execute_job, worker_name
-from soupkit.backends.jobs import EvalJob, EvalRequest, JobOutcome
+from soupkit.backends.jobs import EvalJob, JobOutcome
 from soupkit.errors import EvaluationError, UsageError
 
 __all__ = ["EvaluationWorker", "RayBackend", "StoredObject", "import_ray"]
@@ -309,7 +309,7 @@ class RayBackend:
                             "it (--evaluator pkg.mod:fn, RemoteEvaluator.from_spec), or build it on the "
                             "workers with RemoteEvaluator.from_factory(Cls, *args)") from None
                     self._stored[ev.token] = stored
-                req = EvalRequest(replace(ev, obj=stored), req.label, req.need, req.strict)
+                req = replace(req, evaluator=replace(ev, obj=stored))
             reqs.append(req)
         return replace(job, requests=tuple(reqs))
 

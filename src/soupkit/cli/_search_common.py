@@ -77,6 +77,42 @@ def add_evaluator_flags(p: argparse.ArgumentParser, *, second: str | None, secon
                        help=second_help + " (same built-in evaluator on another file)")
 
 
+def add_sequential_flags(p: argparse.ArgumentParser, what: str) -> None:
+    """``--sequential`` and its settings (greedy soup, sweep)."""
+    g = p.add_argument_group("paired sequential decisions (default: exact decisions on every example)")
+    g.add_argument("--sequential", action="store_true",
+                   help=f"decide each {what} on as few examples as a paired sequential test needs: examples in "
+                        "a seeded random order, compared example by example, stop once the decision agrees with "
+                        "the exact one up to error probability --delta (needs per-example accuracy, e.g. "
+                        "--hf-classification)")
+    g.add_argument("--delta", type=float, default=None, metavar="P",
+                   help="error probability of each sequential decision (default 0.01)")
+    g.add_argument("--order-seed", type=int, default=None, metavar="N", help="seed of the evaluation order (default 0)")
+    g.add_argument("--sequential-batch", type=int, default=None, metavar="N",
+                   help="examples evaluated between two checks of the test (default 128)")
+    g.add_argument("--margin", type=float, default=None, metavar="ACC",
+                   help="indifference margin in accuracy (e.g. 0.005): candidates closer than that may be decided "
+                        "either way, the others keep the --delta bound (default 0: every decision bounded)")
+
+
+def sequential_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``sequential=`` / ``delta=`` / ... keyword arguments; settings without --sequential are an error.
+
+    The values themselves are checked by the search (``UsageError``, exit code 2).
+
+    Raises:
+        UsageError: --delta / --order-seed / --sequential-batch / --margin without --sequential.
+    """
+    names = ("delta", "order_seed", "sequential_batch", "margin")
+    given = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+    if not args.sequential:
+        if given:
+            flags = ", ".join(f"--{n.replace('_', '-')}" for n in given)
+            raise UsageError(f"{flags} only apply with --sequential\nhint: add --sequential, or drop them")
+        return {}
+    return {"sequential": True, **given}
+
+
 def add_cache_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache", default=None, metavar="FILE",
                    help=f"score cache (default: {default_cache_path()}; $SOUPKIT_CACHE_DIR moves it)")

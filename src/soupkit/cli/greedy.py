@@ -13,8 +13,10 @@ from soupkit.cli._search_common import (
     add_evaluator_flags,
     build_evaluator,
     cli_record,
+    add_sequential_flags,
     load_bn,
     open_cli_cache,
+    sequential_options,
 )
 from soupkit.report_plot import short_labels
 from soupkit.search.greedy import GreedySoupResult, greedy_soup
@@ -27,6 +29,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         soupkit greedy --hf-classification val.csv --text-column sentence --label-column label \\
             --model-dir ./ft-01 --batch-size 64 --device cuda --out ./soup ft-*/
         soupkit greedy --evaluator my_eval:score --strict --no-cache --out ./soup a b c
+        # decide each candidate on as few examples as a paired sequential test needs
+        soupkit greedy --hf-classification val.csv --sequential --delta 0.01 --order-seed 0 --out ./soup ft-*/
         # on a Ray cluster: one GPU per evaluation, checkpoints on shared storage
         soupkit greedy --backend ray --ray-address auto --ray-num-gpus 1 \\
             --evaluator my_eval:score --out /shared/soup /shared/runs/*/checkpoint-best
@@ -39,6 +43,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                    help="evaluate every candidate on every example (default: stop once it cannot reach the soup)")
     add_evaluator_flags(p, second="test", second_help="held-out test set: the soup and the best single "
                         "ingredient are also scored on it")
+    add_sequential_flags(p, "candidate soup")
     add_cache_flags(p)
     add_bn_flags(p)
     add_backend_flags(p, speculate=True)
@@ -50,6 +55,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 
 
 def run(args: argparse.Namespace) -> int:
+    seq = sequential_options(args)
     backend = make_backend(args)
     ev, ident, test_ev, test_ident = build_evaluator(args, args.checkpoints, second="test")
     if backend is not None:  # workers build the evaluators themselves, under the same identities
@@ -60,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
             test_evaluator=test_ev, cache=open_cli_cache(args), evaluator_id=ident, test_evaluator_id=test_ident,
             force=args.force, progress=progress_flag(args), plot=not args.no_plot,
             max_shard_size=args.max_shard_size, report_extra=cli_record(args),
-            recalibrate=load_bn(args), backend=backend, speculate=getattr(args, "speculate", None),
+            recalibrate=load_bn(args), backend=backend, speculate=getattr(args, "speculate", None), **seq,
         )
     finally:
         if backend is not None:
@@ -79,16 +85,28 @@ def summary(r: GreedySoupResult) -> str:
         st = steps.get(s.label)
         if st is None:
             cand, decision = "", "start (best alone)"
+        elif st.test == "sequential":
+            cand = f"~{st.candidate_score:.4g}" if not st.complete else f"{st.candidate_score:.6g}"
+            decision = (f"{'accepted' if st.accepted else 'rejected'} on {st.examples_used:,}/{st.total:,} "
+                        f"examples (+{st.better}/-{st.worse} discordant, error <= {st.error_bound:.2g})")
         else:
             cand = f"{st.candidate_score:.6g}" if st.complete else f"<={st.candidate_score:.4g}"
             decision = "accepted" if st.accepted else ("rejected early" if not st.complete else "rejected")
         lines.append(f"{s.rank:>4}  {names[s.label]:<{width}}  {s.score:>9.6g}  {cand:>12}  {decision}")
     rule = ">" if r.strict else ">="
     lines.append("")
+    seq = r.sequential
     lines.append(f"greedy soup ({rule}): {len(r.ingredients)} of {len(r.ingredient_scores)} ingredients, "
-                 f"score {r.score:.6g} (best single {r.best_single.score:.6g})")
+                 f"score {r.score:.6g}" + (f" on {seq['score_examples']:,} of {seq['examples']:,} examples"
+                                           if seq else "") + f" (best single {r.best_single.score:.6g})")
+    saved = "saved by the sequential test" if seq else "saved by early rejection"
     lines.append(f"evaluations: {r.evaluations} run, {r.cache_hits} from the cache; examples evaluated "
-                 f"{r.examples_evaluated:,}, saved by early rejection {r.examples_saved:,}")
+                 f"{r.examples_evaluated:,}, {saved} {r.examples_saved:,}")
+    if seq:
+        lines.append(f"sequential decisions: delta {seq['delta']:g} each, order seed {seq['seed']}; any of the "
+                     f"{len(r.steps)} differs from the exact mode's with probability <= "
+                     f"{seq['any_decision_differs_at_most']:.3g}"
+                     + (f" (for candidates more than {seq['margin']:g} from the soup)" if seq["margin"] else ""))
     if r.held_out is not None:
         lines.append(f"held-out test: soup {r.held_out.soup_score:.6g}, best single "
                      f"{r.held_out.best_single_score:.6g} ({names.get(r.held_out.best_single, r.held_out.best_single)})")

@@ -16,8 +16,10 @@ from soupkit.cli._search_common import (
     add_evaluator_flags,
     build_evaluator,
     cli_record,
+    add_sequential_flags,
     load_bn,
     open_cli_cache,
+    sequential_options,
 )
 from soupkit.errors import UsageError
 from soupkit.search.sweep import SweepResult, sweep
@@ -34,6 +36,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         # TIES density, with the paper's conventions (mergekit's are the default) and lambda fixed
         soupkit sweep --method ties --base ./base ./ft-a ./ft-b ./ft-c --values 0.1,0.2,0.3,0.5 \\
             --set convention=paper --set lambda=1.0 --evaluator my_eval.py:score --out ./ties
+        # each point against the best so far by a paired sequential test, stopping early
+        soupkit sweep --base ./zero-shot ./fine-tuned --values 0:1:11 --hf-classification val.csv \\
+            --sequential --delta 0.01 --out ./wise-ft
         # every grid point at once on Ray workers (a local Ray instance, or --ray-address)
         soupkit sweep --backend ray --ray-num-gpus 1 --base ./zero-shot ./fine-tuned --values 0:1:21 \\
             --evaluator my_eval:score --out ./wise-ft
@@ -55,6 +60,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--out-dtype", choices=["float32", "float16", "bfloat16"], default=None, help="output dtype")
     add_evaluator_flags(p, second="shift", second_help="second evaluation set (e.g. a distribution shift), "
                         "scored at every point for the report and the ID-vs-shift scatter")
+    add_sequential_flags(p, "grid point against the best before it")
     add_cache_flags(p)
     add_bn_flags(p)
     add_backend_flags(p)
@@ -99,6 +105,7 @@ def parse_sets(items: list[str]) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     values = parse_grid(args.values)
+    seq = sequential_options(args)
     first = [args.base] if args.base else args.checkpoints
     backend = make_backend(args)
     ev, ident, shift_ev, shift_ident = build_evaluator(args, first, second="shift")
@@ -110,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
             parameters=parse_sets(args.set), seed=args.seed, dtype=args.dtype, out_dtype=args.out_dtype,
             shift_evaluator=shift_ev, cache=open_cli_cache(args), evaluator_id=ident, shift_evaluator_id=shift_ident,
             force=args.force, progress=progress_flag(args), plot=not args.no_plot, max_shard_size=args.max_shard_size,
-            report_extra=cli_record(args), recalibrate=load_bn(args), backend=backend,
+            report_extra=cli_record(args), recalibrate=load_bn(args), backend=backend, **seq,
         )
     finally:
         if backend is not None:
@@ -125,8 +132,18 @@ def summary(r: SweepResult) -> str:
     lines = [f"{r.param:>10}  {'score':>10}" + (f"  {'shifted':>10}" if shift else "")]
     for pt in r.points:
         mark = "  <- best" if pt is r.best else ""
+        if r.sequential is not None:
+            mark += f"  on {pt.examples:,} examples" + (
+                "" if pt.replaced_best is None else
+                f"; {'better' if pt.replaced_best else 'not better'} than the best before it on {pt.examples_used:,} "
+                f"(+{pt.better}/-{pt.worse} discordant, error <= {pt.error_bound:.2g})")
         lines.append(f"{pt.value:>10g}  {pt.score:>10.6g}" + (f"  {pt.shift_score:>10.6g}" if shift and pt.shift_score is not None else "") + mark)
     lines.append("")
+    if r.sequential is not None:
+        seq = r.sequential
+        lines.append(f"sequential decisions: delta {seq['delta']:g} each, order seed {seq['seed']}; "
+                     f"{seq['examples_evaluated']:,} examples evaluated for {len(r.points)} points of "
+                     f"{seq['examples']:,} examples each")
     lines.append(f"{r.method}: best {r.param}={r.best.value:g} with score {r.best.score:.6g}; "
                  f"{r.evaluations} evaluations, {r.cache_hits} from the cache")
     lines += distributed_lines(r.distributed)

@@ -6,7 +6,9 @@ sorted by length and padded per batch, so little compute goes to padding.
 
 * :class:`HFClassificationEvaluator`: accuracy (or negative mean cross-entropy) of a
   sequence-classification model on a CSV / TSV / JSONL file. A :class:`BoundedEvaluator`: it stops
-  as soon as a candidate cannot reach the threshold it is asked about.
+  as soon as a candidate cannot reach the threshold it is asked about; and a
+  :class:`PerExampleEvaluator`: it scores requested examples one by one, for paired sequential
+  decisions.
 * :class:`HFCausalLMPerplexityEvaluator`: negative perplexity of a causal LM on a text file.
 
 Loading a candidate is strict: every tensor of the model must be provided, with the right shape,
@@ -382,6 +384,9 @@ class HFClassificationEvaluator:
         self._order = order
         self._batches = _pad_batches(encoded, order, batch_size, tokenizer.pad_token_id, device)
         label_tensor = torch.tensor(ids, dtype=torch.long)
+        # Kept for per_example: requested examples are padded per request batch.
+        self._encoded, self._label_all = encoded, label_tensor
+        self._pad_id, self._device, self.batch_size = tokenizer.pad_token_id, device, batch_size
         self._labels = [
             label_tensor[order[s : s + batch_size]].to(device)
             for s in range(0, len(order), batch_size)
@@ -445,6 +450,47 @@ class HFClassificationEvaluator:
     def _metrics(correct: int, loss_sum: float, done: int) -> dict[str, float]:
         return {"accuracy": correct / done, "loss": loss_sum / done} if done else {}
 
+    def n_examples(self) -> int:
+        """The number of examples in the data file (see `PerExampleEvaluator`)."""
+        return self.total
+
+    @torch.inference_mode()
+    def per_example(self, state: Mapping[str, torch.Tensor], indices: Sequence[int]) -> torch.Tensor:
+        """Per-example scores of ``state`` on the examples at ``indices`` (data-file positions).
+
+        Accuracy: 1.0 for a correct prediction, 0.0 for a wrong one; ``neg_loss``: minus the
+        example's cross-entropy. The requested examples are sorted by length and padded per
+        batch of ``batch_size``, so a borderline prediction can differ from `evaluate`'s (whose
+        batches group other examples) by rounding, most visibly under ``autocast``; compare
+        candidates through one of the two paths.
+
+        Raises:
+            EvaluationError: an index is outside the data, or ``state`` does not fit the model.
+        """
+        idx = [int(i) for i in indices]
+        bad = [i for i in idx if not 0 <= i < self.total]
+        if bad:
+            raise EvaluationError(
+                f"per_example: example index(es) {bad[:5]} are outside the {self.total} examples of "
+                f"{str(self.data_file)!r}\nhint: indices are positions 0..{self.total - 1} in the data file"
+            )
+        self._loader.load(state)
+        out = torch.empty(len(idx), dtype=torch.float32)
+        by_len = sorted(range(len(idx)), key=lambda k: len(self._encoded["input_ids"][idx[k]]))
+        for s in range(0, len(by_len), self.batch_size):
+            ks = by_len[s : s + self.batch_size]
+            rows = [idx[k] for k in ks]
+            batch = _pad_batches(self._encoded, rows, len(rows), self._pad_id, self._device)[0]
+            labels = self._label_all[rows].to(self._device)
+            with self._amp():
+                logits = self.model(**batch).logits.float()
+            if self.metric == "accuracy":
+                values = (logits.argmax(-1) == labels).float()
+            else:
+                values = -F.cross_entropy(logits, labels, reduction="none").clamp(min=0.0)
+            out[torch.tensor(ks)] = values.cpu()
+        return out
+
     def labelled_batches(self) -> list[dict[str, torch.Tensor]]:
         """The tokenized data as batches of model keyword arguments plus ``labels``.
 
@@ -496,7 +542,9 @@ class HFCausalLMPerplexityEvaluator:
         perplexity = exp(sum of token NLLs / number of predicted tokens),  score = -perplexity
 
     ``evaluate`` always runs to completion: the score passes through ``exp``, whose rounding is
-    not guaranteed monotone, so a bound could not promise the exact decision.
+    not guaranteed monotone, so a bound could not promise the exact decision. It has no
+    ``per_example``: perplexity is not a mean of bounded per-example scores, so the paired
+    sequential test (which needs 0/1 correctness per example) does not apply.
     ``result.metrics`` holds ``perplexity``, ``nll`` (mean per token) and ``tokens``.
 
     Args:

@@ -19,6 +19,15 @@ as soon as it is *certain* that the final score cannot be accepted, for instance
   operations as the final score, so rounding cannot flip a decision (see
   :func:`accuracy_bound`).
 
+A **per-example evaluator** also has ``n_examples() -> int`` and
+``per_example(state, indices) -> Tensor``: the score of each requested example (``indices`` are
+positions in the evaluation set, in any order; the result has one value per index, in that
+order). For accuracy a value is 1.0 (correct) or 0.0 (wrong), and the full score is their mean:
+``evaluator(state) == sum(per_example(state, range(n))) / n``. Search code asks for examples in
+batches, in an order fixed by a seed, and stops as soon as a paired sequential test has decided
+(`soupkit.search.sequential`); per-example results are cached like scores. A plain
+``state -> float`` evaluator keeps working exactly as before (exact decisions only).
+
 Errors: evaluators may raise anything. :func:`run_evaluator` is the one place that turns a
 failure into :class:`~soupkit.errors.EvaluationError` naming the candidate (``label``), and that
 checks what came back (a number that is not NaN; a bounded result that keeps the contract).
@@ -29,7 +38,7 @@ that does not fit the model), without a candidate name; ``run_evaluator`` adds i
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -41,6 +50,7 @@ __all__ = [
     "BoundedEvaluator",
     "EvalResult",
     "Evaluator",
+    "PerExampleEvaluator",
     "accuracy_bound",
     "meets",
     "run_evaluator",
@@ -99,6 +109,28 @@ class BoundedEvaluator(Evaluator, Protocol):
 
         Returns:
             `EvalResult`: complete, or stopped early with an upper bound that is rejected.
+        """
+        ...
+
+
+@runtime_checkable
+class PerExampleEvaluator(Evaluator, Protocol):
+    """An evaluator that scores examples one by one, so a comparison can stop early."""
+
+    def n_examples(self) -> int:
+        """The number of examples in the evaluation set."""
+        ...
+
+    def per_example(self, state: Mapping[str, torch.Tensor], indices: Sequence[int]) -> torch.Tensor:
+        """Scores of the examples at ``indices`` (positions in the evaluation set), in that order.
+
+        Args:
+            state (`Mapping[str, torch.Tensor]`): the candidate weights.
+            indices (`Sequence[int]`): the examples to evaluate, each in ``[0, n_examples())``.
+
+        Returns:
+            `torch.Tensor`: float, shape ``[len(indices)]``; 1.0 / 0.0 for correct / wrong when the
+            score is an accuracy (what the sequential test needs).
         """
         ...
 

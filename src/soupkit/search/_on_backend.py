@@ -32,15 +32,29 @@ from soupkit.backends import (
     remote_evaluator,
     run_jobs,
 )
+import torch
+
 from soupkit.config import MergeConfig
+from soupkit.errors import EvaluationError
 from soupkit.evaluate.protocol import EvalResult, Evaluator
 from soupkit.io.checkpoint import Checkpoint
+from soupkit.search._paired import PairedRunner
 from soupkit.search._state import progress_bar
 from soupkit.search.cache import ScoreCache
-from soupkit.search.greedy import GreedySoupResult, GreedyStep, HeldOutScores, IngredientScore, soup_key
+from soupkit.search.greedy import (
+    GreedySoupResult,
+    GreedyStep,
+    HeldOutScores,
+    IngredientScore,
+    _Scorer,
+    sequential_step,
+    sequential_summary,
+    soup_key,
+)
+from soupkit.search.sequential import SequentialOptions, check_binary
 from soupkit.search.sweep import SweepPoint
 
-__all__ = ["greedy_on_backend", "sweep_on_backend"]
+__all__ = ["greedy_on_backend", "greedy_sequential_on_backend", "sweep_on_backend"]
 
 
 def greedy_on_backend(be: Backend, ckpts: Sequence[Checkpoint], labels: list[str], digests: list[str],
@@ -122,30 +136,16 @@ def greedy_on_backend(be: Backend, ckpts: Sequence[Checkpoint], labels: list[str
             candidate_score=d.result.score, complete=d.result.complete, accepted=d.accepted,
             soup_size=size, soup_score=soup_score, examples=0 if d.cached else d.result.examples,
             total=d.result.total, cached=d.cached,
+            examples_used=d.result.examples if d.result.examples else d.result.total,
         ))
     calls, hits, examples = calls + loop.evaluations, hits + loop.cache_hits, examples + loop.examples
 
     held: HeldOutScores | None = None
     if test_evaluator is not None:
         assert tid is not None
-        tev = ev if test_evaluator is evaluator else remote_evaluator(test_evaluator)
-        best = order[0]
-        wanted = [(subject(loop.accepted), soup_job(loop.accepted, "final soup (test set)", None, tev)),
-                  (digests[best], EvalJob(Ingredient(paths[best]), (EvalRequest(tev, f"ingredient {labels[best]} (test set)"),)))]
-        held_res: list[EvalResult | None] = [store.lookup(tid, subj) for subj, _ in wanted]
-        hits += sum(r is not None for r in held_res)
-        missing = [k for k, r in enumerate(held_res) if r is None]
-
-        def held_done(k: int, outcome: Any) -> None:
-            j = missing[k]
-            held_res[j] = outcome.results[0]
-            store.store(tid, wanted[j][0], outcome.results[0], label=wanted[j][1].label)
-
-        run_jobs(be, [wanted[k][1] for k in missing], held_done, log=log)
-        calls += len(missing)
-        assert held_res[0] is not None and held_res[1] is not None
-        examples += sum(r.examples for k, r in enumerate(held_res) if k in missing and r is not None)
-        held = HeldOutScores(tid, held_res[0].score, labels[best], held_res[1].score)
+        held, k_calls, k_hits, k_examples = _held_out(be, log, store, ev, evaluator, test_evaluator, tid, paths,
+                                                      digests, labels, loop.accepted, order[0])
+        calls, hits, examples = calls + k_calls, hits + k_hits, examples + k_examples
 
     notes = log.notes(be)
     return GreedySoupResult(
@@ -154,6 +154,131 @@ def greedy_on_backend(be: Backend, ckpts: Sequence[Checkpoint], labels: list[str
         evaluations=calls, cache_hits=hits, examples_evaluated=examples, examples_saved=loop.saved,
         held_out=held, notes=notes, distributed=log.to_dict(be),
     )
+
+
+def greedy_sequential_on_backend(be: Backend, ckpts: Sequence[Checkpoint], labels: list[str], digests: list[str],
+                                 evaluator: Evaluator, eid: str, test_evaluator: Evaluator | None, tid: str | None,
+                                 store: ScoreCache, opts: SequentialOptions, *, strict: bool,
+                                 progress: bool | None) -> GreedySoupResult:
+    """`greedy_soup(..., sequential=True)` on a backend: every batch of examples is a job.
+
+    The ingredients' per-example scores are computed all at once (jobs asking for every
+    example); then the steps run in order, as in this process, each batch of the candidate (and,
+    where not yet known, of the soup) a job on a worker that builds the soup itself (its running
+    sum cache makes ``soup + next`` cheap). The same examples, counts and decisions as the
+    in-process path. No speculation: a batch decides whether the next one is needed.
+    """
+    log = RunLog()
+    log.start(be)
+    ev = remote_evaluator(evaluator)
+    paths = [os.path.abspath(lab) for lab in labels]
+
+    def one(candidate: Any, indices: Sequence[int], label: str) -> torch.Tensor:
+        out = run_jobs(be, [EvalJob(candidate, (EvalRequest(ev, label, indices=tuple(indices)),))], log=log)[0]
+        vals = out.values[0] if out.values else None
+        if vals is None or len(vals) != len(indices):
+            raise EvaluationError(f"evaluating candidate {label!r}: the worker returned "
+                                  f"{0 if vals is None else len(vals)} per-example scores for {len(indices)} examples")
+        return torch.tensor(vals, dtype=torch.float64)
+
+    # Ingredients: every example of every one not fully known, all at once; this also tells the
+    # number of examples (the evaluator is only built on the workers).
+    known = [store.examples_of(eid, d) for d in digests]
+    todo = [i for i, v in enumerate(known) if v is None or bool(torch.isnan(v).any())]
+    bar = progress_bar(len(ckpts), progress, "scoring ingredients")
+    bar.update(len(ckpts) - len(todo))
+    fresh_ing: dict[int, int] = {}
+
+    def scored(k: int, outcome: Any) -> None:
+        i = todo[k]
+        vals = torch.tensor(outcome.values[0], dtype=torch.float64)
+        check_binary(vals, range(len(vals)), f"candidate 'ingredient {labels[i]}'")
+        old = known[i]
+        fresh_ing[i] = len(vals) if old is None or len(old) != len(vals) else int(torch.isnan(old).sum())
+        known[i] = vals
+        store.store_examples(eid, digests[i], vals, label=f"ingredient {labels[i]}")
+        bar.update(1)
+
+    try:
+        run_jobs(be, [EvalJob(Ingredient(paths[i]), (EvalRequest(ev, f"ingredient {labels[i]}", indices=()),))
+                      for i in todo], scored, log=log)
+    finally:
+        bar.close()
+    sizes = {len(v) for v in known if v is not None}
+    if len(sizes) != 1:
+        raise EvaluationError(f"the ingredients' per-example results have different lengths {sorted(sizes)}\n"
+                              "hint: every candidate must be scored on the same examples")
+    total = sizes.pop()
+    score = _Scorer(evaluator, eid, store)
+    score.calls, score.hits = len(todo), len(ckpts) - len(todo)
+    score.examples = sum(fresh_ing.values())
+    scores = [float(v.sum()) / total for v in known if v is not None]
+    order = sorted(range(len(ckpts)), key=lambda i: (-scores[i], i))
+    rank_of = {i: r for r, i in enumerate(order)}
+    ingredient_scores = [IngredientScore(i, labels[i], digests[i], scores[i], rank_of[i], i not in fresh_ing,
+                                         {"accuracy": scores[i]}) for i in range(len(ckpts))]
+    runner = PairedRunner(None, eid, store, opts, total, remote=one)
+
+    def soup_of(members: Sequence[int]) -> Any:
+        if len(members) == 1:
+            return Ingredient(paths[members[0]])
+        return UniformSoup(tuple(paths[j] for j in members), tuple(digests[j] for j in members))
+
+    accepted = [order[0]]
+    soup_score = scores[order[0]]
+    steps: list[GreedyStep] = []
+    bar = progress_bar(len(order) - 1, progress, "greedy soup (sequential)")
+    try:
+        for rank, i in enumerate(order[1:], start=1):
+            step = sequential_step(runner, score, rank, i, accepted, labels, digests, scores,
+                                   soup_of([*accepted, i]), soup_of(accepted), soup_score, strict)
+            if step.accepted:
+                accepted.append(i)
+                soup_score = step.soup_score
+            steps.append(step)
+            bar.update(1)
+    finally:
+        bar.close()
+    soup_score, seq_info = sequential_summary(runner, accepted, digests, len(steps))
+
+    held: HeldOutScores | None = None
+    if test_evaluator is not None:
+        assert tid is not None
+        held, k_calls, k_hits, k_examples = _held_out(be, log, store, ev, evaluator, test_evaluator, tid, paths,
+                                                      digests, labels, accepted, order[0])
+        score.calls, score.hits, score.examples = score.calls + k_calls, score.hits + k_hits, score.examples + k_examples
+
+    return GreedySoupResult(
+        ingredients=[labels[j] for j in accepted], score=soup_score, ingredient_scores=ingredient_scores,
+        steps=steps, strict=strict, evaluator=eid, evaluations=score.calls, cache_hits=score.hits,
+        examples_evaluated=score.examples, examples_saved=score.saved, held_out=held, notes=log.notes(be),
+        distributed=log.to_dict(be), sequential=seq_info,
+    )
+
+
+def _held_out(be: Backend, log: RunLog, store: ScoreCache, ev: Any, evaluator: Evaluator, test_evaluator: Evaluator,
+              tid: str, paths: Sequence[str], digests: Sequence[str], labels: Sequence[str], accepted: Sequence[int],
+              best: int) -> tuple[HeldOutScores, int, int, int]:
+    """The final soup and the best single ingredient on the test set, together, through the cache:
+    ``(scores, evaluations, cache hits, examples)``."""
+    tev = ev if test_evaluator is evaluator else remote_evaluator(test_evaluator)
+    wanted = [(soup_key([digests[j] for j in accepted]),
+               EvalJob(UniformSoup(tuple(paths[j] for j in accepted), tuple(digests[j] for j in accepted)),
+                       (EvalRequest(tev, "final soup (test set)"),))),
+              (digests[best], EvalJob(Ingredient(paths[best]), (EvalRequest(tev, f"ingredient {labels[best]} (test set)"),)))]
+    held_res: list[EvalResult | None] = [store.lookup(tid, subj) for subj, _ in wanted]
+    hits = sum(r is not None for r in held_res)
+    missing = [k for k, r in enumerate(held_res) if r is None]
+
+    def held_done(k: int, outcome: Any) -> None:
+        j = missing[k]
+        held_res[j] = outcome.results[0]
+        store.store(tid, wanted[j][0], outcome.results[0], label=wanted[j][1].label)
+
+    run_jobs(be, [wanted[k][1] for k in missing], held_done, log=log)
+    assert held_res[0] is not None and held_res[1] is not None
+    examples = sum(r.examples for k, r in enumerate(held_res) if k in missing and r is not None)
+    return HeldOutScores(tid, held_res[0].score, labels[best], held_res[1].score), len(missing), hits, examples
 
 
 def sweep_on_backend(be: Backend, name: str, param: str, values: Sequence[float], recipes: Sequence[MergeConfig],

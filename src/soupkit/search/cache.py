@@ -9,6 +9,10 @@ record:
   ingredient's `checkpoint_digest` (SHA-256 of its safetensors files), or for a soup the hash of
   the recipe with every path replaced by its content digest. Renaming or moving a checkpoint
   keeps its scores; changing one byte invalidates them.
+* ``{"kind": "examples", "evaluator": ID, "subject": KEY, "n": N, "values": [...]}``: per-example
+  scores of *subject* (a `PerExampleEvaluator`'s ``per_example``), one entry per example of the
+  evaluation set, ``null`` where the example was not evaluated (a paired sequential decision
+  stops early). Records of one key are merged, so the known examples only grow.
 * ``{"kind": "file", "key": "PATH|DEV|INODE|SIZE|MTIME_NS|CTIME_NS", "sha256": ...}``: a file's
   hash under a fast key (`soupkit.io.hashing.HashCache.key`), so unchanged files are not
   re-hashed.
@@ -32,6 +36,8 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from soupkit.errors import UsageError
 from soupkit.evaluate.protocol import EvalResult, meets
@@ -70,6 +76,7 @@ class ScoreCache:
     def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
         self.path = Path(path) if path is not None else None
         self._scores: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        self._examples: dict[tuple[str, str], torch.Tensor] = {}
         self.hits = 0
         self.skipped_lines = 0
         files: dict[str, str] = {}
@@ -92,6 +99,8 @@ class ScoreCache:
                     continue
                 if rec.get("kind") == "file" and isinstance(rec.get("key"), str) and isinstance(rec.get("sha256"), str):
                     files[rec["key"]] = rec["sha256"]
+                elif rec.get("kind") == "examples" and self._valid_examples(rec):
+                    self._merge_examples((rec["evaluator"], rec["subject"]), rec["values"])
                 elif rec.get("kind") == "score" and self._valid(rec):
                     self._scores.setdefault((rec["evaluator"], rec["subject"]), []).append(rec)
                 else:
@@ -104,6 +113,45 @@ class ScoreCache:
         return (isinstance(rec.get("evaluator"), str) and isinstance(rec.get("subject"), str)
                 and _float(rec.get("score")) is not None and isinstance(rec.get("complete"), bool)
                 and (rec["complete"] or _float(rec.get("need")) is not None))
+
+    @staticmethod
+    def _valid_examples(rec: Mapping[str, Any]) -> bool:
+        values = rec.get("values")
+        return (isinstance(rec.get("evaluator"), str) and isinstance(rec.get("subject"), str)
+                and isinstance(values, list) and isinstance(rec.get("n"), int) and len(values) == rec["n"]
+                and all(v is None or _float(v) is not None for v in values))
+
+    def _merge_examples(self, key: tuple[str, str], values: list[float | None]) -> None:
+        new = torch.tensor([math.nan if v is None else float(v) for v in values], dtype=torch.float64)
+        old = self._examples.get(key)
+        if old is not None and len(old) == len(new):
+            new = torch.where(torch.isnan(new), old, new)
+        self._examples[key] = new
+
+    def examples(self, evaluator: str, subject: str, n: int) -> torch.Tensor:
+        """Known per-example scores of ``subject`` (float64, length ``n``, NaN where unknown)."""
+        got = self._examples.get((evaluator, subject))
+        if got is None or len(got) != n:
+            return torch.full((n,), math.nan, dtype=torch.float64)
+        return got.clone()
+
+    def examples_of(self, evaluator: str, subject: str) -> torch.Tensor | None:
+        """Known per-example scores of ``subject`` whatever their number (NaN where unknown), or None."""
+        got = self._examples.get((evaluator, subject))
+        return None if got is None else got.clone()
+
+    def store_examples(self, evaluator: str, subject: str, values: torch.Tensor, *, label: str = "") -> None:
+        """Record per-example scores (NaN: not evaluated); a no-op if nothing new is known."""
+        key = (evaluator, subject)
+        vals = values.to(torch.float64)
+        old = self._examples.get(key)
+        if old is not None and len(old) == len(vals):
+            if bool(torch.equal(torch.isnan(torch.where(torch.isnan(vals), old, vals)), torch.isnan(old))):
+                return  # nothing new
+        listed = [None if math.isnan(v) else v for v in vals.tolist()]
+        self._merge_examples(key, listed)
+        self._append({"kind": "examples", "evaluator": evaluator, "subject": subject, "label": label,
+                      "n": len(listed), "values": listed, "unix": int(time.time())})
 
     def _append(self, rec: Mapping[str, Any]) -> None:
         if self.path is None:

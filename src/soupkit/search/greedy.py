@@ -25,6 +25,13 @@ is told the score a candidate must reach and may stop as soon as the candidate c
 reach it; the decision is identical to a full evaluation (see `soupkit.evaluate.protocol`). The
 history records the bound, and the examples that were not evaluated are reported as saved.
 
+**Paired sequential decisions** (``sequential=True``; the default is the exact mode above).
+With a `soupkit.evaluate.PerExampleEvaluator`, each candidate is evaluated in batches in a
+seeded random order and compared with the current soup example by example; it is decided as
+soon as a sequential test on the discordant examples is sure, up to ``delta``, of the decision
+the exact mode would make on every example (`soupkit.search.sequential` has the test, its
+formula and the exact statement of the bound). Per-example results are cached like scores.
+
 **Cache.** Scores are cached by content: an ingredient by the SHA-256 of its files, a candidate
 soup by the ordered digests of its ingredients, each together with the evaluator's identity
 (see `soupkit.search.cache`). A re-run with the same inputs evaluates nothing.
@@ -50,9 +57,11 @@ from soupkit.evaluate.protocol import EvalResult, Evaluator, meets, run_evaluato
 from soupkit.io.checkpoint import Checkpoint
 from soupkit.io.reader import TensorReader
 from soupkit.plan import MergePlan
+from soupkit.search._paired import PairedRunner, require_per_example
 from soupkit.search._state import checkpoint_digest, evaluator_identity, progress_bar, read_state, start_sum
 from soupkit.search.bn import write_recalibrated
 from soupkit.search.cache import ScoreCache, default_cache_path
+from soupkit.search.sequential import SequentialOptions
 
 __all__ = ["GreedySoupResult", "GreedyStep", "HeldOutScores", "IngredientScore", "greedy_soup",
            "open_cache", "soup_key"]
@@ -99,6 +108,16 @@ class GreedyStep:
         examples: examples evaluated (0 if the evaluator does not count them or it was cached).
         total: examples in the evaluation set (0 if unknown).
         cached: the result came from the cache (no evaluation).
+        test: ``"exact"`` (the full-set rule, with exact early rejection) or ``"sequential"``
+            (paired sequential test; see `soupkit.search.sequential`).
+        examples_used: examples behind the decision (sequential: a prefix of the seeded order,
+            whether evaluated now or known from the cache; exact: ``examples`` or ``total``).
+        better, worse: sequential only: examples only the candidate / only the soup gets right.
+        error_bound: probability bound that the decision differs from the exact full-set
+            decision: 0.0 for the exact mode and for sequential decisions that the remaining
+            examples could no longer change; otherwise the test's anytime p-value (<= delta).
+        soup_examples: sequential only: examples of the soup evaluated at this step (its
+            per-example correctness is needed where it was not yet known).
     """
 
     rank: int
@@ -113,6 +132,12 @@ class GreedyStep:
     examples: int
     total: int
     cached: bool
+    test: str = "exact"
+    examples_used: int = 0
+    better: int | None = None
+    worse: int | None = None
+    error_bound: float = 0.0
+    soup_examples: int = 0
 
 
 @dataclass(frozen=True)
@@ -138,7 +163,8 @@ class GreedySoupResult:
         evaluations: evaluator calls made (ingredients, candidates and held-out).
         cache_hits: results taken from the cache instead.
         examples_evaluated: examples the evaluator went through (counting evaluators only).
-        examples_saved: examples early rejection did not need to evaluate.
+        examples_saved: examples early rejection (or the sequential test, net of the soup's own
+            examples it needed) did not need to evaluate, against evaluating every candidate fully.
         held_out: scores on the test set, when one was given.
         out: the output folder, when written.
         merge: the engine's result for the written soup.
@@ -146,6 +172,10 @@ class GreedySoupResult:
         seconds: wall time.
         distributed: with a backend: what it ran (workers, jobs, retries, speculative
             evaluations used / wasted / cancelled, worker time against wall time).
+        sequential: with paired sequential decisions: their settings (delta, order seed, batch,
+            the test), the union bound ``steps * delta`` on any decision differing from the
+            exact mode's, and ``score_examples``: the examples behind ``score`` (which is then
+            the soup's accuracy on the examples evaluated for it, not on the whole set).
     """
 
     ingredients: list[str]
@@ -165,6 +195,7 @@ class GreedySoupResult:
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
     distributed: dict[str, Any] | None = None
+    sequential: dict[str, Any] | None = None
 
     @property
     def best_single(self) -> IngredientScore:
@@ -180,6 +211,8 @@ class GreedySoupResult:
             "ranking": "score descending; ties keep the order the checkpoints were given",
             "evaluator": self.evaluator,
             "evaluator_short": re.split(r"[@|#]", self.evaluator)[0][-60:],
+            "decisions": "sequential" if self.sequential is not None else "exact",
+            **({"sequential": self.sequential} if self.sequential is not None else {}),
             "ingredients": [asdict(s) for s in self.ingredient_scores],
             "steps": [asdict(s) for s in self.steps],
             "final": {"ingredients": list(self.ingredients), "score": self.score},
@@ -258,6 +291,11 @@ def greedy_soup(
     recalibrate: tuple[torch.nn.Module, Iterable[Any]] | None = None,
     backend: Backend | str | None = None,
     speculate: int | None = None,
+    sequential: bool = False,
+    delta: float = 0.01,
+    order_seed: int = 0,
+    sequential_batch: int = 128,
+    margin: float = 0.0,
 ) -> GreedySoupResult:
     """Greedy soup of ``checkpoints`` driven by ``evaluator`` (see the module docstring).
 
@@ -293,6 +331,21 @@ def greedy_soup(
         speculate: with a backend, how many candidates of later steps may be evaluated ahead,
             under both accept and reject hypotheses (default: the backend's parallelism minus
             one; 0: none). See `soupkit.backends.speculate`.
+        sequential: decide each candidate with the paired sequential test instead of the exact
+            full-set rule (`soupkit.search.sequential`): examples are evaluated in batches in a
+            seeded random order, compared with the soup's correctness example by example, and the
+            candidate is decided as soon as the test is sure up to ``delta``. Needs a
+            `PerExampleEvaluator` with 0/1 scores (accuracy). The default (False) is the exact
+            mode: the paper's decisions, independent of any seed. With a backend, each batch of
+            examples is a job (no speculation); the decisions are the same as here.
+        delta: with ``sequential``: each decision differs from the exact mode's with probability
+            at most ``delta`` (over the evaluation order).
+        order_seed: with ``sequential``: the seed of the evaluation order.
+        sequential_batch: with ``sequential``: examples evaluated between two checks.
+        margin: with ``sequential``: an indifference margin in accuracy (0.005 = half a point):
+            candidates closer than that to the incumbent may be decided either way, the others
+            keep the ``delta`` bound (see `soupkit.search.sequential`); 0 (default): none, every
+            decision is bounded against the exact one.
 
     Returns:
         A `GreedySoupResult` with the full history.
@@ -314,6 +367,10 @@ def greedy_soup(
             raise UsageError(f"checkpoint {lab!r} is given twice (also as {seen[r]!r})\n"
                              "hint: each ingredient may enter the soup once; list it once")
         seen[r] = lab
+    opts = SequentialOptions(delta, order_seed, sequential_batch, margin) if sequential else None
+    local = backend is None or backend == "local"
+    # On a backend the evaluator is built on the workers, which check it there.
+    n_examples = require_per_example(evaluator, opts, check_evaluator=local) if opts is not None else 0
     be, owned = resolve_backend(backend)  # an unknown backend fails before any hashing
     store = open_cache(cache)
     eid = _identity(evaluator, evaluator_id, store)
@@ -337,10 +394,14 @@ def greedy_soup(
     store.save_file_hashes()
 
     if be is not None:
-        from soupkit.search._on_backend import greedy_on_backend
+        from soupkit.search._on_backend import greedy_on_backend, greedy_sequential_on_backend
 
         try:
-            result = greedy_on_backend(be, ckpts, labels, digests, evaluator, eid, test_evaluator, tid, store,
+            if opts is not None:
+                result = greedy_sequential_on_backend(be, ckpts, labels, digests, evaluator, eid, test_evaluator, tid,
+                                                      store, opts, strict=strict, progress=progress)
+            else:
+                result = greedy_on_backend(be, ckpts, labels, digests, evaluator, eid, test_evaluator, tid, store,
                                        strict=strict, early_stop=early_stop, speculate=speculate,
                                        progress=progress)
         finally:
@@ -352,11 +413,19 @@ def greedy_soup(
                       report_extra=report_extra, t0=t0, recalibrate=recalibrate)
 
     score = _Scorer(evaluator, eid, store)
+    runner = PairedRunner(evaluator, eid, store, opts, n_examples) if opts is not None else None  # type: ignore[arg-type]
     results: list[tuple[EvalResult, bool]] = []
     bar = progress_bar(len(ckpts), progress, "scoring ingredients")
     try:
         for c, d, lab in zip(ckpts, digests, labels):
-            results.append(score(d, lambda c=c: read_state(c), f"ingredient {lab}"))
+            if runner is not None:
+                res, fresh = runner.full(d, lambda c=c: read_state(c), f"ingredient {lab}")
+                score.calls += int(fresh > 0)
+                score.hits += int(fresh == 0)
+                score.examples += fresh
+                results.append((res, fresh == 0))
+            else:
+                results.append(score(d, lambda c=c: read_state(c), f"ingredient {lab}"))
             bar.update(1)
     finally:
         bar.close()
@@ -388,11 +457,29 @@ def greedy_soup(
                 state[name] = c.to(out_dtype[name])
             return {name: state[name] for name in ref.tensors}
 
+        def soup_now() -> dict[str, torch.Tensor]:
+            if len(accepted) == 1:
+                return read_state(ref, reader)
+            div = _uniform_divisor(len(accepted))
+            return {n: fixed[n] if n in fixed else (acc[n] / div).to(out_dtype[n]) for n in ref.tensors}
+
         bar = progress_bar(len(order) - 1, progress, "greedy soup")
         try:
             for rank, i in enumerate(order[1:], start=1):
                 chosen = [labels[j] for j in accepted] + [labels[i]]
                 subject = soup_key([digests[j] for j in accepted] + [digests[i]])
+                if runner is not None:
+                    step = sequential_step(runner, score, rank, i, accepted, labels, digests, scores,
+                                           lambda i=i: candidate(i), soup_now, soup_score, strict)
+                    if step.accepted:
+                        for name, info in ckpts[i].tensors.items():
+                            if name in acc:
+                                acc[name] += reader.read(info).reshape(info.shape).to(torch.float32)
+                        accepted.append(i)
+                        soup_score = step.soup_score
+                    steps.append(step)
+                    bar.update(1)
+                    continue
                 need = soup_score
                 res, cached = score(subject, lambda i=i: candidate(i),
                                        "soup of " + " + ".join(chosen),
@@ -409,6 +496,7 @@ def greedy_soup(
                     candidate_score=res.score, complete=res.complete, accepted=ok,
                     soup_size=len(accepted), soup_score=soup_score,
                     examples=0 if cached else res.examples, total=res.total, cached=cached,
+                    examples_used=res.examples if res.examples else res.total,
                 ))
                 bar.update(1)
         finally:
@@ -434,16 +522,57 @@ def greedy_soup(
         acc.clear()  # the running sum is not needed to write the soup
         fixed.clear()
 
+    seq_info = None
+    if runner is not None:
+        soup_score, seq_info = sequential_summary(runner, accepted, digests, len(steps))
     result = GreedySoupResult(
         ingredients=[labels[j] for j in accepted], score=soup_score,
         ingredient_scores=ingredient_scores, steps=steps, strict=strict, evaluator=eid,
         evaluations=score.calls, cache_hits=score.hits, examples_evaluated=score.examples,
-        examples_saved=score.saved, held_out=held, notes=notes,
+        examples_saved=score.saved, held_out=held, notes=notes, sequential=seq_info,
     )
     if out is None:
         return _replace(result, seconds=time.perf_counter() - t0)
     return _write(result, out, force=force, progress=progress, plot=plot,
                   max_shard_size=max_shard_size, report_extra=report_extra, t0=t0, recalibrate=recalibrate)
+
+
+def _soup_subject(accepted: Sequence[int], digests: Sequence[str]) -> str:
+    """The incumbent's cache subject: the ingredient's digest alone, else the soup's key."""
+    return digests[accepted[0]] if len(accepted) == 1 else soup_key([digests[j] for j in accepted])
+
+
+def sequential_step(runner: PairedRunner, score: _Scorer, rank: int, i: int, accepted: Sequence[int],
+                    labels: Sequence[str], digests: Sequence[str], scores: Sequence[float], cand: Any, soup: Any,
+                    soup_score: float, strict: bool) -> GreedyStep:
+    """One greedy step by the paired sequential test (the caller adds the ingredient if accepted).
+
+    ``cand`` / ``soup`` are the candidate's and the current soup's weights: state functions in
+    this process, job candidates on a backend (see `PairedRunner`). ``score`` counts the work.
+    """
+    chosen = [labels[j] for j in accepted]
+    po = runner.compare(soup_key([digests[j] for j in accepted] + [digests[i]]), cand,
+                        "soup of " + " + ".join(chosen + [labels[i]]), _soup_subject(accepted, digests), soup,
+                        "soup of " + " + ".join(chosen), 1 if strict else 0)
+    score.examples += po.fresh + po.incumbent_fresh
+    score.saved += po.total - po.examples - po.incumbent_fresh
+    score.calls += int(po.fresh > 0)
+    score.hits += int(po.fresh == 0)
+    return GreedyStep(
+        rank=rank, label=labels[i], ingredient_score=scores[i], need=po.incumbent_score,
+        candidate_score=po.score, complete=po.examples == po.total, accepted=po.accept,
+        soup_size=len(accepted) + int(po.accept), soup_score=po.score if po.accept else soup_score,
+        examples=po.fresh, total=po.total, cached=po.fresh == 0, test="sequential", examples_used=po.examples,
+        better=po.better, worse=po.worse, error_bound=po.error_bound, soup_examples=po.incumbent_fresh,
+    )
+
+
+def sequential_summary(runner: PairedRunner, accepted: Sequence[int], digests: Sequence[str],
+                       steps: int) -> tuple[float, dict[str, Any]]:
+    """The final soup's score on the examples known for it, and the report's ``"sequential"``."""
+    final, known = runner.known_score(_soup_subject(accepted, digests))
+    opts = runner.opts
+    return final, {**opts.report(runner.total, steps), "score_examples": known}
 
 
 def _identity(evaluator: object, given: str | None, store: ScoreCache) -> str:

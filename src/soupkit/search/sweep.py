@@ -21,6 +21,8 @@ value is set under the recipe's top-level ``parameters`` (so for a per-model par
 Each grid point is merged by the engine into memory (`soupkit.execute.MemorySink`: the inputs
 stream from the files, one output model is held) and scored by the evaluator. Every point is
 evaluated on every example (no early stopping): the curve, not only the winner, is the result.
+With ``sequential=True`` each point is instead compared with the best point before it by the
+paired sequential test (`soupkit.search.sequential`) and evaluated only until it is decided.
 The best point (highest score; ties go to the value listed first) is then written by the same
 engine, so the written model equals the evaluated one bit for bit. With a second evaluation set
 (``shift_evaluator``, e.g. a distribution shift), every point is also scored there and the plot
@@ -52,9 +54,11 @@ from soupkit.evaluate.protocol import Evaluator, run_evaluator
 from soupkit.execute import MemorySink, run_plan
 from soupkit.io.checkpoint import open_checkpoint
 from soupkit.plan import MergePlan
+from soupkit.search._paired import PairedRunner, require_per_example
 from soupkit.search._state import checkpoint_digest, progress_bar
 from soupkit.search.cache import ScoreCache
 from soupkit.search.greedy import _identity, open_cache, write_search_output
+from soupkit.search.sequential import SequentialOptions
 
 __all__ = ["DEFAULT_PARAM", "SweepPoint", "SweepResult", "sweep", "sweep_recipes"]
 
@@ -86,6 +90,12 @@ class SweepPoint:
         shift_score: its score on the second set, if one was given.
         cached: the score(s) came from the cache.
         metrics: the evaluator's extra measurements, if any.
+        examples: sequential sweeps: the examples behind ``score`` (its accuracy on those
+            examples of the seeded order; 0 in the exact mode, where ``score`` is on every example).
+        examples_used, better, worse, error_bound: sequential sweeps: the paired decision against
+            the best point before it (examples it used, examples only this point / only the best
+            gets right, the decision's error bound; see `soupkit.search.sequential`).
+        replaced_best: sequential sweeps: this point was decided better than the best before it.
     """
 
     value: float
@@ -93,6 +103,12 @@ class SweepPoint:
     shift_score: float | None = None
     cached: bool = False
     metrics: dict[str, float] = field(default_factory=dict)
+    examples: int = 0
+    examples_used: int = 0
+    better: int | None = None
+    worse: int | None = None
+    error_bound: float = 0.0
+    replaced_best: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -128,6 +144,7 @@ class SweepResult:
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
     distributed: dict[str, Any] | None = None
+    sequential: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON-ready history written under ``"sweep"`` in ``soupkit-report.json``."""
@@ -140,6 +157,8 @@ class SweepResult:
             "evaluator": self.evaluator,
             "evaluator_short": re.split(r"[@|#]", self.evaluator)[0][-60:],
             "shift_evaluator": self.shift_evaluator,
+            "decisions": "sequential" if self.sequential is not None else "exact",
+            **({"sequential": self.sequential} if self.sequential is not None else {}),
             "points": [asdict(p) for p in self.points],
             "best": asdict(self.best),
             "best_recipe": self.recipe.model_dump(mode="json", exclude_none=True),
@@ -274,6 +293,11 @@ def sweep(
     report_extra: Mapping[str, Any] | None = None,
     recalibrate: tuple[Any, Iterable[Any]] | None = None,
     backend: Backend | str | None = None,
+    sequential: bool = False,
+    delta: float = 0.01,
+    order_seed: int = 0,
+    sequential_batch: int = 128,
+    margin: float = 0.0,
 ) -> SweepResult:
     """Evaluate a merge at every value of one parameter; keep (and write) the best.
 
@@ -307,6 +331,20 @@ def sweep(
             ``"local"`` one after another here; ``"ray"`` or a `RayBackend` all at once on Ray
             workers, each merging its point from shared storage. The evaluators must then be
             import strings / `RemoteEvaluator`, or picklable. Same scores and written bytes.
+        sequential: instead of scoring every point on every example, compare each point with
+            the best point before it by the paired sequential test (`soupkit.search.sequential`,
+            threshold ``>``: a later point must be better, as ties go to the first listed) and
+            stop as soon as it has decided; the curve then holds each point's accuracy on the
+            examples it was evaluated on. Needs a `PerExampleEvaluator` with 0/1 scores. The
+            default (False) evaluates everything: the exact curve.
+        delta: with ``sequential``: each decision differs from the exact one with probability
+            at most ``delta``.
+        order_seed: with ``sequential``: the seed of the evaluation order.
+        sequential_batch: with ``sequential``: examples evaluated between two checks.
+        margin: with ``sequential``: an indifference margin in accuracy (0.005 = half a point):
+            candidates closer than that to the incumbent may be decided either way, the others
+            keep the ``delta`` bound (see `soupkit.search.sequential`); 0 (default): none, every
+            decision is bounded against the exact one.
 
     Returns:
         A `SweepResult`.
@@ -319,6 +357,11 @@ def sweep(
     name, param, recipes = sweep_recipes(
         checkpoints, values, method=method, param=param, base=base, parameters=parameters,
         model_parameters=model_parameters, seed=seed, dtype=dtype, out_dtype=out_dtype)
+    opts = SequentialOptions(delta, order_seed, sequential_batch, margin) if sequential else None
+    if opts is not None and backend not in (None, "local"):
+        raise UsageError("sequential sweeps run in this process only (greedy soup's sequential decisions also "
+                         "run on a backend)\nhint: drop --backend, or sweep exactly on the backend")
+    n_examples = require_per_example(evaluator, opts) if opts is not None else 0
     be, owned = resolve_backend(backend)  # an unknown backend fails before any hashing
     store = open_cache(cache)
     eid = _identity(evaluator, evaluator_id, store)
@@ -351,9 +394,18 @@ def sweep(
         finally:
             if owned:
                 be.close()
-    bar = progress_bar(len(recipes) if be is None else 0, progress, f"sweep {param}")
+    seq_info: dict[str, Any] | None = None
+    best_i: int | None = None
+    if opts is not None:  # each point against the best before it; the loop below is the exact path
+        runner = PairedRunner(evaluator, eid, store, opts, n_examples)  # type: ignore[arg-type]
+        points, best_i, calls, hits = _sequential_points(
+            runner, name, param, values, recipes, plans, digest, shift_evaluator, sid, store, progress)
+        seq_info = {**opts.report(n_examples, len(points) - 1), "examples_evaluated": runner.evaluated,
+                    "rule": "a point replaces the best before it if it is better (>); ties go to the first listed"}
+    exact_here = be is None and opts is None
+    bar = progress_bar(len(recipes) if exact_here else 0, progress, f"sweep {param}")
     try:
-        for v, cfg, p in zip(values, recipes, plans) if be is None else ():
+        for v, cfg, p in zip(values, recipes, plans) if exact_here else ():
             key = _recipe_key(cfg, digest)
             label = f"{name} {param}={v:g}"
             wanted = [(eid, evaluator, label)] + ([(sid, shift_evaluator, label + " (shift set)")] if sid else [])
@@ -382,13 +434,83 @@ def sweep(
             bar.update(1)
     finally:
         bar.close()
-    best_i = max(range(len(points)), key=lambda i: (points[i].score, -i))
+    if best_i is None:
+        best_i = max(range(len(points)), key=lambda i: (points[i].score, -i))
     result = SweepResult(name, param, points, points[best_i], recipes[best_i], eid, sid, calls, hits,
-                         notes=notes, distributed=distributed)
+                         notes=notes, distributed=distributed, sequential=seq_info)
     if out is None:
         return replace(result, seconds=time.perf_counter() - t0)
     return _write(result, plans[best_i], out, force=force, progress=progress, plot=plot,
                   report_extra=report_extra, t0=t0, recalibrate=recalibrate, max_shard_size=max_shard_size)
+
+
+def _sequential_points(runner: PairedRunner, name: str, param: str, values: Sequence[float],
+                       recipes: Sequence[MergeConfig], plans: Sequence[MergePlan], digest: Mapping[str, str],
+                       shift_evaluator: Evaluator | None, sid: str | None, store: ScoreCache,
+                       progress: bool | None) -> tuple[list[SweepPoint], int, int, int]:
+    """A sweep by paired sequential decisions: ``(points, index of the best, evaluations, cache hits)``.
+
+    The first point is the first best; each later point is compared with the best before it
+    and replaces it when the test decides it is better. The best point's weights stay in
+    memory, as its correctness may be needed on more examples for a later comparison. The
+    shift set, if any, is scored on every example of every point (reported, never decided on).
+    """
+    calls = hits = 0
+    keys = [_recipe_key(cfg, digest) for cfg in recipes]
+    labels = [f"{name} {param}={v:g}" for v in values]
+    states: dict[int, Mapping[str, Any]] = {}
+
+    def state_of(k: int) -> Mapping[str, Any]:
+        if k not in states:
+            sink = MemorySink(plans[k])
+            run_plan(plans[k], sink)
+            states[k] = sink.tensors
+        return states[k]
+
+    decided: list[dict[str, Any]] = [{}]
+    best = 0
+    bar = progress_bar(len(recipes), progress, f"sweep {param} (sequential)")
+    try:
+        for k in range(1, len(recipes)):
+            before = runner.evaluated
+            po = runner.compare(keys[k], lambda k=k: state_of(k), labels[k], keys[best],
+                                lambda b=best: state_of(b), labels[best], threshold=1)
+            calls += int(runner.evaluated > before)
+            hits += int(runner.evaluated == before)
+            decided.append({"examples_used": po.examples, "better": po.better, "worse": po.worse,
+                            "error_bound": po.error_bound, "replaced_best": po.accept})
+            if po.accept:
+                states.pop(best, None)
+                best = k
+            for j in [j for j in states if j != best]:
+                states.pop(j)
+            bar.update(1)
+        if len(recipes) == 1:  # nothing to compare: the one point is scored on every example
+            before = runner.evaluated
+            runner.full(keys[0], lambda: state_of(0), labels[0])
+            calls += int(runner.evaluated > before)
+        shift: list[float | None] = [None] * len(recipes)
+        if shift_evaluator is not None and sid is not None:
+            for k in range(len(recipes)):
+                res = store.lookup(sid, keys[k])
+                if res is None:
+                    res = run_evaluator(shift_evaluator, state_of(k), label=labels[k] + " (shift set)")
+                    store.store(sid, keys[k], res, label=labels[k] + " (shift set)")
+                    calls += 1
+                else:
+                    hits += 1
+                if k != best:
+                    states.pop(k, None)
+                shift[k] = res.score
+        bar.update(1)
+    finally:
+        bar.close()
+        states.clear()
+    points = []
+    for k, v in enumerate(values):
+        score, known = runner.known_score(keys[k])
+        points.append(SweepPoint(float(v), score, shift[k], cached=False, examples=known, **decided[k]))
+    return points, best, calls, hits
 
 
 def _write(result: SweepResult, p: MergePlan, out: str | os.PathLike[str], *, force: bool,

@@ -349,16 +349,23 @@ def test_disk_full_while_writing_the_index(tmp_path: Path, monkeypatch: pytest.M
     assert not (tmp_path / "out").exists() and not debris(tmp_path)
 
 
-@pytest.mark.parametrize("where", ["README.md", "config.json"])
+@pytest.mark.parametrize("where", ["README.md", "config.json", "tokenizer.json"])
 def test_disk_full_while_writing_small_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str) -> None:
     ms = make_models(tmp_path / "in")
+    for m in ms:
+        (m / "tokenizer.json").write_text('{"version": "1.0"}')
 
     def full(*args: Any) -> int:
         raise OSError(28, "No space left on device")
 
-    if where == "README.md":  # written whole
-        monkeypatch.setattr(Path, "write_bytes", full)
-    else:  # carried files are copied in blocks (soupkit.io.writer.copy_file)
+    if where != "tokenizer.json":  # written whole (config.json is parsed to name the dtype written)
+        real_write = Path.write_bytes
+
+        def full_for(self: Path, *args: Any) -> int:
+            return full() if self.name == where else real_write(self, *args)
+
+        monkeypatch.setattr(Path, "write_bytes", full_for)
+    else:  # other carried files are copied in blocks (soupkit.io.writer.copy_file)
         import io
 
         import soupkit.io.writer as writer

@@ -42,8 +42,15 @@ def _child(recipe: str, out: str, threads: int, tune: bool) -> None:
         sink.close()
     seconds = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_SELF)
-    print(json.dumps({"seconds": seconds, "user": after.ru_utime - before.ru_utime,
-                      "sys": after.ru_stime - before.ru_stime}))
+    print(
+        json.dumps(
+            {
+                "seconds": seconds,
+                "user": after.ru_utime - before.ru_utime,
+                "sys": after.ru_stime - before.ru_stime,
+            }
+        )
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,16 +71,34 @@ def main(argv: list[str] | None = None) -> int:
         for name, (_threads, _tune) in zip(results, configs):
             shutil.rmtree(args.out, ignore_errors=True)
             os.sync()
-            cmd = [sys.executable, __file__, args.recipe, "--child", "--configs", name, "--out", args.out]
-            line = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+            cmd = [
+                sys.executable,
+                __file__,
+                args.recipe,
+                "--child",
+                "--configs",
+                name,
+                "--out",
+                args.out,
+            ]
+            line = (
+                subprocess.run(cmd, check=True, capture_output=True, text=True)
+                .stdout.strip()
+                .splitlines()[-1]
+            )
             results[name].append(json.loads(line))
             m = results[name][-1]
-            print(f"run {r + 1}/{args.runs} {name:>8}: pass {m['seconds']:.2f} s, user {m['user']:.1f} s, "
-                  f"sys {m['sys']:.1f} s", flush=True)
+            print(
+                f"run {r + 1}/{args.runs} {name:>8}: pass {m['seconds']:.2f} s, user {m['user']:.1f} s, "
+                f"sys {m['sys']:.1f} s",
+                flush=True,
+            )
     print(f"\nmedians over {args.runs} runs ({Path(args.recipe).name}):")
     for name, ms in results.items():
         med = {k: statistics.median(m[k] for m in ms) for k in ("seconds", "user", "sys")}
-        print(f"  {name:>8}: pass {med['seconds']:.2f} s, user {med['user']:.1f} s, sys {med['sys']:.1f} s")
+        print(
+            f"  {name:>8}: pass {med['seconds']:.2f} s, user {med['user']:.1f} s, sys {med['sys']:.1f} s"
+        )
     shutil.rmtree(args.out, ignore_errors=True)
     return 0
 

@@ -44,9 +44,10 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Sequence
+from typing import BinaryIO
 
 import torch
 
@@ -76,8 +77,14 @@ class ModelShape:
 
     def tensors(self) -> list[tuple[str, tuple[int, ...]]]:
         """Return ``(name, shape)`` in ``state_dict`` order (the order HF shards in)."""
-        h, i, kv = self.hidden_size, self.intermediate_size, self.num_key_value_heads * self.head_dim
-        out: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (self.vocab_size, h))]
+        h, i, kv = (
+            self.hidden_size,
+            self.intermediate_size,
+            self.num_key_value_heads * self.head_dim,
+        )
+        out: list[tuple[str, tuple[int, ...]]] = [
+            ("model.embed_tokens.weight", (self.vocab_size, h))
+        ]
         for layer in range(self.num_hidden_layers):
             p = f"model.layers.{layer}"
             out += [
@@ -128,8 +135,12 @@ class ModelShape:
 
 FULL = ModelShape()
 SMALL = ModelShape(
-    vocab_size=1024, hidden_size=128, intermediate_size=344, num_hidden_layers=2,
-    num_attention_heads=4, num_key_value_heads=4,
+    vocab_size=1024,
+    hidden_size=128,
+    intermediate_size=344,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=4,
 )
 
 
@@ -170,7 +181,9 @@ def _human(nbytes: float) -> str:
 
 
 def _seed_for(seed: int, role: str, name: str) -> int:
-    digest = hashlib.blake2b(f"{GENERATOR_VERSION}|{seed}|{role}|{name}".encode(), digest_size=8).digest()
+    digest = hashlib.blake2b(
+        f"{GENERATOR_VERSION}|{seed}|{role}|{name}".encode(), digest_size=8
+    ).digest()
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
@@ -178,7 +191,9 @@ def _generator(seed: int, role: str, name: str) -> torch.Generator:
     return torch.Generator().manual_seed(_seed_for(seed, role, name))
 
 
-def _split_shards(tensors: Sequence[tuple[str, tuple[int, ...]]], n_shards: int) -> list[list[tuple[str, tuple[int, ...]]]]:
+def _split_shards(
+    tensors: Sequence[tuple[str, tuple[int, ...]]], n_shards: int
+) -> list[list[tuple[str, tuple[int, ...]]]]:
     """Split tensors, in order, into ``n_shards`` contiguous groups of about equal byte size."""
     total = sum(math.prod(s) for _, s in tensors)
     shards: list[list[tuple[str, tuple[int, ...]]]] = [[] for _ in range(n_shards)]
@@ -188,7 +203,9 @@ def _split_shards(tensors: Sequence[tuple[str, tuple[int, ...]]], n_shards: int)
         shards[k].append((name, shape))
         acc += math.prod(shape)
     if any(not s for s in shards):
-        raise ValueError(f"cannot split {len(tensors)} tensors into {n_shards} non-empty shards; use fewer shards")
+        raise ValueError(
+            f"cannot split {len(tensors)} tensors into {n_shards} non-empty shards; use fewer shards"
+        )
     return shards
 
 
@@ -198,7 +215,11 @@ def _safetensors_header(tensors: Sequence[tuple[str, tuple[int, ...]]]) -> tuple
     offset = 0
     for name, shape in tensors:
         nbytes = 2 * math.prod(shape)
-        meta[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        meta[name] = {
+            "dtype": "BF16",
+            "shape": list(shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
         offset += nbytes
     header = json.dumps(meta, separators=(",", ":")).encode()
     header += b" " * (-len(header) % 8)  # safetensors pads the header with spaces to 8 bytes
@@ -212,11 +233,15 @@ def _write_chunk(fh: BinaryIO, t: torch.Tensor) -> None:
 def generate(spec: GenerateSpec, out: Path, *, progress: bool = True) -> None:
     """Write ``base`` and ``ft1..ftN`` under ``out`` (see the module docstring)."""
     if sys.byteorder != "little":
-        raise RuntimeError("safetensors data is little-endian; this writer only supports little-endian hosts")
+        raise RuntimeError(
+            "safetensors data is little-endian; this writer only supports little-endian hosts"
+        )
     names = ["base"] + [f"ft{i + 1}" for i in range(spec.n_finetunes)]
     tensors = spec.shape.tensors()
     shards = _split_shards(tensors, spec.n_shards)
-    shard_files = [f"model-{k + 1:05d}-of-{spec.n_shards:05d}.safetensors" for k in range(spec.n_shards)]
+    shard_files = [
+        f"model-{k + 1:05d}-of-{spec.n_shards:05d}.safetensors" for k in range(spec.n_shards)
+    ]
     total_size = 2 * spec.shape.num_params()
     weight_map = {name: shard_files[k] for k, shard in enumerate(shards) for name, _ in shard}
 
@@ -226,7 +251,10 @@ def generate(spec: GenerateSpec, out: Path, *, progress: bool = True) -> None:
         shutil.rmtree(d, ignore_errors=True)
         d.mkdir()
         (d / "config.json").write_text(json.dumps(spec.shape.hf_config(), indent=2) + "\n")
-        index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+        index = {
+            "metadata": {"total_size": total_size},
+            "weight_map": dict(sorted(weight_map.items())),
+        }
         (d / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
     std = INIT_STD
@@ -252,21 +280,36 @@ def generate(spec: GenerateSpec, out: Path, *, progress: bool = True) -> None:
                     base = torch.randn(n, generator=g_base).mul_(std)
                     if is_norm:
                         base.add_(1.0)
-                    base = base.to(torch.bfloat16).float()  # fine-tunes start from the stored bf16 base
+                    base = base.to(
+                        torch.bfloat16
+                    ).float()  # fine-tunes start from the stored bf16 base
                     _write_chunk(handles[0], base)
-                    shared = torch.randn(n, generator=g_shared).mul_(spec.delta_std * spec.delta_corr)
+                    shared = torch.randn(n, generator=g_shared).mul_(
+                        spec.delta_std * spec.delta_corr
+                    )
                     for i, g in enumerate(g_own):
-                        delta = torch.randn(n, generator=g).mul_(spec.delta_std * own_scale).add_(shared)
+                        delta = (
+                            torch.randn(n, generator=g)
+                            .mul_(spec.delta_std * own_scale)
+                            .add_(shared)
+                        )
                         _write_chunk(handles[i + 1], delta.add_(base))
                 done += math.prod(shape)
                 if progress:
                     pct = 100.0 * done / spec.shape.num_params()
                     rate = done * 2 * len(names) / 1e9 / (time.perf_counter() - t0)
-                    print(f"\r  {pct:5.1f}%  {rate:.2f} GB/s written  {name:<50}", end="", file=sys.stderr, flush=True)
+                    print(
+                        f"\r  {pct:5.1f}%  {rate:.2f} GB/s written  {name:<50}",
+                        end="",
+                        file=sys.stderr,
+                        flush=True,
+                    )
             for fh in handles:
                 size = fh.tell()
                 if size != len(prefix) + data_size:
-                    raise RuntimeError(f"{fh.name}: wrote {size} bytes, expected {len(prefix) + data_size}")
+                    raise RuntimeError(
+                        f"{fh.name}: wrote {size} bytes, expected {len(prefix) + data_size}"
+                    )
         finally:
             for fh in handles:
                 fh.close()
@@ -278,7 +321,11 @@ def generate(spec: GenerateSpec, out: Path, *, progress: bool = True) -> None:
         final = out / n
         shutil.rmtree(final, ignore_errors=True)
         os.replace(d, final)
-    manifest = {**spec.to_json(), "checkpoints": names, "seconds": round(time.perf_counter() - t0, 2)}
+    manifest = {
+        **spec.to_json(),
+        "checkpoints": names,
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
     (out / "generate.json").write_text(json.dumps(manifest, indent=2) + "\n")
 
 
@@ -293,7 +340,9 @@ def is_up_to_date(spec: GenerateSpec, out: Path) -> bool:
         return False
     new = spec.to_json()
     same = all(old.get(k) == v for k, v in new.items() if k != "checkpoints")
-    return same and all((out / c / "model.safetensors.index.json").is_file() for c in old.get("checkpoints", []))
+    return same and all(
+        (out / c / "model.safetensors.index.json").is_file() for c in old.get("checkpoints", [])
+    )
 
 
 def build_spec(args: argparse.Namespace) -> tuple[GenerateSpec, Path]:
@@ -311,8 +360,12 @@ def build_spec(args: argparse.Namespace) -> tuple[GenerateSpec, Path]:
     else:
         shape, default_name = FULL, "full"
     spec = GenerateSpec(
-        shape=shape, n_finetunes=args.finetunes, n_shards=args.shards, seed=args.seed,
-        delta_std=args.delta_std, delta_corr=args.delta_corr,
+        shape=shape,
+        n_finetunes=args.finetunes,
+        n_shards=args.shards,
+        seed=args.seed,
+        delta_std=args.delta_std,
+        delta_corr=args.delta_corr,
     )
     out = Path(args.out) if args.out else DEFAULT_DATA_ROOT / default_name
     return spec, out
@@ -326,17 +379,38 @@ def main(argv: Sequence[str] | None = None) -> int:
         "  python benchmarks/generate.py --small --out /tmp/small",
     )
     preset = parser.add_argument_group("size (default: 0.84 B params, 14 layers)")
-    preset.add_argument("--small", action="store_true", help="tiny smoke-test model (~1.3 MB per checkpoint)")
-    preset.add_argument("--scale", type=float, help="choose the layer count that gives ~SCALE x the default parameters")
+    preset.add_argument(
+        "--small", action="store_true", help="tiny smoke-test model (~1.3 MB per checkpoint)"
+    )
+    preset.add_argument(
+        "--scale",
+        type=float,
+        help="choose the layer count that gives ~SCALE x the default parameters",
+    )
     preset.add_argument("--layers", type=int, help="number of decoder layers (default 14)")
-    parser.add_argument("--out", help="output folder (default benchmarks/data/{full,small,x<SCALE>,layers<N>})")
+    parser.add_argument(
+        "--out", help="output folder (default benchmarks/data/{full,small,x<SCALE>,layers<N>})"
+    )
     parser.add_argument("--finetunes", type=int, default=4, help="number of fine-tunes (default 4)")
-    parser.add_argument("--shards", type=int, default=2, help="safetensors shards per checkpoint (default 2)")
+    parser.add_argument(
+        "--shards", type=int, default=2, help="safetensors shards per checkpoint (default 2)"
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--delta-std", type=float, default=0.002, help="std of a fine-tune's delta (default 0.002)")
-    parser.add_argument("--delta-corr", type=float, default=0.5, help="weight of the delta shared by all fine-tunes (0..1)")
-    parser.add_argument("--force", action="store_true", help="regenerate even if OUT already matches")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1; the RNG is serial anyway)")
+    parser.add_argument(
+        "--delta-std", type=float, default=0.002, help="std of a fine-tune's delta (default 0.002)"
+    )
+    parser.add_argument(
+        "--delta-corr",
+        type=float,
+        default=0.5,
+        help="weight of the delta shared by all fine-tunes (0..1)",
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="regenerate even if OUT already matches"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (default 1; the RNG is serial anyway)"
+    )
     parser.add_argument("-q", "--quiet", action="store_true")
     args = parser.parse_args(argv)
     if not 0.0 <= args.delta_corr <= 1.0:
@@ -346,7 +420,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     spec, out = build_spec(args)
     nbytes = 2 * spec.shape.num_params()
-    params = f"{spec.shape.num_params() / 1e9:.3f} B params" if nbytes > 1e9 else f"{spec.shape.num_params():,} params"
+    params = (
+        f"{spec.shape.num_params() / 1e9:.3f} B params"
+        if nbytes > 1e9
+        else f"{spec.shape.num_params():,} params"
+    )
     if not args.force and is_up_to_date(spec, out):
         if not args.quiet:
             print(f"{out}: up to date ({params}, {_human(nbytes)} per checkpoint)")
@@ -354,7 +432,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     free = shutil.disk_usage(out.parent if out.parent.exists() else Path.cwd()).free / 1e9
     need = nbytes / 1e9 * (1 + spec.n_finetunes)
     if need > free:
-        raise SystemExit(f"error: need {need:.1f} GB for {out}, only {free:.1f} GB free on that disk")
+        raise SystemExit(
+            f"error: need {need:.1f} GB for {out}, only {free:.1f} GB free on that disk"
+        )
     if not args.quiet:
         print(
             f"generating {out}: {params}, {spec.shape.num_hidden_layers} layers, "

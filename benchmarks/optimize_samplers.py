@@ -27,16 +27,40 @@ CHECKS = (20, 40, 80)
 def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         paths = toy.ingredients(Path(tmp) / "ing")
-        print(f"{'sampler':8} {'seed':>4} " + " ".join(f"{'best@' + str(c):>8}" for c in CHECKS) + f" {'held-out':>8} {'s':>5}")
+        print(
+            f"{'sampler':8} {'seed':>4} "
+            + " ".join(f"{'best@' + str(c):>8}" for c in CHECKS)
+            + f" {'held-out':>8} {'s':>5}"
+        )
         for sampler in ("tpe", "cmaes", "random"):
             for seed in SEEDS:
                 t0 = time.perf_counter()
-                r = optimize(toy.space(paths), toy.Accuracy("val"), Path(tmp) / f"{sampler}-{seed}", trials=max(CHECKS),
-                             holdout_evaluator=toy.Accuracy("holdout"), sampler=sampler, seed=seed, top=1,
-                             progress=False, plot=False, write_model=False)
-                best = [max((t.score for t in r.trials[:c] if t.state == "complete"), default=float("nan")) for c in CHECKS]
-                print(f"{sampler:8} {seed:>4} " + " ".join(f"{b:>8.4f}" for b in best)
-                      + f" {r.best.holdout:>8.4f} {time.perf_counter() - t0:>5.0f}", flush=True)
+                r = optimize(
+                    toy.space(paths),
+                    toy.Accuracy("val"),
+                    Path(tmp) / f"{sampler}-{seed}",
+                    trials=max(CHECKS),
+                    holdout_evaluator=toy.Accuracy("holdout"),
+                    sampler=sampler,
+                    seed=seed,
+                    top=1,
+                    progress=False,
+                    plot=False,
+                    write_model=False,
+                )
+                best = [
+                    max(
+                        (t.score for t in r.trials[:c] if t.state == "complete"),
+                        default=float("nan"),
+                    )
+                    for c in CHECKS
+                ]
+                print(
+                    f"{sampler:8} {seed:>4} "
+                    + " ".join(f"{b:>8.4f}" for b in best)
+                    + f" {r.best.holdout:>8.4f} {time.perf_counter() - t0:>5.0f}",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

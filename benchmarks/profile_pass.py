@@ -38,7 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("recipe")
     ap.add_argument("--out", default="benchmarks/out/profile", help="output folder (replaced)")
     ap.add_argument("--threads", type=int, help="compute threads (default: the engine's)")
-    ap.add_argument("--cprofile", action="store_true", help="also profile the main thread's functions")
+    ap.add_argument(
+        "--cprofile", action="store_true", help="also profile the main thread's functions"
+    )
     ap.add_argument("--top", type=int, default=20, help="functions to list with --cprofile")
     args = ap.parse_args(argv)
 
@@ -74,9 +76,13 @@ def main(argv: list[str] | None = None) -> int:
     seconds = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_SELF)
     gb = p.input_bytes / 1e9
-    print(f"{Path(args.recipe).name}: pass {seconds:.2f} s ({gb / seconds:.2f} GB/s of {gb:.2f} GB), "
-          f"user {after.ru_utime - before.ru_utime:.2f} s, system {after.ru_stime - before.ru_stime:.2f} s")
-    print("phases (main thread wall s): " + ", ".join(f"{k} {v:.2f}" for k, v in phases.most_common()))
+    print(
+        f"{Path(args.recipe).name}: pass {seconds:.2f} s ({gb / seconds:.2f} GB/s of {gb:.2f} GB), "
+        f"user {after.ru_utime - before.ru_utime:.2f} s, system {after.ru_stime - before.ru_stime:.2f} s"
+    )
+    print(
+        "phases (main thread wall s): " + ", ".join(f"{k} {v:.2f}" for k, v in phases.most_common())
+    )
     if prof is not None:
         out = io.StringIO()
         pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(args.top)

@@ -41,9 +41,22 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-KINDS = ["good", "perm", "good", "noisy", "good", "good", "perm", "good", "noisy", "good", "good", "perm"]
+KINDS = [
+    "good",
+    "perm",
+    "good",
+    "noisy",
+    "good",
+    "good",
+    "perm",
+    "good",
+    "noisy",
+    "good",
+    "good",
+    "perm",
+]
 
-EVAL = '''
+EVAL = """
 import time
 import torch
 
@@ -54,7 +67,7 @@ def evaluate(state):
     time.sleep(SLEEP)  # stands in for a GPU-bound evaluation
     logits = _x @ state["fc.weight"].float().T + state["fc.bias"].float()
     return int((logits.argmax(1) == _y).sum()) / len(_y)
-'''
+"""
 
 
 def make_problem(root: Path, n: int, sleep: float) -> tuple[list[Path], str]:
@@ -70,14 +83,22 @@ def make_problem(root: Path, n: int, sleep: float) -> tuple[list[Path], str]:
     err[goods] -= err[goods].mean(0)
     paths = []
     for i, kind in enumerate(kinds):
-        weight = {"good": w + err[i], "perm": w[[1, 2, 0]] + 0.25 * err[i], "noisy": w + 5 * err[i]}[kind]
+        weight = {
+            "good": w + err[i],
+            "perm": w[[1, 2, 0]] + 0.25 * err[i],
+            "noisy": w + 5 * err[i],
+        }[kind]
         folder = root / f"ft{i:02d}-{kind}"
         folder.mkdir(parents=True)
-        save_file({"fc.weight": weight, "fc.bias": 0.05 * torch.randn(3, generator=g)},
-                  str(folder / "model.safetensors"))
+        save_file(
+            {"fc.weight": weight, "fc.bias": 0.05 * torch.randn(3, generator=g)},
+            str(folder / "model.safetensors"),
+        )
         paths.append(folder)
     torch.save((x, y), root / "val.pt")
-    (root / "sleepy_eval.py").write_text(textwrap.dedent(EVAL.format(data=str(root / "val.pt"), sleep=sleep)))
+    (root / "sleepy_eval.py").write_text(
+        textwrap.dedent(EVAL.format(data=str(root / "val.pt"), sleep=sleep))
+    )
     return paths, f"{root / 'sleepy_eval.py'}:evaluate"
 
 
@@ -87,8 +108,12 @@ def weights(folder: Path) -> bytes:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sleep", type=float, default=0.5, help="seconds each evaluation sleeps (default 0.5)")
-    ap.add_argument("--ingredients", type=int, default=8, help="checkpoints of the greedy soup (default 8)")
+    ap.add_argument(
+        "--sleep", type=float, default=0.5, help="seconds each evaluation sleeps (default 0.5)"
+    )
+    ap.add_argument(
+        "--ingredients", type=int, default=8, help="checkpoints of the greedy soup (default 8)"
+    )
     ap.add_argument("--points", type=int, default=8, help="grid points of the sweep (default 8)")
     ap.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = ap.parse_args(argv)
@@ -113,20 +138,33 @@ def main(argv: list[str] | None = None) -> int:
         ev = remote_ev if be is not None else local_ev
         t0 = time.perf_counter()
         if search == "sweep":
-            r: Any = sweep([paths[0], paths[2]], ev, values, out, evaluator_id="sleepy", backend=be, plot=False)
+            r: Any = sweep(
+                [paths[0], paths[2]], ev, values, out, evaluator_id="sleepy", backend=be, plot=False
+            )
         else:
-            r = greedy_soup(paths, ev, out, evaluator_id="sleepy", backend=be, speculate=speculate, plot=False)
+            r = greedy_soup(
+                paths, ev, out, evaluator_id="sleepy", backend=be, speculate=speculate, plot=False
+            )
         wall = time.perf_counter() - t0
         spec_d = (r.distributed or {}).get("speculation") or {}
-        rows.append({
-            "search": search, "backend": "ray" if be else "local (no Ray)", "workers": be.max_workers if be else 1,
-            "speculate": spec_d.get("depth", "") if search == "greedy" and be else "",
-            "wall_s": round(wall, 2), "evaluations": r.evaluations,
-            "launched": spec_d.get("launched", ""), "used": spec_d.get("used", ""),
-            "wasted": spec_d.get("wasted", ""), "cancelled": spec_d.get("cancelled", ""),
-            "result": (r.ingredients, r.score) if search == "greedy" else (r.best.value, r.best.score),
-            "bytes": weights(out),
-        })
+        rows.append(
+            {
+                "search": search,
+                "backend": "ray" if be else "local (no Ray)",
+                "workers": be.max_workers if be else 1,
+                "speculate": spec_d.get("depth", "") if search == "greedy" and be else "",
+                "wall_s": round(wall, 2),
+                "evaluations": r.evaluations,
+                "launched": spec_d.get("launched", ""),
+                "used": spec_d.get("used", ""),
+                "wasted": spec_d.get("wasted", ""),
+                "cancelled": spec_d.get("cancelled", ""),
+                "result": (r.ingredients, r.score)
+                if search == "greedy"
+                else (r.best.value, r.best.score),
+                "bytes": weights(out),
+            }
+        )
 
     run("sweep", None)
     run("greedy", None)
@@ -137,35 +175,56 @@ def main(argv: list[str] | None = None) -> int:
                 # Start the actors (a process each, importing torch) and build the evaluator in
                 # each, as a long-lived pool would have: timed apart from the searches.
                 t0 = time.perf_counter()
-                sweep([paths[0], paths[2]], remote_ev, [i / (2 * workers) for i in range(2 * workers)],
-                      evaluator_id="warm-up", backend=be, plot=False)
+                sweep(
+                    [paths[0], paths[2]],
+                    remote_ev,
+                    [i / (2 * workers) for i in range(2 * workers)],
+                    evaluator_id="warm-up",
+                    backend=be,
+                    plot=False,
+                )
                 startup[workers] = time.perf_counter() - t0
                 run("sweep", be)
-                for speculate in ([0] if workers == 1 else [0, 1, 2]):
+                for speculate in [0] if workers == 1 else [0, 1, 2]:
                     run("greedy", be, speculate)
     finally:
         ray.shutdown()
     rows.sort(key=lambda r: r["search"] == "greedy")
 
-    print(f"evaluation = {args.sleep:g} s sleep + accuracy on 1000 examples; sweep: {args.points} points; "
-          f"greedy: {args.ingredients} ingredients; machine: {os.cpu_count()} cores (shared); Ray actor "
-          f"pool start-up (not in the table): " + ", ".join(f"{w} worker(s) {t:.1f} s" for w, t in startup.items()))
+    print(
+        f"evaluation = {args.sleep:g} s sleep + accuracy on 1000 examples; sweep: {args.points} points; "
+        f"greedy: {args.ingredients} ingredients; machine: {os.cpu_count()} cores (shared); Ray actor "
+        f"pool start-up (not in the table): "
+        + ", ".join(f"{w} worker(s) {t:.1f} s" for w, t in startup.items())
+    )
     print()
-    print("| search | backend | workers | speculate | wall (s) | evaluations | speculative launched / used / "
-          "wasted / cancelled | speed-up vs local | same result and bytes as local |")
+    print(
+        "| search | backend | workers | speculate | wall (s) | evaluations | speculative launched / used / "
+        "wasted / cancelled | speed-up vs local | same result and bytes as local |"
+    )
     print("|---|---|---:|---:|---:|---:|---|---:|---|")
     differ = 0
     for row in rows:
-        ref = next(r for r in rows if r["search"] == row["search"] and r["backend"].startswith("local"))
+        ref = next(
+            r for r in rows if r["search"] == row["search"] and r["backend"].startswith("local")
+        )
         same = row["result"] == ref["result"] and row["bytes"] == ref["bytes"]
         differ += not same
-        spec_cells = (f"{row['launched']} / {row['used']} / {row['wasted']} / {row['cancelled']}"
-                      if row["launched"] != "" and row["speculate"] else "")
-        print(f"| {row['search']} | {row['backend']} | {row['workers']} | {row['speculate']} | {row['wall_s']:.2f} | "
-              f"{row['evaluations']} | {spec_cells} | {ref['wall_s'] / row['wall_s']:.2f}x | {'yes' if same else 'NO'} |")
+        spec_cells = (
+            f"{row['launched']} / {row['used']} / {row['wasted']} / {row['cancelled']}"
+            if row["launched"] != "" and row["speculate"]
+            else ""
+        )
+        print(
+            f"| {row['search']} | {row['backend']} | {row['workers']} | {row['speculate']} | {row['wall_s']:.2f} | "
+            f"{row['evaluations']} | {spec_cells} | {ref['wall_s'] / row['wall_s']:.2f}x | {'yes' if same else 'NO'} |"
+        )
     if args.json is not None:
-        args.json.write_text(json.dumps([{k: v for k, v in r.items() if k != "bytes"} for r in rows], indent=2,
-                                        default=str))
+        args.json.write_text(
+            json.dumps(
+                [{k: v for k, v in r.items() if k != "bytes"} for r in rows], indent=2, default=str
+            )
+        )
     return 1 if differ else 0
 
 

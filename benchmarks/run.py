@@ -46,7 +46,6 @@ import argparse
 import datetime as _dt
 import hashlib
 import json
-import math
 import os
 import platform
 import shutil
@@ -54,9 +53,10 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
@@ -76,7 +76,14 @@ RECIPE_NAMES = ("linear", "task_arithmetic", "ties", "dare_ties")
 #: run hashes as a first merge of new inputs does, except ``soupkit-hashcache``: the default as a
 #: user re-merging the same inputs runs it (the cache in ``OUT_DIR/hash-cache``; its first run
 #: fills it, later runs take the digests from it).
-TOOLS = ("soupkit", "soupkit-nohash", "soupkit-hashcache", "soupkit-mergekit", "soupkit-paper", "mergekit")
+TOOLS = (
+    "soupkit",
+    "soupkit-nohash",
+    "soupkit-hashcache",
+    "soupkit-mergekit",
+    "soupkit-paper",
+    "mergekit",
+)
 CONVENTION_METHODS = ("ties", "dare_ties")
 GIB = 1024**3
 
@@ -147,7 +154,9 @@ def dump_yaml(recipe: Mapping[str, Any]) -> str:
     lines = []
     for key, value in recipe.items():
         if key == "parameters":
-            lines.append("parameters: {" + ", ".join(f"{k}: {json.dumps(v)}" for k, v in value.items()) + "}")
+            lines.append(
+                "parameters: {" + ", ".join(f"{k}: {json.dumps(v)}" for k, v in value.items()) + "}"
+            )
         elif key == "models":
             lines.append("models:")
             for m in value:
@@ -197,7 +206,9 @@ class Checkpoint:
         return self._handles[str(self._where[name])].get_tensor(name)
 
 
-def reference_tensor(recipe: Mapping[str, Any], ckpts: Mapping[Path, Checkpoint], name: str) -> Any | None:
+def reference_tensor(
+    recipe: Mapping[str, Any], ckpts: Mapping[Path, Checkpoint], name: str
+) -> Any | None:
     """fp32 reference for deterministic recipes, with mergekit 0.1.5's operation order.
 
     linear: ``acc = 0; acc += w_i * x_i (in model order); acc / sum(w)`` (normalize: true).
@@ -218,11 +229,15 @@ def reference_tensor(recipe: Mapping[str, Any], ckpts: Mapping[Path, Checkpoint]
                 acc = torch.zeros_like(x)
                 coef_shape = (x.shape[0],) + (1,) * (x.dim() - 1)
             acc.addcmul_(x, torch.full(coef_shape, w, dtype=torch.float32))
-        return acc.div_(torch.full(coef_shape, sum(w for _, w in models), dtype=torch.float32)).to(out_dtype)
+        return acc.div_(torch.full(coef_shape, sum(w for _, w in models), dtype=torch.float32)).to(
+            out_dtype
+        )
     if method == "task_arithmetic":
         base = ckpts[Path(recipe["base_model"])].get(name).float()
         deltas = torch.stack([ckpts[p].get(name).float() - base for p, _ in models])
-        weights = torch.tensor([w for _, w in models], dtype=torch.float32).reshape(-1, *[1] * base.dim())
+        weights = torch.tensor([w for _, w in models], dtype=torch.float32).reshape(
+            -1, *[1] * base.dim()
+        )
         return (base + deltas.mul_(weights).sum(dim=0)).to(out_dtype)
     return None
 
@@ -247,7 +262,11 @@ class Diff:
 
     def summary(self) -> str:
         if self.problems:
-            return "MISMATCH: " + "; ".join(self.problems[:3]) + (" ..." if len(self.problems) > 3 else "")
+            return (
+                "MISMATCH: "
+                + "; ".join(self.problems[:3])
+                + (" ..." if len(self.problems) > 3 else "")
+            )
         if self.identical:
             return f"bit-identical ({self.tensors} tensors)"
         text = (
@@ -263,10 +282,15 @@ class Diff:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "identical": self.identical, "tensors": self.tensors, "tensors_differ": self.tensors_differ,
-            "elements": self.elements, "elements_differ": self.elements_differ,
-            "max_abs_diff": self.max_abs_diff, "problems": self.problems,
-            "elements_differ_at_trim_ties": self.elements_differ_at_trim_ties, "summary": self.summary(),
+            "identical": self.identical,
+            "tensors": self.tensors,
+            "tensors_differ": self.tensors_differ,
+            "elements": self.elements,
+            "elements_differ": self.elements_differ,
+            "max_abs_diff": self.max_abs_diff,
+            "problems": self.problems,
+            "elements_differ_at_trim_ties": self.elements_differ_at_trim_ties,
+            "summary": self.summary(),
         }
 
 
@@ -342,7 +366,9 @@ def compare_outputs(recipe: Mapping[str, Any], outputs: Mapping[str, Path]) -> d
             diffs[f"{a} vs {b}"].problems.append(f"{missing}: only in {a}")
     has_reference = recipe["merge_method"] in ("linear", "task_arithmetic")
     explain_ties = recipe["merge_method"] == "ties"
-    inputs = {p: Checkpoint(p) for p in recipe_inputs(recipe)} if has_reference or explain_ties else {}
+    inputs = (
+        {p: Checkpoint(p) for p in recipe_inputs(recipe)} if has_reference or explain_ties else {}
+    )
     if has_reference:
         expected_names = set.intersection(*(c.names() for c in inputs.values()))
         for tool in tools:
@@ -421,7 +447,12 @@ def _busy_cpu_seconds() -> float:
 
 
 def measure(
-    cmd: Sequence[str], log_path: Path, *, cwd: Path, interval: float = 0.02, timeout: float | None = None,
+    cmd: Sequence[str],
+    log_path: Path,
+    *,
+    cwd: Path,
+    interval: float = 0.02,
+    timeout: float | None = None,
     env: Mapping[str, str] | None = None,
 ) -> RunResult:
     """Run ``cmd`` with stdout+stderr to ``log_path`` and measure time, memory and CPU.
@@ -450,7 +481,9 @@ def measure(
                     break
                 if samples % 10 == 0:
                     try:
-                        pids = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+                        pids = [proc.pid] + [
+                            c.pid for c in psutil.Process(proc.pid).children(recursive=True)
+                        ]
                     except psutil.NoSuchProcess:
                         pass
                 anon = rss = 0
@@ -528,7 +561,15 @@ class Tool:
             return [str(self.exe), "merge", str(recipe), str(out), "--force", *self.extra_args]
         # No tokenizer in the generated inputs; a fixed seed for DARE; otherwise mergekit's defaults
         # (including --out-shard-size 5B, i.e. one output shard held in RAM until it is written).
-        return [str(self.exe), str(recipe), str(out), "--no-copy-tokenizer", "--random-seed", "0", *self.extra_args]
+        return [
+            str(self.exe),
+            str(recipe),
+            str(out),
+            "--no-copy-tokenizer",
+            "--random-seed",
+            "0",
+            *self.extra_args,
+        ]
 
 
 def _tail(text: str, n: int = 6) -> str:
@@ -556,7 +597,9 @@ def probe_soupkit(exe: Path, env: Mapping[str, str] | None = None) -> Tool:
     if not exe.exists():
         hint = ""
         if python.exists():
-            r = subprocess.run([str(python), "-c", "import soupkit.cli"], capture_output=True, text=True)
+            r = subprocess.run(
+                [str(python), "-c", "import soupkit.cli"], capture_output=True, text=True
+            )
             if r.returncode == 0:
                 hint = (
                     f" The package imports (soupkit.cli) but the console script is missing:"
@@ -567,8 +610,19 @@ def probe_soupkit(exe: Path, env: Mapping[str, str] | None = None) -> Tool:
         return Tool("soupkit", exe, False, f"{exe} not found.{hint}")
     r = subprocess.run([str(exe), "merge", "--help"], capture_output=True, text=True, env=env)
     if r.returncode != 0:
-        return Tool("soupkit", exe, False, f"`{exe} merge --help` exited {r.returncode}:\n{_tail(r.stdout + r.stderr)}")
-    return Tool("soupkit", exe, True, version=_dist_versions(python, "soupkit"), env=dict(env) if env else None)
+        return Tool(
+            "soupkit",
+            exe,
+            False,
+            f"`{exe} merge --help` exited {r.returncode}:\n{_tail(r.stdout + r.stderr)}",
+        )
+    return Tool(
+        "soupkit",
+        exe,
+        True,
+        version=_dist_versions(python, "soupkit"),
+        env=dict(env) if env else None,
+    )
 
 
 def _dist_versions(python: Path, *dists: str) -> str:
@@ -588,7 +642,12 @@ def probe_mergekit(exe: Path) -> Tool:
     whose log the report names.
     """
     if not exe.exists():
-        return Tool("mergekit", exe, False, f"{exe} not found; create it with `bash {BENCH_DIR / 'setup_mergekit.sh'}`")
+        return Tool(
+            "mergekit",
+            exe,
+            False,
+            f"{exe} not found; create it with `bash {BENCH_DIR / 'setup_mergekit.sh'}`",
+        )
     return Tool("mergekit", exe, True, version=_dist_versions(exe.parent / "python", "mergekit"))
 
 
@@ -642,7 +701,9 @@ def machine_info() -> dict[str, Any]:
 
 
 def _git_rev() -> str:
-    r = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    r = subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    )
     return r.stdout.strip() if r.returncode == 0 else "no commit"
 
 
@@ -668,16 +729,31 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         f"- machine: {m['cpu']}, {m['logical_cores']} logical cores, {m['mem_total_gib']} GiB RAM; "
         f"Linux {m['kernel']}, Python {m['python']}; load average at start "
         f"{' / '.join(f'{x:.2f}' for x in m['loadavg'])}"
-        + (f", at end {' / '.join(f'{x:.2f}' for x in meta['loadavg_end'])}" if meta.get("loadavg_end") else "")
+        + (
+            f", at end {' / '.join(f'{x:.2f}' for x in meta['loadavg_end'])}"
+            if meta.get("loadavg_end")
+            else ""
+        )
         + " (1/5/15 min; the machine is shared)",
         f"- data: `{meta['data']}`: {meta['data_desc']}",
         f"- runs per tool and recipe: {meta['runs']}"
-        + (f" (mergekit: {meta['mergekit_runs']})" if meta.get("mergekit_runs", meta["runs"]) != meta["runs"] else "")
+        + (
+            f" (mergekit: {meta['mergekit_runs']})"
+            if meta.get("mergekit_runs", meta["runs"]) != meta["runs"]
+            else ""
+        )
         + " (wall = median (min–max)); cat: median of 3, warm page cache",
-        "- tools: " + "; ".join(
-            f"{t['name']} {t['version']}" + (f" (source sha256 {meta['soupkit_source_sha256']}"
-            f"{', snapshot' if meta.get('soupkit_snapshot') else ''}; git {meta['git']})" if t["name"].startswith("soupkit") else "")
-            if t["available"] else f"{t['name']}: NOT RUN ({t['reason'].splitlines()[0]})"
+        "- tools: "
+        + "; ".join(
+            f"{t['name']} {t['version']}"
+            + (
+                f" (source sha256 {meta['soupkit_source_sha256']}"
+                f"{', snapshot' if meta.get('soupkit_snapshot') else ''}; git {meta['git']})"
+                if t["name"].startswith("soupkit")
+                else ""
+            )
+            if t["available"]
+            else f"{t['name']}: NOT RUN ({t['reason'].splitlines()[0]})"
             for t in meta["tools"]
         ),
         *[f"- note: {n}" for n in meta.get("notes", [])],
@@ -694,12 +770,16 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         mk = rec["tools"].get("mergekit", {})
         for tool_name, t in rec["tools"].items():
             if "skipped" in t:
-                lines.append(f"| {rec['name']} | {tool_name} | not run: {t['skipped']} | | | | | | | | |")
+                lines.append(
+                    f"| {rec['name']} | {tool_name} | not run: {t['skipped']} | | | | | | | | |"
+                )
                 continue
             ok = [r for r in t["runs"] if r["returncode"] == 0]
             if not ok:
                 rc = t["runs"][0]["returncode"] if t["runs"] else "?"
-                lines.append(f"| {rec['name']} | {tool_name} | FAILED (exit {rc}; log `{t['runs'][0]['log']}`) | | | | | | | | |")
+                lines.append(
+                    f"| {rec['name']} | {tool_name} | FAILED (exit {rc}; log `{t['runs'][0]['log']}`) | | | | | | | | |"
+                )
                 continue
             walls = [r["wall_s"] for r in ok]
             med = statistics.median(walls)
@@ -777,31 +857,83 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         epilog=__doc__.split("Examples::", 1)[1],
     )
     p.add_argument("--only", help=f"comma-separated recipes (default: {','.join(RECIPE_NAMES)})")
-    p.add_argument("--tools", default="soupkit,mergekit",
-                   help="comma-separated, from soupkit, soupkit-nohash (soupkit with --no-hash-inputs), "
-                        "soupkit-hashcache (soupkit re-merging: input digests from its cache), "
-                        "soupkit-mergekit (soupkit with `convention: mergekit`), "
-                        "soupkit-paper (soupkit with `convention: paper`), "
-                        "mergekit (default: soupkit,mergekit)")
-    p.add_argument("--runs", type=int, help="timed runs per tool and recipe (default 3; 1 with --smoke)")
-    p.add_argument("--mergekit-runs", type=int,
-                   help="timed runs of mergekit per recipe (default --runs; its ties takes ~10 min a run here)")
-    p.add_argument("--data", type=Path, help=f"generated data folder (default {DEFAULT_DATA}; {SMOKE_DATA} with --smoke)")
-    p.add_argument("--smoke", action="store_true", help="tiny generated model, 1 run, results to results/smoke.*")
-    p.add_argument("--out-dir", type=Path, help="recipes, logs and merge outputs (default benchmarks/out[/smoke])")
-    p.add_argument("--results", type=Path, help="results path without suffix (default benchmarks/results/latest)")
-    p.add_argument("--soupkit", type=Path, default=DEFAULT_SOUPKIT, help=f"soupkit executable (default {DEFAULT_SOUPKIT})")
-    p.add_argument("--mergekit", type=Path, default=DEFAULT_MERGEKIT, help=f"mergekit-yaml (default {DEFAULT_MERGEKIT})")
-    p.add_argument("--mergekit-args", default="", help="extra mergekit-yaml flags, e.g. '--out-shard-size 1B'")
+    p.add_argument(
+        "--tools",
+        default="soupkit,mergekit",
+        help="comma-separated, from soupkit, soupkit-nohash (soupkit with --no-hash-inputs), "
+        "soupkit-hashcache (soupkit re-merging: input digests from its cache), "
+        "soupkit-mergekit (soupkit with `convention: mergekit`), "
+        "soupkit-paper (soupkit with `convention: paper`), "
+        "mergekit (default: soupkit,mergekit)",
+    )
+    p.add_argument(
+        "--runs", type=int, help="timed runs per tool and recipe (default 3; 1 with --smoke)"
+    )
+    p.add_argument(
+        "--mergekit-runs",
+        type=int,
+        help="timed runs of mergekit per recipe (default --runs; its ties takes ~10 min a run here)",
+    )
+    p.add_argument(
+        "--data",
+        type=Path,
+        help=f"generated data folder (default {DEFAULT_DATA}; {SMOKE_DATA} with --smoke)",
+    )
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny generated model, 1 run, results to results/smoke.*",
+    )
+    p.add_argument(
+        "--out-dir",
+        type=Path,
+        help="recipes, logs and merge outputs (default benchmarks/out[/smoke])",
+    )
+    p.add_argument(
+        "--results",
+        type=Path,
+        help="results path without suffix (default benchmarks/results/latest)",
+    )
+    p.add_argument(
+        "--soupkit",
+        type=Path,
+        default=DEFAULT_SOUPKIT,
+        help=f"soupkit executable (default {DEFAULT_SOUPKIT})",
+    )
+    p.add_argument(
+        "--mergekit",
+        type=Path,
+        default=DEFAULT_MERGEKIT,
+        help=f"mergekit-yaml (default {DEFAULT_MERGEKIT})",
+    )
+    p.add_argument(
+        "--mergekit-args", default="", help="extra mergekit-yaml flags, e.g. '--out-shard-size 1B'"
+    )
     p.add_argument("--soupkit-args", default="", help="extra `soupkit merge` flags")
-    p.add_argument("--interval", type=float, default=0.02, help="memory sampling interval in seconds (default 0.02)")
+    p.add_argument(
+        "--interval",
+        type=float,
+        default=0.02,
+        help="memory sampling interval in seconds (default 0.02)",
+    )
     p.add_argument("--timeout", type=float, help="kill a tool run after this many seconds")
-    p.add_argument("--snapshot", action="store_true",
-                   help="run soupkit from a copy of src/soupkit taken at start (the tree is being edited)")
-    p.add_argument("--render", type=Path, metavar="JSON",
-                   help="only re-render the markdown of an earlier results JSON (written next to it)")
+    p.add_argument(
+        "--snapshot",
+        action="store_true",
+        help="run soupkit from a copy of src/soupkit taken at start (the tree is being edited)",
+    )
+    p.add_argument(
+        "--render",
+        type=Path,
+        metavar="JSON",
+        help="only re-render the markdown of an earlier results JSON (written next to it)",
+    )
     p.add_argument("--no-check", action="store_true", help="skip the output comparison")
-    p.add_argument("--keep-outputs", action="store_true", help="keep merge outputs (default: delete them at the end)")
+    p.add_argument(
+        "--keep-outputs",
+        action="store_true",
+        help="keep merge outputs (default: delete them at the end)",
+    )
     args = p.parse_args(argv)
     args.recipes = args.only.split(",") if args.only else list(RECIPE_NAMES)
     for r in args.recipes:
@@ -833,7 +965,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.smoke:
         _ensure_smoke_data(args.data)
     if not (args.data / "base").is_dir():
-        raise BenchError(f"{args.data}/base not found; generate the inputs first: python {BENCH_DIR / 'generate.py'}")
+        raise BenchError(
+            f"{args.data}/base not found; generate the inputs first: python {BENCH_DIR / 'generate.py'}"
+        )
     data_desc, n_ft = _data_desc(args.data)
     n_ft = n_ft or len(list(args.data.glob("ft*")))
     args.data = args.data.resolve()
@@ -844,7 +978,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.snapshot and any(t.startswith("soupkit") for t in args.tool_names):
         # Put a frozen copy first on PYTHONPATH: it shadows the editable install's live tree.
         snap = snapshot_soupkit(soupkit_src, args.out_dir / "soupkit-snapshot")
-        soupkit_env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(snap), os.environ.get("PYTHONPATH")]))}
+        soupkit_env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(snap), os.environ.get("PYTHONPATH")])),
+        }
         soupkit_src = snap / "soupkit"
         print(f"soupkit: running a snapshot of src/soupkit from {snap}", file=sys.stderr)
     tools: list[Tool] = []
@@ -853,12 +990,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             tool = probe_soupkit(args.soupkit, soupkit_env)
             tool.name = name
             tool.convention = {"soupkit-mergekit": "mergekit", "soupkit-paper": "paper"}.get(name)
-            tool.extra_args = args.soupkit_args.split() + (["--no-hash-inputs"] if name == "soupkit-nohash" else [])
-            if name == "soupkit-hashcache":  # empty at the start: its first run hashes, the later reuse
+            tool.extra_args = args.soupkit_args.split() + (
+                ["--no-hash-inputs"] if name == "soupkit-nohash" else []
+            )
+            if (
+                name == "soupkit-hashcache"
+            ):  # empty at the start: its first run hashes, the later reuse
                 shutil.rmtree(args.out_dir / "hash-cache", ignore_errors=True)
-            tool.env = {**(tool.env or os.environ),
-                        **({"SOUPKIT_CACHE_DIR": str(args.out_dir / "hash-cache")} if name == "soupkit-hashcache"
-                           else {"SOUPKIT_HASH_CACHE": "0"})}
+            tool.env = {
+                **(tool.env or os.environ),
+                **(
+                    {"SOUPKIT_CACHE_DIR": str(args.out_dir / "hash-cache")}
+                    if name == "soupkit-hashcache"
+                    else {"SOUPKIT_HASH_CACHE": "0"}
+                ),
+            }
         else:
             tool = probe_mergekit(args.mergekit)
             tool.extra_args = args.mergekit_args.split()
@@ -880,15 +1026,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         "soupkit_source_sha256": source_digest(soupkit_src) if soupkit_src.is_dir() else None,
         "soupkit_snapshot": bool(soupkit_env),
         "argv": sys.argv[1:] if argv is None else list(argv),
-        "tools": [{"name": t.name, "exe": str(t.exe), "available": t.available, "reason": t.reason,
-                   "version": t.version, "extra_args": t.extra_args} for t in tools],
+        "tools": [
+            {
+                "name": t.name,
+                "exe": str(t.exe),
+                "available": t.available,
+                "reason": t.reason,
+                "version": t.version,
+                "extra_args": t.extra_args,
+            }
+            for t in tools
+        ],
         # start-up cost (interpreter + imports), measured outside the smoke test to keep it fast
         "startup_s": {} if args.smoke else {t.name: startup_seconds(t) for t in runnable},
     }
     print(f"machine: {meta['machine']}\ndata: {args.data}: {data_desc}", file=sys.stderr)
     report: dict[str, Any] = {"meta": meta, "recipes": []}
     any_failed = False
-    recipes_dir, logs_dir, merges_dir = args.out_dir / "recipes", args.out_dir / "logs", args.out_dir / "merges"
+    recipes_dir, logs_dir, merges_dir = (
+        args.out_dir / "recipes",
+        args.out_dir / "logs",
+        args.out_dir / "merges",
+    )
     for d in (recipes_dir, logs_dir, merges_dir):
         d.mkdir(parents=True, exist_ok=True)
 
@@ -900,10 +1059,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         input_bytes = sum(f.stat().st_size for f in files)
         cat = cat_seconds(files, 3)
         rec: dict[str, Any] = {
-            "name": rname, "recipe": str(recipe_path), "input_bytes": input_bytes, "input_files": len(files),
-            "cat": {"seconds": cat, "median_s": statistics.median(cat)}, "tools": {},
+            "name": rname,
+            "recipe": str(recipe_path),
+            "input_bytes": input_bytes,
+            "input_files": len(files),
+            "cat": {"seconds": cat, "median_s": statistics.median(cat)},
+            "tools": {},
         }
-        print(f"\n== {rname}: {len(files)} files, {input_bytes / 1e9:.2f} GB; cat {statistics.median(cat):.2f} s", file=sys.stderr)
+        print(
+            f"\n== {rname}: {len(files)} files, {input_bytes / 1e9:.2f} GB; cat {statistics.median(cat):.2f} s",
+            file=sys.stderr,
+        )
         outputs: dict[str, Path] = {}
         for tool in tools:
             if not tool.available:
@@ -915,15 +1081,25 @@ def main(argv: Sequence[str] | None = None) -> int:
                 tool_recipe = recipes_dir / f"{rname}.{tool.name}.yaml"
                 tool_recipe.write_text(dump_yaml(with_convention(recipe, tool.convention)))
             runs: list[RunResult] = []
-            engine_s: list[float] = []  # soupkit's own timing of the merge (no start-up, no hashing wait)
+            engine_s: list[
+                float
+            ] = []  # soupkit's own timing of the merge (no start-up, no hashing wait)
             n_runs = args.mergekit_runs if tool.name == "mergekit" else args.runs
             for k in range(n_runs):
                 shutil.rmtree(out, ignore_errors=True)
                 out.parent.mkdir(parents=True, exist_ok=True)
                 os.sync()  # the previous output's writeback must not land in this run
-                subprocess.run(["cat", *map(str, files)], stdout=subprocess.DEVNULL, check=True)  # warm cache
-                r = measure(tool.command(tool_recipe, out), logs_dir / f"{tool.name}-{rname}-run{k + 1}.log",
-                            cwd=args.out_dir, interval=args.interval, timeout=args.timeout, env=tool.env)
+                subprocess.run(
+                    ["cat", *map(str, files)], stdout=subprocess.DEVNULL, check=True
+                )  # warm cache
+                r = measure(
+                    tool.command(tool_recipe, out),
+                    logs_dir / f"{tool.name}-{rname}-run{k + 1}.log",
+                    cwd=args.out_dir,
+                    interval=args.interval,
+                    timeout=args.timeout,
+                    env=tool.env,
+                )
                 runs.append(r)
                 if r.returncode == 0 and tool.name.startswith("soupkit"):
                     engine_s.append(_engine_seconds(out))
@@ -938,7 +1114,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                     print(_tail(Path(r.log).read_text(errors="replace"), 12), file=sys.stderr)
                     break
             ok = [r for r in runs if r.returncode == 0]
-            entry: dict[str, Any] = {"command": tool.command(tool_recipe, out), "runs": [r.to_json() for r in runs]}
+            entry: dict[str, Any] = {
+                "command": tool.command(tool_recipe, out),
+                "runs": [r.to_json() for r in runs],
+            }
             if engine_s:
                 entry["engine_s"] = engine_s
             if ok:
@@ -965,7 +1144,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for k, d in diffs.items():
                     print(f"  {k}: {d.summary()}", file=sys.stderr)
             if rname == "dare_ties" and len(outputs) > 1:
-                rec["check_note"] = "dare_ties drops entries at random: the tools' masks come from different RNGs, so outputs differ by design"
+                rec["check_note"] = (
+                    "dare_ties drops entries at random: the tools' masks come from different RNGs, so outputs differ by design"
+                )
         if not args.keep_outputs:
             for out in outputs.values():
                 shutil.rmtree(out, ignore_errors=True)
@@ -977,7 +1158,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.results.with_suffix(".md").write_text(md)
     args.results.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     print("\n" + md)
-    print(f"wrote {args.results.with_suffix('.md')} and {args.results.with_suffix('.json')}", file=sys.stderr)
+    print(
+        f"wrote {args.results.with_suffix('.md')} and {args.results.with_suffix('.json')}",
+        file=sys.stderr,
+    )
     if not runnable:
         print("no tool was runnable; see the [skip] messages above", file=sys.stderr)
         return 1

@@ -40,7 +40,11 @@ WISE_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 BOOTSTRAP = 2000
 # bfloat16 autocast where the CPU has native bf16 dot products (as the fine-tunes train): matrix
 # products in bf16, weights and norms in float32, twice as fast as float32 (docs/soups.md).
-EVAL_SETTINGS = {"max_length": 64, "batch_size": 128, "autocast": "bfloat16" if bf16_available() else None}
+EVAL_SETTINGS = {
+    "max_length": 64,
+    "batch_size": 128,
+    "autocast": "bfloat16" if bf16_available() else None,
+}
 
 
 _T0 = time.perf_counter()
@@ -62,7 +66,9 @@ class _Scorer:
     digest.
     """
 
-    def __init__(self, val_ev: Any, test_ev: Any, cache: Any, vid: str, tid: str, folder: Path) -> None:
+    def __init__(
+        self, val_ev: Any, test_ev: Any, cache: Any, vid: str, tid: str, folder: Path
+    ) -> None:
         self.val_ev, self.test_ev, self.cache, self.vid, self.tid = val_ev, test_ev, cache, vid, tid
         self.folder = folder / hashlib.sha256(tid.encode()).hexdigest()[:16]
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -97,8 +103,12 @@ class _Scorer:
         n = len(correct)
         test = int(correct.sum()) / n
         if self.cache.lookup(self.tid, digest) is None:
-            self.cache.store(self.tid, digest, EvalResult(score=test, examples=n, total=n, complete=True),
-                             label=str(path))
+            self.cache.store(
+                self.tid,
+                digest,
+                EvalResult(score=test, examples=n, total=n, complete=True),
+                label=str(path),
+            )
         return val.score, test, correct
 
 
@@ -106,7 +116,9 @@ def _say(msg: str) -> None:
     print(f"[{time.perf_counter() - _T0:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
 
-def paired_bootstrap(a: torch.Tensor, b: torch.Tensor, *, samples: int = BOOTSTRAP, seed: int = 0) -> dict[str, float]:
+def paired_bootstrap(
+    a: torch.Tensor, b: torch.Tensor, *, samples: int = BOOTSTRAP, seed: int = 0
+) -> dict[str, float]:
     """95% percentile interval of mean(a) - mean(b) over examples resampled with replacement.
 
     Args:
@@ -118,8 +130,12 @@ def paired_bootstrap(a: torch.Tensor, b: torch.Tensor, *, samples: int = BOOTSTR
     g = torch.Generator().manual_seed(seed)
     idx = torch.randint(0, len(diff), (samples, len(diff)), generator=g)
     means = diff[idx].mean(dim=1).sort().values
-    return {"mean": float(diff.mean()), "low": float(means[int(0.025 * samples)]),
-            "high": float(means[int(0.975 * samples) - 1]), "samples": samples}
+    return {
+        "mean": float(diff.mean()),
+        "low": float(means[int(0.025 * samples)]),
+        "high": float(means[int(0.975 * samples) - 1]),
+        "samples": samples,
+    }
 
 
 def _plot_summary(rows: list[dict[str, Any]], wise: list[dict[str, Any]], path: Path) -> None:
@@ -164,7 +180,9 @@ def _markdown(report: dict[str, Any]) -> str:
         "|---|---|---|---|",
     ]
     for r in rows:
-        lines.append(f"| {r['name']} | {100 * r['val']:.2f} | {100 * r['test']:.2f} | {r.get('note', '')} |")
+        lines.append(
+            f"| {r['name']} | {100 * r['val']:.2f} | {100 * r['test']:.2f} | {r.get('note', '')} |"
+        )
     ci = report["bootstrap"]
     lines += [
         "",
@@ -182,21 +200,30 @@ def _markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _outcome(best: dict[str, Any], greedy: dict[str, Any], uniform: dict[str, Any],
-             wise_best: dict[str, Any], ci: dict[str, float]) -> str:
+def _outcome(
+    best: dict[str, Any],
+    greedy: dict[str, Any],
+    uniform: dict[str, Any],
+    wise_best: dict[str, Any],
+    ci: dict[str, float],
+) -> str:
     d = 100 * (greedy["test"] - best["test"])
     if ci["low"] > 0:
         verdict = f"the greedy soup beats the best single fine-tune on test by {d:.2f} points, and the interval excludes zero."
     elif ci["high"] < 0:
         verdict = f"the greedy soup is worse than the best single fine-tune on test by {-d:.2f} points (the interval excludes zero)."
     else:
-        verdict = (f"the greedy soup differs from the best single fine-tune on test by {d:+.2f} points; "
-                   "the interval includes zero, so this run does not show a significant difference.")
+        verdict = (
+            f"the greedy soup differs from the best single fine-tune on test by {d:+.2f} points; "
+            "the interval includes zero, so this run does not show a significant difference."
+        )
     u = 100 * (uniform["test"] - best["test"])
     w = 100 * (wise_best["test"] - best["test"])
-    return (f"On this run {verdict} The uniform soup is {u:+.2f} points against the best single "
-            f"model; the best WiSE-FT point on validation (alpha {wise_best['alpha']}) is {w:+.2f} "
-            "points on test (there is no distribution-shift set here, which is where WiSE-FT helps).")
+    return (
+        f"On this run {verdict} The uniform soup is {u:+.2f} points against the best single "
+        f"model; the best WiSE-FT point on validation (alpha {wise_best['alpha']}) is {w:+.2f} "
+        "points on test (there is no distribution-shift set here, which is where WiSE-FT helps)."
+    )
 
 
 def pin_run() -> None:
@@ -211,10 +238,21 @@ def pin_run() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="CI-sized run: a few hundred examples, 3 ingredients")
-    parser.add_argument("--out", type=Path, default=None, help="results folder (default results/demo[-quick])")
-    parser.add_argument("--cache", type=Path, default=Path(".cache/demo"), help="data and trained ingredients (reused)")
-    parser.add_argument("--learned-steps", type=int, default=None, help="learned-soup optimisation steps")
+    parser.add_argument(
+        "--quick", action="store_true", help="CI-sized run: a few hundred examples, 3 ingredients"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=None, help="results folder (default results/demo[-quick])"
+    )
+    parser.add_argument(
+        "--cache",
+        type=Path,
+        default=Path(".cache/demo"),
+        help="data and trained ingredients (reused)",
+    )
+    parser.add_argument(
+        "--learned-steps", type=int, default=None, help="learned-soup optimisation steps"
+    )
     args = parser.parse_args(argv)
 
     pin_run()
@@ -224,10 +262,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     models_out = out / "models"
 
     import soupkit
+    from demo.ingredients import build_ingredients
     from soupkit.evaluate import HFClassificationEvaluator
     from soupkit.search import ScoreCache
-
-    from demo.ingredients import build_ingredients
 
     t0 = time.perf_counter()
     _say("== 1/6 ingredients: data split, shared start (linear probe), fine-tune sweep (cached)")
@@ -247,7 +284,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     rows: list[dict[str, Any]] = []
     sv, st, _ = score(ing.start)
-    rows.append({"name": "shared start (probe)", "val": sv, "test": st, "note": "zero-shot analogue"})
+    rows.append(
+        {"name": "shared start (probe)", "val": sv, "test": st, "note": "zero-shot analogue"}
+    )
     singles = []
     for name, path in zip(names, ing.ingredients):
         v, t, c = score(path)
@@ -255,23 +294,43 @@ def main(argv: Sequence[str] | None = None) -> int:
         _say(f"   {name}: val {100 * v:.2f}  test {100 * t:.2f}")
     best = max(singles, key=lambda r: (r["val"], -singles.index(r)))
     for s in singles:
-        rows.append({"name": s["name"], "val": s["val"], "test": s["test"],
-                     "note": "best single (by validation)" if s is best else "fine-tune"})
+        rows.append(
+            {
+                "name": s["name"],
+                "val": s["val"],
+                "test": s["test"],
+                "note": "best single (by validation)" if s is best else "fine-tune",
+            }
+        )
 
     _say("== 3/6 uniform soup")
     uni = soupkit.uniform_soup(ing.ingredients, models_out / "uniform", force=True)
     uv, ut, _ = score(uni.out)
-    rows.append({"name": "uniform soup", "val": uv, "test": ut, "note": f"all {len(singles)} ingredients"})
+    rows.append(
+        {"name": "uniform soup", "val": uv, "test": ut, "note": f"all {len(singles)} ingredients"}
+    )
 
     _say("== 4/6 greedy soup (selected on validation)")
-    gr = soupkit.greedy_soup(ing.ingredients, val_ev, models_out / "greedy", test_evaluator=test_ev,
-                             cache=cache, evaluator_id=vid, test_evaluator_id=tid, force=True)
+    gr = soupkit.greedy_soup(
+        ing.ingredients,
+        val_ev,
+        models_out / "greedy",
+        test_evaluator=test_ev,
+        cache=cache,
+        evaluator_id=vid,
+        test_evaluator_id=tid,
+        force=True,
+    )
     gv, gt, gcorrect = score(models_out / "greedy")
     chosen = [Path(p).name.split("-")[0] for p in gr.ingredients]
-    rows.append({"name": "greedy soup", "val": gv, "test": gt, "note": "ingredients: " + ", ".join(chosen)})
+    rows.append(
+        {"name": "greedy soup", "val": gv, "test": gt, "note": "ingredients: " + ", ".join(chosen)}
+    )
 
     _say("== 5/6 WiSE-FT from the shared start to the best fine-tune")
-    wise_runs = soupkit.wise_ft(ing.start, best["path"], models_out / "wise-ft", alphas=WISE_ALPHAS, force=True)
+    wise_runs = soupkit.wise_ft(
+        ing.start, best["path"], models_out / "wise-ft", alphas=WISE_ALPHAS, force=True
+    )
     wise = []
     for alpha, r in zip(WISE_ALPHAS, wise_runs):
         v, t, _ = score(r.out)
@@ -279,8 +338,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     wise_best = max(wise, key=lambda w: (w["val"], w["alpha"]))
     for w in wise:
         if 0 < w["alpha"] < 1:
-            rows.append({"name": f"WiSE-FT alpha {w['alpha']}", "val": w["val"], "test": w["test"],
-                         "note": "best WiSE-FT point" if w is wise_best else ""})
+            rows.append(
+                {
+                    "name": f"WiSE-FT alpha {w['alpha']}",
+                    "val": w["val"],
+                    "test": w["test"],
+                    "note": "best WiSE-FT point" if w is wise_best else "",
+                }
+            )
 
     _say("== 6/6 learned soup (per-model coefficients trained on validation)")
     steps = args.learned_steps or (5 if args.quick else 30)
@@ -290,30 +355,65 @@ def main(argv: Sequence[str] | None = None) -> int:
     data = val_ev.labelled_batches()
     random.Random(0).shuffle(data)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=EVAL_SETTINGS["autocast"] is not None):
-        lr_res = soupkit.learned_soup(ing.ingredients, data, models_out / "learned", model=model, steps=steps,
-                                      lr=0.05, force=True)
+        lr_res = soupkit.learned_soup(
+            ing.ingredients,
+            data,
+            models_out / "learned",
+            model=model,
+            steps=steps,
+            lr=0.05,
+            force=True,
+        )
     lv, lt, _ = score(models_out / "learned")
     coeffs = ", ".join(f"{c:.2f}" for c in lr_res.coefficients)  # type: ignore[union-attr]
-    rows.append({"name": "learned soup", "val": lv, "test": lt, "note": f"coefficients {coeffs} ({steps} steps)"})
+    rows.append(
+        {
+            "name": "learned soup",
+            "val": lv,
+            "test": lt,
+            "note": f"coefficients {coeffs} ({steps} steps)",
+        }
+    )
 
     ci = paired_bootstrap(gcorrect, best["correct"])
     t_soups = time.perf_counter() - t1
     report: dict[str, Any] = {
-        "settings": {"quick": args.quick, "threads": torch.get_num_threads(), "ingredients": len(singles),
-                     "val_examples": val_ev.total, "test_examples": test_ev.total,
-                     "eval_autocast": EVAL_SETTINGS["autocast"] or "off",
-                     "torch": torch.__version__, "soupkit": soupkit.__version__,
-                     "python": platform.python_version(), "machine": platform.machine()},
+        "settings": {
+            "quick": args.quick,
+            "threads": torch.get_num_threads(),
+            "ingredients": len(singles),
+            "val_examples": val_ev.total,
+            "test_examples": test_ev.total,
+            "eval_autocast": EVAL_SETTINGS["autocast"] or "off",
+            "torch": torch.__version__,
+            "soupkit": soupkit.__version__,
+            "python": platform.python_version(),
+            "machine": platform.machine(),
+        },
         "rows": rows,
-        "greedy": {"ingredients": chosen, "evaluations": gr.evaluations, "cache_hits": gr.cache_hits,
-                   "examples_saved": gr.examples_saved,
-                   "steps": [{"candidate": Path(s.label).name.split("-")[0], "score": s.candidate_score,
-                              "complete": s.complete, "accepted": s.accepted} for s in gr.steps]},
+        "greedy": {
+            "ingredients": chosen,
+            "evaluations": gr.evaluations,
+            "cache_hits": gr.cache_hits,
+            "examples_saved": gr.examples_saved,
+            "steps": [
+                {
+                    "candidate": Path(s.label).name.split("-")[0],
+                    "score": s.candidate_score,
+                    "complete": s.complete,
+                    "accepted": s.accepted,
+                }
+                for s in gr.steps
+            ],
+        },
         "wise_ft": wise,
         "learned": {"coefficients": lr_res.coefficients, "steps": steps},
         "bootstrap": ci,
-        "seconds": {"ingredients": round(t_ing, 1), "soups_and_scoring": round(t_soups, 1),
-                    "total": round(time.perf_counter() - t0, 1)},
+        "seconds": {
+            "ingredients": round(t_ing, 1),
+            "soups_and_scoring": round(t_soups, 1),
+            "total": round(time.perf_counter() - t0, 1),
+        },
         "ingredient_training_seconds": ing.seconds,
     }
     report["outcome"] = _outcome(best, {"test": gt}, {"test": ut}, wise_best, ci)
@@ -326,12 +426,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     width = max(len(r["name"]) for r in rows)
     print(f"\n{'model':<{width}}  {'val acc':>8}  {'test acc':>8}  note")
     for r in rows:
-        print(f"{r['name']:<{width}}  {100 * r['val']:>8.2f}  {100 * r['test']:>8.2f}  {r.get('note', '')}")
-    print(f"\ngreedy - best single (test): {100 * ci['mean']:+.2f} points, 95% paired bootstrap "
-          f"[{100 * ci['low']:+.2f}, {100 * ci['high']:+.2f}]")
+        print(
+            f"{r['name']:<{width}}  {100 * r['val']:>8.2f}  {100 * r['test']:>8.2f}  {r.get('note', '')}"
+        )
+    print(
+        f"\ngreedy - best single (test): {100 * ci['mean']:+.2f} points, 95% paired bootstrap "
+        f"[{100 * ci['low']:+.2f}, {100 * ci['high']:+.2f}]"
+    )
     print(report["outcome"])
-    print(f"\n{report['seconds']['total']:.0f} s in all ({t_ing:.0f} s ingredients); wrote {out}/report.md, "
-          f"report.json, summary.png, greedy-soup.png")
+    print(
+        f"\n{report['seconds']['total']:.0f} s in all ({t_ing:.0f} s ingredients); wrote {out}/report.md, "
+        f"report.json, summary.png, greedy-soup.png"
+    )
     return 0
 
 

@@ -614,9 +614,14 @@ def measure(out_dir: Path, *, steps: int = 12, batch_size: int = 32, max_length:
     # of 128, float32 or under bf16 autocast (the demo's EVAL_SETTINGS).
     model.eval()
     seqs = sorted(_tokenize(tokenizer, [t for t, _ in train[:1024]], max_length), key=len)
-    batches = [_collate(seqs[i : i + 128], tokenizer.pad_token_id) for i in range(0, len(seqs), 128)]
+    batches = [
+        _collate(seqs[i : i + 128], tokenizer.pad_token_id) for i in range(0, len(seqs), 128)
+    ]
     for precision in ("fp32", "bf16 autocast") if bf16_available() else ("fp32",):
-        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision != "fp32"):
+        with (
+            torch.inference_mode(),
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision != "fp32"),
+        ):
             model(**batches[0])  # warm-up
             t0 = time.perf_counter()
             for batch in batches:

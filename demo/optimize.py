@@ -53,27 +53,48 @@ def locate(cache: Path) -> tuple[Path, list[Path], Path, Path]:
     starts = sorted(p for p in models.glob("start-*") if (p / "model.safetensors").is_file())
     val, test = cache / "data" / "val.csv", cache / "data" / "test.csv"
     if not fts or not starts or not val.is_file() or not test.is_file():
-        raise SystemExit(f"error: no finished demo ingredients in {cache}\nhint: run `make demo` first "
-                         "(it trains and caches them), or give --cache")
+        raise SystemExit(
+            f"error: no finished demo ingredients in {cache}\nhint: run `make demo` first "
+            "(it trains and caches them), or give --cache"
+        )
     return starts[0], fts, val, test
 
 
 def space(fts: Sequence[Path], points: int) -> dict[str, Any]:
-    return {"merge_method": "linear",
-            "models": [{"model": str(p), "parameters": {"weight": {"min": 0.0, "max": 1.0, "points": points}}}
-                       for p in fts],
-            "parameters": {"normalize": True}, "dtype": "float32"}
+    return {
+        "merge_method": "linear",
+        "models": [
+            {"model": str(p), "parameters": {"weight": {"min": 0.0, "max": 1.0, "points": points}}}
+            for p in fts
+        ],
+        "parameters": {"normalize": True},
+        "dtype": "float32",
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m demo.optimize", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cache", type=Path, default=Path(".cache/demo/standard"),
-                        help="the demo's ingredient cache (read only; default .cache/demo/standard)")
-    parser.add_argument("--demo-results", type=Path, default=Path("results/demo"),
-                        help="make demo's results folder, with its soups in models/ (default results/demo)")
-    parser.add_argument("--out", type=Path, default=Path("results/demo-optimize"), help="results folder")
+    parser = argparse.ArgumentParser(
+        prog="python -m demo.optimize", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "--cache",
+        type=Path,
+        default=Path(".cache/demo/standard"),
+        help="the demo's ingredient cache (read only; default .cache/demo/standard)",
+    )
+    parser.add_argument(
+        "--demo-results",
+        type=Path,
+        default=Path("results/demo"),
+        help="make demo's results folder, with its soups in models/ (default results/demo)",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path("results/demo-optimize"), help="results folder"
+    )
     parser.add_argument("--trials", type=int, default=60, help="Optuna trials (default 60)")
-    parser.add_argument("--points", type=int, default=LAYERS, help="weights per model along the layers (default 6)")
+    parser.add_argument(
+        "--points", type=int, default=LAYERS, help="weights per model along the layers (default 6)"
+    )
     parser.add_argument("--sampler", default="tpe", choices=["tpe", "cmaes", "random"])
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -90,8 +111,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     soups = {name: args.demo_results / "models" / name for name in ("uniform", "greedy", "learned")}
     missing = [str(p) for p in soups.values() if not (p / "model.safetensors").is_file()]
     if missing:
-        raise SystemExit(f"error: make demo's soups are missing: {', '.join(missing)}\nhint: run `make demo` "
-                         "first, or give --demo-results")
+        raise SystemExit(
+            f"error: make demo's soups are missing: {', '.join(missing)}\nhint: run `make demo` "
+            "first, or give --demo-results"
+        )
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     val_ev = HFClassificationEvaluator(start, val_csv, **EVAL_SETTINGS)  # type: ignore[arg-type]
@@ -99,37 +122,80 @@ def main(argv: Sequence[str] | None = None) -> int:
     vid, tid = _data_id("demo-val", val_csv), _data_id("demo-test", test_csv)
     cache = out / "scores.jsonl"  # ours: the demo's cache folder is only read
 
-    _say(t0, f"== 1/2 optimize: {len(fts)} fine-tunes x {args.points} per-layer weights, {args.trials} trials "
-             f"({args.sampler}), validation {val_csv}")
-    r = optimize(space(fts, args.points), val_ev, out / "search", trials=args.trials, holdout_evaluator=test_ev,
-                 sampler=args.sampler, seed=args.seed, cache=cache, evaluator_id=vid, holdout_evaluator_id=tid,
-                 progress=True)
+    _say(
+        t0,
+        f"== 1/2 optimize: {len(fts)} fine-tunes x {args.points} per-layer weights, {args.trials} trials "
+        f"({args.sampler}), validation {val_csv}",
+    )
+    r = optimize(
+        space(fts, args.points),
+        val_ev,
+        out / "search",
+        trials=args.trials,
+        holdout_evaluator=test_ev,
+        sampler=args.sampler,
+        seed=args.seed,
+        cache=cache,
+        evaluator_id=vid,
+        holdout_evaluator_id=tid,
+        progress=True,
+    )
     t_search = time.perf_counter() - t0
-    _say(t0, f"   best trial {r.best.number}: validation {100 * r.best.score:.2f} "
-             f"({r.evaluations} evaluations, {r.cache_hits} cached)")
+    _say(
+        t0,
+        f"   best trial {r.best.number}: validation {100 * r.best.score:.2f} "
+        f"({r.evaluations} evaluations, {r.cache_hits} cached)",
+    )
 
     _say(t0, "== 2/2 test accuracy and paired bootstrap intervals")
     assert r.model is not None
     rows: list[dict[str, Any]] = []
     correct: dict[str, torch.Tensor] = {}
-    for name, path in [("optimized (per-layer)", r.model), *[(f"{k} soup", v) for k, v in soups.items()]]:
+    for name, path in [
+        ("optimized (per-layer)", r.model),
+        *[(f"{k} soup", v) for k, v in soups.items()],
+    ]:
         state = read_state(soupkit.open_checkpoint(path))
         c = test_ev.correct(state)
         correct[name] = c
-        rows.append({"name": name, "val": val_ev(state), "test": float(c.double().mean()), "path": str(path)})
+        rows.append(
+            {
+                "name": name,
+                "val": val_ev(state),
+                "test": float(c.double().mean()),
+                "path": str(path),
+            }
+        )
         del state
     best = correct["optimized (per-layer)"]
-    intervals = {name: paired_bootstrap(best, c) for name, c in correct.items() if name != "optimized (per-layer)"}
+    intervals = {
+        name: paired_bootstrap(best, c)
+        for name, c in correct.items()
+        if name != "optimized (per-layer)"
+    }
     report = {
-        "settings": {"ingredients": len(fts), "points": args.points, "parameters": len(fts) * args.points,
-                     "trials": len(r.trials), "sampler": args.sampler, "seed": args.seed, "threads": THREADS,
-                     "val_examples": val_ev.total, "test_examples": test_ev.total,
-                     "eval_autocast": EVAL_SETTINGS["autocast"] or "off", "bootstrap_samples": BOOTSTRAP},
+        "settings": {
+            "ingredients": len(fts),
+            "points": args.points,
+            "parameters": len(fts) * args.points,
+            "trials": len(r.trials),
+            "sampler": args.sampler,
+            "seed": args.seed,
+            "threads": THREADS,
+            "val_examples": val_ev.total,
+            "test_examples": test_ev.total,
+            "eval_autocast": EVAL_SETTINGS["autocast"] or "off",
+            "bootstrap_samples": BOOTSTRAP,
+        },
         "rows": rows,
         "bootstrap": intervals,
         "top": [{"trial": t.number, "validation": t.score, "test": t.holdout} for t in r.top],
-        "search": {"evaluations": r.evaluations, "cache_hits": r.cache_hits,
-                   "pruned": sum(t.state == "pruned" for t in r.trials), "best_trial": r.best.number},
+        "search": {
+            "evaluations": r.evaluations,
+            "cache_hits": r.cache_hits,
+            "pruned": sum(t.state == "pruned" for t in r.trials),
+            "best_trial": r.best.number,
+        },
         "seconds": {"search": round(t_search, 1), "total": round(time.perf_counter() - t0, 1)},
     }
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -155,10 +221,22 @@ def markdown(report: dict[str, Any]) -> str:
     ]
     for row in report["rows"]:
         ci = report["bootstrap"].get(row["name"])
-        diff = (f"{100 * ci['mean']:+.2f} [{100 * ci['low']:+.2f}, {100 * ci['high']:+.2f}]" if ci else "")
-        lines.append(f"| {row['name']} | {100 * row['val']:.2f} | {100 * row['test']:.2f} | {diff} |")
-    lines += ["", f"Best trials by validation, with their test accuracy (selection among {s['trials']} trials "
-                  "inflates the validation column):", "", "| trial | validation | test |", "|---|---|---|"]
+        diff = (
+            f"{100 * ci['mean']:+.2f} [{100 * ci['low']:+.2f}, {100 * ci['high']:+.2f}]"
+            if ci
+            else ""
+        )
+        lines.append(
+            f"| {row['name']} | {100 * row['val']:.2f} | {100 * row['test']:.2f} | {diff} |"
+        )
+    lines += [
+        "",
+        f"Best trials by validation, with their test accuracy (selection among {s['trials']} trials "
+        "inflates the validation column):",
+        "",
+        "| trial | validation | test |",
+        "|---|---|---|",
+    ]
     for t in report["top"]:
         lines.append(f"| {t['trial']} | {100 * t['validation']:.2f} | {100 * t['test']:.2f} |")
     lines += ["", "![history](history.png)", "", "![coefficients](coefficients.png)", ""]

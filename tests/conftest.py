@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from toymodels import tiny_state, write_model
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -9,10 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from toymodels import tiny_state, write_model
 
 from soupkit.cli import main
-
-from toymodels import tiny_state, write_model
 
 
 def write_recipe(tmp_path: Path, paths: list[Path], extra: str = "") -> Path:
@@ -22,7 +21,9 @@ def write_recipe(tmp_path: Path, paths: list[Path], extra: str = "") -> Path:
     return r
 
 
-def test_merge_plan_validate_inspect_methods(tmp_path: Path, models: list[Path], capsys: pytest.CaptureFixture[str]) -> None:
+def test_merge_plan_validate_inspect_methods(
+    tmp_path: Path, models: list[Path], capsys: pytest.CaptureFixture[str]
+) -> None:
     r = write_recipe(tmp_path, models)
     assert main(["validate", str(r)]) == 0
     assert "ok:" in capsys.readouterr().out
@@ -63,14 +64,31 @@ def test_soup_checkpoints_last_n(tmp_path: Path, capsys: pytest.CaptureFixture[s
     states = {step: tiny_state(step, torch.bfloat16) for step in (100, 200, 300, 1000)}
     for step, s in states.items():
         write_model(run / f"checkpoint-{step}", s)
-    assert main(["soup-checkpoints", str(run), str(tmp_path / "soup"), "--last", "2", "--no-progress"]) == 0
+    assert (
+        main(["soup-checkpoints", str(run), str(tmp_path / "soup"), "--last", "2", "--no-progress"])
+        == 0
+    )
     out = capsys.readouterr().out
     assert "checkpoint-300" in out and "checkpoint-1000" in out and "checkpoint-200" not in out
     got = load_file(str(tmp_path / "soup" / "model.safetensors"))
     k = "lm_head.weight"
     expected = ((states[300][k].float() + states[1000][k].float()) / 2).to(torch.bfloat16)
     assert torch.equal(got[k], expected)
-    assert main(["soup-checkpoints", str(run), str(tmp_path / "w"), "--last", "2", "--weights", "1,3", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "soup-checkpoints",
+                str(run),
+                str(tmp_path / "w"),
+                "--last",
+                "2",
+                "--weights",
+                "1,3",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     got = load_file(str(tmp_path / "w" / "model.safetensors"))
     expected = ((states[300][k].float() * 1 + states[1000][k].float() * 3) / 4).to(torch.bfloat16)
     assert torch.equal(got[k], expected)
@@ -79,13 +97,19 @@ def test_soup_checkpoints_last_n(tmp_path: Path, capsys: pytest.CaptureFixture[s
 
 
 def test_console_script_runs_as_a_module(tmp_path: Path) -> None:
-    res = subprocess.run([sys.executable, "-m", "soupkit.cli", "--version"], capture_output=True, text=True)
+    res = subprocess.run(
+        [sys.executable, "-m", "soupkit.cli", "--version"], capture_output=True, text=True
+    )
     assert res.returncode == 0 and res.stdout.startswith("soupkit ")
-    res = subprocess.run([sys.executable, "-m", "soupkit.cli", "merge"], capture_output=True, text=True)
+    res = subprocess.run(
+        [sys.executable, "-m", "soupkit.cli", "merge"], capture_output=True, text=True
+    )
     assert res.returncode == 2 and "required" in res.stderr
 
 
-def test_allow_pickle_is_offered_wherever_checkpoints_are_read(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_allow_pickle_is_offered_wherever_checkpoints_are_read(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     state = tiny_state(1)
     (tmp_path / "pt").mkdir()
     torch.save(state, tmp_path / "pt" / "model.pt")
@@ -93,7 +117,9 @@ def test_allow_pickle_is_offered_wherever_checkpoints_are_read(tmp_path: Path, c
     assert "--allow-pickle" in capsys.readouterr().err
     assert main(["inspect", str(tmp_path / "pt" / "model.pt"), "--allow-pickle"]) == 0
     assert "lm_head.weight" in capsys.readouterr().out
-    r = write_recipe(tmp_path, [tmp_path / "pt" / "model.pt", write_model(tmp_path / "sf", tiny_state(2))])
+    r = write_recipe(
+        tmp_path, [tmp_path / "pt" / "model.pt", write_model(tmp_path / "sf", tiny_state(2))]
+    )
     for cmd in (["validate", str(r)], ["plan", str(r)]):
         assert main(cmd) == 2
         assert main([*cmd, "--allow-pickle"]) == 0
@@ -102,10 +128,23 @@ def test_allow_pickle_is_offered_wherever_checkpoints_are_read(tmp_path: Path, c
         (run / f"checkpoint-{step}").mkdir(parents=True)
         torch.save(tiny_state(step), run / f"checkpoint-{step}" / "model.pt")
     assert main(["soup-checkpoints", str(run), str(tmp_path / "soup"), "--no-progress"]) == 2
-    assert main(["soup-checkpoints", str(run), str(tmp_path / "soup"), "--no-progress", "--allow-pickle"]) == 0
+    assert (
+        main(
+            [
+                "soup-checkpoints",
+                str(run),
+                str(tmp_path / "soup"),
+                "--no-progress",
+                "--allow-pickle",
+            ]
+        )
+        == 0
+    )
 
 
-def test_cli_tunes_the_allocator_once(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_tunes_the_allocator_once(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     import platform
 
     import soupkit

@@ -52,8 +52,9 @@ def test_guides_cover_every_page() -> None:
     assert sorted(p.name for p in GUIDES.glob("*.md")) == sorted(ORDER)
 
 
-def test_guides_run_as_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                               capsys: pytest.CaptureFixture[str]) -> None:
+def test_guides_run_as_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")

@@ -17,14 +17,18 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def hook() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("mkdocs_cli_reference", ROOT / "tools" / "mkdocs_cli_reference.py")
+    spec = importlib.util.spec_from_file_location(
+        "mkdocs_cli_reference", ROOT / "tools" / "mkdocs_cli_reference.py"
+    )
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
 
 
-def commands(parser: argparse.ArgumentParser, path: str = "soupkit") -> dict[str, argparse.ArgumentParser]:
+def commands(
+    parser: argparse.ArgumentParser, path: str = "soupkit"
+) -> dict[str, argparse.ArgumentParser]:
     out = {path: parser}
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):

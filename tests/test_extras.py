@@ -30,7 +30,10 @@ def test_extras_table_matches_pyproject_and_install_docs() -> None:
     # hub and optimize are documented ahead of the branches that declare them
     assert set(declared) <= set(_extras.EXTRAS), set(declared) - set(_extras.EXTRAS)
     for extra, requirements in declared.items():
-        names = {re.split(r"[<>=!~\[ ]", r, maxsplit=1)[0].lower().replace("-", "_") for r in requirements}
+        names = {
+            re.split(r"[<>=!~\[ ]", r, maxsplit=1)[0].lower().replace("-", "_")
+            for r in requirements
+        }
         for module in _extras.EXTRAS[extra][0]:
             assert module in names, f"extra {extra!r} does not install {module!r}"
     install = (ROOT / "docs" / "install.md").read_text()
@@ -63,8 +66,10 @@ def import_time_imports(tree: ast.Module) -> set[str]:
             for field in ("body", "orelse", "finalbody", "handlers"):
                 inner = getattr(node, field, None)
                 if isinstance(inner, list):
-                    visit([n for n in inner if isinstance(n, ast.stmt)]
-                          + [s for h in inner if isinstance(h, ast.ExceptHandler) for s in h.body])
+                    visit(
+                        [n for n in inner if isinstance(n, ast.stmt)]
+                        + [s for h in inner if isinstance(h, ast.ExceptHandler) for s in h.body]
+                    )
 
     visit(tree.body)
     return found
@@ -74,11 +79,19 @@ def import_time_imports(tree: ast.Module) -> set[str]:
 def test_no_optional_package_is_imported_with_soupkit(path: Path) -> None:
     tree = ast.parse(path.read_text())
     bad = import_time_imports(tree) & set(OPTIONAL)
-    assert not bad, f"{path.relative_to(SRC)} imports {sorted(bad)} at import time; use soupkit._extras.require"
+    assert not bad, (
+        f"{path.relative_to(SRC)} imports {sorted(bad)} at import time; use soupkit._extras.require"
+    )
     anywhere = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-    anywhere |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module and n.level == 0}
+    anywhere |= {
+        n.module
+        for n in ast.walk(tree)
+        if isinstance(n, ast.ImportFrom) and n.module and n.level == 0
+    }
     direct = {m for m in anywhere if m.split(".")[0] in OPTIONAL}
-    assert not direct, f"{path.relative_to(SRC)} imports {sorted(direct)} itself; use soupkit._extras.require"
+    assert not direct, (
+        f"{path.relative_to(SRC)} imports {sorted(direct)} itself; use soupkit._extras.require"
+    )
 
 
 def test_require_returns_the_module_or_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -87,7 +100,9 @@ def test_require_returns_the_module_or_names_the_extra(monkeypatch: pytest.Monke
         monkeypatch.setitem(sys.modules, name, None)  # another test module imported it already)
     with pytest.raises(UsageError) as e:
         _extras.require("optuna", "optimize", "recipe search")
-    assert str(e.value).startswith("recipe search needs the 'optuna' package, which is not installed (")
+    assert str(e.value).startswith(
+        "recipe search needs the 'optuna' package, which is not installed ("
+    )
     assert str(e.value).endswith("\nhint: pip install 'soupkit[optimize]'")
     with pytest.raises(EvaluationError, match=r"soupkit\[optimize\]"):
         _extras.require("optuna.samplers", "optimize", "recipe search", EvaluationError)
@@ -97,13 +112,18 @@ def test_require_returns_the_module_or_names_the_extra(monkeypatch: pytest.Monke
     assert _extras.available("json")
 
 
-def test_missing_transformers_names_the_eval_extra(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_missing_transformers_names_the_eval_extra(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     from soupkit.evaluate import HFClassificationEvaluator
 
     monkeypatch.setitem(sys.modules, "transformers", None)
     (tmp_path / "val.csv").write_text("text,label\nhi,0\n")
-    with pytest.raises(EvaluationError, match=r"the built-in Hugging Face evaluation needs the 'transformers' "
-                                              r"package, which is not installed .*\nhint: pip install 'soupkit\[eval\]'"):
+    with pytest.raises(
+        EvaluationError,
+        match=r"the built-in Hugging Face evaluation needs the 'transformers' "
+        r"package, which is not installed .*\nhint: pip install 'soupkit\[eval\]'",
+    ):
         HFClassificationEvaluator(tmp_path, tmp_path / "val.csv")
 
 
@@ -111,12 +131,16 @@ def test_plotting_without_matplotlib_names_the_plot_extra(monkeypatch: pytest.Mo
     from soupkit import report_plot
 
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
-    with pytest.raises(UsageError, match=r"plotting needs the 'matplotlib' package.*\nhint: pip install 'soupkit\[plot\]'"):
+    with pytest.raises(
+        UsageError,
+        match=r"plotting needs the 'matplotlib' package.*\nhint: pip install 'soupkit\[plot\]'",
+    ):
         report_plot.sweep_plot({"param": "alpha", "points": []})
 
 
-def test_missing_matplotlib_skips_plots_with_the_hint(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
-                                                      models: list[Path]) -> None:
+def test_missing_matplotlib_skips_plots_with_the_hint(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, models: list[Path]
+) -> None:
     from soupkit import report_plot
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)
@@ -140,6 +164,8 @@ def test_core_commands_run_without_any_extra(models: list[Path]) -> None:
         "        code = e.code\n"
         "    assert code == 0, (argv, code)\n"
     )
-    r = subprocess.run([sys.executable, "-c", script, str(models[0])], capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-c", script, str(models[0])], capture_output=True, text=True
+    )
     assert r.returncode == 0, r.stderr
     assert r.stderr == ""

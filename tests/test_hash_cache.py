@@ -12,12 +12,11 @@ from typing import Any
 
 import pytest
 import torch
+from toymodels import write_model
 
 import soupkit
 from soupkit.io import hashing
 from soupkit.io.hashing import HashCache
-
-from toymodels import write_model
 
 
 @pytest.fixture
@@ -45,7 +44,9 @@ def hashed(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
 
 def _inputs(tmp_path: Path) -> list[Path]:
-    return [write_model(tmp_path / f"m{i}", {"w": torch.full((32, 32), float(i))}) for i in range(2)]
+    return [
+        write_model(tmp_path / f"m{i}", {"w": torch.full((32, 32), float(i))}) for i in range(2)
+    ]
 
 
 def _merge(ms: list[Path], out: Path) -> dict[str, str]:
@@ -54,19 +55,32 @@ def _merge(ms: list[Path], out: Path) -> dict[str, str]:
 
 def _merge_report(ms: list[Path], out: Path) -> dict[str, tuple[str, bool]]:
     """path -> (sha256, whether the report says it came from the cache)"""
-    soupkit.merge({"merge_method": "linear", "models": [{"model": str(m)} for m in ms]}, out,
-                  progress=False, force=True)
+    soupkit.merge(
+        {"merge_method": "linear", "models": [{"model": str(m)} for m in ms]},
+        out,
+        progress=False,
+        force=True,
+    )
     rep = json.loads((out / "soupkit-report.json").read_text())
-    return {f["path"]: (f["sha256"], f.get("sha256_from_cache", False))
-            for m in rep["inputs"]["models"] for f in m["files"]}
+    return {
+        f["path"]: (f["sha256"], f.get("sha256_from_cache", False))
+        for m in rep["inputs"]["models"]
+        for f in m["files"]
+    }
 
 
 def _truth(ms: list[Path]) -> dict[str, str]:
-    return {str(m / "model.safetensors"): hashlib.sha256((m / "model.safetensors").read_bytes()).hexdigest()
-            for m in ms}
+    return {
+        str(m / "model.safetensors"): hashlib.sha256(
+            (m / "model.safetensors").read_bytes()
+        ).hexdigest()
+        for m in ms
+    }
 
 
-def test_second_merge_of_the_same_inputs_hashes_nothing(tmp_path: Path, cache_dir: Path, hashed: list[int]) -> None:
+def test_second_merge_of_the_same_inputs_hashes_nothing(
+    tmp_path: Path, cache_dir: Path, hashed: list[int]
+) -> None:
     ms = _inputs(tmp_path)
     truth = _truth(ms)
     assert _merge_report(ms, tmp_path / "a") == {p: (h, False) for p, h in truth.items()}
@@ -77,8 +91,9 @@ def test_second_merge_of_the_same_inputs_hashes_nothing(tmp_path: Path, cache_di
     assert len(hashed) == 2  # nothing new
 
 
-def test_rewritten_input_is_hashed_again_even_with_its_stat_restored(tmp_path: Path, cache_dir: Path,
-                                                                      hashed: list[int]) -> None:
+def test_rewritten_input_is_hashed_again_even_with_its_stat_restored(
+    tmp_path: Path, cache_dir: Path, hashed: list[int]
+) -> None:
     ms = _inputs(tmp_path)
     _merge(ms, tmp_path / "a")
     f = ms[1] / "model.safetensors"
@@ -92,8 +107,9 @@ def test_rewritten_input_is_hashed_again_even_with_its_stat_restored(tmp_path: P
     assert len(hashed) == 3  # only the rewritten file
 
 
-def test_cache_can_be_turned_off(tmp_path: Path, cache_dir: Path, hashed: list[int],
-                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cache_can_be_turned_off(
+    tmp_path: Path, cache_dir: Path, hashed: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("SOUPKIT_HASH_CACHE", "0")
     ms = _inputs(tmp_path)
     _merge(ms, tmp_path / "a")
@@ -101,9 +117,19 @@ def test_cache_can_be_turned_off(tmp_path: Path, cache_dir: Path, hashed: list[i
     assert len(hashed) == 4 and not cache_dir.exists()
 
 
-@pytest.mark.parametrize("content", [b"{not json", b'{"version": 1, "sha256": []}', b'{"version": 9, "sha256": {}}',
-                                     b'{"version": 1, "sha256": {"k": "short"}}', b"\xff\xfe"])
-def test_damaged_cache_is_ignored_and_rewritten(tmp_path: Path, cache_dir: Path, content: bytes) -> None:
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"{not json",
+        b'{"version": 1, "sha256": []}',
+        b'{"version": 9, "sha256": {}}',
+        b'{"version": 1, "sha256": {"k": "short"}}',
+        b"\xff\xfe",
+    ],
+)
+def test_damaged_cache_is_ignored_and_rewritten(
+    tmp_path: Path, cache_dir: Path, content: bytes
+) -> None:
     cache_dir.mkdir()
     (cache_dir / HashCache.NAME).write_bytes(content)
     ms = _inputs(tmp_path)
@@ -111,7 +137,9 @@ def test_damaged_cache_is_ignored_and_rewritten(tmp_path: Path, cache_dir: Path,
     assert len(json.loads((cache_dir / HashCache.NAME).read_text())["sha256"]) == 2
 
 
-def test_unwritable_cache_does_not_fail_the_merge(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_unwritable_cache_does_not_fail_the_merge(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("")
     monkeypatch.setenv("SOUPKIT_CACHE_DIR", str(blocker / "cache"))
@@ -131,7 +159,9 @@ def test_cache_keeps_the_newest_entries_and_merges_concurrent_writers(tmp_path: 
     assert list(HashCache(path).entries) == ["a2", "a3", "b0"]
 
 
-def test_file_changing_while_hashed_is_not_remembered(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_file_changing_while_hashed_is_not_remembered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     f = tmp_path / "f"
     f.write_bytes(b"x" * 100)
     cache = HashCache(tmp_path / "c.json")
@@ -142,8 +172,9 @@ def test_file_changing_while_hashed_is_not_remembered(tmp_path: Path, monkeypatc
     assert cache.entries == {} and not (tmp_path / "c.json").exists()
 
 
-def test_search_and_merge_share_input_digests(tmp_path: Path, cache_dir: Path, hashed: list[int],
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_search_and_merge_share_input_digests(
+    tmp_path: Path, cache_dir: Path, hashed: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A score cache's file memo and the merges' digest cache are one store: files a search
     hashed are not hashed again by the merge that writes the soup, and the other way round."""
     from soupkit.search import _state
@@ -151,7 +182,9 @@ def test_search_and_merge_share_input_digests(tmp_path: Path, cache_dir: Path, h
 
     searched: list[int] = []
     real = _state.file_sha256
-    monkeypatch.setattr(_state, "file_sha256", lambda p, on=None: (searched.append(1), real(p, on))[1])
+    monkeypatch.setattr(
+        _state, "file_sha256", lambda p, on=None: (searched.append(1), real(p, on))[1]
+    )
     ms = _inputs(tmp_path)
     store = ScoreCache(tmp_path / "scores.jsonl")
     files = [m / "model.safetensors" for m in ms]

@@ -9,13 +9,19 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from toymodels import tiny_state, write_model
 
 import soupkit
 from soupkit.errors import CheckpointFormatError, OutputExistsError
-from soupkit.io import OutputFolder, OutputTensor, ShardWriter, TensorReader, layout_shards, open_checkpoint
+from soupkit.io import (
+    OutputFolder,
+    OutputTensor,
+    ShardWriter,
+    TensorReader,
+    layout_shards,
+    open_checkpoint,
+)
 from soupkit.io.writer import parse_size, write_index
-
-from toymodels import tiny_state, write_model
 
 
 def test_writer_golden_bytes(tmp_path: Path) -> None:
@@ -27,10 +33,14 @@ def test_writer_golden_bytes(tmp_path: Path) -> None:
     w.write("a", torch.tensor([1.0, -2.0]))
     w.close()
     raw = (tmp_path / "model.safetensors").read_bytes()
-    header = (b'{"__metadata__":{"format":"pt"},"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},'
-              b'"b":{"dtype":"U8","shape":[3],"data_offsets":[8,11]}}')
+    header = (
+        b'{"__metadata__":{"format":"pt"},"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},'
+        b'"b":{"dtype":"U8","shape":[3],"data_offsets":[8,11]}}'
+    )
     header += b" " * (-len(header) % 8)
-    expected = struct.pack("<Q", len(header)) + header + struct.pack("<2f", 1.0, -2.0) + bytes([7, 8, 9])
+    expected = (
+        struct.pack("<Q", len(header)) + header + struct.pack("<2f", 1.0, -2.0) + bytes([7, 8, 9])
+    )
     assert raw == expected
     # an independent reader agrees
     back = load_file(str(tmp_path / "model.safetensors"))
@@ -47,9 +57,13 @@ def test_writer_refuses_to_close_incomplete_shard(tmp_path: Path) -> None:
 def test_shard_layout_follows_hugging_face_naming() -> None:
     ts = [OutputTensor(f"t{i}", "F32", (10,)) for i in range(5)]  # 40 bytes each
     shards = layout_shards(ts, 100)
-    assert [s.filename for s in shards] == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    assert [s.filename for s in shards] == [
+        f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)
+    ]
     assert [len(s.tensors) for s in shards] == [2, 2, 1]
-    big = layout_shards([OutputTensor("huge", "F32", (100,))], 10)  # larger than the limit: own shard
+    big = layout_shards(
+        [OutputTensor("huge", "F32", (100,))], 10
+    )  # larger than the limit: own shard
     assert len(big) == 1 and big[0].filename == "model.safetensors"
 
 
@@ -67,7 +81,9 @@ def test_sharded_round_trip(tmp_path: Path) -> None:
     src = write_model(tmp_path / "src", state)
     soupkit.uniform_soup([src], tmp_path / "sharded", max_shard_size=600, progress=False)
     index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
-    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in state.values())
+    assert index["metadata"]["total_size"] == sum(
+        t.numel() * t.element_size() for t in state.values()
+    )
     ck = open_checkpoint(tmp_path / "sharded")
     assert len(ck.files) > 1 and set(ck.tensors) == set(state)
     # and merging *from* a sharded folder back into one file gives the original bytes
@@ -125,7 +141,9 @@ def test_output_folder_is_atomic(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
-def test_merge_failure_leaves_nothing(tmp_path: Path, models: list[Path], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_merge_failure_leaves_nothing(
+    tmp_path: Path, models: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
     import soupkit.execute as ex
 
     calls = {"n": 0}

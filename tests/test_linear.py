@@ -9,18 +9,19 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
+from toymodels import tiny_state, write_model
 
 import soupkit
 from soupkit import methods
 from soupkit.methods.linear import LinearParams
 
-from toymodels import tiny_state, write_model
-
 linear = methods.get("linear")
 
 
 def run(tensors: list[torch.Tensor], weights: list[float], normalize: bool = True) -> torch.Tensor:
-    return linear.call([t.clone() for t in tensors], LinearParams(weight=tuple(weights), normalize=normalize))
+    return linear.call(
+        [t.clone() for t in tensors], LinearParams(weight=tuple(weights), normalize=normalize)
+    )
 
 
 def test_golden_weighted_mean() -> None:
@@ -32,9 +33,13 @@ def test_golden_weighted_mean() -> None:
 
 
 def test_normalize_with_zero_weight_sum_is_a_config_error(models: list[Path]) -> None:
-    recipe = {"merge_method": "linear", "models": [
-        {"model": str(models[0]), "parameters": {"weight": 1.0}},
-        {"model": str(models[1]), "parameters": {"weight": -1.0}}]}
+    recipe = {
+        "merge_method": "linear",
+        "models": [
+            {"model": str(models[0]), "parameters": {"weight": 1.0}},
+            {"model": str(models[1]), "parameters": {"weight": -1.0}},
+        ],
+    }
     with pytest.raises(soupkit.ConfigError, match="weights sum to zero"):
         soupkit.plan(recipe)
 
@@ -55,11 +60,14 @@ def test_identical_ingredients_are_a_fixed_point(vals: list[float], n: int) -> N
 # them spans at most 2**-8 .. 2**15 (23 bits), so every partial sum is exact and the mean cannot
 # depend on the order. Wider ranges round the running sum (float32 has 24 bits), so order can
 # move the result by one bf16 step: the second test bounds that.
-exact_bf16 = st.builds(lambda m, e: float(m) * 2.0 ** e, st.integers(-255, 255), st.integers(-8, 4))
+exact_bf16 = st.builds(lambda m, e: float(m) * 2.0**e, st.integers(-255, 255), st.integers(-8, 4))
 
 
 @settings(max_examples=60, deadline=None)
-@given(rows=st.lists(st.lists(exact_bf16, min_size=4, max_size=4), min_size=2, max_size=6), data=st.data())
+@given(
+    rows=st.lists(st.lists(exact_bf16, min_size=4, max_size=4), min_size=2, max_size=6),
+    data=st.data(),
+)
 def test_permutation_invariance(rows: list[list[float]], data: st.DataObject) -> None:
     states = [{"x": torch.tensor(r, dtype=torch.bfloat16)} for r in rows]
     perm = data.draw(st.permutations(range(len(states))))
@@ -69,27 +77,37 @@ def test_permutation_invariance(rows: list[list[float]], data: st.DataObject) ->
 
 
 @settings(max_examples=60, deadline=None)
-@given(rows=st.lists(bf16_vals.filter(lambda v: len(v) == 4), min_size=2, max_size=6), data=st.data())
-def test_permutation_moves_a_rounded_mean_by_at_most_one_bf16_step(rows: list[list[float]],
-                                                                  data: st.DataObject) -> None:
+@given(
+    rows=st.lists(bf16_vals.filter(lambda v: len(v) == 4), min_size=2, max_size=6), data=st.data()
+)
+def test_permutation_moves_a_rounded_mean_by_at_most_one_bf16_step(
+    rows: list[list[float]], data: st.DataObject
+) -> None:
     states = [{"x": torch.tensor(r, dtype=torch.bfloat16)} for r in rows]
     perm = data.draw(st.permutations(range(len(states))))
     a = soupkit.merge_state_dicts(states)["x"].float()
     b = soupkit.merge_state_dicts([states[i] for i in perm])["x"].float()
-    step = torch.maximum(a.abs(), b.abs()) * 2.0 ** -7 + 2.0 ** -133  # one bf16 ulp, at most
+    step = torch.maximum(a.abs(), b.abs()) * 2.0**-7 + 2.0**-133  # one bf16 ulp, at most
     assert bool(((a - b).abs() <= step).all())
 
 
 @settings(max_examples=40, deadline=None)
-@given(w=st.lists(st.integers(1, 8), min_size=3, max_size=3), k=st.sampled_from([0.25, 0.5, 2.0, 4.0]),
-       scale=st.floats(0.1, 10.0))
+@given(
+    w=st.lists(st.integers(1, 8), min_size=3, max_size=3),
+    k=st.sampled_from([0.25, 0.5, 2.0, 4.0]),
+    scale=st.floats(0.1, 10.0),
+)
 def test_normalized_weights_are_scale_invariant(w: list[int], k: float, scale: float) -> None:
     states = [tiny_state(i, torch.bfloat16, layers=1) for i in range(3)]
     mp = [{"weight": float(x)} for x in w]
     a = soupkit.merge_state_dicts(states, model_parameters=mp)
     # powers of two scale exactly: bitwise equal
-    b = soupkit.merge_state_dicts(states, model_parameters=[{"weight": x["weight"] * k} for x in mp])
-    c = soupkit.merge_state_dicts(states, model_parameters=[{"weight": x["weight"] * scale} for x in mp])
+    b = soupkit.merge_state_dicts(
+        states, model_parameters=[{"weight": x["weight"] * k} for x in mp]
+    )
+    c = soupkit.merge_state_dicts(
+        states, model_parameters=[{"weight": x["weight"] * scale} for x in mp]
+    )
     for name in a:
         assert torch.equal(a[name], b[name])
         if a[name].is_floating_point():
@@ -99,8 +117,12 @@ def test_normalized_weights_are_scale_invariant(w: list[int], k: float, scale: f
 def test_streaming_equals_in_memory_bit_for_bit(tmp_path: Path, bf16_models: list[Path]) -> None:
     states = [load_file(str(p / "model.safetensors")) for p in bf16_models]
     weights = [0.2, 0.3, 0.5]
-    recipe = {"merge_method": "linear", "models": [
-        {"model": str(p), "parameters": {"weight": w}} for p, w in zip(bf16_models, weights)]}
+    recipe = {
+        "merge_method": "linear",
+        "models": [
+            {"model": str(p), "parameters": {"weight": w}} for p, w in zip(bf16_models, weights)
+        ],
+    }
     soupkit.merge(recipe, tmp_path / "out", chunk_elems=7, max_shard_size=700, progress=False)
     streamed = soupkit.open_checkpoint(tmp_path / "out")
     assert len(streamed.files) > 2  # really sharded
@@ -123,7 +145,10 @@ def test_uniform_soup_matches_swa_averaged_model(tmp_path: Path) -> None:
     from torch.optim.swa_utils import AveragedModel
 
     torch.manual_seed(0)
-    nets = [torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3)) for _ in range(4)]
+    nets = [
+        torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
+        for _ in range(4)
+    ]
     paths = [write_model(tmp_path / f"n{i}", n.state_dict()) for i, n in enumerate(nets)]
     swa = AveragedModel(nets[0])
     for n in nets:  # the first update copies, later ones keep the running mean
@@ -135,7 +160,9 @@ def test_uniform_soup_matches_swa_averaged_model(tmp_path: Path) -> None:
         torch.testing.assert_close(soup[name], p, rtol=0, atol=2e-7)
 
 
-def test_output_dtype_defaults_to_inputs_and_out_dtype_casts(tmp_path: Path, bf16_models: list[Path]) -> None:
+def test_output_dtype_defaults_to_inputs_and_out_dtype_casts(
+    tmp_path: Path, bf16_models: list[Path]
+) -> None:
     r = soupkit.uniform_soup(bf16_models, tmp_path / "a", progress=False)
     assert {j.out_dtype for j in r.plan.jobs if not j.is_copy} == {"BF16"}
     r = soupkit.uniform_soup(bf16_models, tmp_path / "b", out_dtype="float32", progress=False)

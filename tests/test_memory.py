@@ -42,8 +42,12 @@ def peak_growth_mib(tmp_path: Path, tag: str, rows: int) -> float:
     growth = []
     # The least of two runs: allocator noise (thread arenas, fragmentation) only ever adds.
     for run in range(2):
-        res = subprocess.run([sys.executable, "-c", PROBE, *paths, str(tmp_path / f"out-{tag}{run}")],
-                             capture_output=True, text=True, check=True)
+        res = subprocess.run(
+            [sys.executable, "-c", PROBE, *paths, str(tmp_path / f"out-{tag}{run}")],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         r = json.loads(res.stdout)
         growth.append((r["after_kib"] - r["before_kib"]) / 1024)
     return min(growth)
@@ -51,8 +55,8 @@ def peak_growth_mib(tmp_path: Path, tag: str, rows: int) -> float:
 
 @pytest.mark.slow
 def test_peak_memory_is_flat_when_the_model_doubles(tmp_path: Path) -> None:
-    small = peak_growth_mib(tmp_path, "s", 8192)    # 3 x 48 MiB of inputs
-    large = peak_growth_mib(tmp_path, "l", 16384)   # 3 x 96 MiB of inputs
+    small = peak_growth_mib(tmp_path, "s", 8192)  # 3 x 48 MiB of inputs
+    large = peak_growth_mib(tmp_path, "l", 16384)  # 3 x 96 MiB of inputs
     # Working set: raw bf16 chunks of the 3 inputs (two units in flight: one computed, one read
     # ahead), float32 pieces of 64 K elements, pooled output chunks, the hashers' blocks, plus
     # allocator slack (measured 50-60 MiB, whatever the model size).

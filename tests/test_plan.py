@@ -6,11 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from toymodels import tiny_state, write_model
 
 import soupkit
 from soupkit.errors import ConfigError, PlanError
-
-from toymodels import tiny_state, write_model
 
 
 def recipe(paths: list[Path], **extra: object) -> dict[str, object]:
@@ -50,7 +49,9 @@ def test_unknown_keys_parameters_and_methods_suggest_fixes(models: list[Path]) -
         soupkit.plan({**recipe(models), "merge_method": "lineer"})
     r = recipe(models)
     r["models"][0]["parameters"] = {"wieght": 2}  # type: ignore[index]
-    with pytest.raises(ConfigError, match=r"unknown parameter 'wieght' for method 'linear'; did you mean 'weight'"):
+    with pytest.raises(
+        ConfigError, match=r"unknown parameter 'wieght' for method 'linear'; did you mean 'weight'"
+    ):
         soupkit.plan(r)
     r["models"][0]["parameters"] = {"normalize": False}  # type: ignore[index]
     with pytest.raises(ConfigError, match="'normalize' is a global parameter"):
@@ -69,7 +70,11 @@ def test_several_config_errors_at_once(tmp_path: Path) -> None:
 def test_non_float_tensors_are_copied_from_the_first_model(models: list[Path]) -> None:
     p = soupkit.plan(recipe(models))
     (job,) = [j for j in p.jobs if j.is_copy]
-    assert job.name == "model.position_ids" and job.source is not None and str(models[0]) in str(job.source.file)
+    assert (
+        job.name == "model.position_ids"
+        and job.source is not None
+        and str(models[0]) in str(job.source.file)
+    )
 
 
 def test_filters_are_counted_and_unmatched_filters_fail(models: list[Path]) -> None:
@@ -100,7 +105,9 @@ def test_gradient_parameters_interpolate_across_layers(tmp_path: Path) -> None:
 
 def test_peak_memory_estimate_is_flat_in_model_size(tmp_path: Path) -> None:
     def model(rows: int, name: str) -> Path:
-        return write_model(tmp_path / name, {f"w{i}": torch.zeros(rows, 64) for i in range(4)}, config=False)
+        return write_model(
+            tmp_path / name, {f"w{i}": torch.zeros(rows, 64) for i in range(4)}, config=False
+        )
 
     small = soupkit.plan(recipe([model(1 << 15, "s0"), model(1 << 15, "s1")]), chunk_elems=1 << 16)
     big = soupkit.plan(recipe([model(1 << 16, "b0"), model(1 << 16, "b1")]), chunk_elems=1 << 16)
@@ -110,11 +117,19 @@ def test_peak_memory_estimate_is_flat_in_model_size(tmp_path: Path) -> None:
 
 def test_describe_is_a_readable_dry_run(models: list[Path]) -> None:
     text = soupkit.plan(recipe(models)).describe()
-    for part in ("method      linear", "models      3", "copied: non-float", "peak memory", "weight=[1, 1, 1]"):
+    for part in (
+        "method      linear",
+        "models      3",
+        "copied: non-float",
+        "peak memory",
+        "weight=[1, 1, 1]",
+    ):
         assert part in text
 
 
-def test_model_paths_resolve_from_the_recipe_folder_when_not_in_the_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_model_paths_resolve_from_the_recipe_folder_when_not_in_the_cwd(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     folder = tmp_path / "proj"
     for i in range(2):
         write_model(folder / f"m{i}", tiny_state(i))

@@ -36,17 +36,44 @@ def test_layering_imports_point_inward() -> None:
     for path in mods("methods"):
         for imp in imports_of(path):
             top = imp.split(".")[0]
-            assert top in {"__future__", "collections", "dataclasses", "typing", "math", "importlib",
-                           "difflib", "re", "functools", "itertools", "enum", "torch", "pydantic",
-                           "soupkit"}, f"{path.name} imports {imp}"
+            assert top in {
+                "__future__",
+                "collections",
+                "dataclasses",
+                "typing",
+                "math",
+                "importlib",
+                "difflib",
+                "re",
+                "functools",
+                "itertools",
+                "enum",
+                "torch",
+                "pydantic",
+                "soupkit",
+            }, f"{path.name} imports {imp}"
             if top == "soupkit":
-                assert imp.startswith(("soupkit.methods", "soupkit.errors")), f"{path.name} imports {imp}"
+                assert imp.startswith(("soupkit.methods", "soupkit.errors")), (
+                    f"{path.name} imports {imp}"
+                )
     for path in mods("io"):
-        assert not {i for i in imports_of(path) if i.startswith(("soupkit.plan", "soupkit.execute", "soupkit.api", "soupkit.cli", "soupkit.search"))}, path
+        assert not {
+            i
+            for i in imports_of(path)
+            if i.startswith(
+                ("soupkit.plan", "soupkit.execute", "soupkit.api", "soupkit.cli", "soupkit.search")
+            )
+        }, path
     for path in SRC.rglob("*.py"):
         if "cli" in path.relative_to(SRC).parts:
             continue
-        assert not {i for i in imports_of(path) if i.startswith("soupkit.cli")}, f"{path} imports the CLI"
+        assert not {i for i in imports_of(path) if i.startswith("soupkit.cli")}, (
+            f"{path} imports the CLI"
+        )
     for path in mods("search"):
-        assert not {i for i in imports_of(path) if i.split(".")[0] in {"transformers", "datasets"}}, path
-    assert not {i for i in imports_of(SRC / "plan.py") if i.startswith(("soupkit.execute", "soupkit.api"))}
+        assert not {
+            i for i in imports_of(path) if i.split(".")[0] in {"transformers", "datasets"}
+        }, path
+    assert not {
+        i for i in imports_of(SRC / "plan.py") if i.startswith(("soupkit.execute", "soupkit.api"))
+    }

@@ -10,7 +10,9 @@ import torch
 from safetensors.torch import save_file
 
 
-def tiny_state(seed: int, dtype: torch.dtype = torch.float32, layers: int = 2) -> dict[str, torch.Tensor]:
+def tiny_state(
+    seed: int, dtype: torch.dtype = torch.float32, layers: int = 2
+) -> dict[str, torch.Tensor]:
     """A small Llama-shaped state dict with a non-float buffer."""
     g = torch.Generator().manual_seed(seed)
     sd: dict[str, torch.Tensor] = {"model.embed_tokens.weight": torch.randn(50, 8, generator=g)}

@@ -41,8 +41,10 @@ def cli_reference() -> str:
 
         parser = build_parser()
         table = ["| command | what it does |", "|---|---|"]
-        table += [f"| [`soupkit {n}`](#soupkit-{n.replace('_', '-')}) | {h} |"
-                  for n, h, _ in _subcommands(parser)]
+        table += [
+            f"| [`soupkit {n}`](#soupkit-{n.replace('_', '-')}) | {h} |"
+            for n, h, _ in _subcommands(parser)
+        ]
         return "\n".join(table + [""] + _render(parser, "soupkit", 2))
     finally:
         if old is None:

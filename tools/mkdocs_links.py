@@ -17,8 +17,12 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 
 # repository path -> site page
-ROOT_FILES = {"SECURITY.md": "security.md", "CHANGELOG.md": "changelog.md",
-              "CONTRIBUTING.md": "contributing.md", "benchmarks/README.md": "benchmarks.md"}
+ROOT_FILES = {
+    "SECURITY.md": "security.md",
+    "CHANGELOG.md": "changelog.md",
+    "CONTRIBUTING.md": "contributing.md",
+    "benchmarks/README.md": "benchmarks.md",
+}
 _SNIPPET = re.compile(r'^--8<-- "(?P<path>[^"]+)"\s*$', re.MULTILINE)
 _LINK = re.compile(r"\]\((?P<target>[^)\s#]+)(?P<anchor>#[^)\s]*)?\)")
 
@@ -30,7 +34,7 @@ def _site_target(target: str) -> str:
     if t in ROOT_FILES:
         return ROOT_FILES[t]
     if t.startswith("docs/"):
-        return t[len("docs/"):]
+        return t[len("docs/") :]
     return target
 
 

@@ -36,7 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 # Runs inside the fresh venv, from the temporary directory: the Python API as a user calls it.
-API_CHECK = r'''
+API_CHECK = r"""
 import json, sys, warnings
 from pathlib import Path
 warnings.simplefilter("error")
@@ -72,18 +72,27 @@ except soupkit.EvaluationError as e:
 else:
     raise AssertionError("HFClassificationEvaluator worked without the eval extra")
 print("api ok:", where)
-'''
+"""
 
 
-def run(cmd: list[str], *, cwd: Path, env: dict[str, str], code: int = 0, quiet: bool = True,
-        what: str = "") -> subprocess.CompletedProcess[str]:
+def run(
+    cmd: list[str],
+    *,
+    cwd: Path,
+    env: dict[str, str],
+    code: int = 0,
+    quiet: bool = True,
+    what: str = "",
+) -> subprocess.CompletedProcess[str]:
     """Run a command; fail with its output unless it exits ``code`` (and, if ``quiet``, with an
     empty stderr)."""
     r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     bad = r.returncode != code or (quiet and r.stderr.strip())
     if bad:
-        sys.exit(f"wheel smoke test FAILED: {what or ' '.join(cmd)}\n  exit code {r.returncode} "
-                 f"(expected {code})\n--- stdout\n{r.stdout}\n--- stderr\n{r.stderr}")
+        sys.exit(
+            f"wheel smoke test FAILED: {what or ' '.join(cmd)}\n  exit code {r.returncode} "
+            f"(expected {code})\n--- stdout\n{r.stdout}\n--- stderr\n{r.stderr}"
+        )
     return r
 
 
@@ -98,8 +107,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("wheel", type=Path)
     ap.add_argument("--constraints", type=Path, default=ROOT / "constraints.txt")
-    ap.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "soupkit-wheel-smoke",
-                    help="where the venv and the work folder go (emptied first)")
+    ap.add_argument(
+        "--dir",
+        type=Path,
+        default=Path(tempfile.gettempdir()) / "soupkit-wheel-smoke",
+        help="where the venv and the work folder go (emptied first)",
+    )
     args = ap.parse_args(argv)
     wheel, constraints = args.wheel.resolve(), args.constraints.resolve()
     if not wheel.is_file() or wheel.suffix != ".whl":
@@ -111,8 +124,11 @@ def main(argv: list[str] | None = None) -> int:
     venv, work = tmp / "venv", tmp / "work"
     work.mkdir(parents=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}
-    env.update(PATH=f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}", OMP_NUM_THREADS="1",
-               PYTHONNOUSERSITE="1")
+    env.update(
+        PATH=f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}",
+        OMP_NUM_THREADS="1",
+        PYTHONNOUSERSITE="1",
+    )
     py, exe = str(venv / "bin" / "python"), str(venv / "bin" / "soupkit")
     pip = [py, "-m", "pip", "install", "-q", "--disable-pip-version-check"]
     times: dict[str, float] = {"clean": time.perf_counter() - t}
@@ -123,21 +139,36 @@ def main(argv: list[str] | None = None) -> int:
     run(pip + [torch_pin(constraints)], cwd=work, env=env, quiet=False, what="pip install torch")
     times["venv + torch"] = time.perf_counter() - t
     t = time.perf_counter()
-    run(pip + ["-c", str(constraints), str(wheel)], cwd=work, env=env, quiet=False,
-        what=f"pip install {wheel.name}")
+    run(
+        pip + ["-c", str(constraints), str(wheel)],
+        cwd=work,
+        env=env,
+        quiet=False,
+        what=f"pip install {wheel.name}",
+    )
     times["install wheel"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    run([py, "-c", textwrap.dedent("""
+    run(
+        [
+            py,
+            "-c",
+            textwrap.dedent("""
         import torch
         from safetensors.torch import save_file
         g = torch.Generator().manual_seed(0)
         for name in ("a", "b"):
             save_file({"layer.weight": torch.randn(8, 4, generator=g),
                        "layer.bias": torch.randn(8, generator=g)}, f"{name}.safetensors")
-        """)], cwd=work, env=env, what="write two tiny checkpoints")
-    (work / "soup.yaml").write_text("merge_method: linear\nmodels:\n"
-                                    "  - model: a.safetensors\n  - model: b.safetensors\n")
+        """),
+        ],
+        cwd=work,
+        env=env,
+        what="write two tiny checkpoints",
+    )
+    (work / "soup.yaml").write_text(
+        "merge_method: linear\nmodels:\n  - model: a.safetensors\n  - model: b.safetensors\n"
+    )
     (work / "val.csv").write_text("text,label\nhello,0\n")
     out = run([exe, "--help"], cwd=work, env=env).stdout
     assert "merge" in out and "greedy" in out, out
@@ -150,9 +181,25 @@ def main(argv: list[str] | None = None) -> int:
     run([exe, "merge", "soup.yaml", "cli-soup"], cwd=work, env=env)
     assert (work / "cli-soup" / "model.safetensors").is_file()
     run([exe, "inspect", "cli-soup"], cwd=work, env=env)
-    r = run([exe, "greedy", "--backend", "ray", "--evaluator", "nowhere:fn", "--out", "g",
-             "a.safetensors", "b.safetensors"], cwd=work, env=env, code=2, quiet=False,
-            what="soupkit greedy --backend ray without the ray extra")
+    r = run(
+        [
+            exe,
+            "greedy",
+            "--backend",
+            "ray",
+            "--evaluator",
+            "nowhere:fn",
+            "--out",
+            "g",
+            "a.safetensors",
+            "b.safetensors",
+        ],
+        cwd=work,
+        env=env,
+        code=2,
+        quiet=False,
+        what="soupkit greedy --backend ray without the ray extra",
+    )
     assert "pip install 'soupkit[ray]'" in r.stderr and "Traceback" not in r.stderr, r.stderr
     run([py, "-c", API_CHECK, str(venv), str(work)], cwd=work, env=env, what="the Python API")
     times["CLI + API checks"] = time.perf_counter() - t

@@ -19,13 +19,18 @@ __all__ = ["EXTRAS", "available", "install_hint", "require"]
 #: extra name -> (the modules it brings, what it enables). ``docs/install.md`` documents the
 #: same table and a test keeps them and pyproject.toml's extras in step.
 EXTRAS: dict[str, tuple[tuple[str, ...], str]] = {
-    "eval": (("transformers", "matplotlib"),
-             "the built-in Hugging Face evaluators (classification accuracy, causal-LM "
-             "perplexity) and the plots of soups and sweeps"),
+    "eval": (
+        ("transformers", "matplotlib"),
+        "the built-in Hugging Face evaluators (classification accuracy, causal-LM "
+        "perplexity) and the plots of soups and sweeps",
+    ),
     "plot": (("matplotlib",), "PNG plots of greedy soups, sweeps, learned soups and diagnoses"),
     "ray": (("ray",), "`--backend ray`: candidate evaluation on a Ray cluster"),
     "hub": (("huggingface_hub",), "Hub ids via huggingface_hub"),
-    "optimize": (("optuna", "cmaes"), "`soupkit optimize`: Optuna-based recipe search (TPE, CMA-ES)"),
+    "optimize": (
+        ("optuna", "cmaes"),
+        "`soupkit optimize`: Optuna-based recipe search (TPE, CMA-ES)",
+    ),
     "lm-eval": (("lm_eval",), "`--lm-eval`: score causal LMs with lm-evaluation-harness tasks"),
     "dev": ((), "the test suite, ruff and the build front end (contributors)"),
     "docs": ((), "MkDocs, Material and mkdocstrings, to build the documentation site"),
@@ -46,8 +51,9 @@ def available(module: str) -> bool:
     return True
 
 
-def require(module: str, extra: str, feature: str,
-            error: type[SoupError] = UsageError) -> ModuleType:
+def require(
+    module: str, extra: str, feature: str, error: type[SoupError] = UsageError
+) -> ModuleType:
     """Import an optional module, or raise ``error`` naming the feature and the extra.
 
     Args:
@@ -69,5 +75,7 @@ def require(module: str, extra: str, feature: str,
         return importlib.import_module(module)
     except ImportError as e:
         top = module.split(".")[0]
-        raise error(f"{feature} needs the {top!r} package, which is not installed ({e})\n"
-                    f"{install_hint(extra)}") from None
+        raise error(
+            f"{feature} needs the {top!r} package, which is not installed ({e})\n"
+            f"{install_hint(extra)}"
+        ) from None

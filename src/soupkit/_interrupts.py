@@ -100,7 +100,9 @@ def _deliver(handlers: dict[int, Any]) -> None:
     handler = handlers.get(signum, signal.getsignal(signum))
     if callable(handler):
         handler(signum, frame)
-    elif handler == signal.SIG_DFL:  # the default action (SIGTERM: end the process), as if never held
+    elif (
+        handler == signal.SIG_DFL
+    ):  # the default action (SIGTERM: end the process), as if never held
         signal.signal(signum, signal.SIG_DFL)
         signal.raise_signal(signum)
 

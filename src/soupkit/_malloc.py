@@ -22,7 +22,7 @@ __all__ = ["tune_allocator"]
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
-MMAP_THRESHOLD = 64 << 20   # allocations below this come from the heap, and are reused
+MMAP_THRESHOLD = 64 << 20  # allocations below this come from the heap, and are reused
 TRIM_THRESHOLD = 256 << 20  # free heap memory kept before returning the top to the kernel
 
 _done = False
@@ -40,5 +40,7 @@ def tune_allocator() -> bool:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
-    _done = bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    _done = bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(
+        mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+    )
     return _done

@@ -24,7 +24,13 @@ import re._parser as _p
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["MAX_PATTERN_CHARS", "MAX_PROGRAM", "MAX_REPEAT_COUNT", "UnsafePatternError", "safe_match"]
+__all__ = [
+    "MAX_PATTERN_CHARS",
+    "MAX_PROGRAM",
+    "MAX_REPEAT_COUNT",
+    "UnsafePatternError",
+    "safe_match",
+]
 
 MAX_PATTERN_CHARS = 1000
 MAX_REPEAT_COUNT = 100
@@ -43,9 +49,12 @@ def _is_word(ch: str) -> bool:
 
 
 _CATEGORY: dict[Any, Callable[[str], bool]] = {
-    _c.CATEGORY_DIGIT: str.isdecimal, _c.CATEGORY_NOT_DIGIT: lambda ch: not ch.isdecimal(),
-    _c.CATEGORY_SPACE: str.isspace, _c.CATEGORY_NOT_SPACE: lambda ch: not ch.isspace(),
-    _c.CATEGORY_WORD: _is_word, _c.CATEGORY_NOT_WORD: lambda ch: not _is_word(ch),
+    _c.CATEGORY_DIGIT: str.isdecimal,
+    _c.CATEGORY_NOT_DIGIT: lambda ch: not ch.isdecimal(),
+    _c.CATEGORY_SPACE: str.isspace,
+    _c.CATEGORY_NOT_SPACE: lambda ch: not ch.isspace(),
+    _c.CATEGORY_WORD: _is_word,
+    _c.CATEGORY_NOT_WORD: lambda ch: not _is_word(ch),
 }
 
 
@@ -90,8 +99,14 @@ class _Compiler:
         elif op is _c.IN:
             self.emit(_CHAR, _class(av))
         elif op is _c.AT:
-            if av not in (_c.AT_BEGINNING, _c.AT_BEGINNING_STRING, _c.AT_END, _c.AT_END_STRING,
-                          _c.AT_BOUNDARY, _c.AT_NON_BOUNDARY):
+            if av not in (
+                _c.AT_BEGINNING,
+                _c.AT_BEGINNING_STRING,
+                _c.AT_END,
+                _c.AT_END_STRING,
+                _c.AT_BOUNDARY,
+                _c.AT_NON_BOUNDARY,
+            ):
                 raise UnsafePatternError(f"unsupported anchor {av}")
             self.emit(_ASSERT, av)
         elif op is _c.SUBPATTERN:
@@ -116,7 +131,9 @@ class _Compiler:
         elif op in (_c.MAX_REPEAT, _c.MIN_REPEAT):  # lazy or greedy: the same set of matches
             lo, hi, sub = av
             if lo > MAX_REPEAT_COUNT or (hi is not _c.MAXREPEAT and hi > MAX_REPEAT_COUNT):
-                raise UnsafePatternError(f"counted repeats above {{{MAX_REPEAT_COUNT}}} are not supported")
+                raise UnsafePatternError(
+                    f"counted repeats above {{{MAX_REPEAT_COUNT}}} are not supported"
+                )
             for _ in range(lo):
                 self.seq(sub)
             if hi is _c.MAXREPEAT:
@@ -132,8 +149,10 @@ class _Compiler:
                 for s in splits:
                     self.prog[s] = (_SPLIT, s + 1, len(self.prog))
         else:
-            raise UnsafePatternError(f"{str(op).lower()} (backreferences, lookarounds, atomic or "
-                                     "possessive groups) cannot be matched safely")
+            raise UnsafePatternError(
+                f"{str(op).lower()} (backreferences, lookarounds, atomic or "
+                "possessive groups) cannot be matched safely"
+            )
 
 
 def _holds(kind: Any, text: str, pos: int) -> bool:
@@ -203,7 +222,14 @@ def safe_match(pattern: str, text: str) -> bool:
     return any(prog[pc][0] == _MATCH for pc in clist)
 
 
-def _add(prog: tuple[tuple[Any, ...], ...], start: int, text: str, pos: int, seen: set[int], out: list[int]) -> None:
+def _add(
+    prog: tuple[tuple[Any, ...], ...],
+    start: int,
+    text: str,
+    pos: int,
+    seen: set[int],
+    out: list[int],
+) -> None:
     """The states reachable from ``start`` at ``pos`` without reading a character."""
     stack = [start]
     while stack:

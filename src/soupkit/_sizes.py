@@ -6,8 +6,15 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["BATCH_ENTRIES", "COMPUTE_ELEMS", "MAX_COMPUTE_THREADS", "OUTPUT_BUFFERS", "RNG_BLOCK",
-           "compute_threads", "stream_threads"]
+__all__ = [
+    "BATCH_ENTRIES",
+    "COMPUTE_ELEMS",
+    "MAX_COMPUTE_THREADS",
+    "OUTPUT_BUFFERS",
+    "RNG_BLOCK",
+    "compute_threads",
+    "stream_threads",
+]
 
 # Stochastic elementwise methods draw per block of this many elements, each block with its own
 # generator, so results do not depend on how the engine chunks a tensor.

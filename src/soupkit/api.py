@@ -21,12 +21,12 @@ import torch
 from soupkit import _interrupts
 from soupkit._version import __version__
 from soupkit.config import Compute, MergeConfig, ModelEntry, load_recipe
-from soupkit.errors import CheckpointFormatError, ConfigError, MergeIOError, UsageError, shown
+from soupkit.errors import CheckpointFormatError, ConfigError, UsageError, shown
 from soupkit.execute import FileSink, MemorySink, RunStats, plan_stamps, run_plan
 from soupkit.formats import KeyMap, as_state_dict
 from soupkit.io.checkpoint import MAX_CARRY_BYTES, Checkpoint, in_memory_checkpoint
-from soupkit.io.header import FileStamp
 from soupkit.io.hashing import BackgroundHasher, HashCache, changed_files_check, file_state
+from soupkit.io.header import FileStamp
 from soupkit.io.writer import Journal, OutputFolder, copy_file, io_failure
 from soupkit.plan import DEFAULT_CHUNK_ELEMS, MergePlan, make_plan, plan_recipe
 
@@ -90,16 +90,29 @@ def plan(
         if compute not in ("float32", "exact"):
             raise ConfigError([f"compute: expected 'float32' or 'exact', got {compute!r}"])
         cfg = cfg.model_copy(update={"compute": compute})
-    return plan_recipe(cfg, max_shard_size=max_shard_size, chunk_elems=chunk_elems,
-                       allow_pickle=allow_pickle, key_map=key_map)
+    return plan_recipe(
+        cfg,
+        max_shard_size=max_shard_size,
+        chunk_elems=chunk_elems,
+        allow_pickle=allow_pickle,
+        key_map=key_map,
+    )
 
 
 def _progress_bar(total: int, enabled: bool | None, desc: str) -> Any:
     from tqdm.auto import tqdm
 
     disable = (not sys.stderr.isatty()) if enabled is None else (not enabled)
-    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
-                disable=disable, dynamic_ncols=True, leave=False)
+    return tqdm(
+        total=total,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        desc=desc,
+        disable=disable,
+        dynamic_ncols=True,
+        leave=False,
+    )
 
 
 def _at_commit(c: Checkpoint) -> str:
@@ -111,8 +124,10 @@ def _model_card(p: MergePlan) -> str:
 
     cfg = p.config
     # every input is a base of a merge (the Hub's model tree), the base model first
-    front = card_front_matter([c.label for c in ([p.base] if p.base is not None else []) + list(p.models)],
-                              tags=[cfg.merge_method])
+    front = card_front_matter(
+        [c.label for c in ([p.base] if p.base is not None else []) + list(p.models)],
+        tags=[cfg.merge_method],
+    )
     lines = [
         f"# {cfg.name or 'Merged model'}",
         "",
@@ -133,21 +148,39 @@ def _model_card(p: MergePlan) -> str:
     return render_card(front, lines)
 
 
-def _report(p: MergePlan, stats: RunStats, out: Path, *, input_hashes: Mapping[Path, str] | None = None,
-            output_hashes: Mapping[str, str] | None = None, other_files: Mapping[str, str] | None = None,
-            resumed_shards: int = 0, hashes_from_cache: Collection[Path] = ()) -> dict[str, Any]:
+def _report(
+    p: MergePlan,
+    stats: RunStats,
+    out: Path,
+    *,
+    input_hashes: Mapping[Path, str] | None = None,
+    output_hashes: Mapping[str, str] | None = None,
+    other_files: Mapping[str, str] | None = None,
+    resumed_shards: int = 0,
+    hashes_from_cache: Collection[Path] = (),
+) -> dict[str, Any]:
     ih = input_hashes or {}
     oh = output_hashes or {}
 
     def files(c: Checkpoint) -> list[dict[str, Any]]:
         # "sha256_from_cache": the digest was remembered from an earlier run (file unchanged by stat)
-        return [{"path": str(f), "bytes": f.stat().st_size,
-                 **({"sha256": ih[f]} if f in ih else {}),
-                 **({"sha256_from_cache": True} if f in hashes_from_cache else {})} for f in c.files]
+        return [
+            {
+                "path": str(f),
+                "bytes": f.stat().st_size,
+                **({"sha256": ih[f]} if f in ih else {}),
+                **({"sha256_from_cache": True} if f in hashes_from_cache else {}),
+            }
+            for f in c.files
+        ]
 
     def entry(c: Checkpoint) -> dict[str, Any]:
         # a model named by Hub id: the commit it resolved to and the Hub's ETag of every file used
-        return {"label": c.label, "files": files(c), **({"hub": c.hub.to_json()} if c.hub is not None else {})}
+        return {
+            "label": c.label,
+            "files": files(c),
+            **({"hub": c.hub.to_json()} if c.hub is not None else {}),
+        }
 
     return {
         "soupkit_version": __version__,
@@ -160,14 +193,25 @@ def _report(p: MergePlan, stats: RunStats, out: Path, *, input_hashes: Mapping[P
             "models": [entry(m) for m in p.models],
         },
         "inputs_hashed": bool(ih),
-        "outputs": [{"file": s.filename, "bytes": s.size, "tensors": len(s.tensors),
-                     **({"sha256": oh[s.filename]} if s.filename in oh else {})} for s in p.shards],
+        "outputs": [
+            {
+                "file": s.filename,
+                "bytes": s.size,
+                "tensors": len(s.tensors),
+                **({"sha256": oh[s.filename]} if s.filename in oh else {}),
+            }
+            for s in p.shards
+        ],
         "other_files": [{"file": n, "sha256": h} for n, h in (other_files or {}).items()],
         "notes": list(p.notes),
         "nonfinite_tensors": list(stats.nonfinite),
-        "stats": {"seconds": round(stats.seconds, 3), "bytes_read": stats.bytes_read,
-                  "bytes_written": stats.bytes_written, "tensors": stats.tensors,
-                  "resumed_shards": resumed_shards},
+        "stats": {
+            "seconds": round(stats.seconds, 3),
+            "bytes_read": stats.bytes_read,
+            "bytes_written": stats.bytes_written,
+            "tensors": stats.tensors,
+            "resumed_shards": resumed_shards,
+        },
     }
 
 
@@ -217,10 +261,24 @@ def merge(
     Returns:
         A `MergeResult`.
     """
-    p = plan(recipe, max_shard_size=max_shard_size, chunk_elems=chunk_elems, allow_pickle=allow_pickle,
-             key_map=key_map, compute=compute)
-    return run_merge_plan(p, out, force=force, progress=progress, model_card=model_card,
-                          allow_nonfinite=allow_nonfinite, resume=resume, hash_inputs=hash_inputs)
+    p = plan(
+        recipe,
+        max_shard_size=max_shard_size,
+        chunk_elems=chunk_elems,
+        allow_pickle=allow_pickle,
+        key_map=key_map,
+        compute=compute,
+    )
+    return run_merge_plan(
+        p,
+        out,
+        force=force,
+        progress=progress,
+        model_card=model_card,
+        allow_nonfinite=allow_nonfinite,
+        resume=resume,
+        hash_inputs=hash_inputs,
+    )
 
 
 def _check_not_input(p: MergePlan, out: Path) -> None:
@@ -240,22 +298,30 @@ def _check_not_input(p: MergePlan, out: Path) -> None:
             if fr == dest:
                 raise UsageError(f"{out}: the output is input {f} ({c.label})\n{hint}")
             if dest in fr.parents:
-                raise UsageError(f"{out}: the output folder holds input {f} ({c.label}); writing "
-                                 f"(or --force replacing) it would destroy that input\n{hint}")
+                raise UsageError(
+                    f"{out}: the output folder holds input {f} ({c.label}); writing "
+                    f"(or --force replacing) it would destroy that input\n{hint}"
+                )
         if c.path is not None and c.path.is_dir():
             cr = c.path.resolve()
             if dest == cr or cr in dest.parents:
-                raise UsageError(f"{out}: the output would be inside the input model folder {c.path} "
-                                 f"({c.label})\n{hint}")
+                raise UsageError(
+                    f"{out}: the output would be inside the input model folder {c.path} "
+                    f"({c.label})\n{hint}"
+                )
     if p.carry_from is not None:
         cr = p.carry_from.resolve()
         if dest == cr or dest in cr.parents:
-            raise UsageError(f"{out}: the output would replace or hold {p.carry_from}, where the "
-                             f"config and tokenizer files come from\n{hint}")
+            raise UsageError(
+                f"{out}: the output would replace or hold {p.carry_from}, where the "
+                f"config and tokenizer files come from\n{hint}"
+            )
 
 
 def _input_files(p: MergePlan) -> list[Path]:
-    return list(dict.fromkeys(f for c in (*p.models, *([p.base] if p.base else [])) for f in c.files))
+    return list(
+        dict.fromkeys(f for c in (*p.models, *([p.base] if p.base else [])) for f in c.files)
+    )
 
 
 def input_states(plans: Sequence[MergePlan], inputs: Sequence[Path]) -> dict[Path, FileStamp]:
@@ -269,7 +335,9 @@ def input_states(plans: Sequence[MergePlan], inputs: Sequence[Path]) -> dict[Pat
     try:
         now = {f: file_state(f) for f in inputs}
     except OSError as e:
-        raise CheckpointFormatError(f"{shown(e.filename)}: input disappeared ({e.strerror})") from None
+        raise CheckpointFormatError(
+            f"{shown(e.filename)}: input disappeared ({e.strerror})"
+        ) from None
     before = {f: stamps.get(f, st) for f, st in now.items()}
     changed_files_check(before, "after it was planned")
     return before
@@ -278,14 +346,19 @@ def input_states(plans: Sequence[MergePlan], inputs: Sequence[Path]) -> dict[Pat
 def _fingerprint(p: MergePlan, dest: Path, states: Mapping[Path, FileStamp]) -> str:
     """What makes two runs produce the same output: recipe, version, layout and the inputs."""
     h = hashlib.sha256()
-    h.update(json.dumps({
-        "soupkit": __version__,
-        "torch": torch.__version__,
-        "dest": str(dest.absolute()),
-        "recipe": p.config.model_dump(mode="json"),
-        "inputs": [[str(f.absolute()), *st] for f, st in states.items()],
-        "carry_from": str(p.carry_from) if p.carry_from else None,
-    }, sort_keys=True).encode("utf-8"))
+    h.update(
+        json.dumps(
+            {
+                "soupkit": __version__,
+                "torch": torch.__version__,
+                "dest": str(dest.absolute()),
+                "recipe": p.config.model_dump(mode="json"),
+                "inputs": [[str(f.absolute()), *st] for f, st in states.items()],
+                "carry_from": str(p.carry_from) if p.carry_from else None,
+            },
+            sort_keys=True,
+        ).encode("utf-8")
+    )
     for s in p.shards:
         h.update(s.filename.encode("utf-8"))
         h.update(s.header)
@@ -309,7 +382,10 @@ def finish_folder(p: MergePlan, tmp: Path, model_card: bool) -> dict[str, str]:
     index = tmp / "model.safetensors.index.json"
     if index.is_file():
         others[index.name] = hashlib.sha256(index.read_bytes()).hexdigest()
-    for name, src in p.carry_files.items():  # exactly what `plan` listed (links and sizes checked there)
+    for (
+        name,
+        src,
+    ) in p.carry_files.items():  # exactly what `plan` listed (links and sizes checked there)
         if name == "config.json":  # the dtype written; a sliced model's layer count
             try:
                 data = src.read_bytes()  # at most MAX_CARRY_BYTES, checked at plan time
@@ -368,8 +444,10 @@ def run_merge_plan(
     _check_not_input(p, dest)
     for fname in extra_files or {}:
         if Path(fname).name != fname or fname in (REPORT_NAME, "README.md"):
-            raise UsageError(f"extra output file {fname!r}: expected a plain file name other than "
-                             f"{REPORT_NAME} and README.md")
+            raise UsageError(
+                f"extra output file {fname!r}: expected a plain file name other than "
+                f"{REPORT_NAME} and README.md"
+            )
     inputs = _input_files(p)
     before = input_states([p], inputs)
     fingerprint = _fingerprint(p, dest, before) if resume else None
@@ -386,8 +464,9 @@ def run_merge_plan(
             bar = _progress_bar(p.input_bytes, progress, f"merge {p.method.name}")
             sink = FileSink(p, tmp, done=done, journal=journal)
             try:
-                stats = run_plan(p, sink, progress=bar.update, allow_nonfinite=allow_nonfinite,
-                                 skip=sink.skip)
+                stats = run_plan(
+                    p, sink, progress=bar.update, allow_nonfinite=allow_nonfinite, skip=sink.skip
+                )
                 sink.close()
             except BaseException:
                 sink.abort()
@@ -399,10 +478,19 @@ def run_merge_plan(
                 others[fname] = _write_file(tmp / fname, data)
             input_hashes = hasher.result() if hasher is not None else {}
             changed_files_check(before)
-            report = {**_report(p, stats, dest, input_hashes=input_hashes, output_hashes=sink.hashes,
-                                hashes_from_cache=hasher.from_cache if hasher is not None else (),
-                                other_files=others, resumed_shards=len(done)),
-                      **dict(extra_report or {})}
+            report = {
+                **_report(
+                    p,
+                    stats,
+                    dest,
+                    input_hashes=input_hashes,
+                    output_hashes=sink.hashes,
+                    hashes_from_cache=hasher.from_cache if hasher is not None else (),
+                    other_files=others,
+                    resumed_shards=len(done),
+                ),
+                **dict(extra_report or {}),
+            }
             _write_file(tmp / REPORT_NAME, (json.dumps(report, indent=2) + "\n").encode("utf-8"))
     finally:
         if hasher is not None:
@@ -440,8 +528,10 @@ def linear_recipe(
     if not paths:
         raise UsageError("no checkpoints given\nhint: give at least one checkpoint path")
     if weights is not None and len(weights) != len(paths):
-        raise UsageError(f"{len(weights)} weights for {len(paths)} checkpoints\n"
-                         "hint: give one weight per checkpoint")
+        raise UsageError(
+            f"{len(weights)} weights for {len(paths)} checkpoints\n"
+            "hint: give one weight per checkpoint"
+        )
     models = [
         ModelEntry(model=str(pth), parameters={} if weights is None else {"weight": float(w)})
         for pth, w in zip(paths, weights if weights is not None else [1.0] * len(paths))
@@ -504,10 +594,15 @@ def merge_state_dicts(
     if out_dtype is not None:
         data["out_dtype"] = out_dtype
     cfg = load_recipe(data)
-    ckpts = [in_memory_checkpoint(as_state_dict(s, f"state_dict {i}"), f"state_dict {i}")
-             for i, s in enumerate(states)]
-    base_ck = (in_memory_checkpoint(as_state_dict(base, "base state_dict"), "base state_dict")
-               if base is not None else None)
+    ckpts = [
+        in_memory_checkpoint(as_state_dict(s, f"state_dict {i}"), f"state_dict {i}")
+        for i, s in enumerate(states)
+    ]
+    base_ck = (
+        in_memory_checkpoint(as_state_dict(base, "base state_dict"), "base state_dict")
+        if base is not None
+        else None
+    )
     p = make_plan(cfg, ckpts, base_ck, chunk_elems=chunk_elems)
     sink = MemorySink(p)
     run_plan(p, sink, allow_nonfinite=allow_nonfinite)
@@ -517,8 +612,9 @@ def merge_state_dicts(
 _STEP = re.compile(r"(\d+)(?!.*\d)")
 
 
-def find_checkpoints(run_dir: str | os.PathLike[str], *, pattern: str = "checkpoint-*",
-                     last: int | None = None) -> list[Path]:
+def find_checkpoints(
+    run_dir: str | os.PathLike[str], *, pattern: str = "checkpoint-*", last: int | None = None
+) -> list[Path]:
     """The checkpoints of one training run, sorted by step (the last number in the name).
 
     Args:
@@ -538,18 +634,24 @@ def find_checkpoints(run_dir: str | os.PathLike[str], *, pattern: str = "checkpo
             continue
         m = _STEP.search(p.name)
         if m is None:
-            raise CheckpointFormatError(f"{p}: matches {pattern!r} but its name has no step number "
-                                        "to sort by\nhint: use --pattern to select only numbered checkpoints")
+            raise CheckpointFormatError(
+                f"{p}: matches {pattern!r} but its name has no step number "
+                "to sort by\nhint: use --pattern to select only numbered checkpoints"
+            )
         found.append((int(m.group(1)), p.name, p))
     if not found:
-        raise UsageError(f"{root}: no entries match {pattern!r}\nhint: use --pattern, e.g. 'step_*.safetensors'")
+        raise UsageError(
+            f"{root}: no entries match {pattern!r}\nhint: use --pattern, e.g. 'step_*.safetensors'"
+        )
     found.sort()
     paths = [p for _, _, p in found]
     if last is not None:
         if last < 1:
             raise UsageError(f"--last must be at least 1, got {last}")
         if last > len(paths):
-            raise UsageError(f"--last {last} but {root} has only {len(paths)} checkpoint(s) matching {pattern!r}")
+            raise UsageError(
+                f"--last {last} but {root} has only {len(paths)} checkpoint(s) matching {pattern!r}"
+            )
         paths = paths[-last:]
     return paths
 
@@ -575,6 +677,10 @@ def soup_checkpoints(
     """
     paths = find_checkpoints(run_dir, pattern=pattern, last=last)
     if weights is not None and len(weights) != len(paths):
-        raise ConfigError([f"{len(weights)} weights for {len(paths)} checkpoints "
-                           f"({', '.join(p.name for p in paths)})"])
+        raise ConfigError(
+            [
+                f"{len(weights)} weights for {len(paths)} checkpoints "
+                f"({', '.join(p.name for p in paths)})"
+            ]
+        )
     return uniform_soup(paths, out, weights=weights, **kwargs)

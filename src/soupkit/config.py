@@ -104,14 +104,17 @@ def _check_values(params: dict[str, ParamValue]) -> dict[str, ParamValue]:
     for key, value in params.items():
         items = value if isinstance(value, list) else [value]
         if isinstance(value, list) and not value:
-            raise ValueError(f"{key}: an empty list sets nothing; give a number, a gradient of "
-                             "at least one number, or a list of {filter/match, value} entries")
+            raise ValueError(
+                f"{key}: an empty list sets nothing; give a number, a gradient of "
+                "at least one number, or a list of {filter/match, value} entries"
+            )
         for item in items:
             inner = item.value if isinstance(item, Conditional) else item
             for x in inner if isinstance(inner, list) else [inner]:
                 if isinstance(x, float) and not math.isfinite(x):
-                    raise ValueError(f"{key}: {x} is not a usable value; parameters must be "
-                                     "finite numbers")
+                    raise ValueError(
+                        f"{key}: {x} is not a usable value; parameters must be finite numbers"
+                    )
             if isinstance(item, Conditional) and isinstance(item.value, list) and not item.value:
                 raise ValueError(f"{key}: an entry's value is an empty list, which sets nothing")
     return params
@@ -179,6 +182,7 @@ class MergeConfig(BaseModel):
         if v is not None and any(not p for p in v):
             raise ValueError("a prefix to strip cannot be empty")
         return v
+
     _values = field_validator("parameters")(_check_values)
 
     @field_validator("models")
@@ -192,22 +196,28 @@ class MergeConfig(BaseModel):
     @model_validator(mode="after")
     def _models_or_slices(self) -> MergeConfig:
         if bool(self.models) == bool(self.slices):
-            raise ValueError("give exactly one of `models:` (a list of models to merge) and "
-                             "`slices:` (layer ranges, see docs/mergekit.md)")
+            raise ValueError(
+                "give exactly one of `models:` (a list of models to merge) and "
+                "`slices:` (layer ranges, see docs/mergekit.md)"
+            )
         if self.tokenizer_source == "union":
-            raise ValueError("tokenizer_source: 'union' (merging vocabularies) is not supported by "
-                             "soupkit: it needs the tokenizers' vocabularies merged and every model's "
-                             "embedding and head rows re-indexed and filled before the merge; use "
-                             "'base' or a model path when the vocabularies agree (see docs/mergekit.md)")
+            raise ValueError(
+                "tokenizer_source: 'union' (merging vocabularies) is not supported by "
+                "soupkit: it needs the tokenizers' vocabularies merged and every model's "
+                "embedding and head rows re-indexed and filled before the merge; use "
+                "'base' or a model path when the vocabularies agree (see docs/mergekit.md)"
+            )
         return self
 
     def recipe_notes(self) -> list[str]:
         """What soupkit does differently from mergekit for this recipe's top-level keys."""
         if self.chat_template is None:
             return []
-        return [f"chat_template: {self.chat_template!r} is not applied: soupkit carries the tokenizer "
-                "files (and the chat template in them) unchanged; set the template in "
-                "tokenizer_config.json / chat_template.jinja of the tokenizer source if needed"]
+        return [
+            f"chat_template: {self.chat_template!r} is not applied: soupkit carries the tokenizer "
+            "files (and the chat template in them) unchanged; set the template in "
+            "tokenizer_config.json / chat_template.jinja of the tokenizer source if needed"
+        ]
 
     def resolve_model_path(self, path: str) -> str:
         """Where a model path points: relative to the current directory, as mergekit does;
@@ -235,8 +245,16 @@ def _friendly(err: Mapping[str, Any]) -> str | None:
     loc = tuple(err["loc"])
     # pydantic reports every branch of a union; keep the plain location and message.
     # (a tag is "str", "list[...]", "function-after[...]"; a key such as "strip_prefix" is kept)
-    loc = tuple(p for p in loc if not (isinstance(p, str) and ("[" in p or p in ("list", "str", "int", "float", "bool")
-                                                               or p.startswith("function"))))
+    loc = tuple(
+        p
+        for p in loc
+        if not (
+            isinstance(p, str)
+            and (
+                "[" in p or p in ("list", "str", "int", "float", "bool") or p.startswith("function")
+            )
+        )
+    )
     if err["type"] == "extra_forbidden":
         # The last element is the user's own key, whatever it looks like ("strength", "int8"):
         # never filter it out as if it were a union-branch tag.
@@ -253,13 +271,21 @@ def _friendly(err: Mapping[str, Any]) -> str | None:
         elif len(parent) == 4 and parent[0] == "slices" and parent[2] == "sources":
             fields = list(SliceSource.model_fields)
         if parent and parent[0] == "slices" and key == "residual_weight":
-            return (f"{_loc(parent)}.residual_weight: mergekit key 'residual_weight' is not "
-                    "supported by soupkit; see docs/mergekit.md")
+            return (
+                f"{_loc(parent)}.residual_weight: mergekit key 'residual_weight' is not "
+                "supported by soupkit; see docs/mergekit.md"
+            )
         if not parent and key in _MERGEKIT_UNSUPPORTED and _MERGEKIT_UNSUPPORTED[key]:
-            return (f"mergekit key {key!r} ({_MERGEKIT_UNSUPPORTED[key]}) is not supported by "
-                    "soupkit yet; see docs/mergekit.md")
+            return (
+                f"mergekit key {key!r} ({_MERGEKIT_UNSUPPORTED[key]}) is not supported by "
+                "soupkit yet; see docs/mergekit.md"
+            )
         close = difflib.get_close_matches(key, fields, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else (f"; allowed: {', '.join(fields)}" if fields else "")
+        hint = (
+            f"; did you mean {close[0]!r}?"
+            if close
+            else (f"; allowed: {', '.join(fields)}" if fields else "")
+        )
         return f"{_loc(parent) + '.' if parent else ''}{key}: unknown key{hint}"
     msg = str(err["msg"]).removeprefix("Value error, ")
     return f"{_loc(loc)}: {msg}"
@@ -301,13 +327,17 @@ def _expanded_nodes(root: yaml.Node, limit: int) -> int:
             else:
                 n = 1
             if n > limit:
-                raise ValueError(f"more than {limit:,} values once its aliases and merge keys are expanded")
+                raise ValueError(
+                    f"more than {limit:,} values once its aliases and merge keys are expanded"
+                )
             size[key] = n
             continue
         if key in size:
             continue
         if key in active:
-            raise ValueError("an alias refers to the mapping or list that contains it (a recursive structure)")
+            raise ValueError(
+                "an alias refers to the mapping or list that contains it (a recursive structure)"
+            )
         active.add(key)
         stack.append((node, True))
         if isinstance(node, yaml.SequenceNode):
@@ -328,10 +358,14 @@ def _safe_load(text: str, label: str | None) -> Any:
         try:
             _expanded_nodes(node, MAX_RECIPE_NODES)
         except ValueError as e:
-            raise ConfigError([f"recipe refused: {e}; a recipe may hold at most "
-                               f"{MAX_RECIPE_NODES:,} values (hint: a few hundred bytes of nested "
-                               "aliases can stand for billions of values; write the recipe out)"],
-                              label) from None
+            raise ConfigError(
+                [
+                    f"recipe refused: {e}; a recipe may hold at most "
+                    f"{MAX_RECIPE_NODES:,} values (hint: a few hundred bytes of nested "
+                    "aliases can stand for billions of values; write the recipe out)"
+                ],
+                label,
+            ) from None
         return loader.construct_document(node)
     finally:
         loader.dispose()
@@ -346,34 +380,56 @@ def _read_recipe_file(path: Path, label: str) -> str:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
-        raise ConfigError([f"the recipe file {shown(path, quote=True)} does not exist (looked in "
-                           f"{shown(os.getcwd())}); hint: check the path, or pass an absolute one"],
-                          label) from None
+        raise ConfigError(
+            [
+                f"the recipe file {shown(path, quote=True)} does not exist (looked in "
+                f"{shown(os.getcwd())}); hint: check the path, or pass an absolute one"
+            ],
+            label,
+        ) from None
     except (OSError, ValueError) as e:  # ValueError: a NUL byte in the path
-        raise ConfigError([f"cannot open the recipe ({getattr(e, 'strerror', None) or e})"], label) from None
+        raise ConfigError(
+            [f"cannot open the recipe ({getattr(e, 'strerror', None) or e})"], label
+        ) from None
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
         os.close(fd)
-        kind = ("a folder" if stat.S_ISDIR(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode)
-                else "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)
-                else "not a regular file")
-        raise ConfigError([f"the recipe is {kind}, expected a regular YAML file; it was not read"], label)
+        kind = (
+            "a folder"
+            if stat.S_ISDIR(st.st_mode)
+            else "a FIFO"
+            if stat.S_ISFIFO(st.st_mode)
+            else "a device"
+            if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)
+            else "not a regular file"
+        )
+        raise ConfigError(
+            [f"the recipe is {kind}, expected a regular YAML file; it was not read"], label
+        )
     with open(fd, "rb") as f:
         if st.st_size > MAX_RECIPE_BYTES:
-            raise ConfigError([f"recipe is {st.st_size} bytes; recipes over {MAX_RECIPE_BYTES:,} "
-                               "bytes are refused"], label)
+            raise ConfigError(
+                [
+                    f"recipe is {st.st_size} bytes; recipes over {MAX_RECIPE_BYTES:,} "
+                    "bytes are refused"
+                ],
+                label,
+            )
         os.set_blocking(fd, True)
         try:
             raw = f.read(st.st_size + 1)  # bounded even if the file grows meanwhile
         except OSError as e:
             raise ConfigError([f"cannot read the recipe ({e.strerror})"], label) from None
     if len(raw) > st.st_size:
-        raise ConfigError(["the recipe file grew while it was read; hint: read it when it is "
-                           "complete"], label)
+        raise ConfigError(
+            ["the recipe file grew while it was read; hint: read it when it is complete"], label
+        )
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ConfigError([f"cannot read the recipe (not UTF-8 text: byte {e.start})"], label) from None
+        raise ConfigError(
+            [f"cannot read the recipe (not UTF-8 text: byte {e.start})"], label
+        ) from None
 
 
 def load_recipe(source: MergeConfig | Mapping[str, Any] | str | os.PathLike[str]) -> MergeConfig:
@@ -401,7 +457,9 @@ def load_recipe(source: MergeConfig | Mapping[str, Any] | str | os.PathLike[str]
     else:
         text: str
         one_line = isinstance(source, str) and "\n" not in source
-        if isinstance(source, os.PathLike) or (one_line and str(source).endswith((".yaml", ".yml", ".json"))):
+        if isinstance(source, os.PathLike) or (
+            one_line and str(source).endswith((".yaml", ".yml", ".json"))
+        ):
             label, recipe_file = shown(source), Path(source)
             text = _read_recipe_file(recipe_file, label)
         else:
@@ -413,11 +471,17 @@ def load_recipe(source: MergeConfig | Mapping[str, Any] | str | os.PathLike[str]
         except RecursionError:
             raise ConfigError(["YAML nested too deeply"], label) from None
         if one_line and not isinstance(data, dict):
-            raise ConfigError([f"{shown(source, quote=True)} is neither a recipe file (a path must "
-                               "end in .yaml, .yml or .json; or pass a pathlib.Path) nor the YAML "
-                               "text of a recipe (a mapping)"])
+            raise ConfigError(
+                [
+                    f"{shown(source, quote=True)} is neither a recipe file (a path must "
+                    "end in .yaml, .yml or .json; or pass a pathlib.Path) nor the YAML "
+                    "text of a recipe (a mapping)"
+                ]
+            )
     if not isinstance(data, dict):
-        raise ConfigError([f"a recipe is a mapping of keys to values, got {type(data).__name__}"], label)
+        raise ConfigError(
+            [f"a recipe is a mapping of keys to values, got {type(data).__name__}"], label
+        )
     try:
         cfg = MergeConfig.model_validate(data)
         if recipe_file is not None:

@@ -1,4 +1,4 @@
-""""Will these soup?": diagnostics before a merge, streamed tensor by tensor.
+""" "Will these soup?": diagnostics before a merge, streamed tensor by tensor.
 
 Averaging weights works when the models sit in one basin of the loss landscape: fine-tunes of
 one pretrained initialisation usually do (Neyshabur et al. 2020, Frankle et al. 2020; the
@@ -48,7 +48,6 @@ from soupkit import _extras
 from soupkit.errors import UsageError
 from soupkit.formats import KeyMap, prefix_hint, rename_checkpoint
 from soupkit.io.checkpoint import Checkpoint, in_memory_checkpoint, open_checkpoint
-from soupkit.io.header import TensorInfo
 from soupkit.io.reader import TensorReader
 
 __all__ = ["DiagnosisReport", "Interpolation", "diagnose"]
@@ -56,9 +55,24 @@ __all__ = ["DiagnosisReport", "Interpolation", "diagnose"]
 CHUNK = 1 << 20
 _LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
 _PRE = ("embed", "wte", "wpe", "tok_", "word_embeddings", "position_embeddings", "token_type")
-_VOCAB = ("embed_tokens", "word_embeddings", "wte", "lm_head", "embed_out", "shared", "tok_embeddings")
-_TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model",
-                    "spiece.model", "sentencepiece.bpe.model")
+_VOCAB = (
+    "embed_tokens",
+    "word_embeddings",
+    "wte",
+    "lm_head",
+    "embed_out",
+    "shared",
+    "tok_embeddings",
+)
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
 
 ModelLike = str | os.PathLike[str] | Mapping[str, torch.Tensor] | torch.nn.Module
 
@@ -154,17 +168,24 @@ class DiagnosisReport:
         if self.weight_cosine:
             lines += ["", "weight cosine similarity:"] + _matrix(self.weight_cosine, short)
         if self.cosine is not None:
-            lines += ["", f"task-vector cosine similarity (base {self.base}):"] + _matrix(self.cosine, short)
+            lines += ["", f"task-vector cosine similarity (base {self.base}):"] + _matrix(
+                self.cosine, short
+            )
             lines += ["", "task vectors:"]
-            lines += [f"  {s:<24} norm {self.task_vector_norms[m]:.4g}   {100 * self.distance_from_base[m]:.3g}% of the base's norm"
-                      for m, s in zip(self.models, short)]
+            lines += [
+                f"  {s:<24} norm {self.task_vector_norms[m]:.4g}   {100 * self.distance_from_base[m]:.3g}% of the base's norm"
+                for m, s in zip(self.models, short)
+            ]
         if self.sign_conflicts:
             lines += ["", f"sign conflicts (overall {100 * (self.sign_conflict_rate or 0):.1f}%):"]
             lines += [f"  {g:<14} {100 * r:5.1f}%" for g, r in self.sign_conflicts.items()]
         for it in self.interpolations:
             pts = "  ".join(f"{a:.1f}:{s:.4g}" for a, s in zip(it.alphas, it.scores))
-            lines += ["", f"interpolation {short[it.a]} -> {short[it.b]}: barrier {it.barrier:.4g} at alpha {it.barrier_alpha:.2f}",
-                      f"  {pts}"]
+            lines += [
+                "",
+                f"interpolation {short[it.a]} -> {short[it.b]}: barrier {it.barrier:.4g} at alpha {it.barrier_alpha:.2f}",
+                f"  {pts}",
+            ]
         if self.plots:
             lines += [""] + [f"plot: {p}" for p in self.plots.values()]
         return "\n".join(lines)
@@ -188,7 +209,9 @@ def _short(labels: Sequence[str]) -> list[str]:
 def _matrix(m: Sequence[Sequence[float]], labels: Sequence[str]) -> list[str]:
     w = max(8, max(len(s[:16]) for s in labels) + 1)
     head = " " * 18 + "".join(f"{s[:16]:>{w}}" for s in labels)
-    return [head] + [f"  {labels[i][:16]:<16}" + "".join(f"{v:>{w}.4f}" for v in row) for i, row in enumerate(m)]
+    return [head] + [
+        f"  {labels[i][:16]:<16}" + "".join(f"{v:>{w}.4f}" for v in row) for i, row in enumerate(m)
+    ]
 
 
 def _group(name: str) -> str:
@@ -234,43 +257,72 @@ def _check_structure(cks: Sequence[Checkpoint], rep: DiagnosisReport) -> list[st
     for ck in cks[1:]:
         missing = [n for n in ref.tensors if n not in ck.tensors]
         extra = [n for n in ck.tensors if n not in ref.tensors]
-        shapes = [n for n in ref.tensors if n in ck.tensors and ck.tensors[n].shape != ref.tensors[n].shape]
+        shapes = [
+            n
+            for n in ref.tensors
+            if n in ck.tensors and ck.tensors[n].shape != ref.tensors[n].shape
+        ]
         if missing or extra:
             hint = prefix_hint(ref.tensors, ck.tensors) or prefix_hint(ck.tensors, ref.tensors)
             rep.architecture_problems.append(
                 f"{ck.label}: {len(missing)} tensor(s) of {ref.label} missing"
                 f"{' (e.g. ' + repr(missing[0]) + ')' if missing else ''}, {len(extra)} extra"
                 f"{' (e.g. ' + repr(extra[0]) + ')' if extra else ''}"
-                + (f"; the names differ by a prefix: try {hint}" if hint else ""))
+                + (f"; the names differ by a prefix: try {hint}" if hint else "")
+            )
         for n in shapes[:5]:
-            rep.architecture_problems.append(f"{ck.label}: {n!r} is {list(ck.tensors[n].shape)}, "
-                                             f"{ref.label} has {list(ref.tensors[n].shape)}")
+            rep.architecture_problems.append(
+                f"{ck.label}: {n!r} is {list(ck.tensors[n].shape)}, "
+                f"{ref.label} has {list(ref.tensors[n].shape)}"
+            )
         if len(shapes) > 5:
-            rep.architecture_problems.append(f"{ck.label}: {len(shapes) - 5} more tensors differ in shape")
+            rep.architecture_problems.append(
+                f"{ck.label}: {len(shapes) - 5} more tensors differ in shape"
+            )
     configs = [_config(c) for c in cks]
     types = {str(c.get("model_type")) for c in configs if c.get("model_type")}
     if len(types) > 1:
-        rep.architecture_problems.append(f"config.json model_type differs: {', '.join(sorted(types))}")
+        rep.architecture_problems.append(
+            f"config.json model_type differs: {', '.join(sorted(types))}"
+        )
     rep.same_architecture = not rep.architecture_problems
     # vocabulary: embedding rows, and the tokenizer files where present
     vocab_problems = []
     for ck in cks:
-        emb = next((t for n, t in ck.tensors.items() if any(v in n for v in _VOCAB) and len(t.shape) == 2), None)
+        emb = next(
+            (t for n, t in ck.tensors.items() if any(v in n for v in _VOCAB) and len(t.shape) == 2),
+            None,
+        )
         if emb is not None:
             rep.vocab_sizes[ck.label] = int(emb.shape[0])
     if len(set(rep.vocab_sizes.values())) > 1:
-        vocab_problems.append("embedding rows differ: " + ", ".join(f"{k}: {v}" for k, v in rep.vocab_sizes.items()))
+        vocab_problems.append(
+            "embedding rows differ: " + ", ".join(f"{k}: {v}" for k, v in rep.vocab_sizes.items())
+        )
     for fname in _TOKENIZER_FILES:
-        digests = {c.label: _file_digest(c.folder / fname) for c in cks if c.folder is not None and (c.folder / fname).is_file()}
+        digests = {
+            c.label: _file_digest(c.folder / fname)
+            for c in cks
+            if c.folder is not None and (c.folder / fname).is_file()
+        }
         if len(digests) == len(cks) and len(set(digests.values())) > 1:
             vocab_problems.append(f"{fname} differs between the models")
     if vocab_problems:
         rep.same_vocabulary = False
-        rep.architecture_problems += [p for p in vocab_problems if p not in rep.architecture_problems]
+        rep.architecture_problems += [
+            p for p in vocab_problems if p not in rep.architecture_problems
+        ]
     elif rep.vocab_sizes:
         rep.same_vocabulary = True
-    common = [n for n, t in ref.tensors.items() if t.is_float and all(
-        n in c.tensors and c.tensors[n].shape == t.shape and c.tensors[n].is_float for c in cks[1:])]
+    common = [
+        n
+        for n, t in ref.tensors.items()
+        if t.is_float
+        and all(
+            n in c.tensors and c.tensors[n].shape == t.shape and c.tensors[n].is_float
+            for c in cks[1:]
+        )
+    ]
     return common
 
 
@@ -278,12 +330,25 @@ def _bar(total: int, enabled: bool | None) -> Any:
     from tqdm.auto import tqdm
 
     disable = (not sys.stderr.isatty()) if enabled is None else (not enabled)
-    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="diagnose",
-                disable=disable, dynamic_ncols=True, leave=False)
+    return tqdm(
+        total=total,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        desc="diagnose",
+        disable=disable,
+        dynamic_ncols=True,
+        leave=False,
+    )
 
 
-def _stream_stats(cks: Sequence[Checkpoint], base: Checkpoint | None, names: Sequence[str], rep: DiagnosisReport,
-                  progress: bool | None) -> None:
+def _stream_stats(
+    cks: Sequence[Checkpoint],
+    base: Checkpoint | None,
+    names: Sequence[str],
+    rep: DiagnosisReport,
+    progress: bool | None,
+) -> None:
     """One pass over the common tensors: float64 dot products, norms, sign conflicts."""
     n = len(cks)
     wdot = torch.zeros(n, n, dtype=torch.float64)
@@ -291,8 +356,11 @@ def _stream_stats(cks: Sequence[Checkpoint], base: Checkpoint | None, names: Seq
     tdot = torch.zeros(n, n, dtype=torch.float64)
     base_sq = 0.0
     conflicts: dict[str, list[int]] = {}
-    total = sum(sum(c.tensors[nm].nbytes for c in cks) + (base.tensors[nm].nbytes if base is not None else 0)
-                for nm in names)
+    total = sum(
+        sum(c.tensors[nm].nbytes for c in cks)
+        + (base.tensors[nm].nbytes if base is not None else 0)
+        for nm in names
+    )
     bar = _bar(total, progress)
     try:
         with TensorReader() as reader, torch.inference_mode():
@@ -307,8 +375,8 @@ def _stream_stats(cks: Sequence[Checkpoint], base: Checkpoint | None, names: Seq
                     x = torch.stack([reader.read(i, a, b).to(torch.float64) for i in infos])
                     wdot += x @ x.T
                     for i in range(n):
-                        d = x[i + 1:] - x[i]
-                        wdist[i, i + 1:] += (d * d).sum(1)
+                        d = x[i + 1 :] - x[i]
+                        wdist[i, i + 1 :] += (d * d).sum(1)
                     if binfo is not None:
                         bx = reader.read(binfo, a, b).to(torch.float64)
                         base_sq += float(bx @ bx)
@@ -322,31 +390,50 @@ def _stream_stats(cks: Sequence[Checkpoint], base: Checkpoint | None, names: Seq
                             c = conflicts.setdefault(grp, [0, 0])
                             c[0] += int(((pos > 0) & (neg > 0) & both).sum())
                             c[1] += int(both.sum())
-                    bar.update(sum((b - a) * i.itemsize for i in infos) + ((b - a) * binfo.itemsize if binfo else 0))
+                    bar.update(
+                        sum((b - a) * i.itemsize for i in infos)
+                        + ((b - a) * binfo.itemsize if binfo else 0)
+                    )
                 rep.num_params += infos[0].numel
     finally:
         bar.close()
     wdist = wdist + wdist.T
     norms = wdot.diagonal().sqrt()
     rep.weight_cosine = [[_cos(wdot[i, j], norms[i], norms[j]) for j in range(n)] for i in range(n)]
-    rep.weight_distance = [[0.0 if i == j else float(wdist[i, j].sqrt() / ((norms[i] + norms[j]) / 2))
-                            if (norms[i] + norms[j]) > 0 else 0.0 for j in range(n)] for i in range(n)]
+    rep.weight_distance = [
+        [
+            0.0
+            if i == j
+            else float(wdist[i, j].sqrt() / ((norms[i] + norms[j]) / 2))
+            if (norms[i] + norms[j]) > 0
+            else 0.0
+            for j in range(n)
+        ]
+        for i in range(n)
+    ]
     if base is not None:
         tn = tdot.diagonal().sqrt()
         bn = math.sqrt(base_sq)
         rep.task_vector_norms = {c.label: float(tn[i]) for i, c in enumerate(cks)}
-        rep.distance_from_base = {c.label: float(tn[i] / bn) if bn > 0 else float("inf") for i, c in enumerate(cks)}
+        rep.distance_from_base = {
+            c.label: float(tn[i] / bn) if bn > 0 else float("inf") for i, c in enumerate(cks)
+        }
         rep.cosine = [[_cos(tdot[i, j], tn[i], tn[j]) for j in range(n)] for i in range(n)]
         if conflicts:
+
             def order(g: str) -> tuple[int, int, str]:
                 if g == "embeddings":
                     return (0, 0, "")
                 if re.fullmatch(r"layer \d+", g):
                     return (1, int(g.split()[1]), "")
                 return (2, 0, g)
+
             # groups where fewer than two task vectors touch any entry have no rate to report
-            rep.sign_conflicts = {g: c[0] / c[1] for g, c in sorted(conflicts.items(), key=lambda kv: order(kv[0]))
-                                  if c[1]}
+            rep.sign_conflicts = {
+                g: c[0] / c[1]
+                for g, c in sorted(conflicts.items(), key=lambda kv: order(kv[0]))
+                if c[1]
+            }
             tot = sum(c[1] for c in conflicts.values())
             rep.sign_conflict_rate = sum(c[0] for c in conflicts.values()) / tot if tot else 0.0
 
@@ -360,12 +447,19 @@ def _cos(dot: torch.Tensor, na: torch.Tensor, nb: torch.Tensor) -> float:
 def _load_state(ck: Checkpoint) -> dict[str, torch.Tensor]:
     """The whole model in memory (an evaluator needs it); in-memory inputs are copied, never shared."""
     with TensorReader() as reader:
-        return {n: (reader.read(t) if t.data is None else reader.read(t).clone()).reshape(t.shape)
-                for n, t in ck.tensors.items()}
+        return {
+            n: (reader.read(t) if t.data is None else reader.read(t).clone()).reshape(t.shape)
+            for n, t in ck.tensors.items()
+        }
 
 
-def _interpolate(cks: Sequence[Checkpoint], pairs: Sequence[tuple[int, int]], evaluator: Callable[..., Any],
-                 points: int, progress: bool | None) -> list[Interpolation]:
+def _interpolate(
+    cks: Sequence[Checkpoint],
+    pairs: Sequence[tuple[int, int]],
+    evaluator: Callable[..., Any],
+    points: int,
+    progress: bool | None,
+) -> list[Interpolation]:
     from soupkit.api import merge_state_dicts
     from soupkit.evaluate import run_evaluator
 
@@ -374,7 +468,9 @@ def _interpolate(cks: Sequence[Checkpoint], pairs: Sequence[tuple[int, int]], ev
     from tqdm.auto import tqdm
 
     disable = (not sys.stderr.isatty()) if progress is None else (not progress)
-    bar = tqdm(total=len(pairs) * points, desc="interpolate", unit="eval", disable=disable, leave=False)
+    bar = tqdm(
+        total=len(pairs) * points, desc="interpolate", unit="eval", disable=disable, leave=False
+    )
     try:
         for i, j in pairs:
             a, b = _load_state(cks[i]), _load_state(cks[j])
@@ -385,8 +481,9 @@ def _interpolate(cks: Sequence[Checkpoint], pairs: Sequence[tuple[int, int]], ev
                 elif al == 1.0:
                     state = b
                 else:
-                    state = merge_state_dicts([a, b], "linear",
-                                              model_parameters=[{"weight": 1.0 - al}, {"weight": al}])
+                    state = merge_state_dicts(
+                        [a, b], "linear", model_parameters=[{"weight": 1.0 - al}, {"weight": al}]
+                    )
                 label = f"{cks[i].label} -> {cks[j].label} at alpha {al:.2f}"
                 scores.append(run_evaluator(evaluator, state, label=label).score)
                 bar.update(1)
@@ -403,53 +500,79 @@ def _verdict(rep: DiagnosisReport, cosine_threshold: float, barrier_tolerance: f
     n = len(rep.models)
     if not rep.same_architecture:
         vocab = rep.same_vocabulary is False
-        rep.verdict = ("different vocabularies: averaging cannot work until the embeddings match"
-                       if vocab and not any("missing" in p or "model_type" in p for p in rep.architecture_problems)
-                       else "different architectures: these models cannot be souped")
+        rep.verdict = (
+            "different vocabularies: averaging cannot work until the embeddings match"
+            if vocab
+            and not any("missing" in p or "model_type" in p for p in rep.architecture_problems)
+            else "different architectures: these models cannot be souped"
+        )
         rep.safe = False
         ev += rep.architecture_problems
         return
-    ev.append(f"same architecture: {n} models, {rep.num_params:,} parameters compared"
-              + (f", vocabulary {next(iter(rep.vocab_sizes.values()))}" if rep.vocab_sizes else ""))
+    ev.append(
+        f"same architecture: {n} models, {rep.num_params:,} parameters compared"
+        + (f", vocabulary {next(iter(rep.vocab_sizes.values()))}" if rep.vocab_sizes else "")
+    )
     off = [(i, j) for i in range(n) for j in range(i + 1, n)]
     min_cos = min((rep.weight_cosine[i][j] for i, j in off), default=1.0)
     max_dist = max((rep.weight_distance[i][j] for i, j in off), default=0.0)
     shared = min_cos >= cosine_threshold
     if off:
-        ev.append(f"weight cosine similarity between models: min {min_cos:.4f} "
-                  f"({'>=' if shared else '<'} {cosine_threshold}); largest relative distance {max_dist:.3g}"
-                  + ("" if shared else " (independent initialisations give cosine near 0, distance near 1.41)"))
+        ev.append(
+            f"weight cosine similarity between models: min {min_cos:.4f} "
+            f"({'>=' if shared else '<'} {cosine_threshold}); largest relative distance {max_dist:.3g}"
+            + (
+                ""
+                if shared
+                else " (independent initialisations give cosine near 0, distance near 1.41)"
+            )
+        )
     far: list[str] = []
     if rep.base is not None:
         far = [m for m, d in rep.distance_from_base.items() if d > 1 - cosine_threshold]
-        dists = ", ".join(f"{Path(m).name or m} {100 * d:.3g}%" for m, d in rep.distance_from_base.items())
+        dists = ", ".join(
+            f"{Path(m).name or m} {100 * d:.3g}%" for m, d in rep.distance_from_base.items()
+        )
         ev.append(f"distance from the base, relative to its norm: {dists}")
         if far:
-            ev.append(f"{', '.join(far)} {'is' if len(far) == 1 else 'are'} far from the base: not a "
-                      "fine-tune of it")
+            ev.append(
+                f"{', '.join(far)} {'is' if len(far) == 1 else 'are'} far from the base: not a "
+                "fine-tune of it"
+            )
         if rep.cosine is not None and off:
             tv = [rep.cosine[i][j] for i, j in off]
             ev.append(f"task-vector cosine similarity: {min(tv):.3f} .. {max(tv):.3f}")
             if max(tv) > 0.95:
-                adv.append("some task vectors are nearly parallel: those fine-tunes learned much the same update")
+                adv.append(
+                    "some task vectors are nearly parallel: those fine-tunes learned much the same update"
+                )
         if rep.sign_conflict_rate is not None and n >= 2:
-            ev.append(f"sign conflicts: {100 * rep.sign_conflict_rate:.1f}% of the entries two or more "
-                      "task vectors change")
+            ev.append(
+                f"sign conflicts: {100 * rep.sign_conflict_rate:.1f}% of the entries two or more "
+                "task vectors change"
+            )
             if rep.sign_conflict_rate > 0.3:
-                adv.append("many sign conflicts: TIES (merge_method: ties) elects one sign per entry "
-                           "instead of letting opposite updates cancel")
+                adv.append(
+                    "many sign conflicts: TIES (merge_method: ties) elects one sign per entry "
+                    "instead of letting opposite updates cancel"
+                )
     barrier_bad: list[Interpolation] = []
     for it in rep.interpolations:
         scale = max(abs(it.scores[0]), abs(it.scores[-1]), 1e-12)
         bad = it.barrier > barrier_tolerance * scale
         if bad:
             barrier_bad.append(it)
-        ev.append(f"interpolation {Path(rep.models[it.a]).name} -> {Path(rep.models[it.b]).name}: "
-                  f"endpoint scores {it.scores[0]:.4g} / {it.scores[-1]:.4g}, midpoint {it.scores[len(it.scores) // 2]:.4g}, "
-                  f"barrier {it.barrier:.4g} ({'>' if bad else '<='} {barrier_tolerance:g} x endpoint score)")
+        ev.append(
+            f"interpolation {Path(rep.models[it.a]).name} -> {Path(rep.models[it.b]).name}: "
+            f"endpoint scores {it.scores[0]:.4g} / {it.scores[-1]:.4g}, midpoint {it.scores[len(it.scores) // 2]:.4g}, "
+            f"barrier {it.barrier:.4g} ({'>' if bad else '<='} {barrier_tolerance:g} x endpoint score)"
+        )
     if not shared or (rep.base is not None and len(far) == n):
-        rep.verdict = ("different bases: averaging will fail" if rep.base is None or not shared
-                       else "the models are not fine-tunes of this base: task-vector merges will fail")
+        rep.verdict = (
+            "different bases: averaging will fail"
+            if rep.base is None or not shared
+            else "the models are not fine-tunes of this base: task-vector merges will fail"
+        )
         if barrier_bad:
             rep.verdict += " (and the interpolation shows a high barrier)"
         rep.safe = False
@@ -457,19 +580,25 @@ def _verdict(rep: DiagnosisReport, cosine_threshold: float, barrier_tolerance: f
         rep.verdict = "share an initialisation, but high barrier: not linearly mode-connected, a soup will lose accuracy"
         rep.safe = False
     elif far:
-        rep.verdict = "share an initialisation, but some models are far from the base: check the base"
+        rep.verdict = (
+            "share an initialisation, but some models are far from the base: check the base"
+        )
         rep.safe = False
     elif rep.interpolations:
         rep.verdict = "share an initialisation, low barrier: safe to soup"
         rep.safe = True
     else:
-        rep.verdict = ("share an initialisation: likely safe to soup "
-                       "(give an evaluator to check the interpolation barrier)")
+        rep.verdict = (
+            "share an initialisation: likely safe to soup "
+            "(give an evaluator to check the interpolation barrier)"
+        )
         rep.safe = True
 
 
 def _plots(rep: DiagnosisReport, folder: Path) -> None:
-    FigureCanvasAgg = _extras.require("matplotlib.backends.backend_agg", "plot", "plotting").FigureCanvasAgg
+    FigureCanvasAgg = _extras.require(
+        "matplotlib.backends.backend_agg", "plot", "plotting"
+    ).FigureCanvasAgg
     Figure = _extras.require("matplotlib.figure", "plot", "plotting").Figure
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -491,8 +620,15 @@ def _plots(rep: DiagnosisReport, folder: Path) -> None:
         ax.set_yticks(range(n), [s[:14] for s in short])
         for i in range(n):
             for j in range(n):
-                ax.text(j, i, f"{mat[i][j]:.2f}", ha="center", va="center",
-                        color="white" if abs(mat[i][j]) > 0.6 else "black", fontsize=8)
+                ax.text(
+                    j,
+                    i,
+                    f"{mat[i][j]:.2f}",
+                    ha="center",
+                    va="center",
+                    color="white" if abs(mat[i][j]) > 0.6 else "black",
+                    fontsize=8,
+                )
         ax.set_title("task-vector cosine" if rep.cosine is not None else "weight cosine")
         fig.colorbar(im, ax=ax, shrink=0.8)
         save(fig, "cosine.png")
@@ -501,8 +637,14 @@ def _plots(rep: DiagnosisReport, folder: Path) -> None:
         ax = fig.add_subplot()
         for it in rep.interpolations:
             label = f"{short[it.a]} -> {short[it.b]} (barrier {it.barrier:.3g})"
-            line, = ax.plot(it.alphas, it.scores, marker="o", label=label)
-            ax.plot([0, 1], [it.scores[0], it.scores[-1]], linestyle="--", color=line.get_color(), alpha=0.6)
+            (line,) = ax.plot(it.alphas, it.scores, marker="o", label=label)
+            ax.plot(
+                [0, 1],
+                [it.scores[0], it.scores[-1]],
+                linestyle="--",
+                color=line.get_color(),
+                alpha=0.6,
+            )
         ax.set_xlabel("alpha: (1 - alpha) * A + alpha * B")
         ax.set_ylabel("score (higher is better)")
         ax.set_title("linear mode connectivity")
@@ -511,13 +653,19 @@ def _plots(rep: DiagnosisReport, folder: Path) -> None:
         save(fig, "interpolation.png")
     if rep.sign_conflicts:
         groups = list(rep.sign_conflicts)
-        fig = Figure(figsize=(max(4.0, 0.35 * len(groups) + 1.5), 3.5), dpi=110, layout="constrained")
+        fig = Figure(
+            figsize=(max(4.0, 0.35 * len(groups) + 1.5), 3.5), dpi=110, layout="constrained"
+        )
         ax = fig.add_subplot()
         ax.bar(range(len(groups)), [100 * rep.sign_conflicts[g] for g in groups], color="#ef6c00")
         ticks = [g.replace("layer ", "") for g in groups]
         if len(groups) > 12 or any(len(t) > 3 for t in ticks):  # long names would overlap
-            ax.set_xticks(range(len(groups)), ticks, rotation=90 if len(groups) > 24 else 45,
-                          ha="center" if len(groups) > 24 else "right")
+            ax.set_xticks(
+                range(len(groups)),
+                ticks,
+                rotation=90 if len(groups) > 24 else 45,
+                ha="center" if len(groups) > 24 else "right",
+            )
         else:
             ax.set_xticks(range(len(groups)), ticks)
         ax.set_ylabel("sign conflicts (%)")
@@ -571,10 +719,18 @@ def diagnose(
         raise UsageError("diagnose needs at least two models (or one model and --base)")
     if points < 3:
         raise UsageError(f"points must be at least 3 to see a barrier, got {points}")
-    labels = [str(m) if isinstance(m, (str, os.PathLike)) else f"model {i}" for i, m in enumerate(models)]
-    cks = [rename_checkpoint(_open(m, lab, allow_pickle), key_map) for m, lab in zip(models, labels)]
-    base_ck = rename_checkpoint(_open(base, "base", allow_pickle), key_map) if base is not None else None
-    rep = DiagnosisReport(models=[c.label for c in cks], base=base_ck.label if base_ck is not None else None)
+    labels = [
+        str(m) if isinstance(m, (str, os.PathLike)) else f"model {i}" for i, m in enumerate(models)
+    ]
+    cks = [
+        rename_checkpoint(_open(m, lab, allow_pickle), key_map) for m, lab in zip(models, labels)
+    ]
+    base_ck = (
+        rename_checkpoint(_open(base, "base", allow_pickle), key_map) if base is not None else None
+    )
+    rep = DiagnosisReport(
+        models=[c.label for c in cks], base=base_ck.label if base_ck is not None else None
+    )
     names = _check_structure(cks + ([base_ck] if base_ck is not None else []), rep)
     if names:
         _stream_stats(cks, base_ck, names, rep, progress)
@@ -587,7 +743,9 @@ def diagnose(
             pairs = [(0, j) for j in range(1, len(cks))]
         for i, j in pairs:
             if not (0 <= i < len(cks) and 0 <= j < len(cks)) or i == j:
-                raise UsageError(f"pair ({i}, {j}): expected two different model indices below {len(cks)}")
+                raise UsageError(
+                    f"pair ({i}, {j}): expected two different model indices below {len(cks)}"
+                )
         rep.interpolations = _interpolate(cks, pairs, evaluator, points, progress)
     _verdict(rep, cosine_threshold, barrier_tolerance)
     if out is not None:

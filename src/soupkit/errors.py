@@ -92,7 +92,9 @@ def shown(value: object, *, quote: bool = False, limit: int = MAX_SHOWN_CHARS) -
 def _item(text: str) -> str:
     """A list item whose continuation lines stay indented under it."""
     first, *rest = text.split("\n")
-    return "\n".join([f"  - {first}"] + [f"    {r}" if not r.startswith("    ") else r for r in rest])
+    return "\n".join(
+        [f"  - {first}"] + [f"    {r}" if not r.startswith("    ") else r for r in rest]
+    )
 
 
 class SoupError(Exception):

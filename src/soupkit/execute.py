@@ -54,15 +54,26 @@ from soupkit.plan import MergePlan, TensorJob
 from soupkit.tensor_trim import TopKSelect, chunk_cut, magnitude_bits
 
 __all__ = [
-    "COMPUTE_ELEMS", "FileSink", "MemorySink", "RNG_BLOCK", "RunStats", "Sink", "all_finite",
-    "check_shared_inputs", "run_plan", "run_plans", "tensor_seed",
+    "COMPUTE_ELEMS",
+    "FileSink",
+    "MemorySink",
+    "RNG_BLOCK",
+    "RunStats",
+    "Sink",
+    "all_finite",
+    "check_shared_inputs",
+    "run_plan",
+    "run_plans",
+    "tensor_seed",
 ]
 
 
 def tensor_seed(seed: int, name: str, block: int | None = None) -> int:
     """A 63-bit seed derived from the recipe seed, the tensor name and (optionally) a block."""
     key = f"{seed}\x00{name}" + (f"\x00{block}" if block is not None else "")
-    return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "little") & ((1 << 63) - 1)
+    return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "little") & (
+        (1 << 63) - 1
+    )
 
 
 class Sink(Protocol):
@@ -84,8 +95,14 @@ class FileSink:
         journal: where to record each shard as it finishes (resumable runs).
     """
 
-    def __init__(self, plan: MergePlan, folder: Path, *, done: Mapping[str, str] | None = None,
-                 journal: Journal | None = None) -> None:
+    def __init__(
+        self,
+        plan: MergePlan,
+        folder: Path,
+        *,
+        done: Mapping[str, str] | None = None,
+        journal: Journal | None = None,
+    ) -> None:
         self.folder = folder
         self.plan = plan
         self.journal = journal
@@ -110,7 +127,9 @@ class FileSink:
     @property
     def skip(self) -> frozenset[str]:
         """Names of the tensors that live in already finished shards."""
-        return frozenset(t.name for s in self.plan.shards if s.filename in self._done for t in s.tensors)
+        return frozenset(
+            t.name for s in self.plan.shards if s.filename in self._done for t in s.tensors
+        )
 
     def _finish(self, w: ShardWriter) -> None:
         self.hashes[w.layout.filename] = w.close()
@@ -144,7 +163,7 @@ class MemorySink:
 
     def write(self, job: TensorJob, data: torch.Tensor, element_offset: int) -> None:
         flat = self.tensors[job.name].view(-1)
-        flat[element_offset: element_offset + data.numel()] = data
+        flat[element_offset : element_offset + data.numel()] = data
 
 
 @dataclass(frozen=True)
@@ -192,8 +211,15 @@ def _count_nonfinite(x: torch.Tensor) -> tuple[int, int]:
     return int(torch.isnan(x).sum()), int(torch.isinf(x).sum())
 
 
-def _nonfinite_error(plan: MergePlan, job: TensorJob, load: _Loader, a: int, b: int,
-                     out: torch.Tensor, cast_out: torch.Tensor | None = None) -> NonFiniteError:
+def _nonfinite_error(
+    plan: MergePlan,
+    job: TensorJob,
+    load: _Loader,
+    a: int,
+    b: int,
+    out: torch.Tensor,
+    cast_out: torch.Tensor | None = None,
+) -> NonFiniteError:
     """Explain NaN / Inf in the output chunk [a, b) of ``job``: which input holds them, or why.
 
     ``out`` is the float32 result; ``cast_out`` the result in the output dtype when it is the
@@ -201,7 +227,11 @@ def _nonfinite_error(plan: MergePlan, job: TensorJob, load: _Loader, a: int, b: 
     """
     nan, inf = _count_nonfinite(out if cast_out is None else cast_out)
     where = f"elements {a:,}..{b:,} of " if (a, b) != (0, job.numel) else ""
-    what = f"{nan:,} NaN and {inf:,} Inf" if nan and inf else (f"{nan:,} NaN" if nan else f"{inf:,} Inf")
+    what = (
+        f"{nan:,} NaN and {inf:,} Inf"
+        if nan and inf
+        else (f"{nan:,} NaN" if nan else f"{inf:,} Inf")
+    )
     allow = "or pass --allow-nonfinite (allow_nonfinite=True) to write them anyway"
     if cast_out is not None:
         big = float(out.abs().max())
@@ -214,8 +244,11 @@ def _nonfinite_error(plan: MergePlan, job: TensorJob, load: _Loader, a: int, b: 
         )
     labels = [m.label for m in plan.models]
     culprits: list[str] = []
-    named = list(zip(labels, job.inputs)) + ([(f"base {plan.base.label}" if plan.base else "base", job.base)]
-                                             if job.base is not None else [])
+    named = list(zip(labels, job.inputs)) + (
+        [(f"base {plan.base.label}" if plan.base else "base", job.base)]
+        if job.base is not None
+        else []
+    )
     for label, info in named:
         raw = load.reader.read(info, a, b)
         n_nan, n_inf = _count_nonfinite(raw)
@@ -225,14 +258,16 @@ def _nonfinite_error(plan: MergePlan, job: TensorJob, load: _Loader, a: int, b: 
         if load.cast_to is not None and raw.dtype != load.cast_to:
             c_nan, c_inf = _count_nonfinite(raw.to(load.cast_to))
             if c_nan or c_inf:
-                culprits.append(f"{label} overflows the recipe's dtype {str(load.cast_to).removeprefix('torch.')} "
-                                f"({c_inf:,} values become Inf)")
+                culprits.append(
+                    f"{label} overflows the recipe's dtype {str(load.cast_to).removeprefix('torch.')} "
+                    f"({c_inf:,} values become Inf)"
+                )
     if culprits:
         return NonFiniteError(
             f"tensor {shown(job.name, quote=True)}: {what} in {where}the merged output, from the inputs:\n"
             + "\n".join(f"  - {c}" for c in culprits)
             + f"\nhint: the input checkpoint is broken (diverged training, a bad conversion); leave "
-              f"that model out, {allow}"
+            f"that model out, {allow}"
         )
     return NonFiniteError(
         f"tensor {shown(job.name, quote=True)}: method {plan.method.name!r} produced {what} in {where}the output "
@@ -285,19 +320,28 @@ def check_shared_inputs(plans: Sequence[MergePlan]) -> None:
         elif p.config.dtype != first.config.dtype:
             problems.append(f"`dtype: {p.config.dtype}` against `dtype: {first.config.dtype}`")
         elif p.config.compute != first.config.compute:
-            problems.append(f"`compute: {p.config.compute}` against `compute: {first.config.compute}`")
+            problems.append(
+                f"`compute: {p.config.compute}` against `compute: {first.config.compute}`"
+            )
         else:
             for ja, jb in zip(first.jobs, p.jobs):
-                same = (ja.name == jb.name and _same_info(ja.source, jb.source)
-                        and len(ja.inputs) == len(jb.inputs)
-                        and all(_same_info(x, y) for x, y in zip(ja.inputs, jb.inputs))
-                        and (ja.base is None or jb.base is None or _same_info(ja.base, jb.base)))
+                same = (
+                    ja.name == jb.name
+                    and _same_info(ja.source, jb.source)
+                    and len(ja.inputs) == len(jb.inputs)
+                    and all(_same_info(x, y) for x, y in zip(ja.inputs, jb.inputs))
+                    and (ja.base is None or jb.base is None or _same_info(ja.base, jb.base))
+                )
                 if not same:
-                    problems.append(f"tensor {shown(ja.name, quote=True)} is read from different inputs")
+                    problems.append(
+                        f"tensor {shown(ja.name, quote=True)} is read from different inputs"
+                    )
                     break
         if problems:
-            raise UsageError(f"plan {k} cannot share a pass with plan 0: {problems[0]}\n"
-                             "hint: plans run together must read the same models, base and tensors")
+            raise UsageError(
+                f"plan {k} cannot share a pass with plan 0: {problems[0]}\n"
+                "hint: plans run together must read the same models, base and tensors"
+            )
 
 
 # ------------------------------------------------------------------------------------ the engine
@@ -418,8 +462,9 @@ class _BufferPool:
 class _ReadAhead:
     """The reader thread: reads the units of ``schedule`` in order, one or two ahead."""
 
-    def __init__(self, schedule: Iterator[_Unit], reader: TensorReader, pool: _BufferPool,
-                 budget: _Budget) -> None:
+    def __init__(
+        self, schedule: Iterator[_Unit], reader: TensorReader, pool: _BufferPool, budget: _Budget
+    ) -> None:
         self.pool = pool
         self.budget = budget
         self.queue: queue.Queue[object] = queue.Queue(maxsize=2)
@@ -447,7 +492,9 @@ class _ReadAhead:
                     if info is None or u.phase == "skip":
                         u.raws.append(None)
                         continue
-                    if info.data is not None:  # in memory: a view, no copy (never handed to a method)
+                    if (
+                        info.data is not None
+                    ):  # in memory: a view, no copy (never handed to a method)
                         u.raws.append(self._reader.read(info, u.a, u.b))
                         continue
                     buf = self.pool.get((u.b - u.a) * info.itemsize)
@@ -513,8 +560,9 @@ class _WriteBehind:
             e, self.error = self.error, None
             raise e
 
-    def write(self, sink: Sink, job: TensorJob, data: torch.Tensor, offset: int,
-              buf: torch.Tensor | None) -> None:
+    def write(
+        self, sink: Sink, job: TensorJob, data: torch.Tensor, offset: int, buf: torch.Tensor | None
+    ) -> None:
         self.check()
         self.queue.put((sink, job, data, offset, buf))
 
@@ -546,10 +594,10 @@ def _torch_threads(n: int | None) -> Iterator[None]:
 
 
 # How a plan handles one tensor.
-_WHOLE = "whole"      # the method needs the whole tensor (slerp, model_stock, della, breadcrumbs)
-_ELEM = "elem"        # elementwise: any pieces
-_BLOCK = "block"      # elementwise and stochastic: one generator per RNG_BLOCK
-_TRIM = "trim"        # elementwise once each model's magnitude cut is known (TIES)
+_WHOLE = "whole"  # the method needs the whole tensor (slerp, model_stock, della, breadcrumbs)
+_ELEM = "elem"  # elementwise: any pieces
+_BLOCK = "block"  # elementwise and stochastic: one generator per RNG_BLOCK
+_TRIM = "trim"  # elementwise once each model's magnitude cut is known (TIES)
 
 
 def _mode(spec: MethodSpec) -> str:
@@ -570,10 +618,20 @@ class _JobState:
 
 
 class _Engine:
-    def __init__(self, plans: Sequence[MergePlan], sinks: Sequence[Sink], *,
-                 progress: Callable[[int], None] | None, allow_nonfinite: bool,
-                 skips: Sequence[frozenset[str]], cuts: Sequence[Mapping[str, tuple[MagnitudeCut | None, ...]]],
-                 diag: TensorReader, compute_elems: int, workers: int = 1, stream_workers: int = 1) -> None:
+    def __init__(
+        self,
+        plans: Sequence[MergePlan],
+        sinks: Sequence[Sink],
+        *,
+        progress: Callable[[int], None] | None,
+        allow_nonfinite: bool,
+        skips: Sequence[frozenset[str]],
+        cuts: Sequence[Mapping[str, tuple[MagnitudeCut | None, ...]]],
+        diag: TensorReader,
+        compute_elems: int,
+        workers: int = 1,
+        stream_workers: int = 1,
+    ) -> None:
         self.plans = plans
         self.sinks = sinks
         self.progress = progress
@@ -607,7 +665,10 @@ class _Engine:
     # ------------------------------------------------------------------ schedule (reader thread)
 
     def _base_info(self, j: int, active: Sequence[int]) -> TensorInfo | None:
-        return next((self.plans[k].jobs[j].base for k in active if self.plans[k].jobs[j].base is not None), None)
+        return next(
+            (self.plans[k].jobs[j].base for k in active if self.plans[k].jobs[j].base is not None),
+            None,
+        )
 
     def _active(self, j: int) -> list[int]:
         return [k for k, p in enumerate(self.plans) if p.jobs[j].name not in self.skips[k]]
@@ -628,8 +689,11 @@ class _Engine:
         copied out of the page cache by the reader thread and read back from memory by the
         main thread: the linear benchmark's pass went from 2.9 to 2.6 s, with a third less
         system CPU (benchmarks/README.md). Several plans share one read of each unit instead."""
-        return (len(active) == 1 and self.modes[active[0]] == _ELEM
-                and all(t is None or t.data is None for t in infos))
+        return (
+            len(active) == 1
+            and self.modes[active[0]] == _ELEM
+            and all(t is None or t.data is None for t in infos)
+        )
 
     def step(self, j: int, active: Sequence[int]) -> int:
         """Elements per read unit of tensor j."""
@@ -653,7 +717,9 @@ class _Engine:
                 continue
             base = self._base_info(j, active)
             infos = (*job.inputs, base)
-            per_elem = sum(t.itemsize for t in job.inputs) + (base.itemsize if base is not None else 0)
+            per_elem = sum(t.itemsize for t in job.inputs) + (
+                base.itemsize if base is not None else 0
+            )
             step = self.step(j, active)
             phases = ["merge"]
             if step < job.numel and any(self._needs_prepass(j, k) for k in active):
@@ -680,19 +746,32 @@ class _Engine:
         out.copy_(raw)
         return out
 
-    def _inputs(self, raws: Sequence[torch.Tensor | None], s: int, e: int, with_base: bool,
-                work: list[torch.Tensor] | None = None) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    def _inputs(
+        self,
+        raws: Sequence[torch.Tensor | None],
+        s: int,
+        e: int,
+        with_base: bool,
+        work: list[torch.Tensor] | None = None,
+    ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         """Elements [s, e) of every input (and the base) as float32, in ``work``'s buffers
         (default: the main thread's)."""
         work = self.work if work is None else work
         *xs_raw, base_raw = raws
         xs = [self._f32(i, r[s:e], e - s, work) for i, r in enumerate(xs_raw) if r is not None]
-        base = (self._f32(len(xs_raw), base_raw[s:e], e - s, work)
-                if (with_base and base_raw is not None) else None)
+        base = (
+            self._f32(len(xs_raw), base_raw[s:e], e - s, work)
+            if (with_base and base_raw is not None)
+            else None
+        )
         return xs, base
 
-    def _exact_inputs(self, raws: Sequence[torch.Tensor | None], n: int, with_base: bool,
-                      ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    def _exact_inputs(
+        self,
+        raws: Sequence[torch.Tensor | None],
+        n: int,
+        with_base: bool,
+    ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         """Exact mode: every input (and the base) as a new tensor in the compute dtype, as
         mergekit's loader gives them: the recipe's ``dtype``, else the inputs' promoted dtype."""
         *xs_raw, base_raw = raws
@@ -709,8 +788,12 @@ class _Engine:
             return out[:-1], out[-1]
         return out, None
 
-    def _split(self, ranges: Sequence[tuple[int, int]], piece: Callable[[int, int, int], None],
-               threads: int) -> None:
+    def _split(
+        self,
+        ranges: Sequence[tuple[int, int]],
+        piece: Callable[[int, int, int], None],
+        threads: int,
+    ) -> None:
         """Run ``piece(s, e, t)`` for every range on up to ``threads`` threads: this thread
         (t = 0) and helpers (t = 1, 2, ...) take the next range in turn, so a thread whose
         core is also reading or writing simply does fewer; thread t uses the float32 buffers
@@ -752,7 +835,9 @@ class _Engine:
             if f in done:
                 f.result()  # re-raise a helper's error
 
-    def _emit(self, k: int, job: TensorJob, out: torch.Tensor, a: int, b: int, dest: torch.Tensor) -> None:
+    def _emit(
+        self, k: int, job: TensorJob, out: torch.Tensor, a: int, b: int, dest: torch.Tensor
+    ) -> None:
         """Cast the float32 result for elements [a, b) of ``job`` into ``dest``; check for NaN / Inf.
 
         A NaN or Inf in the float32 result stays one after the cast, so checking the cast
@@ -768,9 +853,17 @@ class _Engine:
             raise _nonfinite_error(plan, job, self.diag, a, b, out, dest)
         self.nonfinite[k][job.name] = None
 
-    def _call(self, k: int, job: TensorJob, xs: list[torch.Tensor], base: torch.Tensor | None,
-              rng: torch.Generator | None, trim: Sequence[MagnitudeCut | None] | None,
-              n: int, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+    def _call(
+        self,
+        k: int,
+        job: TensorJob,
+        xs: list[torch.Tensor],
+        base: torch.Tensor | None,
+        rng: torch.Generator | None,
+        trim: Sequence[MagnitudeCut | None] | None,
+        n: int,
+        shape: tuple[int, ...] | None = None,
+    ) -> torch.Tensor:
         spec = self.plans[k].method
         if shape is not None:
             xs = [x.view(shape) for x in xs]
@@ -782,8 +875,10 @@ class _Engine:
             raise MethodInputError(f"tensor {job.name!r}: {e}") from None
         want = tuple(shape) if shape is not None else (n,)
         if tuple(out.shape) != want:
-            raise RuntimeError(f"method {spec.name!r} returned shape {list(out.shape)} for "
-                               f"tensor {shown(job.name, quote=True)}, expected {list(want)}")
+            raise RuntimeError(
+                f"method {spec.name!r} returned shape {list(out.shape)} for "
+                f"tensor {shown(job.name, quote=True)}, expected {list(want)}"
+            )
         return out.reshape(-1)
 
     def _trim_for(self, k: int, j: int, job: TensorJob) -> _JobState:
@@ -797,7 +892,9 @@ class _Engine:
             cuts = list(self.global_cuts[k][job.name])
         else:
             cuts = [None] * n_models
-        st = _JobState(cuts, [c.ties if (c is not None and c.ties is not None) else 0 for c in cuts], {})
+        st = _JobState(
+            cuts, [c.ties if (c is not None and c.ties is not None) else 0 for c in cuts], {}
+        )
         if job.name not in self.global_cuts[k]:
             assert spec.tensor_trim is not None and job.params is not None
             for i, d in enumerate(spec.tensor_trim(job.params)):
@@ -811,15 +908,26 @@ class _Engine:
         self.trim_state[k * len(self.plans[0].jobs) + j] = st
         return st
 
-    def _deltas_bits(self, raws: Sequence[torch.Tensor | None], s: int, e: int, models: Sequence[int],
-                     work: list[torch.Tensor] | None = None) -> dict[int, torch.Tensor]:
+    def _deltas_bits(
+        self,
+        raws: Sequence[torch.Tensor | None],
+        s: int,
+        e: int,
+        models: Sequence[int],
+        work: list[torch.Tensor] | None = None,
+    ) -> dict[int, torch.Tensor]:
         """Bit patterns of |theta_i - theta_0| for elements [s, e), computed as the method does."""
         xs, base = self._inputs(raws, s, e, True, work)
         assert base is not None
         return {i: magnitude_bits(xs[i].sub_(base), inplace=True) for i in models}  # xs: scratch
 
-    def _count(self, raws: Sequence[torch.Tensor | None], n: int, phase: str,
-               sels: Sequence[tuple[int, TopKSelect]]) -> None:
+    def _count(
+        self,
+        raws: Sequence[torch.Tensor | None],
+        n: int,
+        phase: str,
+        sels: Sequence[tuple[int, TopKSelect]],
+    ) -> None:
         """Count the magnitude bits of elements [0, n) of each model ``i`` into its selector
         (phase ``"hist"``: top 16 bits; ``"lo"``: inside the chosen buckets). The pieces are
         shared between the compute threads; each helper counts into a `TopKSelect.fork`, added
@@ -841,10 +949,17 @@ class _Engine:
 
     def _prepass(self, u: _Unit, active: Sequence[int]) -> None:
         job0 = self.plans[0].jobs[u.j]
-        states = [(k, self._trim_for(k, u.j, self.plans[k].jobs[u.j])) for k in active
-                  if self._needs_prepass(u.j, k)]
-        self._count(u.raws, u.b - u.a, u.phase,
-                    [(i, sel) for _, st in states for i, (sel, _) in st.select.items()])
+        states = [
+            (k, self._trim_for(k, u.j, self.plans[k].jobs[u.j]))
+            for k in active
+            if self._needs_prepass(u.j, k)
+        ]
+        self._count(
+            u.raws,
+            u.b - u.a,
+            u.phase,
+            [(i, sel) for _, st in states for i, (sel, _) in st.select.items()],
+        )
         if u.b == job0.numel:  # the last unit of this pass
             for _, st in states:
                 for i, (sel, _) in st.select.items():
@@ -873,8 +988,12 @@ class _Engine:
                     self._set_cut(st, i, sel.cut(sel.ks[0]))
         st.select.clear()
 
-    def _piece_cuts(self, st: _JobState, xs: Sequence[torch.Tensor], base: torch.Tensor | None,
-                    ) -> list[MagnitudeCut | None]:
+    def _piece_cuts(
+        self,
+        st: _JobState,
+        xs: Sequence[torch.Tensor],
+        base: torch.Tensor | None,
+    ) -> list[MagnitudeCut | None]:
         """The cuts for the next piece (in flat order): the tie quotas are spread over pieces."""
         out: list[MagnitudeCut | None] = []
         for i, c in enumerate(st.cuts):
@@ -904,16 +1023,25 @@ class _Engine:
                     xs, base = self._exact_inputs(u.raws, n, uses_base)
                 else:
                     xs, base = self._inputs(u.raws, 0, n, uses_base)
-                rng = (torch.Generator().manual_seed(tensor_seed(plan.config.seed, job.name))
-                       if plan.method.stochastic else None)
+                rng = (
+                    torch.Generator().manual_seed(tensor_seed(plan.config.seed, job.name))
+                    if plan.method.stochastic
+                    else None
+                )
                 out = self._call(k, job, xs, base, rng, None, n, job.shape)
                 self._emit(k, job, out, u.a, u.b, dest_all)
             elif mode == _BLOCK:
-                self._split(list(_chunks(n, RNG_BLOCK)), functools.partial(self._block_piece, u, k, dest_all),
-                            self.workers)
+                self._split(
+                    list(_chunks(n, RNG_BLOCK)),
+                    functools.partial(self._block_piece, u, k, dest_all),
+                    self.workers,
+                )
             elif mode == _ELEM:
-                self._split(list(_chunks(n, self.compute_elems)), functools.partial(self._elem_piece, u, k, dest_all),
-                            self.stream_workers)
+                self._split(
+                    list(_chunks(n, self.compute_elems)),
+                    functools.partial(self._elem_piece, u, k, dest_all),
+                    self.stream_workers,
+                )
             else:  # _TRIM: pieces in order, each model's tie quota is spent from the first piece on
                 st = self._trim_for(k, j, job)
                 if st.select:  # the whole tensor is in this unit: cuts first
@@ -949,19 +1077,24 @@ class _Engine:
         """Elements [s, e) of unit ``u`` for plan k, an elementwise method (on thread t)."""
         job = self.plans[k].jobs[u.j]
         if u.lazy:
-            xs, base = self._inputs(self._read_piece(u, s, e, t), 0, e - s, job.base is not None,
-                                    self.works[t])
+            xs, base = self._inputs(
+                self._read_piece(u, s, e, t), 0, e - s, job.base is not None, self.works[t]
+            )
         else:
             xs, base = self._inputs(u.raws, s, e, job.base is not None, self.works[t])
         out = self._call(k, job, xs, base, None, None, e - s)
         self._emit(k, job, out, u.a + s, u.a + e, dest_all[s:e])
 
-    def _block_piece(self, u: _Unit, k: int, dest_all: torch.Tensor, s: int, e: int, t: int) -> None:
+    def _block_piece(
+        self, u: _Unit, k: int, dest_all: torch.Tensor, s: int, e: int, t: int
+    ) -> None:
         """RNG block [s, e) of unit ``u`` for plan k, with that block's own generator (on thread t)."""
         plan = self.plans[k]
         job = plan.jobs[u.j]
         xs, base = self._inputs(u.raws, s, e, job.base is not None, self.works[t])
-        rng = torch.Generator().manual_seed(tensor_seed(plan.config.seed, job.name, (u.a + s) // RNG_BLOCK))
+        rng = torch.Generator().manual_seed(
+            tensor_seed(plan.config.seed, job.name, (u.a + s) // RNG_BLOCK)
+        )
         out = self._call(k, job, xs, base, rng, None, e - s)
         self._emit(k, job, out, u.a + s, u.a + e, dest_all[s:e])
 
@@ -987,18 +1120,29 @@ class _Engine:
     def run(self, reader: TensorReader) -> None:
         self.reader = reader
         jobs = self.plans[0].jobs
-        unit = max(self.plans[0].chunk_elems, RNG_BLOCK * self.workers if _BLOCK in self.modes else 0)
-        itemsize = max([t.itemsize for j in jobs for t in (*j.inputs, j.base, j.source) if t is not None] + [1])
-        per_elem = max([sum(t.itemsize for t in (*j.inputs, j.base, j.source) if t is not None) for j in jobs] + [1])
+        unit = max(
+            self.plans[0].chunk_elems, RNG_BLOCK * self.workers if _BLOCK in self.modes else 0
+        )
+        itemsize = max(
+            [t.itemsize for j in jobs for t in (*j.inputs, j.base, j.source) if t is not None] + [1]
+        )
+        per_elem = max(
+            [sum(t.itemsize for t in (*j.inputs, j.base, j.source) if t is not None) for j in jobs]
+            + [1]
+        )
         out_size = max([DTYPES[j.out_dtype][1] for p in self.plans for j in p.jobs] + [1])
-        in_pool = _BufferPool(unit * itemsize, keep=2 * (max([len(j.inputs) for j in jobs] + [0]) + 1))
+        in_pool = _BufferPool(
+            unit * itemsize, keep=2 * (max([len(j.inputs) for j in jobs] + [0]) + 1)
+        )
         self.out_pool = _BufferPool(unit * out_size, keep=4)
         # two units in flight: the one being computed and the one being read ahead
         budget = _Budget(2 * unit * per_elem)
         ahead = _ReadAhead(self.schedule(), reader, in_pool, budget)
         self.writer = _WriteBehind(self.out_pool)
         if self.workers > 1:
-            self.helpers = concurrent.futures.ThreadPoolExecutor(self.workers - 1, thread_name_prefix="soupkit-compute")
+            self.helpers = concurrent.futures.ThreadPoolExecutor(
+                self.workers - 1, thread_name_prefix="soupkit-compute"
+            )
         try:
             while True:
                 _interrupts.check()  # a SIGINT / SIGTERM held by run_plans arrives here, locks free
@@ -1028,8 +1172,11 @@ class _Engine:
         jobs0 = self.plans[0].jobs
         job0 = jobs0[u.j]
         if u.phase == "skip":
-            n = (job0.source.nbytes if job0.source is not None else
-                 sum(t.nbytes for t in job0.inputs) + (job0.base.nbytes if job0.base else 0))
+            n = (
+                job0.source.nbytes
+                if job0.source is not None
+                else sum(t.nbytes for t in job0.inputs) + (job0.base.nbytes if job0.base else 0)
+            )
             if self.progress:
                 self.progress(n)
             self._account(u.j)
@@ -1052,8 +1199,12 @@ class _Engine:
 
 def plan_stamps(plans: Sequence[MergePlan]) -> dict[Path, FileStamp]:
     """Every input file's identity when the plans read its header (`Checkpoint.stamps`)."""
-    return {f: st for p in plans for c in (*p.models, *([p.base] if p.base is not None else []))
-            for f, st in c.stamps.items()}
+    return {
+        f: st
+        for p in plans
+        for c in (*p.models, *([p.base] if p.base is not None else []))
+        for f, st in c.stamps.items()
+    }
 
 
 def run_plans(
@@ -1095,9 +1246,13 @@ def run_plans(
             dtype), naming the tensor and the input model that holds them.
     """
     if not plans or len(plans) != len(sinks):
-        raise UsageError(f"run_plans needs one sink per plan, got {len(plans)} plans and {len(sinks)} sinks")
+        raise UsageError(
+            f"run_plans needs one sink per plan, got {len(plans)} plans and {len(sinks)} sinks"
+        )
     if skip is not None and len(skip) != len(plans):
-        raise UsageError(f"run_plans needs one skip set per plan, got {len(skip)} for {len(plans)} plans")
+        raise UsageError(
+            f"run_plans needs one skip set per plan, got {len(skip)} for {len(plans)} plans"
+        )
     if threads is not None and threads < 1:
         raise UsageError(f"threads must be at least 1, got {threads}")
     if compute_threads is not None and compute_threads < 1:
@@ -1106,20 +1261,45 @@ def run_plans(
     t0 = time.perf_counter()
     skips = [frozenset(s) for s in skip] if skip is not None else [frozenset()] * len(plans)
     stamps = plan_stamps(plans)  # a file rewritten since planning is refused when it is opened
-    with (_interrupts.deferred(), _torch_threads(threads), TensorReader(stamps) as reader,
-          TensorReader(stamps) as diag, torch.inference_mode()):
+    with (
+        _interrupts.deferred(),
+        _torch_threads(threads),
+        TensorReader(stamps) as reader,
+        TensorReader(stamps) as diag,
+        torch.inference_mode(),
+    ):
         # trim_scope: global (TIES): a streaming pre-pass finds each model's exact global cut
-        cuts = [compute_cuts(p, reader) if p.method.global_trim is not None and p.config.compute != "exact"
-                else {} for p in plans]
-        engine = _Engine(plans, sinks, progress=progress, allow_nonfinite=allow_nonfinite, skips=skips,
-                         cuts=cuts, diag=diag, compute_elems=COMPUTE_ELEMS,
-                         workers=compute_threads or _sizes_compute_threads(),
-                         stream_workers=compute_threads or _sizes_stream_threads())
+        cuts = [
+            compute_cuts(p, reader)
+            if p.method.global_trim is not None and p.config.compute != "exact"
+            else {}
+            for p in plans
+        ]
+        engine = _Engine(
+            plans,
+            sinks,
+            progress=progress,
+            allow_nonfinite=allow_nonfinite,
+            skips=skips,
+            cuts=cuts,
+            diag=diag,
+            compute_elems=COMPUTE_ELEMS,
+            workers=compute_threads or _sizes_compute_threads(),
+            stream_workers=compute_threads or _sizes_stream_threads(),
+        )
         engine.run(reader)
     seconds = time.perf_counter() - t0
-    return [RunStats(seconds, engine.read, engine.written[k], len(p.jobs),
-                     nonfinite=tuple(engine.nonfinite[k]), skipped=engine.skipped[k])
-            for k, p in enumerate(plans)]
+    return [
+        RunStats(
+            seconds,
+            engine.read,
+            engine.written[k],
+            len(p.jobs),
+            nonfinite=tuple(engine.nonfinite[k]),
+            skipped=engine.skipped[k],
+        )
+        for k, p in enumerate(plans)
+    ]
 
 
 def run_plan(
@@ -1151,5 +1331,12 @@ def run_plan(
         NonFiniteError: a merged chunk holds NaN / Inf (before or after the cast to the output
             dtype), naming the tensor and the input model that holds them.
     """
-    return run_plans([plan], [sink], progress=progress, allow_nonfinite=allow_nonfinite,
-                     skip=[skip], threads=threads, compute_threads=compute_threads)[0]
+    return run_plans(
+        [plan],
+        [sink],
+        progress=progress,
+        allow_nonfinite=allow_nonfinite,
+        skip=[skip],
+        threads=threads,
+        compute_threads=compute_threads,
+    )[0]

@@ -38,7 +38,14 @@ import torch
 from soupkit.errors import CheckpointFormatError, UsageError
 from soupkit.io.checkpoint import Checkpoint
 from soupkit.io.header import dtype_code
-from soupkit.io.writer import OutputFolder, OutputTensor, ShardWriter, layout_shards, parse_size, write_index
+from soupkit.io.writer import (
+    OutputFolder,
+    OutputTensor,
+    ShardWriter,
+    layout_shards,
+    parse_size,
+    write_index,
+)
 
 __all__ = [
     "COMMON_PREFIXES",
@@ -52,7 +59,15 @@ __all__ = [
 ]
 
 # Wrappers that training code adds in front of every tensor name (see the module docstring).
-COMMON_PREFIXES = ("module.", "model.", "_orig_mod.", "base_model.model.", "state_dict.", "net.", "network.")
+COMMON_PREFIXES = (
+    "module.",
+    "model.",
+    "_orig_mod.",
+    "base_model.model.",
+    "state_dict.",
+    "net.",
+    "network.",
+)
 _ARROW = "=>"
 
 
@@ -78,8 +93,10 @@ class RenameRule:
             UsageError: no ``=>``, an empty pattern, an invalid regex, or a bad group reference.
         """
         if _ARROW not in text:
-            raise UsageError(f"--rename {text!r}: expected 'REGEX=>REPLACEMENT', e.g. '^module\\.=>'\n"
-                             "hint: the replacement may be empty to delete what the regex matches")
+            raise UsageError(
+                f"--rename {text!r}: expected 'REGEX=>REPLACEMENT', e.g. '^module\\.=>'\n"
+                "hint: the replacement may be empty to delete what the regex matches"
+            )
         pat, repl = text.split(_ARROW, 1)
         if not pat:
             raise UsageError(f"--rename {text!r}: the regex before '=>' is empty")
@@ -91,8 +108,10 @@ class RenameRule:
             rx.sub(repl, "")  # group references are checked when used; a dry run catches '\9'
             rx.sub(repl, pat)
         except (re.error, IndexError) as e:
-            raise UsageError(f"--rename {text!r}: invalid replacement ({e})\n"
-                             f"hint: the regex has {rx.groups} group(s); refer to them as \\1 .. \\{rx.groups}") from None
+            raise UsageError(
+                f"--rename {text!r}: invalid replacement ({e})\n"
+                f"hint: the regex has {rx.groups} group(s); refer to them as \\1 .. \\{rx.groups}"
+            ) from None
         return cls(rx, repl, text)
 
     @classmethod
@@ -133,7 +152,9 @@ class KeyMap:
         """
         strips = [strip_prefix] if isinstance(strip_prefix, str) else list(strip_prefix or ())
         renames = [rename] if isinstance(rename, str) else list(rename or ())
-        return cls(tuple([RenameRule.strip(p) for p in strips] + [RenameRule.parse(r) for r in renames]))
+        return cls(
+            tuple([RenameRule.strip(p) for p in strips] + [RenameRule.parse(r) for r in renames])
+        )
 
     def __bool__(self) -> bool:
         return bool(self.rules)
@@ -165,7 +186,9 @@ class KeyMap:
             else:
                 out[new] = old
         if problems:
-            shown = problems[:10] + ([f"... and {len(problems) - 10} more"] if len(problems) > 10 else [])
+            shown = problems[:10] + (
+                [f"... and {len(problems) - 10} more"] if len(problems) > 10 else []
+            )
             raise CheckpointFormatError(
                 f"{label}: renaming with {self.describe()} makes tensor names collide:\n"
                 + "\n".join(f"  - {p}" for p in shown)
@@ -201,7 +224,7 @@ def prefix_hint(expected: Iterable[str], got: Iterable[str]) -> str | None:
     if not exp or not names:
         return None
     for pre in dict.fromkeys([*COMMON_PREFIXES, *_leading_segments(names)]):
-        stripped = {n[len(pre):] if n.startswith(pre) else n for n in names}
+        stripped = {n[len(pre) :] if n.startswith(pre) else n for n in names}
         if stripped != set(names) and len(stripped & exp) >= max(1, len(exp) // 2):
             return f"--strip-prefix {pre}"
     return None
@@ -219,7 +242,9 @@ def prefix_fix(name_sets: Sequence[Iterable[str]]) -> list[str] | None:
     sets = [list(dict.fromkeys(s)) for s in name_sets]
     if len(sets) < 2 or all(set(x) == set(sets[0]) for x in sets[1:]):
         return None
-    cands = list(dict.fromkeys([*COMMON_PREFIXES, *(p for s in sets for p in _leading_segments(s))]))
+    cands = list(
+        dict.fromkeys([*COMMON_PREFIXES, *(p for s in sets for p in _leading_segments(s))])
+    )
 
     def works(prefixes: list[str]) -> bool:
         km = KeyMap.build(strip_prefix=prefixes)
@@ -264,7 +289,9 @@ def as_state_dict(obj: Any, label: str = "input") -> dict[str, torch.Tensor]:
         inner = obj.get("state_dict")
         if isinstance(inner, Mapping):  # a Lightning checkpoint dict: the tensors are in there
             obj = inner
-        bad = [f"{k!r} ({type(v).__name__})" for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+        bad = [
+            f"{k!r} ({type(v).__name__})" for k, v in obj.items() if not isinstance(v, torch.Tensor)
+        ]
         if bad:
             raise CheckpointFormatError(
                 f"{label}: {len(bad)} entr{'y is' if len(bad) == 1 else 'ies are'} not tensors: "
@@ -295,14 +322,17 @@ def save_state_dict(
         OutputExistsError: ``out`` exists and is not empty, and ``force`` is false.
         CheckpointFormatError: an entry is not a tensor or has a dtype safetensors cannot store.
     """
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in as_state_dict(state, "state dict").items()}
+    tensors = {
+        k: v.detach().to("cpu").contiguous() for k, v in as_state_dict(state, "state dict").items()
+    }
     outputs = []
     for name, t in tensors.items():
         try:
             outputs.append(OutputTensor(name, dtype_code(t.dtype), tuple(t.shape)))
         except ValueError:
-            raise CheckpointFormatError(f"state dict: tensor {name!r} has dtype {t.dtype}, which "
-                                        "safetensors cannot store") from None
+            raise CheckpointFormatError(
+                f"state dict: tensor {name!r} has dtype {t.dtype}, which safetensors cannot store"
+            ) from None
     try:
         limit = parse_size(max_shard_size)
     except ValueError as e:

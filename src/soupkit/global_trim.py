@@ -39,7 +39,13 @@ from soupkit.tensor_trim import select_bucket as _select
 if TYPE_CHECKING:  # plan imports this module for `check_global_trim`
     from soupkit.plan import MergePlan, TensorJob
 
-__all__ = ["GlobalTrim", "check_global_trim", "compute_cuts", "global_trim_jobs", "global_trim_notes"]
+__all__ = [
+    "GlobalTrim",
+    "check_global_trim",
+    "compute_cuts",
+    "global_trim_jobs",
+    "global_trim_notes",
+]
 
 _HI_BINS = 1 << 15  # top 16 bits of a non-negative float32 (the sign bit is 0)
 _LO_BINS = 1 << 16
@@ -79,10 +85,12 @@ def check_global_trim(spec: MethodSpec, jobs: Sequence[TensorJob]) -> list[str]:
     for j in chosen[1:]:
         got = spec.global_trim(j.params)  # type: ignore[arg-type]
         if got != ref:
-            return [f"trim_scope: global trims each model's whole task vector to one density, "
-                    f"but tensor {first.name!r} has density {list(ref or ())} and {j.name!r} has "
-                    f"{list(got or ())}\n    hint: use trim_scope: per_tensor for per-tensor "
-                    "densities (filters, gradients), or one density per model"]
+            return [
+                f"trim_scope: global trims each model's whole task vector to one density, "
+                f"but tensor {first.name!r} has density {list(ref or ())} and {j.name!r} has "
+                f"{list(got or ())}\n    hint: use trim_scope: per_tensor for per-tensor "
+                "densities (filters, gradients), or one density per model"
+            ]
     return []
 
 
@@ -91,9 +99,11 @@ def global_trim_notes(spec: MethodSpec, jobs: Sequence[TensorJob]) -> list[str]:
     chosen = global_trim_jobs(spec, jobs)
     if not chosen:
         return []
-    return [f"trim_scope: global: a pre-pass reads the {len(chosen)} trimmed tensors of every model "
-            "two more times (three if many entries tie at a threshold) to find each model's exact "
-            "global magnitude threshold"]
+    return [
+        f"trim_scope: global: a pre-pass reads the {len(chosen)} trimmed tensors of every model "
+        "two more times (three if many entries tie at a threshold) to find each model's exact "
+        "global magnitude threshold"
+    ]
 
 
 def _bits(magnitude: torch.Tensor) -> torch.Tensor:
@@ -185,8 +195,10 @@ def compute_cuts(
     need_counts = [i for i, g in result.items() if g.tie_quota < g.tied and g.threshold != 0.0]
     tied_in: dict[tuple[int, str], int] = {}
     if need_counts:
-        patterns = {i: int(torch.tensor([result[i].threshold], dtype=torch.float32).view(torch.int32))
-                    for i in need_counts}
+        patterns = {
+            i: int(torch.tensor([result[i].threshold], dtype=torch.float32).view(torch.int32))
+            for i in need_counts
+        }
         current: list[str] = [""]
 
         def pass3(i: int, bits: torch.Tensor) -> None:

@@ -65,12 +65,26 @@ from pydantic import ValidationError
 from soupkit import methods
 from soupkit._version import __version__
 from soupkit.compat.hf import card_front_matter, render_card
-from soupkit.errors import CheckpointFormatError, ConfigError, NonFiniteError, PlanError, SoupError, UsageError
+from soupkit.errors import (
+    CheckpointFormatError,
+    ConfigError,
+    NonFiniteError,
+    PlanError,
+    SoupError,
+    UsageError,
+)
 from soupkit.execute import RNG_BLOCK, all_finite, tensor_seed
 from soupkit.io.checkpoint import CARRY_FILES, Checkpoint, open_checkpoint
 from soupkit.io.header import DTYPES, TensorInfo
 from soupkit.io.reader import TensorReader
-from soupkit.io.writer import OutputFolder, OutputTensor, ShardWriter, layout_shards, parse_size, write_index
+from soupkit.io.writer import (
+    OutputFolder,
+    OutputTensor,
+    ShardWriter,
+    layout_shards,
+    parse_size,
+    write_index,
+)
 from soupkit.lora_config import clip, pattern_key, validate_adapter_config
 from soupkit.methods import MethodSpec, Params
 from soupkit.params import LayerIndex, resolve_chain
@@ -94,8 +108,10 @@ MAX_CONFIG_BYTES = 10_000_000
 _DTYPE_CODE = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
 # base_model.model.<module>.lora_A[.<adapter name>].weight, lora_embedding_A[.<adapter name>]
 # (an adapter name is never "weight" or "bias": ``m.lora_B.bias`` is lora_bias's bias of B)
-_FACTOR = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B)"
-                     r"(?:\.(?P<name>(?!(?:weight|bias)$)[A-Za-z0-9_-]+))?(?:\.(?P<param>weight|bias))?$")
+_FACTOR = re.compile(
+    r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B)"
+    r"(?:\.(?P<name>(?!(?:weight|bias)$)[A-Za-z0-9_-]+))?(?:\.(?P<param>weight|bias))?$"
+)
 Rounding = Literal["fp32", "peft"]
 
 
@@ -131,29 +147,46 @@ class LoraModule:
         a = reader.read(self.a).to(torch.float32).reshape(self.a.shape)
         b = reader.read(self.b).to(torch.float32).reshape(self.b.shape)
         if self.kind == "conv" and len(weight_shape) != len(a.shape):
-            raise PlanError([f"LoRA module {self.module!r}: {len(a.shape)}-D convolution factors for a "
-                             f"{len(weight_shape)}-D base weight {list(weight_shape)}"])
+            raise PlanError(
+                [
+                    f"LoRA module {self.module!r}: {len(a.shape)}-D convolution factors for a "
+                    f"{len(weight_shape)}-D base weight {list(weight_shape)}"
+                ]
+            )
         if self.kind == "conv":
             if tuple(weight_shape[2:]) == (1,) * (len(weight_shape) - 2):
-                sq = (b.flatten(1) @ a.flatten(1)).reshape(b.shape[0], a.shape[1], *weight_shape[2:])
+                sq = (b.flatten(1) @ a.flatten(1)).reshape(
+                    b.shape[0], a.shape[1], *weight_shape[2:]
+                )
                 out = sq * self.scale
             else:
-                conv = {3: torch.nn.functional.conv1d, 4: torch.nn.functional.conv2d,
-                        5: torch.nn.functional.conv3d}[len(weight_shape)]
+                conv = {
+                    3: torch.nn.functional.conv1d,
+                    4: torch.nn.functional.conv2d,
+                    5: torch.nn.functional.conv3d,
+                }[len(weight_shape)]
                 try:
                     out = conv(a.transpose(0, 1), b).transpose(0, 1) * self.scale
                 except RuntimeError as e:
-                    raise PlanError([f"LoRA module {self.module!r}: its convolution factors A {list(a.shape)} "
-                                     f"and B {list(b.shape)} do not compose ({str(e)[:200]})"]) from None
+                    raise PlanError(
+                        [
+                            f"LoRA module {self.module!r}: its convolution factors A {list(a.shape)} "
+                            f"and B {list(b.shape)} do not compose ({str(e)[:200]})"
+                        ]
+                    ) from None
         else:
             prod = b @ a
             if self.kind == "embedding" or self.fan_in_fan_out:
                 prod = prod.T
             out = prod * self.scale
         if tuple(out.shape) != tuple(weight_shape):
-            raise PlanError([f"LoRA module {self.module!r}: B @ A has shape {list(out.shape)} but the base "
-                             f"weight has {list(weight_shape)}\n    hint: the adapter was trained on "
-                             "another model (or with fan_in_fan_out set wrongly, or on a grouped convolution)"])
+            raise PlanError(
+                [
+                    f"LoRA module {self.module!r}: B @ A has shape {list(out.shape)} but the base "
+                    f"weight has {list(weight_shape)}\n    hint: the adapter was trained on "
+                    "another model (or with fan_in_fan_out set wrongly, or on a grouped convolution)"
+                ]
+            )
         return out.contiguous()
 
     @property
@@ -197,10 +230,17 @@ class LoraAdapter:
     def summary(self) -> dict[str, Any]:
         """JSON-ready facts for reports."""
         scales = sorted({m.scale for m in self.modules.values()})
-        return {"label": self.label, "r": self.r, "lora_alpha": self.lora_alpha, "use_rslora": self.use_rslora,
-                "target_modules": self.config.get("target_modules"), "modules": len(self.modules),
-                "scales": scales, "replaced_tensors": sorted(self.replacements),
-                "files": [str(f) for f in self.checkpoint.files]}
+        return {
+            "label": self.label,
+            "r": self.r,
+            "lora_alpha": self.lora_alpha,
+            "use_rslora": self.use_rslora,
+            "target_modules": self.config.get("target_modules"),
+            "modules": len(self.modules),
+            "scales": scales,
+            "replaced_tensors": sorted(self.replacements),
+            "files": [str(f) for f in self.checkpoint.files],
+        }
 
 
 def _load_config(folder: Path, label: str) -> dict[str, Any]:
@@ -212,7 +252,8 @@ def _load_config(folder: Path, label: str) -> dict[str, Any]:
     except FileNotFoundError:
         raise CheckpointFormatError(
             f"{label}: no {ADAPTER_CONFIG}\nhint: give a PEFT adapter folder (what "
-            "`PeftModel.save_pretrained` writes: adapter_config.json + adapter_model.safetensors)") from None
+            "`PeftModel.save_pretrained` writes: adapter_config.json + adapter_model.safetensors)"
+        ) from None
     except (OSError, ValueError) as e:
         raise CheckpointFormatError(f"{path}: cannot read it as JSON ({e})") from None
     if not isinstance(cfg, dict):
@@ -220,7 +261,9 @@ def _load_config(folder: Path, label: str) -> dict[str, Any]:
     return cfg
 
 
-def read_adapter(path: str | os.PathLike[str], *, allow_pickle: bool = False, label: str | None = None) -> LoraAdapter:
+def read_adapter(
+    path: str | os.PathLike[str], *, allow_pickle: bool = False, label: str | None = None
+) -> LoraAdapter:
     """Read a PEFT LoRA adapter folder (config and tensor headers; no tensor data).
 
     Args:
@@ -238,27 +281,39 @@ def read_adapter(path: str | os.PathLike[str], *, allow_pickle: bool = False, la
     if folder.is_file() and folder.name == ADAPTER_CONFIG:
         folder = folder.parent
     if not folder.is_dir():
-        raise CheckpointFormatError(f"{lab}: not a folder\nhint: give the PEFT adapter folder "
-                                    f"(with {ADAPTER_CONFIG})")
+        raise CheckpointFormatError(
+            f"{lab}: not a folder\nhint: give the PEFT adapter folder (with {ADAPTER_CONFIG})"
+        )
     cfg = _load_config(folder, lab)
     settings = validate_adapter_config(cfg, str(folder / ADAPTER_CONFIG))
     weights = next((folder / w for w in ADAPTER_WEIGHTS if (folder / w).is_file()), None)
     if weights is None:
-        raise CheckpointFormatError(f"{lab}: no {' or '.join(ADAPTER_WEIGHTS)} beside {ADAPTER_CONFIG}")
+        raise CheckpointFormatError(
+            f"{lab}: no {' or '.join(ADAPTER_WEIGHTS)} beside {ADAPTER_CONFIG}"
+        )
     ck = open_checkpoint(weights, label=f"{lab}/{weights.name}", allow_pickle=allow_pickle)
-    r0, alpha0, rslora, fifo = settings.r, settings.lora_alpha, settings.use_rslora, settings.fan_in_fan_out
+    r0, alpha0, rslora, fifo = (
+        settings.r,
+        settings.lora_alpha,
+        settings.use_rslora,
+        settings.fan_in_fan_out,
+    )
     rank_pattern, alpha_pattern = settings.rank_pattern, settings.alpha_pattern
     factors: dict[str, dict[str, TensorInfo]] = {}
     replacements: dict[str, TensorInfo] = {}
     problems: list[str] = []
     for name, info in ck.tensors.items():
-        rel = name[len(PREFIX):] if name.startswith(PREFIX) else name
+        rel = name[len(PREFIX) :] if name.startswith(PREFIX) else name
         if "lora_magnitude_vector" in rel:
-            raise UsageError(f"{lab}: holds DoRA magnitude vectors ({clip(name, 300)}); soupkit does not fold DoRA\n"
-                             "hint: use PEFT's merge_and_unload()")
+            raise UsageError(
+                f"{lab}: holds DoRA magnitude vectors ({clip(name, 300)}); soupkit does not fold DoRA\n"
+                "hint: use PEFT's merge_and_unload()"
+            )
         if ".token_adapter." in rel or "trainable_tokens_" in rel:
-            raise UsageError(f"{lab}: holds a trainable tokens adapter ({clip(name, 300)}); soupkit does not fold "
-                             "trainable tokens\nhint: use PEFT's merge_and_unload()")
+            raise UsageError(
+                f"{lab}: holds a trainable tokens adapter ({clip(name, 300)}); soupkit does not fold "
+                "trainable tokens\nhint: use PEFT's merge_and_unload()"
+            )
         m = _FACTOR.match(rel)
         if m:
             key = m.group("kind") + ("" if m.group("param") in (None, "weight") else ".bias")
@@ -272,7 +327,9 @@ def read_adapter(path: str | os.PathLike[str], *, allow_pickle: bool = False, la
         emb = "lora_embedding_A" in parts or "lora_embedding_B" in parts
         ka, kb = ("lora_embedding_A", "lora_embedding_B") if emb else ("lora_A", "lora_B")
         if ka not in parts or kb not in parts:
-            problems.append(f"module {mod!r} has {', '.join(sorted(parts))} but not both {ka} and {kb}")
+            problems.append(
+                f"module {mod!r} has {', '.join(sorted(parts))} but not both {ka} and {kb}"
+            )
             continue
         a, b = parts[ka], parts[kb]
         rk = pattern_key(list(rank_pattern), mod)
@@ -281,25 +338,38 @@ def read_adapter(path: str | os.PathLike[str], *, allow_pickle: bool = False, la
         alpha = alpha_pattern[ak] if ak is not None else alpha0
         nd = len(a.shape)
         bias = parts.get("lora_B.bias")
-        if nd != len(b.shape) or not (2 <= nd <= 5) or (emb and nd != 2) or (
-                bias is not None and tuple(bias.shape) != (b.shape[0],)):
-            problems.append(f"module {mod!r}: factors of shapes A {list(a.shape)}, B {list(b.shape)}"
-                            f"{'' if bias is None else f', bias {list(bias.shape)}'} are not a LoRA's "
-                            "(A: r x in, B: out x r, both 2-D, or both 3..5-D for a convolution)")
+        if (
+            nd != len(b.shape)
+            or not (2 <= nd <= 5)
+            or (emb and nd != 2)
+            or (bias is not None and tuple(bias.shape) != (b.shape[0],))
+        ):
+            problems.append(
+                f"module {mod!r}: factors of shapes A {list(a.shape)}, B {list(b.shape)}"
+                f"{'' if bias is None else f', bias {list(bias.shape)}'} are not a LoRA's "
+                "(A: r x in, B: out x r, both 2-D, or both 3..5-D for a convolution)"
+            )
             continue
         if r < 1 or a.shape[0] != r or b.shape[1] != r:
-            problems.append(f"module {mod!r}: the config says r = {r} but A is {list(a.shape)} and "
-                            f"B is {list(b.shape)}")
+            problems.append(
+                f"module {mod!r}: the config says r = {r} but A is {list(a.shape)} and "
+                f"B is {list(b.shape)}"
+            )
             continue
-        kind: Literal["linear", "embedding", "conv"] = "embedding" if emb else ("conv" if len(a.shape) > 2 else "linear")
+        kind: Literal["linear", "embedding", "conv"] = (
+            "embedding" if emb else ("conv" if len(a.shape) > 2 else "linear")
+        )
         scale = alpha / math.sqrt(r) if rslora else alpha / r
-        modules[mod] = LoraModule(mod, kind, a, b, bias, r, alpha, scale,
-                                  fifo and kind == "linear")
+        modules[mod] = LoraModule(mod, kind, a, b, bias, r, alpha, scale, fifo and kind == "linear")
     if problems:
-        raise CheckpointFormatError(f"{lab}: inconsistent LoRA factors:\n" + "\n".join(f"  - {p}" for p in problems))
+        raise CheckpointFormatError(
+            f"{lab}: inconsistent LoRA factors:\n" + "\n".join(f"  - {p}" for p in problems)
+        )
     if not modules and not replacements:
-        raise CheckpointFormatError(f"{lab}: no LoRA factors (no '*.lora_A.weight' tensors) in {weights.name}\n"
-                                    "hint: soupkit reads adapters saved by PEFT's save_pretrained")
+        raise CheckpointFormatError(
+            f"{lab}: no LoRA factors (no '*.lora_A.weight' tensors) in {weights.name}\n"
+            "hint: soupkit reads adapters saved by PEFT's save_pretrained"
+        )
     return LoraAdapter(lab, folder, cfg, ck, modules, replacements)
 
 
@@ -327,15 +397,19 @@ class _Target:
 
     name: str
     info: TensorInfo
-    deltas: list[tuple[int, LoraModule, str]] = field(default_factory=list)  # (adapter idx, module, "weight"|"bias")
-    replaced: dict[int, TensorInfo] = field(default_factory=dict)             # adapter idx -> whole tensor
+    deltas: list[tuple[int, LoraModule, str]] = field(
+        default_factory=list
+    )  # (adapter idx, module, "weight"|"bias")
+    replaced: dict[int, TensorInfo] = field(default_factory=dict)  # adapter idx -> whole tensor
 
     @property
     def touched(self) -> bool:
         return bool(self.deltas or self.replaced)
 
 
-def _targets(adapters: Sequence[LoraAdapter], base: Checkpoint) -> tuple[dict[str, _Target], list[str]]:
+def _targets(
+    adapters: Sequence[LoraAdapter], base: Checkpoint
+) -> tuple[dict[str, _Target], list[str]]:
     targets = {n: _Target(n, i) for n, i in base.tensors.items()}
     problems: list[str] = []
     notes: list[str] = []
@@ -344,26 +418,34 @@ def _targets(adapters: Sequence[LoraAdapter], base: Checkpoint) -> tuple[dict[st
         for mod, lm in ad.modules.items():
             name, why = _match(base.tensors, f"{mod}.weight")
             if name is None:
-                problems.append(f"{ad.label}: adapted module {mod!r} has no weight {mod + '.weight'!r} "
-                                f"in {base.label}")
+                problems.append(
+                    f"{ad.label}: adapted module {mod!r} has no weight {mod + '.weight'!r} "
+                    f"in {base.label}"
+                )
                 continue
             how.add(why)
             targets[name].deltas.append((ai, lm, "weight"))
             if lm.bias is not None:
                 bname = name[: -len("weight")] + "bias"
                 if bname not in targets:
-                    problems.append(f"{ad.label}: module {mod!r} trained a bias (lora_bias) but "
-                                    f"{base.label} has no {bname!r}")
+                    problems.append(
+                        f"{ad.label}: module {mod!r} trained a bias (lora_bias) but "
+                        f"{base.label} has no {bname!r}"
+                    )
                 elif tuple(targets[bname].info.shape) != tuple(lm.bias.shape):
-                    problems.append(f"{ad.label}: module {mod!r}: lora_B.bias has shape {list(lm.bias.shape)} but "
-                                    f"{bname!r} in {base.label} has {list(targets[bname].info.shape)}")
+                    problems.append(
+                        f"{ad.label}: module {mod!r}: lora_B.bias has shape {list(lm.bias.shape)} but "
+                        f"{bname!r} in {base.label} has {list(targets[bname].info.shape)}"
+                    )
                 else:
                     targets[bname].deltas.append((ai, lm, "bias"))
         for rel, info in ad.replacements.items():
             name, why = _match(base.tensors, rel)
             if name is None:
-                problems.append(f"{ad.label}: stores {rel!r} whole (modules_to_save), but {base.label} "
-                                "has no such tensor")
+                problems.append(
+                    f"{ad.label}: stores {rel!r} whole (modules_to_save), but {base.label} "
+                    "has no such tensor"
+                )
                 continue
             how.add(why)
             targets[name].replaced[ai] = info
@@ -417,7 +499,9 @@ class _FiniteCheck:
                 self.found.append(name)
             return
         nan, inf = int(torch.isnan(out).sum()), int(torch.isinf(out).sum())
-        what = " and ".join(x for x in (f"{nan:,} NaN" if nan else "", f"{inf:,} Inf" if inf else "") if x)
+        what = " and ".join(
+            x for x in (f"{nan:,} NaN" if nan else "", f"{inf:,} Inf" if inf else "") if x
+        )
         allow = "or pass --allow-nonfinite (allow_nonfinite=True) to write it anyway (listed in the report)"
         culprits = []
         for label, info in self.sources(name):
@@ -425,23 +509,35 @@ class _FiniteCheck:
             if raw.is_floating_point():
                 n_nan, n_inf = int(torch.isnan(raw).sum()), int(torch.isinf(raw).sum())
                 if n_nan or n_inf:
-                    culprits.append(f"{label} holds {n_nan:,} NaN and {n_inf:,} Inf in {clip(info.name, 300)}")
+                    culprits.append(
+                        f"{label} holds {n_nan:,} NaN and {n_inf:,} Inf in {clip(info.name, 300)}"
+                    )
         if culprits:
-            raise NonFiniteError(f"tensor {clip(name, 300)}: {what} in the output, from the inputs:\n"
-                                 + "\n".join(f"  - {c}" for c in culprits)
-                                 + f"\nhint: that adapter or base is broken (diverged training, a bad "
-                                   f"conversion); leave it out, {allow}")
-        raise NonFiniteError(f"tensor {clip(name, 300)}: {what} in the output although every input is finite "
-                             "(float32 overflow: an extreme lora_alpha / r or merge weight, or a value beyond "
-                             f"the output dtype's range)\nhint: check the adapter's scale and the output dtype, {allow}")
+            raise NonFiniteError(
+                f"tensor {clip(name, 300)}: {what} in the output, from the inputs:\n"
+                + "\n".join(f"  - {c}" for c in culprits)
+                + f"\nhint: that adapter or base is broken (diverged training, a bad "
+                f"conversion); leave it out, {allow}"
+            )
+        raise NonFiniteError(
+            f"tensor {clip(name, 300)}: {what} in the output although every input is finite "
+            "(float32 overflow: an extreme lora_alpha / r or merge weight, or a value beyond "
+            f"the output dtype's range)\nhint: check the adapter's scale and the output dtype, {allow}"
+        )
 
 
-def _sources(ads: Sequence[LoraAdapter], base: Checkpoint, tg: _Target) -> list[tuple[str, TensorInfo]]:
+def _sources(
+    ads: Sequence[LoraAdapter], base: Checkpoint, tg: _Target
+) -> list[tuple[str, TensorInfo]]:
     """The input tensors that make base tensor ``tg``'s output, with the input's label."""
     out = [(f"base {base.label}", tg.info)]
     out += [(ads[ai].label, info) for ai, info in tg.replaced.items()]
     for ai, lm, part in tg.deltas:
-        out += [(ads[ai].label, info) for info in ([lm.bias] if part == "bias" else [lm.a, lm.b]) if info is not None]
+        out += [
+            (ads[ai].label, info)
+            for info in ([lm.bias] if part == "bias" else [lm.a, lm.b])
+            if info is not None
+        ]
     return out
 
 
@@ -449,7 +545,9 @@ def _bar(total: int, enabled: bool | None, desc: str) -> Any:
     from tqdm.auto import tqdm
 
     disable = (not sys.stderr.isatty()) if enabled is None else (not enabled)
-    return tqdm(total=total, unit="tensor", desc=desc, disable=disable, dynamic_ncols=True, leave=False)
+    return tqdm(
+        total=total, unit="tensor", desc=desc, disable=disable, dynamic_ncols=True, leave=False
+    )
 
 
 def _write(
@@ -478,7 +576,10 @@ def _write(
         if len(shards) > 1:
             limit = max(limit, sum(o.nbytes for o in outputs) + 1)
             shards = layout_shards(outputs, limit)
-        shards = [s.__class__(f"{stem}.safetensors", s.header, s.offsets, s.tensors, s.size) for s in shards]
+        shards = [
+            s.__class__(f"{stem}.safetensors", s.header, s.offsets, s.tensors, s.size)
+            for s in shards
+        ]
     hashes: dict[str, str] = {}
     bar = _bar(len(outputs), progress, desc)
     try:
@@ -522,8 +623,11 @@ def _carry(tmp: Path, folders: Sequence[Path | None], skip: Sequence[str] = ()) 
 def _file_hashes(cks: Sequence[Checkpoint]) -> list[dict[str, Any]]:
     from soupkit.io.writer import sha256_file
 
-    return [{"path": str(f), "bytes": f.stat().st_size, "sha256": sha256_file(f)}
-            for c in cks for f in c.files]
+    return [
+        {"path": str(f), "bytes": f.stat().st_size, "sha256": sha256_file(f)}
+        for c in cks
+        for f in c.files
+    ]
 
 
 def _out_code(out_dtype: str | None, info: TensorInfo) -> str:
@@ -595,14 +699,19 @@ def fold_lora(
     for name, tg in targets.items():
         shape = tg.info.shape
         if tg.replaced:
-            repl = tg.replaced[max(tg.replaced)]  # the last adapter to store it wins, as when loading in order
+            repl = tg.replaced[
+                max(tg.replaced)
+            ]  # the last adapter to store it wins, as when loading in order
             if repl.shape != shape:
-                notes.append(f"{name}: the adapter stores it with shape {list(repl.shape)} (base: {list(shape)})")
+                notes.append(
+                    f"{name}: the adapter stores it with shape {list(repl.shape)} (base: {list(shape)})"
+                )
             shape = repl.shape
         outputs.append(OutputTensor(name, _out_code(out_dtype, tg.info), shape))
     changed = tuple(n for n, tg in targets.items() if tg.touched)
 
     with TensorReader() as reader:
+
         def produce(o: OutputTensor) -> torch.Tensor:
             tg = targets[o.name]
             dt = DTYPES[o.dtype][0]
@@ -625,26 +734,57 @@ def fold_lora(
 
         def files(tmp: Path, hashes: dict[str, str]) -> None:
             # config.json always comes from the base (an adapter folder has none)
-            carried = _carry(tmp, [ads[0].folder, base_ck.folder] if tokenizer_source == "adapter"
-                             else [base_ck.folder])
-            front = card_front_matter([str(base), *map(str, paths)], tags=["lora", "peft"], relation=None)
-            body = [f"# {Path(out).name}", "",
-                    f"{'These LoRA adapters were' if len(ads) > 1 else 'This LoRA adapter was'} folded into "
-                    f"`{base}` with [soupkit](https://pypi.org/project/soupkit/) {__version__}: "
-                    "W + scale * B @ A for every adapted module.", "", "## Adapters", ""]
-            body += [f"- `{a.label}`: r = {a.r}, lora_alpha = {a.lora_alpha:g}"
-                     f"{', rslora' if a.use_rslora else ''}, {len(a.modules)} module(s)" for a in ads]
+            carried = _carry(
+                tmp,
+                [ads[0].folder, base_ck.folder]
+                if tokenizer_source == "adapter"
+                else [base_ck.folder],
+            )
+            front = card_front_matter(
+                [str(base), *map(str, paths)], tags=["lora", "peft"], relation=None
+            )
+            body = [
+                f"# {Path(out).name}",
+                "",
+                f"{'These LoRA adapters were' if len(ads) > 1 else 'This LoRA adapter was'} folded into "
+                f"`{base}` with [soupkit](https://pypi.org/project/soupkit/) {__version__}: "
+                "W + scale * B @ A for every adapted module.",
+                "",
+                "## Adapters",
+                "",
+            ]
+            body += [
+                f"- `{a.label}`: r = {a.r}, lora_alpha = {a.lora_alpha:g}"
+                f"{', rslora' if a.use_rslora else ''}, {len(a.modules)} module(s)"
+                for a in ads
+            ]
             (tmp / "README.md").write_text(render_card(front, body), encoding="utf-8")
-            report = _report("fold", ads, base_ck, hashes, carried, notes,
-                             {"rounding": rounding, "out_dtype": out_dtype, "changed_tensors": len(changed)},
-                             finite.found)
+            report = _report(
+                "fold",
+                ads,
+                base_ck,
+                hashes,
+                carried,
+                notes,
+                {"rounding": rounding, "out_dtype": out_dtype, "changed_tensors": len(changed)},
+                finite.found,
+            )
             (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
             result_report.update(report)
 
         result_report: dict[str, Any] = {}
         finite = _FiniteCheck(allow_nonfinite, reader, lambda n: _sources(ads, base_ck, targets[n]))
-        _write(Path(out), outputs, produce, force=force, max_shard_size=max_shard_size, files=files,
-               progress=progress, desc="fold lora", finite=finite)
+        _write(
+            Path(out),
+            outputs,
+            produce,
+            force=force,
+            max_shard_size=max_shard_size,
+            files=files,
+            progress=progress,
+            desc="fold lora",
+            finite=finite,
+        )
     return LoraResult(Path(out), "model", changed, {}, tuple(notes), result_report)
 
 
@@ -655,16 +795,25 @@ def _delta(lm: LoraModule, part: str, reader: TensorReader, shape: Sequence[int]
     return lm.delta(reader, shape)
 
 
-def _report(op: str, ads: Sequence[LoraAdapter], base: Checkpoint, hashes: Mapping[str, str],
-            carried: Mapping[str, str], notes: Sequence[str], extra: Mapping[str, Any],
-            nonfinite: Sequence[str]) -> dict[str, Any]:
+def _report(
+    op: str,
+    ads: Sequence[LoraAdapter],
+    base: Checkpoint,
+    hashes: Mapping[str, str],
+    carried: Mapping[str, str],
+    notes: Sequence[str],
+    extra: Mapping[str, Any],
+    nonfinite: Sequence[str],
+) -> dict[str, Any]:
     return {
         "soupkit_version": __version__,
         "torch_version": torch.__version__,
         "created_unix": int(time.time()),
         "lora": {"operation": op, **dict(extra)},
-        "inputs": {"base": {"label": base.label, "files": _file_hashes([base])},
-                   "adapters": [{**a.summary(), "files": _file_hashes([a.checkpoint])} for a in ads]},
+        "inputs": {
+            "base": {"label": base.label, "files": _file_hashes([base])},
+            "adapters": [{**a.summary(), "files": _file_hashes([a.checkpoint])} for a in ads],
+        },
         "outputs": [{"file": f, "sha256": h} for f, h in hashes.items()],
         "other_files": [{"file": f, "sha256": h} for f, h in carried.items()],
         "nonfinite_tensors": list(nonfinite),
@@ -673,15 +822,19 @@ def _report(op: str, ads: Sequence[LoraAdapter], base: Checkpoint, hashes: Mappi
 
 
 # ------------------------------------------------------------------------------------------ merge
-def _method_params(spec: MethodSpec, parameters: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+def _method_params(
+    spec: MethodSpec, parameters: Mapping[str, Any]
+) -> tuple[dict[str, Any], list[str]]:
     """Default to PEFT's convention for methods that have conventions (see the module docstring)."""
     params = dict(parameters)
     notes: list[str] = []
     presets = getattr(spec.params, "presets", None)
     if isinstance(presets, Mapping) and "peft" in presets and "convention" not in params:
         params["convention"] = "peft"
-        notes.append(f"{spec.name}: using convention 'peft' (PEFT's add_weighted_adapter), the default "
-                     "for adapters; set parameters.convention to change it")
+        notes.append(
+            f"{spec.name}: using convention 'peft' (PEFT's add_weighted_adapter), the default "
+            "for adapters; set parameters.convention to change it"
+        )
     return params, notes
 
 
@@ -746,12 +899,22 @@ def merge_loras(
             "'linear') combines the factors (A' = sum_i sqrt(w_i*s_i) A_i, B' = sum_i sqrt(w_i*s_i) B_i, so "
             "B'A' has cross terms B_i A_j), while soupkit's merge averaged the deltas (sum_i w_i s_i B_i A_i "
             "/ sum_i w_i)\nhint: use 'delta_linear' for the average of the deltas (what 'linear' meant in "
-            "soupkit before), or 'peft_linear' for PEFT's combination of the factors")
+            "soupkit before), or 'peft_linear' for PEFT's combination of the factors"
+        )
     if method == "peft_linear":
-        return _peft_linear([read_adapter(p, allow_pickle=allow_pickle) for p in adapters],
-                            _open_base(base, allow_pickle), Path(out), model_parameters, parameters, rank=rank,
-                            out_dtype=out_dtype, force=force, progress=progress, max_shard_size=max_shard_size,
-                            allow_nonfinite=allow_nonfinite)
+        return _peft_linear(
+            [read_adapter(p, allow_pickle=allow_pickle) for p in adapters],
+            _open_base(base, allow_pickle),
+            Path(out),
+            model_parameters,
+            parameters,
+            rank=rank,
+            out_dtype=out_dtype,
+            force=force,
+            progress=progress,
+            max_shard_size=max_shard_size,
+            allow_nonfinite=allow_nonfinite,
+        )
     try:
         spec = methods.get("linear" if method == "delta_linear" else method)
     except SoupError as e:
@@ -759,13 +922,26 @@ def merge_loras(
     glob, notes = _method_params(spec, parameters or {})
     per = [dict(m) for m in (model_parameters or [{}] * len(adapters))]
     every = set(spec.per_model_names) | set(spec.global_names)
-    bad = [k for k in glob if k not in every] + [k for m in per for k in m if k not in spec.per_model_names]
+    bad = [k for k in glob if k not in every] + [
+        k for m in per for k in m if k not in spec.per_model_names
+    ]
     if bad:
-        raise ConfigError([f"unknown parameter {k!r} for method {spec.name!r} (or a global one given per "
-                           f"adapter); it takes: {', '.join(sorted(every)) or 'nothing'}" for k in dict.fromkeys(bad)])
-    if len(adapters) < spec.min_models or (spec.max_models is not None and len(adapters) > spec.max_models):
-        raise ConfigError([f"method {spec.name!r} takes {spec.min_models}"
-                           f"{'..' + str(spec.max_models) if spec.max_models else '+'} models, got {len(adapters)} adapters"])
+        raise ConfigError(
+            [
+                f"unknown parameter {k!r} for method {spec.name!r} (or a global one given per "
+                f"adapter); it takes: {', '.join(sorted(every)) or 'nothing'}"
+                for k in dict.fromkeys(bad)
+            ]
+        )
+    if len(adapters) < spec.min_models or (
+        spec.max_models is not None and len(adapters) > spec.max_models
+    ):
+        raise ConfigError(
+            [
+                f"method {spec.name!r} takes {spec.min_models}"
+                f"{'..' + str(spec.max_models) if spec.max_models else '+'} models, got {len(adapters)} adapters"
+            ]
+        )
     ads = [read_adapter(p, allow_pickle=allow_pickle) for p in adapters]
     base_ck = _open_base(base, allow_pickle)
     targets, match_notes = _targets(ads, base_ck)
@@ -773,8 +949,13 @@ def merge_loras(
     layers = LayerIndex.from_names(base_ck.tensors)
     from soupkit.config import load_recipe
 
-    load_recipe({"merge_method": spec.name, "models": [{"model": str(a), "parameters": p} for a, p in zip(adapters, per)],
-                 "parameters": glob})  # validates value shapes (scalars, gradients, filters) like a recipe
+    load_recipe(
+        {
+            "merge_method": spec.name,
+            "models": [{"model": str(a), "parameters": p} for a, p in zip(adapters, per)],
+            "parameters": glob,
+        }
+    )  # validates value shapes (scalars, gradients, filters) like a recipe
     cache: dict[tuple[Any, ...], Params] = {}
     bad_values: dict[str, str] = {}
 
@@ -782,7 +963,10 @@ def merge_loras(
         t = layers.t(name)
         values: dict[str, Any] = {}
         for key, default in spec.params.per_model.items():
-            values[key] = tuple(v if (v := resolve_chain(key, (m, glob), name, t)) is not None else default for m in per)
+            values[key] = tuple(
+                v if (v := resolve_chain(key, (m, glob), name, t)) is not None else default
+                for m in per
+            )
         for key in spec.global_names:
             v = resolve_chain(key, (glob,), name, t)
             if v is not None:
@@ -794,13 +978,17 @@ def merge_loras(
             except ValidationError as e:
                 for err in e.errors():
                     loc = ".".join(str(x) for x in err["loc"])
-                    bad_values.setdefault(f"parameter {loc or '?'}: {err['msg']} (got {err.get('input')!r})", name)
+                    bad_values.setdefault(
+                        f"parameter {loc or '?'}: {err['msg']} (got {err.get('input')!r})", name
+                    )
                 return None
         p = cache[ck]
         if spec.global_trim is not None and spec.global_trim(p) is not None:
-            raise UsageError(f"method {spec.name!r} with a whole-model magnitude trim (trim_scope: global) "
-                             "is not available for LoRA merges\nhint: set trim_scope: per_tensor, or "
-                             "convention: peft (the default here)")
+            raise UsageError(
+                f"method {spec.name!r} with a whole-model magnitude trim (trim_scope: global) "
+                "is not available for LoRA merges\nhint: set trim_scope: per_tensor, or "
+                "convention: peft (the default here)"
+            )
         return p
 
     merged_names = [n for n, tg in targets.items() if tg.touched and tg.info.is_float]
@@ -810,15 +998,32 @@ def merge_loras(
     if rank is not None:
         for n in merged_names:
             if any(lm.kind == "conv" for _, lm, _ in targets[n].deltas):
-                raise UsageError(f"{n}: a convolution; writing a merged LoRA (--rank) supports linear and "
-                                 "embedding modules only\nhint: leave out --rank to write the full model")
-        return _merge_to_adapter(ads, base_ck, targets, spec, plist, Path(out), rank=rank, seed=seed,
-                                 out_dtype=out_dtype, force=force, progress=progress, notes=notes,
-                                 allow_nonfinite=allow_nonfinite,
-                                 method_params={"parameters": glob, "model_parameters": per})
+                raise UsageError(
+                    f"{n}: a convolution; writing a merged LoRA (--rank) supports linear and "
+                    "embedding modules only\nhint: leave out --rank to write the full model"
+                )
+        return _merge_to_adapter(
+            ads,
+            base_ck,
+            targets,
+            spec,
+            plist,
+            Path(out),
+            rank=rank,
+            seed=seed,
+            out_dtype=out_dtype,
+            force=force,
+            progress=progress,
+            notes=notes,
+            allow_nonfinite=allow_nonfinite,
+            method_params={"parameters": glob, "model_parameters": per},
+        )
 
-    outputs = [OutputTensor(n, _out_code(out_dtype, tg.info), tg.info.shape) for n, tg in targets.items()]
+    outputs = [
+        OutputTensor(n, _out_code(out_dtype, tg.info), tg.info.shape) for n, tg in targets.items()
+    ]
     with TensorReader() as reader:
+
         def produce(o: OutputTensor) -> torch.Tensor:
             tg = targets[o.name]
             dt = DTYPES[o.dtype][0]
@@ -832,15 +1037,41 @@ def merge_loras(
 
         def files(tmp: Path, hashes: dict[str, str]) -> None:
             carried = _carry(tmp, [base_ck.folder])
-            _card_and_report(tmp, "merge", ads, base_ck, hashes, carried, notes, spec, rank=None,
-                             extra={"method": _shown(spec), "parameters": glob, "model_parameters": per,
-                                    "seed": seed, "out_dtype": out_dtype, "merged_tensors": len(merged_names)},
-                             result=result_report, nonfinite=finite.found)
+            _card_and_report(
+                tmp,
+                "merge",
+                ads,
+                base_ck,
+                hashes,
+                carried,
+                notes,
+                spec,
+                rank=None,
+                extra={
+                    "method": _shown(spec),
+                    "parameters": glob,
+                    "model_parameters": per,
+                    "seed": seed,
+                    "out_dtype": out_dtype,
+                    "merged_tensors": len(merged_names),
+                },
+                result=result_report,
+                nonfinite=finite.found,
+            )
 
         result_report: dict[str, Any] = {}
         finite = _FiniteCheck(allow_nonfinite, reader, lambda n: _sources(ads, base_ck, targets[n]))
-        _write(Path(out), outputs, produce, force=force, max_shard_size=max_shard_size, files=files,
-               progress=progress, desc=f"merge loras ({_shown(spec)})", finite=finite)
+        _write(
+            Path(out),
+            outputs,
+            produce,
+            force=force,
+            max_shard_size=max_shard_size,
+            files=files,
+            progress=progress,
+            desc=f"merge loras ({_shown(spec)})",
+            finite=finite,
+        )
     return LoraResult(Path(out), "model", tuple(merged_names), {}, tuple(notes), result_report)
 
 
@@ -850,23 +1081,33 @@ def _deltas(tg: _Target, n: int, reader: TensorReader, w: torch.Tensor) -> list[
     out = [torch.zeros_like(w) for _ in range(n)]
     for ai, info in tg.replaced.items():
         if info.shape != tg.info.shape:
-            raise PlanError([f"{tg.name}: adapter {ai} stores it with shape {list(info.shape)}, the base has "
-                             f"{list(tg.info.shape)}; merging needs equal shapes"])
+            raise PlanError(
+                [
+                    f"{tg.name}: adapter {ai} stores it with shape {list(info.shape)}, the base has "
+                    f"{list(tg.info.shape)}; merging needs equal shapes"
+                ]
+            )
         out[ai] = reader.read(info).to(torch.float32).reshape(w.shape) - w
     for ai, lm, part in tg.deltas:
         out[ai] += _delta(lm, part, reader, w.shape)
     return out
 
 
-def _combine(spec: MethodSpec, p: Params, deltas: list[torch.Tensor], w: torch.Tensor, seed: int,
-             name: str) -> torch.Tensor:
+def _combine(
+    spec: MethodSpec, p: Params, deltas: list[torch.Tensor], w: torch.Tensor, seed: int, name: str
+) -> torch.Tensor:
     """The merged delta for one tensor, with the engine's seeding (see `soupkit.execute`)."""
-    def run(ds: list[torch.Tensor], base: torch.Tensor, rng: torch.Generator | None) -> torch.Tensor:
+
+    def run(
+        ds: list[torch.Tensor], base: torch.Tensor, rng: torch.Generator | None
+    ) -> torch.Tensor:
         if spec.kind == "task_vector":
             merged: torch.Tensor = spec.fn(ds, p, rng=rng)
             return merged
         xs = [base + d for d in ds]
-        if spec.base_as_input:  # karcher: the base is one more input, as with a base_model in a recipe
+        if (
+            spec.base_as_input
+        ):  # karcher: the base is one more input, as with a base_model in a recipe
             return spec.call([*xs, base.clone()], p, rng=rng) - base
         return spec.call(xs, p, base=base, rng=rng) - base
 
@@ -892,25 +1133,57 @@ def _shown(spec: MethodSpec) -> str:
 _PEFT_LINEAR = ("peft_linear", "https://huggingface.co/docs/peft/developer_guides/model_merging")
 
 
-def _card_and_report(tmp: Path, op: str, ads: Sequence[LoraAdapter], base: Checkpoint, hashes: Mapping[str, str],
-                     carried: Mapping[str, str], notes: Sequence[str], spec: MethodSpec | tuple[str, str], *,
-                     rank: int | None, extra: Mapping[str, Any], result: dict[str, Any],
-                     nonfinite: Sequence[str]) -> None:
+def _card_and_report(
+    tmp: Path,
+    op: str,
+    ads: Sequence[LoraAdapter],
+    base: Checkpoint,
+    hashes: Mapping[str, str],
+    carried: Mapping[str, str],
+    notes: Sequence[str],
+    spec: MethodSpec | tuple[str, str],
+    *,
+    rank: int | None,
+    extra: Mapping[str, Any],
+    result: dict[str, Any],
+    nonfinite: Sequence[str],
+) -> None:
     name, paper = spec if isinstance(spec, tuple) else (_shown(spec), spec.paper)
     is_adapter = rank is not None
-    front = card_front_matter([base.label, *(a.label for a in ads)], tags=["lora", "peft", name],
-                              library_name="peft" if is_adapter else "transformers",
-                              relation="adapter" if is_adapter else "merge")
+    front = card_front_matter(
+        [base.label, *(a.label for a in ads)],
+        tags=["lora", "peft", name],
+        library_name="peft" if is_adapter else "transformers",
+        relation="adapter" if is_adapter else "merge",
+    )
     what = f"a LoRA adapter of rank {rank}" if is_adapter else "a full model"
-    body = [f"# {tmp.name if not tmp.name.startswith('.soupkit') else 'Merged LoRA'}", "",
-            f"{len(ads)} LoRA adapter(s) of `{base.label}` merged "
-            + ("by combining their factors A and B as PEFT's add_weighted_adapter(combination_type='linear') does"
-               if name == "peft_linear" else "exactly in weight space (their deltas scale * B @ A)")
-            + f" with the `{name}` method ({paper}) by "
-            f"[soupkit](https://pypi.org/project/soupkit/) {__version__}, written as {what}.", "",
-            "## Adapters", ""]
-    body += [f"- `{a.label}`: r = {a.r}, lora_alpha = {a.lora_alpha:g}, {len(a.modules)} module(s)" for a in ads]
-    body += ["", "## Parameters", "", "```json", json.dumps(dict(extra), indent=2, default=str), "```"]
+    body = [
+        f"# {tmp.name if not tmp.name.startswith('.soupkit') else 'Merged LoRA'}",
+        "",
+        f"{len(ads)} LoRA adapter(s) of `{base.label}` merged "
+        + (
+            "by combining their factors A and B as PEFT's add_weighted_adapter(combination_type='linear') does"
+            if name == "peft_linear"
+            else "exactly in weight space (their deltas scale * B @ A)"
+        )
+        + f" with the `{name}` method ({paper}) by "
+        f"[soupkit](https://pypi.org/project/soupkit/) {__version__}, written as {what}.",
+        "",
+        "## Adapters",
+        "",
+    ]
+    body += [
+        f"- `{a.label}`: r = {a.r}, lora_alpha = {a.lora_alpha:g}, {len(a.modules)} module(s)"
+        for a in ads
+    ]
+    body += [
+        "",
+        "## Parameters",
+        "",
+        "```json",
+        json.dumps(dict(extra), indent=2, default=str),
+        "```",
+    ]
     (tmp / "README.md").write_text(render_card(front, body), encoding="utf-8")
     report = _report(op, ads, base, hashes, carried, notes, extra, nonfinite)
     (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
@@ -918,9 +1191,20 @@ def _card_and_report(tmp: Path, op: str, ads: Sequence[LoraAdapter], base: Check
 
 
 def _merge_to_adapter(
-    ads: Sequence[LoraAdapter], base: Checkpoint, targets: Mapping[str, _Target], spec: MethodSpec,
-    plist: Mapping[str, Params | None], out: Path, *, rank: int, seed: int, out_dtype: str | None,
-    force: bool, progress: bool | None, notes: list[str], method_params: Mapping[str, Any],
+    ads: Sequence[LoraAdapter],
+    base: Checkpoint,
+    targets: Mapping[str, _Target],
+    spec: MethodSpec,
+    plist: Mapping[str, Params | None],
+    out: Path,
+    *,
+    rank: int,
+    seed: int,
+    out_dtype: str | None,
+    force: bool,
+    progress: bool | None,
+    notes: list[str],
+    method_params: Mapping[str, Any],
     allow_nonfinite: bool = False,
 ) -> LoraResult:
     """Merged deltas -> a PEFT adapter of rank ``rank`` by truncated SVD (factors computed
@@ -931,19 +1215,27 @@ def _merge_to_adapter(
         code = next((lm.b.dtype for a in ads for lm in a.modules.values()), "F32")
     fdtype = DTYPES[code][0]
     outputs: list[OutputTensor] = []
-    plan: dict[str, tuple[str, str, str]] = {}  # output name -> (base tensor, module, "A"|"B"|"whole")
-    modules: dict[str, tuple[str, bool, bool]] = {}  # module -> (base weight name, transposed, embedding)
+    plan: dict[
+        str, tuple[str, str, str]
+    ] = {}  # output name -> (base tensor, module, "A"|"B"|"whole")
+    modules: dict[
+        str, tuple[str, bool, bool]
+    ] = {}  # module -> (base weight name, transposed, embedding)
     bias_updates: list[str] = []
     for name in plist:
         tg = targets[name]
         lora = [lm for _, lm, part in tg.deltas if part == "weight"]
         if any(part == "bias" for _, _, part in tg.deltas) and not tg.replaced:
-            bias_updates.append(name)  # lora_bias: after the weights, as lora_B.bias of their module
+            bias_updates.append(
+                name
+            )  # lora_bias: after the weights, as lora_B.bias of their module
             continue
         if any(part == "bias" for _, _, part in tg.deltas) or (tg.replaced and not lora):
             # a whole-tensor module: stored whole (modules_to_save)
             out_name = PREFIX + name
-            outputs.append(OutputTensor(out_name, code if tg.info.is_float else tg.info.dtype, tg.info.shape))
+            outputs.append(
+                OutputTensor(out_name, code if tg.info.is_float else tg.info.dtype, tg.info.shape)
+            )
             plan[out_name] = (name, name.rsplit(".", 1)[0], "whole")
             continue
         lm0 = lora[0]
@@ -953,27 +1245,36 @@ def _merge_to_adapter(
         rows, cols = tg.info.shape[0], tg.info.shape[1]
         out_f, in_f = (cols, rows) if transposed else (rows, cols)
         k = min(rank, out_f, in_f)
-        an, bn = (f"{PREFIX}{mod}.lora_embedding_A", f"{PREFIX}{mod}.lora_embedding_B") if emb else \
-            (f"{PREFIX}{mod}.lora_A.weight", f"{PREFIX}{mod}.lora_B.weight")
+        an, bn = (
+            (f"{PREFIX}{mod}.lora_embedding_A", f"{PREFIX}{mod}.lora_embedding_B")
+            if emb
+            else (f"{PREFIX}{mod}.lora_A.weight", f"{PREFIX}{mod}.lora_B.weight")
+        )
         outputs += [OutputTensor(an, code, (k, in_f)), OutputTensor(bn, code, (out_f, k))]
         plan[an] = (name, mod, "A")
         plan[bn] = (name, mod, "B")
         modules[mod] = (name, transposed, emb)
         if k < rank:
-            notes.append(f"{mod}: rank {rank} exceeds min(out, in) = {k}; stored at rank {k} (exact)")
+            notes.append(
+                f"{mod}: rank {rank} exceeds min(out, in) = {k}; stored at rank {k} (exact)"
+            )
     # lora_bias: the merged bias update is lora_B.bias (scale 1). PEFT gives every adapted module a
     # lora_B.bias when lora_bias is set, so the others get zeros, and all need a base bias.
     by_weight = {w[: -len("weight")] + "bias": m for m, (w, _, _) in modules.items()}
     for name in bias_updates:
         if name not in by_weight:
-            raise UsageError(f"{name}: a lora_bias update of a module that is not re-factored; writing a "
-                             "merged LoRA (--rank) cannot hold it\nhint: leave out --rank to write the full model")
+            raise UsageError(
+                f"{name}: a lora_bias update of a module that is not re-factored; writing a "
+                "merged LoRA (--rank) cannot hold it\nhint: leave out --rank to write the full model"
+            )
     if bias_updates:
         for bname, mod in by_weight.items():
             if bname not in targets:
-                raise UsageError(f"{mod}: has no bias in {base.label}, but a merged adapter with lora_bias gives "
-                                 "every adapted module a bias (as PEFT does)\nhint: leave out --rank to write "
-                                 "the full model")
+                raise UsageError(
+                    f"{mod}: has no bias in {base.label}, but a merged adapter with lora_bias gives "
+                    "every adapted module a bias (as PEFT does)\nhint: leave out --rank to write "
+                    "the full model"
+                )
             out_name = f"{PREFIX}{mod}.lora_B.bias"
             outputs.append(OutputTensor(out_name, code, targets[bname].info.shape))
             plan[out_name] = (bname, mod, "bias" if bname in bias_updates else "zero")
@@ -982,6 +1283,7 @@ def _merge_to_adapter(
     pending: dict[str, torch.Tensor] = {}
 
     with TensorReader() as reader:
+
         def merged_delta(name: str) -> tuple[torch.Tensor, torch.Tensor]:
             tg = targets[name]
             w = reader.read(tg.info).to(torch.float32).reshape(tg.info.shape)
@@ -992,7 +1294,11 @@ def _merge_to_adapter(
         def produce(o: OutputTensor) -> torch.Tensor:
             name, mod, part = plan[o.name]
             if part in ("bias", "zero"):
-                return merged_delta(name)[0].to(fdtype) if part == "bias" else torch.zeros(o.shape, dtype=fdtype)
+                return (
+                    merged_delta(name)[0].to(fdtype)
+                    if part == "bias"
+                    else torch.zeros(o.shape, dtype=fdtype)
+                )
             if part == "whole":
                 d, w = merged_delta(name)
                 return (w + d).to(DTYPES[o.dtype][0])
@@ -1006,11 +1312,16 @@ def _merge_to_adapter(
             b_f: torch.Tensor = (u[:, :k] * s[:k]).to(fdtype).contiguous()
             a_f: torch.Tensor = vh[:k].to(fdtype).contiguous()
             total = float(torch.linalg.vector_norm(m.double()))
-            resid = float(torch.linalg.vector_norm((m.double() - b_f.double() @ a_f.double())))
+            resid = float(torch.linalg.vector_norm(m.double() - b_f.double() @ a_f.double()))
             errors[mod] = resid / total if total > 0 else 0.0
             norms[mod] = (resid, total)
-            other = o.name.replace("lora_A", "lora_B").replace("lora_embedding_A", "lora_embedding_B") \
-                if part == "A" else o.name.replace("lora_B", "lora_A").replace("lora_embedding_B", "lora_embedding_A")
+            other = (
+                o.name.replace("lora_A", "lora_B").replace("lora_embedding_A", "lora_embedding_B")
+                if part == "A"
+                else o.name.replace("lora_B", "lora_A").replace(
+                    "lora_embedding_B", "lora_embedding_A"
+                )
+            )
             pending[other] = a_f if part == "B" else b_f
             return a_f if part == "A" else b_f
 
@@ -1021,32 +1332,86 @@ def _merge_to_adapter(
                 targets_cfg = sorted({t for a in ads for t in a.config["target_modules"]})
             else:
                 targets_cfg = sorted(modules)
-            saves = sorted({s for a in ads for s in (a.config.get("modules_to_save") or [])}) or None
-            cfg.update({"r": rank, "lora_alpha": rank, "use_rslora": False, "rank_pattern": {}, "alpha_pattern": {},
-                        "target_modules": targets_cfg, "modules_to_save": saves, "fan_in_fan_out": any(
-                            t for _, t, e in modules.values() if not e), "base_model_name_or_path": base.label,
-                        "use_dora": False, "inference_mode": True, "lora_bias": bool(bias_updates)})
+            saves = (
+                sorted({s for a in ads for s in (a.config.get("modules_to_save") or [])}) or None
+            )
+            cfg.update(
+                {
+                    "r": rank,
+                    "lora_alpha": rank,
+                    "use_rslora": False,
+                    "rank_pattern": {},
+                    "alpha_pattern": {},
+                    "target_modules": targets_cfg,
+                    "modules_to_save": saves,
+                    "fan_in_fan_out": any(t for _, t, e in modules.values() if not e),
+                    "base_model_name_or_path": base.label,
+                    "use_dora": False,
+                    "inference_mode": True,
+                    "lora_bias": bool(bias_updates),
+                }
+            )
             (tmp / ADAPTER_CONFIG).write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
             tot_r = math.sqrt(sum(r * r for r, _ in norms.values()))
             tot = math.sqrt(sum(t * t for _, t in norms.values()))
-            extra = {**dict(method_params), "method": _shown(spec), "rank": rank, "seed": seed,
-                     "svd": {"relative_frobenius_error": {m: round(e, 8) for m, e in sorted(errors.items())},
-                             "max": max(errors.values(), default=0.0),
-                             "overall": tot_r / tot if tot > 0 else 0.0}}
-            _card_and_report(tmp, "merge_to_adapter", ads, base, hashes, {}, notes, spec, rank=rank,
-                             extra=extra, result=result_report, nonfinite=finite.found)
+            extra = {
+                **dict(method_params),
+                "method": _shown(spec),
+                "rank": rank,
+                "seed": seed,
+                "svd": {
+                    "relative_frobenius_error": {m: round(e, 8) for m, e in sorted(errors.items())},
+                    "max": max(errors.values(), default=0.0),
+                    "overall": tot_r / tot if tot > 0 else 0.0,
+                },
+            }
+            _card_and_report(
+                tmp,
+                "merge_to_adapter",
+                ads,
+                base,
+                hashes,
+                {},
+                notes,
+                spec,
+                rank=rank,
+                extra=extra,
+                result=result_report,
+                nonfinite=finite.found,
+            )
 
         result_report: dict[str, Any] = {}
-        finite = _FiniteCheck(allow_nonfinite, reader, lambda n: _sources(ads, base, targets[plan[n][0]]))
-        _write(out, outputs, produce, force=force, max_shard_size="1000TB", files=files, progress=progress,
-               desc=f"merge loras ({_shown(spec)}, rank {rank})", stem="adapter_model", finite=finite)
+        finite = _FiniteCheck(
+            allow_nonfinite, reader, lambda n: _sources(ads, base, targets[plan[n][0]])
+        )
+        _write(
+            out,
+            outputs,
+            produce,
+            force=force,
+            max_shard_size="1000TB",
+            files=files,
+            progress=progress,
+            desc=f"merge loras ({_shown(spec)}, rank {rank})",
+            stem="adapter_model",
+            finite=finite,
+        )
     return LoraResult(out, "adapter", tuple(sorted(modules)), errors, tuple(notes), result_report)
 
 
 def _peft_linear(
-    ads: Sequence[LoraAdapter], base: Checkpoint, out: Path, model_parameters: Sequence[Mapping[str, Any]] | None,
-    parameters: Mapping[str, Any] | None, *, rank: int | None, out_dtype: str | None, force: bool,
-    progress: bool | None, max_shard_size: int | str, allow_nonfinite: bool,
+    ads: Sequence[LoraAdapter],
+    base: Checkpoint,
+    out: Path,
+    model_parameters: Sequence[Mapping[str, Any]] | None,
+    parameters: Mapping[str, Any] | None,
+    *,
+    rank: int | None,
+    out_dtype: str | None,
+    force: bool,
+    progress: bool | None,
+    max_shard_size: int | str,
+    allow_nonfinite: bool,
 ) -> LoraResult:
     """PEFT's ``add_weighted_adapter(combination_type="linear")``: a combination of the *factors*.
 
@@ -1059,14 +1424,20 @@ def _peft_linear(
     with ``rank`` (which must equal that ``r``) as the new adapter itself.
     """
     if parameters:
-        raise ConfigError([f"method 'peft_linear' takes only per-adapter weights, not {sorted(parameters)}"])
+        raise ConfigError(
+            [f"method 'peft_linear' takes only per-adapter weights, not {sorted(parameters)}"]
+        )
     weights: list[float] = []
     for i, m in enumerate(model_parameters or [{}] * len(ads)):
         extra = sorted(set(m) - {"weight"})
         w = m.get("weight", 1.0)
         if extra or isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
-            raise ConfigError([f"adapter {i}: method 'peft_linear' takes one finite number 'weight' per adapter, "
-                               f"got {clip(dict(m))}"])
+            raise ConfigError(
+                [
+                    f"adapter {i}: method 'peft_linear' takes one finite number 'weight' per adapter, "
+                    f"got {clip(dict(m))}"
+                ]
+            )
         weights.append(float(w))
     targets, notes = _targets(ads, base)
     problems: list[str] = []
@@ -1075,10 +1446,14 @@ def _peft_linear(
         # in a fold); other whole tensors (modules_to_save) are not combined by PEFT's linear
         whole = sorted(r for r in ad.replacements if r.removesuffix(".weight") not in ad.modules)
         if whole:
-            problems.append(f"{ad.label}: stores tensors whole (modules_to_save: {clip(whole, 300)}); "
-                            "PEFT's linear combination does not merge them")
+            problems.append(
+                f"{ad.label}: stores tensors whole (modules_to_save: {clip(whole, 300)}); "
+                "PEFT's linear combination does not merge them"
+            )
         if any(lm.bias is not None for lm in ad.modules.values()):
-            problems.append(f"{ad.label}: trained lora_B biases (lora_bias); PEFT's linear combination drops them")
+            problems.append(
+                f"{ad.label}: trained lora_B biases (lora_bias); PEFT's linear combination drops them"
+            )
     modules: dict[str, list[tuple[int, LoraModule]]] = {}
     for name, tg in targets.items():
         lms = [(ai, lm) for ai, lm, part in tg.deltas if part == "weight"]
@@ -1086,16 +1461,27 @@ def _peft_linear(
             continue
         modules[name] = lms
         if any(lm.kind == "conv" for _, lm in lms):
-            problems.append(f"{name}: a convolution; PEFT's linear combination needs linear or embedding modules")
+            problems.append(
+                f"{name}: a convolution; PEFT's linear combination needs linear or embedding modules"
+            )
         elif len({lm.r for _, lm in lms}) > 1:
-            problems.append(f"{name}: ranks {[lm.r for _, lm in lms]}; PEFT's linear combination needs equal ranks")
+            problems.append(
+                f"{name}: ranks {[lm.r for _, lm in lms]}; PEFT's linear combination needs equal ranks"
+            )
     if problems:
-        raise PlanError(problems + ["hint: use 'delta_linear' or 'task_arithmetic', which merge the deltas "
-                                    "of any adapters exactly"])
+        raise PlanError(
+            problems
+            + [
+                "hint: use 'delta_linear' or 'task_arithmetic', which merge the deltas "
+                "of any adapters exactly"
+            ]
+        )
     ranks = {lms[0][1].r for lms in modules.values()}
     if rank is not None and ranks != {rank}:
-        raise UsageError(f"method 'peft_linear' keeps the adapters' rank {sorted(ranks)}, got rank {rank}\n"
-                         "hint: leave out the rank to write the full model, or give the adapters' rank")
+        raise UsageError(
+            f"method 'peft_linear' keeps the adapters' rank {sorted(ranks)}, got rank {rank}\n"
+            "hint: leave out the rank to write the full model, or give the adapters' rank"
+        )
 
     def factors(reader: TensorReader, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         # peft.tuners.lora.model._generalized_task_arithmetic_weighted_adapter, then merge_utils.task_arithmetic
@@ -1115,13 +1501,21 @@ def _peft_linear(
         return out[0], out[1]
 
     with TensorReader() as reader:
-        parts: dict[str, tuple[str, int]] = {}  # adapter output tensor -> (base tensor, 0 for A / 1 for B)
-        finite = _FiniteCheck(allow_nonfinite, reader,
-                              lambda n: _sources(ads, base, targets[parts[n][0] if n in parts else n]))
+        parts: dict[
+            str, tuple[str, int]
+        ] = {}  # adapter output tensor -> (base tensor, 0 for A / 1 for B)
+        finite = _FiniteCheck(
+            allow_nonfinite,
+            reader,
+            lambda n: _sources(ads, base, targets[parts[n][0] if n in parts else n]),
+        )
         result_report: dict[str, Any] = {}
         extra = {"method": "peft_linear", "weights": weights, "rank": rank}
         if rank is None:
-            outputs = [OutputTensor(n, _out_code(out_dtype, tg.info), tg.info.shape) for n, tg in targets.items()]
+            outputs = [
+                OutputTensor(n, _out_code(out_dtype, tg.info), tg.info.shape)
+                for n, tg in targets.items()
+            ]
 
             def produce(o: OutputTensor) -> torch.Tensor:
                 tg = targets[o.name]
@@ -1131,17 +1525,38 @@ def _peft_linear(
                     return raw.to(DTYPES[o.dtype][0])
                 a, b = factors(reader, o.name)
                 lm = modules[o.name][0][1]
-                d = (b.float() @ a.float())
+                d = b.float() @ a.float()
                 d = d.T if (lm.kind == "embedding" or lm.fan_in_fan_out) else d
                 return (raw.to(torch.float32) + d * 1.0).to(DTYPES[o.dtype][0])
 
             def files(tmp: Path, hashes: dict[str, str]) -> None:
                 carried = _carry(tmp, [base.folder])
-                _card_and_report(tmp, "merge", ads, base, hashes, carried, notes, _PEFT_LINEAR, rank=None,
-                                 extra=extra, result=result_report, nonfinite=finite.found)
+                _card_and_report(
+                    tmp,
+                    "merge",
+                    ads,
+                    base,
+                    hashes,
+                    carried,
+                    notes,
+                    _PEFT_LINEAR,
+                    rank=None,
+                    extra=extra,
+                    result=result_report,
+                    nonfinite=finite.found,
+                )
 
-            _write(out, outputs, produce, force=force, max_shard_size=max_shard_size, files=files,
-                   progress=progress, desc="merge loras (peft_linear)", finite=finite)
+            _write(
+                out,
+                outputs,
+                produce,
+                force=force,
+                max_shard_size=max_shard_size,
+                files=files,
+                progress=progress,
+                desc="merge loras (peft_linear)",
+                finite=finite,
+            )
             return LoraResult(out, "model", tuple(modules), {}, tuple(notes), result_report)
 
         outputs = []
@@ -1149,8 +1564,11 @@ def _peft_linear(
             lm = lms[0][1]
             mod = name[: -len(".weight")]
             emb = lm.kind == "embedding"
-            an, bn = (f"{PREFIX}{mod}.lora_embedding_A", f"{PREFIX}{mod}.lora_embedding_B") if emb else \
-                (f"{PREFIX}{mod}.lora_A.weight", f"{PREFIX}{mod}.lora_B.weight")
+            an, bn = (
+                (f"{PREFIX}{mod}.lora_embedding_A", f"{PREFIX}{mod}.lora_embedding_B")
+                if emb
+                else (f"{PREFIX}{mod}.lora_A.weight", f"{PREFIX}{mod}.lora_B.weight")
+            )
             code = _DTYPE_CODE[out_dtype] if out_dtype else lm.a.dtype
             outputs += [OutputTensor(an, code, lm.a.shape), OutputTensor(bn, code, lm.b.shape)]
             parts[an], parts[bn] = (name, 0), (name, 1)
@@ -1162,27 +1580,74 @@ def _peft_linear(
         def adapter_files(tmp: Path, hashes: dict[str, str]) -> None:
             r = next(iter(ranks))
             cfg = dict(ads[0].config)
-            cfg.update({"r": r, "lora_alpha": r, "use_rslora": False, "rank_pattern": {}, "alpha_pattern": {},
-                        "target_modules": sorted({n[: -len(".weight")].rsplit(".", 1)[-1] for n in modules}),
-                        "base_model_name_or_path": base.label, "inference_mode": True})
+            cfg.update(
+                {
+                    "r": r,
+                    "lora_alpha": r,
+                    "use_rslora": False,
+                    "rank_pattern": {},
+                    "alpha_pattern": {},
+                    "target_modules": sorted(
+                        {n[: -len(".weight")].rsplit(".", 1)[-1] for n in modules}
+                    ),
+                    "base_model_name_or_path": base.label,
+                    "inference_mode": True,
+                }
+            )
             (tmp / ADAPTER_CONFIG).write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
-            _card_and_report(tmp, "merge_to_adapter", ads, base, hashes, {}, notes, _PEFT_LINEAR, rank=r,
-                             extra=extra, result=result_report, nonfinite=finite.found)
+            _card_and_report(
+                tmp,
+                "merge_to_adapter",
+                ads,
+                base,
+                hashes,
+                {},
+                notes,
+                _PEFT_LINEAR,
+                rank=r,
+                extra=extra,
+                result=result_report,
+                nonfinite=finite.found,
+            )
 
-        _write(out, outputs, produce_factor, force=force, max_shard_size="1000TB", files=adapter_files,
-               progress=progress, desc="merge loras (peft_linear)", stem="adapter_model", finite=finite)
+        _write(
+            out,
+            outputs,
+            produce_factor,
+            force=force,
+            max_shard_size="1000TB",
+            files=adapter_files,
+            progress=progress,
+            desc="merge loras (peft_linear)",
+            stem="adapter_model",
+            finite=finite,
+        )
         return LoraResult(out, "adapter", tuple(sorted(modules)), {}, tuple(notes), result_report)
 
 
 # ---------------------------------------------------------------------------------------- extract
 # module names (last component) of embedding layers: PEFT adapts nn.Embedding with other tensor
 # names (lora_embedding_A/B) and soupkit reads headers only, so their changes are stored whole
-EMBEDDING_NAMES = frozenset({"embed_tokens", "embed_positions", "embed_in", "tok_embeddings", "wte", "wpe",
-                             "word_embeddings", "position_embeddings", "token_type_embeddings", "shared",
-                             "embeddings"})
+EMBEDDING_NAMES = frozenset(
+    {
+        "embed_tokens",
+        "embed_positions",
+        "embed_in",
+        "tok_embeddings",
+        "wte",
+        "wpe",
+        "word_embeddings",
+        "position_embeddings",
+        "token_type_embeddings",
+        "shared",
+        "embeddings",
+    }
+)
 
 
-def _svd_factors(d: torch.Tensor, k: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+def _svd_factors(
+    d: torch.Tensor, k: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, float, float]:
     """Rank-``k`` truncated SVD of ``d`` (float32): ``B = U_k diag(S_k)``, ``A = Vh_k`` in
     ``dtype``, and the residual and total Frobenius norms of ``d - B @ A`` (in float64)."""
     u, s, vh = torch.linalg.svd(d, full_matrices=False)
@@ -1241,30 +1706,56 @@ def extract_lora(
     code = _DTYPE_CODE[out_dtype or "float32"]
     ft = open_checkpoint(fine_tuned, allow_pickle=allow_pickle)
     bs = _open_base(base, allow_pickle)
-    problems = [f"{clip(n, 300)} is in {ft.label} but not in {bs.label}" for n in ft.tensors if n not in bs.tensors]
-    problems += [f"{clip(n, 300)} is in {bs.label} but not in {ft.label}" for n in bs.tensors if n not in ft.tensors]
-    problems += [f"{clip(n, 300)}: shape {list(i.shape)} in {ft.label} but {list(bs.tensors[n].shape)} in {bs.label}"
-                 for n, i in ft.tensors.items() if n in bs.tensors and i.shape != bs.tensors[n].shape]
+    problems = [
+        f"{clip(n, 300)} is in {ft.label} but not in {bs.label}"
+        for n in ft.tensors
+        if n not in bs.tensors
+    ]
+    problems += [
+        f"{clip(n, 300)} is in {bs.label} but not in {ft.label}"
+        for n in bs.tensors
+        if n not in ft.tensors
+    ]
+    problems += [
+        f"{clip(n, 300)}: shape {list(i.shape)} in {ft.label} but {list(bs.tensors[n].shape)} in {bs.label}"
+        for n, i in ft.tensors.items()
+        if n in bs.tensors and i.shape != bs.tensors[n].shape
+    ]
     if problems:
-        raise PlanError(problems[:50] + ["hint: give the model this fine-tune started from; a resized vocabulary "
-                                         "cannot be expressed as a LoRA of the base"])
+        raise PlanError(
+            problems[:50]
+            + [
+                "hint: give the model this fine-tune started from; a resized vocabulary "
+                "cannot be expressed as a LoRA of the base"
+            ]
+        )
     factored: dict[str, str] = {}  # module -> its weight's name
     for name, info in ft.tensors.items():
         mod, _, param = name.rpartition(".")
-        if (info.is_float and len(info.shape) == 2 and param == "weight" and mod
-                and mod.rsplit(".", 1)[-1] not in EMBEDDING_NAMES):
+        if (
+            info.is_float
+            and len(info.shape) == 2
+            and param == "weight"
+            and mod
+            and mod.rsplit(".", 1)[-1] not in EMBEDDING_NAMES
+        ):
             factored[mod] = name
     notes: list[str] = []
     whole: list[str] = []
     with TensorReader() as reader:
-        for name, info in ft.tensors.items():  # what else changed (reads the small tensors, and embeddings)
+        for (
+            name,
+            info,
+        ) in ft.tensors.items():  # what else changed (reads the small tensors, and embeddings)
             mod = name.rpartition(".")[0]
             if factored.get(mod) == name:
                 continue
             if not torch.equal(reader.read(info), reader.read(bs.tensors[name])):
                 whole.append(name)
                 if mod in factored:  # PEFT cannot adapt a module and also store it whole
-                    notes.append(f"{mod}: its {name.rpartition('.')[2]} changed too, so the module is stored whole")
+                    notes.append(
+                        f"{mod}: its {name.rpartition('.')[2]} changed too, so the module is stored whole"
+                    )
         for mod in {n.rpartition(".")[0] for n in whole} & set(factored):
             whole.append(factored.pop(mod))
         if not factored and not whole:
@@ -1274,10 +1765,14 @@ def extract_lora(
         for mod, name in factored.items():
             rows, cols = ft.tensors[name].shape
             k = ranks[mod] = min(rank, rows, cols)
-            outputs += [OutputTensor(f"{PREFIX}{mod}.lora_A.weight", code, (k, cols)),
-                        OutputTensor(f"{PREFIX}{mod}.lora_B.weight", code, (rows, k))]
+            outputs += [
+                OutputTensor(f"{PREFIX}{mod}.lora_A.weight", code, (k, cols)),
+                OutputTensor(f"{PREFIX}{mod}.lora_B.weight", code, (rows, k)),
+            ]
         whole.sort(key=list(ft.tensors).index)
-        outputs += [OutputTensor(PREFIX + n, ft.tensors[n].dtype, ft.tensors[n].shape) for n in whole]
+        outputs += [
+            OutputTensor(PREFIX + n, ft.tensors[n].dtype, ft.tensors[n].shape) for n in whole
+        ]
         errors: dict[str, float] = {}
         norms: dict[str, tuple[float, float]] = {}
         pending: dict[str, torch.Tensor] = {}
@@ -1285,66 +1780,119 @@ def extract_lora(
         def produce(o: OutputTensor) -> torch.Tensor:
             if o.name in pending:
                 return pending.pop(o.name)
-            rel = o.name[len(PREFIX):]
+            rel = o.name[len(PREFIX) :]
             if rel in ft.tensors:
                 return reader.read(ft.tensors[rel]).reshape(o.shape)
             is_a = rel.endswith(".lora_A.weight")
             mod = rel.removesuffix(".lora_A.weight" if is_a else ".lora_B.weight")
             w = factored[mod]
-            d = (reader.read(ft.tensors[w]).to(torch.float32) - reader.read(bs.tensors[w]).to(torch.float32))
+            d = reader.read(ft.tensors[w]).to(torch.float32) - reader.read(bs.tensors[w]).to(
+                torch.float32
+            )
             rows, cols = ft.tensors[w].shape
-            if not all_finite(d):  # no SVD of NaN: refuse (or, allowed, write NaN factors; no error figure)
+            if not all_finite(
+                d
+            ):  # no SVD of NaN: refuse (or, allowed, write NaN factors; no error figure)
                 finite.fail(o.name, d)
                 a = torch.full((ranks[mod], cols), math.nan, dtype=DTYPES[code][0])
                 b = torch.full((rows, ranks[mod]), math.nan, dtype=DTYPES[code][0])
             else:
-                a, b, resid, total = _svd_factors(d.reshape(rows, cols), ranks[mod], DTYPES[code][0])
+                a, b, resid, total = _svd_factors(
+                    d.reshape(rows, cols), ranks[mod], DTYPES[code][0]
+                )
                 errors[mod] = resid / total if total > 0 else 0.0
                 norms[mod] = (resid, total)
             pending[f"{PREFIX}{mod}.lora_{'B' if is_a else 'A'}.weight"] = b if is_a else a
             return a if is_a else b
 
         def sources(n: str) -> list[tuple[str, TensorInfo]]:
-            rel = n[len(PREFIX):]
+            rel = n[len(PREFIX) :]
             w = factored.get(rel.removesuffix(".lora_A.weight").removesuffix(".lora_B.weight"), rel)
             return [(f"fine-tune {ft.label}", ft.tensors[w]), (f"base {bs.label}", bs.tensors[w])]
 
         def files(tmp: Path, hashes: dict[str, str]) -> None:
             small = {m: k for m, k in ranks.items() if k != rank}
             saves = sorted({n.rpartition(".")[0] for n in whole}) or None
-            cfg = {"peft_type": "LORA", "task_type": None, "base_model_name_or_path": bs.label, "r": rank,
-                   "lora_alpha": rank, "target_modules": sorted(factored), "modules_to_save": saves,
-                   "rank_pattern": small, "alpha_pattern": dict(small), "use_rslora": False,
-                   "fan_in_fan_out": False, "bias": "none", "lora_dropout": 0.0, "init_lora_weights": True,
-                   "use_dora": False, "lora_bias": False, "inference_mode": True}
+            cfg = {
+                "peft_type": "LORA",
+                "task_type": None,
+                "base_model_name_or_path": bs.label,
+                "r": rank,
+                "lora_alpha": rank,
+                "target_modules": sorted(factored),
+                "modules_to_save": saves,
+                "rank_pattern": small,
+                "alpha_pattern": dict(small),
+                "use_rslora": False,
+                "fan_in_fan_out": False,
+                "bias": "none",
+                "lora_dropout": 0.0,
+                "init_lora_weights": True,
+                "use_dora": False,
+                "lora_bias": False,
+                "inference_mode": True,
+            }
             (tmp / ADAPTER_CONFIG).write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
             tot_r = math.sqrt(sum(r * r for r, _ in norms.values()))
             tot = math.sqrt(sum(t * t for _, t in norms.values()))
-            svd = {"relative_frobenius_error": {m: round(e, 8) for m, e in sorted(errors.items())},
-                   "max": max(errors.values(), default=0.0), "overall": tot_r / tot if tot > 0 else 0.0}
-            front = card_front_matter([str(base), str(fine_tuned)], tags=["lora", "peft", "extract"],
-                                      library_name="peft", relation="adapter")
-            body = [f"# {Path(out).name}", "",
-                    f"A rank-{rank} LoRA adapter of `{bs.label}` extracted from the fine-tune `{ft.label}` by "
-                    f"[soupkit](https://pypi.org/project/soupkit/) {__version__}: the truncated SVD of each "
-                    f"module's weight difference ({len(factored)} module(s)); {len(whole)} other changed "
-                    f"tensor(s) stored whole. Relative Frobenius error: overall {svd['overall']:.3g}, "
-                    f"max {svd['max']:.3g} (per module in soupkit-report.json)."]
+            svd = {
+                "relative_frobenius_error": {m: round(e, 8) for m, e in sorted(errors.items())},
+                "max": max(errors.values(), default=0.0),
+                "overall": tot_r / tot if tot > 0 else 0.0,
+            }
+            front = card_front_matter(
+                [str(base), str(fine_tuned)],
+                tags=["lora", "peft", "extract"],
+                library_name="peft",
+                relation="adapter",
+            )
+            body = [
+                f"# {Path(out).name}",
+                "",
+                f"A rank-{rank} LoRA adapter of `{bs.label}` extracted from the fine-tune `{ft.label}` by "
+                f"[soupkit](https://pypi.org/project/soupkit/) {__version__}: the truncated SVD of each "
+                f"module's weight difference ({len(factored)} module(s)); {len(whole)} other changed "
+                f"tensor(s) stored whole. Relative Frobenius error: overall {svd['overall']:.3g}, "
+                f"max {svd['max']:.3g} (per module in soupkit-report.json).",
+            ]
             (tmp / "README.md").write_text(render_card(front, body), encoding="utf-8")
             report = {
-                "soupkit_version": __version__, "torch_version": torch.__version__, "created_unix": int(time.time()),
-                "lora": {"operation": "extract", "rank": rank, "out_dtype": out_dtype or "float32",
-                         "modules": len(factored), "stored_whole": whole, "svd": svd},
-                "inputs": {"fine_tuned": {"label": ft.label, "files": _file_hashes([ft])},
-                           "base": {"label": bs.label, "files": _file_hashes([bs])}},
+                "soupkit_version": __version__,
+                "torch_version": torch.__version__,
+                "created_unix": int(time.time()),
+                "lora": {
+                    "operation": "extract",
+                    "rank": rank,
+                    "out_dtype": out_dtype or "float32",
+                    "modules": len(factored),
+                    "stored_whole": whole,
+                    "svd": svd,
+                },
+                "inputs": {
+                    "fine_tuned": {"label": ft.label, "files": _file_hashes([ft])},
+                    "base": {"label": bs.label, "files": _file_hashes([bs])},
+                },
                 "outputs": [{"file": f, "sha256": h} for f, h in hashes.items()],
-                "nonfinite_tensors": list(finite.found), "notes": notes,
+                "nonfinite_tensors": list(finite.found),
+                "notes": notes,
             }
             (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
             result_report.update(report)
 
         result_report: dict[str, Any] = {}
         finite = _FiniteCheck(allow_nonfinite, reader, sources)
-        _write(Path(out), outputs, produce, force=force, max_shard_size="1000TB", files=files, progress=progress,
-               desc=f"extract lora (rank {rank})", stem="adapter_model", finite=finite)
-    return LoraResult(Path(out), "adapter", tuple(sorted(factored)), errors, tuple(notes), result_report)
+        _write(
+            Path(out),
+            outputs,
+            produce,
+            force=force,
+            max_shard_size="1000TB",
+            files=files,
+            progress=progress,
+            desc=f"extract lora (rank {rank})",
+            stem="adapter_model",
+            finite=finite,
+        )
+    return LoraResult(
+        Path(out), "adapter", tuple(sorted(factored)), errors, tuple(notes), result_report
+    )

@@ -27,8 +27,16 @@ from typing import Any, Literal
 from soupkit._safe_regex import MAX_PATTERN_CHARS, UnsafePatternError, safe_match
 from soupkit.errors import ConfigError, UsageError
 
-__all__ = ["LORA_FIELDS", "MAX_PATTERN_KEYS", "MAX_RANK", "AdapterSettings", "FieldRule", "clip",
-           "pattern_key", "validate_adapter_config"]
+__all__ = [
+    "LORA_FIELDS",
+    "MAX_PATTERN_KEYS",
+    "MAX_RANK",
+    "AdapterSettings",
+    "FieldRule",
+    "clip",
+    "pattern_key",
+    "validate_adapter_config",
+]
 
 MAX_RANK = 1 << 20
 MAX_PATTERN_KEYS = 10_000
@@ -81,44 +89,66 @@ LORA_FIELDS: dict[str, FieldRule] = {
     "bias": _s("'all' / 'lora_only': the trained biases are stored whole and replace the base's"),
     "use_rslora": _s("scale = lora_alpha / sqrt(r)"),
     "modules_to_save": _s("stored whole; they replace the base's tensors"),
-    "init_lora_weights": _s("True, False, 'gaussian', 'eva', 'orthogonal' only initialise the factors; "
-                            "the initialisations that change the base weights or the layer are refused"),
+    "init_lora_weights": _s(
+        "True, False, 'gaussian', 'eva', 'orthogonal' only initialise the factors; "
+        "the initialisations that change the base weights or the layer are refused"
+    ),
     "layers_to_transform": _n("which layers were adapted; the saved factors say it exactly"),
     "layers_pattern": _n("which layers were adapted; the saved factors say it exactly"),
     "rank_pattern": _s("per-module r, keys matched as PEFT matches them"),
     "alpha_pattern": _s("per-module lora_alpha, keys matched as PEFT matches them"),
     "megatron_config": _r("Megatron parallel layers", "the layers are split across devices"),
     "megatron_core": _n("the Megatron module name; only used with megatron_config"),
-    "trainable_token_indices": _r("trainable tokens", "the embedding rows are stored as a separate "
-                                  "token adapter, not as LoRA factors"),
-    "loftq_config": _n("initialisation only (LoftQ itself is refused through init_lora_weights='loftq')"),
+    "trainable_token_indices": _r(
+        "trainable tokens",
+        "the embedding rows are stored as a separate token adapter, not as LoRA factors",
+    ),
+    "loftq_config": _n(
+        "initialisation only (LoftQ itself is refused through init_lora_weights='loftq')"
+    ),
     "eva_config": _n("initialisation only (EVA initialises A; the base is unchanged)"),
-    "corda_config": _n("initialisation only (CorDA itself is refused through init_lora_weights='corda')"),
-    "lora_ga_config": _n("initialisation only (LoRA-GA itself is refused through init_lora_weights='lora_ga')"),
+    "corda_config": _n(
+        "initialisation only (CorDA itself is refused through init_lora_weights='corda')"
+    ),
+    "lora_ga_config": _n(
+        "initialisation only (LoRA-GA itself is refused through init_lora_weights='lora_ga')"
+    ),
     "use_dora": _r("DoRA", "its magnitude vector rescales the whole weight; " + _MERGE),
     "velora_config": _r("VeLoRA", "a LoRA variant layer soupkit does not implement"),
-    "alora_invocation_tokens": _r("aLoRA", "PEFT itself refuses to merge it (\"aLoRA does not support "
-                                  "merging\"): the adapter acts only after its invocation tokens"),
+    "alora_invocation_tokens": _r(
+        "aLoRA",
+        'PEFT itself refuses to merge it ("aLoRA does not support '
+        'merging"): the adapter acts only after its invocation tokens',
+    ),
     "use_qalora": _r("QALoRA", "its A factor acts on pooled input groups; " + _MERGE),
     "qalora_group_size": _n("only used with use_qalora"),
     "monteclora_config": _r("MonteCLoRA", "a LoRA variant layer soupkit does not implement"),
     "layer_replication": _r("layer replication", "the adapted model has more layers than the base"),
     "runtime_config": _n("runtime options (offloading)"),
     "lora_bias": _s("lora_B.bias * scale is added to the base bias"),
-    "target_parameters": _r("LoRA on parameters", "the factors act on nn.Parameter "
-                            "tensors (MoE experts) with their own layout"),
+    "target_parameters": _r(
+        "LoRA on parameters",
+        "the factors act on nn.Parameter tensors (MoE experts) with their own layout",
+    ),
     "use_bdlora": _r("BD-LoRA", "block-diagonal factors; " + _MERGE),
     "arrow_config": _r("Arrow routing", "the output mixes several adapters per token"),
     "kasa_config": _r("KaSA", "a LoRA variant layer soupkit does not implement"),
-    "ensure_weight_tying": _r("weight tying of adapted layers",
-                              "soupkit does not tie adapted tensors"),
+    "ensure_weight_tying": _r(
+        "weight tying of adapted layers", "soupkit does not tie adapted tensors"
+    ),
 }
 
 _INIT_PLAIN = {True, False, "gaussian", "eva", "orthogonal"}
 # init_lora_weights values that change the base weights (the saved adapter then applies to the
 # residual model) or select a LoRA variant
-_INIT_REFUSED = {"pissa": "PiSSA", "olora": "OLoRA", "corda": "CorDA", "loftq": "LoftQ",
-                 "lora_ga": "LoRA-GA", "mica": "MiCA"}
+_INIT_REFUSED = {
+    "pissa": "PiSSA",
+    "olora": "OLoRA",
+    "corda": "CorDA",
+    "loftq": "LoftQ",
+    "lora_ga": "LoRA-GA",
+    "mica": "MiCA",
+}
 
 
 @dataclass(frozen=True)
@@ -145,15 +175,17 @@ def _is_number(v: Any) -> bool:
 def clip(v: Any, limit: int = 60) -> str:
     """``repr(v)``, cut to ``limit`` characters (file contents never make a message long)."""
     text = repr(v)
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _check_patterns(name: str, value: Any, rank: bool, errors: list[str]) -> dict[str, Any]:
     if value is None:
         return {}
     if not isinstance(value, dict):
-        errors.append(f"{name}: expected an object {{module pattern: {'rank' if rank else 'alpha'}}}, "
-                      f"got {type(value).__name__} {clip(value)}")
+        errors.append(
+            f"{name}: expected an object {{module pattern: {'rank' if rank else 'alpha'}}}, "
+            f"got {type(value).__name__} {clip(value)}"
+        )
         return {}
     if len(value) > MAX_PATTERN_KEYS:
         errors.append(f"{name}: {len(value):,} keys, more than the limit of {MAX_PATTERN_KEYS:,}")
@@ -161,10 +193,14 @@ def _check_patterns(name: str, value: Any, rank: bool, errors: list[str]) -> dic
     out: dict[str, Any] = {}
     for key, v in value.items():
         if len(key) > MAX_PATTERN_CHARS:
-            errors.append(f"{name}: a key of {len(key):,} characters, more than the limit of {MAX_PATTERN_CHARS}")
+            errors.append(
+                f"{name}: a key of {len(key):,} characters, more than the limit of {MAX_PATTERN_CHARS}"
+            )
             continue
         if rank and not (_is_int(v) and 1 <= v <= MAX_RANK):
-            errors.append(f"{name}[{clip(key)}]: expected a whole number 1..{MAX_RANK}, got {clip(v)}")
+            errors.append(
+                f"{name}[{clip(key)}]: expected a whole number 1..{MAX_RANK}, got {clip(v)}"
+            )
             continue
         if not rank and not _is_number(v):
             errors.append(f"{name}[{clip(key)}]: expected a finite number, got {clip(v)}")
@@ -172,8 +208,10 @@ def _check_patterns(name: str, value: Any, rank: bool, errors: list[str]) -> dic
         try:
             safe_match(rf"(.*\.)?({key})$", "")
         except UnsafePatternError as e:
-            errors.append(f"{name}[{clip(key)}]: PEFT matches the key as a regular expression, and soupkit "
-                          f"refuses this one: {e}")
+            errors.append(
+                f"{name}[{clip(key)}]: PEFT matches the key as a regular expression, and soupkit "
+                f"refuses this one: {e}"
+            )
             continue
         out[key] = float(v) if not rank else v
     return out
@@ -202,62 +240,98 @@ def validate_adapter_config(cfg: Mapping[str, Any], source: str) -> AdapterSetti
     if not isinstance(peft_type, str):
         raise ConfigError([f"peft_type: expected a string, got {clip(peft_type)}"], source=source)
     if peft_type.upper() != "LORA":
-        raise UsageError(f"{source}: a {clip(peft_type)[1:-1]} adapter; soupkit folds and merges LoRA "
-                         "adapters only\nhint: use PEFT's merge_and_unload() for other adapter types")
+        raise UsageError(
+            f"{source}: a {clip(peft_type)[1:-1]} adapter; soupkit folds and merges LoRA "
+            "adapters only\nhint: use PEFT's merge_and_unload() for other adapter types"
+        )
     unknown = [k for k in cfg if k not in LORA_FIELDS]
-    errors += [f"{clip(k)}: not a field of PEFT's LoraConfig that soupkit knows (a newer PEFT?); soupkit "
-               "cannot tell whether it changes the folded weights" for k in unknown[:20]]
+    errors += [
+        f"{clip(k)}: not a field of PEFT's LoraConfig that soupkit knows (a newer PEFT?); soupkit "
+        "cannot tell whether it changes the folded weights"
+        for k in unknown[:20]
+    ]
     r = cfg.get("r", 8)
     if not (_is_int(r) and 1 <= r <= MAX_RANK):
         errors.append(f"r: expected a whole number 1..{MAX_RANK}, got {clip(r)}")
     alpha = cfg.get("lora_alpha", 8)
     if not _is_number(alpha):
         errors.append(f"lora_alpha: expected a finite number, got {clip(alpha)}")
-    for key in ("fan_in_fan_out", "use_rslora", "use_dora", "lora_bias", "inference_mode", "use_qalora",
-                "ensure_weight_tying"):
+    for key in (
+        "fan_in_fan_out",
+        "use_rslora",
+        "use_dora",
+        "lora_bias",
+        "inference_mode",
+        "use_qalora",
+        "ensure_weight_tying",
+    ):
         if key in cfg and not isinstance(cfg[key], bool):
             errors.append(f"{key}: expected true or false, got {clip(cfg[key])}")
     if cfg.get("bias", "none") not in ("none", "all", "lora_only"):
         errors.append(f"bias: expected 'none', 'all' or 'lora_only', got {clip(cfg.get('bias'))}")
     for key in ("target_modules", "exclude_modules", "layers_pattern"):
         v = cfg.get(key)
-        if not (v is None or isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) for x in v))):
+        if not (
+            v is None
+            or isinstance(v, str)
+            or (isinstance(v, list) and all(isinstance(x, str) for x in v))
+        ):
             errors.append(f"{key}: expected a string or a list of strings, got {clip(v)}")
     v = cfg.get("modules_to_save")
     if not (v is None or (isinstance(v, list) and all(isinstance(x, str) for x in v))):
         errors.append(f"modules_to_save: expected a list of module names, got {clip(v)}")
     v = cfg.get("layers_to_transform")
     if not (v is None or _is_int(v) or (isinstance(v, list) and all(_is_int(x) for x in v))):
-        errors.append(f"layers_to_transform: expected a layer index or a list of them, got {clip(v)}")
+        errors.append(
+            f"layers_to_transform: expected a layer index or a list of them, got {clip(v)}"
+        )
     init = cfg.get("init_lora_weights", True)
     init_refused = None
     # PEFT compares "gaussian" case-insensitively, the others exactly
-    if isinstance(init, bool) or (isinstance(init, str) and (init in _INIT_PLAIN or init.lower() == "gaussian")):
+    if isinstance(init, bool) or (
+        isinstance(init, str) and (init in _INIT_PLAIN or init.lower() == "gaussian")
+    ):
         pass
-    elif isinstance(init, str) and (init.lower() in _INIT_REFUSED or init.startswith(("pissa_niter_", "corda"))):
+    elif isinstance(init, str) and (
+        init.lower() in _INIT_REFUSED or init.startswith(("pissa_niter_", "corda"))
+    ):
         init_refused = _INIT_REFUSED[next(k for k in _INIT_REFUSED if init.lower().startswith(k))]
     else:
-        errors.append(f"init_lora_weights: expected true, false or one of PEFT's initialisations, got {clip(init)}")
+        errors.append(
+            f"init_lora_weights: expected true, false or one of PEFT's initialisations, got {clip(init)}"
+        )
     rank_pattern = _check_patterns("rank_pattern", cfg.get("rank_pattern"), True, errors)
     alpha_pattern = _check_patterns("alpha_pattern", cfg.get("alpha_pattern"), False, errors)
     if errors:
         raise ConfigError(errors, source=source)
-    refused = [(k, rule) for k, rule in LORA_FIELDS.items()
-               if rule.handling == "refused" and k in cfg and _is_set(cfg[k])]
+    refused = [
+        (k, rule)
+        for k, rule in LORA_FIELDS.items()
+        if rule.handling == "refused" and k in cfg and _is_set(cfg[k])
+    ]
     lines = [f"{rule.feature} ({k}: {clip(cfg[k])}): {rule.why}" for k, rule in refused]
     if init_refused is not None:
-        lines.append(f"{init_refused} (init_lora_weights: {init!r}): this initialisation changes the base "
-                     "weights (or the layer), so the saved factors apply to PEFT's residual model, not "
-                     "to the base; save the adapter with PEFT's path_initial_model_for_weight_conversion "
-                     "to get a plain LoRA of the base")
+        lines.append(
+            f"{init_refused} (init_lora_weights: {init!r}): this initialisation changes the base "
+            "weights (or the layer), so the saved factors apply to PEFT's residual model, not "
+            "to the base; save the adapter with PEFT's path_initial_model_for_weight_conversion "
+            "to get a plain LoRA of the base"
+        )
     if lines:
-        raise UsageError(f"{source}: soupkit cannot fold this adapter exactly, so it refuses it:\n"
-                         + "\n".join(f"  - {x}" for x in lines)
-                         + "\nhint: use PEFT's merge_and_unload() where PEFT supports merging it")
-    return AdapterSettings(r=r, lora_alpha=float(alpha), use_rslora=bool(cfg.get("use_rslora", False)),
-                           fan_in_fan_out=bool(cfg.get("fan_in_fan_out", False)),
-                           lora_bias=bool(cfg.get("lora_bias", False)), rank_pattern=rank_pattern,
-                           alpha_pattern=alpha_pattern)
+        raise UsageError(
+            f"{source}: soupkit cannot fold this adapter exactly, so it refuses it:\n"
+            + "\n".join(f"  - {x}" for x in lines)
+            + "\nhint: use PEFT's merge_and_unload() where PEFT supports merging it"
+        )
+    return AdapterSettings(
+        r=r,
+        lora_alpha=float(alpha),
+        use_rslora=bool(cfg.get("use_rslora", False)),
+        fan_in_fan_out=bool(cfg.get("fan_in_fan_out", False)),
+        lora_bias=bool(cfg.get("lora_bias", False)),
+        rank_pattern=rank_pattern,
+        alpha_pattern=alpha_pattern,
+    )
 
 
 def pattern_key(keys: list[str], module: str) -> str | None:
@@ -270,8 +344,10 @@ def pattern_key(keys: list[str], module: str) -> str | None:
     if not keys:
         return None
     if len(module) > MAX_NAME_CHARS:
-        raise UsageError(f"module name of {len(module):,} characters (limit {MAX_NAME_CHARS}) cannot be "
-                         "matched against rank_pattern / alpha_pattern")
+        raise UsageError(
+            f"module name of {len(module):,} characters (limit {MAX_NAME_CHARS}) cannot be "
+            "matched against rank_pattern / alpha_pattern"
+        )
     for key in keys:
         if safe_match(rf"(.*\.)?({key})$", module):
             return key

@@ -18,15 +18,12 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from soupkit import _interrupts
-from soupkit import api
+from soupkit import _interrupts, api
 from soupkit.config import MergeConfig
 from soupkit.errors import UsageError
 from soupkit.execute import FileSink, check_shared_inputs, run_plans
@@ -71,12 +68,16 @@ def merge_many(
         One `MergeResult` per plan.
     """
     if len(plans) != len(outs) or not plans:
-        raise UsageError(f"merge_many needs one output folder per plan, got {len(plans)} plans "
-                         f"and {len(outs)} folders")
+        raise UsageError(
+            f"merge_many needs one output folder per plan, got {len(plans)} plans "
+            f"and {len(outs)} folders"
+        )
     dests = [Path(o) for o in outs]
     if len({d.absolute() for d in dests}) != len(dests):
-        raise UsageError("merge_many: two plans write to the same output folder\n"
-                         "hint: give each plan its own folder")
+        raise UsageError(
+            "merge_many: two plans write to the same output folder\n"
+            "hint: give each plan its own folder"
+        )
     for p, d in zip(plans, dests):
         api._check_not_input(p, d)
     check_shared_inputs(plans)
@@ -89,12 +90,15 @@ def merge_many(
         with ExitStack() as stack:
             tmps = [stack.enter_context(f) for f in folders]
             sinks: list[FileSink] = []
-            bar = api._progress_bar(plans[0].input_bytes, progress,
-                                    f"merge {len(plans)} x {plans[0].method.name}")
+            bar = api._progress_bar(
+                plans[0].input_bytes, progress, f"merge {len(plans)} x {plans[0].method.name}"
+            )
             try:
                 for p, tmp in zip(plans, tmps):
                     sinks.append(FileSink(p, tmp))
-                stats = run_plans(plans, sinks, progress=bar.update, allow_nonfinite=allow_nonfinite)
+                stats = run_plans(
+                    plans, sinks, progress=bar.update, allow_nonfinite=allow_nonfinite
+                )
                 for s in sinks:
                     s.close()
             except BaseException:
@@ -107,11 +111,21 @@ def merge_many(
             changed_files_check(before)
             for k, (p, tmp, sink, st, dest) in enumerate(zip(plans, tmps, sinks, stats, dests)):
                 others = api.finish_folder(p, tmp, model_card)
-                report = {**api._report(p, st, dest, input_hashes=input_hashes,
-                                        output_hashes=sink.hashes, other_files=others,
-                                        hashes_from_cache=hasher.from_cache if hasher is not None else ()),
-                          **dict(extra_reports[k] if extra_reports else {})}
-                api._write_file(tmp / api.REPORT_NAME, (json.dumps(report, indent=2) + "\n").encode("utf-8"))
+                report = {
+                    **api._report(
+                        p,
+                        st,
+                        dest,
+                        input_hashes=input_hashes,
+                        output_hashes=sink.hashes,
+                        other_files=others,
+                        hashes_from_cache=hasher.from_cache if hasher is not None else (),
+                    ),
+                    **dict(extra_reports[k] if extra_reports else {}),
+                }
+                api._write_file(
+                    tmp / api.REPORT_NAME, (json.dumps(report, indent=2) + "\n").encode("utf-8")
+                )
                 results.append(api.MergeResult(dest, p, st))
     finally:
         if hasher is not None:
@@ -204,13 +218,32 @@ def wise_ft(
     if not alphas:
         raise UsageError("no alpha given\nhint: e.g. alphas=[0.25, 0.5, 0.75]")
     names = alpha_folder_names([float(a) for a in alphas])
-    cfgs = [wise_ft_recipe(zero_shot, fine_tuned, a, dtype=dtype, out_dtype=out_dtype) for a in alphas]
-    first = plan_recipe(cfgs[0], max_shard_size=max_shard_size, chunk_elems=chunk_elems,
-                        allow_pickle=allow_pickle)
-    plans = [first] + [make_plan(c, list(first.models), first.base, max_shard_size=max_shard_size,
-                                 chunk_elems=chunk_elems) for c in cfgs[1:]]
+    cfgs = [
+        wise_ft_recipe(zero_shot, fine_tuned, a, dtype=dtype, out_dtype=out_dtype) for a in alphas
+    ]
+    first = plan_recipe(
+        cfgs[0], max_shard_size=max_shard_size, chunk_elems=chunk_elems, allow_pickle=allow_pickle
+    )
+    plans = [first] + [
+        make_plan(
+            c,
+            list(first.models),
+            first.base,
+            max_shard_size=max_shard_size,
+            chunk_elems=chunk_elems,
+        )
+        for c in cfgs[1:]
+    ]
     root = Path(out_dir)
-    return merge_many(plans, [root / n for n in names], force=force, progress=progress,
-                      model_card=model_card, allow_nonfinite=allow_nonfinite, hash_inputs=hash_inputs,
-                      extra_reports=[{"wise_ft": {"alpha": float(a), "alphas": [float(x) for x in alphas]}}
-                                     for a in alphas])
+    return merge_many(
+        plans,
+        [root / n for n in names],
+        force=force,
+        progress=progress,
+        model_card=model_card,
+        allow_nonfinite=allow_nonfinite,
+        hash_inputs=hash_inputs,
+        extra_reports=[
+            {"wise_ft": {"alpha": float(a), "alphas": [float(x) for x in alphas]}} for a in alphas
+        ],
+    )

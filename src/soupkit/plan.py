@@ -21,9 +21,23 @@ from typing import Any
 from pydantic import ValidationError
 
 from soupkit import methods
-from soupkit._sizes import BATCH_ENTRIES, COMPUTE_ELEMS, OUTPUT_BUFFERS, RNG_BLOCK, compute_threads, stream_threads
+from soupkit._sizes import (
+    BATCH_ENTRIES,
+    COMPUTE_ELEMS,
+    OUTPUT_BUFFERS,
+    RNG_BLOCK,
+    compute_threads,
+    stream_threads,
+)
 from soupkit.config import Conditional, MergeConfig, ModelEntry, ParamValue
-from soupkit.errors import CheckpointFormatError, ConfigError, PlanError, SoupError, UnknownMethodError, shown
+from soupkit.errors import (
+    CheckpointFormatError,
+    ConfigError,
+    PlanError,
+    SoupError,
+    UnknownMethodError,
+    shown,
+)
 from soupkit.formats import KeyMap, prefix_fix, rename_checkpoint
 from soupkit.global_trim import check_global_trim, global_trim_notes
 from soupkit.io.checkpoint import CARRY_FILES, Checkpoint, carried_files, open_checkpoint
@@ -159,14 +173,21 @@ class MergePlan:
             if self.whole_tensors:
                 need = j.numel * (raw + 4 * (spec.work_per_input * k + 1) + out)
             else:
-                n = min(j.numel, max(self.chunk_elems, workers * RNG_BLOCK) if stochastic else self.chunk_elems)
+                n = min(
+                    j.numel,
+                    max(self.chunk_elems, workers * RNG_BLOCK) if stochastic else self.chunk_elems,
+                )
                 piece = min(n, RNG_BLOCK if stochastic else COMPUTE_ELEMS)
                 # + each thread's raw copy of its piece (pieces read by the compute threads)
-                need = n * (2 * raw + OUTPUT_BUFFERS * out) + workers * piece * (4 * (2 * k + 1) + raw)
+                need = n * (2 * raw + OUTPUT_BUFFERS * out) + workers * piece * (
+                    4 * (2 * k + 1) + raw
+                )
                 if spec.tensor_trim is not None:
                     need += 4 * len(j.inputs) * min(j.numel, BATCH_ENTRIES) * workers
             peak = max(peak, need)
-        return peak + min(STAGING_BYTES, self.output_bytes)  # the shard writer's direct-write buffer
+        return peak + min(
+            STAGING_BYTES, self.output_bytes
+        )  # the shard writer's direct-write buffer
 
     def describe(self, *, max_rows: int = 40) -> str:
         """A human-readable dry-run report."""
@@ -175,7 +196,8 @@ class MergePlan:
         cfg = self.config
         lines = [
             f"method      {self.method.name}  ({self.method.paper})",
-            f"models      {len(self.models)}" + "".join(f"\n  - {shown(m.label)}" for m in self.models),
+            f"models      {len(self.models)}"
+            + "".join(f"\n  - {shown(m.label)}" for m in self.models),
         ]
         if self.base is not None:
             lines.append(f"base        {shown(self.base.label)}")
@@ -185,22 +207,31 @@ class MergePlan:
         lines += [
             f"tensors     {len(self.jobs)} ({len(self.jobs) - n_copy} merged, {n_copy} copied: non-float)",
             f"parameters  {params:,}",
-            f"out dtype   " + ", ".join(f"{d} x{c}" for d, c in out_dtypes.most_common()),
+            "out dtype   " + ", ".join(f"{d} x{c}" for d, c in out_dtypes.most_common()),
             f"reads       {human_bytes(self.input_bytes)}",
             f"writes      {human_bytes(self.output_bytes)} in {len(self.shards)} shard(s)",
             f"peak memory ~{human_bytes(self.peak_memory_bytes)} of tensor buffers "
             f"({_pieces(self)})",
-            "compute     " + ("exact: in the recipe's dtype "
-                               f"({cfg.dtype or 'of the inputs'}), mergekit 0.1.5's arithmetic (its bits for "
-                               "deterministic methods)"
-                               if cfg.compute == "exact" else "float32 accumulation (`compute: exact` for "
-                               "mergekit's bits in the recipe's dtype)"),
-            f"seed        {cfg.seed}" + ("" if self.method.stochastic else " (method is deterministic)"),
+            "compute     "
+            + (
+                "exact: in the recipe's dtype "
+                f"({cfg.dtype or 'of the inputs'}), mergekit 0.1.5's arithmetic (its bits for "
+                "deterministic methods)"
+                if cfg.compute == "exact"
+                else "float32 accumulation (`compute: exact` for "
+                "mergekit's bits in the recipe's dtype)"
+            ),
+            f"seed        {cfg.seed}"
+            + ("" if self.method.stochastic else " (method is deterministic)"),
         ]
-        conventions = dict.fromkeys(c for j in self.jobs if (c := describe_convention(j.params)) is not None)
+        conventions = dict.fromkeys(
+            c for j in self.jobs if (c := describe_convention(j.params)) is not None
+        )
         lines += [f"convention  {c}" for c in conventions]
         if self.carry_from is not None:
-            lines.append(f"carries     {', '.join(self.carry_files) or 'nothing'} from {self.carry_from}")
+            lines.append(
+                f"carries     {', '.join(self.carry_files) or 'nothing'} from {self.carry_from}"
+            )
         for key, count in self.filter_counts.items():
             lines.append(f"filter      {key}: matched {count} tensor(s)")
         lines += [f"note        {n}" for n in self.notes]
@@ -208,7 +239,9 @@ class MergePlan:
         lines.append(f"{'tensor':<48} {'shape':<18} {'out':<5} params")
         for j in self.jobs[:max_rows]:
             params = "copy (non-float)" if j.is_copy else _short_params(j.params)
-            lines.append(f"{shown(j.name, limit=48):<48} {str(list(j.shape))[:18]:<18} {j.out_dtype:<5} {params}")
+            lines.append(
+                f"{shown(j.name, limit=48):<48} {str(list(j.shape))[:18]:<18} {j.out_dtype:<5} {params}"
+            )
         if len(self.jobs) > max_rows:
             lines.append(f"... {len(self.jobs) - max_rows} more tensors")
         return "\n".join(lines)
@@ -264,8 +297,9 @@ def validated_params(
     return p
 
 
-def count_filter_matches(conds: Mapping[str, Any], name: str, counts: dict[str, int],
-                         shadowed: dict[str, int]) -> None:
+def count_filter_matches(
+    conds: Mapping[str, Any], name: str, counts: dict[str, int], shadowed: dict[str, int]
+) -> None:
     """Count, for every filter entry (``key -> (value list, entry index, condition)``) that
     matches tensor ``name``, whether it decides the tensor or an earlier entry does."""
     for key, (value, idx, c) in conds.items():
@@ -287,12 +321,16 @@ def parameter_problems(
     problems: list[str] = []
     for key, count in filter_counts.items():
         if count == 0 and shadowed[key]:
-            problems.append(f"{key} matched no tensor it decides: the {shadowed[key]} merged tensor(s) it "
-                            "matches all take an earlier entry of the same list\n"
-                            "    hint: the first matching entry wins; put more specific entries first")
+            problems.append(
+                f"{key} matched no tensor it decides: the {shadowed[key]} merged tensor(s) it "
+                "matches all take an earlier entry of the same list\n"
+                "    hint: the first matching entry wins; put more specific entries first"
+            )
         elif count == 0:
-            problems.append(f"{key} matched no tensor\n    hint: check the spelling against "
-                            "`soupkit inspect` (only merged, floating-point tensors count)")
+            problems.append(
+                f"{key} matched no tensor\n    hint: check the spelling against "
+                "`soupkit inspect` (only merged, floating-point tensors count)"
+            )
     for msg, (first, count) in bad.items():
         more = f" and {count - 1} other tensor(s)" if count > 1 else ""
         problems.append(f"{msg} for tensor {shown(first, quote=True)}{more}")
@@ -302,13 +340,34 @@ def parameter_problems(
 # Parameters some mergekit 0.1.5 method takes. mergekit accepts any of them on any method and
 # ignores those the method does not use (its planner looks up only the names a method declares),
 # e.g. `weight` on model_stock: soupkit accepts them too, with a note saying they are ignored.
-MERGEKIT_PARAMETERS = frozenset({
-    "weight", "density", "gamma", "epsilon", "lambda", "normalize", "rescale", "int8_mask", "t",
-    "filter_wise", "select_topk", "nuslerp_flatten", "nuslerp_row_wise", "eps", "max_iter", "tol",
-    "scale", "similarity_threshold",
-})
+MERGEKIT_PARAMETERS = frozenset(
+    {
+        "weight",
+        "density",
+        "gamma",
+        "epsilon",
+        "lambda",
+        "normalize",
+        "rescale",
+        "int8_mask",
+        "t",
+        "filter_wise",
+        "select_topk",
+        "nuslerp_flatten",
+        "nuslerp_row_wise",
+        "eps",
+        "max_iter",
+        "tol",
+        "scale",
+        "similarity_threshold",
+    }
+)
 # ... except where the name does change mergekit's result and soupkit's method has no such switch
-_MERGEKIT_NOT_IGNORED = {("rescale", "ties"), ("rescale", "breadcrumbs"), ("rescale", "breadcrumbs_ties")}
+_MERGEKIT_NOT_IGNORED = {
+    ("rescale", "ties"),
+    ("rescale", "breadcrumbs"),
+    ("rescale", "breadcrumbs_ties"),
+}
 
 
 def ignored_by_mergekit(key: str, value: Any, spec: MethodSpec) -> bool:
@@ -334,12 +393,21 @@ def ignored_parameter_notes(cfg: MergeConfig, spec: MethodSpec) -> list[str]:
     for sl in cfg.slices or []:
         levels += [sl.parameters, *(s.parameters for s in sl.sources)]
     keys = [k for params in levels for k, v in params.items() if ignored_by_mergekit(k, v, spec)]
-    notes = [f"parameter {k!r} is ignored: {spec.name!r} does not use it (mergekit accepts and ignores it too)"
-             for k in dict.fromkeys(keys)]
-    repeated = [k for m in cfg.models for k, v in m.parameters.items()
-                if k in spec.global_names and _same_as_global(cfg, spec, k, v)]
-    notes += [f"parameter {k!r} under a model is ignored: it is global (its top-level value applies, "
-              "as in mergekit)" for k in dict.fromkeys(repeated)]
+    notes = [
+        f"parameter {k!r} is ignored: {spec.name!r} does not use it (mergekit accepts and ignores it too)"
+        for k in dict.fromkeys(keys)
+    ]
+    repeated = [
+        k
+        for m in cfg.models
+        for k, v in m.parameters.items()
+        if k in spec.global_names and _same_as_global(cfg, spec, k, v)
+    ]
+    notes += [
+        f"parameter {k!r} under a model is ignored: it is global (its top-level value applies, "
+        "as in mergekit)"
+        for k in dict.fromkeys(repeated)
+    ]
     return notes
 
 
@@ -351,8 +419,10 @@ def _check_param_names(cfg: MergeConfig, spec: MethodSpec) -> list[str]:
     def unknown(key: str, where: str) -> str:
         close = difflib.get_close_matches(key, every, n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
-        return (f"{where}: unknown parameter {key!r} for method {spec.name!r}; {hint}"
-                f"it takes: {', '.join(every) or 'no parameters'}")
+        return (
+            f"{where}: unknown parameter {key!r} for method {spec.name!r}; {hint}"
+            f"it takes: {', '.join(every) or 'no parameters'}"
+        )
 
     for key, value in cfg.parameters.items():
         if key not in per_model and key not in glob and not ignored_by_mergekit(key, value, spec):
@@ -364,16 +434,21 @@ def _check_param_names(cfg: MergeConfig, spec: MethodSpec) -> list[str]:
             if key in glob:
                 if _same_as_global(cfg, spec, key, value):
                     continue
-                problems.append(f"models[{i}].parameters: {key!r} is a global parameter of "
-                                f"{spec.name!r}; set it under the top-level `parameters:` (mergekit "
-                                "would ignore it here: it reads global parameters from the top level only)")
+                problems.append(
+                    f"models[{i}].parameters: {key!r} is a global parameter of "
+                    f"{spec.name!r}; set it under the top-level `parameters:` (mergekit "
+                    "would ignore it here: it reads global parameters from the top level only)"
+                )
             elif key not in per_model:
                 problems.append(unknown(key, f"models[{i}].parameters"))
     return problems
 
 
-def _open_all(cfg: MergeConfig, problems: list[str], allow_pickle: bool = False,
-              ) -> tuple[list[Checkpoint | None], Checkpoint | None]:
+def _open_all(
+    cfg: MergeConfig,
+    problems: list[str],
+    allow_pickle: bool = False,
+) -> tuple[list[Checkpoint | None], Checkpoint | None]:
     cache: dict[str, Checkpoint | None] = {}
 
     def get(path: str, where: str) -> Checkpoint | None:
@@ -414,12 +489,19 @@ def plan_recipe(
     """
     problems: list[str] = []
     if cfg.strip_prefix:  # the recipe's strips first, then the caller's renames
-        key_map = KeyMap(KeyMap.build(strip_prefix=cfg.strip_prefix).rules + (key_map.rules if key_map else ()))
+        key_map = KeyMap(
+            KeyMap.build(strip_prefix=cfg.strip_prefix).rules + (key_map.rules if key_map else ())
+        )
     if cfg.slices or (cfg.merge_method == "passthrough" and "passthrough" not in methods.REGISTRY):
         from soupkit.compat.mergekit import plan_slices  # imports this module
 
-        return plan_slices(cfg, max_shard_size=max_shard_size, chunk_elems=chunk_elems,
-                           allow_pickle=allow_pickle, key_map=key_map)
+        return plan_slices(
+            cfg,
+            max_shard_size=max_shard_size,
+            chunk_elems=chunk_elems,
+            allow_pickle=allow_pickle,
+            key_map=key_map,
+        )
     try:
         spec = methods.get(cfg.merge_method)
     except UnknownMethodError as e:
@@ -436,8 +518,11 @@ def plan_recipe(
         models = [rename_checkpoint(m, key_map) if m is not None else None for m in models]
         base = rename_checkpoint(base, key_map) if base is not None else None
     p = make_plan(
-        cfg, [m for m in models if m is not None], base,
-        max_shard_size=max_shard_size, chunk_elems=chunk_elems,
+        cfg,
+        [m for m in models if m is not None],
+        base,
+        max_shard_size=max_shard_size,
+        chunk_elems=chunk_elems,
     )
     check_tokenizer_source(cfg, p.carry_from)
     return p
@@ -449,11 +534,19 @@ def check_tokenizer_source(cfg: MergeConfig, carry_from: Path | None) -> None:
     if src is None or carry_from is not None:
         return
     if src == "base" and not cfg.base_model:
-        raise ConfigError(["tokenizer_source: 'base' but the recipe has no `base_model:`\n"
-                           "    hint: set base_model, or give the folder to take the tokenizer from"])
-    raise ConfigError([f"tokenizer_source: {src!r} has no tokenizer or config files to copy "
-                       f"(looked for {', '.join(CARRY_FILES[:4])}, ...)\n"
-                       "    hint: give a model folder that holds its tokenizer files"])
+        raise ConfigError(
+            [
+                "tokenizer_source: 'base' but the recipe has no `base_model:`\n"
+                "    hint: set base_model, or give the folder to take the tokenizer from"
+            ]
+        )
+    raise ConfigError(
+        [
+            f"tokenizer_source: {src!r} has no tokenizer or config files to copy "
+            f"(looked for {', '.join(CARRY_FILES[:4])}, ...)\n"
+            "    hint: give a model folder that holds its tokenizer files"
+        ]
+    )
 
 
 def _same_file(a: Checkpoint, b: Checkpoint) -> bool:
@@ -490,7 +583,9 @@ def make_plan(
     if chunk_elems < 1:
         raise ConfigError([f"chunk_elems must be >= 1, got {chunk_elems}"])
 
-    notes: list[str] = [n for c in (*models, *([base] if base is not None else [])) for n in c.notes]
+    notes: list[str] = [
+        n for c in (*models, *([base] if base is not None else [])) for n in c.notes
+    ]
     notes += ignored_parameter_notes(cfg, spec) + cfg.recipe_notes()
     entries = list(zip(cfg.models, models))
     if spec.base_as_input and base is not None and not any(_same_file(m, base) for m in models):
@@ -502,15 +597,20 @@ def make_plan(
         # (a zero task vector; slerp's and wise_ft's t = 0 end; model_stock's anchor); drop it.
         kept = [(e, m) for e, m in entries if not _same_file(m, base)]
         if len(kept) != len(entries):
-            notes.append("the base model is also listed under models; its task vector is zero, "
-                         "so it was left out of the merge" if spec.kind == "task_vector" else
-                         "the base model is also listed under models; it is used as the base only")
+            notes.append(
+                "the base model is also listed under models; its task vector is zero, "
+                "so it was left out of the merge"
+                if spec.kind == "task_vector"
+                else "the base model is also listed under models; it is used as the base only"
+            )
         entries = kept
     n = len(entries)
     problems: list[str] = []
     if n < spec.min_models:
-        problems.append(f"method {spec.name!r} needs at least {spec.min_models} model(s) "
-                        f"besides the base, got {n}")
+        problems.append(
+            f"method {spec.name!r} needs at least {spec.min_models} model(s) "
+            f"besides the base, got {n}"
+        )
     if spec.max_models is not None and n > spec.max_models:
         problems.append(f"method {spec.name!r} takes at most {spec.max_models} model(s), got {n}")
     if problems:
@@ -521,7 +621,9 @@ def make_plan(
     cast_all = cfg.dtype is not None
 
     # 0. names that differ only by a wrapper prefix: one problem that names the fix
-    prefix_problem = _prefix_problem(ref, [*ckpts, *([base] if base is not None and base is not ref else [])])
+    prefix_problem = _prefix_problem(
+        ref, [*ckpts, *([base] if base is not None and base is not ref else [])]
+    )
     if prefix_problem is not None:
         raise PlanError([prefix_problem])
 
@@ -529,32 +631,49 @@ def make_plan(
     for m in ckpts + ([base] if base is not None and base is not ref else []):
         extra = [k for k in m.tensors if k not in ref.tensors]
         if extra:
-            listed = ", ".join(shown(x, quote=True) for x in extra[:5]) + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
-            problems.append(f"{shown(m.label)} has {len(extra)} tensor(s) that {shown(ref.label)} lacks: {listed}\n"
-                            "    hint: the models do not share an architecture, or a head was added")
+            listed = ", ".join(shown(x, quote=True) for x in extra[:5]) + (
+                f" and {len(extra) - 5} more" if len(extra) > 5 else ""
+            )
+            problems.append(
+                f"{shown(m.label)} has {len(extra)} tensor(s) that {shown(ref.label)} lacks: {listed}\n"
+                "    hint: the models do not share an architecture, or a head was added"
+            )
     for name, r in ref.tensors.items():
         group = [(m.label, m.tensors.get(name)) for m in ckpts]
         missing = [lab for lab, t in group if t is None]
         if missing:
-            problems.append(f"tensor {shown(name, quote=True)} is missing from {', '.join(shown(x) for x in missing)} (present in {shown(ref.label)})")
+            problems.append(
+                f"tensor {shown(name, quote=True)} is missing from {', '.join(shown(x) for x in missing)} (present in {shown(ref.label)})"
+            )
             continue
         shapes = {lab: t.shape for lab, t in group if t is not None}
         if any(s != r.shape for s in shapes.values()):
-            rows = "\n".join(f"      {lab:<30} {list(s)}" for lab, s in [(ref.label, r.shape), *shapes.items()])
-            hint = ("vocabularies differ; resize embeddings first" if "embed" in name or "lm_head" in name
-                    else "the models do not share an architecture")
-            problems.append(f"tensor {shown(name, quote=True)}: shapes differ\n{rows}\n    hint: {hint}")
+            rows = "\n".join(
+                f"      {lab:<30} {list(s)}" for lab, s in [(ref.label, r.shape), *shapes.items()]
+            )
+            hint = (
+                "vocabularies differ; resize embeddings first"
+                if "embed" in name or "lm_head" in name
+                else "the models do not share an architecture"
+            )
+            problems.append(
+                f"tensor {shown(name, quote=True)}: shapes differ\n{rows}\n    hint: {hint}"
+            )
             continue
         kinds = {lab: t.is_float for lab, t in group if t is not None}
         if any(k != r.is_float for k in kinds.values()):
-            problems.append(f"tensor {shown(name, quote=True)}: float in some models and integer in others "
-                            f"({', '.join(f'{lab}: {t.dtype}' for lab, t in group if t is not None)})")
+            problems.append(
+                f"tensor {shown(name, quote=True)}: float in some models and integer in others "
+                f"({', '.join(f'{lab}: {t.dtype}' for lab, t in group if t is not None)})"
+            )
             continue
         dts = {t.dtype for _, t in group if t is not None} | {r.dtype}
         if r.is_float and len(dts) > 1 and not cast_all:
-            problems.append(f"tensor {shown(name, quote=True)}: mixed dtypes "
-                            f"({', '.join(f'{lab}: {t.dtype}' for lab, t in [(ref.label, r), *group] if t is not None)})\n"
-                            "    hint: set `dtype:` in the recipe (e.g. float32) to cast every input first")
+            problems.append(
+                f"tensor {shown(name, quote=True)}: mixed dtypes "
+                f"({', '.join(f'{lab}: {t.dtype}' for lab, t in [(ref.label, r), *group] if t is not None)})\n"
+                "    hint: set `dtype:` in the recipe (e.g. float32) to cast every input first"
+            )
     if problems:
         raise PlanError(problems)
 
@@ -570,9 +689,11 @@ def make_plan(
         for key, value in params.items():
             for idx, c in enumerate(value if isinstance(value, list) else []):
                 if isinstance(c, Conditional) and (c.filter is not None or c.match is not None):
-                    label = " ".join([f"{where}.{key}"]
-                                     + ([f"filter={c.filter!r}"] if c.filter is not None else [])
-                                     + ([f"match={c.match!r}"] if c.match is not None else []))
+                    label = " ".join(
+                        [f"{where}.{key}"]
+                        + ([f"filter={c.filter!r}"] if c.filter is not None else [])
+                        + ([f"match={c.match!r}"] if c.match is not None else [])
+                    )
                     if label in filter_keys:
                         label += f" (entry {idx + 1})"
                     filter_keys[label] = (value, idx, c)
@@ -590,7 +711,9 @@ def make_plan(
         values: dict[str, Any] = {}
         for key, default in spec.params.per_model.items():
             values[key] = tuple(
-                v if (v := resolve_chain(key, (e.parameters, levels_global), name, t)) is not None else default
+                v
+                if (v := resolve_chain(key, (e.parameters, levels_global), name, t)) is not None
+                else default
                 for e, _ in entries
             )
         for key in spec.global_names:
@@ -600,12 +723,16 @@ def make_plan(
         p = validated_params(spec, values, name, param_cache, bad_params)
         if p is None:
             continue
-        jobs.append(TensorJob(
-            name, r.shape, out_dtype_code(cfg, spec, r.dtype),
-            inputs=tuple(m.tensors[name] for m in ckpts),
-            base=base.tensors[name] if (base is not None and uses_base) else None,
-            params=p,
-        ))
+        jobs.append(
+            TensorJob(
+                name,
+                r.shape,
+                out_dtype_code(cfg, spec, r.dtype),
+                inputs=tuple(m.tensors[name] for m in ckpts),
+                base=base.tensors[name] if (base is not None and uses_base) else None,
+                params=p,
+            )
+        )
     problems += parameter_problems(filter_counts, shadowed, bad_params)
     if cfg.compute == "exact":
         problems += exact_problems(spec, jobs)
@@ -619,9 +746,16 @@ def make_plan(
     shards = layout_shards(outputs, shard_limit)
     carry = _carry_source(cfg, base, ckpts)
     return MergePlan(
-        config=cfg, method=spec, models=tuple(ckpts), base=base, jobs=tuple(jobs),
-        shards=tuple(shards), chunk_elems=chunk_elems, carry_from=carry,
-        filter_counts=filter_counts, notes=tuple(notes),
+        config=cfg,
+        method=spec,
+        models=tuple(ckpts),
+        base=base,
+        jobs=tuple(jobs),
+        shards=tuple(shards),
+        chunk_elems=chunk_elems,
+        carry_from=carry,
+        filter_counts=filter_counts,
+        notes=tuple(notes),
         carry_files=carried_files(carry) if carry is not None else {},
     )
 
@@ -637,13 +771,19 @@ def _prefix_problem(ref: Checkpoint, others: Sequence[Checkpoint]) -> str | None
         return None
     km = KeyMap.build(strip_prefix=fix)
     first = next(iter(ref.tensors))
-    rows = [f"      {m.label:<30} {next((n for n in m.tensors if km(n) == km(first)), '?')!r}"
-            for m in [ref, *differ]]
+    rows = [
+        f"      {m.label:<30} {next((n for n in m.tensors if km(n) == km(first)), '?')!r}"
+        for m in [ref, *differ]
+    ]
     flags = " ".join(f"--strip-prefix {p}" for p in fix)
-    return (f"the models' tensor names differ only by a prefix ({', '.join(repr(p) for p in fix)}); "
-            f"the same tensor is named:\n" + "\n".join(rows) + "\n"
-            f"    hint: add {flags} (recipe key: `strip_prefix: [{', '.join(fix)}]`), which removes "
-            "it from every name that has it")
+    return (
+        f"the models' tensor names differ only by a prefix ({', '.join(repr(p) for p in fix)}); "
+        f"the same tensor is named:\n" + "\n".join(rows) + "\n"
+        f"    hint: add {flags} (recipe key: `strip_prefix: [{', '.join(fix)}]`), which removes "
+        "it from every name that has it"
+    )
+
+
 def exact_problems(spec: MethodSpec, jobs: Sequence[TensorJob]) -> list[str]:
     """Why ``compute: exact`` cannot reproduce mergekit for these jobs: each distinct reason
     that the method's ``exact_check`` gives, with the first tensor and how many it hits."""
@@ -657,11 +797,16 @@ def exact_problems(spec: MethodSpec, jobs: Sequence[TensorJob]) -> list[str]:
         if msg is not None:
             first, count = seen.get(msg, (j.name, 0))
             seen[msg] = (first, count + 1)
-    return [f"compute: exact: {spec.name}: {msg} (tensor {first!r}"
-            + (f" and {count - 1} other tensor(s))" if count > 1 else ")") for msg, (first, count) in seen.items()]
+    return [
+        f"compute: exact: {spec.name}: {msg} (tensor {first!r}"
+        + (f" and {count - 1} other tensor(s))" if count > 1 else ")")
+        for msg, (first, count) in seen.items()
+    ]
 
 
-def _carry_source(cfg: MergeConfig, base: Checkpoint | None, models: Sequence[Checkpoint]) -> Path | None:
+def _carry_source(
+    cfg: MergeConfig, base: Checkpoint | None, models: Sequence[Checkpoint]
+) -> Path | None:
     src = cfg.tokenizer_source
     candidates: list[Checkpoint | None]
     if src is None or src == "base":
@@ -674,6 +819,8 @@ def _carry_source(cfg: MergeConfig, base: Checkpoint | None, models: Sequence[Ch
             return folder if folder.is_dir() else None
         candidates = [ck]
     for c in candidates:
-        if c is not None and c.folder is not None and carried_files(c.folder):  # checks sizes and links
+        if (
+            c is not None and c.folder is not None and carried_files(c.folder)
+        ):  # checks sizes and links
             return c.folder
     return None

@@ -38,8 +38,10 @@ def matplotlib_available() -> bool:
 
 def short_labels(labels: Sequence[str]) -> list[str]:
     """The shortest path suffixes that still tell the labels apart (``runs/a/ckpt`` -> ``a/ckpt``)."""
-    parts = [[p for p in str(lab).replace(os.sep, "/").split("/") if p not in ("", ".")] or [str(lab)]
-             for lab in labels]
+    parts = [
+        [p for p in str(lab).replace(os.sep, "/").split("/") if p not in ("", ".")] or [str(lab)]
+        for lab in labels
+    ]
     depth = 1
     while True:
         out = ["/".join(p[-depth:]) for p in parts]
@@ -72,7 +74,7 @@ def _ellipsize(text: str, limit: int) -> str:
     if len(text) <= limit:
         return text
     keep = limit - 1
-    return text[: (keep + 1) // 2] + "\u2026" + text[len(text) - keep // 2:]
+    return text[: (keep + 1) // 2] + "\u2026" + text[len(text) - keep // 2 :]
 
 
 def _title(ax: Any, lines: Sequence[str], width_in: float, fontsize: float = 9.5) -> None:
@@ -104,7 +106,9 @@ def greedy_plot(greedy: Mapping[str, Any]) -> bytes:
     width = max(6.4, 1.0 + 0.75 * n) if seq else max(6.4, 1.0 + 0.55 * n)
     fig, ax = _figure(width, 5.0 if seq else 4.6)
     xs = list(range(n))
-    ax.plot(xs, [r["score"] for r in ranked], "o", color=_GREY, ms=6, label="ingredient alone", zorder=2)
+    ax.plot(
+        xs, [r["score"] for r in ranked], "o", color=_GREY, ms=6, label="ingredient alone", zorder=2
+    )
     soup = [ranked[0]["score"]]
     for x in xs[1:]:
         s = steps[x]
@@ -117,10 +121,20 @@ def greedy_plot(greedy: Mapping[str, Any]) -> bytes:
             ax.plot(x, s["candidate_score"], "v", mfc="none", color=_RED, ms=9, mew=1.8, zorder=4)
         if s.get("test") == "sequential":
             used = s.get("examples_used", 0)
-            note = (f"{used:,}/{s['total']:,} ex.\n+{s.get('better')}/\u2212{s.get('worse')}\n"
-                    f"err\u2264{s.get('error_bound', 0.0):.1g}")
-            ax.annotate(note, (x, 0.02), xycoords=("data", "axes fraction"), ha="center", va="bottom",
-                        fontsize=6.5, color="#424242", zorder=5)
+            note = (
+                f"{used:,}/{s['total']:,} ex.\n+{s.get('better')}/\u2212{s.get('worse')}\n"
+                f"err\u2264{s.get('error_bound', 0.0):.1g}"
+            )
+            ax.annotate(
+                note,
+                (x, 0.02),
+                xycoords=("data", "axes fraction"),
+                ha="center",
+                va="bottom",
+                fontsize=6.5,
+                color="#424242",
+                zorder=5,
+            )
     ax.step(xs, soup, where="post", color=_BLUE, lw=2, label="greedy soup so far", zorder=3)
     ax.plot([0], [ranked[0]["score"]], "o", color=_GREEN, ms=8, zorder=4)
     # Legend entries for the candidate markers, only for those that occur.
@@ -129,33 +143,56 @@ def greedy_plot(greedy: Mapping[str, Any]) -> bytes:
     if any(not s["accepted"] and (s["complete"] or s.get("test") == "sequential") for s in done):
         ax.plot([], [], "x", color=_RED, ms=9, mew=2.2, label="candidate rejected")
     if any(not s["complete"] and s.get("test") != "sequential" for s in done):
-        ax.plot([], [], "v", mfc="none", color=_RED, ms=9, mew=1.8,
-                label="rejected early (upper bound shown)")
-    if seq:  # each candidate: examples used, +better/-worse discordant, error bound (along the bottom)
+        ax.plot(
+            [],
+            [],
+            "v",
+            mfc="none",
+            color=_RED,
+            ms=9,
+            mew=1.8,
+            label="rejected early (upper bound shown)",
+        )
+    if (
+        seq
+    ):  # each candidate: examples used, +better/-worse discordant, error bound (along the bottom)
         lo = min([r["score"] for r in ranked] + [s["candidate_score"] for s in done])
         hi = max([r["score"] for r in ranked] + [s["candidate_score"] for s in done])
         pad = max(hi - lo, 1e-3)
         ax.set_ylim(lo - 0.4 * pad, hi + 0.1 * pad)  # room for the annotations along the bottom
     ax.set_xticks(xs)
-    ax.set_xticklabels(names, rotation=35 if n > 4 else 0, ha="right" if n > 4 else "center", fontsize=8)
-    ax.set_xlabel("ingredients, best first (order tried)\n"
-                  f"evaluator: {_ellipsize(str(greedy.get('evaluator', '?')), int(width * 11))}", fontsize=9)
+    ax.set_xticklabels(
+        names, rotation=35 if n > 4 else 0, ha="right" if n > 4 else "center", fontsize=8
+    )
+    ax.set_xlabel(
+        "ingredients, best first (order tried)\n"
+        f"evaluator: {_ellipsize(str(greedy.get('evaluator', '?')), int(width * 11))}",
+        fontsize=9,
+    )
     ax.set_ylabel("validation score (higher is better)")
     rule = ">" if greedy["strict"] else ">="
     final = greedy["final"]
     held = greedy.get("held_out")
-    lines = [f"Greedy soup: {len(final['ingredients'])} of {n} ingredients, score {final['score']:.4g} "
-             f"(best single {ranked[0]['score']:.4g}; accept if {rule})"]
+    lines = [
+        f"Greedy soup: {len(final['ingredients'])} of {n} ingredients, score {final['score']:.4g} "
+        f"(best single {ranked[0]['score']:.4g}; accept if {rule})"
+    ]
     if seq:
         used = sum(s.get("examples_used", 0) for s in done)
-        lines.append(f"sequential decisions (delta {seq['delta']:g}, order seed {seq['seed']}): "
-                     f"{used:,} of {seq['examples'] * len(done):,} candidate examples used; "
-                     f"{greedy['examples']['evaluated']:,} examples evaluated in all")
+        lines.append(
+            f"sequential decisions (delta {seq['delta']:g}, order seed {seq['seed']}): "
+            f"{used:,} of {seq['examples'] * len(done):,} candidate examples used; "
+            f"{greedy['examples']['evaluated']:,} examples evaluated in all"
+        )
     else:
-        lines.append(f"{greedy['evaluations']} evaluations, {greedy['cache_hits']} cached, "
-                     f"{greedy['examples']['saved']:,} examples saved by early rejection")
+        lines.append(
+            f"{greedy['evaluations']} evaluations, {greedy['cache_hits']} cached, "
+            f"{greedy['examples']['saved']:,} examples saved by early rejection"
+        )
     if held:
-        lines.append(f"held-out test set: soup {held['soup_score']:.4g}, best single {held['best_single_score']:.4g}")
+        lines.append(
+            f"held-out test set: soup {held['soup_score']:.4g}, best single {held['best_single_score']:.4g}"
+        )
     _title(ax, lines, width)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
@@ -182,16 +219,29 @@ def sweep_plot(sweep: Mapping[str, Any]) -> bytes:
     ax = axes[0] if has_shift else axes
     ax.plot(xs, ys, "o-", color=_BLUE, label=sweep.get("evaluator_short", "score"))
     best = sweep["best"]
-    ax.plot([best["value"]], [best["score"]], "*", color=_GREEN, ms=16, zorder=5,
-            label=f"best: {param}={best['value']:g} ({best['score']:.4g})")
+    ax.plot(
+        [best["value"]],
+        [best["score"]],
+        "*",
+        color=_GREEN,
+        ms=16,
+        zorder=5,
+        label=f"best: {param}={best['value']:g} ({best['score']:.4g})",
+    )
     if has_shift:
         ax.plot(xs, shifted, "s--", color=_ORANGE, label="shifted set")
     ax.set_xlabel(param)
     ax.set_ylabel("score (higher is better)")
     seq = sweep.get("sequential")
-    ax.set_title(f"{sweep['method']}: score vs {param}" + (
-        f"\nsequential (delta {seq['delta']:g}): each score on the examples its point used" if seq else ""),
-        fontsize=10)
+    ax.set_title(
+        f"{sweep['method']}: score vs {param}"
+        + (
+            f"\nsequential (delta {seq['delta']:g}): each score on the examples its point used"
+            if seq
+            else ""
+        ),
+        fontsize=10,
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     if has_shift:
@@ -200,8 +250,15 @@ def sweep_plot(sweep: Mapping[str, Any]) -> bytes:
         points = sc.scatter(ys, shifted, c=xs, cmap="viridis", s=40, zorder=3)
         for x, y, v in zip(ys, shifted, xs):
             sc.annotate(f"{v:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-        sc.plot([best["score"]], [best["shift_score"]], "*", color=_GREEN, ms=16, zorder=5,
-                label="chosen (best in-distribution)")
+        sc.plot(
+            [best["score"]],
+            [best["shift_score"]],
+            "*",
+            color=_GREEN,
+            ms=16,
+            zorder=5,
+            label="chosen (best in-distribution)",
+        )
         fig.colorbar(points, ax=sc, label=param)
         sc.margins(0.08)
         sc.set_xlabel("in-distribution score")
@@ -236,7 +293,11 @@ def learned_plot(learned: Mapping[str, Any]) -> bytes:
     steps = range(0, len(coef))
     for k, name in enumerate(names):
         cx.plot(steps, [c[k] for c in coef], lw=1.5, label=name)
-    per = "mean over tensors of each model's coefficient" if learned["per_tensor"] else "mixing coefficient"
+    per = (
+        "mean over tensors of each model's coefficient"
+        if learned["per_tensor"]
+        else "mixing coefficient"
+    )
     cx.set_xlabel("step")
     cx.set_ylabel(per)
     cx.set_title("coefficients (softmax of the learned logits)", fontsize=10)
@@ -245,7 +306,9 @@ def learned_plot(learned: Mapping[str, Any]) -> bytes:
     return _png(fig)
 
 
-def plot_report(report: str | os.PathLike[str] | Mapping[str, Any], out: str | os.PathLike[str]) -> Path:
+def plot_report(
+    report: str | os.PathLike[str] | Mapping[str, Any], out: str | os.PathLike[str]
+) -> Path:
     """Redraw the plot of a saved ``soupkit-report.json`` (greedy, sweep or learned section).
 
     Args:

@@ -59,9 +59,13 @@ def _source(model: ModelLike | _Source, allow_pickle: bool = False) -> _Source:
         return model
     if isinstance(model, Mapping):
         label = f"<state_dict {id(model):#x}>"
-        return _Source(("memory", id(model)), label, in_memory_checkpoint(model, label), None, model)
+        return _Source(
+            ("memory", id(model)), label, in_memory_checkpoint(model, label), None, model
+        )
     if not isinstance(model, (str, os.PathLike)):
-        raise UsageError(f"a task vector's model is a path or a state dict, got {type(model).__name__}")
+        raise UsageError(
+            f"a task vector's model is a path or a state dict, got {type(model).__name__}"
+        )
     kwargs: dict[str, Any] = {"allow_pickle": True} if allow_pickle else {}
     ck = open_checkpoint(model, **kwargs)
     # The same files under another name (symlink, hard link, "./x" vs "x") are one term.
@@ -95,8 +99,9 @@ class TaskVector:
     # ------------------------------------------------------------------ construction
 
     @classmethod
-    def from_checkpoints(cls, finetuned: ModelLike, base: ModelLike, *,
-                         allow_pickle: bool = False) -> TaskVector:
+    def from_checkpoints(
+        cls, finetuned: ModelLike, base: ModelLike, *, allow_pickle: bool = False
+    ) -> TaskVector:
         """``finetuned - base``; each is a checkpoint path (file or folder) or a state dict.
 
         Headers are read and validated now; tensors are read only when the vector is applied.
@@ -160,27 +165,40 @@ class TaskVector:
 
     # ------------------------------------------------------------------ evaluation
 
-    def _compile(self, target: _Source, scale: float, out_dtype: str | None
-                 ) -> tuple[MergeConfig, list[Checkpoint], Checkpoint]:
+    def _compile(
+        self, target: _Source, scale: float, out_dtype: str | None
+    ) -> tuple[MergeConfig, list[Checkpoint], Checkpoint]:
         if not _is_scalar(scale):
             raise UsageError(f"scale must be a number, got {type(scale).__name__}")
         entries = [(s, c) for s, c in self._terms.values() if s.key != target.key]
         if not entries:
-            raise UsageError("this task vector is zero (its terms cancel out); applying it would "
-                             "only copy the model\nhint: check the signs of the combination")
+            raise UsageError(
+                "this task vector is zero (its terms cancel out); applying it would "
+                "only copy the model\nhint: check the signs of the combination"
+            )
         data: dict[str, Any] = {
             "merge_method": "task_arithmetic",
             "base_model": target.path if target.path is not None else target.label,
-            "models": [{"model": s.path if s.path is not None else s.label,
-                        "parameters": {"weight": float(c)}} for s, c in entries],
+            "models": [
+                {
+                    "model": s.path if s.path is not None else s.label,
+                    "parameters": {"weight": float(c)},
+                }
+                for s, c in entries
+            ],
             "parameters": {"lambda": float(scale)},
         }
         if out_dtype is not None:
             data["out_dtype"] = out_dtype
-        return MergeConfig.model_validate(data), [s.checkpoint for s, _ in entries], target.checkpoint
+        return (
+            MergeConfig.model_validate(data),
+            [s.checkpoint for s, _ in entries],
+            target.checkpoint,
+        )
 
-    def to_recipe(self, target: str | os.PathLike[str], *, scale: float = 1.0,
-                  out_dtype: str | None = None) -> MergeConfig:
+    def to_recipe(
+        self, target: str | os.PathLike[str], *, scale: float = 1.0, out_dtype: str | None = None
+    ) -> MergeConfig:
         """The `task_arithmetic` recipe that applies this vector to ``target`` (paths only).
 
         Raises:
@@ -188,20 +206,35 @@ class TaskVector:
         """
         mem = [s.label for s, _ in self._terms.values() if s.path is None]
         if mem:
-            raise UsageError(f"terms {', '.join(mem)} are in-memory state dicts, which a recipe "
-                             "cannot name\nhint: use apply_to / apply_to_state_dict instead")
+            raise UsageError(
+                f"terms {', '.join(mem)} are in-memory state dicts, which a recipe "
+                "cannot name\nhint: use apply_to / apply_to_state_dict instead"
+            )
         cfg, _, _ = self._compile(_source(target), scale, out_dtype)
         return cfg
 
-    def plan(self, target: ModelLike, *, scale: float = 1.0, out_dtype: str | None = None,
-             **plan_options: Any) -> MergePlan:
+    def plan(
+        self,
+        target: ModelLike,
+        *,
+        scale: float = 1.0,
+        out_dtype: str | None = None,
+        **plan_options: Any,
+    ) -> MergePlan:
         """The merge plan of ``target + scale * self`` (headers only; a dry run)."""
         cfg, models, base = self._compile(_source(target), scale, out_dtype)
         return make_plan(cfg, models, base, **plan_options)
 
-    def apply_to(self, target: ModelLike, out_dir: str | os.PathLike[str], *, scale: float = 1.0,
-                 out_dtype: str | None = None, max_shard_size: int | str = "5GB",
-                 **merge_options: Any) -> MergeResult:
+    def apply_to(
+        self,
+        target: ModelLike,
+        out_dir: str | os.PathLike[str],
+        *,
+        scale: float = 1.0,
+        out_dtype: str | None = None,
+        max_shard_size: int | str = "5GB",
+        **merge_options: Any,
+    ) -> MergeResult:
         """Write ``target + scale * self`` to ``out_dir`` (streaming, tensor by tensor).
 
         Args:
@@ -215,8 +248,9 @@ class TaskVector:
         p = self.plan(target, scale=scale, out_dtype=out_dtype, max_shard_size=max_shard_size)
         return run_merge_plan(p, out_dir, **merge_options)
 
-    def apply_to_state_dict(self, target: ModelLike, *, scale: float = 1.0,
-                            out_dtype: str | None = None) -> dict[str, torch.Tensor]:
+    def apply_to_state_dict(
+        self, target: ModelLike, *, scale: float = 1.0, out_dtype: str | None = None
+    ) -> dict[str, torch.Tensor]:
         """``target + scale * self`` as an in-memory state dict (same bytes as `apply_to`)."""
         p = self.plan(target, scale=scale, out_dtype=out_dtype)
         sink = MemorySink(p)
@@ -235,10 +269,14 @@ class TaskVector:
         ref = terms[0][0]
         # A plan with the first term as "base" checks names and shapes; dtype: float32 lets
         # terms of different dtypes combine (every term is read as float32 anyway).
-        cfg = MergeConfig.model_validate({
-            "merge_method": "task_arithmetic", "base_model": ref.label, "dtype": "float32",
-            "models": [{"model": s.label} for s, _ in terms[1:]],
-        })
+        cfg = MergeConfig.model_validate(
+            {
+                "merge_method": "task_arithmetic",
+                "base_model": ref.label,
+                "dtype": "float32",
+                "models": [{"model": s.label} for s, _ in terms[1:]],
+            }
+        )
         p = make_plan(cfg, [s.checkpoint for s, _ in terms[1:]], ref.checkpoint)
         coeffs = [torch.tensor(c, dtype=torch.float32) for _, c in terms]
         out: dict[str, torch.Tensor] = {}
@@ -246,7 +284,7 @@ class TaskVector:
             for job in p.jobs:
                 if job.is_copy or job.base is None:
                     continue
-                infos = [job.base, *job.inputs][:len(terms)]
+                infos = [job.base, *job.inputs][: len(terms)]
                 acc = reader.read(infos[0]).to(torch.float32) * coeffs[0]
                 for info, c in zip(infos[1:], coeffs[1:]):
                     acc += reader.read(info).to(torch.float32) * c

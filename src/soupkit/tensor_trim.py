@@ -115,7 +115,9 @@ class TopKSelect:
         self._batches.clear()
         self.buckets = {k: select_bucket(self.hi, k) for k in self.ks}
         refine = {b for b, _ in self.buckets.values()}
-        if int(self.hi[_INF_BITS >> 16]):  # +Inf shares its bucket with NaN patterns: count them apart
+        if int(
+            self.hi[_INF_BITS >> 16]
+        ):  # +Inf shares its bucket with NaN patterns: count them apart
             refine.add(_INF_BITS >> 16)
         self.lo = {b: torch.zeros(_LO_BINS, dtype=torch.int64) for b in sorted(refine)}
 
@@ -124,7 +126,9 @@ class TopKSelect:
         for b in self.lo:
             self._add(b, bits, functools.partial(_lo_bins, b << 16))
 
-    def _add(self, key: int, bits: torch.Tensor, bins: Callable[[torch.Tensor, torch.Tensor], object]) -> None:
+    def _add(
+        self, key: int, bits: torch.Tensor, bins: Callable[[torch.Tensor, torch.Tensor], object]
+    ) -> None:
         """Queue the bin indices of ``bits`` for histogram ``key``: ``bins(bits, out)`` writes
         them straight into the batch buffer (no temporary, no copy)."""
         m = bits.numel()
@@ -156,7 +160,7 @@ class TopKSelect:
     def _nan(self) -> int:
         """Entries whose magnitude is NaN (bit pattern above +Inf)."""
         top = _INF_BITS >> 16
-        n = int(self.hi[top + 1:].sum())
+        n = int(self.hi[top + 1 :].sum())
         if top in self.lo:  # the bucket of +Inf also holds NaN patterns 0x7F800001..
             n += int(self.lo[top][1:].sum())
         return n
@@ -177,7 +181,9 @@ class TopKSelect:
         return MagnitudeCut(threshold, None if need == equal else need)
 
 
-def chunk_cut(cut: MagnitudeCut | None, equal_in_chunk: int, quota_left: int) -> tuple[MagnitudeCut | None, int]:
+def chunk_cut(
+    cut: MagnitudeCut | None, equal_in_chunk: int, quota_left: int
+) -> tuple[MagnitudeCut | None, int]:
     """The part of a tensor's cut that applies to its next chunk, and the tie quota left after it.
 
     Chunks must come in flat order. ``equal_in_chunk`` is how many entries of the chunk equal

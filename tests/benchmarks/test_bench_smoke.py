@@ -20,7 +20,9 @@ MERGEKIT = BENCH / ".venv-mergekit" / "bin" / "mergekit-yaml"
 
 
 def _run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO
+    )
 
 
 @pytest.fixture(scope="module")
@@ -49,22 +51,37 @@ def test_generate_small_is_a_deterministic_hf_folder(small_data: Path, tmp_path:
                 names |= set(fh.keys())
                 assert all(str(fh.get_slice(k).get_dtype()) == "BF16" for k in fh.keys())
         assert names == set(index["weight_map"])
-        assert {"model.embed_tokens.weight", "lm_head.weight", "model.norm.weight",
-                "model.layers.0.self_attn.q_proj.weight"} <= names
+        assert {
+            "model.embed_tokens.weight",
+            "lm_head.weight",
+            "model.norm.weight",
+            "model.layers.0.self_attn.q_proj.weight",
+        } <= names
         assert index["metadata"]["total_size"] == manifest["bytes_per_checkpoint"]
 
     again = tmp_path / "again"
     r = _run(str(BENCH / "generate.py"), "--small", "--quiet", "--out", str(again))
     assert r.returncode == 0, r.stderr
     for f in sorted(small_data.glob("*/*.safetensors")):
-        assert f.read_bytes() == (again / f.parent.name / f.name).read_bytes(), f"{f.name} is not deterministic"
+        assert f.read_bytes() == (again / f.parent.name / f.name).read_bytes(), (
+            f"{f.name} is not deterministic"
+        )
 
 
 def _smoke(small_data: Path, tmp_path: Path, *extra: str) -> dict:
     results = tmp_path / "results" / "smoke"
     r = _run(
-        str(BENCH / "run.py"), "--smoke", "--data", str(small_data), "--out-dir", str(tmp_path / "out"),
-        "--results", str(results), "--soupkit", str(SOUPKIT), *extra,
+        str(BENCH / "run.py"),
+        "--smoke",
+        "--data",
+        str(small_data),
+        "--out-dir",
+        str(tmp_path / "out"),
+        "--results",
+        str(results),
+        "--soupkit",
+        str(SOUPKIT),
+        *extra,
     )
     assert r.returncode == 0, f"run.py failed (exit {r.returncode}):\n{r.stdout}\n{r.stderr}"
     assert results.with_suffix(".md").read_text().startswith("# soupkit vs mergekit")
@@ -80,9 +97,13 @@ def _soupkit_methods() -> set[str]:
 
 def test_run_smoke_soupkit(small_data: Path, tmp_path: Path) -> None:
     if not SOUPKIT.exists():
-        pytest.fail(f"{SOUPKIT} not found: install the package (`pip install -e .`) so the console script exists")
+        pytest.fail(
+            f"{SOUPKIT} not found: install the package (`pip install -e .`) so the console script exists"
+        )
     # The core grows method by method: benchmark the recipes whose method soupkit registers.
-    recipes = [r for r in ("linear", "task_arithmetic", "ties", "dare_ties") if r in _soupkit_methods()]
+    recipes = [
+        r for r in ("linear", "task_arithmetic", "ties", "dare_ties") if r in _soupkit_methods()
+    ]
     if not recipes:
         pytest.skip("soupkit registers none of linear, task_arithmetic, ties, dare_ties yet")
     report = _smoke(small_data, tmp_path, "--tools", "soupkit", "--only", ",".join(recipes))
@@ -97,13 +118,17 @@ def test_run_smoke_soupkit(small_data: Path, tmp_path: Path) -> None:
             assert not check["problems"], check["summary"]
 
 
-@pytest.mark.skipif(not MERGEKIT.exists(), reason=f"mergekit venv absent ({MERGEKIT}); create it with "
-                    "`bash benchmarks/setup_mergekit.sh`")
+@pytest.mark.skipif(
+    not MERGEKIT.exists(),
+    reason=f"mergekit venv absent ({MERGEKIT}); create it with `bash benchmarks/setup_mergekit.sh`",
+)
 def test_run_smoke_mergekit_linear(small_data: Path, tmp_path: Path) -> None:
     report = _smoke(small_data, tmp_path, "--tools", "soupkit,mergekit", "--only", "linear")
     (rec,) = report["recipes"]
     assert rec["tools"]["mergekit"]["runs"][0]["returncode"] == 0
-    assert rec["checks"]["mergekit vs reference"]["identical"], rec["checks"]["mergekit vs reference"]["summary"]
+    assert rec["checks"]["mergekit vs reference"]["identical"], rec["checks"][
+        "mergekit vs reference"
+    ]["summary"]
     # soupkit's own health is test_run_smoke_soupkit's job; compare only when it ran.
     if "skipped" not in rec["tools"]["soupkit"]:
         check = rec["checks"]["soupkit vs mergekit"]
@@ -112,14 +137,34 @@ def test_run_smoke_mergekit_linear(small_data: Path, tmp_path: Path) -> None:
 
 def test_ab_runs_each_configuration_in_its_own_process(small_data: Path, tmp_path: Path) -> None:
     recipe = tmp_path / "linear.yaml"
-    recipe.write_text(json.dumps({"merge_method": "linear",
-                                  "models": [{"model": str(small_data / f"ft{i}")} for i in (1, 2)]}))
+    recipe.write_text(
+        json.dumps(
+            {
+                "merge_method": "linear",
+                "models": [{"model": str(small_data / f"ft{i}")} for i in (1, 2)],
+            }
+        )
+    )
     out = tmp_path / "ab-out"
-    r = _run(str(BENCH / "ab.py"), str(recipe), "--configs", "1,2+tune", "--runs", "2", "--out", str(out),
-             timeout=300)
+    r = _run(
+        str(BENCH / "ab.py"),
+        str(recipe),
+        "--configs",
+        "1,2+tune",
+        "--runs",
+        "2",
+        "--out",
+        str(out),
+        timeout=300,
+    )
     assert r.returncode == 0, f"ab.py failed (exit {r.returncode}):\n{r.stdout}\n{r.stderr}"
     runs = [line for line in r.stdout.splitlines() if line.startswith("run ")]
-    assert [line.split(":")[0].split()[-1] for line in runs] == ["1", "2+tune", "1", "2+tune"]  # alternating
+    assert [line.split(":")[0].split()[-1] for line in runs] == [
+        "1",
+        "2+tune",
+        "1",
+        "2+tune",
+    ]  # alternating
     medians = r.stdout.split("medians over 2 runs (linear.yaml):")[1].split()
     assert medians[:2] == ["1:", "pass"] and float(medians[2]) > 0 and "2+tune:" in medians
     assert not out.exists()  # the last output is removed
@@ -127,12 +172,29 @@ def test_ab_runs_each_configuration_in_its_own_process(small_data: Path, tmp_pat
 
 def test_profile_reports_phases_and_functions(small_data: Path, tmp_path: Path) -> None:
     recipe = tmp_path / "ties.yaml"
-    recipe.write_text(json.dumps({"merge_method": "ties", "base_model": str(small_data / "base"),
-                                  "parameters": {"density": 0.5, "trim_scope": "per_tensor"},
-                                  "models": [{"model": str(small_data / f"ft{i}")} for i in (1, 2)]}))
-    r = _run(str(BENCH / "profile_pass.py"), str(recipe), "--out", str(tmp_path / "out"), "--cprofile", "--top", "5",
-             timeout=300)
-    assert r.returncode == 0, f"profile_pass.py failed (exit {r.returncode}):\n{r.stdout}\n{r.stderr}"
+    recipe.write_text(
+        json.dumps(
+            {
+                "merge_method": "ties",
+                "base_model": str(small_data / "base"),
+                "parameters": {"density": 0.5, "trim_scope": "per_tensor"},
+                "models": [{"model": str(small_data / f"ft{i}")} for i in (1, 2)],
+            }
+        )
+    )
+    r = _run(
+        str(BENCH / "profile_pass.py"),
+        str(recipe),
+        "--out",
+        str(tmp_path / "out"),
+        "--cprofile",
+        "--top",
+        "5",
+        timeout=300,
+    )
+    assert r.returncode == 0, (
+        f"profile_pass.py failed (exit {r.returncode}):\n{r.stdout}\n{r.stderr}"
+    )
     head, phases = r.stdout.splitlines()[:2]
     assert head.startswith("ties.yaml: pass ") and " GB/s of " in head and "system" in head
     assert phases.startswith("phases (main thread wall s): ") and "merge" in phases

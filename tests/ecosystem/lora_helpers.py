@@ -15,9 +15,17 @@ peft = pytest.importorskip("peft")
 
 
 def tiny_llama(bias: bool = False) -> Any:
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                   num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
-                                   tie_word_embeddings=False, attention_bias=bias)
+    cfg = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        attention_bias=bias,
+    )
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(cfg).eval()
     if bias:
@@ -46,9 +54,13 @@ def peft_load_problems(base: Path, adapter: Path) -> tuple[list[str], list[str]]
     """(adapter keys PEFT expected but did not find, keys it did not use) when it loads ``adapter``."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        pm = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(base), adapter)
+        pm = peft.PeftModel.from_pretrained(
+            transformers.AutoModelForCausalLM.from_pretrained(base), adapter
+        )
         res = pm.load_adapter(adapter, adapter_name="check")
-    return [k for k in res.missing_keys if ".check." in k or k.endswith(".check")], list(res.unexpected_keys)
+    return [k for k in res.missing_keys if ".check." in k or k.endswith(".check")], list(
+        res.unexpected_keys
+    )
 
 
 def states_equal(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> list[str]:

@@ -13,9 +13,13 @@ import soupkit
 from soupkit.errors import CheckpointFormatError, UsageError
 
 
-def train(soup: soupkit.CheckpointSoup, steps: int, *, save_dir: Path | None = None) -> torch.nn.Module:
+def train(
+    soup: soupkit.CheckpointSoup, steps: int, *, save_dir: Path | None = None
+) -> torch.nn.Module:
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
+    model = torch.nn.Sequential(
+        torch.nn.Linear(4, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(), torch.nn.Linear(16, 1)
+    )
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     g = torch.Generator().manual_seed(1)
     for step in range(steps):
@@ -26,7 +30,10 @@ def train(soup: soupkit.CheckpointSoup, steps: int, *, save_dir: Path | None = N
         opt.step()
         taken = soup.update(model, step)
         if taken and save_dir is not None:
-            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(save_dir / f"step_{step}.safetensors"))
+            save_file(
+                {k: v.contiguous() for k, v in model.state_dict().items()},
+                str(save_dir / f"step_{step}.safetensors"),
+            )
     return model
 
 
@@ -36,18 +43,28 @@ def test_exact_mode_equals_the_uniform_soup_of_the_last_n(tmp_path: Path) -> Non
     assert soup.steps == [8, 12, 16] and len(soup) == 3
     got = soup.state_dict()
     # the file-based checkpoint soup of the same snapshots, bit for bit
-    soupkit.soup_checkpoints(tmp_path, tmp_path / "soup", last=3, pattern="step_*.safetensors", progress=False)
+    soupkit.soup_checkpoints(
+        tmp_path, tmp_path / "soup", last=3, pattern="step_*.safetensors", progress=False
+    )
     ref = load_file(str(tmp_path / "soup" / "model.safetensors"))
     floats = [k for k, v in got.items() if v.is_floating_point()]
     assert floats and all(torch.equal(got[k], ref[k]) for k in floats)
     # integer buffers are counters, not weights: the newest snapshot's value
-    assert got["1.num_batches_tracked"].item() == 17 and model.state_dict()["1.num_batches_tracked"].item() == 20
+    assert (
+        got["1.num_batches_tracked"].item() == 17
+        and model.state_dict()["1.num_batches_tracked"].item() == 20
+    )
     # and the soup never shares memory with the live model
-    assert all(v.data_ptr() != p.data_ptr() for v, p in zip(got.values(), model.state_dict().values()))
+    assert all(
+        v.data_ptr() != p.data_ptr() for v, p in zip(got.values(), model.state_dict().values())
+    )
 
 
 def test_running_mode_is_the_same_mean_rounded_once(tmp_path: Path) -> None:
-    exact, running = soupkit.CheckpointSoup(last=3, every=2), soupkit.CheckpointSoup(last=3, every=2, mode="running")
+    exact, running = (
+        soupkit.CheckpointSoup(last=3, every=2),
+        soupkit.CheckpointSoup(last=3, every=2, mode="running"),
+    )
     everything = soupkit.CheckpointSoup(last=None, every=2, mode="running")
     snaps: list[dict[str, torch.Tensor]] = []
 
@@ -79,7 +96,13 @@ def test_save_writes_a_folder(tmp_path: Path) -> None:
     got = load_file(str(out / "model.safetensors"))
     assert all(torch.equal(got[k], v) for k, v in soup.state_dict().items())
     report = json.loads((out / "soupkit-report.json").read_text())
-    assert report["checkpoint_soup"] == {"mode": "exact", "last": 2, "every": 1, "steps": [3, 4], "snapshots": 2}
+    assert report["checkpoint_soup"] == {
+        "mode": "exact",
+        "last": 2,
+        "every": 1,
+        "steps": [3, 4],
+        "snapshots": 2,
+    }
 
 
 def test_errors() -> None:

@@ -18,8 +18,13 @@ X = torch.randn(64, 6, generator=torch.Generator().manual_seed(0))
 
 def mlp(seed: int) -> torch.nn.Sequential:
     torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 16), torch.nn.Tanh(),
-                               torch.nn.Linear(16, 1))
+    return torch.nn.Sequential(
+        torch.nn.Linear(6, 16),
+        torch.nn.Tanh(),
+        torch.nn.Linear(16, 16),
+        torch.nn.Tanh(),
+        torch.nn.Linear(16, 1),
+    )
 
 
 def finetune(base: torch.nn.Module, seed: int, scale: float = 0.02) -> dict[str, torch.Tensor]:
@@ -56,22 +61,33 @@ def permuted(net: torch.nn.Sequential, seed: int) -> dict[str, torch.Tensor]:
 
 
 def test_same_init_soups_independent_inits_do_not() -> None:
-    same = soupkit.diagnose([finetune(TEACHER, 1), finetune(TEACHER, 2), finetune(TEACHER, 3)], TEACHER,
-                            evaluator=score, progress=False)
+    same = soupkit.diagnose(
+        [finetune(TEACHER, 1), finetune(TEACHER, 2), finetune(TEACHER, 3)],
+        TEACHER,
+        evaluator=score,
+        progress=False,
+    )
     assert same.safe and same.verdict == "share an initialisation, low barrier: safe to soup"
     # two equally good solutions in different basins: the teacher and a permutation of it
     pair = [TEACHER.state_dict(), permuted(TEACHER, 1)]
     assert score(pair[1]) == pytest.approx(0.0, abs=1e-10)
     independent = soupkit.diagnose(pair, evaluator=score, progress=False)
-    assert not independent.safe and independent.verdict.startswith("different bases: averaging will fail")
+    assert not independent.safe and independent.verdict.startswith(
+        "different bases: averaging will fail"
+    )
     assert any("independent initialisations give cosine near 0" in e for e in independent.evidence)
     # same initialisation: raw weights nearly parallel; independent: nearly orthogonal
-    assert min(min(r) for r in same.weight_cosine) > 0.95 and abs(independent.weight_cosine[0][1]) < 0.3
+    assert (
+        min(min(r) for r in same.weight_cosine) > 0.95
+        and abs(independent.weight_cosine[0][1]) < 0.3
+    )
     # the path between two fine-tunes of one init stays above the line: no barrier
     it = same.interpolations[0]
     assert len(it.alphas) == 11 and it.barrier < 1e-3 * abs(it.scores[0]) + 1e-9
     bad = independent.interpolations[0]
-    assert bad.barrier > 1e-3 and 0 < bad.barrier_alpha < 1  # in between: a different, worse function
+    assert (
+        bad.barrier > 1e-3 and 0 < bad.barrier_alpha < 1
+    )  # in between: a different, worse function
     assert "high barrier" in independent.verdict
 
 
@@ -86,18 +102,24 @@ def test_cosine_matrices_distances_and_sign_conflicts_by_hand() -> None:
         t = torch.tensor(m)
         assert torch.allclose(t, t.T) and torch.allclose(t.diagonal()[:2], torch.ones(2))
     # task vectors: a = (1,1,1,1, 0,0,0,0), b = (1,-1,0,2, 2,2,2,2), c = 0
-    ta, tb = torch.tensor([1., 1, 1, 1, 0, 0, 0, 0]), torch.tensor([1., -1, 0, 2, 2, 2, 2, 2])
+    ta, tb = torch.tensor([1.0, 1, 1, 1, 0, 0, 0, 0]), torch.tensor([1.0, -1, 0, 2, 2, 2, 2, 2])
     assert rep.cosine[0][1] == pytest.approx(float(ta @ tb / ta.norm() / tb.norm()))  # type: ignore[index]
     assert rep.cosine[2][2] == 1.0 and rep.cosine[0][2] == 0.0  # type: ignore[index]  # a zero task vector
     assert rep.task_vector_norms["model 1"] == pytest.approx(float(tb.norm()))
     assert rep.distance_from_base["model 0"] == pytest.approx(2 / 2)  # ||tau_a|| = 2, ||base|| = 2
     # sign conflicts: entries where >= 2 task vectors are non-zero: w[0], w[1], w[3]; w[1] disagrees
-    assert rep.sign_conflicts == {"w": pytest.approx(1 / 3)} and rep.sign_conflict_rate == pytest.approx(1 / 3)
+    assert rep.sign_conflicts == {
+        "w": pytest.approx(1 / 3)
+    } and rep.sign_conflict_rate == pytest.approx(1 / 3)
     wa, wb = torch.cat([a["v"].flatten(), a["w"]]), torch.cat([b["v"].flatten(), b["w"]])
-    assert rep.weight_distance[0][1] == pytest.approx(float((wa - wb).norm() / ((wa.norm() + wb.norm()) / 2)))
+    assert rep.weight_distance[0][1] == pytest.approx(
+        float((wa - wb).norm() / ((wa.norm() + wb.norm()) / 2))
+    )
 
 
-def test_streaming_in_small_chunks_gives_the_same_numbers(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_streaming_in_small_chunks_gives_the_same_numbers(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     base = mlp(0)
     paths = [write(tmp_path / f"m{i}", finetune(base, i)) for i in (1, 2)]
     b = write(tmp_path / "base", base.state_dict())
@@ -114,7 +136,9 @@ def test_architecture_and_vocabulary_mismatches(tmp_path: Path) -> None:
     rep = soupkit.diagnose([a, wrapped], progress=False)
     assert rep.verdict == "different architectures: these models cannot be souped" and not rep.safe
     assert any("try --strip-prefix module." in e for e in rep.evidence)
-    fixed = soupkit.diagnose([a, wrapped], key_map=soupkit.KeyMap.build(strip_prefix="module."), progress=False)
+    fixed = soupkit.diagnose(
+        [a, wrapped], key_map=soupkit.KeyMap.build(strip_prefix="module."), progress=False
+    )
     assert fixed.same_architecture
     emb = {"embed_tokens.weight": torch.randn(10, 4), "proj.weight": torch.randn(4, 4)}
     bigger = {"embed_tokens.weight": torch.randn(12, 4), "proj.weight": torch.randn(4, 4)}
@@ -130,12 +154,31 @@ def test_cli_writes_json_and_plots(tmp_path: Path, capsys: pytest.CaptureFixture
     (tmp_path / "evals.py").write_text(
         "import torch\n"
         "def neg_norm(state):\n"
-        "    return -float(sum(v.float().pow(2).sum() for v in state.values()))\n")
-    code = main(["diagnose", *paths, "--base", b, "--evaluator", f"{tmp_path / 'evals.py'}:neg_norm",
-                 "--points", "5", "--out", str(tmp_path / "d"), "--json", "--no-progress"])
+        "    return -float(sum(v.float().pow(2).sum() for v in state.values()))\n"
+    )
+    code = main(
+        [
+            "diagnose",
+            *paths,
+            "--base",
+            b,
+            "--evaluator",
+            f"{tmp_path / 'evals.py'}:neg_norm",
+            "--points",
+            "5",
+            "--out",
+            str(tmp_path / "d"),
+            "--json",
+            "--no-progress",
+        ]
+    )
     assert code == 0
     data = json.loads(capsys.readouterr().out)
-    assert data["safe"] is True and data["models"] == paths and len(data["interpolations"][0]["scores"]) == 5
+    assert (
+        data["safe"] is True
+        and data["models"] == paths
+        and len(data["interpolations"][0]["scores"]) == 5
+    )
     for name in ("cosine", "interpolation", "sign_conflicts"):
         png = tmp_path / "d" / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and data["plots"][name] == str(png)

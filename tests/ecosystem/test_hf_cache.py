@@ -21,7 +21,12 @@ from soupkit.io.links import resolve_model_file, snapshot_blobs
 from .eco_helpers import llama_config, llama_state
 
 REV = "0123456789abcdef0123456789abcdef01234567"
-CARRIED = ["config.json", "generation_config.json", "tokenizer_config.json", "special_tokens_map.json"]
+CARRIED = [
+    "config.json",
+    "generation_config.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+]
 
 
 def to_cache_snapshot(src: Path, cache: Path, repo: str, rev: str = REV) -> Path:
@@ -53,16 +58,21 @@ def hf_model(tmp_path: Path, name: str, seed: int, *, shard: str | None = None) 
 
 @pytest.mark.parametrize("shard", [None, "20KB"], ids=["single-file", "sharded"])
 def test_snapshot_folders_merge_and_carry_what_plan_lists(
-        tmp_path: Path, shard: str | None, capsys: pytest.CaptureFixture[str]) -> None:
+    tmp_path: Path, shard: str | None, capsys: pytest.CaptureFixture[str]
+) -> None:
     cache = tmp_path / "hub"
-    snaps = [to_cache_snapshot(hf_model(tmp_path, n, i, shard=shard), cache, f"org/{n}")
-             for i, n in enumerate(["a", "b"])]
+    snaps = [
+        to_cache_snapshot(hf_model(tmp_path, n, i, shard=shard), cache, f"org/{n}")
+        for i, n in enumerate(["a", "b"])
+    ]
     assert all((s / "config.json").is_symlink() for s in snaps)
     if shard:
         assert (snaps[0] / "model.safetensors.index.json").is_symlink()
         assert len(soupkit.open_checkpoint(snaps[0]).files) > 1
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("merge_method: linear\nmodels:\n" + "".join(f"  - model: {s}\n" for s in snaps))
+    recipe.write_text(
+        "merge_method: linear\nmodels:\n" + "".join(f"  - model: {s}\n" for s in snaps)
+    )
     assert main(["plan", str(recipe)]) == 0
     listed = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("carries"))
     assert listed == f"carries     {', '.join(CARRIED)} from {snaps[0]}"
@@ -91,7 +101,10 @@ def test_the_link_rule(tmp_path: Path) -> None:
     # into another repository's blobs, or out of the cache: refused with the reason
     blob_b = os.readlink(other / "config.json")
     os.symlink(Path("../../../models--org--b/snapshots") / REV / blob_b, snap / "x.json")
-    with pytest.raises(CheckpointFormatError, match=r"x.json: file is a symbolic link that leads outside the model folder \(to .*models--org--b/blobs"):
+    with pytest.raises(
+        CheckpointFormatError,
+        match=r"x.json: file is a symbolic link that leads outside the model folder \(to .*models--org--b/blobs",
+    ):
         resolve_model_file(snap, "x.json")
     plain = tmp_path / "plain"
     plain.mkdir()
@@ -99,15 +112,21 @@ def test_the_link_rule(tmp_path: Path) -> None:
     os.symlink(tmp_path / "secret", plain / "config.json")
     with pytest.raises(CheckpointFormatError) as e:
         resolve_model_file(plain, "config.json")
-    assert f"leads outside the model folder (to {(tmp_path / 'secret').resolve()})\n" in str(e.value)
-    assert "hint: a link is followed only if its target stays inside the model folder" in str(e.value)
+    assert f"leads outside the model folder (to {(tmp_path / 'secret').resolve()})\n" in str(
+        e.value
+    )
+    assert "hint: a link is followed only if its target stays inside the model folder" in str(
+        e.value
+    )
 
 
 def test_shard_linked_to_another_cache_repo_is_refused(tmp_path: Path) -> None:
     cache = tmp_path / "hub"
     snap = to_cache_snapshot(hf_model(tmp_path, "a", 0, shard="20KB"), cache, "org/a")
     to_cache_snapshot(hf_model(tmp_path, "b", 1, shard="20KB"), cache, "org/b")
-    shard = json.loads((snap / "model.safetensors.index.json").read_text())["weight_map"]["lm_head.weight"]
+    shard = json.loads((snap / "model.safetensors.index.json").read_text())["weight_map"][
+        "lm_head.weight"
+    ]
     (snap / shard).unlink()
     blob = sorted((cache / "models--org--b" / "blobs").iterdir())[0].name
     os.symlink(f"../../../models--org--b/blobs/{blob}", snap / shard)
@@ -125,14 +144,19 @@ def test_carried_file_that_leaves_or_dangles_is_an_error_not_a_drop(tmp_path: Pa
     (tmp_path / "secret.json").write_text("{}")
     (snap / "tokenizer_config.json").unlink()
     os.symlink(tmp_path / "secret.json", snap / "tokenizer_config.json")
-    with pytest.raises(CheckpointFormatError, match=r"tokenizer_config.json: carried file is a symbolic link that leads outside the model folder \(to .*secret.json"):
+    with pytest.raises(
+        CheckpointFormatError,
+        match=r"tokenizer_config.json: carried file is a symbolic link that leads outside the model folder \(to .*secret.json",
+    ):
         soupkit.plan(recipe)
     (snap / "tokenizer_config.json").unlink()
     os.symlink("../../blobs/" + "0" * 64, snap / "tokenizer_config.json")  # blob never downloaded
     with pytest.raises(CheckpointFormatError) as e:
         soupkit.plan(recipe)
     assert "tokenizer_config.json: is a symbolic link to '../../blobs/000" in str(e.value)
-    assert "which does not exist\nhint: the folder is incomplete (an interrupted download?)" in str(e.value)
+    assert "which does not exist\nhint: the folder is incomplete (an interrupted download?)" in str(
+        e.value
+    )
 
 
 def test_plain_folder_carries_what_plan_lists(tmp_path: Path) -> None:
@@ -145,7 +169,9 @@ def test_plain_folder_carries_what_plan_lists(tmp_path: Path) -> None:
 
 def test_escaping_shard_in_a_recipe_is_a_plan_error(tmp_path: Path) -> None:
     folder = hf_model(tmp_path, "a", 0, shard="20KB")
-    shard = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]["lm_head.weight"]
+    shard = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"][
+        "lm_head.weight"
+    ]
     (folder / shard).rename(tmp_path / "away.safetensors")
     os.symlink(tmp_path / "away.safetensors", folder / shard)
     with pytest.raises(PlanError, match="weight_map points outside the model folder"):

@@ -33,9 +33,11 @@ def llama(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("lora")
     model = tiny_llama()
     model.save_pretrained(root / "base")
-    specs = [dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
-             dict(r=2, lora_alpha=3, target_modules=["q_proj", "o_proj", "down_proj"], use_rslora=True),
-             dict(r=4, lora_alpha=4, target_modules=["v_proj", "embed_tokens"])]
+    specs = [
+        dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+        dict(r=2, lora_alpha=3, target_modules=["q_proj", "o_proj", "down_proj"], use_rslora=True),
+        dict(r=4, lora_alpha=4, target_modules=["v_proj", "embed_tokens"]),
+    ]
     for i, spec in enumerate(specs):
         pm = make_adapter(model, root / f"ad{i}", 10 + i, **spec)
         model = pm.unload()  # the untouched base again, for the next adapter
@@ -53,9 +55,17 @@ def test_fold_equals_peft_merge_and_unload(tmp_path: Path) -> None:
     """rank_pattern, alpha_pattern, an adapted embedding and a modules_to_save head: bit-identical."""
     model = tiny_llama()
     model.save_pretrained(tmp_path / "base")
-    pm = make_adapter(model, tmp_path / "ad", 3, r=4, lora_alpha=8, rank_pattern={"v_proj": 2},
-                      alpha_pattern={"down_proj": 3}, modules_to_save=["lm_head"],
-                      target_modules=["q_proj", "v_proj", "down_proj", "embed_tokens"])
+    pm = make_adapter(
+        model,
+        tmp_path / "ad",
+        3,
+        r=4,
+        lora_alpha=8,
+        rank_pattern={"v_proj": 2},
+        alpha_pattern={"down_proj": 3},
+        modules_to_save=["lm_head"],
+        target_modules=["q_proj", "v_proj", "down_proj", "embed_tokens"],
+    )
     with torch.no_grad():
         pm.base_model.model.lm_head.modules_to_save["default"].weight.add_(0.5)
     pm.save_pretrained(tmp_path / "ad")
@@ -77,10 +87,20 @@ def test_fold_gpt2_fan_in_fan_out_rslora_in_bfloat16(tmp_path: Path) -> None:
         warnings.simplefilter("ignore")
         gm = transformers.GPT2LMHeadModel(cfg).to(torch.bfloat16).eval()
     gm.save_pretrained(tmp_path / "base")
-    pm = make_adapter(gm, tmp_path / "ad", 4, r=2, lora_alpha=4, target_modules=["c_attn", "c_fc"],
-                      fan_in_fan_out=True, use_rslora=True)
+    pm = make_adapter(
+        gm,
+        tmp_path / "ad",
+        4,
+        r=2,
+        lora_alpha=4,
+        target_modules=["c_attn", "c_fc"],
+        fan_in_fan_out=True,
+        use_rslora=True,
+    )
     ref = pm.merge_and_unload().state_dict()
-    soupkit.fold_lora(tmp_path / "ad", tmp_path / "base", tmp_path / "peft", rounding="peft", progress=False)
+    soupkit.fold_lora(
+        tmp_path / "ad", tmp_path / "base", tmp_path / "peft", rounding="peft", progress=False
+    )
     assert _equal_states(load_file(str(tmp_path / "peft" / "model.safetensors")), ref) == []
     soupkit.fold_lora(tmp_path / "ad", tmp_path / "base", tmp_path / "fp32", progress=False)
     fp32 = load_file(str(tmp_path / "fp32" / "model.safetensors"))
@@ -95,7 +115,11 @@ def test_fold_convolutions(tmp_path: Path) -> None:
     class Net(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.c1, self.c2, self.fc = torch.nn.Conv2d(3, 8, 3), torch.nn.Conv2d(8, 4, 1), torch.nn.Linear(4, 2)
+            self.c1, self.c2, self.fc = (
+                torch.nn.Conv2d(3, 8, 3),
+                torch.nn.Conv2d(8, 4, 1),
+                torch.nn.Linear(4, 2),
+            )
 
     torch.manual_seed(2)
     net = Net()
@@ -107,9 +131,13 @@ def test_fold_convolutions(tmp_path: Path) -> None:
     assert _equal_states(load_file(str(tmp_path / "out" / "model.safetensors")), ref) == []
 
 
-def test_folded_folder_is_a_transformers_model_with_card_and_report(llama: dict[str, Path], tmp_path: Path) -> None:
+def test_folded_folder_is_a_transformers_model_with_card_and_report(
+    llama: dict[str, Path], tmp_path: Path
+) -> None:
     out = tmp_path / "folded"
-    code = main(["lora", "fold", str(llama["ad0"]), "--base", str(llama["base"]), str(out), "--no-progress"])
+    code = main(
+        ["lora", "fold", str(llama["ad0"]), "--base", str(llama["base"]), str(out), "--no-progress"]
+    )
     assert code == 0
     merged = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     ref = _peft_fold(llama["base"], llama["ad0"])
@@ -135,8 +163,14 @@ def _delta(adapter: Path, module: str) -> torch.Tensor:
 
 def test_merge_is_exact_in_weight_space(llama: dict[str, Path], tmp_path: Path) -> None:
     ads = [llama["ad0"], llama["ad1"]]
-    r = soupkit.merge_loras(ads, llama["base"], tmp_path / "ta", method="task_arithmetic",
-                            model_parameters=[{"weight": 0.7}, {"weight": 0.3}], progress=False)
+    r = soupkit.merge_loras(
+        ads,
+        llama["base"],
+        tmp_path / "ta",
+        method="task_arithmetic",
+        model_parameters=[{"weight": 0.7}, {"weight": 0.3}],
+        progress=False,
+    )
     got = load_file(str(tmp_path / "ta" / "model.safetensors"))
     base = load_file(str(llama["base"] / "model.safetensors"))
     for name in got:
@@ -148,7 +182,9 @@ def test_merge_is_exact_in_weight_space(llama: dict[str, Path], tmp_path: Path) 
     mod = "model.layers.0.self_attn.q_proj"
     sds = [load_file(str(a / "adapter_model.safetensors")) for a in ads]
     key = f"base_model.model.{mod}"
-    bmix = 0.7 * sds[0][key + ".lora_B.weight"] + 0.3 * sds[1][key + ".lora_B.weight"][:, :2].repeat(1, 2)
+    bmix = 0.7 * sds[0][key + ".lora_B.weight"] + 0.3 * sds[1][key + ".lora_B.weight"][
+        :, :2
+    ].repeat(1, 2)
     amix = 0.7 * sds[0][key + ".lora_A.weight"] + 0.3 * sds[1][key + ".lora_A.weight"].repeat(2, 1)
     assert (got[mod + ".weight"] - (base[mod + ".weight"] + bmix @ amix * 2)).abs().max() > 1e-3
 
@@ -160,48 +196,95 @@ def test_merge_to_adapter_reports_the_svd_error(llama: dict[str, Path], tmp_path
     merged = load_file(str(full / "model.safetensors"))
     base = load_file(str(llama["base"] / "model.safetensors"))
     # rank 6 >= 4 + 2: the merged deltas are represented exactly
-    exact = soupkit.merge_loras(ads, llama["base"], tmp_path / "r6", method="delta_linear", rank=6, progress=False)
+    exact = soupkit.merge_loras(
+        ads, llama["base"], tmp_path / "r6", method="delta_linear", rank=6, progress=False
+    )
     assert exact.kind == "adapter" and exact.max_svd_error < 1e-5
     # rank 1: the reported error is the tail of the singular values
-    r1 = soupkit.merge_loras(ads, llama["base"], tmp_path / "r1", method="delta_linear", rank=1, progress=False)
+    r1 = soupkit.merge_loras(
+        ads, llama["base"], tmp_path / "r1", method="delta_linear", rank=1, progress=False
+    )
     for mod, err in r1.svd_errors.items():
         d = (merged[mod + ".weight"] - base[mod + ".weight"]).double()
         s = torch.linalg.svdvals(d)
         assert err == pytest.approx(float(s[1:].norm() / s.norm()), rel=1e-4, abs=1e-6), mod
     assert r1.report["lora"]["svd"]["relative_frobenius_error"].keys() == r1.svd_errors.keys()
     cfg = json.loads((tmp_path / "r1" / "adapter_config.json").read_text())
-    assert cfg["r"] == 1 and cfg["lora_alpha"] == 1 and sorted(cfg["target_modules"]) == ["down_proj", "o_proj", "q_proj", "v_proj"]
+    assert (
+        cfg["r"] == 1
+        and cfg["lora_alpha"] == 1
+        and sorted(cfg["target_modules"]) == ["down_proj", "o_proj", "q_proj", "v_proj"]
+    )
     # PEFT loads the written adapter, and folding it gives W + B'A'
     ref = _peft_fold(llama["base"], tmp_path / "r6")
     for name, w in merged.items():
         torch.testing.assert_close(ref[name], w, rtol=0, atol=2e-6)
 
 
-def test_merge_ties_to_adapter_matches_peft_add_weighted_adapter(llama: dict[str, Path], tmp_path: Path) -> None:
+def test_merge_ties_to_adapter_matches_peft_add_weighted_adapter(
+    llama: dict[str, Path], tmp_path: Path
+) -> None:
     ads = [llama["ad0"], llama["ad2"]]  # both adapt v_proj
-    soupkit.merge_loras(ads, llama["base"], tmp_path / "out", method="ties", parameters={"density": 0.5},
-                        model_parameters=[{"weight": 1.0}, {"weight": 0.5}], rank=4, progress=False)
+    soupkit.merge_loras(
+        ads,
+        llama["base"],
+        tmp_path / "out",
+        method="ties",
+        parameters={"density": 0.5},
+        model_parameters=[{"weight": 1.0}, {"weight": 0.5}],
+        rank=4,
+        progress=False,
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        pm = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(llama["base"]),
-                                            ads[0], adapter_name="a")
+        pm = peft.PeftModel.from_pretrained(
+            transformers.AutoModelForCausalLM.from_pretrained(llama["base"]),
+            ads[0],
+            adapter_name="a",
+        )
         pm.load_adapter(ads[1], adapter_name="b")
-        pm.add_weighted_adapter(["a", "b"], [1.0, 0.5], "m", combination_type="ties_svd", svd_rank=4, density=0.5)
+        pm.add_weighted_adapter(
+            ["a", "b"], [1.0, 0.5], "m", combination_type="ties_svd", svd_rank=4, density=0.5
+        )
     mine = load_file(str(tmp_path / "out" / "adapter_model.safetensors"))
     key = "base_model.model.model.layers.1.self_attn.v_proj"
     layer = pm.base_model.model.model.layers[1].self_attn.v_proj
     theirs = layer.lora_B["m"].weight @ layer.lora_A["m"].weight
-    torch.testing.assert_close(mine[key + ".lora_B.weight"] @ mine[key + ".lora_A.weight"], theirs.detach(),
-                               rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        mine[key + ".lora_B.weight"] @ mine[key + ".lora_A.weight"],
+        theirs.detach(),
+        rtol=1e-4,
+        atol=1e-5,
+    )
 
 
-def test_cli_merge_prints_the_error_summary(llama: dict[str, Path], tmp_path: Path,
-                                            capsys: pytest.CaptureFixture[str]) -> None:
-    code = main(["lora", "merge", str(llama["ad0"]), str(llama["ad1"]), "--base", str(llama["base"]),
-                 "--method", "ties", "--param", "density=0.5", "--weights", "1,0.5", "--rank", "2",
-                 str(tmp_path / "m"), "--no-progress"])
+def test_cli_merge_prints_the_error_summary(
+    llama: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(
+        [
+            "lora",
+            "merge",
+            str(llama["ad0"]),
+            str(llama["ad1"]),
+            "--base",
+            str(llama["base"]),
+            "--method",
+            "ties",
+            "--param",
+            "density=0.5",
+            "--weights",
+            "1,0.5",
+            "--rank",
+            "2",
+            str(tmp_path / "m"),
+            "--no-progress",
+        ]
+    )
     out = capsys.readouterr().out
-    assert code == 0 and "into a rank-2 adapter" in out and "relative Frobenius error: overall" in out
+    assert (
+        code == 0 and "into a rank-2 adapter" in out and "relative Frobenius error: overall" in out
+    )
     assert "using convention 'peft'" in out
     assert (tmp_path / "m" / "adapter_model.safetensors").is_file()
 
@@ -214,31 +297,60 @@ def test_refusals(llama: dict[str, Path], tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="DoRA"):
         read_adapter(dora)
     (dora / "adapter_config.json").write_text(json.dumps({**cfg, "peft_type": "IA3"}))
-    with pytest.raises(UsageError, match="a IA3 adapter; soupkit folds and merges LoRA adapters only"):
+    with pytest.raises(
+        UsageError, match="a IA3 adapter; soupkit folds and merges LoRA adapters only"
+    ):
         read_adapter(dora)
     with pytest.raises(CheckpointFormatError, match="no adapter_config.json"):
         read_adapter(llama["base"])
     other = tmp_path / "other"
-    cfg2 = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                    num_attention_heads=2, num_key_value_heads=2)
+    cfg2 = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+    )
     transformers.LlamaForCausalLM(cfg2).save_pretrained(other)
-    with pytest.raises(PlanError, match="adapted module 'model.layers.1.self_attn.q_proj' has no weight"):
+    with pytest.raises(
+        PlanError, match="adapted module 'model.layers.1.self_attn.q_proj' has no weight"
+    ):
         soupkit.fold_lora(llama["ad0"], other, tmp_path / "x", progress=False)
     with pytest.raises(UsageError, match="trim_scope: global"):
-        soupkit.merge_loras([llama["ad0"], llama["ad1"]], llama["base"], tmp_path / "y", method="ties",
-                            parameters={"convention": "paper", "density": 0.5}, progress=False)
+        soupkit.merge_loras(
+            [llama["ad0"], llama["ad1"]],
+            llama["base"],
+            tmp_path / "y",
+            method="ties",
+            parameters={"convention": "paper", "density": 0.5},
+            progress=False,
+        )
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
 @pytest.mark.parametrize("method", ["karcher", "nuslerp"])
-def test_merge_loras_treats_the_base_as_a_recipe_does(llama: dict[str, Path], tmp_path: Path, method: str) -> None:
+def test_merge_loras_treats_the_base_as_a_recipe_does(
+    llama: dict[str, Path], tmp_path: Path, method: str
+) -> None:
     # karcher averages the base as one more input, nuslerp interpolates task vectors around it:
     # merging the adapters equals the recipe over the folded models with `base_model:` the base
     ads = [llama["ad0"], llama["ad2"]]
     soupkit.merge_loras(ads, llama["base"], tmp_path / "lora", method=method, progress=False)
-    folded = [soupkit.fold_lora(a, llama["base"], tmp_path / f"f{i}", progress=False).out for i, a in enumerate(ads)]
-    soupkit.merge({"merge_method": method, "base_model": str(llama["base"]), "dtype": "float32",
-                   "models": [{"model": str(f)} for f in folded]}, tmp_path / "recipe", progress=False)
+    folded = [
+        soupkit.fold_lora(a, llama["base"], tmp_path / f"f{i}", progress=False).out
+        for i, a in enumerate(ads)
+    ]
+    soupkit.merge(
+        {
+            "merge_method": method,
+            "base_model": str(llama["base"]),
+            "dtype": "float32",
+            "models": [{"model": str(f)} for f in folded],
+        },
+        tmp_path / "recipe",
+        progress=False,
+    )
     got = load_file(str(tmp_path / "lora" / "model.safetensors"))
     want = load_file(str(tmp_path / "recipe" / "model.safetensors"))
     base = load_file(str(llama["base"] / "model.safetensors"))

@@ -37,7 +37,9 @@ def _rel(got: torch.Tensor, ref: torch.Tensor) -> float:
     return float((got.double() - ref.double()).norm() / ref.double().norm())
 
 
-def test_full_rank_round_trip_gives_the_fine_tune_back(pair: dict[str, Path], tmp_path: Path) -> None:
+def test_full_rank_round_trip_gives_the_fine_tune_back(
+    pair: dict[str, Path], tmp_path: Path
+) -> None:
     r = soupkit.extract_lora(pair["ft"], pair["base"], tmp_path / "ad", rank=32, progress=False)
     assert r.kind == "adapter" and r.max_svd_error < 1e-6
     cfg = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
@@ -66,9 +68,12 @@ def test_peft_loads_the_extracted_adapter(pair: dict[str, Path], tmp_path: Path)
     soupkit.extract_lora(pair["ft"], pair["base"], tmp_path / "ad", rank=4, progress=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        pm = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(pair["base"]),
-                                            tmp_path / "ad")
-        loaded = pm.load_adapter(tmp_path / "ad", adapter_name="check")  # every key used, none missing
+        pm = peft.PeftModel.from_pretrained(
+            transformers.AutoModelForCausalLM.from_pretrained(pair["base"]), tmp_path / "ad"
+        )
+        loaded = pm.load_adapter(
+            tmp_path / "ad", adapter_name="check"
+        )  # every key used, none missing
     assert loaded.unexpected_keys == [] and [k for k in loaded.missing_keys if ".check." in k] == []
     pm.set_adapter("default")
     pm.delete_adapter("check")
@@ -81,15 +86,34 @@ def test_peft_loads_the_extracted_adapter(pair: dict[str, Path], tmp_path: Path)
         torch.testing.assert_close(w, ref[name], rtol=0, atol=1e-6)
 
 
-def test_low_rank_error_is_the_tail_of_the_singular_values(pair: dict[str, Path], tmp_path: Path,
-                                                           capsys: pytest.CaptureFixture[str]) -> None:
-    code = main(["lora", "extract", str(pair["ft"]), "--base", str(pair["base"]), "--rank", "3",
-                 str(tmp_path / "ad"), "--no-progress"])
+def test_low_rank_error_is_the_tail_of_the_singular_values(
+    pair: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(
+        [
+            "lora",
+            "extract",
+            str(pair["ft"]),
+            "--base",
+            str(pair["base"]),
+            "--rank",
+            "3",
+            str(tmp_path / "ad"),
+            "--no-progress",
+        ]
+    )
     out = capsys.readouterr().out
-    assert code == 0 and "extracted a rank-3 LoRA" in out and "relative Frobenius error: overall" in out
+    assert (
+        code == 0
+        and "extracted a rank-3 LoRA" in out
+        and "relative Frobenius error: overall" in out
+    )
     report = json.loads((tmp_path / "ad" / "soupkit-report.json").read_text())
     errs = report["lora"]["svd"]["relative_frobenius_error"]
-    ft, base = load_file(str(pair["ft"] / "model.safetensors")), load_file(str(pair["base"] / "model.safetensors"))
+    ft, base = (
+        load_file(str(pair["ft"] / "model.safetensors")),
+        load_file(str(pair["base"] / "model.safetensors")),
+    )
     for mod, err in errs.items():
         s = torch.linalg.svdvals((ft[mod + ".weight"] - base[mod + ".weight"]).double())
         assert err == pytest.approx(float(s[3:].norm() / s.norm()), rel=1e-4), mod
@@ -103,7 +127,10 @@ def test_identical_models_give_a_zero_adapter(pair: dict[str, Path], tmp_path: P
     assert r.max_svd_error == 0.0 and r.report["lora"]["stored_whole"] == []
     soupkit.fold_lora(tmp_path / "ad", pair["base"], tmp_path / "folded", progress=False)
     base = load_file(str(pair["base"] / "model.safetensors"))
-    assert all(torch.equal(t, base[n]) for n, t in load_file(str(tmp_path / "folded" / "model.safetensors")).items())
+    assert all(
+        torch.equal(t, base[n])
+        for n, t in load_file(str(tmp_path / "folded" / "model.safetensors")).items()
+    )
 
 
 def test_only_changed_tensors_are_stored_whole(pair: dict[str, Path], tmp_path: Path) -> None:
@@ -122,20 +149,39 @@ def test_only_changed_tensors_are_stored_whole(pair: dict[str, Path], tmp_path: 
 def test_refusals(pair: dict[str, Path], tmp_path: Path) -> None:
     other = tmp_path / "other"
     write_llama(other, llama_state(0, layers=1))
-    with pytest.raises(PlanError, match=r"model\.layers\.1\.mlp\.up_proj\.weight' is in .* but not in"):
+    with pytest.raises(
+        PlanError, match=r"model\.layers\.1\.mlp\.up_proj\.weight' is in .* but not in"
+    ):
         soupkit.extract_lora(pair["ft"], other, tmp_path / "x", rank=2, progress=False)
-    assert main(["lora", "extract", str(pair["ft"]), "--base", str(pair["base"]), "--rank", "0",
-                 str(tmp_path / "x")]) == 2
+    assert (
+        main(
+            [
+                "lora",
+                "extract",
+                str(pair["ft"]),
+                "--base",
+                str(pair["base"]),
+                "--rank",
+                "0",
+                str(tmp_path / "x"),
+            ]
+        )
+        == 2
+    )
     ft = load_file(str(pair["ft"] / "model.safetensors"))
     ft["model.layers.0.self_attn.k_proj.weight"][1, 2] = float("nan")
     (tmp_path / "nan").mkdir()
     save_file(ft, str(tmp_path / "nan" / "model.safetensors"))
-    with pytest.raises(NonFiniteError, match=r"k_proj\.lora_A\.weight'.*NaN in the output, from the inputs:\n"
-                                             r"  - fine-tune .*/nan holds 1 NaN and 0 Inf"):
+    with pytest.raises(
+        NonFiniteError,
+        match=r"k_proj\.lora_A\.weight'.*NaN in the output, from the inputs:\n"
+        r"  - fine-tune .*/nan holds 1 NaN and 0 Inf",
+    ):
         soupkit.extract_lora(tmp_path / "nan", pair["base"], tmp_path / "x", rank=2, progress=False)
     assert not (tmp_path / "x").exists()
-    r = soupkit.extract_lora(tmp_path / "nan", pair["base"], tmp_path / "x", rank=2, progress=False,
-                             allow_nonfinite=True)
+    r = soupkit.extract_lora(
+        tmp_path / "nan", pair["base"], tmp_path / "x", rank=2, progress=False, allow_nonfinite=True
+    )
     k = "base_model.model.model.layers.0.self_attn.k_proj"
     assert r.report["nonfinite_tensors"] == [k + ".lora_A.weight", k + ".lora_B.weight"]
     assert "model.layers.0.self_attn.k_proj" not in r.svd_errors
@@ -145,12 +191,28 @@ MERGEKIT_EXTRACT = MERGEKIT_PY.parent / "mergekit-extract-lora"
 
 
 @pytest.mark.skipif(not MERGEKIT_EXTRACT.is_file(), reason="the mergekit reference venv is absent")
-def test_at_least_as_close_to_the_fine_tune_as_mergekit_extract_lora(pair: dict[str, Path], tmp_path: Path) -> None:
+def test_at_least_as_close_to_the_fine_tune_as_mergekit_extract_lora(
+    pair: dict[str, Path], tmp_path: Path
+) -> None:
     """Same inputs, same rank: the folded weights of both adapters compared with the fine-tune."""
     rank = 4
-    proc = subprocess.run([str(MERGEKIT_EXTRACT), "--model", str(pair["ft"]), "--base-model", str(pair["base"]),
-                           "--out-path", str(tmp_path / "mk"), "--max-rank", str(rank), "--quiet"],
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            str(MERGEKIT_EXTRACT),
+            "--model",
+            str(pair["ft"]),
+            "--base-model",
+            str(pair["base"]),
+            "--out-path",
+            str(tmp_path / "mk"),
+            "--max-rank",
+            str(rank),
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     soupkit.extract_lora(pair["ft"], pair["base"], tmp_path / "ours", rank=rank, progress=False)
     ft = load_file(str(pair["ft"] / "model.safetensors"))
@@ -159,14 +221,25 @@ def test_at_least_as_close_to_the_fine_tune_as_mergekit_extract_lora(pair: dict[
     for name in ("mk", "ours"):
         soupkit.fold_lora(tmp_path / name, pair["base"], tmp_path / f"fold-{name}", progress=False)
         folded[name] = load_file(str(tmp_path / f"fold-{name}" / "model.safetensors"))
-    linear = [n for n, t in ft.items() if t.dim() == 2 and "embed" not in n and n != "lm_head.weight"]
+    linear = [
+        n for n, t in ft.items() if t.dim() == 2 and "embed" not in n and n != "lm_head.weight"
+    ]
     assert len(linear) == 7 * LAYERS
     for n in linear:
-        ours, theirs = _rel(folded["ours"][n] - base[n], ft[n] - base[n]), _rel(folded["mk"][n] - base[n],
-                                                                               ft[n] - base[n])
+        ours, theirs = (
+            _rel(folded["ours"][n] - base[n], ft[n] - base[n]),
+            _rel(folded["mk"][n] - base[n], ft[n] - base[n]),
+        )
         assert 0 < ours <= theirs * (1 + 1e-5) + 1e-7, (n, ours, theirs)
-    total = {k: sum(float((f[n] - ft[n]).double().norm() ** 2) for n in linear) ** 0.5 for k, f in folded.items()}
+    total = {
+        k: sum(float((f[n] - ft[n]).double().norm() ** 2) for n in linear) ** 0.5
+        for k, f in folded.items()
+    }
     assert total["ours"] <= total["mk"] * (1 + 1e-5)
     # the rest: soupkit stores every other changed tensor whole (exact) and factors lm_head like any
     # Linear; mergekit stores lm_head whole as an output embedding
-    assert all(torch.equal(folded["ours"][n], ft[n]) for n in ft if n not in linear and n != "lm_head.weight")
+    assert all(
+        torch.equal(folded["ours"][n], ft[n])
+        for n in ft
+        if n not in linear and n != "lm_head.weight"
+    )

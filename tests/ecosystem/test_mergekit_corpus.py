@@ -63,6 +63,7 @@ DEFAULT_BOUND = 0.03
 # recipe's dtype: in float32 other entries cross it (measured 0.094 of the tensor here)
 METHOD_BOUND = {"arcee_fusion": 0.12}
 
+
 @dataclass(frozen=True)
 class Recipe:
     name: str
@@ -82,7 +83,11 @@ def recipes() -> list[Recipe]:
     for p in sorted(RECIPES.glob("*.yml")):
         text = p.read_text()
         head = dict(re.findall(r"^# (\w+): (.*)$", text, flags=re.MULTILINE))
-        out.append(Recipe(p.stem, p, head["source"], int(head["layers"]), head["expect"], yaml.safe_load(text)))
+        out.append(
+            Recipe(
+                p.stem, p, head["source"], int(head["layers"]), head["expect"], yaml.safe_load(text)
+            )
+        )
     return out
 
 
@@ -95,8 +100,11 @@ def make_pools(root: Path, layer_counts: set[int]) -> dict[int, Path]:
         cfg = llama_config(n, torch_dtype="bfloat16")
         write_llama(pool / "base", base, config=cfg)
         for i in range(1, FT + 1):
-            write_llama(pool / f"ft{i}", llama_state(100 * n + i, layers=n, base=base, dtype=torch.bfloat16),
-                        config=cfg)
+            write_llama(
+                pool / f"ft{i}",
+                llama_state(100 * n + i, layers=n, base=base, dtype=torch.bfloat16),
+                config=cfg,
+            )
         for m in ("base", "ft1"):
             write_tokenizer(pool / m)
         pools[n] = pool
@@ -135,16 +143,24 @@ def run_corpus(root: Path) -> dict[str, dict[str, Any]]:
 
 
 def identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
-    return a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k].view(torch.uint8),
-                                                                                  b[k].view(torch.uint8)) for k in a)
+    return a.keys() == b.keys() and all(
+        a[k].dtype == b[k].dtype and torch.equal(a[k].view(torch.uint8), b[k].view(torch.uint8))
+        for k in a
+    )
 
 
-def change_ratio(sk: dict[str, torch.Tensor], mk: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> float:
+def change_ratio(
+    sk: dict[str, torch.Tensor], mk: dict[str, torch.Tensor], base: dict[str, torch.Tensor]
+) -> float:
     """max over tensors of ||sk - mk|| / ||mk - base|| (tensors the base does not have, or that
     the merge leaves equal to the base, against ||mk||)."""
     worst = 0.0
     for k, m in mk.items():
-        ref = (m.double() - base[k].double()) if k in base and base[k].shape == m.shape else m.double()
+        ref = (
+            (m.double() - base[k].double())
+            if k in base and base[k].shape == m.shape
+            else m.double()
+        )
         scale = float(ref.norm())
         if scale == 0:
             scale = float(m.double().norm()) or 1.0
@@ -154,13 +170,17 @@ def change_ratio(sk: dict[str, torch.Tensor], mk: dict[str, torch.Tensor], base:
 
 def tensor_ratio(sk: dict[str, torch.Tensor], mk: dict[str, torch.Tensor]) -> float:
     """max over tensors of ||sk - mk|| / ||mk||."""
-    return max(float((sk[k].double() - m.double()).norm()) / (float(m.double().norm()) or 1.0)
-               for k, m in mk.items())
+    return max(
+        float((sk[k].double() - m.double()).norm()) / (float(m.double().norm()) or 1.0)
+        for k, m in mk.items()
+    )
 
 
-def _distribution_close(sk: dict[str, torch.Tensor], mk: dict[str, torch.Tensor],
-                        base: dict[str, torch.Tensor]) -> tuple[bool, str]:
+def _distribution_close(
+    sk: dict[str, torch.Tensor], mk: dict[str, torch.Tensor], base: dict[str, torch.Tensor]
+) -> tuple[bool, str]:
     """The fraction of entries the merge changes and the L1 size of the change agree."""
+
     def stats(state: dict[str, torch.Tensor]) -> tuple[float, float]:
         changed = total = 0
         l1 = 0.0
@@ -170,6 +190,7 @@ def _distribution_close(sk: dict[str, torch.Tensor], mk: dict[str, torch.Tensor]
             total += d.numel()
             l1 += float(d.abs().sum())
         return changed / total, l1
+
     (fs, ls), (fm, lm) = stats(sk), stats(mk)
     ok = abs(fs - fm) < 0.03 and abs(ls / lm - 1) < 0.05
     return ok, f"changed {fs:.3f} vs {fm:.3f}, L1 of the change {ls / lm:.3f} x mergekit's"
@@ -195,7 +216,9 @@ def _params() -> list[Any]:
 
 
 @pytest.mark.parametrize("name", _params())
-def test_corpus_recipe_runs_unchanged_and_matches_mergekit(corpus: dict[str, dict[str, Any]], name: str) -> None:
+def test_corpus_recipe_runs_unchanged_and_matches_mergekit(
+    corpus: dict[str, dict[str, Any]], name: str
+) -> None:
     res = corpus[name]
     r: Recipe = res["recipe"]
     for mode in ("exact", "float32"):
@@ -210,7 +233,10 @@ def test_corpus_recipe_runs_unchanged_and_matches_mergekit(corpus: dict[str, dic
 
 
 def table(results: dict[str, dict[str, Any]]) -> str:
-    rows = ["| recipe | method | dtype | `compute: exact` | default (float32) vs mergekit |", "|---|---|---|---|---|"]
+    rows = [
+        "| recipe | method | dtype | `compute: exact` | default (float32) vs mergekit |",
+        "|---|---|---|---|---|",
+    ]
     for name, res in results.items():
         r: Recipe = res["recipe"]
         cells = []
@@ -219,13 +245,19 @@ def table(results: dict[str, dict[str, Any]]) -> str:
             if isinstance(got, Exception):
                 cells.append("refused: " + str(got).splitlines()[-1].strip()[:80])
             elif r.expect == "distribution":
-                cells.append("same distribution: " + _distribution_close(got, res["mk"], res["base"])[1])
+                cells.append(
+                    "same distribution: " + _distribution_close(got, res["mk"], res["base"])[1]
+                )
             elif identical(got, res["mk"]):
                 cells.append("bit-identical")
             else:
-                cells.append(f"differs: {change_ratio(got, res['mk'], res['base']):.2g} of the change, "
-                             f"{tensor_ratio(got, res['mk']):.2g} of the tensor")
-        rows.append(f"| `{name}` | `{r.method}` | {r.data.get('dtype', '-')} | {cells[0]} | {cells[1]} |")
+                cells.append(
+                    f"differs: {change_ratio(got, res['mk'], res['base']):.2g} of the change, "
+                    f"{tensor_ratio(got, res['mk']):.2g} of the tensor"
+                )
+        rows.append(
+            f"| `{name}` | `{r.method}` | {r.data.get('dtype', '-')} | {cells[0]} | {cells[1]} |"
+        )
     return "\n".join(rows)
 
 

@@ -23,12 +23,13 @@ import yaml
 from safetensors.torch import load_file
 
 import soupkit
+
 from .eco_helpers import MERGEKIT_PY, llama_state, write_llama
 
 pytestmark = pytest.mark.skipif(
     not MERGEKIT_PY.is_file(),
     reason="the mergekit reference venv benchmarks/.venv-mergekit is absent "
-           "(create it with `bash benchmarks/setup_mergekit.sh`)",
+    "(create it with `bash benchmarks/setup_mergekit.sh`)",
 )
 
 RUNNER = r"""
@@ -47,31 +48,95 @@ POST = ("model.norm.weight", "lm_head.weight")
 def _recipes() -> dict[str, dict[str, Any]]:
     three = ["./m0", "./m1", "./m2"]
     return {
-        "linear_exact": {"merge_method": "linear", "dtype": "float32", "tokenizer_source": "./m0",
-                         "models": [{"model": m, "parameters": {"weight": w}} for m, w in zip(three, [1.0, 2.0, 0.5])]},
-        "linear": {"merge_method": "linear", "dtype": "float32",
-                   "models": [{"model": m, "parameters": {"weight": w}} for m, w in zip(three, [0.3, 0.5, 0.2])]},
-        "linear_gradient": {"merge_method": "linear", "dtype": "float32", "models": [
-            {"model": "./m0", "parameters": {"weight": [1.0, 4.0]}},
-            {"model": "./m1", "parameters": {"weight": [{"filter": "mlp", "value": 0.5}, {"value": 1.0}]}},
-            {"model": "./m2"}], "parameters": {"weight": 2.0}},
-        "passthrough_slices": {"merge_method": "passthrough", "dtype": "float32", "slices": [
-            {"sources": [{"model": "./m0", "layer_range": [0, 3]}]},
-            {"sources": [{"model": "./m1", "layer_range": [1, 4],
-                          "parameters": {"scale": [{"filter": "o_proj", "value": 0.0}, {"value": 1.0}]}}]}]},
-        "linear_slices": {"merge_method": "linear", "dtype": "float32", "parameters": {"weight": 1.0}, "slices": [
-            {"sources": [{"model": "./m0", "layer_range": [0, 2], "parameters": {"weight": 2.0}},
-                         {"model": "./m1", "layer_range": [0, 2]}]},
-            {"sources": [{"model": "./m1", "layer_range": [2, 4]},
-                         {"model": "./m2", "layer_range": [1, 3], "parameters": {"weight": [1.0, 4.0]}}]}]},
-        "task_arithmetic": {"merge_method": "task_arithmetic", "base_model": "./m0", "dtype": "float32",
-                            "tokenizer_source": "base", "models": [
-                                {"model": "./m1", "parameters": {"weight": 0.5}},
-                                {"model": "./m2", "parameters": {"weight": 0.3}}]},
-        "ties": {"merge_method": "ties", "base_model": "./m0", "dtype": "float32",
-                 "parameters": {"normalize": True}, "models": [
-                     {"model": "./m1", "parameters": {"weight": 0.5, "density": 0.5}},
-                     {"model": "./m2", "parameters": {"weight": 0.3, "density": 0.7}}]},
+        "linear_exact": {
+            "merge_method": "linear",
+            "dtype": "float32",
+            "tokenizer_source": "./m0",
+            "models": [
+                {"model": m, "parameters": {"weight": w}} for m, w in zip(three, [1.0, 2.0, 0.5])
+            ],
+        },
+        "linear": {
+            "merge_method": "linear",
+            "dtype": "float32",
+            "models": [
+                {"model": m, "parameters": {"weight": w}} for m, w in zip(three, [0.3, 0.5, 0.2])
+            ],
+        },
+        "linear_gradient": {
+            "merge_method": "linear",
+            "dtype": "float32",
+            "models": [
+                {"model": "./m0", "parameters": {"weight": [1.0, 4.0]}},
+                {
+                    "model": "./m1",
+                    "parameters": {"weight": [{"filter": "mlp", "value": 0.5}, {"value": 1.0}]},
+                },
+                {"model": "./m2"},
+            ],
+            "parameters": {"weight": 2.0},
+        },
+        "passthrough_slices": {
+            "merge_method": "passthrough",
+            "dtype": "float32",
+            "slices": [
+                {"sources": [{"model": "./m0", "layer_range": [0, 3]}]},
+                {
+                    "sources": [
+                        {
+                            "model": "./m1",
+                            "layer_range": [1, 4],
+                            "parameters": {
+                                "scale": [{"filter": "o_proj", "value": 0.0}, {"value": 1.0}]
+                            },
+                        }
+                    ]
+                },
+            ],
+        },
+        "linear_slices": {
+            "merge_method": "linear",
+            "dtype": "float32",
+            "parameters": {"weight": 1.0},
+            "slices": [
+                {
+                    "sources": [
+                        {"model": "./m0", "layer_range": [0, 2], "parameters": {"weight": 2.0}},
+                        {"model": "./m1", "layer_range": [0, 2]},
+                    ]
+                },
+                {
+                    "sources": [
+                        {"model": "./m1", "layer_range": [2, 4]},
+                        {
+                            "model": "./m2",
+                            "layer_range": [1, 3],
+                            "parameters": {"weight": [1.0, 4.0]},
+                        },
+                    ]
+                },
+            ],
+        },
+        "task_arithmetic": {
+            "merge_method": "task_arithmetic",
+            "base_model": "./m0",
+            "dtype": "float32",
+            "tokenizer_source": "base",
+            "models": [
+                {"model": "./m1", "parameters": {"weight": 0.5}},
+                {"model": "./m2", "parameters": {"weight": 0.3}},
+            ],
+        },
+        "ties": {
+            "merge_method": "ties",
+            "base_model": "./m0",
+            "dtype": "float32",
+            "parameters": {"normalize": True},
+            "models": [
+                {"model": "./m1", "parameters": {"weight": 0.5, "density": 0.5}},
+                {"model": "./m2", "parameters": {"weight": 0.3, "density": 0.7}},
+            ],
+        },
     }
 
 
@@ -90,9 +155,16 @@ def outputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, P
     jobs = []
     for name, recipe in _recipes().items():
         (root / f"{name}.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
-        jobs.append([str(root / f"{name}.yaml"), str(root / f"mk_{name}"), "tokenizer_source" in recipe])
-    proc = subprocess.run([str(MERGEKIT_PY), "-c", RUNNER, json.dumps(jobs)], cwd=root, capture_output=True,
-                          text=True, timeout=900)
+        jobs.append(
+            [str(root / f"{name}.yaml"), str(root / f"mk_{name}"), "tokenizer_source" in recipe]
+        )
+    proc = subprocess.run(
+        [str(MERGEKIT_PY), "-c", RUNNER, json.dumps(jobs)],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = {}
     for name, recipe in _recipes().items():
@@ -111,12 +183,18 @@ def _states(pair: tuple[Path, Path]) -> tuple[dict[str, torch.Tensor], dict[str,
     return load_file(str(sk / "model.safetensors")), load_file(str(mk / "model.safetensors"))
 
 
-def _bit_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], skip: tuple[str, ...] = ()) -> list[str]:
+def _bit_equal(
+    a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], skip: tuple[str, ...] = ()
+) -> list[str]:
     assert set(a) == set(b)
-    return [k for k in a if k not in skip and not (a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]))]
+    return [
+        k for k in a if k not in skip and not (a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]))
+    ]
 
 
-@pytest.mark.parametrize("name", ["linear_exact", "passthrough_slices", "linear_slices", "task_arithmetic", "ties"])
+@pytest.mark.parametrize(
+    "name", ["linear_exact", "passthrough_slices", "linear_slices", "task_arithmetic", "ties"]
+)
 def test_bit_identical_to_mergekit(outputs: dict[str, tuple[Path, Path]], name: str) -> None:
     a, b = _states(outputs[name])
     assert _bit_equal(a, b) == []
@@ -127,29 +205,39 @@ def test_sliced_config_and_tokenizer_match_mergekit(outputs: dict[str, tuple[Pat
     for d in (sk, mk):
         assert json.loads((d / "config.json").read_text())["num_hidden_layers"] == 6
     a, _ = _states(outputs["passthrough_slices"])
-    assert not a["model.layers.3.self_attn.o_proj.weight"].any()  # scale 0 by filter, as in mergekit
+    assert not a[
+        "model.layers.3.self_attn.o_proj.weight"
+    ].any()  # scale 0 by filter, as in mergekit
     for name in ("linear_exact", "task_arithmetic"):  # tokenizer_source: a path / base
         sk, mk = outputs[name]
         vocab = [json.loads((d / "tokenizer.json").read_text())["model"]["vocab"] for d in (sk, mk)]
         assert vocab[0] == vocab[1] and len(vocab[0]) == 64
 
 
-def test_gradients_and_filters_match_mergekit_inside_the_layers(outputs: dict[str, tuple[Path, Path]]) -> None:
+def test_gradients_and_filters_match_mergekit_inside_the_layers(
+    outputs: dict[str, tuple[Path, Path]],
+) -> None:
     a, b = _states(outputs["linear_gradient"])
     assert _bit_equal(a, b, skip=POST) == []
 
 
-def test_gradients_after_the_last_layer_match_mergekit(outputs: dict[str, tuple[Path, Path]]) -> None:
+def test_gradients_after_the_last_layer_match_mergekit(
+    outputs: dict[str, tuple[Path, Path]],
+) -> None:
     a, b = _states(outputs["linear_gradient"])
     assert _bit_equal(a, b) == []
 
 
-def test_linear_with_arbitrary_weights_is_within_one_rounding(outputs: dict[str, tuple[Path, Path]]) -> None:
+def test_linear_with_arbitrary_weights_is_within_one_rounding(
+    outputs: dict[str, tuple[Path, Path]],
+) -> None:
     a, b = _states(outputs["linear"])
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=3e-7, atol=1e-9)
 
 
-def test_linear_with_arbitrary_weights_is_bit_identical(outputs: dict[str, tuple[Path, Path]]) -> None:
+def test_linear_with_arbitrary_weights_is_bit_identical(
+    outputs: dict[str, tuple[Path, Path]],
+) -> None:
     a, b = _states(outputs["linear"])
     assert _bit_equal(a, b) == []

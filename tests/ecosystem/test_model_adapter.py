@@ -20,12 +20,20 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:peft")
 
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("model_adapter")
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                   num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
-                                   tie_word_embeddings=False)
+    cfg = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(cfg).eval()
     for name in ("base", "other"):
@@ -36,31 +44,56 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        pm = peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(root / "base"),
-                                 peft.LoraConfig(init_lora_weights=False, r=4, lora_alpha=8,
-                                                 target_modules=["q_proj", "v_proj", "down_proj"]))
+        pm = peft.get_peft_model(
+            transformers.AutoModelForCausalLM.from_pretrained(root / "base"),
+            peft.LoraConfig(
+                init_lora_weights=False,
+                r=4,
+                lora_alpha=8,
+                target_modules=["q_proj", "v_proj", "down_proj"],
+            ),
+        )
         pm.save_pretrained(root / "lora")
     return root
 
 
 def _recipe() -> dict[str, object]:
-    return {"merge_method": "linear", "dtype": "bfloat16",
-            "models": [{"model": "./base+./lora", "parameters": {"weight": 0.5}},
-                       {"model": "./other", "parameters": {"weight": 0.5}}]}
+    return {
+        "merge_method": "linear",
+        "dtype": "bfloat16",
+        "models": [
+            {"model": "./base+./lora", "parameters": {"weight": 0.5}},
+            {"model": "./other", "parameters": {"weight": 0.5}},
+        ],
+    }
 
 
-def test_model_plus_adapter_equals_soupkit_lora_fold(models: Path, tmp_path: Path,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_model_plus_adapter_equals_soupkit_lora_fold(
+    models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(models)
     monkeypatch.setenv("SOUPKIT_LORA_CACHE", str(tmp_path / "cache"))
     p = soupkit.plan(_recipe())
     assert any(n.startswith("./base+./lora: the adapter is folded into the model") for n in p.notes)
-    got = load_file(str(soupkit.merge(_recipe(), tmp_path / "out", progress=False, hash_inputs=False).out
-                        / "model.safetensors"))
+    got = load_file(
+        str(
+            soupkit.merge(_recipe(), tmp_path / "out", progress=False, hash_inputs=False).out
+            / "model.safetensors"
+        )
+    )
     fold_lora(models / "lora", models / "base", tmp_path / "folded", progress=False)
-    ref = soupkit.merge({**_recipe(), "models": [{"model": str(tmp_path / "folded"), "parameters": {"weight": 0.5}},
-                                                 {"model": "./other", "parameters": {"weight": 0.5}}]},
-                        tmp_path / "ref", progress=False, hash_inputs=False)
+    ref = soupkit.merge(
+        {
+            **_recipe(),
+            "models": [
+                {"model": str(tmp_path / "folded"), "parameters": {"weight": 0.5}},
+                {"model": "./other", "parameters": {"weight": 0.5}},
+            ],
+        },
+        tmp_path / "ref",
+        progress=False,
+        hash_inputs=False,
+    )
     want = load_file(str(ref.out / "model.safetensors"))
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
     # the fold is cached: the second plan reads it from there
@@ -71,13 +104,21 @@ def test_model_plus_adapter_equals_soupkit_lora_fold(models: Path, tmp_path: Pat
 
 
 @pytest.mark.skipif(not MERGEKIT_PY.is_file(), reason="the mergekit reference venv is absent")
-def test_model_plus_adapter_exact_mode_equals_mergekit(models: Path, tmp_path: Path,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_model_plus_adapter_exact_mode_equals_mergekit(
+    models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(_recipe()))
     run_mergekit([(models, tmp_path / "r.yaml", tmp_path / "mk", tmp_path / "mk-cache")])
     monkeypatch.chdir(models)
     monkeypatch.setenv("SOUPKIT_LORA_CACHE", str(tmp_path / "cache"))
-    sk = soupkit.merge({**_recipe(), "compute": "exact"}, tmp_path / "sk", progress=False, hash_inputs=False)
-    got, want = load_file(str(sk.out / "model.safetensors")), load_file(str(tmp_path / "mk" / "model.safetensors"))
+    sk = soupkit.merge(
+        {**_recipe(), "compute": "exact"}, tmp_path / "sk", progress=False, hash_inputs=False
+    )
+    got, want = (
+        load_file(str(sk.out / "model.safetensors")),
+        load_file(str(tmp_path / "mk" / "model.safetensors")),
+    )
     assert got.keys() == want.keys()
-    assert [k for k in got if not torch.equal(got[k].view(torch.int16), want[k].view(torch.int16))] == []
+    assert [
+        k for k in got if not torch.equal(got[k].view(torch.int16), want[k].view(torch.int16))
+    ] == []

@@ -24,17 +24,24 @@ def wrapped(tmp_path: Path, name: str, seed: int, prefix: str, drop: str = "") -
     """A Llama saved with ``prefix`` before every name (as DDP's ``module.`` does), without ``drop``."""
     folder = tmp_path / name
     folder.mkdir()
-    save_file({prefix + k: v for k, v in llama_state(seed).items() if k != drop}, str(folder / "model.safetensors"))
+    save_file(
+        {prefix + k: v for k, v in llama_state(seed).items() if k != drop},
+        str(folder / "model.safetensors"),
+    )
     return folder
 
 
 def recipe(tmp_path: Path, paths: list[Path], extra: str = "") -> Path:
     r = tmp_path / "r.yaml"
-    r.write_text("merge_method: linear\nmodels:\n" + "".join(f"  - model: {p}\n" for p in paths) + extra)
+    r.write_text(
+        "merge_method: linear\nmodels:\n" + "".join(f"  - model: {p}\n" for p in paths) + extra
+    )
     return r
 
 
-def test_one_problem_that_names_the_flag(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_one_problem_that_names_the_flag(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     a = write_llama(tmp_path / "a", llama_state(0))
     b = wrapped(tmp_path, "b", 1, "module.")
     r = recipe(tmp_path, [a, b])
@@ -42,10 +49,14 @@ def test_one_problem_that_names_the_flag(tmp_path: Path, capsys: pytest.CaptureF
         soupkit.plan(r)
     assert len(e.value.problems) == 1
     msg = e.value.problems[0]
-    assert msg.startswith("the models' tensor names differ only by a prefix ('module.'); the same tensor is named:")
+    assert msg.startswith(
+        "the models' tensor names differ only by a prefix ('module.'); the same tensor is named:"
+    )
     assert f"{a}" in msg and "'lm_head.weight'\n" in msg and "'module.lm_head.weight'\n" in msg
-    assert msg.endswith("hint: add --strip-prefix module. (recipe key: `strip_prefix: [module.]`), which "
-                        "removes it from every name that has it")
+    assert msg.endswith(
+        "hint: add --strip-prefix module. (recipe key: `strip_prefix: [module.]`), which "
+        "removes it from every name that has it"
+    )
     assert "share an architecture" not in msg
     for cmd in (["validate", str(r)], ["plan", str(r)], ["merge", str(r), str(tmp_path / "o")]):
         assert main(cmd) == 2
@@ -55,24 +66,38 @@ def test_one_problem_that_names_the_flag(tmp_path: Path, capsys: pytest.CaptureF
     assert not (tmp_path / "o").exists()
 
 
-def test_the_flag_and_the_recipe_key_fix_it_with_the_same_bytes(tmp_path: Path,
-                                                                capsys: pytest.CaptureFixture[str]) -> None:
+def test_the_flag_and_the_recipe_key_fix_it_with_the_same_bytes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     a = write_llama(tmp_path / "a", llama_state(0))
     b = wrapped(tmp_path, "b", 1, "module.")
     r = recipe(tmp_path, [a, b])
     assert main(["validate", str(r), "--strip-prefix", "module."]) == 0
-    assert main(["merge", str(r), str(tmp_path / "flag"), "--strip-prefix", "module.", "--no-progress"]) == 0
+    assert (
+        main(
+            ["merge", str(r), str(tmp_path / "flag"), "--strip-prefix", "module.", "--no-progress"]
+        )
+        == 0
+    )
     keyed = recipe(tmp_path, [a, b], "strip_prefix: module.\n")
     assert main(["validate", str(keyed)]) == 0
     assert main(["merge", str(keyed), str(tmp_path / "key"), "--no-progress"]) == 0
     capsys.readouterr()
-    x, y = load_file(tmp_path / "flag" / "model.safetensors"), load_file(tmp_path / "key" / "model.safetensors")
+    x, y = (
+        load_file(tmp_path / "flag" / "model.safetensors"),
+        load_file(tmp_path / "key" / "model.safetensors"),
+    )
     assert x.keys() == y.keys() == llama_state(0).keys()
     assert all(torch.equal(x[k], y[k]) for k in x)
     want = (llama_state(0)["lm_head.weight"] + llama_state(1)["lm_head.weight"]) / 2
     assert torch.allclose(x["lm_head.weight"], want, atol=1e-7)
-    p = soupkit.plan({"merge_method": "linear", "strip_prefix": ["module."],
-                      "models": [{"model": str(a)}, {"model": str(b)}]})
+    p = soupkit.plan(
+        {
+            "merge_method": "linear",
+            "strip_prefix": ["module."],
+            "models": [{"model": str(a)}, {"model": str(b)}],
+        }
+    )
     assert any("strip prefix 'module.'" in n for n in p.notes)
 
 
@@ -83,8 +108,10 @@ def test_two_wrappers_on_two_models(tmp_path: Path) -> None:
     with pytest.raises(PlanError) as e:
         soupkit.plan(recipe(tmp_path, [a, b, c]))
     assert len(e.value.problems) == 1
-    assert "hint: add --strip-prefix module. --strip-prefix _orig_mod. (recipe key: " \
-           "`strip_prefix: [module., _orig_mod.]`)" in e.value.problems[0]
+    assert (
+        "hint: add --strip-prefix module. --strip-prefix _orig_mod. (recipe key: "
+        "`strip_prefix: [module., _orig_mod.]`)" in e.value.problems[0]
+    )
     soupkit.plan(recipe(tmp_path, [a, b, c], "strip_prefix: [module., _orig_mod.]\n"))
 
 
@@ -106,14 +133,20 @@ def test_empty_prefix_in_the_recipe_is_refused(tmp_path: Path) -> None:
 def test_prefix_fix_cases() -> None:
     llama = list(llama_state(0, layers=1))
     assert prefix_fix([llama, llama]) is None  # nothing differs
-    assert prefix_fix([llama, ["model." + n for n in llama]]) is None  # strip 'model.' also hits the other
+    assert (
+        prefix_fix([llama, ["model." + n for n in llama]]) is None
+    )  # strip 'model.' also hits the other
     assert prefix_fix([llama, ["net." + n for n in llama]]) == ["net."]
     assert prefix_fix([["a.w", "b.w"], ["x.a.w", "y.b.w"]]) is None  # no common wrapper
     assert prefix_fix([["w", "v"], ["module.w"]]) is None  # a tensor is missing too
 
 
-names = st.lists(st.from_regex(r"[a-z]{1,3}(\.[a-z0-9]{1,3}){0,3}", fullmatch=True), min_size=1, max_size=12,
-                 unique=True)
+names = st.lists(
+    st.from_regex(r"[a-z]{1,3}(\.[a-z0-9]{1,3}){0,3}", fullmatch=True),
+    min_size=1,
+    max_size=12,
+    unique=True,
+)
 
 
 @settings(max_examples=60, deadline=None)

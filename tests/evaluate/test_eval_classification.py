@@ -305,8 +305,9 @@ def test_prefixed_names_get_a_hint(model_dir: Path, texts: list[str], tmp_path: 
         ev(state)
 
 
-
-def test_correct_is_per_example_in_file_order(model_dir: Path, texts: list[str], tmp_path: Path) -> None:
+def test_correct_is_per_example_in_file_order(
+    model_dir: Path, texts: list[str], tmp_path: Path
+) -> None:
     preds = per_example_predictions(model_dir, texts)
     # right exactly on the examples whose index is a multiple of 3
     labels = [LABELS[p] if i % 3 == 0 else LABELS[(p + 1) % 3] for i, p in enumerate(preds)]
@@ -330,7 +331,9 @@ def _linear_output_dtypes(model: torch.nn.Module) -> list[torch.dtype]:
     return seen
 
 
-def test_autocast_runs_matrix_products_in_bfloat16(model_dir: Path, texts: list[str], tmp_path: Path) -> None:
+def test_autocast_runs_matrix_products_in_bfloat16(
+    model_dir: Path, texts: list[str], tmp_path: Path
+) -> None:
     preds = per_example_predictions(model_dir, texts)
     data = write_csv(tmp_path / "d.csv", texts, [LABELS[p] for p in preds])
     state = load_file(str(model_dir / "model.safetensors"))
@@ -354,12 +357,16 @@ def test_autocast_runs_matrix_products_in_bfloat16(model_dir: Path, texts: list[
 
 def test_unknown_autocast_dtype_is_refused(model_dir: Path, tmp_path: Path) -> None:
     data = write_csv(tmp_path / "d.csv", ["a b"], [0])
-    with pytest.raises(EvaluationError, match=r"unknown autocast dtype 'int8'; expected one of \['bfloat16', 'float16'\]"):
+    with pytest.raises(
+        EvaluationError,
+        match=r"unknown autocast dtype 'int8'; expected one of \['bfloat16', 'float16'\]",
+    ):
         HFClassificationEvaluator(model_dir, data, autocast="int8")
 
 
-def test_per_example_scores_requested_examples_in_request_order(model_dir: Path, texts: list[str],
-                                                                 tmp_path: Path) -> None:
+def test_per_example_scores_requested_examples_in_request_order(
+    model_dir: Path, texts: list[str], tmp_path: Path
+) -> None:
     from soupkit.evaluate.protocol import PerExampleEvaluator
 
     preds = per_example_predictions(model_dir, texts)
@@ -373,7 +380,9 @@ def test_per_example_scores_requested_examples_in_request_order(model_dir: Path,
     assert got.dtype == torch.float32 and got.tolist() == [float(i % 3 == 0) for i in order]
     # Over every example, the mean is the evaluator's score.
     assert float(ev.per_example(state, range(len(texts))).sum()) / len(texts) == ev(state)
-    with pytest.raises(EvaluationError, match=r"per_example: example index\(es\) \[99\] are outside the"):
+    with pytest.raises(
+        EvaluationError, match=r"per_example: example index\(es\) \[99\] are outside the"
+    ):
         ev.per_example(state, [0, 99])
     loss = HFClassificationEvaluator(model_dir, data, batch_size=4, metric="neg_loss")
     vals = loss.per_example(state, range(len(texts)))

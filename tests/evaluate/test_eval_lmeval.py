@@ -17,8 +17,12 @@ pytest.importorskip("lm_eval", reason="needs the lm-eval extra: pip install 'sou
 from soupkit import open_checkpoint
 from soupkit.evaluate.lmeval import LMEvalEvaluator
 
-ROWS = [("the movie was very", ["good", "sad", "long"], 0), ("we loved it so", ["much", "bad", "dull"], 1),
-        ("i hated the", ["film", "good", "fun"], 0), ("the music was", ["great", "awful", "dull"], 2)]
+ROWS = [
+    ("the movie was very", ["good", "sad", "long"], 0),
+    ("we loved it so", ["much", "bad", "dull"], 1),
+    ("i hated the", ["film", "good", "fun"], 0),
+    ("the music was", ["great", "awful", "dull"], 2),
+]
 
 
 @pytest.fixture
@@ -26,7 +30,9 @@ def task(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-datasets"))
     data = tmp_path / "toy.jsonl"
-    data.write_text("".join(json.dumps({"question": q, "choices": c, "label": y}) + "\n" for q, c, y in ROWS))
+    data.write_text(
+        "".join(json.dumps({"question": q, "choices": c, "label": y}) + "\n" for q, c, y in ROWS)
+    )
     folder = tmp_path / "tasks"
     folder.mkdir()
     (folder / "soupkit_toy.yaml").write_text(
@@ -34,11 +40,14 @@ def task(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         f"dataset_kwargs:\n  data_files:\n    test: {data}\n"
         "test_split: test\noutput_type: multiple_choice\n"
         'doc_to_text: "{{question}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: "{{label}}"\n'
-        "metric_list:\n  - metric: acc\n")
+        "metric_list:\n  - metric: acc\n"
+    )
     return folder
 
 
-def test_lm_eval_accuracy_on_a_local_task_equals_the_hand_computed_one(tmp_path: Path, task: Path) -> None:
+def test_lm_eval_accuracy_on_a_local_task_equals_the_hand_computed_one(
+    tmp_path: Path, task: Path
+) -> None:
     model_dir = tiny_hf.save_causal_lm(tmp_path / "gpt2", "gpt2")
     ev = LMEvalEvaluator(model_dir, ["soupkit_toy"], include_path=task, batch_size=2)
     state = read_state(open_checkpoint(model_dir))
@@ -68,8 +77,9 @@ def test_lm_eval_accuracy_on_a_local_task_equals_the_hand_computed_one(tmp_path:
         LMEvalEvaluator(model_dir, ["soupkit_toy"], include_path=task, metric="bleu")(state)
 
 
-def test_cli_optimize_with_lm_eval_on_two_tiny_causal_lms(tmp_path: Path, task: Path, monkeypatch: pytest.MonkeyPatch,
-                                                          capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_optimize_with_lm_eval_on_two_tiny_causal_lms(
+    tmp_path: Path, task: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     pytest.importorskip("optuna", reason="needs the optimize extra")
     import yaml
 
@@ -77,16 +87,60 @@ def test_cli_optimize_with_lm_eval_on_two_tiny_causal_lms(tmp_path: Path, task: 
 
     a = tiny_hf.save_causal_lm(tmp_path / "a", "gpt2", seed=0)
     b = tiny_hf.save_causal_lm(tmp_path / "b", "gpt2", seed=1)
-    space = {"merge_method": "linear", "models": [{"model": str(a), "parameters": {"weight": {"min": 0, "max": 1}}},
-                                                  {"model": str(b), "parameters": {"weight": {"min": 0, "max": 1}}}]}
+    space = {
+        "merge_method": "linear",
+        "models": [
+            {"model": str(a), "parameters": {"weight": {"min": 0, "max": 1}}},
+            {"model": str(b), "parameters": {"weight": {"min": 0, "max": 1}}},
+        ],
+    }
     (tmp_path / "space.yaml").write_text(yaml.safe_dump(space))
     monkeypatch.chdir(tmp_path)
-    assert main(["optimize", "space.yaml", "--lm-eval", "soupkit_toy", "--holdout-lm-eval", "soupkit_toy",
-                 "--lm-eval-include", str(task), "--trials", "3", "--out", "opt", "--no-cache", "--no-progress",
-                 "--no-plot"]) == 2  # the same tasks as held-out set: refused (same identity)
+    assert (
+        main(
+            [
+                "optimize",
+                "space.yaml",
+                "--lm-eval",
+                "soupkit_toy",
+                "--holdout-lm-eval",
+                "soupkit_toy",
+                "--lm-eval-include",
+                str(task),
+                "--trials",
+                "3",
+                "--out",
+                "opt",
+                "--no-cache",
+                "--no-progress",
+                "--no-plot",
+            ]
+        )
+        == 2
+    )  # the same tasks as held-out set: refused (same identity)
     assert "same identity" in capsys.readouterr().err
-    assert main(["optimize", "space.yaml", "--lm-eval", "soupkit_toy", "--lm-eval-include", str(task),
-                 "--trials", "3", "--out", "opt", "--no-cache", "--no-progress", "--no-plot"]) == 0
+    assert (
+        main(
+            [
+                "optimize",
+                "space.yaml",
+                "--lm-eval",
+                "soupkit_toy",
+                "--lm-eval-include",
+                str(task),
+                "--trials",
+                "3",
+                "--out",
+                "opt",
+                "--no-cache",
+                "--no-progress",
+                "--no-plot",
+            ]
+        )
+        == 0
+    )
     report = json.loads((tmp_path / "opt" / "report.json").read_text())
-    assert report["trials_finished"] == 3 and report["evaluator"].startswith("lm-eval|soupkit_toy|acc|")
+    assert report["trials_finished"] == 3 and report["evaluator"].startswith(
+        "lm-eval|soupkit_toy|acc|"
+    )
     assert (tmp_path / "opt" / "model" / "model.safetensors").is_file()

@@ -99,6 +99,8 @@ def test_autocast_perplexity_is_close_to_float32(tmp_path: Path) -> None:
     text_file.write_text("\n".join(random_sentences(12, seed=5, hi=20)) + "\n")
     state = load_file(str(model_dir / "model.safetensors"))
     full = HFCausalLMPerplexityEvaluator(model_dir, text_file, max_length=8, batch_size=3)
-    amp = HFCausalLMPerplexityEvaluator(model_dir, text_file, max_length=8, batch_size=3, autocast=torch.bfloat16)
+    amp = HFCausalLMPerplexityEvaluator(
+        model_dir, text_file, max_length=8, batch_size=3, autocast=torch.bfloat16
+    )
     a, b = full(state), amp(state)
     assert a != b and b == pytest.approx(a, rel=2e-2)  # bf16 products: close, not identical

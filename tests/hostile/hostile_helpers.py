@@ -16,8 +16,9 @@ from safetensors.torch import save_file
 REPO = Path(__file__).resolve().parents[2]
 
 
-def raw_file(path: Path, header: Any, data: bytes = b"", *, length: int | None = None,
-             pad: bool = True) -> Path:
+def raw_file(
+    path: Path, header: Any, data: bytes = b"", *, length: int | None = None, pad: bool = True
+) -> Path:
     """Write a safetensors-shaped file with an arbitrary header (object, str or bytes).
 
     Args:
@@ -55,27 +56,47 @@ def sharded_folder(folder: Path, seed: int = 0) -> Path:
     """A valid two-shard Hugging Face folder (tensors a, b in shard 1; c in shard 2)."""
     folder.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(seed)
-    save_file({"a": torch.randn(4, generator=g), "b": torch.randn(2, 2, generator=g)},
-              str(folder / "model-00001-of-00002.safetensors"))
+    save_file(
+        {"a": torch.randn(4, generator=g), "b": torch.randn(2, 2, generator=g)},
+        str(folder / "model-00001-of-00002.safetensors"),
+    )
     save_file({"c": torch.randn(3, generator=g)}, str(folder / "model-00002-of-00002.safetensors"))
-    index = {"metadata": {"total_size": 36},
-             "weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00001-of-00002.safetensors",
-                            "c": "model-00002-of-00002.safetensors"}}
+    index = {
+        "metadata": {"total_size": 36},
+        "weight_map": {
+            "a": "model-00001-of-00002.safetensors",
+            "b": "model-00001-of-00002.safetensors",
+            "c": "model-00002-of-00002.safetensors",
+        },
+    }
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
     return folder
 
 
-def write_index(folder: Path, weight_map: dict[str, str], name: str = "model.safetensors.index.json") -> None:
+def write_index(
+    folder: Path, weight_map: dict[str, str], name: str = "model.safetensors.index.json"
+) -> None:
     (folder / name).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
 
 
-def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None,
-            timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
     """Run ``python -m soupkit.cli ARGS`` in a fresh interpreter."""
-    full_env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p), **(env or {})}
+    full_env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
+        **(env or {}),
+    }
     full_env.pop("SOUPKIT_DEBUG", None)
-    return subprocess.run([sys.executable, "-m", "soupkit.cli", *args], cwd=cwd, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "soupkit.cli", *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def tree_state(folder: Path) -> dict[str, tuple[int, int, str]]:
@@ -86,7 +107,11 @@ def tree_state(folder: Path) -> dict[str, tuple[int, int, str]]:
     for p in sorted(folder.rglob("*")):
         if p.is_file():
             st = p.stat()
-            out[str(p.relative_to(folder))] = (st.st_size, st.st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+            out[str(p.relative_to(folder))] = (
+                st.st_size,
+                st.st_mtime_ns,
+                hashlib.sha256(p.read_bytes()).hexdigest(),
+            )
     return out
 
 

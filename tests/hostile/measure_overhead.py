@@ -37,7 +37,10 @@ def make_models(root: Path, size_mb: int) -> list[Path]:
     out = []
     for i in range(3):
         g = torch.Generator().manual_seed(i)
-        tensors = {f"layer{j}.weight": torch.randn(rows // 8, 4096, generator=g).to(torch.bfloat16) for j in range(8)}
+        tensors = {
+            f"layer{j}.weight": torch.randn(rows // 8, 4096, generator=g).to(torch.bfloat16)
+            for j in range(8)
+        }
         p = root / f"m{i}.safetensors"
         save_file(tensors, str(p))
         out.append(p)
@@ -74,7 +77,9 @@ CONFIGS = {
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--size-mb", type=int, default=200)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--dir", default=None)
@@ -98,12 +103,16 @@ def main() -> None:
         base = statistics.median(times["baseline (all off)"])
         base_cpu = statistics.median(cpu["baseline (all off)"])
         read = sum(m.stat().st_size for m in models)
-        print(f"3 x {args.size_mb} MB bf16 -> {args.size_mb} MB bf16, {torch.get_num_threads()} torch threads, "
-              f"median of {args.reps}")
+        print(
+            f"3 x {args.size_mb} MB bf16 -> {args.size_mb} MB bf16, {torch.get_num_threads()} torch threads, "
+            f"median of {args.reps}"
+        )
         for name, ts in times.items():
             med, c = statistics.median(ts), statistics.median(cpu[name])
-            print(f"  {name:<20} wall {med:6.2f} s ({100 * (med / base - 1):+6.1f}%, {read / med / 1e9:5.2f} GB/s read)"
-                  f"   cpu {c:6.2f} s ({100 * (c / base_cpu - 1):+6.1f}%)")
+            print(
+                f"  {name:<20} wall {med:6.2f} s ({100 * (med / base - 1):+6.1f}%, {read / med / 1e9:5.2f} GB/s read)"
+                f"   cpu {c:6.2f} s ({100 * (c / base_cpu - 1):+6.1f}%)"
+            )
 
 
 if __name__ == "__main__":

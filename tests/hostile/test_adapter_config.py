@@ -16,25 +16,66 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
+from test_fuzz import LONG, budget, json_value
 
 from soupkit._safe_regex import UnsafePatternError, safe_match
 from soupkit.errors import ConfigError, SoupError, UsageError
 from soupkit.lora import read_adapter
 from soupkit.lora_config import LORA_FIELDS, MAX_RANK, validate_adapter_config
 
-from test_fuzz import LONG, budget, json_value
-
 field_name = st.sampled_from(sorted(LORA_FIELDS))
-typed_value = st.one_of(json_value, st.sampled_from([True, False, 0, 1, 4, -1, 2**40, 0.5, math.nan, math.inf,
-                                                     "none", "all", "gaussian", "pissa", "no", "LORA"]),
-                        st.dictionaries(st.sampled_from(["q_proj", "v_proj", "(a|aa)+$X", "(a)\\1", "[", "x" * 1001]),
-                                        json_value, max_size=3))
+typed_value = st.one_of(
+    json_value,
+    st.sampled_from(
+        [
+            True,
+            False,
+            0,
+            1,
+            4,
+            -1,
+            2**40,
+            0.5,
+            math.nan,
+            math.inf,
+            "none",
+            "all",
+            "gaussian",
+            "pissa",
+            "no",
+            "LORA",
+        ]
+    ),
+    st.dictionaries(
+        st.sampled_from(["q_proj", "v_proj", "(a|aa)+$X", "(a)\\1", "[", "x" * 1001]),
+        json_value,
+        max_size=3,
+    ),
+)
 config_like = st.dictionaries(st.one_of(field_name, st.text(max_size=8)), typed_value, max_size=8)
 near_valid = st.fixed_dictionaries(
-    {"peft_type": st.sampled_from(["LORA", "lora", "IA3", 3]), "r": st.one_of(st.integers(-2, 2**21), json_value),
-     "lora_alpha": st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-10, 10), json_value)},
-    optional={k: typed_value for k in ("fan_in_fan_out", "use_rslora", "rank_pattern", "alpha_pattern",
-                                       "lora_bias", "bias", "init_lora_weights", "use_dora", "modules_to_save")})
+    {
+        "peft_type": st.sampled_from(["LORA", "lora", "IA3", 3]),
+        "r": st.one_of(st.integers(-2, 2**21), json_value),
+        "lora_alpha": st.one_of(
+            st.floats(allow_nan=True, allow_infinity=True), st.integers(-10, 10), json_value
+        ),
+    },
+    optional={
+        k: typed_value
+        for k in (
+            "fan_in_fan_out",
+            "use_rslora",
+            "rank_pattern",
+            "alpha_pattern",
+            "lora_bias",
+            "bias",
+            "init_lora_weights",
+            "use_dora",
+            "modules_to_save",
+        )
+    },
+)
 
 
 def check(cfg: dict[str, Any]) -> None:
@@ -73,14 +114,22 @@ def test_fuzz_near_valid(cfg: dict[str, Any]) -> None:
 def adapter_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("fz")
     g = torch.Generator().manual_seed(0)
-    save_file({"base_model.model.l.q_proj.lora_A.weight": torch.randn(2, 4, generator=g),
-               "base_model.model.l.q_proj.lora_B.weight": torch.randn(4, 2, generator=g)},
-              str(root / "adapter_model.safetensors"))
+    save_file(
+        {
+            "base_model.model.l.q_proj.lora_A.weight": torch.randn(2, 4, generator=g),
+            "base_model.model.l.q_proj.lora_B.weight": torch.randn(4, 2, generator=g),
+        },
+        str(root / "adapter_model.safetensors"),
+    )
     return root
 
 
-@settings(max_examples=60 * (20 if LONG else 1), deadline=None, derandomize=not LONG,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=60 * (20 if LONG else 1),
+    deadline=None,
+    derandomize=not LONG,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
 @given(st.one_of(config_like, near_valid, json_value))
 def test_fuzz_read_adapter_only_raises_soup_errors(adapter_files: Path, cfg: Any) -> None:
     try:
@@ -97,14 +146,19 @@ def test_fuzz_read_adapter_only_raises_soup_errors(adapter_files: Path, cfg: Any
 
 
 # ---------------------------------------------------------------------------------- the matcher
-atom = st.sampled_from(["a", "b", ".", "\\.", "[ab]", "[^a]", "\\d", "\\w", "$", "^", "\\b", "(?:a|b)", ""])
+atom = st.sampled_from(
+    ["a", "b", ".", "\\.", "[ab]", "[^a]", "\\d", "\\w", "$", "^", "\\b", "(?:a|b)", ""]
+)
 
 
 def _combine(kids: st.SearchStrategy[str]) -> st.SearchStrategy[str]:
-    return st.one_of(st.tuples(kids, kids).map("".join),
-                     st.tuples(kids, kids).map(lambda t: f"({t[0]}|{t[1]})"),
-                     st.tuples(kids, st.sampled_from(["*", "+", "?", "{2}", "{1,3}", "*?", "+?"]))
-                     .map(lambda t: f"({t[0]}){t[1]}"))
+    return st.one_of(
+        st.tuples(kids, kids).map("".join),
+        st.tuples(kids, kids).map(lambda t: f"({t[0]}|{t[1]})"),
+        st.tuples(kids, st.sampled_from(["*", "+", "?", "{2}", "{1,3}", "*?", "+?"])).map(
+            lambda t: f"({t[0]}){t[1]}"
+        ),
+    )
 
 
 pattern = st.recursive(atom, _combine, max_leaves=8)
@@ -125,14 +179,18 @@ def test_safe_match_equals_re_match(key: str, name: str) -> None:
     assert got == expected, (key, name)
 
 
-@pytest.mark.parametrize("key", [r"(a|aa)+$X", r"(a+)+$X", r"(a*)*$X", r"(.*a){20}$X", r"(a|a?)+$X"])
+@pytest.mark.parametrize(
+    "key", [r"(a|aa)+$X", r"(a+)+$X", r"(a*)*$X", r"(.*a){20}$X", r"(a|a?)+$X"]
+)
 def test_catastrophic_keys_take_linear_time(key: str) -> None:
     t = time.perf_counter()
     assert safe_match(rf"(.*\.)?({key})$", "a" * 2000) is False
     assert time.perf_counter() - t < 5
 
 
-@pytest.mark.parametrize("key", [r"(a)\1", r"(?=a)", r"(?<!a)b", r"(?i)a", r"(?>a)", r"a++", r"a{101}", "x" * 1001])
+@pytest.mark.parametrize(
+    "key", [r"(a)\1", r"(?=a)", r"(?<!a)b", r"(?i)a", r"(?>a)", r"a++", r"a{101}", "x" * 1001]
+)
 def test_unsupported_constructs_are_refused(key: str) -> None:
     with pytest.raises(UnsafePatternError):
         safe_match(rf"(.*\.)?({key})$", "a")
@@ -141,8 +199,11 @@ def test_unsupported_constructs_are_refused(key: str) -> None:
 def test_docs_table_is_the_field_table() -> None:
     """docs/lora.md lists every field of LORA_FIELDS with its handling and reason."""
     doc = (Path(__file__).resolve().parents[2] / "docs" / "lora.md").read_text(encoding="utf-8")
-    rows = {line.split("|")[1].strip().strip("`"): line for line in doc.splitlines()
-            if line.startswith("| `")}
+    rows = {
+        line.split("|")[1].strip().strip("`"): line
+        for line in doc.splitlines()
+        if line.startswith("| `")
+    }
     assert set(LORA_FIELDS) <= set(rows)
     for name, rule in LORA_FIELDS.items():
         assert rule.why in rows[name] and rule.feature in rows[name], name
@@ -152,27 +213,53 @@ def test_docs_table_is_the_field_table() -> None:
 dims = st.lists(st.integers(0, 5), min_size=0, max_size=5).map(tuple)
 
 
-@settings(max_examples=60 * (20 if LONG else 1), deadline=None, derandomize=not LONG,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-@given(a=dims, b=dims, bias=st.one_of(st.none(), dims), w=dims, r=st.integers(1, 3), fit=st.booleans(),
-       nan=st.booleans(), dtype=st.sampled_from([torch.float32, torch.float16, torch.int8]))
-def test_fuzz_factor_shapes_fold_or_soup_error(tmp_path_factory: pytest.TempPathFactory, a: tuple[int, ...],
-                                               b: tuple[int, ...], bias: tuple[int, ...] | None,
-                                               w: tuple[int, ...], r: int, fit: bool, nan: bool,
-                                               dtype: torch.dtype) -> None:
+@settings(
+    max_examples=60 * (20 if LONG else 1),
+    deadline=None,
+    derandomize=not LONG,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    a=dims,
+    b=dims,
+    bias=st.one_of(st.none(), dims),
+    w=dims,
+    r=st.integers(1, 3),
+    fit=st.booleans(),
+    nan=st.booleans(),
+    dtype=st.sampled_from([torch.float32, torch.float16, torch.int8]),
+)
+def test_fuzz_factor_shapes_fold_or_soup_error(
+    tmp_path_factory: pytest.TempPathFactory,
+    a: tuple[int, ...],
+    b: tuple[int, ...],
+    bias: tuple[int, ...] | None,
+    w: tuple[int, ...],
+    r: int,
+    fit: bool,
+    nan: bool,
+    dtype: torch.dtype,
+) -> None:
     """Hostile factor shapes, dtypes and values: a fold either writes finite W + delta or raises a SoupError."""
     if fit:  # shapes that compose, so accepted folds are exercised too
         a, b, w = (r, 3), (4, r), (4, 3)
     root = tmp_path_factory.mktemp("shapes")
     (root / "base").mkdir()
-    save_file({"m.weight": torch.ones(w), "m.bias": torch.ones(4)}, str(root / "base" / "model.safetensors"))
-    tensors = {"base_model.model.m.lora_A.weight": torch.ones(a, dtype=dtype),
-               "base_model.model.m.lora_B.weight": torch.full(b, math.nan if nan else 1.0).to(dtype)}
+    save_file(
+        {"m.weight": torch.ones(w), "m.bias": torch.ones(4)},
+        str(root / "base" / "model.safetensors"),
+    )
+    tensors = {
+        "base_model.model.m.lora_A.weight": torch.ones(a, dtype=dtype),
+        "base_model.model.m.lora_B.weight": torch.full(b, math.nan if nan else 1.0).to(dtype),
+    }
     if bias is not None:
         tensors["base_model.model.m.lora_B.bias"] = torch.ones(bias)
     (root / "ad").mkdir()
     save_file(tensors, str(root / "ad" / "adapter_model.safetensors"))
-    (root / "ad" / "adapter_config.json").write_text(json.dumps({"r": r, "lora_alpha": 2, "lora_bias": bias is not None}))
+    (root / "ad" / "adapter_config.json").write_text(
+        json.dumps({"r": r, "lora_alpha": 2, "lora_bias": bias is not None})
+    )
     from soupkit.lora import fold_lora
 
     try:

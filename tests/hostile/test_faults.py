@@ -13,14 +13,13 @@ from typing import Any
 
 import pytest
 import torch
+from hostile_helpers import debris, tree_state
 from safetensors.torch import save_file
 
 import soupkit
 from soupkit.errors import CheckpointFormatError, MergeIOError, OutputExistsError, UsageError
 from soupkit.io import writer as writer_mod
 from soupkit.io.writer import JOURNAL_NAME, LOCK_NAME, ShardWriter, remove_stale
-
-from hostile_helpers import debris, tree_state
 
 
 def make_models(root: Path, n: int = 3, rows: int = 40) -> list[Path]:
@@ -30,8 +29,11 @@ def make_models(root: Path, n: int = 3, rows: int = 40) -> list[Path]:
         g = torch.Generator().manual_seed(i)
         folder = root / f"m{i}"
         folder.mkdir(parents=True)
-        save_file({f"layer{j}.weight": torch.randn(rows, 16, generator=g) for j in range(6)}
-                  | {"pos": torch.arange(8)}, str(folder / "model.safetensors"))
+        save_file(
+            {f"layer{j}.weight": torch.randn(rows, 16, generator=g) for j in range(6)}
+            | {"pos": torch.arange(8)},
+            str(folder / "model.safetensors"),
+        )
         (folder / "config.json").write_text('{"model_type": "tiny"}')
         out.append(folder)
     return out
@@ -50,10 +52,13 @@ def shards(out: Path) -> dict[str, bytes]:
 
 # --- the output may not be an input -------------------------------------------------------------
 
+
 def test_output_is_an_input_folder(tmp_path: Path) -> None:
     ms = make_models(tmp_path)
     for force in (False, True):
-        with pytest.raises(UsageError, match="the output folder holds input .*m1/model.safetensors"):
+        with pytest.raises(
+            UsageError, match="the output folder holds input .*m1/model.safetensors"
+        ):
             soupkit.merge(recipe(ms), ms[1], force=force)
     assert (ms[1] / "model.safetensors").is_file()
 
@@ -67,7 +72,9 @@ def test_output_is_an_input_file(tmp_path: Path) -> None:
 
 def test_output_inside_an_input_folder(tmp_path: Path) -> None:
     ms = make_models(tmp_path)
-    with pytest.raises(UsageError, match=rf"the output would be inside the input model folder {ms[2]}"):
+    with pytest.raises(
+        UsageError, match=rf"the output would be inside the input model folder {ms[2]}"
+    ):
         soupkit.merge(recipe(ms), ms[2] / "merged")
     assert not (ms[2] / "merged").exists() and not debris(ms[2])
 
@@ -113,6 +120,7 @@ def test_output_beside_a_file_input_is_fine(tmp_path: Path) -> None:
 
 # --- an existing output ---------------------------------------------------------------------------
 
+
 def test_existing_output_needs_force(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from soupkit.cli import main
 
@@ -124,7 +132,10 @@ def test_existing_output_needs_force(tmp_path: Path, capsys: pytest.CaptureFixtu
     rp.write_text(json.dumps(recipe(ms)))
     assert main(["merge", str(rp), str(out)]) == 2
     err = capsys.readouterr().err
-    assert f"error: OutputExistsError: {out}: output folder exists and is not empty" in err and "--force" in err
+    assert (
+        f"error: OutputExistsError: {out}: output folder exists and is not empty" in err
+        and "--force" in err
+    )
     assert (out / "keep.txt").read_text() == "precious"
     assert main(["merge", str(rp), str(out), "--force"]) == 0
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
@@ -138,6 +149,7 @@ def test_existing_output_needs_force(tmp_path: Path, capsys: pytest.CaptureFixtu
 
 
 # --- inputs are never modified --------------------------------------------------------------------
+
 
 def test_inputs_untouched_by_merge_force_and_resume(tmp_path: Path) -> None:
     ms = make_models(tmp_path / "in")
@@ -158,16 +170,21 @@ def test_input_changed_during_the_merge(tmp_path: Path, monkeypatch: pytest.Monk
         return stats
 
     monkeypatch.setattr(soupkit.api, "run_plan", run_then_touch)
-    with pytest.raises(CheckpointFormatError, match=r"m1/model.safetensors: the input file changed while soupkit was merging it"):
+    with pytest.raises(
+        CheckpointFormatError,
+        match=r"m1/model.safetensors: the input file changed while soupkit was merging it",
+    ):
         soupkit.merge(recipe(ms), tmp_path / "out")
     assert not (tmp_path / "out").exists() and not debris(tmp_path)
 
 
 # --- crashes and interrupts at random points ------------------------------------------------------
 
+
 @pytest.mark.parametrize("exc", [KeyboardInterrupt, RuntimeError, MemoryError])
-def test_failure_at_random_points_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                 exc: type[BaseException]) -> None:
+def test_failure_at_random_points_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, exc: type[BaseException]
+) -> None:
     ms = make_models(tmp_path / "in")
     ref = soupkit.merge(recipe(ms), tmp_path / "ref", max_shard_size=SHARD, chunk_elems=100)
     calls = {"n": 0}
@@ -182,6 +199,7 @@ def test_failure_at_random_points_leaves_nothing(tmp_path: Path, monkeypatch: py
     total = calls["n"]
     rng = random.Random(7)
     for k in sorted(rng.sample(range(1, total + 1), 6)) + [total]:
+
         def failing(self: ShardWriter, *a: Any, _k: int = k, **kw: Any) -> None:
             calls["n"] += 1
             if calls["n"] == _k:
@@ -199,7 +217,9 @@ def test_failure_at_random_points_leaves_nothing(tmp_path: Path, monkeypatch: py
     assert shards(tmp_path / "out") == shards(ref.out)
 
 
-def test_interrupt_while_writing_the_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_interrupt_while_writing_the_report(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     ms = make_models(tmp_path / "in")
 
     def boom(*a: Any, **k: Any) -> Any:
@@ -224,7 +244,8 @@ class _SignalledInDel:
 
 @pytest.mark.parametrize("term", [False, True], ids=["SIGINT", "SIGTERM"])
 def test_interrupt_swallowed_by_python_still_cancels_the_output(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], term: bool) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], term: bool
+) -> None:
     """CI once saw SIGTERM land in a weakref callback: the merge finished, exit 0, traceback printed."""
     from soupkit.cli import Terminated, main
 
@@ -234,7 +255,9 @@ def test_interrupt_swallowed_by_python_still_cancels_the_output(
 
     def report_then_signal(*a: Any, **k: Any) -> Any:
         out = real_report(*a, **k)
-        _SignalledInDel(Terminated() if term else KeyboardInterrupt())  # dropped at once: __del__ runs
+        _SignalledInDel(
+            Terminated() if term else KeyboardInterrupt()
+        )  # dropped at once: __del__ runs
         return out
 
     monkeypatch.setattr(soupkit.api, "_report", report_then_signal)
@@ -242,14 +265,18 @@ def test_interrupt_swallowed_by_python_still_cancels_the_output(
     err = capsys.readouterr().err
     assert code == (143 if term else 130)
     assert "Traceback" not in err and "Exception ignored" not in err, err
-    assert err.rstrip().endswith(f"{'terminated' if term else 'interrupted'}: no unfinished output was left in place")
+    assert err.rstrip().endswith(
+        f"{'terminated' if term else 'interrupted'}: no unfinished output was left in place"
+    )
     assert not (tmp_path / "out").exists() and not debris(tmp_path)
     # Later runs are not cancelled by the old interrupt.
     monkeypatch.setattr(soupkit.api, "_report", real_report)
     assert main(["merge", str(tmp_path / "r.yaml"), str(tmp_path / "out"), "--no-progress"]) == 0
 
 
-def test_signal_during_the_engine_waits_for_a_safe_point(tmp_path: Path, request: pytest.FixtureRequest) -> None:
+def test_signal_during_the_engine_waits_for_a_safe_point(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     """A SIGINT is held while the engine's threads hold queue locks and raised between units
     (raised inside queue internals it once left a lock taken and the clean-up hung)."""
     import signal
@@ -280,8 +307,9 @@ def test_signal_during_the_engine_waits_for_a_safe_point(tmp_path: Path, request
     assert run_plan(p, MemorySink(p)).tensors == len(p.jobs)
 
 
-def test_sigterm_during_a_cli_merge_is_held_then_cancels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                         capsys: pytest.CaptureFixture[str]) -> None:
+def test_sigterm_during_a_cli_merge_is_held_then_cancels(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     import signal
 
     from soupkit.cli import main
@@ -310,6 +338,7 @@ def test_other_unraisable_exceptions_still_reach_the_previous_hook(tmp_path: Pat
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(sys, "unraisablehook", lambda u: seen.append(u.exc_value))
         from soupkit import _interrupts
+
         mp.setattr(_interrupts, "_installed", False)
         with writer_mod.OutputFolder(tmp_path / "out"):
             _SignalledInDel(ValueError("not an interrupt"))
@@ -317,7 +346,9 @@ def test_other_unraisable_exceptions_still_reach_the_previous_hook(tmp_path: Pat
     assert (tmp_path / "out").is_dir() and ms
 
 
-def test_disk_full_is_a_clear_error_and_cleans_up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_disk_full_is_a_clear_error_and_cleans_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     ms = make_models(tmp_path / "in")
     real = os.pwrite
     calls = {"n": 0}
@@ -343,14 +374,19 @@ def test_disk_full_while_writing_the_index(tmp_path: Path, monkeypatch: pytest.M
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(Path, "write_text", full)
-    with pytest.raises(MergeIOError, match=r"model.safetensors.index.json: cannot write \(No space left on device\)"):
+    with pytest.raises(
+        MergeIOError,
+        match=r"model.safetensors.index.json: cannot write \(No space left on device\)",
+    ):
         soupkit.merge(recipe(ms), tmp_path / "out", max_shard_size=SHARD)
     monkeypatch.undo()
     assert not (tmp_path / "out").exists() and not debris(tmp_path)
 
 
 @pytest.mark.parametrize("where", ["README.md", "config.json", "tokenizer.json"])
-def test_disk_full_while_writing_small_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str) -> None:
+def test_disk_full_while_writing_small_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
     ms = make_models(tmp_path / "in")
     for m in ms:
         (m / "tokenizer.json").write_text('{"version": "1.0"}')
@@ -379,7 +415,10 @@ def test_disk_full_while_writing_small_files(tmp_path: Path, monkeypatch: pytest
             return Full(file, "wb") if mode == "wb" else real_open(file, mode, *args, **kwargs)
 
         monkeypatch.setattr(writer, "open", fake_open, raising=False)
-    with pytest.raises(MergeIOError, match=rf"{where}: cannot write \(No space left on device\)\nhint: the disk is full"):
+    with pytest.raises(
+        MergeIOError,
+        match=rf"{where}: cannot write \(No space left on device\)\nhint: the disk is full",
+    ):
         soupkit.merge(recipe(ms), tmp_path / "out")
     monkeypatch.undo()
     assert not (tmp_path / "out").exists() and not debris(tmp_path)
@@ -391,7 +430,9 @@ def tiny_tmpfs(tmp_path: Path) -> Any:
     mnt.mkdir()
     if os.geteuid() != 0:
         pytest.skip("mounting a tmpfs needs root")
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True)
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True
+    )
     if r.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
     try:
@@ -409,6 +450,7 @@ def test_real_full_disk(tmp_path: Path, tiny_tmpfs: Path) -> None:
 
 # --- stale debris from killed runs ----------------------------------------------------------------
 
+
 def fake_partial(parent: Path, name: str, dest: Path) -> Path:
     d = parent / name
     d.mkdir()
@@ -422,7 +464,9 @@ def test_stale_partials_of_killed_runs_are_removed(tmp_path: Path) -> None:
     dest = tmp_path / "out"
     dead = fake_partial(tmp_path, ".soupkit-partial-out-abc123", dest)
     dead_old = fake_partial(tmp_path, ".soupkit-old-out-x1", dest)
-    other = fake_partial(tmp_path, ".soupkit-partial-out-2-zzz", tmp_path / "out-2")  # another destination
+    other = fake_partial(
+        tmp_path, ".soupkit-partial-out-2-zzz", tmp_path / "out-2"
+    )  # another destination
     live = fake_partial(tmp_path, ".soupkit-partial-out-live", dest)
     fd = os.open(live / LOCK_NAME, os.O_RDWR)
     fcntl.flock(fd, fcntl.LOCK_EX)  # a run that is still going
@@ -443,6 +487,7 @@ def test_partial_without_lock_file_is_left_alone(tmp_path: Path) -> None:
 
 # --- resume ---------------------------------------------------------------------------------------
 
+
 def interrupt_after_shards(monkeypatch: pytest.MonkeyPatch, n: int) -> None:
     """Raise KeyboardInterrupt right after the n-th output shard is finished (and journaled)."""
     from soupkit.execute import FileSink
@@ -459,7 +504,9 @@ def interrupt_after_shards(monkeypatch: pytest.MonkeyPatch, n: int) -> None:
     monkeypatch.setattr(FileSink, "_finish", finish)
 
 
-def test_resume_continues_from_verified_shards(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_resume_continues_from_verified_shards(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     ms = make_models(tmp_path / "in")
     ref = soupkit.merge(recipe(ms), tmp_path / "ref", max_shard_size=SHARD)
     assert len(ref.plan.shards) >= 4
@@ -486,7 +533,9 @@ def test_resume_continues_from_verified_shards(tmp_path: Path, monkeypatch: pyte
     assert not debris(tmp_path)
 
 
-def test_without_resume_an_interrupted_run_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_without_resume_an_interrupted_run_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     ms = make_models(tmp_path / "in")
     interrupt_after_shards(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
@@ -494,7 +543,9 @@ def test_without_resume_an_interrupted_run_leaves_nothing(tmp_path: Path, monkey
     assert not debris(tmp_path) and not (tmp_path / "out").exists()
 
 
-def test_resume_with_a_changed_recipe_starts_over(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_resume_with_a_changed_recipe_starts_over(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     ms = make_models(tmp_path / "in")
     interrupt_after_shards(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
@@ -519,7 +570,9 @@ def test_resume_refuses_a_concurrent_run(tmp_path: Path, monkeypatch: pytest.Mon
     fd = os.open(partial / LOCK_NAME, os.O_RDWR)
     fcntl.flock(fd, fcntl.LOCK_EX)  # pretend another process resumed it a moment ago
     try:
-        with pytest.raises(MergeIOError, match="another soupkit run is writing this output right now"):
+        with pytest.raises(
+            MergeIOError, match="another soupkit run is writing this output right now"
+        ):
             soupkit.merge(recipe(ms), tmp_path / "out", max_shard_size=SHARD, resume=True)
     finally:
         os.close(fd)

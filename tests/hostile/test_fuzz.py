@@ -39,27 +39,67 @@ LONG = os.environ.get("HYPOTHESIS_PROFILE") == "long"
 
 
 def budget(n: int) -> settings:
-    return settings(max_examples=n * (20 if LONG else 1), deadline=None, derandomize=not LONG,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                           HealthCheck.function_scoped_fixture])
+    return settings(
+        max_examples=n * (20 if LONG else 1),
+        deadline=None,
+        derandomize=not LONG,
+        suppress_health_check=[
+            HealthCheck.too_slow,
+            HealthCheck.data_too_large,
+            HealthCheck.function_scoped_fixture,
+        ],
+    )
 
 
 # --- recipes ------------------------------------------------------------------------------------
 
-json_leaf = st.one_of(st.none(), st.booleans(), st.integers(-10**20, 10**20), st.floats(allow_nan=True),
-                      st.text(max_size=20))
-json_value = st.recursive(json_leaf, lambda kids: st.one_of(st.lists(kids, max_size=4),
-                                                             st.dictionaries(st.text(max_size=10), kids, max_size=4)),
-                          max_leaves=20)
-recipe_key = st.sampled_from(["merge_method", "models", "base_model", "parameters", "dtype", "out_dtype",
-                              "seed", "tokenizer_source", "name", "slices", "modules", "model", "weight"])
+json_leaf = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(10**20), 10**20),
+    st.floats(allow_nan=True),
+    st.text(max_size=20),
+)
+json_value = st.recursive(
+    json_leaf,
+    lambda kids: st.one_of(
+        st.lists(kids, max_size=4), st.dictionaries(st.text(max_size=10), kids, max_size=4)
+    ),
+    max_leaves=20,
+)
+recipe_key = st.sampled_from(
+    [
+        "merge_method",
+        "models",
+        "base_model",
+        "parameters",
+        "dtype",
+        "out_dtype",
+        "seed",
+        "tokenizer_source",
+        "name",
+        "slices",
+        "modules",
+        "model",
+        "weight",
+    ]
+)
 recipe_like = st.dictionaries(st.one_of(recipe_key, st.text(max_size=8)), json_value, max_size=6)
-model_entry = st.fixed_dictionaries({"model": st.one_of(st.text(max_size=10), json_value)},
-                                    optional={"parameters": st.dictionaries(st.text(max_size=8), json_value, max_size=3)})
-structured = st.fixed_dictionaries({"merge_method": st.one_of(st.sampled_from(["linear", "ties", "nope"]), json_value),
-                                    "models": st.one_of(st.lists(model_entry, max_size=3), json_value)},
-                                   optional={"parameters": st.dictionaries(st.text(max_size=8), json_value, max_size=3),
-                                             "dtype": json_value, "seed": json_value})
+model_entry = st.fixed_dictionaries(
+    {"model": st.one_of(st.text(max_size=10), json_value)},
+    optional={"parameters": st.dictionaries(st.text(max_size=8), json_value, max_size=3)},
+)
+structured = st.fixed_dictionaries(
+    {
+        "merge_method": st.one_of(st.sampled_from(["linear", "ties", "nope"]), json_value),
+        "models": st.one_of(st.lists(model_entry, max_size=3), json_value),
+    },
+    optional={
+        "parameters": st.dictionaries(st.text(max_size=8), json_value, max_size=3),
+        "dtype": json_value,
+        "seed": json_value,
+    },
+)
 
 
 def load_or_soup_error(source: Any) -> None:
@@ -86,9 +126,26 @@ def test_recipe_mappings(data: dict[str, Any]) -> None:
     load_or_soup_error(data)
 
 
-yaml_tokens = st.sampled_from(list("abc: -[]{}\n\t'\"&*!|>%@`#,?012.eE+~") + [
-    "\x00", "\ufeff", "é", "!!python/object:os.system ", "!!binary ", "<<: ", "models:\n  - model: ",
-    "merge_method: linear\n", "parameters:\n  weight: ", ".nan", ".inf", "---\n", "&x ", "*x", "1e999"])
+yaml_tokens = st.sampled_from(
+    list("abc: -[]{}\n\t'\"&*!|>%@`#,?012.eE+~")
+    + [
+        "\x00",
+        "\ufeff",
+        "é",
+        "!!python/object:os.system ",
+        "!!binary ",
+        "<<: ",
+        "models:\n  - model: ",
+        "merge_method: linear\n",
+        "parameters:\n  weight: ",
+        ".nan",
+        ".inf",
+        "---\n",
+        "&x ",
+        "*x",
+        "1e999",
+    ]
+)
 
 
 @budget(150)
@@ -116,27 +173,36 @@ def test_yaml_tags_cannot_construct_objects(tmp_path: Path) -> None:
 
 @budget(60)
 @given(depth=st.integers(1, 12), fanout=st.integers(1, 12), merge_keys=st.booleans())
-def test_alias_chains_are_refused_exactly_when_they_expand_past_the_limit(depth: int, fanout: int,
-                                                                          merge_keys: bool) -> None:
+def test_alias_chains_are_refused_exactly_when_they_expand_past_the_limit(
+    depth: int, fanout: int, merge_keys: bool
+) -> None:
     if merge_keys:  # each level merges `fanout` copies of the level before
         y = "a0: &a0 {k0: 1, k1: 2}\n" + "".join(
-            f"a{i}: &a{i} {{<<: [{', '.join([f'*a{i - 1}'] * fanout)}]}}\n" for i in range(1, depth + 1))
+            f"a{i}: &a{i} {{<<: [{', '.join([f'*a{i - 1}'] * fanout)}]}}\n"
+            for i in range(1, depth + 1)
+        )
     else:  # each level is a list of `fanout` copies of the level before
         y = "a0: &a0 [1, 2]\n" + "".join(
-            f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * fanout)}]\n" for i in range(1, depth + 1))
+            f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * fanout)}]\n" for i in range(1, depth + 1)
+        )
     text = y + "merge_method: linear\nmodels: [{model: m1}]\n"
     # expected count, as the loader counts: a node and everything it stands for
     size = 5 if merge_keys else 3  # {k0: 1, k1: 2} / [1, 2]
     total = 1 + 1 + size  # the document mapping, the key "a0", its value
     for _ in range(depth):
-        size = (2 + (1 + fanout * size)) if merge_keys else (1 + fanout * size)  # {<<: [...]} / [...]
+        size = (
+            (2 + (1 + fanout * size)) if merge_keys else (1 + fanout * size)
+        )  # {<<: [...]} / [...]
         total += 1 + size
     total += 2 + 5  # merge_method: linear / models: [{model: m1}]
     t = time.perf_counter()
     try:
         soupkit.load_recipe(text)
     except ConfigError as e:
-        assert ("more than 1,000,000 values" in str(e)) == (total > config.MAX_RECIPE_NODES), (total, str(e))
+        assert ("more than 1,000,000 values" in str(e)) == (total > config.MAX_RECIPE_NODES), (
+            total,
+            str(e),
+        )
     else:
         raise AssertionError("a0...: unknown keys are always refused")
     assert time.perf_counter() - t < 2.0
@@ -145,12 +211,14 @@ def test_alias_chains_are_refused_exactly_when_they_expand_past_the_limit(depth:
 def test_yaml_billion_laughs_is_bounded() -> None:
     lol = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
         f"{chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}]\n"
-        for i in range(8))
+        for i in range(8)
+    )
     with pytest.raises(soupkit.ConfigError):  # aliases are shared, not expanded; then unknown keys
         soupkit.load_recipe(lol)
 
 
 # --- safetensors headers ------------------------------------------------------------------------
+
 
 def valid_header(n: int) -> dict[str, Any]:
     h: dict[str, Any] = {"__metadata__": {"format": "pt"}}
@@ -179,17 +247,30 @@ def assert_valid(h: SafetensorsHeader) -> None:
 
 
 def write(path: Path, header: bytes, data_len: int, length: int | None = None) -> None:
-    path.write_bytes(struct.pack("<Q", len(header) if length is None else length) + header + b"\0" * data_len)
+    path.write_bytes(
+        struct.pack("<Q", len(header) if length is None else length) + header + b"\0" * data_len
+    )
 
 
-mutation_value = st.one_of(json_value, st.sampled_from(list(DTYPES)), st.lists(st.integers(-2, 2**65), max_size=4),
-                           st.integers(-(2**64), 2**64))
+mutation_value = st.one_of(
+    json_value,
+    st.sampled_from(list(DTYPES)),
+    st.lists(st.integers(-2, 2**65), max_size=4),
+    st.integers(-(2**64), 2**64),
+)
 
 
 @budget(200)
-@given(n=st.integers(0, 4), key=st.sampled_from(["dtype", "shape", "data_offsets", "extra"]),
-       which=st.integers(0, 5), value=mutation_value, extra_data=st.integers(-20, 20))
-def test_mutated_headers(tmp_path: Path, n: int, key: str, which: int, value: Any, extra_data: int) -> None:
+@given(
+    n=st.integers(0, 4),
+    key=st.sampled_from(["dtype", "shape", "data_offsets", "extra"]),
+    which=st.integers(0, 5),
+    value=mutation_value,
+    extra_data=st.integers(-20, 20),
+)
+def test_mutated_headers(
+    tmp_path: Path, n: int, key: str, which: int, value: Any, extra_data: int
+) -> None:
     h = valid_header(n)
     total = sum(8 * (i + 1) for i in range(n))
     names = [k for k in h if k != "__metadata__"]
@@ -207,8 +288,14 @@ def test_mutated_headers(tmp_path: Path, n: int, key: str, which: int, value: An
 
 
 @budget(200)
-@given(header=st.binary(max_size=120), data_len=st.integers(0, 64), length=st.one_of(st.none(), st.integers(0, 2**64 - 1)))
-def test_random_header_bytes(tmp_path: Path, header: bytes, data_len: int, length: int | None) -> None:
+@given(
+    header=st.binary(max_size=120),
+    data_len=st.integers(0, 64),
+    length=st.one_of(st.none(), st.integers(0, 2**64 - 1)),
+)
+def test_random_header_bytes(
+    tmp_path: Path, header: bytes, data_len: int, length: int | None
+) -> None:
     p = tmp_path / "x.safetensors"
     write(p, header, data_len, length)
     try:
@@ -245,11 +332,32 @@ def test_truncated_or_bitflipped_real_file(tmp_path: Path, noise: bytes) -> None
 
 # --- sharded indexes ----------------------------------------------------------------------------
 
+
 @budget(100)
-@given(wm=st.one_of(json_value, st.dictionaries(st.sampled_from(["a", "b", "c", "zz"]),
-                                                st.one_of(st.sampled_from(["s1.safetensors", "s2.safetensors", "../s1.safetensors",
-                                                                           "/etc/passwd", "", ".", "s1.safetensors/..", "\x00"]),
-                                                          st.text(max_size=12)), max_size=4)))
+@given(
+    wm=st.one_of(
+        json_value,
+        st.dictionaries(
+            st.sampled_from(["a", "b", "c", "zz"]),
+            st.one_of(
+                st.sampled_from(
+                    [
+                        "s1.safetensors",
+                        "s2.safetensors",
+                        "../s1.safetensors",
+                        "/etc/passwd",
+                        "",
+                        ".",
+                        "s1.safetensors/..",
+                        "\x00",
+                    ]
+                ),
+                st.text(max_size=12),
+            ),
+            max_size=4,
+        ),
+    )
+)
 def test_fuzzed_index(tmp_path_factory: pytest.TempPathFactory, wm: Any) -> None:
     from safetensors.torch import save_file
 
@@ -263,16 +371,27 @@ def test_fuzzed_index(tmp_path_factory: pytest.TempPathFactory, wm: Any) -> None
         return
     assert all(f.resolve().parent == folder.resolve() for f in ck.files)
     # an accepted index agrees exactly with the shards' own headers
-    assert set(ck.tensors) == set(wm) and all(ck.tensors[n].file.resolve() == (folder / wm[n]).resolve() for n in wm)
+    assert set(ck.tensors) == set(wm) and all(
+        ck.tensors[n].file.resolve() == (folder / wm[n]).resolve() for n in wm
+    )
     for f in ck.files:
         assert_valid(read_safetensors_header(f))
 
 
-@pytest.mark.parametrize("data,part", [
-    ({"merge_method": "linear", "models": [{"model": "a"}], "strength": 1}, "strength: unknown key"),
-    ({"merge_method": "linear", "models": [{"model": "a", "integer": 1}]}, "models[0].integer: unknown key"),
-    ({"merge_method": "linear", "models": [{"model": "a"}], "int": 2}, "int: unknown key"),
-])
+@pytest.mark.parametrize(
+    "data,part",
+    [
+        (
+            {"merge_method": "linear", "models": [{"model": "a"}], "strength": 1},
+            "strength: unknown key",
+        ),
+        (
+            {"merge_method": "linear", "models": [{"model": "a", "integer": 1}]},
+            "models[0].integer: unknown key",
+        ),
+        ({"merge_method": "linear", "models": [{"model": "a"}], "int": 2}, "int: unknown key"),
+    ],
+)
 def test_unknown_keys_that_look_like_type_names(data: dict[str, Any], part: str) -> None:
     # found by test_recipe_mappings: keys starting with "str"/"int"/... were mistaken for
     # pydantic's union-branch tags and crashed the message builder with an IndexError

@@ -25,14 +25,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import hostile_helpers
 import pytest
 import torch
+from hostile_helpers import debris
 from safetensors.torch import save_file
 
 import soupkit
-
-import hostile_helpers
-from hostile_helpers import debris
 
 LONG = os.environ.get("HYPOTHESIS_PROFILE") == "long"
 RUNS = int(os.environ.get("SOUPKIT_KILL_RUNS", "40" if LONG else "6"))
@@ -49,19 +48,36 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     for i in range(3):
         g = torch.Generator().manual_seed(i)
         p = root / f"m{i}.safetensors"
-        save_file({f"layer{j}.weight": torch.randn(ROWS, 1024, generator=g) for j in range(8)}, str(p))
+        save_file(
+            {f"layer{j}.weight": torch.randn(ROWS, 1024, generator=g) for j in range(8)}, str(p)
+        )
         models.append(p)
     recipe = root / "recipe.yaml"
-    recipe.write_text(json.dumps({"merge_method": "linear", "models": [{"model": str(m)} for m in models],
-                                  "out_dtype": "bfloat16"}))
+    recipe.write_text(
+        json.dumps(
+            {
+                "merge_method": "linear",
+                "models": [{"model": str(m)} for m in models],
+                "out_dtype": "bfloat16",
+            }
+        )
+    )
     t0 = time.perf_counter()
     ref = soupkit.merge(recipe, root / "ref", max_shard_size=SHARD)
-    return {"root": root, "recipe": recipe, "ref": outputs(ref.out), "seconds": time.perf_counter() - t0}
+    return {
+        "root": root,
+        "recipe": recipe,
+        "ref": outputs(ref.out),
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 def outputs(out: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(out.iterdir())
-            if p.suffix == ".safetensors" or p.name.endswith(".index.json")}
+    return {
+        p.name: p.read_bytes()
+        for p in sorted(out.iterdir())
+        if p.suffix == ".safetensors" or p.name.endswith(".index.json")
+    }
 
 
 def start(recipe: Path, out: Path, log: Path, *extra: str) -> Any:
@@ -84,21 +100,31 @@ def kill_while_writing(proc: Any, out: Path, log: Path, delay: float, sig: int) 
     return proc.exitcode, log.read_text() if log.exists() else ""
 
 
-def run_kills(setup: dict[str, Any], n: int, extra: tuple[str, ...], rng: random.Random) -> list[dict[str, Any]]:
+def run_kills(
+    setup: dict[str, Any], n: int, extra: tuple[str, ...], rng: random.Random
+) -> list[dict[str, Any]]:
     """Start ``n`` merges at once, each killed by its own thread at a random moment."""
     window = max(0.05, 3 * setup["seconds"])  # several merges share 2 cores: each runs slower
     runs = []
     for k in range(n):
         folder = setup["root"] / f"run{len(extra)}-{k}"
         folder.mkdir()
-        runs.append({"folder": folder, "out": folder / "out", "sig": SIGNALS[k % 3],
-                     "delay": rng.uniform(0, window)})
+        runs.append(
+            {
+                "folder": folder,
+                "out": folder / "out",
+                "sig": SIGNALS[k % 3],
+                "delay": rng.uniform(0, window),
+            }
+        )
     for r in runs:
         r["log"] = setup["root"] / f"{r['folder'].name}.log"
         r["proc"] = start(setup["recipe"], r["out"], r["log"], *extra)
 
     def watch(r: dict[str, Any]) -> None:
-        r["code"], r["err"] = kill_while_writing(r["proc"], r["out"], r["log"], r["delay"], r["sig"])
+        r["code"], r["err"] = kill_while_writing(
+            r["proc"], r["out"], r["log"], r["delay"], r["sig"]
+        )
 
     threads = [threading.Thread(target=watch, args=(r,)) for r in runs]
     for t in threads:
@@ -122,20 +148,27 @@ def check_after_kill(r: dict[str, Any], ref: dict[str, bytes]) -> None:
         assert outputs(r["out"]) == ref, what
         assert (r["out"] / "soupkit-report.json").is_file(), what
         return
-    assert sorted(os.listdir(r["folder"])) == debris(r["folder"]), what  # nothing but hidden work folders
+    assert sorted(os.listdir(r["folder"])) == debris(r["folder"]), (
+        what
+    )  # nothing but hidden work folders
     if r["sig"] == signal.SIGKILL:
         assert r["code"] == -signal.SIGKILL, what
     else:
         assert r["code"] in (130, 143), what
         expected = "interrupted" if r["sig"] == signal.SIGINT else "terminated"
-        assert r["err"].rstrip().endswith(f"{expected}: no unfinished output was left in place") or \
-            "--resume to continue" in r["err"], what
+        assert (
+            r["err"].rstrip().endswith(f"{expected}: no unfinished output was left in place")
+            or "--resume to continue" in r["err"]
+        ), what
 
 
 def test_kill_at_random_moments(setup: dict[str, Any]) -> None:
     rng = random.Random(SEED)
     runs = run_kills(setup, RUNS, (), rng)
-    print(f"seed={SEED}: " + ", ".join(f"{signal.Signals(r['sig']).name}@{r['delay']:.2f}s {outcome(r)}" for r in runs))
+    print(
+        f"seed={SEED}: "
+        + ", ".join(f"{signal.Signals(r['sig']).name}@{r['delay']:.2f}s {outcome(r)}" for r in runs)
+    )
     for r in runs:
         check_after_kill(r, setup["ref"])
         if r["sig"] != signal.SIGKILL:  # an interrupt or a term cleans up after itself

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from hostile_helpers import debris
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
@@ -15,15 +16,18 @@ import soupkit
 from soupkit.errors import NonFiniteError
 from soupkit.execute import all_finite
 
-from hostile_helpers import debris
 
-
-def model(path: Path, seed: int, *, poison: float | None = None, at: int = 7, scale: float = 1.0) -> Path:
+def model(
+    path: Path, seed: int, *, poison: float | None = None, at: int = 7, scale: float = 1.0
+) -> Path:
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(64, 32, generator=g) * scale
     if poison is not None:
         w.view(-1)[at] = poison
-    save_file({"layer.weight": w, "layer.bias": torch.randn(32, generator=g), "step": torch.tensor([3])}, str(path))
+    save_file(
+        {"layer.weight": w, "layer.bias": torch.randn(32, generator=g), "step": torch.tensor([3])},
+        str(path),
+    )
     return path
 
 
@@ -31,8 +35,14 @@ def recipe(*paths: Path, **extra: object) -> dict[str, object]:
     return {"merge_method": "linear", "models": [{"model": str(p)} for p in paths], **extra}
 
 
-@pytest.mark.parametrize("poison,word", [(float("nan"), "1 NaN and 0 Inf"), (float("inf"), "0 NaN and 1 Inf"),
-                                         (float("-inf"), "0 NaN and 1 Inf")])
+@pytest.mark.parametrize(
+    "poison,word",
+    [
+        (float("nan"), "1 NaN and 0 Inf"),
+        (float("inf"), "0 NaN and 1 Inf"),
+        (float("-inf"), "0 NaN and 1 Inf"),
+    ],
+)
 def test_nonfinite_input_names_tensor_and_model(tmp_path: Path, poison: float, word: str) -> None:
     a, b = model(tmp_path / "a.safetensors", 0), model(tmp_path / "b.safetensors", 1, poison=poison)
     c = model(tmp_path / "c.safetensors", 2)
@@ -57,7 +67,10 @@ def test_nonfinite_in_a_later_chunk_names_the_element_range(tmp_path: Path) -> N
 def test_method_overflow_in_float32_is_blamed_on_the_method(tmp_path: Path) -> None:
     a, b = model(tmp_path / "a.safetensors", 0), model(tmp_path / "b.safetensors", 1)
     r = recipe(a, b, parameters={"normalize": False})
-    r["models"] = [{"model": str(a), "parameters": {"weight": 3e38}}, {"model": str(b), "parameters": {"weight": 3e38}}]
+    r["models"] = [
+        {"model": str(a), "parameters": {"weight": 3e38}},
+        {"model": str(b), "parameters": {"weight": 3e38}},
+    ]
     with pytest.raises(NonFiniteError) as ei:
         soupkit.merge(r, tmp_path / "out")
     msg = str(ei.value)
@@ -70,8 +83,13 @@ def test_fp16_overflow_at_the_cast(tmp_path: Path) -> None:
     with pytest.raises(NonFiniteError) as ei:
         soupkit.merge(recipe(a, b, out_dtype="float16"), tmp_path / "out")
     msg = str(ei.value)
-    assert "in the output after the cast to F16: the merged values are finite in float32 but reach" in msg
-    assert "beyond the largest F16 value 65504" in msg and "`out_dtype: bfloat16` or `float32`" in msg
+    assert (
+        "in the output after the cast to F16: the merged values are finite in float32 but reach"
+        in msg
+    )
+    assert (
+        "beyond the largest F16 value 65504" in msg and "`out_dtype: bfloat16` or `float32`" in msg
+    )
     # bfloat16 has float32's range: the same merge is fine there
     soupkit.merge(recipe(a, b, out_dtype="bfloat16"), tmp_path / "ok")
 
@@ -83,17 +101,25 @@ def test_input_that_overflows_the_recipe_dtype(tmp_path: Path) -> None:
         soupkit.merge(recipe(a, b, dtype="float16"), tmp_path / "out")
 
 
-def test_allow_nonfinite_writes_and_reports(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_allow_nonfinite_writes_and_reports(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from soupkit.cli import main
 
-    a, b = model(tmp_path / "a.safetensors", 0), model(tmp_path / "b.safetensors", 1, poison=float("nan"))
+    a, b = (
+        model(tmp_path / "a.safetensors", 0),
+        model(tmp_path / "b.safetensors", 1, poison=float("nan")),
+    )
     rp = tmp_path / "r.yaml"
     rp.write_text(json.dumps(recipe(a, b)))
     assert main(["merge", str(rp), str(tmp_path / "out")]) == 1
     assert "error: NonFiniteError: tensor 'layer.weight'" in capsys.readouterr().err
     assert main(["merge", str(rp), str(tmp_path / "out"), "--allow-nonfinite"]) == 0
     captured = capsys.readouterr()
-    assert "warning: 1 tensor(s) hold NaN or Inf (written because of --allow-nonfinite): layer.weight" in captured.err
+    assert (
+        "warning: 1 tensor(s) hold NaN or Inf (written because of --allow-nonfinite): layer.weight"
+        in captured.err
+    )
     out = load_file(str(tmp_path / "out" / "model.safetensors"))
     assert int(torch.isnan(out["layer.weight"]).sum()) == 1
     report = json.loads((tmp_path / "out" / "soupkit-report.json").read_text())
@@ -115,9 +141,12 @@ def test_integer_tensors_are_copied_unchecked(tmp_path: Path) -> None:
 
 
 @settings(max_examples=60, deadline=None)
-@given(n=st.integers(1, 3000), kind=st.sampled_from(["finite", "nan", "inf", "-inf", "huge"]),
-       dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16, torch.float64]),
-       seed=st.integers(0, 2**16))
+@given(
+    n=st.integers(1, 3000),
+    kind=st.sampled_from(["finite", "nan", "inf", "-inf", "huge"]),
+    dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16, torch.float64]),
+    seed=st.integers(0, 2**16),
+)
 def test_all_finite_agrees_with_isfinite(n: int, kind: str, dtype: torch.dtype, seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, generator=g)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from hostile_helpers import entry, raw_file, run_cli, sharded_folder
 from safetensors.torch import save_file
 
 import soupkit
@@ -29,8 +30,6 @@ from soupkit.cli import main
 from soupkit.errors import MAX_SHOWN_CHARS, CheckpointFormatError, shown
 from soupkit.io.checkpoint import MAX_CARRY_BYTES, carried_files
 from soupkit.io.links import resolve_model_file, snapshot_blobs
-
-from hostile_helpers import entry, raw_file, run_cli, sharded_folder
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -56,7 +55,9 @@ def test_shown_escapes_and_cuts() -> None:
     assert shown("b\nerror: fake", quote=True) == "'b\\nerror: fake'"
     assert shown("plain/path.safetensors") == "plain/path.safetensors"
     long = shown("x" * 5_000_000)
-    assert len(long) < MAX_SHOWN_CHARS + 40 and long.endswith(f"({5_000_000 - MAX_SHOWN_CHARS} more characters)")
+    assert len(long) < MAX_SHOWN_CHARS + 40 and long.endswith(
+        f"({5_000_000 - MAX_SHOWN_CHARS} more characters)"
+    )
     assert shown(Path("/tmp/a\x1bb")) == "/tmp/a\\x1bb"
     assert shown(b"bad\xff") == "bad\\udcff"  # an undecodable file name byte
 
@@ -84,7 +85,9 @@ def test_errors_escape_names_and_paths(tmp_path: Path) -> None:
     assert r.returncode == 1 and "folder holds no checkpoint" in r.stderr
     _no_control_bytes(r.stderr)
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(json.dumps({"merge_method": "linear", "models": [{"model": str(tmp_path / "gone\x1b[2J")}]}))
+    recipe.write_text(
+        json.dumps({"merge_method": "linear", "models": [{"model": str(tmp_path / "gone\x1b[2J")}]})
+    )
     r = cli("validate", str(recipe))
     assert r.returncode in (1, 2) and "no such file" in r.stderr
     _no_control_bytes(r.stderr)
@@ -103,6 +106,7 @@ def test_a_5mb_tensor_name_gives_a_short_line(tmp_path: Path) -> None:
 
 # --- 7: bytes of unrelated files never leak into errors ----------------------------------------
 
+
 def test_unrelated_file_reported_without_echoing_its_bytes(tmp_path: Path) -> None:
     passwd = tmp_path / "passwd"
     passwd.write_text("root:x:0:0:root:/root:/bin/bash\n")
@@ -113,8 +117,13 @@ def test_unrelated_file_reported_without_echoing_its_bytes(tmp_path: Path) -> No
         with pytest.raises(CheckpointFormatError) as ei:
             soupkit.open_checkpoint(given)
         msg = str(ei.value)
-        assert "not a safetensors file: the first 8 bytes are not a plausible header length (file is 32 bytes)" in msg
-        assert str(int.from_bytes(b"root:x:0", "little")) not in msg and "root" not in msg.replace(str(tmp_path), "")
+        assert (
+            "not a safetensors file: the first 8 bytes are not a plausible header length (file is 32 bytes)"
+            in msg
+        )
+        assert str(int.from_bytes(b"root:x:0", "little")) not in msg and "root" not in msg.replace(
+            str(tmp_path), ""
+        )
     # the issue's `ln -s /etc/passwd m/model.safetensors`: the link rule refuses it unread
     (m / "model.safetensors").unlink()
     (m / "model.safetensors").symlink_to(passwd)
@@ -125,10 +134,12 @@ def test_unrelated_file_reported_without_echoing_its_bytes(tmp_path: Path) -> No
 
 # --- 1: YAML alias and merge-key bombs ----------------------------------------------------------
 
+
 def merge_key_bomb(levels: int = 8) -> str:
     """The issue's recipe: each level merges nine copies of the one before (9^8 pairs)."""
     y = "a0: &a0 {k0: 1, k1: 2}\n" + "".join(
-        f"a{i}: &a{i} {{<<: [{', '.join([f'*a{i - 1}'] * 9)}]}}\n" for i in range(1, levels + 1))
+        f"a{i}: &a{i} {{<<: [{', '.join([f'*a{i - 1}'] * 9)}]}}\n" for i in range(1, levels + 1)
+    )
     return y + "merge_method: linear\nmodels: [{model: m1}]\n"
 
 
@@ -145,21 +156,30 @@ def _bounded(fn: Callable[[], object]) -> tuple[float, int]:
     return elapsed, peak
 
 
-@pytest.mark.parametrize("text", [
-    merge_key_bomb(8),
-    merge_key_bomb(9),
-    # the billion laughs with lists, used where the schema wants a list
-    "a: &a [1, 1, 1, 1, 1, 1, 1, 1, 1]\n" + "".join(
-        f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 9)}]\n" for i in range(8))
-    + "merge_method: linear\nmodels: [{model: m1, parameters: {weight: *i}}]\n",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        merge_key_bomb(8),
+        merge_key_bomb(9),
+        # the billion laughs with lists, used where the schema wants a list
+        "a: &a [1, 1, 1, 1, 1, 1, 1, 1, 1]\n"
+        + "".join(
+            f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 9)}]\n"
+            for i in range(8)
+        )
+        + "merge_method: linear\nmodels: [{model: m1, parameters: {weight: *i}}]\n",
+    ],
+)
 def test_alias_and_merge_key_bombs_are_refused_fast(tmp_path: Path, text: str) -> None:
     recipe = tmp_path / "bomb.yaml"
     recipe.write_text(text)
     assert len(text.encode()) < 700
 
     def load() -> None:
-        with pytest.raises(soupkit.ConfigError, match="more than 1,000,000 values once its aliases and merge keys are expanded"):
+        with pytest.raises(
+            soupkit.ConfigError,
+            match="more than 1,000,000 values once its aliases and merge keys are expanded",
+        ):
             soupkit.load_recipe(recipe)
 
     elapsed, peak = _bounded(load)
@@ -174,16 +194,19 @@ def test_recursive_alias_is_refused() -> None:
 
 
 def test_aliases_and_merge_keys_within_the_limit_still_work() -> None:
-    text = ("merge_method: linear\n"
-            "models:\n"
-            "  - {model: a, parameters: &p {weight: 0.5}}\n"
-            "  - {model: b, parameters: {<<: *p}}\n")
+    text = (
+        "merge_method: linear\n"
+        "models:\n"
+        "  - {model: a, parameters: &p {weight: 0.5}}\n"
+        "  - {model: b, parameters: {<<: *p}}\n"
+    )
     cfg = soupkit.load_recipe(text)
     assert [m.parameters["weight"] for m in cfg.models] == [0.5, 0.5]
     assert config.MAX_RECIPE_NODES == 1_000_000 and config.MAX_RECIPE_BYTES == 10_000_000
 
 
 # --- 2: a recipe that is not a regular file --------------------------------------------------------
+
 
 def _fifo(p: Path) -> Path:
     os.mkfifo(p)
@@ -200,25 +223,40 @@ def _folder(p: Path) -> Path:
     return p
 
 
-@pytest.mark.parametrize("build,kind", [(_fifo, "a FIFO"), (_dev_zero, "a device"), (_folder, "a folder")])
-def test_recipe_that_is_not_a_regular_file(tmp_path: Path, build: Callable[[Path], Path], kind: str) -> None:
+@pytest.mark.parametrize(
+    "build,kind", [(_fifo, "a FIFO"), (_dev_zero, "a device"), (_folder, "a folder")]
+)
+def test_recipe_that_is_not_a_regular_file(
+    tmp_path: Path, build: Callable[[Path], Path], kind: str
+) -> None:
     recipe = build(tmp_path / "r.yaml")
-    with pytest.raises(soupkit.ConfigError, match=f"the recipe is {kind}, expected a regular YAML file; it was not read"):
+    with pytest.raises(
+        soupkit.ConfigError,
+        match=f"the recipe is {kind}, expected a regular YAML file; it was not read",
+    ):
         soupkit.load_recipe(recipe)
     # a FIFO in a separate process: if it ever blocked again, the timeout ends it
-    r = run_cli("validate", str(recipe), timeout=60) if kind == "a FIFO" else cli("validate", str(recipe))
+    r = (
+        run_cli("validate", str(recipe), timeout=60)
+        if kind == "a FIFO"
+        else cli("validate", str(recipe))
+    )
     assert r.returncode == 2 and f"the recipe is {kind}" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_recipe_path_without_yaml_suffix(tmp_path: Path, models: list[Path]) -> None:
     recipe = tmp_path / "recipe"
-    recipe.write_text(json.dumps({"merge_method": "linear", "models": [{"model": str(m)} for m in models]}))
+    recipe.write_text(
+        json.dumps({"merge_method": "linear", "models": [{"model": str(m)} for m in models]})
+    )
     # the CLI's argument is always a file, whatever its name
     r = cli("validate", str(recipe))
     assert r.returncode == 0, r.stderr
     # the Python API: a Path is a file; a one-line str is a file only with a recipe suffix
     assert len(soupkit.load_recipe(recipe).models) == 3
-    with pytest.raises(soupkit.ConfigError, match="is neither a recipe file .* nor the YAML text of a recipe"):
+    with pytest.raises(
+        soupkit.ConfigError, match="is neither a recipe file .* nor the YAML text of a recipe"
+    ):
         soupkit.load_recipe(str(recipe))
     with pytest.raises(soupkit.ConfigError, match="does not exist"):
         soupkit.load_recipe(str(tmp_path / "missing.yml"))
@@ -234,14 +272,19 @@ def test_recipe_over_the_size_limit(tmp_path: Path) -> None:
 
 # --- 3: carried files have a size limit, and are copied streamed ---------------------------------
 
+
 def _recipe(tmp_path: Path, models: list[Path]) -> Path:
     r = tmp_path / "r.yaml"
-    r.write_text(json.dumps({"merge_method": "linear", "models": [{"model": str(m)} for m in models]}))
+    r.write_text(
+        json.dumps({"merge_method": "linear", "models": [{"model": str(m)} for m in models]})
+    )
     return r
 
 
 @pytest.mark.parametrize("size", [6 << 30, 1 << 30])
-def test_oversized_carried_file_is_refused_before_reading(tmp_path: Path, models: list[Path], size: int) -> None:
+def test_oversized_carried_file_is_refused_before_reading(
+    tmp_path: Path, models: list[Path], size: int
+) -> None:
     with open(models[0] / "config.json", "wb") as f:
         f.truncate(size)  # sparse: no disk, and reading it would need `size` bytes of memory
     recipe = _recipe(tmp_path, models)
@@ -250,17 +293,26 @@ def test_oversized_carried_file_is_refused_before_reading(tmp_path: Path, models
         with pytest.raises(CheckpointFormatError) as ei:
             soupkit.plan(recipe)
         msg = str(ei.value)
-        assert f"{models[0] / 'config.json'}: {size:,} bytes" in msg and "larger than 100,000,000 bytes" in msg
+        assert (
+            f"{models[0] / 'config.json'}: {size:,} bytes" in msg
+            and "larger than 100,000,000 bytes" in msg
+        )
 
     elapsed, peak = _bounded(plan)
     assert elapsed < 5 and peak < 20_000_000
     assert MAX_CARRY_BYTES == 100_000_000
     r = cli("merge", str(recipe), str(tmp_path / "out"))
-    assert r.returncode == 1 and "larger than 100,000,000 bytes" in r.stderr and "Traceback" not in r.stderr
+    assert (
+        r.returncode == 1
+        and "larger than 100,000,000 bytes" in r.stderr
+        and "Traceback" not in r.stderr
+    )
     assert not (tmp_path / "out").exists()
 
 
-def test_carried_files_are_copied_streamed(tmp_path: Path, models: list[Path], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_carried_files_are_copied_streamed(
+    tmp_path: Path, models: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
     tok = os.urandom(3_000_000)
     (models[0] / "tokenizer.json").write_bytes(tok)
     (models[0] / "config.json").write_text('{"model_type": "toy"}')
@@ -282,6 +334,7 @@ def test_carried_files_are_copied_streamed(tmp_path: Path, models: list[Path], m
 
 # --- 12: one rule for links ------------------------------------------------------------------------
 
+
 def _model_with_link(tmp_path: Path, name: str, target: Path) -> Path:
     m = tmp_path / "m"
     m.mkdir()
@@ -293,7 +346,9 @@ def test_model_file_symlink_out_of_the_folder_is_refused(tmp_path: Path) -> None
     outside = tmp_path / "elsewhere.safetensors"
     save_file({"a": torch.zeros(2)}, str(outside))
     m = _model_with_link(tmp_path, "model.safetensors", outside)
-    with pytest.raises(CheckpointFormatError, match="symbolic link that leads outside the model folder"):
+    with pytest.raises(
+        CheckpointFormatError, match="symbolic link that leads outside the model folder"
+    ):
         soupkit.open_checkpoint(m)
     r = cli("inspect", str(m))
     assert r.returncode == 1 and "leads outside the model folder" in r.stderr
@@ -311,11 +366,15 @@ def test_index_symlink_out_of_the_folder_is_refused(tmp_path: Path) -> None:
         soupkit.open_checkpoint(m)
 
 
-def test_carried_file_symlink_out_of_the_folder_is_refused(tmp_path: Path, models: list[Path]) -> None:
+def test_carried_file_symlink_out_of_the_folder_is_refused(
+    tmp_path: Path, models: list[Path]
+) -> None:
     secret = tmp_path / "secret.txt"
     secret.write_text("top secret")
     (models[0] / "tokenizer.json").symlink_to(secret)
-    with pytest.raises(CheckpointFormatError, match="carried file is a symbolic link that leads outside"):
+    with pytest.raises(
+        CheckpointFormatError, match="carried file is a symbolic link that leads outside"
+    ):
         soupkit.plan(_recipe(tmp_path, models))
 
 
@@ -393,28 +452,50 @@ def test_broken_and_looping_links_are_errors(tmp_path: Path) -> None:
 
 # --- 9: NaN weights and empty lists are errors -----------------------------------------------------
 
-@pytest.mark.parametrize("params,part", [
-    ({"weight": float("nan")}, "weight: nan is not a usable value"),
-    ({"weight": float("inf")}, "weight: inf is not a usable value"),
-    ({"weight": [0.5, float("nan")]}, "weight: nan is not a usable value"),
-    ({"weight": [{"filter": "mlp", "value": float("-inf")}, {"value": 1.0}]}, "weight: -inf is not a usable value"),
-    ({"weight": []}, "weight: an empty list sets nothing"),
-    ({"weight": [{"filter": "mlp", "value": []}]}, "weight: an entry's value is an empty list"),
-])
-def test_nonfinite_and_empty_parameter_values(tmp_path: Path, models: list[Path], params: dict[str, object],
-                                              part: str) -> None:
-    data = {"merge_method": "linear", "models": [{"model": str(m), "parameters": params} for m in models]}
-    with pytest.raises(soupkit.ConfigError, match="models\\[0\\].parameters: " + part.replace("[", "\\[")):
+
+@pytest.mark.parametrize(
+    "params,part",
+    [
+        ({"weight": float("nan")}, "weight: nan is not a usable value"),
+        ({"weight": float("inf")}, "weight: inf is not a usable value"),
+        ({"weight": [0.5, float("nan")]}, "weight: nan is not a usable value"),
+        (
+            {"weight": [{"filter": "mlp", "value": float("-inf")}, {"value": 1.0}]},
+            "weight: -inf is not a usable value",
+        ),
+        ({"weight": []}, "weight: an empty list sets nothing"),
+        ({"weight": [{"filter": "mlp", "value": []}]}, "weight: an entry's value is an empty list"),
+    ],
+)
+def test_nonfinite_and_empty_parameter_values(
+    tmp_path: Path, models: list[Path], params: dict[str, object], part: str
+) -> None:
+    data = {
+        "merge_method": "linear",
+        "models": [{"model": str(m), "parameters": params} for m in models],
+    }
+    with pytest.raises(
+        soupkit.ConfigError, match="models\\[0\\].parameters: " + part.replace("[", "\\[")
+    ):
         soupkit.load_recipe(data)
-    data = {"merge_method": "linear", "parameters": params, "models": [{"model": str(m)} for m in models]}
+    data = {
+        "merge_method": "linear",
+        "parameters": params,
+        "models": [{"model": str(m)} for m in models],
+    }
     with pytest.raises(soupkit.ConfigError, match="parameters: "):
         soupkit.plan(data)
 
 
 def test_nan_weight_in_yaml_fails_validate_on_the_cli(tmp_path: Path, models: list[Path]) -> None:
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("merge_method: linear\nmodels:\n" + "".join(
-        f"  - model: {m}\n    parameters: {{weight: {w}}}\n" for m, w in zip(models, [".nan", "1", "[]"])))
+    recipe.write_text(
+        "merge_method: linear\nmodels:\n"
+        + "".join(
+            f"  - model: {m}\n    parameters: {{weight: {w}}}\n"
+            for m, w in zip(models, [".nan", "1", "[]"])
+        )
+    )
     r = cli("validate", str(recipe))
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "2 problem(s)" in r.stderr and "weight: nan is not a usable value" in r.stderr
@@ -423,8 +504,11 @@ def test_nan_weight_in_yaml_fails_validate_on_the_cli(tmp_path: Path, models: li
 
 # --- 10: an input rewritten between plan and run ---------------------------------------------------
 
+
 @pytest.mark.parametrize("how", ["in-place", "replaced", "mtime-restored"])
-def test_input_rewritten_after_plan_is_refused(tmp_path: Path, models: list[Path], how: str) -> None:
+def test_input_rewritten_after_plan_is_refused(
+    tmp_path: Path, models: list[Path], how: str
+) -> None:
     p = soupkit.plan(_recipe(tmp_path, models))
     f = models[1] / "model.safetensors"
     st = f.stat()
@@ -440,14 +524,16 @@ def test_input_rewritten_after_plan_is_refused(tmp_path: Path, models: list[Path
         if how == "mtime-restored":
             os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert f.stat().st_size == st.st_size
-    with pytest.raises(CheckpointFormatError, match="the input file changed after it was planned") as ei:
+    with pytest.raises(
+        CheckpointFormatError, match="the input file changed after it was planned"
+    ) as ei:
         run_merge_plan(p, tmp_path / "out", progress=False)
     assert str(f.resolve()) in str(ei.value)
     assert not (tmp_path / "out").exists()
 
 
 def test_reader_checks_the_stamp_when_it_opens_a_file(tmp_path: Path, models: list[Path]) -> None:
-    from soupkit.execute import run_plan, MemorySink
+    from soupkit.execute import MemorySink, run_plan
 
     p = soupkit.plan(_recipe(tmp_path, models))
     f = models[2] / "model.safetensors"
@@ -457,6 +543,7 @@ def test_reader_checks_the_stamp_when_it_opens_a_file(tmp_path: Path, models: li
 
 
 # --- 8: output names of every legal length ---------------------------------------------------------
+
 
 @pytest.mark.parametrize("n", [240, 255])
 def test_long_legal_output_names_work(tmp_path: Path, n: int) -> None:
@@ -495,18 +582,39 @@ def test_ten_thousand_inputs_under_a_4g_address_space_limit(tmp_path: Path) -> N
     for i in range(n):  # hard links: 10,000 separate input files that cost no disk
         os.link(src, tmp_path / f"m{i}.safetensors")
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(json.dumps({"merge_method": "linear",
-                                  "models": [{"model": f"m{i}.safetensors"} for i in range(n)]}))
+    recipe.write_text(
+        json.dumps(
+            {"merge_method": "linear", "models": [{"model": f"m{i}.safetensors"} for i in range(n)]}
+        )
+    )
 
     def limits() -> None:
         resource.setrlimit(resource.RLIMIT_AS, (4 << 30, resource.getrlimit(resource.RLIMIT_AS)[1]))
-        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, n + 100) if hard == resource.RLIM_INFINITY
-                                                    else max(soft, min(hard, n + 100)), hard))
+        resource.setrlimit(
+            resource.RLIMIT_NOFILE,
+            (
+                max(soft, n + 100)
+                if hard == resource.RLIM_INFINITY
+                else max(soft, min(hard, n + 100)),
+                hard,
+            ),
+        )
 
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p), "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
+        "OMP_NUM_THREADS": "1",
+    }
     env.pop("SOUPKIT_DEBUG", None)
-    r = subprocess.run([sys.executable, "-m", "soupkit.cli", "merge", "--no-hash-inputs", str(recipe), "out"],
-                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, preexec_fn=limits)
+    r = subprocess.run(
+        [sys.executable, "-m", "soupkit.cli", "merge", "--no-hash-inputs", str(recipe), "out"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        preexec_fn=limits,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     from safetensors.torch import load_file
 
@@ -516,11 +624,19 @@ def test_ten_thousand_inputs_under_a_4g_address_space_limit(tmp_path: Path) -> N
 
 # --- 11: the evaluator's import does not put the current directory on sys.path -----------------
 
-def test_stray_module_in_cwd_does_not_run_with_an_evaluator_path(tmp_path: Path, models: list[Path]) -> None:
+
+def test_stray_module_in_cwd_does_not_run_with_an_evaluator_path(
+    tmp_path: Path, models: list[Path]
+) -> None:
     work = tmp_path / "work"
     work.mkdir()
     marker = tmp_path / "PWNED"
-    for name in ("matplotlib", "transformers", "tqdm", "json5"):  # what soupkit or a user imports later
+    for name in (
+        "matplotlib",
+        "transformers",
+        "tqdm",
+        "json5",
+    ):  # what soupkit or a user imports later
         (work / f"{name}.py").write_text(f"open({str(marker)!r}, 'a').write('{name}\\n')\n")
     evals = tmp_path / "evals"
     evals.mkdir()
@@ -529,37 +645,61 @@ def test_stray_module_in_cwd_does_not_run_with_an_evaluator_path(tmp_path: Path,
         "import helper_mod\n"  # its own folder is searched while it is imported
         "def score(state):\n"
         "    import matplotlib  # the real one (or none): never the current directory's\n"
-        "    return helper_mod.FACTOR * float(state['model.norm.weight'].sum())\n")
+        "    return helper_mod.FACTOR * float(state['model.norm.weight'].sum())\n"
+    )
     # the `soupkit` command (`python -m soupkit.cli` puts the current directory first on
     # sys.path before soupkit starts: Python's rule, see SECURITY.md)
     script = Path(sys.executable).parent / "soupkit"
     if not script.exists():
         pytest.skip("the soupkit console script is not installed")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p and p != str(work))}
-    r = subprocess.run([str(script), "greedy", *map(str, models), "--evaluator", f"{evals / 'my_eval.py'}:score",
-                        "--out", str(tmp_path / "out")], cwd=work, env=env, capture_output=True, text=True,
-                       timeout=300)
+    r = subprocess.run(
+        [
+            str(script),
+            "greedy",
+            *map(str, models),
+            "--evaluator",
+            f"{evals / 'my_eval.py'}:score",
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert not marker.exists(), marker.read_text()
     assert (tmp_path / "out" / "model.safetensors").is_file()
 
 
-def test_evaluator_import_leaves_sys_path_as_it_was(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_evaluator_import_leaves_sys_path_as_it_was(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from soupkit.evaluate import load_evaluator
 
-    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", os.getcwd(), str(tmp_path))])
+    monkeypatch.setattr(
+        sys, "path", [p for p in sys.path if p not in ("", os.getcwd(), str(tmp_path))]
+    )
     monkeypatch.chdir(tmp_path)
     before = list(sys.path)
     (tmp_path / "cwd_eval_mod_15.py").write_text("def score(state):\n    return 1.0\n")
     sub = tmp_path / "sub"
     sub.mkdir()
-    (sub / "file_eval_15.py").write_text("import sibling_15\ndef score(state):\n    return sibling_15.X\n")
+    (sub / "file_eval_15.py").write_text(
+        "import sibling_15\ndef score(state):\n    return sibling_15.X\n"
+    )
     (sub / "sibling_15.py").write_text("X = 3.0\n")
     assert load_evaluator("cwd_eval_mod_15:score")({}) == 1.0
     assert sys.path == before
     assert load_evaluator(f"{sub / 'file_eval_15.py'}:score")({}) == 3.0
     assert sys.path == before
     # the current directory is searched after the installed packages
-    (tmp_path / "pytest.py").write_text("raise SystemExit('the current directory shadowed pytest')\n")
-    (tmp_path / "shadow_eval_15.py").write_text("import pytest\ndef score(state):\n    return 2.0\n")
+    (tmp_path / "pytest.py").write_text(
+        "raise SystemExit('the current directory shadowed pytest')\n"
+    )
+    (tmp_path / "shadow_eval_15.py").write_text(
+        "import pytest\ndef score(state):\n    return 2.0\n"
+    )
     assert load_evaluator("shadow_eval_15:score")({}) == 2.0

@@ -7,12 +7,11 @@ import os
 from pathlib import Path
 
 import pytest
+from hostile_helpers import good_file, sharded_folder, write_index
 
 import soupkit
 from soupkit.errors import CheckpointFormatError
 from soupkit.io.checkpoint import INDEX_NAME
-
-from hostile_helpers import good_file, sharded_folder, write_index
 
 S1, S2 = "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"
 
@@ -31,7 +30,9 @@ def test_valid_sharded_folder_opens(tmp_path: Path) -> None:
     assert list(ck.tensors) == ["a", "b", "c"] and len(ck.files) == 2
 
 
-@pytest.mark.parametrize("target", ["../secret.safetensors", "sub/../../secret.safetensors", "/etc/passwd", "", "a\x00b"])
+@pytest.mark.parametrize(
+    "target", ["../secret.safetensors", "sub/../../secret.safetensors", "/etc/passwd", "", "a\x00b"]
+)
 def test_weight_map_may_not_leave_the_folder(tmp_path: Path, target: str) -> None:
     good_file(tmp_path / "secret.safetensors")
     folder = sharded_folder(tmp_path / "m")
@@ -98,8 +99,8 @@ def test_index_and_headers_disagree(tmp_path: Path) -> None:
 
 def test_same_tensor_in_two_shards(tmp_path: Path) -> None:
     folder = sharded_folder(tmp_path / "m")
-    from safetensors.torch import save_file
     import torch
+    from safetensors.torch import save_file
 
     save_file({"a": torch.zeros(4), "c": torch.zeros(3)}, str(folder / S2))
     msg = open_bad(folder)
@@ -112,19 +113,24 @@ def test_shard_with_a_malformed_header_names_the_shard(tmp_path: Path) -> None:
     (folder / S2).write_bytes(data[:-3])
     with pytest.raises(CheckpointFormatError) as ei:
         soupkit.open_checkpoint(folder)
-    assert str(ei.value).startswith(f"{folder / S2}: ") and "outside the data buffer" in str(ei.value)
+    assert str(ei.value).startswith(f"{folder / S2}: ") and "outside the data buffer" in str(
+        ei.value
+    )
 
 
-@pytest.mark.parametrize("text,part", [
-    ("{not json", "not valid JSON"),
-    ("[1, 2]", "expected an object with a 'weight_map' of tensor name -> shard file name"),
-    ('{"weight_map": ["a"]}', "expected an object with a 'weight_map'"),
-    ('{"weight_map": {"a": 1}}', "expected an object with a 'weight_map'"),
-    ('{"weight_map": {"a": "x", "a": "y"}}', "names key 'a' twice in one object"),
-    ('{"weight_map": {"a": "x"}, "weight_map": {}}', "names key 'weight_map' twice"),
-    ("[" * 100_000, "nested too deeply"),
-    ('{"weight_map": {}, "n": 1' + "0" * 5000 + "}", "not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "text,part",
+    [
+        ("{not json", "not valid JSON"),
+        ("[1, 2]", "expected an object with a 'weight_map' of tensor name -> shard file name"),
+        ('{"weight_map": ["a"]}', "expected an object with a 'weight_map'"),
+        ('{"weight_map": {"a": 1}}', "expected an object with a 'weight_map'"),
+        ('{"weight_map": {"a": "x", "a": "y"}}', "names key 'a' twice in one object"),
+        ('{"weight_map": {"a": "x"}, "weight_map": {}}', "names key 'weight_map' twice"),
+        ("[" * 100_000, "nested too deeply"),
+        ('{"weight_map": {}, "n": 1' + "0" * 5000 + "}", "not valid JSON"),
+    ],
+)
 def test_malformed_index(tmp_path: Path, text: str, part: str) -> None:
     folder = sharded_folder(tmp_path / "m")
     (folder / INDEX_NAME).write_text(text)
@@ -144,7 +150,9 @@ def test_oversized_index_is_refused_before_reading(tmp_path: Path) -> None:
     assert "50000001 bytes; an index larger than 50000000 bytes is refused" in open_bad(folder)
 
 
-def test_merge_refuses_hostile_index_through_the_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_merge_refuses_hostile_index_through_the_cli(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from soupkit.cli import main
 
     good_file(tmp_path / "secret.safetensors")
@@ -152,8 +160,16 @@ def test_merge_refuses_hostile_index_through_the_cli(tmp_path: Path, capsys: pyt
     write_index(folder, {"a": S1, "b": S1, "c": "../secret.safetensors"})
     other = sharded_folder(tmp_path / "n", seed=1)
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(json.dumps({"merge_method": "linear", "models": [{"model": str(other)}, {"model": str(folder)}]}))
+    recipe.write_text(
+        json.dumps(
+            {"merge_method": "linear", "models": [{"model": str(other)}, {"model": str(folder)}]}
+        )
+    )
     assert main(["merge", str(recipe), str(tmp_path / "out")]) == 2  # PlanError: a usage problem
     err = capsys.readouterr().err
-    assert "error: PlanError" in err and "models[1]" in err and "points outside the model folder" in err
+    assert (
+        "error: PlanError" in err
+        and "models[1]" in err
+        and "points outside the model folder" in err
+    )
     assert not (tmp_path / "out").exists()

@@ -34,8 +34,13 @@ def base_state(seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, t
     return sd
 
 
-def finetunes(base: Mapping[str, torch.Tensor], n: int, seed: int = 100, scale: float = 0.1,
-              dtype: torch.dtype | None = None) -> list[dict[str, torch.Tensor]]:
+def finetunes(
+    base: Mapping[str, torch.Tensor],
+    n: int,
+    seed: int = 100,
+    scale: float = 0.1,
+    dtype: torch.dtype | None = None,
+) -> list[dict[str, torch.Tensor]]:
     """``n`` fine-tunes: the base plus independent noise (non-float tensors copied)."""
     g = torch.Generator().manual_seed(seed)
     out = []
@@ -57,12 +62,22 @@ def write(folder: Path, state: Mapping[str, torch.Tensor]) -> Path:
     return folder
 
 
-def direct(method: str, states: Sequence[Mapping[str, torch.Tensor]], base: Mapping[str, torch.Tensor] | None,
-           params: Any, name: str, seed: int = 0) -> torch.Tensor:
+def direct(
+    method: str,
+    states: Sequence[Mapping[str, torch.Tensor]],
+    base: Mapping[str, torch.Tensor] | None,
+    params: Any,
+    name: str,
+    seed: int = 0,
+) -> torch.Tensor:
     """The pure method function on whole float32 tensors, seeded as the engine seeds it."""
     spec = methods.get(method)
     xs = [s[name].float().clone() for s in states]
-    b = base[name].float().clone() if (base is not None and (spec.needs_base or spec.optional_base)) else None
+    b = (
+        base[name].float().clone()
+        if (base is not None and (spec.needs_base or spec.optional_base))
+        else None
+    )
     if base is not None and spec.base_as_input:  # karcher: the base after the models, as mergekit
         xs.append(base[name].float().clone())
     rng = None
@@ -76,7 +91,17 @@ def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Same dtype, shape and bytes (distinguishes -0.0 from 0.0 and NaN payloads)."""
     if a.dtype != b.dtype or a.shape != b.shape:
         return False
-    return bool(torch.equal(a.contiguous().view(torch.uint8) if a.element_size() == 1 else
-                            a.contiguous().view({2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]),
-                            b.contiguous().view(torch.uint8) if b.element_size() == 1 else
-                            b.contiguous().view({2: torch.int16, 4: torch.int32, 8: torch.int64}[b.element_size()])))
+    return bool(
+        torch.equal(
+            a.contiguous().view(torch.uint8)
+            if a.element_size() == 1
+            else a.contiguous().view(
+                {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+            ),
+            b.contiguous().view(torch.uint8)
+            if b.element_size() == 1
+            else b.contiguous().view(
+                {2: torch.int16, 4: torch.int32, 8: torch.int64}[b.element_size()]
+            ),
+        )
+    )

@@ -153,7 +153,11 @@ def trim_band(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor
         return delta
     magnitude = delta.abs()
     upper = topk_cut(magnitude, top + keep)
-    mask = torch.ones_like(magnitude, dtype=torch.bool) if upper is None else cut_mask(magnitude, upper)
+    mask = (
+        torch.ones_like(magnitude, dtype=torch.bool)
+        if upper is None
+        else cut_mask(magnitude, upper)
+    )
     lower = topk_cut(magnitude, top)
     if top > 0 and lower is not None:
         mask &= ~cut_mask(magnitude, lower)

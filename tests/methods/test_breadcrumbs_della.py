@@ -26,14 +26,17 @@ def test_breadcrumbs_hand_example() -> None:
     assert out.tolist() == [x + 0.5 * y for x, y in zip(ta, tb)]
     # with TIES consensus (paper convention): elect sgn(ta + tb) = [0 - + - + + + - + 0], then the
     # weighted agreeing entries over their count: index 5 keeps 0.5 * 6, index 6 (4 + 0.5 * 7) / 2
-    pt = BreadcrumbsTiesParams(weight=(1.0, 0.5), density=(0.6, 0.6), gamma=(0.1, 0.1), convention="paper")
+    pt = BreadcrumbsTiesParams(
+        weight=(1.0, 0.5), density=(0.6, 0.6), gamma=(0.1, 0.1), convention="paper"
+    )
     tied = methods.get("breadcrumbs_ties").fn([a.clone(), b.clone()], pt)
     assert tied.tolist() == [0, -9, 8, -7, 6, 3, 3.75, -4, 4.5, 0]
 
 
 def test_breadcrumbs_mergekit_convention() -> None:
-    p = BreadcrumbsTiesParams.model_validate({"weight": [1, 1], "density": [1, 1], "gamma": [0, 0],
-                                              "convention": "mergekit"})
+    p = BreadcrumbsTiesParams.model_validate(
+        {"weight": [1, 1], "density": [1, 1], "gamma": [0, 0], "convention": "mergekit"}
+    )
     assert (p.sign_source, p.sign_tie, p.aggregation) == ("weighted", "positive", "sum")
     with pytest.raises(ValueError, match="convention 'peft' is not defined for this method"):
         BreadcrumbsTiesParams.model_validate({"weight": [1], "density": [1], "convention": "peft"})
@@ -62,6 +65,7 @@ def test_della_keep_rate_and_rescale() -> None:
     assert abs(top - 0.55) < 0.02 and abs(bottom - 0.25) < 0.02
     # each survivor is divided by its own keep probability (the paper's rescale)
     from soupkit.methods._ops import della_keep_probs
+
     probs = della_keep_probs(d, 0.4, 0.2)
     assert torch.equal(out[kept], (d / probs)[kept])
     assert abs(out.mean().item() - d.mean().item()) < 0.02
@@ -73,12 +77,21 @@ def test_della_parameter_range_is_checked() -> None:
     DellaParams(weight=(1.0,), density=(1.0,), epsilon=(0.15,))  # no drop: epsilon unused
     base = base_state()
     with pytest.raises(soupkit.ConfigError, match="epsilon"):
-        soupkit.merge_state_dicts(finetunes(base, 1), "della", base=base, parameters={"density": 0.9})
+        soupkit.merge_state_dicts(
+            finetunes(base, 1), "della", base=base, parameters={"density": 0.9}
+        )
 
 
 def test_della_conventions_and_determinism() -> None:
-    mk = DellaParams.model_validate({"weight": [1], "density": [0.5], "epsilon": [0.1], "convention": "mergekit"})
-    assert (mk.rescale, mk.sign_source, mk.aggregation, mk.sign_tie) == ("l1", "weighted", "weighted_mean", "positive")
+    mk = DellaParams.model_validate(
+        {"weight": [1], "density": [0.5], "epsilon": [0.1], "convention": "mergekit"}
+    )
+    assert (mk.rescale, mk.sign_source, mk.aggregation, mk.sign_tie) == (
+        "l1",
+        "weighted",
+        "weighted_mean",
+        "positive",
+    )
     base = base_state()
     fts = finetunes(base, 3)
     kw = {"base": base, "parameters": {"density": 0.5, "epsilon": 0.1}, "seed": 9}
@@ -91,7 +104,11 @@ def test_della_conventions_and_determinism() -> None:
 @given(n=st.integers(1, 4), seed=st.integers(0, 2**31))
 def test_zero_deltas_give_the_base(n: int, seed: int) -> None:
     base = base_state(seed % 7)
-    for method, params in [("breadcrumbs", {"density": 0.5}), ("breadcrumbs_ties", {"density": 0.5}),
-                           ("della", {"density": 0.5}), ("della_linear", {"density": 0.5})]:
+    for method, params in [
+        ("breadcrumbs", {"density": 0.5}),
+        ("breadcrumbs_ties", {"density": 0.5}),
+        ("della", {"density": 0.5}),
+        ("della_linear", {"density": 0.5}),
+    ]:
         out = soupkit.merge_state_dicts([base] * n, method, base=base, parameters=params, seed=seed)
         assert all(torch.equal(out[k], base[k]) for k in base)

@@ -36,7 +36,9 @@ def test_dare_linear_statistics_match_peft(density: float) -> None:
         assert abs(frac - density) < 4 * (density * (1 - density) / N) ** 0.5 + 1e-9
         assert torch.equal(out[kept], d[kept] / density)  # survivors rescaled exactly by 1/density
         assert abs(out.mean().item() - d.mean().item()) < 0.02  # unbiased
-    assert not torch.equal(peft_out != 0, ours != 0)  # different generators: compare statistics only
+    assert not torch.equal(
+        peft_out != 0, ours != 0
+    )  # different generators: compare statistics only
 
 
 def test_dare_ties_statistics_match_peft() -> None:
@@ -44,8 +46,12 @@ def test_dare_ties_statistics_match_peft() -> None:
     w = torch.tensor([1.0, 0.5, 2.0])
     torch.manual_seed(54321)
     peft_out = merge_utils.dare_ties([d.clone() for d in deltas], w, 0.3)
-    p = DareTiesParams.model_validate({"weight": w.tolist(), "density": [0.3] * 3, "convention": "peft"})
-    ours = methods.get("dare_ties").fn([d.clone() for d in deltas], p, rng=torch.Generator().manual_seed(888))
+    p = DareTiesParams.model_validate(
+        {"weight": w.tolist(), "density": [0.3] * 3, "convention": "peft"}
+    )
+    ours = methods.get("dare_ties").fn(
+        [d.clone() for d in deltas], p, rng=torch.Generator().manual_seed(888)
+    )
     nonzero = [(o != 0).float().mean().item() for o in (peft_out, ours)]
     assert abs(nonzero[0] - nonzero[1]) < 0.01
     assert abs(peft_out.abs().mean().item() - ours.abs().mean().item()) < 0.01
@@ -55,7 +61,9 @@ def test_dare_ties_statistics_match_peft() -> None:
 def test_dare_ties_with_everything_kept_is_ties_consensus() -> None:
     deltas = [torch.tensor([1.0, -2.0, 0.5]), torch.tensor([-1.0, -1.0, 0.25])]
     p = DareTiesParams(weight=(1.0, 1.0), density=(1.0, 1.0), convention="paper")
-    out = methods.get("dare_ties").fn([d.clone() for d in deltas], p, rng=torch.Generator().manual_seed(0))
+    out = methods.get("dare_ties").fn(
+        [d.clone() for d in deltas], p, rng=torch.Generator().manual_seed(0)
+    )
     assert out.tolist() == [0.0, -1.5, 0.375]  # sign tie -> 0 (paper), mean of agreeing
 
 
@@ -64,10 +72,21 @@ def test_bool_rescale_and_conventions() -> None:
     assert DareLinearParams.model_validate({**paper, "rescale": False}).rescale == "none"
     assert DareLinearParams.model_validate({**paper, "rescale": True}).rescale == "density"
     # mergekit's `rescale: true` is its L1 rescale (the default convention)
-    assert DareLinearParams.model_validate({"weight": [1], "density": [0.5], "rescale": True}).rescale == "l1"
-    assert DareLinearParams.model_validate({"weight": [1], "density": [0.5], "rescale": False}).rescale == "none"
+    assert (
+        DareLinearParams.model_validate({"weight": [1], "density": [0.5], "rescale": True}).rescale
+        == "l1"
+    )
+    assert (
+        DareLinearParams.model_validate({"weight": [1], "density": [0.5], "rescale": False}).rescale
+        == "none"
+    )
     mk = DareTiesParams.model_validate({"weight": [1], "density": [0.5], "convention": "mergekit"})
-    assert (mk.rescale, mk.sign_source, mk.sign_tie, mk.aggregation) == ("l1", "weighted", "positive", "sum")
+    assert (mk.rescale, mk.sign_source, mk.sign_tie, mk.aggregation) == (
+        "l1",
+        "weighted",
+        "positive",
+        "sum",
+    )
     with pytest.raises(ValueError, match="greater than 0"):
         DareLinearParams(weight=(1.0,), density=(0.0,))
 
@@ -76,7 +95,9 @@ def test_same_seed_same_bytes_other_seed_other_bytes() -> None:
     base = base_state()
     fts = finetunes(base, 3)
     a = soupkit.merge_state_dicts(fts, "dare_ties", base=base, parameters={"density": 0.5}, seed=3)
-    b = soupkit.merge_state_dicts(fts, "dare_ties", base=base, parameters={"density": 0.5}, seed=3, chunk_elems=5)
+    b = soupkit.merge_state_dicts(
+        fts, "dare_ties", base=base, parameters={"density": 0.5}, seed=3, chunk_elems=5
+    )
     c = soupkit.merge_state_dicts(fts, "dare_ties", base=base, parameters={"density": 0.5}, seed=4)
     assert all(bits_equal(a[k], b[k]) for k in a)
     assert any(not torch.equal(a[k], c[k]) for k in a if a[k].is_floating_point())
@@ -88,8 +109,12 @@ def test_one_models_density_does_not_change_another_models_mask() -> None:
 
     def model0_kept(density1: float) -> torch.Tensor:
         # weight 0 on model 1 isolates model 0's contribution; model 1 still draws its mask
-        out = soupkit.merge_state_dicts(fts, "dare_linear", base=base, model_parameters=[
-            {"density": 0.5}, {"density": density1, "weight": 0.0}])
+        out = soupkit.merge_state_dicts(
+            fts,
+            "dare_linear",
+            base=base,
+            model_parameters=[{"density": 0.5}, {"density": density1, "weight": 0.0}],
+        )
         return out["w"] != 0
 
     assert torch.equal(model0_kept(0.3), model0_kept(0.9))
@@ -100,19 +125,30 @@ def test_blocks_make_large_tensors_chunk_invariant() -> None:
     n = RNG_BLOCK + 1000  # two RNG blocks
     base = {"w": torch.zeros(n)}
     fts = [{"w": torch.randn(n, generator=torch.Generator().manual_seed(i))} for i in range(2)]
-    a = soupkit.merge_state_dicts(fts, "dare_linear", base=base, parameters={"density": 0.5}, chunk_elems=333_333)
+    a = soupkit.merge_state_dicts(
+        fts, "dare_linear", base=base, parameters={"density": 0.5}, chunk_elems=333_333
+    )
     b = soupkit.merge_state_dicts(fts, "dare_linear", base=base, parameters={"density": 0.5})
     assert bits_equal(a["w"], b["w"])
 
 
 @settings(max_examples=30, deadline=None)
-@given(vals=st.lists(st.floats(-4, 4, allow_nan=False, width=16), min_size=1, max_size=16),
-       n=st.integers(1, 4), density=st.floats(0.05, 1.0), seed=st.integers(0, 2**31))
+@given(
+    vals=st.lists(st.floats(-4, 4, allow_nan=False, width=16), min_size=1, max_size=16),
+    n=st.integers(1, 4),
+    density=st.floats(0.05, 1.0),
+    seed=st.integers(0, 2**31),
+)
 def test_zero_deltas_give_the_base(vals: list[float], n: int, density: float, seed: int) -> None:
     base = {"x": torch.tensor(vals)}
     for method in ("dare_linear", "dare_ties"):
-        out = soupkit.merge_state_dicts([base] * n, method, base={"x": torch.tensor(vals)},
-                                        parameters={"density": density}, seed=seed)
+        out = soupkit.merge_state_dicts(
+            [base] * n,
+            method,
+            base={"x": torch.tensor(vals)},
+            parameters={"density": density},
+            seed=seed,
+        )
         assert torch.equal(out["x"], base["x"])
 
 

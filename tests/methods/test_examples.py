@@ -39,13 +39,17 @@ def test_example_opens_with_its_command_and_validates(path: Path) -> None:
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
-def test_example_runs_on_tiny_models(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_example_runs_on_tiny_models(
+    path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     cfg = soupkit.load_recipe(path)
     if cfg.merge_method not in methods.REGISTRY or not cfg.models:
         pytest.skip("not a registry method over `models:`")
     monkeypatch.chdir(tmp_path)
     base = base_state(3, torch.bfloat16)
-    refs = list(dict.fromkeys(([cfg.base_model] if cfg.base_model else []) + [m.model for m in cfg.models]))
+    refs = list(
+        dict.fromkeys(([cfg.base_model] if cfg.base_model else []) + [m.model for m in cfg.models])
+    )
     states = [base] + finetunes(base, len(refs) - 1, scale=0.3)
     for ref, state in zip(refs, states):
         write(tmp_path / ref, state)

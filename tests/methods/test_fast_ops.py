@@ -20,7 +20,22 @@ from soupkit.tensor_trim import TopKSelect, magnitude_bits
 from . import reference_ops as ref
 from .helpers import bits_equal
 
-NASTY = [0.0, -0.0, 0.5, -0.5, 1.0, -1.0, 2.0, 1e-30, -1e-30, 3e38, -3e38, float("inf"), float("-inf"), float("nan")]
+NASTY = [
+    0.0,
+    -0.0,
+    0.5,
+    -0.5,
+    1.0,
+    -1.0,
+    2.0,
+    1e-30,
+    -1e-30,
+    3e38,
+    -3e38,
+    float("inf"),
+    float("-inf"),
+    float("nan"),
+]
 FINITE = [0.0, -0.0, 0.5, -0.5, 1.0, -1.0, 2.0, -2.0, 1e-30, 3e38]
 
 vectors = st.lists(st.sampled_from(NASTY), min_size=1, max_size=60)
@@ -33,8 +48,11 @@ def same(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 @settings(max_examples=300, deadline=None)
-@given(vals=vectors, thr=st.sampled_from([0.0, 0.5, 1.0, 2.0, 3e38, math.inf, math.nan]),
-       ties=st.sampled_from([None, 0, 1, 2, 5]))
+@given(
+    vals=vectors,
+    thr=st.sampled_from([0.0, 0.5, 1.0, 2.0, 3e38, math.inf, math.nan]),
+    ties=st.sampled_from([None, 0, 1, 2, 5]),
+)
 def test_apply_cut(vals: list[float], thr: float, ties: int | None) -> None:
     x = torch.tensor(vals)
     cut = MagnitudeCut(thr, ties)
@@ -58,7 +76,7 @@ def test_streamed_topk_cut_equals_kthvalue_cut(vals: list[float], k_frac: float)
     if not 0 < k < n:
         return
     sel = TopKSelect(n, (k,))
-    pieces = [x[i:i + 7] for i in range(0, n, 7)]  # any chunking
+    pieces = [x[i : i + 7] for i in range(0, n, 7)]  # any chunking
     for p in pieces:
         sel.add_hi(magnitude_bits(p))
     sel.select_buckets()
@@ -74,8 +92,12 @@ def test_streamed_topk_cut_equals_kthvalue_cut(vals: list[float], k_frac: float)
 
 
 @settings(max_examples=150, deadline=None)
-@given(vals=vectors, density=st.sampled_from([0.01, 0.3, 0.5, 0.9, 1.0]), seed=st.integers(0, 2**31),
-       rescale=st.sampled_from(["density", "l1", "none"]))
+@given(
+    vals=vectors,
+    density=st.sampled_from([0.01, 0.3, 0.5, 0.9, 1.0]),
+    seed=st.integers(0, 2**31),
+    rescale=st.sampled_from(["density", "l1", "none"]),
+)
 def test_dare_drop(vals: list[float], density: float, seed: int, rescale: str) -> None:
     x = torch.tensor(vals)
     got = _ops.dare_drop(x.clone(), density, torch.Generator().manual_seed(seed), rescale)  # type: ignore[arg-type]
@@ -84,8 +106,11 @@ def test_dare_drop(vals: list[float], density: float, seed: int, rescale: str) -
 
 
 @settings(max_examples=300, deadline=None)
-@given(rows=st.lists(vectors, min_size=1, max_size=4).filter(lambda r: len({len(v) for v in r}) == 1),
-       source=st.sampled_from(["unweighted", "weighted", "count"]), tie=st.sampled_from(["zero", "positive"]))
+@given(
+    rows=st.lists(vectors, min_size=1, max_size=4).filter(lambda r: len({len(v) for v in r}) == 1),
+    source=st.sampled_from(["unweighted", "weighted", "count"]),
+    tie=st.sampled_from(["zero", "positive"]),
+)
 def test_elect_sign(rows: list[list[float]], source: str, tie: str) -> None:
     xs = [torch.tensor(r) for r in rows]
     got = _ops.elect_sign([x.clone() for x in xs], source, tie)  # type: ignore[arg-type]
@@ -95,15 +120,27 @@ def test_elect_sign(rows: list[list[float]], source: str, tie: str) -> None:
 
 def _rows(n_models: int, pool: list[float]) -> st.SearchStrategy[list[list[float]]]:
     return st.integers(1, 40).flatmap(
-        lambda n: st.lists(st.lists(st.sampled_from(pool), min_size=n, max_size=n), min_size=n_models, max_size=n_models))
+        lambda n: st.lists(
+            st.lists(st.sampled_from(pool), min_size=n, max_size=n),
+            min_size=n_models,
+            max_size=n_models,
+        )
+    )
 
 
 @settings(max_examples=300, deadline=None)
-@given(data=st.data(), n_models=st.integers(1, 4), source=st.sampled_from(["unweighted", "weighted", "count"]),
-       tie=st.sampled_from(["zero", "positive"]), agg=st.sampled_from(["mean", "weighted_mean", "sum"]),
-       lam=st.sampled_from([1.0, 0.5, -2.0]), finite=st.booleans())
-def test_consensus_combine_and_disjoint_merge(data: st.DataObject, n_models: int, source: str, tie: str, agg: str,
-                                              lam: float, finite: bool) -> None:
+@given(
+    data=st.data(),
+    n_models=st.integers(1, 4),
+    source=st.sampled_from(["unweighted", "weighted", "count"]),
+    tie=st.sampled_from(["zero", "positive"]),
+    agg=st.sampled_from(["mean", "weighted_mean", "sum"]),
+    lam=st.sampled_from([1.0, 0.5, -2.0]),
+    finite=st.booleans(),
+)
+def test_consensus_combine_and_disjoint_merge(
+    data: st.DataObject, n_models: int, source: str, tie: str, agg: str, lam: float, finite: bool
+) -> None:
     rows = data.draw(_rows(n_models, FINITE if finite else NASTY))
     ws = data.draw(st.lists(weights, min_size=n_models, max_size=n_models))
     xs = [torch.tensor(r) for r in rows]
@@ -118,7 +155,12 @@ def test_consensus_combine_and_disjoint_merge(data: st.DataObject, n_models: int
 
 
 @settings(max_examples=200, deadline=None)
-@given(data=st.data(), n_models=st.integers(1, 5), normalize=st.booleans(), lam=st.sampled_from([1.0, 0.3, -1.0]))
+@given(
+    data=st.data(),
+    n_models=st.integers(1, 5),
+    normalize=st.booleans(),
+    lam=st.sampled_from([1.0, 0.3, -1.0]),
+)
 def test_linear_combine(data: st.DataObject, n_models: int, normalize: bool, lam: float) -> None:
     rows = data.draw(_rows(n_models, NASTY))
     ws = data.draw(st.lists(weights, min_size=n_models, max_size=n_models))
@@ -143,11 +185,21 @@ def test_helpers_leave_their_inputs_alone() -> None:
 
 
 @settings(max_examples=25, deadline=None)
-@given(seed=st.integers(0, 2**16), chunk=st.integers(1, 40), density=st.sampled_from([0.1, 0.35, 0.5, 0.8]),
-       piece=st.integers(1, 9), threads=st.integers(1, 3))
+@given(
+    seed=st.integers(0, 2**16),
+    chunk=st.integers(1, 40),
+    density=st.sampled_from([0.1, 0.35, 0.5, 0.8]),
+    piece=st.integers(1, 9),
+    threads=st.integers(1, 3),
+)
 def test_streamed_per_tensor_ties_with_many_tied_magnitudes_equals_the_whole_tensor_method(
-        tmp_path_factory: pytest.TempPathFactory, seed: int, chunk: int, density: float, piece: int,
-        threads: int) -> None:
+    tmp_path_factory: pytest.TempPathFactory,
+    seed: int,
+    chunk: int,
+    density: float,
+    piece: int,
+    threads: int,
+) -> None:
     # Deltas from a handful of values: most magnitudes tie at the cut, so the tie quota is spread
     # over many chunks (all-tied chunks, the boundary chunk, chunks past the quota); pieces of
     # `piece` elements, with the histogram passes shared between `threads` compute threads.
@@ -162,14 +214,24 @@ def test_streamed_per_tensor_ties_with_many_tied_magnitudes_equals_the_whole_ten
     g = torch.Generator().manual_seed(seed)
     levels = torch.tensor([-2.0, -1.0, 0.0, 1.0, 1.0, 2.0])
     base = {k: torch.zeros(s) for k, s in SHAPES.items()}
-    fts = [{k: levels[torch.randint(0, 6, s, generator=g)] for k, s in SHAPES.items()} for _ in range(3)]
-    recipe = {"merge_method": "ties", "base_model": str(write(tmp / "base", base)),
-              "parameters": {"density": density, "trim_scope": "per_tensor"},
-              "models": [{"model": str(write(tmp / f"ft{i}", s))} for i, s in enumerate(fts)]}
-    with mock.patch.object(execute, "COMPUTE_ELEMS", piece), \
-            mock.patch.object(execute, "_sizes_compute_threads", lambda: threads), \
-            mock.patch.object(execute, "_sizes_stream_threads", lambda: threads):
-        res = soupkit.merge(recipe, tmp / "out", progress=False, chunk_elems=chunk, hash_inputs=False)
+    fts = [
+        {k: levels[torch.randint(0, 6, s, generator=g)] for k, s in SHAPES.items()}
+        for _ in range(3)
+    ]
+    recipe = {
+        "merge_method": "ties",
+        "base_model": str(write(tmp / "base", base)),
+        "parameters": {"density": density, "trim_scope": "per_tensor"},
+        "models": [{"model": str(write(tmp / f"ft{i}", s))} for i, s in enumerate(fts)],
+    }
+    with (
+        mock.patch.object(execute, "COMPUTE_ELEMS", piece),
+        mock.patch.object(execute, "_sizes_compute_threads", lambda: threads),
+        mock.patch.object(execute, "_sizes_stream_threads", lambda: threads),
+    ):
+        res = soupkit.merge(
+            recipe, tmp / "out", progress=False, chunk_elems=chunk, hash_inputs=False
+        )
     from safetensors.torch import load_file
 
     got = load_file(str(res.out / "model.safetensors"))
@@ -183,7 +245,17 @@ def test_lo_bins_place_every_pattern_like_the_wide_formula(start: int) -> None:
     above, for the extreme patterns (zero, the bucket's edges, +Inf, the largest NaN)."""
     from soupkit.tensor_trim import _lo_bins
 
-    edges = [0, 1, start - 1, start, start + 7, start + 65535, start + 65536, 0x7F800000, 0x7FFFFFFF]
+    edges = [
+        0,
+        1,
+        start - 1,
+        start,
+        start + 7,
+        start + 65535,
+        start + 65536,
+        0x7F800000,
+        0x7FFFFFFF,
+    ]
     bits = torch.tensor([b for b in edges if 0 <= b <= 0x7FFFFFFF], dtype=torch.int32)
     out = torch.empty_like(bits)
     _lo_bins(start, bits, out)

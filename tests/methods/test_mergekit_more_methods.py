@@ -26,8 +26,10 @@ from soupkit import methods
 from .helpers import bits_equal
 from .test_mergekit_methods import MERGEKIT_PY, _shapes, _write, merge_both
 
-pytestmark = pytest.mark.skipif(not MERGEKIT_PY.is_file(),
-                                reason="the mergekit reference venv benchmarks/.venv-mergekit is absent")
+pytestmark = pytest.mark.skipif(
+    not MERGEKIT_PY.is_file(),
+    reason="the mergekit reference venv benchmarks/.venv-mergekit is absent",
+)
 
 FUNCTION_RUNNER = r"""
 import json, sys, torch
@@ -43,19 +45,36 @@ save_file(out, sys.argv[3])
 """
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-SHAPES = {"mat": (24, 16), "vec": (40,), "steps": (16, 12)}  # steps: updates of a few sizes, many ties
+SHAPES = {
+    "mat": (24, 16),
+    "vec": (40,),
+    "steps": (16, 12),
+}  # steps: updates of a few sizes, many ties
 
 # (case name, method, number of models, with base, global parameters, per-model parameters)
 CASES: list[tuple[str, str, int, bool, dict[str, Any], dict[str, list[Any]]]] = [
     ("nuslerp", "nuslerp", 2, False, {}, {"weight": [0.3, 0.7]}),
     ("nuslerp_base", "nuslerp", 2, True, {}, {"weight": [0.6, 0.4]}),
     ("nuslerp_rows", "nuslerp", 2, True, {"nuslerp_flatten": False}, {"weight": [0.5, 0.5]}),
-    ("nuslerp_cols", "nuslerp", 2, False, {"nuslerp_flatten": False, "nuslerp_row_wise": True},
-     {"weight": [1.0, 3.0]}),
+    (
+        "nuslerp_cols",
+        "nuslerp",
+        2,
+        False,
+        {"nuslerp_flatten": False, "nuslerp_row_wise": True},
+        {"weight": [1.0, 3.0]},
+    ),
     ("nuslerp_zero_total", "nuslerp", 2, True, {}, {"weight": [1.0, -1.0]}),
     ("multislerp", "multislerp", 3, False, {}, {"weight": [1.0, 0.5, 0.8]}),
     ("multislerp_base", "multislerp", 3, True, {}, {"weight": [0.2, 0.3, 0.5]}),
-    ("multislerp_raw", "multislerp", 2, True, {"normalize_weights": False, "eps": 1e-6}, {"weight": [0.7, 0.6]}),
+    (
+        "multislerp_raw",
+        "multislerp",
+        2,
+        True,
+        {"normalize_weights": False, "eps": 1e-6},
+        {"weight": [0.7, 0.6]},
+    ),
     ("multislerp_one", "multislerp", 1, True, {}, {"weight": [2.0]}),
     ("karcher", "karcher", 3, False, {}, {}),
     ("karcher_base", "karcher", 3, True, {"max_iter": 4, "tol": 1e-4}, {}),
@@ -84,17 +103,22 @@ def _stand_ins() -> dict[str, torch.Tensor]:
             base = 0.25 * torch.randint(-4, 5, shape, generator=g).float()
         out[f"{s}.base"] = base
         for i in range(3):
-            if s == "steps":  # multiples of 1/8: equal variances across many entries (SCE's top-k ties)
+            if (
+                s == "steps"
+            ):  # multiples of 1/8: equal variances across many entries (SCE's top-k ties)
                 out[f"{s}.ft{i}"] = base + 0.125 * torch.randint(-2, 3, shape, generator=g)
                 continue
             keep = torch.rand(shape, generator=g) < 0.6
-            step = torch.randn(shape, generator=g) * torch.where(torch.rand(shape, generator=g) < 0.5, 0.01, 0.1)
+            step = torch.randn(shape, generator=g) * torch.where(
+                torch.rand(shape, generator=g) < 0.5, 0.01, 0.1
+            )
             out[f"{s}.ft{i}"] = base + 0.3 * step.sign() * step.abs() * keep + 0.02 * (i - 1) * keep
     return out
 
 
-def _inputs(case: tuple[str, str, int, bool, dict[str, Any], dict[str, list[Any]]], shape: str
-            ) -> tuple[list[str], int | None]:
+def _inputs(
+    case: tuple[str, str, int, bool, dict[str, Any], dict[str, list[Any]]], shape: str
+) -> tuple[list[str], int | None]:
     """mergekit's input list (the base after the models, as mergekit's planner appends it)."""
     _, _, n, with_base, _, _ = case
     keys = [f"{shape}.ft{i}" for i in range(n)]
@@ -104,7 +128,9 @@ def _inputs(case: tuple[str, str, int, bool, dict[str, Any], dict[str, list[Any]
 
 
 @pytest.fixture(scope="module")
-def mergekit_results(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def mergekit_results(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     root = tmp_path_factory.mktemp("mk_more")
     data = _stand_ins()
     inputs = {f"{dt}/{k}": v.to(d) for dt, d in DTYPES.items() for k, v in data.items()}
@@ -115,17 +141,40 @@ def mergekit_results(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str
             for shape in SHAPES:
                 keys, base_index = _inputs(case, shape)
                 params: dict[str, Any] = {**case[4], **case[5]}
-                jobs.append({"id": f"{case[0]}/{dt}/{shape}", "method": case[1], "parameters": params,
-                             "inputs": [f"{dt}/{k}" for k in keys], "base_index": base_index})
-    proc = subprocess.run([str(MERGEKIT_PY), "-c", FUNCTION_RUNNER, str(root / "inputs.safetensors"),
-                           json.dumps(jobs), str(root / "out.safetensors")],
-                          capture_output=True, text=True, check=False, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                jobs.append(
+                    {
+                        "id": f"{case[0]}/{dt}/{shape}",
+                        "method": case[1],
+                        "parameters": params,
+                        "inputs": [f"{dt}/{k}" for k in keys],
+                        "base_index": base_index,
+                    }
+                )
+    proc = subprocess.run(
+        [
+            str(MERGEKIT_PY),
+            "-c",
+            FUNCTION_RUNNER,
+            str(root / "inputs.safetensors"),
+            json.dumps(jobs),
+            str(root / "out.safetensors"),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return inputs, load_file(str(root / "out.safetensors"))
 
 
-def _soupkit(case: tuple[str, str, int, bool, dict[str, Any], dict[str, list[Any]]],
-             inputs: dict[str, torch.Tensor], dt: str, shape: str) -> torch.Tensor:
+def _soupkit(
+    case: tuple[str, str, int, bool, dict[str, Any], dict[str, list[Any]]],
+    inputs: dict[str, torch.Tensor],
+    dt: str,
+    shape: str,
+) -> torch.Tensor:
     _, method, _, _, glob, per_model = case
     spec = methods.get(method)
     keys, base_index = _inputs(case, shape)
@@ -141,10 +190,12 @@ def _soupkit(case: tuple[str, str, int, bool, dict[str, Any], dict[str, list[Any
 @pytest.mark.parametrize("shape", sorted(SHAPES))
 @pytest.mark.parametrize("dt", sorted(DTYPES))
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_function_bit_identical_to_mergekit(case: tuple[str, str, int, bool, dict[str, Any], dict[str, list[Any]]],
-                                            dt: str, shape: str,
-                                            mergekit_results: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]
-                                            ) -> None:
+def test_function_bit_identical_to_mergekit(
+    case: tuple[str, str, int, bool, dict[str, Any], dict[str, list[Any]]],
+    dt: str,
+    shape: str,
+    mergekit_results: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]],
+) -> None:
     inputs, theirs = mergekit_results
     want = theirs[f"{case[0]}/{dt}/{shape}"]
     got = _soupkit(case, inputs, dt, shape)
@@ -165,7 +216,9 @@ def test_stand_ins_exercise_the_branches() -> None:
     assert (d <= 0.02).any() and (d > 0.02).any()
     # in "steps", the 40 % cut of SCE's variance ranking falls inside a run of equal variances
     for dtype in DTYPES.values():
-        steps = torch.stack([(data[f"steps.ft{i}"] - data["steps.base"]).to(dtype) for i in range(3)])
+        steps = torch.stack(
+            [(data[f"steps.ft{i}"] - data["steps.base"]).to(dtype) for i in range(3)]
+        )
         var = torch.var(steps, dim=0, unbiased=False).flatten()
         k = int(torch.count_nonzero(var) * 0.4)
         kth = var.sort(descending=True).values[k - 1]
@@ -174,44 +227,122 @@ def test_stand_ins_exercise_the_branches() -> None:
 
 # Whole recipes, float32, through both tools.
 RECIPES: dict[str, dict[str, Any]] = {
-    "nuslerp": {"merge_method": "nuslerp", "base_model": "./base", "dtype": "float32", "models": [
-        {"model": "./ft0", "parameters": {"weight": 0.4}}, {"model": "./ft1", "parameters": {"weight": 0.6}}],
-        "parameters": {"nuslerp_flatten": [{"filter": "mlp", "value": False}, {"value": True}]}},
-    "nuslerp_nobase": {"merge_method": "nuslerp", "dtype": "float32", "models": [
-        {"model": "./ft0", "parameters": {"weight": [0.2, 0.8]}}, {"model": "./ft2", "parameters": {"weight": 1.0}}]},
-    "multislerp": {"merge_method": "multislerp", "base_model": "./base", "dtype": "float32", "models": [
-        {"model": "./ft0", "parameters": {"weight": 1.0}}, {"model": "./ft1", "parameters": {"weight": 0.5}},
-        {"model": "./ft2", "parameters": {"weight": 0.7}}]},
-    "nuslerp_slices": {"merge_method": "nuslerp", "base_model": "./base", "dtype": "float32", "slices": [
-        {"sources": [{"model": "./ft0", "layer_range": [0, 3], "parameters": {"weight": 0.3}},
-                     {"model": "./base", "layer_range": [0, 3]},
-                     {"model": "./ft1", "layer_range": [0, 3], "parameters": {"weight": 0.7}}]}]},
-    "karcher_slices": {"merge_method": "karcher", "base_model": "./base", "dtype": "float32", "slices": [
-        {"sources": [{"model": "./ft0", "layer_range": [0, 2]}, {"model": "./ft2", "layer_range": [0, 2]},
-                     {"model": "./base", "layer_range": [0, 2]}]},
-        {"sources": [{"model": "./ft1", "layer_range": [2, 3]}, {"model": "./base", "layer_range": [2, 3]}]}]},
-    "karcher": {"merge_method": "karcher", "base_model": "./base", "dtype": "float32",
-                "models": [{"model": "./ft0"}, {"model": "./ft1"}, {"model": "./ft2"}]},
-    "karcher_listed": {"merge_method": "karcher", "base_model": "./base", "dtype": "float32",
-                       "models": [{"model": "./ft0"}, {"model": "./base"}, {"model": "./ft2"}],
-                       "parameters": {"max_iter": 20}},
-    "sce": {"merge_method": "sce", "base_model": "./base", "dtype": "float32",
-            "models": [{"model": "./ft0"}, {"model": "./ft1"}, {"model": "./ft2"}],
-            "parameters": {"select_topk": [{"filter": "self_attn", "value": 0.3}, {"value": 0.8}]}},
-    "arcee_fusion": {"merge_method": "arcee_fusion", "base_model": "./base", "dtype": "float32",
-                     "models": [{"model": "./base"}, {"model": "./ft1"}]},
-    "nearswap": {"merge_method": "nearswap", "base_model": "./base", "dtype": "float32",
-                 "models": [{"model": "./base"}, {"model": "./ft0"}], "parameters": {"t": 0.03}},
-    "ram": {"merge_method": "ram", "base_model": "./base", "dtype": "float32",
-            "models": [{"model": "./ft0"}, {"model": "./ft1"}, {"model": "./ft2"}], "parameters": {"epsilon": 0.02}},
-    "ramplus_tl": {"merge_method": "ramplus_tl", "base_model": "./base", "dtype": "float32",
-                   "models": [{"model": "./ft0"}, {"model": "./ft1"}, {"model": "./ft2"}],
-                   "parameters": {"epsilon": 0.02, "r": 0.3}},
+    "nuslerp": {
+        "merge_method": "nuslerp",
+        "base_model": "./base",
+        "dtype": "float32",
+        "models": [
+            {"model": "./ft0", "parameters": {"weight": 0.4}},
+            {"model": "./ft1", "parameters": {"weight": 0.6}},
+        ],
+        "parameters": {"nuslerp_flatten": [{"filter": "mlp", "value": False}, {"value": True}]},
+    },
+    "nuslerp_nobase": {
+        "merge_method": "nuslerp",
+        "dtype": "float32",
+        "models": [
+            {"model": "./ft0", "parameters": {"weight": [0.2, 0.8]}},
+            {"model": "./ft2", "parameters": {"weight": 1.0}},
+        ],
+    },
+    "multislerp": {
+        "merge_method": "multislerp",
+        "base_model": "./base",
+        "dtype": "float32",
+        "models": [
+            {"model": "./ft0", "parameters": {"weight": 1.0}},
+            {"model": "./ft1", "parameters": {"weight": 0.5}},
+            {"model": "./ft2", "parameters": {"weight": 0.7}},
+        ],
+    },
+    "nuslerp_slices": {
+        "merge_method": "nuslerp",
+        "base_model": "./base",
+        "dtype": "float32",
+        "slices": [
+            {
+                "sources": [
+                    {"model": "./ft0", "layer_range": [0, 3], "parameters": {"weight": 0.3}},
+                    {"model": "./base", "layer_range": [0, 3]},
+                    {"model": "./ft1", "layer_range": [0, 3], "parameters": {"weight": 0.7}},
+                ]
+            }
+        ],
+    },
+    "karcher_slices": {
+        "merge_method": "karcher",
+        "base_model": "./base",
+        "dtype": "float32",
+        "slices": [
+            {
+                "sources": [
+                    {"model": "./ft0", "layer_range": [0, 2]},
+                    {"model": "./ft2", "layer_range": [0, 2]},
+                    {"model": "./base", "layer_range": [0, 2]},
+                ]
+            },
+            {
+                "sources": [
+                    {"model": "./ft1", "layer_range": [2, 3]},
+                    {"model": "./base", "layer_range": [2, 3]},
+                ]
+            },
+        ],
+    },
+    "karcher": {
+        "merge_method": "karcher",
+        "base_model": "./base",
+        "dtype": "float32",
+        "models": [{"model": "./ft0"}, {"model": "./ft1"}, {"model": "./ft2"}],
+    },
+    "karcher_listed": {
+        "merge_method": "karcher",
+        "base_model": "./base",
+        "dtype": "float32",
+        "models": [{"model": "./ft0"}, {"model": "./base"}, {"model": "./ft2"}],
+        "parameters": {"max_iter": 20},
+    },
+    "sce": {
+        "merge_method": "sce",
+        "base_model": "./base",
+        "dtype": "float32",
+        "models": [{"model": "./ft0"}, {"model": "./ft1"}, {"model": "./ft2"}],
+        "parameters": {"select_topk": [{"filter": "self_attn", "value": 0.3}, {"value": 0.8}]},
+    },
+    "arcee_fusion": {
+        "merge_method": "arcee_fusion",
+        "base_model": "./base",
+        "dtype": "float32",
+        "models": [{"model": "./base"}, {"model": "./ft1"}],
+    },
+    "nearswap": {
+        "merge_method": "nearswap",
+        "base_model": "./base",
+        "dtype": "float32",
+        "models": [{"model": "./base"}, {"model": "./ft0"}],
+        "parameters": {"t": 0.03},
+    },
+    "ram": {
+        "merge_method": "ram",
+        "base_model": "./base",
+        "dtype": "float32",
+        "models": [{"model": "./ft0"}, {"model": "./ft1"}, {"model": "./ft2"}],
+        "parameters": {"epsilon": 0.02},
+    },
+    "ramplus_tl": {
+        "merge_method": "ramplus_tl",
+        "base_model": "./base",
+        "dtype": "float32",
+        "models": [{"model": "./ft0"}, {"model": "./ft1"}, {"model": "./ft2"}],
+        "parameters": {"epsilon": 0.02, "r": 0.3},
+    },
 }
 
 
 @pytest.fixture(scope="module")
-def recipe_outputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]]:
+def recipe_outputs(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> dict[str, tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]]:
     root = tmp_path_factory.mktemp("mk_more_recipes")
     g = torch.Generator().manual_seed(1)
     shapes = _shapes()
@@ -219,14 +350,23 @@ def recipe_outputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[
     _write(root / "base", base)
     for i in range(3):
         # sparse updates of two sizes: RAM's epsilon and NearSwap's t fall between them
-        _write(root / f"ft{i}", {k: base[k] + torch.randn(s, generator=g) * (torch.rand(s, generator=g) < 0.5)
-                                 * torch.where(torch.rand(s, generator=g) < 0.5, 0.01, 0.05) for k, s in shapes.items()})
+        _write(
+            root / f"ft{i}",
+            {
+                k: base[k]
+                + torch.randn(s, generator=g)
+                * (torch.rand(s, generator=g) < 0.5)
+                * torch.where(torch.rand(s, generator=g) < 0.5, 0.01, 0.05)
+                for k, s in shapes.items()
+            },
+        )
     return merge_both(root, RECIPES)
 
 
 @pytest.mark.parametrize("name", sorted(RECIPES))
 def test_recipe_bit_identical_to_mergekit(
-        recipe_outputs: dict[str, tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]], name: str) -> None:
+    recipe_outputs: dict[str, tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]], name: str
+) -> None:
     sk, mk = recipe_outputs[name]
     assert sk.keys() == mk.keys()
     assert [k for k in sk if not bits_equal(sk[k], mk[k])] == []
@@ -240,11 +380,21 @@ def test_mergekit_writes_float32_for_methods_that_promote(tmp_path: Path) -> Non
     g = torch.Generator().manual_seed(2)
     shapes = _shapes()
     base = {k: (torch.randn(s, generator=g) * 0.2).bfloat16() for k, s in shapes.items()}
-    ft = {k: (v.float() + 0.05 * torch.randn(v.shape, generator=g)).bfloat16() for k, v in base.items()}
+    ft = {
+        k: (v.float() + 0.05 * torch.randn(v.shape, generator=g)).bfloat16()
+        for k, v in base.items()
+    }
     _write(tmp_path / "base", base)
     _write(tmp_path / "ft", ft)
-    recipes = {m: {"merge_method": m, "base_model": "./base", "dtype": "bfloat16", "models": [{"model": "./ft"}]}
-               for m in ("arcee_fusion", "ramplus_tl")}
+    recipes = {
+        m: {
+            "merge_method": m,
+            "base_model": "./base",
+            "dtype": "bfloat16",
+            "models": [{"model": "./ft"}],
+        }
+        for m in ("arcee_fusion", "ramplus_tl")
+    }
     for name, (ours, theirs) in merge_both(tmp_path, recipes).items():
         assert {v.dtype for v in theirs.values()} == {torch.float32}
         config = json.loads((tmp_path / f"mk_{name}" / "config.json").read_text())
@@ -253,10 +403,16 @@ def test_mergekit_writes_float32_for_methods_that_promote(tmp_path: Path) -> Non
         # exact mode writes what mergekit writes: its float32 tensors, bit for bit, and says so
         with pytest.MonkeyPatch.context() as mp:
             mp.chdir(tmp_path)
-            soupkit.merge({**recipes[name], "compute": "exact"}, tmp_path / f"exact_{name}", progress=False,
-                          hash_inputs=False)
+            soupkit.merge(
+                {**recipes[name], "compute": "exact"},
+                tmp_path / f"exact_{name}",
+                progress=False,
+                hash_inputs=False,
+            )
         exact = load_file(str(tmp_path / f"exact_{name}" / "model.safetensors"))
         assert exact.keys() == theirs.keys()
-        assert all(exact[k].dtype == torch.float32 and bits_equal(exact[k], theirs[k]) for k in theirs)
+        assert all(
+            exact[k].dtype == torch.float32 and bits_equal(exact[k], theirs[k]) for k in theirs
+        )
         ours_config = json.loads((tmp_path / f"exact_{name}" / "config.json").read_text())
         assert ours_config["torch_dtype"] == "float32"

@@ -24,19 +24,34 @@ def _plans(recipes: list[dict[str, Any]], chunk_elems: int = 7) -> list[soupkit.
     b = in_memory_checkpoint(base, "base")
     out = []
     for r in recipes:
-        cfg = soupkit.load_recipe({"base_model": "base", "models": [{"model": f"m{i}"} for i in range(3)], **r})
+        cfg = soupkit.load_recipe(
+            {"base_model": "base", "models": [{"model": f"m{i}"} for i in range(3)], **r}
+        )
         out.append(make_plan(cfg, models, b, chunk_elems=chunk_elems))
     return out
 
 
 def test_mixed_methods_in_one_pass_equal_separate_runs() -> None:
-    plans = _plans([
-        {"merge_method": "task_arithmetic", "parameters": {"lambda": 0.5}},
-        {"merge_method": "ties", "parameters": {"density": 0.3}},  # whole tensors + global pre-pass
-        {"merge_method": "dare_ties", "parameters": {"density": 0.5}, "seed": 3},  # seeded blocks
-        {"merge_method": "della", "parameters": {"density": 0.5, "epsilon": 0.1}, "out_dtype": "bfloat16"},
-        {"merge_method": "model_stock", "parameters": {}},
-    ])
+    plans = _plans(
+        [
+            {"merge_method": "task_arithmetic", "parameters": {"lambda": 0.5}},
+            {
+                "merge_method": "ties",
+                "parameters": {"density": 0.3},
+            },  # whole tensors + global pre-pass
+            {
+                "merge_method": "dare_ties",
+                "parameters": {"density": 0.5},
+                "seed": 3,
+            },  # seeded blocks
+            {
+                "merge_method": "della",
+                "parameters": {"density": 0.5, "epsilon": 0.1},
+                "out_dtype": "bfloat16",
+            },
+            {"merge_method": "model_stock", "parameters": {}},
+        ]
+    )
     alone = []
     for p in plans:
         sink = MemorySink(p)
@@ -51,7 +66,12 @@ def test_mixed_methods_in_one_pass_equal_separate_runs() -> None:
 
 
 def test_elementwise_plans_read_each_chunk_once(monkeypatch: pytest.MonkeyPatch) -> None:
-    plans = _plans([{"merge_method": "task_arithmetic", "parameters": {"lambda": lam}} for lam in (0.1, 0.5, 1.0)])
+    plans = _plans(
+        [
+            {"merge_method": "task_arithmetic", "parameters": {"lambda": lam}}
+            for lam in (0.1, 0.5, 1.0)
+        ]
+    )
     calls: list[tuple[int, str, int, int | None]] = []
     real = TensorReader.read
 
@@ -65,15 +85,22 @@ def test_elementwise_plans_read_each_chunk_once(monkeypatch: pytest.MonkeyPatch)
     merged = [j for j in plans[0].jobs if not j.is_copy]
     # one read per chunk of 7 elements, per input (3 models + base)
     assert len(calls) == sum(4 * -(-j.numel // 7) for j in merged) + sum(
-        -(-j.numel // 7) for j in plans[0].jobs if j.is_copy)
+        -(-j.numel // 7) for j in plans[0].jobs if j.is_copy
+    )
 
 
 def test_plans_over_different_inputs_are_refused() -> None:
     base = base_state(4)
     fts = finetunes(base, 2)
-    a = make_plan(soupkit.load_recipe({"merge_method": "linear", "models": [{"model": "x"}]}),
-                  [in_memory_checkpoint(fts[0], "x")], None)
-    b = make_plan(soupkit.load_recipe({"merge_method": "linear", "models": [{"model": "y"}]}),
-                  [in_memory_checkpoint(fts[1], "y")], None)
+    a = make_plan(
+        soupkit.load_recipe({"merge_method": "linear", "models": [{"model": "x"}]}),
+        [in_memory_checkpoint(fts[0], "x")],
+        None,
+    )
+    b = make_plan(
+        soupkit.load_recipe({"merge_method": "linear", "models": [{"model": "y"}]}),
+        [in_memory_checkpoint(fts[1], "y")],
+        None,
+    )
     with pytest.raises(soupkit.UsageError, match="is read from different inputs"):
         run_plans([a, b], [MemorySink(a), MemorySink(b)])

@@ -23,8 +23,10 @@ def test_topk_keeps_exactly_k_and_breaks_ties_by_lower_index() -> None:
 
 
 @settings(max_examples=150, deadline=None)
-@given(vals=st.lists(st.sampled_from([0.0, 0.5, -0.5, 1.0, -1.0, 2.0, 3.0]), min_size=1, max_size=40),
-       density=st.floats(0.01, 1.0))
+@given(
+    vals=st.lists(st.sampled_from([0.0, 0.5, -0.5, 1.0, -1.0, 2.0, 3.0]), min_size=1, max_size=40),
+    density=st.floats(0.01, 1.0),
+)
 def test_trim_topk_equals_a_stable_sort_reference(vals: list[float], density: float) -> None:
     x = torch.tensor(vals)
     k = int(density * x.numel())
@@ -37,16 +39,23 @@ def test_trim_topk_equals_a_stable_sort_reference(vals: list[float], density: fl
 
 
 @settings(max_examples=150, deadline=None)
-@given(vals=st.lists(st.sampled_from([0.25, -0.25, 1.0, -1.0, 2.0, 4.0, -4.0]), min_size=1, max_size=40),
-       density=st.floats(0.01, 1.0), gamma=st.floats(0.0, 0.99))
-def test_trim_band_keeps_ranks_top_to_top_plus_keep(vals: list[float], density: float, gamma: float) -> None:
+@given(
+    vals=st.lists(
+        st.sampled_from([0.25, -0.25, 1.0, -1.0, 2.0, 4.0, -4.0]), min_size=1, max_size=40
+    ),
+    density=st.floats(0.01, 1.0),
+    gamma=st.floats(0.0, 0.99),
+)
+def test_trim_band_keeps_ranks_top_to_top_plus_keep(
+    vals: list[float], density: float, gamma: float
+) -> None:
     x = torch.tensor(vals)
     n = x.numel()
     keep = int(density * n)
     top = min(int(gamma * n), n - keep)
     order = torch.sort(x.abs(), descending=True, stable=True).indices
     want = torch.zeros_like(x)
-    sel = order[top: top + keep]
+    sel = order[top : top + keep]
     want[sel] = x[sel]
     assert torch.equal(_ops.trim_band(x, density, gamma), want)
 

@@ -34,7 +34,9 @@ def test_module_docstring_gives_formula_paper_and_anchor(spec: MethodSpec) -> No
     assert spec.fn.__doc__
 
 
-@pytest.mark.parametrize("spec", [s for s in ALL if issubclass(s.params, PresetParams)], ids=lambda s: s.name)
+@pytest.mark.parametrize(
+    "spec", [s for s in ALL if issubclass(s.params, PresetParams)], ids=lambda s: s.name
+)
 def test_presets_name_only_fields_and_mergekit_is_the_default(spec: MethodSpec) -> None:
     params: type[PresetParams] = spec.params  # type: ignore[assignment]
     fields = params.model_fields
@@ -54,23 +56,37 @@ def test_registration_refuses_bad_declarations() -> None:
         return deltas[0]
 
     with pytest.raises(ValueError, match="already a merge method called 'ties'"):
-        methods.method("ties", kind="task_vector", params=P, paper="x", summary="x", needs_base=True)(fn)
-    with pytest.raises(ValueError, match="global trim needs a task-vector method that sees whole tensors"):
-        methods.method("x_trim", kind="task_vector", params=P, paper="x", summary="x", needs_base=True,
-                       global_trim=lambda p: None)(fn)
+        methods.method(
+            "ties", kind="task_vector", params=P, paper="x", summary="x", needs_base=True
+        )(fn)
+    with pytest.raises(
+        ValueError, match="global trim needs a task-vector method that sees whole tensors"
+    ):
+        methods.method(
+            "x_trim",
+            kind="task_vector",
+            params=P,
+            paper="x",
+            summary="x",
+            needs_base=True,
+            global_trim=lambda p: None,
+        )(fn)
     assert "x_trim" not in methods.REGISTRY
 
 
-def test_plan_shows_resolved_parameters_with_recipe_keys(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_plan_shows_resolved_parameters_with_recipe_keys(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     base = base_state()
     fts = finetunes(base, 2)
     b = write(tmp_path / "base", base)
     ms = [write(tmp_path / f"m{i}", s) for i, s in enumerate(fts)]
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(f"merge_method: ties\nbase_model: {b}\nmodels:\n  - model: {ms[0]}\n  - model: {ms[1]}\n"
-                      "parameters: {density: 0.3, lambda: 0.5, convention: paper}\n")
+    recipe.write_text(
+        f"merge_method: ties\nbase_model: {b}\nmodels:\n  - model: {ms[0]}\n  - model: {ms[1]}\n"
+        "parameters: {density: 0.3, lambda: 0.5, convention: paper}\n"
+    )
     assert main(["plan", str(recipe)]) == 0
     out = capsys.readouterr().out
     assert "lambda=0.5" in out and "trim_scope=global" in out and "density=[0.3, 0.3]" in out
     assert "a pre-pass reads the 9 trimmed tensors of every model two more times" in out
-

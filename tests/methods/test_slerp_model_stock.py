@@ -39,8 +39,9 @@ def test_slerp_hand_examples() -> None:
     assert torch.equal(run_slerp(torch.zeros(3), v0, 0.5), v0 * 0.5)
 
 
-def mergekit_slerp(t: float, v0: np.ndarray, v1: np.ndarray, dot_threshold: float = 0.9995,
-                   eps: float = 1e-8) -> np.ndarray:
+def mergekit_slerp(
+    t: float, v0: np.ndarray, v1: np.ndarray, dot_threshold: float = 0.9995, eps: float = 1e-8
+) -> np.ndarray:
     """mergekit/merge_methods/slerp.py ``slerp`` (numpy float32, transcribed)."""
     c0, c1 = np.copy(v0), np.copy(v1)
     n0, n1 = np.linalg.norm(v0), np.linalg.norm(v1)
@@ -78,9 +79,12 @@ def test_slerp_mergekit_recipe_with_both_models_listed(tmp_path: Path) -> None:
     base = base_state()
     (other,) = finetunes(base, 1, scale=1.0)
     a, b = write(tmp_path / "a", base), write(tmp_path / "b", other)
-    recipe = {"merge_method": "slerp", "base_model": str(a),
-              "models": [{"model": str(a)}, {"model": str(b)}],
-              "parameters": {"t": [{"filter": "self_attn", "value": [0.0, 1.0]}, {"value": 0.5}]}}
+    recipe = {
+        "merge_method": "slerp",
+        "base_model": str(a),
+        "models": [{"model": str(a)}, {"model": str(b)}],
+        "parameters": {"t": [{"filter": "self_attn", "value": [0.0, 1.0]}, {"value": 0.5}]},
+    }
     r = soupkit.merge(recipe, tmp_path / "out", progress=False)
     assert any("used as the base only" in n for n in r.plan.notes)
     out = load_file(str(r.out / "model.safetensors"))
@@ -95,9 +99,14 @@ def test_slerp_mergekit_recipe_with_both_models_listed(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------- model stock
 
 
-def run_stock(w0: torch.Tensor, ws: list[torch.Tensor], filter_wise: bool = False, **kw: str) -> torch.Tensor:
-    return stock.call([w.clone() for w in ws], ModelStockParams.model_validate({"filter_wise": filter_wise, **kw}),
-                      base=w0.clone())
+def run_stock(
+    w0: torch.Tensor, ws: list[torch.Tensor], filter_wise: bool = False, **kw: str
+) -> torch.Tensor:
+    return stock.call(
+        [w.clone() for w in ws],
+        ModelStockParams.model_validate({"filter_wise": filter_wise, **kw}),
+        base=w0.clone(),
+    )
 
 
 def test_model_stock_hand_examples() -> None:
@@ -109,19 +118,28 @@ def test_model_stock_hand_examples() -> None:
     # orthogonal fine-tunes: t = 0, the base
     assert torch.equal(run_stock(w0, [torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])]), w0)
     # obtuse angle (outside the paper's assumption): with convention paper, clamped to t = 0, the base
-    assert torch.equal(run_stock(torch.ones(2), [torch.tensor([2.0, 1.0]), torch.tensor([0.0, 1.1])],
-                                 convention="paper"), torch.ones(2))
+    assert torch.equal(
+        run_stock(
+            torch.ones(2), [torch.tensor([2.0, 1.0]), torch.tensor([0.0, 1.1])], convention="paper"
+        ),
+        torch.ones(2),
+    )
     # mergekit (the default) extrapolates: offsets [1, 0] and [-1, 0.1], cos = -1 / sqrt(1.01),
     # t = 2 cos / (1 + cos), theta = t * avg + (1 - t) * theta_0
     cos = -1 / math.sqrt(1.01)
     t = 2 * cos / (1 + cos)
     want = torch.tensor([1.0, 1.05]) * t + (1 - t) * torch.ones(2)
     # (t = -19: close to the singularity, float32 rounding of cos is amplified 20x)
-    assert torch.allclose(run_stock(torch.ones(2), [torch.tensor([2.0, 1.0]), torch.tensor([0.0, 1.1])]), want,
-                          rtol=1e-4)
+    assert torch.allclose(
+        run_stock(torch.ones(2), [torch.tensor([2.0, 1.0]), torch.tensor([0.0, 1.1])]),
+        want,
+        rtol=1e-4,
+    )
 
 
-def mergekit_model_stock(w_0: torch.Tensor, ws: list[torch.Tensor], filter_wise: bool) -> torch.Tensor:
+def mergekit_model_stock(
+    w_0: torch.Tensor, ws: list[torch.Tensor], filter_wise: bool
+) -> torch.Tensor:
     """mergekit/merge_methods/model_stock.py ``ModelStockMergeTask.execute`` (transcribed)."""
     out_shape = w_0.shape
     if filter_wise:
@@ -168,7 +186,9 @@ def test_model_stock_fixed_point_and_permutation(seed: int, n: int, data: st.Dat
     assert torch.allclose(run_stock(w0, [w] * n), w, rtol=1e-6, atol=1e-6)
     ws = [w0 + torch.randn(9, generator=g) + 2 for _ in range(n)]
     perm = data.draw(st.permutations(range(n)))
-    assert torch.allclose(run_stock(w0, ws), run_stock(w0, [ws[i] for i in perm]), rtol=1e-6, atol=1e-6)
+    assert torch.allclose(
+        run_stock(w0, ws), run_stock(w0, [ws[i] for i in perm]), rtol=1e-6, atol=1e-6
+    )
 
 
 def test_model_stock_needs_two_finetunes() -> None:

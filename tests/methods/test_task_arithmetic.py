@@ -25,23 +25,35 @@ def test_hand_example() -> None:
     base = {"w": torch.tensor([1.0, 2.0, 3.0])}
     a = {"w": torch.tensor([2.0, 2.0, 2.0])}  # tau_a = [1, 0, -1]
     b = {"w": torch.tensor([1.0, 4.0, 3.0])}  # tau_b = [0, 2, 0]
-    out = soupkit.merge_state_dicts([a, b], "task_arithmetic", base=base,
-                                    model_parameters=[{"weight": 1.0}, {"weight": -0.5}],
-                                    parameters={"lambda": 2.0})
+    out = soupkit.merge_state_dicts(
+        [a, b],
+        "task_arithmetic",
+        base=base,
+        model_parameters=[{"weight": 1.0}, {"weight": -0.5}],
+        parameters={"lambda": 2.0},
+    )
     # base + 2 * (tau_a - 0.5 tau_b) = [1,2,3] + 2 * [1, -1, -1]
     assert out["w"].tolist() == [3.0, 0.0, 1.0]
-    normalized = soupkit.merge_state_dicts([a, b], "task_arithmetic", base=base,
-                                           model_parameters=[{"weight": 3.0}, {"weight": 1.0}],
-                                           parameters={"normalize": True})
+    normalized = soupkit.merge_state_dicts(
+        [a, b],
+        "task_arithmetic",
+        base=base,
+        model_parameters=[{"weight": 3.0}, {"weight": 1.0}],
+        parameters={"normalize": True},
+    )
     assert normalized["w"].tolist() == [1.75, 2.5, 2.25]  # base + (3 tau_a + tau_b) / 4
 
 
 def test_normalize_with_zero_weight_sum_is_a_config_error() -> None:
     base = {"w": torch.zeros(2)}
     with pytest.raises(soupkit.ConfigError, match="weights sum to zero"):
-        soupkit.merge_state_dicts([base, base], "task_arithmetic", base={"w": torch.ones(2)},
-                                  model_parameters=[{"weight": 1.0}, {"weight": -1.0}],
-                                  parameters={"normalize": True})
+        soupkit.merge_state_dicts(
+            [base, base],
+            "task_arithmetic",
+            base={"w": torch.ones(2)},
+            model_parameters=[{"weight": 1.0}, {"weight": -1.0}],
+            parameters={"normalize": True},
+        )
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 4])
@@ -66,8 +78,9 @@ def test_magnitude_prune_is_breadcrumbs_without_outliers_bit_for_bit(density: fl
     assert torch.equal(methods.get("breadcrumbs").fn([d.clone() for d in deltas], p), want)
 
 
-def mergekit_task_arithmetic(deltas: list[torch.Tensor], weights: list[float], normalize: bool,
-                             lam: float) -> torch.Tensor:
+def mergekit_task_arithmetic(
+    deltas: list[torch.Tensor], weights: list[float], normalize: bool, lam: float
+) -> torch.Tensor:
     """mergekit's GTA with no sparsification and no consensus (transcribed)."""
     stacked = torch.stack(deltas, dim=0)
     w = torch.tensor(weights, dtype=stacked.dtype)
@@ -88,8 +101,10 @@ def test_matches_mergekit_task_arithmetic_bit_for_bit(normalize: bool) -> None:
     g = torch.Generator().manual_seed(11)
     deltas = [torch.randn(9, 9, generator=g) for _ in range(3)]
     w = [0.2, 0.5, 0.9]
-    got = ta.fn([d.clone() for d in deltas],
-                TaskArithmeticParams.model_validate({"weight": w, "normalize": normalize, "lambda": 0.7}))
+    got = ta.fn(
+        [d.clone() for d in deltas],
+        TaskArithmeticParams.model_validate({"weight": w, "normalize": normalize, "lambda": 0.7}),
+    )
     assert torch.equal(got, mergekit_task_arithmetic(deltas, w, normalize, 0.7))
 
 
@@ -98,14 +113,20 @@ bf16 = st.floats(-64, 64, allow_nan=False, width=16)
 
 @settings(max_examples=60, deadline=None)
 @given(vals=st.lists(bf16, min_size=1, max_size=8), n=st.integers(1, 8))
-def test_identical_finetunes_with_lambda_one_over_n_give_that_finetune(vals: list[float], n: int) -> None:
+def test_identical_finetunes_with_lambda_one_over_n_give_that_finetune(
+    vals: list[float], n: int
+) -> None:
     base = {"x": torch.zeros(len(vals))}
     ft = {"x": torch.tensor(vals)}
     # lambda = 1/n is exact only for powers of two; normalize (divide by n) is the exact spelling
-    out = soupkit.merge_state_dicts([ft] * n, "task_arithmetic", base=base, parameters={"normalize": True})
+    out = soupkit.merge_state_dicts(
+        [ft] * n, "task_arithmetic", base=base, parameters={"normalize": True}
+    )
     assert torch.equal(out["x"], ft["x"])
     if n & (n - 1) == 0:
-        out = soupkit.merge_state_dicts([ft] * n, "task_arithmetic", base=base, parameters={"lambda": 1 / n})
+        out = soupkit.merge_state_dicts(
+            [ft] * n, "task_arithmetic", base=base, parameters={"lambda": 1 / n}
+        )
         assert torch.equal(out["x"], ft["x"])
 
 
@@ -113,14 +134,17 @@ def test_identical_finetunes_with_lambda_one_over_n_give_that_finetune(vals: lis
 @given(vals=st.lists(bf16, min_size=1, max_size=8), n=st.integers(1, 5), lam=st.floats(-3, 3))
 def test_zero_deltas_give_the_base(vals: list[float], n: int, lam: float) -> None:
     base = {"x": torch.tensor(vals)}
-    out = soupkit.merge_state_dicts([base] * n, "task_arithmetic", base={"x": torch.tensor(vals)},
-                                    parameters={"lambda": lam})
+    out = soupkit.merge_state_dicts(
+        [base] * n, "task_arithmetic", base={"x": torch.tensor(vals)}, parameters={"lambda": lam}
+    )
     assert torch.equal(out["x"], base["x"])
 
 
 @settings(max_examples=40, deadline=None)
-@given(rows=st.lists(st.lists(st.integers(-8, 8), min_size=4, max_size=4), min_size=2, max_size=4),
-       data=st.data())
+@given(
+    rows=st.lists(st.lists(st.integers(-8, 8), min_size=4, max_size=4), min_size=2, max_size=4),
+    data=st.data(),
+)
 def test_permutation_invariance_with_exact_sums(rows: list[list[int]], data: st.DataObject) -> None:
     base = {"x": torch.zeros(4)}
     states = [{"x": torch.tensor(r, dtype=torch.float32)} for r in rows]
@@ -134,10 +158,17 @@ def test_permutation_invariance_with_exact_sums(rows: list[list[int]], data: st.
 
 
 @pytest.fixture
-def three(tmp_path: Path) -> tuple[Path, list[Path], dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
+def three(
+    tmp_path: Path,
+) -> tuple[Path, list[Path], dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
     base = base_state()
     fts = finetunes(base, 3)
-    return write(tmp_path / "base", base), [write(tmp_path / f"ft{i}", s) for i, s in enumerate(fts)], base, fts
+    return (
+        write(tmp_path / "base", base),
+        [write(tmp_path / f"ft{i}", s) for i, s in enumerate(fts)],
+        base,
+        fts,
+    )
 
 
 def test_algebra_combines_coefficients(three) -> None:  # type: ignore[no-untyped-def]
@@ -145,9 +176,17 @@ def test_algebra_combines_coefficients(three) -> None:  # type: ignore[no-untype
     a = TaskVector.from_checkpoints(ft_p[0], base_p)
     b = TaskVector.from_checkpoints(ft_p[1], base_p)
     c = TaskVector.from_checkpoints(ft_p[2], base_p)
-    assert dict((Path(k).name, v) for k, v in (a + b).terms) == {"ft0": 1.0, "base": -2.0, "ft1": 1.0}
+    assert dict((Path(k).name, v) for k, v in (a + b).terms) == {
+        "ft0": 1.0,
+        "base": -2.0,
+        "ft1": 1.0,
+    }
     assert dict((Path(k).name, v) for k, v in TaskVector.analogy(a, b, c).terms) == {
-        "ft0": 1.0, "base": -1.0, "ft1": -1.0, "ft2": 1.0}
+        "ft0": 1.0,
+        "base": -1.0,
+        "ft1": -1.0,
+        "ft2": 1.0,
+    }
     assert (a - a).terms == []
     assert dict((Path(k).name, v) for k, v in (-(2 * a) / 4).terms) == {"ft0": -0.5, "base": 0.5}
     assert sum([a, b]).terms == (a + b).terms
@@ -162,7 +201,9 @@ def test_apply_to_equals_the_compiled_recipe_and_the_formula(three, tmp_path: Pa
     b = TaskVector.from_checkpoints(ft_p[1], base_p)
     edit = a - 0.5 * b
     r = edit.apply_to(base_p, tmp_path / "out", scale=0.8, progress=False)
-    via_recipe = soupkit.merge(edit.to_recipe(base_p, scale=0.8), tmp_path / "recipe", progress=False)
+    via_recipe = soupkit.merge(
+        edit.to_recipe(base_p, scale=0.8), tmp_path / "recipe", progress=False
+    )
     got = load_file(str(r.out / "model.safetensors"))
     want = load_file(str(via_recipe.out / "model.safetensors"))
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
@@ -187,7 +228,9 @@ def test_in_memory_terms_and_a_different_target(three) -> None:  # type: ignore[
     out = tau.apply_to_state_dict(other, scale=1.0)
     name = "model.layers.0.mlp.up_proj.weight"
     assert torch.allclose(out[name], other[name] + (fts[0][name] - base[name]), atol=1e-6)
-    with pytest.raises(soupkit.UsageError, match="in-memory state dicts, which a recipe cannot name"):
+    with pytest.raises(
+        soupkit.UsageError, match="in-memory state dicts, which a recipe cannot name"
+    ):
         tau.to_recipe("somewhere")
     with pytest.raises(soupkit.UsageError, match="this task vector is zero"):
         (tau - tau).apply_to_state_dict(base)

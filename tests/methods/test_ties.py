@@ -32,7 +32,9 @@ TAU = [
 def params(n: int = 3, **kw: Any) -> TiesParams:
     kw.setdefault("weight", (1.0,) * n)
     kw.setdefault("density", (1.0,) * n)
-    kw.setdefault("convention", "paper")  # these tests pin the paper's arithmetic (mergekit's is the default)
+    kw.setdefault(
+        "convention", "paper"
+    )  # these tests pin the paper's arithmetic (mergekit's is the default)
     return TiesParams.model_validate(kw)
 
 
@@ -52,7 +54,9 @@ def test_paper_worked_example_trim_elect_disjoint_mean() -> None:
     # through the engine, with a base: theta = base + lambda * tau
     base = {"w": torch.ones(5)}
     states = [{"w": base["w"] + t} for t in TAU]
-    out = soupkit.merge_state_dicts(states, "ties", base=base, parameters={"density": 0.6, "lambda": 2.0, "convention": "paper"})
+    out = soupkit.merge_state_dicts(
+        states, "ties", base=base, parameters={"density": 0.6, "lambda": 2.0, "convention": "paper"}
+    )
     assert out["w"].tolist() == [2.0, 2.75, 1.875, -0.5, 2.375]
 
 
@@ -76,8 +80,13 @@ def test_weights_mean_weighted_mean_and_sum() -> None:
         params(2, normalize=True, aggregation="mean")
 
 
-def mergekit_ties(deltas: list[torch.Tensor], weights: list[float], density: float,
-                  normalize: bool = True, lam: float = 1.0) -> torch.Tensor:
+def mergekit_ties(
+    deltas: list[torch.Tensor],
+    weights: list[float],
+    density: float,
+    normalize: bool = True,
+    lam: float = 1.0,
+) -> torch.Tensor:
     """mergekit's GeneralizedTaskArithmeticMerge for `ties` (sparsify.magnitude + get_mask 'sum'),
     transcribed from mergekit/merge_methods/generalized_task_arithmetic.py and sparsify.py."""
     tvs = []
@@ -111,21 +120,38 @@ def test_mergekit_convention_matches_mergekit_bit_for_bit(n: int, density: float
     g = torch.Generator().manual_seed(n)
     deltas = [torch.randn(17, 13, generator=g) for _ in range(n)]
     weights = [0.3, 1.0, 0.7, 1.5][:n]
-    ours = merged_delta(deltas, params(n, weight=tuple(weights), density=(density,) * n, convention="mergekit",
-                                       **{"lambda": 0.8}))
+    ours = merged_delta(
+        deltas,
+        params(
+            n,
+            weight=tuple(weights),
+            density=(density,) * n,
+            convention="mergekit",
+            **{"lambda": 0.8},
+        ),
+    )
     assert torch.equal(ours, mergekit_ties(deltas, weights, density, lam=0.8))
 
 
 @pytest.mark.parametrize("n", [2, 3, 4])
 @pytest.mark.parametrize("density", [0.1, 0.5, 0.8])
 @pytest.mark.parametrize("sign_method", ["total", "frequency"])
-def test_peft_convention_matches_peft_ties_bit_for_bit(n: int, density: float, sign_method: str) -> None:
+def test_peft_convention_matches_peft_ties_bit_for_bit(
+    n: int, density: float, sign_method: str
+) -> None:
     g = torch.Generator().manual_seed(10 + n)
     deltas = [torch.randn(31, 7, generator=g) for _ in range(n)]
     weights = [0.5, 1.25, 0.75, 2.0][:n]
-    want = merge_utils.ties([d.clone() for d in deltas], torch.tensor(weights), density, sign_method)
-    p = params(n, weight=tuple(weights), density=(density,) * n, convention="peft",
-               sign_source="unweighted" if sign_method == "total" else "count")
+    want = merge_utils.ties(
+        [d.clone() for d in deltas], torch.tensor(weights), density, sign_method
+    )
+    p = params(
+        n,
+        weight=tuple(weights),
+        density=(density,) * n,
+        convention="peft",
+        sign_source="unweighted" if sign_method == "total" else "count",
+    )
     assert torch.equal(merged_delta(deltas, p), want)
 
 
@@ -141,7 +167,9 @@ def test_peft_ties_beyond_four_models_agrees_to_rounding() -> None:
 @settings(max_examples=60, deadline=None)
 @given(data=st.data(), n=st.integers(2, 5), density=st.floats(0.05, 1.0))
 def test_permutation_and_negation_symmetry(data: st.DataObject, n: int, density: float) -> None:
-    vals = st.lists(st.sampled_from([0.0, 0.25, -0.25, 0.5, -0.5, 1.0, -1.0, 2.0]), min_size=6, max_size=6)
+    vals = st.lists(
+        st.sampled_from([0.0, 0.25, -0.25, 0.5, -0.5, 1.0, -1.0, 2.0]), min_size=6, max_size=6
+    )
     deltas = [torch.tensor(data.draw(vals)) for _ in range(n)]
     p = params(n, density=(density,) * n, trim_scope="per_tensor")
     perm = data.draw(st.permutations(range(n)))
@@ -157,21 +185,37 @@ def test_identical_task_vectors_and_zero_deltas(n: int, density: float) -> None:
     d = torch.tensor([0.5, -1.0, 0.25, 2.0, -0.125, 0.0])
     trimmed = merged_delta([d], params(1, density=(density,)))
     assert torch.equal(merged_delta([d] * n, params(n, density=(density,) * n)), trimmed)
-    assert torch.equal(merged_delta([torch.zeros(6)] * n, params(n, density=(density,) * n)), torch.zeros(6))
+    assert torch.equal(
+        merged_delta([torch.zeros(6)] * n, params(n, density=(density,) * n)), torch.zeros(6)
+    )
 
 
 # ---------------------------------------------------------------------------- global trim
 
 
-def _plan(base: dict[str, torch.Tensor], fts: list[dict[str, torch.Tensor]], parameters: dict[str, Any],
-          model_parameters: list[dict[str, Any]] | None = None) -> soupkit.MergePlan:
-    cfg = soupkit.load_recipe({
-        "merge_method": "ties", "base_model": "b", "parameters": {"convention": "paper", **parameters},
-        "models": [{"model": f"m{i}", "parameters": (model_parameters or [{}] * len(fts))[i]}
-                   for i in range(len(fts))],
-    })
-    return make_plan(cfg, [in_memory_checkpoint(s, f"m{i}") for i, s in enumerate(fts)],
-                     in_memory_checkpoint(base, "b"), chunk_elems=7)
+def _plan(
+    base: dict[str, torch.Tensor],
+    fts: list[dict[str, torch.Tensor]],
+    parameters: dict[str, Any],
+    model_parameters: list[dict[str, Any]] | None = None,
+) -> soupkit.MergePlan:
+    cfg = soupkit.load_recipe(
+        {
+            "merge_method": "ties",
+            "base_model": "b",
+            "parameters": {"convention": "paper", **parameters},
+            "models": [
+                {"model": f"m{i}", "parameters": (model_parameters or [{}] * len(fts))[i]}
+                for i in range(len(fts))
+            ],
+        }
+    )
+    return make_plan(
+        cfg,
+        [in_memory_checkpoint(s, f"m{i}") for i, s in enumerate(fts)],
+        in_memory_checkpoint(base, "b"),
+        chunk_elems=7,
+    )
 
 
 @pytest.mark.parametrize("density", [0.05, 0.2, 0.5, 0.93])
@@ -191,7 +235,9 @@ def test_streaming_global_threshold_equals_kthvalue_of_the_concatenation(density
         assert stats[i].threshold == float(kth_largest)
         assert stats[i].k == k and stats[i].total == everything.numel()
     # and the merge keeps exactly k entries of each model's whole task vector
-    out = soupkit.merge_state_dicts([fts[0]], "ties", base=base, parameters={"density": density, "convention": "paper"})
+    out = soupkit.merge_state_dicts(
+        [fts[0]], "ties", base=base, parameters={"density": density, "convention": "paper"}
+    )
     kept = sum(int((out[n] != base[n]).sum()) for n in names)
     assert kept == int(density * sum(base[n].numel() for n in names))
 
@@ -199,18 +245,30 @@ def test_streaming_global_threshold_equals_kthvalue_of_the_concatenation(density
 def test_global_versus_per_tensor_hand_example() -> None:
     base = {"a": torch.zeros(2), "b": torch.zeros(2)}
     ft = {"a": torch.tensor([4.0, -3.0]), "b": torch.tensor([0.5, 2.0])}
-    glob = soupkit.merge_state_dicts([ft], "ties", base=base, parameters={"density": 0.5, "convention": "paper"})
+    glob = soupkit.merge_state_dicts(
+        [ft], "ties", base=base, parameters={"density": 0.5, "convention": "paper"}
+    )
     assert glob["a"].tolist() == [4.0, -3.0] and glob["b"].tolist() == [0.0, 0.0]
-    local = soupkit.merge_state_dicts([ft], "ties", base=base,
-                                      parameters={"density": 0.5, "trim_scope": "per_tensor", "convention": "paper"})
+    local = soupkit.merge_state_dicts(
+        [ft],
+        "ties",
+        base=base,
+        parameters={"density": 0.5, "trim_scope": "per_tensor", "convention": "paper"},
+    )
     assert local["a"].tolist() == [4.0, 0.0] and local["b"].tolist() == [0.0, 2.0]
 
 
 def test_global_ties_at_the_threshold_go_to_the_first_tensor_by_name_then_index() -> None:
     base = {"b": torch.zeros(3), "a": torch.zeros(3), "c": torch.zeros(2)}
-    ft = {"b": torch.tensor([1.0, 1.0, 5.0]), "a": torch.tensor([1.0, -1.0, 0.5]), "c": torch.tensor([1.0, 1.0])}
+    ft = {
+        "b": torch.tensor([1.0, 1.0, 5.0]),
+        "a": torch.tensor([1.0, -1.0, 0.5]),
+        "c": torch.tensor([1.0, 1.0]),
+    }
     # N = 8, density 0.5 -> k = 4: 5.0 plus three of the six 1.0s: a[0], a[1] then b[0]
-    out = soupkit.merge_state_dicts([ft], "ties", base=base, parameters={"density": 0.5, "convention": "paper"}, chunk_elems=2)
+    out = soupkit.merge_state_dicts(
+        [ft], "ties", base=base, parameters={"density": 0.5, "convention": "paper"}, chunk_elems=2
+    )
     assert out["a"].tolist() == [1.0, -1.0, 0.0]
     assert out["b"].tolist() == [1.0, 0.0, 5.0]
     assert out["c"].tolist() == [0.0, 0.0]
@@ -219,19 +277,31 @@ def test_global_ties_at_the_threshold_go_to_the_first_tensor_by_name_then_index(
 def test_global_trim_needs_one_density_per_model() -> None:
     base = base_state()
     fts = finetunes(base, 2)
-    with pytest.raises(soupkit.ConfigError, match="trim_scope: global trims each model's whole task vector"):
+    with pytest.raises(
+        soupkit.ConfigError, match="trim_scope: global trims each model's whole task vector"
+    ):
         _plan(base, fts, {"density": [{"filter": "mlp", "value": 0.3}, {"value": 0.5}]})
     # per-tensor densities are fine with per-tensor scope
-    _plan(base, fts, {"density": [{"filter": "mlp", "value": 0.3}, {"value": 0.5}], "trim_scope": "per_tensor"})
+    _plan(
+        base,
+        fts,
+        {"density": [{"filter": "mlp", "value": 0.3}, {"value": 0.5}], "trim_scope": "per_tensor"},
+    )
 
 
 def test_global_trim_is_independent_of_chunking_and_tensor_order() -> None:
     base = base_state()
     fts = finetunes(base, 3)
-    a = soupkit.merge_state_dicts(fts, "ties", base=base, parameters={"density": 0.3, "convention": "paper"}, chunk_elems=5)
+    a = soupkit.merge_state_dicts(
+        fts, "ties", base=base, parameters={"density": 0.3, "convention": "paper"}, chunk_elems=5
+    )
     rev = {k: base[k] for k in reversed(list(base))}
-    b = soupkit.merge_state_dicts([{k: f[k] for k in rev} for f in fts], "ties", base=rev,
-                                  parameters={"density": 0.3, "convention": "paper"})
+    b = soupkit.merge_state_dicts(
+        [{k: f[k] for k in rev} for f in fts],
+        "ties",
+        base=rev,
+        parameters={"density": 0.3, "convention": "paper"},
+    )
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -241,4 +311,9 @@ def test_a_nan_in_a_task_vector_is_not_trimmed_away(scope: str) -> None:
     base = {"a": torch.zeros(4)}
     ft = {"a": torch.tensor([1.0, float("nan"), 2.0, 3.0])}
     with pytest.raises(soupkit.NonFiniteError, match="state_dict 0 holds 1 NaN"):
-        soupkit.merge_state_dicts([ft], "ties", base=base, parameters={"density": 0.5, "trim_scope": scope, "convention": "paper"})
+        soupkit.merge_state_dicts(
+            [ft],
+            "ties",
+            base=base,
+            parameters={"density": 0.5, "trim_scope": scope, "convention": "paper"},
+        )

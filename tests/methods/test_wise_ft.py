@@ -33,7 +33,9 @@ def test_equals_the_reference_code_bit_for_bit(alpha: float, seed: int) -> None:
     theta_0, theta_1 = {"w": torch.randn(50, generator=g)}, {"w": torch.randn(50, generator=g)}
     # github.com/mlfoundations/wise-ft, src/wise_ft.py: _merge
     reference = (1 - alpha) * theta_0["w"] + alpha * theta_1["w"]
-    out = soupkit.merge_state_dicts([theta_1], "wise_ft", base=theta_0, parameters={"alpha": alpha}, chunk_elems=7)
+    out = soupkit.merge_state_dicts(
+        [theta_1], "wise_ft", base=theta_0, parameters={"alpha": alpha}, chunk_elems=7
+    )
     assert bits_equal(out["w"], reference)
 
 
@@ -53,7 +55,8 @@ def zs_ft(tmp_path: Path) -> tuple[Path, Path]:
 
 
 def test_many_alphas_equal_single_merges_and_read_inputs_once(
-        zs_ft: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    zs_ft: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     zs, ft = zs_ft
     alphas = [0.0, 0.25, 0.5, 1.0, 1.2]
     reads: list[tuple[str, int, int | None]] = []
@@ -64,11 +67,18 @@ def test_many_alphas_equal_single_merges_and_read_inputs_once(
         return real_read(self, info, start, stop, out)
 
     monkeypatch.setattr(TensorReader, "read", counting_read)
-    results = soupkit.wise_ft(zs, ft, tmp_path / "grid", alphas=alphas, progress=False, chunk_elems=7,
-                              hash_inputs=False)
+    results = soupkit.wise_ft(
+        zs, ft, tmp_path / "grid", alphas=alphas, progress=False, chunk_elems=7, hash_inputs=False
+    )
     monkeypatch.setattr(TensorReader, "read", real_read)
     assert len(reads) == len(set(reads))  # no range of any input was read twice
-    assert [r.out.name for r in results] == ["alpha-0.00", "alpha-0.25", "alpha-0.50", "alpha-1.00", "alpha-1.20"]
+    assert [r.out.name for r in results] == [
+        "alpha-0.00",
+        "alpha-0.25",
+        "alpha-0.50",
+        "alpha-1.00",
+        "alpha-1.20",
+    ]
     for a, r in zip(alphas, results):
         single = soupkit.merge(wise_ft_recipe(zs, ft, a), tmp_path / f"single-{a}", progress=False)
         got = load_file(str(r.out / "model.safetensors"))
@@ -80,7 +90,9 @@ def test_many_alphas_equal_single_merges_and_read_inputs_once(
         assert got["model.layers.0.mlp.up_proj.weight"].dtype == torch.bfloat16
 
 
-def test_existing_output_is_refused_before_any_work(zs_ft: tuple[Path, Path], tmp_path: Path) -> None:
+def test_existing_output_is_refused_before_any_work(
+    zs_ft: tuple[Path, Path], tmp_path: Path
+) -> None:
     zs, ft = zs_ft
     (tmp_path / "grid" / "alpha-0.50").mkdir(parents=True)
     (tmp_path / "grid" / "alpha-0.50" / "keep.txt").write_text("mine")
@@ -108,10 +120,15 @@ def test_cli_alpha_lists_and_trailing_out_dir() -> None:
         parse_alphas(["0.5", "x", "out"], None)
 
 
-def test_cli_runs_a_grid(zs_ft: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_runs_a_grid(
+    zs_ft: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     zs, ft = zs_ft
     out = tmp_path / "cli"
-    assert main(["wise-ft", str(zs), str(ft), "--alpha", "0.25", "0.75", str(out), "--no-progress"]) == 0
+    assert (
+        main(["wise-ft", str(zs), str(ft), "--alpha", "0.25", "0.75", str(out), "--no-progress"])
+        == 0
+    )
     assert sorted(p.name for p in out.iterdir()) == ["alpha-0.25", "alpha-0.75"]
     assert "alpha 0.75:" in capsys.readouterr().out
     assert main(["wise-ft", str(zs), str(ft), "--alpha", "0.5"]) == 2

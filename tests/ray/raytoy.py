@@ -21,7 +21,9 @@ D, C = 12, 3
 KINDS = ["good", "perm", "good", "noisy", "good", "good"]
 
 
-def problem(seed: int = 0, n: int = 600) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def problem(
+    seed: int = 0, n: int = 600
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``W, X_val, y_val, X_test, y_test`` (the test set is shifted)."""
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(C, D, generator=g)
@@ -30,7 +32,9 @@ def problem(seed: int = 0, n: int = 600) -> tuple[torch.Tensor, torch.Tensor, to
     return w, xv, (xv @ w.T).argmax(1), xt, (xt @ w.T).argmax(1)
 
 
-def make_ingredients(root: Path, kinds: Sequence[str] = tuple(KINDS), dtype: torch.dtype = torch.float32) -> list[Path]:
+def make_ingredients(
+    root: Path, kinds: Sequence[str] = tuple(KINDS), dtype: torch.dtype = torch.float32
+) -> list[Path]:
     """One folder with ``model.safetensors`` per kind (``good`` / ``perm`` / ``noisy``)."""
     w = problem()[0]
     g = torch.Generator().manual_seed(7)
@@ -40,9 +44,16 @@ def make_ingredients(root: Path, kinds: Sequence[str] = tuple(KINDS), dtype: tor
         err[goods] -= err[goods].mean(0)
     paths = []
     for i, kind in enumerate(kinds):
-        weight = {"good": w + err[i], "perm": w[[1, 2, 0]] + 0.25 * err[i], "noisy": w + 5.0 * err[i]}[kind]
-        state = {"fc.weight": weight.to(dtype), "fc.bias": (0.05 * torch.randn(C, generator=g)).to(dtype),
-                 "fc.steps": torch.tensor([i], dtype=torch.int64)}
+        weight = {
+            "good": w + err[i],
+            "perm": w[[1, 2, 0]] + 0.25 * err[i],
+            "noisy": w + 5.0 * err[i],
+        }[kind]
+        state = {
+            "fc.weight": weight.to(dtype),
+            "fc.bias": (0.05 * torch.randn(C, generator=g)).to(dtype),
+            "fc.steps": torch.tensor([i], dtype=torch.int64),
+        }
         folder = root / f"ft{i:02d}-{kind}"
         folder.mkdir(parents=True, exist_ok=True)
         save_file(state, str(folder / "model.safetensors"))
@@ -58,22 +69,29 @@ def accuracy(state: Mapping[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor
 class Accuracy:
     """A picklable bounded evaluator (exact early rejection)."""
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch: int = 50, key: str = "toy-val") -> None:
+    def __init__(
+        self, x: torch.Tensor, y: torch.Tensor, batch: int = 50, key: str = "toy-val"
+    ) -> None:
         self.x, self.y, self.batch = x, y, batch
         self.cache_key = key
 
     def __call__(self, state: Mapping[str, torch.Tensor]) -> float:
         return self.evaluate(state).score
 
-    def evaluate(self, state: Mapping[str, torch.Tensor], *, need: float | None = None,
-                 strict: bool = False) -> EvalResult:
+    def evaluate(
+        self, state: Mapping[str, torch.Tensor], *, need: float | None = None, strict: bool = False
+    ) -> EvalResult:
         total, correct, done = len(self.y), 0, 0
         for a in range(0, total, self.batch):
-            if need is not None and not meets(accuracy_bound(correct, total - done, total), need, strict=strict):
+            if need is not None and not meets(
+                accuracy_bound(correct, total - done, total), need, strict=strict
+            ):
                 return EvalResult(accuracy_bound(correct, total - done, total), done, total, False)
-            logits = self.x[a:a + self.batch] @ state["fc.weight"].float().T + state["fc.bias"].float()
-            correct += int((logits.argmax(1) == self.y[a:a + self.batch]).sum())
-            done += len(self.y[a:a + self.batch])
+            logits = (
+                self.x[a : a + self.batch] @ state["fc.weight"].float().T + state["fc.bias"].float()
+            )
+            correct += int((logits.argmax(1) == self.y[a : a + self.batch]).sum())
+            done += len(self.y[a : a + self.batch])
         return EvalResult(correct / total, done, total, True)
 
 
@@ -83,7 +101,9 @@ class PerExampleAccuracy(Accuracy):
     def n_examples(self) -> int:
         return len(self.y)
 
-    def per_example(self, state: Mapping[str, torch.Tensor], indices: Sequence[int]) -> torch.Tensor:
+    def per_example(
+        self, state: Mapping[str, torch.Tensor], indices: Sequence[int]
+    ) -> torch.Tensor:
         idx = torch.as_tensor(list(indices), dtype=torch.int64)
         logits = self.x[idx] @ state["fc.weight"].float().T + state["fc.bias"].float()
         return (logits.argmax(1) == self.y[idx]).float()
@@ -99,7 +119,7 @@ class Plain:
         return accuracy(state, self.x, self.y)
 
 
-EVAL_MODULE = '''
+EVAL_MODULE = """
 import os
 import torch
 
@@ -134,7 +154,7 @@ def fail_on_ingredient_1(state):
     if int(state["fc.steps"][0]) == 1:
         raise ValueError("cannot score this candidate")
     return accuracy(state)
-'''
+"""
 
 
 def write_eval_module(folder: Path, name: str, x: torch.Tensor, y: torch.Tensor) -> Path:
@@ -142,7 +162,9 @@ def write_eval_module(folder: Path, name: str, x: torch.Tensor, y: torch.Tensor)
     data = folder / f"{name}.pt"
     torch.save((x, y), data)
     path = folder / f"{name}.py"
-    path.write_text(textwrap.dedent(EVAL_MODULE.format(data=str(data), mark=str(folder / f"{name}.mark"))))
+    path.write_text(
+        textwrap.dedent(EVAL_MODULE.format(data=str(data), mark=str(folder / f"{name}.mark")))
+    )
     return path
 
 
@@ -165,13 +187,29 @@ def tiny_bert(root: Path, k: int) -> list[Path]:
     vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]"] + words)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
-    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
-                                                     cls_token="[CLS]", sep_token="[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+    )
     torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                     intermediate_size=32, max_position_embeddings=32, num_labels=2, pad_token_id=0,
-                                     id2label={0: "negative", 1: "positive"}, label2id={"negative": 0, "positive": 1})
+    config = transformers.BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+        num_labels=2,
+        pad_token_id=0,
+        id2label={0: "negative", 1: "positive"},
+        label2id={"negative": 0, "positive": 1},
+    )
     base = transformers.BertForSequenceClassification(config).eval()
     paths = []
     for i in range(k):
@@ -180,8 +218,14 @@ def tiny_bert(root: Path, k: int) -> list[Path]:
         tokenizer.save_pretrained(str(folder))
         g = torch.Generator().manual_seed(i)
         sd = load_file(str(folder / "model.safetensors"))
-        save_file({n: (t + 0.05 * torch.randn(t.shape, generator=g) if t.is_floating_point() else t) for n, t in sd.items()},
-                  str(folder / "model.safetensors"), metadata={"format": "pt"})
+        save_file(
+            {
+                n: (t + 0.05 * torch.randn(t.shape, generator=g) if t.is_floating_point() else t)
+                for n, t in sd.items()
+            },
+            str(folder / "model.safetensors"),
+            metadata={"format": "pt"},
+        )
         paths.append(folder)
     for name, n, seed in (("val.csv", 40, 0), ("test.csv", 30, 1)):
         g = torch.Generator().manual_seed(seed)

@@ -27,7 +27,7 @@ D, C, L, N_MODELS = 8, 3, 5, 4
 
 def _true(seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    st = {f"layers.{i}.weight": torch.randn(D, D, generator=g) / D ** 0.5 for i in range(L)}
+    st = {f"layers.{i}.weight": torch.randn(D, D, generator=g) / D**0.5 for i in range(L)}
     st["head.weight"] = torch.randn(C, D, generator=g)
     return st
 
@@ -54,7 +54,9 @@ def ingredients(root: Path, dtype: torch.dtype = torch.float32) -> list[Path]:
         st = {}
         for i in range(L):
             scale = 0.05 if i % N_MODELS == k else 0.8
-            st[f"layers.{i}.weight"] = (true[f"layers.{i}.weight"] + scale * torch.randn(D, D, generator=g) / D ** 0.5).to(dtype)
+            st[f"layers.{i}.weight"] = (
+                true[f"layers.{i}.weight"] + scale * torch.randn(D, D, generator=g) / D**0.5
+            ).to(dtype)
         st["head.weight"] = (true["head.weight"] + 0.3 * torch.randn(C, D, generator=g)).to(dtype)
         folder = root / f"ft{k}"
         folder.mkdir(parents=True, exist_ok=True)
@@ -65,10 +67,14 @@ def ingredients(root: Path, dtype: torch.dtype = torch.float32) -> list[Path]:
 
 def space(paths: Sequence[Path], points: int = L) -> dict[str, object]:
     """Per-layer weights of every model (``points`` per model: 4 x 5 = 20 by default)."""
-    return {"merge_method": "linear",
-            "models": [{"model": str(p), "parameters": {"weight": {"min": 0.0, "max": 1.0, "points": points}}}
-                       for p in paths],
-            "parameters": {"normalize": True}}
+    return {
+        "merge_method": "linear",
+        "models": [
+            {"model": str(p), "parameters": {"weight": {"min": 0.0, "max": 1.0, "points": points}}}
+            for p in paths
+        ],
+        "parameters": {"normalize": True},
+    }
 
 
 class Accuracy:
@@ -83,8 +89,9 @@ class Accuracy:
     def __call__(self, state: Mapping[str, torch.Tensor]) -> float:
         return self.evaluate(state).score
 
-    def evaluate(self, state: Mapping[str, torch.Tensor], *, need: float | None = None,
-                 strict: bool = False) -> EvalResult:
+    def evaluate(
+        self, state: Mapping[str, torch.Tensor], *, need: float | None = None, strict: bool = False
+    ) -> EvalResult:
         if self._data is None:
             self._data = data(self.split)
         x, y = self._data
@@ -93,10 +100,14 @@ class Accuracy:
             os.kill(os.getpid(), signal.SIGKILL)
         total, correct, done = len(y), 0, 0
         for a in range(0, total, self.batch):
-            if need is not None and not meets(accuracy_bound(correct, total - done, total), need, strict=strict):
+            if need is not None and not meets(
+                accuracy_bound(correct, total - done, total), need, strict=strict
+            ):
                 return EvalResult(accuracy_bound(correct, total - done, total), done, total, False)
-            correct += int((forward(state, x[a:a + self.batch]).argmax(1) == y[a:a + self.batch]).sum())
-            done += len(y[a:a + self.batch])
+            correct += int(
+                (forward(state, x[a : a + self.batch]).argmax(1) == y[a : a + self.batch]).sum()
+            )
+            done += len(y[a : a + self.batch])
         return EvalResult(correct / total, done, total, True)
 
 

@@ -20,7 +20,9 @@ from soupkit.evaluate.protocol import EvalResult, accuracy_bound, meets
 D, C = 12, 3
 
 
-def problem(seed: int = 0, n: int = 1000) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def problem(
+    seed: int = 0, n: int = 1000
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``W, X_val, y_val, X_test, y_test`` (the test set is shifted: scaled and offset)."""
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(C, D, generator=g)
@@ -29,7 +31,9 @@ def problem(seed: int = 0, n: int = 1000) -> tuple[torch.Tensor, torch.Tensor, t
     return w, xv, (xv @ w.T).argmax(1), xt, (xt @ w.T).argmax(1)
 
 
-def states(kinds: Sequence[str], seed: int = 0, dtype: torch.dtype = torch.float32) -> list[dict[str, torch.Tensor]]:
+def states(
+    kinds: Sequence[str], seed: int = 0, dtype: torch.dtype = torch.float32
+) -> list[dict[str, torch.Tensor]]:
     """One state dict per kind: ``good`` (true weights plus an error; the good ingredients'
     errors cancel on average, so their soup is near perfect), ``perm`` (class rows permuted:
     systematically wrong) or ``noisy`` (true weights drowned in noise)."""
@@ -49,11 +53,15 @@ def states(kinds: Sequence[str], seed: int = 0, dtype: torch.dtype = torch.float
             weight = w + 5.0 * err[i]
         else:
             raise ValueError(kind)
-        out.append({
-            "fc.weight": weight.to(dtype),
-            "fc.bias": (0.05 * torch.randn(C, generator=g)).to(dtype),
-            "fc.steps": torch.tensor([i], dtype=torch.int64),  # non-float: copied, never averaged
-        })
+        out.append(
+            {
+                "fc.weight": weight.to(dtype),
+                "fc.bias": (0.05 * torch.randn(C, generator=g)).to(dtype),
+                "fc.steps": torch.tensor(
+                    [i], dtype=torch.int64
+                ),  # non-float: copied, never averaged
+            }
+        )
     return out
 
 
@@ -63,8 +71,13 @@ def write(folder: Path, state: Mapping[str, torch.Tensor]) -> Path:
     return folder
 
 
-def make_ingredients(root: Path, kinds: Sequence[str], dtype: torch.dtype = torch.float32, seed: int = 0) -> list[Path]:
-    return [write(root / f"ft{i:02d}-{k}", s) for i, (k, s) in enumerate(zip(kinds, states(kinds, seed, dtype)))]
+def make_ingredients(
+    root: Path, kinds: Sequence[str], dtype: torch.dtype = torch.float32, seed: int = 0
+) -> list[Path]:
+    return [
+        write(root / f"ft{i:02d}-{k}", s)
+        for i, (k, s) in enumerate(zip(kinds, states(kinds, seed, dtype)))
+    ]
 
 
 def accuracy(state: Mapping[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> float:
@@ -75,7 +88,9 @@ def accuracy(state: Mapping[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor
 class Accuracy:
     """A bounded evaluator (exact early rejection) that counts the work it does."""
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch: int = 50, key: str = "toy-val") -> None:
+    def __init__(
+        self, x: torch.Tensor, y: torch.Tensor, batch: int = 50, key: str = "toy-val"
+    ) -> None:
         self.x, self.y, self.batch = x, y, batch
         self.cache_key = key
         self.calls = 0
@@ -85,15 +100,18 @@ class Accuracy:
     def __call__(self, state: Mapping[str, torch.Tensor]) -> float:
         return self.evaluate(state).score
 
-    def evaluate(self, state: Mapping[str, torch.Tensor], *, need: float | None = None,
-                 strict: bool = False) -> EvalResult:
+    def evaluate(
+        self, state: Mapping[str, torch.Tensor], *, need: float | None = None, strict: bool = False
+    ) -> EvalResult:
         self.calls += 1
         self.states.append({k: v.clone() for k, v in state.items()})
         total, correct, done = len(self.y), 0, 0
         for a in range(0, total, self.batch):
-            if need is not None and not meets(accuracy_bound(correct, total - done, total), need, strict=strict):
+            if need is not None and not meets(
+                accuracy_bound(correct, total - done, total), need, strict=strict
+            ):
                 return EvalResult(accuracy_bound(correct, total - done, total), done, total, False)
-            xb, yb = self.x[a:a + self.batch], self.y[a:a + self.batch]
+            xb, yb = self.x[a : a + self.batch], self.y[a : a + self.batch]
             logits = xb @ state["fc.weight"].float().T + state["fc.bias"].float()
             correct += int((logits.argmax(1) == yb).sum())
             done += len(yb)
@@ -101,7 +119,9 @@ class Accuracy:
         return EvalResult(correct / total, done, total, True)
 
 
-def naive_greedy(states: Sequence[Mapping[str, torch.Tensor]], score, strict: bool = False) -> tuple[list[int], float]:
+def naive_greedy(
+    states: Sequence[Mapping[str, torch.Tensor]], score, strict: bool = False
+) -> tuple[list[int], float]:
     """The paper's algorithm with every ingredient in memory (the reference for tests)."""
     scores = [score(s) for s in states]
     order = sorted(range(len(states)), key=lambda i: (-scores[i], i))
@@ -129,7 +149,9 @@ class PerExampleAccuracy(Accuracy):
     def n_examples(self) -> int:
         return len(self.y)
 
-    def per_example(self, state: Mapping[str, torch.Tensor], indices: Sequence[int]) -> torch.Tensor:
+    def per_example(
+        self, state: Mapping[str, torch.Tensor], indices: Sequence[int]
+    ) -> torch.Tensor:
         idx = torch.as_tensor(list(indices), dtype=torch.int64)
         logits = self.x[idx] @ state["fc.weight"].float().T + state["fc.bias"].float()
         self.examples += len(idx)

@@ -34,7 +34,10 @@ class SmallCNN(nn.Module):
 
 def loader(n: int = 5, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(4, 3, 8, 8, generator=g) * 2 + 1, torch.randint(0, 2, (4,), generator=g)) for _ in range(n)]
+    return [
+        (torch.randn(4, 3, 8, 8, generator=g) * 2 + 1, torch.randint(0, 2, (4,), generator=g))
+        for _ in range(n)
+    ]
 
 
 def test_same_statistics_as_torch_update_bn() -> None:
@@ -76,7 +79,10 @@ def test_greedy_soup_written_with_recalibrated_statistics(tmp_path: Path) -> Non
     paths = []
     for i in range(3):
         g = torch.Generator().manual_seed(i)
-        sd = {k: (v + 0.05 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v) for k, v in base.items()}
+        sd = {
+            k: (v + 0.05 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v)
+            for k, v in base.items()
+        }
         sd["bn1.running_var"] = sd["bn1.running_var"].abs()
         sd["bn2.running_var"] = sd["bn2.running_var"].abs()
         (tmp_path / f"cnn{i}").mkdir()
@@ -97,13 +103,20 @@ def test_greedy_soup_written_with_recalibrated_statistics(tmp_path: Path) -> Non
     ref.load_state_dict(plain)
     update_bn(data, ref)
     expected = ref.state_dict()
-    bn = {f"bn{i}.{b}" for i in (1, 2) for b in ("running_mean", "running_var", "num_batches_tracked")}
+    bn = {
+        f"bn{i}.{b}" for i in (1, 2) for b in ("running_mean", "running_var", "num_batches_tracked")
+    }
     for k in written:
         if k in bn:
             assert torch.equal(written[k], expected[k]), k
         else:
-            assert torch.equal(written[k], plain[k]), k  # every weight is the uniform soup's, bit for bit
+            assert torch.equal(written[k], plain[k]), (
+                k
+            )  # every weight is the uniform soup's, bit for bit
     report = json.loads((tmp_path / "soup" / "soupkit-report.json").read_text())
-    assert report["bn_recalibration"]["batches"] == 4 and set(report["bn_recalibration"]["tensors"]) == bn
+    assert (
+        report["bn_recalibration"]["batches"] == 4
+        and set(report["bn_recalibration"]["tensors"]) == bn
+    )
     assert report["soup_recipe"]["merge_method"] == "linear" and "greedy" in report
     assert (tmp_path / "soup" / "greedy-soup.png").is_file()

@@ -8,10 +8,10 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import soup_toy as toy
 import torch
 from safetensors.torch import load_file, save_file
 
-import soup_toy as toy
 from soupkit.cli import main
 
 EVAL_MODULE = """
@@ -60,17 +60,45 @@ def ingredients(root: Path) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in (root / "runs").iterdir())
 
 
-def test_greedy_end_to_end_writes_soup_report_plot_and_reuses_the_cache(project: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    args = ["greedy", "--evaluator", "val_eval:bounded", "--test-evaluator", "test_eval.py:accuracy",
-            "--cache", "scores.jsonl", "--out", "soup", "--no-progress", *ingredients(project)]
+def test_greedy_end_to_end_writes_soup_report_plot_and_reuses_the_cache(
+    project: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = [
+        "greedy",
+        "--evaluator",
+        "val_eval:bounded",
+        "--test-evaluator",
+        "test_eval.py:accuracy",
+        "--cache",
+        "scores.jsonl",
+        "--out",
+        "soup",
+        "--no-progress",
+        *ingredients(project),
+    ]
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert "greedy soup (>=): 4 of 6 ingredients" in out and "rejected early" in out and "held-out test" in out
+    assert (
+        "greedy soup (>=): 4 of 6 ingredients" in out
+        and "rejected early" in out
+        and "held-out test" in out
+    )
     report = json.loads((project / "soup" / "soupkit-report.json").read_text())
     g = report["greedy"]
-    assert sorted(Path(p).name for p in g["final"]["ingredients"]) == ["ft00-good", "ft02-good", "ft04-good", "ft05-good"]
-    assert g["examples"]["saved"] > 0 and g["held_out"]["soup_score"] > g["held_out"]["best_single_score"]
-    assert g["evaluator"].startswith("val_eval:bounded@") and report["cli"]["command"] == "soupkit greedy"
+    assert sorted(Path(p).name for p in g["final"]["ingredients"]) == [
+        "ft00-good",
+        "ft02-good",
+        "ft04-good",
+        "ft05-good",
+    ]
+    assert (
+        g["examples"]["saved"] > 0
+        and g["held_out"]["soup_score"] > g["held_out"]["best_single_score"]
+    )
+    assert (
+        g["evaluator"].startswith("val_eval:bounded@")
+        and report["cli"]["command"] == "soupkit greedy"
+    )
     assert report["cli"]["options"]["evaluator"] == "val_eval:bounded"
     assert (project / "soup" / "greedy-soup.png").read_bytes().startswith(b"\x89PNG")
     assert (project / "soup" / "model.safetensors").is_file()
@@ -84,13 +112,34 @@ def test_greedy_end_to_end_writes_soup_report_plot_and_reuses_the_cache(project:
     assert "evaluations: 0 run" not in capsys.readouterr().out
 
 
-def test_sweep_end_to_end_with_a_shift_set(project: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_sweep_end_to_end_with_a_shift_set(
+    project: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     w = toy.problem()[0]
     e = 0.8 * torch.randn(toy.C, toy.D, generator=torch.Generator().manual_seed(4))
     for name, weight in (("zs", w + e), ("ft", w - e)):
         toy.write(project / name, {"fc.weight": weight, "fc.bias": torch.zeros(toy.C)})
-    assert main(["sweep", "--base", "zs", "ft", "--values", "0:1:5", "--evaluator", "val_eval:accuracy",
-                 "--shift-evaluator", "test_eval:accuracy", "--no-cache", "--out", "wise", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "sweep",
+                "--base",
+                "zs",
+                "ft",
+                "--values",
+                "0:1:5",
+                "--evaluator",
+                "val_eval:accuracy",
+                "--shift-evaluator",
+                "test_eval:accuracy",
+                "--no-cache",
+                "--out",
+                "wise",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "best alpha=0.5 with score 1" in out and "shifted" in out
     report = json.loads((project / "wise" / "soupkit-report.json").read_text())
@@ -99,11 +148,14 @@ def test_sweep_end_to_end_with_a_shift_set(project: Path, capsys: pytest.Capture
     assert (project / "wise" / "sweep.png").is_file()
 
 
-def test_learned_end_to_end_with_a_setup_module(project: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    (project / "setup_mod.py").write_text(textwrap.dedent(f"""
+def test_learned_end_to_end_with_a_setup_module(
+    project: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (project / "setup_mod.py").write_text(
+        textwrap.dedent(f"""
         import torch
         from torch import nn
-        x, y = torch.load({str(project / 'val.pt')!r}, weights_only=True)
+        x, y = torch.load({str(project / "val.pt")!r}, weights_only=True)
 
         class Toy(nn.Module):
             def __init__(self):
@@ -115,9 +167,28 @@ def test_learned_end_to_end_with_a_setup_module(project: Path, capsys: pytest.Ca
 
         def setup():
             return {{"model": Toy(), "data": [(x[i:i+200], y[i:i+200]) for i in range(0, 1000, 200)]}}
-    """))
-    assert main(["learned", "--setup", "setup_mod:setup", "--evaluator", "val_eval:accuracy", "--steps", "40",
-                 "--lr", "0.1", "--out", "learned", "--no-progress", *ingredients(project)]) == 0
+    """)
+    )
+    assert (
+        main(
+            [
+                "learned",
+                "--setup",
+                "setup_mod:setup",
+                "--evaluator",
+                "val_eval:accuracy",
+                "--steps",
+                "40",
+                "--lr",
+                "0.1",
+                "--out",
+                "learned",
+                "--no-progress",
+                *ingredients(project),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "score: learned soup" in out
     report = json.loads((project / "learned" / "soupkit-report.json").read_text())
@@ -129,9 +200,28 @@ def test_usage_errors_exit_2_with_a_hint(project: Path, capsys: pytest.CaptureFi
     ck = ingredients(project)
     assert main(["greedy", "--out", "x", *ck]) == 2
     assert "give exactly one of --evaluator" in capsys.readouterr().err
-    assert main(["greedy", "--evaluator", "val_eval:accuracy", "--test-data", "t.csv", "--out", "x", *ck]) == 2
+    assert (
+        main(
+            [
+                "greedy",
+                "--evaluator",
+                "val_eval:accuracy",
+                "--test-data",
+                "t.csv",
+                "--out",
+                "x",
+                *ck,
+            ]
+        )
+        == 2
+    )
     assert "needs a built-in evaluator" in capsys.readouterr().err
-    assert main(["sweep", "--values", "0,a", "--evaluator", "val_eval:accuracy", "--out", "x", *ck[:2]]) == 2
+    assert (
+        main(
+            ["sweep", "--values", "0,a", "--evaluator", "val_eval:accuracy", "--out", "x", *ck[:2]]
+        )
+        == 2
+    )
     assert "--values '0,a'" in capsys.readouterr().err
     assert main(["greedy", "--evaluator", "nosuch_mod:fn", "--out", "x", *ck]) == 1
     assert "no module named 'nosuch_mod'" in capsys.readouterr().err
@@ -152,13 +242,28 @@ def tiny_bert_ingredients(root: Path, k: int) -> list[Path]:
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
-    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
-                                                     cls_token="[CLS]", sep_token="[SEP]")
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+    )
     torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                     intermediate_size=32, max_position_embeddings=32, num_labels=2, pad_token_id=0,
-                                     id2label={0: "negative", 1: "positive"}, label2id={"negative": 0, "positive": 1})
+    config = transformers.BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+        num_labels=2,
+        pad_token_id=0,
+        id2label={0: "negative", 1: "positive"},
+        label2id={"negative": 0, "positive": 1},
+    )
     base = transformers.BertForSequenceClassification(config).eval()
     paths = []
     for i in range(k):
@@ -167,7 +272,10 @@ def tiny_bert_ingredients(root: Path, k: int) -> list[Path]:
         tokenizer.save_pretrained(str(folder))
         g = torch.Generator().manual_seed(i)
         sd = load_file(str(folder / "model.safetensors"))
-        sd = {n: (t + 0.05 * torch.randn(t.shape, generator=g) if t.is_floating_point() else t) for n, t in sd.items()}
+        sd = {
+            n: (t + 0.05 * torch.randn(t.shape, generator=g) if t.is_floating_point() else t)
+            for n, t in sd.items()
+        }
         save_file(sd, str(folder / "model.safetensors"), metadata={"format": "pt"})
         paths.append(folder)
     return paths
@@ -185,21 +293,37 @@ def write_csv(path: Path, n: int, seed: int) -> Path:
     return path
 
 
-def test_builtin_hf_classification_greedy_and_learned(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                      capsys: pytest.CaptureFixture[str]) -> None:
+def test_builtin_hf_classification_greedy_and_learned(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.chdir(tmp_path)
     paths = [str(p) for p in tiny_bert_ingredients(tmp_path, 3)]
     write_csv(tmp_path / "val.csv", 60, 0)
     write_csv(tmp_path / "test.csv", 40, 1)
-    args = ["greedy", "--hf-classification", "val.csv", "--test-data", "test.csv", "--batch-size", "16",
-            "--cache", "c.jsonl", "--out", "soup", "--no-progress", *paths]
+    args = [
+        "greedy",
+        "--hf-classification",
+        "val.csv",
+        "--test-data",
+        "test.csv",
+        "--batch-size",
+        "16",
+        "--cache",
+        "c.jsonl",
+        "--out",
+        "soup",
+        "--no-progress",
+        *paths,
+    ]
     assert main(args) == 0
     out = capsys.readouterr().out
     report = json.loads((tmp_path / "soup" / "soupkit-report.json").read_text())
     g = report["greedy"]
     assert g["evaluator"].startswith("hf-classification|val.csv|") and g["held_out"] is not None
     assert all(0.0 <= s["score"] <= 1.0 for s in g["ingredients"])
-    assert (tmp_path / "soup" / "config.json").is_file() and (tmp_path / "soup" / "tokenizer.json").is_file()
+    assert (tmp_path / "soup" / "config.json").is_file() and (
+        tmp_path / "soup" / "tokenizer.json"
+    ).is_file()
     assert "greedy soup (>=)" in out
     assert main(args + ["--force"]) == 0
     assert "evaluations: 0 run" in capsys.readouterr().out
@@ -207,10 +331,31 @@ def test_builtin_hf_classification_greedy_and_learned(tmp_path: Path, monkeypatc
     assert main(args + ["--force", "--eval-autocast", "bfloat16"]) == 0
     assert "evaluations: 0 run" not in capsys.readouterr().out
     amp = json.loads((tmp_path / "soup" / "soupkit-report.json").read_text())["greedy"]
-    assert amp["evaluator"].startswith("hf-classification|val.csv|") and amp["evaluator"] != g["evaluator"]
+    assert (
+        amp["evaluator"].startswith("hf-classification|val.csv|")
+        and amp["evaluator"] != g["evaluator"]
+    )
 
-    assert main(["learned", "--hf-classification", "val.csv", "--test-data", "test.csv", "--steps", "3",
-                 "--batch-size", "20", "--out", "learned", "--no-progress", *paths]) == 0
+    assert (
+        main(
+            [
+                "learned",
+                "--hf-classification",
+                "val.csv",
+                "--test-data",
+                "test.csv",
+                "--steps",
+                "3",
+                "--batch-size",
+                "20",
+                "--out",
+                "learned",
+                "--no-progress",
+                *paths,
+            ]
+        )
+        == 0
+    )
     report = json.loads((tmp_path / "learned" / "soupkit-report.json").read_text())
     assert len(report["learned"]["losses"]) == 3 and report["learned"]["score"] is not None
     coef = report["learned"]["coefficients"]

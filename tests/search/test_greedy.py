@@ -7,12 +7,12 @@ import shutil
 from pathlib import Path
 
 import pytest
+import soup_toy as toy
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
-import soup_toy as toy
 from soupkit import uniform_soup
 from soupkit.errors import EvaluationError, PlanError, UsageError
 from soupkit.evaluate.protocol import meets
@@ -23,7 +23,9 @@ KINDS = ["good", "perm", "good", "noisy", "good", "good"]
 
 def bits(t: torch.Tensor) -> torch.Tensor:
     """The raw bits, so that comparisons are exact (NaN-safe, -0.0 != 0.0)."""
-    return t.contiguous().view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+    return t.contiguous().view(
+        {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
+    )
 
 
 def assert_same_bits(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
@@ -36,7 +38,9 @@ def assert_same_bits(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> 
 def test_keeps_the_helpful_ingredients_and_matches_the_paper_algorithm(tmp_path: Path) -> None:
     paths = toy.make_ingredients(tmp_path, KINDS)
     _, xv, yv, xt, yt = toy.problem()
-    result = greedy_soup(paths, toy.Accuracy(xv, yv), test_evaluator=toy.Accuracy(xt, yt, key="test"))
+    result = greedy_soup(
+        paths, toy.Accuracy(xv, yv), test_evaluator=toy.Accuracy(xt, yt, key="test")
+    )
 
     # The known answer: every good ingredient in, every harmful one out.
     chosen = {Path(p).name for p in result.ingredients}
@@ -92,7 +96,10 @@ def test_written_soup_equals_uniform_soup_and_the_evaluated_candidate_bit_for_bi
     last = max(i for i, s in enumerate(result.steps) if s.accepted)
     candidate = val.states[len(paths) + last]
     assert_same_bits(written, candidate)
-    assert written["fc.steps"].tolist() == load_file(str(Path(result.ingredients[0]) / "model.safetensors"))["fc.steps"].tolist()
+    assert (
+        written["fc.steps"].tolist()
+        == load_file(str(Path(result.ingredients[0]) / "model.safetensors"))["fc.steps"].tolist()
+    )
 
 
 def test_reads_one_ingredient_at_a_time(tmp_path: Path, live_reads) -> None:  # type: ignore[no-untyped-def]
@@ -100,13 +107,18 @@ def test_reads_one_ingredient_at_a_time(tmp_path: Path, live_reads) -> None:  # 
     paths = toy.make_ingredients(tmp_path, kinds)
     _, xv, yv, _, _ = toy.problem()
     greedy_soup(paths, toy.Accuracy(xv, yv), progress=False)
-    model = sum(v.numel() * v.element_size() for v in load_file(str(paths[0] / "model.safetensors")).values())
+    model = sum(
+        v.numel() * v.element_size()
+        for v in load_file(str(paths[0] / "model.safetensors")).values()
+    )
     assert live_reads.reads > 0
     assert live_reads.peak <= model, (live_reads.peak, model)  # never two ingredients at once
 
 
 @pytest.mark.parametrize("strict", [False, True])
-def test_early_rejection_gives_the_same_soup_as_full_evaluation(tmp_path: Path, strict: bool) -> None:
+def test_early_rejection_gives_the_same_soup_as_full_evaluation(
+    tmp_path: Path, strict: bool
+) -> None:
     kinds = KINDS + ["noisy", "good", "perm"]
     paths = toy.make_ingredients(tmp_path, kinds, seed=2)
     _, xv, yv, _, _ = toy.problem(2)
@@ -115,8 +127,9 @@ def test_early_rejection_gives_the_same_soup_as_full_evaluation(tmp_path: Path, 
     early = greedy_soup(paths, early_ev, strict=strict, early_stop=True)
 
     assert early.ingredients == full.ingredients and early.score == full.score
-    assert [(s.label, s.accepted, s.soup_score) for s in early.steps] == \
-           [(s.label, s.accepted, s.soup_score) for s in full.steps]
+    assert [(s.label, s.accepted, s.soup_score) for s in early.steps] == [
+        (s.label, s.accepted, s.soup_score) for s in full.steps
+    ]
     for e, f in zip(early.steps, full.steps):
         if e.complete:
             assert e.candidate_score == f.candidate_score
@@ -128,11 +141,17 @@ def test_early_rejection_gives_the_same_soup_as_full_evaluation(tmp_path: Path, 
     assert early.examples_evaluated == early_ev.examples
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(kinds=st.lists(st.sampled_from(["good", "perm", "noisy"]), min_size=2, max_size=7),
-       seed=st.integers(0, 50), strict=st.booleans())
-def test_early_rejection_never_changes_a_decision(tmp_path_factory: pytest.TempPathFactory,
-                                                  kinds: list[str], seed: int, strict: bool) -> None:
+@settings(
+    max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    kinds=st.lists(st.sampled_from(["good", "perm", "noisy"]), min_size=2, max_size=7),
+    seed=st.integers(0, 50),
+    strict=st.booleans(),
+)
+def test_early_rejection_never_changes_a_decision(
+    tmp_path_factory: pytest.TempPathFactory, kinds: list[str], seed: int, strict: bool
+) -> None:
     root = tmp_path_factory.mktemp("prop")
     paths = toy.make_ingredients(root, kinds, seed=seed)
     _, xv, yv, _, _ = toy.problem(seed, n=300)
@@ -173,7 +192,9 @@ def test_rerun_with_the_cache_evaluates_nothing(tmp_path: Path) -> None:
     _, xv, yv, xt, yt = toy.problem()
     cache = tmp_path / "cache" / "scores.jsonl"
     first_ev = toy.Accuracy(xv, yv)
-    first = greedy_soup(paths, first_ev, cache=cache, test_evaluator=toy.Accuracy(xt, yt, key="test"))
+    first = greedy_soup(
+        paths, first_ev, cache=cache, test_evaluator=toy.Accuracy(xt, yt, key="test")
+    )
     assert first.cache_hits == 0 and first.evaluations == first_ev.calls + 2
 
     again_ev, again_test = toy.Accuracy(xv, yv), toy.Accuracy(xt, yt, key="test")
@@ -182,14 +203,17 @@ def test_rerun_with_the_cache_evaluates_nothing(tmp_path: Path) -> None:
     assert again.cache_hits == first.evaluations
     assert again.ingredients == first.ingredients and again.score == first.score
     assert again.held_out == first.held_out
-    assert [(s.accepted, s.candidate_score, s.complete) for s in again.steps] == \
-           [(s.accepted, s.candidate_score, s.complete) for s in first.steps]
+    assert [(s.accepted, s.candidate_score, s.complete) for s in again.steps] == [
+        (s.accepted, s.candidate_score, s.complete) for s in first.steps
+    ]
     assert all(s.cached for s in again.steps) and all(s.cached for s in again.ingredient_scores)
 
     # Moved files keep their scores (the key is their content) ...
     moved = [shutil.copytree(p, tmp_path / "moved" / p.name) for p in paths]
     ev = toy.Accuracy(xv, yv)
-    assert greedy_soup(moved, ev, cache=cache).ingredients == [str(tmp_path / "moved" / Path(p).name) for p in first.ingredients]
+    assert greedy_soup(moved, ev, cache=cache).ingredients == [
+        str(tmp_path / "moved" / Path(p).name) for p in first.ingredients
+    ]
     assert ev.calls == 0
     # ... and a changed ingredient is evaluated again, alone and in every soup it joins.
     changed = toy.states(KINDS)[3]
@@ -213,8 +237,14 @@ def test_the_cache_refuses_evaluators_it_cannot_name(tmp_path: Path) -> None:
     r = greedy_soup(paths, closure, cache=tmp_path / "c.jsonl", evaluator_id="toy-val-v1")
     assert r.evaluator == "toy-val-v1"
     with pytest.raises(UsageError, match="same identity"):
-        greedy_soup(paths, closure, cache=tmp_path / "c.jsonl", evaluator_id="x",
-                    test_evaluator=lambda s: 0.0, test_evaluator_id="x")
+        greedy_soup(
+            paths,
+            closure,
+            cache=tmp_path / "c.jsonl",
+            evaluator_id="x",
+            test_evaluator=lambda s: 0.0,
+            test_evaluator_id="x",
+        )
 
 
 def test_cached_early_stop_answers_only_when_it_proves_the_decision(tmp_path: Path) -> None:
@@ -250,7 +280,9 @@ def test_evaluator_failure_names_the_candidate(tmp_path: Path) -> None:
             raise RuntimeError("CUDA out of memory")
         return toy.accuracy(state, xv, yv)
 
-    with pytest.raises(EvaluationError, match=r"candidate 'soup of .*ft0\d-good \+ .*'.*CUDA out of memory"):
+    with pytest.raises(
+        EvaluationError, match=r"candidate 'soup of .*ft0\d-good \+ .*'.*CUDA out of memory"
+    ):
         greedy_soup(paths, flaky)
 
 
@@ -272,7 +304,9 @@ def test_incompatible_ingredients_fail_before_any_evaluation(tmp_path: Path) -> 
 def test_output_folder_has_the_soup_history_and_plot(tmp_path: Path) -> None:
     paths = toy.make_ingredients(tmp_path, KINDS)
     _, xv, yv, xt, yt = toy.problem()
-    r = greedy_soup(paths, toy.Accuracy(xv, yv), tmp_path / "soup", test_evaluator=toy.Accuracy(xt, yt, key="t"))
+    r = greedy_soup(
+        paths, toy.Accuracy(xv, yv), tmp_path / "soup", test_evaluator=toy.Accuracy(xt, yt, key="t")
+    )
     report = json.loads((tmp_path / "soup" / "soupkit-report.json").read_text())
     g = report["greedy"]
     assert report["method"]["name"] == "linear"
@@ -281,9 +315,15 @@ def test_output_folder_has_the_soup_history_and_plot(tmp_path: Path) -> None:
     assert len(g["ingredients"]) == len(KINDS) and len(g["steps"]) == len(KINDS) - 1
     assert {"candidate_score", "accepted", "complete", "need", "soup_score"} <= set(g["steps"][0])
     assert g["examples"]["saved"] == r.examples_saved > 0
-    assert g["evaluations"] == r.evaluations and g["held_out"]["soup_score"] == r.held_out.soup_score  # type: ignore[union-attr]
+    assert (
+        g["evaluations"] == r.evaluations and g["held_out"]["soup_score"] == r.held_out.soup_score
+    )  # type: ignore[union-attr]
     png = (tmp_path / "soup" / "greedy-soup.png").read_bytes()
-    assert r.plot == tmp_path / "soup" / "greedy-soup.png" and png.startswith(b"\x89PNG") and len(png) > 10_000
+    assert (
+        r.plot == tmp_path / "soup" / "greedy-soup.png"
+        and png.startswith(b"\x89PNG")
+        and len(png) > 10_000
+    )
     # The plot can be redrawn from the report alone.
     from soupkit.report_plot import plot_report
 

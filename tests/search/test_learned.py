@@ -6,13 +6,13 @@ import json
 from pathlib import Path
 
 import pytest
+import soup_toy as toy
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.func import functional_call
 
-import soup_toy as toy
 from soupkit.errors import UsageError
 from soupkit.search.learned import StreamingMixture, classification_loss, learned_soup
 
@@ -40,8 +40,11 @@ def mlp_ingredients(root: Path, k: int, seed: int = 0) -> list[Path]:
     paths = []
     for i in range(k):
         g = torch.Generator().manual_seed(100 * seed + i)
-        sd = {n: (t + 0.3 * torch.randn(t.shape, generator=g) if t.is_floating_point() else t + i)
-              for n, t in base.items() if n != "back.weight"}
+        sd = {
+            n: (t + 0.3 * torch.randn(t.shape, generator=g) if t.is_floating_point() else t + i)
+            for n, t in base.items()
+            if n != "back.weight"
+        }
         sd["norm.running_var"] = sd["norm.running_var"].abs() + 0.5
         (root / f"mlp{i}").mkdir(parents=True)
         save_file(sd, str(root / f"mlp{i}" / "model.safetensors"))
@@ -49,8 +52,15 @@ def mlp_ingredients(root: Path, k: int, seed: int = 0) -> list[Path]:
     return paths
 
 
-def naive_logit_gradient(paths: list[Path], model: nn.Module, logits: torch.Tensor, temperature: float,
-                         names: list[str] | None, x: torch.Tensor, y: torch.Tensor) -> tuple[float, torch.Tensor]:
+def naive_logit_gradient(
+    paths: list[Path],
+    model: nn.Module,
+    logits: torch.Tensor,
+    temperature: float,
+    names: list[str] | None,
+    x: torch.Tensor,
+    y: torch.Tensor,
+) -> tuple[float, torch.Tensor]:
     """The reference: every ingredient in memory, autograd through the mixture (functional_call)."""
     states = [load_file(str(p / "model.safetensors")) for p in paths]
     lg = logits.detach().clone().requires_grad_(True)
@@ -81,7 +91,9 @@ def test_streamed_gradient_equals_autograd_on_the_in_memory_mixture(
     model = MLP()
     with StreamingMixture(paths, model, per_tensor=per_tensor, temperature=temperature) as mix:
         with torch.no_grad():
-            mix.logits.copy_(torch.randn(mix.logits.shape, generator=torch.Generator().manual_seed(3)))
+            mix.logits.copy_(
+                torch.randn(mix.logits.shape, generator=torch.Generator().manual_seed(3))
+            )
         loss, grad = mix.gradient(classification_loss, (xv, yv))
         names = [s.names[0] for s in mix.slots if s.is_float] if per_tensor else None
         logits = mix.logits.detach().clone()
@@ -124,11 +136,19 @@ def test_learns_to_downweight_harmful_ingredients_and_writes_exactly_the_mixture
     kinds = ["good", "perm", "good", "noisy", "good"]
     paths = toy.make_ingredients(tmp_path, kinds)
     _, xv, yv, _, _ = toy.problem()
-    batches = [(xv[i:i + 100], yv[i:i + 100]) for i in range(0, 1000, 100)]
+    batches = [(xv[i : i + 100], yv[i : i + 100]) for i in range(0, 1000, 100)]
     model = ToyLinear()
     val = toy.Accuracy(xv, yv)
-    r = learned_soup(paths, batches, tmp_path / "soup", model=model, steps=60, lr=0.1,
-                     per_tensor=per_tensor, evaluator=val)
+    r = learned_soup(
+        paths,
+        batches,
+        tmp_path / "soup",
+        model=model,
+        steps=60,
+        lr=0.1,
+        per_tensor=per_tensor,
+        evaluator=val,
+    )
     mean = r.coefficient_history[-1]
     bad = [mean[i] for i, k in enumerate(kinds) if k != "good"]
     good = [mean[i] for i, k in enumerate(kinds) if k == "good"]
@@ -143,7 +163,10 @@ def test_learns_to_downweight_harmful_ingredients_and_writes_exactly_the_mixture
     for k in written:
         assert torch.equal(written[k], held[k]), k
     report = json.loads((tmp_path / "soup" / "soupkit-report.json").read_text())
-    assert report["learned"]["coefficients"] == r.coefficients and len(report["learned"]["losses"]) == 60
+    assert (
+        report["learned"]["coefficients"] == r.coefficients
+        and len(report["learned"]["losses"]) == 60
+    )
     assert report["recipe"]["parameters"]["normalize"] is False
     assert (tmp_path / "soup" / "learned-soup.png").read_bytes().startswith(b"\x89PNG")
 
@@ -167,7 +190,9 @@ def test_user_loss_function_and_one_shot_data(tmp_path: Path) -> None:
         learned_soup(paths, [(xv, yv)], steps=1)
 
 
-def test_model_that_does_not_match_the_checkpoints_is_refused_with_every_problem(tmp_path: Path) -> None:
+def test_model_that_does_not_match_the_checkpoints_is_refused_with_every_problem(
+    tmp_path: Path,
+) -> None:
     paths = mlp_ingredients(tmp_path, 2)
     with pytest.raises(UsageError) as e:
         StreamingMixture(paths, ToyLinear())

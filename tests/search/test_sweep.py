@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
+import soup_toy as toy
 import torch
 from safetensors.torch import load_file
 
-import soup_toy as toy
 from soupkit import merge_state_dicts, methods
 from soupkit.errors import ConfigError, UsageError
 from soupkit.search.sweep import sweep, sweep_recipes
@@ -22,19 +22,31 @@ def opposite_pair(root: Path, seed: int = 0) -> tuple[Path, Path, dict[str, torc
     w = toy.problem(seed)[0]
     e = 0.9 * torch.randn(toy.C, toy.D, generator=torch.Generator().manual_seed(seed + 5))
     bias = torch.zeros(toy.C)
-    zs = toy.write(root / "zero-shot", {"fc.weight": w + e, "fc.bias": bias, "fc.steps": torch.tensor([0])})
-    ft = toy.write(root / "fine-tuned", {"fc.weight": w - e, "fc.bias": bias, "fc.steps": torch.tensor([1])})
+    zs = toy.write(
+        root / "zero-shot", {"fc.weight": w + e, "fc.bias": bias, "fc.steps": torch.tensor([0])}
+    )
+    ft = toy.write(
+        root / "fine-tuned", {"fc.weight": w - e, "fc.bias": bias, "fc.steps": torch.tensor([1])}
+    )
     return zs, ft, {"fc.weight": w, "fc.bias": bias}
 
 
 @pytest.mark.parametrize("method", ["wise_ft", "linear"])
-def test_alpha_sweep_finds_the_known_optimum_and_writes_exactly_it(tmp_path: Path, method: str) -> None:
+def test_alpha_sweep_finds_the_known_optimum_and_writes_exactly_it(
+    tmp_path: Path, method: str
+) -> None:
     if method not in methods.REGISTRY:
         pytest.skip(f"{method} is not registered")
     zs, ft, _ = opposite_pair(tmp_path)
     _, xv, yv, xt, yt = toy.problem()
-    r = sweep([zs, ft], toy.Accuracy(xv, yv), GRID, tmp_path / "out", method=method,
-              shift_evaluator=toy.Accuracy(xt, yt, key="shift"))
+    r = sweep(
+        [zs, ft],
+        toy.Accuracy(xv, yv),
+        GRID,
+        tmp_path / "out",
+        method=method,
+        shift_evaluator=toy.Accuracy(xt, yt, key="shift"),
+    )
     assert r.param == "alpha" and r.method == method
     assert r.best.value == 0.5 and r.best.score == 1.0
     assert [p.value for p in r.points] == GRID
@@ -49,8 +61,12 @@ def test_alpha_sweep_finds_the_known_optimum_and_writes_exactly_it(tmp_path: Pat
     if method == "wise_ft":
         ref = merge_state_dicts([states[1]], "wise_ft", base=states[0], parameters={"alpha": 0.5})
     else:
-        ref = merge_state_dicts(states, "linear", parameters={"normalize": False},
-                                model_parameters=[{"weight": 0.5}, {"weight": 0.5}])
+        ref = merge_state_dicts(
+            states,
+            "linear",
+            parameters={"normalize": False},
+            model_parameters=[{"weight": 0.5}, {"weight": 0.5}],
+        )
     for k in ref:
         assert torch.equal(written[k], ref[k]), k
     report = json.loads((tmp_path / "out" / "soupkit-report.json").read_text())
@@ -91,7 +107,9 @@ def test_density_sweep_scores_equal_the_in_memory_merge(tmp_path: Path, method: 
     r = sweep(paths, toy.Accuracy(xv, yv), grid, method=method, base=base, seed=3)
     assert r.param == "density"
     for v, pt in zip(grid, r.points):
-        ref = merge_state_dicts(states[:3], method, base=states[3], parameters={"density": v}, seed=3)
+        ref = merge_state_dicts(
+            states[:3], method, base=states[3], parameters={"density": v}, seed=3
+        )
         assert pt.score == toy.accuracy(ref, xv, yv), v
     assert r.best.score == max(p.score for p in r.points)
 

@@ -63,7 +63,17 @@ __all__ = [
 ]
 
 BACKENDS = ("local", "ray")
-_MEMBERS = ("name", "parallelism", "retries", "submit", "wait", "result", "cancel", "describe", "close")
+_MEMBERS = (
+    "name",
+    "parallelism",
+    "retries",
+    "submit",
+    "wait",
+    "result",
+    "cancel",
+    "describe",
+    "close",
+)
 
 
 def resolve_backend(backend: Backend | str | None) -> tuple[Backend | None, bool]:
@@ -82,13 +92,21 @@ def resolve_backend(backend: Backend | str | None) -> tuple[Backend | None, bool
     if backend == "ray":
         return RayBackend(), True
     if isinstance(backend, str):
-        raise UsageError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}\n"
-                         "hint: backend='ray' or backend=RayBackend(address=..., num_cpus=1)")
+        raise UsageError(
+            f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}\n"
+            "hint: backend='ray' or backend=RayBackend(address=..., num_cpus=1)"
+        )
     # Checked on the type: isinstance() with a Protocol would evaluate `parallelism` (and connect).
-    missing = [m for m in _MEMBERS if not hasattr(type(backend), m) and m not in getattr(backend, "__dict__", {})]
+    missing = [
+        m
+        for m in _MEMBERS
+        if not hasattr(type(backend), m) and m not in getattr(backend, "__dict__", {})
+    ]
     if missing:
-        raise UsageError(f"backend {backend!r} is not a soupkit backend: it has no {', '.join(missing)}\n"
-                         "hint: use LocalBackend() or RayBackend(...), or implement soupkit.backends.Backend")
+        raise UsageError(
+            f"backend {backend!r} is not a soupkit backend: it has no {', '.join(missing)}\n"
+            "hint: use LocalBackend() or RayBackend(...), or implement soupkit.backends.Backend"
+        )
     return backend, False
 
 

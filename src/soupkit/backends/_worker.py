@@ -104,19 +104,24 @@ def get_evaluator(ref: RemoteEvaluator) -> tuple[Any, bool]:
             try:
                 ev = ref.factory(*ref.args, **dict(ref.kwargs))
             except SoupError as e:
-                raise EvaluationError(f"cannot build evaluator {ref.name} on worker {where}: {e}") from None
+                raise EvaluationError(
+                    f"cannot build evaluator {ref.name} on worker {where}: {e}"
+                ) from None
             except Exception as e:
                 raise EvaluationError(
                     f"cannot build evaluator {ref.name} on worker {where}: {type(e).__name__}: {e}\n"
                     "hint: the factory runs on every worker: its data files and model folder must be "
-                    "readable there at the same paths (shared storage)") from e
+                    "readable there at the same paths (shared storage)"
+                ) from e
         else:
             from soupkit.backends.ray_backend import StoredObject
 
             ev = ref.obj.fetch() if isinstance(ref.obj, StoredObject) else ref.obj
     if not callable(ev):
-        raise EvaluationError(f"evaluator {ref.name} built on worker {where} is a {type(ev).__name__}, "
-                              "not a callable(state) -> float")
+        raise EvaluationError(
+            f"evaluator {ref.name} built on worker {where} is a {type(ev).__name__}, "
+            "not a callable(state) -> float"
+        )
     _EVALUATORS[ref.token] = ev
     return ev, True
 
@@ -135,13 +140,15 @@ def _checkpoints(paths: tuple[str, ...]) -> list[Checkpoint]:
 
 def _soup_state(c: UniformSoup, reader: TensorReader) -> dict[str, torch.Tensor]:
     """``(sum of paths[:-1] + paths[-1]) / n``, with the operations of `soupkit.greedy_soup`."""
-    from soupkit.search._state import start_sum  # not at the top: soupkit.search imports the backends
+    from soupkit.search._state import (
+        start_sum,  # not at the top: soupkit.search imports the backends
+    )
 
     global _SUM
     ckpts = _checkpoints(c.paths)
     s = _SUM
     _SUM = None  # cleared while the sum may change, so an interrupted job leaves no stale sum
-    if s is None or c.digests[:len(s.digests)] != s.digests:
+    if s is None or c.digests[: len(s.digests)] != s.digests:
         ref = ckpts[0]
         acc, fixed, out_dtype = start_sum(ref, reader)
         s = _RunningSum(c.digests[:1], acc, fixed, out_dtype, tuple(ref.tensors))
@@ -149,10 +156,12 @@ def _soup_state(c: UniformSoup, reader: TensorReader) -> dict[str, torch.Tensor]
         for name, info in ckpts[k].tensors.items():
             if name in s.acc:
                 s.acc[name] += reader.read(info).reshape(info.shape).to(torch.float32)
-        s.digests = c.digests[:k + 1]
+        s.digests = c.digests[: k + 1]
     if len(s.digests) == len(c.digests):  # the cached sum is the whole soup: nothing to add
         div = torch.ones(len(c.paths), dtype=torch.float32).sum()
-        state = {n: s.fixed[n] if n in s.fixed else (s.acc[n] / div).to(s.out_dtype[n]) for n in s.names}
+        state = {
+            n: s.fixed[n] if n in s.fixed else (s.acc[n] / div).to(s.out_dtype[n]) for n in s.names
+        }
         _SUM = s
         return state
     div = torch.ones(len(c.paths), dtype=torch.float32).sum()  # what `linear` divides by
@@ -198,7 +207,8 @@ def build_state(job: EvalJob) -> dict[str, torch.Tensor]:
         raise EvaluationError(
             f"cannot build candidate {job.label!r} on worker {worker_name()}: {e}\n"
             "hint: every worker reads the checkpoints itself; they must be at the same paths on "
-            "every node (shared storage)") from None
+            "every node (shared storage)"
+        ) from None
     raise EvaluationError(f"unknown candidate {type(c).__name__} in job {job.label!r}")
 
 
@@ -222,7 +232,8 @@ def execute_job(job: EvalJob, stop: Callable[[], bool] | None = None) -> JobOutc
     if job.version != __version__:
         raise EvaluationError(
             f"worker {worker_name()} has soupkit {__version__}, the driver has {job.version}; "
-            f"refusing candidate {job.label!r}\nhint: install the same soupkit version on every node")
+            f"refusing candidate {job.label!r}\nhint: install the same soupkit version on every node"
+        )
     built = 0
     evaluators = []
     for req in job.requests:
@@ -236,18 +247,35 @@ def execute_job(job: EvalJob, stop: Callable[[], bool] | None = None) -> JobOutc
     values: list[tuple[float, ...] | None] = []
     for ev, req in zip(evaluators, job.requests):
         if stop is not None and stop():
-            return JobOutcome(results=tuple(results), seconds=time.perf_counter() - t0, build_seconds=build_seconds,
-                              worker=worker_name(), evaluators_built=built, cancelled=True, values=tuple(values))
+            return JobOutcome(
+                results=tuple(results),
+                seconds=time.perf_counter() - t0,
+                build_seconds=build_seconds,
+                worker=worker_name(),
+                evaluators_built=built,
+                cancelled=True,
+                values=tuple(values),
+            )
         if req.indices is None:
-            results.append(run_evaluator(ev, state, label=req.label, need=req.need, strict=req.strict))
+            results.append(
+                run_evaluator(ev, state, label=req.label, need=req.need, strict=req.strict)
+            )
             values.append(None)
         else:
             got = _per_example(ev, state, req)
             values.append(got)
-            results.append(EvalResult(sum(got) / len(got) if got else 0.0, len(got), len(got), True))
+            results.append(
+                EvalResult(sum(got) / len(got) if got else 0.0, len(got), len(got), True)
+            )
     del state
-    return JobOutcome(results=tuple(results), seconds=time.perf_counter() - t0, build_seconds=build_seconds,
-                      worker=worker_name(), evaluators_built=built, values=tuple(values))
+    return JobOutcome(
+        results=tuple(results),
+        seconds=time.perf_counter() - t0,
+        build_seconds=build_seconds,
+        worker=worker_name(),
+        evaluators_built=built,
+        values=tuple(values),
+    )
 
 
 def _per_example(ev: Any, state: Mapping[str, torch.Tensor], req: EvalRequest) -> tuple[float, ...]:
@@ -256,16 +284,22 @@ def _per_example(ev: Any, state: Mapping[str, torch.Tensor], req: EvalRequest) -
 
     who = f"candidate {req.label!r} on worker {worker_name()}"
     if not isinstance(ev, PerExampleEvaluator):
-        raise EvaluationError(f"evaluating {who}: evaluator {req.evaluator.name} has no per_example(state, "
-                              "indices) / n_examples(), which sequential decisions need\nhint: use the built-in "
-                              "classification evaluator, or drop --sequential")
+        raise EvaluationError(
+            f"evaluating {who}: evaluator {req.evaluator.name} has no per_example(state, "
+            "indices) / n_examples(), which sequential decisions need\nhint: use the built-in "
+            "classification evaluator, or drop --sequential"
+        )
     try:
         idx = list(req.indices) if req.indices else list(range(int(ev.n_examples())))
         got = ev.per_example(state, idx)
     except EvaluationError as e:
         raise EvaluationError(f"evaluating {who} failed: {e}") from e
     except Exception as e:
-        raise EvaluationError(f"evaluating {who} failed: per_example raised {type(e).__name__}: {e}") from e
+        raise EvaluationError(
+            f"evaluating {who} failed: per_example raised {type(e).__name__}: {e}"
+        ) from e
     if not isinstance(got, torch.Tensor) or got.shape != (len(idx),):
-        raise EvaluationError(f"evaluating {who}: per_example returned something other than one score per index")
+        raise EvaluationError(
+            f"evaluating {who}: per_example returned something other than one score per index"
+        )
     return tuple(float(v) for v in got.detach().cpu().tolist())

@@ -80,8 +80,10 @@ class UniformSoup:
 
     def __post_init__(self) -> None:
         if not self.paths or len(self.paths) != len(self.digests):
-            raise UsageError(f"UniformSoup needs one digest per path, got {len(self.paths)} paths and "
-                             f"{len(self.digests)} digests")
+            raise UsageError(
+                f"UniformSoup needs one digest per path, got {len(self.paths)} paths and "
+                f"{len(self.digests)} digests"
+            )
 
 
 @dataclass(frozen=True)
@@ -138,7 +140,9 @@ def _source_digest(spec: str, cwd: str) -> str:
                 with import_path(cwd, first=False):  # searched as load_evaluator searches
                     found = importlib.util.find_spec(target)  # imports the parent packages only
             else:
-                found = importlib.machinery.PathFinder.find_spec(target, [p for p in sys.path if p] + [cwd])
+                found = importlib.machinery.PathFinder.find_spec(
+                    target, [p for p in sys.path if p] + [cwd]
+                )
             path = Path(found.origin) if found is not None and found.origin else None
         except (ImportError, ValueError):
             path = None
@@ -188,23 +192,34 @@ class RemoteEvaluator:
     token: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     def __post_init__(self) -> None:
-        given = [n for n, v in (("spec", self.spec), ("factory", self.factory), ("obj", self.obj)) if v is not None]
+        given = [
+            n
+            for n, v in (("spec", self.spec), ("factory", self.factory), ("obj", self.obj))
+            if v is not None
+        ]
         if len(given) != 1:
-            raise UsageError(f"RemoteEvaluator needs exactly one of spec, factory, obj; got "
-                             f"{', '.join(given) or 'none'}\nhint: RemoteEvaluator.from_spec('pkg.mod:fn'), "
-                             "RemoteEvaluator.from_factory(Cls, *args), or RemoteEvaluator.from_object(ev)")
+            raise UsageError(
+                f"RemoteEvaluator needs exactly one of spec, factory, obj; got "
+                f"{', '.join(given) or 'none'}\nhint: RemoteEvaluator.from_spec('pkg.mod:fn'), "
+                "RemoteEvaluator.from_factory(Cls, *args), or RemoteEvaluator.from_object(ev)"
+            )
         if self.spec is not None and ":" not in self.spec:
-            raise UsageError(f"evaluator spec {self.spec!r} has no ':name' part\n"
-                             "hint: write 'package.module:function' or 'path/to/file.py:function'")
+            raise UsageError(
+                f"evaluator spec {self.spec!r} has no ':name' part\n"
+                "hint: write 'package.module:function' or 'path/to/file.py:function'"
+            )
 
     @classmethod
-    def from_spec(cls, spec: str, *, key: str | None = None, cwd: str | os.PathLike[str] | None = None) -> RemoteEvaluator:
+    def from_spec(
+        cls, spec: str, *, key: str | None = None, cwd: str | os.PathLike[str] | None = None
+    ) -> RemoteEvaluator:
         """Import ``spec`` (``"pkg.mod:fn"`` / ``"file.py:fn"``) on each worker."""
         return cls(spec=spec, key=key, cwd=os.path.abspath(cwd) if cwd is not None else os.getcwd())
 
     @classmethod
-    def from_factory(cls, factory: Callable[..., Any], *args: Any, key: str | None = None,
-                     **kwargs: Any) -> RemoteEvaluator:
+    def from_factory(
+        cls, factory: Callable[..., Any], *args: Any, key: str | None = None, **kwargs: Any
+    ) -> RemoteEvaluator:
         """Call ``factory(*args, **kwargs)`` on each worker (e.g. a built-in evaluator's class)."""
         return cls(factory=factory, args=tuple(args), kwargs=dict(kwargs), key=key)
 
@@ -240,7 +255,9 @@ class RemoteEvaluator:
         return f"{mod}:{qual}"
 
     def __repr__(self) -> str:
-        how = "spec" if self.spec is not None else "factory" if self.factory is not None else "object"
+        how = (
+            "spec" if self.spec is not None else "factory" if self.factory is not None else "object"
+        )
         return f"RemoteEvaluator({how}={self.name!r})"
 
     def build(self) -> Any:
@@ -255,8 +272,9 @@ class RemoteEvaluator:
 
         return run_evaluator(self.build(), state, label=None).score
 
-    def evaluate(self, state: Mapping[str, torch.Tensor], *, need: float | None = None,
-                 strict: bool = False) -> EvalResult:
+    def evaluate(
+        self, state: Mapping[str, torch.Tensor], *, need: float | None = None, strict: bool = False
+    ) -> EvalResult:
         """Bounded evaluation when the built evaluator supports it, else a full one."""
         from soupkit.evaluate.protocol import BoundedEvaluator
 
@@ -265,8 +283,10 @@ class RemoteEvaluator:
             return ev.evaluate(state, need=need, strict=strict)
         raw = ev(state)
         if isinstance(raw, bool) or not isinstance(raw, (int, float)):
-            raise EvaluationError(f"evaluator {self.name} returned {type(raw).__name__} ({raw!r}); expected a "
-                                  "float (higher is better)\nhint: return e.g. accuracy as a Python float")
+            raise EvaluationError(
+                f"evaluator {self.name} returned {type(raw).__name__} ({raw!r}); expected a "
+                "float (higher is better)\nhint: return e.g. accuracy as a Python float"
+            )
         return EvalResult(score=float(raw), examples=0, total=0, complete=True)
 
 

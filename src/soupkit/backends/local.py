@@ -57,7 +57,9 @@ class LocalBackend:
             return done
         pending = sorted(h for h in handles if h in self._jobs)
         if not pending:
-            raise UsageError(f"LocalBackend.wait: none of the handles {sorted(handles)} is queued or finished")
+            raise UsageError(
+                f"LocalBackend.wait: none of the handles {sorted(handles)} is queued or finished"
+            )
         h = pending[0]
         job = self._jobs.pop(h)
         try:

@@ -60,8 +60,10 @@ def import_ray() -> Any:
     ray = _extras.require("ray", "ray", "the Ray backend")
     if not hasattr(ray, "remote"):  # e.g. a folder named ray/ on sys.path, not the package
         where = getattr(ray, "__path__", None) or getattr(ray, "__file__", "?")
-        raise UsageError(f"the Ray backend needs the 'ray' package; 'import ray' found {where}, which is not it\n"
-                         f"{_INSTALL_HINT}")
+        raise UsageError(
+            f"the Ray backend needs the 'ray' package; 'import ray' found {where}, which is not it\n"
+            f"{_INSTALL_HINT}"
+        )
     return ray
 
 
@@ -82,7 +84,8 @@ class StoredObject:
                 f"cannot unpickle the evaluator object on this Ray worker: {type(e).__name__}: {e}\n"
                 "hint: its class or function must be importable on every worker (install its package, "
                 "or put its folder on PYTHONPATH / runtime_env={'py_modules': [...]}), or name it by "
-                "import string (RemoteEvaluator.from_spec('pkg.mod:fn'))") from e
+                "import string (RemoteEvaluator.from_spec('pkg.mod:fn'))"
+            ) from e
 
 
 class EvaluationWorker:
@@ -184,7 +187,9 @@ class RayBackend:
             if not (isinstance(v, (int, float)) and v >= 0):
                 problems.append(f"resource {k!r} must be a number >= 0, got {v!r}")
         if problems:
-            raise UsageError("invalid Ray backend settings:\n" + "\n".join(f"  - {p}" for p in problems))
+            raise UsageError(
+                "invalid Ray backend settings:\n" + "\n".join(f"  - {p}" for p in problems)
+            )
         import_ray()  # fail now, not after hashing the inputs, when ray is missing
         self.address = address
         self.num_cpus = float(num_cpus)
@@ -207,7 +212,9 @@ class RayBackend:
         self._idle: deque[int] = deque()
         self._tasks: dict[int, _Task] = {}
         self._pending: deque[int] = deque()
-        self._running: dict[Any, tuple[int | None, int]] = {}  # ref -> (handle or None if cancelled, actor)
+        self._running: dict[
+            Any, tuple[int | None, int]
+        ] = {}  # ref -> (handle or None if cancelled, actor)
         self._starting: dict[Any, int] = {}  # ready() ref -> actor not yet up
         self._start_failures: list[str] = []
         self._done: dict[int, JobOutcome | EvaluationError] = {}
@@ -221,8 +228,10 @@ class RayBackend:
         self.close()
 
     def __repr__(self) -> str:
-        return (f"RayBackend(address={self.address!r}, num_cpus={self.num_cpus:g}, num_gpus={self.num_gpus:g}, "
-                f"memory={self.memory!r}, max_workers={self.max_workers!r})")
+        return (
+            f"RayBackend(address={self.address!r}, num_cpus={self.num_cpus:g}, num_gpus={self.num_gpus:g}, "
+            f"memory={self.memory!r}, max_workers={self.max_workers!r})"
+        )
 
     # -- connection -------------------------------------------------------------------------
 
@@ -248,7 +257,8 @@ class RayBackend:
                 raise UsageError(
                     f"cannot start or join Ray at {where}: {_first_line(e)}\nhint: start a cluster with "
                     "`ray start --head` and give its address (--ray-address / RAY_ADDRESS), or give no "
-                    "address to start a local Ray instance") from None
+                    "address to start a local Ray instance"
+                ) from None
             self._owns = True
         self._ray = ray
         self._connected = True
@@ -259,13 +269,16 @@ class RayBackend:
             fit = min((int(res.get(k, 0.0) / v + 1e-9) for k, v in per_job.items()), default=1)
             slots += max(fit, 0)
         if slots == 0 and self.check_resources:
-            have = "; ".join(", ".join(f"{k} {res.get(k, 0.0):g}" for k in per_job) for res in nodes)
+            have = "; ".join(
+                ", ".join(f"{k} {res.get(k, 0.0):g}" for k in per_job) for res in nodes
+            )
             self.close()
             raise UsageError(
                 f"no Ray node can run one evaluation: each needs {', '.join(f'{k} {v:g}' for k, v in per_job.items())}; "
                 f"the {len(nodes)} node(s) have {have or 'nothing'}\nhint: lower --ray-num-cpus / "
                 "--ray-num-gpus / --ray-memory, add nodes, or pass check_resources=False for an "
-                "autoscaling cluster")
+                "autoscaling cluster"
+            )
         self._slots = max(slots, 1)
 
     @property
@@ -282,12 +295,20 @@ class RayBackend:
         except Exception:  # older Ray: not essential for a report
             address = self.address
         return {
-            "backend": self.name, "address": address, "nodes": len([n for n in self._ray.nodes() if n.get("Alive", True)]),
-            "workers": self.parallelism, "actors_started": len(self._actors),
+            "backend": self.name,
+            "address": address,
+            "nodes": len([n for n in self._ray.nodes() if n.get("Alive", True)]),
+            "workers": self.parallelism,
+            "actors_started": len(self._actors),
             "actors_up": len(self._actors) - len(self._starting),
-            "per_evaluation": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus, "memory": self.memory,
-                               "resources": dict(self.resources)},
-            "max_retries": self.max_retries, "retry_exceptions": self.retry_exceptions,
+            "per_evaluation": {
+                "num_cpus": self.num_cpus,
+                "num_gpus": self.num_gpus,
+                "memory": self.memory,
+                "resources": dict(self.resources),
+            },
+            "max_retries": self.max_retries,
+            "retry_exceptions": self.retry_exceptions,
         }
 
     # -- jobs -------------------------------------------------------------------------------
@@ -307,7 +328,8 @@ class RayBackend:
                             f"evaluator {ev.name} cannot be sent to Ray workers: pickling it failed "
                             f"({_first_line(e)})\nhint: name it by import string so each worker imports "
                             "it (--evaluator pkg.mod:fn, RemoteEvaluator.from_spec), or build it on the "
-                            "workers with RemoteEvaluator.from_factory(Cls, *args)") from None
+                            "workers with RemoteEvaluator.from_factory(Cls, *args)"
+                        ) from None
                     self._stored[ev.token] = stored
                 req = replace(req, evaluator=replace(ev, obj=stored))
             reqs.append(req)
@@ -317,8 +339,12 @@ class RayBackend:
         """Start an actor (in slot ``actor``, else a new slot); it takes jobs once it answers."""
         # No restarts by Ray: a dead actor is replaced by a fresh one (see `_collect`), so a
         # retried job never meets an actor in the middle of restarting.
-        opts: dict[str, Any] = {"num_cpus": self.num_cpus, "max_restarts": 0, "max_task_retries": 0,
-                                "max_concurrency": 1}
+        opts: dict[str, Any] = {
+            "num_cpus": self.num_cpus,
+            "max_restarts": 0,
+            "max_task_retries": 0,
+            "max_concurrency": 1,
+        }
         if self.num_gpus:
             opts["num_gpus"] = self.num_gpus
         if self.memory is not None:
@@ -370,7 +396,8 @@ class RayBackend:
                 raise UsageError(
                     f"cannot start Ray workers: {len(self._start_failures)} failed to start "
                     f"({'; '.join(self._start_failures[-3:])})\nhint: soupkit (same version) must be "
-                    "installed on every node; check the worker logs (python-core-worker-*.log)") from None
+                    "installed on every node; check the worker logs (python-core-worker-*.log)"
+                ) from None
             self._spawn(actor)
             return
         self._idle.append(actor)
@@ -405,9 +432,13 @@ class RayBackend:
         died = False
         try:
             out = ray.get(ref)
-        except ray.exceptions.RayTaskError as e:  # the job raised (the evaluator, or a cancellation)
+        except (
+            ray.exceptions.RayTaskError
+        ) as e:  # the job raised (the evaluator, or a cancellation)
             failure = getattr(e, "cause", None) or e
-        except ray.exceptions.RayError as e:  # the actor's process or its node died, or the result was lost
+        except (
+            ray.exceptions.RayError
+        ) as e:  # the actor's process or its node died, or the result was lost
             failure, died = e, True
         if died:
             self._replace_actor(actor)  # idle again once the new one is up
@@ -425,16 +456,24 @@ class RayBackend:
                 f"evaluating candidate {t.job.label!r} failed: its Ray worker died on each of "
                 f"{t.attempts} attempt(s) ({'; '.join(t.failures + [_first_line(failure)])})\nhint: look for a "
                 "crash or the OOM killer in the worker logs (python-core-worker-*.log); give each evaluation "
-                "more memory (--ray-memory) or allow more retries (--ray-max-retries)")
+                "more memory (--ray-memory) or allow more retries (--ray-max-retries)"
+            )
         else:
             assert failure is not None
             if self.retry_exceptions and self._retry(h, t, failure, "the evaluation raised"):
                 return
-            err = failure if isinstance(failure, EvaluationError) else EvaluationError(
-                f"evaluating candidate {t.job.label!r} failed on a Ray worker: {_first_line(failure)}\n"
-                "hint: the worker's traceback is in its log (python-core-worker-*.log)")
+            err = (
+                failure
+                if isinstance(failure, EvaluationError)
+                else EvaluationError(
+                    f"evaluating candidate {t.job.label!r} failed on a Ray worker: {_first_line(failure)}\n"
+                    "hint: the worker's traceback is in its log (python-core-worker-*.log)"
+                )
+            )
             if t.failures:
-                err = EvaluationError(f"{err}\n(after {t.attempts} attempts; earlier: {'; '.join(t.failures)})")
+                err = EvaluationError(
+                    f"{err}\n(after {t.attempts} attempts; earlier: {'; '.join(t.failures)})"
+                )
             self._done[h] = err
         del self._tasks[h]
 
@@ -453,8 +492,10 @@ class RayBackend:
                 return done
             self._fill()
             if not self._running and not self._starting:
-                raise UsageError("RayBackend.wait: jobs are queued but no worker is running or starting\n"
-                                 "hint: this is a bug in soupkit's Ray backend; please report it")
+                raise UsageError(
+                    "RayBackend.wait: jobs are queued but no worker is running or starting\n"
+                    "hint: this is a bug in soupkit's Ray backend; please report it"
+                )
             ready, _ = self._ray.wait([*self._running, *self._starting], num_returns=1)
             for ref in ready:
                 if ref in self._starting:

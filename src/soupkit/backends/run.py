@@ -104,12 +104,14 @@ class RunLog:
 
     def new_retries(self, backend: Backend) -> list[dict[str, Any]]:
         """The backend's retries since `start`."""
-        return list(backend.retries[self._retries_from:])
+        return list(backend.retries[self._retries_from :])
 
     def notes(self, backend: Backend) -> list[str]:
         """One line per retried attempt, for a search result's notes."""
-        return [f"retried {r['candidate']!r} after attempt {r['attempt']} failed ({r['error']})"
-                for r in self.new_retries(backend)]
+        return [
+            f"retried {r['candidate']!r} after attempt {r['attempt']} failed ({r['error']})"
+            for r in self.new_retries(backend)
+        ]
 
     def finished(self, outcome: JobOutcome, *, used: bool) -> None:
         """Count one finished job."""
@@ -133,7 +135,9 @@ class RunLog:
             "retries": self.new_retries(backend),
             "busy_seconds": round(self.busy_seconds, 3),
             "wall_seconds": round(self.wall_seconds, 3),
-            "speedup": round(self.busy_seconds / self.wall_seconds, 3) if self.wall_seconds > 0 else None,
+            "speedup": round(self.busy_seconds / self.wall_seconds, 3)
+            if self.wall_seconds > 0
+            else None,
         }
         if self.speculate is not None:
             out["speculation"] = {
@@ -198,6 +202,8 @@ def run_jobs(
     if errors:
         if len(errors) == 1:
             raise errors[0]
-        raise EvaluationError(f"{errors[0]}\n({len(errors) - 1} more candidate(s) failed as well; "
-                              "every other score was kept)") from errors[0]
+        raise EvaluationError(
+            f"{errors[0]}\n({len(errors) - 1} more candidate(s) failed as well; "
+            "every other score was kept)"
+        ) from errors[0]
     return [o for o in out if o is not None]

@@ -82,8 +82,8 @@ class GreedyLoop:
 
 @dataclass
 class _Node:
-    soup: Soup                  # the candidate: the soup's ingredients plus the one tried
-    need_sent: float | None     # the threshold its job was given (None: full evaluation)
+    soup: Soup  # the candidate: the soup's ingredients plus the one tried
+    need_sent: float | None  # the threshold its job was given (None: full evaluation)
     speculative: bool
     handle: int | None = None
     result: EvalResult | None = None
@@ -152,9 +152,9 @@ def greedy_loop(
     def consistent(cand: Soup) -> bool:
         """Whether ``cand`` is still evaluated on some path the pending decisions may take."""
         s_end = rank_of[cand[-1]]
-        if s_end < r or cand[:len(soup)] != soup:
+        if s_end < r or cand[: len(soup)] != soup:
             return False
-        extra = cand[len(soup):-1]
+        extra = cand[len(soup) : -1]
         if any(rank_of[j] < r for j in extra):
             return False
         acc = soup
@@ -184,7 +184,9 @@ def greedy_loop(
             nd = nodes.get(cand)
             need = need_of(acc)
             if nd is not None and nd.result is not None and need is not None:
-                queue.append((cand if meets(nd.result.score, need, strict=strict) else acc, s + 1, d + 1))
+                queue.append(
+                    (cand if meets(nd.result.score, need, strict=strict) else acc, s + 1, d + 1)
+                )
             else:
                 branches = [(cand, s + 1, d + 1), (acc, s + 1, d + 1)]
                 queue.extend(branches if last_accepted else branches[::-1])
@@ -241,8 +243,11 @@ def greedy_loop(
             nd = nodes.get(cand)
             if nd is None:
                 hit = lookup(cand, eff)
-                nd = (_Node(cand, eff, False, result=hit, cached=True) if hit is not None
-                      else submit(cand, eff, False))
+                nd = (
+                    _Node(cand, eff, False, result=hit, cached=True)
+                    if hit is not None
+                    else submit(cand, eff, False)
+                )
                 nodes[cand] = nd
             elif not nd.cached and not nd.rechecked and nd.need_sent is None and eff is not None:
                 nd.rechecked = True

@@ -28,7 +28,21 @@ from soupkit.errors import SoupError, shown
 
 __all__ = ["build_parser", "main"]
 
-_COMMANDS = ("merge", "plan", "validate", "inspect", "methods", "soup_checkpoints", "wise_ft", "greedy", "sweep", "optimize", "learned", "lora", "diagnose")
+_COMMANDS = (
+    "merge",
+    "plan",
+    "validate",
+    "inspect",
+    "methods",
+    "soup_checkpoints",
+    "wise_ft",
+    "greedy",
+    "sweep",
+    "optimize",
+    "learned",
+    "lora",
+    "diagnose",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,17 +106,21 @@ def _run(args: argparse.Namespace) -> int:
         return e.exit_code
     except KeyboardInterrupt as e:
         term = isinstance(e, Terminated)
-        print(f"{'terminated' if term else 'interrupted'}: no unfinished output was left in place",
-              file=sys.stderr)
+        print(
+            f"{'terminated' if term else 'interrupted'}: no unfinished output was left in place",
+            file=sys.stderr,
+        )
         return 143 if term else 130
     except BrokenPipeError:
         return 1
     except Exception as e:  # an internal bug: say so plainly, traceback only on request
         if os.environ.get("SOUPKIT_DEBUG"):
             raise
-        print(f"internal error: {type(e).__name__}: {one_line_each(str(e))}\n"
-              "hint: this is a soupkit bug; rerun with SOUPKIT_DEBUG=1 for a traceback and report it",
-              file=sys.stderr)
+        print(
+            f"internal error: {type(e).__name__}: {one_line_each(str(e))}\n"
+            "hint: this is a soupkit bug; rerun with SOUPKIT_DEBUG=1 for a traceback and report it",
+            file=sys.stderr,
+        )
         return 1
 
 

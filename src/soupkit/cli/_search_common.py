@@ -38,61 +38,146 @@ __all__ = [
     "open_cli_cache",
 ]
 
-_CARRY_HASHED = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                 "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model", "spiece.model")
+_CARRY_HASHED = (
+    "config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "spiece.model",
+)
 
 
-def add_evaluator_flags(p: argparse.ArgumentParser, *, second: str | None, second_help: str) -> None:
+def add_evaluator_flags(
+    p: argparse.ArgumentParser, *, second: str | None, second_help: str
+) -> None:
     """The evaluator flags; ``second`` (``"test"`` / ``"shift"``) adds ``--{second}-evaluator``
     and ``--{second}-data`` for a second evaluation set."""
-    g = p.add_argument_group("evaluation (exactly one of --evaluator, --hf-classification, --hf-perplexity)")
-    g.add_argument("--evaluator", metavar="MOD:FN",
-                   help="your evaluator: 'package.module:name' or 'path/file.py:name', a callable "
-                        "state_dict -> float (higher is better)")
-    g.add_argument("--hf-classification", metavar="DATA",
-                   help="built-in: accuracy of a Hugging Face sequence classifier on DATA (.csv, .tsv, .jsonl)")
-    g.add_argument("--hf-perplexity", metavar="TEXT",
-                   help="built-in: negative perplexity of a causal LM on TEXT (.txt one document per line, or .csv/.jsonl)")
+    g = p.add_argument_group(
+        "evaluation (exactly one of --evaluator, --hf-classification, --hf-perplexity)"
+    )
+    g.add_argument(
+        "--evaluator",
+        metavar="MOD:FN",
+        help="your evaluator: 'package.module:name' or 'path/file.py:name', a callable "
+        "state_dict -> float (higher is better)",
+    )
+    g.add_argument(
+        "--hf-classification",
+        metavar="DATA",
+        help="built-in: accuracy of a Hugging Face sequence classifier on DATA (.csv, .tsv, .jsonl)",
+    )
+    g.add_argument(
+        "--hf-perplexity",
+        metavar="TEXT",
+        help="built-in: negative perplexity of a causal LM on TEXT (.txt one document per line, or .csv/.jsonl)",
+    )
     g.add_argument("--text-column", default="text", help="text column of DATA (default: text)")
-    g.add_argument("--text-pair-column", default=None, help="second text column for pair tasks (NLI)")
+    g.add_argument(
+        "--text-pair-column", default=None, help="second text column for pair tasks (NLI)"
+    )
     g.add_argument("--label-column", default="label", help="label column of DATA (default: label)")
-    g.add_argument("--metric", choices=["accuracy", "neg_loss"], default="accuracy",
-                   help="classification score (default: accuracy, which allows exact early rejection)")
-    g.add_argument("--model-dir", default=None, metavar="DIR",
-                   help="Hugging Face folder with config and tokenizer (default: the first checkpoint's folder)")
-    g.add_argument("--batch-size", type=int, default=32, help="examples per forward pass (default 32)")
-    g.add_argument("--max-length", type=int, default=None, help="token limit per example (default: 128 "
-                   "for classification, 512 for perplexity)")
+    g.add_argument(
+        "--metric",
+        choices=["accuracy", "neg_loss"],
+        default="accuracy",
+        help="classification score (default: accuracy, which allows exact early rejection)",
+    )
+    g.add_argument(
+        "--model-dir",
+        default=None,
+        metavar="DIR",
+        help="Hugging Face folder with config and tokenizer (default: the first checkpoint's folder)",
+    )
+    g.add_argument(
+        "--batch-size", type=int, default=32, help="examples per forward pass (default 32)"
+    )
+    g.add_argument(
+        "--max-length",
+        type=int,
+        default=None,
+        help="token limit per example (default: 128 for classification, 512 for perplexity)",
+    )
     g.add_argument("--device", default="cpu", help="torch device for evaluation (default: cpu)")
-    g.add_argument("--eval-dtype", choices=["float32", "bfloat16", "float16"], default="float32",
-                   help="dtype the built-in evaluators cast the weights to (default float32)")
-    g.add_argument("--eval-autocast", choices=["bfloat16", "float16"], default=None,
-                   help="mixed-precision evaluation with torch.autocast: matrix products in this dtype, "
-                        "weights and norms in float32 (bfloat16 is ~2x faster on CPUs with AVX512-BF16)")
-    g.add_argument("--evaluator-id", default=None, metavar="NAME",
-                   help="the evaluator's identity in the score cache (default: derived, see docs/soups.md)")
+    g.add_argument(
+        "--eval-dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default="float32",
+        help="dtype the built-in evaluators cast the weights to (default float32)",
+    )
+    g.add_argument(
+        "--eval-autocast",
+        choices=["bfloat16", "float16"],
+        default=None,
+        help="mixed-precision evaluation with torch.autocast: matrix products in this dtype, "
+        "weights and norms in float32 (bfloat16 is ~2x faster on CPUs with AVX512-BF16)",
+    )
+    g.add_argument(
+        "--evaluator-id",
+        default=None,
+        metavar="NAME",
+        help="the evaluator's identity in the score cache (default: derived, see docs/soups.md)",
+    )
     if second:
-        g.add_argument(f"--{second}-evaluator", metavar="MOD:FN", default=None, help=second_help + " (your evaluator)")
-        g.add_argument(f"--{second}-data", metavar="FILE", default=None,
-                       help=second_help + " (same built-in evaluator on another file)")
+        g.add_argument(
+            f"--{second}-evaluator",
+            metavar="MOD:FN",
+            default=None,
+            help=second_help + " (your evaluator)",
+        )
+        g.add_argument(
+            f"--{second}-data",
+            metavar="FILE",
+            default=None,
+            help=second_help + " (same built-in evaluator on another file)",
+        )
 
 
 def add_sequential_flags(p: argparse.ArgumentParser, what: str) -> None:
     """``--sequential`` and its settings (greedy soup, sweep)."""
-    g = p.add_argument_group("paired sequential decisions (default: exact decisions on every example)")
-    g.add_argument("--sequential", action="store_true",
-                   help=f"decide each {what} on as few examples as a paired sequential test needs: examples in "
-                        "a seeded random order, compared example by example, stop once the decision agrees with "
-                        "the exact one up to error probability --delta (needs per-example accuracy, e.g. "
-                        "--hf-classification)")
-    g.add_argument("--delta", type=float, default=None, metavar="P",
-                   help="error probability of each sequential decision (default 0.01)")
-    g.add_argument("--order-seed", type=int, default=None, metavar="N", help="seed of the evaluation order (default 0)")
-    g.add_argument("--sequential-batch", type=int, default=None, metavar="N",
-                   help="examples evaluated between two checks of the test (default 128)")
-    g.add_argument("--margin", type=float, default=None, metavar="ACC",
-                   help="indifference margin in accuracy (e.g. 0.005): candidates closer than that may be decided "
-                        "either way, the others keep the --delta bound (default 0: every decision bounded)")
+    g = p.add_argument_group(
+        "paired sequential decisions (default: exact decisions on every example)"
+    )
+    g.add_argument(
+        "--sequential",
+        action="store_true",
+        help=f"decide each {what} on as few examples as a paired sequential test needs: examples in "
+        "a seeded random order, compared example by example, stop once the decision agrees with "
+        "the exact one up to error probability --delta (needs per-example accuracy, e.g. "
+        "--hf-classification)",
+    )
+    g.add_argument(
+        "--delta",
+        type=float,
+        default=None,
+        metavar="P",
+        help="error probability of each sequential decision (default 0.01)",
+    )
+    g.add_argument(
+        "--order-seed",
+        type=int,
+        default=None,
+        metavar="N",
+        help="seed of the evaluation order (default 0)",
+    )
+    g.add_argument(
+        "--sequential-batch",
+        type=int,
+        default=None,
+        metavar="N",
+        help="examples evaluated between two checks of the test (default 128)",
+    )
+    g.add_argument(
+        "--margin",
+        type=float,
+        default=None,
+        metavar="ACC",
+        help="indifference margin in accuracy (e.g. 0.005): candidates closer than that may be decided "
+        "either way, the others keep the --delta bound (default 0: every decision bounded)",
+    )
 
 
 def sequential_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -108,21 +193,37 @@ def sequential_options(args: argparse.Namespace) -> dict[str, Any]:
     if not args.sequential:
         if given:
             flags = ", ".join(f"--{n.replace('_', '-')}" for n in given)
-            raise UsageError(f"{flags} only apply with --sequential\nhint: add --sequential, or drop them")
+            raise UsageError(
+                f"{flags} only apply with --sequential\nhint: add --sequential, or drop them"
+            )
         return {}
     return {"sequential": True, **given}
 
 
 def add_cache_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--cache", default=None, metavar="FILE",
-                   help=f"score cache (default: {default_cache_path()}; $SOUPKIT_CACHE_DIR moves it)")
+    p.add_argument(
+        "--cache",
+        default=None,
+        metavar="FILE",
+        help=f"score cache (default: {default_cache_path()}; $SOUPKIT_CACHE_DIR moves it)",
+    )
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the score cache")
 
 
 def add_bn_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--recalibrate-bn", metavar="MOD:FN", default=None,
-                   help="recompute BatchNorm statistics of the written model: FN() returns (model, loader)")
-    p.add_argument("--bn-batches", type=int, default=None, metavar="N", help="use at most N batches for --recalibrate-bn")
+    p.add_argument(
+        "--recalibrate-bn",
+        metavar="MOD:FN",
+        default=None,
+        help="recompute BatchNorm statistics of the written model: FN() returns (model, loader)",
+    )
+    p.add_argument(
+        "--bn-batches",
+        type=int,
+        default=None,
+        metavar="N",
+        help="use at most N batches for --recalibrate-bn",
+    )
 
 
 def open_cli_cache(args: argparse.Namespace) -> ScoreCache:
@@ -186,27 +287,45 @@ def _builtin(kind: str, data: str, args: argparse.Namespace, model_dir: Path) ->
         raise UsageError(f"{data}: no such data file")
     if kind == "classification":
         kw: dict[str, Any] = {
-            "text_column": args.text_column, "label_column": args.label_column,
-            "text_pair_column": args.text_pair_column, "batch_size": args.batch_size,
-            "max_length": args.max_length or 128, "device": args.device, "dtype": args.eval_dtype,
-            "autocast": args.eval_autocast, "metric": args.metric,
+            "text_column": args.text_column,
+            "label_column": args.label_column,
+            "text_pair_column": args.text_pair_column,
+            "batch_size": args.batch_size,
+            "max_length": args.max_length or 128,
+            "device": args.device,
+            "dtype": args.eval_dtype,
+            "autocast": args.eval_autocast,
+            "metric": args.metric,
         }
         ev: Any = HFClassificationEvaluator(model_dir, data, **kw)
     else:
-        kw = {"text_column": args.text_column, "batch_size": args.batch_size,
-              "max_length": args.max_length or 512, "device": args.device, "dtype": args.eval_dtype,
-              "autocast": args.eval_autocast}
+        kw = {
+            "text_column": args.text_column,
+            "batch_size": args.batch_size,
+            "max_length": args.max_length or 512,
+            "device": args.device,
+            "dtype": args.eval_dtype,
+            "autocast": args.eval_autocast,
+        }
         ev = HFCausalLMPerplexityEvaluator(model_dir, data, **kw)
     key = getattr(ev, "cache_key", None)
     if isinstance(key, str) and key:
         return ev, key
-    ident = json.dumps({"kind": f"hf-{kind}", **kw, "data": file_sha256(Path(data)),
-                        "model_files": _folder_digest(model_dir)}, sort_keys=True)
+    ident = json.dumps(
+        {
+            "kind": f"hf-{kind}",
+            **kw,
+            "data": file_sha256(Path(data)),
+            "model_files": _folder_digest(model_dir),
+        },
+        sort_keys=True,
+    )
     return ev, f"hf-{kind}|{Path(data).name}|" + hashlib.sha256(ident.encode()).hexdigest()[:24]
 
 
-def build_evaluator(args: argparse.Namespace, checkpoints: Sequence[str], *,
-                    second: str | None = None) -> tuple[Any, str, Any | None, str | None]:
+def build_evaluator(
+    args: argparse.Namespace, checkpoints: Sequence[str], *, second: str | None = None
+) -> tuple[Any, str, Any | None, str | None]:
     """``(evaluator, identity, second_evaluator, second_identity)`` from the flags.
 
     Raises:
@@ -215,8 +334,10 @@ def build_evaluator(args: argparse.Namespace, checkpoints: Sequence[str], *,
     given = [f for f in ("evaluator", "hf_classification", "hf_perplexity") if getattr(args, f)]
     if len(given) != 1:
         names = ", ".join("--" + f.replace("_", "-") for f in given) or "none"
-        raise UsageError(f"give exactly one of --evaluator, --hf-classification, --hf-perplexity (got {names})\n"
-                         "hint: e.g. --evaluator my_eval.py:accuracy, or --hf-classification val.csv")
+        raise UsageError(
+            f"give exactly one of --evaluator, --hf-classification, --hf-perplexity (got {names})\n"
+            "hint: e.g. --evaluator my_eval.py:accuracy, or --hf-classification val.csv"
+        )
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
     kind = given[0]
@@ -235,8 +356,10 @@ def build_evaluator(args: argparse.Namespace, checkpoints: Sequence[str], *,
             ev2, ident2 = _user(spec2, None)
         elif data2:
             if kind == "evaluator":
-                raise UsageError(f"--{second}-data needs a built-in evaluator (--hf-classification / --hf-perplexity)\n"
-                                 f"hint: with --evaluator, give your second set as --{second}-evaluator MOD:FN")
+                raise UsageError(
+                    f"--{second}-data needs a built-in evaluator (--hf-classification / --hf-perplexity)\n"
+                    f"hint: with --evaluator, give your second set as --{second}-evaluator MOD:FN"
+                )
             k = "classification" if kind == "hf_classification" else "perplexity"
             ev2, ident2 = _builtin(k, data2, args, _model_dir(args, checkpoints))
     return ev, ident, ev2, ident2
@@ -252,8 +375,10 @@ def load_bn(args: argparse.Namespace) -> tuple[Any, Any] | None:
     fn = load_evaluator(spec)
     got = fn()  # type: ignore[call-arg]
     if not (isinstance(got, (tuple, list)) and len(got) == 2):
-        raise UsageError(f"--recalibrate-bn {spec}: expected the function to return (model, loader), "
-                         f"got {type(got).__name__}")
+        raise UsageError(
+            f"--recalibrate-bn {spec}: expected the function to return (model, loader), "
+            f"got {type(got).__name__}"
+        )
     model, loader = got
     if args.bn_batches is not None:
         import itertools

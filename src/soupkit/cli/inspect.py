@@ -13,12 +13,19 @@ from soupkit.io.checkpoint import open_checkpoint
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = command(sub, "inspect", "show a checkpoint's tensors, dtypes, shapes, parameters and size (headers only)", """
+    p = command(
+        sub,
+        "inspect",
+        "show a checkpoint's tensors, dtypes, shapes, parameters and size (headers only)",
+        """
         soupkit inspect ./model
         soupkit inspect model.safetensors --json
         soupkit inspect org/name@main          # a Hub id: from the cache, else downloaded
-    """)
-    p.add_argument("path", help="a .safetensors file, a model folder, or a Hub id (org/name[@revision])")
+    """,
+    )
+    p.add_argument(
+        "path", help="a .safetensors file, a model folder, or a Hub id (org/name[@revision])"
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     add_pickle_flag(p)
     p.add_argument("--max-rows", type=int, default=60, help="tensors to list (default 60; 0 = all)")
@@ -28,18 +35,29 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 def run(args: argparse.Namespace) -> int:
     ck = open_checkpoint(args.path, allow_pickle=args.allow_pickle)
     if args.json:
-        print(json.dumps({
-            "path": str(ck.path), "files": [str(f) for f in ck.files],
-            "num_params": ck.num_params, "bytes": ck.nbytes,
-            "tensors": {n: {"dtype": t.dtype, "shape": list(t.shape)} for n, t in ck.tensors.items()},
-            **({"hub": ck.hub.to_json()} if ck.hub is not None else {}),
-        }, indent=2))
+        print(
+            json.dumps(
+                {
+                    "path": str(ck.path),
+                    "files": [str(f) for f in ck.files],
+                    "num_params": ck.num_params,
+                    "bytes": ck.nbytes,
+                    "tensors": {
+                        n: {"dtype": t.dtype, "shape": list(t.shape)} for n, t in ck.tensors.items()
+                    },
+                    **({"hub": ck.hub.to_json()} if ck.hub is not None else {}),
+                },
+                indent=2,
+            )
+        )
         return 0
     dtypes: Counter[str] = Counter()
     for t in ck.tensors.values():
         dtypes[t.dtype] += t.numel
-    print(f"{shown(ck.label)}: {len(ck.tensors)} tensors in {len(ck.files)} file(s), "
-          f"{ck.num_params:,} parameters, {human_bytes(ck.nbytes)}")
+    print(
+        f"{shown(ck.label)}: {len(ck.tensors)} tensors in {len(ck.files)} file(s), "
+        f"{ck.num_params:,} parameters, {human_bytes(ck.nbytes)}"
+    )
     print("dtypes: " + ", ".join(f"{d} {n:,}" for d, n in dtypes.most_common()))
     if ck.hub is not None:
         print(f"note: {ck.hub.note(ck.label)}")

@@ -9,9 +9,14 @@ from soupkit.cli._common import command
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = command(sub, "methods", "list the merge methods with their parameters and papers", """
+    p = command(
+        sub,
+        "methods",
+        "list the merge methods with their parameters and papers",
+        """
         soupkit methods
-    """)
+    """,
+    )
     p.set_defaults(func=run)
 
 
@@ -31,7 +36,9 @@ def run(args: argparse.Namespace) -> int:
         elif spec.tensor_trim is not None:
             tags.append("chunks after a trim pre-pass")
         print(f"{spec.name:<18} {spec.summary}")
-        print(f"{'':<18} per-model: {', '.join(spec.per_model_names) or '-'}; "
-              f"global: {', '.join(spec.global_names) or '-'}; [{', '.join(tags)}]")
+        print(
+            f"{'':<18} per-model: {', '.join(spec.per_model_names) or '-'}; "
+            f"global: {', '.join(spec.global_names) or '-'}; [{', '.join(tags)}]"
+        )
         print(f"{'':<18} {spec.paper}")
     return 0

@@ -6,15 +6,26 @@ import argparse
 from pathlib import Path
 
 from soupkit.api import plan
-from soupkit.cli._common import add_compute_flag, add_key_map_flags, add_pickle_flag, command, key_map_from
+from soupkit.cli._common import (
+    add_compute_flag,
+    add_key_map_flags,
+    add_pickle_flag,
+    command,
+    key_map_from,
+)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = command(sub, "plan", "dry run: show what a merge would do, from headers only", """
+    p = command(
+        sub,
+        "plan",
+        "dry run: show what a merge would do, from headers only",
+        """
         soupkit plan recipe.yaml
         soupkit plan recipe.yaml --all
         soupkit plan recipe.yaml --compute exact
-    """)
+    """,
+    )
     p.add_argument("recipe", type=Path, help="YAML recipe")
     p.add_argument("--max-shard-size", default="5GB", metavar="SIZE", help="largest output shard")
     p.add_argument("--all", action="store_true", help="list every tensor, not only the first 40")
@@ -25,7 +36,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 
 
 def run(args: argparse.Namespace) -> int:
-    pl = plan(args.recipe, max_shard_size=args.max_shard_size, key_map=key_map_from(args),
-              allow_pickle=args.allow_pickle, compute=args.compute)
+    pl = plan(
+        args.recipe,
+        max_shard_size=args.max_shard_size,
+        key_map=key_map_from(args),
+        allow_pickle=args.allow_pickle,
+        compute=args.compute,
+    )
     print(pl.describe(max_rows=len(pl.jobs) if args.all else 40))
     return 0

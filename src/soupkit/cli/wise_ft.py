@@ -12,30 +12,58 @@ from soupkit.multi import wise_ft
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = command(sub, "wise-ft",
-                "WiSE-FT: (1 - alpha) * zero-shot + alpha * fine-tuned, one output per alpha, "
-                "reading both models once", """
+    p = command(
+        sub,
+        "wise-ft",
+        "WiSE-FT: (1 - alpha) * zero-shot + alpha * fine-tuned, one output per alpha, "
+        "reading both models once",
+        """
         soupkit wise-ft ./clip-zs ./clip-ft --alpha 0.5 ./wise
         soupkit wise-ft ./clip-zs ./clip-ft --alpha 0.25 0.5 0.75 ./wise    # ./wise/alpha-0.25/, ...
         soupkit wise-ft ./clip-zs ./clip-ft ./wise --alpha 0,0.1,0.2,0.3 --out-dtype bfloat16
-    """)
+    """,
+    )
     p.add_argument("zero_shot", help="the zero-shot (pretrained) model: file or folder")
     p.add_argument("fine_tuned", help="its fine-tune: file or folder")
-    p.add_argument("out", nargs="?", default=None,
-                   help="output folder; receives one subfolder alpha-0.50/ per alpha")
-    p.add_argument("--alpha", nargs="+", required=True, metavar="A",
-                   help="mixing coefficients (0 = zero-shot, 1 = fine-tuned), space or comma "
-                        "separated; OUT_DIR may follow them")
-    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16", "float64"], default=None,
-                   help="cast inputs to this dtype first")
-    p.add_argument("--out-dtype", choices=["float32", "float16", "bfloat16", "float64"], default=None,
-                   help="output dtype (default: the inputs')")
-    p.add_argument("--allow-pickle", action="store_true",
-                   help="accept PyTorch pickle checkpoints, loaded only with torch.load(weights_only=True)")
-    p.add_argument("--allow-nonfinite", action="store_true",
-                   help="write NaN/Inf outputs instead of stopping")
-    p.add_argument("--no-hash-inputs", action="store_true",
-                   help="do not record the sha256 of each input in the reports")
+    p.add_argument(
+        "out",
+        nargs="?",
+        default=None,
+        help="output folder; receives one subfolder alpha-0.50/ per alpha",
+    )
+    p.add_argument(
+        "--alpha",
+        nargs="+",
+        required=True,
+        metavar="A",
+        help="mixing coefficients (0 = zero-shot, 1 = fine-tuned), space or comma "
+        "separated; OUT_DIR may follow them",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "float16", "bfloat16", "float64"],
+        default=None,
+        help="cast inputs to this dtype first",
+    )
+    p.add_argument(
+        "--out-dtype",
+        choices=["float32", "float16", "bfloat16", "float64"],
+        default=None,
+        help="output dtype (default: the inputs')",
+    )
+    p.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="accept PyTorch pickle checkpoints, loaded only with torch.load(weights_only=True)",
+    )
+    p.add_argument(
+        "--allow-nonfinite", action="store_true", help="write NaN/Inf outputs instead of stopping"
+    )
+    p.add_argument(
+        "--no-hash-inputs",
+        action="store_true",
+        help="do not record the sha256 of each input in the reports",
+    )
     add_output_flags(p)
     p.set_defaults(func=run)
 
@@ -71,19 +99,34 @@ def parse_alphas(values: list[str], out: str | None) -> tuple[list[float], str]:
 
 def run(args: argparse.Namespace) -> int:
     alphas, out = parse_alphas(args.alpha, args.out)
-    results = wise_ft(args.zero_shot, args.fine_tuned, out, alphas=alphas, dtype=args.dtype,
-                      out_dtype=args.out_dtype, force=args.force, progress=progress_flag(args),
-                      max_shard_size=args.max_shard_size, allow_pickle=args.allow_pickle,
-                      allow_nonfinite=args.allow_nonfinite, hash_inputs=not args.no_hash_inputs)
+    results = wise_ft(
+        args.zero_shot,
+        args.fine_tuned,
+        out,
+        alphas=alphas,
+        dtype=args.dtype,
+        out_dtype=args.out_dtype,
+        force=args.force,
+        progress=progress_flag(args),
+        max_shard_size=args.max_shard_size,
+        allow_pickle=args.allow_pickle,
+        allow_nonfinite=args.allow_nonfinite,
+        hash_inputs=not args.no_hash_inputs,
+    )
     s = results[0].stats
-    print(f"wrote {len(results)} WiSE-FT model(s) in one pass: read {human_bytes(s.bytes_read)} in "
-          f"{human_seconds(s.seconds)}")
+    print(
+        f"wrote {len(results)} WiSE-FT model(s) in one pass: read {human_bytes(s.bytes_read)} in "
+        f"{human_seconds(s.seconds)}"
+    )
     for a, r in zip(alphas, results):
         print(f"  alpha {a:g}: {r.out}")
     for n in results[0].plan.notes:
         print(f"note: {shown(n, limit=2000)}")
     bad = sorted({t for r in results for t in r.stats.nonfinite})
     if bad:
-        print(f"warning: {len(bad)} tensor(s) hold NaN or Inf (written because of "
-              f"--allow-nonfinite): {', '.join(shown(t) for t in bad[:10])}", file=sys.stderr)
+        print(
+            f"warning: {len(bad)} tensor(s) hold NaN or Inf (written because of "
+            f"--allow-nonfinite): {', '.join(shown(t) for t in bad[:10])}",
+            file=sys.stderr,
+        )
     return 0

@@ -22,7 +22,9 @@ from soupkit.io.hub import parse_hub_ref
 
 __all__ = ["card_front_matter", "hub_id", "render_card"]
 
-_CACHE = re.compile(r"models--([A-Za-z0-9][A-Za-z0-9_.-]*)--([A-Za-z0-9][A-Za-z0-9_.-]*)(?:/snapshots/[0-9a-f]+)?/?$")
+_CACHE = re.compile(
+    r"models--([A-Za-z0-9][A-Za-z0-9_.-]*)--([A-Za-z0-9][A-Za-z0-9_.-]*)(?:/snapshots/[0-9a-f]+)?/?$"
+)
 
 
 def hub_id(name: str) -> str | None:
@@ -71,4 +73,6 @@ def card_front_matter(
 
 def render_card(front: Mapping[str, Any], body: Sequence[str]) -> str:
     """A README.md: ``---`` YAML front matter ``---`` then the body lines."""
-    return "\n".join(["---", yaml.safe_dump(dict(front), sort_keys=False).rstrip(), "---", "", *body, ""])
+    return "\n".join(
+        ["---", yaml.safe_dump(dict(front), sort_keys=False).rstrip(), "---", "", *body, ""]
+    )

@@ -48,15 +48,21 @@ from typing import Any, ClassVar
 import torch
 
 from soupkit import methods
-from soupkit.config import Conditional, MergeConfig, ParamValue, Slice, SliceSource
-from soupkit.errors import CheckpointFormatError, ConfigError, PlanError, SoupError, UnknownMethodError
-from soupkit.formats import KeyMap, rename_checkpoint
 from soupkit.compat.model_adapter import open_model
+from soupkit.config import Conditional, MergeConfig, ParamValue, Slice, SliceSource
+from soupkit.errors import (
+    CheckpointFormatError,
+    ConfigError,
+    PlanError,
+    SoupError,
+    UnknownMethodError,
+)
+from soupkit.formats import KeyMap, rename_checkpoint
+from soupkit.global_trim import check_global_trim
 from soupkit.io.checkpoint import Checkpoint, carried_files
 from soupkit.io.header import TensorInfo
 from soupkit.io.writer import OutputTensor, layout_shards, parse_size
 from soupkit.methods import MethodSpec, Params
-from soupkit.global_trim import check_global_trim
 from soupkit.params import resolve_chain
 from soupkit.plan import (
     DEFAULT_CHUNK_ELEMS,
@@ -66,9 +72,9 @@ from soupkit.plan import (
     check_tokenizer_source,
     count_filter_matches,
     exact_problems,
-    out_dtype_code,
     ignored_by_mergekit,
     ignored_parameter_notes,
+    out_dtype_code,
     parameter_problems,
     validated_params,
 )
@@ -85,7 +91,9 @@ __all__ = [
 ]
 
 # Where a numbered stack of layers sits in a tensor name: the first such segment wins.
-_LAYER = re.compile(r"^(?P<prefix>(?:.*?\.)?(?:layers|layer|h|blocks|block))\.(?P<idx>\d+)\.(?P<rest>.+)$")
+_LAYER = re.compile(
+    r"^(?P<prefix>(?:.*?\.)?(?:layers|layer|h|blocks|block))\.(?P<idx>\d+)\.(?P<rest>.+)$"
+)
 # Names of the "pre" weights (before the layers); other tensors outside layers are "post".
 _PRE = ("embed", "wte", "wpe", "tok_", "word_embeddings", "position_embeddings", "token_type")
 _DTYPE_CODE = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
@@ -130,7 +138,9 @@ PASSTHROUGH = MethodSpec(
 
 def is_mergekit_layout(cfg: MergeConfig) -> bool:
     """Whether a recipe is planned here: it has ``slices``, or is a ``passthrough`` of models."""
-    return bool(cfg.slices) or (cfg.merge_method == "passthrough" and "passthrough" not in methods.REGISTRY)
+    return bool(cfg.slices) or (
+        cfg.merge_method == "passthrough" and "passthrough" not in methods.REGISTRY
+    )
 
 
 @dataclass(frozen=True)
@@ -174,10 +184,14 @@ class LayerStack:
             layers.setdefault(int(m.group("idx")), []).append(m.group("rest"))
         if len(prefixes) > 1:
             shown = ", ".join(f"{p!r} ({n} tensors)" for p, n in prefixes.items())
-            raise PlanError([f"{ck.label}: numbered layers under {len(prefixes)} prefixes ({shown}); "
-                             "slices need a model with one stack of layers\n"
-                             "    hint: mergekit needs its `modules:` syntax for such models, which "
-                             "soupkit does not support; see docs/mergekit.md"])
+            raise PlanError(
+                [
+                    f"{ck.label}: numbered layers under {len(prefixes)} prefixes ({shown}); "
+                    "slices need a model with one stack of layers\n"
+                    "    hint: mergekit needs its `modules:` syntax for such models, which "
+                    "soupkit does not support; see docs/mergekit.md"
+                ]
+            )
         prefix = next(iter(prefixes), "")
         return cls(prefix, {i: tuple(r) for i, r in sorted(layers.items())}, tuple(outside))
 
@@ -222,11 +236,15 @@ def _param_problems(spec: MethodSpec, cfg: MergeConfig) -> list[str]:
             if ignored_by_mergekit(key, value, spec):
                 continue
             if per_source and key in glob:
-                problems.append(f"{where}: {key!r} is a global parameter of {spec.name!r}; set it "
-                                "under the slice's or the top-level `parameters:`")
+                problems.append(
+                    f"{where}: {key!r} is a global parameter of {spec.name!r}; set it "
+                    "under the slice's or the top-level `parameters:`"
+                )
             elif key not in per_model and key not in glob:
-                problems.append(f"{where}: unknown parameter {key!r} for method {spec.name!r}; "
-                                f"it takes: {', '.join(every) or 'no parameters'}")
+                problems.append(
+                    f"{where}: unknown parameter {key!r} for method {spec.name!r}; "
+                    f"it takes: {', '.join(every) or 'no parameters'}"
+                )
 
     check(cfg.parameters, "parameters", False)
     for i, m in enumerate(cfg.models):
@@ -244,23 +262,31 @@ def _conditions(cfg: MergeConfig) -> dict[str, tuple[ParamValue, int, Conditiona
     levels += [(f"models[{i}].parameters", m.parameters) for i, m in enumerate(cfg.models)]
     for i, sl in enumerate(cfg.slices or []):
         levels.append((f"slices[{i}].parameters", sl.parameters))
-        levels += [(f"slices[{i}].sources[{j}].parameters", s.parameters) for j, s in enumerate(sl.sources)]
+        levels += [
+            (f"slices[{i}].sources[{j}].parameters", s.parameters) for j, s in enumerate(sl.sources)
+        ]
     for where, params in levels:
         for key, value in params.items():
             if not isinstance(value, list):
                 continue
             for idx, c in enumerate(value):
                 if isinstance(c, Conditional) and (c.filter is not None or c.match is not None):
-                    label = f"{where}.{key}" + (f" filter={c.filter!r}" if c.filter is not None else "") + \
-                            (f" match={c.match!r}" if c.match is not None else "")
+                    label = (
+                        f"{where}.{key}"
+                        + (f" filter={c.filter!r}" if c.filter is not None else "")
+                        + (f" match={c.match!r}" if c.match is not None else "")
+                    )
                     if label in found:
                         label += f" (entry {idx + 1})"
                     found[label] = (value, idx, c)
     return found
 
 
-def _open_all(cfg: MergeConfig, allow_pickle: bool, key_map: KeyMap | None,
-              ) -> tuple[dict[str, Checkpoint], list[str]]:
+def _open_all(
+    cfg: MergeConfig,
+    allow_pickle: bool,
+    key_map: KeyMap | None,
+) -> tuple[dict[str, Checkpoint], list[str]]:
     paths: dict[str, str] = {}
     if cfg.base_model:
         paths[cfg.base_model] = "base_model"
@@ -287,7 +313,9 @@ def _whole_model_slices(cfg: MergeConfig, opened: Mapping[str, Checkpoint]) -> l
     out = []
     for m in cfg.models:
         n = LayerStack.of(opened[m.model]).n_layers
-        out.append(Slice(sources=[SliceSource(model=m.model, layer_range=(0, n), parameters=m.parameters)]))
+        out.append(
+            Slice(sources=[SliceSource(model=m.model, layer_range=(0, n), parameters=m.parameters)])
+        )
     return out
 
 
@@ -304,7 +332,9 @@ def _read_config(folder: Any) -> dict[str, Any] | None:
     return obj if isinstance(obj, dict) else None
 
 
-def _config_updates(config: Mapping[str, Any] | None, layer_sources: Sequence[int]) -> dict[str, Any]:
+def _config_updates(
+    config: Mapping[str, Any] | None, layer_sources: Sequence[int]
+) -> dict[str, Any]:
     """New values for ``config.json``: the layer count and a matching ``layer_types``."""
     if config is None:
         return {}
@@ -328,8 +358,10 @@ def update_config(path: Any, data: bytes, updates: Mapping[str, Any]) -> bytes:
     try:
         obj = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
-        raise CheckpointFormatError(f"{path}: not valid JSON ({e}), so its layer count cannot be "
-                                    "updated\nhint: fix the file or give another tokenizer_source") from None
+        raise CheckpointFormatError(
+            f"{path}: not valid JSON ({e}), so its layer count cannot be "
+            "updated\nhint: fix the file or give another tokenizer_source"
+        ) from None
     if not isinstance(obj, dict):
         raise CheckpointFormatError(f"{path}: expected a JSON object, got {type(obj).__name__}")
     obj.update(updates)
@@ -392,35 +424,59 @@ def plan_slices(
         for j, entry in enumerate(sl.sources):
             ck, stack = opened[entry.model], stacks[entry.model]
             a, b = entry.layer_range
-            if not 0 <= a < b and not (whole and a == b == 0):  # a model without layers: copied whole
-                cfg_problems.append(f"{where}.sources[{j}].layer_range: [{a}, {b}] is empty or negative; "
-                                    "expected [start, end) with 0 <= start < end")
+            if not 0 <= a < b and not (
+                whole and a == b == 0
+            ):  # a model without layers: copied whole
+                cfg_problems.append(
+                    f"{where}.sources[{j}].layer_range: [{a}, {b}] is empty or negative; "
+                    "expected [start, end) with 0 <= start < end"
+                )
             elif b > stack.n_layers and stack.n_layers == 0:
-                cfg_problems.append(f"{where}.sources[{j}]: {entry.model} has no numbered layers (names "
-                                    "like 'model.layers.0.*' or 'transformer.h.0.*'), so there is nothing to slice")
+                cfg_problems.append(
+                    f"{where}.sources[{j}]: {entry.model} has no numbered layers (names "
+                    "like 'model.layers.0.*' or 'transformer.h.0.*'), so there is nothing to slice"
+                )
             elif b > stack.n_layers:
-                cfg_problems.append(f"{where}.sources[{j}].layer_range: [{a}, {b}] but {entry.model} has "
-                                    f"{stack.n_layers} layer(s) (0..{stack.n_layers - 1}); the end is exclusive")
+                cfg_problems.append(
+                    f"{where}.sources[{j}].layer_range: [{a}, {b}] but {entry.model} has "
+                    f"{stack.n_layers} layer(s) (0..{stack.n_layers - 1}); the end is exclusive"
+                )
             lengths.add(b - a)
-            sources.append(_Source(ck, stack, a, b, entry.parameters,
-                                   slice_base is not None and _same(ck, slice_base)))
+            sources.append(
+                _Source(
+                    ck,
+                    stack,
+                    a,
+                    b,
+                    entry.parameters,
+                    slice_base is not None and _same(ck, slice_base),
+                )
+            )
         if len(lengths) > 1:
-            cfg_problems.append(f"{where}: its sources span different numbers of layers "
-                                f"({', '.join(str(b - a) for a, b in (s.layer_range for s in sl.sources))}); "
-                                "every source of a slice must give the same number of layers")
+            cfg_problems.append(
+                f"{where}: its sources span different numbers of layers "
+                f"({', '.join(str(b - a) for a, b in (s.layer_range for s in sl.sources))}); "
+                "every source of a slice must give the same number of layers"
+            )
         inputs = [s for s in sources if not (takes_base and s.is_base)]
         if spec.needs_base or (takes_base and slice_base is not None):
             if slice_base is None:
                 cfg_problems.append(f"merge_method {spec.name!r} needs a `base_model:`")
             elif not any(s.is_base for s in sources):
-                cfg_problems.append(f"{where}: the base model {slice_base.label} is not one of its sources; "
-                                    "as in mergekit, list it under the slice's sources with its layer_range")
+                cfg_problems.append(
+                    f"{where}: the base model {slice_base.label} is not one of its sources; "
+                    "as in mergekit, list it under the slice's sources with its layer_range"
+                )
         if len(inputs) < spec.min_models:
-            cfg_problems.append(f"{where}: method {spec.name!r} needs at least {spec.min_models} source(s)"
-                                f"{' besides the base' if spec.kind == 'task_vector' else ''}, got {len(inputs)}")
+            cfg_problems.append(
+                f"{where}: method {spec.name!r} needs at least {spec.min_models} source(s)"
+                f"{' besides the base' if spec.kind == 'task_vector' else ''}, got {len(inputs)}"
+            )
         if spec.max_models is not None and len(inputs) > spec.max_models:
-            cfg_problems.append(f"{where}: method {spec.name!r} takes at most {spec.max_models} source(s) "
-                                f"per slice, got {len(inputs)}")
+            cfg_problems.append(
+                f"{where}: method {spec.name!r} takes at most {spec.max_models} source(s) "
+                f"per slice, got {len(inputs)}"
+            )
         resolved.append((sources, slice_base))
     if cfg_problems:
         raise ConfigError(list(dict.fromkeys(cfg_problems)))
@@ -429,9 +485,13 @@ def plan_slices(
     first_sources = resolved[0][0]
     out_stack = first_sources[0].stack
     if not out_stack.prefix and not whole:
-        raise PlanError([f"{first_sources[0].ck.label}: no numbered layers found "
-                         "(names like 'model.layers.0.*' or 'transformer.h.0.*'), so there is "
-                         "nothing to slice"])
+        raise PlanError(
+            [
+                f"{first_sources[0].ck.label}: no numbered layers found "
+                "(names like 'model.layers.0.*' or 'transformer.h.0.*'), so there is "
+                "nothing to slice"
+            ]
+        )
     cast_all = cfg.dtype is not None
     conds = _conditions(cfg)
     filter_counts = {k: 0 for k in conds}
@@ -442,28 +502,43 @@ def plan_slices(
     jobs: list[TensorJob] = []
     layer_sources: list[int] = []
 
-    def add(out_name: str, group: Sequence[tuple[_Source, str]], base_info: TensorInfo | None,
-            slice_params: Mapping[str, ParamValue], t: float) -> None:
+    def add(
+        out_name: str,
+        group: Sequence[tuple[_Source, str]],
+        base_info: TensorInfo | None,
+        slice_params: Mapping[str, ParamValue],
+        t: float,
+    ) -> None:
         infos: list[tuple[_Source, TensorInfo]] = []
         for src, name in group:
             info = src.ck.tensors.get(name)
             if info is None:
-                problems.append(f"tensor {name!r} is missing from {src.ck.label} (needed for output {out_name!r})")
+                problems.append(
+                    f"tensor {name!r} is missing from {src.ck.label} (needed for output {out_name!r})"
+                )
                 return
             infos.append((src, info))
         first = infos[0][1]
-        others = [(s.ck.label, i) for s, i in infos[1:]] + ([("the base model", base_info)] if base_info else [])
+        others = [(s.ck.label, i) for s, i in infos[1:]] + (
+            [("the base model", base_info)] if base_info else []
+        )
         for label, info in others:
             if info.shape != first.shape:
-                problems.append(f"output tensor {out_name!r}: shapes differ: {infos[0][0].ck.label} "
-                                f"{info.name!r} {list(first.shape)} vs {label} {info.name!r} {list(info.shape)}")
+                problems.append(
+                    f"output tensor {out_name!r}: shapes differ: {infos[0][0].ck.label} "
+                    f"{info.name!r} {list(first.shape)} vs {label} {info.name!r} {list(info.shape)}"
+                )
                 return
             if info.is_float != first.is_float:
-                problems.append(f"output tensor {out_name!r}: float in some inputs and integer in others")
+                problems.append(
+                    f"output tensor {out_name!r}: float in some inputs and integer in others"
+                )
                 return
             if first.is_float and info.dtype != first.dtype and not cast_all:
-                problems.append(f"output tensor {out_name!r}: mixed dtypes ({first.dtype}, {info.dtype})\n"
-                                "    hint: set `dtype:` in the recipe (e.g. float32) to cast every input first")
+                problems.append(
+                    f"output tensor {out_name!r}: mixed dtypes ({first.dtype}, {info.dtype})\n"
+                    "    hint: set `dtype:` in the recipe (e.g. float32) to cast every input first"
+                )
                 return
         if not first.is_float:
             jobs.append(TensorJob(out_name, first.shape, first.dtype, source=first))
@@ -473,7 +548,9 @@ def plan_slices(
         values: dict[str, Any] = {}
         for key, default in spec.params.per_model.items():
             values[key] = tuple(
-                v if (v := resolve_chain(key, (s.params, slice_params, cfg.parameters), out_name, t)) is not None
+                v
+                if (v := resolve_chain(key, (s.params, slice_params, cfg.parameters), out_name, t))
+                is not None
                 else default
                 for s, _ in merged
             )
@@ -484,14 +561,23 @@ def plan_slices(
         p = validated_params(spec, values, out_name, param_cache, bad_params)
         if p is None:
             return
-        jobs.append(TensorJob(
-            out_name, first.shape, out_dtype_code(cfg, spec, first.dtype),
-            inputs=tuple(i for _, i in merged),
-            base=base_info if takes_base else None,
-            params=p,
-        ))
+        jobs.append(
+            TensorJob(
+                out_name,
+                first.shape,
+                out_dtype_code(cfg, spec, first.dtype),
+                inputs=tuple(i for _, i in merged),
+                base=base_info if takes_base else None,
+                params=p,
+            )
+        )
 
-    def outside(which: str, sources: list[_Source], slice_base: Checkpoint | None, params: Mapping[str, ParamValue]) -> None:
+    def outside(
+        which: str,
+        sources: list[_Source],
+        slice_base: Checkpoint | None,
+        params: Mapping[str, ParamValue],
+    ) -> None:
         ref = sources[0]
         for name in ref.stack.outside:
             is_pre = any(k in name.lower() for k in _PRE)
@@ -501,7 +587,9 @@ def plan_slices(
             if takes_base and slice_base is not None:
                 base_info = slice_base.tensors.get(name)
                 if base_info is None:
-                    problems.append(f"tensor {name!r} is missing from the base model {slice_base.label}")
+                    problems.append(
+                        f"tensor {name!r} is missing from the base model {slice_base.label}"
+                    )
                     continue
             add(name, [(s, name) for s in sources], base_info, params, 0.0)
 
@@ -515,15 +603,24 @@ def plan_slices(
             rests = lead.stack.layers.get(lead.start + j, ())
             for s in sources[1:]:
                 if set(s.stack.layers.get(s.start + j, ())) != set(rests):
-                    problems.append(f"layer {s.start + j} of {s.ck.label} and layer {lead.start + j} of "
-                                    f"{lead.ck.label} hold different tensors; they cannot be merged")
+                    problems.append(
+                        f"layer {s.start + j} of {s.ck.label} and layer {lead.start + j} of "
+                        f"{lead.ck.label} hold different tensors; they cannot be merged"
+                    )
             base_src = next((s for s in sources if s.is_base), None)
             for rest in rests:
                 base_info = None
                 if takes_base and base_src is not None:
-                    base_info = base_src.ck.tensors.get(base_src.stack.name(base_src.start + j, rest))
-                add(out_stack.name(k, rest), [(s, s.stack.name(s.start + j, rest)) for s in sources],
-                    base_info, sl.parameters, t)
+                    base_info = base_src.ck.tensors.get(
+                        base_src.stack.name(base_src.start + j, rest)
+                    )
+                add(
+                    out_stack.name(k, rest),
+                    [(s, s.stack.name(s.start + j, rest)) for s in sources],
+                    base_info,
+                    sl.parameters,
+                    t,
+                )
             layer_sources.append(lead.start + j)
             k += 1
     outside("post", resolved[-1][0], resolved[-1][1], slices[-1].parameters)
@@ -545,7 +642,11 @@ def plan_slices(
     carry = _carry_source(cfg, base_ck, [s.ck for s in first_sources])
     check_tokenizer_source(cfg, carry)
     updates = {} if whole else _config_updates(_read_config(carry), layer_sources)
-    notes = [n for ck in opened.values() for n in ck.notes] + ignored_parameter_notes(cfg, spec) + cfg.recipe_notes()
+    notes = (
+        [n for ck in opened.values() for n in ck.notes]
+        + ignored_parameter_notes(cfg, spec)
+        + cfg.recipe_notes()
+    )
     k = 0
     for i, (sources, _) in enumerate(resolved):
         n = sources[0].end - sources[0].start
@@ -553,11 +654,23 @@ def plan_slices(
         notes.append(f"slice {i}: output layers {k}..{k + n - 1} <- {srcs}")
         k += n
     if updates:
-        notes.append("config.json: " + ", ".join(f"{key} = {v if key != 'layer_types' else '[...]'}"
-                                                   for key, v in updates.items()))
+        notes.append(
+            "config.json: "
+            + ", ".join(
+                f"{key} = {v if key != 'layer_types' else '[...]'}" for key, v in updates.items()
+            )
+        )
     return MergePlan(
-        config=cfg, method=spec, models=tuple(used), base=base_ck, jobs=tuple(jobs),
-        shards=tuple(shards), chunk_elems=chunk_elems, carry_from=carry,
-        filter_counts=filter_counts, notes=tuple(notes), config_updates=updates,
+        config=cfg,
+        method=spec,
+        models=tuple(used),
+        base=base_ck,
+        jobs=tuple(jobs),
+        shards=tuple(shards),
+        chunk_elems=chunk_elems,
+        carry_from=carry,
+        filter_counts=filter_counts,
+        notes=tuple(notes),
+        config_updates=updates,
         carry_files=carried_files(carry) if carry is not None else {},
     )

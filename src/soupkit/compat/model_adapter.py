@@ -27,7 +27,13 @@ if TYPE_CHECKING:
     from soupkit.config import MergeConfig
     from soupkit.io.checkpoint import Checkpoint
 
-__all__ = ["CACHE_ENV", "fold_cache_dir", "open_model", "resolve_model_adapter", "split_model_adapter"]
+__all__ = [
+    "CACHE_ENV",
+    "fold_cache_dir",
+    "open_model",
+    "resolve_model_adapter",
+    "split_model_adapter",
+]
 
 CACHE_ENV = "SOUPKIT_LORA_CACHE"
 
@@ -48,9 +54,9 @@ def split_model_adapter(path: str, resolve: Callable[[str], str]) -> tuple[str, 
         return None
     for i, ch in enumerate(path):
         if ch == "+" and os.path.exists(resolve(path[:i])):
-            return path[:i], path[i + 1:]
+            return path[:i], path[i + 1 :]
     i = path.index("+")
-    return path[:i], path[i + 1:]
+    return path[:i], path[i + 1 :]
 
 
 def _stamp(path: Path) -> str:
@@ -58,8 +64,14 @@ def _stamp(path: Path) -> str:
     return ";".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
 
 
-def resolve_model_adapter(model: str, adapter: str, resolve: Callable[[str], str], *, exact: bool,
-                          allow_pickle: bool = False) -> tuple[Path, str]:
+def resolve_model_adapter(
+    model: str,
+    adapter: str,
+    resolve: Callable[[str], str],
+    *,
+    exact: bool,
+    allow_pickle: bool = False,
+) -> tuple[Path, str]:
     """Fold ``adapter`` into ``model`` (cached) and return the folded folder and a note for the plan.
 
     Raises:
@@ -72,20 +84,33 @@ def resolve_model_adapter(model: str, adapter: str, resolve: Callable[[str], str
     m, a = Path(resolve(model)), Path(resolve(adapter))
     for side, p in (("model", m), ("adapter", a)):
         if not p.exists():
-            hint = (" (soupkit works offline and never downloads: download it first and give the folder)"
-                    if str(p).count("/") == 1 and not str(p).startswith((".", "/")) else "")
-            raise CheckpointFormatError(f"{model}+{adapter}: the {side} {str(p)!r} does not exist{hint}")
+            hint = (
+                " (soupkit works offline and never downloads: download it first and give the folder)"
+                if str(p).count("/") == 1 and not str(p).startswith((".", "/"))
+                else ""
+            )
+            raise CheckpointFormatError(
+                f"{model}+{adapter}: the {side} {str(p)!r} does not exist{hint}"
+            )
     rounding = "peft" if exact else "fp32"
-    key = hashlib.sha256("\n".join([str(m.resolve()), _stamp(m), str(a.resolve()), _stamp(a), rounding])
-                         .encode()).hexdigest()[:24]
+    key = hashlib.sha256(
+        "\n".join([str(m.resolve()), _stamp(m), str(a.resolve()), _stamp(a), rounding]).encode()
+    ).hexdigest()[:24]
     dest = fold_cache_dir() / f"{m.name}+{a.name}-{key}"
-    if not (dest / "model.safetensors").is_file() and not (dest / "model.safetensors.index.json").is_file():
-        fold_lora(a, m, dest, rounding=rounding, force=True, progress=False, allow_pickle=allow_pickle)  # type: ignore[arg-type]
+    if (
+        not (dest / "model.safetensors").is_file()
+        and not (dest / "model.safetensors.index.json").is_file()
+    ):
+        fold_lora(
+            a, m, dest, rounding=rounding, force=True, progress=False, allow_pickle=allow_pickle
+        )  # type: ignore[arg-type]
         how = "folded"
     else:
         how = "taken from the cache"
-    note = (f"{model}+{adapter}: the adapter is folded into the model (W + scale * B @ A, "
-            f"{'PEFT' if exact else 'float32'} rounding), {how}: {dest}")
+    note = (
+        f"{model}+{adapter}: the adapter is folded into the model (W + scale * B @ A, "
+        f"{'PEFT' if exact else 'float32'} rounding), {how}: {dest}"
+    )
     return dest, note
 
 
@@ -99,7 +124,8 @@ def open_model(cfg: MergeConfig, path: str, *, allow_pickle: bool = False) -> Ch
     split = split_model_adapter(path, cfg.resolve_model_path)
     if split is None:
         return open_checkpoint(cfg.resolve_model_path(path), label=path, allow_pickle=allow_pickle)
-    folded, note = resolve_model_adapter(*split, cfg.resolve_model_path, exact=cfg.compute == "exact",
-                                         allow_pickle=allow_pickle)
+    folded, note = resolve_model_adapter(
+        *split, cfg.resolve_model_path, exact=cfg.compute == "exact", allow_pickle=allow_pickle
+    )
     ck = open_checkpoint(folded, label=path)
     return dataclasses.replace(ck, notes=(*ck.notes, note))

@@ -78,12 +78,18 @@ class CheckpointSoup:
         if mode not in ("exact", "running"):
             raise UsageError(f"CheckpointSoup mode {mode!r}: expected 'exact' or 'running'")
         if last is not None and last < 1:
-            raise UsageError(f"CheckpointSoup(last={last}): the window must hold at least 1 snapshot")
+            raise UsageError(
+                f"CheckpointSoup(last={last}): the window must hold at least 1 snapshot"
+            )
         if last is None and mode == "exact":
-            raise UsageError("CheckpointSoup(last=None) averages every snapshot, which needs "
-                             "mode='running' (a ring buffer of all snapshots would grow without bound)")
+            raise UsageError(
+                "CheckpointSoup(last=None) averages every snapshot, which needs "
+                "mode='running' (a ring buffer of all snapshots would grow without bound)"
+            )
         if every < 1:
-            raise UsageError(f"CheckpointSoup(every={every}): expected a step interval of at least 1")
+            raise UsageError(
+                f"CheckpointSoup(every={every}): expected a step interval of at least 1"
+            )
         self.last = last
         self.every = every
         self.mode = mode
@@ -115,19 +121,28 @@ class CheckpointSoup:
         else:
             missing = [k for k in self._meta if k not in state]
             extra = [k for k in state if k not in self._meta]
-            changed = [f"{k} {list(self._meta[k][0])}/{self._meta[k][1]} -> {list(v.shape)}/{v.dtype}"
-                       for k, v in state.items() if k in self._meta and (v.shape, v.dtype) != self._meta[k]]
+            changed = [
+                f"{k} {list(self._meta[k][0])}/{self._meta[k][1]} -> {list(v.shape)}/{v.dtype}"
+                for k, v in state.items()
+                if k in self._meta and (v.shape, v.dtype) != self._meta[k]
+            ]
             if missing or extra or changed:
-                parts = ([f"missing {missing[:5]}"] if missing else []) + ([f"new {extra[:5]}"] if extra else []) \
+                parts = (
+                    ([f"missing {missing[:5]}"] if missing else [])
+                    + ([f"new {extra[:5]}"] if extra else [])
                     + ([f"changed {changed[:5]}"] if changed else [])
+                )
                 raise CheckpointFormatError(
                     "CheckpointSoup.update: the model's tensors changed since the first snapshot: "
-                    + "; ".join(parts) + "\nhint: a checkpoint soup averages snapshots of one "
+                    + "; ".join(parts)
+                    + "\nhint: a checkpoint soup averages snapshots of one "
                     "architecture; start a new CheckpointSoup after changing the model"
                 )
         return {k: v.detach().to(self.device, copy=True) for k, v in state.items()}
 
-    def update(self, model: torch.nn.Module | Mapping[str, torch.Tensor], step: int | None = None) -> bool:
+    def update(
+        self, model: torch.nn.Module | Mapping[str, torch.Tensor], step: int | None = None
+    ) -> bool:
         """Offer the current weights; a snapshot is taken when ``step % every == 0``.
 
         Args:
@@ -157,7 +172,10 @@ class CheckpointSoup:
             self._count = len(self._ring)
         else:
             if not self._sum:
-                self._sum = {k: torch.zeros(v.shape, dtype=torch.float64, device=self.device) for k, v in floats.items()}
+                self._sum = {
+                    k: torch.zeros(v.shape, dtype=torch.float64, device=self.device)
+                    for k, v in floats.items()
+                }
             for k, v in floats.items():
                 self._sum[k] += v.to(torch.float64)
             if full:
@@ -180,17 +198,23 @@ class CheckpointSoup:
             UsageError: no snapshot has been taken yet.
         """
         if self._count == 0:
-            raise UsageError("CheckpointSoup.state_dict: no snapshot yet\n"
-                             f"hint: call update(model, step) at least once with step % {self.every} == 0")
+            raise UsageError(
+                "CheckpointSoup.state_dict: no snapshot yet\n"
+                f"hint: call update(model, step) at least once with step % {self.every} == 0"
+            )
         if self.mode == "exact":
             from soupkit.api import merge_state_dicts
 
-            floats = merge_state_dicts([s for _, s in self._ring], "linear") if self._ring[0][1] else {}
+            floats = (
+                merge_state_dicts([s for _, s in self._ring], "linear") if self._ring[0][1] else {}
+            )
         else:
             floats = {k: (v / self._count).to(self._meta[k][1]) for k, v in self._sum.items()}
         return {k: (floats[k] if k in floats else self._newest[k].clone()) for k in self._meta}
 
-    def save(self, out: str | os.PathLike[str], *, force: bool = False, max_shard_size: int | str = "5GB") -> Path:
+    def save(
+        self, out: str | os.PathLike[str], *, force: bool = False, max_shard_size: int | str = "5GB"
+    ) -> Path:
         """Write the soup as a safetensors folder (atomically), with ``soupkit-report.json`` and,
         when the model was a transformers model, its ``config.json``.
 
@@ -201,14 +225,23 @@ class CheckpointSoup:
         report: dict[str, Any] = {
             "soupkit_version": __version__,
             "torch_version": torch.__version__,
-            "checkpoint_soup": {"mode": self.mode, "last": self.last, "every": self.every,
-                                "steps": self.steps, "snapshots": self._count},
+            "checkpoint_soup": {
+                "mode": self.mode,
+                "last": self.last,
+                "every": self.every,
+                "steps": self.steps,
+                "snapshots": self._count,
+            },
         }
         files = {"soupkit-report.json": json_bytes(report)}
         if self._config_json is not None:
             files["config.json"] = self._config_json.encode("utf-8")
-        return save_state_dict(state, out, force=force, max_shard_size=max_shard_size, extra_files=files)
+        return save_state_dict(
+            state, out, force=force, max_shard_size=max_shard_size, extra_files=files
+        )
 
     def __repr__(self) -> str:
-        return (f"CheckpointSoup(last={self.last}, every={self.every}, mode={self.mode!r}, "
-                f"snapshots={self._count}, steps={self.steps[:3]}{'...' if len(self._steps) > 3 else ''})")
+        return (
+            f"CheckpointSoup(last={self.last}, every={self.every}, mode={self.mode!r}, "
+            f"snapshots={self._count}, steps={self.steps[:3]}{'...' if len(self._steps) > 3 else ''})"
+        )

@@ -46,8 +46,9 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def _transformers() -> Any:
-    return _extras.require("transformers", "eval", "the built-in Hugging Face evaluation",
-                           EvaluationError)
+    return _extras.require(
+        "transformers", "eval", "the built-in Hugging Face evaluation", EvaluationError
+    )
 
 
 _AUTOCAST = {"bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -59,7 +60,9 @@ def _autocast(device: str, dtype: str | torch.dtype | None) -> Callable[[], Any]
         return contextlib.nullcontext
     amp = dtype if isinstance(dtype, torch.dtype) else _AUTOCAST.get(dtype)
     if amp not in _AUTOCAST.values():
-        raise EvaluationError(f"unknown autocast dtype {dtype!r}; expected one of {sorted(_AUTOCAST)} or None")
+        raise EvaluationError(
+            f"unknown autocast dtype {dtype!r}; expected one of {sorted(_AUTOCAST)} or None"
+        )
     device_type = torch.device(device).type
     return lambda: torch.autocast(device_type=device_type, dtype=amp)
 
@@ -455,7 +458,9 @@ class HFClassificationEvaluator:
         return self.total
 
     @torch.inference_mode()
-    def per_example(self, state: Mapping[str, torch.Tensor], indices: Sequence[int]) -> torch.Tensor:
+    def per_example(
+        self, state: Mapping[str, torch.Tensor], indices: Sequence[int]
+    ) -> torch.Tensor:
         """Per-example scores of ``state`` on the examples at ``indices`` (data-file positions).
 
         Accuracy: 1.0 for a correct prediction, 0.0 for a wrong one; ``neg_loss``: minus the
@@ -512,7 +517,7 @@ class HFClassificationEvaluator:
         for batch, labels in zip(self._batches, self._labels, strict=True):
             with self._amp():
                 pred = self.model(**batch).logits.float().argmax(-1)
-            idx = torch.tensor(self._order[pos: pos + len(labels)])
+            idx = torch.tensor(self._order[pos : pos + len(labels)])
             hits[idx] = (pred == labels).cpu()
             pos += len(labels)
         return hits

@@ -41,8 +41,15 @@ from soupkit.evaluate.builtin import _load_hf, _resolve_dtype, _StateLoader
 
 __all__ = ["LMEvalEvaluator"]
 
-_HASHED = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-           "vocab.json", "merges.txt", "tokenizer.model")
+_HASHED = (
+    "config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+)
 
 
 def _lm_eval() -> Any:
@@ -75,10 +82,19 @@ class LMEvalEvaluator:
         EvaluationError: lm-eval is missing, the model folder or a task cannot be loaded.
     """
 
-    def __init__(self, model_dir: str | os.PathLike[str], tasks: Sequence[str], *,
-                 include_path: str | os.PathLike[str] | None = None, metric: str = "acc",
-                 limit: int | None = None, num_fewshot: int | None = None, batch_size: int = 8,
-                 device: str = "cpu", dtype: str | torch.dtype = "float32") -> None:
+    def __init__(
+        self,
+        model_dir: str | os.PathLike[str],
+        tasks: Sequence[str],
+        *,
+        include_path: str | os.PathLike[str] | None = None,
+        metric: str = "acc",
+        limit: int | None = None,
+        num_fewshot: int | None = None,
+        batch_size: int = 8,
+        device: str = "cpu",
+        dtype: str | torch.dtype = "float32",
+    ) -> None:
         lm_eval = _lm_eval()
         HFLM = require("lm_eval.models.huggingface", "lm-eval", "the lm-eval evaluator").HFLM
         TaskManager = require("lm_eval.tasks", "lm-eval", "the lm-eval evaluator").TaskManager
@@ -88,20 +104,31 @@ class LMEvalEvaluator:
         self.model_dir, self.tasks, self.metric = Path(model_dir), list(tasks), metric
         self.include_path = Path(include_path).resolve() if include_path is not None else None
         self.limit, self.num_fewshot, self.batch_size = limit, num_fewshot, batch_size
-        self.model, tokenizer = _load_hf("AutoModelForCausalLM", self.model_dir, device, _resolve_dtype(dtype))
+        self.model, tokenizer = _load_hf(
+            "AutoModelForCausalLM", self.model_dir, device, _resolve_dtype(dtype)
+        )
         self._loader = _StateLoader(self.model, self.model_dir)
         local = {p.stem for p in self.include_path.rglob("*.yaml")} if self.include_path else set()
         # Only lm-eval's thousands of built-in task files when a task is not local: indexing them
         # takes seconds.
-        self._tasks = TaskManager(include_path=str(self.include_path) if self.include_path else None,
-                                  include_defaults=not set(self.tasks) <= local or not local)
+        self._tasks = TaskManager(
+            include_path=str(self.include_path) if self.include_path else None,
+            include_defaults=not set(self.tasks) <= local or not local,
+        )
         unknown = [t for t in self.tasks if t not in self._tasks.all_tasks]
         if unknown:
-            raise EvaluationError(f"lm-eval does not know the task(s) {', '.join(unknown)}"
-                                  + (f" (local tasks in {self.include_path}: {', '.join(sorted(local)) or 'none'})"
-                                     if self.include_path else "")
-                                  + "\nhint: check the names (`task:` in the YAML), or give include_path")
-        self._lm = HFLM(pretrained=self.model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+            raise EvaluationError(
+                f"lm-eval does not know the task(s) {', '.join(unknown)}"
+                + (
+                    f" (local tasks in {self.include_path}: {', '.join(sorted(local)) or 'none'})"
+                    if self.include_path
+                    else ""
+                )
+                + "\nhint: check the names (`task:` in the YAML), or give include_path"
+            )
+        self._lm = HFLM(
+            pretrained=self.model, tokenizer=tokenizer, batch_size=batch_size, device=device
+        )
         # simple_evaluate asks git for the working directory's commit on every call (and prints
         # git's complaint outside a repository); a search calls it hundreds of times.
         lm_eval.evaluator.get_git_commit_hash = lambda: None
@@ -121,8 +148,13 @@ class LMEvalEvaluator:
                             p = Path(line.strip("'\",{}[]"))
                             if p.is_absolute() and p.is_file() and p.stat().st_size < 200_000_000:
                                 files[str(p)] = _sha(p)
-        settings = {"tasks": self.tasks, "metric": self.metric, "limit": self.limit,
-                    "num_fewshot": self.num_fewshot, "files": files}
+        settings = {
+            "tasks": self.tasks,
+            "metric": self.metric,
+            "limit": self.limit,
+            "num_fewshot": self.num_fewshot,
+            "files": files,
+        }
         digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:24]
         return f"lm-eval|{','.join(self.tasks)}|{self.metric}|{digest}"
 
@@ -134,9 +166,16 @@ class LMEvalEvaluator:
         simple_evaluate = _lm_eval().simple_evaluate
 
         self._loader.load(state)
-        out = simple_evaluate(model=self._lm, tasks=self.tasks, task_manager=self._tasks, limit=self.limit,
-                              num_fewshot=self.num_fewshot, log_samples=False, bootstrap_iters=0,
-                              verbosity="ERROR")
+        out = simple_evaluate(
+            model=self._lm,
+            tasks=self.tasks,
+            task_manager=self._tasks,
+            limit=self.limit,
+            num_fewshot=self.num_fewshot,
+            log_samples=False,
+            bootstrap_iters=0,
+            verbosity="ERROR",
+        )
         if not out or "results" not in out:
             raise EvaluationError(f"lm-eval returned no results for tasks {self.tasks}")
         return dict(out["results"])
@@ -149,8 +188,12 @@ class LMEvalEvaluator:
             got = res.get(task, {})
             key = next((k for k in got if k.split(",")[0] == self.metric), None)
             if key is None:
-                have = sorted({k.split(",")[0] for k in got if not k.endswith("_stderr") and "," in k})
-                raise EvaluationError(f"lm-eval task {task!r} has no metric {self.metric!r} (it reports: "
-                                      f"{', '.join(have) or 'nothing'})\nhint: choose one of those as metric")
+                have = sorted(
+                    {k.split(",")[0] for k in got if not k.endswith("_stderr") and "," in k}
+                )
+                raise EvaluationError(
+                    f"lm-eval task {task!r} has no metric {self.metric!r} (it reports: "
+                    f"{', '.join(have) or 'nothing'})\nhint: choose one of those as metric"
+                )
             scores.append(float(got[key]))
         return sum(scores) / len(scores)

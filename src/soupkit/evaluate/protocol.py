@@ -121,7 +121,9 @@ class PerExampleEvaluator(Evaluator, Protocol):
         """The number of examples in the evaluation set."""
         ...
 
-    def per_example(self, state: Mapping[str, torch.Tensor], indices: Sequence[int]) -> torch.Tensor:
+    def per_example(
+        self, state: Mapping[str, torch.Tensor], indices: Sequence[int]
+    ) -> torch.Tensor:
         """Scores of the examples at ``indices`` (positions in the evaluation set), in that order.
 
         Args:

@@ -102,15 +102,20 @@ def carried_files(folder: Path) -> dict[str, Path]:
         try:
             st = f.stat()
         except OSError as e:
-            raise CheckpointFormatError(f"{shown(folder / name)}: cannot read ({e.strerror})") from None
+            raise CheckpointFormatError(
+                f"{shown(folder / name)}: cannot read ({e.strerror})"
+            ) from None
         if not stat.S_ISREG(st.st_mode):
-            raise CheckpointFormatError(f"{shown(folder / name)}: is not a regular file (a folder, FIFO "
-                                        "or device); it would be copied to the output\nhint: remove it")
+            raise CheckpointFormatError(
+                f"{shown(folder / name)}: is not a regular file (a folder, FIFO "
+                "or device); it would be copied to the output\nhint: remove it"
+            )
         if st.st_size > MAX_CARRY_BYTES:
             raise CheckpointFormatError(
                 f"{shown(folder / name)}: {st.st_size:,} bytes; config and tokenizer files larger than "
                 f"{MAX_CARRY_BYTES:,} bytes are not carried to the output\nhint: the file is corrupt "
-                "or hostile; remove it, or give `tokenizer_source:` a folder with sane files")
+                "or hostile; remove it, or give `tokenizer_source:` a folder with sane files"
+            )
         out[name] = f
     return out
 
@@ -183,12 +188,16 @@ def _read_index(folder: Path, name: str = INDEX_NAME) -> dict[str, str]:
     try:
         size = real.stat().st_size
         if size > MAX_INDEX_BYTES:
-            raise CheckpointFormatError(f"{shown(idx)}: {size} bytes; an index larger than "
-                                        f"{MAX_INDEX_BYTES} bytes is refused")
+            raise CheckpointFormatError(
+                f"{shown(idx)}: {size} bytes; an index larger than "
+                f"{MAX_INDEX_BYTES} bytes is refused"
+            )
         obj = json.loads(real.read_text(encoding="utf-8"), object_pairs_hook=_no_duplicates)
     except _DuplicateKey as e:
-        raise CheckpointFormatError(f"{shown(idx)}: names key {shown(e.args[0], quote=True)} twice in one object\n"
-                                    "hint: the index is ambiguous; it is corrupt or hostile") from None
+        raise CheckpointFormatError(
+            f"{shown(idx)}: names key {shown(e.args[0], quote=True)} twice in one object\n"
+            "hint: the index is ambiguous; it is corrupt or hostile"
+        ) from None
     except RecursionError:
         raise CheckpointFormatError(f"{shown(idx)}: not valid JSON (nested too deeply)") from None
     except ValueError as e:  # UnicodeDecodeError, JSONDecodeError, huge integer literals
@@ -196,7 +205,9 @@ def _read_index(folder: Path, name: str = INDEX_NAME) -> dict[str, str]:
     except OSError as e:
         raise CheckpointFormatError(f"{shown(idx)}: cannot read ({e.strerror})") from None
     wm = obj.get("weight_map") if isinstance(obj, dict) else None
-    if not isinstance(wm, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in wm.items()):
+    if not isinstance(wm, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in wm.items()
+    ):
         raise CheckpointFormatError(
             f"{shown(idx)}: expected an object with a 'weight_map' of tensor name -> shard file name"
         )
@@ -218,7 +229,9 @@ def _shard_paths(folder: Path, idx: Path, wm: Mapping[str, str]) -> dict[str, Pa
                 f"other files\n({e})"
             ) from None
         if shard is None or not shard.is_file():
-            raise CheckpointFormatError(f"{shown(idx)}: shard {shown(fname, quote=True)} listed in weight_map does not exist")
+            raise CheckpointFormatError(
+                f"{shown(idx)}: shard {shown(fname, quote=True)} listed in weight_map does not exist"
+            )
         shards[fname] = shard
     return shards
 
@@ -236,26 +249,36 @@ def _open_sharded(folder: Path, label: str) -> Checkpoint:
         for name, info in header.tensors.items():
             if name in tensors:
                 first = tensors[name].file
-                problems.append(f"tensor {shown(name, quote=True)} is stored in two shards "
-                                f"({shown(first.name) if first is not None else '?'} and {shown(fname)})")
+                problems.append(
+                    f"tensor {shown(name, quote=True)} is stored in two shards "
+                    f"({shown(first.name) if first is not None else '?'} and {shown(fname)})"
+                )
             elif wm.get(name) != fname:
                 where = wm.get(name)
-                problems.append(f"tensor {shown(name, quote=True)} is in shard {shown(fname)} but the index says "
-                                f"{where if where else 'nothing'}")
+                problems.append(
+                    f"tensor {shown(name, quote=True)} is in shard {shown(fname)} but the index says "
+                    f"{where if where else 'nothing'}"
+                )
             tensors[name] = info
     for name, fname in wm.items():
         if name not in tensors:
-            problems.append(f"index maps {shown(name, quote=True)} to {shown(fname)}, but that shard has no such tensor")
+            problems.append(
+                f"index maps {shown(name, quote=True)} to {shown(fname)}, but that shard has no such tensor"
+            )
     if problems:
-        listed = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
+        listed = problems[:20] + (
+            [f"... and {len(problems) - 20} more"] if len(problems) > 20 else []
+        )
         raise CheckpointFormatError(
-            f"{shown(idx)}: index and shard headers disagree:\n" + "\n".join(f"  - {m}" for m in listed)
+            f"{shown(idx)}: index and shard headers disagree:\n"
+            + "\n".join(f"  - {m}" for m in listed)
         )
     # storage order: by index order of shards, then offset
     order = {f: i for i, f in enumerate(shards.values())}
     ordered = sorted(tensors.values(), key=lambda t: (order[t.file] if t.file else 0, t.start))
-    return Checkpoint(label, folder, folder, tuple(shards.values()), {t.name: t for t in ordered},
-                      stamps=stamps)
+    return Checkpoint(
+        label, folder, folder, tuple(shards.values()), {t.name: t for t in ordered}, stamps=stamps
+    )
 
 
 def _stamp(p: Path) -> FileStamp:
@@ -269,8 +292,9 @@ def _open_pickle(p: Path, label: str, folder: Path) -> Checkpoint:
     stamp = _stamp(p)  # before loading: a rewrite while it loads is caught too
     state, note = load_pickle_state_dict(p)
     ck = in_memory_checkpoint(state, label)
-    return dataclasses.replace(ck, path=p, folder=folder, files=(p,),
-                               notes=(note,) if note else (), stamps={p: stamp})
+    return dataclasses.replace(
+        ck, path=p, folder=folder, files=(p,), notes=(note,) if note else (), stamps={p: stamp}
+    )
 
 
 def _open_pickle_sharded(folder: Path, label: str) -> Checkpoint:
@@ -289,19 +313,32 @@ def _open_pickle_sharded(folder: Path, label: str) -> Checkpoint:
             if name in state:
                 problems.append(f"tensor {shown(name, quote=True)} is stored in two shards")
             elif wm.get(name) != fname:
-                problems.append(f"tensor {shown(name, quote=True)} is in shard {shown(fname)} but the index says "
-                                f"{wm.get(name) or 'nothing'}")
+                problems.append(
+                    f"tensor {shown(name, quote=True)} is in shard {shown(fname)} but the index says "
+                    f"{wm.get(name) or 'nothing'}"
+                )
             state[name] = t
-    problems += [f"index maps {shown(n, quote=True)} to {shown(f)}, but that shard has no such tensor"
-                 for n, f in wm.items() if n not in state]
+    problems += [
+        f"index maps {shown(n, quote=True)} to {shown(f)}, but that shard has no such tensor"
+        for n, f in wm.items()
+        if n not in state
+    ]
     if problems:
-        listed = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
+        listed = problems[:20] + (
+            [f"... and {len(problems) - 20} more"] if len(problems) > 20 else []
+        )
         raise CheckpointFormatError(
             f"{shown(idx)}: index and shards disagree:\n" + "\n".join(f"  - {m}" for m in listed)
         )
     ck = in_memory_checkpoint(state, label)
-    return dataclasses.replace(ck, path=folder, folder=folder, files=tuple(shards.values()),
-                               notes=tuple(notes), stamps=stamps)
+    return dataclasses.replace(
+        ck,
+        path=folder,
+        folder=folder,
+        files=tuple(shards.values()),
+        notes=tuple(notes),
+        stamps=stamps,
+    )
 
 
 def open_checkpoint(
@@ -348,8 +385,10 @@ def open_checkpoint(
         return Checkpoint(lab, p, p.parent, (p,), header.tensors, stamps={p: header.stamp})
     if not p.is_dir():
         # a FIFO, a device or a socket: opening it could block forever or read without end
-        raise CheckpointFormatError(f"{shown(lab)}: is not a regular file or a folder\n"
-                                    "hint: give a .safetensors file or a model folder")
+        raise CheckpointFormatError(
+            f"{shown(lab)}: is not a regular file or a folder\n"
+            "hint: give a .safetensors file or a model folder"
+        )
     # every file below is found by name inside the folder: the link rule applies (io/links.py)
     if _regular(p, INDEX_NAME, "index"):
         return _open_sharded(p, lab)
@@ -360,15 +399,27 @@ def open_checkpoint(
     try:
         names = sorted(x.name for x in p.iterdir())
     except OSError as e:
-        raise CheckpointFormatError(f"{shown(lab)}: cannot list the folder ({e.strerror})") from None
-    candidates = [f for n in names if n.endswith(".safetensors") and (f := _regular(p, n)) is not None]
+        raise CheckpointFormatError(
+            f"{shown(lab)}: cannot list the folder ({e.strerror})"
+        ) from None
+    candidates = [
+        f for n in names if n.endswith(".safetensors") and (f := _regular(p, n)) is not None
+    ]
     if len(candidates) == 1:
         header = read_safetensors_header(candidates[0])
-        return Checkpoint(lab, p, p, (candidates[0],), header.tensors, stamps={candidates[0]: header.stamp})
+        return Checkpoint(
+            lab, p, p, (candidates[0],), header.tensors, stamps={candidates[0]: header.stamp}
+        )
     pickles: list[Path] = []
     pickle_index = None
-    if not candidates:  # pickles are looked at (and their links checked) only when they would be used
-        pickles = [f for n in names if Path(n).suffix in PICKLE_SUFFIXES and (f := _regular(p, n)) is not None]
+    if (
+        not candidates
+    ):  # pickles are looked at (and their links checked) only when they would be used
+        pickles = [
+            f
+            for n in names
+            if Path(n).suffix in PICKLE_SUFFIXES and (f := _regular(p, n)) is not None
+        ]
         pickle_index = _regular(p, PICKLE_INDEX_NAME, "index")
     if not candidates and (pickles or pickle_index):
         if not allow_pickle:
@@ -408,8 +459,10 @@ def in_memory_checkpoint(state: Mapping[str, torch.Tensor], label: str) -> Check
         try:
             code = dtype_code(t.dtype)
         except ValueError:
-            raise CheckpointFormatError(f"{shown(label)}: tensor {shown(name, quote=True)} has dtype {t.dtype}, which "
-                                        "safetensors cannot store") from None
+            raise CheckpointFormatError(
+                f"{shown(label)}: tensor {shown(name, quote=True)} has dtype {t.dtype}, which "
+                "safetensors cannot store"
+            ) from None
         nbytes = t.numel() * t.element_size()
         tensors[name] = TensorInfo(name, code, tuple(t.shape), None, 0, nbytes, data=t)
     return Checkpoint(label, None, None, (), tensors)

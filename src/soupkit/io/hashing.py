@@ -81,10 +81,17 @@ class HashCache:
             data = json.loads(self.path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return {}  # none yet, unreadable or damaged: start afresh (it is only a cache)
-        if not isinstance(data, dict) or data.get("version") != 1 or not isinstance(data.get("sha256"), dict):
+        if (
+            not isinstance(data, dict)
+            or data.get("version") != 1
+            or not isinstance(data.get("sha256"), dict)
+        ):
             return {}
-        return {k: v for k, v in data["sha256"].items()
-                if isinstance(k, str) and isinstance(v, str) and len(v) == 64}
+        return {
+            k: v
+            for k, v in data["sha256"].items()
+            if isinstance(k, str) and isinstance(v, str) and len(v) == 64
+        }
 
     def get(self, key: str) -> str | None:
         return self.entries.get(key)
@@ -99,7 +106,7 @@ class HashCache:
         if not self.new:
             return
         merged = {**self._load(), **self.new}
-        keep = dict(list(merged.items())[-self.limit:])
+        keep = dict(list(merged.items())[-self.limit :])
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=".input-sha256-", dir=self.path.parent)
@@ -187,13 +194,17 @@ class BackgroundHasher:
             _interrupts.check()  # a held SIGINT / SIGTERM does not wait for the hashing
         if self._error is not None:
             e = self._error
-            raise CheckpointFormatError(f"hashing the inputs failed: {getattr(e, 'strerror', None) or e}") from None
+            raise CheckpointFormatError(
+                f"hashing the inputs failed: {getattr(e, 'strerror', None) or e}"
+            ) from None
         if self.cache is not None:
             self.cache.save()
         return dict(self._digests)
 
 
-def changed_files_check(before: Mapping[Path, FileStamp], when: str = "while soupkit was merging it") -> None:
+def changed_files_check(
+    before: Mapping[Path, FileStamp], when: str = "while soupkit was merging it"
+) -> None:
     """Raise if any file's identity (`file_state`) differs from ``before``.
 
     Raises:
@@ -203,7 +214,8 @@ def changed_files_check(before: Mapping[Path, FileStamp], when: str = "while sou
         try:
             now = file_state(f)
         except OSError as e:
-            raise CheckpointFormatError(f"{shown(f)}: input disappeared {when} ({e.strerror})") from None
+            raise CheckpointFormatError(
+                f"{shown(f)}: input disappeared {when} ({e.strerror})"
+            ) from None
         if now != st:
             raise CheckpointFormatError(changed_message(f, st, now, when))
-

@@ -19,8 +19,8 @@ import math
 import os
 import stat
 import struct
-from dataclasses import dataclass, field
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -83,10 +83,17 @@ def file_stamp(st: os.stat_result) -> FileStamp:
 
 def changed_message(f: Path, before: FileStamp, now: FileStamp, when: str) -> str:
     """The error for an input whose identity moved from ``before`` to ``now``."""
-    what = (f"size {before[2]} -> {now[2]}" if before[2] != now[2] else
-            "replaced by another file" if before[:2] != now[:2] else "rewritten, same size")
-    return (f"{shown(f)}: the input file changed {when} ({what})\nhint: another program wrote "
-            "it; wait until it is done, then plan and merge again")
+    what = (
+        f"size {before[2]} -> {now[2]}"
+        if before[2] != now[2]
+        else "replaced by another file"
+        if before[:2] != now[:2]
+        else "rewritten, same size"
+    )
+    return (
+        f"{shown(f)}: the input file changed {when} ({what})\nhint: another program wrote "
+        "it; wait until it is done, then plan and merge again"
+    )
 
 
 def dtype_code(dtype: torch.dtype) -> str:
@@ -211,9 +218,17 @@ def open_regular(path: Path) -> int:
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            kind = ("a directory" if stat.S_ISDIR(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode)
-                    else "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)
-                    else "a socket" if stat.S_ISSOCK(st.st_mode) else "not a regular file")
+            kind = (
+                "a directory"
+                if stat.S_ISDIR(st.st_mode)
+                else "a FIFO"
+                if stat.S_ISFIFO(st.st_mode)
+                else "a device"
+                if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)
+                else "a socket"
+                if stat.S_ISSOCK(st.st_mode)
+                else "not a regular file"
+            )
             raise _fail(path, f"is {kind}, expected a regular .safetensors file")
         os.set_blocking(fd, True)
     except BaseException:
@@ -266,19 +281,28 @@ def _read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
             st = os.fstat(f.fileno())
             size = st.st_size
             if size < 8:
-                raise _fail(p, f"file is {size} bytes, too short to be safetensors (needs >= 8)",
-                            "the file is truncated or not a safetensors file")
+                raise _fail(
+                    p,
+                    f"file is {size} bytes, too short to be safetensors (needs >= 8)",
+                    "the file is truncated or not a safetensors file",
+                )
             (n,) = struct.unpack("<Q", f.read(8))
             # A header starts with "{". Any other file (text, an image, /etc/passwd through a
             # symlink) has a "length" that is just its first bytes: never echoed as if meaningful.
             if n > MAX_HEADER_BYTES or (8 + n > size and f.read(1) != b"{"):
-                raise _fail(p, f"not a safetensors file: the first 8 bytes are not a plausible "
-                               f"header length (file is {size} bytes)",
-                            f"a safetensors file starts with the length of its JSON header (at "
-                            f"most {MAX_HEADER_BYTES} bytes, within the file), then the header")
+                raise _fail(
+                    p,
+                    f"not a safetensors file: the first 8 bytes are not a plausible "
+                    f"header length (file is {size} bytes)",
+                    f"a safetensors file starts with the length of its JSON header (at "
+                    f"most {MAX_HEADER_BYTES} bytes, within the file), then the header",
+                )
             if 8 + n > size:
-                raise _fail(p, f"header length field says {n} bytes but the file has only "
-                               f"{size - 8} after it", "the file is truncated")
+                raise _fail(
+                    p,
+                    f"header length field says {n} bytes but the file has only {size - 8} after it",
+                    "the file is truncated",
+                )
             f.seek(8)
             raw = f.read(n)
     except FileNotFoundError:
@@ -290,22 +314,35 @@ def _read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
     except (OSError, ValueError) as e:  # ValueError: a NUL byte in the path
         raise _fail(p, f"cannot read ({getattr(e, 'strerror', None) or e})") from None
     if len(raw) != n:
-        raise _fail(p, f"read {len(raw)} header bytes, expected {n}", "the file changed or is truncated")
+        raise _fail(
+            p, f"read {len(raw)} header bytes, expected {n}", "the file changed or is truncated"
+        )
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise _fail(p, f"header is not valid UTF-8 (byte {e.start})", "not a safetensors file") from None
+        raise _fail(
+            p, f"header is not valid UTF-8 (byte {e.start})", "not a safetensors file"
+        ) from None
     try:
         obj = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
     except _DuplicateKey as e:
-        raise _fail(p, f"header names key {shown(e.args[0], quote=True)} twice in one object",
-                    "a valid file names each tensor (and each field) once") from None
+        raise _fail(
+            p,
+            f"header names key {shown(e.args[0], quote=True)} twice in one object",
+            "a valid file names each tensor (and each field) once",
+        ) from None
     except _BadConstant as e:
-        raise _fail(p, f"header is not valid JSON (it holds the token {e.args[0]}, which JSON "
-                       "does not allow)", "the file is corrupt or hostile") from None
+        raise _fail(
+            p,
+            f"header is not valid JSON (it holds the token {e.args[0]}, which JSON does not allow)",
+            "the file is corrupt or hostile",
+        ) from None
     except RecursionError:
-        raise _fail(p, "header is not valid JSON (nested too deeply)",
-                    "a safetensors header is a flat object; the file is corrupt or hostile") from None
+        raise _fail(
+            p,
+            "header is not valid JSON (nested too deeply)",
+            "a safetensors header is a flat object; the file is corrupt or hostile",
+        ) from None
     except ValueError as e:  # JSONDecodeError, or an integer with thousands of digits
         raise _fail(p, f"header is not valid JSON ({e})", "not a safetensors file") from None
     if not isinstance(obj, dict):
@@ -317,69 +354,131 @@ def _read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
     raw_meta = obj.pop("__metadata__", None)
     if raw_meta is not None:
         if not isinstance(raw_meta, dict):
-            raise _fail(p, f"__metadata__ is a JSON {type(raw_meta).__name__}, expected an object "
-                           "of strings to strings")
+            raise _fail(
+                p,
+                f"__metadata__ is a JSON {type(raw_meta).__name__}, expected an object "
+                "of strings to strings",
+            )
         for k, v in raw_meta.items():
             if not isinstance(v, str):
-                raise _fail(p, f"__metadata__[{shown(k, quote=True)}] is a JSON {type(v).__name__}, expected a string",
-                            "safetensors metadata maps strings to strings")
+                raise _fail(
+                    p,
+                    f"__metadata__[{shown(k, quote=True)}] is a JSON {type(v).__name__}, expected a string",
+                    "safetensors metadata maps strings to strings",
+                )
             if not (_utf8_ok(k) and _utf8_ok(v)):
-                raise _fail(p, f"__metadata__ key {shown(k, quote=True)} or its value is not valid Unicode "
-                               "(a lone surrogate escape)")
+                raise _fail(
+                    p,
+                    f"__metadata__ key {shown(k, quote=True)} or its value is not valid Unicode "
+                    "(a lone surrogate escape)",
+                )
         metadata = raw_meta
 
     if "\\u" in text and not _utf8_ok("".join(obj)):
         bad = next(n for n in obj if not _utf8_ok(n))
-        raise _fail(p, f"tensor name {shown(bad, quote=True)} is not valid Unicode (a lone surrogate escape)",
-                    "the file is corrupt or hostile")
+        raise _fail(
+            p,
+            f"tensor name {shown(bad, quote=True)} is not valid Unicode (a lone surrogate escape)",
+            "the file is corrupt or hostile",
+        )
     entries: list[TensorInfo] = []
     keyset = {"dtype", "shape", "data_offsets"}
     # `type(x) is int` (not isinstance) also refuses booleans; kept tight: headers of hundreds
     # of thousands of entries must parse in seconds.
     for name, ent in obj.items():
         if type(ent) is not dict:
-            raise _fail(p, f"tensor {shown(name, quote=True)}: entry is a {type(ent).__name__}, expected an object")
+            raise _fail(
+                p,
+                f"tensor {shown(name, quote=True)}: entry is a {type(ent).__name__}, expected an object",
+            )
         if ent.keys() != keyset:
             keys = set(ent)
             extra = sorted(keys - keyset)
             missing = sorted(keyset - keys)
-            raise _fail(p, f"tensor {shown(name, quote=True)}: keys {sorted(keys)}; missing {missing}, unexpected {extra}")
+            raise _fail(
+                p,
+                f"tensor {shown(name, quote=True)}: keys {sorted(keys)}; missing {missing}, unexpected {extra}",
+            )
         dt, shape, offs = ent["dtype"], ent["shape"], ent["data_offsets"]
         known = DTYPES.get(dt) if type(dt) is str else None
         if known is None:
-            raise _fail(p, f"tensor {shown(name, quote=True)}: unknown dtype {dt!r}",
-                        f"known dtypes: {', '.join(DTYPES)}")
+            raise _fail(
+                p,
+                f"tensor {shown(name, quote=True)}: unknown dtype {dt!r}",
+                f"known dtypes: {', '.join(DTYPES)}",
+            )
         if type(shape) is not list or not all(type(d) is int and d >= 0 for d in shape):
-            raise _fail(p, f"tensor {shown(name, quote=True)}: shape {shape!r} is not a list of non-negative integers")
+            raise _fail(
+                p,
+                f"tensor {shown(name, quote=True)}: shape {shape!r} is not a list of non-negative integers",
+            )
         if len(shape) > 64:
-            raise _fail(p, f"tensor {shown(name, quote=True)}: {len(shape)} dimensions, at most 64 are supported")
+            raise _fail(
+                p,
+                f"tensor {shown(name, quote=True)}: {len(shape)} dimensions, at most 64 are supported",
+            )
         itemsize = known[1]
         expected = math.prod(shape) * itemsize
-        if expected > MAX_INT64 or (expected == 0 and (
-                any(d > MAX_INT64 for d in shape) or math.prod(d for d in shape if d) * itemsize > MAX_INT64)):
-            raise _fail(p, f"tensor {shown(name, quote=True)}: shape {shape} is too large (a dimension or the byte "
-                           "count exceeds 2^63 - 1)", "the file is corrupt or hostile")
-        if type(offs) is not list or len(offs) != 2 or type(offs[0]) is not int or type(offs[1]) is not int:
-            raise _fail(p, f"tensor {shown(name, quote=True)}: data_offsets {offs!r} is not [begin, end]")
+        if expected > MAX_INT64 or (
+            expected == 0
+            and (
+                any(d > MAX_INT64 for d in shape)
+                or math.prod(d for d in shape if d) * itemsize > MAX_INT64
+            )
+        ):
+            raise _fail(
+                p,
+                f"tensor {shown(name, quote=True)}: shape {shape} is too large (a dimension or the byte "
+                "count exceeds 2^63 - 1)",
+                "the file is corrupt or hostile",
+            )
+        if (
+            type(offs) is not list
+            or len(offs) != 2
+            or type(offs[0]) is not int
+            or type(offs[1]) is not int
+        ):
+            raise _fail(
+                p, f"tensor {shown(name, quote=True)}: data_offsets {offs!r} is not [begin, end]"
+            )
         begin, end = offs
         if not 0 <= begin <= end <= buffer_size:
-            raise _fail(p, f"tensor {shown(name, quote=True)}: data_offsets [{begin}, {end}] outside the data "
-                           f"buffer of {buffer_size} bytes", "the file is truncated or corrupt")
+            raise _fail(
+                p,
+                f"tensor {shown(name, quote=True)}: data_offsets [{begin}, {end}] outside the data "
+                f"buffer of {buffer_size} bytes",
+                "the file is truncated or corrupt",
+            )
         if end - begin != expected:
-            raise _fail(p, f"tensor {shown(name, quote=True)}: holds {end - begin} bytes but dtype {dt} x shape "
-                           f"{shape} needs {expected}")
+            raise _fail(
+                p,
+                f"tensor {shown(name, quote=True)}: holds {end - begin} bytes but dtype {dt} x shape "
+                f"{shape} needs {expected}",
+            )
         entries.append(TensorInfo(name, dt, tuple(shape), p, data_start + begin, data_start + end))
 
     entries.sort(key=lambda t: (t.start, t.end))
     cursor, prev = data_start, ""
     for t in entries:
         if t.start < cursor:
-            raise _fail(p, f"tensor {shown(t.name, quote=True)} overlaps tensor {shown(prev, quote=True)} in the data buffer")
+            raise _fail(
+                p,
+                f"tensor {shown(t.name, quote=True)} overlaps tensor {shown(prev, quote=True)} in the data buffer",
+            )
         if t.start > cursor:
-            raise _fail(p, f"data buffer has a hole of {t.start - cursor} bytes before tensor "
-                           f"{shown(t.name, quote=True)}", "a valid file covers its buffer exactly")
+            raise _fail(
+                p,
+                f"data buffer has a hole of {t.start - cursor} bytes before tensor "
+                f"{shown(t.name, quote=True)}",
+                "a valid file covers its buffer exactly",
+            )
         cursor, prev = t.end, t.name
     if cursor != size:
-        raise _fail(p, f"{size - cursor} bytes after the last tensor are not described by the header",
-                    "the file is corrupt or was appended to")
-    return SafetensorsHeader(p, {t.name: t for t in entries}, metadata, data_start, size, file_stamp(st))
+        raise _fail(
+            p,
+            f"{size - cursor} bytes after the last tensor are not described by the header",
+            "the file is corrupt or was appended to",
+        )
+    return SafetensorsHeader(
+        p, {t.name: t for t in entries}, metadata, data_start, size, file_stamp(st)
+    )

@@ -31,11 +31,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from soupkit.errors import CheckpointFormatError, SoupError, UsageError
+from soupkit.errors import CheckpointFormatError, SoupError
 
 __all__ = ["HubSource", "parse_hub_ref", "resolve_hub_model"]
 
-_REF = re.compile(r"^(?P<repo>[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*)(?:@(?P<rev>[A-Za-z0-9][\w./-]*))?$")
+_REF = re.compile(
+    r"^(?P<repo>[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*)(?:@(?P<rev>[A-Za-z0-9][\w./-]*))?$"
+)
 _NOT_A_MODEL = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".json", ".yaml", ".yml")
 
 
@@ -79,12 +81,20 @@ class HubSource:
 
     def to_json(self) -> dict[str, Any]:
         """The report entry (``soupkit-report.json``)."""
-        return {"repo_id": self.repo_id, "revision": self.revision, "commit": self.commit,
-                "source": "downloaded" if self.downloaded else "cache",
-                "files": [{"file": n, "etag": e} for n, e in self.etags.items()]}
+        return {
+            "repo_id": self.repo_id,
+            "revision": self.revision,
+            "commit": self.commit,
+            "source": "downloaded" if self.downloaded else "cache",
+            "files": [{"file": n, "etag": e} for n, e in self.etags.items()],
+        }
 
     def note(self, label: str) -> str:
-        how = "downloaded into the Hugging Face cache" if self.downloaded else "from the Hugging Face cache"
+        how = (
+            "downloaded into the Hugging Face cache"
+            if self.downloaded
+            else "from the Hugging Face cache"
+        )
         return f"{label}: Hub model {self.repo_id} at commit {self.commit}, {how} ({self.snapshot})"
 
 
@@ -143,8 +153,7 @@ def resolve_hub_model(repo_id: str, revision: str | None, *, label: str) -> tupl
     """
     from soupkit._extras import require
 
-    hf = require("huggingface_hub", "hub",
-                 f"{label}: no such file or folder; read as a Hub id, it")
+    hf = require("huggingface_hub", "hub", f"{label}: no such file or folder; read as a Hub id, it")
     hf_errors = require("huggingface_hub.errors", "hub", f"{label}: reading a Hub id")
     constants = require("huggingface_hub.constants", "hub", f"{label}: reading a Hub id")
     snapshot_download = hf.snapshot_download
@@ -154,11 +163,17 @@ def resolve_hub_model(repo_id: str, revision: str | None, *, label: str) -> tupl
     meta = [glob.escape(n) for n in (INDEX_NAME, *CARRY_FILES)]
     cache = constants.HF_HUB_CACHE
     try:
-        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=meta, local_files_only=True))
+        folder = Path(
+            snapshot_download(
+                repo_id, revision=revision, allow_patterns=meta, local_files_only=True
+            )
+        )
         names = _cached_weights(folder)
         if names is not None:
             used = [*(n for n in (INDEX_NAME, *CARRY_FILES) if (folder / n).exists()), *names]
-            return folder, HubSource(repo_id, revision, folder.name, folder, False, _etags(folder, used))
+            return folder, HubSource(
+                repo_id, revision, folder.name, folder, False, _etags(folder, used)
+            )
     except (hf_errors.LocalEntryNotFoundError, OSError, ValueError):
         pass  # not (completely) cached: download below, if allowed
     if constants.HF_HUB_OFFLINE:
@@ -166,7 +181,8 @@ def resolve_hub_model(repo_id: str, revision: str | None, *, label: str) -> tupl
             f"{label}: no such file or folder, and Hub model {what} is not (completely) in the Hugging "
             f"Face cache ({cache}); HF_HUB_OFFLINE is set, so it was not downloaded\n"
             f"hint: unset HF_HUB_OFFLINE to download it, or fetch it once with network access "
-            f"(`hf download {repo_id}{' --revision ' + revision if revision else ''}`)")
+            f"(`hf download {repo_id}{' --revision ' + revision if revision else ''}`)"
+        )
     endpoint = constants.ENDPOINT
     try:
         folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=meta))
@@ -178,27 +194,40 @@ def resolve_hub_model(repo_id: str, revision: str | None, *, label: str) -> tupl
             raise CheckpointFormatError(
                 f"{label}: Hub model {what} (commit {commit}) has no safetensors weights (files: {shown})\n"
                 "hint: soupkit downloads only safetensors (a pickle can run code); convert the "
-                "weights, or use a repository that has model.safetensors")
-        folder = Path(snapshot_download(repo_id, revision=commit, allow_patterns=[glob.escape(n) for n in names]))
+                "weights, or use a repository that has model.safetensors"
+            )
+        folder = Path(
+            snapshot_download(
+                repo_id, revision=commit, allow_patterns=[glob.escape(n) for n in names]
+            )
+        )
     except SoupError:
         raise
     except hf_errors.GatedRepoError:
-        raise CheckpointFormatError(f"{label}: Hub model {repo_id} is gated: accept its conditions on the Hub "
-                                    "and log in\nhint: `hf auth login`, or set HF_TOKEN") from None
+        raise CheckpointFormatError(
+            f"{label}: Hub model {repo_id} is gated: accept its conditions on the Hub "
+            "and log in\nhint: `hf auth login`, or set HF_TOKEN"
+        ) from None
     except hf_errors.RepositoryNotFoundError:
         raise CheckpointFormatError(
             f"{label}: no such file or folder, and no model {repo_id} on the Hub ({endpoint})\n"
-            "hint: check the spelling; for a private model log in (`hf auth login` or HF_TOKEN)") from None
+            "hint: check the spelling; for a private model log in (`hf auth login` or HF_TOKEN)"
+        ) from None
     except hf_errors.RevisionNotFoundError:
-        raise CheckpointFormatError(f"{label}: Hub model {repo_id} has no revision {revision!r}\n"
-                                    "hint: give a branch, a tag or a commit that exists") from None
+        raise CheckpointFormatError(
+            f"{label}: Hub model {repo_id} has no revision {revision!r}\n"
+            "hint: give a branch, a tag or a commit that exists"
+        ) from None
     except hf_errors.LocalEntryNotFoundError as e:
         raise CheckpointFormatError(
             f"{label}: no such file or folder; the Hub ({endpoint}) could not be reached and {what} is not "
             f"in the cache ({cache}): {str(e).splitlines()[0]}\n"
-            "hint: check the network (HF_ENDPOINT, proxies), or set HF_HUB_OFFLINE=1 to use the cache only") from None
+            "hint: check the network (HF_ENDPOINT, proxies), or set HF_HUB_OFFLINE=1 to use the cache only"
+        ) from None
     except Exception as e:  # any other failure of the download: named, never a traceback
-        raise CheckpointFormatError(f"{label}: downloading Hub model {what} from {endpoint} failed "
-                                    f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        raise CheckpointFormatError(
+            f"{label}: downloading Hub model {what} from {endpoint} failed "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        ) from None
     used = [*(n for n in (INDEX_NAME, *CARRY_FILES) if (folder / n).exists()), *names]
     return folder, HubSource(repo_id, revision, folder.name, folder, True, _etags(folder, used))

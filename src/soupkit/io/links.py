@@ -62,7 +62,8 @@ def resolve_model_file(folder: Path, name: str, *, what: str = "file") -> Path |
         raise CheckpointFormatError(
             f"{shown(folder)}: {what} name {shown(name, quote=True)} is not a plain name inside the "
             "model folder\nhint: names must be relative, without '..'; a hostile index may try to "
-            "read other files")
+            "read other files"
+        )
     path = folder / name
     try:
         if not os.path.lexists(path):
@@ -72,10 +73,12 @@ def resolve_model_file(folder: Path, name: str, *, what: str = "file") -> Path |
     except FileNotFoundError:
         raise CheckpointFormatError(
             f"{shown(path)}: is a symbolic link to {shown(os.readlink(path), quote=True)}, which does "
-            "not exist\nhint: the folder is incomplete (an interrupted download?)") from None
+            "not exist\nhint: the folder is incomplete (an interrupted download?)"
+        ) from None
     except (OSError, RuntimeError) as e:  # a loop, a name too long, permissions
         raise CheckpointFormatError(
-            f"{shown(path)}: cannot follow ({getattr(e, 'strerror', None) or 'symlink loop'})") from None
+            f"{shown(path)}: cannot follow ({getattr(e, 'strerror', None) or 'symlink loop'})"
+        ) from None
     if target == root or root in target.parents:
         # no link on the way: the path as the caller named it (messages and reports keep it)
         return path if target.relative_to(root) == Path(os.path.normpath(name)) else target
@@ -86,4 +89,5 @@ def resolve_model_file(folder: Path, name: str, *, what: str = "file") -> Path |
         f"{shown(path)}: {what} is a symbolic link that leads outside the model folder (to "
         f"{shown(target)})\nhint: a link is followed only if its target stays inside the model "
         "folder, or the folder is a Hugging Face cache snapshot and the target is in that cache's "
-        "blobs/; copy the file into the folder if you trust it")
+        "blobs/; copy the file into the folder if you trust it"
+    )

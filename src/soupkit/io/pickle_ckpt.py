@@ -83,7 +83,9 @@ def _load(path: Path) -> Any:
             "hint: the file is truncated, corrupt or not a torch.save file"
         ) from None
     except MemoryError:
-        raise CheckpointFormatError(f"{path}: loading it needs more memory than is available") from None
+        raise CheckpointFormatError(
+            f"{path}: loading it needs more memory than is available"
+        ) from None
     except Exception as e:  # noqa: BLE001 - torch.load raises many types for corrupt files
         raise CheckpointFormatError(
             f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {_first_line(str(e))})\n"
@@ -119,8 +121,10 @@ def load_pickle_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], s
     note: str | None = None
     if isinstance(obj, Mapping) and isinstance(obj.get(LIGHTNING_KEY), Mapping):
         others = [str(k) for k in obj if k != LIGHTNING_KEY]
-        note = (f"{shown(p)}: took the tensors from its {LIGHTNING_KEY!r} entry (a Lightning checkpoint)"
-                + (f"; ignored {', '.join(others[:_MAX_LISTED])}" if others else ""))
+        note = (
+            f"{shown(p)}: took the tensors from its {LIGHTNING_KEY!r} entry (a Lightning checkpoint)"
+            + (f"; ignored {', '.join(others[:_MAX_LISTED])}" if others else "")
+        )
         obj = obj[LIGHTNING_KEY]
     if isinstance(obj, torch.nn.Module):  # cannot happen with weights_only, kept as a guard
         raise _unsafe(p, "a whole nn.Module")
@@ -137,20 +141,29 @@ def load_pickle_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], s
         elif not isinstance(v, torch.Tensor):
             bad.append(f"{shown(k, quote=True)} ({type(v).__name__})")
         elif v.layout != torch.strided or v.is_quantized:
-            bad.append(f"{shown(k, quote=True)} ({'quantized' if v.is_quantized else str(v.layout)} tensor)")
+            bad.append(
+                f"{shown(k, quote=True)} ({'quantized' if v.is_quantized else str(v.layout)} tensor)"
+            )
         else:
             state[k] = v
     if bad:
-        nested = [str(k) for k, v in obj.items()
-                  if isinstance(v, Mapping) and any(isinstance(x, torch.Tensor) for x in v.values())]
-        hint = (f"entry {shown(nested[0], quote=True)} looks like a state dict; save that entry alone "
-                f"(e.g. torch.save(ckpt[{shown(nested[0], quote=True)}], path)) or convert to safetensors"
-                if nested else "soupkit merges plain state dicts of dense tensors; save "
-                "`model.state_dict()` only, or convert to safetensors")
-        listed = ", ".join(bad[:_MAX_LISTED]) + (f" and {len(bad) - _MAX_LISTED} more" if len(bad) > _MAX_LISTED else "")
+        nested = [
+            str(k)
+            for k, v in obj.items()
+            if isinstance(v, Mapping) and any(isinstance(x, torch.Tensor) for x in v.values())
+        ]
+        hint = (
+            f"entry {shown(nested[0], quote=True)} looks like a state dict; save that entry alone "
+            f"(e.g. torch.save(ckpt[{shown(nested[0], quote=True)}], path)) or convert to safetensors"
+            if nested
+            else "soupkit merges plain state dicts of dense tensors; save "
+            "`model.state_dict()` only, or convert to safetensors"
+        )
+        listed = ", ".join(bad[:_MAX_LISTED]) + (
+            f" and {len(bad) - _MAX_LISTED} more" if len(bad) > _MAX_LISTED else ""
+        )
         raise CheckpointFormatError(
             f"{shown(p)}: not a plain state dict: {len(bad)} of {len(obj)} entries are not dense tensors: "
             f"{listed}\nhint: {hint}"
         )
     return state, note
-

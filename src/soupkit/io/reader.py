@@ -69,14 +69,21 @@ class TensorReader:
                     # never a FIFO or device swapped in after the header was read: those would block
                     fd = open_regular(path)
                 except OSError as e:
-                    hint = ("\nhint: a merge keeps every input file open; raise the limit of open "
-                            "files (`ulimit -n`) above the number of input files"
-                            if e.errno == errno.EMFILE else "")
-                    raise CheckpointFormatError(f"{shown(path)}: cannot open ({e.strerror}){hint}") from None
+                    hint = (
+                        "\nhint: a merge keeps every input file open; raise the limit of open "
+                        "files (`ulimit -n`) above the number of input files"
+                        if e.errno == errno.EMFILE
+                        else ""
+                    )
+                    raise CheckpointFormatError(
+                        f"{shown(path)}: cannot open ({e.strerror}){hint}"
+                    ) from None
                 want = self._expected.get(path)
                 if want is not None and (now := file_stamp(os.fstat(fd))) != want:
                     os.close(fd)
-                    raise CheckpointFormatError(changed_message(path, want, now, "after its header was read"))
+                    raise CheckpointFormatError(
+                        changed_message(path, want, now, "after its header was read")
+                    )
                 self._fds[path] = fd
             return fd
 

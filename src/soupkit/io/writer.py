@@ -80,8 +80,17 @@ LOCK_NAME = ".soupkit-lock"
 JOURNAL_NAME = ".soupkit-journal.jsonl"
 _HASH_BLOCK = 8 << 20
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
-_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_UNITS = {
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
 
 
 def parse_size(size: int | str) -> int:
@@ -130,12 +139,18 @@ class ShardLayout:
     size: int = 0
 
 
-def _header_bytes(tensors: Sequence[OutputTensor], metadata: dict[str, str]) -> tuple[bytes, dict[str, int]]:
+def _header_bytes(
+    tensors: Sequence[OutputTensor], metadata: dict[str, str]
+) -> tuple[bytes, dict[str, int]]:
     obj: dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
     rel: dict[str, int] = {}
     pos = 0
     for t in tensors:
-        obj[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [pos, pos + t.nbytes]}
+        obj[t.name] = {
+            "dtype": t.dtype,
+            "shape": list(t.shape),
+            "data_offsets": [pos, pos + t.nbytes],
+        }
         rel[t.name] = pos
         pos += t.nbytes
     text = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
@@ -170,7 +185,9 @@ def layout_shards(
     for i, g in enumerate(groups):
         name = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
         header, offsets = _header_bytes(g, meta)
-        out.append(ShardLayout(name, header, offsets, tuple(g), len(header) + sum(t.nbytes for t in g)))
+        out.append(
+            ShardLayout(name, header, offsets, tuple(g), len(header) + sum(t.nbytes for t in g))
+        )
     return out
 
 
@@ -223,13 +240,17 @@ def copy_file(src: Path, dst: Path, limit: int) -> str:
                 try:
                     n = fin.readinto(mv)
                 except OSError as e:
-                    raise CheckpointFormatError(f"{shown(src)}: cannot read ({e.strerror})") from None
+                    raise CheckpointFormatError(
+                        f"{shown(src)}: cannot read ({e.strerror})"
+                    ) from None
                 if not n:
                     break
                 done += n
                 if done > limit:
-                    raise CheckpointFormatError(f"{shown(src)}: grew past {limit:,} bytes while it was "
-                                                "copied\nhint: another program is writing it")
+                    raise CheckpointFormatError(
+                        f"{shown(src)}: grew past {limit:,} bytes while it was "
+                        "copied\nhint: another program is writing it"
+                    )
                 h.update(mv[:n])
                 try:
                     fout.write(mv[:n])
@@ -262,7 +283,12 @@ STAGING_BYTES = 8 << 20
 
 # ``SOUPKIT_DIRECT_WRITES=0`` turns direct writes off (e.g. on a network filesystem, where each
 # direct write is a synchronous round trip)
-DIRECT_WRITES = os.environ.get("SOUPKIT_DIRECT_WRITES", "1").strip().lower() not in ("0", "false", "no", "off")
+DIRECT_WRITES = os.environ.get("SOUPKIT_DIRECT_WRITES", "1").strip().lower() not in (
+    "0",
+    "false",
+    "no",
+    "off",
+)
 
 
 def _round_up(n: int, align: int) -> int:
@@ -271,8 +297,11 @@ def _round_up(n: int, align: int) -> int:
 
 def io_failure(what: str, e: OSError) -> MergeIOError:
     """``MergeIOError("{what} ({strerror})")``, with a hint when the disk is full."""
-    hint = ("\nhint: the disk is full; free space or choose another output folder"
-            if e.errno == errno.ENOSPC else "")
+    hint = (
+        "\nhint: the disk is full; free space or choose another output folder"
+        if e.errno == errno.ENOSPC
+        else ""
+    )
     return MergeIOError(f"{what} ({e.strerror}){hint}")
 
 
@@ -353,7 +382,9 @@ class _Staging:
         self.taken = 0
         while self.taken < n:
             take = min(n - self.taken, size - self.used)
-            self.view[self.used:self.used + take].copy_(data[self.taken:self.taken + take])  # no GIL
+            self.view[self.used : self.used + take].copy_(
+                data[self.taken : self.taken + take]
+            )  # no GIL
             self.used += take
             self.taken += take
             if self.used == size:
@@ -369,7 +400,7 @@ class _Staging:
         whole = self.used - self.used % self.ALIGN
         if whole:
             self._write(whole)
-        _pwrite_all(buffered_fd, memoryview(self.buf)[whole:self.used], self.start + whole)
+        _pwrite_all(buffered_fd, memoryview(self.buf)[whole : self.used], self.start + whole)
         self.start += self.used
         self.used = 0
 
@@ -421,7 +452,9 @@ class ShardWriter:
         self._hash_pos = 0
         self.sha256: str | None = None
         self._stage: _Staging | None = None
-        self._direct = (DIRECT_WRITES if direct is None else direct) and layout.size >= 2 * _Staging.ALIGN
+        self._direct = (
+            DIRECT_WRITES if direct is None else direct
+        ) and layout.size >= 2 * _Staging.ALIGN
         self._pwrite(torch.frombuffer(bytearray(layout.header), dtype=torch.uint8), 0)
 
     @property
@@ -434,7 +467,9 @@ class ShardWriter:
         if self._stage is None and self._direct and offset == 0:
             fd = _open_direct(self.path)
             if fd is not None:
-                self._stage = _Staging(fd, min(STAGING_BYTES, _round_up(self.layout.size, _Staging.ALIGN)))
+                self._stage = _Staging(
+                    fd, min(STAGING_BYTES, _round_up(self.layout.size, _Staging.ALIGN))
+                )
             self._direct = False
         if self._stage is None:
             return False
@@ -448,8 +483,9 @@ class ShardWriter:
                 raise io_failure(f"{self.path}: write failed", e) from None
             taken = self._stage.taken
             self._unstage()  # a direct write refused (alignment): the rest buffered
-            self._buffered(byte_view(data)[taken:] if taken < data.numel() else memoryview(b""),
-                           offset + taken)
+            self._buffered(
+                byte_view(data)[taken:] if taken < data.numel() else memoryview(b""), offset + taken
+            )
         return True
 
     def _unstage(self) -> None:
@@ -457,7 +493,7 @@ class ShardWriter:
         if st is None:
             return
         try:
-            self._buffered(memoryview(st.buf)[:st.used], st.start)  # all staged bytes, buffered
+            self._buffered(memoryview(st.buf)[: st.used], st.start)  # all staged bytes, buffered
         finally:
             st.close()
 
@@ -584,14 +620,19 @@ class Journal:
 
     def record(self, layout: ShardLayout, sha256: str) -> None:
         """Append a finished shard."""
-        self._write(json.dumps({"file": layout.filename, "bytes": layout.size, "sha256": sha256}) + "\n", "a")
+        self._write(
+            json.dumps({"file": layout.filename, "bytes": layout.size, "sha256": sha256}) + "\n",
+            "a",
+        )
 
     def _write(self, text: str, mode: str) -> None:
         try:
             with open(self.path, mode, encoding="utf-8") as f:
                 f.write(text)
         except OSError as e:
-            raise MergeIOError(f"{self.path}: cannot write the resume journal ({e.strerror})") from None
+            raise MergeIOError(
+                f"{self.path}: cannot write the resume journal ({e.strerror})"
+            ) from None
 
 
 def _lock(folder: Path, dest: Path) -> int:
@@ -671,9 +712,11 @@ def _check_name_length(dest: Path) -> None:
     for part in dest.absolute().parts[1:]:
         n = len(os.fsencode(part))
         if n > name_max:
-            raise UsageError(f"{shown(dest)}: the name {shown(part, quote=True, limit=40)} is {n} bytes; "
-                             f"this file system allows at most {name_max} bytes per name\n"
-                             "hint: choose a shorter output name")
+            raise UsageError(
+                f"{shown(dest)}: the name {shown(part, quote=True, limit=40)} is {n} bytes; "
+                f"this file system allows at most {name_max} bytes per name\n"
+                "hint: choose a shorter output name"
+            )
 
 
 class OutputFolder:
@@ -696,8 +739,9 @@ class OutputFolder:
         UsageError: a name in ``dest`` is longer than the file system allows.
     """
 
-    def __init__(self, dest: str | os.PathLike[str], *, force: bool = False,
-                 resume_key: str | None = None) -> None:
+    def __init__(
+        self, dest: str | os.PathLike[str], *, force: bool = False, resume_key: str | None = None
+    ) -> None:
         self.dest = Path(dest)
         self.force = force
         self.resume_key = resume_key
@@ -709,7 +753,9 @@ class OutputFolder:
         _check_name_length(self.dest)
         if self.dest.exists():
             if not self.dest.is_dir():
-                raise OutputExistsError(f"{self.dest}: exists and is not a folder\nhint: choose another output path")
+                raise OutputExistsError(
+                    f"{self.dest}: exists and is not a folder\nhint: choose another output path"
+                )
             if any(self.dest.iterdir()) and not force:
                 raise OutputExistsError(
                     f"{self.dest}: output folder exists and is not empty\n"
@@ -737,11 +783,17 @@ class OutputFolder:
                         os.mkdir(self.tmp, 0o700)
                     except FileExistsError:
                         if not self.tmp.is_dir() or self.tmp.is_symlink():
-                            raise MergeIOError(f"{self.tmp}: exists and is not a folder\n"
-                                               "hint: remove it and run again") from None
+                            raise MergeIOError(
+                                f"{self.tmp}: exists and is not a folder\n"
+                                "hint: remove it and run again"
+                            ) from None
                         self.resumed = True
                 else:
-                    self.tmp = Path(tempfile.mkdtemp(prefix=f".soupkit-partial-{work_tag(self.dest)}-", dir=parent))
+                    self.tmp = Path(
+                        tempfile.mkdtemp(
+                            prefix=f".soupkit-partial-{work_tag(self.dest)}-", dir=parent
+                        )
+                    )
                 try:
                     self._lock_fd = _lock(self.tmp, self.dest.absolute())
                 except BlockingIOError:
@@ -786,7 +838,11 @@ class OutputFolder:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self.tmp / JOURNAL_NAME)
                 if self.dest.exists():
-                    trash = Path(tempfile.mkdtemp(prefix=f".soupkit-old-{work_tag(self.dest)}-", dir=self.dest.parent))
+                    trash = Path(
+                        tempfile.mkdtemp(
+                            prefix=f".soupkit-old-{work_tag(self.dest)}-", dir=self.dest.parent
+                        )
+                    )
                     trash_fd = _lock(trash, self.dest.absolute())
                     try:
                         os.rename(self.dest, trash / "old")
@@ -802,6 +858,8 @@ class OutputFolder:
                     os.unlink(self.dest / LOCK_NAME)
             except OSError as e:
                 shutil.rmtree(self.tmp, ignore_errors=True)
-                raise MergeIOError(f"{self.dest}: could not move the finished output into place ({e.strerror})") from None
+                raise MergeIOError(
+                    f"{self.dest}: could not move the finished output into place ({e.strerror})"
+                ) from None
             finally:
                 self._unlock()

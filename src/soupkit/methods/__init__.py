@@ -66,20 +66,40 @@ def method(
         if kind == "task_vector" and not needs_base:
             raise ValueError(f"task-vector method {name!r} must declare needs_base=True")
         if (optional_base or base_as_input) and (needs_base or kind != "tensors"):
-            raise ValueError(f"method {name!r}: an optional or input base is for tensor methods "
-                             "that do not require a base")
+            raise ValueError(
+                f"method {name!r}: an optional or input base is for tensor methods "
+                "that do not require a base"
+            )
         if global_trim is not None and (kind != "task_vector" or elementwise):
-            raise ValueError(f"method {name!r}: a global trim needs a task-vector method that "
-                             "sees whole tensors (elementwise=False)")
+            raise ValueError(
+                f"method {name!r}: a global trim needs a task-vector method that "
+                "sees whole tensors (elementwise=False)"
+            )
         if tensor_trim is not None and (kind != "task_vector" or elementwise or stochastic):
-            raise ValueError(f"method {name!r}: a per-tensor trim needs a deterministic task-vector "
-                             "method that sees whole tensors (elementwise=False)")
+            raise ValueError(
+                f"method {name!r}: a per-tensor trim needs a deterministic task-vector "
+                "method that sees whole tensors (elementwise=False)"
+            )
         spec = MethodSpec(
-            name=name, fn=fn, params=params, kind=kind, paper=paper, summary=summary,
-            needs_base=needs_base, optional_base=optional_base, base_as_input=base_as_input,
-            elementwise=elementwise, stochastic=stochastic, work_per_input=work_per_input,
-            min_models=min_models, max_models=max_models, aliases=aliases,
-            global_trim=global_trim, tensor_trim=tensor_trim, exact=exact, exact_check=exact_check,
+            name=name,
+            fn=fn,
+            params=params,
+            kind=kind,
+            paper=paper,
+            summary=summary,
+            needs_base=needs_base,
+            optional_base=optional_base,
+            base_as_input=base_as_input,
+            elementwise=elementwise,
+            stochastic=stochastic,
+            work_per_input=work_per_input,
+            min_models=min_models,
+            max_models=max_models,
+            aliases=aliases,
+            global_trim=global_trim,
+            tensor_trim=tensor_trim,
+            exact=exact,
+            exact_check=exact_check,
             exact_out_dtype=exact_out_dtype,
         )
         for n in (name, *aliases):

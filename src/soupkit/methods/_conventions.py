@@ -79,15 +79,20 @@ class PresetParams(TaskVectorParams):
         if isinstance(conv, str) and conv in ("paper", "mergekit", "peft"):
             if conv not in cls.presets:
                 known = ", ".join(sorted(cls.presets))
-                raise ValueError(f"convention {conv!r} is not defined for this method "
-                                 f"(it has no counterpart there); use one of: {known}")
+                raise ValueError(
+                    f"convention {conv!r} is not defined for this method "
+                    f"(it has no counterpart there); use one of: {known}"
+                )
             _normalize_alias(cls, data)
             for key, value in cls.presets[conv].items():
                 data.setdefault(key, value)
         if isinstance(data.get("rescale"), bool) and cls.bool_rescale:
             # mergekit's `rescale: true` is its L1 rescale; under another convention, that one's
-            data["rescale"] = ("l1" if data["rescale"] and conv == "mergekit"
-                               else cls.bool_rescale[data["rescale"]])
+            data["rescale"] = (
+                "l1"
+                if data["rescale"] and conv == "mergekit"
+                else cls.bool_rescale[data["rescale"]]
+            )
         return data
 
 
@@ -98,9 +103,11 @@ def _normalize_alias(cls: type[PresetParams], data: dict[str, Any]) -> None:
     implied = "weighted_mean" if data["normalize"] else "sum"
     given = data.get("aggregation")
     if given is not None and given != implied:
-        raise ValueError(f"normalize: {str(data['normalize']).lower()} means aggregation "
-                         f"{implied!r} (mergekit's meaning) but aggregation is {given!r}; "
-                         "set only one of them")
+        raise ValueError(
+            f"normalize: {str(data['normalize']).lower()} means aggregation "
+            f"{implied!r} (mergekit's meaning) but aggregation is {given!r}; "
+            "set only one of them"
+        )
     data["aggregation"] = implied
 
 
@@ -139,7 +146,13 @@ def describe_convention(params: Any) -> str | None:
         if conv == used:
             continue
         diff = [f"{k}={v}" for k, v in values.items() if getattr(params, k) != v]
-        others.append(f"`convention: {conv}` would set " + (", ".join(diff) if diff else "nothing different"))
-    own = [f"{k}={getattr(params, k)}" for k, v in cls.presets.get(used, {}).items() if getattr(params, k) != v]
+        others.append(
+            f"`convention: {conv}` would set " + (", ".join(diff) if diff else "nothing different")
+        )
+    own = [
+        f"{k}={getattr(params, k)}"
+        for k, v in cls.presets.get(used, {}).items()
+        if getattr(params, k) != v
+    ]
     explicit = f" overridden by {', '.join(own)}" if own else ""
     return f"{used} ({origin}){explicit}; " + "; ".join(others)

@@ -47,7 +47,9 @@ Consensus = Literal["sum", "count"]
 _SLERP_CHUNK = 1024 * 1024
 
 
-def _rescaled(tensor: torch.Tensor, mask: torch.Tensor, rescale: bool, eps: float = 1e-7) -> torch.Tensor:
+def _rescaled(
+    tensor: torch.Tensor, mask: torch.Tensor, rescale: bool, eps: float = 1e-7
+) -> torch.Tensor:
     """``tensor * mask``, scaled back to ``tensor``'s L1 norm when ``rescale`` (mergekit's
     ``rescaled_masked_tensor`` with ``RescaleNorm.l1``), left alone when either norm < eps."""
     masked = tensor * mask
@@ -78,7 +80,9 @@ def magnitude(tensor: torch.Tensor, density: float, rescale: bool) -> torch.Tens
     return _rescaled(tensor, mask.reshape_as(tensor), rescale)
 
 
-def magnitude_outliers(tensor: torch.Tensor, density: float, gamma: float, rescale: bool) -> torch.Tensor:
+def magnitude_outliers(
+    tensor: torch.Tensor, density: float, gamma: float, rescale: bool
+) -> torch.Tensor:
     """Model Breadcrumbs' band (mergekit's ``magnitude_outliers``)."""
     if density >= 1:
         return tensor
@@ -89,11 +93,13 @@ def magnitude_outliers(tensor: torch.Tensor, density: float, gamma: float, resca
     w = tensor.abs().reshape(-1).float()
     indices = torch.sort(w, descending=False).indices
     mask = torch.zeros(n, dtype=tensor.dtype)
-    mask[indices[n_bot:n_bot + target]] = 1
+    mask[indices[n_bot : n_bot + target]] = 1
     return _rescaled(tensor, mask.reshape_as(tensor), rescale)
 
 
-def bernoulli(tensor: torch.Tensor, density: float, rescale: bool, generator: torch.Generator) -> torch.Tensor:
+def bernoulli(
+    tensor: torch.Tensor, density: float, rescale: bool, generator: torch.Generator
+) -> torch.Tensor:
     """DARE's random drop (mergekit's ``bernoulli``), drawing from ``generator``."""
     if density >= 1:
         return tensor
@@ -102,8 +108,9 @@ def bernoulli(tensor: torch.Tensor, density: float, rescale: bool, generator: to
     return _rescaled(tensor.to(work), mask, rescale).to(tensor.dtype)
 
 
-def della_magprune(tensor: torch.Tensor, density: float, epsilon: float, rescale: bool,
-                   generator: torch.Generator) -> torch.Tensor:
+def della_magprune(
+    tensor: torch.Tensor, density: float, epsilon: float, rescale: bool, generator: torch.Generator
+) -> torch.Tensor:
     """DELLA's magnitude-ranked random drop (mergekit's ``della_magprune``): ranks along
     dimension 1 (a vector is one row)."""
     if density >= 1:
@@ -184,7 +191,9 @@ def _need(rng: torch.Generator | None) -> torch.Generator:
     return rng
 
 
-def linear(tensors: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool) -> torch.Tensor:
+def linear(
+    tensors: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool
+) -> torch.Tensor:
     """mergekit's ``linear``: float32 (float64 for float64 inputs) fused multiply-adds from
     zero, the division by the summed weights, then back to the inputs' dtype."""
     first = tensors[0]
@@ -198,8 +207,9 @@ def linear(tensors: Sequence[torch.Tensor], weights: Sequence[float], normalize:
     return result.to(first.dtype)
 
 
-def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = 0.9995,
-          eps: float = 1e-8) -> torch.Tensor:
+def slerp(
+    t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = 0.9995, eps: float = 1e-8
+) -> torch.Tensor:
     """mergekit's ``slerp`` for one tensor: norms of chunk norms and the normalised dot product
     in float32 (float64 for float64 inputs), the result written in the inputs' dtype.
 
@@ -215,16 +225,16 @@ def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = 0
     chunk = max(1, _SLERP_CHUNK // a.shape[0])
     na, nb = [], []
     for s in range(0, a.shape[1], chunk):
-        na.append(torch.linalg.vector_norm(a[:, s:s + chunk].to(dtype), dim=1, keepdim=True))
-        nb.append(torch.linalg.vector_norm(b[:, s:s + chunk].to(dtype), dim=1, keepdim=True))
+        na.append(torch.linalg.vector_norm(a[:, s : s + chunk].to(dtype), dim=1, keepdim=True))
+        nb.append(torch.linalg.vector_norm(b[:, s : s + chunk].to(dtype), dim=1, keepdim=True))
     norm_a = torch.linalg.vector_norm(torch.stack(na), dim=0)
     norm_b = torch.linalg.vector_norm(torch.stack(nb), dim=0)
     norm_a = torch.where(norm_a > eps, norm_a, 1)
     norm_b = torch.where(norm_b > eps, norm_b, 1)
     parts = []
     for s in range(0, a.shape[1], chunk):
-        x = a[:, s:s + chunk].to(dtype) / norm_a
-        y = b[:, s:s + chunk].to(dtype) / norm_b
+        x = a[:, s : s + chunk].to(dtype) / norm_a
+        y = b[:, s : s + chunk].to(dtype) / norm_b
         parts.append((x * y).sum(dim=1, keepdim=True))
     dot = torch.stack(parts).sum(dim=0).clamp(-1, 1)
     lin = dot.abs() > dot_threshold
@@ -234,11 +244,15 @@ def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = 0
     coef_b = torch.where(lin, tt, torch.sin(tt * theta) / sin_theta)
     result = torch.empty_like(a)
     for s in range(0, a.shape[1], chunk):
-        result[:, s:s + chunk] = coef_a * a[:, s:s + chunk].to(dtype) + coef_b * b[:, s:s + chunk].to(dtype)
+        result[:, s : s + chunk] = coef_a * a[:, s : s + chunk].to(dtype) + coef_b * b[
+            :, s : s + chunk
+        ].to(dtype)
     return result.reshape(v0.shape)
 
 
-def model_stock(tensors: Sequence[torch.Tensor], base: torch.Tensor, filter_wise: bool) -> torch.Tensor:
+def model_stock(
+    tensors: Sequence[torch.Tensor], base: torch.Tensor, filter_wise: bool
+) -> torch.Tensor:
     """mergekit's ``model_stock`` in the inputs' dtype (its singular-denominator guard
     included; no clamp of negative cosines)."""
     w0, ws = base, list(tensors)
@@ -261,7 +275,7 @@ def mean_pairwise_cosine(offsets: Sequence[torch.Tensor]) -> torch.Tensor:
     products clamped to >= 1e-6, cosines to [-1, 1]), with a trailing dimension of 1."""
     cosines = []
     for i, oa in enumerate(offsets):
-        for ob in offsets[i + 1:]:
+        for ob in offsets[i + 1 :]:
             norms = torch.norm(oa, dim=-1) * torch.norm(ob, dim=-1)
             cosines.append(((oa * ob).sum(dim=-1) / norms.clamp(min=1e-6)).clamp(-1, 1))
     return torch.stack(cosines).mean(dim=0).unsqueeze(-1)
@@ -279,19 +293,36 @@ def stock_factor(cos: torch.Tensor, n: int) -> torch.Tensor:
 # ------------------------------------------------------------------ soupkit parameters -> mergekit's
 
 
-def gta_method(sparsify: Sparsify | None, consensus: Consensus | None) -> Callable[..., torch.Tensor]:
+def gta_method(
+    sparsify: Sparsify | None, consensus: Consensus | None
+) -> Callable[..., torch.Tensor]:
     """The exact-mode function of a task-vector method that mergekit builds from
     ``GeneralizedTaskArithmeticMerge(sparsify, consensus)``, reading soupkit's parameters
     (``rescale: l1`` is mergekit's ``rescale: true``; ``aggregation: weighted_mean`` its
     ``normalize: true`` on consensus methods). `gta_check` refuses what has no counterpart."""
 
-    def run(deltas: Sequence[torch.Tensor], p: Any, *, rng: torch.Generator | None = None,
-            trim: object = None) -> torch.Tensor:
+    def run(
+        deltas: Sequence[torch.Tensor],
+        p: Any,
+        *,
+        rng: torch.Generator | None = None,
+        trim: object = None,
+    ) -> torch.Tensor:
         normalize = p.aggregation == "weighted_mean" if consensus is not None else p.normalize
         return generalized_task_arithmetic(
-            deltas, p.weight, sparsify=sparsify, consensus=consensus, normalize=normalize, lam=p.lambda_,
-            rescale=getattr(p, "rescale", "none") == "l1", density=getattr(p, "density", ()),
-            gamma=getattr(p, "gamma", ()), epsilon=getattr(p, "epsilon", ()), int8_mask=p.int8_mask, rng=rng)
+            deltas,
+            p.weight,
+            sparsify=sparsify,
+            consensus=consensus,
+            normalize=normalize,
+            lam=p.lambda_,
+            rescale=getattr(p, "rescale", "none") == "l1",
+            density=getattr(p, "density", ()),
+            gamma=getattr(p, "gamma", ()),
+            epsilon=getattr(p, "epsilon", ()),
+            int8_mask=p.int8_mask,
+            rng=rng,
+        )
 
     return run
 
@@ -299,18 +330,28 @@ def gta_method(sparsify: Sparsify | None, consensus: Consensus | None) -> Callab
 def gta_check(p: Any) -> str | None:
     """Why parameters ``p`` of a task-vector method cannot be computed as mergekit does."""
     wrong: list[str] = []
-    expect = {"sign_source": ("weighted",), "sign_tie": ("positive",),
-              "aggregation": ("weighted_mean", "sum"), "trim_scope": ("per_tensor",), "rescale": ("l1", "none")}
+    expect = {
+        "sign_source": ("weighted",),
+        "sign_tie": ("positive",),
+        "aggregation": ("weighted_mean", "sum"),
+        "trim_scope": ("per_tensor",),
+        "rescale": ("l1", "none"),
+    }
     for key, allowed in expect.items():
         value = getattr(p, key, None)
         if value is not None and value not in allowed:
             wrong.append(f"{key}={value}")
     eps = getattr(p, "epsilon", None)
     if eps is not None:
-        wrong += [f"density {d} + epsilon {e} = {d + e:g} >= 1 (mergekit requires < 1)"
-                  for d, e in zip(p.density, eps) if d < 1 and d + e >= 1]
+        wrong += [
+            f"density {d} + epsilon {e} = {d + e:g} >= 1 (mergekit requires < 1)"
+            for d, e in zip(p.density, eps)
+            if d < 1 and d + e >= 1
+        ]
     if not wrong:
         return None
-    return (f"mergekit has no {', '.join(wrong)}, so exact mode cannot reproduce it; drop these "
-            "settings (and `convention: paper`/`peft`, which sets switches like them) or set "
-            "`compute: float32`")
+    return (
+        f"mergekit has no {', '.join(wrong)}, so exact mode cannot reproduce it; drop these "
+        "settings (and `convention: paper`/`peft`, which sets switches like them) or set "
+        "`compute: float32`"
+    )

@@ -126,7 +126,9 @@ def apply_cut(delta: torch.Tensor, cut: MagnitudeCut | None) -> torch.Tensor:
     """
     if cut is None:
         return delta
-    finite_rule = cut.threshold == cut.threshold and (cut.ties is None or (cut.ties == 0 and cut.threshold != math.inf))
+    finite_rule = cut.threshold == cut.threshold and (
+        cut.ties is None or (cut.ties == 0 and cut.threshold != math.inf)
+    )
     if delta.dtype != torch.float32 or not finite_rule:
         return delta.masked_fill(~cut_mask(delta.abs(), cut), 0.0)
     # keep |d| > t (ties == 0) or |d| >= t (ties is None), and NaN: drop exactly where the
@@ -178,7 +180,11 @@ def trim_band(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor
         return delta
     magnitude = delta.abs()
     upper = topk_cut(magnitude, top + keep)
-    mask = torch.ones_like(magnitude, dtype=torch.bool) if upper is None else cut_mask(magnitude, upper)
+    mask = (
+        torch.ones_like(magnitude, dtype=torch.bool)
+        if upper is None
+        else cut_mask(magnitude, upper)
+    )
     lower = topk_cut(magnitude, top)
     if top > 0 and lower is not None:
         mask &= ~cut_mask(magnitude, lower)
@@ -238,7 +244,9 @@ def dare_drop(
     u = torch.rand(delta.shape, generator=generator)
     if delta.dtype == torch.float32:
         drop = torch.empty(delta.shape, dtype=torch.int32)
-        dropped = _zero_where(delta, torch.ge(u, density, out=drop))  # = masked_fill(~(u < density))
+        dropped = _zero_where(
+            delta, torch.ge(u, density, out=drop)
+        )  # = masked_fill(~(u < density))
     else:
         dropped = delta.masked_fill(~(u < density), 0.0)
     if rescale == "density":
@@ -379,8 +387,13 @@ def disjoint_merge(
     Returns:
         `torch.Tensor`: the merged task vector (float32).
     """
-    return _disjoint([torch.mul(d, _as_f32(w)) for d, w in zip(deltas, weights)], weights, signed, sign,
-                     aggregation)
+    return _disjoint(
+        [torch.mul(d, _as_f32(w)) for d, w in zip(deltas, weights)],
+        weights,
+        signed,
+        sign,
+        aggregation,
+    )
 
 
 def _weighted(deltas: Sequence[torch.Tensor], weights: Sequence[float]) -> list[torch.Tensor]:

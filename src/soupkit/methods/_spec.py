@@ -39,7 +39,15 @@ from typing import Any, ClassVar, Literal
 import torch
 from pydantic import BaseModel, ConfigDict
 
-__all__ = ["ExactCheckFn", "GlobalTrimFn", "MagnitudeCut", "MethodFn", "MethodSpec", "Params", "TensorTrimFn"]
+__all__ = [
+    "ExactCheckFn",
+    "GlobalTrimFn",
+    "MagnitudeCut",
+    "MethodFn",
+    "MethodSpec",
+    "Params",
+    "TensorTrimFn",
+]
 
 MethodFn = Callable[..., torch.Tensor]
 Kind = Literal["tensors", "task_vector"]
@@ -156,8 +164,11 @@ class MethodSpec:
     @property
     def global_names(self) -> tuple[str, ...]:
         """Recipe names of the global parameters (a field's alias when it has one: ``lambda``)."""
-        return tuple(f.alias or n for n, f in self.params.model_fields.items()
-                     if n not in self.params.per_model)
+        return tuple(
+            f.alias or n
+            for n, f in self.params.model_fields.items()
+            if n not in self.params.per_model
+        )
 
     def call(
         self,

@@ -56,7 +56,9 @@ def fence(scores: torch.Tensor, rng: torch.Generator | None) -> torch.Tensor:
     flat = scores.reshape(-1)
     if flat.numel() > SAMPLE:
         if rng is None:
-            raise ValueError("arcee_fusion samples large tensors: pass rng=torch.Generator().manual_seed(...)")
+            raise ValueError(
+                "arcee_fusion samples large tensors: pass rng=torch.Generator().manual_seed(...)"
+            )
         flat = flat[torch.randint(flat.numel(), (SAMPLE,), generator=rng, device=flat.device)]
     ordered, _ = torch.sort(flat)
     idx = (torch.tensor(_QUARTILES) * (ordered.numel() - 1)).long()

@@ -62,8 +62,10 @@ class BreadcrumbsParams(PresetParams):
     @model_validator(mode="after")
     def _nonzero_total(self) -> BreadcrumbsParams:
         if self.normalize and sum(self.weight) == 0:
-            raise ValueError(f"weights sum to zero ({list(self.weight)}), so they cannot be "
-                             "normalized; set normalize: false or change the weights")
+            raise ValueError(
+                f"weights sum to zero ({list(self.weight)}), so they cannot be "
+                "normalized; set normalize: false or change the weights"
+            )
         return self
 
 
@@ -86,8 +88,9 @@ class BreadcrumbsTiesParams(ConsensusParams):
     aggregation: _ops.Aggregation = "sum"  # mergekit's normalize: false
 
 
-def _trim(deltas: Sequence[torch.Tensor], density: Sequence[float],
-          gamma: Sequence[float]) -> list[torch.Tensor]:
+def _trim(
+    deltas: Sequence[torch.Tensor], density: Sequence[float], gamma: Sequence[float]
+) -> list[torch.Tensor]:
     return [_ops.trim_band(d, k, g) for d, k, g in zip(deltas, density, gamma)]
 
 
@@ -126,6 +129,10 @@ def breadcrumbs_ties(
     """Band-trim each task vector, then TIES' elect and disjoint merge."""
     trimmed = _trim(deltas, p.density, p.gamma)
     return _ops.consensus_combine(
-        trimmed, p.weight, sign_source=p.sign_source, sign_tie=p.sign_tie,
-        aggregation=p.aggregation, lam=p.lambda_,
+        trimmed,
+        p.weight,
+        sign_source=p.sign_source,
+        sign_tie=p.sign_tie,
+        aggregation=p.aggregation,
+        lam=p.lambda_,
     )

@@ -63,7 +63,9 @@ class DareLinearParams(PresetParams):
 
     per_model: ClassVar[dict[str, Any]] = {"weight": 1.0, "density": 1.0}
     presets: ClassVar[dict[str, dict[str, Any]]] = {
-        "paper": {"rescale": "density"}, "mergekit": {"rescale": "l1"}, "peft": {"rescale": "density"},
+        "paper": {"rescale": "density"},
+        "mergekit": {"rescale": "l1"},
+        "peft": {"rescale": "density"},
     }
     bool_rescale: ClassVar[dict[bool, str]] = _BOOL
     density: tuple[Density, ...]
@@ -73,8 +75,10 @@ class DareLinearParams(PresetParams):
     @model_validator(mode="after")
     def _nonzero_total(self) -> DareLinearParams:
         if self.normalize and sum(self.weight) == 0:
-            raise ValueError(f"weights sum to zero ({list(self.weight)}), so they cannot be "
-                             "normalized; set normalize: false or change the weights")
+            raise ValueError(
+                f"weights sum to zero ({list(self.weight)}), so they cannot be "
+                "normalized; set normalize: false or change the weights"
+            )
         return self
 
 
@@ -89,12 +93,24 @@ class DareTiesParams(ConsensusParams):
 
     per_model: ClassVar[dict[str, Any]] = {"weight": 1.0, "density": 1.0}
     presets: ClassVar[dict[str, dict[str, Any]]] = {
-        "paper": {"rescale": "density", "sign_source": "unweighted", "sign_tie": "zero",
-                  "aggregation": "mean"},
-        "mergekit": {"rescale": "l1", "sign_source": "weighted", "sign_tie": "positive",
-                     "aggregation": "sum"},
-        "peft": {"rescale": "density", "sign_source": "unweighted", "sign_tie": "positive",
-                 "aggregation": "mean"},
+        "paper": {
+            "rescale": "density",
+            "sign_source": "unweighted",
+            "sign_tie": "zero",
+            "aggregation": "mean",
+        },
+        "mergekit": {
+            "rescale": "l1",
+            "sign_source": "weighted",
+            "sign_tie": "positive",
+            "aggregation": "sum",
+        },
+        "peft": {
+            "rescale": "density",
+            "sign_source": "unweighted",
+            "sign_tie": "positive",
+            "aggregation": "mean",
+        },
     }
     bool_rescale: ClassVar[dict[bool, str]] = _BOOL
     density: tuple[Density, ...]
@@ -102,8 +118,12 @@ class DareTiesParams(ConsensusParams):
     aggregation: _ops.Aggregation = "sum"  # mergekit's normalize: false
 
 
-def _drop(deltas: Sequence[torch.Tensor], density: Sequence[float], rescale: Rescale,
-          rng: torch.Generator | None) -> list[torch.Tensor]:
+def _drop(
+    deltas: Sequence[torch.Tensor],
+    density: Sequence[float],
+    rescale: Rescale,
+    rng: torch.Generator | None,
+) -> list[torch.Tensor]:
     gens = _ops.split_generators(rng, len(deltas))
     return [_ops.dare_drop(d, k, g, rescale) for d, k, g in zip(deltas, density, gens)]
 
@@ -144,6 +164,10 @@ def dare_ties(
     """Drop and rescale each task vector, then TIES' elect and disjoint merge."""
     dropped = _drop(deltas, p.density, p.rescale, rng)
     return _ops.consensus_combine(
-        dropped, p.weight, sign_source=p.sign_source, sign_tie=p.sign_tie,
-        aggregation=p.aggregation, lam=p.lambda_,
+        dropped,
+        p.weight,
+        sign_source=p.sign_source,
+        sign_tie=p.sign_tie,
+        aggregation=p.aggregation,
+        lam=p.lambda_,
     )

@@ -52,12 +52,17 @@ _BOOL = {True: "probability", False: "none"}
 
 
 def _check_range(density: Sequence[float], epsilon: Sequence[float]) -> None:
-    bad = [(i, d, e) for i, (d, e) in enumerate(zip(density, epsilon))
-           if d < 1 and not (d - e > 0 and d + e <= 1)]
+    bad = [
+        (i, d, e)
+        for i, (d, e) in enumerate(zip(density, epsilon))
+        if d < 1 and not (d - e > 0 and d + e <= 1)
+    ]
     if bad:
         shown = ", ".join(f"model {i}: density {d} epsilon {e}" for i, d, e in bad)
-        raise ValueError(f"keep probabilities density +/- epsilon must lie in (0, 1] ({shown}); "
-                         "lower epsilon or move density away from 0 and 1")
+        raise ValueError(
+            f"keep probabilities density +/- epsilon must lie in (0, 1] ({shown}); "
+            "lower epsilon or move density away from 0 and 1"
+        )
 
 
 class DellaLinearParams(PresetParams):
@@ -73,7 +78,8 @@ class DellaLinearParams(PresetParams):
 
     per_model: ClassVar[dict[str, Any]] = {"weight": 1.0, "density": 1.0, "epsilon": 0.15}
     presets: ClassVar[dict[str, dict[str, Any]]] = {
-        "paper": {"rescale": "probability"}, "mergekit": {"rescale": "l1"},
+        "paper": {"rescale": "probability"},
+        "mergekit": {"rescale": "l1"},
     }
     bool_rescale: ClassVar[dict[bool, str]] = _BOOL
     density: tuple[Density, ...]
@@ -85,8 +91,10 @@ class DellaLinearParams(PresetParams):
     def _check(self) -> DellaLinearParams:
         _check_range(self.density, self.epsilon)
         if self.normalize and sum(self.weight) == 0:
-            raise ValueError(f"weights sum to zero ({list(self.weight)}), so they cannot be "
-                             "normalized; set normalize: false or change the weights")
+            raise ValueError(
+                f"weights sum to zero ({list(self.weight)}), so they cannot be "
+                "normalized; set normalize: false or change the weights"
+            )
         return self
 
 
@@ -102,10 +110,18 @@ class DellaParams(ConsensusParams):
 
     per_model: ClassVar[dict[str, Any]] = {"weight": 1.0, "density": 1.0, "epsilon": 0.15}
     presets: ClassVar[dict[str, dict[str, Any]]] = {
-        "paper": {"rescale": "probability", "sign_source": "unweighted", "sign_tie": "zero",
-                  "aggregation": "mean"},
-        "mergekit": {"rescale": "l1", "sign_source": "weighted", "sign_tie": "positive",
-                     "aggregation": "weighted_mean"},
+        "paper": {
+            "rescale": "probability",
+            "sign_source": "unweighted",
+            "sign_tie": "zero",
+            "aggregation": "mean",
+        },
+        "mergekit": {
+            "rescale": "l1",
+            "sign_source": "weighted",
+            "sign_tie": "positive",
+            "aggregation": "weighted_mean",
+        },
     }
     bool_rescale: ClassVar[dict[bool, str]] = _BOOL
     density: tuple[Density, ...]
@@ -118,11 +134,14 @@ class DellaParams(ConsensusParams):
         return self
 
 
-def _drop(deltas: Sequence[torch.Tensor], p: DellaParams | DellaLinearParams,
-          rng: torch.Generator | None) -> list[torch.Tensor]:
+def _drop(
+    deltas: Sequence[torch.Tensor], p: DellaParams | DellaLinearParams, rng: torch.Generator | None
+) -> list[torch.Tensor]:
     gens = _ops.split_generators(rng, len(deltas))
-    return [_ops.della_drop(d, k, e, g, p.rescale)
-            for d, k, e, g in zip(deltas, p.density, p.epsilon, gens)]
+    return [
+        _ops.della_drop(d, k, e, g, p.rescale)
+        for d, k, e, g in zip(deltas, p.density, p.epsilon, gens)
+    ]
 
 
 @method(
@@ -142,8 +161,12 @@ def della(
 ) -> torch.Tensor:
     """MagPrune each task vector, then TIES' elect and disjoint merge."""
     return _ops.consensus_combine(
-        _drop(deltas, p, rng), p.weight, sign_source=p.sign_source, sign_tie=p.sign_tie,
-        aggregation=p.aggregation, lam=p.lambda_,
+        _drop(deltas, p, rng),
+        p.weight,
+        sign_source=p.sign_source,
+        sign_tie=p.sign_tie,
+        aggregation=p.aggregation,
+        lam=p.lambda_,
     )
 
 
@@ -163,4 +186,6 @@ def della_linear(
     deltas: Sequence[torch.Tensor], p: DellaLinearParams, *, rng: torch.Generator | None = None
 ) -> torch.Tensor:
     """MagPrune each task vector, then ``lambda * sum_i w_i tau'_i``."""
-    return _ops.linear_combine(_drop(deltas, p, rng), p.weight, normalize=p.normalize, lam=p.lambda_)
+    return _ops.linear_combine(
+        _drop(deltas, p, rng), p.weight, normalize=p.normalize, lam=p.lambda_
+    )

@@ -49,18 +49,28 @@ class KarcherParams(Params):
     tol: float = Field(1e-5, ge=0)
 
 
-def karcher_mean(tensors: Sequence[torch.Tensor], alphas: Sequence[float], *, max_iter: int = 10,
-                 tol: float = 1e-5) -> torch.Tensor:
+def karcher_mean(
+    tensors: Sequence[torch.Tensor],
+    alphas: Sequence[float],
+    *,
+    max_iter: int = 10,
+    tol: float = 1e-5,
+) -> torch.Tensor:
     """The weighted Karcher mean of ``tensors`` (each one vector), scaled by the
     ``alphas``-weighted sum of their norms, in the dtype of the tensors."""
     if len(tensors) == 1:
         return tensors[0]
     acc = torch.float64 if tensors[0].dtype == torch.float64 else torch.float32
     norms = [torch.linalg.vector_norm(t.to(acc)) for t in tensors]
-    units = [torch.zeros_like(t) if n.item() == 0.0 else (t / n).to(t.dtype) for t, n in zip(tensors, norms)]
+    units = [
+        torch.zeros_like(t) if n.item() == 0.0 else (t / n).to(t.dtype)
+        for t, n in zip(tensors, norms)
+    ]
     valid = [i for i, n in enumerate(norms) if n.item() > tol]
     if not valid:
-        return cast(torch.Tensor, sum(t * 0 for t in tensors))  # Python's sum, as mergekit (0 + -0.0 = 0.0)
+        return cast(
+            torch.Tensor, sum(t * 0 for t in tensors)
+        )  # Python's sum, as mergekit (0 + -0.0 = 0.0)
     total = sum(alphas[i] for i in valid)
     weights = [alphas[i] / total for i in valid]
     dirs = [units[i] for i in valid]

@@ -42,8 +42,10 @@ class LinearParams(Params):
     @model_validator(mode="after")
     def _nonzero_total(self) -> LinearParams:
         if self.normalize and sum(self.weight) == 0:
-            raise ValueError(f"weights sum to zero ({list(self.weight)}), so they cannot be "
-                             "normalized; set normalize: false or change the weights")
+            raise ValueError(
+                f"weights sum to zero ({list(self.weight)}), so they cannot be "
+                "normalized; set normalize: false or change the weights"
+            )
         return self
 
 

@@ -58,8 +58,10 @@ class ModelStockParams(Params):
         if isinstance(data, dict) and "negative_cos" not in data:
             conv = data.get("convention", DEFAULT_CONVENTION)
             if conv == "peft":
-                raise ValueError("convention 'peft' is not defined for this method (it has no counterpart "
-                                 "there); use one of: mergekit, paper")
+                raise ValueError(
+                    "convention 'peft' is not defined for this method (it has no counterpart "
+                    "there); use one of: mergekit, paper"
+                )
             if conv in _PRESETS:
                 data = {**data, "negative_cos": _PRESETS[conv]}
         return data

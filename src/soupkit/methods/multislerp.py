@@ -51,12 +51,13 @@ class MultislerpParams(Params):
     normalize_weights: bool = True
     eps: float = Field(1e-8, ge=0)
 
-
     @model_validator(mode="after")
     def _nonzero_total(self) -> MultislerpParams:
         if self.normalize_weights and len(self.weight) > 1 and sum(self.weight) == 0:
-            raise ValueError(f"weights sum to zero ({list(self.weight)}), so they cannot be "
-                             "normalized; set normalize_weights: false or change the weights")
+            raise ValueError(
+                f"weights sum to zero ({list(self.weight)}), so they cannot be "
+                "normalized; set normalize_weights: false or change the weights"
+            )
         return self
 
 
@@ -101,7 +102,8 @@ def multislerp(
             raise MethodInputError(
                 f"multislerp: the weighted mean direction of the {stacked.shape[0]} models is zero "
                 f"(norm {float(mean_norm):.3g} < eps {eps:g})\n"
-                "    hint: antipodal tensors with weights that balance out; change the weights")
+                "    hint: antipodal tensors with weights that balance out; change the weights"
+            )
         out = (stacked[0] * weights[0] + stacked[1] * weights[1]).view(stacked.shape[1:])
         return out + base if base is not None else out
     mean = mean / mean_norm

@@ -52,9 +52,15 @@ class NuslerpParams(Params):
     nuslerp_flatten: bool = True
 
 
-
-def slerp_vectors(t: float, v0: torch.Tensor, v1: torch.Tensor, *, dim: int = -1,
-                  flatten: bool = False, eps: float = EPS) -> torch.Tensor:
+def slerp_vectors(
+    t: float,
+    v0: torch.Tensor,
+    v1: torch.Tensor,
+    *,
+    dim: int = -1,
+    flatten: bool = False,
+    eps: float = EPS,
+) -> torch.Tensor:
     """Spherical interpolation from ``v0`` (t = 0) to ``v1`` (t = 1), per vector along ``dim``
     (or over the whole tensor with ``flatten``), in the dtype of the inputs."""
     shape = v0.shape
@@ -101,4 +107,6 @@ def nuslerp(
     dim = 0 if p.nuslerp_row_wise else -1
     if base is None:
         return slerp_vectors(t, tensors[0], tensors[1], dim=dim, flatten=p.nuslerp_flatten)
-    return base + slerp_vectors(t, tensors[0] - base, tensors[1] - base, dim=dim, flatten=p.nuslerp_flatten)
+    return base + slerp_vectors(
+        t, tensors[0] - base, tensors[1] - base, dim=dim, flatten=p.nuslerp_flatten
+    )

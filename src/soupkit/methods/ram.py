@@ -59,8 +59,9 @@ class RamPlusParams(Params):
     epsilon: float = Field(1e-5, gt=0)
 
 
-def _overlap(deltas: Sequence[torch.Tensor], epsilon: float
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _overlap(
+    deltas: Sequence[torch.Tensor], epsilon: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Flat task vectors, which entries each model changes, how many models change each entry,
     and where that count is > 1 (shared) or == 1 (unique)."""
     tv = torch.stack(list(deltas), dim=0).view(len(deltas), -1)
@@ -112,5 +113,7 @@ def ramplus_tl(
     rho = (changed & shared).sum(dim=1) / (changed & unique).sum(dim=1).clamp(min=p.epsilon)
     lam = 1 + p.r * rho.clamp(min=0, max=p.alpha)
     tv = tv * changed
-    merged = ((tv * unique * lam.unsqueeze(-1)) + (tv * shared / counts.clamp(min=1))).sum(dim=0, keepdim=True)
+    merged = ((tv * unique * lam.unsqueeze(-1)) + (tv * shared / counts.clamp(min=1))).sum(
+        dim=0, keepdim=True
+    )
     return merged.reshape_as(deltas[0])

@@ -50,7 +50,7 @@ def _dot64(a: torch.Tensor, b: torch.Tensor) -> float:
     fa, fb = a.reshape(-1), b.reshape(-1)
     total = 0.0
     for i in range(0, fa.numel(), _BLOCK):
-        total += float(torch.dot(fa[i:i + _BLOCK].double(), fb[i:i + _BLOCK].double()))
+        total += float(torch.dot(fa[i : i + _BLOCK].double(), fb[i : i + _BLOCK].double()))
     return total
 
 

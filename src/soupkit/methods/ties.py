@@ -72,12 +72,24 @@ class TiesParams(ConsensusParams):
 
     per_model: ClassVar[dict[str, Any]] = {"weight": 1.0, "density": 1.0}
     presets: ClassVar[dict[str, dict[str, Any]]] = {
-        "paper": {"trim_scope": "global", "sign_source": "unweighted", "sign_tie": "zero",
-                  "aggregation": "mean"},
-        "mergekit": {"trim_scope": "per_tensor", "sign_source": "weighted", "sign_tie": "positive",
-                     "aggregation": "weighted_mean"},
-        "peft": {"trim_scope": "per_tensor", "sign_source": "unweighted", "sign_tie": "positive",
-                 "aggregation": "mean"},
+        "paper": {
+            "trim_scope": "global",
+            "sign_source": "unweighted",
+            "sign_tie": "zero",
+            "aggregation": "mean",
+        },
+        "mergekit": {
+            "trim_scope": "per_tensor",
+            "sign_source": "weighted",
+            "sign_tie": "positive",
+            "aggregation": "weighted_mean",
+        },
+        "peft": {
+            "trim_scope": "per_tensor",
+            "sign_source": "unweighted",
+            "sign_tie": "positive",
+            "aggregation": "mean",
+        },
     }
     density: tuple[Density, ...]
     trim_scope: TrimScope = "per_tensor"
@@ -120,6 +132,10 @@ def ties(
     else:
         trimmed = [_ops.trim_topk(d, k) for d, k in zip(deltas, p.density)]
     return _ops.consensus_combine(
-        trimmed, p.weight, sign_source=p.sign_source, sign_tie=p.sign_tie,
-        aggregation=p.aggregation, lam=p.lambda_,
+        trimmed,
+        p.weight,
+        sign_source=p.sign_source,
+        sign_tie=p.sign_tie,
+        aggregation=p.aggregation,
+        lam=p.lambda_,
     )

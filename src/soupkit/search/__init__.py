@@ -10,7 +10,13 @@ from __future__ import annotations
 from soupkit.search._state import checkpoint_digest, evaluator_identity, read_state
 from soupkit.search.bn import recalibrate_bn, write_recalibrated
 from soupkit.search.cache import ScoreCache, default_cache_path
-from soupkit.search.greedy import GreedySoupResult, GreedyStep, HeldOutScores, IngredientScore, greedy_soup
+from soupkit.search.greedy import (
+    GreedySoupResult,
+    GreedyStep,
+    HeldOutScores,
+    IngredientScore,
+    greedy_soup,
+)
 from soupkit.search.learned import (
     LearnedSoupResult,
     StreamingMixture,

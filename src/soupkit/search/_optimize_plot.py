@@ -32,8 +32,14 @@ def history_plot(report: Mapping[str, Any]) -> bytes:
     if comp:
         ax.plot(*zip(*comp), "o", color=_BLUE, ms=4, label=f"trial ({len(comp)} complete)")
     if pruned:
-        ax.plot(*zip(*pruned), "v", color=_GREY, ms=4, alpha=0.7,
-                label=f"pruned ({len(pruned)}): upper bound, cannot beat the best")
+        ax.plot(
+            *zip(*pruned),
+            "v",
+            color=_GREY,
+            ms=4,
+            alpha=0.7,
+            label=f"pruned ({len(pruned)}): upper bound, cannot beat the best",
+        )
     best, xs, ys = -math.inf, [], []
     for t in sorted(trials, key=lambda t: t["number"]):
         if t["state"] == "complete" and t["score"] > best:
@@ -43,16 +49,29 @@ def history_plot(report: Mapping[str, Any]) -> bytes:
             ys.append(best)
     if xs:
         ax.step(xs, ys, where="post", color=_GREEN, lw=1.8, label="best so far (validation)")
-    held = [(t["number"], t["holdout"]) for t in report.get("top", []) if t.get("holdout") is not None]
+    held = [
+        (t["number"], t["holdout"]) for t in report.get("top", []) if t.get("holdout") is not None
+    ]
     if held:
-        ax.plot(*zip(*held), "D", color=_RED, ms=6, mfc="none", label="held-out score (best trials)")
+        ax.plot(
+            *zip(*held), "D", color=_RED, ms=6, mfc="none", label="held-out score (best trials)"
+        )
     b = report["best"]
-    ax.plot([b["number"]], [b["score"]], "*", color=_GREEN, ms=15, zorder=5,
-            label=f"best: trial {b['number']} ({b['score']:.4g})")
+    ax.plot(
+        [b["number"]],
+        [b["score"]],
+        "*",
+        color=_GREEN,
+        ms=15,
+        zorder=5,
+        label=f"best: trial {b['number']} ({b['score']:.4g})",
+    )
     ax.set_xlabel("trial")
     ax.set_ylabel("score (higher is better)")
     st = report["study"]
-    ax.set_title(f"optimize: {st['sampler']} sampler, seed {st['seed']}, {len(trials)} trials", fontsize=10)
+    ax.set_title(
+        f"optimize: {st['sampler']} sampler, seed {st['seed']}, {len(trials)} trials", fontsize=10
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
     return _png(fig)
@@ -68,7 +87,9 @@ def coefficients(p: MergePlan, cfg: MergeConfig) -> dict[str, Any]:
         m = _LAYER.search(job.name)
         where = m.group(1) if m else "other"
         reps.setdefault(where, job.name)
-    order = sorted((k for k in reps if k != "other"), key=int) + (["other"] if "other" in reps else [])
+    order = sorted((k for k in reps if k != "other"), key=int) + (
+        ["other"] if "other" in reps else []
+    )
     jobs = {j.name: j for j in p.jobs}
     labels = short_labels([e.model for e in cfg.models])
     series: list[dict[str, Any]] = []
@@ -76,13 +97,16 @@ def coefficients(p: MergePlan, cfg: MergeConfig) -> dict[str, Any]:
         rows = []
         for where in order:
             vals = getattr(jobs[reps[where]].params, key, None)
-            if not isinstance(vals, tuple) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                                      for v in vals):
+            if not isinstance(vals, tuple) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals
+            ):
                 rows = []
                 break
             rows.append([float(v) for v in vals])
-        if rows and any(len({r[i] for r in rows}) > 1 or rows[0][i] != p.method.params.per_model.get(key)
-                        for i in range(len(labels))):
+        if rows and any(
+            len({r[i] for r in rows}) > 1 or rows[0][i] != p.method.params.per_model.get(key)
+            for i in range(len(labels))
+        ):
             for i, lab in enumerate(labels):
                 series.append({"param": key, "model": lab, "values": [r[i] for r in rows]})
     return {"method": p.method.name, "layers": order, "series": series}

@@ -29,15 +29,19 @@ from soupkit.search.sequential import (
 StateFn = Callable[[], Mapping[str, torch.Tensor]]
 
 
-def require_per_example(evaluator: Evaluator, opts: SequentialOptions, *, check_evaluator: bool = True) -> int:
+def require_per_example(
+    evaluator: Evaluator, opts: SequentialOptions, *, check_evaluator: bool = True
+) -> int:
     """The number of examples, or a `UsageError` when ``evaluator`` cannot do sequential decisions
     (``check_evaluator=False``: only the options are checked, and 0 is returned; on a backend the
     workers build the evaluator and check it there)."""
     if not 0.0 < opts.delta < 1.0 or math.isnan(opts.delta):
         raise UsageError(f"delta must be in (0, 1), got {opts.delta!r}\nhint: e.g. --delta 0.01")
     if not 0.0 <= opts.margin < 1.0 or math.isnan(opts.margin):
-        raise UsageError(f"the indifference margin must be in [0, 1) (accuracy points), got {opts.margin!r}\n"
-                         "hint: e.g. --margin 0.005 for half a point; 0 decides the exact rule")
+        raise UsageError(
+            f"the indifference margin must be in [0, 1) (accuracy points), got {opts.margin!r}\n"
+            "hint: e.g. --margin 0.005 for half a point; 0 decides the exact rule"
+        )
     if opts.batch < 1:
         raise UsageError(f"the sequential batch must be 1 or more examples, got {opts.batch}")
     if not check_evaluator:
@@ -48,7 +52,8 @@ def require_per_example(evaluator: Evaluator, opts: SequentialOptions, *, check_
             f"sequential decisions need per-example scores, but evaluator {name} has no "
             "per_example(state, indices) / n_examples()\nhint: use the built-in --hf-classification "
             "(accuracy), add those two methods to your evaluator (see docs/soups.md), or drop "
-            "--sequential for the exact mode")
+            "--sequential for the exact mode"
+        )
     try:
         n = int(evaluator.n_examples())
     except Exception as e:
@@ -86,9 +91,22 @@ class PairedOutcome:
 class PairedRunner:
     """Evaluates subjects (content keys) per example in the seeded order, through the cache."""
 
-    def __init__(self, evaluator: PerExampleEvaluator | None, eid: str, cache: ScoreCache, opts: SequentialOptions,
-                 total: int, remote: Callable[[Any, list[int], str], torch.Tensor] | None = None) -> None:
-        self.evaluator, self.eid, self.cache, self.opts, self.total = evaluator, eid, cache, opts, total
+    def __init__(
+        self,
+        evaluator: PerExampleEvaluator | None,
+        eid: str,
+        cache: ScoreCache,
+        opts: SequentialOptions,
+        total: int,
+        remote: Callable[[Any, list[int], str], torch.Tensor] | None = None,
+    ) -> None:
+        self.evaluator, self.eid, self.cache, self.opts, self.total = (
+            evaluator,
+            eid,
+            cache,
+            opts,
+            total,
+        )
         # On a backend, ``remote(candidate, indices, label)`` scores examples in a job and the
         # "states" passed to `full` / `compare` are job candidates, not state functions.
         self.remote = remote
@@ -97,8 +115,14 @@ class PairedRunner:
         self.evaluated = 0
         self.calls = 0
 
-    def _fill(self, subject: str, values: torch.Tensor, want: list[int], state: Callable[[], Mapping[str, torch.Tensor]],
-              label: str) -> int:
+    def _fill(
+        self,
+        subject: str,
+        values: torch.Tensor,
+        want: list[int],
+        state: Callable[[], Mapping[str, torch.Tensor]],
+        label: str,
+    ) -> int:
         missing = [i for i in want if math.isnan(float(values[i]))]
         if not missing:
             return 0
@@ -114,12 +138,16 @@ class PairedRunner:
                 raise
             raise EvaluationError(f"evaluating {who} failed: {e}") from e
         except Exception as e:
-            raise EvaluationError(f"evaluating {who} failed: per_example raised {type(e).__name__}: {e}\n"
-                                  "hint: per_example(state, indices) must return one score per index") from e
+            raise EvaluationError(
+                f"evaluating {who} failed: per_example raised {type(e).__name__}: {e}\n"
+                "hint: per_example(state, indices) must return one score per index"
+            ) from e
         if not isinstance(got, torch.Tensor) or got.shape != (len(missing),):
             shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
-            raise EvaluationError(f"evaluating {who}: per_example returned {shape} for {len(missing)} examples; "
-                                  "expected a 1-D tensor with one score per index")
+            raise EvaluationError(
+                f"evaluating {who}: per_example returned {shape} for {len(missing)} examples; "
+                "expected a 1-D tensor with one score per index"
+            )
         got = got.detach().to(torch.float64).cpu()
         check_binary(got, missing, who)
         values[torch.tensor(missing, dtype=torch.int64)] = got
@@ -132,7 +160,9 @@ class PairedRunner:
         values = self.cache.examples(self.eid, subject, self.total)
         memo = _Memo(state) if self.remote is None else None
         try:
-            fresh = self._fill(subject, values, self.order, memo if memo is not None else state, label)
+            fresh = self._fill(
+                subject, values, self.order, memo if memo is not None else state, label
+            )
         finally:
             if memo is not None:
                 memo.clear()
@@ -141,8 +171,16 @@ class PairedRunner:
         score = float(values.sum()) / self.total
         return EvalResult(score, fresh, self.total, True, {"accuracy": score}), fresh
 
-    def compare(self, cand: str, cand_state: StateFn, cand_label: str, inc: str, inc_state: StateFn,
-                inc_label: str, threshold: int) -> PairedOutcome:
+    def compare(
+        self,
+        cand: str,
+        cand_state: StateFn,
+        cand_label: str,
+        inc: str,
+        inc_state: StateFn,
+        inc_label: str,
+        threshold: int,
+    ) -> PairedOutcome:
         """Evaluate ``cand`` (and ``inc`` where unknown) batch by batch until the test decides."""
         cv = self.cache.examples(self.eid, cand, self.total)
         iv = self.cache.examples(self.eid, inc, self.total)
@@ -157,8 +195,13 @@ class PairedRunner:
                 fresh += self._fill(cand, cv, chunk, cmemo, cand_label)
                 pos = nxt
                 seen = self.order_t[:pos]
-                d = decide(self.total, cv[seen] - iv[seen], delta=self.opts.delta, threshold=threshold,
-                           margin=self.opts.margin_examples(self.total))
+                d = decide(
+                    self.total,
+                    cv[seen] - iv[seen],
+                    delta=self.opts.delta,
+                    threshold=threshold,
+                    margin=self.opts.margin_examples(self.total),
+                )
                 if d.accept is not None:
                     break
         finally:
@@ -169,8 +212,18 @@ class PairedRunner:
                 self.cache.store_examples(self.eid, cand, cv, label=cand_label)
             if inc_fresh:
                 self.cache.store_examples(self.eid, inc, iv, label=inc_label)
-        return PairedOutcome(d.accept, pos, self.total, d.better, d.worse, d.error_bound,
-                             float(cv[seen].mean()), float(iv[seen].mean()), fresh, inc_fresh)
+        return PairedOutcome(
+            d.accept,
+            pos,
+            self.total,
+            d.better,
+            d.worse,
+            d.error_bound,
+            float(cv[seen].mean()),
+            float(iv[seen].mean()),
+            fresh,
+            inc_fresh,
+        )
 
     def known_score(self, subject: str) -> tuple[float, int]:
         """The mean over the examples of ``subject`` known so far, and how many those are."""

@@ -45,8 +45,16 @@ def progress_bar(total: int | None, enabled: bool | None, desc: str, unit: str =
 
     disable = (not sys.stderr.isatty()) if enabled is None else (not enabled)
     scale = unit == "B"
-    return tqdm(total=total, desc=desc, unit=unit, unit_scale=scale, unit_divisor=1024 if scale else 1000,
-                disable=disable, dynamic_ncols=True, leave=False)
+    return tqdm(
+        total=total,
+        desc=desc,
+        unit=unit,
+        unit_scale=scale,
+        unit_divisor=1024 if scale else 1000,
+        disable=disable,
+        dynamic_ncols=True,
+        leave=False,
+    )
 
 
 def iter_tensors(ck: Checkpoint, reader: TensorReader) -> Iterator[tuple[str, torch.Tensor]]:
@@ -93,7 +101,9 @@ class FileHashMemo:
     the other way round.
     """
 
-    def __init__(self, records: dict[str, str] | None = None, shared: HashCache | None = None) -> None:
+    def __init__(
+        self, records: dict[str, str] | None = None, shared: HashCache | None = None
+    ) -> None:
         self.records: dict[str, str] = dict(records or {})
         self.new: dict[str, str] = {}
         self.shared = shared
@@ -120,8 +130,10 @@ class FileHashMemo:
         return got
 
 
-def start_sum(ck: Checkpoint, reader: TensorReader,
-              ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.dtype]]:
+def start_sum(
+    ck: Checkpoint,
+    reader: TensorReader,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.dtype]]:
     """A running sum started from one ingredient: its float tensors as float32 (the sum), its
     non-float tensors as they are (taken from the first ingredient, as the engine does), and each
     float tensor's stored dtype (the soup's output dtype)."""
@@ -137,8 +149,9 @@ def start_sum(ck: Checkpoint, reader: TensorReader,
     return acc, fixed, out_dtype
 
 
-def checkpoint_digest(ck: Checkpoint, memo: FileHashMemo | None = None,
-                      on_bytes: Callable[[int], None] | None = None) -> str:
+def checkpoint_digest(
+    ck: Checkpoint, memo: FileHashMemo | None = None, on_bytes: Callable[[int], None] | None = None
+) -> str:
     """Content identity of a checkpoint: SHA-256 over ``"<sha256 of file>\\n"`` for each file.
 
     Files are taken in storage order (the order of the shard index), so the same bytes in the
@@ -188,7 +201,11 @@ def evaluator_identity(evaluator: object, given: str | None = None) -> str:
         key = key()
     if isinstance(key, str) and key:
         return key
-    if inspect.isfunction(evaluator) and not evaluator.__closure__ and evaluator.__name__ != "<lambda>":
+    if (
+        inspect.isfunction(evaluator)
+        and not evaluator.__closure__
+        and evaluator.__name__ != "<lambda>"
+    ):
         name = f"{evaluator.__module__}:{evaluator.__qualname__}"
         src = _source_digest(evaluator)
         return f"{name}@{src}" if src else name

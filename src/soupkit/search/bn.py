@@ -33,8 +33,11 @@ __all__ = ["bn_buffer_names", "recalibrate_bn", "write_recalibrated"]
 
 def _forward(model: torch.nn.Module, batch: Any, device: torch.device | str | None) -> None:
     if isinstance(batch, Mapping):
-        inputs = {k: (v.to(device) if device is not None and isinstance(v, torch.Tensor) else v)
-                  for k, v in batch.items() if k not in ("labels", "label")}
+        inputs = {
+            k: (v.to(device) if device is not None and isinstance(v, torch.Tensor) else v)
+            for k, v in batch.items()
+            if k not in ("labels", "label")
+        }
         model(**inputs)
         return
     if isinstance(batch, (list, tuple)):
@@ -93,8 +96,10 @@ def recalibrate_bn(
             m.momentum = momentum
         model.train(was_training)
     if n == 0:
-        raise UsageError("BatchNorm recalibration got no batch from the data loader\n"
-                         "hint: give a loader over (a sample of) the training data")
+        raise UsageError(
+            "BatchNorm recalibration got no batch from the data loader\n"
+            "hint: give a loader over (a sample of) the training data"
+        )
     return n
 
 
@@ -139,10 +144,12 @@ def write_recalibrated(
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise UsageError("the model for BatchNorm recalibration does not match the soup:\n"
-                         + (f"  missing from the soup: {', '.join(missing[:10])}\n" if missing else "")
-                         + (f"  not in the model: {', '.join(unexpected[:10])}\n" if unexpected else "")
-                         + "hint: give the architecture the checkpoints were trained with")
+        raise UsageError(
+            "the model for BatchNorm recalibration does not match the soup:\n"
+            + (f"  missing from the soup: {', '.join(missing[:10])}\n" if missing else "")
+            + (f"  not in the model: {', '.join(unexpected[:10])}\n" if unexpected else "")
+            + "hint: give the architecture the checkpoints were trained with"
+        )
     model.load_state_dict(state, strict=True)
     batches = recalibrate_bn(model, loader, device=device, max_batches=max_batches)
     names = bn_buffer_names(model)
@@ -150,14 +157,31 @@ def write_recalibrated(
     for n in names:
         state[n] = after[n].detach().to("cpu", state[n].dtype).clone()
     carry = p.carry_from
-    cfg = load_recipe({"merge_method": "linear", "models": [{"model": "<recalibrated soup>"}],
-                       **({"tokenizer_source": str(carry)} if carry is not None else {})})
-    one = make_plan(cfg, [in_memory_checkpoint(state, "recalibrated soup")], None, max_shard_size=max_shard_size)
+    cfg = load_recipe(
+        {
+            "merge_method": "linear",
+            "models": [{"model": "<recalibrated soup>"}],
+            **({"tokenizer_source": str(carry)} if carry is not None else {}),
+        }
+    )
+    one = make_plan(
+        cfg, [in_memory_checkpoint(state, "recalibrated soup")], None, max_shard_size=max_shard_size
+    )
     report = {
         "soup_recipe": p.config.model_dump(mode="json", exclude_none=True),
-        "bn_recalibration": {"batches": batches, "tensors": names,
-                             "note": "every other tensor is the soup recipe's merge, bit for bit"},
+        "bn_recalibration": {
+            "batches": batches,
+            "tensors": names,
+            "note": "every other tensor is the soup recipe's merge, bit for bit",
+        },
         **dict(extra_report or {}),
     }
-    return run_merge_plan(one, Path(out), force=force, progress=progress, model_card=False,
-                          extra_report=report, extra_files=extra_files)
+    return run_merge_plan(
+        one,
+        Path(out),
+        force=force,
+        progress=progress,
+        model_card=False,
+        extra_report=report,
+        extra_files=extra_files,
+    )

@@ -84,8 +84,10 @@ class ScoreCache:
             try:
                 text = self.path.read_text(encoding="utf-8", errors="replace")
             except OSError as e:
-                raise UsageError(f"{self.path}: cannot read the score cache ({e.strerror})\n"
-                                 "hint: choose another file with --cache, or --no-cache") from None
+                raise UsageError(
+                    f"{self.path}: cannot read the score cache ({e.strerror})\n"
+                    "hint: choose another file with --cache, or --no-cache"
+                ) from None
             for line in text.splitlines():
                 if not line.strip():
                     continue
@@ -97,7 +99,11 @@ class ScoreCache:
                 if not isinstance(rec, dict) or rec.get("v") != _VERSION:
                     self.skipped_lines += 1
                     continue
-                if rec.get("kind") == "file" and isinstance(rec.get("key"), str) and isinstance(rec.get("sha256"), str):
+                if (
+                    rec.get("kind") == "file"
+                    and isinstance(rec.get("key"), str)
+                    and isinstance(rec.get("sha256"), str)
+                ):
                     files[rec["key"]] = rec["sha256"]
                 elif rec.get("kind") == "examples" and self._valid_examples(rec):
                     self._merge_examples((rec["evaluator"], rec["subject"]), rec["values"])
@@ -110,19 +116,30 @@ class ScoreCache:
 
     @staticmethod
     def _valid(rec: Mapping[str, Any]) -> bool:
-        return (isinstance(rec.get("evaluator"), str) and isinstance(rec.get("subject"), str)
-                and _float(rec.get("score")) is not None and isinstance(rec.get("complete"), bool)
-                and (rec["complete"] or _float(rec.get("need")) is not None))
+        return (
+            isinstance(rec.get("evaluator"), str)
+            and isinstance(rec.get("subject"), str)
+            and _float(rec.get("score")) is not None
+            and isinstance(rec.get("complete"), bool)
+            and (rec["complete"] or _float(rec.get("need")) is not None)
+        )
 
     @staticmethod
     def _valid_examples(rec: Mapping[str, Any]) -> bool:
         values = rec.get("values")
-        return (isinstance(rec.get("evaluator"), str) and isinstance(rec.get("subject"), str)
-                and isinstance(values, list) and isinstance(rec.get("n"), int) and len(values) == rec["n"]
-                and all(v is None or _float(v) is not None for v in values))
+        return (
+            isinstance(rec.get("evaluator"), str)
+            and isinstance(rec.get("subject"), str)
+            and isinstance(values, list)
+            and isinstance(rec.get("n"), int)
+            and len(values) == rec["n"]
+            and all(v is None or _float(v) is not None for v in values)
+        )
 
     def _merge_examples(self, key: tuple[str, str], values: list[float | None]) -> None:
-        new = torch.tensor([math.nan if v is None else float(v) for v in values], dtype=torch.float64)
+        new = torch.tensor(
+            [math.nan if v is None else float(v) for v in values], dtype=torch.float64
+        )
         old = self._examples.get(key)
         if old is not None and len(old) == len(new):
             new = torch.where(torch.isnan(new), old, new)
@@ -140,18 +157,33 @@ class ScoreCache:
         got = self._examples.get((evaluator, subject))
         return None if got is None else got.clone()
 
-    def store_examples(self, evaluator: str, subject: str, values: torch.Tensor, *, label: str = "") -> None:
+    def store_examples(
+        self, evaluator: str, subject: str, values: torch.Tensor, *, label: str = ""
+    ) -> None:
         """Record per-example scores (NaN: not evaluated); a no-op if nothing new is known."""
         key = (evaluator, subject)
         vals = values.to(torch.float64)
         old = self._examples.get(key)
         if old is not None and len(old) == len(vals):
-            if bool(torch.equal(torch.isnan(torch.where(torch.isnan(vals), old, vals)), torch.isnan(old))):
+            if bool(
+                torch.equal(
+                    torch.isnan(torch.where(torch.isnan(vals), old, vals)), torch.isnan(old)
+                )
+            ):
                 return  # nothing new
         listed = [None if math.isnan(v) else v for v in vals.tolist()]
         self._merge_examples(key, listed)
-        self._append({"kind": "examples", "evaluator": evaluator, "subject": subject, "label": label,
-                      "n": len(listed), "values": listed, "unix": int(time.time())})
+        self._append(
+            {
+                "kind": "examples",
+                "evaluator": evaluator,
+                "subject": subject,
+                "label": label,
+                "n": len(listed),
+                "values": listed,
+                "unix": int(time.time()),
+            }
+        )
 
     def _append(self, rec: Mapping[str, Any]) -> None:
         if self.path is None:
@@ -165,8 +197,10 @@ class ScoreCache:
             finally:
                 os.close(fd)
         except OSError as e:
-            raise UsageError(f"{self.path}: cannot write the score cache ({e.strerror})\n"
-                             "hint: choose another file with --cache, or --no-cache") from None
+            raise UsageError(
+                f"{self.path}: cannot write the score cache ({e.strerror})\n"
+                "hint: choose another file with --cache, or --no-cache"
+            ) from None
 
     def save_file_hashes(self) -> None:
         """Persist file hashes computed since the last call."""
@@ -176,8 +210,9 @@ class ScoreCache:
         if self.memo.shared is not None:
             self.memo.shared.save()
 
-    def lookup(self, evaluator: str, subject: str, *, need: float | None = None,
-               strict: bool = False) -> EvalResult | None:
+    def lookup(
+        self, evaluator: str, subject: str, *, need: float | None = None, strict: bool = False
+    ) -> EvalResult | None:
         """A cached result that gives the same decision as a fresh evaluation, or None.
 
         A complete result always qualifies. An early-stopped one qualifies only when ``need``
@@ -198,20 +233,46 @@ class ScoreCache:
     @staticmethod
     def _result(rec: Mapping[str, Any]) -> EvalResult:
         metrics = rec.get("metrics")
-        clean = {str(k): float(v) for k, v in metrics.items() if _float(v) is not None} if isinstance(metrics, dict) else {}
-        return EvalResult(score=float(rec["score"]), examples=int(rec.get("examples") or 0),
-                          total=int(rec.get("total") or 0), complete=bool(rec["complete"]), metrics=clean)
+        clean = (
+            {str(k): float(v) for k, v in metrics.items() if _float(v) is not None}
+            if isinstance(metrics, dict)
+            else {}
+        )
+        return EvalResult(
+            score=float(rec["score"]),
+            examples=int(rec.get("examples") or 0),
+            total=int(rec.get("total") or 0),
+            complete=bool(rec["complete"]),
+            metrics=clean,
+        )
 
-    def store(self, evaluator: str, subject: str, result: EvalResult, *, label: str = "",
-              need: float | None = None, strict: bool = False) -> None:
+    def store(
+        self,
+        evaluator: str,
+        subject: str,
+        result: EvalResult,
+        *,
+        label: str = "",
+        need: float | None = None,
+        strict: bool = False,
+    ) -> None:
         """Record ``result`` (and append it to the file right away)."""
         if not result.complete and need is None:
             return  # an early stop without a threshold answers nothing later
         rec: dict[str, Any] = {
-            "kind": "score", "evaluator": evaluator, "subject": subject, "label": label,
-            "score": result.score, "complete": result.complete,
-            "examples": result.examples, "total": result.total,
-            "metrics": {k: v for k, v in result.metrics.items() if not (isinstance(v, float) and math.isnan(v))},
+            "kind": "score",
+            "evaluator": evaluator,
+            "subject": subject,
+            "label": label,
+            "score": result.score,
+            "complete": result.complete,
+            "examples": result.examples,
+            "total": result.total,
+            "metrics": {
+                k: v
+                for k, v in result.metrics.items()
+                if not (isinstance(v, float) and math.isnan(v))
+            },
             "unix": int(time.time()),
         }
         if not result.complete:

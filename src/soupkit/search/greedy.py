@@ -58,13 +58,26 @@ from soupkit.io.checkpoint import Checkpoint
 from soupkit.io.reader import TensorReader
 from soupkit.plan import MergePlan
 from soupkit.search._paired import PairedRunner, require_per_example
-from soupkit.search._state import checkpoint_digest, evaluator_identity, progress_bar, read_state, start_sum
+from soupkit.search._state import (
+    checkpoint_digest,
+    evaluator_identity,
+    progress_bar,
+    read_state,
+    start_sum,
+)
 from soupkit.search.bn import write_recalibrated
 from soupkit.search.cache import ScoreCache, default_cache_path
 from soupkit.search.sequential import SequentialOptions
 
-__all__ = ["GreedySoupResult", "GreedyStep", "HeldOutScores", "IngredientScore", "greedy_soup",
-           "open_cache", "soup_key"]
+__all__ = [
+    "GreedySoupResult",
+    "GreedyStep",
+    "HeldOutScores",
+    "IngredientScore",
+    "greedy_soup",
+    "open_cache",
+    "soup_key",
+]
 
 PLOT_NAME = "greedy-soup.png"
 
@@ -250,8 +263,14 @@ class _Scorer:
         self.evaluator, self.eid, self.cache = evaluator, eid, cache
         self.calls = self.hits = self.examples = self.saved = 0
 
-    def __call__(self, subject: str, state_fn: Any, label: str, need: float | None = None,
-                 strict: bool = False) -> tuple[EvalResult, bool]:
+    def __call__(
+        self,
+        subject: str,
+        state_fn: Any,
+        label: str,
+        need: float | None = None,
+        strict: bool = False,
+    ) -> tuple[EvalResult, bool]:
         got = self.cache.lookup(self.eid, subject, need=need, strict=strict)
         if got is not None:
             self.hits += 1
@@ -364,13 +383,17 @@ def greedy_soup(
     seen: dict[Path, str] = {}
     for lab, r in zip(labels, resolved):
         if r in seen:
-            raise UsageError(f"checkpoint {lab!r} is given twice (also as {seen[r]!r})\n"
-                             "hint: each ingredient may enter the soup once; list it once")
+            raise UsageError(
+                f"checkpoint {lab!r} is given twice (also as {seen[r]!r})\n"
+                "hint: each ingredient may enter the soup once; list it once"
+            )
         seen[r] = lab
     opts = SequentialOptions(delta, order_seed, sequential_batch, margin) if sequential else None
     local = backend is None or backend == "local"
     # On a backend the evaluator is built on the workers, which check it there.
-    n_examples = require_per_example(evaluator, opts, check_evaluator=local) if opts is not None else 0
+    n_examples = (
+        require_per_example(evaluator, opts, check_evaluator=local) if opts is not None else 0
+    )
     be, owned = resolve_backend(backend)  # an unknown backend fails before any hashing
     store = open_cache(cache)
     eid = _identity(evaluator, evaluator_id, store)
@@ -378,15 +401,19 @@ def greedy_soup(
     if test_evaluator is not None:
         tid = _identity(test_evaluator, test_evaluator_id, store)
         if tid == eid and test_evaluator is not evaluator:
-            raise UsageError(f"the evaluator and the test evaluator have the same identity {eid!r}, so "
-                             "their scores would be confused in the cache\nhint: give them different "
-                             "evaluator_id / test_evaluator_id (or cache_key attributes)")
+            raise UsageError(
+                f"the evaluator and the test evaluator have the same identity {eid!r}, so "
+                "their scores would be confused in the cache\nhint: give them different "
+                "evaluator_id / test_evaluator_id (or cache_key attributes)"
+            )
     # Headers only: every compatibility problem is reported before anything is evaluated.
     full_plan = plan(linear_recipe(labels), max_shard_size=max_shard_size)
     ckpts: list[Checkpoint] = list(full_plan.models)
     notes: list[str] = []
 
-    bar = progress_bar(sum(sum(f.stat().st_size for f in c.files) for c in ckpts), progress, "hashing", "B")
+    bar = progress_bar(
+        sum(sum(f.stat().st_size for f in c.files) for c in ckpts), progress, "hashing", "B"
+    )
     try:
         digests = [checkpoint_digest(c, store.memo, bar.update) for c in ckpts]
     finally:
@@ -398,19 +425,52 @@ def greedy_soup(
 
         try:
             if opts is not None:
-                result = greedy_sequential_on_backend(be, ckpts, labels, digests, evaluator, eid, test_evaluator, tid,
-                                                      store, opts, strict=strict, progress=progress)
+                result = greedy_sequential_on_backend(
+                    be,
+                    ckpts,
+                    labels,
+                    digests,
+                    evaluator,
+                    eid,
+                    test_evaluator,
+                    tid,
+                    store,
+                    opts,
+                    strict=strict,
+                    progress=progress,
+                )
             else:
-                result = greedy_on_backend(be, ckpts, labels, digests, evaluator, eid, test_evaluator, tid, store,
-                                       strict=strict, early_stop=early_stop, speculate=speculate,
-                                       progress=progress)
+                result = greedy_on_backend(
+                    be,
+                    ckpts,
+                    labels,
+                    digests,
+                    evaluator,
+                    eid,
+                    test_evaluator,
+                    tid,
+                    store,
+                    strict=strict,
+                    early_stop=early_stop,
+                    speculate=speculate,
+                    progress=progress,
+                )
         finally:
             if owned:
                 be.close()
         if out is None:
             return _replace(result, seconds=time.perf_counter() - t0)
-        return _write(result, out, force=force, progress=progress, plot=plot, max_shard_size=max_shard_size,
-                      report_extra=report_extra, t0=t0, recalibrate=recalibrate)
+        return _write(
+            result,
+            out,
+            force=force,
+            progress=progress,
+            plot=plot,
+            max_shard_size=max_shard_size,
+            report_extra=report_extra,
+            t0=t0,
+            recalibrate=recalibrate,
+        )
 
     score = _Scorer(evaluator, eid, store)
     runner = PairedRunner(evaluator, eid, store, opts, n_examples) if opts is not None else None  # type: ignore[arg-type]
@@ -433,7 +493,15 @@ def greedy_soup(
     order = sorted(range(len(ckpts)), key=lambda i: (-scores[i], i))
     rank_of = {i: r for r, i in enumerate(order)}
     ingredient_scores = [
-        IngredientScore(i, labels[i], digests[i], scores[i], rank_of[i], results[i][1], dict(results[i][0].metrics))
+        IngredientScore(
+            i,
+            labels[i],
+            digests[i],
+            scores[i],
+            rank_of[i],
+            results[i][1],
+            dict(results[i][0].metrics),
+        )
         for i in range(len(ckpts))
     ]
 
@@ -461,7 +529,9 @@ def greedy_soup(
             if len(accepted) == 1:
                 return read_state(ref, reader)
             div = _uniform_divisor(len(accepted))
-            return {n: fixed[n] if n in fixed else (acc[n] / div).to(out_dtype[n]) for n in ref.tensors}
+            return {
+                n: fixed[n] if n in fixed else (acc[n] / div).to(out_dtype[n]) for n in ref.tensors
+            }
 
         bar = progress_bar(len(order) - 1, progress, "greedy soup")
         try:
@@ -469,8 +539,20 @@ def greedy_soup(
                 chosen = [labels[j] for j in accepted] + [labels[i]]
                 subject = soup_key([digests[j] for j in accepted] + [digests[i]])
                 if runner is not None:
-                    step = sequential_step(runner, score, rank, i, accepted, labels, digests, scores,
-                                           lambda i=i: candidate(i), soup_now, soup_score, strict)
+                    step = sequential_step(
+                        runner,
+                        score,
+                        rank,
+                        i,
+                        accepted,
+                        labels,
+                        digests,
+                        scores,
+                        lambda i=i: candidate(i),
+                        soup_now,
+                        soup_score,
+                        strict,
+                    )
                     if step.accepted:
                         for name, info in ckpts[i].tensors.items():
                             if name in acc:
@@ -481,9 +563,13 @@ def greedy_soup(
                     bar.update(1)
                     continue
                 need = soup_score
-                res, cached = score(subject, lambda i=i: candidate(i),
-                                       "soup of " + " + ".join(chosen),
-                                       need=need if early_stop else None, strict=strict)
+                res, cached = score(
+                    subject,
+                    lambda i=i: candidate(i),
+                    "soup of " + " + ".join(chosen),
+                    need=need if early_stop else None,
+                    strict=strict,
+                )
                 ok = meets(res.score, need, strict=strict)
                 if ok:
                     for name, info in ckpts[i].tensors.items():
@@ -491,13 +577,23 @@ def greedy_soup(
                             acc[name] += reader.read(info).reshape(info.shape).to(torch.float32)
                     accepted.append(i)
                     soup_score = res.score
-                steps.append(GreedyStep(
-                    rank=rank, label=labels[i], ingredient_score=scores[i], need=need,
-                    candidate_score=res.score, complete=res.complete, accepted=ok,
-                    soup_size=len(accepted), soup_score=soup_score,
-                    examples=0 if cached else res.examples, total=res.total, cached=cached,
-                    examples_used=res.examples if res.examples else res.total,
-                ))
+                steps.append(
+                    GreedyStep(
+                        rank=rank,
+                        label=labels[i],
+                        ingredient_score=scores[i],
+                        need=need,
+                        candidate_score=res.score,
+                        complete=res.complete,
+                        accepted=ok,
+                        soup_size=len(accepted),
+                        soup_score=soup_score,
+                        examples=0 if cached else res.examples,
+                        total=res.total,
+                        cached=cached,
+                        examples_used=res.examples if res.examples else res.total,
+                    )
+                )
                 bar.update(1)
         finally:
             bar.close()
@@ -509,12 +605,19 @@ def greedy_soup(
             div = _uniform_divisor(len(accepted))
 
             def final_state() -> dict[str, torch.Tensor]:
-                return {n: fixed[n] if n in fixed else (acc[n] / div).to(out_dtype[n]) for n in ref.tensors}
+                return {
+                    n: fixed[n] if n in fixed else (acc[n] / div).to(out_dtype[n])
+                    for n in ref.tensors
+                }
 
-            soup_res, _ = tscore(soup_key([digests[j] for j in accepted]), final_state,
-                                 "final soup (test set)")
-            single_res, _ = tscore(digests[best], lambda: read_state(ref, reader),
-                                   f"ingredient {labels[best]} (test set)")
+            soup_res, _ = tscore(
+                soup_key([digests[j] for j in accepted]), final_state, "final soup (test set)"
+            )
+            single_res, _ = tscore(
+                digests[best],
+                lambda: read_state(ref, reader),
+                f"ingredient {labels[best]} (test set)",
+            )
             held = HeldOutScores(tid, soup_res.score, labels[best], single_res.score)
             score.calls += tscore.calls
             score.hits += tscore.hits
@@ -526,15 +629,33 @@ def greedy_soup(
     if runner is not None:
         soup_score, seq_info = sequential_summary(runner, accepted, digests, len(steps))
     result = GreedySoupResult(
-        ingredients=[labels[j] for j in accepted], score=soup_score,
-        ingredient_scores=ingredient_scores, steps=steps, strict=strict, evaluator=eid,
-        evaluations=score.calls, cache_hits=score.hits, examples_evaluated=score.examples,
-        examples_saved=score.saved, held_out=held, notes=notes, sequential=seq_info,
+        ingredients=[labels[j] for j in accepted],
+        score=soup_score,
+        ingredient_scores=ingredient_scores,
+        steps=steps,
+        strict=strict,
+        evaluator=eid,
+        evaluations=score.calls,
+        cache_hits=score.hits,
+        examples_evaluated=score.examples,
+        examples_saved=score.saved,
+        held_out=held,
+        notes=notes,
+        sequential=seq_info,
     )
     if out is None:
         return _replace(result, seconds=time.perf_counter() - t0)
-    return _write(result, out, force=force, progress=progress, plot=plot,
-                  max_shard_size=max_shard_size, report_extra=report_extra, t0=t0, recalibrate=recalibrate)
+    return _write(
+        result,
+        out,
+        force=force,
+        progress=progress,
+        plot=plot,
+        max_shard_size=max_shard_size,
+        report_extra=report_extra,
+        t0=t0,
+        recalibrate=recalibrate,
+    )
 
 
 def _soup_subject(accepted: Sequence[int], digests: Sequence[str]) -> str:
@@ -542,33 +663,64 @@ def _soup_subject(accepted: Sequence[int], digests: Sequence[str]) -> str:
     return digests[accepted[0]] if len(accepted) == 1 else soup_key([digests[j] for j in accepted])
 
 
-def sequential_step(runner: PairedRunner, score: _Scorer, rank: int, i: int, accepted: Sequence[int],
-                    labels: Sequence[str], digests: Sequence[str], scores: Sequence[float], cand: Any, soup: Any,
-                    soup_score: float, strict: bool) -> GreedyStep:
+def sequential_step(
+    runner: PairedRunner,
+    score: _Scorer,
+    rank: int,
+    i: int,
+    accepted: Sequence[int],
+    labels: Sequence[str],
+    digests: Sequence[str],
+    scores: Sequence[float],
+    cand: Any,
+    soup: Any,
+    soup_score: float,
+    strict: bool,
+) -> GreedyStep:
     """One greedy step by the paired sequential test (the caller adds the ingredient if accepted).
 
     ``cand`` / ``soup`` are the candidate's and the current soup's weights: state functions in
     this process, job candidates on a backend (see `PairedRunner`). ``score`` counts the work.
     """
     chosen = [labels[j] for j in accepted]
-    po = runner.compare(soup_key([digests[j] for j in accepted] + [digests[i]]), cand,
-                        "soup of " + " + ".join(chosen + [labels[i]]), _soup_subject(accepted, digests), soup,
-                        "soup of " + " + ".join(chosen), 1 if strict else 0)
+    po = runner.compare(
+        soup_key([digests[j] for j in accepted] + [digests[i]]),
+        cand,
+        "soup of " + " + ".join(chosen + [labels[i]]),
+        _soup_subject(accepted, digests),
+        soup,
+        "soup of " + " + ".join(chosen),
+        1 if strict else 0,
+    )
     score.examples += po.fresh + po.incumbent_fresh
     score.saved += po.total - po.examples - po.incumbent_fresh
     score.calls += int(po.fresh > 0)
     score.hits += int(po.fresh == 0)
     return GreedyStep(
-        rank=rank, label=labels[i], ingredient_score=scores[i], need=po.incumbent_score,
-        candidate_score=po.score, complete=po.examples == po.total, accepted=po.accept,
-        soup_size=len(accepted) + int(po.accept), soup_score=po.score if po.accept else soup_score,
-        examples=po.fresh, total=po.total, cached=po.fresh == 0, test="sequential", examples_used=po.examples,
-        better=po.better, worse=po.worse, error_bound=po.error_bound, soup_examples=po.incumbent_fresh,
+        rank=rank,
+        label=labels[i],
+        ingredient_score=scores[i],
+        need=po.incumbent_score,
+        candidate_score=po.score,
+        complete=po.examples == po.total,
+        accepted=po.accept,
+        soup_size=len(accepted) + int(po.accept),
+        soup_score=po.score if po.accept else soup_score,
+        examples=po.fresh,
+        total=po.total,
+        cached=po.fresh == 0,
+        test="sequential",
+        examples_used=po.examples,
+        better=po.better,
+        worse=po.worse,
+        error_bound=po.error_bound,
+        soup_examples=po.incumbent_fresh,
     )
 
 
-def sequential_summary(runner: PairedRunner, accepted: Sequence[int], digests: Sequence[str],
-                       steps: int) -> tuple[float, dict[str, Any]]:
+def sequential_summary(
+    runner: PairedRunner, accepted: Sequence[int], digests: Sequence[str], steps: int
+) -> tuple[float, dict[str, Any]]:
     """The final soup's score on the examples known for it, and the report's ``"sequential"``."""
     final, known = runner.known_score(_soup_subject(accepted, digests))
     opts = runner.opts
@@ -595,9 +747,19 @@ def _replace(r: GreedySoupResult, **kw: Any) -> GreedySoupResult:
 
 
 def write_search_output(
-    p: MergePlan, out: str | os.PathLike[str], key: str, history: dict[str, Any], notes: Sequence[str],
-    plot_fn: Callable[[dict[str, Any]], bytes], plot_name: str, *, force: bool, progress: bool | None, plot: bool,
-    max_shard_size: int | str, report_extra: Mapping[str, Any] | None,
+    p: MergePlan,
+    out: str | os.PathLike[str],
+    key: str,
+    history: dict[str, Any],
+    notes: Sequence[str],
+    plot_fn: Callable[[dict[str, Any]], bytes],
+    plot_name: str,
+    *,
+    force: bool,
+    progress: bool | None,
+    plot: bool,
+    max_shard_size: int | str,
+    report_extra: Mapping[str, Any] | None,
     recalibrate: tuple[torch.nn.Module, Iterable[Any]] | None = None,
 ) -> tuple[Path, MergeResult, Path | None, list[str]]:
     """Write a search's chosen soup (plan ``p``) atomically, with its history under ``key`` in the
@@ -620,23 +782,60 @@ def write_search_output(
             history["notes"] = notes
     extra = {key: history, **dict(report_extra or {})}
     if recalibrate is not None:
-        merged = write_recalibrated(p, dest, recalibrate[0], recalibrate[1], force=force, progress=progress,
-                                    max_shard_size=max_shard_size, extra_report=extra, extra_files=files)
+        merged = write_recalibrated(
+            p,
+            dest,
+            recalibrate[0],
+            recalibrate[1],
+            force=force,
+            progress=progress,
+            max_shard_size=max_shard_size,
+            extra_report=extra,
+            extra_files=files,
+        )
     else:
-        merged = run_merge_plan(p, dest, force=force, progress=progress, extra_report=extra, extra_files=files)
+        merged = run_merge_plan(
+            p, dest, force=force, progress=progress, extra_report=extra, extra_files=files
+        )
     return dest, merged, plot_path, notes
 
 
-def _write(result: GreedySoupResult, out: str | os.PathLike[str], *, force: bool, progress: bool | None,
-           plot: bool, max_shard_size: int | str, report_extra: Mapping[str, Any] | None,
-           t0: float, recalibrate: tuple[torch.nn.Module, Iterable[Any]] | None = None) -> GreedySoupResult:
+def _write(
+    result: GreedySoupResult,
+    out: str | os.PathLike[str],
+    *,
+    force: bool,
+    progress: bool | None,
+    plot: bool,
+    max_shard_size: int | str,
+    report_extra: Mapping[str, Any] | None,
+    t0: float,
+    recalibrate: tuple[torch.nn.Module, Iterable[Any]] | None = None,
+) -> GreedySoupResult:
     from soupkit import report_plot
 
     history = _replace(result, seconds=time.perf_counter() - t0).to_dict()
     p = plan(linear_recipe(result.ingredients), max_shard_size=max_shard_size)
     dest, merged, plot_path, notes = write_search_output(
-        p, out, "greedy", history, result.notes, report_plot.greedy_plot, PLOT_NAME, force=force,
-        progress=progress, plot=plot, max_shard_size=max_shard_size, report_extra=report_extra,
-        recalibrate=recalibrate)
-    return _replace(result, out=dest, merge=merged, plot=plot_path, notes=notes,
-                    seconds=time.perf_counter() - t0)
+        p,
+        out,
+        "greedy",
+        history,
+        result.notes,
+        report_plot.greedy_plot,
+        PLOT_NAME,
+        force=force,
+        progress=progress,
+        plot=plot,
+        max_shard_size=max_shard_size,
+        report_extra=report_extra,
+        recalibrate=recalibrate,
+    )
+    return _replace(
+        result,
+        out=dest,
+        merge=merged,
+        plot=plot_path,
+        notes=notes,
+        seconds=time.perf_counter() - t0,
+    )

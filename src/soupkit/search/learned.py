@@ -75,19 +75,28 @@ def classification_loss(model: torch.nn.Module, batch: Any) -> torch.Tensor:
     device = next(model.parameters()).device
     if isinstance(batch, Mapping):
         if "labels" not in batch:
-            raise UsageError("classification_loss: a dictionary batch needs a 'labels' entry; got keys "
-                             f"{sorted(batch)}\nhint: name the label tensor 'labels' or pass your own loss_fn")
+            raise UsageError(
+                "classification_loss: a dictionary batch needs a 'labels' entry; got keys "
+                f"{sorted(batch)}\nhint: name the label tensor 'labels' or pass your own loss_fn"
+            )
         labels = batch["labels"].to(device)
-        out = model(**{k: (v.to(device) if isinstance(v, torch.Tensor) else v)
-                       for k, v in batch.items() if k != "labels"})
+        out = model(
+            **{
+                k: (v.to(device) if isinstance(v, torch.Tensor) else v)
+                for k, v in batch.items()
+                if k != "labels"
+            }
+        )
     elif isinstance(batch, (list, tuple)) and len(batch) == 2:
         inputs, labels = batch
         inputs = inputs.to(device) if isinstance(inputs, torch.Tensor) else inputs
         labels = labels.to(device)
         out = model(inputs)
     else:
-        raise UsageError(f"classification_loss: cannot read a batch of type {type(batch).__name__}\n"
-                         "hint: yield (inputs, labels) or a dict with 'labels', or pass your own loss_fn")
+        raise UsageError(
+            f"classification_loss: cannot read a batch of type {type(batch).__name__}\n"
+            "hint: yield (inputs, labels) or a dict with 'labels', or pass your own loss_fn"
+        )
     logits = getattr(out, "logits", out)
     return F.cross_entropy(logits.float(), labels)
 
@@ -123,8 +132,14 @@ class StreamingMixture:
         PlanError: the checkpoints cannot be averaged.
     """
 
-    def __init__(self, checkpoints: Sequence[str | os.PathLike[str]], model: torch.nn.Module, *,
-                 per_tensor: bool = False, temperature: float = 1.0) -> None:
+    def __init__(
+        self,
+        checkpoints: Sequence[str | os.PathLike[str]],
+        model: torch.nn.Module,
+        *,
+        per_tensor: bool = False,
+        temperature: float = 1.0,
+    ) -> None:
         if temperature <= 0:
             raise UsageError(f"temperature must be positive, got {temperature}")
         self.labels = [str(c) for c in checkpoints]
@@ -171,24 +186,42 @@ class StreamingMixture:
             t = state[names[0]]
             info = ref[held[0]]
             if tuple(t.shape) != info.shape:
-                problems.append(f"{held[0]!r}: the model has shape {list(t.shape)}, the checkpoints {list(info.shape)}")
+                problems.append(
+                    f"{held[0]!r}: the model has shape {list(t.shape)}, the checkpoints {list(info.shape)}"
+                )
                 continue
             if t.is_floating_point() != info.is_float:
-                problems.append(f"{held[0]!r}: the model's dtype is {t.dtype}, the checkpoints' {info.dtype}")
+                problems.append(
+                    f"{held[0]!r}: the model's dtype is {t.dtype}, the checkpoints' {info.dtype}"
+                )
                 continue
-            slots.append(_Slot(tuple(held), t, [c.tensors[held[0]] for c in self.checkpoints],
-                               info.is_float, key in params and info.is_float))
+            slots.append(
+                _Slot(
+                    tuple(held),
+                    t,
+                    [c.tensors[held[0]] for c in self.checkpoints],
+                    info.is_float,
+                    key in params and info.is_float,
+                )
+            )
         extra = [n for n in ref if n not in covered]
         if extra:
-            problems.append(f"{len(extra)} checkpoint tensor(s) are not in the model: "
-                            + ", ".join(repr(n) for n in extra[:8]) + (" ..." if len(extra) > 8 else ""))
+            problems.append(
+                f"{len(extra)} checkpoint tensor(s) are not in the model: "
+                + ", ".join(repr(n) for n in extra[:8])
+                + (" ..." if len(extra) > 8 else "")
+            )
         if problems:
-            raise UsageError("the model does not match the checkpoints:\n"
-                             + "\n".join(f"  - {p}" for p in problems[:30])
-                             + "\nhint: build the model with the checkpoints' architecture and tensor names")
+            raise UsageError(
+                "the model does not match the checkpoints:\n"
+                + "\n".join(f"  - {p}" for p in problems[:30])
+                + "\nhint: build the model with the checkpoints' architecture and tensor names"
+            )
         if not any(s.learnable for s in slots):
-            raise UsageError("the model has no trainable parameter that the checkpoints hold\n"
-                             "hint: make sure the parameters require gradients")
+            raise UsageError(
+                "the model has no trainable parameter that the checkpoints hold\n"
+                "hint: make sure the parameters require gradients"
+            )
         return slots
 
     def coefficients(self) -> torch.Tensor:
@@ -254,12 +287,16 @@ class StreamingMixture:
         self.model.zero_grad(set_to_none=True)
         loss = loss_fn(self.model, batch)
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-            raise UsageError(f"loss_fn returned {type(loss).__name__}"
-                             f"{' of shape ' + str(list(loss.shape)) if isinstance(loss, torch.Tensor) else ''}; "
-                             "expected a scalar tensor\nhint: return e.g. F.cross_entropy(logits, labels)")
+            raise UsageError(
+                f"loss_fn returned {type(loss).__name__}"
+                f"{' of shape ' + str(list(loss.shape)) if isinstance(loss, torch.Tensor) else ''}; "
+                "expected a scalar tensor\nhint: return e.g. F.cross_entropy(logits, labels)"
+            )
         if not torch.isfinite(loss.detach()):
-            raise UsageError(f"the loss is {loss.item()} at coefficients {self.coefficients().tolist()}\n"
-                             "hint: lower the learning rate or check the data")
+            raise UsageError(
+                f"the loss is {loss.item()} at coefficients {self.coefficients().tolist()}\n"
+                "hint: lower the learning rate or check the data"
+            )
         torch.autograd.backward([loss])
         g_alpha = self.alpha_gradient()
         logits = self.logits.detach().requires_grad_(True)
@@ -270,14 +307,18 @@ class StreamingMixture:
 
     def recipe(self) -> MergeConfig:
         """The `linear` recipe of the current coefficients (see `learned_recipe`)."""
-        return learned_recipe(self.labels, self.coefficients(), self.slots if self.per_tensor else None)
+        return learned_recipe(
+            self.labels, self.coefficients(), self.slots if self.per_tensor else None
+        )
 
     def state(self) -> dict[str, torch.Tensor]:
         """The model's current tensors under every checkpoint name (tied names share one)."""
         return {n: s.target.detach() for s in self.slots for n in s.names}
 
 
-def learned_recipe(labels: Sequence[str], alpha: torch.Tensor, slots: Sequence[_Slot] | None = None) -> MergeConfig:
+def learned_recipe(
+    labels: Sequence[str], alpha: torch.Tensor, slots: Sequence[_Slot] | None = None
+) -> MergeConfig:
     """A `linear` recipe (``normalize: false``) with the learned coefficients as weights.
 
     Per-tensor coefficients become one ``{match: NAME, value: w}`` entry per tensor (names
@@ -288,10 +329,16 @@ def learned_recipe(labels: Sequence[str], alpha: torch.Tensor, slots: Sequence[_
         if slots is None:
             weight: Any = float(alpha[k])
         else:
-            weight = [{"match": glob.escape(n), "value": float(alpha[k, s.column])}
-                      for s in slots if s.is_float for n in s.names]
+            weight = [
+                {"match": glob.escape(n), "value": float(alpha[k, s.column])}
+                for s in slots
+                if s.is_float
+                for n in s.names
+            ]
         models.append({"model": lab, "parameters": {"weight": weight}})
-    return load_recipe({"merge_method": "linear", "models": models, "parameters": {"normalize": False}})
+    return load_recipe(
+        {"merge_method": "linear", "models": models, "parameters": {"normalize": False}}
+    )
 
 
 @dataclass(frozen=True)
@@ -356,10 +403,14 @@ def _cycle(data: Iterable[Any]) -> Iterator[Any]:
             empty = False
             yield batch
         if empty:
-            raise UsageError("the learned-soup data yielded no batch\nhint: give held-out labelled batches")
+            raise UsageError(
+                "the learned-soup data yielded no batch\nhint: give held-out labelled batches"
+            )
         if iter(data) is data:
-            raise UsageError("the learned-soup data is a one-shot iterator and ran out before the last step\n"
-                             "hint: pass a re-iterable (a list or a DataLoader) or fewer steps")
+            raise UsageError(
+                "the learned-soup data is a one-shot iterator and ran out before the last step\n"
+                "hint: pass a re-iterable (a list or a DataLoader) or fewer steps"
+            )
 
 
 def learned_soup(
@@ -421,7 +472,9 @@ def learned_soup(
         uniform_score = None
         if evaluator is not None:
             mix.load()
-            uniform_score = run_evaluator(evaluator, mix.state(), label="uniform soup (learned-soup start)").score
+            uniform_score = run_evaluator(
+                evaluator, mix.state(), label="uniform soup (learned-soup start)"
+            ).score
         opt = torch.optim.AdamW([mix.logits], lr=lr, weight_decay=weight_decay)
         losses: list[float] = []
         history: list[list[float]] = [_summary(mix.coefficients(), per_tensor)]
@@ -450,23 +503,49 @@ def learned_soup(
             ingredients=list(mix.labels),
             coefficients=alpha.tolist(),
             tensor_names=[s.names[0] for s in float_slots] if per_tensor else None,
-            losses=losses, coefficient_history=history, steps=steps, lr=lr,
-            temperature=float(temperature), per_tensor=per_tensor, recipe=recipe,
-            score=score, uniform_score=uniform_score,
+            losses=losses,
+            coefficient_history=history,
+            steps=steps,
+            lr=lr,
+            temperature=float(temperature),
+            per_tensor=per_tensor,
+            recipe=recipe,
+            score=score,
+            uniform_score=uniform_score,
         )
     if out is None:
         return replace(result, seconds=time.perf_counter() - t0)
-    return _write(result, net, out, recalibrate_bn_data, force=force, progress=progress, plot=plot,
-                  max_shard_size=max_shard_size, report_extra=report_extra, t0=t0)
+    return _write(
+        result,
+        net,
+        out,
+        recalibrate_bn_data,
+        force=force,
+        progress=progress,
+        plot=plot,
+        max_shard_size=max_shard_size,
+        report_extra=report_extra,
+        t0=t0,
+    )
 
 
 def _summary(alpha: torch.Tensor, per_tensor: bool) -> list[float]:
     return (alpha.mean(dim=1) if per_tensor else alpha).tolist()
 
 
-def _write(result: LearnedSoupResult, model: torch.nn.Module, out: str | os.PathLike[str],
-           bn_data: Iterable[Any] | None, *, force: bool, progress: bool | None, plot: bool,
-           max_shard_size: int | str, report_extra: Mapping[str, Any] | None, t0: float) -> LearnedSoupResult:
+def _write(
+    result: LearnedSoupResult,
+    model: torch.nn.Module,
+    out: str | os.PathLike[str],
+    bn_data: Iterable[Any] | None,
+    *,
+    force: bool,
+    progress: bool | None,
+    plot: bool,
+    max_shard_size: int | str,
+    report_extra: Mapping[str, Any] | None,
+    t0: float,
+) -> LearnedSoupResult:
     from soupkit import report_plot
     from soupkit.search.bn import write_recalibrated
 
@@ -485,9 +564,26 @@ def _write(result: LearnedSoupResult, model: torch.nn.Module, out: str | os.Path
     p = plan(result.recipe, max_shard_size=max_shard_size)
     extra = {"learned": record, **dict(report_extra or {})}
     if bn_data is not None:
-        merged = write_recalibrated(p, dest, model, bn_data, force=force, progress=progress,
-                                    max_shard_size=max_shard_size, extra_report=extra, extra_files=files)
+        merged = write_recalibrated(
+            p,
+            dest,
+            model,
+            bn_data,
+            force=force,
+            progress=progress,
+            max_shard_size=max_shard_size,
+            extra_report=extra,
+            extra_files=files,
+        )
     else:
-        merged = run_merge_plan(p, dest, force=force, progress=progress, extra_report=extra, extra_files=files)
-    return replace(result, out=dest, merge=merged, plot=plot_path, notes=notes,
-                   seconds=time.perf_counter() - t0)
+        merged = run_merge_plan(
+            p, dest, force=force, progress=progress, extra_report=extra, extra_files=files
+        )
+    return replace(
+        result,
+        out=dest,
+        merge=merged,
+        plot=plot_path,
+        notes=notes,
+        seconds=time.perf_counter() - t0,
+    )

@@ -62,8 +62,8 @@ from typing import Any
 
 import yaml
 
-from soupkit._extras import require
 from soupkit import methods
+from soupkit._extras import require
 from soupkit.api import MergeResult, plan
 from soupkit.backends import (
     Backend,
@@ -173,14 +173,24 @@ class _Parser:
         unknown = [k for k in v if k not in _RANGE_KEYS]
         for k in unknown:
             close = difflib.get_close_matches(k, _RANGE_KEYS, n=1)
-            self.errors.append(f"{name}: unknown range key {k!r}" + (f"; did you mean {close[0]!r}?" if close
-                                                                     else f"; allowed: {', '.join(_RANGE_KEYS[:4])}"))
+            self.errors.append(
+                f"{name}: unknown range key {k!r}"
+                + (
+                    f"; did you mean {close[0]!r}?"
+                    if close
+                    else f"; allowed: {', '.join(_RANGE_KEYS[:4])}"
+                )
+            )
         lo, hi = v.get("min"), v.get("max")
         if not (_number(lo) and _number(hi)):
-            self.errors.append(f"{name}: a range needs numeric min and max, got min={lo!r}, max={hi!r}")
+            self.errors.append(
+                f"{name}: a range needs numeric min and max, got min={lo!r}, max={hi!r}"
+            )
             return None
         if not lo < hi:
-            self.errors.append(f"{name}: range min {lo} is not below max {hi}\nhint: for a fixed value write the number")
+            self.errors.append(
+                f"{name}: range min {lo} is not below max {hi}\nhint: for a fixed value write the number"
+            )
             return None
         log, step = v.get("log", False), v.get("step")
         if not isinstance(log, bool):
@@ -190,13 +200,24 @@ class _Parser:
             self.errors.append(f"{name}: a log range needs min > 0, got {lo}")
             return None
         if step is not None and not (_number(step) and step > 0 and not log):
-            self.errors.append(f"{name}: step must be a positive number (and not with log), got {step!r}")
+            self.errors.append(
+                f"{name}: step must be a positive number (and not with log), got {step!r}"
+            )
             return None
         if step is not None and abs((hi - lo) / step - round((hi - lo) / step)) > 1e-9:
-            self.errors.append(f"{name}: the range [{lo}, {hi}] is not a whole number of steps {step}\n"
-                               "hint: choose max = min + k * step")
+            self.errors.append(
+                f"{name}: the range [{lo}, {hi}] is not a whole number of steps {step}\n"
+                "hint: choose max = min + k * step"
+            )
             return None
-        d = Dim(name, float(lo), float(hi), log, float(step) if step is not None else None, methods=meths)
+        d = Dim(
+            name,
+            float(lo),
+            float(hi),
+            log,
+            float(step) if step is not None else None,
+            methods=meths,
+        )
         self.dims.append(d)
         return d
 
@@ -205,8 +226,15 @@ class _Parser:
         if _is_choice(v):
             extra = [k for k in v if k != "choice"]
             ch = v["choice"]
-            if extra or not isinstance(ch, list) or not ch or any(isinstance(c, (dict, list)) for c in ch):
-                self.errors.append(f"{name}: a choice is {{choice: [value, ...]}} with at least one plain value, got {v!r}")
+            if (
+                extra
+                or not isinstance(ch, list)
+                or not ch
+                or any(isinstance(c, (dict, list)) for c in ch)
+            ):
+                self.errors.append(
+                    f"{name}: a choice is {{choice: [value, ...]}} with at least one plain value, got {v!r}"
+                )
                 return None
             if len(set(map(repr, ch))) != len(ch):
                 self.errors.append(f"{name}: choice {ch!r} repeats a value")
@@ -222,7 +250,9 @@ class _Parser:
                 self.errors.append(f"{name}: points: is only allowed on a whole parameter value")
                 return None
             if isinstance(points, bool) or not isinstance(points, int) or not 1 <= points <= 4096:
-                self.errors.append(f"{name}: points must be a whole number from 1 to 4096, got {points!r}")
+                self.errors.append(
+                    f"{name}: points must be a whole number from 1 to 4096, got {points!r}"
+                )
                 return None
             rng = {k: x for k, x in v.items() if k != "points"}
             return [self.range_dim(f"{name}[{i}]", rng, meths) for i in range(points)]
@@ -231,7 +261,9 @@ class _Parser:
             for i, item in enumerate(v):
                 if isinstance(item, dict) and "value" in item:  # a conditional entry
                     entry = dict(item)
-                    entry["value"] = self.value(f"{name}[{i}].value", item["value"], meths, top=True)
+                    entry["value"] = self.value(
+                        f"{name}[{i}].value", item["value"], meths, top=True
+                    )
                     out.append(entry)
                 elif _is_range(item) or _is_choice(item):
                     out.append(self.value(f"{name}[{i}]", item, meths, top=False))
@@ -239,7 +271,9 @@ class _Parser:
                     out.append(item)
             return out
         if isinstance(v, dict):
-            self.errors.append(f"{name}: {v!r} is neither a range {{min, max}} nor a choice {{choice: [...]}}")
+            self.errors.append(
+                f"{name}: {v!r} is neither a range {{min, max}} nor a choice {{choice: [...]}}"
+            )
             return None
         return v
 
@@ -288,7 +322,9 @@ class SearchSpace:
             return v
 
         def params(ps: dict[str, Any]) -> dict[str, Any]:
-            return {k: fill(v) for k, v in ps.items() if _accepts(method, k) or len(self.methods) == 1}
+            return {
+                k: fill(v) for k, v in ps.items() if _accepts(method, k) or len(self.methods) == 1
+            }
 
         data["parameters"] = params(data.get("parameters") or {})
         if not data["parameters"]:
@@ -310,7 +346,9 @@ class SearchSpace:
         """Every dimension at its middle (a choice: its first value), by dimension name; for a
         method choice, only the first method's dimensions."""
         first = self.methods[0] if self.methods else None
-        return {d.name: d.fixed("mid") for d in self.dims if d.methods is None or first in d.methods}
+        return {
+            d.name: d.fixed("mid") for d in self.dims if d.methods is None or first in d.methods
+        }
 
     def recipe(self, data: Mapping[str, Any]) -> MergeConfig:
         cfg = load_recipe(dict(data))
@@ -340,13 +378,17 @@ def load_space(source: SearchSpace | Mapping[str, Any] | str | os.PathLike[str])
         data: Any = copy.deepcopy(dict(source))
     else:
         text = str(source)
-        if isinstance(source, os.PathLike) or ("\n" not in text and text.endswith((".yaml", ".yml", ".json"))):
+        if isinstance(source, os.PathLike) or (
+            "\n" not in text and text.endswith((".yaml", ".yml", ".json"))
+        ):
             label = str(source)
             try:
                 text = Path(source).read_text(encoding="utf-8")
             except FileNotFoundError:
-                raise ConfigError([f"the search space file {label!r} does not exist (looked in {os.getcwd()})"],
-                                  label) from None
+                raise ConfigError(
+                    [f"the search space file {label!r} does not exist (looked in {os.getcwd()})"],
+                    label,
+                ) from None
             except (OSError, UnicodeDecodeError) as e:
                 raise ConfigError([f"cannot read the search space ({e})"], label) from None
             recipe_dir = Path(label).resolve().parent
@@ -355,7 +397,9 @@ def load_space(source: SearchSpace | Mapping[str, Any] | str | os.PathLike[str])
         except yaml.YAMLError as e:
             raise ConfigError([f"not valid YAML: {e}"], label) from None
     if not isinstance(data, dict):
-        raise ConfigError([f"a search space is a recipe (a mapping), got {type(data).__name__}"], label)
+        raise ConfigError(
+            [f"a search space is a recipe (a mapping), got {type(data).__name__}"], label
+        )
     p = _Parser()
     tpl = copy.deepcopy(data)
     mm = data.get("merge_method")
@@ -365,12 +409,15 @@ def load_space(source: SearchSpace | Mapping[str, Any] | str | os.PathLike[str])
         meths = tuple(d.choices) if isinstance(d, Dim) and d.choices else ()
         for m in meths:
             if not isinstance(m, str) or m not in methods.REGISTRY:
-                p.errors.append(f"merge_method: {m!r} is not a registered method (see `soupkit methods`)")
+                p.errors.append(
+                    f"merge_method: {m!r} is not a registered method (see `soupkit methods`)"
+                )
     else:
         meths = (mm,) if isinstance(mm, str) else ()
     for where, ps in [("parameters", data.get("parameters"))] + [
-            (f"models[{i}]", m.get("parameters") if isinstance(m, dict) else None)
-            for i, m in enumerate(data.get("models") or [])]:
+        (f"models[{i}]", m.get("parameters") if isinstance(m, dict) else None)
+        for i, m in enumerate(data.get("models") or [])
+    ]:
         if ps is None:
             continue
         if not isinstance(ps, dict):
@@ -380,10 +427,15 @@ def load_space(source: SearchSpace | Mapping[str, Any] | str | os.PathLike[str])
         for k, v in ps.items():
             takers = tuple(m for m in meths if _accepts(m, k))
             if len(meths) > 1 and not takers:
-                p.errors.append(f"{where}.{k}: none of the methods {', '.join(meths)} takes parameter {k!r}")
+                p.errors.append(
+                    f"{where}.{k}: none of the methods {', '.join(meths)} takes parameter {k!r}"
+                )
                 continue
-            out[k] = p.value(f"{where}.{k}" if where != "parameters" else f"parameters.{k}", v,
-                             takers if len(meths) > 1 else None)
+            out[k] = p.value(
+                f"{where}.{k}" if where != "parameters" else f"parameters.{k}",
+                v,
+                takers if len(meths) > 1 else None,
+            )
         if where == "parameters":
             tpl["parameters"] = out
         else:
@@ -391,9 +443,13 @@ def load_space(source: SearchSpace | Mapping[str, Any] | str | os.PathLike[str])
     if p.errors:
         raise ConfigError(p.errors, label)
     if not p.dims:
-        raise ConfigError(["the space has nothing to search: no {min, max} range and no {choice: [...]}\n"
-                           "hint: e.g. parameters: {weight: {min: 0, max: 1}}, or use `soupkit merge` for a fixed recipe"],
-                          label)
+        raise ConfigError(
+            [
+                "the space has nothing to search: no {min, max} range and no {choice: [...]}\n"
+                "hint: e.g. parameters: {weight: {min: 0, max: 1}}, or use `soupkit merge` for a fixed recipe"
+            ],
+            label,
+        )
     names = [d.name for d in p.dims]
     space = SearchSpace(tpl, p.dims, meths, data, recipe_dir)
     problems: list[str] = []
@@ -423,8 +479,9 @@ def make_sampler(name: str, seed: int) -> Any:
         # (`consider_pruned_trials` is flagged experimental by Optuna; its meaning is plain.)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.samplers.CmaEsSampler(seed=seed, consider_pruned_trials=True,
-                                                warn_independent_sampling=False)
+            return optuna.samplers.CmaEsSampler(
+                seed=seed, consider_pruned_trials=True, warn_independent_sampling=False
+            )
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     raise UsageError(f"unknown sampler {name!r}; expected one of {', '.join(SAMPLERS)}")
@@ -559,9 +616,18 @@ class OptimizeResult:
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON-ready report (``report.json``)."""
+
         def rec(t: TrialRecord) -> dict[str, Any]:
-            return {"number": t.number, "state": t.state, "score": t.score, "holdout": t.holdout,
-                    "cached": t.cached, "examples": t.examples, "total": t.total, "params": t.params}
+            return {
+                "number": t.number,
+                "state": t.state,
+                "score": t.score,
+                "holdout": t.holdout,
+                "cached": t.cached,
+                "examples": t.examples,
+                "total": t.total,
+                "params": t.params,
+            }
 
         n_complete = sum(t.state == "complete" for t in self.trials)
         return {
@@ -573,11 +639,19 @@ class OptimizeResult:
             "trials_pruned": len(self.trials) - n_complete,
             "trials_failed": self.failed,
             "top": [rec(t) for t in self.top],
-            "leakage_note": (f"the best validation score was selected among {len(self.trials)} trials, so it "
-                             "overstates the recipe's quality; the held-out column is the honest estimate"),
+            "leakage_note": (
+                f"the best validation score was selected among {len(self.trials)} trials, so it "
+                "overstates the recipe's quality; the held-out column is the honest estimate"
+            ),
             "trials": [rec(t) for t in self.trials],
-            "study": {"name": self.study_name, "storage": self.storage, "sampler": self.sampler,
-                      "seed": self.seed, "parallel": self.parallel, "adopted_running_trials": self.adopted},
+            "study": {
+                "name": self.study_name,
+                "storage": self.storage,
+                "sampler": self.sampler,
+                "seed": self.seed,
+                "parallel": self.parallel,
+                "adopted_running_trials": self.adopted,
+            },
             "evaluator": self.evaluator,
             "holdout_evaluator": self.holdout_evaluator,
             "evaluations": self.evaluations,
@@ -596,8 +670,10 @@ def _storage_url(storage: str | None, out: Path | None) -> str:
     if storage:
         return storage if "://" in storage else f"sqlite:///{os.path.abspath(storage)}"
     if out is None:
-        raise UsageError("optimize needs a place for its study: give out=DIR (SQLite in DIR) or storage=URL\n"
-                         "hint: storage='sqlite:///study.db', or a shared database URL")
+        raise UsageError(
+            "optimize needs a place for its study: give out=DIR (SQLite in DIR) or storage=URL\n"
+            "hint: storage='sqlite:///study.db', or a shared database URL"
+        )
     return f"sqlite:///{os.path.abspath(out / STUDY_DB)}"
 
 
@@ -639,9 +715,15 @@ def _record(t: Any) -> TrialRecord:
     value = t.value
     if value is None and t.intermediate_values:
         value = t.intermediate_values[max(t.intermediate_values)]
-    return TrialRecord(t.number, _state_name(t.state), float(value), dict(t.params),
-                       bool(t.user_attrs.get("cached", False)), int(t.user_attrs.get("examples", 0)),
-                       int(t.user_attrs.get("total", 0)))
+    return TrialRecord(
+        t.number,
+        _state_name(t.state),
+        float(value),
+        dict(t.params),
+        bool(t.user_attrs.get("cached", False)),
+        int(t.user_attrs.get("examples", 0)),
+        int(t.user_attrs.get("total", 0)),
+    )
 
 
 def optimize(
@@ -716,7 +798,9 @@ def optimize(
     t0 = time.perf_counter()
     optuna = _optuna()
     if trials is None and timeout is None:
-        raise UsageError("optimize needs a budget: trials=N (finished trials in the study) and/or timeout=SECONDS")
+        raise UsageError(
+            "optimize needs a budget: trials=N (finished trials in the study) and/or timeout=SECONDS"
+        )
     if trials is not None and trials < 1:
         raise UsageError(f"trials must be at least 1, got {trials}")
     if sampler not in SAMPLERS:
@@ -729,60 +813,131 @@ def optimize(
         if dest.exists() and not dest.is_dir():
             raise UsageError(f"{dest}: exists and is not a folder")
         if force and storage is None:
-            for name in (STUDY_DB, STUDY_DB + "-wal", STUDY_DB + "-shm"):  # a stale WAL must not meet a new file
+            for name in (
+                STUDY_DB,
+                STUDY_DB + "-wal",
+                STUDY_DB + "-shm",
+            ):  # a stale WAL must not meet a new file
                 (dest / name).unlink(missing_ok=True)
-        if dest.is_dir() and any(dest.iterdir()) and not (dest / STUDY_DB).exists() and storage is None:
-            raise UsageError(f"{dest}: exists, is not empty and holds no study ({STUDY_DB})\n"
-                             "hint: choose a new folder, or give the folder of an earlier optimize run to resume it")
+        if (
+            dest.is_dir()
+            and any(dest.iterdir())
+            and not (dest / STUDY_DB).exists()
+            and storage is None
+        ):
+            raise UsageError(
+                f"{dest}: exists, is not empty and holds no study ({STUDY_DB})\n"
+                "hint: choose a new folder, or give the folder of an earlier optimize run to resume it"
+            )
         dest.mkdir(parents=True, exist_ok=True)
     url = _storage_url(storage, dest)
     be, owned = resolve_backend(backend)
     try:
-        return _run(optuna, sp, evaluator, dest, url, be, trials=trials, timeout=timeout,
-                    holdout_evaluator=holdout_evaluator, sampler=sampler, seed=seed,
-                    parallel=parallel if parallel is not None else (be.parallelism if be is not None else 1),
-                    study_name=study_name, prune=prune, start_at_middle=start_at_middle, top=top, cache=cache,
-                    evaluator_id=evaluator_id,
-                    holdout_evaluator_id=holdout_evaluator_id, progress=progress, plot=plot,
-                    write_model=write_model, max_shard_size=max_shard_size, report_extra=report_extra, t0=t0,
-                    force=force)
+        return _run(
+            optuna,
+            sp,
+            evaluator,
+            dest,
+            url,
+            be,
+            trials=trials,
+            timeout=timeout,
+            holdout_evaluator=holdout_evaluator,
+            sampler=sampler,
+            seed=seed,
+            parallel=parallel
+            if parallel is not None
+            else (be.parallelism if be is not None else 1),
+            study_name=study_name,
+            prune=prune,
+            start_at_middle=start_at_middle,
+            top=top,
+            cache=cache,
+            evaluator_id=evaluator_id,
+            holdout_evaluator_id=holdout_evaluator_id,
+            progress=progress,
+            plot=plot,
+            write_model=write_model,
+            max_shard_size=max_shard_size,
+            report_extra=report_extra,
+            t0=t0,
+            force=force,
+        )
     finally:
         if owned and be is not None:
             be.close()
 
 
-def _run(optuna: Any, sp: SearchSpace, evaluator: Evaluator, dest: Path | None, url: str, be: Backend | None, *,
-         trials: int | None, timeout: float | None, holdout_evaluator: Evaluator | None, sampler: str, seed: int,
-         parallel: int, study_name: str, prune: bool, start_at_middle: bool, top: int, cache: Any,
-         evaluator_id: str | None,
-         holdout_evaluator_id: str | None, progress: bool | None, plot: bool, write_model: bool,
-         max_shard_size: int | str, report_extra: Mapping[str, Any] | None, t0: float, force: bool) -> OptimizeResult:
+def _run(
+    optuna: Any,
+    sp: SearchSpace,
+    evaluator: Evaluator,
+    dest: Path | None,
+    url: str,
+    be: Backend | None,
+    *,
+    trials: int | None,
+    timeout: float | None,
+    holdout_evaluator: Evaluator | None,
+    sampler: str,
+    seed: int,
+    parallel: int,
+    study_name: str,
+    prune: bool,
+    start_at_middle: bool,
+    top: int,
+    cache: Any,
+    evaluator_id: str | None,
+    holdout_evaluator_id: str | None,
+    progress: bool | None,
+    plot: bool,
+    write_model: bool,
+    max_shard_size: int | str,
+    report_extra: Mapping[str, Any] | None,
+    t0: float,
+    force: bool,
+) -> OptimizeResult:
     if parallel < 1:
         raise UsageError(f"parallel must be at least 1, got {parallel}")
     store = open_cache(cache)
     eid = _identity(evaluator, evaluator_id, store)
-    hid = _identity(holdout_evaluator, holdout_evaluator_id, store) if holdout_evaluator is not None else None
+    hid = (
+        _identity(holdout_evaluator, holdout_evaluator_id, store)
+        if holdout_evaluator is not None
+        else None
+    )
     if hid is not None and hid == eid:
-        raise UsageError(f"the evaluator and the held-out evaluator have the same identity {eid!r}\n"
-                         "hint: the held-out set must be a different set; give them different ids")
+        raise UsageError(
+            f"the evaluator and the held-out evaluator have the same identity {eid!r}\n"
+            "hint: the held-out set must be a different set; give them different ids"
+        )
     # The inputs' content digests: the score cache's keys do not depend on paths.
     digest: dict[str, str] = {}
     for m in sp.methods:
         cfg = sp.recipe(sp.fixed("mid", m))
         for path in [e.model for e in cfg.models] + ([cfg.base_model] if cfg.base_model else []):
             if path not in digest:
-                digest[path] = checkpoint_digest(open_checkpoint(cfg.resolve_model_path(path)), store.memo)
+                digest[path] = checkpoint_digest(
+                    open_checkpoint(cfg.resolve_model_path(path)), store.memo
+                )
     store.save_file_hashes()
 
     level = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        study = optuna.create_study(storage=_open_storage(optuna, url), study_name=study_name, direction="maximize",
-                                    sampler=per_trial_sampler(sampler, seed), load_if_exists=True)
+        study = optuna.create_study(
+            storage=_open_storage(optuna, url),
+            study_name=study_name,
+            direction="maximize",
+            sampler=per_trial_sampler(sampler, seed),
+            load_if_exists=True,
+        )
     except Exception as e:  # SQLAlchemy / Optuna errors: a bad URL, an unreachable database
         optuna.logging.set_verbosity(level)
-        raise UsageError(f"cannot open the study {study_name!r} in {url}: {type(e).__name__}: {e}\n"
-                         "hint: check the storage URL (sqlite:///file.db, postgresql://user@host/db)") from None
+        raise UsageError(
+            f"cannot open the study {study_name!r} in {url}: {type(e).__name__}: {e}\n"
+            "hint: check the storage URL (sqlite:///file.db, postgresql://user@host/db)"
+        ) from None
     try:
         ident = {"space": sp.digest, "sampler": sampler, "seed": seed, "evaluator": eid}
         old = {k: study.user_attrs.get(f"soupkit_{k}") for k in ident}
@@ -792,24 +947,75 @@ def _run(optuna: Any, sp: SearchSpace, evaluator: Evaluator, dest: Path | None, 
             if start_at_middle and not study.get_trials(deepcopy=False):
                 study.enqueue_trial(sp.middle_params())
         elif old != ident:
-            diff = ", ".join(f"{k}: stored {old[k]!r}, now {ident[k]!r}" for k in ident if old[k] != ident[k])
-            raise UsageError(f"study {study_name!r} in {url} was made with another setup ({diff})\n"
-                             "hint: use the same space, sampler, seed and evaluator to resume; or another "
-                             "--out / --study-name for a new search" + ("" if force else " (or --force)"))
-        return _search(optuna, study, sp, evaluator, eid, holdout_evaluator, hid, store, digest, dest, url, be,
-                       trials=trials, timeout=timeout, sampler=sampler, seed=seed, parallel=parallel,
-                       study_name=study_name, prune=prune, top=top, progress=progress, plot=plot,
-                       write_model=write_model, max_shard_size=max_shard_size, report_extra=report_extra, t0=t0)
+            diff = ", ".join(
+                f"{k}: stored {old[k]!r}, now {ident[k]!r}" for k in ident if old[k] != ident[k]
+            )
+            raise UsageError(
+                f"study {study_name!r} in {url} was made with another setup ({diff})\n"
+                "hint: use the same space, sampler, seed and evaluator to resume; or another "
+                "--out / --study-name for a new search" + ("" if force else " (or --force)")
+            )
+        return _search(
+            optuna,
+            study,
+            sp,
+            evaluator,
+            eid,
+            holdout_evaluator,
+            hid,
+            store,
+            digest,
+            dest,
+            url,
+            be,
+            trials=trials,
+            timeout=timeout,
+            sampler=sampler,
+            seed=seed,
+            parallel=parallel,
+            study_name=study_name,
+            prune=prune,
+            top=top,
+            progress=progress,
+            plot=plot,
+            write_model=write_model,
+            max_shard_size=max_shard_size,
+            report_extra=report_extra,
+            t0=t0,
+        )
     finally:
         optuna.logging.set_verbosity(level)
 
 
-def _search(optuna: Any, study: Any, sp: SearchSpace, evaluator: Evaluator, eid: str,
-            holdout_evaluator: Evaluator | None, hid: str | None, store: ScoreCache, digest: dict[str, str],
-            dest: Path | None, url: str, be: Backend | None, *, trials: int | None, timeout: float | None,
-            sampler: str, seed: int, parallel: int, study_name: str, prune: bool, top: int,
-            progress: bool | None, plot: bool, write_model: bool, max_shard_size: int | str,
-            report_extra: Mapping[str, Any] | None, t0: float) -> OptimizeResult:
+def _search(
+    optuna: Any,
+    study: Any,
+    sp: SearchSpace,
+    evaluator: Evaluator,
+    eid: str,
+    holdout_evaluator: Evaluator | None,
+    hid: str | None,
+    store: ScoreCache,
+    digest: dict[str, str],
+    dest: Path | None,
+    url: str,
+    be: Backend | None,
+    *,
+    trials: int | None,
+    timeout: float | None,
+    sampler: str,
+    seed: int,
+    parallel: int,
+    study_name: str,
+    prune: bool,
+    top: int,
+    progress: bool | None,
+    plot: bool,
+    write_model: bool,
+    max_shard_size: int | str,
+    report_extra: Mapping[str, Any] | None,
+    t0: float,
+) -> OptimizeResult:
     Trial, TrialState = optuna.trial.Trial, optuna.trial.TrialState
 
     finished_states = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -830,12 +1036,17 @@ def _search(optuna: Any, study: Any, sp: SearchSpace, evaluator: Evaluator, eid:
         return max(t.value for t in done) if done else None
 
     # Trials left running by a process of this machine that is gone: re-run under their numbers.
-    stale = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-             if not _alive_here(t.user_attrs.get("worker"))]
+    stale = [
+        t
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        if not _alive_here(t.user_attrs.get("worker"))
+    ]
     adopted = [Trial(study, t._trial_id) for t in sorted(stale, key=lambda t: t.number)]
     others = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))) - len(adopted)
     if others:
-        notes.append(f"{others} trial(s) of the study are running in other live processes; left to them")
+        notes.append(
+            f"{others} trial(s) of the study are running in other live processes; left to them"
+        )
     n_adopted = len(adopted)
     done_before = len(finished())
     deadline = time.monotonic() + timeout if timeout is not None else None
@@ -856,7 +1067,9 @@ def _search(optuna: Any, study: Any, sp: SearchSpace, evaluator: Evaluator, eid:
         for k, trial in enumerate(batch):
             try:
                 cfg = sp.recipe(sp.sample(trial))
-                p = plan(cfg, max_shard_size=max_shard_size)  # headers only: a refused point fails here
+                p = plan(
+                    cfg, max_shard_size=max_shard_size
+                )  # headers only: a refused point fails here
             except (ConfigError, PlanError) as e:
                 out[k] = str(e)
                 cfgs.append(None)
@@ -879,7 +1092,9 @@ def _search(optuna: Any, study: Any, sp: SearchSpace, evaluator: Evaluator, eid:
                 p = plans[k]
                 sink = MemorySink(p)
                 run_plan(p, sink)
-                res = run_evaluator(evaluator, sink.tensors, label=labels[k], need=need, strict=True)
+                res = run_evaluator(
+                    evaluator, sink.tensors, label=labels[k], need=need, strict=True
+                )
                 del sink
                 calls += 1
                 store.store(eid, keys[k], res, label=labels[k], need=need, strict=True)
@@ -893,7 +1108,12 @@ def _search(optuna: Any, study: Any, sp: SearchSpace, evaluator: Evaluator, eid:
                 store.store(eid, keys[k], res, label=labels[k], need=need, strict=True)
                 out[k] = (res, False, keys[k])
 
-            jobs = [EvalJob(RecipeMerge.from_config(cfgs[k]), (EvalRequest(rev, labels[k], need, True),)) for k in todo]
+            jobs = [
+                EvalJob(
+                    RecipeMerge.from_config(cfgs[k]), (EvalRequest(rev, labels[k], need, True),)
+                )
+                for k in todo
+            ]
             run_jobs(be, jobs, done, log=log)
             calls += len(todo)
         return [o for o in out if o is not None]
@@ -907,7 +1127,9 @@ def _search(optuna: Any, study: Any, sp: SearchSpace, evaluator: Evaluator, eid:
                 if trials is not None and n_done >= trials:
                     break
                 if deadline is not None and time.monotonic() >= deadline:
-                    notes.append(f"stopped by the time budget ({timeout:g} s) after {n_done} finished trial(s)")
+                    notes.append(
+                        f"stopped by the time budget ({timeout:g} s) after {n_done} finished trial(s)"
+                    )
                     break
                 want = parallel if trials is None else min(parallel, trials - n_done)
                 batch = []
@@ -924,8 +1146,10 @@ def _search(optuna: Any, study: Any, sp: SearchSpace, evaluator: Evaluator, eid:
                     failed.append(f"trial {trial.number}: {got}")
                     in_a_row += 1
                     if in_a_row >= _MAX_FAILED:
-                        raise UsageError(f"{in_a_row} sampled recipes in a row were refused; the last, {failed[-1]}\n"
-                                         "hint: narrow the ranges of the space so that its points are valid recipes")
+                        raise UsageError(
+                            f"{in_a_row} sampled recipes in a row were refused; the last, {failed[-1]}\n"
+                            "hint: narrow the ranges of the space so that its points are valid recipes"
+                        )
                     continue
                 in_a_row = 0
                 res, cached, key = got
@@ -946,33 +1170,74 @@ def _search(optuna: Any, study: Any, sp: SearchSpace, evaluator: Evaluator, eid:
         bar.close()
 
     if failed:
-        notes.append(f"{len(failed)} trial(s) sampled a recipe the method refuses and were recorded as failed "
-                     f"(first: {failed[0].splitlines()[0]})")
+        notes.append(
+            f"{len(failed)} trial(s) sampled a recipe the method refuses and were recorded as failed "
+            f"(first: {failed[0].splitlines()[0]})"
+        )
     records = [_record(t) for t in finished()]
     complete = [r for r in records if r.state == "complete"]
     if not complete:
-        raise UsageError(f"study {study_name!r} has no complete trial yet ({len(records)} pruned)\n"
-                         "hint: raise the budget (trials / timeout)")
+        raise UsageError(
+            f"study {study_name!r} has no complete trial yet ({len(records)} pruned)\n"
+            "hint: raise the budget (trials / timeout)"
+        )
     ranked = sorted(complete, key=lambda r: (-r.score, r.number))[:top]
     frozen = {t.number: t for t in study.get_trials(deepcopy=False)}
     best_cfg = sp.recipe(sp.sample(frozen[ranked[0].number]))
-    best_cfg = load_recipe(RecipeMerge.from_config(best_cfg).recipe)  # absolute paths: runs from anywhere
+    best_cfg = load_recipe(
+        RecipeMerge.from_config(best_cfg).recipe
+    )  # absolute paths: runs from anywhere
     if holdout_evaluator is not None:
         assert hid is not None
-        scores, c2, h2 = _holdout(sp, [frozen[r.number] for r in ranked], holdout_evaluator, hid, store, digest,
-                                  be, log, max_shard_size)
+        scores, c2, h2 = _holdout(
+            sp,
+            [frozen[r.number] for r in ranked],
+            holdout_evaluator,
+            hid,
+            store,
+            digest,
+            be,
+            log,
+            max_shard_size,
+        )
         calls, hits = calls + c2, hits + h2
-        ranked = [TrialRecord(r.number, r.state, r.score, r.params, r.cached, r.examples, r.total, s)
-                  for r, s in zip(ranked, scores)]
+        ranked = [
+            TrialRecord(r.number, r.state, r.score, r.params, r.cached, r.examples, r.total, s)
+            for r, s in zip(ranked, scores)
+        ]
     result = OptimizeResult(
-        best=ranked[0], recipe=best_cfg, trials=records, top=ranked, study_name=study_name, storage=url,
-        sampler=sampler, seed=seed, parallel=parallel, evaluator=eid, holdout_evaluator=hid, evaluations=calls,
-        cache_hits=hits, adopted=n_adopted, failed=len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,))), notes=notes + (log.notes(be) if be is not None else []),
-        distributed=log.to_dict(be) if be is not None else None, space=sp.source)
+        best=ranked[0],
+        recipe=best_cfg,
+        trials=records,
+        top=ranked,
+        study_name=study_name,
+        storage=url,
+        sampler=sampler,
+        seed=seed,
+        parallel=parallel,
+        evaluator=eid,
+        holdout_evaluator=hid,
+        evaluations=calls,
+        cache_hits=hits,
+        adopted=n_adopted,
+        failed=len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,))),
+        notes=notes + (log.notes(be) if be is not None else []),
+        distributed=log.to_dict(be) if be is not None else None,
+        space=sp.source,
+    )
     if dest is None:
         return _replace(result, seconds=time.perf_counter() - t0)
-    return _write(result, sp, dest, plot=plot, write_model=write_model, progress=progress,
-                  max_shard_size=max_shard_size, report_extra=report_extra, t0=t0)
+    return _write(
+        result,
+        sp,
+        dest,
+        plot=plot,
+        write_model=write_model,
+        progress=progress,
+        max_shard_size=max_shard_size,
+        report_extra=report_extra,
+        t0=t0,
+    )
 
 
 def _replace(r: OptimizeResult, **kw: Any) -> OptimizeResult:
@@ -981,9 +1246,17 @@ def _replace(r: OptimizeResult, **kw: Any) -> OptimizeResult:
     return replace(r, **kw)
 
 
-def _holdout(sp: SearchSpace, frozen: Sequence[Any], ev: Evaluator, hid: str, store: ScoreCache,
-             digest: Mapping[str, str], be: Backend | None, log: RunLog, max_shard_size: int | str,
-             ) -> tuple[list[float], int, int]:
+def _holdout(
+    sp: SearchSpace,
+    frozen: Sequence[Any],
+    ev: Evaluator,
+    hid: str,
+    store: ScoreCache,
+    digest: Mapping[str, str],
+    be: Backend | None,
+    log: RunLog,
+    max_shard_size: int | str,
+) -> tuple[list[float], int, int]:
     """Held-out scores of the given trials (complete evaluations, through the cache)."""
     cfgs = [sp.recipe(sp.sample(t)) for t in frozen]
     keys = [_recipe_key(c, digest) for c in cfgs]
@@ -1011,14 +1284,30 @@ def _holdout(sp: SearchSpace, frozen: Sequence[Any], ev: Evaluator, hid: str, st
             store.store(hid, keys[k], outcome.results[0], label=labels[k])
             got[k] = outcome.results[0].score
 
-        run_jobs(be, [EvalJob(RecipeMerge.from_config(cfgs[k]), (EvalRequest(hev, labels[k]),)) for k in todo],
-                 done, log=log)
+        run_jobs(
+            be,
+            [
+                EvalJob(RecipeMerge.from_config(cfgs[k]), (EvalRequest(hev, labels[k]),))
+                for k in todo
+            ],
+            done,
+            log=log,
+        )
     return [float(g) for g in got if g is not None], len(todo), hits
 
 
-def _write(result: OptimizeResult, sp: SearchSpace, dest: Path, *, plot: bool, write_model: bool,
-           progress: bool | None, max_shard_size: int | str, report_extra: Mapping[str, Any] | None,
-           t0: float) -> OptimizeResult:
+def _write(
+    result: OptimizeResult,
+    sp: SearchSpace,
+    dest: Path,
+    *,
+    plot: bool,
+    write_model: bool,
+    progress: bool | None,
+    max_shard_size: int | str,
+    report_extra: Mapping[str, Any] | None,
+    t0: float,
+) -> OptimizeResult:
     from soupkit import report_plot
     from soupkit.api import run_merge_plan
     from soupkit.search import _optimize_plot
@@ -1027,7 +1316,9 @@ def _write(result: OptimizeResult, sp: SearchSpace, dest: Path, *, plot: bool, w
     p = plan(result.recipe, max_shard_size=max_shard_size)
     (dest / RECIPE_NAME).write_text(
         "# the best recipe found by `soupkit optimize`; reproduce the model with:\n"
-        f"#   soupkit merge {dest / RECIPE_NAME} OUT_DIR\n" + result.recipe.to_yaml(), encoding="utf-8")
+        f"#   soupkit merge {dest / RECIPE_NAME} OUT_DIR\n" + result.recipe.to_yaml(),
+        encoding="utf-8",
+    )
     plots: list[Path] = []
     report = _replace(result, seconds=time.perf_counter() - t0).to_dict()
     if plot:
@@ -1040,19 +1331,35 @@ def _write(result: OptimizeResult, sp: SearchSpace, dest: Path, *, plot: bool, w
                 (dest / COEFFS_PNG).write_bytes(_optimize_plot.coefficients_plot(coeffs))
                 plots.append(dest / COEFFS_PNG)
             else:
-                notes.append("no per-model numeric parameter to plot per layer; coefficients.png not written")
+                notes.append(
+                    "no per-model numeric parameter to plot per layer; coefficients.png not written"
+                )
         else:
             notes.append("plots skipped: matplotlib is not installed (pip install 'soupkit[plot]')")
     model = merged = None
     if write_model:
         model = dest / MODEL_DIR
-        merged = run_merge_plan(p, model, force=True, progress=progress,
-                                extra_report={"optimize": {k: report[k] for k in ("best", "study", "evaluator")},
-                                              **dict(report_extra or {})})
+        merged = run_merge_plan(
+            p,
+            model,
+            force=True,
+            progress=progress,
+            extra_report={
+                "optimize": {k: report[k] for k in ("best", "study", "evaluator")},
+                **dict(report_extra or {}),
+            },
+        )
     report["notes"] = notes
     report.update(dict(report_extra or {}))
     tmp = dest / (REPORT_NAME + ".partial")
     tmp.write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
     os.replace(tmp, dest / REPORT_NAME)
-    return _replace(result, out=dest, model=model, merge=merged, plots=plots, notes=notes,
-                    seconds=time.perf_counter() - t0)
+    return _replace(
+        result,
+        out=dest,
+        model=model,
+        merge=merged,
+        plots=plots,
+        notes=notes,
+        seconds=time.perf_counter() - t0,
+    )

@@ -77,10 +77,19 @@ from typing import Any
 
 import torch
 
-__all__ = ["PairedDecision", "SequentialOptions", "decide", "decide_many", "example_order", "log_wealth"]
+__all__ = [
+    "PairedDecision",
+    "SequentialOptions",
+    "decide",
+    "decide_many",
+    "example_order",
+    "log_wealth",
+]
 
-PAPER = ("betting martingale for sampling without replacement, Waudby-Smith & Ramdas, JRSS-B 2023, "
-         "https://arxiv.org/abs/2010.09686")
+PAPER = (
+    "betting martingale for sampling without replacement, Waudby-Smith & Ramdas, JRSS-B 2023, "
+    "https://arxiv.org/abs/2010.09686"
+)
 
 
 @dataclass(frozen=True)
@@ -105,11 +114,21 @@ class SequentialOptions:
 
     def report(self, examples: int, decisions: int) -> dict[str, Any]:
         """The report's ``"sequential"`` entries for ``decisions`` decisions on ``examples`` examples."""
-        return {"delta": self.delta, "seed": self.seed, "batch": self.batch, "margin": self.margin, "test": PAPER,
-                "examples": examples, "any_decision_differs_at_most": min(1.0, self.delta * max(decisions, 0)),
-                "order": "uniformly random permutation of the examples, fixed by the seed",
-                "bound_applies": ("to every decision" if self.margin == 0 else
-                                  "to decisions whose full-set difference is outside the margin")}
+        return {
+            "delta": self.delta,
+            "seed": self.seed,
+            "batch": self.batch,
+            "margin": self.margin,
+            "test": PAPER,
+            "examples": examples,
+            "any_decision_differs_at_most": min(1.0, self.delta * max(decisions, 0)),
+            "order": "uniformly random permutation of the examples, fixed by the seed",
+            "bound_applies": (
+                "to every decision"
+                if self.margin == 0
+                else "to decisions whose full-set difference is outside the margin"
+            ),
+        }
 
 
 @dataclass(frozen=True)
@@ -158,39 +177,47 @@ def log_wealth(z: torch.Tensor, total: int, target: int, sign: float) -> torch.T
     """
     rows, n = z.shape
     zero = torch.zeros(rows, 1, dtype=torch.float64)
-    prev = torch.cat([zero, torch.cumsum(z, 1)[:, :-1]], 1)               # S_{i-1}
+    prev = torch.cat([zero, torch.cumsum(z, 1)[:, :-1]], 1)  # S_{i-1}
     prev_sq = torch.cat([zero, torch.cumsum(z * z, 1)[:, :-1]], 1)
     i = torch.arange(1, n + 1, dtype=torch.float64)[None, :]
-    mu = (target - prev) / (total - i + 1)                                 # mean of the undrawn, under T
-    mean = prev / i                                                        # past mean, shrunk towards 0
+    mu = (target - prev) / (total - i + 1)  # mean of the undrawn, under T
+    mean = prev / i  # past mean, shrunk towards 0
     var = ((prev_sq + 0.25) / i - mean * mean).clamp(min=1e-3)
     gap = sign * (mean - mu)
     lam = (gap / (var + gap * gap)).clamp(min=0.0)
     # 1 + sign * lam * (z - mu) >= 1 - CAP for every z in [-1, 1]
     reach = (1.0 + sign * mu).clamp(min=1e-12)
     lam = torch.minimum(lam, _CAP / reach)
-    lam = torch.where(mu.abs() >= 1.0, torch.zeros_like(lam), lam)         # nothing left to win (or lose)
+    lam = torch.where(mu.abs() >= 1.0, torch.zeros_like(lam), lam)  # nothing left to win (or lose)
     return torch.cumsum(torch.log1p(sign * lam * (z - mu)), 1)
 
 
-def decide_many(total: int, z: torch.Tensor, *, delta: float, threshold: int, margin: int = 0
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def decide_many(
+    total: int, z: torch.Tensor, *, delta: float, threshold: int, margin: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Vectorised :func:`decide` over rows of ``z`` (``[T, n]``): ``(accept, reject, error_bound)``."""
     z = z.to(torch.float64)
     rows, n = z.shape
     if n == 0:
-        return (torch.zeros(rows, dtype=torch.bool), torch.zeros(rows, dtype=torch.bool),
-                torch.ones(rows, dtype=torch.float64))
+        return (
+            torch.zeros(rows, dtype=torch.bool),
+            torch.zeros(rows, dtype=torch.bool),
+            torch.ones(rows, dtype=torch.float64),
+        )
     s = z.sum(1)
     rest = total - n
-    up = log_wealth(z, total, threshold - 1 - margin, 1.0).max(1).values    # against every "worse" total
-    down = log_wealth(z, total, threshold + margin, -1.0).max(1).values     # against every "not worse" total
+    up = (
+        log_wealth(z, total, threshold - 1 - margin, 1.0).max(1).values
+    )  # against every "worse" total
+    down = (
+        log_wealth(z, total, threshold + margin, -1.0).max(1).values
+    )  # against every "not worse" total
     level = math.log(1.0 / delta)
-    sure_acc = s - rest >= threshold        # even if every remaining example went to the incumbent
-    sure_rej = s + rest < threshold         # even if every remaining example went to the candidate
+    sure_acc = s - rest >= threshold  # even if every remaining example went to the incumbent
+    sure_rej = s + rest < threshold  # even if every remaining example went to the candidate
     accept = sure_acc | ((up >= level) & ~sure_rej)
     reject = sure_rej | ((down >= level) & ~sure_acc)
-    if threshold >= 1:   # both bets won (only with a margin): inside the zone, the rule's tie side
+    if threshold >= 1:  # both bets won (only with a margin): inside the zone, the rule's tie side
         accept = accept & ~reject
     else:
         reject = reject & ~accept
@@ -200,7 +227,9 @@ def decide_many(total: int, z: torch.Tensor, *, delta: float, threshold: int, ma
     return accept, reject, bound
 
 
-def decide(total: int, z: torch.Tensor, *, delta: float, threshold: int, margin: int = 0) -> PairedDecision:
+def decide(
+    total: int, z: torch.Tensor, *, delta: float, threshold: int, margin: int = 0
+) -> PairedDecision:
     """Test after the differences ``z`` (candidate minus incumbent, in draw order) of ``total``.
 
     Args:
@@ -218,7 +247,9 @@ def decide(total: int, z: torch.Tensor, *, delta: float, threshold: int, margin:
     better, worse = int((z > 0).sum()), int((z < 0).sum())
     if n >= total:
         return PairedDecision(better - worse >= threshold, n, better, worse, 0.0)
-    acc, rej, bound = decide_many(total, z.reshape(1, -1), delta=delta, threshold=threshold, margin=margin)
+    acc, rej, bound = decide_many(
+        total, z.reshape(1, -1), delta=delta, threshold=threshold, margin=margin
+    )
     verdict = True if bool(acc[0]) else (False if bool(rej[0]) else None)
     return PairedDecision(verdict, n, better, worse, float(bound[0]))
 
@@ -233,4 +264,5 @@ def check_binary(values: torch.Tensor, indices: Sequence[int], who: str) -> None
         raise EvaluationError(
             f"evaluating {who}: per_example returned {float(values[k])!r} for example {indices[k]}; the "
             "sequential test needs 0/1 correctness per example\nhint: use --exact (the default) for "
-            "scores that are not accuracies, or return 1.0 for a correct and 0.0 for a wrong example")
+            "scores that are not accuracies, or return 1.0 for a correct and 0.0 for a wrong example"
+        )

@@ -205,18 +205,26 @@ def sweep_recipes(
         if param in (None, "alpha"):
             method = "wise_ft" if "wise_ft" in methods.REGISTRY else "linear"
         else:
-            raise UsageError(f"sweeping {param!r} needs a method\nhint: e.g. method='task_arithmetic' "
-                             "for lambda, method='ties' for density")
+            raise UsageError(
+                f"sweeping {param!r} needs a method\nhint: e.g. method='task_arithmetic' "
+                "for lambda, method='ties' for density"
+            )
     spec = methods.get(method)
     if param is None:
         if spec.name not in DEFAULT_PARAM:
-            raise UsageError(f"method {spec.name!r} has no default parameter to sweep\n"
-                             f"hint: name one of its parameters: {', '.join(spec.global_names + spec.per_model_names)}")
+            raise UsageError(
+                f"method {spec.name!r} has no default parameter to sweep\n"
+                f"hint: name one of its parameters: {', '.join(spec.global_names + spec.per_model_names)}"
+            )
         param = DEFAULT_PARAM[spec.name]
     elif param not in spec.global_names + spec.per_model_names and param != "alpha":
         # a recipe accepts (and ignores) the parameters mergekit ignores; sweeping one is a mistake
-        raise ConfigError([f"unknown parameter {param!r} for method {spec.name!r}: it does not use it; "
-                           f"it takes: {', '.join(sorted(spec.global_names + spec.per_model_names))}"])
+        raise ConfigError(
+            [
+                f"unknown parameter {param!r} for method {spec.name!r}: it does not use it; "
+                f"it takes: {', '.join(sorted(spec.global_names + spec.per_model_names))}"
+            ]
+        )
     paths = [str(c) for c in checkpoints]
     base_s = str(base) if base is not None else None
     mp = [dict(m) for m in model_parameters] if model_parameters is not None else None
@@ -227,7 +235,8 @@ def sweep_recipes(
             raise UsageError(
                 f"an alpha sweep interpolates two models (zero-shot and fine-tuned), got {len(pair)}: "
                 f"{', '.join(pair) or 'none'}\nhint: give base=ZERO_SHOT and one fine-tuned checkpoint, "
-                "or two checkpoints, zero-shot first")
+                "or two checkpoints, zero-shot first"
+            )
         if spec.name == "wise_ft":
             base_s, paths = pair[0], [pair[1]]
         else:
@@ -240,12 +249,21 @@ def sweep_recipes(
         models: list[dict[str, Any]]
         if alpha_pair and spec.name == "linear":
             glob["normalize"] = False
-            models = [{"model": paths[0], "parameters": {"weight": 1.0 - float(v)}},
-                      {"model": paths[1], "parameters": {"weight": float(v)}}]
+            models = [
+                {"model": paths[0], "parameters": {"weight": 1.0 - float(v)}},
+                {"model": paths[1], "parameters": {"weight": float(v)}},
+            ]
         else:
             glob[param] = float(v)
-            models = [{"model": p, "parameters": (mp[i] if mp else {})} for i, p in enumerate(paths)]
-        data: dict[str, Any] = {"merge_method": spec.name, "models": models, "parameters": glob, "seed": seed}
+            models = [
+                {"model": p, "parameters": (mp[i] if mp else {})} for i, p in enumerate(paths)
+            ]
+        data: dict[str, Any] = {
+            "merge_method": spec.name,
+            "models": models,
+            "parameters": glob,
+            "seed": seed,
+        }
         if base_s is not None:
             data["base_model"] = base_s
         if dtype is not None:
@@ -355,20 +373,37 @@ def sweep(
     """
     t0 = time.perf_counter()
     name, param, recipes = sweep_recipes(
-        checkpoints, values, method=method, param=param, base=base, parameters=parameters,
-        model_parameters=model_parameters, seed=seed, dtype=dtype, out_dtype=out_dtype)
+        checkpoints,
+        values,
+        method=method,
+        param=param,
+        base=base,
+        parameters=parameters,
+        model_parameters=model_parameters,
+        seed=seed,
+        dtype=dtype,
+        out_dtype=out_dtype,
+    )
     opts = SequentialOptions(delta, order_seed, sequential_batch, margin) if sequential else None
     if opts is not None and backend not in (None, "local"):
-        raise UsageError("sequential sweeps run in this process only (greedy soup's sequential decisions also "
-                         "run on a backend)\nhint: drop --backend, or sweep exactly on the backend")
+        raise UsageError(
+            "sequential sweeps run in this process only (greedy soup's sequential decisions also "
+            "run on a backend)\nhint: drop --backend, or sweep exactly on the backend"
+        )
     n_examples = require_per_example(evaluator, opts) if opts is not None else 0
     be, owned = resolve_backend(backend)  # an unknown backend fails before any hashing
     store = open_cache(cache)
     eid = _identity(evaluator, evaluator_id, store)
-    sid = _identity(shift_evaluator, shift_evaluator_id, store) if shift_evaluator is not None else None
+    sid = (
+        _identity(shift_evaluator, shift_evaluator_id, store)
+        if shift_evaluator is not None
+        else None
+    )
     if sid is not None and sid == eid and shift_evaluator is not evaluator:
-        raise UsageError(f"the evaluator and the shift evaluator have the same identity {eid!r}\n"
-                         "hint: give them different evaluator_id / shift_evaluator_id")
+        raise UsageError(
+            f"the evaluator and the shift evaluator have the same identity {eid!r}\n"
+            "hint: give them different evaluator_id / shift_evaluator_id"
+        )
     # Plan every point first (headers only): all configuration problems before any evaluation.
     plans: list[MergePlan] = [plan(r, max_shard_size=max_shard_size) for r in recipes]
     known = {ck.label: ck for p in plans for ck in (*p.models, *([p.base] if p.base else []))}
@@ -389,8 +424,19 @@ def sweep(
 
         try:
             points, calls, hits, distributed, notes = sweep_on_backend(
-                be, name, param, values, recipes, [_recipe_key(cfg, digest) for cfg in recipes],
-                evaluator, eid, shift_evaluator, sid, store, progress=progress)
+                be,
+                name,
+                param,
+                values,
+                recipes,
+                [_recipe_key(cfg, digest) for cfg in recipes],
+                evaluator,
+                eid,
+                shift_evaluator,
+                sid,
+                store,
+                progress=progress,
+            )
         finally:
             if owned:
                 be.close()
@@ -399,16 +445,32 @@ def sweep(
     if opts is not None:  # each point against the best before it; the loop below is the exact path
         runner = PairedRunner(evaluator, eid, store, opts, n_examples)  # type: ignore[arg-type]
         points, best_i, calls, hits = _sequential_points(
-            runner, name, param, values, recipes, plans, digest, shift_evaluator, sid, store, progress)
-        seq_info = {**opts.report(n_examples, len(points) - 1), "examples_evaluated": runner.evaluated,
-                    "rule": "a point replaces the best before it if it is better (>); ties go to the first listed"}
+            runner,
+            name,
+            param,
+            values,
+            recipes,
+            plans,
+            digest,
+            shift_evaluator,
+            sid,
+            store,
+            progress,
+        )
+        seq_info = {
+            **opts.report(n_examples, len(points) - 1),
+            "examples_evaluated": runner.evaluated,
+            "rule": "a point replaces the best before it if it is better (>); ties go to the first listed",
+        }
     exact_here = be is None and opts is None
     bar = progress_bar(len(recipes) if exact_here else 0, progress, f"sweep {param}")
     try:
         for v, cfg, p in zip(values, recipes, plans) if exact_here else ():
             key = _recipe_key(cfg, digest)
             label = f"{name} {param}={v:g}"
-            wanted = [(eid, evaluator, label)] + ([(sid, shift_evaluator, label + " (shift set)")] if sid else [])
+            wanted = [(eid, evaluator, label)] + (
+                [(sid, shift_evaluator, label + " (shift set)")] if sid else []
+            )
             got = {}
             fresh = 0
             state: dict[str, Any] | None = None
@@ -429,25 +491,63 @@ def sweep(
                 got[ident] = res
             del state
             main = got[eid]
-            points.append(SweepPoint(float(v), main.score, got[sid].score if sid else None,
-                                     cached=fresh == 0, metrics=dict(main.metrics)))
+            points.append(
+                SweepPoint(
+                    float(v),
+                    main.score,
+                    got[sid].score if sid else None,
+                    cached=fresh == 0,
+                    metrics=dict(main.metrics),
+                )
+            )
             bar.update(1)
     finally:
         bar.close()
     if best_i is None:
         best_i = max(range(len(points)), key=lambda i: (points[i].score, -i))
-    result = SweepResult(name, param, points, points[best_i], recipes[best_i], eid, sid, calls, hits,
-                         notes=notes, distributed=distributed, sequential=seq_info)
+    result = SweepResult(
+        name,
+        param,
+        points,
+        points[best_i],
+        recipes[best_i],
+        eid,
+        sid,
+        calls,
+        hits,
+        notes=notes,
+        distributed=distributed,
+        sequential=seq_info,
+    )
     if out is None:
         return replace(result, seconds=time.perf_counter() - t0)
-    return _write(result, plans[best_i], out, force=force, progress=progress, plot=plot,
-                  report_extra=report_extra, t0=t0, recalibrate=recalibrate, max_shard_size=max_shard_size)
+    return _write(
+        result,
+        plans[best_i],
+        out,
+        force=force,
+        progress=progress,
+        plot=plot,
+        report_extra=report_extra,
+        t0=t0,
+        recalibrate=recalibrate,
+        max_shard_size=max_shard_size,
+    )
 
 
-def _sequential_points(runner: PairedRunner, name: str, param: str, values: Sequence[float],
-                       recipes: Sequence[MergeConfig], plans: Sequence[MergePlan], digest: Mapping[str, str],
-                       shift_evaluator: Evaluator | None, sid: str | None, store: ScoreCache,
-                       progress: bool | None) -> tuple[list[SweepPoint], int, int, int]:
+def _sequential_points(
+    runner: PairedRunner,
+    name: str,
+    param: str,
+    values: Sequence[float],
+    recipes: Sequence[MergeConfig],
+    plans: Sequence[MergePlan],
+    digest: Mapping[str, str],
+    shift_evaluator: Evaluator | None,
+    sid: str | None,
+    store: ScoreCache,
+    progress: bool | None,
+) -> tuple[list[SweepPoint], int, int, int]:
     """A sweep by paired sequential decisions: ``(points, index of the best, evaluations, cache hits)``.
 
     The first point is the first best; each later point is compared with the best before it
@@ -473,12 +573,26 @@ def _sequential_points(runner: PairedRunner, name: str, param: str, values: Sequ
     try:
         for k in range(1, len(recipes)):
             before = runner.evaluated
-            po = runner.compare(keys[k], lambda k=k: state_of(k), labels[k], keys[best],
-                                lambda b=best: state_of(b), labels[best], threshold=1)
+            po = runner.compare(
+                keys[k],
+                lambda k=k: state_of(k),
+                labels[k],
+                keys[best],
+                lambda b=best: state_of(b),
+                labels[best],
+                threshold=1,
+            )
             calls += int(runner.evaluated > before)
             hits += int(runner.evaluated == before)
-            decided.append({"examples_used": po.examples, "better": po.better, "worse": po.worse,
-                            "error_bound": po.error_bound, "replaced_best": po.accept})
+            decided.append(
+                {
+                    "examples_used": po.examples,
+                    "better": po.better,
+                    "worse": po.worse,
+                    "error_bound": po.error_bound,
+                    "replaced_best": po.accept,
+                }
+            )
             if po.accept:
                 states.pop(best, None)
                 best = k
@@ -494,7 +608,9 @@ def _sequential_points(runner: PairedRunner, name: str, param: str, values: Sequ
             for k in range(len(recipes)):
                 res = store.lookup(sid, keys[k])
                 if res is None:
-                    res = run_evaluator(shift_evaluator, state_of(k), label=labels[k] + " (shift set)")
+                    res = run_evaluator(
+                        shift_evaluator, state_of(k), label=labels[k] + " (shift set)"
+                    )
                     store.store(sid, keys[k], res, label=labels[k] + " (shift set)")
                     calls += 1
                 else:
@@ -509,18 +625,48 @@ def _sequential_points(runner: PairedRunner, name: str, param: str, values: Sequ
     points = []
     for k, v in enumerate(values):
         score, known = runner.known_score(keys[k])
-        points.append(SweepPoint(float(v), score, shift[k], cached=False, examples=known, **decided[k]))
+        points.append(
+            SweepPoint(float(v), score, shift[k], cached=False, examples=known, **decided[k])
+        )
     return points, best, calls, hits
 
 
-def _write(result: SweepResult, p: MergePlan, out: str | os.PathLike[str], *, force: bool,
-           progress: bool | None, plot: bool, report_extra: Mapping[str, Any] | None, t0: float,
-           recalibrate: tuple[Any, Iterable[Any]] | None = None, max_shard_size: int | str = "5GB") -> SweepResult:
+def _write(
+    result: SweepResult,
+    p: MergePlan,
+    out: str | os.PathLike[str],
+    *,
+    force: bool,
+    progress: bool | None,
+    plot: bool,
+    report_extra: Mapping[str, Any] | None,
+    t0: float,
+    recalibrate: tuple[Any, Iterable[Any]] | None = None,
+    max_shard_size: int | str = "5GB",
+) -> SweepResult:
     from soupkit import report_plot
 
     history = replace(result, seconds=time.perf_counter() - t0).to_dict()
     dest, merged, plot_path, notes = write_search_output(
-        p, out, "sweep", history, result.notes, report_plot.sweep_plot, PLOT_NAME, force=force,
-        progress=progress, plot=plot, max_shard_size=max_shard_size, report_extra=report_extra,
-        recalibrate=recalibrate)
-    return replace(result, out=dest, merge=merged, plot=plot_path, notes=notes, seconds=time.perf_counter() - t0)
+        p,
+        out,
+        "sweep",
+        history,
+        result.notes,
+        report_plot.sweep_plot,
+        PLOT_NAME,
+        force=force,
+        progress=progress,
+        plot=plot,
+        max_shard_size=max_shard_size,
+        report_extra=report_extra,
+        recalibrate=recalibrate,
+    )
+    return replace(
+        result,
+        out=dest,
+        merge=merged,
+        plot=plot_path,
+        notes=notes,
+        seconds=time.perf_counter() - t0,
+    )

@@ -410,7 +410,7 @@ def _updated_config(p: MergePlan, src: Path, data: bytes) -> bytes:
     if written is not None:
         try:
             obj = json.loads(data.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
+        except (UnicodeDecodeError, ValueError, RecursionError):  # carried as it is
             obj = None
         if isinstance(obj, dict):
             for key in ("torch_dtype", "dtype"):

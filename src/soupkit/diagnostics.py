@@ -246,7 +246,7 @@ def _config(ck: Checkpoint) -> dict[str, Any]:
         return {}
     try:
         obj = json.loads((ck.folder / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return {}
     return obj if isinstance(obj, dict) else {}
 

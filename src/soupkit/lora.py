@@ -52,6 +52,7 @@ import json
 import math
 import os
 import re
+import stat
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -72,10 +73,12 @@ from soupkit.errors import (
     PlanError,
     SoupError,
     UsageError,
+    shown,
 )
 from soupkit.execute import RNG_BLOCK, all_finite, tensor_seed
-from soupkit.io.checkpoint import CARRY_FILES, Checkpoint, open_checkpoint
+from soupkit.io.checkpoint import CARRY_FILES, Checkpoint, carried_files, open_checkpoint
 from soupkit.io.header import DTYPES, TensorInfo
+from soupkit.io.links import resolve_model_file
 from soupkit.io.reader import TensorReader
 from soupkit.io.writer import (
     OutputFolder,
@@ -243,17 +246,38 @@ class LoraAdapter:
         }
 
 
+def _adapter_file(folder: Path, name: str) -> Path | None:
+    """``folder/name`` by the link rule of `soupkit.io.links` (a link must stay in the folder),
+    None when absent; anything but a regular file (a FIFO, a device, a folder) is refused
+    before it is opened, so it can neither hang nor feed endless bytes."""
+    path = resolve_model_file(folder, name, what="adapter file")
+    if path is None:
+        return None
+    try:
+        mode = path.stat().st_mode
+    except OSError as e:
+        raise CheckpointFormatError(f"{shown(folder / name)}: cannot read ({e.strerror})") from None
+    if not stat.S_ISREG(mode):
+        raise CheckpointFormatError(
+            f"{shown(folder / name)}: is not a regular file (a folder, FIFO or device)\n"
+            "hint: a PEFT adapter folder holds plain files"
+        )
+    return path
+
+
 def _load_config(folder: Path, label: str) -> dict[str, Any]:
-    path = folder / ADAPTER_CONFIG
+    path = _adapter_file(folder, ADAPTER_CONFIG)
+    if path is None:
+        raise CheckpointFormatError(
+            f"{label}: no {ADAPTER_CONFIG}\nhint: give a PEFT adapter folder (what "
+            "`PeftModel.save_pretrained` writes: adapter_config.json + adapter_model.safetensors)"
+        )
     try:
         if path.stat().st_size > MAX_CONFIG_BYTES:
             raise CheckpointFormatError(f"{path}: larger than {MAX_CONFIG_BYTES} bytes; refused")
         cfg = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointFormatError(
-            f"{label}: no {ADAPTER_CONFIG}\nhint: give a PEFT adapter folder (what "
-            "`PeftModel.save_pretrained` writes: adapter_config.json + adapter_model.safetensors)"
-        ) from None
+    except RecursionError:
+        raise CheckpointFormatError(f"{path}: cannot read it as JSON (nested too deeply)") from None
     except (OSError, ValueError) as e:
         raise CheckpointFormatError(f"{path}: cannot read it as JSON ({e})") from None
     if not isinstance(cfg, dict):
@@ -286,7 +310,9 @@ def read_adapter(
         )
     cfg = _load_config(folder, lab)
     settings = validate_adapter_config(cfg, str(folder / ADAPTER_CONFIG))
-    weights = next((folder / w for w in ADAPTER_WEIGHTS if (folder / w).is_file()), None)
+    weights = next(
+        (f for w in ADAPTER_WEIGHTS if (f := _adapter_file(folder, w)) is not None), None
+    )
     if weights is None:
         raise CheckpointFormatError(
             f"{lab}: no {' or '.join(ADAPTER_WEIGHTS)} beside {ADAPTER_CONFIG}"
@@ -640,6 +666,24 @@ def _out_code(out_dtype: str | None, info: TensorInfo) -> str:
 
 def _open_base(base: str | os.PathLike[str], allow_pickle: bool) -> Checkpoint:
     return open_checkpoint(base, allow_pickle=allow_pickle)
+
+
+# transformers builds these models' layers from GPT-2's Conv1D, whose weights are stored
+# [in, out]: factors written for nn.Linear would load transposed (or not at all) in PEFT
+CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer"})
+
+
+def _conv1d_model_type(ck: Checkpoint) -> str | None:
+    """The ``model_type`` of ``ck``'s ``config.json`` when it is one of `CONV1D_MODEL_TYPES`."""
+    path = carried_files(ck.folder).get("config.json") if ck.folder is not None else None
+    if path is None:
+        return None
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    mt = obj.get("model_type") if isinstance(obj, dict) else None
+    return mt if isinstance(mt, str) and mt in CONV1D_MODEL_TYPES else None
 
 
 # ------------------------------------------------------------------------------------------- fold
@@ -1706,6 +1750,14 @@ def extract_lora(
     code = _DTYPE_CODE[out_dtype or "float32"]
     ft = open_checkpoint(fine_tuned, allow_pickle=allow_pickle)
     bs = _open_base(base, allow_pickle)
+    conv1d = _conv1d_model_type(bs) or _conv1d_model_type(ft)
+    if conv1d is not None:
+        raise UsageError(
+            f"{shown(bs.label)}: a {conv1d!r} model, whose layers are GPT-2's Conv1D (weights "
+            "stored [in, out]); `lora extract` writes factors for nn.Linear only, which PEFT "
+            "would load transposed\nhint: extract with PEFT or mergekit-extract-lora for this "
+            "architecture"
+        )
     problems = [
         f"{clip(n, 300)} is in {ft.label} but not in {bs.label}"
         for n in ft.tensors
@@ -1760,6 +1812,17 @@ def extract_lora(
             whole.append(factored.pop(mod))
         if not factored and not whole:
             raise PlanError([f"{ft.label} equals {bs.label}: there is nothing to extract"])
+        if not factored:  # PEFT loads no adapter without a target module
+            raise PlanError(
+                [
+                    f"{ft.label}: no 2-D module can be factored: every changed weight's module "
+                    f"changed its bias too ({len(whole)} changed tensor(s)), and a PEFT adapter "
+                    "cannot both adapt a module and store it whole; an adapter with no target "
+                    "module does not load",
+                    "hint: soupkit does not write lora_bias adapters yet; fold-free options: "
+                    "merge the full fine-tune, or train the adapter with PEFT",
+                ]
+            )
         outputs: list[OutputTensor] = []
         ranks: dict[str, int] = {}
         for mod, name in factored.items():

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 import soupkit
 from soupkit.cli import main
-from soupkit.errors import NonFiniteError, PlanError
+from soupkit.errors import NonFiniteError, PlanError, UsageError
 
 from .eco_helpers import MERGEKIT_PY, llama_state, write_llama
 
@@ -243,3 +243,40 @@ def test_at_least_as_close_to_the_fine_tune_as_mergekit_extract_lora(
         for n in ft
         if n not in linear and n != "lm_head.weight"
     )
+
+
+def test_gpt2_style_conv1d_models_are_refused(pair: dict[str, Path], tmp_path: Path) -> None:
+    """GPT-2's Conv1D stores weights [in, out]; Linear factors would load transposed in PEFT."""
+    for name in ("base", "ft"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_bytes(
+            (pair[name] / "model.safetensors").read_bytes()
+        )
+        (tmp_path / name / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(UsageError, match=r"a 'gpt2' model, whose layers are GPT-2's Conv1D"):
+        soupkit.extract_lora(
+            tmp_path / "ft", tmp_path / "base", tmp_path / "ad", rank=4, progress=False
+        )
+    assert not (tmp_path / "ad").exists()
+
+
+def test_only_modules_whose_bias_changed_too_is_refused_not_an_unloadable_adapter(
+    tmp_path: Path,
+) -> None:
+    g = torch.Generator().manual_seed(0)
+    base = {"l.q.weight": torch.randn(4, 4, generator=g), "l.q.bias": torch.randn(4, generator=g)}
+    ft = {k: v + 0.1 for k, v in base.items()}
+    save_file(base, str(tmp_path / "base.safetensors"))
+    save_file(ft, str(tmp_path / "ft.safetensors"))
+    with pytest.raises(
+        PlanError,
+        match="no 2-D module can be factored: every changed weight's module changed its bias too",
+    ):
+        soupkit.extract_lora(
+            tmp_path / "ft.safetensors",
+            tmp_path / "base.safetensors",
+            tmp_path / "ad",
+            rank=2,
+            progress=False,
+        )
+    assert not (tmp_path / "ad").exists()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import time
 from pathlib import Path
@@ -19,7 +20,7 @@ from safetensors.torch import save_file
 from test_fuzz import LONG, budget, json_value
 
 from soupkit._safe_regex import UnsafePatternError, safe_match
-from soupkit.errors import ConfigError, SoupError, UsageError
+from soupkit.errors import CheckpointFormatError, ConfigError, SoupError, UsageError
 from soupkit.lora import read_adapter
 from soupkit.lora_config import LORA_FIELDS, MAX_RANK, validate_adapter_config
 
@@ -272,3 +273,55 @@ def test_fuzz_factor_shapes_fold_or_soup_error(
     out = load_file(str(root / "out" / "model.safetensors"))
     assert out["m.weight"].shape == w and bool(torch.isfinite(out["m.weight"]).all())
     assert res.report["nonfinite_tensors"] == []
+
+
+# --- adapter files are inputs like any model folder's (review of 2026-12-05) ----------------------
+
+
+def _adapter_folder(root: Path, adapter_files: Path, cfg: dict[str, Any]) -> Path:
+    ad = root / "ad"
+    ad.mkdir()
+    (ad / "adapter_model.safetensors").write_bytes(
+        (adapter_files / "adapter_model.safetensors").read_bytes()
+    )
+    (ad / "adapter_config.json").write_text(json.dumps(cfg))
+    return ad
+
+
+VALID = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"]}
+
+
+def test_a_fifo_adapter_config_is_refused_unread(tmp_path: Path, adapter_files: Path) -> None:
+    ad = _adapter_folder(tmp_path, adapter_files, VALID)
+    (ad / "adapter_config.json").unlink()
+    os.mkfifo(ad / "adapter_config.json")
+    t0 = time.perf_counter()
+    with pytest.raises(CheckpointFormatError, match=r"adapter_config.json: is not a regular file"):
+        read_adapter(ad)
+    assert time.perf_counter() - t0 < 5
+
+
+@pytest.mark.parametrize("name", ["adapter_config.json", "adapter_model.safetensors"])
+def test_adapter_files_follow_the_link_rule(tmp_path: Path, adapter_files: Path, name: str) -> None:
+    ad = _adapter_folder(tmp_path, adapter_files, VALID)
+    outside = tmp_path / f"elsewhere-{name}"
+    (ad / name).rename(outside)
+    (ad / name).symlink_to(outside)
+    with pytest.raises(
+        CheckpointFormatError, match=rf"{name}: adapter file is a symbolic link that leads outside"
+    ):
+        read_adapter(ad)
+    (ad / name).unlink()
+    (ad / name).symlink_to(os.path.relpath(outside, ad))  # a relative link out: the same rule
+    with pytest.raises(CheckpointFormatError, match="leads outside the model folder"):
+        read_adapter(ad)
+
+
+def test_deeply_nested_adapter_config_is_a_clear_error(tmp_path: Path, adapter_files: Path) -> None:
+    ad = _adapter_folder(tmp_path, adapter_files, VALID)
+    (ad / "adapter_config.json").write_text('{"eva_config": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(
+        CheckpointFormatError,
+        match=r"adapter_config.json: cannot read it as JSON \(nested too deeply\)",
+    ):
+        read_adapter(ad)

@@ -703,3 +703,14 @@ def test_evaluator_import_leaves_sys_path_as_it_was(
         "import pytest\ndef score(state):\n    return 2.0\n"
     )
     assert load_evaluator("shadow_eval_15:score")({}) == 2.0
+
+
+def test_deeply_nested_config_json_is_carried_not_an_internal_error(
+    tmp_path: Path, models: list[Path]
+) -> None:
+    nested = '{"model_type": "toy", "x": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    (models[0] / "config.json").write_text(nested)
+    soupkit.merge(_recipe(tmp_path, models), tmp_path / "out", progress=False)
+    assert (
+        tmp_path / "out" / "config.json"
+    ).read_text() == nested  # not JSON we can edit: as it is

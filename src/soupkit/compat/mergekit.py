@@ -327,7 +327,7 @@ def _read_config(folder: Any) -> dict[str, Any] | None:
         if not path.is_file() or path.stat().st_size > MAX_CONFIG_BYTES:
             return None
         obj = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     return obj if isinstance(obj, dict) else None
 
@@ -357,6 +357,10 @@ def update_config(path: Any, data: bytes, updates: Mapping[str, Any]) -> bytes:
     """
     try:
         obj = json.loads(data.decode("utf-8"))
+    except RecursionError:
+        raise CheckpointFormatError(
+            f"{path}: not valid JSON (nested too deeply), so its layer count cannot be updated"
+        ) from None
     except (UnicodeDecodeError, ValueError) as e:
         raise CheckpointFormatError(
             f"{path}: not valid JSON ({e}), so its layer count cannot be "

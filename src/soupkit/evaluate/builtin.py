@@ -199,6 +199,10 @@ def _read_records(path: Path, columns: Sequence[str]) -> list[dict[str, Any]]:
                     raise EvaluationError(
                         f"data file {str(path)!r}, line {number}: not valid JSON ({e.msg})"
                     ) from e
+                except RecursionError:
+                    raise EvaluationError(
+                        f"data file {str(path)!r}, line {number}: not valid JSON (nested too deeply)"
+                    ) from None
                 if not isinstance(row, dict) or any(c not in row for c in columns):
                     have = sorted(row) if isinstance(row, dict) else type(row).__name__
                     raise EvaluationError(

@@ -34,8 +34,11 @@ def _render(parser: argparse.ArgumentParser, path: str, level: int) -> list[str]
 
 def cli_reference() -> str:
     """The Markdown of the whole command-line reference."""
-    old = os.environ.get("COLUMNS")
-    os.environ["COLUMNS"] = "100"  # argparse wraps help to $COLUMNS: fixed, so builds agree
+    # argparse wraps help to $COLUMNS, and defaults such as the score cache's path come from
+    # the environment: fixed, so builds agree and no builder's home folder is published
+    fixed = {"COLUMNS": "100", "SOUPKIT_CACHE_DIR": "~/.cache/soupkit"}
+    old = {k: os.environ.get(k) for k in fixed}
+    os.environ.update(fixed)
     try:
         from soupkit.cli import build_parser
 
@@ -47,10 +50,11 @@ def cli_reference() -> str:
         ]
         return "\n".join(table + [""] + _render(parser, "soupkit", 2))
     finally:
-        if old is None:
-            os.environ.pop("COLUMNS", None)
-        else:
-            os.environ["COLUMNS"] = old
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def on_page_markdown(markdown: str, page: Any, **kwargs: Any) -> str:

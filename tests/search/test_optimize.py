@@ -24,7 +24,8 @@ optuna = pytest.importorskip(
 )
 
 from soupkit.cli import main  # noqa: E402
-from soupkit.search.optimize import load_space, optimize  # noqa: E402
+from soupkit.config import load_recipe  # noqa: E402
+from soupkit.search.optimize import explicit_per_model_defaults, load_space, optimize  # noqa: E402
 
 HERE = Path(__file__).parent
 TOY = str(HERE / "optimize_toy.py")
@@ -151,6 +152,49 @@ def test_space_problems_are_reported_together_before_any_trial(ings: list[Path])
                 "parameters": {"weight": {"min": 0, "max": 1}},
             }
         )
+
+
+def test_a_space_whose_middle_is_refused_but_other_points_are_not_is_accepted(
+    ings: list[Path],
+) -> None:
+    """{choice: [0, 1]} weights with normalize: all-zero trials fail, the space does not."""
+    sp = load_space(
+        {
+            "merge_method": "linear",
+            "models": [
+                {"model": str(p), "parameters": {"weight": {"choice": [0, 1]}}} for p in ings[:3]
+            ],
+            "parameters": {"normalize": True},
+        }
+    )
+    assert len(sp.dims) == 3
+
+
+def test_the_best_recipe_writes_the_per_model_defaults_mergekit_requires(ings: list[Path]) -> None:
+    cfg = explicit_per_model_defaults(
+        load_recipe(
+            {
+                "merge_method": "task_arithmetic",
+                "base_model": str(ings[0]),
+                "models": [
+                    {"model": str(ings[1])},
+                    {"model": str(ings[2]), "parameters": {"weight": 0.5}},
+                ],
+            }
+        )
+    )
+    assert [m.parameters for m in cfg.models] == [{"weight": 1.0}, {"weight": 0.5}]
+    both = load_recipe(
+        {
+            "merge_method": "linear",
+            "parameters": {"weight": 0.3},
+            "models": [{"model": str(ings[1])}, {"model": str(ings[2])}],
+        }
+    )
+    assert [m.parameters for m in explicit_per_model_defaults(both).models] == [
+        {},
+        {},
+    ]  # global wins
 
 
 # --------------------------------------------------------------------------- the search

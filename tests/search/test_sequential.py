@@ -419,6 +419,8 @@ def test_sweep_sequential_picks_the_exact_best_point_on_fewer_examples(tmp_path:
     )
     assert r.best.value == exact.best.value == 0.5
     assert ev.examples == r.sequential["examples_evaluated"] < 0.6 * len(yv) * len(values)  # type: ignore[index]
+    # every point was evaluated (nothing cached): 5 on the validation set, 5 on the shift set
+    assert (r.evaluations, r.cache_hits) == (2 * len(values), 0)
     assert r.points[0].replaced_best is None and all(
         p.replaced_best is not None for p in r.points[1:]
     )

@@ -221,8 +221,15 @@ def summary(r: SweepResult) -> str:
             f"{seq['examples_evaluated']:,} examples evaluated for {len(r.points)} points of "
             f"{seq['examples']:,} examples each"
         )
+    part = ""
+    if (
+        r.sequential is not None
+        and r.best.examples is not None
+        and r.best.examples < r.sequential["examples"]
+    ):
+        part = f" (on {r.best.examples:,} of {r.sequential['examples']:,} examples)"
     lines.append(
-        f"{r.method}: best {r.param}={r.best.value:g} with score {r.best.score:.6g}; "
+        f"{r.method}: best {r.param}={r.best.value:g} with score {r.best.score:.6g}{part}; "
         f"{r.evaluations} evaluations, {r.cache_hits} from the cache"
     )
     lines += distributed_lines(r.distributed)

@@ -124,7 +124,8 @@ class LMEvalEvaluator:
                     if self.include_path
                     else ""
                 )
-                + "\nhint: check the names (`task:` in the YAML), or give include_path"
+                + "\nhint: check the names (`task:` in the YAML), or give the folder of local task "
+                "YAMLs (--lm-eval-include, include_path=)"
             )
         self._lm = HFLM(
             pretrained=self.model, tokenizer=tokenizer, batch_size=batch_size, device=device
@@ -189,7 +190,11 @@ class LMEvalEvaluator:
             key = next((k for k in got if k.split(",")[0] == self.metric), None)
             if key is None:
                 have = sorted(
-                    {k.split(",")[0] for k in got if not k.endswith("_stderr") and "," in k}
+                    {
+                        k.split(",")[0]
+                        for k in got
+                        if "," in k and not k.split(",")[0].endswith("_stderr")
+                    }
                 )
                 raise EvaluationError(
                     f"lm-eval task {task!r} has no metric {self.metric!r} (it reports: "

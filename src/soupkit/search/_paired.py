@@ -114,6 +114,7 @@ class PairedRunner:
         self.order_t = torch.tensor(self.order, dtype=torch.int64)
         self.evaluated = 0
         self.calls = 0
+        self.touched: set[str] = set()  # subjects with examples evaluated now (not cached)
 
     def _fill(
         self,
@@ -153,6 +154,7 @@ class PairedRunner:
         values[torch.tensor(missing, dtype=torch.int64)] = got
         self.evaluated += len(missing)
         self.calls += 1
+        self.touched.add(subject)
         return len(missing)
 
     def full(self, subject: str, state: StateFn, label: str) -> tuple[EvalResult, int]:

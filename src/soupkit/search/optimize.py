@@ -134,9 +134,10 @@ class Dim:
         return trial.suggest_float(self.name, self.low, self.high, log=self.log, step=self.step)
 
     def fixed(self, where: str) -> Any:
-        """A representative value for validation: ``where`` is ``"low"``, ``"mid"`` or ``"high"``."""
+        """A representative value for validation: ``where`` is ``"low"``, ``"mid"`` or ``"high"``
+        (a choice: its last value for ``"high"``, else its first)."""
         if self.choices is not None:
-            return self.choices[0]
+            return self.choices[-1] if where == "high" else self.choices[0]
         assert self.low is not None and self.high is not None
         if where == "low":
             return self.low
@@ -356,12 +357,30 @@ class SearchSpace:
         return cfg
 
 
+def explicit_per_model_defaults(cfg: MergeConfig) -> MergeConfig:
+    """``cfg`` with every per-model parameter the recipe leaves to soupkit's default written out
+    (mergekit requires some, e.g. ``weight``), so the file runs unchanged in mergekit too. The
+    merged model is the same: the values written are the defaults soupkit would use."""
+    spec = methods.get(cfg.merge_method)
+    data = cfg.model_dump(mode="json", exclude_none=True)
+    glob = data.get("parameters") or {}
+    for entry in data.get("models") or []:
+        params = entry.setdefault("parameters", {})
+        for key, default in spec.params.per_model.items():
+            if key not in params and key not in glob:
+                params[key] = default
+    out = load_recipe(data)
+    out._recipe_dir = cfg._recipe_dir
+    return out
+
+
 def load_space(source: SearchSpace | Mapping[str, Any] | str | os.PathLike[str]) -> SearchSpace:
     """Read and check a search space (a recipe with ranges; see the module docstring).
 
     Every method of a choice is checked by planning (headers only) its recipe with every range at
-    its middle value, so a structural problem (a missing model, a parameter the method does not
-    take) fails here, before any trial. A sampled point the method refuses (e.g. every weight 0
+    its middle value (then at its high and low ends, if the method refuses the middle's values),
+    so a structural problem (a missing model, a parameter the method does not take) fails here,
+    before any trial. A sampled point the method refuses (e.g. every weight 0
     with ``normalize``) fails only that trial, which is recorded as failed with the reason.
 
     Args:
@@ -454,10 +473,21 @@ def load_space(source: SearchSpace | Mapping[str, Any] | str | os.PathLike[str])
     space = SearchSpace(tpl, p.dims, meths, data, recipe_dir)
     problems: list[str] = []
     for m in meths:
-        try:
-            plan(space.recipe(space.fixed("mid", m)))
-        except SoupError as e:
-            problems.append(f"with merge_method {m} and every range at its middle value: {e}")
+        # a structural problem fails at every point; a value the method refuses (all weights 0
+        # with `normalize`) fails at some only, and then just those trials fail
+        first: SoupError | None = None
+        for where in ("mid", "high", "low"):
+            try:
+                plan(space.recipe(space.fixed(where, m)))
+            except SoupError as e:
+                first = first or e
+                continue
+            first = None
+            break
+        if first is not None:
+            problems.append(
+                f"with merge_method {m} and every range at its middle value (and at its ends): {first}"
+            )
     if problems:
         raise ConfigError(problems, label)
     assert len(set(names)) == len(names)
@@ -776,7 +806,8 @@ def optimize(
             every choice): for weights in [0, 1], the uniform soup, so the search starts from it.
         top: how many of the best trials the report lists (and re-scores on the held-out set).
         cache: the score cache, as for `greedy_soup` (default: memory only).
-        evaluator_id / holdout_evaluator_id: the evaluators' cache identities.
+        evaluator_id: the evaluator's identity in the score cache (default: derived from it).
+        holdout_evaluator_id: the held-out evaluator's identity in the score cache.
         backend: ``None`` / ``"local"`` here; ``"ray"`` or a backend object: each batch of
             ``parallel`` trials at once on workers.
         force: start a new study in ``out`` even if one exists (the old one is deleted).
@@ -953,7 +984,12 @@ def _run(
             raise UsageError(
                 f"study {study_name!r} in {url} was made with another setup ({diff})\n"
                 "hint: use the same space, sampler, seed and evaluator to resume; or another "
-                "--out / --study-name for a new search" + ("" if force else " (or --force)")
+                "--out / --study-name for a new search"
+                + (
+                    " (--force deletes only OUT_DIR/study.db, never a study in --storage)"
+                    if force
+                    else " (or --force)"
+                )
             )
         return _search(
             optuna,
@@ -1184,9 +1220,9 @@ def _search(
     ranked = sorted(complete, key=lambda r: (-r.score, r.number))[:top]
     frozen = {t.number: t for t in study.get_trials(deepcopy=False)}
     best_cfg = sp.recipe(sp.sample(frozen[ranked[0].number]))
-    best_cfg = load_recipe(
-        RecipeMerge.from_config(best_cfg).recipe
-    )  # absolute paths: runs from anywhere
+    best_cfg = explicit_per_model_defaults(
+        load_recipe(RecipeMerge.from_config(best_cfg).recipe)
+    )  # absolute paths: runs from anywhere; defaults written out: runs in mergekit too
     if holdout_evaluator is not None:
         assert hid is not None
         scores, c2, h2 = _holdout(

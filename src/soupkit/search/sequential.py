@@ -263,6 +263,6 @@ def check_binary(values: torch.Tensor, indices: Sequence[int], who: str) -> None
         k = int(torch.nonzero(bad)[0, 0])
         raise EvaluationError(
             f"evaluating {who}: per_example returned {float(values[k])!r} for example {indices[k]}; the "
-            "sequential test needs 0/1 correctness per example\nhint: use --exact (the default) for "
-            "scores that are not accuracies, or return 1.0 for a correct and 0.0 for a wrong example"
+            "sequential test needs 0/1 correctness per example\nhint: leave out --sequential (the exact "
+            "mode) for scores that are not accuracies, or return 1.0 for a correct and 0.0 for a wrong example"
         )

@@ -572,7 +572,6 @@ def _sequential_points(
     bar = progress_bar(len(recipes), progress, f"sweep {param} (sequential)")
     try:
         for k in range(1, len(recipes)):
-            before = runner.evaluated
             po = runner.compare(
                 keys[k],
                 lambda k=k: state_of(k),
@@ -582,8 +581,6 @@ def _sequential_points(
                 labels[best],
                 threshold=1,
             )
-            calls += int(runner.evaluated > before)
-            hits += int(runner.evaluated == before)
             decided.append(
                 {
                     "examples_used": po.examples,
@@ -600,9 +597,10 @@ def _sequential_points(
                 states.pop(j)
             bar.update(1)
         if len(recipes) == 1:  # nothing to compare: the one point is scored on every example
-            before = runner.evaluated
             runner.full(keys[0], lambda: state_of(0), labels[0])
-            calls += int(runner.evaluated > before)
+        # a point counts as evaluated if any of its examples was evaluated now, else as cached
+        calls += len(runner.touched & set(keys))
+        hits += len(set(keys) - runner.touched)
         shift: list[float | None] = [None] * len(recipes)
         if shift_evaluator is not None and sid is not None:
             for k in range(len(recipes)):

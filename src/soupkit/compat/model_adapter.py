@@ -85,7 +85,8 @@ def resolve_model_adapter(
     for side, p in (("model", m), ("adapter", a)):
         if not p.exists():
             hint = (
-                " (soupkit works offline and never downloads: download it first and give the folder)"
+                " (a Hub id inside `model+adapter` is not resolved yet, unlike a model given "
+                f"alone: fetch it once with `hf download {p}` and give its snapshot folder)"
                 if str(p).count("/") == 1 and not str(p).startswith((".", "/"))
                 else ""
             )

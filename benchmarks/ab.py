@@ -8,7 +8,7 @@ medians are printed with the CPU split (user / system seconds of the merge proce
         --configs 1,1+tune,2,2+tune --runs 3
 
 A configuration is ``THREADS`` or ``THREADS+tune``: THREADS compute threads for every kind of
-piece (`soupkit.execute.run_plans(compute_threads=...)`), ``+tune`` with
+piece (`soupkit.engine.execute.run_plans(compute_threads=...)`), ``+tune`` with
 `soupkit.tune_allocator()` as the ``soupkit`` command applies it. Inputs are not hashed.
 """
 
@@ -28,7 +28,7 @@ from pathlib import Path
 
 def _child(recipe: str, out: str, threads: int, tune: bool) -> None:
     import soupkit
-    from soupkit.execute import FileSink, run_plan
+    from soupkit.engine.execute import FileSink, run_plan
     from soupkit.io.writer import OutputFolder
 
     if tune:

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "searc
 
 import optimize_toy as toy
 
-from soupkit.search.optimize import optimize
+from soupkit.search.recipe_search import optimize
 
 SEEDS = (0, 1, 2)
 CHECKS = (20, 40, 80)

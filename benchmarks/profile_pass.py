@@ -45,8 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     import soupkit
-    from soupkit import execute
-    from soupkit.execute import FileSink, run_plan
+    from soupkit.engine import execute
+    from soupkit.engine.execute import FileSink, run_plan
     from soupkit.io.writer import OutputFolder
 
     soupkit.tune_allocator()

@@ -105,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import soupkit
     from soupkit.evaluate import HFClassificationEvaluator
     from soupkit.search import read_state
-    from soupkit.search.optimize import optimize
+    from soupkit.search.recipe_search import optimize
 
     start, fts, val_csv, test_csv = locate(args.cache)
     soups = {name: args.demo_results / "models" / name for name in ("uniform", "greedy", "learned")}

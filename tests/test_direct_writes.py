@@ -182,13 +182,13 @@ def test_disk_full_at_reservation_fails_before_merging(
 
     monkeypatch.setattr(writer_mod, "reserve", reserve)
     computed = {"n": 0}
-    real = soupkit.execute._Engine._merge
+    real = soupkit.engine.execute._Engine._merge
 
     def merge(self: Any, *a: Any) -> None:
         computed["n"] += 1
         real(self, *a)
 
-    monkeypatch.setattr(soupkit.execute._Engine, "_merge", merge)
+    monkeypatch.setattr(soupkit.engine.execute._Engine, "_merge", merge)
     recipe = {"merge_method": "linear", "models": [{"model": str(m)} for m in ms]}
     with pytest.raises(
         MergeIOError,

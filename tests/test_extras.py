@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import soupkit
-from soupkit import _extras
+from soupkit._util import extras as _extras
 from soupkit.errors import EvaluationError, UsageError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -80,7 +80,7 @@ def test_no_optional_package_is_imported_with_soupkit(path: Path) -> None:
     tree = ast.parse(path.read_text())
     bad = import_time_imports(tree) & set(OPTIONAL)
     assert not bad, (
-        f"{path.relative_to(SRC)} imports {sorted(bad)} at import time; use soupkit._extras.require"
+        f"{path.relative_to(SRC)} imports {sorted(bad)} at import time; use soupkit._util.extras.require"
     )
     anywhere = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     anywhere |= {
@@ -90,7 +90,7 @@ def test_no_optional_package_is_imported_with_soupkit(path: Path) -> None:
     }
     direct = {m for m in anywhere if m.split(".")[0] in OPTIONAL}
     assert not direct, (
-        f"{path.relative_to(SRC)} imports {sorted(direct)} itself; use soupkit._extras.require"
+        f"{path.relative_to(SRC)} imports {sorted(direct)} itself; use soupkit._util.extras.require"
     )
 
 
@@ -128,7 +128,7 @@ def test_missing_transformers_names_the_eval_extra(
 
 
 def test_plotting_without_matplotlib_names_the_plot_extra(monkeypatch: pytest.MonkeyPatch) -> None:
-    from soupkit import report_plot
+    from soupkit.search import report_plot
 
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
     with pytest.raises(
@@ -141,7 +141,7 @@ def test_plotting_without_matplotlib_names_the_plot_extra(monkeypatch: pytest.Mo
 def test_missing_matplotlib_skips_plots_with_the_hint(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, models: list[Path]
 ) -> None:
-    from soupkit import report_plot
+    from soupkit.search import report_plot
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     assert not report_plot.matplotlib_available()

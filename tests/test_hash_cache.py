@@ -15,8 +15,8 @@ import torch
 from toymodels import write_model
 
 import soupkit
-from soupkit.io import hashing
-from soupkit.io.hashing import HashCache
+from soupkit.io import digest as hashing
+from soupkit.io.digest import HashCache
 
 
 @pytest.fixture

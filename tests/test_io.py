@@ -144,7 +144,7 @@ def test_output_folder_is_atomic(tmp_path: Path) -> None:
 def test_merge_failure_leaves_nothing(
     tmp_path: Path, models: list[Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import soupkit.execute as ex
+    import soupkit.engine.execute as ex
 
     calls = {"n": 0}
     real = ex.FileSink.write

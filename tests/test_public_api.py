@@ -61,7 +61,13 @@ def test_layering_imports_point_inward() -> None:
             i
             for i in imports_of(path)
             if i.startswith(
-                ("soupkit.plan", "soupkit.execute", "soupkit.api", "soupkit.cli", "soupkit.search")
+                (
+                    "soupkit.planning.plan",
+                    "soupkit.engine.execute",
+                    "soupkit.api.merging",
+                    "soupkit.cli",
+                    "soupkit.search",
+                )
             )
         }, path
     for path in SRC.rglob("*.py"):
@@ -75,5 +81,7 @@ def test_layering_imports_point_inward() -> None:
             i for i in imports_of(path) if i.split(".")[0] in {"transformers", "datasets"}
         }, path
     assert not {
-        i for i in imports_of(SRC / "plan.py") if i.startswith(("soupkit.execute", "soupkit.api"))
+        i
+        for i in imports_of(SRC / "planning" / "plan.py")
+        if i.startswith(("soupkit.engine.execute", "soupkit.api.merging"))
     }

@@ -1,10 +1,10 @@
-"""Default compute-thread counts (soupkit._sizes)."""
+"""Default compute-thread counts (soupkit.planning.sizes)."""
 
 from __future__ import annotations
 
 import pytest
 
-from soupkit import _sizes
+from soupkit.planning import sizes as _sizes
 
 
 @pytest.mark.parametrize(

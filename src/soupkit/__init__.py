@@ -4,9 +4,11 @@ Uniform, weighted and checkpoint soups (Wortsman et al., ICML 2022) and the merg
 that grew from them, streamed tensor by tensor from safetensors with bounded memory.
 """
 
-from soupkit._malloc import tune_allocator
 from soupkit._version import __version__
-from soupkit.api import (
+from soupkit.adapters.lora import LoraResult, extract_lora, fold_lora, merge_loras, read_adapter
+from soupkit.api.checkpoint_soup import CheckpointSoup
+from soupkit.api.diagnostics import DiagnosisReport, diagnose
+from soupkit.api.merging import (
     MergeResult,
     find_checkpoints,
     merge,
@@ -15,10 +17,10 @@ from soupkit.api import (
     soup_checkpoints,
     uniform_soup,
 )
+from soupkit.api.multi import merge_many, wise_ft
+from soupkit.api.task_vectors import TaskVector
 from soupkit.backends import LocalBackend, RayBackend, RemoteEvaluator
-from soupkit.compat.training import CheckpointSoup
-from soupkit.config import MergeConfig, load_recipe
-from soupkit.diagnostics import DiagnosisReport, diagnose
+from soupkit.engine.malloc import tune_allocator
 from soupkit.errors import (
     CheckpointFormatError,
     ConfigError,
@@ -34,11 +36,10 @@ from soupkit.errors import (
     UnsafeFormatError,
     UsageError,
 )
-from soupkit.formats import KeyMap
 from soupkit.io.checkpoint import open_checkpoint
-from soupkit.lora import LoraResult, extract_lora, fold_lora, merge_loras, read_adapter
-from soupkit.multi import merge_many, wise_ft
-from soupkit.plan import MergePlan
+from soupkit.io.names import KeyMap
+from soupkit.planning.plan import MergePlan
+from soupkit.recipe.schema import MergeConfig, load_recipe
 from soupkit.search import (
     GreedySoupResult,
     LearnedSoupResult,
@@ -50,7 +51,6 @@ from soupkit.search import (
     recalibrate_bn,
     sweep,
 )
-from soupkit.task_vectors import TaskVector
 
 __all__ = [
     "CheckpointFormatError",

@@ -124,7 +124,7 @@ def test_streaming_in_small_chunks_gives_the_same_numbers(
     paths = [write(tmp_path / f"m{i}", finetune(base, i)) for i in (1, 2)]
     b = write(tmp_path / "base", base.state_dict())
     whole = soupkit.diagnose(paths, b, progress=False)
-    monkeypatch.setattr(soupkit.diagnostics, "CHUNK", 7)
+    monkeypatch.setattr(soupkit.api.diagnostics, "CHUNK", 7)
     chunked = soupkit.diagnose(paths, b, progress=False)
     assert torch.allclose(torch.tensor(chunked.cosine), torch.tensor(whole.cosine), atol=1e-12)
     assert chunked.sign_conflicts == whole.sign_conflicts

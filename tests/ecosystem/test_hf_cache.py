@@ -15,8 +15,8 @@ import pytest
 import soupkit
 from soupkit.cli import main
 from soupkit.errors import CheckpointFormatError, PlanError
-from soupkit.formats import save_state_dict
 from soupkit.io.links import resolve_model_file, snapshot_blobs
+from soupkit.io.names import save_state_dict
 
 from .eco_helpers import llama_config, llama_state
 

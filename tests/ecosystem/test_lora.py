@@ -13,9 +13,9 @@ import torch
 from safetensors.torch import load_file
 
 import soupkit
+from soupkit.adapters.lora import read_adapter
 from soupkit.cli import main
 from soupkit.errors import CheckpointFormatError, PlanError, UsageError
-from soupkit.lora import read_adapter
 
 from .lora_helpers import peft_adapter as make_adapter
 from .lora_helpers import states_equal as _equal_states

@@ -18,10 +18,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import soupkit
+from soupkit.adapters.lora import read_adapter
+from soupkit.adapters.lora_config import LORA_FIELDS, validate_adapter_config
 from soupkit.cli import main
 from soupkit.errors import ConfigError, NonFiniteError, UsageError
-from soupkit.lora import read_adapter
-from soupkit.lora_config import LORA_FIELDS, validate_adapter_config
 
 from .lora_helpers import peft_adapter, peft_load_problems, states_equal, tiny_llama
 
@@ -34,7 +34,9 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:peft")
 def test_every_lora_config_field_of_the_installed_peft_is_classified() -> None:
     """A field added by a newer PEFT fails here until soupkit decides what it means for a fold."""
     fields = {f.name for f in dataclasses.fields(peft.LoraConfig)}
-    assert fields - set(LORA_FIELDS) == set(), "classify these in soupkit.lora_config.LORA_FIELDS"
+    assert fields - set(LORA_FIELDS) == set(), (
+        "classify these in soupkit.adapters.lora_config.LORA_FIELDS"
+    )
     assert set(LORA_FIELDS) - fields == set(), "fields PEFT no longer has"
     for name, rule in LORA_FIELDS.items():
         assert rule.handling in ("supported", "no_effect", "refused") and rule.why, name

@@ -13,8 +13,8 @@ import yaml
 from safetensors.torch import load_file
 
 import soupkit
-from soupkit.compat.hf import hub_id
 from soupkit.errors import ConfigError, PlanError
+from soupkit.io.card import hub_id
 
 from .eco_helpers import llama_config, llama_state, write_llama
 
@@ -140,7 +140,7 @@ def test_passthrough_slices_renumber_layers(tmp_path: Path) -> None:
 def test_merge_many_updates_a_sliced_models_config_like_merge(tmp_path: Path) -> None:
     # merge_many writes the files beside the weights with soupkit.merge's own code: the carried
     # config.json gets the sliced layer count, not the source model's
-    from soupkit.multi import merge_many
+    from soupkit.api.multi import merge_many
 
     a, b = _two_models(tmp_path)
     recipe = {

@@ -12,7 +12,7 @@ import yaml
 from safetensors.torch import load_file
 
 import soupkit
-from soupkit.lora import fold_lora
+from soupkit.adapters.lora import fold_lora
 
 from .eco_helpers import MERGEKIT_PY, run_mergekit
 

@@ -30,7 +30,7 @@ def closeness(state: Mapping[str, torch.Tensor]) -> float:
 
 
 def test_best_recipe_runs_in_mergekit(tmp_path: Path) -> None:
-    from soupkit.search.optimize import optimize
+    from soupkit.search.recipe_search import optimize
 
     paths = [write_llama(tmp_path / f"m{i}", llama_state(i), tokenizer=(i == 0)) for i in range(3)]
     space = {

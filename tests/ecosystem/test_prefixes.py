@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 import soupkit
 from soupkit.cli import main
 from soupkit.errors import ConfigError, PlanError
-from soupkit.formats import COMMON_PREFIXES, KeyMap, prefix_fix
+from soupkit.io.names import COMMON_PREFIXES, KeyMap, prefix_fix
 
 from .eco_helpers import llama_state, write_llama
 

@@ -7,7 +7,7 @@ chunking), in-process, page cache warm. Each configuration runs REPS times, inte
 the median wall time and the median CPU time of the process (all threads; steadier than wall
 time on a shared machine) are reported against the baseline with every check turned off:
 
-- ``nonfinite``: the float32 and after-cast NaN/Inf checks (`soupkit.execute.all_finite`);
+- ``nonfinite``: the float32 and after-cast NaN/Inf checks (`soupkit.engine.execute.all_finite`);
 - ``hash out``: the sha256 of each output shard, computed while it is written;
 - ``hash in``: the sha256 of each input, in a background thread (``hash_inputs=True``);
 - ``all``: the default (all three).
@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import save_file
 
 import soupkit
-import soupkit.execute as ex
+import soupkit.engine.execute as ex
 import soupkit.io.writer as wr
 
 

@@ -19,10 +19,10 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 from test_fuzz import LONG, budget, json_value
 
-from soupkit._safe_regex import UnsafePatternError, safe_match
+from soupkit._util.safe_regex import UnsafePatternError, safe_match
+from soupkit.adapters.lora import read_adapter
+from soupkit.adapters.lora_config import LORA_FIELDS, MAX_RANK, validate_adapter_config
 from soupkit.errors import CheckpointFormatError, ConfigError, SoupError, UsageError
-from soupkit.lora import read_adapter
-from soupkit.lora_config import LORA_FIELDS, MAX_RANK, validate_adapter_config
 
 field_name = st.sampled_from(sorted(LORA_FIELDS))
 typed_value = st.one_of(
@@ -261,7 +261,7 @@ def test_fuzz_factor_shapes_fold_or_soup_error(
     (root / "ad" / "adapter_config.json").write_text(
         json.dumps({"r": r, "lora_alpha": 2, "lora_bias": bias is not None})
     )
-    from soupkit.lora import fold_lora
+    from soupkit.adapters.lora import fold_lora
 
     try:
         res = fold_lora(root / "ad", root / "base", root / "out", progress=False)

@@ -162,14 +162,14 @@ def test_inputs_untouched_by_merge_force_and_resume(tmp_path: Path) -> None:
 
 def test_input_changed_during_the_merge(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     ms = make_models(tmp_path)
-    real = soupkit.api.run_plan
+    real = soupkit.api.merging.run_plan
 
     def run_then_touch(*a: Any, **k: Any) -> Any:
         stats = real(*a, **k)
         os.utime(ms[1] / "model.safetensors", ns=(1, 1))  # another program rewrote it meanwhile
         return stats
 
-    monkeypatch.setattr(soupkit.api, "run_plan", run_then_touch)
+    monkeypatch.setattr(soupkit.api.merging, "run_plan", run_then_touch)
     with pytest.raises(
         CheckpointFormatError,
         match=r"m1/model.safetensors: the input file changed while soupkit was merging it",
@@ -225,7 +225,7 @@ def test_interrupt_while_writing_the_report(
     def boom(*a: Any, **k: Any) -> Any:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(soupkit.api, "_report", boom)
+    monkeypatch.setattr(soupkit.api.merging, "_report", boom)
     with pytest.raises(KeyboardInterrupt):
         soupkit.merge(recipe(ms), tmp_path / "out")
     assert not (tmp_path / "out").exists() and not debris(tmp_path)
@@ -251,7 +251,7 @@ def test_interrupt_swallowed_by_python_still_cancels_the_output(
 
     ms = make_models(tmp_path / "in")
     (tmp_path / "r.yaml").write_text(json.dumps(recipe(ms)))
-    real_report = soupkit.api._report
+    real_report = soupkit.api.merging._report
 
     def report_then_signal(*a: Any, **k: Any) -> Any:
         out = real_report(*a, **k)
@@ -260,7 +260,7 @@ def test_interrupt_swallowed_by_python_still_cancels_the_output(
         )  # dropped at once: __del__ runs
         return out
 
-    monkeypatch.setattr(soupkit.api, "_report", report_then_signal)
+    monkeypatch.setattr(soupkit.api.merging, "_report", report_then_signal)
     code = main(["merge", str(tmp_path / "r.yaml"), str(tmp_path / "out"), "--no-progress"])
     err = capsys.readouterr().err
     assert code == (143 if term else 130)
@@ -270,7 +270,7 @@ def test_interrupt_swallowed_by_python_still_cancels_the_output(
     )
     assert not (tmp_path / "out").exists() and not debris(tmp_path)
     # Later runs are not cancelled by the old interrupt.
-    monkeypatch.setattr(soupkit.api, "_report", real_report)
+    monkeypatch.setattr(soupkit.api.merging, "_report", real_report)
     assert main(["merge", str(tmp_path / "r.yaml"), str(tmp_path / "out"), "--no-progress"]) == 0
 
 
@@ -282,7 +282,7 @@ def test_signal_during_the_engine_waits_for_a_safe_point(
     import signal
     import threading
 
-    from soupkit.execute import MemorySink, run_plan
+    from soupkit.engine.execute import MemorySink, run_plan
 
     ms = make_models(tmp_path / "in")
     p = soupkit.plan(recipe(ms))
@@ -316,13 +316,13 @@ def test_sigterm_during_a_cli_merge_is_held_then_cancels(
 
     ms = make_models(tmp_path / "in")
     (tmp_path / "r.yaml").write_text(json.dumps(recipe(ms)))
-    real_report = soupkit.api._report
+    real_report = soupkit.api.merging._report
 
     def report_then_sigterm(*a: Any, **k: Any) -> Any:
         os.kill(os.getpid(), signal.SIGTERM)
         return real_report(*a, **k)
 
-    monkeypatch.setattr(soupkit.api, "_report", report_then_sigterm)
+    monkeypatch.setattr(soupkit.api.merging, "_report", report_then_sigterm)
     code = main(["merge", str(tmp_path / "r.yaml"), str(tmp_path / "out"), "--no-progress"])
     err = capsys.readouterr().err
     assert code == 143 and "Traceback" not in err, err
@@ -337,7 +337,7 @@ def test_other_unraisable_exceptions_still_reach_the_previous_hook(tmp_path: Pat
     seen: list[BaseException] = []
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(sys, "unraisablehook", lambda u: seen.append(u.exc_value))
-        from soupkit import _interrupts
+        from soupkit._util import interrupts as _interrupts
 
         mp.setattr(_interrupts, "_installed", False)
         with writer_mod.OutputFolder(tmp_path / "out"):
@@ -490,7 +490,7 @@ def test_partial_without_lock_file_is_left_alone(tmp_path: Path) -> None:
 
 def interrupt_after_shards(monkeypatch: pytest.MonkeyPatch, n: int) -> None:
     """Raise KeyboardInterrupt right after the n-th output shard is finished (and journaled)."""
-    from soupkit.execute import FileSink
+    from soupkit.engine.execute import FileSink
 
     real = FileSink._finish
     count = {"n": 0}

@@ -30,10 +30,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import soupkit
-from soupkit import config
-from soupkit.config import MergeConfig
 from soupkit.errors import CheckpointFormatError, ConfigError
 from soupkit.io.header import DTYPES, SafetensorsHeader, read_safetensors_header
+from soupkit.recipe import schema as config
+from soupkit.recipe.schema import MergeConfig
 
 LONG = os.environ.get("HYPOTHESIS_PROFILE") == "long"
 

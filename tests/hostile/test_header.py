@@ -411,7 +411,7 @@ def test_file_that_shrinks_after_the_header_was_read(tmp_path: Path) -> None:
     size = b.stat().st_size
     with open(b, "r+b") as f:
         f.truncate(size - 20)
-    from soupkit.api import run_merge_plan
+    from soupkit.api.merging import run_merge_plan
 
     with pytest.raises(CheckpointFormatError, match="changed after it was planned"):
         run_merge_plan(p, tmp_path / "out")
@@ -431,7 +431,7 @@ def test_file_replaced_by_fifo_after_planning(tmp_path: Path, alarm: object) -> 
     p = soupkit.plan({"merge_method": "linear", "models": [{"model": str(a)}, {"model": str(b)}]})
     b.unlink()
     os.mkfifo(b)
-    from soupkit.api import run_merge_plan
+    from soupkit.api.merging import run_merge_plan
 
     with pytest.raises(CheckpointFormatError, match="changed after it was planned"):
         run_merge_plan(p, tmp_path / "out", hash_inputs=False)

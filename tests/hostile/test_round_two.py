@@ -24,12 +24,12 @@ from hostile_helpers import entry, raw_file, run_cli, sharded_folder
 from safetensors.torch import save_file
 
 import soupkit
-from soupkit import config
-from soupkit.api import run_merge_plan
+from soupkit.api.merging import run_merge_plan
 from soupkit.cli import main
 from soupkit.errors import MAX_SHOWN_CHARS, CheckpointFormatError, shown
 from soupkit.io.checkpoint import MAX_CARRY_BYTES, carried_files
 from soupkit.io.links import resolve_model_file, snapshot_blobs
+from soupkit.recipe import schema as config
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -533,7 +533,7 @@ def test_input_rewritten_after_plan_is_refused(
 
 
 def test_reader_checks_the_stamp_when_it_opens_a_file(tmp_path: Path, models: list[Path]) -> None:
-    from soupkit.execute import MemorySink, run_plan
+    from soupkit.engine.execute import MemorySink, run_plan
 
     p = soupkit.plan(_recipe(tmp_path, models))
     f = models[2] / "model.safetensors"

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 import soupkit
-from soupkit.execute import MemorySink, run_plan
+from soupkit.api.multi import run_plans
+from soupkit.engine.execute import MemorySink, run_plan
 from soupkit.io.checkpoint import in_memory_checkpoint
 from soupkit.io.reader import TensorReader
-from soupkit.multi import run_plans
-from soupkit.plan import make_plan
+from soupkit.planning.plan import make_plan
 
 from .helpers import base_state, bits_equal, finetunes
 

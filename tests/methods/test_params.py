@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import soupkit
-from soupkit.config import Conditional, load_recipe
-from soupkit.params import LayerIndex, first_match, resolve_chain, resolve_value
+from soupkit.recipe.params import LayerIndex, first_match, resolve_chain, resolve_value
+from soupkit.recipe.schema import Conditional, load_recipe
 
 from .helpers import SHAPES, base_state, finetunes
 
@@ -152,7 +152,7 @@ def _plan(
     base: dict[str, torch.Tensor], fts: list[dict[str, torch.Tensor]], weight: Any
 ) -> soupkit.MergePlan:
     from soupkit.io.checkpoint import in_memory_checkpoint
-    from soupkit.plan import make_plan
+    from soupkit.planning.plan import make_plan
 
     cfg = load_recipe(
         {

@@ -134,7 +134,7 @@ def test_bytes_do_not_depend_on_compute_threads(
     method: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Tiny pieces and RNG blocks, so that every unit is shared between the compute threads."""
-    from soupkit import execute
+    from soupkit.engine import execute
 
     monkeypatch.setattr(execute, "COMPUTE_ELEMS", 5)
     monkeypatch.setattr(execute, "RNG_BLOCK", 8)
@@ -162,7 +162,7 @@ def test_error_in_a_helper_thread_reaches_the_caller(
 ) -> None:
     import threading
 
-    from soupkit import execute
+    from soupkit.engine import execute
     from soupkit.errors import NonFiniteError
 
     monkeypatch.setattr(execute, "COMPUTE_ELEMS", 5)
@@ -188,7 +188,7 @@ def test_pieces_read_by_the_compute_threads_give_the_same_bytes(
     """Cheap elementwise methods read their pieces on the compute threads (lazy units); the
     bytes equal those of units read ahead by the reader thread, at any thread count, and a
     run of several plans still reads each unit once, for all of them."""
-    from soupkit import execute
+    from soupkit.engine import execute
 
     monkeypatch.setattr(execute, "COMPUTE_ELEMS", 5)
     _, _, recipe = case(method, tmp_path, base_state(5, torch.bfloat16))

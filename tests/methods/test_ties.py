@@ -12,11 +12,11 @@ from peft.utils import merge_utils
 
 import soupkit
 from soupkit import methods
-from soupkit.global_trim import GlobalTrim, compute_cuts
+from soupkit.engine.global_trim import GlobalTrim, compute_cuts
 from soupkit.io.checkpoint import in_memory_checkpoint
 from soupkit.io.reader import TensorReader
 from soupkit.methods.ties import TiesParams
-from soupkit.plan import make_plan
+from soupkit.planning.plan import make_plan
 
 from .helpers import base_state, finetunes
 

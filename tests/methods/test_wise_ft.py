@@ -12,10 +12,10 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 import soupkit
+from soupkit.api.multi import alpha_folder_names, wise_ft_recipe
 from soupkit.cli import main
 from soupkit.cli.wise_ft import parse_alphas
 from soupkit.io.reader import TensorReader
-from soupkit.multi import alpha_folder_names, wise_ft_recipe
 
 from .helpers import base_state, bits_equal, finetunes, write
 

@@ -21,7 +21,7 @@ if not hasattr(
 pytest.importorskip("optuna", reason="needs the optimize extra: pip install 'soupkit[optimize]'")
 
 from soupkit import RayBackend, RemoteEvaluator  # noqa: E402
-from soupkit.search.optimize import optimize  # noqa: E402
+from soupkit.search.recipe_search import optimize  # noqa: E402
 
 SEARCH = Path(__file__).parent.parent / "search"
 sys.path.insert(0, str(SEARCH))

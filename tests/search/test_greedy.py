@@ -325,7 +325,7 @@ def test_output_folder_has_the_soup_history_and_plot(tmp_path: Path) -> None:
         and len(png) > 10_000
     )
     # The plot can be redrawn from the report alone.
-    from soupkit.report_plot import plot_report
+    from soupkit.search.report_plot import plot_report
 
     again = plot_report(tmp_path / "soup", tmp_path / "again.png")
     assert again.read_bytes().startswith(b"\x89PNG")

@@ -24,8 +24,8 @@ optuna = pytest.importorskip(
 )
 
 from soupkit.cli import main  # noqa: E402
-from soupkit.config import load_recipe  # noqa: E402
-from soupkit.search.optimize import explicit_per_model_defaults, load_space, optimize  # noqa: E402
+from soupkit.recipe.schema import load_recipe  # noqa: E402
+from soupkit.search.recipe_search import explicit_per_model_defaults, load_space, optimize  # noqa: E402
 
 HERE = Path(__file__).parent
 TOY = str(HERE / "optimize_toy.py")
@@ -223,7 +223,7 @@ def test_search_of_20_per_layer_weights_resumes_after_a_kill_to_the_same_trials(
         import sys
         sys.path.insert(0, {str(HERE)!r})
         import optimize_toy as toy
-        from soupkit.search.optimize import optimize
+        from soupkit.search.recipe_search import optimize
         optimize({str(tmp_path / "space.yaml")!r}, toy.Accuracy("val", kill_at=int(sys.argv[1])), {str(tmp_path / "run")!r},
                  trials={n}, holdout_evaluator=toy.Accuracy("holdout"), seed=3, progress=False, plot=False,
                  cache={str(tmp_path / "scores.jsonl")!r})

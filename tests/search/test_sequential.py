@@ -375,7 +375,7 @@ def test_cli_greedy_sequential_and_its_usage_errors(
 
 
 def test_plot_labels_are_cut_in_the_middle_and_titles_wrapped() -> None:
-    from soupkit.report_plot import _ellipsize
+    from soupkit.search.report_plot import _ellipsize
 
     long = "hf-classification|/work/main/.cache/demo/standard/data/val.csv|max_length=64@0123456789abcdef"
     short = _ellipsize(long, 40)

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from soupkit import merge_state_dicts, methods
 from soupkit.errors import ConfigError, UsageError
-from soupkit.search.sweep import sweep, sweep_recipes
+from soupkit.search.sweeps import sweep, sweep_recipes
 
 GRID = [0.0, 0.25, 0.5, 0.75, 1.0]
 

@@ -133,7 +133,7 @@ def _read(ck: Checkpoint, reader: TensorReader) -> dict[str, torch.Tensor]:
 def _checkpoints(paths: tuple[str, ...]) -> list[Checkpoint]:
     """The checkpoints exactly as the driver's greedy soup opens them: through the planner of the
     ``linear`` recipe (headers only; compatibility checked)."""
-    from soupkit.api import linear_recipe, plan
+    from soupkit.api.merging import linear_recipe, plan
 
     return list(plan(linear_recipe(list(paths))).models)
 
@@ -178,8 +178,8 @@ def _soup_state(c: UniformSoup, reader: TensorReader) -> dict[str, torch.Tensor]
 
 
 def _recipe_state(c: RecipeMerge) -> dict[str, torch.Tensor]:
-    from soupkit.api import plan
-    from soupkit.execute import MemorySink, run_plan
+    from soupkit.api.merging import plan
+    from soupkit.engine.execute import MemorySink, run_plan
 
     p = plan(c.recipe)
     sink = MemorySink(p)

@@ -41,7 +41,7 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from soupkit import _extras
+from soupkit._util import extras as _extras
 from soupkit.backends._worker import execute_job, worker_name
 from soupkit.backends.jobs import EvalJob, JobOutcome
 from soupkit.errors import EvaluationError, UsageError

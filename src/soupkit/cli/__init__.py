@@ -8,7 +8,7 @@ Exit codes: 0 ok, 1 runtime error, 2 usage or configuration error, 130 interrupt
 SIGTERM (what ``kill``, systemd, Slurm and container runtimes send) is turned into an
 exception, like SIGINT, so that every ``with`` block unwinds and no partial output is left.
 An interrupt that Python swallows (raised inside a ``__del__`` or weakref callback) is not
-lost: see `soupkit._interrupts`.
+lost: see `soupkit._util.interrupts`.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ import sys
 import threading
 from collections.abc import Sequence
 
-from soupkit import _interrupts
-from soupkit._malloc import tune_allocator
+from soupkit._util import interrupts as _interrupts
 from soupkit._version import __version__
+from soupkit.engine.malloc import tune_allocator
 from soupkit.errors import SoupError, shown
 
 __all__ = ["build_parser", "main"]
@@ -70,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code (also used as the console script)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    tune_allocator()  # large method temporaries stay in the heap (see soupkit._malloc)
+    tune_allocator()  # large method temporaries stay in the heap (see soupkit.engine.malloc)
     previous = None
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _on_sigterm)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import textwrap
 
-from soupkit.formats import KeyMap
+from soupkit.io.names import KeyMap
 
 
 def add_output_flags(p: argparse.ArgumentParser) -> None:
@@ -77,7 +77,7 @@ def safety_kwargs(args: argparse.Namespace) -> dict[str, bool]:
 
 
 def add_key_map_flags(p: argparse.ArgumentParser) -> None:
-    """Tensor renaming applied to every input at plan level (see `soupkit.formats`)."""
+    """Tensor renaming applied to every input at plan level (see `soupkit.io.names`)."""
     p.add_argument(
         "--strip-prefix",
         action="append",

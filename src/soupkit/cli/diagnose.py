@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from soupkit.api.diagnostics import diagnose
 from soupkit.cli._common import add_key_map_flags, command, key_map_from, progress_flag
-from soupkit.diagnostics import diagnose
 from soupkit.errors import UsageError
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from soupkit._format import human_seconds
+from soupkit._util.format import human_seconds
 from soupkit.cli._backend import (
     add_backend_flags,
     distributed_lines,
@@ -23,8 +23,8 @@ from soupkit.cli._search_common import (
     open_cli_cache,
     sequential_options,
 )
-from soupkit.report_plot import short_labels
 from soupkit.search.greedy import GreedySoupResult, greedy_soup
+from soupkit.search.report_plot import short_labels
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

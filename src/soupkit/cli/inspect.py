@@ -6,7 +6,7 @@ import argparse
 import json
 from collections import Counter
 
-from soupkit._format import human_bytes
+from soupkit._util.format import human_bytes
 from soupkit.cli._common import add_pickle_flag, command
 from soupkit.errors import shown
 from soupkit.io.checkpoint import open_checkpoint

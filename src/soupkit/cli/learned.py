@@ -7,12 +7,12 @@ import random
 from collections.abc import Mapping
 from typing import Any
 
-from soupkit._format import human_seconds
+from soupkit._util.format import human_seconds
 from soupkit.cli._common import command, progress_flag
 from soupkit.cli._search_common import cli_record
 from soupkit.errors import UsageError
-from soupkit.report_plot import short_labels
 from soupkit.search.learned import LearnedSoupResult, classification_loss, learned_soup
+from soupkit.search.report_plot import short_labels
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

@@ -8,9 +8,9 @@ from typing import Any
 
 import yaml
 
+from soupkit.adapters.lora import LoraResult, extract_lora, fold_lora, merge_loras
 from soupkit.cli._common import command, examples, progress_flag
 from soupkit.errors import UsageError
-from soupkit.lora import LoraResult, extract_lora, fold_lora, merge_loras
 
 
 class _Intermixed(argparse.ArgumentParser):

@@ -6,8 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from soupkit._format import human_bytes, human_seconds
-from soupkit.api import merge
+from soupkit._util.format import human_bytes, human_seconds
+from soupkit.api.merging import merge
 from soupkit.cli._common import (
     add_compute_flag,
     add_key_map_flags,

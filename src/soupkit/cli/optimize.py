@@ -6,7 +6,7 @@ import argparse
 import re
 from typing import Any
 
-from soupkit._format import human_seconds
+from soupkit._util.format import human_seconds
 from soupkit.cli._backend import (
     add_backend_flags,
     distributed_lines,
@@ -22,7 +22,7 @@ from soupkit.cli._search_common import (
     open_cli_cache,
 )
 from soupkit.errors import UsageError
-from soupkit.search.optimize import SAMPLERS, OptimizeResult, load_space, optimize
+from soupkit.search.recipe_search import SAMPLERS, OptimizeResult, load_space, optimize
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

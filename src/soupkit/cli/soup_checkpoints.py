@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from soupkit._format import human_seconds
-from soupkit.api import soup_checkpoints
+from soupkit._util.format import human_seconds
+from soupkit.api.merging import soup_checkpoints
 from soupkit.cli._common import add_output_flags, add_pickle_flag, command, progress_flag
 
 

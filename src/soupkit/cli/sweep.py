@@ -7,7 +7,7 @@ from typing import Any
 
 import yaml
 
-from soupkit._format import human_seconds
+from soupkit._util.format import human_seconds
 from soupkit.cli._backend import (
     add_backend_flags,
     distributed_lines,
@@ -27,7 +27,7 @@ from soupkit.cli._search_common import (
     sequential_options,
 )
 from soupkit.errors import UsageError
-from soupkit.search.sweep import SweepResult, sweep
+from soupkit.search.sweeps import SweepResult, sweep
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

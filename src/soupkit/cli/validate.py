@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from soupkit.api import plan
+from soupkit.api.merging import plan
 from soupkit.cli._common import (
     add_compute_flag,
     add_key_map_flags,

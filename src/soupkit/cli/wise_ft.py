@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from soupkit._format import human_bytes, human_seconds
+from soupkit._util.format import human_bytes, human_seconds
+from soupkit.api.multi import wise_ft
 from soupkit.cli._common import add_output_flags, command, progress_flag
 from soupkit.errors import UsageError, shown
-from soupkit.multi import wise_ft
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

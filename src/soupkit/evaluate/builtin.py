@@ -36,7 +36,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from soupkit import _extras
+from soupkit._util import extras as _extras
 from soupkit.errors import EvaluationError
 from soupkit.evaluate.protocol import EvalResult, accuracy_bound, meets
 

@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from soupkit._extras import require
+from soupkit._util.extras import require
 from soupkit.errors import EvaluationError
 from soupkit.evaluate.builtin import _load_hf, _resolve_dtype, _StateLoader
 

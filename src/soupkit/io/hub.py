@@ -151,7 +151,7 @@ def resolve_hub_model(repo_id: str, revision: str | None, *, label: str) -> tupl
         CheckpointFormatError: not in the cache and ``HF_HUB_OFFLINE`` is set, the model or the
             revision does not exist, it holds no safetensors weights, or the download failed.
     """
-    from soupkit._extras import require
+    from soupkit._util.extras import require
 
     hf = require("huggingface_hub", "hub", f"{label}: no such file or folder; read as a Hub id, it")
     hf_errors = require("huggingface_hub.errors", "hub", f"{label}: reading a Hub id")

@@ -17,7 +17,7 @@ Interrupts and kills:
 - SIGINT and SIGTERM are held back (``pthread_sigmask``) while the partial folder is created,
   removed or renamed into place, so a signal cannot split those steps; it is delivered right
   after them.
-- During a merge the signals are held (`soupkit._interrupts`) and delivered at safe points,
+- During a merge the signals are held (`soupkit._util.interrupts`) and delivered at safe points,
   the last one just before the rename, so an interrupt never lands inside a lock of the
   engine's threads, and one that Python swallowed (raised in a ``__del__``) still cancels the
   output instead of being lost.
@@ -52,7 +52,7 @@ from types import TracebackType
 
 import torch
 
-from soupkit import _interrupts
+from soupkit._util import interrupts as _interrupts
 from soupkit.errors import CheckpointFormatError, MergeIOError, OutputExistsError, UsageError, shown
 from soupkit.io.header import DTYPES, open_regular
 from soupkit.io.reader import byte_view

@@ -20,7 +20,7 @@ each model's exact global magnitude cut (`MagnitudeCut`) and passes the cuts for
 A method whose only whole-tensor step is such a magnitude trim (TIES) declares ``tensor_trim``:
 a function of its parameters returning the per-model densities of its per-tensor trim (1 = no
 trim). Given the cuts as ``trim=``, the method is elementwise, so the engine computes each
-model's exact per-tensor cut in a streaming pre-pass (`soupkit.tensor_trim`) and runs the method
+model's exact per-tensor cut in a streaming pre-pass (`soupkit.engine.tensor_trim`) and runs the method
 on chunks, with bounded memory; the cuts equal those of `soupkit.methods._ops.topk_cut`.
 
 Exact mode (``compute: exact``, see `soupkit.methods._exact`): the engine hands the method

@@ -26,7 +26,7 @@ switch            paper               mergekit (default)     PEFT ``ties``
 - ``trim_scope: global`` keeps the top-k of each model's *whole* task vector (all merged
   tensors at once, as the paper's code flattens the model); the engine finds the exact global
   k-th magnitude with a streaming radix select over float32 bit patterns (see
-  `soupkit.global_trim`), never concatenating tensors. ``per_tensor`` keeps the top-k of each
+  `soupkit.engine.global_trim`), never concatenating tensors. ``per_tensor`` keeps the top-k of each
   tensor (mergekit, PEFT). A direct call of this function trims over the tensor it is given.
 - Exactly ``k = int(density * n)`` entries survive. Ties at the threshold are broken by
   position: the entry with the lower flat index wins, and across tensors (global scope) the

@@ -24,8 +24,14 @@ from soupkit.search.learned import (
     learned_recipe,
     learned_soup,
 )
-from soupkit.search.optimize import OptimizeResult, SearchSpace, TrialRecord, load_space, optimize
-from soupkit.search.sweep import SweepPoint, SweepResult, sweep, sweep_recipes
+from soupkit.search.recipe_search import (
+    OptimizeResult,
+    SearchSpace,
+    TrialRecord,
+    load_space,
+    optimize,
+)
+from soupkit.search.sweeps import SweepPoint, SweepResult, sweep, sweep_recipes
 
 __all__ = [
     "GreedySoupResult",

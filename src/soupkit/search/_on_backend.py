@@ -34,10 +34,10 @@ from soupkit.backends import (
     remote_evaluator,
     run_jobs,
 )
-from soupkit.config import MergeConfig
 from soupkit.errors import EvaluationError
 from soupkit.evaluate.protocol import EvalResult, Evaluator
 from soupkit.io.checkpoint import Checkpoint
+from soupkit.recipe.schema import MergeConfig
 from soupkit.search._paired import PairedRunner
 from soupkit.search._state import progress_bar
 from soupkit.search.cache import ScoreCache
@@ -52,7 +52,7 @@ from soupkit.search.greedy import (
     soup_key,
 )
 from soupkit.search.sequential import SequentialOptions, check_binary
-from soupkit.search.sweep import SweepPoint
+from soupkit.search.sweeps import SweepPoint
 
 __all__ = ["greedy_on_backend", "greedy_sequential_on_backend", "sweep_on_backend"]
 

@@ -23,7 +23,7 @@ import torch
 
 from soupkit.errors import UsageError
 from soupkit.io.checkpoint import Checkpoint
-from soupkit.io.hashing import HashCache
+from soupkit.io.digest import HashCache
 from soupkit.io.reader import TensorReader
 
 __all__ = [
@@ -91,7 +91,7 @@ def file_sha256(path: Path, on_bytes: Callable[[int], None] | None = None) -> st
 
 
 class FileHashMemo:
-    """Remembers file hashes under `soupkit.io.hashing.HashCache.key` (path, device, inode,
+    """Remembers file hashes under `soupkit.io.digest.HashCache.key` (path, device, inode,
     size, modification and change times).
 
     ``records`` maps that fast key to the hex digest; a `ScoreCache` persists it, so a re-run

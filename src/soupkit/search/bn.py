@@ -21,12 +21,12 @@ from typing import Any
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from soupkit.api import MergeResult, run_merge_plan
-from soupkit.config import load_recipe
+from soupkit.api.merging import MergeResult, run_merge_plan
+from soupkit.engine.execute import MemorySink, run_plan
 from soupkit.errors import UsageError
-from soupkit.execute import MemorySink, run_plan
 from soupkit.io.checkpoint import in_memory_checkpoint
-from soupkit.plan import MergePlan, make_plan
+from soupkit.planning.plan import MergePlan, make_plan
+from soupkit.recipe.schema import load_recipe
 
 __all__ = ["bn_buffer_names", "recalibrate_bn", "write_recalibrated"]
 

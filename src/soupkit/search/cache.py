@@ -14,7 +14,7 @@ record:
   evaluation set, ``null`` where the example was not evaluated (a paired sequential decision
   stops early). Records of one key are merged, so the known examples only grow.
 * ``{"kind": "file", "key": "PATH|DEV|INODE|SIZE|MTIME_NS|CTIME_NS", "sha256": ...}``: a file's
-  hash under a fast key (`soupkit.io.hashing.HashCache.key`), so unchanged files are not
+  hash under a fast key (`soupkit.io.digest.HashCache.key`), so unchanged files are not
   re-hashed.
 
 Early-stopped results are cached too: such a record holds an upper bound of the score that was
@@ -41,7 +41,7 @@ import torch
 
 from soupkit.errors import UsageError
 from soupkit.evaluate.protocol import EvalResult, meets
-from soupkit.io.hashing import HashCache, cache_dir
+from soupkit.io.digest import HashCache, cache_dir
 from soupkit.search._state import FileHashMemo
 
 __all__ = ["ScoreCache", "default_cache_path"]
@@ -50,7 +50,7 @@ _VERSION = 1
 
 
 def default_cache_path() -> Path:
-    """``scores.jsonl`` in soupkit's cache folder (`soupkit.io.hashing.cache_dir`:
+    """``scores.jsonl`` in soupkit's cache folder (`soupkit.io.digest.cache_dir`:
     ``$SOUPKIT_CACHE_DIR``, else ``$XDG_CACHE_HOME/soupkit``, else ``~/.cache/soupkit``)."""
     return cache_dir() / "scores.jsonl"
 
@@ -70,7 +70,7 @@ class ScoreCache:
     Attributes:
         hits: lookups answered from the cache.
         memo: the file-hash memo (persisted in the same file, and shared with the merges'
-            cache of input digests, `soupkit.io.hashing.HashCache`).
+            cache of input digests, `soupkit.io.digest.HashCache`).
     """
 
     def __init__(self, path: str | os.PathLike[str] | None = None) -> None:

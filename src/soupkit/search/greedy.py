@@ -50,13 +50,13 @@ from typing import Any
 
 import torch
 
-from soupkit.api import MergeResult, linear_recipe, plan, run_merge_plan
+from soupkit.api.merging import MergeResult, linear_recipe, plan, run_merge_plan
 from soupkit.backends import Backend, resolve_backend
 from soupkit.errors import UsageError
 from soupkit.evaluate.protocol import EvalResult, Evaluator, meets, run_evaluator
 from soupkit.io.checkpoint import Checkpoint
 from soupkit.io.reader import TensorReader
-from soupkit.plan import MergePlan
+from soupkit.planning.plan import MergePlan
 from soupkit.search._paired import PairedRunner, require_per_example
 from soupkit.search._state import (
     checkpoint_digest,
@@ -767,7 +767,7 @@ def write_search_output(
 
     Returns the output folder, the merge result, the plot's path (or None) and the notes.
     """
-    from soupkit import report_plot
+    from soupkit.search import report_plot
 
     notes = list(notes)
     files: dict[str, bytes] = {}
@@ -812,7 +812,7 @@ def _write(
     t0: float,
     recalibrate: tuple[torch.nn.Module, Iterable[Any]] | None = None,
 ) -> GreedySoupResult:
-    from soupkit import report_plot
+    from soupkit.search import report_plot
 
     history = _replace(result, seconds=time.perf_counter() - t0).to_dict()
     p = plan(linear_recipe(result.ingredients), max_shard_size=max_shard_size)

@@ -44,13 +44,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from soupkit.api import MergeResult, linear_recipe, plan, run_merge_plan
-from soupkit.config import MergeConfig, load_recipe
+from soupkit.api.merging import MergeResult, linear_recipe, plan, run_merge_plan
 from soupkit.errors import UsageError
 from soupkit.evaluate.protocol import Evaluator, run_evaluator
 from soupkit.io.checkpoint import Checkpoint
 from soupkit.io.header import TensorInfo
 from soupkit.io.reader import TensorReader
+from soupkit.recipe.schema import MergeConfig, load_recipe
 from soupkit.search._state import progress_bar
 
 __all__ = [
@@ -546,7 +546,7 @@ def _write(
     report_extra: Mapping[str, Any] | None,
     t0: float,
 ) -> LearnedSoupResult:
-    from soupkit import report_plot
+    from soupkit.search import report_plot
     from soupkit.search.bn import write_recalibrated
 
     notes = list(result.notes)

@@ -40,7 +40,7 @@ per-tensor trim, as ``add_weighted_adapter`` does); a whole-model magnitude trim
 each module's ``W_ft - W_base``.
 
 ``adapter_config.json`` is validated and every ``LoraConfig`` field classified in
-`soupkit.lora_config`: what soupkit cannot fold exactly (DoRA, aLoRA, trainable tokens, KaSA,
+`soupkit.adapters.lora_config`: what soupkit cannot fold exactly (DoRA, aLoRA, trainable tokens, KaSA,
 PiSSA-style initialisations, other PEFT types, ...) is refused by PEFT's name, never ignored;
 grouped convolutions fail on their shapes. NaN / Inf in any output stop the run
 (`NonFiniteError`) unless ``allow_nonfinite``.
@@ -65,7 +65,8 @@ from pydantic import ValidationError
 
 from soupkit import methods
 from soupkit._version import __version__
-from soupkit.compat.hf import card_front_matter, render_card
+from soupkit.adapters.lora_config import clip, pattern_key, validate_adapter_config
+from soupkit.engine.execute import RNG_BLOCK, all_finite, tensor_seed
 from soupkit.errors import (
     CheckpointFormatError,
     ConfigError,
@@ -75,7 +76,7 @@ from soupkit.errors import (
     UsageError,
     shown,
 )
-from soupkit.execute import RNG_BLOCK, all_finite, tensor_seed
+from soupkit.io.card import card_front_matter, render_card
 from soupkit.io.checkpoint import CARRY_FILES, Checkpoint, carried_files, open_checkpoint
 from soupkit.io.header import DTYPES, TensorInfo
 from soupkit.io.links import resolve_model_file
@@ -88,9 +89,8 @@ from soupkit.io.writer import (
     parse_size,
     write_index,
 )
-from soupkit.lora_config import clip, pattern_key, validate_adapter_config
 from soupkit.methods import MethodSpec, Params
-from soupkit.params import LayerIndex, resolve_chain
+from soupkit.recipe.params import LayerIndex, resolve_chain
 
 __all__ = [
     "ADAPTER_CONFIG",
@@ -991,7 +991,7 @@ def merge_loras(
     targets, match_notes = _targets(ads, base_ck)
     notes += match_notes
     layers = LayerIndex.from_names(base_ck.tensors)
-    from soupkit.config import load_recipe
+    from soupkit.recipe.schema import load_recipe
 
     load_recipe(
         {
@@ -1140,7 +1140,7 @@ def _deltas(tg: _Target, n: int, reader: TensorReader, w: torch.Tensor) -> list[
 def _combine(
     spec: MethodSpec, p: Params, deltas: list[torch.Tensor], w: torch.Tensor, seed: int, name: str
 ) -> torch.Tensor:
-    """The merged delta for one tensor, with the engine's seeding (see `soupkit.execute`)."""
+    """The merged delta for one tensor, with the engine's seeding (see `soupkit.engine.execute`)."""
 
     def run(
         ds: list[torch.Tensor], base: torch.Tensor, rng: torch.Generator | None

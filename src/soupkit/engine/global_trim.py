@@ -31,13 +31,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from soupkit.engine.tensor_trim import select_bucket as _select
 from soupkit.io.header import TensorInfo
 from soupkit.io.reader import TensorReader
 from soupkit.methods import MagnitudeCut, MethodSpec
-from soupkit.tensor_trim import select_bucket as _select
 
 if TYPE_CHECKING:  # plan imports this module for `check_global_trim`
-    from soupkit.plan import MergePlan, TensorJob
+    from soupkit.planning.plan import MergePlan, TensorJob
 
 __all__ = [
     "GlobalTrim",

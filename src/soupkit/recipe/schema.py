@@ -18,7 +18,7 @@ soupkit supports runs unchanged::
     compute: float32              # soupkit: `exact` computes as mergekit 0.1.5 does, bit for bit
 
 Instead of ``models:``, a recipe may give mergekit's ``slices:`` (layer ranges stacked into a
-new model, see `soupkit.compat.mergekit`)::
+new model, see `soupkit.planning.slices`)::
 
     merge_method: passthrough
     slices:

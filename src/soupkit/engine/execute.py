@@ -6,7 +6,7 @@ in a single pass; `run_plan` is `run_plans` with one plan.
 Memory is bounded by the plan: elementwise methods run on chunks of ``plan.chunk_elems``
 elements (the inputs of one chunk plus one output chunk, and the next chunk read ahead);
 methods whose only whole-tensor step is a magnitude trim (TIES) get each model's exact cut from
-a streaming pre-pass (`soupkit.tensor_trim`) and then run on chunks too; other methods get
+a streaming pre-pass (`soupkit.engine.tensor_trim`) and then run on chunks too; other methods get
 whole tensors (the inputs of one tensor plus one output). Randomness comes only from a
 `torch.Generator` seeded from (recipe seed, tensor name[, block]), so output bytes never depend
 on chunking, order or threads.
@@ -40,18 +40,18 @@ from typing import Protocol
 
 import torch
 
-from soupkit import _interrupts
-from soupkit._sizes import COMPUTE_ELEMS, RNG_BLOCK
-from soupkit._sizes import compute_threads as _sizes_compute_threads
-from soupkit._sizes import stream_threads as _sizes_stream_threads
+from soupkit._util import interrupts as _interrupts
+from soupkit.engine.global_trim import compute_cuts
+from soupkit.engine.tensor_trim import TopKSelect, chunk_cut, magnitude_bits
 from soupkit.errors import MethodInputError, NonFiniteError, UsageError, shown
-from soupkit.global_trim import compute_cuts
 from soupkit.io.header import DTYPES, FileStamp, TensorInfo
 from soupkit.io.reader import TensorReader
 from soupkit.io.writer import Journal, ShardWriter, write_index
 from soupkit.methods import MagnitudeCut, MethodSpec
-from soupkit.plan import MergePlan, TensorJob
-from soupkit.tensor_trim import TopKSelect, chunk_cut, magnitude_bits
+from soupkit.planning.plan import MergePlan, TensorJob
+from soupkit.planning.sizes import COMPUTE_ELEMS, RNG_BLOCK
+from soupkit.planning.sizes import compute_threads as _sizes_compute_threads
+from soupkit.planning.sizes import stream_threads as _sizes_stream_threads
 
 __all__ = [
     "COMPUTE_ELEMS",
@@ -357,7 +357,7 @@ def check_shared_inputs(plans: Sequence[MergePlan]) -> None:
 #   For elementwise methods (and stochastic ones, one RNG block per piece) the pieces of a unit
 #   are shared with helper threads, each with its own buffers (torch kernels release the GIL):
 #   by default all usable CPUs (at most 4) for RNG blocks, one fewer for cheap pieces, whose
-#   page-cache copies and writes keep about one core busy (see soupkit._sizes). TIES-like
+#   page-cache copies and writes keep about one core busy (see soupkit.planning.sizes). TIES-like
 #   trims share their histogram passes the same way (each helper counts into its own fork;
 #   integer counts add exactly) and then merge on the main thread, which spends each model's
 #   tie quota in piece order;
@@ -368,7 +368,7 @@ def check_shared_inputs(plans: Sequence[MergePlan]) -> None:
 # elementwise ops on cache-sized pieces gain little from it, and on a contended machine a pool
 # of spinning threads is far slower than one thread (measured; see benchmarks/README.md).
 
-# Units and pieces: see soupkit._sizes (RNG_BLOCK, COMPUTE_ELEMS).
+# Units and pieces: see soupkit.planning.sizes (RNG_BLOCK, COMPUTE_ELEMS).
 
 _END = object()
 _POLL = 0.1  # seconds: cross-thread waits poll, so that no lost wake-up can hang a run
@@ -1234,7 +1234,7 @@ def run_plans(
             compute threads already run in their own threads); restored afterwards.
         compute_threads: threads that share the pieces of each unit (default: the CPUs this
             process may use, at most 4, for stochastic methods' RNG blocks; one fewer for cheap
-            elementwise pieces and TIES's counting passes, see `soupkit._sizes`); the output
+            elementwise pieces and TIES's counting passes, see `soupkit.planning.sizes`); the output
             bytes do not depend on it.
 
     Returns:
@@ -1315,7 +1315,7 @@ def run_plan(
     """Run every job of ``plan`` into ``sink`` (`run_plans` with one plan).
 
     Args:
-        plan: the plan (see `soupkit.plan.make_plan`).
+        plan: the plan (see `soupkit.planning.plan.make_plan`).
         sink: where outputs go.
         progress: called with the number of input bytes consumed after each chunk.
         allow_nonfinite: write NaN / Inf outputs instead of raising (they are listed in

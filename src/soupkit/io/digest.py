@@ -27,7 +27,7 @@ import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from soupkit import _interrupts
+from soupkit._util import interrupts as _interrupts
 from soupkit.errors import CheckpointFormatError, shown
 from soupkit.io.header import FileStamp, changed_message, file_stamp
 

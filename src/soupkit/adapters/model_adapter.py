@@ -3,7 +3,7 @@
 A recipe may name ``./base+./lora`` (mergekit: ``org/model+org/adapter``) wherever it names a
 model: the model is the base with the adapter folded in, ``W + scale * B @ A`` per adapted
 module. As mergekit does (its ``--lora-merge-cache``), the folded model is written once into a
-cache folder and read from there: `soupkit.lora.fold_lora` streams it tensor by tensor (memory:
+cache folder and read from there: `soupkit.adapters.lora.fold_lora` streams it tensor by tensor (memory:
 one base tensor plus that module's factors), so the result is exactly ``soupkit lora fold``'s.
 The cache key holds both paths, their files' sizes and modification times, and the rounding, so
 an edited adapter is folded again.
@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from soupkit.config import MergeConfig
     from soupkit.io.checkpoint import Checkpoint
+    from soupkit.recipe.schema import MergeConfig
 
 __all__ = [
     "CACHE_ENV",
@@ -78,8 +78,8 @@ def resolve_model_adapter(
         CheckpointFormatError: either side is missing or unreadable (names it).
         PlanError: the adapter does not fit the model.
     """
+    from soupkit.adapters.lora import fold_lora
     from soupkit.errors import CheckpointFormatError
-    from soupkit.lora import fold_lora
 
     m, a = Path(resolve(model)), Path(resolve(adapter))
     for side, p in (("model", m), ("adapter", a)):

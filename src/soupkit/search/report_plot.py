@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from soupkit import _extras
+from soupkit._util import extras as _extras
 
 __all__ = [
     "greedy_plot",

@@ -44,10 +44,10 @@ from typing import Any
 
 import torch
 
-from soupkit import _extras
+from soupkit._util import extras as _extras
 from soupkit.errors import UsageError
-from soupkit.formats import KeyMap, prefix_hint, rename_checkpoint
 from soupkit.io.checkpoint import Checkpoint, in_memory_checkpoint, open_checkpoint
+from soupkit.io.names import KeyMap, prefix_hint, rename_checkpoint
 from soupkit.io.reader import TensorReader
 
 __all__ = ["DiagnosisReport", "Interpolation", "diagnose"]
@@ -227,7 +227,7 @@ def _group(name: str) -> str:
 def _open(x: ModelLike, label: str, allow_pickle: bool) -> Checkpoint:
     if isinstance(x, (str, os.PathLike)):
         return open_checkpoint(x, allow_pickle=allow_pickle)
-    from soupkit.formats import as_state_dict
+    from soupkit.io.names import as_state_dict
 
     return in_memory_checkpoint(as_state_dict(x, label), label)
 
@@ -460,7 +460,7 @@ def _interpolate(
     points: int,
     progress: bool | None,
 ) -> list[Interpolation]:
-    from soupkit.api import merge_state_dicts
+    from soupkit.api.merging import merge_state_dicts
     from soupkit.evaluate import run_evaluator
 
     alphas = tuple(i / (points - 1) for i in range(points))

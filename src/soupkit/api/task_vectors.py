@@ -30,13 +30,13 @@ from typing import Any, TypeGuard, Union
 
 import torch
 
-from soupkit.api import MergeResult, run_merge_plan
-from soupkit.config import MergeConfig
+from soupkit.api.merging import MergeResult, run_merge_plan
+from soupkit.engine.execute import MemorySink, run_plan
 from soupkit.errors import UsageError
-from soupkit.execute import MemorySink, run_plan
 from soupkit.io.checkpoint import Checkpoint, in_memory_checkpoint, open_checkpoint
 from soupkit.io.reader import TensorReader
-from soupkit.plan import MergePlan, make_plan
+from soupkit.planning.plan import MergePlan, make_plan
+from soupkit.recipe.schema import MergeConfig
 
 __all__ = ["ModelLike", "TaskVector"]
 
@@ -243,7 +243,7 @@ class TaskVector:
             scale: the paper's lambda.
             out_dtype: output dtype (default: the target's).
             max_shard_size: largest output shard.
-            **merge_options: passed to `soupkit.api.run_merge_plan` (``force``, ``progress``, ...).
+            **merge_options: passed to `soupkit.api.merging.run_merge_plan` (``force``, ``progress``, ...).
         """
         p = self.plan(target, scale=scale, out_dtype=out_dtype, max_shard_size=max_shard_size)
         return run_merge_plan(p, out_dir, **merge_options)

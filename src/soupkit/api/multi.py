@@ -1,9 +1,9 @@
 """One pass over the inputs, several outputs: WiSE-FT alpha grids and other sweeps.
 
-`run_plans` (the engine of `soupkit.execute`, re-exported here) runs several plans that read
+`run_plans` (the engine of `soupkit.engine.execute`, re-exported here) runs several plans that read
 the same tensors (the same models, base and tensor names; any method and parameters) in a
 single pass: each chunk of each input is read once and handed to every plan, and every plan's
-output is bit for bit what `soupkit.execute.run_plan` gives for that plan alone (same chunking
+output is bit for bit what `soupkit.engine.execute.run_plan` gives for that plan alone (same chunking
 rules, same per-tensor and per-block seeds, same magnitude cuts). `merge_many` writes each plan's output into its own folder, atomically and
 with config files, model card and report, like `soupkit.merge`. `wise_ft` is the WiSE-FT front
 end: one folder ``alpha-0.50/`` per mixing coefficient.
@@ -23,13 +23,14 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from soupkit import _interrupts, api
-from soupkit.config import MergeConfig
+from soupkit._util import interrupts as _interrupts
+from soupkit.api import merging as api
+from soupkit.engine.execute import FileSink, check_shared_inputs, run_plans
 from soupkit.errors import UsageError
-from soupkit.execute import FileSink, check_shared_inputs, run_plans
-from soupkit.io.hashing import BackgroundHasher, HashCache, changed_files_check
+from soupkit.io.digest import BackgroundHasher, HashCache, changed_files_check
 from soupkit.io.writer import OutputFolder
-from soupkit.plan import DEFAULT_CHUNK_ELEMS, MergePlan, make_plan, plan_recipe
+from soupkit.planning.plan import DEFAULT_CHUNK_ELEMS, MergePlan, make_plan, plan_recipe
+from soupkit.recipe.schema import MergeConfig
 
 __all__ = ["alpha_folder_names", "merge_many", "run_plans", "wise_ft", "wise_ft_recipe"]
 

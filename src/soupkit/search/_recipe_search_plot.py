@@ -1,6 +1,6 @@
 """The plots of `soupkit.optimize`: the optimisation history and the best recipe per layer.
 
-Drawn like every soupkit plot (`soupkit.report_plot`): a bare matplotlib ``Figure`` on the Agg
+Drawn like every soupkit plot (`soupkit.search.report_plot`): a bare matplotlib ``Figure`` on the Agg
 canvas, from JSON-ready data, so they can be redrawn from ``report.json``.
 """
 
@@ -10,10 +10,10 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from soupkit.config import MergeConfig
-from soupkit.params import _LAYER
-from soupkit.plan import MergePlan
-from soupkit.report_plot import _BLUE, _GREEN, _GREY, _RED, _figure, _png, short_labels
+from soupkit.planning.plan import MergePlan
+from soupkit.recipe.params import _LAYER
+from soupkit.recipe.schema import MergeConfig
+from soupkit.search.report_plot import _BLUE, _GREEN, _GREY, _RED, _figure, _png, short_labels
 
 __all__ = ["coefficients", "coefficients_plot", "history_plot"]
 

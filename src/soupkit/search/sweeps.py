@@ -18,7 +18,7 @@ Any other numeric global parameter of any registered method can be swept the sam
 value is set under the recipe's top-level ``parameters`` (so for a per-model parameter such as
 ``density`` it is the default of every model).
 
-Each grid point is merged by the engine into memory (`soupkit.execute.MemorySink`: the inputs
+Each grid point is merged by the engine into memory (`soupkit.engine.execute.MemorySink`: the inputs
 stream from the files, one output model is held) and scored by the evaluator. Every point is
 evaluated on every example (no early stopping): the curve, not only the winner, is the result.
 With ``sequential=True`` each point is instead compared with the best point before it by the
@@ -46,14 +46,14 @@ from pathlib import Path
 from typing import Any
 
 from soupkit import methods
-from soupkit.api import MergeResult, plan
+from soupkit.api.merging import MergeResult, plan
 from soupkit.backends import Backend, resolve_backend
-from soupkit.config import MergeConfig, load_recipe
+from soupkit.engine.execute import MemorySink, run_plan
 from soupkit.errors import ConfigError, UsageError
 from soupkit.evaluate.protocol import Evaluator, run_evaluator
-from soupkit.execute import MemorySink, run_plan
 from soupkit.io.checkpoint import open_checkpoint
-from soupkit.plan import MergePlan
+from soupkit.planning.plan import MergePlan
+from soupkit.recipe.schema import MergeConfig, load_recipe
 from soupkit.search._paired import PairedRunner, require_per_example
 from soupkit.search._state import checkpoint_digest, progress_bar
 from soupkit.search.cache import ScoreCache
@@ -642,7 +642,7 @@ def _write(
     recalibrate: tuple[Any, Iterable[Any]] | None = None,
     max_shard_size: int | str = "5GB",
 ) -> SweepResult:
-    from soupkit import report_plot
+    from soupkit.search import report_plot
 
     history = replace(result, seconds=time.perf_counter() - t0).to_dict()
     dest, merged, plot_path, notes = write_search_output(

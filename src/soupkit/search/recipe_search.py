@@ -1,6 +1,6 @@
 """Evaluation-driven search over whole recipes: `optimize` (``soupkit optimize``).
 
-A *search space* is a recipe (`soupkit.config`, mergekit's schema) in which any parameter value
+A *search space* is a recipe (`soupkit.recipe.schema`, mergekit's schema) in which any parameter value
 may be a search range instead of a number:
 
 ================================  ==============================================================
@@ -20,7 +20,7 @@ may be a search range instead of a number:
 When the method itself is a choice, a parameter is sampled (and written) only for the methods
 that take it; a parameter no method of the choice takes is an error.
 
-Every trial's recipe is merged by the engine into memory (`soupkit.execute.MemorySink`: inputs
+Every trial's recipe is merged by the engine into memory (`soupkit.engine.execute.MemorySink`: inputs
 stream from the files, one candidate is held, nothing is written) and scored by the evaluator.
 The search is Optuna's (TPE by default, or CMA-ES, or random; see docs/optimize.md for why TPE):
 soupkit only maps the space to Optuna's distributions, the trials to recipes and scores.
@@ -63,8 +63,8 @@ from typing import Any
 import yaml
 
 from soupkit import methods
-from soupkit._extras import require
-from soupkit.api import MergeResult, plan
+from soupkit._util.extras import require
+from soupkit.api.merging import MergeResult, plan
 from soupkit.backends import (
     Backend,
     EvalJob,
@@ -75,15 +75,15 @@ from soupkit.backends import (
     resolve_backend,
     run_jobs,
 )
-from soupkit.config import MergeConfig, load_recipe
+from soupkit.engine.execute import MemorySink, run_plan
 from soupkit.errors import ConfigError, PlanError, SoupError, UsageError
 from soupkit.evaluate.protocol import EvalResult, Evaluator, run_evaluator
-from soupkit.execute import MemorySink, run_plan
 from soupkit.io.checkpoint import open_checkpoint
+from soupkit.recipe.schema import MergeConfig, load_recipe
 from soupkit.search._state import checkpoint_digest, progress_bar
 from soupkit.search.cache import ScoreCache
 from soupkit.search.greedy import _identity, open_cache
-from soupkit.search.sweep import _recipe_key
+from soupkit.search.sweeps import _recipe_key
 
 __all__ = ["SAMPLERS", "OptimizeResult", "SearchSpace", "TrialRecord", "load_space", "optimize"]
 
@@ -1344,9 +1344,9 @@ def _write(
     report_extra: Mapping[str, Any] | None,
     t0: float,
 ) -> OptimizeResult:
-    from soupkit import report_plot
-    from soupkit.api import run_merge_plan
-    from soupkit.search import _optimize_plot
+    from soupkit.api.merging import run_merge_plan
+    from soupkit.search import _recipe_search_plot as _optimize_plot
+    from soupkit.search import report_plot
 
     notes = list(result.notes)
     p = plan(result.recipe, max_shard_size=max_shard_size)

@@ -18,17 +18,17 @@ from typing import Any
 
 import torch
 
-from soupkit import _interrupts
+from soupkit._util import interrupts as _interrupts
 from soupkit._version import __version__
-from soupkit.config import Compute, MergeConfig, ModelEntry, load_recipe
+from soupkit.engine.execute import FileSink, MemorySink, RunStats, plan_stamps, run_plan
 from soupkit.errors import CheckpointFormatError, ConfigError, UsageError, shown
-from soupkit.execute import FileSink, MemorySink, RunStats, plan_stamps, run_plan
-from soupkit.formats import KeyMap, as_state_dict
 from soupkit.io.checkpoint import MAX_CARRY_BYTES, Checkpoint, in_memory_checkpoint
-from soupkit.io.hashing import BackgroundHasher, HashCache, changed_files_check, file_state
+from soupkit.io.digest import BackgroundHasher, HashCache, changed_files_check, file_state
 from soupkit.io.header import FileStamp
+from soupkit.io.names import KeyMap, as_state_dict
 from soupkit.io.writer import Journal, OutputFolder, copy_file, io_failure
-from soupkit.plan import DEFAULT_CHUNK_ELEMS, MergePlan, make_plan, plan_recipe
+from soupkit.planning.plan import DEFAULT_CHUNK_ELEMS, MergePlan, make_plan, plan_recipe
+from soupkit.recipe.schema import Compute, MergeConfig, ModelEntry, load_recipe
 
 __all__ = [
     "MergeResult",
@@ -76,7 +76,7 @@ def plan(
         chunk_elems: elements per chunk for elementwise methods (bounds memory).
         allow_pickle: accept PyTorch pickle checkpoints (``.bin``, ``.pt``, ``.ckpt``), loaded
             only through ``torch.load(weights_only=True)``; refused otherwise.
-        key_map: rename every input's tensors first (`soupkit.formats.KeyMap`, e.g.
+        key_map: rename every input's tensors first (`soupkit.io.names.KeyMap`, e.g.
             ``KeyMap.build(strip_prefix="model.")`` for Lightning checkpoints).
         compute: overrides the recipe's ``compute``: ``"float32"`` (accumulate in float32) or
             ``"exact"`` (mergekit 0.1.5's arithmetic in the recipe's dtype, bit for bit).
@@ -120,7 +120,7 @@ def _at_commit(c: Checkpoint) -> str:
 
 
 def _model_card(p: MergePlan) -> str:
-    from soupkit.compat.hf import card_front_matter, render_card
+    from soupkit.io.card import card_front_matter, render_card
 
     cfg = p.config
     # every input is a base of a merge (the Hub's model tree), the base model first
@@ -403,7 +403,7 @@ def _updated_config(p: MergePlan, src: Path, data: bytes) -> bytes:
     """The carried ``config.json`` with the plan's updates (e.g. a sliced model's layer count)
     and ``torch_dtype`` (and ``dtype``, if the file has that newer key) naming the dtype the
     tensors are written in, so ``transformers`` with ``dtype="auto"`` loads what was written."""
-    from soupkit.compat.mergekit import update_config
+    from soupkit.planning.slices import update_config
 
     updates = dict(p.config_updates)
     written = p.written_dtype

@@ -1,4 +1,4 @@
-"""The engine's buffer sizes, shared by the engine (`soupkit.execute`, `soupkit.tensor_trim`)
+"""The engine's buffer sizes, shared by the engine (`soupkit.engine.execute`, `soupkit.engine.tensor_trim`)
 and by the plan's memory estimate, which must not import the engine (layering: plan -> io,
 methods; execute -> plan)."""
 

@@ -11,7 +11,7 @@ newer PEFT fails a test instead of being ignored; a key that is not in the table
 Validation is explicit and collects every problem into one `ConfigError` naming the file and the
 field: wrong types (``fan_in_fan_out: "no"`` is a type error, not true), non-finite or out-of-range
 numbers (``lora_alpha: NaN``), and ``rank_pattern`` / ``alpha_pattern`` keys that are too long, too
-many, or regular expressions soupkit cannot match in bounded time (see `soupkit._safe_regex`;
+many, or regular expressions soupkit cannot match in bounded time (see `soupkit._util.safe_regex`;
 PEFT matches a key ``k`` with ``re.match(rf"(.*\\.)?({k})$", module)``, and soupkit gives the same
 answer without backtracking). The limits are the module constants below (SECURITY.md,
 "Adapter configs").
@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from soupkit._safe_regex import MAX_PATTERN_CHARS, UnsafePatternError, safe_match
+from soupkit._util.safe_regex import MAX_PATTERN_CHARS, UnsafePatternError, safe_match
 from soupkit.errors import ConfigError, UsageError
 
 __all__ = [
@@ -336,7 +336,7 @@ def validate_adapter_config(cfg: Mapping[str, Any], source: str) -> AdapterSetti
 
 def pattern_key(keys: list[str], module: str) -> str | None:
     """PEFT's get_pattern_key: the first key ``k`` with ``re.match(rf"(.*\\.)?({k})$", module)``,
-    matched without backtracking (`soupkit._safe_regex`); None when none matches.
+    matched without backtracking (`soupkit._util.safe_regex`); None when none matches.
 
     Raises:
         UsageError: a module name longer than `MAX_NAME_CHARS`.

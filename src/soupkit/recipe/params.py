@@ -31,7 +31,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from soupkit.config import Conditional, ParamValue
+from soupkit.recipe.schema import Conditional, ParamValue
 
 __all__ = ["LayerIndex", "condition_matches", "first_match", "resolve_chain", "resolve_value"]
 

@@ -21,15 +21,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from soupkit import methods
-from soupkit._sizes import (
-    BATCH_ENTRIES,
-    COMPUTE_ELEMS,
-    OUTPUT_BUFFERS,
-    RNG_BLOCK,
-    compute_threads,
-    stream_threads,
-)
-from soupkit.config import Conditional, MergeConfig, ModelEntry, ParamValue
+from soupkit.engine.global_trim import check_global_trim, global_trim_notes
 from soupkit.errors import (
     CheckpointFormatError,
     ConfigError,
@@ -38,14 +30,22 @@ from soupkit.errors import (
     UnknownMethodError,
     shown,
 )
-from soupkit.formats import KeyMap, prefix_fix, rename_checkpoint
-from soupkit.global_trim import check_global_trim, global_trim_notes
 from soupkit.io.checkpoint import CARRY_FILES, Checkpoint, carried_files, open_checkpoint
 from soupkit.io.header import DTYPES, TensorInfo
+from soupkit.io.names import KeyMap, prefix_fix, rename_checkpoint
 from soupkit.io.writer import STAGING_BYTES, OutputTensor, ShardLayout, layout_shards, parse_size
 from soupkit.methods import MethodSpec, Params
 from soupkit.methods._conventions import describe_convention
-from soupkit.params import LayerIndex, condition_matches, first_match, resolve_chain
+from soupkit.planning.sizes import (
+    BATCH_ENTRIES,
+    COMPUTE_ELEMS,
+    OUTPUT_BUFFERS,
+    RNG_BLOCK,
+    compute_threads,
+    stream_threads,
+)
+from soupkit.recipe.params import LayerIndex, condition_matches, first_match, resolve_chain
+from soupkit.recipe.schema import Conditional, MergeConfig, ModelEntry, ParamValue
 
 __all__ = ["DEFAULT_CHUNK_ELEMS", "MergePlan", "TensorJob", "make_plan", "plan_recipe"]
 
@@ -191,7 +191,7 @@ class MergePlan:
 
     def describe(self, *, max_rows: int = 40) -> str:
         """A human-readable dry-run report."""
-        from soupkit._format import human_bytes
+        from soupkit._util.format import human_bytes
 
         cfg = self.config
         lines = [
@@ -454,7 +454,9 @@ def _open_all(
     def get(path: str, where: str) -> Checkpoint | None:
         if path not in cache:
             try:
-                from soupkit.compat.model_adapter import open_model  # imports soupkit.lora
+                from soupkit.adapters.model_adapter import (
+                    open_model,  # imports soupkit.adapters.lora
+                )
 
                 cache[path] = open_model(cfg, path, allow_pickle=allow_pickle)
             except SoupError as e:
@@ -479,9 +481,9 @@ def plan_recipe(
 
     ``allow_pickle`` accepts PyTorch pickle checkpoints (loaded only with
     ``torch.load(weights_only=True)``); without it they are refused with `UnsafeFormatError`.
-    ``key_map`` renames every input's tensors first (`soupkit.formats.KeyMap`: prefix strips
+    ``key_map`` renames every input's tensors first (`soupkit.io.names.KeyMap`: prefix strips
     and regex renames), after the recipe's own ``strip_prefix:``. Recipes with mergekit
-    ``slices`` are planned by `soupkit.compat.mergekit.plan_slices`.
+    ``slices`` are planned by `soupkit.planning.slices.plan_slices`.
 
     Raises:
         ConfigError: the recipe is inconsistent with its method (unknown parameters, no base).
@@ -493,7 +495,7 @@ def plan_recipe(
             KeyMap.build(strip_prefix=cfg.strip_prefix).rules + (key_map.rules if key_map else ())
         )
     if cfg.slices or (cfg.merge_method == "passthrough" and "passthrough" not in methods.REGISTRY):
-        from soupkit.compat.mergekit import plan_slices  # imports this module
+        from soupkit.planning.slices import plan_slices  # imports this module
 
         return plan_slices(
             cfg,

@@ -33,7 +33,7 @@ slice), and pre / post weights use ``t = 0``. ``filter`` matches the *output* te
 tensor) takes one source per slice; with ``models:`` it takes one model and copies it whole.
 Other methods take several sources per slice; a method that uses a base needs the base (the
 slice's ``base_model`` or the recipe's) among the slice's sources, as mergekit does, and then
-uses that source as the base only (as `soupkit.plan` does for ``models:``). A method whose base
+uses that source as the base only (as `soupkit.planning.plan` does for ``models:``). A method whose base
 is optional (``nuslerp``, ``multislerp``) does so only when the slice or recipe names a base.
 """
 
@@ -48,8 +48,8 @@ from typing import Any, ClassVar
 import torch
 
 from soupkit import methods
-from soupkit.compat.model_adapter import open_model
-from soupkit.config import Conditional, MergeConfig, ParamValue, Slice, SliceSource
+from soupkit.adapters.model_adapter import open_model
+from soupkit.engine.global_trim import check_global_trim
 from soupkit.errors import (
     CheckpointFormatError,
     ConfigError,
@@ -57,14 +57,12 @@ from soupkit.errors import (
     SoupError,
     UnknownMethodError,
 )
-from soupkit.formats import KeyMap, rename_checkpoint
-from soupkit.global_trim import check_global_trim
 from soupkit.io.checkpoint import Checkpoint, carried_files
 from soupkit.io.header import TensorInfo
+from soupkit.io.names import KeyMap, rename_checkpoint
 from soupkit.io.writer import OutputTensor, layout_shards, parse_size
 from soupkit.methods import MethodSpec, Params
-from soupkit.params import resolve_chain
-from soupkit.plan import (
+from soupkit.planning.plan import (
     DEFAULT_CHUNK_ELEMS,
     MergePlan,
     TensorJob,
@@ -78,6 +76,8 @@ from soupkit.plan import (
     parameter_problems,
     validated_params,
 )
+from soupkit.recipe.params import resolve_chain
+from soupkit.recipe.schema import Conditional, MergeConfig, ParamValue, Slice, SliceSource
 
 __all__ = [
     "LAYER_COUNT_KEYS",

@@ -30,8 +30,8 @@ from typing import Any
 
 import torch
 
-from soupkit._sizes import BATCH_ENTRIES
 from soupkit.methods import MagnitudeCut
+from soupkit.planning.sizes import BATCH_ENTRIES
 
 __all__ = ["TopKSelect", "chunk_cut", "magnitude_bits", "select_bucket"]
 

@@ -23,7 +23,9 @@ measures
 It also measures the page-cache read ceiling: ``cat`` of the same input files to ``/dev/null``
 with a warm cache (median of 3), and reports each tool's throughput as a fraction of it.
 Before every timed run the inputs are read once (warm cache) and ``sync`` flushes the previous
-run's output, so runs do not pay for each other's writeback.
+run's output, so runs do not pay for each other's writeback. With ``--cold`` the inputs are
+instead evicted from the page cache (``posix_fadvise(DONTNEED)``) before every run of every
+tool and before every timed ``cat``: the first merge of new downloads, read from the disk.
 
 Finally it checks the outputs tensor by tensor: soupkit against mergekit (bit-identical? max
 absolute difference?) and, for linear and task_arithmetic, both against an fp32 reference
@@ -523,12 +525,39 @@ def measure(
     )
 
 
-def cat_seconds(files: Sequence[Path], runs: int = 3) -> list[float]:
-    """Time ``cat FILES > /dev/null`` (warm page cache: one untimed pass first)."""
+def evict(files: Sequence[Path]) -> None:
+    """Drop ``files`` from the page cache (``posix_fadvise(DONTNEED)``: no root needed).
+
+    Dirty pages cannot be dropped, so the caller syncs first. What a user's first merge of new
+    downloads sees: every byte comes from the disk.
+    """
+    os.sync()
+    for f in files:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def warm(files: Sequence[Path], cold: bool) -> None:
+    """Put ``files`` in the page cache (a ``cat``), or out of it (``cold``)."""
+    if cold:
+        evict(files)
+    else:
+        subprocess.run(["cat", *map(str, files)], stdout=subprocess.DEVNULL, check=True)
+
+
+def cat_seconds(files: Sequence[Path], runs: int = 3, cold: bool = False) -> list[float]:
+    """Time ``cat FILES > /dev/null``: warm page cache (one untimed pass first), or ``cold``
+    (the files evicted before each pass)."""
     cmd = ["cat", *map(str, files)]
-    subprocess.run(cmd, stdout=subprocess.DEVNULL, check=True)
+    if not cold:
+        subprocess.run(cmd, stdout=subprocess.DEVNULL, check=True)
     times = []
     for _ in range(runs):
+        if cold:
+            evict(files)
         t0 = time.perf_counter()
         subprocess.run(cmd, stdout=subprocess.DEVNULL, check=True)
         times.append(time.perf_counter() - t0)
@@ -742,7 +771,12 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             if meta.get("mergekit_runs", meta["runs"]) != meta["runs"]
             else ""
         )
-        + " (wall = median (min–max)); cat: median of 3, warm page cache",
+        + " (wall = median (min–max)); cat: median of 3, "
+        + (
+            "COLD page cache (inputs evicted before every run)"
+            if meta.get("cold")
+            else "warm page cache"
+        ),
         "- tools: "
         + "; ".join(
             f"{t['name']} {t['version']}"
@@ -918,6 +952,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--timeout", type=float, help="kill a tool run after this many seconds")
     p.add_argument(
+        "--cold",
+        action="store_true",
+        help="cold page cache: evict the inputs before every run of every tool and every timed "
+        "`cat` (posix_fadvise DONTNEED), instead of warming them",
+    )
+    p.add_argument(
         "--snapshot",
         action="store_true",
         help="run soupkit from a copy of src/soupkit taken at start (the tree is being edited)",
@@ -1020,6 +1060,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "data": str(args.data),
         "data_desc": data_desc,
         "runs": args.runs,
+        "cold": args.cold,
         "mergekit_runs": args.mergekit_runs,
         "interval_s": args.interval,
         "git": _git_rev(),
@@ -1057,7 +1098,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         recipe_path.write_text(dump_yaml(recipe))
         files = [f for d in recipe_inputs(recipe) for f in safetensors_files(d)]
         input_bytes = sum(f.stat().st_size for f in files)
-        cat = cat_seconds(files, 3)
+        cat = cat_seconds(files, 3, cold=args.cold)
         rec: dict[str, Any] = {
             "name": rname,
             "recipe": str(recipe_path),
@@ -1089,9 +1130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 shutil.rmtree(out, ignore_errors=True)
                 out.parent.mkdir(parents=True, exist_ok=True)
                 os.sync()  # the previous output's writeback must not land in this run
-                subprocess.run(
-                    ["cat", *map(str, files)], stdout=subprocess.DEVNULL, check=True
-                )  # warm cache
+                warm(files, args.cold)
                 r = measure(
                     tool.command(tool_recipe, out),
                     logs_dir / f"{tool.name}-{rname}-run{k + 1}.log",

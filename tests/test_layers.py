@@ -8,7 +8,10 @@ count. Three rules (docs/architecture.md explains the layers):
 1. a module imports only from its own folder or from a strictly lower layer (not from a higher
    one, nor from a sibling folder of the same rank);
 2. the module graph has no cycle (not even inside one folder, nor through a type-only import);
-3. nothing sits at the top of the package but ``__init__``, ``errors`` and ``_version``.
+3. nothing sits at the top of the package but ``__init__``, ``errors`` and ``_version``;
+
+and, for outside packages: methods import only the standard modules listed below, torch and
+pydantic; search never imports transformers or datasets (an Evaluator does that).
 
 Violations that exist on main while issue 16's branches remove them are listed in ``KNOWN_*``
 below: a listed violation is tolerated, an unlisted one fails, and a listed one that no longer

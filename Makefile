@@ -1,8 +1,9 @@
 # make demo  - the main job: model soups on a real pretrained model and real data
-# make test  - everything CI checks: lint, docs site, wheel smoke test, the whole test suite
+# make test  - everything CI checks: lint, mypy --strict, docs site, wheel smoke test, the whole test suite
 # make dist  - sdist and wheel in dist/ (python -m build)
 # make docs  - the documentation site in site/ (mkdocs build --strict)
 # make lint  - ruff check and ruff format --check
+# make typecheck - mypy --strict over src/soupkit (the config is in pyproject.toml)
 # make smoke - install dist/'s wheel into a fresh venv and use it from a temp dir
 # Both create .venv on first use, pinned by constraints.txt. `make test` also creates
 # benchmarks/.venv-mergekit (mergekit 0.1.5, pinned by benchmarks/mergekit-constraints.txt),
@@ -20,7 +21,7 @@ export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export NO_MKDOCS_2_WARNING := 1
 
-.PHONY: demo demo-quick test venv mergekit-venv clean dist docs lint smoke
+.PHONY: demo demo-quick test venv mergekit-venv clean dist docs lint typecheck smoke
 
 venv: $(STAMP)
 
@@ -42,7 +43,7 @@ demo: $(STAMP)
 demo-quick: $(STAMP)
 	$(PY) -m demo --quick $(DEMO_ARGS)
 
-test: $(STAMP) $(MKSTAMP) lint docs smoke
+test: $(STAMP) $(MKSTAMP) lint typecheck docs smoke
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 # The build backend (hatchling) is pinned by constraints.txt in build's isolated environment.
@@ -60,5 +61,8 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+typecheck: $(STAMP)
+	$(PY) -m mypy
+
 clean:
-	rm -rf $(VENV) benchmarks/.venv-mergekit .pytest_cache .hypothesis results/demo dist site
+	rm -rf $(VENV) benchmarks/.venv-mergekit .pytest_cache .mypy_cache .hypothesis results/demo dist site

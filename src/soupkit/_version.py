@@ -1,1 +1,2 @@
 __version__ = "0.1.0"
+"""soupkit's version (PEP 440), the one place it is written; the wheel's version is read here."""

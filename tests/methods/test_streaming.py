@@ -47,6 +47,7 @@ CASES: dict[str, tuple[int, dict[str, Any], list[dict[str, Any]]]] = {
     "arcee_fusion": (1, {}, [{}]),
     "nearswap": (1, {"t": 0.3}, [{}]),
     "ram": (3, {"epsilon": 0.2}, [{}, {}, {}]),
+    "passthrough": (1, {}, [{"scale": [{"filter": "mlp", "value": 0.5}, {"value": 1.0}]}]),
     "ramplus_tl": (3, {"epsilon": 0.2, "r": 0.5}, [{}, {}, {}]),
 }
 

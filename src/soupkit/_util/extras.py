@@ -32,7 +32,7 @@ EXTRAS: dict[str, tuple[tuple[str, ...], str]] = {
         "`soupkit optimize`: Optuna-based recipe search (TPE, CMA-ES)",
     ),
     "lm-eval": (("lm_eval",), "`--lm-eval`: score causal LMs with lm-evaluation-harness tasks"),
-    "dev": ((), "the test suite, ruff and the build front end (contributors)"),
+    "dev": ((), "the test suite, ruff, mypy and the build front end (contributors)"),
     "docs": ((), "MkDocs, Material and mkdocstrings, to build the documentation site"),
 }
 

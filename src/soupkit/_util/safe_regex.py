@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import functools
 import re
-import re._constants as _c  # the parser's opcodes (Python >= 3.11)
-import re._parser as _p
+import re._constants as _c  # type: ignore[import-not-found]  # the parser's opcodes (3.11+)
+import re._parser as _p  # type: ignore[import-not-found]  # private: typeshed has no stubs
 from collections.abc import Callable
 from typing import Any
 
@@ -58,6 +58,14 @@ _CATEGORY: dict[Any, Callable[[str], bool]] = {
 }
 
 
+def _literal(code: int) -> Callable[[str], bool]:
+    return lambda ch: ord(ch) == code
+
+
+def _range(lo: int, hi: int) -> Callable[[str], bool]:
+    return lambda ch: lo <= ord(ch) <= hi
+
+
 def _class(items: list[tuple[Any, Any]]) -> Callable[[str], bool]:
     negate = False
     tests: list[Callable[[str], bool]] = []
@@ -65,9 +73,9 @@ def _class(items: list[tuple[Any, Any]]) -> Callable[[str], bool]:
         if op is _c.NEGATE:
             negate = True
         elif op is _c.LITERAL:
-            tests.append(lambda ch, v=av: ord(ch) == v)
+            tests.append(_literal(av))
         elif op is _c.RANGE:
-            tests.append(lambda ch, lo=av[0], hi=av[1]: lo <= ord(ch) <= hi)
+            tests.append(_range(av[0], av[1]))
         elif op is _c.CATEGORY and av in _CATEGORY:
             tests.append(_CATEGORY[av])
         else:

@@ -111,8 +111,8 @@ def examples(text: str) -> str:
 
 
 def command(
-    sub: argparse._SubParsersAction, name: str, help: str, epilog: str
-) -> argparse.ArgumentParser:  # type: ignore[type-arg]
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str, help: str, epilog: str
+) -> argparse.ArgumentParser:
     parser: argparse.ArgumentParser = sub.add_parser(
         name,
         help=help,

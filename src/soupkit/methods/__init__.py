@@ -152,6 +152,7 @@ _MODULES = (
     "arcee_fusion",
     "nearswap",
     "ram",
+    "passthrough",
 )
 for _m in _MODULES:
     importlib.import_module(f"soupkit.methods.{_m}")

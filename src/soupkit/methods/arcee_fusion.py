@@ -62,7 +62,7 @@ def fence(scores: torch.Tensor, rng: torch.Generator | None) -> torch.Tensor:
         flat = flat[torch.randint(flat.numel(), (SAMPLE,), generator=rng, device=flat.device)]
     ordered, _ = torch.sort(flat)
     idx = (torch.tensor(_QUARTILES) * (ordered.numel() - 1)).long()
-    q1, median, q3 = ordered[idx]
+    q1, median, q3 = ordered[idx].unbind()
     return median + 1.5 * (q3 - q1)
 
 

@@ -89,10 +89,10 @@ def multislerp(
     weights = torch.tensor(p.weight, dtype=stacked.dtype, device=stacked.device)
     if p.normalize_weights:
         weights = weights / weights.sum()
-    norms = torch.norm(flat, dim=-1, keepdim=True)
+    norms: torch.Tensor = torch.norm(flat, dim=-1, keepdim=True)
     units = flat / (norms + eps)
     mean = (units * weights.view(-1, 1)).sum(0)
-    mean_norm = torch.norm(mean)
+    mean_norm: torch.Tensor = torch.norm(mean)
     if mean_norm < eps:
         if stacked.shape[0] != 2 and not norms.any():
             # every input is zero (a tensor no fine-tune changed): mergekit stops; the mean is 0
@@ -110,7 +110,7 @@ def multislerp(
     dots = (units * mean).sum(-1, keepdim=True)
     tangents = units - dots * mean
     tangent = (tangents * weights.view(-1, 1)).sum(0)
-    tangent_norm = torch.norm(tangent) + eps
+    tangent_norm: torch.Tensor = torch.norm(tangent) + eps
     out = mean * torch.cos(tangent_norm) + tangent * (torch.sin(tangent_norm) / tangent_norm)
     out = out * (norms.squeeze(-1) * weights).sum()
     out = out.view(stacked.shape[1:])

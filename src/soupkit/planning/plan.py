@@ -494,7 +494,7 @@ def plan_recipe(
         key_map = KeyMap(
             KeyMap.build(strip_prefix=cfg.strip_prefix).rules + (key_map.rules if key_map else ())
         )
-    if cfg.slices or (cfg.merge_method == "passthrough" and "passthrough" not in methods.REGISTRY):
+    if cfg.slices or cfg.merge_method == "passthrough":  # `models:` too, as mergekit plans it
         from soupkit.planning.slices import plan_slices  # imports this module
 
         return plan_slices(

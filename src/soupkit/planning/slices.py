@@ -43,9 +43,7 @@ import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
-
-import torch
+from typing import Any
 
 from soupkit import methods
 from soupkit.adapters.model_adapter import open_model
@@ -62,6 +60,7 @@ from soupkit.io.header import TensorInfo
 from soupkit.io.names import KeyMap, rename_checkpoint
 from soupkit.io.writer import OutputTensor, layout_shards, parse_size
 from soupkit.methods import MethodSpec, Params
+from soupkit.methods.passthrough import PASSTHROUGH, PassthroughParams, passthrough
 from soupkit.planning.plan import (
     DEFAULT_CHUNK_ELEMS,
     MergePlan,
@@ -84,7 +83,6 @@ __all__ = [
     "PASSTHROUGH",
     "LayerStack",
     "PassthroughParams",
-    "is_mergekit_layout",
     "passthrough",
     "plan_slices",
     "update_config",
@@ -99,48 +97,6 @@ _PRE = ("embed", "wte", "wpe", "tok_", "word_embeddings", "position_embeddings",
 _DTYPE_CODE = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 MAX_CONFIG_BYTES = 10_000_000
-
-
-class PassthroughParams(Params):
-    """Parameters of `passthrough`.
-
-    Attributes:
-        scale: per model, a factor the tensor is multiplied by (None, the default: copied as is).
-    """
-
-    per_model: ClassVar[dict[str, Any]] = {"scale": None}
-    scale: tuple[float | None, ...]
-
-
-def passthrough(
-    tensors: Sequence[torch.Tensor],
-    p: PassthroughParams,
-    *,
-    base: torch.Tensor | None = None,
-    rng: torch.Generator | None = None,
-) -> torch.Tensor:
-    """The single input tensor, times ``scale`` when one is set (mergekit's ``passthrough``)."""
-    s = p.scale[0]
-    return tensors[0] if s is None else tensors[0] * s
-
-
-PASSTHROUGH = MethodSpec(
-    name="passthrough",
-    fn=passthrough,
-    params=PassthroughParams,
-    kind="tensors",
-    paper="https://github.com/arcee-ai/mergekit#merge-methods",
-    summary="copy one model's tensors (optionally scaled); with slices: stack layer ranges",
-    min_models=1,
-    max_models=1,
-)
-
-
-def is_mergekit_layout(cfg: MergeConfig) -> bool:
-    """Whether a recipe is planned here: it has ``slices``, or is a ``passthrough`` of models."""
-    return bool(cfg.slices) or (
-        cfg.merge_method == "passthrough" and "passthrough" not in methods.REGISTRY
-    )
 
 
 @dataclass(frozen=True)

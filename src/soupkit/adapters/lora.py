@@ -53,7 +53,6 @@ import math
 import os
 import re
 import stat
-import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -64,6 +63,8 @@ import torch
 from pydantic import ValidationError
 
 from soupkit import methods
+from soupkit._util.defaults import MAX_SHARD_SIZE
+from soupkit._util.progress import progress_bar
 from soupkit._version import __version__
 from soupkit.adapters.lora_config import clip, pattern_key, validate_adapter_config
 from soupkit.engine.execute import RNG_BLOCK, all_finite, tensor_seed
@@ -567,15 +568,6 @@ def _sources(
     return out
 
 
-def _bar(total: int, enabled: bool | None, desc: str) -> Any:
-    from tqdm.auto import tqdm
-
-    disable = (not sys.stderr.isatty()) if enabled is None else (not enabled)
-    return tqdm(
-        total=total, unit="tensor", desc=desc, disable=disable, dynamic_ncols=True, leave=False
-    )
-
-
 def _write(
     dest: Path,
     outputs: Sequence[OutputTensor],
@@ -607,7 +599,7 @@ def _write(
             for s in shards
         ]
     hashes: dict[str, str] = {}
-    bar = _bar(len(outputs), progress, desc)
+    bar = progress_bar(len(outputs), progress, desc, unit="tensor")
     try:
         with OutputFolder(dest, force=force) as tmp:
             for layout in shards:
@@ -697,7 +689,7 @@ def fold_lora(
     tokenizer_source: Literal["base", "adapter"] = "base",
     force: bool = False,
     progress: bool | None = None,
-    max_shard_size: int | str = "5GB",
+    max_shard_size: int | str = MAX_SHARD_SIZE,
     allow_pickle: bool = False,
     allow_nonfinite: bool = False,
 ) -> LoraResult:
@@ -895,7 +887,7 @@ def merge_loras(
     out_dtype: str | None = None,
     force: bool = False,
     progress: bool | None = None,
-    max_shard_size: int | str = "5GB",
+    max_shard_size: int | str = MAX_SHARD_SIZE,
     allow_pickle: bool = False,
     allow_nonfinite: bool = False,
 ) -> LoraResult:

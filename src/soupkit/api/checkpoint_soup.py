@@ -42,6 +42,7 @@ from typing import Any, Literal
 
 import torch
 
+from soupkit._util.defaults import MAX_SHARD_SIZE
 from soupkit._version import __version__
 from soupkit.errors import CheckpointFormatError, UsageError
 from soupkit.io.names import as_state_dict, json_bytes, save_state_dict
@@ -213,7 +214,11 @@ class CheckpointSoup:
         return {k: (floats[k] if k in floats else self._newest[k].clone()) for k in self._meta}
 
     def save(
-        self, out: str | os.PathLike[str], *, force: bool = False, max_shard_size: int | str = "5GB"
+        self,
+        out: str | os.PathLike[str],
+        *,
+        force: bool = False,
+        max_shard_size: int | str = MAX_SHARD_SIZE,
     ) -> Path:
         """Write the soup as a safetensors folder (atomically), with ``soupkit-report.json`` and,
         when the model was a transformers model, its ``config.json``.

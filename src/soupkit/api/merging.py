@@ -9,7 +9,6 @@ import hashlib
 import json
 import os
 import re
-import sys
 import time
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
@@ -19,6 +18,8 @@ from typing import Any
 import torch
 
 from soupkit._util import interrupts as _interrupts
+from soupkit._util.defaults import MAX_SHARD_SIZE
+from soupkit._util.progress import progress_bar
 from soupkit._version import __version__
 from soupkit.engine.execute import FileSink, MemorySink, RunStats, plan_stamps, run_plan
 from soupkit.errors import CheckpointFormatError, ConfigError, UsageError, shown
@@ -62,7 +63,7 @@ class MergeResult:
 def plan(
     recipe: Recipe,
     *,
-    max_shard_size: int | str = "5GB",
+    max_shard_size: int | str = MAX_SHARD_SIZE,
     chunk_elems: int = DEFAULT_CHUNK_ELEMS,
     allow_pickle: bool = False,
     key_map: KeyMap | None = None,
@@ -96,22 +97,6 @@ def plan(
         chunk_elems=chunk_elems,
         allow_pickle=allow_pickle,
         key_map=key_map,
-    )
-
-
-def _progress_bar(total: int, enabled: bool | None, desc: str) -> Any:
-    from tqdm.auto import tqdm
-
-    disable = (not sys.stderr.isatty()) if enabled is None else (not enabled)
-    return tqdm(
-        total=total,
-        unit="B",
-        unit_scale=True,
-        unit_divisor=1024,
-        desc=desc,
-        disable=disable,
-        dynamic_ncols=True,
-        leave=False,
     )
 
 
@@ -221,7 +206,7 @@ def merge(
     *,
     force: bool = False,
     progress: bool | None = None,
-    max_shard_size: int | str = "5GB",
+    max_shard_size: int | str = MAX_SHARD_SIZE,
     chunk_elems: int = DEFAULT_CHUNK_ELEMS,
     model_card: bool = True,
     allow_pickle: bool = False,
@@ -461,7 +446,7 @@ def run_merge_plan(
                 journal = Journal(tmp, fingerprint)
                 done = journal.verified(p.shards) if folder.resumed else {}
                 journal.start(done, p.shards)
-            bar = _progress_bar(p.input_bytes, progress, f"merge {p.method.name}")
+            bar = progress_bar(p.input_bytes, progress, f"merge {p.method.name}", unit="B")
             sink = FileSink(p, tmp, done=done, journal=journal)
             try:
                 stats = run_plan(

@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from soupkit._util import interrupts as _interrupts
+from soupkit._util.defaults import MAX_SHARD_SIZE
+from soupkit._util.progress import progress_bar
 from soupkit.api import merging as api
 from soupkit.engine.execute import FileSink, check_shared_inputs, run_plans
 from soupkit.errors import UsageError
@@ -91,8 +93,11 @@ def merge_many(
         with ExitStack() as stack:
             tmps = [stack.enter_context(f) for f in folders]
             sinks: list[FileSink] = []
-            bar = api._progress_bar(
-                plans[0].input_bytes, progress, f"merge {len(plans)} x {plans[0].method.name}"
+            bar = progress_bar(
+                plans[0].input_bytes,
+                progress,
+                f"merge {len(plans)} x {plans[0].method.name}",
+                unit="B",
             )
             try:
                 for p, tmp in zip(plans, tmps):
@@ -185,7 +190,7 @@ def wise_ft(
     out_dtype: str | None = None,
     force: bool = False,
     progress: bool | None = None,
-    max_shard_size: int | str = "5GB",
+    max_shard_size: int | str = MAX_SHARD_SIZE,
     chunk_elems: int = DEFAULT_CHUNK_ELEMS,
     model_card: bool = True,
     allow_pickle: bool = False,

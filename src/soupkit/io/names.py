@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from soupkit._util.defaults import MAX_SHARD_SIZE
 from soupkit.errors import CheckpointFormatError, UsageError
 from soupkit.io.checkpoint import Checkpoint
 from soupkit.io.header import dtype_code
@@ -309,7 +310,7 @@ def save_state_dict(
     out: str | os.PathLike[str],
     *,
     force: bool = False,
-    max_shard_size: int | str = "5GB",
+    max_shard_size: int | str = MAX_SHARD_SIZE,
     extra_files: Mapping[str, bytes] | None = None,
 ) -> Path:
     """Write a state dict as a Hugging Face style safetensors folder, atomically.

@@ -21,6 +21,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from soupkit import methods
+from soupkit._util.defaults import MAX_SHARD_SIZE
 from soupkit.engine.global_trim import check_global_trim, global_trim_notes
 from soupkit.errors import (
     CheckpointFormatError,
@@ -472,7 +473,7 @@ def _open_all(
 def plan_recipe(
     cfg: MergeConfig,
     *,
-    max_shard_size: int | str = "5GB",
+    max_shard_size: int | str = MAX_SHARD_SIZE,
     chunk_elems: int = DEFAULT_CHUNK_ELEMS,
     allow_pickle: bool = False,
     key_map: KeyMap | None = None,
@@ -565,7 +566,7 @@ def make_plan(
     models: Sequence[Checkpoint],
     base: Checkpoint | None,
     *,
-    max_shard_size: int | str = "5GB",
+    max_shard_size: int | str = MAX_SHARD_SIZE,
     chunk_elems: int = DEFAULT_CHUNK_ELEMS,
 ) -> MergePlan:
     """Plan a merge of already-opened checkpoints (files or in-memory).

@@ -48,6 +48,7 @@ from typing import Any, ClassVar
 import torch
 
 from soupkit import methods
+from soupkit._util.defaults import MAX_SHARD_SIZE
 from soupkit.adapters.model_adapter import open_model
 from soupkit.engine.global_trim import check_global_trim
 from soupkit.errors import (
@@ -375,7 +376,7 @@ def update_config(path: Any, data: bytes, updates: Mapping[str, Any]) -> bytes:
 def plan_slices(
     cfg: MergeConfig,
     *,
-    max_shard_size: int | str = "5GB",
+    max_shard_size: int | str = MAX_SHARD_SIZE,
     chunk_elems: int = DEFAULT_CHUNK_ELEMS,
     allow_pickle: bool = False,
     key_map: KeyMap | None = None,

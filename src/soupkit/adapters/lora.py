@@ -79,6 +79,7 @@ from soupkit.errors import (
 )
 from soupkit.io.card import card_front_matter, render_card
 from soupkit.io.checkpoint import CARRY_FILES, Checkpoint, carried_files, open_checkpoint
+from soupkit.io.digest import sha256_file
 from soupkit.io.header import DTYPES, TensorInfo
 from soupkit.io.links import resolve_model_file
 from soupkit.io.reader import TensorReader
@@ -639,8 +640,6 @@ def _carry(tmp: Path, folders: Sequence[Path | None], skip: Sequence[str] = ()) 
 
 
 def _file_hashes(cks: Sequence[Checkpoint]) -> list[dict[str, Any]]:
-    from soupkit.io.writer import sha256_file
-
     return [
         {"path": str(f), "bytes": f.stat().st_size, "sha256": sha256_file(f)}
         for c in cks

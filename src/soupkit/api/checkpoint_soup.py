@@ -45,7 +45,8 @@ import torch
 from soupkit._util.defaults import MAX_SHARD_SIZE
 from soupkit._version import __version__
 from soupkit.errors import CheckpointFormatError, UsageError
-from soupkit.io.names import as_state_dict, json_bytes, save_state_dict
+from soupkit.io.names import as_state_dict
+from soupkit.io.output import json_bytes, save_state_dict
 
 __all__ = ["CheckpointSoup"]
 

@@ -40,6 +40,7 @@ __all__ = [
     "BLOCK",
     "BackgroundHasher",
     "HashCache",
+    "InputHashes",
     "cache_dir",
     "changed_files_check",
     "file_state",
@@ -271,6 +272,45 @@ class BackgroundHasher:
         if self.cache is not None:
             self.cache.save()
         return dict(self._digests)
+
+
+class InputHashes:
+    """The inputs of a run: their sha256 computed in the background (`BackgroundHasher`, with
+    the default `HashCache`) while the run reads them, and their state checked afterwards.
+
+    Usage::
+
+        with InputHashes(before, enabled=True) as hashes:    # before: path -> `file_state`
+            ...merge...
+            digests, from_cache = hashes.result()              # raises if an input changed
+
+    Leaving the block stops the hashing (on an error or interrupt).
+    """
+
+    def __init__(self, before: Mapping[Path, FileStamp], *, enabled: bool = True) -> None:
+        self.before = dict(before)
+        self.enabled = enabled and bool(self.before)
+        self._hasher: BackgroundHasher | None = None
+
+    def __enter__(self) -> InputHashes:
+        if self.enabled:
+            self._hasher = BackgroundHasher(list(self.before), HashCache.default())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._hasher is not None:
+            self._hasher.cancel()
+
+    def result(self) -> tuple[dict[Path, str], set[Path]]:
+        """Every input's sha256 (empty when hashing is off) and the files whose digest came
+        from the cache, after checking that no input changed since ``before``.
+
+        Raises:
+            CheckpointFormatError: a file could not be read, or an input changed.
+        """
+        digests = self._hasher.result() if self._hasher is not None else {}
+        changed_files_check(self.before)
+        return digests, (self._hasher.from_cache if self._hasher is not None else set())
 
 
 def changed_files_check(

@@ -52,7 +52,6 @@ from soupkit._util.defaults import MAX_SHARD_SIZE
 from soupkit.adapters.model_adapter import open_model
 from soupkit.engine.global_trim import check_global_trim
 from soupkit.errors import (
-    CheckpointFormatError,
     ConfigError,
     PlanError,
     SoupError,
@@ -88,7 +87,6 @@ __all__ = [
     "is_mergekit_layout",
     "passthrough",
     "plan_slices",
-    "update_config",
 ]
 
 # Where a numbered stack of layers sits in a tensor name: the first such segment wins.
@@ -348,29 +346,6 @@ def _config_updates(
     if isinstance(types, list) and layer_sources and max(layer_sources) < len(types):
         updates["layer_types"] = [types[i] for i in layer_sources]
     return updates
-
-
-def update_config(path: Any, data: bytes, updates: Mapping[str, Any]) -> bytes:
-    """``config.json`` bytes with ``updates`` applied (keys kept in order, new ones appended).
-
-    Raises:
-        CheckpointFormatError: the file is not a JSON object.
-    """
-    try:
-        obj = json.loads(data.decode("utf-8"))
-    except RecursionError:
-        raise CheckpointFormatError(
-            f"{path}: not valid JSON (nested too deeply), so its layer count cannot be updated"
-        ) from None
-    except (UnicodeDecodeError, ValueError) as e:
-        raise CheckpointFormatError(
-            f"{path}: not valid JSON ({e}), so its layer count cannot be "
-            "updated\nhint: fix the file or give another tokenizer_source"
-        ) from None
-    if not isinstance(obj, dict):
-        raise CheckpointFormatError(f"{path}: expected a JSON object, got {type(obj).__name__}")
-    obj.update(updates)
-    return (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
 
 
 def plan_slices(

@@ -509,19 +509,16 @@ def plan_recipe(
         spec = methods.get(cfg.merge_method)
     except UnknownMethodError as e:
         raise ConfigError([f"merge_method: {e}"]) from None
-    cfg_problems = _check_param_names(cfg, spec)
-    if spec.needs_base and not cfg.base_model:
-        cfg_problems.append(f"merge_method {spec.name!r} needs a `base_model:`")
-    if cfg_problems:
-        raise ConfigError(cfg_problems)
+    check_method(cfg, spec, has_base=bool(cfg.base_model))
     models, base = _open_all(cfg, problems, allow_pickle)
     if problems:
         raise PlanError(problems)
     if key_map:
         models = [rename_checkpoint(m, key_map) if m is not None else None for m in models]
         base = rename_checkpoint(base, key_map) if base is not None else None
-    p = make_plan(
+    p = _plan_checked(
         cfg,
+        spec,
         [m for m in models if m is not None],
         base,
         max_shard_size=max_shard_size,
@@ -574,11 +571,36 @@ def make_plan(
     ``models`` align with ``cfg.models``. See `plan_recipe` for errors.
     """
     spec = methods.get(cfg.merge_method)
-    cfg_problems = _check_param_names(cfg, spec)
-    if spec.needs_base and base is None:
-        cfg_problems.append(f"merge_method {spec.name!r} needs a `base_model:`")
-    if cfg_problems:
-        raise ConfigError(cfg_problems)
+    check_method(cfg, spec, has_base=base is not None)
+    return _plan_checked(
+        cfg, spec, models, base, max_shard_size=max_shard_size, chunk_elems=chunk_elems
+    )
+
+
+def check_method(cfg: MergeConfig, spec: MethodSpec, *, has_base: bool) -> None:
+    """Check the recipe against its method, once per plan: every parameter name is one the
+    method takes, at the level it takes it; a base model where the method needs one.
+
+    Raises:
+        ConfigError: every problem found.
+    """
+    problems = _check_param_names(cfg, spec)
+    if spec.needs_base and not has_base:
+        problems.append(f"merge_method {spec.name!r} needs a `base_model:`")
+    if problems:
+        raise ConfigError(problems)
+
+
+def _plan_checked(
+    cfg: MergeConfig,
+    spec: MethodSpec,
+    models: Sequence[Checkpoint],
+    base: Checkpoint | None,
+    *,
+    max_shard_size: int | str,
+    chunk_elems: int,
+) -> MergePlan:
+    """`make_plan` of a recipe that `check_method` accepted for ``spec``."""
     try:
         shard_limit = parse_size(max_shard_size)
     except ValueError as e:

@@ -150,6 +150,7 @@ def test_soupkit_merge_validates_and_plans_the_recipe_once(
     """From ``soupkit merge`` to the writer, the recipe is validated once (schema and method
     parameters) and planned once."""
     from soupkit.cli import main
+    from soupkit.planning import from_recipe
     from soupkit.planning import plan as plan_mod
     from soupkit.recipe.schema import MergeConfig
 
@@ -175,6 +176,8 @@ def test_soupkit_merge_validates_and_plans_the_recipe_once(
         classmethod(spy("schema", MergeConfig.model_validate.__func__)),
     )
     monkeypatch.setattr(plan_mod, "_check_param_names", spy("params", plan_mod._check_param_names))
-    monkeypatch.setattr(plan_mod, "_plan_checked", spy("plan", plan_mod._plan_checked))
+    planned = spy("plan", plan_mod.plan_checked)
+    for mod in (plan_mod, from_recipe):  # make_plan's and plan_recipe's way in
+        monkeypatch.setattr(mod, "plan_checked", planned)
     assert main(["merge", str(recipe), str(tmp_path / "out"), "--no-progress"]) == 0
     assert calls == {"schema": 1, "params": 1, "plan": 1}

@@ -87,6 +87,7 @@ from soupkit.io.reader import TensorReader
 from soupkit.io.writer import OutputTensor, layout_shards, parse_size
 from soupkit.methods import MethodSpec, Params
 from soupkit.recipe.params import LayerIndex, resolve_chain
+from soupkit.recipe.schema import load_recipe
 
 __all__ = [
     "ADAPTER_CONFIG",
@@ -955,8 +956,6 @@ def merge_loras(
     targets, match_notes = _targets(ads, base_ck)
     notes += match_notes
     layers = LayerIndex.from_names(base_ck.tensors)
-    from soupkit.recipe.schema import load_recipe
-
     load_recipe(
         {
             "merge_method": spec.name,

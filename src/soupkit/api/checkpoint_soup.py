@@ -44,6 +44,7 @@ import torch
 
 from soupkit._util.defaults import MAX_SHARD_SIZE
 from soupkit._version import __version__
+from soupkit.api.merging import merge_state_dicts
 from soupkit.errors import CheckpointFormatError, UsageError
 from soupkit.io.names import as_state_dict
 from soupkit.io.output import json_bytes, save_state_dict
@@ -205,8 +206,6 @@ class CheckpointSoup:
                 f"hint: call update(model, step) at least once with step % {self.every} == 0"
             )
         if self.mode == "exact":
-            from soupkit.api.merging import merge_state_dicts
-
             floats = (
                 merge_state_dicts([s for _, s in self._ring], "linear") if self._ring[0][1] else {}
             )

@@ -45,9 +45,11 @@ import torch
 
 from soupkit._util import extras as _extras
 from soupkit._util.progress import progress_bar
+from soupkit.api.merging import merge_state_dicts
 from soupkit.errors import UsageError
+from soupkit.evaluate import load_evaluator, run_evaluator
 from soupkit.io.checkpoint import Checkpoint, in_memory_checkpoint, open_checkpoint
-from soupkit.io.names import KeyMap, prefix_hint, rename_checkpoint
+from soupkit.io.names import KeyMap, as_state_dict, prefix_hint, rename_checkpoint
 from soupkit.io.reader import TensorReader
 
 __all__ = ["DiagnosisReport", "Interpolation", "diagnose"]
@@ -227,8 +229,6 @@ def _group(name: str) -> str:
 def _open(x: ModelLike, label: str, allow_pickle: bool) -> Checkpoint:
     if isinstance(x, (str, os.PathLike)):
         return open_checkpoint(x, allow_pickle=allow_pickle)
-    from soupkit.io.names import as_state_dict
-
     return in_memory_checkpoint(as_state_dict(x, label), label)
 
 
@@ -444,8 +444,6 @@ def _interpolate(
     points: int,
     progress: bool | None,
 ) -> list[Interpolation]:
-    from soupkit.api.merging import merge_state_dicts
-    from soupkit.evaluate import run_evaluator
 
     alphas = tuple(i / (points - 1) for i in range(points))
     out = []
@@ -715,8 +713,6 @@ def diagnose(
         _stream_stats(cks, base_ck, names, rep, progress)
     if evaluator is not None and rep.same_architecture:
         if isinstance(evaluator, str):
-            from soupkit.evaluate import load_evaluator
-
             evaluator = load_evaluator(evaluator)
         if pairs is None:
             pairs = [(0, j) for j in range(1, len(cks))]

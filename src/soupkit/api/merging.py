@@ -18,14 +18,17 @@ from soupkit._util import interrupts as _interrupts
 from soupkit._util.defaults import MAX_SHARD_SIZE
 from soupkit._util.progress import progress_bar
 from soupkit._version import __version__
+from soupkit.adapters.model_adapter import open_model
 from soupkit.engine.execute import MemorySink, RunStats, plan_stamps, run_plan
 from soupkit.errors import CheckpointFormatError, ConfigError, UsageError, shown
+from soupkit.io.card import card_front_matter, render_card
 from soupkit.io.checkpoint import Checkpoint, in_memory_checkpoint
 from soupkit.io.digest import InputHashes, changed_files_check, file_state
 from soupkit.io.header import FileStamp
 from soupkit.io.names import KeyMap, as_state_dict
 from soupkit.io.output import OutputWriter, ShardFiles, report_header, run_fingerprint
-from soupkit.planning.plan import DEFAULT_CHUNK_ELEMS, MergePlan, make_plan, plan_recipe
+from soupkit.planning.from_recipe import plan_recipe
+from soupkit.planning.plan import DEFAULT_CHUNK_ELEMS, MergePlan, make_plan
 from soupkit.recipe.schema import Compute, MergeConfig, ModelEntry, load_recipe
 
 __all__ = [
@@ -93,6 +96,7 @@ def plan(
         chunk_elems=chunk_elems,
         allow_pickle=allow_pickle,
         key_map=key_map,
+        opener=open_model,
     )
 
 
@@ -101,8 +105,6 @@ def _at_commit(c: Checkpoint) -> str:
 
 
 def _model_card(p: MergePlan) -> str:
-    from soupkit.io.card import card_front_matter, render_card
-
     cfg = p.config
     # every input is a base of a merge (the Hub's model tree), the base model first
     front = card_front_matter(

@@ -25,12 +25,14 @@ from typing import Any
 from soupkit._util import interrupts as _interrupts
 from soupkit._util.defaults import MAX_SHARD_SIZE
 from soupkit._util.progress import progress_bar
+from soupkit.adapters.model_adapter import open_model
 from soupkit.api import merging as api
 from soupkit.engine.execute import check_shared_inputs, run_plans
 from soupkit.errors import UsageError
 from soupkit.io.digest import InputHashes
 from soupkit.io.output import ShardFiles
-from soupkit.planning.plan import DEFAULT_CHUNK_ELEMS, MergePlan, make_plan, plan_recipe
+from soupkit.planning.from_recipe import plan_recipe
+from soupkit.planning.plan import DEFAULT_CHUNK_ELEMS, MergePlan, make_plan
 from soupkit.recipe.schema import MergeConfig
 
 __all__ = ["alpha_folder_names", "merge_many", "run_plans", "wise_ft", "wise_ft_recipe"]
@@ -211,7 +213,11 @@ def wise_ft(
         wise_ft_recipe(zero_shot, fine_tuned, a, dtype=dtype, out_dtype=out_dtype) for a in alphas
     ]
     first = plan_recipe(
-        cfgs[0], max_shard_size=max_shard_size, chunk_elems=chunk_elems, allow_pickle=allow_pickle
+        cfgs[0],
+        max_shard_size=max_shard_size,
+        chunk_elems=chunk_elems,
+        allow_pickle=allow_pickle,
+        opener=open_model,
     )
     plans = [first] + [
         make_plan(

@@ -31,7 +31,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from soupkit._util.extras import require
 from soupkit.errors import CheckpointFormatError, SoupError
+from soupkit.io.links import resolve_model_file
 
 __all__ = ["HubSource", "parse_hub_ref", "resolve_hub_model"]
 
@@ -123,8 +125,6 @@ def _cached_weights(folder: Path) -> list[str] | None:
 
 
 def _etags(folder: Path, names: list[str]) -> dict[str, str]:
-    from soupkit.io.links import resolve_model_file
-
     out: dict[str, str] = {}
     for n in names:
         f = folder / n
@@ -151,8 +151,6 @@ def resolve_hub_model(repo_id: str, revision: str | None, *, label: str) -> tupl
         CheckpointFormatError: not in the cache and ``HF_HUB_OFFLINE`` is set, the model or the
             revision does not exist, it holds no safetensors weights, or the download failed.
     """
-    from soupkit._util.extras import require
-
     hf = require("huggingface_hub", "hub", f"{label}: no such file or folder; read as a Hub id, it")
     hf_errors = require("huggingface_hub.errors", "hub", f"{label}: reading a Hub id")
     constants = require("huggingface_hub.constants", "hub", f"{label}: reading a Hub id")

@@ -49,7 +49,6 @@ import torch
 
 from soupkit import methods
 from soupkit._util.defaults import MAX_SHARD_SIZE
-from soupkit.adapters.model_adapter import open_model
 from soupkit.engine.global_trim import check_global_trim
 from soupkit.errors import (
     ConfigError,
@@ -65,8 +64,9 @@ from soupkit.methods import MethodSpec, Params
 from soupkit.planning.plan import (
     DEFAULT_CHUNK_ELEMS,
     MergePlan,
+    Opener,
     TensorJob,
-    _carry_source,
+    carry_source,
     check_tokenizer_source,
     count_filter_matches,
     exact_problems,
@@ -285,6 +285,7 @@ def _open_all(
     cfg: MergeConfig,
     allow_pickle: bool,
     key_map: KeyMap | None,
+    opener: Opener,
 ) -> tuple[dict[str, Checkpoint], list[str]]:
     paths: dict[str, str] = {}
     if cfg.base_model:
@@ -300,7 +301,7 @@ def _open_all(
     problems: list[str] = []
     for path, where in paths.items():
         try:
-            ck = open_model(cfg, path, allow_pickle=allow_pickle)
+            ck = opener(cfg, path, allow_pickle=allow_pickle)
             opened[path] = rename_checkpoint(ck, key_map)
         except SoupError as e:
             problems.append(f"{where}: {e}")
@@ -355,6 +356,7 @@ def plan_slices(
     chunk_elems: int = DEFAULT_CHUNK_ELEMS,
     allow_pickle: bool = False,
     key_map: KeyMap | None = None,
+    opener: Opener,
 ) -> MergePlan:
     """Plan a recipe with ``slices`` (or a ``passthrough`` of models) from headers only.
 
@@ -364,6 +366,7 @@ def plan_slices(
         chunk_elems: elements per chunk for elementwise methods.
         allow_pickle: accept PyTorch pickle checkpoints (``torch.load(weights_only=True)``).
         key_map: tensor renaming applied to every input before planning.
+        opener: opens each model path (see `soupkit.planning.plan.Opener`).
 
     Returns:
         A `MergePlan` whose ``config_updates`` hold the new layer count for ``config.json``.
@@ -383,7 +386,7 @@ def plan_slices(
         raise ConfigError([f"max_shard_size: {e}"]) from None
     if chunk_elems < 1:
         raise ConfigError([f"chunk_elems must be >= 1, got {chunk_elems}"])
-    opened, open_problems = _open_all(cfg, allow_pickle, key_map)
+    opened, open_problems = _open_all(cfg, allow_pickle, key_map, opener)
     if open_problems:
         raise PlanError(open_problems)
     whole = not cfg.slices  # `models:` with passthrough: each model copied whole
@@ -619,7 +622,7 @@ def plan_slices(
             if not any(s.ck is u for u in used) and not (spec.needs_base and s.is_base):
                 used.append(s.ck)
     shards = layout_shards([OutputTensor(j.name, j.out_dtype, j.shape) for j in jobs], shard_limit)
-    carry = _carry_source(cfg, base_ck, [s.ck for s in first_sources])
+    carry = carry_source(cfg, base_ck, [s.ck for s in first_sources])
     check_tokenizer_source(cfg, carry)
     updates = {} if whole else _config_updates(_read_config(carry), layer_sources)
     notes = (

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from soupkit.errors import CheckpointFormatError
-from soupkit.io.checkpoint import CARRY_FILES, carried_files
+from soupkit.io.folder import CARRY_FILES, carried_files
 
 __all__ = ["first_carried", "update_config", "updated_config"]
 

@@ -33,7 +33,8 @@ from soupkit._util.defaults import MAX_SHARD_SIZE
 from soupkit._version import __version__
 from soupkit.errors import CheckpointFormatError, UsageError, shown
 from soupkit.io.carry import updated_config
-from soupkit.io.checkpoint import MAX_CARRY_BYTES, Checkpoint
+from soupkit.io.checkpoint import Checkpoint
+from soupkit.io.folder import INDEX_NAME, MAX_CARRY_BYTES
 from soupkit.io.header import dtype_code
 from soupkit.io.names import as_state_dict
 from soupkit.io.writer import (
@@ -325,7 +326,7 @@ class OutputWriter:
 
     def record_index(self) -> None:
         """Record the shard index's sha256 among the other files (when there is one)."""
-        index = self.tmp / "model.safetensors.index.json"
+        index = self.tmp / INDEX_NAME
         if index.is_file():
             self.others[index.name] = hashlib.sha256(index.read_bytes()).hexdigest()
 

@@ -55,6 +55,7 @@ import torch
 from soupkit._util import interrupts as _interrupts
 from soupkit.errors import CheckpointFormatError, MergeIOError, OutputExistsError, UsageError, shown
 from soupkit.io.digest import BLOCK, sha256_file
+from soupkit.io.folder import INDEX_NAME
 from soupkit.io.header import DTYPES, open_regular
 from soupkit.io.reader import byte_view
 
@@ -75,7 +76,6 @@ __all__ = [
     "write_index",
 ]
 
-INDEX_NAME = "model.safetensors.index.json"
 LOCK_NAME = ".soupkit-lock"
 JOURNAL_NAME = ".soupkit-journal.jsonl"
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)

@@ -28,7 +28,8 @@ from pathlib import Path
 
 def _child(recipe: str, out: str, threads: int, tune: bool) -> None:
     import soupkit
-    from soupkit.engine.execute import FileSink, run_plan
+    from soupkit.engine.execute import run_plan
+    from soupkit.io.output import ShardFiles
     from soupkit.io.writer import OutputFolder
 
     if tune:
@@ -37,7 +38,7 @@ def _child(recipe: str, out: str, threads: int, tune: bool) -> None:
     before = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
     with OutputFolder(out, force=True) as tmp:
-        sink = FileSink(p, tmp)
+        sink = ShardFiles(tmp, p.shards)
         run_plan(p, sink, compute_threads=threads)
         sink.close()
     seconds = time.perf_counter() - t0

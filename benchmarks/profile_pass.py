@@ -46,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import soupkit
     from soupkit.engine import execute
-    from soupkit.engine.execute import FileSink, run_plan
+    from soupkit.engine.execute import run_plan
+    from soupkit.io.output import ShardFiles
     from soupkit.io.writer import OutputFolder
 
     soupkit.tune_allocator()
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     if prof is not None:
         prof.enable()
     with OutputFolder(args.out, force=True) as tmp:
-        sink = FileSink(p, tmp)
+        sink = ShardFiles(tmp, p.shards)
         run_plan(p, sink, compute_threads=args.threads)
         sink.close()
     if prof is not None:

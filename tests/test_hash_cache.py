@@ -177,20 +177,15 @@ def test_search_and_merge_share_input_digests(
 ) -> None:
     """A score cache's file memo and the merges' digest cache are one store: files a search
     hashed are not hashed again by the merge that writes the soup, and the other way round."""
-    from soupkit.search import _state
     from soupkit.search.cache import ScoreCache
 
-    searched: list[int] = []
-    real = _state.file_sha256
-    monkeypatch.setattr(
-        _state, "file_sha256", lambda p, on=None: (searched.append(1), real(p, on))[1]
-    )
     ms = _inputs(tmp_path)
     store = ScoreCache(tmp_path / "scores.jsonl")
     files = [m / "model.safetensors" for m in ms]
     assert [store.memo.sha256(f) for f in files] == list(_truth(ms).values())
     store.save_file_hashes()
-    assert len(searched) == 2
+    assert len(hashed) == 2  # the search hashed both files
+    hashed.clear()
     assert _merge_report(ms, tmp_path / "a") == {p: (h, True) for p, h in _truth(ms).items()}
     assert hashed == []  # the merge hashed nothing
     extra = write_model(tmp_path / "m9", {"w": torch.full((32, 32), 9.0)})
@@ -198,5 +193,62 @@ def test_search_and_merge_share_input_digests(
     assert len(hashed) == 1
     fresh = ScoreCache(tmp_path / "other-scores.jsonl")
     fresh.memo.sha256(extra / "model.safetensors")  # ... and a new search's memo finds it
-    assert len(searched) == 2
-    assert ScoreCache(None).memo.shared is None  # an in-memory score cache persists nothing
+    assert len(hashed) == 1
+    assert ScoreCache(None).memo.path is None  # an in-memory score cache persists nothing
+
+
+def test_sha256_file_is_hashlib_over_blocks(tmp_path: Path) -> None:
+    """One helper hashes every file: equal to hashlib over the whole bytes, across block
+    boundaries, with ``on_bytes`` seeing every byte once."""
+    for size in (0, 1, hashing.BLOCK - 1, hashing.BLOCK, hashing.BLOCK + 3):
+        f = tmp_path / f"f{size}"
+        data = bytes(range(256)) * (size // 256) + bytes(size % 256)
+        f.write_bytes(data)
+        seen: list[int] = []
+        assert hashing.sha256_file(f, seen.append) == hashlib.sha256(data).hexdigest()
+        assert sum(seen) == size
+
+
+def test_hash_cache_in_memory_with_records(tmp_path: Path) -> None:
+    """A cache without a file (a memory-only score cache) answers from its records, remembers
+    what it computes, and writes nothing."""
+    f = tmp_path / "f"
+    f.write_bytes(b"abc")
+    cache = HashCache(None, records={HashCache.key(f): "0" * 64})
+    assert cache.sha256(f) == "0" * 64  # from the records: not read
+    g = tmp_path / "g"
+    g.write_bytes(b"xyz")
+    sizes: list[int] = []
+    assert cache.sha256(g, sizes.append) == hashlib.sha256(b"xyz").hexdigest()
+    assert cache.new == {HashCache.key(g): hashlib.sha256(b"xyz").hexdigest()}
+    cache.save()
+    assert cache.new == {} and sorted(tmp_path.iterdir()) == [f, g]
+
+
+def test_one_evaluator_source_digest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The evaluator's source hash is the same whether the evaluator is named by a module
+    import string, a file path or given as the function itself (search, backends, CLI)."""
+    import importlib
+    import sys
+
+    from soupkit.backends.jobs import RemoteEvaluator
+    from soupkit.evaluate.identity import source_digest
+    from soupkit.search import evaluator_identity
+
+    (tmp_path / "myeval16b.py").write_text("def score(state):\n    return 1.0\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    want = hashlib.sha256((tmp_path / "myeval16b.py").read_bytes()).hexdigest()[:16]
+    mod = importlib.import_module("myeval16b")
+    try:
+        assert source_digest("myeval16b:score") == want
+        assert source_digest("myeval16b.py:score") == want
+        assert source_digest(mod.score) == want
+        assert evaluator_identity(mod.score) == f"myeval16b:score@{want}"
+        assert RemoteEvaluator.from_spec("myeval16b:score").cache_key == f"myeval16b:score@{want}"
+        assert source_digest("nosuchmodule16b:score") is None
+        assert (
+            RemoteEvaluator.from_spec("nosuchmodule16b:f").cache_key == "nosuchmodule16b:f@nosource"
+        )
+    finally:
+        sys.modules.pop("myeval16b", None)

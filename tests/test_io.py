@@ -144,10 +144,10 @@ def test_output_folder_is_atomic(tmp_path: Path) -> None:
 def test_merge_failure_leaves_nothing(
     tmp_path: Path, models: list[Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import soupkit.engine.execute as ex
+    from soupkit.io.output import ShardFiles
 
     calls = {"n": 0}
-    real = ex.FileSink.write
+    real = ShardFiles.write
 
     def flaky(self, job, data, off):  # type: ignore[no-untyped-def]
         calls["n"] += 1
@@ -155,7 +155,7 @@ def test_merge_failure_leaves_nothing(
             raise OSError(28, "No space left on device")
         return real(self, job, data, off)
 
-    monkeypatch.setattr(ex.FileSink, "write", flaky)
+    monkeypatch.setattr(ShardFiles, "write", flaky)
     with pytest.raises(OSError):
         soupkit.uniform_soup(models, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()

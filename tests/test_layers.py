@@ -79,31 +79,17 @@ KNOWN_UPWARD: set[tuple[str, str]] = {  # (importer, imported)
     # 16a (engine split) and 16b (planning): planning must not import the engine
     ("soupkit.planning.plan", "soupkit.engine.global_trim"),
     ("soupkit.planning.slices", "soupkit.engine.global_trim"),
-    # 16b: planning must not import adapters
-    ("soupkit.planning.plan", "soupkit.adapters.model_adapter"),
-    ("soupkit.planning.slices", "soupkit.adapters.model_adapter"),
     # 16c: backends must not import search
     ("soupkit.backends._worker", "soupkit.search._state"),
 }
 KNOWN_CYCLES: set[frozenset[str]] = {  # the modules of one strongly connected component
-    # 16a + 16b: planning <-> engine <-> adapters, planning.plan <-> planning.slices
-    frozenset(
-        {
-            "soupkit.adapters.lora",
-            "soupkit.adapters.model_adapter",
-            "soupkit.engine.execute",
-            "soupkit.engine.global_trim",
-            "soupkit.planning.plan",
-            "soupkit.planning.slices",
-        }
-    ),
+    # 16a: planning.plan <-> engine.global_trim (the pre-pass moves onto the method spec)
+    frozenset({"soupkit.engine.global_trim", "soupkit.planning.plan"}),
     # 16c
     frozenset(
         {"soupkit.backends._worker", "soupkit.backends.jobs", "soupkit.backends.ray_backend"}
     ),
     frozenset({"soupkit.search._on_backend", "soupkit.search.greedy", "soupkit.search.sweeps"}),
-    # io/* (owned by 16b): hub resolves a Hub id into a checkpoint and checkpoint calls hub
-    frozenset({"soupkit.io.checkpoint", "soupkit.io.hub"}),
 }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -141,3 +142,42 @@ def test_model_paths_resolve_from_the_recipe_folder_when_not_in_the_cwd(
     (tmp_path / "m0").mkdir()  # now the cwd wins, as in mergekit: an empty folder is an error
     with pytest.raises(PlanError, match="folder holds no checkpoint"):
         soupkit.plan(recipe)
+
+
+def test_soupkit_merge_validates_and_plans_the_recipe_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """From ``soupkit merge`` to the writer, the recipe is validated once (schema and method
+    parameters) and planned once."""
+    from soupkit.cli import main
+    from soupkit.planning import from_recipe
+    from soupkit.planning import plan as plan_mod
+    from soupkit.recipe.schema import MergeConfig
+
+    calls: dict[str, int] = {"schema": 0, "params": 0, "plan": 0}
+
+    def spy(key: str, real: Any) -> Any:
+        def f(*a: Any, **k: Any) -> Any:
+            calls[key] += 1
+            return real(*a, **k)
+
+        return f
+
+    base = write_model(tmp_path / "b", tiny_state(0))
+    ft = write_model(tmp_path / "f", tiny_state(1))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"merge_method: task_arithmetic\nbase_model: {base}\nmodels:\n  - model: {ft}\n"
+        "    parameters: {weight: 0.5}\n"
+    )
+    monkeypatch.setattr(
+        MergeConfig,
+        "model_validate",
+        classmethod(spy("schema", MergeConfig.model_validate.__func__)),
+    )
+    monkeypatch.setattr(plan_mod, "_check_param_names", spy("params", plan_mod._check_param_names))
+    planned = spy("plan", plan_mod.plan_checked)
+    for mod in (plan_mod, from_recipe):  # make_plan's and plan_recipe's way in
+        monkeypatch.setattr(mod, "plan_checked", planned)
+    assert main(["merge", str(recipe), str(tmp_path / "out"), "--no-progress"]) == 0
+    assert calls == {"schema": 1, "params": 1, "plan": 1}

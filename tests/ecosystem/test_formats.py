@@ -13,7 +13,8 @@ from safetensors.torch import load_file, save_file
 import soupkit
 from soupkit.cli import main
 from soupkit.errors import CheckpointFormatError, PlanError, UnsafeFormatError, UsageError
-from soupkit.io.names import KeyMap, RenameRule, as_state_dict, prefix_hint, save_state_dict
+from soupkit.io.names import KeyMap, RenameRule, as_state_dict, prefix_hint
+from soupkit.io.output import save_state_dict
 
 
 def net(seed: int) -> torch.nn.Module:

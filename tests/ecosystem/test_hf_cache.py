@@ -16,7 +16,7 @@ import soupkit
 from soupkit.cli import main
 from soupkit.errors import CheckpointFormatError, PlanError
 from soupkit.io.links import resolve_model_file, snapshot_blobs
-from soupkit.io.names import save_state_dict
+from soupkit.io.output import save_state_dict
 
 from .eco_helpers import llama_config, llama_state
 

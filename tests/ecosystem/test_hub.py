@@ -21,7 +21,7 @@ import yaml
 import soupkit
 from soupkit.errors import UsageError
 from soupkit.io.hub import parse_hub_ref
-from soupkit.io.names import save_state_dict
+from soupkit.io.output import save_state_dict
 
 from .eco_helpers import llama_config, llama_state
 from .hub_server import Hub, Repo

@@ -490,18 +490,18 @@ def test_partial_without_lock_file_is_left_alone(tmp_path: Path) -> None:
 
 def interrupt_after_shards(monkeypatch: pytest.MonkeyPatch, n: int) -> None:
     """Raise KeyboardInterrupt right after the n-th output shard is finished (and journaled)."""
-    from soupkit.engine.execute import FileSink
+    from soupkit.io.output import ShardFiles
 
-    real = FileSink._finish
+    real = ShardFiles._finish
     count = {"n": 0}
 
-    def finish(self: FileSink, w: ShardWriter) -> None:
+    def finish(self: ShardFiles, w: ShardWriter) -> None:
         real(self, w)
         count["n"] += 1
         if count["n"] == n:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(FileSink, "_finish", finish)
+    monkeypatch.setattr(ShardFiles, "_finish", finish)
 
 
 def test_resume_continues_from_verified_shards(

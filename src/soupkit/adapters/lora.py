@@ -53,8 +53,6 @@ import math
 import os
 import re
 import stat
-import sys
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +62,8 @@ import torch
 from pydantic import ValidationError
 
 from soupkit import methods
+from soupkit._util.defaults import MAX_SHARD_SIZE
+from soupkit._util.progress import progress_bar
 from soupkit._version import __version__
 from soupkit.adapters.lora_config import clip, pattern_key, validate_adapter_config
 from soupkit.engine.execute import RNG_BLOCK, all_finite, tensor_seed
@@ -77,20 +77,17 @@ from soupkit.errors import (
     shown,
 )
 from soupkit.io.card import card_front_matter, render_card
-from soupkit.io.checkpoint import CARRY_FILES, Checkpoint, carried_files, open_checkpoint
+from soupkit.io.carry import first_carried
+from soupkit.io.checkpoint import Checkpoint, carried_files, open_checkpoint
+from soupkit.io.digest import sha256_file
 from soupkit.io.header import DTYPES, TensorInfo
 from soupkit.io.links import resolve_model_file
+from soupkit.io.output import OutputWriter, json_bytes, report_header
 from soupkit.io.reader import TensorReader
-from soupkit.io.writer import (
-    OutputFolder,
-    OutputTensor,
-    ShardWriter,
-    layout_shards,
-    parse_size,
-    write_index,
-)
+from soupkit.io.writer import OutputTensor, layout_shards, parse_size
 from soupkit.methods import MethodSpec, Params
 from soupkit.recipe.params import LayerIndex, resolve_chain
+from soupkit.recipe.schema import load_recipe
 
 __all__ = [
     "ADAPTER_CONFIG",
@@ -106,7 +103,6 @@ __all__ = [
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 PREFIX = "base_model.model."
-REPORT_NAME = "soupkit-report.json"
 MAX_CONFIG_BYTES = 10_000_000
 _DTYPE_CODE = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
 # base_model.model.<module>.lora_A[.<adapter name>].weight, lora_embedding_A[.<adapter name>]
@@ -567,15 +563,6 @@ def _sources(
     return out
 
 
-def _bar(total: int, enabled: bool | None, desc: str) -> Any:
-    from tqdm.auto import tqdm
-
-    disable = (not sys.stderr.isatty()) if enabled is None else (not enabled)
-    return tqdm(
-        total=total, unit="tensor", desc=desc, disable=disable, dynamic_ncols=True, leave=False
-    )
-
-
 def _write(
     dest: Path,
     outputs: Sequence[OutputTensor],
@@ -583,13 +570,15 @@ def _write(
     *,
     force: bool,
     max_shard_size: int | str,
-    files: Callable[[Path, dict[str, str]], None],
+    files: Callable[[OutputWriter, dict[str, str]], None],
     progress: bool | None,
     desc: str,
     finite: _FiniteCheck,
+    inputs: Sequence[Checkpoint],
     stem: str = "model",
 ) -> dict[str, str]:
-    """Write ``outputs`` (each made by ``produce`` when its turn comes) as shards, then ``files``.
+    """Write ``outputs`` (each made by ``produce`` when its turn comes) as shards, then ``files``,
+    into the output folder ``dest`` (never one of the ``inputs``).
 
     Every float output is checked for NaN / Inf (as a merge's are): `NonFiniteError` before
     anything looks complete, or with ``finite.allow`` the name goes to ``finite.found``."""
@@ -606,49 +595,25 @@ def _write(
             s.__class__(f"{stem}.safetensors", s.header, s.offsets, s.tensors, s.size)
             for s in shards
         ]
-    hashes: dict[str, str] = {}
-    bar = _bar(len(outputs), progress, desc)
+    bar = progress_bar(len(outputs), progress, desc, unit="tensor")
+
+    def checked(o: OutputTensor) -> torch.Tensor:
+        t = produce(o)
+        if not all_finite(t):
+            finite.fail(o.name, t)
+        bar.update(1)
+        return t
+
     try:
-        with OutputFolder(dest, force=force) as tmp:
-            for layout in shards:
-                w = ShardWriter(tmp, layout)
-                try:
-                    for o in layout.tensors:
-                        t = produce(o)
-                        if not all_finite(t):
-                            finite.fail(o.name, t)
-                        w.write(o.name, t.reshape(-1), 0)
-                        bar.update(1)
-                    hashes[layout.filename] = w.close()
-                except BaseException:
-                    w.abort()
-                    raise
-            write_index(tmp, shards)
-            files(tmp, hashes)
+        with OutputWriter(dest, force=force, inputs=inputs) as out:
+            hashes = out.write_tensors(shards, checked)
+            files(out, hashes)
     finally:
         bar.close()
     return hashes
 
 
-def _carry(tmp: Path, folders: Sequence[Path | None], skip: Sequence[str] = ()) -> dict[str, str]:
-    from soupkit.io.checkpoint import MAX_CARRY_BYTES, carried_files
-    from soupkit.io.writer import copy_file
-
-    done: dict[str, str] = {}
-    found = [carried_files(folder) for folder in folders if folder is not None]  # links, sizes
-    for name in CARRY_FILES:
-        if name in skip:
-            continue
-        for files in found:
-            if name in files:
-                done[name] = copy_file(files[name], tmp / name, MAX_CARRY_BYTES)  # streamed
-                break
-    return done
-
-
 def _file_hashes(cks: Sequence[Checkpoint]) -> list[dict[str, Any]]:
-    from soupkit.io.writer import sha256_file
-
     return [
         {"path": str(f), "bytes": f.stat().st_size, "sha256": sha256_file(f)}
         for c in cks
@@ -697,7 +662,7 @@ def fold_lora(
     tokenizer_source: Literal["base", "adapter"] = "base",
     force: bool = False,
     progress: bool | None = None,
-    max_shard_size: int | str = "5GB",
+    max_shard_size: int | str = MAX_SHARD_SIZE,
     allow_pickle: bool = False,
     allow_nonfinite: bool = False,
 ) -> LoraResult:
@@ -776,13 +741,14 @@ def fold_lora(
                 w32 += _delta(lm, part, reader, src.shape)
             return w32.to(dt)
 
-        def files(tmp: Path, hashes: dict[str, str]) -> None:
+        def files(dst: OutputWriter, hashes: dict[str, str]) -> None:
             # config.json always comes from the base (an adapter folder has none)
-            carried = _carry(
-                tmp,
-                [ads[0].folder, base_ck.folder]
-                if tokenizer_source == "adapter"
-                else [base_ck.folder],
+            carried = dst.carry(
+                first_carried(
+                    [ads[0].folder, base_ck.folder]
+                    if tokenizer_source == "adapter"
+                    else [base_ck.folder]
+                )
             )
             front = card_front_matter(
                 [str(base), *map(str, paths)], tags=["lora", "peft"], relation=None
@@ -802,7 +768,7 @@ def fold_lora(
                 f"{', rslora' if a.use_rslora else ''}, {len(a.modules)} module(s)"
                 for a in ads
             ]
-            (tmp / "README.md").write_text(render_card(front, body), encoding="utf-8")
+            dst.write_card(render_card(front, body))
             report = _report(
                 "fold",
                 ads,
@@ -813,7 +779,7 @@ def fold_lora(
                 {"rounding": rounding, "out_dtype": out_dtype, "changed_tensors": len(changed)},
                 finite.found,
             )
-            (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+            dst.write_report(report)
             result_report.update(report)
 
         result_report: dict[str, Any] = {}
@@ -828,6 +794,7 @@ def fold_lora(
             progress=progress,
             desc="fold lora",
             finite=finite,
+            inputs=[*(a.checkpoint for a in ads), base_ck],
         )
     return LoraResult(Path(out), "model", changed, {}, tuple(notes), result_report)
 
@@ -850,9 +817,7 @@ def _report(
     nonfinite: Sequence[str],
 ) -> dict[str, Any]:
     return {
-        "soupkit_version": __version__,
-        "torch_version": torch.__version__,
-        "created_unix": int(time.time()),
+        **report_header(),
         "lora": {"operation": op, **dict(extra)},
         "inputs": {
             "base": {"label": base.label, "files": _file_hashes([base])},
@@ -895,7 +860,7 @@ def merge_loras(
     out_dtype: str | None = None,
     force: bool = False,
     progress: bool | None = None,
-    max_shard_size: int | str = "5GB",
+    max_shard_size: int | str = MAX_SHARD_SIZE,
     allow_pickle: bool = False,
     allow_nonfinite: bool = False,
 ) -> LoraResult:
@@ -991,8 +956,6 @@ def merge_loras(
     targets, match_notes = _targets(ads, base_ck)
     notes += match_notes
     layers = LayerIndex.from_names(base_ck.tensors)
-    from soupkit.recipe.schema import load_recipe
-
     load_recipe(
         {
             "merge_method": spec.name,
@@ -1079,10 +1042,10 @@ def merge_loras(
             merged = _combine(spec, plist[o.name], deltas, w, seed, o.name)  # type: ignore[arg-type]
             return (w + merged).to(dt)
 
-        def files(tmp: Path, hashes: dict[str, str]) -> None:
-            carried = _carry(tmp, [base_ck.folder])
+        def files(dst: OutputWriter, hashes: dict[str, str]) -> None:
+            carried = dst.carry(first_carried([base_ck.folder]))
             _card_and_report(
-                tmp,
+                dst,
                 "merge",
                 ads,
                 base_ck,
@@ -1115,6 +1078,7 @@ def merge_loras(
             progress=progress,
             desc=f"merge loras ({_shown(spec)})",
             finite=finite,
+            inputs=[*(a.checkpoint for a in ads), base_ck],
         )
     return LoraResult(Path(out), "model", tuple(merged_names), {}, tuple(notes), result_report)
 
@@ -1178,7 +1142,7 @@ _PEFT_LINEAR = ("peft_linear", "https://huggingface.co/docs/peft/developer_guide
 
 
 def _card_and_report(
-    tmp: Path,
+    dst: OutputWriter,
     op: str,
     ads: Sequence[LoraAdapter],
     base: Checkpoint,
@@ -1202,7 +1166,7 @@ def _card_and_report(
     )
     what = f"a LoRA adapter of rank {rank}" if is_adapter else "a full model"
     body = [
-        f"# {tmp.name if not tmp.name.startswith('.soupkit') else 'Merged LoRA'}",
+        f"# {dst.tmp.name if not dst.tmp.name.startswith('.soupkit') else 'Merged LoRA'}",
         "",
         f"{len(ads)} LoRA adapter(s) of `{base.label}` merged "
         + (
@@ -1228,9 +1192,9 @@ def _card_and_report(
         json.dumps(dict(extra), indent=2, default=str),
         "```",
     ]
-    (tmp / "README.md").write_text(render_card(front, body), encoding="utf-8")
+    dst.write_card(render_card(front, body))
     report = _report(op, ads, base, hashes, carried, notes, extra, nonfinite)
-    (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    dst.write_report(report)
     result.update(report)
 
 
@@ -1369,7 +1333,7 @@ def _merge_to_adapter(
             pending[other] = a_f if part == "B" else b_f
             return a_f if part == "A" else b_f
 
-        def files(tmp: Path, hashes: dict[str, str]) -> None:
+        def files(dst: OutputWriter, hashes: dict[str, str]) -> None:
             cfg = dict(ads[0].config)
             targets_cfg: Any
             if all(isinstance(a.config.get("target_modules"), list) for a in ads):
@@ -1395,7 +1359,7 @@ def _merge_to_adapter(
                     "lora_bias": bool(bias_updates),
                 }
             )
-            (tmp / ADAPTER_CONFIG).write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
+            dst.write(ADAPTER_CONFIG, json_bytes(cfg))
             tot_r = math.sqrt(sum(r * r for r, _ in norms.values()))
             tot = math.sqrt(sum(t * t for _, t in norms.values()))
             extra = {
@@ -1410,7 +1374,7 @@ def _merge_to_adapter(
                 },
             }
             _card_and_report(
-                tmp,
+                dst,
                 "merge_to_adapter",
                 ads,
                 base,
@@ -1439,6 +1403,7 @@ def _merge_to_adapter(
             desc=f"merge loras ({_shown(spec)}, rank {rank})",
             stem="adapter_model",
             finite=finite,
+            inputs=[*(a.checkpoint for a in ads), base],
         )
     return LoraResult(out, "adapter", tuple(sorted(modules)), errors, tuple(notes), result_report)
 
@@ -1473,9 +1438,14 @@ def _peft_linear(
         )
     weights: list[float] = []
     for i, m in enumerate(model_parameters or [{}] * len(ads)):
-        extra = sorted(set(m) - {"weight"})
+        unknown = sorted(set(m) - {"weight"})
         w = m.get("weight", 1.0)
-        if extra or isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
+        if (
+            unknown
+            or isinstance(w, bool)
+            or not isinstance(w, (int, float))
+            or not math.isfinite(w)
+        ):
             raise ConfigError(
                 [
                     f"adapter {i}: method 'peft_linear' takes one finite number 'weight' per adapter, "
@@ -1573,10 +1543,10 @@ def _peft_linear(
                 d = d.T if (lm.kind == "embedding" or lm.fan_in_fan_out) else d
                 return (raw.to(torch.float32) + d * 1.0).to(DTYPES[o.dtype][0])
 
-            def files(tmp: Path, hashes: dict[str, str]) -> None:
-                carried = _carry(tmp, [base.folder])
+            def files(dst: OutputWriter, hashes: dict[str, str]) -> None:
+                carried = dst.carry(first_carried([base.folder]))
                 _card_and_report(
-                    tmp,
+                    dst,
                     "merge",
                     ads,
                     base,
@@ -1600,6 +1570,7 @@ def _peft_linear(
                 progress=progress,
                 desc="merge loras (peft_linear)",
                 finite=finite,
+                inputs=[*(a.checkpoint for a in ads), base],
             )
             return LoraResult(out, "model", tuple(modules), {}, tuple(notes), result_report)
 
@@ -1621,7 +1592,7 @@ def _peft_linear(
             name, which = parts[o.name]
             return factors(reader, name)[which].to(DTYPES[o.dtype][0])
 
-        def adapter_files(tmp: Path, hashes: dict[str, str]) -> None:
+        def adapter_files(dst: OutputWriter, hashes: dict[str, str]) -> None:
             r = next(iter(ranks))
             cfg = dict(ads[0].config)
             cfg.update(
@@ -1638,9 +1609,9 @@ def _peft_linear(
                     "inference_mode": True,
                 }
             )
-            (tmp / ADAPTER_CONFIG).write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
+            dst.write(ADAPTER_CONFIG, json_bytes(cfg))
             _card_and_report(
-                tmp,
+                dst,
                 "merge_to_adapter",
                 ads,
                 base,
@@ -1665,6 +1636,7 @@ def _peft_linear(
             desc="merge loras (peft_linear)",
             stem="adapter_model",
             finite=finite,
+            inputs=[*(a.checkpoint for a in ads), base],
         )
         return LoraResult(out, "adapter", tuple(sorted(modules)), {}, tuple(notes), result_report)
 
@@ -1873,7 +1845,7 @@ def extract_lora(
             w = factored.get(rel.removesuffix(".lora_A.weight").removesuffix(".lora_B.weight"), rel)
             return [(f"fine-tune {ft.label}", ft.tensors[w]), (f"base {bs.label}", bs.tensors[w])]
 
-        def files(tmp: Path, hashes: dict[str, str]) -> None:
+        def files(dst: OutputWriter, hashes: dict[str, str]) -> None:
             small = {m: k for m, k in ranks.items() if k != rank}
             saves = sorted({n.rpartition(".")[0] for n in whole}) or None
             cfg = {
@@ -1895,7 +1867,7 @@ def extract_lora(
                 "lora_bias": False,
                 "inference_mode": True,
             }
-            (tmp / ADAPTER_CONFIG).write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
+            dst.write(ADAPTER_CONFIG, json_bytes(cfg))
             tot_r = math.sqrt(sum(r * r for r, _ in norms.values()))
             tot = math.sqrt(sum(t * t for _, t in norms.values()))
             svd = {
@@ -1918,11 +1890,9 @@ def extract_lora(
                 f"tensor(s) stored whole. Relative Frobenius error: overall {svd['overall']:.3g}, "
                 f"max {svd['max']:.3g} (per module in soupkit-report.json).",
             ]
-            (tmp / "README.md").write_text(render_card(front, body), encoding="utf-8")
+            dst.write_card(render_card(front, body))
             report = {
-                "soupkit_version": __version__,
-                "torch_version": torch.__version__,
-                "created_unix": int(time.time()),
+                **report_header(),
                 "lora": {
                     "operation": "extract",
                     "rank": rank,
@@ -1939,7 +1909,7 @@ def extract_lora(
                 "nonfinite_tensors": list(finite.found),
                 "notes": notes,
             }
-            (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+            dst.write_report(report)
             result_report.update(report)
 
         result_report: dict[str, Any] = {}
@@ -1955,6 +1925,7 @@ def extract_lora(
             desc=f"extract lora (rank {rank})",
             stem="adapter_model",
             finite=finite,
+            inputs=[ft, bs],
         )
     return LoraResult(
         Path(out), "adapter", tuple(sorted(factored)), errors, tuple(notes), result_report

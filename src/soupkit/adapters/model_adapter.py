@@ -17,15 +17,18 @@ Only local paths: soupkit does not download, so a Hub id on either side gets the
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Literal
 
-if TYPE_CHECKING:
-    from soupkit.io.checkpoint import Checkpoint
-    from soupkit.recipe.schema import MergeConfig
+from soupkit.adapters.lora import fold_lora
+from soupkit.errors import CheckpointFormatError
+from soupkit.io.checkpoint import Checkpoint, open_checkpoint
+from soupkit.planning.from_recipe import open_path
+from soupkit.recipe.schema import MergeConfig
 
 __all__ = [
     "CACHE_ENV",
@@ -78,9 +81,6 @@ def resolve_model_adapter(
         CheckpointFormatError: either side is missing or unreadable (names it).
         PlanError: the adapter does not fit the model.
     """
-    from soupkit.adapters.lora import fold_lora
-    from soupkit.errors import CheckpointFormatError
-
     m, a = Path(resolve(model)), Path(resolve(adapter))
     for side, p in (("model", m), ("adapter", a)):
         if not p.exists():
@@ -93,7 +93,7 @@ def resolve_model_adapter(
             raise CheckpointFormatError(
                 f"{model}+{adapter}: the {side} {str(p)!r} does not exist{hint}"
             )
-    rounding = "peft" if exact else "fp32"
+    rounding: Literal["fp32", "peft"] = "peft" if exact else "fp32"
     key = hashlib.sha256(
         "\n".join([str(m.resolve()), _stamp(m), str(a.resolve()), _stamp(a), rounding]).encode()
     ).hexdigest()[:24]
@@ -104,7 +104,7 @@ def resolve_model_adapter(
     ):
         fold_lora(
             a, m, dest, rounding=rounding, force=True, progress=False, allow_pickle=allow_pickle
-        )  # type: ignore[arg-type]
+        )
         how = "folded"
     else:
         how = "taken from the cache"
@@ -118,13 +118,9 @@ def resolve_model_adapter(
 def open_model(cfg: MergeConfig, path: str, *, allow_pickle: bool = False) -> Checkpoint:
     """`open_checkpoint` for a recipe's model path, ``model+adapter`` included (folded, cached;
     the checkpoint's notes say so)."""
-    import dataclasses
-
-    from soupkit.io.checkpoint import open_checkpoint
-
     split = split_model_adapter(path, cfg.resolve_model_path)
     if split is None:
-        return open_checkpoint(cfg.resolve_model_path(path), label=path, allow_pickle=allow_pickle)
+        return open_path(cfg, path, allow_pickle=allow_pickle)
     folded, note = resolve_model_adapter(
         *split, cfg.resolve_model_path, exact=cfg.compute == "exact", allow_pickle=allow_pickle
     )

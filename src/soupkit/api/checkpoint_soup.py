@@ -42,9 +42,12 @@ from typing import Any, Literal
 
 import torch
 
+from soupkit._util.defaults import MAX_SHARD_SIZE
 from soupkit._version import __version__
+from soupkit.api.merging import merge_state_dicts
 from soupkit.errors import CheckpointFormatError, UsageError
-from soupkit.io.names import as_state_dict, json_bytes, save_state_dict
+from soupkit.io.names import as_state_dict
+from soupkit.io.output import json_bytes, save_state_dict
 
 __all__ = ["CheckpointSoup"]
 
@@ -203,8 +206,6 @@ class CheckpointSoup:
                 f"hint: call update(model, step) at least once with step % {self.every} == 0"
             )
         if self.mode == "exact":
-            from soupkit.api.merging import merge_state_dicts
-
             floats = (
                 merge_state_dicts([s for _, s in self._ring], "linear") if self._ring[0][1] else {}
             )
@@ -213,7 +214,11 @@ class CheckpointSoup:
         return {k: (floats[k] if k in floats else self._newest[k].clone()) for k in self._meta}
 
     def save(
-        self, out: str | os.PathLike[str], *, force: bool = False, max_shard_size: int | str = "5GB"
+        self,
+        out: str | os.PathLike[str],
+        *,
+        force: bool = False,
+        max_shard_size: int | str = MAX_SHARD_SIZE,
     ) -> Path:
         """Write the soup as a safetensors folder (atomically), with ``soupkit-report.json`` and,
         when the model was a transformers model, its ``config.json``.

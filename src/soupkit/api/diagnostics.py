@@ -36,7 +36,6 @@ import json
 import math
 import os
 import re
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -45,9 +44,12 @@ from typing import Any
 import torch
 
 from soupkit._util import extras as _extras
+from soupkit._util.progress import progress_bar
+from soupkit.api.merging import merge_state_dicts
 from soupkit.errors import UsageError
+from soupkit.evaluate import load_evaluator, run_evaluator
 from soupkit.io.checkpoint import Checkpoint, in_memory_checkpoint, open_checkpoint
-from soupkit.io.names import KeyMap, prefix_hint, rename_checkpoint
+from soupkit.io.names import KeyMap, as_state_dict, prefix_hint, rename_checkpoint
 from soupkit.io.reader import TensorReader
 
 __all__ = ["DiagnosisReport", "Interpolation", "diagnose"]
@@ -227,8 +229,6 @@ def _group(name: str) -> str:
 def _open(x: ModelLike, label: str, allow_pickle: bool) -> Checkpoint:
     if isinstance(x, (str, os.PathLike)):
         return open_checkpoint(x, allow_pickle=allow_pickle)
-    from soupkit.io.names import as_state_dict
-
     return in_memory_checkpoint(as_state_dict(x, label), label)
 
 
@@ -326,22 +326,6 @@ def _check_structure(cks: Sequence[Checkpoint], rep: DiagnosisReport) -> list[st
     return common
 
 
-def _bar(total: int, enabled: bool | None) -> Any:
-    from tqdm.auto import tqdm
-
-    disable = (not sys.stderr.isatty()) if enabled is None else (not enabled)
-    return tqdm(
-        total=total,
-        unit="B",
-        unit_scale=True,
-        unit_divisor=1024,
-        desc="diagnose",
-        disable=disable,
-        dynamic_ncols=True,
-        leave=False,
-    )
-
-
 def _stream_stats(
     cks: Sequence[Checkpoint],
     base: Checkpoint | None,
@@ -361,7 +345,7 @@ def _stream_stats(
         + (base.tensors[nm].nbytes if base is not None else 0)
         for nm in names
     )
-    bar = _bar(total, progress)
+    bar = progress_bar(total, progress, "diagnose", unit="B")
     try:
         with TensorReader() as reader, torch.inference_mode():
             for nm in names:
@@ -460,17 +444,10 @@ def _interpolate(
     points: int,
     progress: bool | None,
 ) -> list[Interpolation]:
-    from soupkit.api.merging import merge_state_dicts
-    from soupkit.evaluate import run_evaluator
 
     alphas = tuple(i / (points - 1) for i in range(points))
     out = []
-    from tqdm.auto import tqdm
-
-    disable = (not sys.stderr.isatty()) if progress is None else (not progress)
-    bar = tqdm(
-        total=len(pairs) * points, desc="interpolate", unit="eval", disable=disable, leave=False
-    )
+    bar = progress_bar(len(pairs) * points, progress, "interpolate", unit="eval")
     try:
         for i, j in pairs:
             a, b = _load_state(cks[i]), _load_state(cks[j])
@@ -736,8 +713,6 @@ def diagnose(
         _stream_stats(cks, base_ck, names, rep, progress)
     if evaluator is not None and rep.same_architecture:
         if isinstance(evaluator, str):
-            from soupkit.evaluate import load_evaluator
-
             evaluator = load_evaluator(evaluator)
         if pairs is None:
             pairs = [(0, j) for j in range(1, len(cks))]

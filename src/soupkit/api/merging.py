@@ -5,12 +5,8 @@ Everything the CLI does goes through these functions.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import re
-import sys
-import time
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,15 +15,20 @@ from typing import Any
 import torch
 
 from soupkit._util import interrupts as _interrupts
+from soupkit._util.defaults import MAX_SHARD_SIZE
+from soupkit._util.progress import progress_bar
 from soupkit._version import __version__
-from soupkit.engine.execute import FileSink, MemorySink, RunStats, plan_stamps, run_plan
+from soupkit.adapters.model_adapter import open_model
+from soupkit.engine.execute import MemorySink, RunStats, plan_stamps, run_plan
 from soupkit.errors import CheckpointFormatError, ConfigError, UsageError, shown
-from soupkit.io.checkpoint import MAX_CARRY_BYTES, Checkpoint, in_memory_checkpoint
-from soupkit.io.digest import BackgroundHasher, HashCache, changed_files_check, file_state
+from soupkit.io.card import card_front_matter, render_card
+from soupkit.io.checkpoint import Checkpoint, in_memory_checkpoint
+from soupkit.io.digest import InputHashes, changed_files_check, file_state
 from soupkit.io.header import FileStamp
 from soupkit.io.names import KeyMap, as_state_dict
-from soupkit.io.writer import Journal, OutputFolder, copy_file, io_failure
-from soupkit.planning.plan import DEFAULT_CHUNK_ELEMS, MergePlan, make_plan, plan_recipe
+from soupkit.io.output import OutputWriter, ShardFiles, report_header, run_fingerprint
+from soupkit.planning.from_recipe import plan_recipe
+from soupkit.planning.plan import DEFAULT_CHUNK_ELEMS, MergePlan, make_plan
 from soupkit.recipe.schema import Compute, MergeConfig, ModelEntry, load_recipe
 
 __all__ = [
@@ -41,7 +42,6 @@ __all__ = [
 ]
 
 Recipe = MergeConfig | Mapping[str, Any] | str | os.PathLike[str]
-REPORT_NAME = "soupkit-report.json"
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ class MergeResult:
 def plan(
     recipe: Recipe,
     *,
-    max_shard_size: int | str = "5GB",
+    max_shard_size: int | str = MAX_SHARD_SIZE,
     chunk_elems: int = DEFAULT_CHUNK_ELEMS,
     allow_pickle: bool = False,
     key_map: KeyMap | None = None,
@@ -96,22 +96,7 @@ def plan(
         chunk_elems=chunk_elems,
         allow_pickle=allow_pickle,
         key_map=key_map,
-    )
-
-
-def _progress_bar(total: int, enabled: bool | None, desc: str) -> Any:
-    from tqdm.auto import tqdm
-
-    disable = (not sys.stderr.isatty()) if enabled is None else (not enabled)
-    return tqdm(
-        total=total,
-        unit="B",
-        unit_scale=True,
-        unit_divisor=1024,
-        desc=desc,
-        disable=disable,
-        dynamic_ncols=True,
-        leave=False,
+        opener=open_model,
     )
 
 
@@ -120,8 +105,6 @@ def _at_commit(c: Checkpoint) -> str:
 
 
 def _model_card(p: MergePlan) -> str:
-    from soupkit.io.card import card_front_matter, render_card
-
     cfg = p.config
     # every input is a base of a merge (the Hub's model tree), the base model first
     front = card_front_matter(
@@ -183,9 +166,7 @@ def _report(
         }
 
     return {
-        "soupkit_version": __version__,
-        "torch_version": torch.__version__,
-        "created_unix": int(time.time()),
+        **report_header(),
         "recipe": p.config.model_dump(mode="json", exclude_none=True),
         "method": {"name": p.method.name, "paper": p.method.paper},
         "inputs": {
@@ -221,7 +202,7 @@ def merge(
     *,
     force: bool = False,
     progress: bool | None = None,
-    max_shard_size: int | str = "5GB",
+    max_shard_size: int | str = MAX_SHARD_SIZE,
     chunk_elems: int = DEFAULT_CHUNK_ELEMS,
     model_card: bool = True,
     allow_pickle: bool = False,
@@ -281,57 +262,20 @@ def merge(
     )
 
 
-def _check_not_input(p: MergePlan, out: Path) -> None:
-    """Refuse an output that is, holds, or sits inside one of the inputs (symlinks resolved).
-
-    With ``force`` an existing output is replaced, so an output folder that contains an input
-    would destroy it; an output inside a model folder would change what that folder holds.
-    """
-    try:
-        dest = out.resolve()
-    except (OSError, RuntimeError, ValueError) as e:  # a symlink loop, a NUL byte
-        raise UsageError(f"{out}: not a usable output path ({e})") from None
-    hint = "hint: inputs are never modified; choose an output folder outside every input"
-    for c in (*p.models, *([p.base] if p.base else [])):
-        for f in c.files:
-            fr = f.resolve()
-            if fr == dest:
-                raise UsageError(f"{out}: the output is input {f} ({c.label})\n{hint}")
-            if dest in fr.parents:
-                raise UsageError(
-                    f"{out}: the output folder holds input {f} ({c.label}); writing "
-                    f"(or --force replacing) it would destroy that input\n{hint}"
-                )
-        if c.path is not None and c.path.is_dir():
-            cr = c.path.resolve()
-            if dest == cr or cr in dest.parents:
-                raise UsageError(
-                    f"{out}: the output would be inside the input model folder {c.path} "
-                    f"({c.label})\n{hint}"
-                )
-    if p.carry_from is not None:
-        cr = p.carry_from.resolve()
-        if dest == cr or dest in cr.parents:
-            raise UsageError(
-                f"{out}: the output would replace or hold {p.carry_from}, where the "
-                f"config and tokenizer files come from\n{hint}"
-            )
+def _inputs(p: MergePlan) -> list[Checkpoint]:
+    return [*p.models, *([p.base] if p.base is not None else [])]
 
 
-def _input_files(p: MergePlan) -> list[Path]:
-    return list(
-        dict.fromkeys(f for c in (*p.models, *([p.base] if p.base else [])) for f in c.files)
-    )
-
-
-def input_states(plans: Sequence[MergePlan], inputs: Sequence[Path]) -> dict[Path, FileStamp]:
-    """Each input file's identity as the plans saw it (when its header was read; now, for a
-    file a plan has no stamp of), after checking that none changed since.
+def input_states(plans: Sequence[MergePlan]) -> dict[Path, FileStamp]:
+    """Each input file of the plans (in order, once) with its identity as the plans saw it
+    (when its header was read; now, for a file a plan has no stamp of), after checking that
+    none changed since.
 
     Raises:
         CheckpointFormatError: an input was rewritten, replaced or removed after planning.
     """
     stamps = plan_stamps(plans)
+    inputs = dict.fromkeys(f for p in plans for c in _inputs(p) for f in c.files)
     try:
         now = {f: file_state(f) for f in inputs}
     except OSError as e:
@@ -345,78 +289,67 @@ def input_states(plans: Sequence[MergePlan], inputs: Sequence[Path]) -> dict[Pat
 
 def _fingerprint(p: MergePlan, dest: Path, states: Mapping[Path, FileStamp]) -> str:
     """What makes two runs produce the same output: recipe, version, layout and the inputs."""
-    h = hashlib.sha256()
-    h.update(
-        json.dumps(
-            {
-                "soupkit": __version__,
-                "torch": torch.__version__,
-                "dest": str(dest.absolute()),
-                "recipe": p.config.model_dump(mode="json"),
-                "inputs": [[str(f.absolute()), *st] for f, st in states.items()],
-                "carry_from": str(p.carry_from) if p.carry_from else None,
-            },
-            sort_keys=True,
-        ).encode("utf-8")
+    identity = {
+        "recipe": p.config.model_dump(mode="json"),
+        "inputs": [[str(f.absolute()), *st] for f, st in states.items()],
+        "carry_from": str(p.carry_from) if p.carry_from else None,
+    }
+    return run_fingerprint(dest, identity, p.shards)
+
+
+def open_output(
+    p: MergePlan,
+    dest: Path,
+    *,
+    force: bool,
+    fingerprint: str | None = None,
+    extra_names: Collection[str] = (),
+) -> OutputWriter:
+    """The output folder of plan ``p``: never one of its inputs or where it carries files from."""
+    return OutputWriter(
+        dest,
+        force=force,
+        inputs=_inputs(p),
+        carry_from=p.carry_from,
+        fingerprint=fingerprint,
+        extra_names=extra_names,
     )
-    for s in p.shards:
-        h.update(s.filename.encode("utf-8"))
-        h.update(s.header)
-    return h.hexdigest()
 
 
-def _write_file(path: Path, data: bytes) -> str:
-    """Write ``data`` to ``path`` (errors as `MergeIOError`) and return its sha256."""
-    try:
-        path.write_bytes(data)
-    except OSError as e:
-        raise io_failure(f"{path}: cannot write", e) from None
-    return hashlib.sha256(data).hexdigest()
-
-
-def finish_folder(p: MergePlan, tmp: Path, model_card: bool) -> dict[str, str]:
-    """Write the files beside the weights into the partial output folder ``tmp``: the carried
-    config and tokenizer files (config.json updated for a sliced model), the model card; and
-    return every such file's sha256, the shard index's included."""
-    others: dict[str, str] = {}
-    index = tmp / "model.safetensors.index.json"
-    if index.is_file():
-        others[index.name] = hashlib.sha256(index.read_bytes()).hexdigest()
-    for (
-        name,
-        src,
-    ) in p.carry_files.items():  # exactly what `plan` listed (links and sizes checked there)
-        if name == "config.json":  # the dtype written; a sliced model's layer count
-            try:
-                data = src.read_bytes()  # at most MAX_CARRY_BYTES, checked at plan time
-            except OSError as e:
-                raise CheckpointFormatError(f"{shown(src)}: cannot read ({e.strerror})") from None
-            others[name] = _write_file(tmp / name, _updated_config(p, src, data))
-        else:
-            others[name] = copy_file(src, tmp / name, MAX_CARRY_BYTES)
+def finish_output(
+    p: MergePlan,
+    out: OutputWriter,
+    stats: RunStats,
+    shard_hashes: Mapping[str, str],
+    hashes: tuple[Mapping[Path, str], Collection[Path]],
+    *,
+    model_card: bool,
+    extra_files: Mapping[str, bytes] | None = None,
+    extra_report: Mapping[str, Any] | None = None,
+    resumed_shards: int = 0,
+) -> None:
+    """Write the files beside the weights of plan ``p``: the carried config and tokenizer
+    files (config.json updated for a sliced model and the dtype written), the model card, the
+    ``extra_files`` and, last, the report (``hashes``: the inputs' digests and those that
+    came from the cache, see `InputHashes.result`)."""
+    out.record_index()
+    # exactly what `plan` listed (links and sizes checked there)
+    out.carry(p.carry_files, config_updates=p.config_updates, written_dtype=p.written_dtype)
     if model_card:
-        others["README.md"] = _write_file(tmp / "README.md", _model_card(p).encode("utf-8"))
-    return others
-
-
-def _updated_config(p: MergePlan, src: Path, data: bytes) -> bytes:
-    """The carried ``config.json`` with the plan's updates (e.g. a sliced model's layer count)
-    and ``torch_dtype`` (and ``dtype``, if the file has that newer key) naming the dtype the
-    tensors are written in, so ``transformers`` with ``dtype="auto"`` loads what was written."""
-    from soupkit.planning.slices import update_config
-
-    updates = dict(p.config_updates)
-    written = p.written_dtype
-    if written is not None:
-        try:
-            obj = json.loads(data.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError, RecursionError):  # carried as it is
-            obj = None
-        if isinstance(obj, dict):
-            for key in ("torch_dtype", "dtype"):
-                if (key == "torch_dtype" or key in obj) and obj.get(key) != written:
-                    updates[key] = written
-    return update_config(src, data, updates) if updates else data
+        out.write_card(_model_card(p))
+    for fname, data in (extra_files or {}).items():
+        out.write(fname, data)
+    report = _report(
+        p,
+        stats,
+        out.dest,
+        input_hashes=hashes[0],
+        output_hashes=shard_hashes,
+        hashes_from_cache=hashes[1],
+        other_files=out.others,
+        resumed_shards=resumed_shards,
+    )
+    out.write_report({**report, **dict(extra_report or {})})
 
 
 @_interrupts.held
@@ -441,60 +374,39 @@ def run_merge_plan(
     see `merge`.
     """
     dest = Path(out)
-    _check_not_input(p, dest)
-    for fname in extra_files or {}:
-        if Path(fname).name != fname or fname in (REPORT_NAME, "README.md"):
-            raise UsageError(
-                f"extra output file {fname!r}: expected a plain file name other than "
-                f"{REPORT_NAME} and README.md"
+    before = input_states([p])
+    output = open_output(
+        p,
+        dest,
+        force=force,
+        fingerprint=_fingerprint(p, dest, before) if resume else None,
+        extra_names=list(extra_files or {}),
+    )
+    with InputHashes(before, enabled=hash_inputs) as hashes, output:
+        done, journal = output.resume(p.shards)
+        bar = progress_bar(p.input_bytes, progress, f"merge {p.method.name}", unit="B")
+        sink = ShardFiles(output.tmp, p.shards, done=done, journal=journal)
+        try:
+            stats = run_plan(
+                p, sink, progress=bar.update, allow_nonfinite=allow_nonfinite, skip=sink.skip
             )
-    inputs = _input_files(p)
-    before = input_states([p], inputs)
-    fingerprint = _fingerprint(p, dest, before) if resume else None
-    folder = OutputFolder(dest, force=force, resume_key=fingerprint[:16] if fingerprint else None)
-    hasher = BackgroundHasher(inputs, HashCache.default()) if hash_inputs and inputs else None
-    try:
-        with folder as tmp:
-            done: dict[str, str] = {}
-            journal = None
-            if fingerprint is not None:
-                journal = Journal(tmp, fingerprint)
-                done = journal.verified(p.shards) if folder.resumed else {}
-                journal.start(done, p.shards)
-            bar = _progress_bar(p.input_bytes, progress, f"merge {p.method.name}")
-            sink = FileSink(p, tmp, done=done, journal=journal)
-            try:
-                stats = run_plan(
-                    p, sink, progress=bar.update, allow_nonfinite=allow_nonfinite, skip=sink.skip
-                )
-                sink.close()
-            except BaseException:
-                sink.abort()
-                raise
-            finally:
-                bar.close()
-            others = finish_folder(p, tmp, model_card)
-            for fname, data in (extra_files or {}).items():
-                others[fname] = _write_file(tmp / fname, data)
-            input_hashes = hasher.result() if hasher is not None else {}
-            changed_files_check(before)
-            report = {
-                **_report(
-                    p,
-                    stats,
-                    dest,
-                    input_hashes=input_hashes,
-                    output_hashes=sink.hashes,
-                    hashes_from_cache=hasher.from_cache if hasher is not None else (),
-                    other_files=others,
-                    resumed_shards=len(done),
-                ),
-                **dict(extra_report or {}),
-            }
-            _write_file(tmp / REPORT_NAME, (json.dumps(report, indent=2) + "\n").encode("utf-8"))
-    finally:
-        if hasher is not None:
-            hasher.cancel()
+            sink.close()
+        except BaseException:
+            sink.abort()
+            raise
+        finally:
+            bar.close()
+        finish_output(
+            p,
+            output,
+            stats,
+            sink.hashes,
+            hashes.result(),
+            model_card=model_card,
+            extra_files=extra_files,
+            extra_report=extra_report,
+            resumed_shards=len(done),
+        )
     return MergeResult(dest, p, stats)
 
 

@@ -15,7 +15,6 @@ demanding plan plus the raw chunk.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -24,12 +23,16 @@ from pathlib import Path
 from typing import Any
 
 from soupkit._util import interrupts as _interrupts
+from soupkit._util.defaults import MAX_SHARD_SIZE
+from soupkit._util.progress import progress_bar
+from soupkit.adapters.model_adapter import open_model
 from soupkit.api import merging as api
-from soupkit.engine.execute import FileSink, check_shared_inputs, run_plans
+from soupkit.engine.execute import check_shared_inputs, run_plans
 from soupkit.errors import UsageError
-from soupkit.io.digest import BackgroundHasher, HashCache, changed_files_check
-from soupkit.io.writer import OutputFolder
-from soupkit.planning.plan import DEFAULT_CHUNK_ELEMS, MergePlan, make_plan, plan_recipe
+from soupkit.io.digest import InputHashes
+from soupkit.io.output import ShardFiles
+from soupkit.planning.from_recipe import plan_recipe
+from soupkit.planning.plan import DEFAULT_CHUNK_ELEMS, MergePlan, make_plan
 from soupkit.recipe.schema import MergeConfig
 
 __all__ = ["alpha_folder_names", "merge_many", "run_plans", "wise_ft", "wise_ft_recipe"]
@@ -73,64 +76,51 @@ def merge_many(
             f"merge_many needs one output folder per plan, got {len(plans)} plans "
             f"and {len(outs)} folders"
         )
+    if extra_reports is not None and len(extra_reports) != len(plans):
+        raise UsageError(
+            f"merge_many: {len(extra_reports)} extra_reports for {len(plans)} plans\n"
+            "hint: give one report mapping per plan"
+        )
+    extras = list(extra_reports) if extra_reports is not None else [{}] * len(plans)
     dests = [Path(o) for o in outs]
     if len({d.absolute() for d in dests}) != len(dests):
         raise UsageError(
             "merge_many: two plans write to the same output folder\n"
             "hint: give each plan its own folder"
         )
-    for p, d in zip(plans, dests):
-        api._check_not_input(p, d)
     check_shared_inputs(plans)
-    inputs = list(dict.fromkeys(f for p in plans for f in api._input_files(p)))
-    before = api.input_states(plans, inputs)
-    folders = [OutputFolder(d, force=force) for d in dests]  # refuses existing outputs up front
-    hasher = BackgroundHasher(inputs, HashCache.default()) if hash_inputs and inputs else None
+    before = api.input_states(plans)
+    # refuses existing outputs, and outputs that are inputs, before anything is written
+    outputs = [api.open_output(p, d, force=force) for p, d in zip(plans, dests)]
     results: list[api.MergeResult] = []
-    try:
-        with ExitStack() as stack:
-            tmps = [stack.enter_context(f) for f in folders]
-            sinks: list[FileSink] = []
-            bar = api._progress_bar(
-                plans[0].input_bytes, progress, f"merge {len(plans)} x {plans[0].method.name}"
+    with InputHashes(before, enabled=hash_inputs) as hashes, ExitStack() as stack:
+        for o in outputs:
+            stack.enter_context(o)
+        sinks: list[ShardFiles] = []
+        bar = progress_bar(
+            plans[0].input_bytes,
+            progress,
+            f"merge {len(plans)} x {plans[0].method.name}",
+            unit="B",
+        )
+        try:
+            for p, o in zip(plans, outputs):
+                sinks.append(ShardFiles(o.tmp, p.shards))
+            stats = run_plans(plans, sinks, progress=bar.update, allow_nonfinite=allow_nonfinite)
+            for s in sinks:
+                s.close()
+        except BaseException:
+            for s in sinks:
+                s.abort()
+            raise
+        finally:
+            bar.close()
+        digests = hashes.result()
+        for p, o, sink, st, extra in zip(plans, outputs, sinks, stats, extras):
+            api.finish_output(
+                p, o, st, sink.hashes, digests, model_card=model_card, extra_report=extra
             )
-            try:
-                for p, tmp in zip(plans, tmps):
-                    sinks.append(FileSink(p, tmp))
-                stats = run_plans(
-                    plans, sinks, progress=bar.update, allow_nonfinite=allow_nonfinite
-                )
-                for s in sinks:
-                    s.close()
-            except BaseException:
-                for s in sinks:
-                    s.abort()
-                raise
-            finally:
-                bar.close()
-            input_hashes = hasher.result() if hasher is not None else {}
-            changed_files_check(before)
-            for k, (p, tmp, sink, st, dest) in enumerate(zip(plans, tmps, sinks, stats, dests)):
-                others = api.finish_folder(p, tmp, model_card)
-                report = {
-                    **api._report(
-                        p,
-                        st,
-                        dest,
-                        input_hashes=input_hashes,
-                        output_hashes=sink.hashes,
-                        other_files=others,
-                        hashes_from_cache=hasher.from_cache if hasher is not None else (),
-                    ),
-                    **dict(extra_reports[k] if extra_reports else {}),
-                }
-                api._write_file(
-                    tmp / api.REPORT_NAME, (json.dumps(report, indent=2) + "\n").encode("utf-8")
-                )
-                results.append(api.MergeResult(dest, p, st))
-    finally:
-        if hasher is not None:
-            hasher.cancel()
+            results.append(api.MergeResult(o.dest, p, st))
     return results
 
 
@@ -185,7 +175,7 @@ def wise_ft(
     out_dtype: str | None = None,
     force: bool = False,
     progress: bool | None = None,
-    max_shard_size: int | str = "5GB",
+    max_shard_size: int | str = MAX_SHARD_SIZE,
     chunk_elems: int = DEFAULT_CHUNK_ELEMS,
     model_card: bool = True,
     allow_pickle: bool = False,
@@ -223,7 +213,11 @@ def wise_ft(
         wise_ft_recipe(zero_shot, fine_tuned, a, dtype=dtype, out_dtype=out_dtype) for a in alphas
     ]
     first = plan_recipe(
-        cfgs[0], max_shard_size=max_shard_size, chunk_elems=chunk_elems, allow_pickle=allow_pickle
+        cfgs[0],
+        max_shard_size=max_shard_size,
+        chunk_elems=chunk_elems,
+        allow_pickle=allow_pickle,
+        opener=open_model,
     )
     plans = [first] + [
         make_plan(

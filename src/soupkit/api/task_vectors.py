@@ -30,6 +30,7 @@ from typing import Any, TypeGuard, Union
 
 import torch
 
+from soupkit._util.defaults import MAX_SHARD_SIZE
 from soupkit.api.merging import MergeResult, run_merge_plan
 from soupkit.engine.execute import MemorySink, run_plan
 from soupkit.errors import UsageError
@@ -232,7 +233,7 @@ class TaskVector:
         *,
         scale: float = 1.0,
         out_dtype: str | None = None,
-        max_shard_size: int | str = "5GB",
+        max_shard_size: int | str = MAX_SHARD_SIZE,
         **merge_options: Any,
     ) -> MergeResult:
         """Write ``target + scale * self`` to ``out_dir`` (streaming, tensor by tensor).

@@ -22,21 +22,17 @@ each evaluator once per process and reuses it for every candidate.
 
 from __future__ import annotations
 
-import hashlib
-import importlib.machinery
-import importlib.util
 import os
-import sys
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from soupkit._version import __version__
 from soupkit.errors import EvaluationError, UsageError
+from soupkit.evaluate.identity import source_digest
 from soupkit.evaluate.protocol import EvalResult
 
 __all__ = [
@@ -126,35 +122,6 @@ class RecipeMerge:
 Candidate = Ingredient | UniformSoup | RecipeMerge
 
 
-def _source_digest(spec: str, cwd: str) -> str:
-    """SHA-256 prefix of the module file an import string names, found without running it."""
-    target = spec.rpartition(":")[0]
-    path: Path | None = None
-    if target.endswith(".py") or "/" in target or os.sep in target:
-        path = Path(target) if os.path.isabs(target) else Path(cwd) / target
-    else:
-        from soupkit.evaluate.loader import import_path
-
-        try:
-            if "." in target:
-                with import_path(cwd, first=False):  # searched as load_evaluator searches
-                    found = importlib.util.find_spec(target)  # imports the parent packages only
-            else:
-                found = importlib.machinery.PathFinder.find_spec(
-                    target, [p for p in sys.path if p] + [cwd]
-                )
-            path = Path(found.origin) if found is not None and found.origin else None
-        except (ImportError, ValueError):
-            path = None
-    if path is None or not path.is_file():
-        return "nosource"
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
-
-
 @dataclass(frozen=True)
 class RemoteEvaluator:
     """An evaluator that a worker process can build by itself.
@@ -236,7 +203,7 @@ class RemoteEvaluator:
         if self.key:
             return self.key
         if self.spec is not None:
-            return f"{self.spec}@{_source_digest(self.spec, self.cwd)}"
+            return f"{self.spec}@{source_digest(self.spec, self.cwd) or 'nosource'}"
         if self.obj is not None:
             own = getattr(self.obj, "cache_key", None)
             if callable(own):

@@ -16,16 +16,14 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib
 import json
-import os
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from soupkit.errors import UsageError
-from soupkit.search._state import file_sha256
+from soupkit.evaluate.identity import source_digest
+from soupkit.io.digest import sha256_file
 from soupkit.search.cache import ScoreCache, default_cache_path
 
 __all__ = [
@@ -247,16 +245,6 @@ def _model_dir(args: argparse.Namespace, checkpoints: Sequence[str]) -> Path:
     return first if first.is_dir() else first.parent
 
 
-def _module_digest(spec: str) -> str:
-    target = spec.rpartition(":")[0]
-    if target.endswith(".py") or "/" in target or os.sep in target:
-        path = Path(target)
-    else:
-        mod = sys.modules.get(target) or importlib.import_module(target)
-        path = Path(getattr(mod, "__file__", "") or "")
-    return file_sha256(path)[:16] if path.is_file() else "nosource"
-
-
 def _user(spec: str, given: str | None) -> tuple[Any, str]:
     from soupkit.evaluate.loader import load_evaluator
 
@@ -268,7 +256,7 @@ def _user(spec: str, given: str | None) -> tuple[Any, str]:
         key = key()
     if isinstance(key, str) and key:
         return ev, key
-    return ev, f"{spec}@{_module_digest(spec)}"
+    return ev, f"{spec}@{source_digest(spec) or 'nosource'}"
 
 
 def _folder_digest(folder: Path) -> str:
@@ -276,7 +264,7 @@ def _folder_digest(folder: Path) -> str:
     for name in _CARRY_HASHED:
         f = folder / name
         if f.is_file():
-            h.update(f"{name}:{file_sha256(f)}\n".encode())
+            h.update(f"{name}:{sha256_file(f)}\n".encode())
     return h.hexdigest()[:16]
 
 
@@ -315,7 +303,7 @@ def _builtin(kind: str, data: str, args: argparse.Namespace, model_dir: Path) ->
         {
             "kind": f"hf-{kind}",
             **kw,
-            "data": file_sha256(Path(data)),
+            "data": sha256_file(Path(data)),
             "model_files": _folder_digest(model_dir),
         },
         sort_keys=True,

@@ -22,17 +22,26 @@ own headers. `carried_files` applies the same rule to the config and tokenizer f
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from soupkit.errors import CheckpointFormatError, UnsafeFormatError, shown
+from soupkit.io.folder import (
+    CARRY_FILES,
+    INDEX_NAME,
+    MAX_CARRY_BYTES,
+    PICKLE_INDEX_NAME,
+    PICKLE_SINGLE_NAME,
+    PICKLE_SUFFIXES,
+    SINGLE_NAME,
+    carried_files,
+    read_index,
+    regular_file,
+)
 from soupkit.io.header import FileStamp, TensorInfo, dtype_code, file_stamp, read_safetensors_header
 from soupkit.io.hub import HubSource, parse_hub_ref, resolve_hub_model
 from soupkit.io.links import resolve_model_file
@@ -47,77 +56,6 @@ __all__ = [
     "in_memory_checkpoint",
     "open_checkpoint",
 ]
-
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
-PICKLE_INDEX_NAME = "pytorch_model.bin.index.json"
-PICKLE_SINGLE_NAME = "pytorch_model.bin"
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-MAX_INDEX_BYTES = 50_000_000
-
-# Files carried from the base (or first) model folder into the output: configuration and
-# tokenizer. Never code (*.py): a merged model must not smuggle remote code along.
-CARRY_FILES = (
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.txt",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.model",
-    "spiece.model",
-    "sentencepiece.bpe.model",
-    "chat_template.jinja",
-    "chat_template.json",
-    "preprocessor_config.json",
-)
-
-
-# A config or tokenizer file larger than this is refused when the merge is planned, before it is
-# read (the largest tokenizer.json files of current models are about 35 MB).
-MAX_CARRY_BYTES = 100_000_000
-
-
-def carried_files(folder: Path) -> dict[str, Path]:
-    """The config and tokenizer files (`CARRY_FILES`) of ``folder`` that go to the output.
-
-    Each is found by the link rule (`resolve_model_file`), must be a regular file and at most
-    `MAX_CARRY_BYTES`; checked from ``stat`` alone, nothing is read.
-
-    Returns:
-        File name -> resolved path, for the files that exist.
-
-    Raises:
-        CheckpointFormatError: a file that breaks the link rule, is not a regular file, or is too
-            large; the message names it and the limit.
-    """
-    out: dict[str, Path] = {}
-    for name in CARRY_FILES:
-        f = resolve_model_file(folder, name, what="carried file")
-        if f is None:
-            continue
-        try:
-            st = f.stat()
-        except OSError as e:
-            raise CheckpointFormatError(
-                f"{shown(folder / name)}: cannot read ({e.strerror})"
-            ) from None
-        if not stat.S_ISREG(st.st_mode):
-            raise CheckpointFormatError(
-                f"{shown(folder / name)}: is not a regular file (a folder, FIFO "
-                "or device); it would be copied to the output\nhint: remove it"
-            )
-        if st.st_size > MAX_CARRY_BYTES:
-            raise CheckpointFormatError(
-                f"{shown(folder / name)}: {st.st_size:,} bytes; config and tokenizer files larger than "
-                f"{MAX_CARRY_BYTES:,} bytes are not carried to the output\nhint: the file is corrupt "
-                "or hostile; remove it, or give `tokenizer_source:` a folder with sane files"
-            )
-        out[name] = f
-    return out
 
 
 @dataclass(frozen=True)
@@ -163,57 +101,6 @@ def _refuse_pickle(p: Path) -> UnsafeFormatError:
     )
 
 
-def _regular(folder: Path, name: str, what: str = "file") -> Path | None:
-    """``folder/name`` resolved by the link rule if it is a regular file, else None."""
-    f = resolve_model_file(folder, name, what=what)
-    return f if f is not None and f.is_file() else None
-
-
-class _DuplicateKey(Exception):
-    pass
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in out:
-            raise _DuplicateKey(k)
-        out[k] = v
-    return out
-
-
-def _read_index(folder: Path, name: str = INDEX_NAME) -> dict[str, str]:
-    idx = folder / name
-    real = _regular(folder, name, "index") or idx
-    try:
-        size = real.stat().st_size
-        if size > MAX_INDEX_BYTES:
-            raise CheckpointFormatError(
-                f"{shown(idx)}: {size} bytes; an index larger than "
-                f"{MAX_INDEX_BYTES} bytes is refused"
-            )
-        obj = json.loads(real.read_text(encoding="utf-8"), object_pairs_hook=_no_duplicates)
-    except _DuplicateKey as e:
-        raise CheckpointFormatError(
-            f"{shown(idx)}: names key {shown(e.args[0], quote=True)} twice in one object\n"
-            "hint: the index is ambiguous; it is corrupt or hostile"
-        ) from None
-    except RecursionError:
-        raise CheckpointFormatError(f"{shown(idx)}: not valid JSON (nested too deeply)") from None
-    except ValueError as e:  # UnicodeDecodeError, JSONDecodeError, huge integer literals
-        raise CheckpointFormatError(f"{shown(idx)}: not valid JSON ({e})") from None
-    except OSError as e:
-        raise CheckpointFormatError(f"{shown(idx)}: cannot read ({e.strerror})") from None
-    wm = obj.get("weight_map") if isinstance(obj, dict) else None
-    if not isinstance(wm, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in wm.items()
-    ):
-        raise CheckpointFormatError(
-            f"{shown(idx)}: expected an object with a 'weight_map' of tensor name -> shard file name"
-        )
-    return wm
-
-
 def _shard_paths(folder: Path, idx: Path, wm: Mapping[str, str]) -> dict[str, Path]:
     """Resolve the shard names of a weight_map by the link rule (`resolve_model_file`)."""
     shards: dict[str, Path] = {}
@@ -237,7 +124,7 @@ def _shard_paths(folder: Path, idx: Path, wm: Mapping[str, str]) -> dict[str, Pa
 
 
 def _open_sharded(folder: Path, label: str) -> Checkpoint:
-    wm = _read_index(folder)
+    wm = read_index(folder)
     idx = folder / INDEX_NAME
     shards = _shard_paths(folder, idx, wm)
     tensors: dict[str, TensorInfo] = {}
@@ -299,7 +186,7 @@ def _open_pickle(p: Path, label: str, folder: Path) -> Checkpoint:
 
 def _open_pickle_sharded(folder: Path, label: str) -> Checkpoint:
     idx = folder / PICKLE_INDEX_NAME
-    wm = _read_index(folder, PICKLE_INDEX_NAME)
+    wm = read_index(folder, PICKLE_INDEX_NAME)
     shards = _shard_paths(folder, idx, wm)
     state: dict[str, torch.Tensor] = {}
     notes: list[str] = []
@@ -390,9 +277,9 @@ def open_checkpoint(
             "hint: give a .safetensors file or a model folder"
         )
     # every file below is found by name inside the folder: the link rule applies (io/links.py)
-    if _regular(p, INDEX_NAME, "index"):
+    if regular_file(p, INDEX_NAME, "index"):
         return _open_sharded(p, lab)
-    single = _regular(p, SINGLE_NAME)
+    single = regular_file(p, SINGLE_NAME)
     if single is not None:
         header = read_safetensors_header(single)
         return Checkpoint(lab, p, p, (single,), header.tensors, stamps={single: header.stamp})
@@ -403,7 +290,7 @@ def open_checkpoint(
             f"{shown(lab)}: cannot list the folder ({e.strerror})"
         ) from None
     candidates = [
-        f for n in names if n.endswith(".safetensors") and (f := _regular(p, n)) is not None
+        f for n in names if n.endswith(".safetensors") and (f := regular_file(p, n)) is not None
     ]
     if len(candidates) == 1:
         header = read_safetensors_header(candidates[0])
@@ -418,15 +305,15 @@ def open_checkpoint(
         pickles = [
             f
             for n in names
-            if Path(n).suffix in PICKLE_SUFFIXES and (f := _regular(p, n)) is not None
+            if Path(n).suffix in PICKLE_SUFFIXES and (f := regular_file(p, n)) is not None
         ]
-        pickle_index = _regular(p, PICKLE_INDEX_NAME, "index")
+        pickle_index = regular_file(p, PICKLE_INDEX_NAME, "index")
     if not candidates and (pickles or pickle_index):
         if not allow_pickle:
             raise _refuse_pickle(pickles[0] if pickles else p / PICKLE_INDEX_NAME)
         if pickle_index:
             return _open_pickle_sharded(p, lab)
-        pickle_single = _regular(p, PICKLE_SINGLE_NAME)
+        pickle_single = regular_file(p, PICKLE_SINGLE_NAME)
         if pickle_single is not None:
             return _open_pickle(pickle_single, lab, p)
         if len(pickles) == 1:

@@ -1,4 +1,5 @@
-"""Content hashes of input files, computed beside the merge in a background thread.
+"""sha256 of files: the one helper (`sha256_file`), the one cache (`HashCache`), and the
+input hashes computed beside a merge in a background thread.
 
 The report of a merge records the sha256 of every input file so a soup can be audited and
 rebuilt. Hashing costs a full read of every input, which would add a second pass to a merge
@@ -7,10 +8,14 @@ thread reads each file in 8 MiB blocks and feeds ``hashlib`` (which releases the
 buffers), so on two or more cores the hashes cost little wall time, and the reads mostly hit
 the page cache the merge is filling anyway. Memory is one block.
 
+`sha256_file` is the only place soupkit reads a file to hash it (shards, inputs, search
+ingredients, evaluator sources), in `BLOCK`-sized reads.
+
 `HashCache` remembers digests across runs under a file's identity and state (path, device,
 inode, size, modification and change times), as git's index does: merging the same inputs
 again (a sweep, a greedy soup, a recipe being tuned) skips the hashing, about 3 CPU-seconds per
-7 GB here. Any write to a file changes its change time (``st_ctime``, which no program can set
+7 GB here. A search's score cache keeps the same digests in its own file and passes them in
+as ``records`` (one store, two places it persists). Any write to a file changes its change time (``st_ctime``, which no program can set
 back), so a changed file is hashed again. ``SOUPKIT_HASH_CACHE=0`` turns the cache off.
 
 `file_state` and `changed_files_check` notice an input that changes while soupkit reads it
@@ -24,16 +29,47 @@ import json
 import os
 import tempfile
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from soupkit._util import interrupts as _interrupts
 from soupkit.errors import CheckpointFormatError, shown
 from soupkit.io.header import FileStamp, changed_message, file_stamp
 
-__all__ = ["BackgroundHasher", "HashCache", "cache_dir", "changed_files_check", "file_state"]
+__all__ = [
+    "BLOCK",
+    "BackgroundHasher",
+    "HashCache",
+    "InputHashes",
+    "cache_dir",
+    "changed_files_check",
+    "file_state",
+    "sha256_file",
+]
 
-_BLOCK = 8 << 20
+#: bytes per read when hashing or copying a file (one buffer of this size per hashing thread)
+BLOCK = 8 << 20
+
+
+def sha256_file(path: Path, on_bytes: Callable[[int], None] | None = None) -> str:
+    """The sha256 hex digest of a file, read in `BLOCK` blocks (bounded memory).
+
+    Args:
+        path: the file.
+        on_bytes: called with the size of each block after it is hashed (a progress bar's
+            ``update``); an exception it raises stops the hashing.
+
+    Raises:
+        OSError: the file cannot be read.
+    """
+    h = hashlib.sha256()
+    mv = memoryview(bytearray(BLOCK))
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(mv):
+            h.update(mv[:n])
+            if on_bytes is not None:
+                on_bytes(n)
+    return h.hexdigest()
 
 
 def cache_dir() -> Path:
@@ -47,28 +83,41 @@ def cache_dir() -> Path:
 
 
 class HashCache:
-    """sha256 digests of files, remembered under their identity and state.
+    """sha256 digests of files, remembered under their identity and state (`key`).
 
     Args:
         path: the JSON file (`default` gives the usual one, or no cache when
-            ``SOUPKIT_HASH_CACHE=0``).
+            ``SOUPKIT_HASH_CACHE=0``); None keeps the digests in memory only.
         limit: entries kept (the most recently added); older ones are dropped when saving.
+        records: more known digests (key -> sha256), e.g. those a score cache persisted.
+
+    Attributes:
+        new: digests added since the last `save` (a score cache appends them to its file).
     """
 
     NAME = "input-sha256.json"
 
-    def __init__(self, path: Path, limit: int = 4096) -> None:
+    def __init__(
+        self, path: Path | None, limit: int = 4096, records: Mapping[str, str] | None = None
+    ) -> None:
         self.path = path
         self.limit = limit
-        self.entries = self._load()
+        self.entries = {**self._load(), **dict(records or {})}
         self.new: dict[str, str] = {}
+
+    @staticmethod
+    def default_path() -> Path | None:
+        """The shared cache file in `cache_dir`, or None when ``SOUPKIT_HASH_CACHE`` is 0 /
+        false / no / off."""
+        if os.environ.get("SOUPKIT_HASH_CACHE", "1").strip().lower() in ("0", "false", "no", "off"):
+            return None
+        return cache_dir() / HashCache.NAME
 
     @classmethod
     def default(cls) -> HashCache | None:
         """The cache in `cache_dir`, or None when ``SOUPKIT_HASH_CACHE`` is 0 / false / off."""
-        if os.environ.get("SOUPKIT_HASH_CACHE", "1").strip().lower() in ("0", "false", "no", "off"):
-            return None
-        return cls(cache_dir() / cls.NAME)
+        path = cls.default_path()
+        return cls(path) if path is not None else None
 
     @staticmethod
     def key(path: Path) -> str:
@@ -77,6 +126,8 @@ class HashCache:
         return f"{os.path.realpath(path)}|{st.st_dev}|{st.st_ino}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}"
 
     def _load(self) -> dict[str, str]:
+        if self.path is None:
+            return {}
         try:
             data = json.loads(self.path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
@@ -100,10 +151,31 @@ class HashCache:
         self.entries[key] = digest
         self.new[key] = digest
 
+    def sha256(self, path: Path, on_bytes: Callable[[int], None] | None = None) -> str:
+        """The digest of ``path``: remembered, or computed (`sha256_file`) and remembered if the
+        file did not change while it was read. ``on_bytes`` sees the file's size either way.
+
+        Raises:
+            OSError: the file cannot be read.
+        """
+        key = self.key(path)
+        got = self.get(key)
+        if got is not None:
+            if on_bytes is not None:
+                on_bytes(path.stat().st_size)
+            return got
+        got = sha256_file(path, on_bytes)
+        if self.key(path) == key:
+            self.put(key, got)
+        return got
+
     def save(self) -> None:
         """Add the new digests to the file (merged with what other runs wrote meanwhile),
         atomically; a cache that cannot be written is left alone."""
         if not self.new:
+            return
+        if self.path is None:
+            self.new.clear()
             return
         merged = {**self._load(), **self.new}
         keep = dict(list(merged.items())[-self.limit :])
@@ -125,6 +197,10 @@ class HashCache:
 def file_state(path: Path) -> FileStamp:
     """The identity of a file now (see `soupkit.io.header.file_stamp`)."""
     return file_stamp(os.stat(path))
+
+
+class _Cancelled(Exception):
+    """`BackgroundHasher.cancel` was called: stop after the current block."""
 
 
 class BackgroundHasher:
@@ -151,30 +227,26 @@ class BackgroundHasher:
         self._thread = threading.Thread(target=self._run, name="soupkit-hash-inputs", daemon=True)
         self._thread.start()
 
+    def _stop_point(self, _n: int) -> None:
+        if self._stop.is_set():
+            raise _Cancelled
+
     def _run(self) -> None:
-        buf = bytearray(_BLOCK)
-        mv = memoryview(buf)
         try:
             for f in self.files:
+                self._stop_point(0)
                 key = self.cache.key(f) if self.cache is not None else None
                 got = self.cache.get(key) if self.cache is not None and key is not None else None
                 if got is not None:
                     self._digests[f] = got
                     self.from_cache.add(f)
                     continue
-                h = hashlib.sha256()
-                with open(f, "rb", buffering=0) as fh:
-                    while not self._stop.is_set():
-                        n = fh.readinto(mv)
-                        if not n:
-                            break
-                        h.update(mv[:n])
-                if self._stop.is_set():
-                    return
-                self._digests[f] = h.hexdigest()
+                self._digests[f] = sha256_file(f, self._stop_point)
                 # remembered only if the file did not change while it was read
                 if self.cache is not None and key is not None and self.cache.key(f) == key:
                     self.cache.put(key, self._digests[f])
+        except _Cancelled:
+            return
         except BaseException as e:  # reported by result(), in the caller's thread
             self._error = e
 
@@ -200,6 +272,45 @@ class BackgroundHasher:
         if self.cache is not None:
             self.cache.save()
         return dict(self._digests)
+
+
+class InputHashes:
+    """The inputs of a run: their sha256 computed in the background (`BackgroundHasher`, with
+    the default `HashCache`) while the run reads them, and their state checked afterwards.
+
+    Usage::
+
+        with InputHashes(before, enabled=True) as hashes:    # before: path -> `file_state`
+            ...merge...
+            digests, from_cache = hashes.result()              # raises if an input changed
+
+    Leaving the block stops the hashing (on an error or interrupt).
+    """
+
+    def __init__(self, before: Mapping[Path, FileStamp], *, enabled: bool = True) -> None:
+        self.before = dict(before)
+        self.enabled = enabled and bool(self.before)
+        self._hasher: BackgroundHasher | None = None
+
+    def __enter__(self) -> InputHashes:
+        if self.enabled:
+            self._hasher = BackgroundHasher(list(self.before), HashCache.default())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._hasher is not None:
+            self._hasher.cancel()
+
+    def result(self) -> tuple[dict[Path, str], set[Path]]:
+        """Every input's sha256 (empty when hashing is off) and the files whose digest came
+        from the cache, after checking that no input changed since ``before``.
+
+        Raises:
+            CheckpointFormatError: a file could not be read, or an input changed.
+        """
+        digests = self._hasher.result() if self._hasher is not None else {}
+        changed_files_check(self.before)
+        return digests, (self._hasher.from_cache if self._hasher is not None else set())
 
 
 def changed_files_check(

@@ -31,7 +31,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from soupkit._util.extras import require
 from soupkit.errors import CheckpointFormatError, SoupError
+from soupkit.io.folder import CARRY_FILES, INDEX_NAME, SINGLE_NAME, read_index
+from soupkit.io.links import resolve_model_file
 
 __all__ = ["HubSource", "parse_hub_ref", "resolve_hub_model"]
 
@@ -101,10 +104,8 @@ class HubSource:
 def _weight_names(folder: Path, listing: list[str]) -> list[str]:
     """The weight files of a snapshot whose (repository) file names are ``listing``; the index,
     if listed, must already be in ``folder``."""
-    from soupkit.io.checkpoint import INDEX_NAME, SINGLE_NAME, _read_index
-
     if INDEX_NAME in listing and (folder / INDEX_NAME).exists():
-        return list(dict.fromkeys(_read_index(folder).values()))
+        return list(dict.fromkeys(read_index(folder).values()))
     if SINGLE_NAME in listing:
         return [SINGLE_NAME]
     return sorted(n for n in listing if n.endswith(".safetensors") and "/" not in n)
@@ -123,8 +124,6 @@ def _cached_weights(folder: Path) -> list[str] | None:
 
 
 def _etags(folder: Path, names: list[str]) -> dict[str, str]:
-    from soupkit.io.links import resolve_model_file
-
     out: dict[str, str] = {}
     for n in names:
         f = folder / n
@@ -151,14 +150,10 @@ def resolve_hub_model(repo_id: str, revision: str | None, *, label: str) -> tupl
         CheckpointFormatError: not in the cache and ``HF_HUB_OFFLINE`` is set, the model or the
             revision does not exist, it holds no safetensors weights, or the download failed.
     """
-    from soupkit._util.extras import require
-
     hf = require("huggingface_hub", "hub", f"{label}: no such file or folder; read as a Hub id, it")
     hf_errors = require("huggingface_hub.errors", "hub", f"{label}: reading a Hub id")
     constants = require("huggingface_hub.constants", "hub", f"{label}: reading a Hub id")
     snapshot_download = hf.snapshot_download
-    from soupkit.io.checkpoint import CARRY_FILES, INDEX_NAME
-
     what = f"{repo_id}@{revision}" if revision else repo_id
     meta = [glob.escape(n) for n in (INDEX_NAME, *CARRY_FILES)]
     cache = constants.HF_HUB_CACHE

@@ -18,34 +18,22 @@ prefix. Two tensors of one checkpoint that end up with the same name are an erro
 silent overwrite.
 
 `as_state_dict` accepts what a training loop has in hand (an ``nn.Module``, a state dict, a
-Lightning-style ``{"state_dict": ...}`` mapping) and returns a plain name -> tensor mapping.
-`save_state_dict` writes one as a safetensors folder with soupkit's header-first writer, atomically.
+Lightning-style ``{"state_dict": ...}`` mapping) and returns a plain name -> tensor mapping
+(`soupkit.io.output.save_state_dict` writes one as a safetensors folder).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from soupkit.errors import CheckpointFormatError, UsageError
 from soupkit.io.checkpoint import Checkpoint
-from soupkit.io.header import dtype_code
-from soupkit.io.writer import (
-    OutputFolder,
-    OutputTensor,
-    ShardWriter,
-    layout_shards,
-    parse_size,
-    write_index,
-)
 
 __all__ = [
     "COMMON_PREFIXES",
@@ -55,7 +43,6 @@ __all__ = [
     "prefix_fix",
     "prefix_hint",
     "rename_checkpoint",
-    "save_state_dict",
 ]
 
 # Wrappers that training code adds in front of every tensor name (see the module docstring).
@@ -302,61 +289,3 @@ def as_state_dict(obj: Any, label: str = "input") -> dict[str, torch.Tensor]:
     raise CheckpointFormatError(
         f"{label}: got a {type(obj).__name__}, expected an nn.Module or a state dict (name -> tensor)"
     )
-
-
-def save_state_dict(
-    state: Mapping[str, torch.Tensor],
-    out: str | os.PathLike[str],
-    *,
-    force: bool = False,
-    max_shard_size: int | str = "5GB",
-    extra_files: Mapping[str, bytes] | None = None,
-) -> Path:
-    """Write a state dict as a Hugging Face style safetensors folder, atomically.
-
-    Tensors are written in the given order with soupkit's header-first writer (sharded with an
-    index above ``max_shard_size``); ``extra_files`` (name -> bytes) are written beside them.
-    The folder appears only when complete.
-
-    Raises:
-        OutputExistsError: ``out`` exists and is not empty, and ``force`` is false.
-        CheckpointFormatError: an entry is not a tensor or has a dtype safetensors cannot store.
-    """
-    tensors = {
-        k: v.detach().to("cpu").contiguous() for k, v in as_state_dict(state, "state dict").items()
-    }
-    outputs = []
-    for name, t in tensors.items():
-        try:
-            outputs.append(OutputTensor(name, dtype_code(t.dtype), tuple(t.shape)))
-        except ValueError:
-            raise CheckpointFormatError(
-                f"state dict: tensor {name!r} has dtype {t.dtype}, which safetensors cannot store"
-            ) from None
-    try:
-        limit = parse_size(max_shard_size)
-    except ValueError as e:
-        raise UsageError(f"max_shard_size: {e}") from None
-    shards = layout_shards(outputs, limit)
-    dest = Path(out)
-    with OutputFolder(dest, force=force) as tmp:
-        for layout in shards:
-            w = ShardWriter(tmp, layout)
-            try:
-                for o in layout.tensors:
-                    w.write(o.name, tensors[o.name].reshape(-1), 0)
-                w.close()
-            except BaseException:
-                w.abort()
-                raise
-        write_index(tmp, shards)
-        for fname, data in (extra_files or {}).items():
-            if Path(fname).name != fname:
-                raise UsageError(f"extra file {fname!r}: expected a plain file name")
-            (tmp / fname).write_bytes(data)
-    return dest
-
-
-def json_bytes(obj: Any) -> bytes:
-    """Pretty JSON as UTF-8 bytes with a trailing newline (for files written beside tensors)."""
-    return (json.dumps(obj, indent=2) + "\n").encode("utf-8")

@@ -54,6 +54,8 @@ import torch
 
 from soupkit._util import interrupts as _interrupts
 from soupkit.errors import CheckpointFormatError, MergeIOError, OutputExistsError, UsageError, shown
+from soupkit.io.digest import BLOCK, sha256_file
+from soupkit.io.folder import INDEX_NAME
 from soupkit.io.header import DTYPES, open_regular
 from soupkit.io.reader import byte_view
 
@@ -70,15 +72,12 @@ __all__ = [
     "io_failure",
     "remove_stale",
     "reserve",
-    "sha256_file",
     "signals_deferred",
     "write_index",
 ]
 
-INDEX_NAME = "model.safetensors.index.json"
 LOCK_NAME = ".soupkit-lock"
 JOURNAL_NAME = ".soupkit-journal.jsonl"
-_HASH_BLOCK = 8 << 20
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
 _UNITS = {
     "B": 1,
@@ -204,17 +203,6 @@ def write_index(folder: Path, shards: Sequence[ShardLayout]) -> None:
         raise io_failure(f"{folder / INDEX_NAME}: cannot write", e) from None
 
 
-def sha256_file(path: Path) -> str:
-    """The sha256 hex digest of a file, read in blocks (bounded memory)."""
-    h = hashlib.sha256()
-    buf = bytearray(_HASH_BLOCK)
-    mv = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(mv):
-            h.update(mv[:n])
-    return h.hexdigest()
-
-
 def copy_file(src: Path, dst: Path, limit: int) -> str:
     """Copy ``src`` to ``dst`` in blocks (never whole in memory) and return its sha256.
 
@@ -224,7 +212,7 @@ def copy_file(src: Path, dst: Path, limit: int) -> str:
         MergeIOError: ``dst`` cannot be written.
     """
     h = hashlib.sha256()
-    mv = memoryview(bytearray(_HASH_BLOCK))
+    mv = memoryview(bytearray(BLOCK))
     done = 0
     try:
         fin = open(open_regular(src), "rb", buffering=0)

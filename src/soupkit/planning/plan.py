@@ -16,23 +16,23 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from pydantic import ValidationError
 
 from soupkit import methods
+from soupkit._util.defaults import MAX_SHARD_SIZE
+from soupkit._util.format import human_bytes
 from soupkit.engine.global_trim import check_global_trim, global_trim_notes
 from soupkit.errors import (
     CheckpointFormatError,
     ConfigError,
     PlanError,
-    SoupError,
-    UnknownMethodError,
     shown,
 )
 from soupkit.io.checkpoint import CARRY_FILES, Checkpoint, carried_files, open_checkpoint
 from soupkit.io.header import DTYPES, TensorInfo
-from soupkit.io.names import KeyMap, prefix_fix, rename_checkpoint
+from soupkit.io.names import KeyMap, prefix_fix
 from soupkit.io.writer import STAGING_BYTES, OutputTensor, ShardLayout, layout_shards, parse_size
 from soupkit.methods import MethodSpec, Params
 from soupkit.methods._conventions import describe_convention
@@ -47,7 +47,26 @@ from soupkit.planning.sizes import (
 from soupkit.recipe.params import LayerIndex, condition_matches, first_match, resolve_chain
 from soupkit.recipe.schema import Conditional, MergeConfig, ModelEntry, ParamValue
 
-__all__ = ["DEFAULT_CHUNK_ELEMS", "MergePlan", "TensorJob", "make_plan", "plan_recipe"]
+__all__ = [
+    "DEFAULT_CHUNK_ELEMS",
+    "MergePlan",
+    "TensorJob",
+    "carry_source",
+    "check_method",
+    "make_plan",
+    "plan_checked",
+    "Opener",
+]
+
+
+class Opener(Protocol):
+    """Opens one model path of a recipe (headers only), e.g.
+    `soupkit.planning.from_recipe.open_path` or `soupkit.adapters.model_adapter.open_model`."""
+
+    def __call__(
+        self, cfg: MergeConfig, path: str, *, allow_pickle: bool = False
+    ) -> Checkpoint: ...
+
 
 DEFAULT_CHUNK_ELEMS = 1 << 21  # 2M elements: a few MiB per input, enough to amortise overhead
 _DTYPE_CODE = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
@@ -191,8 +210,6 @@ class MergePlan:
 
     def describe(self, *, max_rows: int = 40) -> str:
         """A human-readable dry-run report."""
-        from soupkit._util.format import human_bytes
-
         cfg = self.config
         lines = [
             f"method      {self.method.name}  ({self.method.paper})",
@@ -238,9 +255,10 @@ class MergePlan:
         lines.append("")
         lines.append(f"{'tensor':<48} {'shape':<18} {'out':<5} params")
         for j in self.jobs[:max_rows]:
-            params = "copy (non-float)" if j.is_copy else _short_params(j.params)
+            shown_params = "copy (non-float)" if j.is_copy else _short_params(j.params)
             lines.append(
-                f"{shown(j.name, limit=48):<48} {str(list(j.shape))[:18]:<18} {j.out_dtype:<5} {params}"
+                f"{shown(j.name, limit=48):<48} {str(list(j.shape))[:18]:<18} {j.out_dtype:<5} "
+                f"{shown_params}"
             )
         if len(self.jobs) > max_rows:
             lines.append(f"... {len(self.jobs) - max_rows} more tensors")
@@ -444,92 +462,6 @@ def _check_param_names(cfg: MergeConfig, spec: MethodSpec) -> list[str]:
     return problems
 
 
-def _open_all(
-    cfg: MergeConfig,
-    problems: list[str],
-    allow_pickle: bool = False,
-) -> tuple[list[Checkpoint | None], Checkpoint | None]:
-    cache: dict[str, Checkpoint | None] = {}
-
-    def get(path: str, where: str) -> Checkpoint | None:
-        if path not in cache:
-            try:
-                from soupkit.adapters.model_adapter import (
-                    open_model,  # imports soupkit.adapters.lora
-                )
-
-                cache[path] = open_model(cfg, path, allow_pickle=allow_pickle)
-            except SoupError as e:
-                problems.append(f"{where}: {e}")
-                cache[path] = None
-        return cache[path]
-
-    base = get(cfg.base_model, "base_model") if cfg.base_model else None
-    models = [get(m.model, f"models[{i}]") for i, m in enumerate(cfg.models)]
-    return models, base
-
-
-def plan_recipe(
-    cfg: MergeConfig,
-    *,
-    max_shard_size: int | str = "5GB",
-    chunk_elems: int = DEFAULT_CHUNK_ELEMS,
-    allow_pickle: bool = False,
-    key_map: KeyMap | None = None,
-) -> MergePlan:
-    """Open every checkpoint the recipe names (headers only) and plan the merge.
-
-    ``allow_pickle`` accepts PyTorch pickle checkpoints (loaded only with
-    ``torch.load(weights_only=True)``); without it they are refused with `UnsafeFormatError`.
-    ``key_map`` renames every input's tensors first (`soupkit.io.names.KeyMap`: prefix strips
-    and regex renames), after the recipe's own ``strip_prefix:``. Recipes with mergekit
-    ``slices`` are planned by `soupkit.planning.slices.plan_slices`.
-
-    Raises:
-        ConfigError: the recipe is inconsistent with its method (unknown parameters, no base).
-        PlanError: the checkpoints cannot be merged; lists every problem found.
-    """
-    problems: list[str] = []
-    if cfg.strip_prefix:  # the recipe's strips first, then the caller's renames
-        key_map = KeyMap(
-            KeyMap.build(strip_prefix=cfg.strip_prefix).rules + (key_map.rules if key_map else ())
-        )
-    if cfg.slices or cfg.merge_method == "passthrough":  # `models:` too, as mergekit plans it
-        from soupkit.planning.slices import plan_slices  # imports this module
-
-        return plan_slices(
-            cfg,
-            max_shard_size=max_shard_size,
-            chunk_elems=chunk_elems,
-            allow_pickle=allow_pickle,
-            key_map=key_map,
-        )
-    try:
-        spec = methods.get(cfg.merge_method)
-    except UnknownMethodError as e:
-        raise ConfigError([f"merge_method: {e}"]) from None
-    cfg_problems = _check_param_names(cfg, spec)
-    if spec.needs_base and not cfg.base_model:
-        cfg_problems.append(f"merge_method {spec.name!r} needs a `base_model:`")
-    if cfg_problems:
-        raise ConfigError(cfg_problems)
-    models, base = _open_all(cfg, problems, allow_pickle)
-    if problems:
-        raise PlanError(problems)
-    if key_map:
-        models = [rename_checkpoint(m, key_map) if m is not None else None for m in models]
-        base = rename_checkpoint(base, key_map) if base is not None else None
-    p = make_plan(
-        cfg,
-        [m for m in models if m is not None],
-        base,
-        max_shard_size=max_shard_size,
-        chunk_elems=chunk_elems,
-    )
-    check_tokenizer_source(cfg, p.carry_from)
-    return p
-
-
 def check_tokenizer_source(cfg: MergeConfig, carry_from: Path | None) -> None:
     """An explicit ``tokenizer_source`` that yields no files is an error, never silently ignored."""
     src = cfg.tokenizer_source
@@ -565,19 +497,45 @@ def make_plan(
     models: Sequence[Checkpoint],
     base: Checkpoint | None,
     *,
-    max_shard_size: int | str = "5GB",
+    max_shard_size: int | str = MAX_SHARD_SIZE,
     chunk_elems: int = DEFAULT_CHUNK_ELEMS,
 ) -> MergePlan:
     """Plan a merge of already-opened checkpoints (files or in-memory).
 
-    ``models`` align with ``cfg.models``. See `plan_recipe` for errors.
+    ``models`` align with ``cfg.models``. See `soupkit.planning.from_recipe.plan_recipe` for
+    errors.
     """
     spec = methods.get(cfg.merge_method)
-    cfg_problems = _check_param_names(cfg, spec)
-    if spec.needs_base and base is None:
-        cfg_problems.append(f"merge_method {spec.name!r} needs a `base_model:`")
-    if cfg_problems:
-        raise ConfigError(cfg_problems)
+    check_method(cfg, spec, has_base=base is not None)
+    return plan_checked(
+        cfg, spec, models, base, max_shard_size=max_shard_size, chunk_elems=chunk_elems
+    )
+
+
+def check_method(cfg: MergeConfig, spec: MethodSpec, *, has_base: bool) -> None:
+    """Check the recipe against its method, once per plan: every parameter name is one the
+    method takes, at the level it takes it; a base model where the method needs one.
+
+    Raises:
+        ConfigError: every problem found.
+    """
+    problems = _check_param_names(cfg, spec)
+    if spec.needs_base and not has_base:
+        problems.append(f"merge_method {spec.name!r} needs a `base_model:`")
+    if problems:
+        raise ConfigError(problems)
+
+
+def plan_checked(
+    cfg: MergeConfig,
+    spec: MethodSpec,
+    models: Sequence[Checkpoint],
+    base: Checkpoint | None,
+    *,
+    max_shard_size: int | str,
+    chunk_elems: int,
+) -> MergePlan:
+    """`make_plan` of a recipe that `check_method` accepted for ``spec``."""
     try:
         shard_limit = parse_size(max_shard_size)
     except ValueError as e:
@@ -746,7 +704,7 @@ def make_plan(
 
     outputs = [OutputTensor(j.name, j.out_dtype, j.shape) for j in jobs]
     shards = layout_shards(outputs, shard_limit)
-    carry = _carry_source(cfg, base, ckpts)
+    carry = carry_source(cfg, base, ckpts)
     return MergePlan(
         config=cfg,
         method=spec,
@@ -806,7 +764,7 @@ def exact_problems(spec: MethodSpec, jobs: Sequence[TensorJob]) -> list[str]:
     ]
 
 
-def _carry_source(
+def carry_source(
     cfg: MergeConfig, base: Checkpoint | None, models: Sequence[Checkpoint]
 ) -> Path | None:
     src = cfg.tokenizer_source

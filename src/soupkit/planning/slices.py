@@ -46,10 +46,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from soupkit import methods
-from soupkit.adapters.model_adapter import open_model
+from soupkit._util.defaults import MAX_SHARD_SIZE
 from soupkit.engine.global_trim import check_global_trim
 from soupkit.errors import (
-    CheckpointFormatError,
     ConfigError,
     PlanError,
     SoupError,
@@ -64,8 +63,9 @@ from soupkit.methods.passthrough import PASSTHROUGH, PassthroughParams, passthro
 from soupkit.planning.plan import (
     DEFAULT_CHUNK_ELEMS,
     MergePlan,
+    Opener,
     TensorJob,
-    _carry_source,
+    carry_source,
     check_tokenizer_source,
     count_filter_matches,
     exact_problems,
@@ -85,7 +85,6 @@ __all__ = [
     "PassthroughParams",
     "passthrough",
     "plan_slices",
-    "update_config",
 ]
 
 # Where a numbered stack of layers sits in a tensor name: the first such segment wins.
@@ -174,8 +173,6 @@ def _same(a: Checkpoint, b: Checkpoint) -> bool:
 
 
 def _method(cfg: MergeConfig) -> MethodSpec:
-    if cfg.merge_method == "passthrough" and "passthrough" not in methods.REGISTRY:
-        return PASSTHROUGH
     try:
         return methods.get(cfg.merge_method)
     except UnknownMethodError as e:
@@ -242,6 +239,7 @@ def _open_all(
     cfg: MergeConfig,
     allow_pickle: bool,
     key_map: KeyMap | None,
+    opener: Opener,
 ) -> tuple[dict[str, Checkpoint], list[str]]:
     paths: dict[str, str] = {}
     if cfg.base_model:
@@ -257,7 +255,7 @@ def _open_all(
     problems: list[str] = []
     for path, where in paths.items():
         try:
-            ck = open_model(cfg, path, allow_pickle=allow_pickle)
+            ck = opener(cfg, path, allow_pickle=allow_pickle)
             opened[path] = rename_checkpoint(ck, key_map)
         except SoupError as e:
             problems.append(f"{where}: {e}")
@@ -305,36 +303,14 @@ def _config_updates(
     return updates
 
 
-def update_config(path: Any, data: bytes, updates: Mapping[str, Any]) -> bytes:
-    """``config.json`` bytes with ``updates`` applied (keys kept in order, new ones appended).
-
-    Raises:
-        CheckpointFormatError: the file is not a JSON object.
-    """
-    try:
-        obj = json.loads(data.decode("utf-8"))
-    except RecursionError:
-        raise CheckpointFormatError(
-            f"{path}: not valid JSON (nested too deeply), so its layer count cannot be updated"
-        ) from None
-    except (UnicodeDecodeError, ValueError) as e:
-        raise CheckpointFormatError(
-            f"{path}: not valid JSON ({e}), so its layer count cannot be "
-            "updated\nhint: fix the file or give another tokenizer_source"
-        ) from None
-    if not isinstance(obj, dict):
-        raise CheckpointFormatError(f"{path}: expected a JSON object, got {type(obj).__name__}")
-    obj.update(updates)
-    return (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
-
-
 def plan_slices(
     cfg: MergeConfig,
     *,
-    max_shard_size: int | str = "5GB",
+    max_shard_size: int | str = MAX_SHARD_SIZE,
     chunk_elems: int = DEFAULT_CHUNK_ELEMS,
     allow_pickle: bool = False,
     key_map: KeyMap | None = None,
+    opener: Opener,
 ) -> MergePlan:
     """Plan a recipe with ``slices`` (or a ``passthrough`` of models) from headers only.
 
@@ -344,6 +320,7 @@ def plan_slices(
         chunk_elems: elements per chunk for elementwise methods.
         allow_pickle: accept PyTorch pickle checkpoints (``torch.load(weights_only=True)``).
         key_map: tensor renaming applied to every input before planning.
+        opener: opens each model path (see `soupkit.planning.plan.Opener`).
 
     Returns:
         A `MergePlan` whose ``config_updates`` hold the new layer count for ``config.json``.
@@ -363,7 +340,7 @@ def plan_slices(
         raise ConfigError([f"max_shard_size: {e}"]) from None
     if chunk_elems < 1:
         raise ConfigError([f"chunk_elems must be >= 1, got {chunk_elems}"])
-    opened, open_problems = _open_all(cfg, allow_pickle, key_map)
+    opened, open_problems = _open_all(cfg, allow_pickle, key_map, opener)
     if open_problems:
         raise PlanError(open_problems)
     whole = not cfg.slices  # `models:` with passthrough: each model copied whole
@@ -599,7 +576,7 @@ def plan_slices(
             if not any(s.ck is u for u in used) and not (spec.needs_base and s.is_base):
                 used.append(s.ck)
     shards = layout_shards([OutputTensor(j.name, j.out_dtype, j.shape) for j in jobs], shard_limit)
-    carry = _carry_source(cfg, base_ck, [s.ck for s in first_sources])
+    carry = carry_source(cfg, base_ck, [s.ck for s in first_sources])
     check_tokenizer_source(cfg, carry)
     updates = {} if whole else _config_updates(_read_config(carry), layer_sources)
     notes = (

@@ -4,8 +4,8 @@
   calls it for one ingredient at a time, never for all of them at once.
 * `checkpoint_digest` is the *content* identity of a checkpoint (what score caches key on): the
   SHA-256 of the SHA-256s of its safetensors files, in storage order. Hashing reads every byte
-  once; `FileHashMemo` remembers a file's hash under a fast key (path, device, inode, size,
-  modification and change times) so an unchanged file is not hashed again.
+  once; `soupkit.io.digest.HashCache` remembers a file's hash under a fast key (path, device,
+  inode, size, modification and change times) so an unchanged file is not hashed again.
 * `evaluator_identity` names an evaluator for the cache, or refuses when it cannot do so safely.
 """
 
@@ -13,30 +13,25 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-import os
 import sys
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from soupkit.errors import UsageError
+from soupkit.evaluate.identity import source_digest
 from soupkit.io.checkpoint import Checkpoint
 from soupkit.io.digest import HashCache
 from soupkit.io.reader import TensorReader
 
 __all__ = [
-    "FileHashMemo",
     "checkpoint_digest",
     "evaluator_identity",
-    "file_sha256",
     "iter_tensors",
     "progress_bar",
     "read_state",
 ]
-
-_HASH_BLOCK = 1 << 22
 
 
 def progress_bar(total: int | None, enabled: bool | None, desc: str, unit: str = "it") -> Any:
@@ -76,60 +71,6 @@ def read_state(ck: Checkpoint, reader: TensorReader | None = None) -> dict[str, 
         return dict(iter_tensors(ck, r))
 
 
-def file_sha256(path: Path, on_bytes: Callable[[int], None] | None = None) -> str:
-    """SHA-256 (hex) of a file's bytes, read in 4 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            block = f.read(_HASH_BLOCK)
-            if not block:
-                break
-            h.update(block)
-            if on_bytes is not None:
-                on_bytes(len(block))
-    return h.hexdigest()
-
-
-class FileHashMemo:
-    """Remembers file hashes under `soupkit.io.digest.HashCache.key` (path, device, inode,
-    size, modification and change times).
-
-    ``records`` maps that fast key to the hex digest; a `ScoreCache` persists it, so a re-run
-    hashes only files that changed (or were touched). ``shared`` (the merges' cache of input
-    digests, `HashCache.default()`) is consulted and fed too, so that the files a search hashes
-    for its score identities are not hashed again by the merge that writes its soup, and
-    the other way round.
-    """
-
-    def __init__(
-        self, records: dict[str, str] | None = None, shared: HashCache | None = None
-    ) -> None:
-        self.records: dict[str, str] = dict(records or {})
-        self.new: dict[str, str] = {}
-        self.shared = shared
-
-    @staticmethod
-    def fast_key(path: Path) -> str:
-        return HashCache.key(path)
-
-    def sha256(self, path: Path, on_bytes: Callable[[int], None] | None = None) -> str:
-        key = self.fast_key(path)
-        got = self.records.get(key)
-        if got is None and self.shared is not None:
-            got = self.shared.get(key)
-            if got is not None:
-                self.records[key] = got
-        if got is None:
-            got = file_sha256(path, on_bytes)
-            self.records[key] = got
-            self.new[key] = got
-            if self.shared is not None and self.fast_key(path) == key:  # unchanged while read
-                self.shared.put(key, got)
-        elif on_bytes is not None:
-            on_bytes(path.stat().st_size)
-        return got
-
-
 def start_sum(
     ck: Checkpoint,
     reader: TensorReader,
@@ -150,7 +91,7 @@ def start_sum(
 
 
 def checkpoint_digest(
-    ck: Checkpoint, memo: FileHashMemo | None = None, on_bytes: Callable[[int], None] | None = None
+    ck: Checkpoint, memo: HashCache | None = None, on_bytes: Callable[[int], None] | None = None
 ) -> str:
     """Content identity of a checkpoint: SHA-256 over ``"<sha256 of file>\\n"`` for each file.
 
@@ -166,20 +107,10 @@ def checkpoint_digest(
             flat = info.data.detach().to("cpu").contiguous().reshape(-1)
             h.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
         return h.hexdigest()
-    m = memo if memo is not None else FileHashMemo()
+    m = memo if memo is not None else HashCache(None)
     for f in ck.files:
         h.update(f"{m.sha256(f, on_bytes)}\n".encode())
     return h.hexdigest()
-
-
-def _source_digest(obj: Any) -> str | None:
-    try:
-        src = inspect.getsourcefile(obj)
-    except TypeError:
-        return None
-    if src is None or not os.path.isfile(src):
-        return None
-    return file_sha256(Path(src))[:16]
 
 
 def evaluator_identity(evaluator: object, given: str | None = None) -> str:
@@ -207,7 +138,7 @@ def evaluator_identity(evaluator: object, given: str | None = None) -> str:
         and evaluator.__name__ != "<lambda>"
     ):
         name = f"{evaluator.__module__}:{evaluator.__qualname__}"
-        src = _source_digest(evaluator)
+        src = source_digest(evaluator)
         return f"{name}@{src}" if src else name
     raise UsageError(
         f"cannot cache scores of evaluator {evaluator!r}: it is not a plain module-level function, "

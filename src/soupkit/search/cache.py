@@ -42,7 +42,6 @@ import torch
 from soupkit.errors import UsageError
 from soupkit.evaluate.protocol import EvalResult, meets
 from soupkit.io.digest import HashCache, cache_dir
-from soupkit.search._state import FileHashMemo
 
 __all__ = ["ScoreCache", "default_cache_path"]
 
@@ -112,7 +111,9 @@ class ScoreCache:
                 else:
                     self.skipped_lines += 1
         # the merges' cache of input digests too, unless nothing may persist
-        self.memo = FileHashMemo(files, HashCache.default() if self.path is not None else None)
+        self.memo = HashCache(
+            HashCache.default_path() if self.path is not None else None, records=files
+        )
 
     @staticmethod
     def _valid(rec: Mapping[str, Any]) -> bool:
@@ -206,9 +207,8 @@ class ScoreCache:
         """Persist file hashes computed since the last call."""
         for key, digest in self.memo.new.items():
             self._append({"kind": "file", "key": key, "sha256": digest})
-        self.memo.new.clear()
-        if self.memo.shared is not None:
-            self.memo.shared.save()
+        self.memo.save()
+        self.memo.new.clear()  # appended above, even if the shared file could not be written
 
     def lookup(
         self, evaluator: str, subject: str, *, need: float | None = None, strict: bool = False

@@ -28,7 +28,7 @@ from pathlib import Path
 
 def _child(recipe: str, out: str, threads: int, tune: bool) -> None:
     import soupkit
-    from soupkit.engine.execute import FileSink, run_plan
+    from soupkit.engine import FileSink, run_plan
     from soupkit.io.writer import OutputFolder
 
     if tune:

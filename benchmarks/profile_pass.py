@@ -45,8 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     import soupkit
-    from soupkit.engine import execute
-    from soupkit.engine.execute import FileSink, run_plan
+    from soupkit.engine import FileSink, execute, run_plan
     from soupkit.io.writer import OutputFolder
 
     soupkit.tune_allocator()

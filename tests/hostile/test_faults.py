@@ -282,7 +282,7 @@ def test_signal_during_the_engine_waits_for_a_safe_point(
     import signal
     import threading
 
-    from soupkit.engine.execute import MemorySink, run_plan
+    from soupkit.engine import MemorySink, run_plan
 
     ms = make_models(tmp_path / "in")
     p = soupkit.plan(recipe(ms))
@@ -490,7 +490,7 @@ def test_partial_without_lock_file_is_left_alone(tmp_path: Path) -> None:
 
 def interrupt_after_shards(monkeypatch: pytest.MonkeyPatch, n: int) -> None:
     """Raise KeyboardInterrupt right after the n-th output shard is finished (and journaled)."""
-    from soupkit.engine.execute import FileSink
+    from soupkit.engine import FileSink
 
     real = FileSink._finish
     count = {"n": 0}

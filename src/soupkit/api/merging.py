@@ -20,7 +20,7 @@ import torch
 
 from soupkit._util import interrupts as _interrupts
 from soupkit._version import __version__
-from soupkit.engine.execute import FileSink, MemorySink, RunStats, plan_stamps, run_plan
+from soupkit.engine import FileSink, MemorySink, RunStats, plan_stamps, run_plan
 from soupkit.errors import CheckpointFormatError, ConfigError, UsageError, shown
 from soupkit.io.checkpoint import MAX_CARRY_BYTES, Checkpoint, in_memory_checkpoint
 from soupkit.io.digest import BackgroundHasher, HashCache, changed_files_check, file_state

@@ -25,11 +25,12 @@ from typing import Any
 
 from soupkit._util import interrupts as _interrupts
 from soupkit.api import merging as api
-from soupkit.engine.execute import FileSink, check_shared_inputs, run_plans
+from soupkit.engine import FileSink, run_plans
 from soupkit.errors import UsageError
 from soupkit.io.digest import BackgroundHasher, HashCache, changed_files_check
 from soupkit.io.writer import OutputFolder
 from soupkit.planning.plan import DEFAULT_CHUNK_ELEMS, MergePlan, make_plan, plan_recipe
+from soupkit.planning.shared import check_shared_inputs
 from soupkit.recipe.schema import MergeConfig
 
 __all__ = ["alpha_folder_names", "merge_many", "run_plans", "wise_ft", "wise_ft_recipe"]

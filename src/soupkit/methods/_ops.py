@@ -35,7 +35,7 @@ from typing import Literal
 
 import torch
 
-from soupkit.methods._spec import MagnitudeCut
+from soupkit.methods._topk import MagnitudeCut
 
 __all__ = [
     "Aggregation",

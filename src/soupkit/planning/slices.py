@@ -49,7 +49,6 @@ import torch
 
 from soupkit import methods
 from soupkit.adapters.model_adapter import open_model
-from soupkit.engine.global_trim import check_global_trim
 from soupkit.errors import (
     CheckpointFormatError,
     ConfigError,
@@ -76,6 +75,7 @@ from soupkit.planning.plan import (
     parameter_problems,
     validated_params,
 )
+from soupkit.planning.prepass import prepass_problems
 from soupkit.recipe.params import resolve_chain
 from soupkit.recipe.schema import Conditional, MergeConfig, ParamValue, Slice, SliceSource
 
@@ -633,7 +633,7 @@ def plan_slices(
     if cfg.compute == "exact":
         problems += exact_problems(spec, jobs)
     if not bad_params:
-        problems += check_global_trim(spec, jobs)
+        problems += prepass_problems(spec, jobs)
     if problems:
         raise PlanError(list(dict.fromkeys(problems)))
 

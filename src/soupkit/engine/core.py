@@ -171,13 +171,12 @@ class _Engine:
                 base.itemsize if base is not None else 0
             )
             modes = {self.modes[k] for k in active}
-            step = (
-                max(job.numel, 1)
-                if _WHOLE in modes
-                else (
-                    self.rng_block * self.workers if _BLOCK in modes else self.plans[0].chunk_elems
-                )
-            )
+            if _WHOLE in modes:
+                step = max(job.numel, 1)
+            elif _BLOCK in modes:
+                step = self.rng_block * self.workers  # one RNG block per compute thread
+            else:
+                step = self.plans[0].chunk_elems
             # a per-tensor pre-pass reads the tensor first, unless one unit holds all of it
             passes = max(self._tensor_passes(k, j) for k in active) if step < job.numel else 0
             lazy = self._lazy(infos, active)  # never for pre-pass units (not _ELEM)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
-import pkgutil
+import importlib.resources
 import re
 from collections.abc import Callable
 
@@ -131,5 +131,6 @@ def all_methods() -> list[MethodSpec]:
 
 # Adding a method = one module here: every public module of this package is imported (in name
 # order), and registers its methods with the `method` decorator.
-for _m in sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")):
+_FILES = importlib.resources.files(__name__).iterdir()
+for _m in sorted(f.name[:-3] for f in _FILES if f.name.endswith(".py") and f.name[0] != "_"):
     importlib.import_module(f"soupkit.methods.{_m}")

@@ -24,7 +24,8 @@ import soupkit
 from soupkit import methods
 from soupkit.engine import execute, prepass
 from soupkit.methods import Params, Prepass, _ops
-from soupkit.methods._topk import TopKCounts, magnitude_bits_
+from soupkit.methods._cuts import TopKCounts
+from soupkit.methods._topk import magnitude_bits_
 
 from .helpers import base_state, bits_equal, finetunes, write
 

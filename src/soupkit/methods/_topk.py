@@ -19,21 +19,15 @@ NaN ranks above every number here, as in ``kthvalue``; to reproduce `topk_cut` e
 counts ``above`` with ``>``, which NaN fails), the NaN entries are counted apart (the bucket of
 +Inf, which also holds NaN bit patterns, is refined whenever it is not empty).
 
-`GlobalTopK` is the same select over *all* tensors of a model at once (TIES ``trim_scope:
-global``): the k-th largest ``|delta_i|`` over every tensor in scope, and, only when more entries
-tie at it than are needed, a third pass that counts the tied entries per tensor. Ties at the
-threshold go to the tensor that comes first (the engine hands tensors in name order), then to
-the lower flat index, so exactly ``k`` entries survive.
-
-Once a tensor's cuts are known, a trim is elementwise: `TensorCuts.piece` gives the cut of
-each next piece (flat order), spreading each cut's tie quota over the pieces (`chunk_cut`).
+The pre-pass accumulators built on it (`TopKCounts`, `GlobalTopK`) are in
+`soupkit.methods._cuts`.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,10 +35,7 @@ import torch
 
 __all__ = [
     "BATCH_ENTRIES",
-    "GlobalTopK",
     "MagnitudeCut",
-    "TensorCuts",
-    "TopKCounts",
     "TopKSelect",
     "chunk_cut",
     "magnitude_bits",
@@ -55,8 +46,8 @@ __all__ = [
 # The radix select counts bins per batch of this many entries (one int32 buffer per histogram).
 BATCH_ENTRIES = 1 << 20
 
-_HI_BINS = 1 << 15  # top 16 bits of a non-negative float32 (the sign bit is 0)
-_LO_BINS = 1 << 16
+HI_BINS = 1 << 15  # top 16 bits of a non-negative float32 (the sign bit is 0)
+LO_BINS = 1 << 16
 _INF_BITS = 0x7F800000
 
 
@@ -91,9 +82,9 @@ def _lo_bins(start: int, bits: torch.Tensor, out: torch.Tensor) -> None:
     bins 1..65536, without a boolean gather: entries below the bucket go to bin 0, entries
     above it to the last."""
     if start > 0:  # bits - (start - 1) cannot overflow: one pass fewer
-        torch.sub(bits, start - 1, out=out).clamp_(0, _LO_BINS + 1)
+        torch.sub(bits, start - 1, out=out).clamp_(0, LO_BINS + 1)
     else:
-        torch.sub(bits, start, out=out).clamp_(-1, _LO_BINS).add_(1)
+        torch.sub(bits, start, out=out).clamp_(-1, LO_BINS).add_(1)
 
 
 def select_bucket(hist: torch.Tensor, k: int) -> tuple[int, int]:
@@ -118,7 +109,7 @@ class TopKSelect:
     def __init__(self, numel: int, ks: tuple[int, ...]) -> None:
         self.numel = numel
         self.ks = ks
-        self.hi = torch.zeros(_HI_BINS, dtype=torch.int64)
+        self.hi = torch.zeros(HI_BINS, dtype=torch.int64)
         self.buckets: dict[int, tuple[int, int]] = {}
         self.lo: dict[int, torch.Tensor] = {}
         # Bin indices are computed per chunk (cache-sized) and counted in batches: a bincount
@@ -152,7 +143,7 @@ class TopKSelect:
         refine = {b for b, _ in self.buckets.values()}
         if int(self.hi[_INF_BITS >> 16]):  # +Inf shares its bucket with NaN patterns
             refine.add(_INF_BITS >> 16)
-        self.lo = {b: torch.zeros(_LO_BINS, dtype=torch.int64) for b in sorted(refine)}
+        self.lo = {b: torch.zeros(LO_BINS, dtype=torch.int64) for b in sorted(refine)}
 
     def add_lo(self, bits: torch.Tensor) -> None:
         """Count a chunk's entries inside the selected buckets (after `select_buckets`)."""
@@ -179,9 +170,9 @@ class TopKSelect:
 
     def _count(self, key: int, idx: torch.Tensor) -> None:
         if key < 0:
-            self.hi += torch.bincount(idx, minlength=_HI_BINS)
+            self.hi += torch.bincount(idx, minlength=HI_BINS)
         else:
-            self.lo[key] += torch.bincount(idx, minlength=_LO_BINS + 2)[1 : _LO_BINS + 1]
+            self.lo[key] += torch.bincount(idx, minlength=LO_BINS + 2)[1 : LO_BINS + 1]
 
     def _flush(self) -> None:
         for key, batch in self._batches.items():
@@ -229,198 +220,3 @@ def chunk_cut(
     # methods apply without the running count the boundary chunk needs
     ties = None if 0 < take == equal_in_chunk else take
     return MagnitudeCut(cut.threshold, ties), quota_left - take
-
-
-Cuts = tuple["MagnitudeCut | None", ...]
-
-
-class TensorCuts:
-    """The cuts of one tensor, per model (one or more per model), handed out piece by piece.
-
-    `piece` must see the tensor's pieces in flat order: each cut's tie quota is spent from the
-    first piece on, so the pieces together keep exactly the entries the whole-tensor cut keeps.
-    """
-
-    def __init__(self, cuts: Sequence[Cuts]) -> None:
-        self.cuts = [tuple(c) for c in cuts]
-        self.quota = [
-            [c.ties if c is not None and c.ties is not None else 0 for c in cc] for cc in cuts
-        ]
-
-    def piece(self, xs: Sequence[torch.Tensor], base: torch.Tensor | None) -> list[Cuts]:
-        """The cuts of the next piece, from its model tensors ``xs`` and ``base`` (unchanged)."""
-        out: list[Cuts] = []
-        for i, cc in enumerate(self.cuts):
-            row: list[MagnitudeCut | None] = []
-            magnitude: torch.Tensor | None = None
-            for j, c in enumerate(cc):
-                if c is None or c.ties is None or c.threshold != c.threshold:
-                    row.append(c)
-                    continue
-                equal = 0
-                if self.quota[i][j] > 0:
-                    assert base is not None
-                    if magnitude is None:
-                        magnitude = (xs[i] - base).abs_()
-                    equal = int((magnitude == c.threshold).sum())
-                pc, self.quota[i][j] = chunk_cut(c, equal, self.quota[i][j])
-                row.append(pc)
-            out.append(tuple(row))
-        return out
-
-
-class TopKCounts:
-    """Pre-pass accumulator (scope: one tensor): the exact top-k cuts of each model's deltas.
-
-    Args:
-        numel: entries of the tensor.
-        ks: per model, the numbers of entries to keep (``k >= numel``: no cut; ``k <= 0``:
-            nothing kept).
-    """
-
-    def __init__(self, numel: int, ks: Sequence[tuple[int, ...]]) -> None:
-        self.numel = numel
-        self.ks = [tuple(k) for k in ks]
-        self.select = {
-            i: TopKSelect(numel, tuple(k for k in kk if 0 < k < numel))
-            for i, kk in enumerate(self.ks)
-            if any(0 < k < numel for k in kk)
-        }
-
-    @property
-    def models(self) -> tuple[int, ...]:
-        return tuple(self.select)
-
-    def wants(self, step: int) -> bool:
-        return step < 2 and bool(self.select)
-
-    def add(self, step: int, part: int, observed: Mapping[int, torch.Tensor]) -> None:
-        for i, sel in self.select.items():
-            sel.add_hi(observed[i]) if step == 0 else sel.add_lo(observed[i])
-
-    def end_pass(self, step: int) -> None:
-        if step == 0:
-            for sel in self.select.values():
-                sel.select_buckets()
-
-    def fork(self) -> TopKCounts:
-        part = TopKCounts.__new__(TopKCounts)
-        part.numel, part.ks = self.numel, self.ks
-        part.select = {i: sel.fork() for i, sel in self.select.items()}
-        return part
-
-    def join(self, part: TopKCounts) -> None:
-        for i, sel in self.select.items():
-            sel.join(part.select[i])
-
-    def _cut(self, i: int, k: int) -> MagnitudeCut | None:
-        if k >= self.numel:
-            return None
-        if k <= 0:
-            return MagnitudeCut(math.inf, 0)
-        return self.select[i].cut(k)
-
-    def result(self, part: int) -> TensorCuts:
-        return TensorCuts([tuple(self._cut(i, k) for k in kk) for i, kk in enumerate(self.ks)])
-
-
-class GlobalTopK:
-    """Pre-pass accumulator (scope: every tensor that asks for it, in name order): each model's
-    exact global top-``k`` cut, as per-tensor cuts (`TensorCuts`, one cut per model).
-
-    Pass 0 histograms the top 16 bits, pass 1 the low 16 bits inside the chosen bucket; pass 2
-    (only where surplus ties at a nonzero threshold make the per-tensor quota matter) counts the
-    tied entries per tensor ("part").
-
-    Args:
-        total: entries of all tensors in scope.
-        ks: per model, how many entries survive (``k >= total``: no cut).
-    """
-
-    def __init__(self, total: int, ks: Sequence[int]) -> None:
-        self.total = total
-        self.ks = list(ks)
-        self.active = [i for i, k in enumerate(ks) if 0 < k < total]
-        self.hi = {i: torch.zeros(_HI_BINS, dtype=torch.int64) for i in self.active}
-        self.lo = {i: torch.zeros(_LO_BINS, dtype=torch.int64) for i in self.active}
-        self.buckets: dict[int, tuple[int, int]] = {}
-        # per model: threshold, entries above it, entries tied at it (after pass 1)
-        self.found: dict[int, tuple[float, int, int]] = {}
-        self.patterns: dict[int, int] = {}  # models whose ties are counted per part (pass 2)
-        self.tied: dict[tuple[int, int], int] = {}
-        self._cuts: list[list[MagnitudeCut | None]] = []
-        self._left: dict[int, int] = {}
-
-    @property
-    def models(self) -> tuple[int, ...]:
-        return tuple(self.active)
-
-    def wants(self, step: int) -> bool:
-        return bool(self.active) and (step < 2 or (step == 2 and bool(self.patterns)))
-
-    def add(self, step: int, part: int, observed: Mapping[int, torch.Tensor]) -> None:
-        for i in self.active:
-            bits = observed[i]
-            if step == 0:
-                self.hi[i] += torch.bincount(bits >> 16, minlength=_HI_BINS)
-            elif step == 1:
-                inside = bits[(bits >> 16) == self.buckets[i][0]]
-                self.lo[i] += torch.bincount(inside & 0xFFFF, minlength=_LO_BINS)
-            elif i in self.patterns:
-                key = (i, part)
-                self.tied[key] = self.tied.get(key, 0) + int((bits == self.patterns[i]).sum())
-
-    def end_pass(self, step: int) -> None:
-        if step == 0:
-            self.buckets = {i: select_bucket(self.hi[i], self.ks[i]) for i in self.active}
-        elif step == 1:
-            for i in self.active:
-                bucket, above_hi = self.buckets[i]
-                low, above_lo = select_bucket(self.lo[i], self.ks[i] - above_hi)
-                pattern = torch.tensor([(bucket << 16) | low], dtype=torch.int32)
-                threshold = float(pattern.view(torch.float32))
-                self.found[i] = (threshold, above_hi + above_lo, int(self.lo[i][low]))
-            # surplus ties at a nonzero threshold: count them per tensor (pass 2)
-            self.patterns = {
-                i: int(torch.tensor([t], dtype=torch.float32).view(torch.int32))
-                for i, (t, above, tied) in self.found.items()
-                if self.ks[i] - above < tied and t != 0.0
-            }
-
-    def fork(self) -> GlobalTopK:
-        part = GlobalTopK(self.total, self.ks)
-        part.buckets, part.patterns = self.buckets, self.patterns
-        return part
-
-    def join(self, part: GlobalTopK) -> None:
-        for i in self.active:
-            self.hi[i] += part.hi[i]
-            self.lo[i] += part.lo[i]
-        for key, n in part.tied.items():
-            self.tied[key] = self.tied.get(key, 0) + n
-
-    def threshold(self, i: int) -> float:
-        """Model i's global threshold (the k-th largest magnitude), after pass 1."""
-        return self.found[i][0]
-
-    def result(self, part: int) -> TensorCuts:
-        """The cuts of tensor ``part`` (asked for in order: the tie quotas go to earlier parts
-        first)."""
-        if not self._cuts:
-            self._left = {i: self.ks[i] - above for i, (_, above, _) in self.found.items()}
-        while len(self._cuts) <= part:
-            p = len(self._cuts)
-            row: list[MagnitudeCut | None] = []
-            for i, k in enumerate(self.ks):
-                if k >= self.total:
-                    row.append(None)
-                elif k <= 0:
-                    row.append(MagnitudeCut(math.inf, 0))
-                elif i not in self.patterns:
-                    row.append(MagnitudeCut(self.found[i][0], None))
-                else:
-                    quota = min(self.tied.get((i, p), 0), self._left[i])
-                    self._left[i] -= quota
-                    row.append(MagnitudeCut(self.found[i][0], quota))
-            self._cuts.append(row)
-        return TensorCuts([(c,) for c in self._cuts[part]])

@@ -20,8 +20,8 @@ unspecified); and exactly ``keep`` entries survive even when ``int(gamma * n) ==
 mergekit releases before 0.1.5 (``indices[n_bot:-n_top]``) kept none. In exact mode
 (``compute: exact``) the ranks are mergekit's (see `soupkit.methods._exact`).
 Streaming: the band's two cuts per model (``top + keep`` and ``top`` largest) come from a
-per-tensor pre-pass (exact top-k cuts, `soupkit.methods._topk`), so the engine runs the method
-on chunks with bounded memory; the bytes equal the whole-tensor computation.
+per-tensor pre-pass (exact top-k cuts, `soupkit.methods._cuts.TopKCounts`), so the engine
+runs the method on chunks with bounded memory; the bytes equal the whole-tensor computation.
 ``breadcrumbs_ties`` is mergekit's combination (the paper has no sign election); its
 consensus switches are those of `ties`, with the default ``convention: mergekit`` = weighted
 sign vote, + on ties, plain sum (mergekit's default ``normalize: false``) and
@@ -39,8 +39,9 @@ from pydantic import Field, model_validator
 
 from soupkit.methods import _exact, _ops, method
 from soupkit.methods._conventions import ConsensusParams, Density, PresetParams
+from soupkit.methods._cuts import TopKCounts
 from soupkit.methods._spec import Prepass
-from soupkit.methods._topk import MagnitudeCut, TopKCounts, magnitude_bits_
+from soupkit.methods._topk import MagnitudeCut, magnitude_bits_
 
 Gamma = Annotated[float, Field(ge=0, lt=1)]
 

@@ -26,8 +26,8 @@ switch            paper               mergekit (default)     PEFT ``ties``
 - ``trim_scope: global`` keeps the top-k of each model's *whole* task vector (all merged
   tensors at once, as the paper's code flattens the model); the engine finds the exact global
   k-th magnitude with a streaming radix select over float32 bit patterns (the pre-pass this
-  module declares, `soupkit.methods._topk.GlobalTopK`), never concatenating tensors. ``per_tensor`` keeps the top-k of each
-  tensor (mergekit, PEFT). A direct call of this function trims over the tensor it is given.
+  module declares, `soupkit.methods._cuts.GlobalTopK`), never concatenating tensors.
+  ``per_tensor`` keeps the top-k of each tensor (mergekit, PEFT). A direct call of this function trims over the tensor it is given.
 - Exactly ``k = int(density * n)`` entries survive. Ties at the threshold are broken by
   position: the entry with the lower flat index wins, and across tensors (global scope) the
   tensor whose name sorts first wins. The paper's released code keeps every entry ``>=`` its
@@ -55,8 +55,9 @@ import torch
 
 from soupkit.methods import _exact, _ops, method
 from soupkit.methods._conventions import ConsensusParams, Density
+from soupkit.methods._cuts import GlobalTopK, TopKCounts
 from soupkit.methods._spec import Prepass, Scope
-from soupkit.methods._topk import GlobalTopK, MagnitudeCut, TopKCounts, magnitude_bits_
+from soupkit.methods._topk import MagnitudeCut, magnitude_bits_
 
 TrimScope = Literal["per_tensor", "global"]
 

@@ -13,9 +13,10 @@
   one from `soupkit.engine.prepass.global_stats`, a per-tensor one from pre-pass units of the
   tensor), then pieces in flat order, each given its part of the statistic.
 
-The pieces of a unit are shared between the compute threads (`soupkit.engine.compute.Helpers.split`); every piece is
-computed exactly as it would be alone, so output bytes depend neither on threads nor on chunking.
-`_Engine._call` is the one place a method's function is called on a piece.
+The pieces of a unit are shared between the compute threads (`Helpers.split` in
+`soupkit.engine.compute`); every piece is computed exactly as it would be alone, so output
+bytes depend neither on threads nor on chunking. `_Engine._call` is the one place a method's
+function is called on a piece (where a fused kernel would replace it).
 """
 
 from __future__ import annotations

@@ -27,7 +27,8 @@ switch            paper               mergekit (default)     PEFT ``ties``
   tensors at once, as the paper's code flattens the model); the engine finds the exact global
   k-th magnitude with a streaming radix select over float32 bit patterns (the pre-pass this
   module declares, `soupkit.methods._cuts.GlobalTopK`), never concatenating tensors.
-  ``per_tensor`` keeps the top-k of each tensor (mergekit, PEFT). A direct call of this function trims over the tensor it is given.
+  ``per_tensor`` keeps the top-k of each tensor (mergekit, PEFT). A direct call of this
+  function trims over the tensor it is given.
 - Exactly ``k = int(density * n)`` entries survive. Ties at the threshold are broken by
   position: the entry with the lower flat index wins, and across tensors (global scope) the
   tensor whose name sorts first wins. The paper's released code keeps every entry ``>=`` its

@@ -29,7 +29,7 @@ from soupkit.io.header import TensorInfo
 from soupkit.io.reader import TensorReader
 from soupkit.methods import Prepass
 from soupkit.methods._spec import Accumulator, TensorStat
-from soupkit.planning.plan import MergePlan
+from soupkit.planning.plan import MergePlan, TensorJob
 from soupkit.planning.prepass import global_prepass_jobs
 
 __all__ = ["accumulate", "global_stats", "observe_into"]
@@ -105,6 +105,18 @@ def _f32(
     return raw.to(torch.float32)
 
 
+def _file_deltas(
+    reader: TensorReader, cast: torch.dtype | None, job: TensorJob, a: int, b: int
+) -> Deltas:
+    def load(models: Sequence[int]) -> dict[int, torch.Tensor]:
+        assert job.base is not None
+        base = _f32(reader, cast, job.base, a, b)
+        # a new tensor per delta: an in-memory float32 input is the caller's own
+        return {i: _f32(reader, cast, job.inputs[i], a, b) - base for i in models}
+
+    return load
+
+
 def global_stats(plan: MergePlan, reader: TensorReader) -> dict[str, TensorStat]:
     """Run ``plan``'s global pre-pass: each tensor in scope's statistic (empty: none in scope).
 
@@ -123,15 +135,7 @@ def global_stats(plan: MergePlan, reader: TensorReader) -> dict[str, TensorStat]
         if not acc.wants(step):
             continue
         for part, job in enumerate(chosen):
-            base_info, inputs = job.base, job.inputs
-            assert base_info is not None
             for a, b in chunks(job.numel, plan.chunk_elems):
-
-                def load(models: Sequence[int], a: int = a, b: int = b) -> dict[int, torch.Tensor]:
-                    base = _f32(reader, cast, base_info, a, b)  # noqa: B023 (called right away)
-                    # a new tensor per delta: an in-memory float32 input is the caller's own
-                    return {i: _f32(reader, cast, inputs[i], a, b) - base for i in models}  # noqa: B023
-
-                observe_into([(decl, acc)], step, part, load)
+                observe_into([(decl, acc)], step, part, _file_deltas(reader, cast, job, a, b))
         acc.end_pass(step)
     return {j.name: acc.result(part) for part, j in enumerate(chosen)}

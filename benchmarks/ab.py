@@ -28,7 +28,7 @@ from pathlib import Path
 
 def _child(recipe: str, out: str, threads: int, tune: bool) -> None:
     import soupkit
-    from soupkit.engine.execute import run_plan
+    from soupkit.engine import run_plan
     from soupkit.io.output import ShardFiles
     from soupkit.io.writer import OutputFolder
 

@@ -3,7 +3,8 @@
 Runs the merge pass of one recipe in this process (no input hashing, like ``ab.py``) and prints
 
 - the pass time with user / system CPU of the process,
-- wall time per engine phase (``hist`` / ``lo``: TIES's counting passes, ``merge``, ``copy``),
+- wall time per engine phase (``prepass``: the counting passes a method declares, e.g. TIES's;
+  ``merge``, ``copy``),
 - with ``--cprofile``, the functions of the main thread by own time (torch kernels appear as
   their Python entry points: ``copy_`` is the dtype conversions, ``preadv`` the reads done on
   this thread).
@@ -45,8 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     import soupkit
-    from soupkit.engine import execute
-    from soupkit.engine.execute import run_plan
+    from soupkit.engine import execute, run_plan
     from soupkit.io.output import ShardFiles
     from soupkit.io.writer import OutputFolder
 

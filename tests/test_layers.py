@@ -76,15 +76,10 @@ ALLOWED: dict[tuple[str, str], str] = {}
 # Known violations on main (issue 16), each removed by a helper's branch; the lead deletes
 # the lines as the branches merge, until both sets are empty.
 KNOWN_UPWARD: set[tuple[str, str]] = {  # (importer, imported)
-    # 16a (engine split) and 16b (planning): planning must not import the engine
-    ("soupkit.planning.plan", "soupkit.engine.global_trim"),
-    ("soupkit.planning.slices", "soupkit.engine.global_trim"),
     # 16c: backends must not import search
     ("soupkit.backends._worker", "soupkit.search._state"),
 }
 KNOWN_CYCLES: set[frozenset[str]] = {  # the modules of one strongly connected component
-    # 16a: planning.plan <-> engine.global_trim (the pre-pass moves onto the method spec)
-    frozenset({"soupkit.engine.global_trim", "soupkit.planning.plan"}),
     # 16c
     frozenset(
         {"soupkit.backends._worker", "soupkit.backends.jobs", "soupkit.backends.ray_backend"}

@@ -80,6 +80,7 @@ PUBLIC: dict[str, list[str]] = {
         "MagnitudeCut",
         "MethodSpec",
         "Params",
+        "Prepass",
         "REGISTRY",
         "all_methods",
         "get",

@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import save_file
 
 import soupkit
-import soupkit.engine.execute as ex
+import soupkit.engine.core as ex
 import soupkit.io.writer as wr
 
 

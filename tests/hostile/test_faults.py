@@ -282,7 +282,7 @@ def test_signal_during_the_engine_waits_for_a_safe_point(
     import signal
     import threading
 
-    from soupkit.engine.execute import MemorySink, run_plan
+    from soupkit.engine import MemorySink, run_plan
 
     ms = make_models(tmp_path / "in")
     p = soupkit.plan(recipe(ms))

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 import soupkit
-from soupkit.engine.execute import all_finite
+from soupkit.engine import all_finite
 from soupkit.errors import NonFiniteError
 
 

@@ -533,7 +533,7 @@ def test_input_rewritten_after_plan_is_refused(
 
 
 def test_reader_checks_the_stamp_when_it_opens_a_file(tmp_path: Path, models: list[Path]) -> None:
-    from soupkit.engine.execute import MemorySink, run_plan
+    from soupkit.engine import MemorySink, run_plan
 
     p = soupkit.plan(_recipe(tmp_path, models))
     f = models[2] / "model.safetensors"

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from soupkit import methods
-from soupkit.engine.execute import tensor_seed
+from soupkit.engine import tensor_seed
 
 # Every tensor below RNG_BLOCK elements: one generator per tensor in the engine.
 SHAPES: dict[str, tuple[int, ...]] = {

@@ -32,7 +32,7 @@ from typing import Literal
 
 import torch
 
-from soupkit.methods._spec import MagnitudeCut
+from soupkit.methods._topk import MagnitudeCut
 
 __all__ = [
     "Aggregation",

@@ -10,7 +10,7 @@ from peft.utils import merge_utils
 
 import soupkit
 from soupkit import methods
-from soupkit.engine.execute import RNG_BLOCK
+from soupkit.engine import RNG_BLOCK
 from soupkit.methods.dare import DareLinearParams, DareTiesParams
 
 from .helpers import base_state, bits_equal, finetunes

@@ -14,8 +14,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from soupkit.engine.tensor_trim import TopKSelect, magnitude_bits
 from soupkit.methods import MagnitudeCut, _ops
+from soupkit.methods._topk import TopKSelect, magnitude_bits
 
 from . import reference_ops as ref
 from .helpers import bits_equal
@@ -243,7 +243,7 @@ def test_streamed_per_tensor_ties_with_many_tied_magnitudes_equals_the_whole_ten
 def test_lo_bins_place_every_pattern_like_the_wide_formula(start: int) -> None:
     """Bins of the radix select's second pass: 0 below the bucket, 1..65536 inside, 65537
     above, for the extreme patterns (zero, the bucket's edges, +Inf, the largest NaN)."""
-    from soupkit.engine.tensor_trim import _lo_bins
+    from soupkit.methods._topk import _lo_bins
 
     edges = [
         0,

@@ -9,7 +9,7 @@ import torch
 
 import soupkit
 from soupkit.api.multi import run_plans
-from soupkit.engine.execute import MemorySink, run_plan
+from soupkit.engine import MemorySink, run_plan
 from soupkit.io.checkpoint import in_memory_checkpoint
 from soupkit.io.reader import TensorReader
 from soupkit.planning.plan import make_plan

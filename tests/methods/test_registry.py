@@ -60,7 +60,7 @@ def test_registration_refuses_bad_declarations() -> None:
             "ties", kind="task_vector", params=P, paper="x", summary="x", needs_base=True
         )(fn)
     with pytest.raises(
-        ValueError, match="global trim needs a task-vector method that sees whole tensors"
+        ValueError, match="a pre-pass needs a deterministic task-vector method that sees whole"
     ):
         methods.method(
             "x_trim",
@@ -69,7 +69,7 @@ def test_registration_refuses_bad_declarations() -> None:
             paper="x",
             summary="x",
             needs_base=True,
-            global_trim=lambda p: None,
+            prepass=methods.get("ties").prepass,
         )(fn)
     assert "x_trim" not in methods.REGISTRY
 

@@ -66,7 +66,7 @@ from soupkit._util.defaults import MAX_SHARD_SIZE
 from soupkit._util.progress import progress_bar
 from soupkit._version import __version__
 from soupkit.adapters.lora_config import clip, pattern_key, validate_adapter_config
-from soupkit.engine.execute import RNG_BLOCK, all_finite, tensor_seed
+from soupkit.engine import RNG_BLOCK, all_finite, tensor_seed
 from soupkit.errors import (
     CheckpointFormatError,
     ConfigError,
@@ -990,7 +990,7 @@ def merge_loras(
                     )
                 return None
         p = cache[ck]
-        if spec.global_trim is not None and spec.global_trim(p) is not None:
+        if spec.prepass is not None and spec.prepass.scope(p) == "global":
             raise UsageError(
                 f"method {spec.name!r} with a whole-model magnitude trim (trim_scope: global) "
                 "is not available for LoRA merges\nhint: set trim_scope: per_tensor, or "

@@ -19,7 +19,7 @@ from soupkit._util.defaults import MAX_SHARD_SIZE
 from soupkit._util.progress import progress_bar
 from soupkit._version import __version__
 from soupkit.adapters.model_adapter import open_model
-from soupkit.engine.execute import MemorySink, RunStats, plan_stamps, run_plan
+from soupkit.engine import MemorySink, RunStats, plan_stamps, run_plan
 from soupkit.errors import CheckpointFormatError, ConfigError, UsageError, shown
 from soupkit.io.card import card_front_matter, render_card
 from soupkit.io.checkpoint import Checkpoint, in_memory_checkpoint

@@ -27,12 +27,13 @@ from soupkit._util.defaults import MAX_SHARD_SIZE
 from soupkit._util.progress import progress_bar
 from soupkit.adapters.model_adapter import open_model
 from soupkit.api import merging as api
-from soupkit.engine.execute import check_shared_inputs, run_plans
+from soupkit.engine import run_plans
 from soupkit.errors import UsageError
 from soupkit.io.digest import InputHashes
 from soupkit.io.output import ShardFiles
 from soupkit.planning.from_recipe import plan_recipe
 from soupkit.planning.plan import DEFAULT_CHUNK_ELEMS, MergePlan, make_plan
+from soupkit.planning.shared import check_shared_inputs
 from soupkit.recipe.schema import MergeConfig
 
 __all__ = ["alpha_folder_names", "merge_many", "run_plans", "wise_ft", "wise_ft_recipe"]

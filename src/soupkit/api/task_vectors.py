@@ -32,7 +32,7 @@ import torch
 
 from soupkit._util.defaults import MAX_SHARD_SIZE
 from soupkit.api.merging import MergeResult, run_merge_plan
-from soupkit.engine.execute import MemorySink, run_plan
+from soupkit.engine import MemorySink, run_plan
 from soupkit.errors import UsageError
 from soupkit.io.checkpoint import Checkpoint, in_memory_checkpoint, open_checkpoint
 from soupkit.io.reader import TensorReader

@@ -179,7 +179,7 @@ def _soup_state(c: UniformSoup, reader: TensorReader) -> dict[str, torch.Tensor]
 
 def _recipe_state(c: RecipeMerge) -> dict[str, torch.Tensor]:
     from soupkit.api.merging import plan
-    from soupkit.engine.execute import MemorySink, run_plan
+    from soupkit.engine import MemorySink, run_plan
 
     p = plan(c.recipe)
     sink = MemorySink(p)

@@ -33,8 +33,8 @@ def run(args: argparse.Namespace) -> int:
             tags.append("seeded")
         if spec.streams_whole_tensors:
             tags.append("whole tensors")
-        elif spec.tensor_trim is not None:
-            tags.append("chunks after a trim pre-pass")
+        elif spec.prepass is not None:
+            tags.append("chunks after a pre-pass")
         print(f"{spec.name:<18} {spec.summary}")
         print(
             f"{'':<18} per-model: {', '.join(spec.per_model_names) or '-'}; "

@@ -9,22 +9,24 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import importlib.resources
 import re
 from collections.abc import Callable
 
 from soupkit.errors import UnknownMethodError
-from soupkit.methods._spec import (
-    ExactCheckFn,
-    GlobalTrimFn,
-    Kind,
-    MagnitudeCut,
-    MethodFn,
-    MethodSpec,
-    Params,
-    TensorTrimFn,
-)
+from soupkit.methods._spec import ExactCheckFn, Kind, MethodFn, MethodSpec, Params, Prepass
+from soupkit.methods._topk import MagnitudeCut
 
-__all__ = ["REGISTRY", "MagnitudeCut", "MethodSpec", "Params", "all_methods", "get", "method"]
+__all__ = [
+    "REGISTRY",
+    "MagnitudeCut",
+    "MethodSpec",
+    "Params",
+    "Prepass",
+    "all_methods",
+    "get",
+    "method",
+]
 
 REGISTRY: dict[str, MethodSpec] = {}
 _NAME = re.compile(r"^[a-z][a-z0-9_]*[a-z0-9]$")
@@ -46,8 +48,7 @@ def method(
     min_models: int = 1,
     max_models: int | None = None,
     aliases: tuple[str, ...] = (),
-    global_trim: GlobalTrimFn | None = None,
-    tensor_trim: TensorTrimFn | None = None,
+    prepass: Prepass | None = None,
     exact: MethodFn | None = None,
     exact_check: ExactCheckFn | None = None,
     exact_out_dtype: str | None = None,
@@ -70,15 +71,10 @@ def method(
                 f"method {name!r}: an optional or input base is for tensor methods "
                 "that do not require a base"
             )
-        if global_trim is not None and (kind != "task_vector" or elementwise):
+        if prepass is not None and (kind != "task_vector" or elementwise or stochastic):
             raise ValueError(
-                f"method {name!r}: a global trim needs a task-vector method that "
-                "sees whole tensors (elementwise=False)"
-            )
-        if tensor_trim is not None and (kind != "task_vector" or elementwise or stochastic):
-            raise ValueError(
-                f"method {name!r}: a per-tensor trim needs a deterministic task-vector "
-                "method that sees whole tensors (elementwise=False)"
+                f"method {name!r}: a pre-pass needs a deterministic task-vector method "
+                "that sees whole tensors (elementwise=False)"
             )
         spec = MethodSpec(
             name=name,
@@ -96,8 +92,7 @@ def method(
             min_models=min_models,
             max_models=max_models,
             aliases=aliases,
-            global_trim=global_trim,
-            tensor_trim=tensor_trim,
+            prepass=prepass,
             exact=exact,
             exact_check=exact_check,
             exact_out_dtype=exact_out_dtype,
@@ -134,25 +129,8 @@ def all_methods() -> list[MethodSpec]:
     return sorted(seen.values(), key=lambda s: s.name)
 
 
-# Adding a method = one module here + its name in this tuple.
-_MODULES = (
-    "linear",
-    "wise_ft",
-    "task_arithmetic",
-    "ties",
-    "dare",
-    "breadcrumbs",
-    "della",
-    "slerp",
-    "model_stock",
-    "nuslerp",
-    "multislerp",
-    "karcher",
-    "sce",
-    "arcee_fusion",
-    "nearswap",
-    "ram",
-    "passthrough",
-)
-for _m in _MODULES:
+# Adding a method = one module here: every public module of this package is imported (in name
+# order), and registers its methods with the `method` decorator.
+_FILES = importlib.resources.files(__name__).iterdir()
+for _m in sorted(f.name[:-3] for f in _FILES if f.name.endswith(".py") and f.name[0] != "_"):
     importlib.import_module(f"soupkit.methods.{_m}")

@@ -1,7 +1,7 @@
 """Building blocks shared by the merge methods: small pure tensor functions.
 
 Methods are 10-line compositions of these (the shape of PEFT's ``utils/merge_utils.py``):
-trim (`trim_topk`, `trim_band`, `apply_cut`), random drop (`dare_drop`, `della_drop`), sign
+trim (`trim_topk`, `trim_band`, `apply_cut`, `apply_band`), random drop (`dare_drop`, `della_drop`), sign
 election (`elect_sign`), and aggregation (`weighted_sum`, `disjoint_merge`).
 
 Conventions every function here keeps, so that results never depend on chunking or order:
@@ -35,13 +35,15 @@ from typing import Literal
 
 import torch
 
-from soupkit.methods._spec import MagnitudeCut
+from soupkit.methods._topk import MagnitudeCut
 
 __all__ = [
     "Aggregation",
     "SignSource",
     "SignTie",
+    "apply_band",
     "apply_cut",
+    "band_ranks",
     "consensus_combine",
     "cut_mask",
     "dare_drop",
@@ -156,6 +158,32 @@ def trim_topk(delta: torch.Tensor, density: float) -> torch.Tensor:
     return apply_cut(delta, topk_cut(delta.abs(), int(density * delta.numel())))
 
 
+def band_ranks(n: int, density: float, gamma: float) -> tuple[int, int]:
+    """Model Breadcrumbs' kept ranks ``[top, top + keep)`` of ``n`` entries (see `trim_band`)."""
+    keep = int(density * n)
+    return min(int(gamma * n), n - keep), keep
+
+
+def apply_band(
+    delta: torch.Tensor, upper: MagnitudeCut | None, lower: MagnitudeCut | None
+) -> torch.Tensor:
+    """Keep the entries of ``delta`` that survive ``upper`` but not ``lower`` (a new tensor).
+
+    ``upper`` keeps the ``top + keep`` largest (None: everything), ``lower`` the ``top`` largest
+    (None or keeping nothing: no outliers dropped); works on a whole tensor or, with each cut's
+    share of the tie quota, on a piece of one.
+    """
+    magnitude = delta.abs()
+    mask = (
+        torch.ones_like(magnitude, dtype=torch.bool)
+        if upper is None
+        else cut_mask(magnitude, upper)
+    )
+    if lower is not None and not (lower.threshold == math.inf and lower.ties == 0):
+        mask &= ~cut_mask(magnitude, lower)
+    return delta.masked_fill(~mask, 0.0)
+
+
 def trim_band(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
     """Model Breadcrumbs' trim: drop the largest ``gamma`` fraction and the smallest entries.
 
@@ -174,21 +202,12 @@ def trim_band(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor
         `torch.Tensor`: the trimmed tensor.
     """
     n = delta.numel()
-    keep = int(density * n)
-    top = min(int(gamma * n), n - keep)
+    top, keep = band_ranks(n, density, gamma)
     if top <= 0 and keep >= n:
         return delta
     magnitude = delta.abs()
-    upper = topk_cut(magnitude, top + keep)
-    mask = (
-        torch.ones_like(magnitude, dtype=torch.bool)
-        if upper is None
-        else cut_mask(magnitude, upper)
-    )
-    lower = topk_cut(magnitude, top)
-    if top > 0 and lower is not None:
-        mask &= ~cut_mask(magnitude, lower)
-    return delta.masked_fill(~mask, 0.0)
+    lower = topk_cut(magnitude, top) if top > 0 else None
+    return apply_band(delta, topk_cut(magnitude, top + keep), lower)
 
 
 # ---------------------------------------------------------------------------- random drops

@@ -11,17 +11,12 @@ Every tensor a method sees is float32 and every method is free of I/O: it never 
 name, a tensor name, a device or a recipe. The engine resolves per-tensor parameter values
 before the call, so ``p`` holds plain numbers.
 
-A method that trims by magnitude over *all* tensors of a model at once (TIES with
-``trim_scope: global``) declares ``global_trim``: a function of its parameters returning the
-per-model densities to trim to (or None). The engine then runs a streaming pre-pass that finds
-each model's exact global magnitude cut (`MagnitudeCut`) and passes the cuts for the tensor as
-``trim=`` to the method; the method itself stays a pure function of its tensors.
-
-A method whose only whole-tensor step is such a magnitude trim (TIES) declares ``tensor_trim``:
-a function of its parameters returning the per-model densities of its per-tensor trim (1 = no
-trim). Given the cuts as ``trim=``, the method is elementwise, so the engine computes each
-model's exact per-tensor cut in a streaming pre-pass (`soupkit.engine.tensor_trim`) and runs the method
-on chunks, with bounded memory; the cuts equal those of `soupkit.methods._ops.topk_cut`.
+A method that needs a statistic of a whole tensor (or of all tensors of a model) before it can
+stream, such as TIES's top-k magnitude threshold, declares it as a `Prepass` on its spec: what
+to accumulate over the chunks of the deltas, and how the statistic is handed out, piece by piece,
+to the method, which is then elementwise. The engine runs any such declaration generically
+(`soupkit.engine.prepass`); the method stays a pure function of its tensors, and adding one
+touches only its own module.
 
 Exact mode (``compute: exact``, see `soupkit.methods._exact`): the engine hands the method
 whole tensors in the recipe's dtype (not float32) and calls ``exact`` instead of ``fn`` when the
@@ -34,42 +29,94 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, Protocol
 
 import torch
 from pydantic import BaseModel, ConfigDict
 
 __all__ = [
+    "Accumulator",
     "ExactCheckFn",
-    "GlobalTrimFn",
-    "MagnitudeCut",
     "MethodFn",
     "MethodSpec",
     "Params",
-    "TensorTrimFn",
+    "Prepass",
+    "Scope",
+    "TensorStat",
 ]
 
 MethodFn = Callable[..., torch.Tensor]
 Kind = Literal["tensors", "task_vector"]
 
 
-@dataclass(frozen=True)
-class MagnitudeCut:
-    """Which entries of one model's task vector survive a magnitude trim, in one tensor.
+ExactCheckFn = Callable[["Params"], "str | None"]
+Scope = Literal["tensor", "global"]
 
-    An entry survives when ``|delta| > threshold``; of the entries with ``|delta| == threshold``
-    the first ``ties`` in flat (row-major) order survive, or all of them when ``ties`` is None.
-    ``threshold = inf`` with ``ties = 0`` keeps nothing. The global pre-pass computes these so
-    that exactly ``int(density * N)`` entries survive over all N entries of the model.
+
+class TensorStat(Protocol):
+    """A finished statistic of one tensor, handed to the method piece by piece."""
+
+    def piece(self, xs: Sequence[torch.Tensor], base: torch.Tensor | None) -> Any:
+        """The method's ``stat=`` argument for the next piece (pieces come in flat order), from
+        the piece's float32 model tensors ``xs`` and ``base`` (read only)."""
+        ...
+
+
+class Accumulator(Protocol):
+    """Accumulates a statistic over chunks of the deltas, in passes (pure tensor code).
+
+    The engine calls, for each pass ``step`` the accumulator `wants`: `add` for every chunk of
+    every tensor in scope (``part``: the tensor's position in the scope, name order; 0 for a
+    per-tensor scope), then `end_pass`. Compute threads each count into a `fork`, added back
+    with `join` (the result must not depend on how chunks were shared). `result` gives the
+    statistic of one tensor.
     """
 
-    threshold: float
-    ties: int | None = None
+    @property
+    def models(self) -> tuple[int, ...]:
+        """The models whose deltas are accumulated (empty: nothing to read)."""
+        ...
+
+    def wants(self, step: int) -> bool: ...
+
+    def add(self, step: int, part: int, observed: Mapping[int, torch.Tensor]) -> None:
+        """Accumulate one chunk: ``observed[i]`` is `Prepass.observe` of model i's delta."""
+        ...
+
+    def end_pass(self, step: int) -> None: ...
+
+    def fork(self) -> Any: ...
+
+    def join(self, part: Any) -> None: ...
+
+    def result(self, part: int) -> TensorStat: ...
 
 
-GlobalTrimFn = Callable[["Params"], "tuple[float, ...] | None"]
-ExactCheckFn = Callable[["Params"], "str | None"]
-TensorTrimFn = Callable[["Params"], "tuple[float, ...]"]
+@dataclass(frozen=True)
+class Prepass:
+    """A statistic a method needs before streaming: declared on its spec, run by the engine.
+
+    Attributes:
+        scope: for a tensor's parameters: ``"tensor"`` (a statistic of that tensor),
+            ``"global"`` (one statistic over every tensor whose parameters say global, in name
+            order), or None (these parameters need none: the method is then elementwise and
+            gets ``stat=None``).
+        start: a new `Accumulator`, from the parameters and the number of entries in scope.
+        passes: for the parameters, the most passes over the deltas the accumulator asks for
+            (a per-tensor scope reads the tensor that many times before merging it).
+        observe: what of a float32 delta chunk is accumulated (it may overwrite the chunk,
+            which is scratch); accumulators with the same ``observe`` share one computation.
+        check: for ``global`` scope, at plan time: the problem (or None) with the (tensor
+            name, parameters) of every tensor in scope, e.g. parameters that must agree.
+        note: what ``soupkit plan`` says about a global pre-pass (``{n}``: tensors in scope).
+    """
+
+    scope: Callable[[Any], Scope | None]
+    start: Callable[[Any, int], Accumulator]
+    passes: Callable[[Any], int]
+    observe: Callable[[torch.Tensor], torch.Tensor]
+    check: Callable[[Sequence[tuple[str, Any]]], str | None] | None = None
+    note: str = ""
 
 
 class Params(BaseModel):
@@ -114,13 +161,8 @@ class MethodSpec:
             most methods; those that stack and mask their inputs hold more).
         min_models: fewest input models (not counting the base) the method accepts.
         max_models: most input models, or None for no limit.
-        global_trim: for methods that can trim each model's task vector by magnitude over all
-            tensors at once: returns the per-model densities when the tensor's parameters ask
-            for that (else None); the engine then passes ``trim=`` cuts (see `MagnitudeCut`).
-        tensor_trim: for methods that are elementwise once each model's magnitude cut is known:
-            returns the per-model densities of the per-tensor trim (1 = none) when the tensor's
-            parameters ask for a per-tensor trim, else all 1 (the cut comes from
-            ``global_trim`` or there is none). The engine then always passes ``trim=``.
+        prepass: a statistic the method needs before it can stream (see `Prepass`); given
+            it as ``stat=``, the method is elementwise.
         exact: mergekit 0.1.5's arithmetic for exact mode (same signature as ``fn``), when
             ``fn`` is not already that; None: exact mode calls ``fn``.
         exact_check: for exact mode: the reason a tensor's parameters cannot be computed as
@@ -145,8 +187,7 @@ class MethodSpec:
     min_models: int = 1
     max_models: int | None = None
     aliases: tuple[str, ...] = field(default=())
-    global_trim: GlobalTrimFn | None = None
-    tensor_trim: TensorTrimFn | None = None
+    prepass: Prepass | None = None
     exact: MethodFn | None = None
     exact_check: ExactCheckFn | None = None
     exact_out_dtype: str | None = None
@@ -154,8 +195,8 @@ class MethodSpec:
     @property
     def streams_whole_tensors(self) -> bool:
         """The engine hands this method whole tensors (not chunks): neither elementwise nor
-        elementwise once its per-tensor magnitude cuts are known (``tensor_trim``)."""
-        return not self.elementwise and self.tensor_trim is None
+        elementwise once its pre-pass statistic is known (``prepass``)."""
+        return not self.elementwise and self.prepass is None
 
     @property
     def per_model_names(self) -> tuple[str, ...]:
@@ -177,7 +218,7 @@ class MethodSpec:
         *,
         base: torch.Tensor | None = None,
         rng: torch.Generator | None = None,
-        trim: Sequence[MagnitudeCut | None] | None = None,
+        stat: Any = None,
         exact: bool = False,
     ) -> torch.Tensor:
         """Run the method on float32 tensors and return the merged float32 tensor (with
@@ -185,10 +226,10 @@ class MethodSpec:
 
         For task-vector methods ``tensors`` are the models' tensors: the deltas against
         ``base`` are formed here (in place: a method owns, and may overwrite, the tensors it
-        gets), and the merged delta is added back to ``base``. ``trim`` (magnitude cuts, one
-        per model) is passed on only when given.
+        gets), and the merged delta is added back to ``base``. ``stat`` (the piece's pre-pass
+        statistic) is passed on only when given.
         """
-        extra: dict[str, Any] = {} if trim is None else {"trim": trim}
+        extra: dict[str, Any] = {} if stat is None else {"stat": stat}
         fn = self.exact if (exact and self.exact is not None) else self.fn
         if self.kind == "task_vector":
             if base is None:

@@ -19,6 +19,9 @@ magnitudes the entry with the lower flat index ranks higher (mergekit's ``sort``
 unspecified); and exactly ``keep`` entries survive even when ``int(gamma * n) == 0``, where
 mergekit releases before 0.1.5 (``indices[n_bot:-n_top]``) kept none. In exact mode
 (``compute: exact``) the ranks are mergekit's (see `soupkit.methods._exact`).
+Streaming: the band's two cuts per model (``top + keep`` and ``top`` largest) come from a
+per-tensor pre-pass (exact top-k cuts, `soupkit.methods._cuts.TopKCounts`), so the engine
+runs the method on chunks with bounded memory; the bytes equal the whole-tensor computation.
 ``breadcrumbs_ties`` is mergekit's combination (the paper has no sign election); its
 consensus switches are those of `ties`, with the default ``convention: mergekit`` = weighted
 sign vote, + on ties, plain sum (mergekit's default ``normalize: false``) and
@@ -36,6 +39,9 @@ from pydantic import Field, model_validator
 
 from soupkit.methods import _exact, _ops, method
 from soupkit.methods._conventions import ConsensusParams, Density, PresetParams
+from soupkit.methods._cuts import TopKCounts
+from soupkit.methods._spec import Prepass
+from soupkit.methods._topk import MagnitudeCut, magnitude_bits_
 
 Gamma = Annotated[float, Field(ge=0, lt=1)]
 
@@ -89,9 +95,31 @@ class BreadcrumbsTiesParams(ConsensusParams):
 
 
 def _trim(
-    deltas: Sequence[torch.Tensor], density: Sequence[float], gamma: Sequence[float]
+    deltas: Sequence[torch.Tensor],
+    density: Sequence[float],
+    gamma: Sequence[float],
+    stat: Sequence[tuple[MagnitudeCut | None, ...]] | None,
 ) -> list[torch.Tensor]:
+    if stat is not None:  # the band's two cuts per model, from the pre-pass
+        return [_ops.apply_band(d, upper, lower) for d, (upper, lower) in zip(deltas, stat)]
     return [_ops.trim_band(d, k, g) for d, k, g in zip(deltas, density, gamma)]
+
+
+def _start(p: BreadcrumbsParams | BreadcrumbsTiesParams, numel: int) -> TopKCounts:
+    """The cuts of the band ``[top, top + keep)``: keep the ``top + keep`` largest, minus the
+    ``top`` largest (see `soupkit.methods._ops.trim_band`)."""
+    ranks = [_ops.band_ranks(numel, d, g) for d, g in zip(p.density, p.gamma)]
+    return TopKCounts(numel, [(top + keep, top) for top, keep in ranks])
+
+
+# The band's cuts are each model's exact top-k magnitude cuts: once they are known the method
+# is elementwise, so the engine streams it in chunks after two counting passes per tensor.
+PREPASS = Prepass(
+    scope=lambda p: "tensor" if any(d < 1 for d in p.density) else None,
+    start=_start,
+    passes=lambda p: 2,
+    observe=magnitude_bits_,
+)
 
 
 @method(
@@ -102,13 +130,19 @@ def _trim(
     summary="Model Breadcrumbs: drop largest (gamma) and smallest entries, weighted sum",
     needs_base=True,
     elementwise=False,
+    prepass=PREPASS,
     exact=_exact.gta_method("magnitude_outliers", None),
 )
 def breadcrumbs(
-    deltas: Sequence[torch.Tensor], p: BreadcrumbsParams, *, rng: torch.Generator | None = None
+    deltas: Sequence[torch.Tensor],
+    p: BreadcrumbsParams,
+    *,
+    rng: torch.Generator | None = None,
+    stat: Sequence[tuple[MagnitudeCut | None, ...]] | None = None,
 ) -> torch.Tensor:
-    """Band-trim each task vector, then ``lambda * sum_i w_i tau'_i``."""
-    trimmed = _trim(deltas, p.density, p.gamma)
+    """Band-trim each task vector (by the pre-pass's cuts ``stat``, else here), then
+    ``lambda * sum_i w_i tau'_i``."""
+    trimmed = _trim(deltas, p.density, p.gamma, stat)
     return _ops.linear_combine(trimmed, p.weight, normalize=p.normalize, lam=p.lambda_)
 
 
@@ -120,14 +154,20 @@ def breadcrumbs(
     summary="Model Breadcrumbs trim, then TIES sign election and disjoint merge",
     needs_base=True,
     elementwise=False,
+    prepass=PREPASS,
     exact=_exact.gta_method("magnitude_outliers", "sum"),
     exact_check=_exact.gta_check,
 )
 def breadcrumbs_ties(
-    deltas: Sequence[torch.Tensor], p: BreadcrumbsTiesParams, *, rng: torch.Generator | None = None
+    deltas: Sequence[torch.Tensor],
+    p: BreadcrumbsTiesParams,
+    *,
+    rng: torch.Generator | None = None,
+    stat: Sequence[tuple[MagnitudeCut | None, ...]] | None = None,
 ) -> torch.Tensor:
-    """Band-trim each task vector, then TIES' elect and disjoint merge."""
-    trimmed = _trim(deltas, p.density, p.gamma)
+    """Band-trim each task vector (cuts ``stat`` from the pre-pass, else here), then TIES'
+    elect and disjoint merge."""
+    trimmed = _trim(deltas, p.density, p.gamma, stat)
     return _ops.consensus_combine(
         trimmed,
         p.weight,

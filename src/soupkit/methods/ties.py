@@ -25,9 +25,10 @@ switch            paper               mergekit (default)     PEFT ``ties``
 
 - ``trim_scope: global`` keeps the top-k of each model's *whole* task vector (all merged
   tensors at once, as the paper's code flattens the model); the engine finds the exact global
-  k-th magnitude with a streaming radix select over float32 bit patterns (see
-  `soupkit.engine.global_trim`), never concatenating tensors. ``per_tensor`` keeps the top-k of each
-  tensor (mergekit, PEFT). A direct call of this function trims over the tensor it is given.
+  k-th magnitude with a streaming radix select over float32 bit patterns (the pre-pass this
+  module declares, `soupkit.methods._cuts.GlobalTopK`), never concatenating tensors.
+  ``per_tensor`` keeps the top-k of each tensor (mergekit, PEFT). A direct call of this
+  function trims over the tensor it is given.
 - Exactly ``k = int(density * n)`` entries survive. Ties at the threshold are broken by
   position: the entry with the lower flat index wins, and across tensors (global scope) the
   tensor whose name sorts first wins. The paper's released code keeps every entry ``>=`` its
@@ -55,7 +56,9 @@ import torch
 
 from soupkit.methods import _exact, _ops, method
 from soupkit.methods._conventions import ConsensusParams, Density
-from soupkit.methods._spec import MagnitudeCut
+from soupkit.methods._cuts import GlobalTopK, TopKCounts
+from soupkit.methods._spec import Prepass, Scope
+from soupkit.methods._topk import MagnitudeCut, magnitude_bits_
 
 TrimScope = Literal["per_tensor", "global"]
 
@@ -95,15 +98,46 @@ class TiesParams(ConsensusParams):
     trim_scope: TrimScope = "per_tensor"
 
 
-def _global_trim(p: TiesParams) -> tuple[float, ...] | None:
-    if p.trim_scope == "global" and any(d < 1 for d in p.density):
-        return p.density
+def _scope(p: TiesParams) -> Scope | None:
+    """Where the trim's cut is taken: none without a trim; once each model's cut is known,
+    TIES is elementwise, so the engine streams it in chunks."""
+    if all(d >= 1 for d in p.density):
+        return None
+    return "global" if p.trim_scope == "global" else "tensor"
+
+
+def _start(p: TiesParams, numel: int) -> TopKCounts | GlobalTopK:
+    ks = [int(d * numel) for d in p.density]
+    if p.trim_scope == "global":
+        return GlobalTopK(numel, ks)
+    return TopKCounts(numel, [(k,) for k in ks])
+
+
+def _check_global(tensors: Sequence[tuple[str, Any]]) -> str | None:
+    """A global trim trims each model's whole task vector to one density."""
+    first, ref = tensors[0]
+    for name, p in tensors[1:]:
+        if p.density != ref.density:
+            return (
+                f"trim_scope: global trims each model's whole task vector to one density, "
+                f"but tensor {first!r} has density {list(ref.density)} and {name!r} has "
+                f"{list(p.density)}\n    hint: use trim_scope: per_tensor for per-tensor "
+                "densities (filters, gradients), or one density per model"
+            )
     return None
 
 
-def _tensor_trim(p: TiesParams) -> tuple[float, ...]:
-    # once each model's cut is known, TIES is elementwise: the engine streams it in chunks
-    return p.density if p.trim_scope == "per_tensor" else (1.0,) * len(p.density)
+PREPASS = Prepass(
+    scope=_scope,
+    start=_start,
+    # radix select: top 16 bits, low 16 bits, and (global scope, rarely) the ties per tensor
+    passes=lambda p: 3 if p.trim_scope == "global" else 2,
+    observe=magnitude_bits_,
+    check=_check_global,
+    note="trim_scope: global: a pre-pass reads the {n} trimmed tensors of every model two more "
+    "times (three if many entries tie at a threshold) to find each model's exact global "
+    "magnitude threshold",
+)
 
 
 @method(
@@ -114,8 +148,7 @@ def _tensor_trim(p: TiesParams) -> tuple[float, ...]:
     summary="TIES: trim each task vector to its top-k, elect signs, disjoint mean",
     needs_base=True,
     elementwise=False,
-    global_trim=_global_trim,  # type: ignore[arg-type]
-    tensor_trim=_tensor_trim,  # type: ignore[arg-type]
+    prepass=PREPASS,
     exact=_exact.gta_method("magnitude", "sum"),
     exact_check=_exact.gta_check,
 )
@@ -124,11 +157,11 @@ def ties(
     p: TiesParams,
     *,
     rng: torch.Generator | None = None,
-    trim: Sequence[MagnitudeCut | None] | None = None,
+    stat: Sequence[tuple[MagnitudeCut | None, ...]] | None = None,
 ) -> torch.Tensor:
-    """Trim (by the engine's global cuts ``trim``, else per tensor), elect, disjoint merge."""
-    if trim is not None:
-        trimmed = [_ops.apply_cut(d, c) for d, c in zip(deltas, trim)]
+    """Trim (by the pre-pass's cuts ``stat``, one per model, else per tensor), elect, merge."""
+    if stat is not None:
+        trimmed = [_ops.apply_cut(d, c[0]) for d, c in zip(deltas, stat)]
     else:
         trimmed = [_ops.trim_topk(d, k) for d, k in zip(deltas, p.density)]
     return _ops.consensus_combine(

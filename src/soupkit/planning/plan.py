@@ -23,7 +23,6 @@ from pydantic import ValidationError
 from soupkit import methods
 from soupkit._util.defaults import MAX_SHARD_SIZE
 from soupkit._util.format import human_bytes
-from soupkit.engine.global_trim import check_global_trim, global_trim_notes
 from soupkit.errors import (
     CheckpointFormatError,
     ConfigError,
@@ -36,6 +35,7 @@ from soupkit.io.names import KeyMap, prefix_fix
 from soupkit.io.writer import STAGING_BYTES, OutputTensor, ShardLayout, layout_shards, parse_size
 from soupkit.methods import MethodSpec, Params
 from soupkit.methods._conventions import describe_convention
+from soupkit.planning.prepass import prepass_notes, prepass_problems
 from soupkit.planning.sizes import (
     BATCH_ENTRIES,
     COMPUTE_ELEMS,
@@ -171,8 +171,8 @@ class MergePlan:
         Per tensor: two raw read units in flight (the one computed and the one read ahead), the
         pooled output buffers, the float32 working set of one compute piece per compute thread
         (each input's copy and the method's temporaries, about two per input; a method that
-        needs whole tensors declares its own count, `MethodSpec.work_per_input`), plus TIES's
-        radix-select batches per thread; a method that needs whole tensors holds one tensor's
+        needs whole tensors declares its own count, `MethodSpec.work_per_input`), plus a pre-pass's
+        radix-select batches per thread (TIES); a method that needs whole tensors holds one tensor's
         raw inputs alone, their float32 copies, temporaries and the output. Plus the buffer of
         the shard writer's direct writes.
         """
@@ -201,7 +201,7 @@ class MergePlan:
                 need = n * (2 * raw + OUTPUT_BUFFERS * out) + workers * piece * (
                     4 * (2 * k + 1) + raw
                 )
-                if spec.tensor_trim is not None:
+                if spec.prepass is not None:  # its accumulators' batches, per thread
                     need += 4 * len(j.inputs) * min(j.numel, BATCH_ENTRIES) * workers
             peak = max(peak, need)
         return peak + min(
@@ -697,8 +697,8 @@ def plan_checked(
     if cfg.compute == "exact":
         problems += exact_problems(spec, jobs)
     if not bad_params:
-        problems += check_global_trim(spec, jobs)
-        notes += global_trim_notes(spec, jobs)
+        problems += prepass_problems(spec, jobs)
+        notes += prepass_notes(spec, jobs)
     if problems:
         raise ConfigError(problems)
 

@@ -1,10 +1,11 @@
-"""The engine's buffer sizes, shared by the engine (`soupkit.engine.execute`, `soupkit.engine.tensor_trim`)
-and by the plan's memory estimate, which must not import the engine (layering: plan -> io,
-methods; execute -> plan)."""
+"""The engine's buffer sizes, shared by the engine (`soupkit.engine`) and by the plan's memory
+estimate, which must not import the engine (layering: engine -> planning -> io, methods)."""
 
 from __future__ import annotations
 
 import os
+
+from soupkit.methods._topk import BATCH_ENTRIES
 
 __all__ = [
     "BATCH_ENTRIES",
@@ -31,9 +32,8 @@ COMPUTE_ELEMS = 1 << 18
 # hand, but the pool and the queue share buffers; 5 bounds what the estimate counts.
 OUTPUT_BUFFERS = 5
 
-# The radix select of a per-tensor magnitude trim counts bins per batch of this many entries
-# (one int32 buffer per histogram).
-BATCH_ENTRIES = 1 << 20
+# BATCH_ENTRIES (from soupkit.methods._topk): the radix select of a magnitude pre-pass counts
+# bins per batch of this many entries (one int32 buffer per histogram).
 
 # Elementwise pieces of one unit are computed by up to this many threads (the main thread and
 # helpers; torch kernels release the GIL). More rarely pays: reading, writing and hashing need

@@ -47,7 +47,6 @@ from typing import Any
 
 from soupkit import methods
 from soupkit._util.defaults import MAX_SHARD_SIZE
-from soupkit.engine.global_trim import check_global_trim
 from soupkit.errors import (
     ConfigError,
     PlanError,
@@ -75,6 +74,7 @@ from soupkit.planning.plan import (
     parameter_problems,
     validated_params,
 )
+from soupkit.planning.prepass import prepass_problems
 from soupkit.recipe.params import resolve_chain
 from soupkit.recipe.schema import Conditional, MergeConfig, ParamValue, Slice, SliceSource
 
@@ -566,7 +566,7 @@ def plan_slices(
     if cfg.compute == "exact":
         problems += exact_problems(spec, jobs)
     if not bad_params:
-        problems += check_global_trim(spec, jobs)
+        problems += prepass_problems(spec, jobs)
     if problems:
         raise PlanError(list(dict.fromkeys(problems)))
 

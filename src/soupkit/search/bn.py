@@ -22,7 +22,7 @@ import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from soupkit.api.merging import MergeResult, run_merge_plan
-from soupkit.engine.execute import MemorySink, run_plan
+from soupkit.engine import MemorySink, run_plan
 from soupkit.errors import UsageError
 from soupkit.io.checkpoint import in_memory_checkpoint
 from soupkit.planning.plan import MergePlan, make_plan

@@ -75,7 +75,7 @@ from soupkit.backends import (
     resolve_backend,
     run_jobs,
 )
-from soupkit.engine.execute import MemorySink, run_plan
+from soupkit.engine import MemorySink, run_plan
 from soupkit.errors import ConfigError, PlanError, SoupError, UsageError
 from soupkit.evaluate.protocol import EvalResult, Evaluator, run_evaluator
 from soupkit.io.checkpoint import open_checkpoint

@@ -48,7 +48,7 @@ from typing import Any
 from soupkit import methods
 from soupkit.api.merging import MergeResult, plan
 from soupkit.backends import Backend, resolve_backend
-from soupkit.engine.execute import MemorySink, run_plan
+from soupkit.engine import MemorySink, run_plan
 from soupkit.errors import ConfigError, UsageError
 from soupkit.evaluate.protocol import Evaluator, run_evaluator
 from soupkit.io.checkpoint import open_checkpoint

@@ -1,24 +1,26 @@
-"""Exact per-tensor magnitude cuts (TIES ``trim_scope: per_tensor``), streamed in chunks.
+"""Exact top-k magnitude cuts from chunks: the statistic of TIES's and Breadcrumbs' trims.
+
+Pure tensor code, chunk at a time (no I/O): the engine's pre-pass runner
+(`soupkit.engine.prepass`) reads the deltas and hands their chunks to the accumulators here.
 
 `soupkit.methods._ops.topk_cut` finds the cut that keeps the ``k`` largest ``|delta|`` of a
-whole tensor with ``torch.kthvalue``: exact, but it needs the whole tensor in memory and runs at
-a few tens of millions of elements per second. `TopKSelect` finds the *same* cut (same
-threshold, same tie quota, so the same surviving entries) from chunks of the tensor, with a
-radix select over the bit patterns of ``|delta|`` (a non-negative float32 orders like its bit
-pattern read as an integer):
+whole tensor with ``torch.kthvalue``: exact, but it needs the whole tensor in memory. `TopKSelect`
+finds the *same* cut (same threshold, same tie quota, so the same surviving entries) from chunks
+of the tensor, with a radix select over the bit patterns of ``|delta|`` (a non-negative float32
+orders like its bit pattern read as an integer):
 
-1. `add_hi` histograms the top 16 bits of every chunk (``torch.bincount``, ~1 G elements/s);
-   `select_buckets` then picks, per k, the bucket that holds the k-th largest entry;
-2. `add_lo` histograms the low 16 bits of the entries inside those buckets; `cut` then knows
-   the k-th largest value exactly, and how many entries lie above it and equal to it.
-
-Once the cut of every model is known, TIES is elementwise: the engine runs it on chunks, with
-the tie quota (entries equal to the threshold that survive, lowest flat index first) spread
-over the chunks in order (`chunk_cut`).
+1. `TopKSelect.add_hi` histograms the top 16 bits of every chunk (``torch.bincount``);
+   `TopKSelect.select_buckets` then picks, per k, the bucket that holds the k-th largest entry;
+2. `TopKSelect.add_lo` histograms the low 16 bits of the entries inside those buckets;
+   `TopKSelect.cut` then knows the k-th largest value exactly, and how many entries lie above
+   it and equal to it.
 
 NaN ranks above every number here, as in ``kthvalue``; to reproduce `topk_cut` exactly (it
 counts ``above`` with ``>``, which NaN fails), the NaN entries are counted apart (the bucket of
 +Inf, which also holds NaN bit patterns, is refined whenever it is not empty).
+
+The pre-pass accumulators built on it (`TopKCounts`, `GlobalTopK`) are in
+`soupkit.methods._cuts`.
 """
 
 from __future__ import annotations
@@ -26,18 +28,40 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from soupkit.methods import MagnitudeCut
-from soupkit.planning.sizes import BATCH_ENTRIES
+__all__ = [
+    "BATCH_ENTRIES",
+    "MagnitudeCut",
+    "TopKSelect",
+    "chunk_cut",
+    "magnitude_bits",
+    "magnitude_bits_",
+    "select_bucket",
+]
 
-__all__ = ["TopKSelect", "chunk_cut", "magnitude_bits", "select_bucket"]
+# The radix select counts bins per batch of this many entries (one int32 buffer per histogram).
+BATCH_ENTRIES = 1 << 20
 
-_HI_BINS = 1 << 15  # top 16 bits of a non-negative float32 (the sign bit is 0)
-_LO_BINS = 1 << 16
+HI_BINS = 1 << 15  # top 16 bits of a non-negative float32 (the sign bit is 0)
+LO_BINS = 1 << 16
 _INF_BITS = 0x7F800000
+
+
+@dataclass(frozen=True)
+class MagnitudeCut:
+    """Which entries of one model's task vector survive a magnitude trim, in one tensor.
+
+    An entry survives when ``|delta| > threshold``; of the entries with ``|delta| == threshold``
+    the first ``ties`` in flat (row-major) order survive, or all of them when ``ties`` is None.
+    ``threshold = inf`` with ``ties = 0`` keeps nothing.
+    """
+
+    threshold: float
+    ties: int | None = None
 
 
 def magnitude_bits(delta: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:
@@ -48,14 +72,19 @@ def magnitude_bits(delta: torch.Tensor, *, inplace: bool = False) -> torch.Tenso
     return bits.bitwise_and_(0x7FFFFFFF) if inplace else bits.bitwise_and(0x7FFFFFFF)
 
 
+def magnitude_bits_(delta: torch.Tensor) -> torch.Tensor:
+    """`magnitude_bits` in place: what a magnitude pre-pass observes of a delta chunk."""
+    return magnitude_bits(delta, inplace=True)
+
+
 def _lo_bins(start: int, bits: torch.Tensor, out: torch.Tensor) -> None:
     """The low 16 bits of the entries inside the bucket whose first pattern is ``start``, as
     bins 1..65536, without a boolean gather: entries below the bucket go to bin 0, entries
     above it to the last."""
     if start > 0:  # bits - (start - 1) cannot overflow: one pass fewer
-        torch.sub(bits, start - 1, out=out).clamp_(0, _LO_BINS + 1)
+        torch.sub(bits, start - 1, out=out).clamp_(0, LO_BINS + 1)
     else:
-        torch.sub(bits, start, out=out).clamp_(-1, _LO_BINS).add_(1)
+        torch.sub(bits, start, out=out).clamp_(-1, LO_BINS).add_(1)
 
 
 def select_bucket(hist: torch.Tensor, k: int) -> tuple[int, int]:
@@ -70,7 +99,7 @@ class TopKSelect:
     """The exact top-``k`` magnitude cut of one tensor (``numel`` entries), from its chunks.
 
     Usage: `add_hi` for every chunk, `select_buckets`, `add_lo` for every chunk, then `cut`.
-    Several ``k`` (e.g. several plans' densities over the same deltas) share the passes.
+    Several ``k`` share the passes.
 
     Args:
         numel: entries of the whole tensor.
@@ -80,7 +109,7 @@ class TopKSelect:
     def __init__(self, numel: int, ks: tuple[int, ...]) -> None:
         self.numel = numel
         self.ks = ks
-        self.hi = torch.zeros(_HI_BINS, dtype=torch.int64)
+        self.hi = torch.zeros(HI_BINS, dtype=torch.int64)
         self.buckets: dict[int, tuple[int, int]] = {}
         self.lo: dict[int, torch.Tensor] = {}
         # Bin indices are computed per chunk (cache-sized) and counted in batches: a bincount
@@ -89,11 +118,8 @@ class TopKSelect:
         self._batches: dict[int, list[Any]] = {}
 
     def fork(self) -> TopKSelect:
-        """An empty counter for the same pass, for another thread; add it back with `join`.
-
-        Counts are integers, so adding the threads' histograms gives exactly the counts of one
-        counter that saw every chunk, in any order.
-        """
+        """An empty counter for the same pass, for another thread; add it back with `join`
+        (integer counts: the same totals in any order)."""
         part = TopKSelect(self.numel, self.ks)
         part.buckets = self.buckets
         part.lo = {b: torch.zeros_like(h) for b, h in self.lo.items()}
@@ -115,11 +141,9 @@ class TopKSelect:
         self._batches.clear()
         self.buckets = {k: select_bucket(self.hi, k) for k in self.ks}
         refine = {b for b, _ in self.buckets.values()}
-        if int(
-            self.hi[_INF_BITS >> 16]
-        ):  # +Inf shares its bucket with NaN patterns: count them apart
+        if int(self.hi[_INF_BITS >> 16]):  # +Inf shares its bucket with NaN patterns
             refine.add(_INF_BITS >> 16)
-        self.lo = {b: torch.zeros(_LO_BINS, dtype=torch.int64) for b in sorted(refine)}
+        self.lo = {b: torch.zeros(LO_BINS, dtype=torch.int64) for b in sorted(refine)}
 
     def add_lo(self, bits: torch.Tensor) -> None:
         """Count a chunk's entries inside the selected buckets (after `select_buckets`)."""
@@ -146,9 +170,9 @@ class TopKSelect:
 
     def _count(self, key: int, idx: torch.Tensor) -> None:
         if key < 0:
-            self.hi += torch.bincount(idx, minlength=_HI_BINS)
+            self.hi += torch.bincount(idx, minlength=HI_BINS)
         else:
-            self.lo[key] += torch.bincount(idx, minlength=_LO_BINS + 2)[1 : _LO_BINS + 1]
+            self.lo[key] += torch.bincount(idx, minlength=LO_BINS + 2)[1 : LO_BINS + 1]
 
     def _flush(self) -> None:
         for key, batch in self._batches.items():

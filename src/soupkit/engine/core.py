@@ -1,0 +1,412 @@
+"""The engine proper: one pass over the plans' tensors, read -> float32 method -> cast -> write.
+
+`_Engine` runs one plan or several plans that read the same tensors (a sweep), each tensor in
+*units*: a chunk of every input, read once for all plans by the reader thread
+(`soupkit.engine.pipeline`). How a plan handles a tensor depends on its method:
+
+- whole tensors (``_WHOLE``): the method needs them (SLERP, DELLA, ...) or exact mode;
+- elementwise (``_ELEM``): any pieces; for one plan on file inputs the compute threads read each
+  piece themselves (`_Engine._lazy`);
+- stochastic elementwise (``_BLOCK``): one generator per RNG block, seeded from (recipe seed,
+  tensor name, block);
+- with a pre-pass statistic (``_STAT``, `soupkit.methods.Prepass`): the statistic first (a global
+  one from `soupkit.engine.prepass.global_stats`, a per-tensor one from pre-pass units of the
+  tensor), then pieces in flat order, each given its part of the statistic.
+
+The pieces of a unit are shared between the compute threads (`Helpers.split` in
+`soupkit.engine.compute`); every piece is computed exactly as it would be alone, so output
+bytes depend neither on threads nor on chunking. `_Engine._call` is the one place a method's
+function is called on a piece (where a fused kernel would replace it).
+"""
+
+from __future__ import annotations
+
+import functools
+import queue
+from collections.abc import Callable, Iterator, Mapping, Sequence
+
+import torch
+
+from soupkit._util import interrupts as _interrupts
+from soupkit.engine import prepass
+from soupkit.engine.compute import Helpers, Workspace, exact_inputs, tensor_seed
+from soupkit.engine.nonfinite import Loader, all_finite, nonfinite_error
+from soupkit.engine.pipeline import (
+    END,
+    POLL,
+    Budget,
+    BufferPool,
+    Failure,
+    ReadAhead,
+    Unit,
+    WriteBehind,
+    chunks,
+)
+from soupkit.engine.sinks import Sink
+from soupkit.errors import MethodInputError, shown
+from soupkit.io.header import DTYPES, TensorInfo
+from soupkit.io.reader import TensorReader
+from soupkit.methods._spec import Accumulator, MethodSpec, TensorStat
+from soupkit.planning.plan import MergePlan, TensorJob
+
+_WHOLE, _ELEM, _BLOCK, _STAT = "whole", "elem", "block", "stat"
+
+
+def _mode(spec: MethodSpec, exact: bool) -> str:
+    if exact or spec.streams_whole_tensors:
+        return _WHOLE
+    if spec.prepass is not None:
+        return _STAT
+    return _BLOCK if spec.stochastic else _ELEM
+
+
+class _Engine:
+    """One pass of ``plans`` (same inputs) into ``sinks``; `run` it once.
+
+    Args:
+        global_stats: per plan, the statistics of its global pre-pass (tensor name -> stat).
+        compute_elems: elements per compute piece; rng_block: elements per RNG block.
+        workers: threads for RNG blocks; stream_workers: threads for cheap elementwise pieces
+            and pre-pass counting.
+    """
+
+    def __init__(
+        self,
+        plans: Sequence[MergePlan],
+        sinks: Sequence[Sink],
+        reader: TensorReader,
+        diag: TensorReader,
+        *,
+        progress: Callable[[int], None] | None,
+        allow_nonfinite: bool,
+        skips: Sequence[frozenset[str]],
+        global_stats: Sequence[Mapping[str, TensorStat]],
+        compute_elems: int,
+        rng_block: int,
+        workers: int = 1,
+        stream_workers: int = 1,
+    ) -> None:
+        self.plans, self.sinks, self.reader = plans, sinks, reader
+        self.jobs = plans[0].jobs
+        self.progress = progress
+        self.allow_nonfinite = allow_nonfinite
+        self.skips = skips
+        self.global_stats = global_stats
+        self.cast = getattr(torch, plans[0].config.dtype) if plans[0].config.dtype else None
+        self.diag = Loader(diag, self.cast)  # re-reads inputs to explain NaN / Inf
+        self.compute_elems, self.rng_block = compute_elems, rng_block
+        # exact mode (compute: exact): whole tensors in the recipe's dtype, mergekit's arithmetic
+        self.exact = [p.config.compute == "exact" for p in plans]
+        self.modes = [_mode(p.method, ex) for p, ex in zip(plans, self.exact)]
+        # Pieces of a unit are split between `workers` threads (RNG blocks) or `stream_workers`
+        # threads (cheap elementwise pieces, pre-pass counting); see Helpers.split.
+        self.workers = max(workers, stream_workers)
+        self.stream_workers = stream_workers
+        blocks = _BLOCK in self.modes
+        # per compute thread: float32 buffers (kept up to a piece or an RNG block), read buffers
+        keep = max(compute_elems, rng_block if blocks else 0)
+        self.spaces = [Workspace(keep, self.cast) for _ in range(self.workers)]
+        # per (plan, tensor): a per-tensor pre-pass being accumulated, then its statistic
+        self.accs: dict[tuple[int, int], Accumulator] = {}
+        self.stats: dict[tuple[int, int], TensorStat] = {}
+        self.read = 0
+        self.written = [0] * len(plans)
+        self.skipped = [0] * len(plans)
+        self.nonfinite: list[dict[str, None]] = [{} for _ in plans]
+        # buffers: two units in flight (the one computed, the one read ahead)
+        unit = max(plans[0].chunk_elems, rng_block * self.workers if blocks else 0)
+        infos = [[t for t in (*j.inputs, j.base, j.source) if t is not None] for j in self.jobs]
+        itemsize = max([t.itemsize for ts in infos for t in ts] + [1])
+        per_elem = max([sum(t.itemsize for t in ts) for ts in infos] + [1])
+        out_size = max([DTYPES[j.out_dtype][1] for p in plans for j in p.jobs] + [1])
+        keep_in = 2 * (max([len(j.inputs) for j in self.jobs] + [0]) + 1)
+        self.out_pool = BufferPool(unit * out_size, keep=4)
+        self.ahead = ReadAhead(
+            self.schedule(),
+            reader,
+            BufferPool(unit * itemsize, keep_in),
+            Budget(2 * unit * per_elem),
+        )
+        self.writer = WriteBehind(self.out_pool)
+        self.helpers = Helpers(self.workers)
+
+    # ------------------------------------------------------------------ schedule (reader thread)
+
+    def _active(self, j: int) -> list[int]:
+        return [k for k, p in enumerate(self.plans) if p.jobs[j].name not in self.skips[k]]
+
+    def _tensor_passes(self, k: int, j: int) -> int:
+        """Passes of plan k's per-tensor pre-pass over tensor j (0: none)."""
+        job, decl = self.plans[k].jobs[j], self.plans[k].method.prepass
+        if self.modes[k] != _STAT or decl is None or job.params is None:
+            return 0
+        return decl.passes(job.params) if decl.scope(job.params) == "tensor" else 0
+
+    def _lazy(self, infos: Sequence[TensorInfo | None], active: Sequence[int]) -> bool:
+        """Whether the compute threads read a unit's pieces themselves: for one plan of a cheap
+        elementwise method on file inputs. A piece is then read into a small per-thread buffer
+        and converted while it is still in that core's cache, instead of a whole unit being
+        copied out of the page cache by the reader thread and read back from memory by the
+        main thread: the linear benchmark's pass went from 2.9 to 2.6 s, with a third less
+        system CPU (benchmarks/README.md). Several plans share one read of each unit instead."""
+        return (
+            len(active) == 1
+            and self.modes[active[0]] == _ELEM
+            and all(t is None or t.data is None for t in infos)
+        )
+
+    def schedule(self) -> Iterator[Unit]:
+        for j, job in enumerate(self.jobs):
+            active = self._active(j)
+            if not active:
+                yield Unit(j, "skip", 0, 0, ())
+                continue
+            if job.source is not None:
+                for a, b in chunks(job.numel, self.plans[0].chunk_elems):
+                    yield Unit(j, "copy", a, b, (job.source,), (b - a) * job.source.itemsize)
+                continue
+            bases = (self.plans[k].jobs[j].base for k in active)
+            base = next((b for b in bases if b is not None), None)
+            infos = (*job.inputs, base)
+            per_elem = sum(t.itemsize for t in job.inputs) + (
+                base.itemsize if base is not None else 0
+            )
+            modes = {self.modes[k] for k in active}
+            if _WHOLE in modes:
+                step = max(job.numel, 1)
+            elif _BLOCK in modes:
+                step = self.rng_block * self.workers  # one RNG block per compute thread
+            else:
+                step = self.plans[0].chunk_elems
+            # a per-tensor pre-pass reads the tensor first, unless one unit holds all of it
+            passes = max(self._tensor_passes(k, j) for k in active) if step < job.numel else 0
+            lazy = self._lazy(infos, active)  # never for pre-pass units (not _ELEM)
+            for p in [*range(passes), -1]:
+                for a, b in chunks(job.numel, step):
+                    phase = "merge" if p < 0 else "prepass"
+                    yield Unit(j, phase, a, b, infos, (b - a) * per_elem, lazy, step=max(p, 0))
+
+    # ------------------------------------------------------- compute (main thread and helpers)
+
+    def _call(
+        self,
+        k: int,
+        job: TensorJob,
+        xs: list[torch.Tensor],
+        base: torch.Tensor | None,
+        rng: torch.Generator | None,
+        stat: object,
+        n: int,
+        shape: tuple[int, ...] | None = None,
+    ) -> torch.Tensor:
+        """The method on one piece (or whole tensor): the one place a method's function runs."""
+        spec = self.plans[k].method
+        if shape is not None:
+            xs = [x.view(shape) for x in xs]
+            base = base.view(shape) if base is not None else None
+        assert job.params is not None
+        try:
+            out = spec.call(xs, job.params, base=base, rng=rng, stat=stat, exact=self.exact[k])
+        except MethodInputError as e:
+            raise MethodInputError(f"tensor {job.name!r}: {e}") from None
+        want = tuple(shape) if shape is not None else (n,)
+        if tuple(out.shape) != want:
+            raise RuntimeError(
+                f"method {spec.name!r} returned shape {list(out.shape)} for "
+                f"tensor {shown(job.name, quote=True)}, expected {list(want)}"
+            )
+        return out.reshape(-1)
+
+    def _emit(
+        self, k: int, job: TensorJob, out: torch.Tensor, a: int, b: int, dest: torch.Tensor
+    ) -> None:
+        """Cast the float32 result for elements [a, b) of ``job`` into ``dest``; check for NaN / Inf.
+
+        A NaN or Inf in the float32 result stays one after the cast, so checking the cast
+        output alone catches both cases; the float32 result is only looked at to say which.
+        """
+        dest.copy_(out)
+        if all_finite(dest):
+            return
+        if not self.allow_nonfinite:
+            plan = self.plans[k]
+            if not all_finite(out):
+                raise nonfinite_error(plan, job, self.diag, a, b, out)
+            raise nonfinite_error(plan, job, self.diag, a, b, out, dest)
+        self.nonfinite[k][job.name] = None
+
+    def _read_piece(self, u: Unit, s: int, e: int, t: int) -> list[torch.Tensor | None]:
+        """Elements [u.a + s, u.a + e) of every input of a lazy unit, read on thread t."""
+        return self.spaces[t].read(self.reader, u.infos, u.a + s, u.a + e, self.compute_elems)
+
+    def _piece(
+        self,
+        u: Unit,
+        k: int,
+        dest: torch.Tensor,
+        s: int,
+        e: int,
+        t: int,
+        stat: TensorStat | None = None,
+    ) -> None:
+        """Elements [s, e) of unit ``u`` for plan k, on thread t: an elementwise piece, an RNG
+        block with its own generator, or a piece of a pre-pass method given its statistic."""
+        plan = self.plans[k]
+        job = plan.jobs[u.j]
+        if u.lazy:
+            xs, base = self.spaces[t].inputs(
+                self._read_piece(u, s, e, t), 0, e - s, job.base is not None
+            )
+        else:
+            xs, base = self.spaces[t].inputs(u.raws, s, e, job.base is not None)
+        rng = None
+        if self.modes[k] == _BLOCK:
+            block = (u.a + s) // self.rng_block
+            rng = torch.Generator().manual_seed(tensor_seed(plan.config.seed, job.name, block))
+        part = stat.piece(xs, base) if stat is not None else None
+        out = self._call(k, job, xs, base, rng, part, e - s)
+        self._emit(k, job, out, u.a + s, u.a + e, dest[s:e])
+
+    def _whole(self, u: Unit, k: int, dest: torch.Tensor) -> None:
+        """The whole tensor of unit ``u`` for plan k, in one call (exact mode: in its dtype)."""
+        plan, n = self.plans[k], u.b - u.a
+        job = plan.jobs[u.j]
+        if self.exact[k]:
+            xs, base = exact_inputs(u.raws, n, job.base is not None, self.cast)
+        else:
+            xs, base = self.spaces[0].inputs(u.raws, 0, n, job.base is not None)
+        rng = None
+        if plan.method.stochastic:
+            rng = torch.Generator().manual_seed(tensor_seed(plan.config.seed, job.name))
+        out = self._call(k, job, xs, base, rng, None, n, job.shape)
+        self._emit(k, job, out, u.a, u.b, dest)
+
+    def _prepass(self, u: Unit, active: Sequence[int], last: bool) -> None:
+        """Pass ``u.step`` of the per-tensor pre-passes over unit ``u`` (``last``: it ends the
+        tensor), for every plan that has one; after a plan's last pass, its statistic."""
+        accs = []
+        for k in active:
+            passes, key = self._tensor_passes(k, u.j), (k, u.j)
+            if u.step >= passes or key in self.stats:
+                continue
+            decl, job = self.plans[k].method.prepass, self.plans[k].jobs[u.j]
+            assert decl is not None and job.params is not None
+            if key not in self.accs:
+                self.accs[key] = decl.start(job.params, job.numel)
+            accs.append((k, decl, self.accs[key]))
+        prepass.accumulate(
+            [(d, a) for _, d, a in accs],
+            u.step,
+            u.raws,
+            u.b - u.a,
+            pieces=self.compute_elems,
+            threads=self.stream_workers if self.helpers.pool is not None else 1,
+            split=self.helpers.split,
+            spaces=self.spaces,
+            last=last,
+        )
+        for k, _, acc in accs:
+            if last and u.step == self._tensor_passes(k, u.j) - 1:
+                self.stats[(k, u.j)] = acc.result(0)
+                del self.accs[(k, u.j)]
+
+    def _stat(self, k: int, u: Unit) -> TensorStat | None:
+        """Plan k's statistic for the tensor of unit ``u``: global, from its pre-pass units, or
+        counted now from ``u`` (which then holds the whole tensor); None: the method needs none."""
+        job = self.plans[k].jobs[u.j]
+        if job.name in self.global_stats[k]:
+            return self.global_stats[k][job.name]
+        passes = self._tensor_passes(k, u.j)
+        if passes and (k, u.j) not in self.stats:
+            for step in range(passes):
+                self._prepass(
+                    Unit(u.j, "prepass", u.a, u.b, u.infos, step=step, raws=u.raws), [k], True
+                )
+        return self.stats.get((k, u.j))
+
+    def _merge(self, u: Unit, active: Sequence[int]) -> None:
+        n = u.b - u.a
+        for k in active:
+            job = self.plans[k].jobs[u.j]
+            mode, out_dtype = self.modes[k], DTYPES[job.out_dtype][0]
+            buf = self.out_pool.get(n * out_dtype.itemsize)
+            dest = buf[: n * out_dtype.itemsize].view(out_dtype)
+            stat = self._stat(k, u) if mode == _STAT else None
+            if mode == _WHOLE:
+                self._whole(u, k, dest)
+            elif stat is not None:  # pieces in flat order: the statistic is handed out in order
+                for s, e in chunks(n, self.compute_elems):
+                    self._piece(u, k, dest, s, e, 0, stat)
+            else:
+                block = mode == _BLOCK
+                size = self.rng_block if block else self.compute_elems
+                piece = functools.partial(self._piece, u, k, dest)
+                self.helpers.split(
+                    list(chunks(n, size)), piece, self.workers if block else self.stream_workers
+                )
+            self.writer.write(self.sinks[k], job, dest, u.a, buf)
+            if u.b == job.numel:
+                self.stats.pop((k, u.j), None)
+
+    def _copy(self, u: Unit, active: Sequence[int]) -> None:
+        raw = u.raws[0]
+        assert raw is not None
+        for k in active:
+            job = self.plans[k].jobs[u.j]
+            dt = DTYPES[job.out_dtype][0]
+            buf = self.out_pool.get((u.b - u.a) * dt.itemsize)
+            dest = buf[: (u.b - u.a) * dt.itemsize].view(dt)
+            dest.copy_(raw if raw.dtype == dt else raw.to(dt))
+            self.writer.write(self.sinks[k], job, dest, u.a, buf)
+
+    # ------------------------------------------------------------------------------ the loop
+
+    def run(self) -> None:
+        """Run the pass; raises the first error of any thread (the others are stopped)."""
+        self.ahead.start()
+        self.writer.start()
+        try:
+            while True:
+                _interrupts.check()  # a SIGINT / SIGTERM held by run_plans arrives here, locks free
+                try:
+                    item = self.ahead.queue.get(timeout=POLL)
+                except queue.Empty:
+                    continue
+                if item is END:
+                    break
+                if isinstance(item, Failure):
+                    raise item.exc
+                assert isinstance(item, Unit)
+                try:
+                    self._unit(item)
+                finally:
+                    self.ahead.done(item)
+            self.writer.close()
+        finally:
+            self.helpers.shutdown()
+            self.ahead.close()
+            self.writer.cancel()
+
+    def _unit(self, u: Unit) -> None:
+        job0 = self.jobs[u.j]
+        last = u.b == job0.numel
+        if u.phase == "prepass":
+            self._prepass(u, self._active(u.j), last)
+            return  # pre-pass reads count as progress only once, with the merge pass
+        if u.phase == "skip":
+            n = (
+                job0.source.nbytes
+                if job0.source is not None
+                else sum(t.nbytes for t in job0.inputs) + (job0.base.nbytes if job0.base else 0)
+            )
+        else:
+            (self._copy if u.phase == "copy" else self._merge)(u, self._active(u.j))
+            n = u.nbytes
+            self.read += n
+        if self.progress:
+            self.progress(n)
+        if u.phase == "skip" or last:
+            for k, p in enumerate(self.plans):  # tensor j is finished (or skipped) in every plan
+                job = p.jobs[u.j]
+                self.written[k] += job.numel * DTYPES[job.out_dtype][1]
+                self.skipped[k] += job.name in self.skips[k]

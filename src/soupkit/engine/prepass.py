@@ -1,0 +1,141 @@
+"""The pre-pass runner: reads the deltas a method's `Prepass` declaration asks for.
+
+A method that needs a whole-tensor (or whole-model) statistic before it can stream declares a
+`soupkit.methods.Prepass`; this module runs any such declaration, knowing nothing of the method:
+
+- ``scope == "global"`` (`global_stats`): before the merge pass, every tensor in scope (name
+  order, `soupkit.planning.prepass.global_prepass_jobs`) is read chunk by chunk, once per pass the
+  accumulator wants; the result is each tensor's statistic;
+- ``scope == "tensor"`` (`accumulate`, driven by `soupkit.engine.core`): the engine's pipeline
+  reads the tensor's units once per pass before merging it (or counts the unit in hand when it
+  holds the whole tensor); the pieces of a unit are shared between the compute threads, each
+  accumulating into its own `fork`, added back with `join`.
+
+The deltas are formed exactly as the merge pass forms them (the recipe's ``dtype`` first, then
+``theta_i - theta_0`` in float32), so a statistic describes the numbers the method then sees.
+The pure math (what is accumulated, how it is finalised) lives with the method in
+`soupkit.methods`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from soupkit.engine.compute import Workspace
+from soupkit.engine.pipeline import chunks
+from soupkit.io.header import TensorInfo
+from soupkit.io.reader import TensorReader
+from soupkit.methods import Prepass
+from soupkit.methods._spec import Accumulator, TensorStat
+from soupkit.planning.plan import MergePlan, TensorJob
+from soupkit.planning.prepass import global_prepass_jobs
+
+__all__ = ["accumulate", "global_stats", "observe_into"]
+
+Deltas = Callable[[Sequence[int]], dict[int, torch.Tensor]]
+
+
+def observe_into(
+    accs: Sequence[tuple[Prepass, Accumulator]], step: int, part: int, deltas: Deltas
+) -> None:
+    """Hand one chunk to every accumulator: ``deltas(models)`` gives those models' float32
+    deltas for the chunk (scratch: `Prepass.observe` may overwrite them). Accumulators with the
+    same ``observe`` share one computation of it, per model."""
+    for observe in dict.fromkeys(d.observe for d, _ in accs):
+        group = [a for d, a in accs if d.observe is observe]
+        found = deltas(sorted({i for a in group for i in a.models}))
+        observed = {i: observe(d) for i, d in found.items()}
+        for a in group:
+            a.add(step, part, observed)
+
+
+def _deltas(space: Workspace, raws: Sequence[torch.Tensor | None], s: int, e: int) -> Deltas:
+    def load(models: Sequence[int]) -> dict[int, torch.Tensor]:
+        xs, base = space.inputs(raws, s, e, True)
+        assert base is not None
+        return {i: xs[i].sub_(base) for i in models}  # xs: the workspace's scratch
+
+    return load
+
+
+def accumulate(
+    accs: Sequence[tuple[Prepass, Accumulator]],
+    step: int,
+    raws: Sequence[torch.Tensor | None],
+    n: int,
+    *,
+    pieces: int,
+    threads: int,
+    split: Callable[[Sequence[tuple[int, int]], Callable[[int, int, int], None], int], None],
+    spaces: Sequence[Workspace],
+    last: bool,
+) -> None:
+    """Pass ``step`` over elements [0, n) of one unit (raw inputs, then the base), for every
+    accumulator that wants it; ``last``: the unit ends the tensor, so the pass ends too.
+
+    The pieces (``pieces`` elements) are shared between up to ``threads`` threads by ``split``;
+    thread t converts into ``spaces[t]`` and accumulates into its own fork.
+    """
+    want = [(d, a) for d, a in accs if a.wants(step)]
+    if want:
+        ranges = list(chunks(n, pieces))
+        threads = min(threads, len(ranges))
+        parts = [want] + [[(d, a.fork()) for d, a in want] for _ in range(1, threads)]
+
+        def piece(s: int, e: int, t: int) -> None:
+            observe_into(parts[t], step, 0, _deltas(spaces[t], raws, s, e))
+
+        split(ranges, piece, threads)
+        for part in parts[1:]:
+            for (_, a), (_, forked) in zip(want, part, strict=True):
+                a.join(forked)
+    if last:
+        for _, a in want:
+            a.end_pass(step)
+
+
+def _f32(
+    reader: TensorReader, cast: torch.dtype | None, info: TensorInfo, a: int, b: int
+) -> torch.Tensor:
+    raw = reader.read(info, a, b)
+    if cast is not None and raw.dtype != cast:
+        raw = raw.to(cast)
+    return raw.to(torch.float32)
+
+
+def _file_deltas(
+    reader: TensorReader, cast: torch.dtype | None, job: TensorJob, a: int, b: int
+) -> Deltas:
+    def load(models: Sequence[int]) -> dict[int, torch.Tensor]:
+        assert job.base is not None
+        base = _f32(reader, cast, job.base, a, b)
+        # a new tensor per delta: an in-memory float32 input is the caller's own
+        return {i: _f32(reader, cast, job.inputs[i], a, b) - base for i in models}
+
+    return load
+
+
+def global_stats(plan: MergePlan, reader: TensorReader) -> dict[str, TensorStat]:
+    """Run ``plan``'s global pre-pass: each tensor in scope's statistic (empty: none in scope).
+
+    Args:
+        plan: the merge plan (exact mode never streams, so it has no pre-pass).
+        reader: an open `TensorReader`.
+    """
+    decl = plan.method.prepass
+    chosen = global_prepass_jobs(plan.method, plan.jobs)
+    if decl is None or not chosen or plan.config.compute == "exact":
+        return {}
+    params = chosen[0].params  # the declaration's check made them agree
+    acc = decl.start(params, sum(j.numel for j in chosen))
+    cast = getattr(torch, plan.config.dtype) if plan.config.dtype else None
+    for step in range(decl.passes(params)):
+        if not acc.wants(step):
+            continue
+        for part, job in enumerate(chosen):
+            for a, b in chunks(job.numel, plan.chunk_elems):
+                observe_into([(decl, acc)], step, part, _file_deltas(reader, cast, job, a, b))
+        acc.end_pass(step)
+    return {j.name: acc.result(part) for part, j in enumerate(chosen)}

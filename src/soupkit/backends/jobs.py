@@ -17,7 +17,7 @@ Candidates:
 Evaluators (`RemoteEvaluator`): an import string (``"pkg.mod:fn"`` or ``"path/file.py:fn"``,
 imported on the worker), a factory (a picklable callable and its arguments, called on the
 worker), or a picklable evaluator object (sent once per run, not once per job). A worker builds
-each evaluator once per process and reuses it for every candidate.
+each evaluator once (`RemoteEvaluator.construct`) and reuses it for every candidate.
 """
 
 from __future__ import annotations
@@ -26,9 +26,11 @@ import hashlib
 import importlib.machinery
 import importlib.util
 import os
+import socket
 import sys
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,8 +38,10 @@ from typing import Any
 import torch
 
 from soupkit._version import __version__
-from soupkit.errors import EvaluationError, UsageError
-from soupkit.evaluate.protocol import EvalResult
+from soupkit.backends._ray import StoredObject
+from soupkit.errors import EvaluationError, SoupError, UsageError
+from soupkit.evaluate.loader import import_path, load_evaluator
+from soupkit.evaluate.protocol import BoundedEvaluator, EvalResult, run_evaluator
 
 __all__ = [
     "Candidate",
@@ -48,7 +52,37 @@ __all__ = [
     "RecipeMerge",
     "RemoteEvaluator",
     "UniformSoup",
+    "clear_built",
+    "worker_name",
 ]
+
+# Evaluators built in this process for `RemoteEvaluator.build` (used as an in-process evaluator).
+_BUILT: dict[str, Any] = {}
+
+
+def clear_built() -> None:
+    """Forget the evaluators `RemoteEvaluator.build` built in this process."""
+    _BUILT.clear()
+
+
+def worker_name() -> str:
+    """``host:pid`` of this process."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+@contextmanager
+def _in_dir(path: str) -> Iterator[None]:
+    """Run with ``path`` as the working directory when it exists here (relative data paths and
+    module names of the evaluator are the driver's)."""
+    old = os.getcwd()
+    if path and path != old and os.path.isdir(path):
+        os.chdir(path)
+        try:
+            yield
+        finally:
+            os.chdir(old)
+    else:
+        yield
 
 
 @dataclass(frozen=True)
@@ -57,9 +91,12 @@ class Ingredient:
 
     Attributes:
         path (`str`): the checkpoint (file or folder), absolute, readable from every worker.
+        digest (`str`, *optional*): its content digest; with it, a worker asked for the same
+            checkpoint again in a row (batches of a sequential test) keeps the weights it read.
     """
 
     path: str
+    digest: str | None = None
 
 
 @dataclass(frozen=True)
@@ -133,8 +170,6 @@ def _source_digest(spec: str, cwd: str) -> str:
     if target.endswith(".py") or "/" in target or os.sep in target:
         path = Path(target) if os.path.isabs(target) else Path(cwd) / target
     else:
-        from soupkit.evaluate.loader import import_path
-
         try:
             if "." in target:
                 with import_path(cwd, first=False):  # searched as load_evaluator searches
@@ -260,24 +295,56 @@ class RemoteEvaluator:
         )
         return f"RemoteEvaluator({how}={self.name!r})"
 
-    def build(self) -> Any:
-        """The evaluator, built (or taken from this process's cache)."""
-        from soupkit.backends._worker import get_evaluator
+    def construct(self) -> Any:
+        """Build the evaluator here (a worker calls this once per evaluator and keeps it).
 
-        return get_evaluator(self)[0]
+        Raises:
+            EvaluationError: the spec cannot be imported, the factory failed, the stored object
+                cannot be fetched, or the result is not callable; names the evaluator and this
+                worker.
+        """
+        where = worker_name()
+        with _in_dir(self.cwd):
+            if self.spec is not None:
+                ev = load_evaluator(self.spec)
+            elif self.factory is not None:
+                try:
+                    ev = self.factory(*self.args, **dict(self.kwargs))
+                except SoupError as e:
+                    raise EvaluationError(
+                        f"cannot build evaluator {self.name} on worker {where}: {e}"
+                    ) from None
+                except Exception as e:
+                    raise EvaluationError(
+                        f"cannot build evaluator {self.name} on worker {where}: "
+                        f"{type(e).__name__}: {e}\nhint: the factory runs on every worker: its "
+                        "data files and model folder must be readable there at the same paths "
+                        "(shared storage)"
+                    ) from e
+            else:
+                ev = self.obj.fetch() if isinstance(self.obj, StoredObject) else self.obj
+        if not callable(ev):
+            raise EvaluationError(
+                f"evaluator {self.name} built on worker {where} is a {type(ev).__name__}, "
+                "not a callable(state) -> float"
+            )
+        return ev
+
+    def build(self) -> Any:
+        """The evaluator, built in this process on first use and kept."""
+        got = _BUILT.get(self.token)
+        if got is None:
+            got = _BUILT[self.token] = self.construct()
+        return got
 
     def __call__(self, state: Mapping[str, torch.Tensor]) -> float:
         """Score ``state`` with the evaluator (built in this process on first use)."""
-        from soupkit.evaluate.protocol import run_evaluator
-
         return run_evaluator(self.build(), state, label=None).score
 
     def evaluate(
         self, state: Mapping[str, torch.Tensor], *, need: float | None = None, strict: bool = False
     ) -> EvalResult:
         """Bounded evaluation when the built evaluator supports it, else a full one."""
-        from soupkit.evaluate.protocol import BoundedEvaluator
-
         ev = self.build()
         if isinstance(ev, BoundedEvaluator):
             return ev.evaluate(state, need=need, strict=strict)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import importlib
+import itertools
 import json
 import os
 import sys
@@ -25,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from soupkit.errors import UsageError
+from soupkit.evaluate.builtin import HFCausalLMPerplexityEvaluator, HFClassificationEvaluator
+from soupkit.evaluate.loader import load_evaluator
 from soupkit.search._state import file_sha256
 from soupkit.search.cache import ScoreCache, default_cache_path
 
@@ -258,8 +261,6 @@ def _module_digest(spec: str) -> str:
 
 
 def _user(spec: str, given: str | None) -> tuple[Any, str]:
-    from soupkit.evaluate.loader import load_evaluator
-
     ev = load_evaluator(spec)
     if given:
         return ev, given
@@ -281,8 +282,6 @@ def _folder_digest(folder: Path) -> str:
 
 
 def _builtin(kind: str, data: str, args: argparse.Namespace, model_dir: Path) -> tuple[Any, str]:
-    from soupkit.evaluate.builtin import HFCausalLMPerplexityEvaluator, HFClassificationEvaluator
-
     if not Path(data).is_file():
         raise UsageError(f"{data}: no such data file")
     if kind == "classification":
@@ -370,8 +369,6 @@ def load_bn(args: argparse.Namespace) -> tuple[Any, Any] | None:
     spec = getattr(args, "recalibrate_bn", None)
     if not spec:
         return None
-    from soupkit.evaluate.loader import load_evaluator  # the same import-string rules
-
     fn = load_evaluator(spec)
     got = fn()  # type: ignore[call-arg]
     if not (isinstance(got, (tuple, list)) and len(got) == 2):
@@ -381,7 +378,5 @@ def load_bn(args: argparse.Namespace) -> tuple[Any, Any] | None:
         )
     model, loader = got
     if args.bn_batches is not None:
-        import itertools
-
         loader = list(itertools.islice(loader, args.bn_batches))
     return model, loader

@@ -44,14 +44,17 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from soupkit.api.merging import MergeResult, linear_recipe, plan, run_merge_plan
+from soupkit._util.defaults import MAX_SHARD_SIZE
+from soupkit._util.progress import progress_bar
+from soupkit.api.merging import MergeResult, linear_recipe, plan
 from soupkit.errors import UsageError
 from soupkit.evaluate.protocol import Evaluator, run_evaluator
 from soupkit.io.checkpoint import Checkpoint
 from soupkit.io.header import TensorInfo
 from soupkit.io.reader import TensorReader
 from soupkit.recipe.schema import MergeConfig, load_recipe
-from soupkit.search._state import progress_bar
+from soupkit.search import report_plot
+from soupkit.search._output import write_search_output
 
 __all__ = [
     "LearnedSoupResult",
@@ -431,7 +434,7 @@ def learned_soup(
     force: bool = False,
     progress: bool | None = None,
     plot: bool = True,
-    max_shard_size: int | str = "5GB",
+    max_shard_size: int | str = MAX_SHARD_SIZE,
     report_extra: Mapping[str, Any] | None = None,
 ) -> LearnedSoupResult:
     """Learn mixing coefficients of ``checkpoints`` on held-out labelled ``data`` (see module docs).
@@ -546,39 +549,22 @@ def _write(
     report_extra: Mapping[str, Any] | None,
     t0: float,
 ) -> LearnedSoupResult:
-    from soupkit.search import report_plot
-    from soupkit.search.bn import write_recalibrated
-
-    notes = list(result.notes)
-    files: dict[str, bytes] = {}
-    dest = Path(out)
-    plot_path = None
     record = replace(result, seconds=time.perf_counter() - t0).to_dict()
-    if plot:
-        if report_plot.matplotlib_available():
-            files[PLOT_NAME] = report_plot.learned_plot(record)
-            plot_path = dest / PLOT_NAME
-        else:
-            notes.append("plot skipped: matplotlib is not installed (pip install 'soupkit[plot]')")
-            record["notes"] = notes
-    p = plan(result.recipe, max_shard_size=max_shard_size)
-    extra = {"learned": record, **dict(report_extra or {})}
-    if bn_data is not None:
-        merged = write_recalibrated(
-            p,
-            dest,
-            model,
-            bn_data,
-            force=force,
-            progress=progress,
-            max_shard_size=max_shard_size,
-            extra_report=extra,
-            extra_files=files,
-        )
-    else:
-        merged = run_merge_plan(
-            p, dest, force=force, progress=progress, extra_report=extra, extra_files=files
-        )
+    dest, merged, plot_path, notes = write_search_output(
+        plan(result.recipe, max_shard_size=max_shard_size),
+        out,
+        "learned",
+        record,
+        result.notes,
+        report_plot.learned_plot,
+        PLOT_NAME,
+        force=force,
+        progress=progress,
+        plot=plot,
+        max_shard_size=max_shard_size,
+        report_extra=report_extra,
+        recalibrate=(model, bn_data) if bn_data is not None else None,
+    )
     return replace(
         result,
         out=dest,

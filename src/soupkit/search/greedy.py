@@ -69,7 +69,7 @@ from soupkit.search._greedy_types import (
     IngredientScore,
     soup_key,
 )
-from soupkit.search._output import write_search_output
+from soupkit.search._output import finish_search
 from soupkit.search._paired import require_per_example
 from soupkit.search._state import checkpoint_digest
 from soupkit.search.cache import ScoreCache, cache_identity, open_cache
@@ -253,30 +253,18 @@ def greedy_soup(
             be.close()
     if local:
         result = replace(result, distributed=None)
-    if out is None:
-        return replace(result, seconds=time.perf_counter() - t0)
-    history = replace(result, seconds=time.perf_counter() - t0).to_dict()
-    p = plan(linear_recipe(result.ingredients), max_shard_size=max_shard_size)
-    dest, merged, plot_path, notes = write_search_output(
-        p,
+    return finish_search(
+        result,
         out,
+        lambda: plan(linear_recipe(result.ingredients), max_shard_size=max_shard_size),
         "greedy",
-        history,
-        result.notes,
         report_plot.greedy_plot,
         PLOT_NAME,
+        t0=t0,
         force=force,
         progress=progress,
         plot=plot,
         max_shard_size=max_shard_size,
         report_extra=report_extra,
         recalibrate=recalibrate,
-    )
-    return replace(
-        result,
-        out=dest,
-        merge=merged,
-        plot=plot_path,
-        notes=notes,
-        seconds=time.perf_counter() - t0,
     )

@@ -37,7 +37,7 @@ import glob
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +54,7 @@ from soupkit.io.header import TensorInfo
 from soupkit.io.reader import TensorReader
 from soupkit.recipe.schema import MergeConfig, load_recipe
 from soupkit.search import report_plot
-from soupkit.search._output import write_search_output
+from soupkit.search._output import finish_search
 
 __all__ = [
     "LearnedSoupResult",
@@ -516,60 +516,22 @@ def learned_soup(
             score=score,
             uniform_score=uniform_score,
         )
-    if out is None:
-        return replace(result, seconds=time.perf_counter() - t0)
-    return _write(
+    return finish_search(
         result,
-        net,
         out,
-        recalibrate_bn_data,
+        lambda: plan(result.recipe, max_shard_size=max_shard_size),
+        "learned",
+        report_plot.learned_plot,
+        PLOT_NAME,
+        t0=t0,
         force=force,
         progress=progress,
         plot=plot,
         max_shard_size=max_shard_size,
         report_extra=report_extra,
-        t0=t0,
+        recalibrate=(net, recalibrate_bn_data) if recalibrate_bn_data is not None else None,
     )
 
 
 def _summary(alpha: torch.Tensor, per_tensor: bool) -> list[float]:
     return (alpha.mean(dim=1) if per_tensor else alpha).tolist()
-
-
-def _write(
-    result: LearnedSoupResult,
-    model: torch.nn.Module,
-    out: str | os.PathLike[str],
-    bn_data: Iterable[Any] | None,
-    *,
-    force: bool,
-    progress: bool | None,
-    plot: bool,
-    max_shard_size: int | str,
-    report_extra: Mapping[str, Any] | None,
-    t0: float,
-) -> LearnedSoupResult:
-    record = replace(result, seconds=time.perf_counter() - t0).to_dict()
-    dest, merged, plot_path, notes = write_search_output(
-        plan(result.recipe, max_shard_size=max_shard_size),
-        out,
-        "learned",
-        record,
-        result.notes,
-        report_plot.learned_plot,
-        PLOT_NAME,
-        force=force,
-        progress=progress,
-        plot=plot,
-        max_shard_size=max_shard_size,
-        report_extra=report_extra,
-        recalibrate=(model, bn_data) if bn_data is not None else None,
-    )
-    return replace(
-        result,
-        out=dest,
-        merge=merged,
-        plot=plot_path,
-        notes=notes,
-        seconds=time.perf_counter() - t0,
-    )

@@ -58,7 +58,7 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import yaml
 
@@ -162,7 +162,7 @@ def _is_choice(v: Any) -> bool:
     return isinstance(v, dict) and "choice" in v
 
 
-def _number(v: Any) -> bool:
+def _number(v: Any) -> TypeGuard[int | float]:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
@@ -282,8 +282,8 @@ class _Parser:
         return v
 
 
-def _accepts(method: str, key: str) -> bool:
-    spec = methods.REGISTRY.get(method)
+def _accepts(method: str | None, key: str) -> bool:
+    spec = methods.REGISTRY.get(method) if method is not None else None
     return spec is None or key in (*spec.global_names, *spec.per_model_names)
 
 
@@ -533,7 +533,7 @@ def per_trial_sampler(name: str, seed: int) -> Any:
     optuna = _optuna()
     make_sampler(name, seed)  # fail now on a missing package, not inside the first trial
 
-    class PerTrialSampler(optuna.samplers.BaseSampler):  # type: ignore[misc]
+    class PerTrialSampler(optuna.samplers.BaseSampler):  # type: ignore[misc,name-defined]
         def __init__(self) -> None:
             self._by: dict[int, Any] = {}
 

@@ -35,13 +35,14 @@ by the checkpoint's content digest, plus the evaluator's identity.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +58,7 @@ from soupkit.io.checkpoint import open_checkpoint
 from soupkit.planning.plan import MergePlan
 from soupkit.recipe.schema import MergeConfig, load_recipe
 from soupkit.search import report_plot
-from soupkit.search._output import write_search_output
+from soupkit.search._output import finish_search
 from soupkit.search._paired import PairedRunner, require_per_example
 from soupkit.search._state import checkpoint_digest
 from soupkit.search._sweep_jobs import sweep_on_backend
@@ -532,19 +533,21 @@ def sweep(
         distributed=distributed,
         sequential=seq_info,
     )
-    if out is None:
-        return replace(result, seconds=time.perf_counter() - t0)
-    return _write(
+    best_plan = plans[best_i]
+    return finish_search(
         result,
-        plans[best_i],
         out,
+        lambda: best_plan,
+        "sweep",
+        report_plot.sweep_plot,
+        PLOT_NAME,
+        t0=t0,
         force=force,
         progress=progress,
         plot=plot,
-        report_extra=report_extra,
-        t0=t0,
-        recalibrate=recalibrate,
         max_shard_size=max_shard_size,
+        report_extra=report_extra,
+        recalibrate=recalibrate,
     )
 
 
@@ -587,10 +590,10 @@ def _sequential_points(
         for k in range(1, len(recipes)):
             po = runner.compare(
                 keys[k],
-                lambda k=k: state_of(k),
+                functools.partial(state_of, k),
                 labels[k],
                 keys[best],
-                lambda b=best: state_of(b),
+                functools.partial(state_of, best),
                 labels[best],
                 threshold=1,
             )
@@ -640,42 +643,3 @@ def _sequential_points(
             SweepPoint(float(v), score, shift[k], cached=False, examples=known, **decided[k])
         )
     return points, best, calls, hits
-
-
-def _write(
-    result: SweepResult,
-    p: MergePlan,
-    out: str | os.PathLike[str],
-    *,
-    force: bool,
-    progress: bool | None,
-    plot: bool,
-    report_extra: Mapping[str, Any] | None,
-    t0: float,
-    recalibrate: tuple[Any, Iterable[Any]] | None = None,
-    max_shard_size: int | str = MAX_SHARD_SIZE,
-) -> SweepResult:
-    history = replace(result, seconds=time.perf_counter() - t0).to_dict()
-    dest, merged, plot_path, notes = write_search_output(
-        p,
-        out,
-        "sweep",
-        history,
-        result.notes,
-        report_plot.sweep_plot,
-        PLOT_NAME,
-        force=force,
-        progress=progress,
-        plot=plot,
-        max_shard_size=max_shard_size,
-        report_extra=report_extra,
-        recalibrate=recalibrate,
-    )
-    return replace(
-        result,
-        out=dest,
-        merge=merged,
-        plot=plot_path,
-        notes=notes,
-        seconds=time.perf_counter() - t0,
-    )

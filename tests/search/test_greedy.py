@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 from soupkit import uniform_soup
+from soupkit.backends import LocalBackend
 from soupkit.errors import EvaluationError, PlanError, UsageError
 from soupkit.evaluate.protocol import meets
 from soupkit.search import ScoreCache, greedy_soup
@@ -329,3 +330,22 @@ def test_output_folder_has_the_soup_history_and_plot(tmp_path: Path) -> None:
 
     again = plot_report(tmp_path / "soup", tmp_path / "again.png")
     assert again.read_bytes().startswith(b"\x89PNG")
+
+
+def test_a_copy_of_an_ingredient_is_scored_once_whatever_the_backend(tmp_path: Path) -> None:
+    # Scores are cached by content: a copy of an ingredient in another folder is a cache hit,
+    # in the one loop whether it runs here or on a backend (its jobs are one per content).
+    paths = toy.make_ingredients(tmp_path, ["good", "perm", "good"])
+    copy = shutil.copytree(paths[0], tmp_path / "copy-of-ft00")
+    _, xv, yv, _, _ = toy.problem()
+    runs = {}
+    for name, backend in (("here", None), ("local", LocalBackend())):
+        ev = toy.Accuracy(xv, yv)
+        r = greedy_soup([*paths, copy], ev, backend=backend)
+        assert [s.cached for s in r.ingredient_scores] == [False, False, False, True]
+        assert r.ingredient_scores[3].score == r.ingredient_scores[0].score
+        assert r.evaluations == ev.calls == 3 + sum(not s.cached for s in r.steps)
+        assert r.cache_hits == 1 + sum(s.cached for s in r.steps)
+        runs[name] = r
+    assert runs["here"].distributed is None and runs["local"].distributed is not None
+    assert runs["here"].steps == runs["local"].steps

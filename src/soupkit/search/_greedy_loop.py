@@ -88,6 +88,16 @@ class _Run:
     def ingredient(self, i: int) -> Ingredient:
         return Ingredient(self.paths[i], self.digests[i])
 
+    def first_of_each(self, todo: Sequence[int]) -> tuple[list[int], dict[int, list[int]]]:
+        """``todo`` with one ingredient per content digest, and the later copies of each."""
+        first: dict[str, int] = {}
+        copies: dict[int, list[int]] = {}
+        for i in todo:
+            j = first.setdefault(self.digests[i], i)
+            if j != i:
+                copies.setdefault(j, []).append(i)
+        return list(first.values()), copies
+
     def label(self, members: Sequence[int]) -> str:
         return "soup of " + " + ".join(self.labels[j] for j in members)
 
@@ -188,27 +198,25 @@ def greedy_exact(
     """`greedy_soup` with the exact rule (and exact early rejection) on ``be``."""
     run = _Run(be, labels, digests, evaluator, eid, store, progress)
     c = run.counts
-    # Ingredients alone: every one not in the cache at once.
-    results: list[tuple[EvalResult, bool] | None] = [None] * len(labels)
-    todo = []
-    for i, digest in enumerate(digests):
-        got = store.lookup(eid, digest)
-        if got is not None:
-            results[i] = (got, True)
-            c.hits += 1
-        else:
-            todo.append(i)
+    # Ingredients alone: every one not in the cache at once (one job per content: a copy of an
+    # ingredient is a cache hit, as if scored after it).
+    cached = [store.lookup(eid, d) for d in digests]
+    results = [(r, True) if r is not None else None for r in cached]
+    todo, copies = run.first_of_each([i for i, r in enumerate(cached) if r is None])
+    c.hits += len(labels) - len(todo)
     bar = progress_bar(len(labels), progress, "scoring ingredients")
-    bar.update(len(labels) - len(todo))
+    bar.update(len(labels) - len(todo) - sum(map(len, copies.values())))
 
     def scored(k: int, outcome: Any) -> None:
         i = todo[k]
         res = outcome.results[0]
         store.store(eid, digests[i], res, label=f"ingredient {labels[i]}")
         results[i] = (res, False)
+        for j in copies.get(i, ()):
+            results[j] = (res, True)
         c.calls += 1
         c.examples += res.examples
-        bar.update(1)
+        bar.update(1 + len(copies.get(i, ())))
 
     try:
         run_jobs(

@@ -67,9 +67,11 @@ def greedy_sequential(
     # Ingredients: every example of every one not fully known, all at once; this also tells the
     # number of examples (the evaluator may be built on the workers only).
     known = [store.examples_of(eid, d) for d in digests]
-    todo = [i for i, v in enumerate(known) if v is None or bool(torch.isnan(v).any())]
+    todo, copies = run.first_of_each(
+        [i for i, v in enumerate(known) if v is None or bool(torch.isnan(v).any())]
+    )
     bar = progress_bar(len(labels), progress, "scoring ingredients")
-    bar.update(len(labels) - len(todo))
+    bar.update(len(labels) - len(todo) - sum(map(len, copies.values())))
     fresh_ing: dict[int, int] = {}
 
     def scored(k: int, outcome: Any) -> None:
@@ -81,8 +83,10 @@ def greedy_sequential(
             len(vals) if old is None or len(old) != len(vals) else int(torch.isnan(old).sum())
         )
         known[i] = vals
+        for j in copies.get(i, ()):
+            known[j] = vals
         store.store_examples(eid, digests[i], vals, label=f"ingredient {labels[i]}")
-        bar.update(1)
+        bar.update(1 + len(copies.get(i, ())))
 
     try:
         run_jobs(

@@ -198,17 +198,21 @@ class Worker:
         build_seconds = time.perf_counter() - t1
         results: list[EvalResult] = []
         values: list[tuple[float, ...] | None] = []
+
+        def outcome(cancelled: bool = False) -> JobOutcome:
+            return JobOutcome(
+                results=tuple(results),
+                seconds=time.perf_counter() - t0,
+                build_seconds=build_seconds,
+                worker=worker_name(),
+                evaluators_built=built,
+                cancelled=cancelled,
+                values=tuple(values),
+            )
+
         for ev, req in zip(evaluators, job.requests):
             if stop is not None and stop():
-                return JobOutcome(
-                    results=tuple(results),
-                    seconds=time.perf_counter() - t0,
-                    build_seconds=build_seconds,
-                    worker=worker_name(),
-                    evaluators_built=built,
-                    cancelled=True,
-                    values=tuple(values),
-                )
+                return outcome(cancelled=True)
             if req.indices is None:
                 results.append(
                     run_evaluator(ev, state, label=req.label, need=req.need, strict=req.strict)
@@ -221,14 +225,7 @@ class Worker:
                     EvalResult(sum(got) / len(got) if got else 0.0, len(got), len(got), True)
                 )
         del state
-        return JobOutcome(
-            results=tuple(results),
-            seconds=time.perf_counter() - t0,
-            build_seconds=build_seconds,
-            worker=worker_name(),
-            evaluators_built=built,
-            values=tuple(values),
-        )
+        return outcome()
 
 
 def _batch_key(job: EvalJob) -> Hashable | None:

@@ -45,7 +45,7 @@ from soupkit.search._greedy_types import (
 )
 from soupkit.search.cache import ScoreCache
 
-__all__ = ["greedy_exact"]
+__all__ = ["GreedyRun", "greedy_exact"]
 
 
 @dataclass
@@ -59,21 +59,33 @@ class _Counts:
     saved: int = 0
 
 
-class _Run:
-    """One greedy soup's evaluations on a backend: the jobs, the cache and what they cost."""
+class GreedyRun:
+    """One greedy soup's evaluations on a backend: what to evaluate and how (checkpoints by
+    label and content digest, evaluators and their cache identities, the rule), the jobs, the
+    cache and what they cost."""
 
     def __init__(
         self,
         be: Backend,
         labels: Sequence[str],
         digests: Sequence[str],
+        store: ScoreCache,
         evaluator: Evaluator,
         eid: str,
-        store: ScoreCache,
+        test_evaluator: Evaluator | None,
+        tid: str | None,
+        *,
+        strict: bool,
         progress: bool | None,
     ) -> None:
-        self.be, self.labels, self.digests = be, labels, digests
-        self.evaluator, self.eid, self.store, self.progress = evaluator, eid, store, progress
+        self.be, self.labels, self.digests, self.store = be, labels, digests, store
+        self.evaluator, self.eid, self.test_evaluator, self.tid = (
+            evaluator,
+            eid,
+            test_evaluator,
+            tid,
+        )
+        self.strict, self.progress = strict, progress
         self.log = RunLog()
         self.log.start(be)
         self.ev = remote_evaluator(evaluator)
@@ -114,11 +126,10 @@ class _Run:
             for i in range(len(scores))
         ]
 
-    def held_out(
-        self, test_evaluator: Evaluator | None, tid: str | None, accepted: Sequence[int], best: int
-    ) -> HeldOutScores | None:
+    def held_out(self, accepted: Sequence[int], best: int) -> HeldOutScores | None:
         """The final soup and the best single ingredient on the test set, together, through the
         cache (counted in ``counts``); None without a test evaluator."""
+        test_evaluator, tid = self.test_evaluator, self.tid
         if test_evaluator is None:
             return None
         assert tid is not None
@@ -157,7 +168,6 @@ class _Run:
         score: float,
         ingredient_scores: list[IngredientScore],
         steps: list[GreedyStep],
-        strict: bool,
         held: HeldOutScores | None,
         sequential: dict[str, Any] | None = None,
     ) -> GreedySoupResult:
@@ -167,7 +177,7 @@ class _Run:
             score=score,
             ingredient_scores=ingredient_scores,
             steps=steps,
-            strict=strict,
+            strict=self.strict,
             evaluator=self.eid,
             evaluations=c.calls,
             cache_hits=c.hits,
@@ -180,24 +190,11 @@ class _Run:
         )
 
 
-def greedy_exact(
-    be: Backend,
-    labels: Sequence[str],
-    digests: Sequence[str],
-    evaluator: Evaluator,
-    eid: str,
-    test_evaluator: Evaluator | None,
-    tid: str | None,
-    store: ScoreCache,
-    *,
-    strict: bool,
-    early_stop: bool,
-    speculate: int | None,
-    progress: bool | None,
-) -> GreedySoupResult:
-    """`greedy_soup` with the exact rule (and exact early rejection) on ``be``."""
-    run = _Run(be, labels, digests, evaluator, eid, store, progress)
-    c = run.counts
+def greedy_exact(run: GreedyRun, *, early_stop: bool, speculate: int | None) -> GreedySoupResult:
+    """`greedy_soup` with the exact rule (and exact early rejection) on ``run.be``; ``speculate``:
+    see `soupkit.backends.greedy_loop` (None: the backend's parallelism minus one)."""
+    be, labels, digests, store, eid = run.be, run.labels, run.digests, run.store, run.eid
+    strict, progress, c = run.strict, run.progress, run.counts
     # Ingredients alone: every one not in the cache at once (one job per content: a copy of an
     # ingredient is a cache hit, as if scored after it).
     cached = [store.lookup(eid, d) for d in digests]
@@ -286,5 +283,5 @@ def greedy_exact(
     c.hits += loop.cache_hits
     c.examples += loop.examples
     c.saved += loop.saved
-    held = run.held_out(test_evaluator, tid, loop.accepted, order[0])
-    return run.result(loop.accepted, loop.score, ingredient_scores, steps, strict, held)
+    held = run.held_out(loop.accepted, order[0])
+    return run.result(loop.accepted, loop.score, ingredient_scores, steps, held)

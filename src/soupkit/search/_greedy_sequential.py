@@ -1,6 +1,6 @@
 """Greedy soup with paired sequential decisions, run as evaluation jobs on a backend.
 
-The same loop as `soupkit.search._greedy_loop` (and the same `_Run`: jobs, cache, counts), with
+The same loop as `soupkit.search._greedy_loop` (and the same `GreedyRun`: jobs, cache, counts), with
 each step decided by the paired sequential test (`soupkit.search.sequential`) on batches of
 examples, each batch a job.
 """
@@ -13,33 +13,18 @@ from typing import Any
 import torch
 
 from soupkit._util.progress import progress_bar
-from soupkit.backends import Backend, EvalJob, EvalRequest, run_jobs
+from soupkit.backends import EvalJob, EvalRequest, run_jobs
 from soupkit.errors import EvaluationError
-from soupkit.evaluate.protocol import Evaluator
-from soupkit.search._greedy_loop import _Counts, _Run
+from soupkit.search._greedy_loop import GreedyRun
 from soupkit.search._greedy_types import GreedySoupResult, GreedyStep, soup_key
 from soupkit.search._paired import PairedRunner
-from soupkit.search.cache import ScoreCache
 from soupkit.search.sequential import SequentialOptions, check_binary
 
 __all__ = ["greedy_sequential"]
 
 
-def greedy_sequential(
-    be: Backend,
-    labels: Sequence[str],
-    digests: Sequence[str],
-    evaluator: Evaluator,
-    eid: str,
-    test_evaluator: Evaluator | None,
-    tid: str | None,
-    store: ScoreCache,
-    opts: SequentialOptions,
-    *,
-    strict: bool,
-    progress: bool | None,
-) -> GreedySoupResult:
-    """`greedy_soup(..., sequential=True)` on ``be``: every batch of examples is a job.
+def greedy_sequential(run: GreedyRun, opts: SequentialOptions) -> GreedySoupResult:
+    """`greedy_soup(..., sequential=True)` on ``run.be``: every batch of examples is a job.
 
     The ingredients' per-example scores are computed all at once (jobs asking for every
     example); then the steps run in order, each batch of the candidate (and, where not yet
@@ -47,8 +32,8 @@ def greedy_sequential(
     ``soup + next`` cheap, and it keeps the two states the batches alternate between). No
     speculation: a batch decides whether the next one is needed.
     """
-    run = _Run(be, labels, digests, evaluator, eid, store, progress)
-    c = run.counts
+    be, labels, digests, store, eid = run.be, run.labels, run.digests, run.store, run.eid
+    strict, progress, c = run.strict, run.progress, run.counts
 
     def one(candidate: Any, indices: Sequence[int], label: str) -> torch.Tensor:
         out = run_jobs(
@@ -129,7 +114,6 @@ def greedy_sequential(
         for rank, i in enumerate(order[1:], start=1):
             step = _sequential_step(
                 runner,
-                c,
                 run,
                 rank,
                 i,
@@ -149,8 +133,8 @@ def greedy_sequential(
         bar.close()
     final, known_examples = runner.known_score(_soup_subject(accepted, digests))
     info = {**opts.report(runner.total, len(steps)), "score_examples": known_examples}
-    held = run.held_out(test_evaluator, tid, accepted, order[0])
-    return run.result(accepted, final, ingredient_scores, steps, strict, held, info)
+    held = run.held_out(accepted, order[0])
+    return run.result(accepted, final, ingredient_scores, steps, held, info)
 
 
 def _soup_subject(accepted: Sequence[int], digests: Sequence[str]) -> str:
@@ -160,8 +144,7 @@ def _soup_subject(accepted: Sequence[int], digests: Sequence[str]) -> str:
 
 def _sequential_step(
     runner: PairedRunner,
-    c: _Counts,
-    run: _Run,
+    run: GreedyRun,
     rank: int,
     i: int,
     accepted: Sequence[int],
@@ -172,8 +155,8 @@ def _sequential_step(
     strict: bool,
 ) -> GreedyStep:
     """One greedy step by the paired sequential test (the caller adds the ingredient if
-    accepted); ``cand`` / ``soup`` are the job candidates; ``c`` counts the work."""
-    digests = run.digests
+    accepted); ``cand`` / ``soup`` are the job candidates; ``run.counts`` counts the work."""
+    digests, c = run.digests, run.counts
     po = runner.compare(
         soup_key([digests[j] for j in accepted] + [digests[i]]),
         cand,

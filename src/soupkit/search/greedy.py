@@ -60,7 +60,7 @@ from soupkit.backends import Backend, LocalBackend, resolve_backend
 from soupkit.errors import UsageError
 from soupkit.evaluate.protocol import Evaluator
 from soupkit.search import report_plot
-from soupkit.search._greedy_loop import greedy_exact
+from soupkit.search._greedy_loop import GreedyRun, greedy_exact
 from soupkit.search._greedy_sequential import greedy_sequential
 from soupkit.search._greedy_types import (
     GreedySoupResult,
@@ -218,36 +218,23 @@ def greedy_soup(
 
     if be is None:  # this process: the same loop on one in-process worker, reported as local
         be, owned, speculate = LocalBackend(), True, 0
+    run = GreedyRun(
+        be,
+        labels,
+        digests,
+        store,
+        evaluator,
+        eid,
+        test_evaluator,
+        tid,
+        strict=strict,
+        progress=progress,
+    )
     try:
         if opts is not None:
-            result = greedy_sequential(
-                be,
-                labels,
-                digests,
-                evaluator,
-                eid,
-                test_evaluator,
-                tid,
-                store,
-                opts,
-                strict=strict,
-                progress=progress,
-            )
+            result = greedy_sequential(run, opts)
         else:
-            result = greedy_exact(
-                be,
-                labels,
-                digests,
-                evaluator,
-                eid,
-                test_evaluator,
-                tid,
-                store,
-                strict=strict,
-                early_stop=early_stop,
-                speculate=speculate,
-                progress=progress,
-            )
+            result = greedy_exact(run, early_stop=early_stop, speculate=speculate)
     finally:
         if owned:
             be.close()

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -349,3 +352,54 @@ def test_a_copy_of_an_ingredient_is_scored_once_whatever_the_backend(tmp_path: P
         runs[name] = r
     assert runs["here"].distributed is None and runs["local"].distributed is not None
     assert runs["here"].steps == runs["local"].steps
+
+
+_HUB_SCRIPT = """
+import hashlib, os, sys, pathlib
+import soup_toy as toy
+from soupkit.search import greedy_soup
+
+root = pathlib.Path(sys.argv[1])
+paths = toy.make_ingredients(root / "runs", ["good", "good", "perm"])
+for src, repo in ((paths[0], "org/a"), (paths[1], "org/b")):  # a Hugging Face cache layout
+    d = pathlib.Path(os.environ["HF_HOME"]) / "hub" / f"models--{repo.replace('/', '--')}"
+    snap = d / "snapshots" / ("0" * 40)
+    (d / "blobs").mkdir(parents=True)
+    snap.mkdir(parents=True)
+    (d / "refs").mkdir()
+    (d / "refs" / "main").write_text("0" * 40)
+    for f in sorted(src.iterdir()):
+        etag = hashlib.sha256(f.read_bytes()).hexdigest()
+        f.rename(d / "blobs" / etag)
+        os.symlink(f"../../blobs/{etag}", snap / f.name)
+_, xv, yv, _, _ = toy.problem()
+r = greedy_soup(["org/a", "org/b", str(paths[2])], toy.Accuracy(xv, yv), root / "out", plot=False)
+print(r.ingredients)
+"""
+
+
+def test_checkpoints_named_by_hub_id_are_evaluated_from_the_cache(tmp_path: Path) -> None:
+    # The loop's jobs name each checkpoint by its resolved path: a Hub id is its snapshot folder
+    # (offline, from the cache), not a folder of that name in the working directory.
+    script = tmp_path / "hub_greedy.py"
+    script.write_text(_HUB_SCRIPT)
+    src = Path(__file__).resolve().parents[2] / "src"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
+    env |= {
+        "HF_HOME": str(tmp_path / "hf"),
+        "HF_HUB_OFFLINE": "1",
+        "HF_ENDPOINT": "http://127.0.0.1:9",  # nothing listens: nothing may be downloaded
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(src), str(Path(__file__).parent)]),
+    }
+    res = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() in ("['org/a', 'org/b']", "['org/b', 'org/a']")
+    assert (tmp_path / "out" / "model.safetensors").is_file()

@@ -18,7 +18,6 @@ interrupted keeps what it computed. Candidates are built by the worker (its runn
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -61,13 +60,14 @@ class _Counts:
 
 class GreedyRun:
     """One greedy soup's evaluations on a backend: what to evaluate and how (checkpoints by
-    label and content digest, evaluators and their cache identities, the rule), the jobs, the
-    cache and what they cost."""
+    label, resolved absolute path and content digest; evaluators and their cache identities; the
+    rule), the jobs, the cache and what they cost."""
 
     def __init__(
         self,
         be: Backend,
         labels: Sequence[str],
+        paths: Sequence[str],
         digests: Sequence[str],
         store: ScoreCache,
         evaluator: Evaluator,
@@ -89,7 +89,7 @@ class GreedyRun:
         self.log = RunLog()
         self.log.start(be)
         self.ev = remote_evaluator(evaluator)
-        self.paths = [os.path.abspath(lab) for lab in labels]
+        self.paths = list(paths)
         self.counts = _Counts()
 
     def soup(self, members: Sequence[int]) -> UniformSoup:

@@ -218,9 +218,12 @@ def greedy_soup(
 
     if be is None:  # this process: the same loop on one in-process worker, reported as local
         be, owned, speculate = LocalBackend(), True, 0
+    # Jobs name checkpoints by resolved path (a Hub id is its snapshot folder in the cache).
+    paths = [os.path.abspath(c.path if c.path is not None else c.label) for c in ckpts]
     run = GreedyRun(
         be,
         labels,
+        paths,
         digests,
         store,
         evaluator,

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from soupkit import uniform_soup
 from soupkit.backends import LocalBackend
-from soupkit.errors import EvaluationError, PlanError, UsageError
+from soupkit.errors import CheckpointFormatError, EvaluationError, PlanError, UsageError
 from soupkit.evaluate.protocol import meets
 from soupkit.search import ScoreCache, greedy_soup
 
@@ -403,3 +403,34 @@ def test_checkpoints_named_by_hub_id_are_evaluated_from_the_cache(tmp_path: Path
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() in ("['org/a', 'org/b']", "['org/b', 'org/a']")
     assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_without_a_backend_the_first_failure_stops_the_run_and_names_no_worker(
+    tmp_path: Path,
+) -> None:
+    # In this process a failing evaluator stops the run at once (a cluster would run the other
+    # independent jobs first), and messages speak of this process, not of workers.
+    paths = toy.make_ingredients(tmp_path, ["good", "good", "perm"])
+    calls = []
+
+    def broken(state):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        raise RuntimeError("no GPU")
+
+    with pytest.raises(EvaluationError) as got:
+        greedy_soup(paths, broken, evaluator_id="broken")
+    assert calls == [1]
+    msg = str(got.value)
+    assert "candidate 'ingredient " in msg and "ft00-good' failed" in msg and "no GPU" in msg
+    assert "on worker" not in msg and "more candidate" not in msg
+    (tmp_path / "gone").mkdir()
+    shutil.copy(paths[2] / "model.safetensors", tmp_path / "gone" / "model.safetensors")
+    _, xv, yv, _, _ = toy.problem()
+
+    def remove_after_first(state):  # type: ignore[no-untyped-def]
+        shutil.rmtree(tmp_path / "gone", ignore_errors=True)  # the file vanishes mid-run
+        return toy.accuracy(state, xv, yv)
+
+    with pytest.raises(CheckpointFormatError, match=r"gone") as e:
+        greedy_soup([paths[0], tmp_path / "gone"], remove_after_first, evaluator_id="rm")
+    assert "on worker" not in str(e.value) and "shared storage" not in str(e.value)

@@ -40,7 +40,7 @@ from soupkit.backends.jobs import (
 from soupkit.engine.execute import MemorySink, run_plan
 from soupkit.errors import EvaluationError, SoupError
 from soupkit.evaluate.protocol import EvalResult, PerExampleEvaluator, run_evaluator
-from soupkit.io.checkpoint import Checkpoint
+from soupkit.io.checkpoint import Checkpoint, open_checkpoint
 from soupkit.io.reader import TensorReader
 from soupkit.methods.linear import RunningSum
 
@@ -55,7 +55,8 @@ def _read(ck: Checkpoint, reader: TensorReader) -> State:
 
 def _checkpoints(paths: tuple[str, ...]) -> list[Checkpoint]:
     """The checkpoints exactly as the driver's greedy soup opens them: through the planner of the
-    ``linear`` recipe (headers only; compatibility checked)."""
+    ``linear`` recipe (headers only; compatibility checked, as this worker may see other files
+    than the driver)."""
     return list(plan(linear_recipe(list(paths))).models)
 
 
@@ -75,18 +76,42 @@ class _PrefixSum:
 
 
 class Worker:
-    """Runs jobs (see the module docstring); not thread-safe: one job at a time."""
+    """Runs jobs (see the module docstring); not thread-safe: one job at a time.
 
-    def __init__(self) -> None:
+    Args:
+        remote: messages name this worker process and say what workers need (shared storage);
+            False for the worker of the process that runs the search (`LocalBackend`).
+    """
+
+    def __init__(self, *, remote: bool = True) -> None:
+        self.remote = remote
         self._evaluators: dict[str, Any] = {}
         self._sum: _PrefixSum | None = None
         self._states: OrderedDict[Hashable, State] = OrderedDict()
+        self._opened: dict[tuple[str, str], Checkpoint] = {}
+
+    def _open(self, paths: tuple[str, ...], digests: tuple[str | None, ...]) -> list[Checkpoint]:
+        """The checkpoints at ``paths``. In the process that planned them (not ``remote``), the
+        driver already checked them together: each is opened once per content digest and kept
+        (headers only); a remote worker checks them again (`_checkpoints`)."""
+        if self.remote:
+            return _checkpoints(paths)
+        out = []
+        for path, digest in zip(paths, digests):
+            ck = self._opened.get((path, digest)) if digest is not None else None
+            if ck is None:
+                ck = open_checkpoint(path)
+                if digest is not None:
+                    self._opened[(path, digest)] = ck
+            out.append(ck)
+        return out
 
     def clear(self) -> None:
         """Forget built evaluators, the running sum and kept weights (to free memory)."""
         self._evaluators.clear()
         self._sum = None
         self._states.clear()
+        self._opened.clear()
 
     def evaluator(self, ref: RemoteEvaluator) -> tuple[Any, bool]:
         """The evaluator ``ref`` names, built at most once by this worker: ``(evaluator,
@@ -94,13 +119,13 @@ class Worker:
         got = self._evaluators.get(ref.token)
         if got is not None:
             return got, False
-        ev = self._evaluators[ref.token] = ref.construct()
+        ev = self._evaluators[ref.token] = ref.construct(remote=self.remote)
         return ev, True
 
     def _soup_state(self, c: UniformSoup, reader: TensorReader) -> State:
         """``(sum of paths[:-1] + paths[-1]) / n`` (the whole prefix when the kept sum already
         holds every path), with `RunningSum`'s operations."""
-        ckpts = _checkpoints(c.paths)
+        ckpts = self._open(c.paths, c.digests)
         s = self._sum
         self._sum = None  # dropped while the sum may change: an interrupted job leaves none
         if s is None or c.digests[: len(s.digests)] != s.digests:
@@ -129,7 +154,7 @@ class Worker:
         c = job.candidate
         if isinstance(c, Ingredient):
             with TensorReader() as reader:
-                return _read(_checkpoints((c.path,))[0], reader)
+                return _read(self._open((c.path,), (c.digest,))[0], reader)
         if isinstance(c, UniformSoup):
             with TensorReader() as reader:
                 return self._soup_state(c, reader)
@@ -155,6 +180,8 @@ class Worker:
         try:
             state = self._build(job)
         except SoupError as e:
+            if not self.remote:
+                raise  # in this process: the reader's own error, naming the file
             raise EvaluationError(
                 f"cannot build candidate {job.label!r} on worker {worker_name()}: {e}\n"
                 "hint: every worker reads the checkpoints itself; they must be at the same paths "
@@ -219,7 +246,7 @@ class Worker:
                 )
                 values.append(None)
             else:
-                got = _per_example(ev, state, req)
+                got = _per_example(ev, state, req, self.remote)
                 values.append(got)
                 results.append(
                     EvalResult(sum(got) / len(got) if got else 0.0, len(got), len(got), True)
@@ -256,9 +283,12 @@ def clear_caches() -> None:
     clear_built()
 
 
-def _per_example(ev: Any, state: Mapping[str, torch.Tensor], req: EvalRequest) -> tuple[float, ...]:
-    """``ev.per_example`` on the request's examples (``()``: all), as plain floats."""
-    who = f"candidate {req.label!r} on worker {worker_name()}"
+def _per_example(
+    ev: Any, state: Mapping[str, torch.Tensor], req: EvalRequest, remote: bool
+) -> tuple[float, ...]:
+    """``ev.per_example`` on the request's examples (``()``: all), as plain floats; the messages
+    of the in-process sequential test (`soupkit.search._paired`), naming the worker if remote."""
+    who = f"candidate {req.label!r}" + (f" on worker {worker_name()}" if remote else "")
     if not isinstance(ev, PerExampleEvaluator):
         raise EvaluationError(
             f"evaluating {who}: evaluator {req.evaluator.name} has no per_example(state, "
@@ -272,10 +302,13 @@ def _per_example(ev: Any, state: Mapping[str, torch.Tensor], req: EvalRequest) -
         raise EvaluationError(f"evaluating {who} failed: {e}") from e
     except Exception as e:
         raise EvaluationError(
-            f"evaluating {who} failed: per_example raised {type(e).__name__}: {e}"
+            f"evaluating {who} failed: per_example raised {type(e).__name__}: {e}\n"
+            "hint: per_example(state, indices) must return one score per index"
         ) from e
     if not isinstance(got, torch.Tensor) or got.shape != (len(idx),):
+        shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
         raise EvaluationError(
-            f"evaluating {who}: per_example returned something other than one score per index"
+            f"evaluating {who}: per_example returned {shape} for {len(idx)} examples; "
+            "expected a 1-D tensor with one score per index"
         )
     return tuple(float(v) for v in got.detach().cpu().tolist())

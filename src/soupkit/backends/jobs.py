@@ -212,15 +212,19 @@ class RemoteEvaluator:
         )
         return f"RemoteEvaluator({how}={self.name!r})"
 
-    def construct(self) -> Any:
+    def construct(self, *, remote: bool = True) -> Any:
         """Build the evaluator here (a worker calls this once per evaluator and keeps it).
+
+        Args:
+            remote: messages name this worker process and say what workers need (False: the
+                evaluator is built in the process that runs the search).
 
         Raises:
             EvaluationError: the spec cannot be imported, the factory failed, the stored object
-                cannot be fetched, or the result is not callable; names the evaluator and this
-                worker.
+                cannot be fetched, or the result is not callable; names the evaluator (and the
+                worker).
         """
-        where = worker_name()
+        on = f" on worker {worker_name()}" if remote else ""
         with _in_dir(self.cwd):
             if self.spec is not None:
                 ev = load_evaluator(self.spec)
@@ -228,22 +232,25 @@ class RemoteEvaluator:
                 try:
                     ev = self.factory(*self.args, **dict(self.kwargs))
                 except SoupError as e:
-                    raise EvaluationError(
-                        f"cannot build evaluator {self.name} on worker {where}: {e}"
-                    ) from None
+                    raise EvaluationError(f"cannot build evaluator {self.name}{on}: {e}") from None
                 except Exception as e:
+                    hint = (
+                        "\nhint: the factory runs on every worker: its data files and model "
+                        "folder must be readable there at the same paths (shared storage)"
+                        if remote
+                        else ""
+                    )
                     raise EvaluationError(
-                        f"cannot build evaluator {self.name} on worker {where}: "
-                        f"{type(e).__name__}: {e}\nhint: the factory runs on every worker: its "
-                        "data files and model folder must be readable there at the same paths "
-                        "(shared storage)"
+                        f"cannot build evaluator {self.name}{on}: {type(e).__name__}: {e}{hint}"
                     ) from e
+            elif not remote and not isinstance(self.obj, StoredObject):
+                return self.obj  # the caller's own object: used as given, checked as it is used
             else:
                 ev = self.obj.fetch() if isinstance(self.obj, StoredObject) else self.obj
         if not callable(ev):
             raise EvaluationError(
-                f"evaluator {self.name} built on worker {where} is a {type(ev).__name__}, "
-                "not a callable(state) -> float"
+                f"evaluator {self.name}{' built' + on if remote else ''} is a "
+                f"{type(ev).__name__}, not a callable(state) -> float"
             )
         return ev
 
@@ -251,7 +258,7 @@ class RemoteEvaluator:
         """The evaluator, built in this process on first use and kept."""
         got = _BUILT.get(self.token)
         if got is None:
-            got = _BUILT[self.token] = self.construct()
+            got = _BUILT[self.token] = self.construct(remote=False)
         return got
 
     def __call__(self, state: Mapping[str, torch.Tensor]) -> float:

@@ -35,7 +35,7 @@ class LocalBackend:
         self._jobs: dict[int, EvalJob] = {}
         self._done: dict[int, JobOutcome | EvaluationError] = {}
         self._next = 0
-        self._worker = Worker()
+        self._worker = Worker(remote=False)
         self.retries: list[dict[str, Any]] = []
 
     def __enter__(self) -> LocalBackend:

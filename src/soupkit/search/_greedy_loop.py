@@ -61,7 +61,9 @@ class _Counts:
 class GreedyRun:
     """One greedy soup's evaluations on a backend: what to evaluate and how (checkpoints by
     label, resolved absolute path and content digest; evaluators and their cache identities; the
-    rule), the jobs, the cache and what they cost."""
+    rule), the jobs, the cache and what they cost. ``keep_going``: after a failed evaluation,
+    run the independent others (ingredients) to the end, as on a cluster (False: stop at the
+    first failure, as in this process)."""
 
     def __init__(
         self,
@@ -77,6 +79,7 @@ class GreedyRun:
         *,
         strict: bool,
         progress: bool | None,
+        keep_going: bool = True,
     ) -> None:
         self.be, self.labels, self.digests, self.store = be, labels, digests, store
         self.evaluator, self.eid, self.test_evaluator, self.tid = (
@@ -85,7 +88,7 @@ class GreedyRun:
             test_evaluator,
             tid,
         )
-        self.strict, self.progress = strict, progress
+        self.strict, self.progress, self.keep_going = strict, progress, keep_going
         self.log = RunLog()
         self.log.start(be)
         self.ev = remote_evaluator(evaluator)
@@ -142,7 +145,7 @@ class GreedyRun:
             (
                 self.digests[best],
                 EvalJob(
-                    Ingredient(self.paths[best]),
+                    self.ingredient(best),
                     (EvalRequest(tev, f"ingredient {self.labels[best]} (test set)"),),
                 ),
             ),
@@ -158,7 +161,13 @@ class GreedyRun:
             self.counts.calls += 1
             self.counts.examples += res.examples
 
-        run_jobs(self.be, [wanted[k][1] for k in missing], done, log=self.log)
+        run_jobs(
+            self.be,
+            [wanted[k][1] for k in missing],
+            done,
+            log=self.log,
+            keep_going=self.keep_going,
+        )
         assert got[0] is not None and got[1] is not None
         return HeldOutScores(tid, got[0].score, self.labels[best], got[1].score)
 
@@ -224,6 +233,7 @@ def greedy_exact(run: GreedyRun, *, early_stop: bool, speculate: int | None) -> 
             ],
             scored,
             log=run.log,
+            keep_going=run.keep_going,
         )
     finally:
         bar.close()

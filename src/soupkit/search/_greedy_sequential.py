@@ -85,6 +85,7 @@ def greedy_sequential(run: GreedyRun, opts: SequentialOptions) -> GreedySoupResu
             ],
             scored,
             log=run.log,
+            keep_going=run.keep_going,
         )
     finally:
         bar.close()

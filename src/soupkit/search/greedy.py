@@ -232,6 +232,7 @@ def greedy_soup(
         tid,
         strict=strict,
         progress=progress,
+        keep_going=not local,
     )
     try:
         if opts is not None:

@@ -52,6 +52,7 @@ from soupkit.evaluate.protocol import Evaluator, run_evaluator
 from soupkit.io.checkpoint import Checkpoint
 from soupkit.io.header import TensorInfo
 from soupkit.io.reader import TensorReader
+from soupkit.methods.linear import RunningSum
 from soupkit.recipe.schema import MergeConfig, load_recipe
 from soupkit.search import report_plot
 from soupkit.search._output import finish_search
@@ -250,9 +251,10 @@ class StreamingMixture:
                     slot.target.copy_(self.reader.read(slot.infos[0]).reshape(slot.target.shape))
                     continue
                 w = self._weights(a, slot)
+                # `linear`'s operations (RunningSum), on a fresh product (the read may be shared)
                 acc = self._read(slot.infos[0]) * w[0]
                 for info, wk in zip(slot.infos[1:], w[1:]):
-                    acc.addcmul_(self._read(info), wk)  # fused multiply-add, as `linear` does
+                    RunningSum.step(acc, self._read(info), wk)
                 slot.target.copy_(acc)
                 del acc
 

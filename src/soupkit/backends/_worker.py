@@ -27,6 +27,7 @@ import torch
 from soupkit._version import __version__
 from soupkit.api.merging import linear_recipe, plan
 from soupkit.backends.jobs import (
+    Candidate,
     EvalJob,
     EvalRequest,
     Ingredient,
@@ -168,13 +169,17 @@ class Worker:
         Raises:
             EvaluationError: a checkpoint cannot be read or merged here; names the candidate.
         """
-        key = _batch_key(job)
+        key = _state_key(job.candidate) if all(r.indices for r in job.requests) else None
         if key is None:
             self._states.clear()
-        elif key in self._states:
-            self._states.move_to_end(key)
-            return self._states[key]
         else:
+            if job.keep:  # what the driver will ask again; the rest is dropped
+                wanted = {_state_key(c) for c in job.keep} | {key}
+                for k in [k for k in self._states if k not in wanted]:
+                    del self._states[k]
+            if key in self._states:
+                self._states.move_to_end(key)
+                return self._states[key]
             while len(self._states) >= 2:  # room for this one: at most two are kept
                 self._states.popitem(last=False)
         try:
@@ -255,12 +260,8 @@ class Worker:
         return outcome()
 
 
-def _batch_key(job: EvalJob) -> Hashable | None:
-    """What names a candidate whose weights are worth keeping: one scored on a batch of examples
-    (a sequential test asks for the same candidate again), identified by content digests."""
-    if not all(req.indices for req in job.requests):
-        return None
-    c = job.candidate
+def _state_key(c: Candidate) -> Hashable | None:
+    """What names a candidate's weights for keeping them: its content digests (None: unnamed)."""
     if isinstance(c, UniformSoup):
         return ("soup", c.digests)
     if isinstance(c, Ingredient) and c.digest is not None:

@@ -311,11 +311,16 @@ class EvalJob:
         requests: the evaluations to run on it, in order.
         version: the driver's soupkit version; a worker with another version refuses the job
             (a different engine could build different bytes).
+        keep: for a job scoring a batch of examples: the candidates whose weights the worker
+            should keep for the next jobs (a sequential test's candidate and, while its examples
+            are not all known, the incumbent); the worker drops the others it kept. Empty: it
+            keeps the last two.
     """
 
     candidate: Candidate
     requests: tuple[EvalRequest, ...]
     version: str = __version__
+    keep: tuple[Candidate, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.requests:

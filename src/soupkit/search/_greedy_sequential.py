@@ -35,12 +35,11 @@ def greedy_sequential(run: GreedyRun, opts: SequentialOptions) -> GreedySoupResu
     be, labels, digests, store, eid = run.be, run.labels, run.digests, run.store, run.eid
     strict, progress, c = run.strict, run.progress, run.counts
 
+    keep: tuple[Any, ...] = ()  # the step's weights worth keeping on the worker
+
     def one(candidate: Any, indices: Sequence[int], label: str) -> torch.Tensor:
-        out = run_jobs(
-            be,
-            [EvalJob(candidate, (EvalRequest(run.ev, label, indices=tuple(indices)),))],
-            log=run.log,
-        )[0]
+        request = EvalRequest(run.ev, label, indices=tuple(indices))
+        out = run_jobs(be, [EvalJob(candidate, (request,), keep=keep)], log=run.log)[0]
         vals = out.values[0] if out.values else None
         if vals is None or len(vals) != len(indices):
             raise EvaluationError(
@@ -113,17 +112,12 @@ def greedy_sequential(run: GreedyRun, opts: SequentialOptions) -> GreedySoupResu
     bar = progress_bar(len(order) - 1, progress, "greedy soup")
     try:
         for rank, i in enumerate(order[1:], start=1):
+            cand, soup = soup_of([*accepted, i]), soup_of(accepted)
+            # The soup's weights are needed again only where its examples are not all known.
+            soup_known = store.examples(eid, _soup_subject(accepted, digests), total)
+            keep = (cand, soup) if bool(torch.isnan(soup_known).any()) else (cand,)
             step = _sequential_step(
-                runner,
-                run,
-                rank,
-                i,
-                accepted,
-                scores,
-                soup_of([*accepted, i]),
-                soup_of(accepted),
-                soup_score,
-                strict,
+                runner, run, rank, i, accepted, scores, cand, soup, soup_score, strict
             )
             if step.accepted:
                 accepted.append(i)

@@ -12,7 +12,11 @@ own). A worker keeps what repeated jobs would redo:
   again after, so an interrupted job (a cancelled speculative evaluation) never leaves a
   half-updated sum behind;
 * for jobs that score batches of examples (paired sequential decisions), the weights of the
-  last two candidates (the candidate and the incumbent alternate, batch by batch).
+  candidates the job says to keep (`EvalJob.keep`: the candidate and, while its examples are
+  not all known, the incumbent, which alternate batch by batch); without that, the last two;
+* in the process that runs the search (``remote=False``), each checkpoint's headers, opened
+  once per content digest (a remote worker plans the checkpoints of every job again, checking
+  that its files agree with each other).
 """
 
 from __future__ import annotations

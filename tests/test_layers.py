@@ -73,19 +73,10 @@ SEARCH_MUST_NOT_IMPORT = {"datasets", "transformers"}
 # Allowed exceptions: (importer, imported) -> why. Empty: no import needs one today.
 ALLOWED: dict[tuple[str, str], str] = {}
 
-# Known violations on main (issue 16), each removed by a helper's branch; the lead deletes
-# the lines as the branches merge, until both sets are empty.
-KNOWN_UPWARD: set[tuple[str, str]] = {  # (importer, imported)
-    # 16c: backends must not import search
-    ("soupkit.backends._worker", "soupkit.search._state"),
-}
-KNOWN_CYCLES: set[frozenset[str]] = {  # the modules of one strongly connected component
-    # 16c
-    frozenset(
-        {"soupkit.backends._worker", "soupkit.backends.jobs", "soupkit.backends.ray_backend"}
-    ),
-    frozenset({"soupkit.search._on_backend", "soupkit.search.greedy", "soupkit.search.sweeps"}),
-}
+# Known violations, kept only while a change is under way (a listed one that no longer exists
+# fails the test, so the lists cannot rot). Empty since issue 16: the layering holds.
+KNOWN_UPWARD: set[tuple[str, str]] = set()  # (importer, imported)
+KNOWN_CYCLES: set[frozenset[str]] = set()  # the modules of one strongly connected component
 
 
 @dataclass(frozen=True)

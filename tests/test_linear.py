@@ -13,7 +13,7 @@ from toymodels import tiny_state, write_model
 
 import soupkit
 from soupkit import methods
-from soupkit.methods.linear import LinearParams
+from soupkit.methods.linear import LinearParams, RunningSum
 
 linear = methods.get("linear")
 
@@ -169,3 +169,41 @@ def test_output_dtype_defaults_to_inputs_and_out_dtype_casts(
     out = load_file(str(tmp_path / "b" / "model.safetensors"))
     assert out["lm_head.weight"].dtype == torch.float32
     assert out["model.position_ids"].dtype == torch.int64  # non-float copied, never cast
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int16) if t.element_size() == 2 else t.view(torch.int32)
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    data=st.data(),
+    n=st.integers(1, 6),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+)
+def test_running_sum_is_linear_uniform_soup_bit_for_bit(
+    data: st.DataObject, n: int, dtype: torch.dtype
+) -> None:
+    # Greedy soup's candidates come from RunningSum; the written soup from the linear method:
+    # they must agree to the bit, whatever the values (rounded sums included).
+    width = 32 if dtype == torch.float32 else 16
+    vals = st.floats(-1e4, 1e4, allow_nan=False, allow_subnormal=False, width=width)
+    states = [
+        {
+            "w": torch.tensor(data.draw(st.lists(vals, min_size=5, max_size=5)), dtype=dtype),
+            "ids": torch.arange(3) + k,  # not float: taken from the first state dict
+        }
+        for k in range(n)
+    ]
+    total = RunningSum(states[0])
+    assert total.names == ("w", "ids") and total.summed("w") and not total.summed("ids")
+    for k in range(1, n + 1):
+        want = run([s["w"].float() for s in states[:k]], [1.0] * k).to(dtype)
+        if k > 1:  # the soup of k as a candidate: the sum of k - 1 plus one more, not added
+            got = total.mean("w", states[k - 1]["w"])
+            assert got.dtype == dtype and torch.equal(_bits(got), _bits(want))
+            total.add("w", states[k - 1]["w"])
+            total.added()
+        got = total.mean("w")
+        assert total.count == k and got.dtype == dtype and torch.equal(_bits(got), _bits(want))
+        assert torch.equal(total.mean("ids"), states[0]["ids"])

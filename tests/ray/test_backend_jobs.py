@@ -3,6 +3,7 @@ running sum, and Ray staying optional. These run whether or not ray is installed
 
 from __future__ import annotations
 
+import itertools
 import random
 import subprocess
 import sys
@@ -194,19 +195,22 @@ def test_the_workers_soup_equals_the_engine_uniform_soup_bit_for_bit(tmp_path: P
     uniform_soup(paths, tmp_path / "engine")
     want = toy.load(tmp_path / "engine")
 
-    def state(members: list[int]) -> dict[str, torch.Tensor]:
+    def state(worker: _worker.Worker, members: list[int]) -> dict[str, torch.Tensor]:
         job = EvalJob(
             UniformSoup(tuple(str(paths[j]) for j in members), tuple(digests[j] for j in members)),
             (EvalRequest(ev, "t"),),
         )
-        return _worker.build_state(job)
+        return worker.build_state(job)
 
-    # The same soup reached from a cold worker, from a cached prefix and after another prefix.
-    for before in ([], [0, 1], [0, 1, 2], [2, 0], [0, 1, 2, 3]):
-        _worker.clear_caches()
+    # The same soup reached from a cold worker, from a cached prefix and after another prefix,
+    # on a remote worker (checkpoints planned again) and in this process (opened once, kept).
+    for before, remote in itertools.product(
+        ([], [0, 1], [0, 1, 2], [2, 0], [0, 1, 2, 3]), (True, False)
+    ):
+        worker = _worker.Worker(remote=remote)
         if before:
-            state(before)
-        got = state([0, 1, 2, 3])
+            state(worker, before)
+        got = state(worker, [0, 1, 2, 3])
         assert got.keys() == want.keys()
         for k in want:
             assert got[k].dtype == want[k].dtype

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +17,8 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 from soupkit import uniform_soup
-from soupkit.errors import EvaluationError, PlanError, UsageError
+from soupkit.backends import LocalBackend
+from soupkit.errors import CheckpointFormatError, EvaluationError, PlanError, UsageError
 from soupkit.evaluate.protocol import meets
 from soupkit.search import ScoreCache, greedy_soup
 
@@ -329,3 +333,104 @@ def test_output_folder_has_the_soup_history_and_plot(tmp_path: Path) -> None:
 
     again = plot_report(tmp_path / "soup", tmp_path / "again.png")
     assert again.read_bytes().startswith(b"\x89PNG")
+
+
+def test_a_copy_of_an_ingredient_is_scored_once_whatever_the_backend(tmp_path: Path) -> None:
+    # Scores are cached by content: a copy of an ingredient in another folder is a cache hit,
+    # in the one loop whether it runs here or on a backend (its jobs are one per content).
+    paths = toy.make_ingredients(tmp_path, ["good", "perm", "good"])
+    copy = shutil.copytree(paths[0], tmp_path / "copy-of-ft00")
+    _, xv, yv, _, _ = toy.problem()
+    runs = {}
+    for name, backend in (("here", None), ("local", LocalBackend())):
+        ev = toy.Accuracy(xv, yv)
+        r = greedy_soup([*paths, copy], ev, backend=backend)
+        assert [s.cached for s in r.ingredient_scores] == [False, False, False, True]
+        assert r.ingredient_scores[3].score == r.ingredient_scores[0].score
+        assert r.evaluations == ev.calls == 3 + sum(not s.cached for s in r.steps)
+        assert r.cache_hits == 1 + sum(s.cached for s in r.steps)
+        runs[name] = r
+    assert runs["here"].distributed is None and runs["local"].distributed is not None
+    assert runs["here"].steps == runs["local"].steps
+
+
+_HUB_SCRIPT = """
+import hashlib, os, sys, pathlib
+import soup_toy as toy
+from soupkit.search import greedy_soup
+
+root = pathlib.Path(sys.argv[1])
+paths = toy.make_ingredients(root / "runs", ["good", "good", "perm"])
+for src, repo in ((paths[0], "org/a"), (paths[1], "org/b")):  # a Hugging Face cache layout
+    d = pathlib.Path(os.environ["HF_HOME"]) / "hub" / f"models--{repo.replace('/', '--')}"
+    snap = d / "snapshots" / ("0" * 40)
+    (d / "blobs").mkdir(parents=True)
+    snap.mkdir(parents=True)
+    (d / "refs").mkdir()
+    (d / "refs" / "main").write_text("0" * 40)
+    for f in sorted(src.iterdir()):
+        etag = hashlib.sha256(f.read_bytes()).hexdigest()
+        f.rename(d / "blobs" / etag)
+        os.symlink(f"../../blobs/{etag}", snap / f.name)
+_, xv, yv, _, _ = toy.problem()
+r = greedy_soup(["org/a", "org/b", str(paths[2])], toy.Accuracy(xv, yv), root / "out", plot=False)
+print(r.ingredients)
+"""
+
+
+def test_checkpoints_named_by_hub_id_are_evaluated_from_the_cache(tmp_path: Path) -> None:
+    # The loop's jobs name each checkpoint by its resolved path: a Hub id is its snapshot folder
+    # (offline, from the cache), not a folder of that name in the working directory.
+    script = tmp_path / "hub_greedy.py"
+    script.write_text(_HUB_SCRIPT)
+    src = Path(__file__).resolve().parents[2] / "src"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
+    env |= {
+        "HF_HOME": str(tmp_path / "hf"),
+        "HF_HUB_OFFLINE": "1",
+        "HF_ENDPOINT": "http://127.0.0.1:9",  # nothing listens: nothing may be downloaded
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(src), str(Path(__file__).parent)]),
+    }
+    res = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() in ("['org/a', 'org/b']", "['org/b', 'org/a']")
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_without_a_backend_the_first_failure_stops_the_run_and_names_no_worker(
+    tmp_path: Path,
+) -> None:
+    # In this process a failing evaluator stops the run at once (a cluster would run the other
+    # independent jobs first), and messages speak of this process, not of workers.
+    paths = toy.make_ingredients(tmp_path, ["good", "good", "perm"])
+    calls = []
+
+    def broken(state):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        raise RuntimeError("no GPU")
+
+    with pytest.raises(EvaluationError) as got:
+        greedy_soup(paths, broken, evaluator_id="broken")
+    assert calls == [1]
+    msg = str(got.value)
+    assert "candidate 'ingredient " in msg and "ft00-good' failed" in msg and "no GPU" in msg
+    assert "on worker" not in msg and "more candidate" not in msg
+    (tmp_path / "gone").mkdir()
+    shutil.copy(paths[2] / "model.safetensors", tmp_path / "gone" / "model.safetensors")
+    _, xv, yv, _, _ = toy.problem()
+
+    def remove_after_first(state):  # type: ignore[no-untyped-def]
+        shutil.rmtree(tmp_path / "gone", ignore_errors=True)  # the file vanishes mid-run
+        return toy.accuracy(state, xv, yv)
+
+    with pytest.raises(CheckpointFormatError, match=r"gone") as e:
+        greedy_soup([paths[0], tmp_path / "gone"], remove_after_first, evaluator_id="rm")
+    assert "on worker" not in str(e.value) and "shared storage" not in str(e.value)

@@ -561,3 +561,29 @@ def test_sweep_sequential_refuses_a_backend_before_starting_one(tmp_path: Path) 
             sequential=True,
             backend="ray",
         )
+
+
+def test_sequential_batches_build_each_candidate_once_per_step(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each batch of examples is a job; the worker keeps the candidate's and the incumbent's
+    # weights (the two the batches alternate between), so a step reads each of them once.
+    from soupkit.backends import _worker
+
+    builds: list[str] = []
+    real = _worker.Worker._build
+
+    def counted(self: _worker.Worker, job: Any) -> Any:
+        builds.append(job.label)
+        return real(self, job)
+
+    monkeypatch.setattr(_worker.Worker, "_build", counted)
+    paths = toy.make_ingredients(tmp_path, KINDS)
+    _, xv, yv, _, _ = toy.problem()
+    ev = toy.PerExampleAccuracy(xv, yv)
+    r = greedy_soup(paths, ev, sequential=True, order_seed=3, sequential_batch=10)
+    batches = sum(-(-(s.examples + s.soup_examples) // 10) for s in r.steps)
+    steps = len(r.steps)
+    assert batches > len(paths) + 2 * steps  # many batches per step ...
+    assert len(builds) <= len(paths) + 2 * steps  # ... few reads: each state once per step
+    assert len(set(builds)) == len(builds)  # no state built twice

@@ -8,15 +8,18 @@ Searches (`soupkit.greedy_soup`, `soupkit.sweep`) take ``backend=``:
   accept / reject loop stays sequential and exact, with optional speculative evaluation of the
   next steps (`soupkit.backends.speculate`). Results equal the local run's.
 * ``LocalBackend()``: the same job path run here, one job at a time (the protocol's reference
-  implementation and test double).
+  implementation and test double). Greedy soup without a backend runs on one: its loop is
+  the same whatever the backend.
 
 A backend runs `EvalJob` s: a candidate named by paths (`Ingredient`, `UniformSoup`,
 `RecipeMerge`) and evaluators named by `RemoteEvaluator` (an import string, a factory or a
 picklable object). Workers read the checkpoints from shared storage and build the candidate
 and the evaluator themselves (`execute_job`); only paths, digests and scores travel.
 
-Layering: ``search -> backends -> (api, execute, io, evaluate)``; nothing here imports search
-or the CLI, and ``ray`` is imported only when a `RayBackend` connects.
+Layering: ``search -> backends -> (api, engine, io, evaluate, methods)``; nothing here imports
+search or the CLI, and ``ray`` is imported only when a `RayBackend` connects. Inside, modules
+import downward only: ``_ray`` < ``jobs`` < ``_worker`` < ``local``, ``ray_backend``; ``jobs`` <
+``run`` < ``speculate``.
 """
 
 from __future__ import annotations

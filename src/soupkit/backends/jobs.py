@@ -6,34 +6,33 @@ picklable recipe, and the worker builds both itself (see `soupkit.backends.execu
 job is a few hundred bytes whatever the model size; no multi-GB object ever goes through a
 scheduler's object store.
 
-Candidates:
-
-* `Ingredient`: one checkpoint alone (greedy soup's ingredient scores, the held-out best single).
-* `UniformSoup`: the uniform average of checkpoints, built with greedy soup's float32 running
-  sum, so it equals the candidate the local greedy loop evaluates bit for bit.
-* `RecipeMerge`: any recipe run by the engine into memory (a sweep's grid point), exactly as
-  the local sweep does.
+Candidates (`Ingredient`, `UniformSoup`, `RecipeMerge`): see `soupkit.backends.candidates`.
 
 Evaluators (`RemoteEvaluator`): an import string (``"pkg.mod:fn"`` or ``"path/file.py:fn"``,
 imported on the worker), a factory (a picklable callable and its arguments, called on the
 worker), or a picklable evaluator object (sent once per run, not once per job). A worker builds
-each evaluator once per process and reuses it for every candidate.
+each evaluator once (`RemoteEvaluator.construct`) and reuses it for every candidate.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from soupkit._version import __version__
-from soupkit.errors import EvaluationError, UsageError
+from soupkit.backends._ray import StoredObject
+from soupkit.backends.candidates import Candidate, Ingredient, RecipeMerge, UniformSoup
+from soupkit.errors import EvaluationError, SoupError, UsageError
 from soupkit.evaluate.identity import source_digest
-from soupkit.evaluate.protocol import EvalResult
+from soupkit.evaluate.loader import load_evaluator
+from soupkit.evaluate.protocol import BoundedEvaluator, EvalResult, run_evaluator
 
 __all__ = [
     "Candidate",
@@ -44,82 +43,37 @@ __all__ = [
     "RecipeMerge",
     "RemoteEvaluator",
     "UniformSoup",
+    "clear_built",
+    "worker_name",
 ]
 
-
-@dataclass(frozen=True)
-class Ingredient:
-    """One checkpoint alone.
-
-    Attributes:
-        path (`str`): the checkpoint (file or folder), absolute, readable from every worker.
-    """
-
-    path: str
+# Evaluators built in this process for `RemoteEvaluator.build` (used as an in-process evaluator).
+_BUILT: dict[str, Any] = {}
 
 
-@dataclass(frozen=True)
-class UniformSoup:
-    """The uniform average of ``paths``, summed in this order in float32 (greedy soup's candidate).
-
-    Non-float tensors come from the first path; the result is cast to the first path's dtypes.
-
-    Attributes:
-        paths (`tuple[str, ...]`): the ingredients, absolute, in recipe order (best first).
-        digests (`tuple[str, ...]`): their content digests; a worker keeps the running sum of
-            the last prefix it built under these, so trying ``soup + next`` after ``soup`` reads
-            one checkpoint, not all of them.
-    """
-
-    paths: tuple[str, ...]
-    digests: tuple[str, ...]
-
-    def __post_init__(self) -> None:
-        if not self.paths or len(self.paths) != len(self.digests):
-            raise UsageError(
-                f"UniformSoup needs one digest per path, got {len(self.paths)} paths and "
-                f"{len(self.digests)} digests"
-            )
+def clear_built() -> None:
+    """Forget the evaluators `RemoteEvaluator.build` built in this process."""
+    _BUILT.clear()
 
 
-@dataclass(frozen=True)
-class RecipeMerge:
-    """A recipe merged by the engine into memory.
-
-    Attributes:
-        recipe (`dict`): the recipe as JSON-ready data (``MergeConfig.model_dump(mode="json")``)
-            with absolute model paths.
-    """
-
-    recipe: dict[str, Any]
-
-    @classmethod
-    def from_config(cls, cfg: Any) -> RecipeMerge:
-        """From a `MergeConfig`, with every model path made absolute (as this process resolves
-        it), so the worker reads the same files whatever its working directory."""
-        data = cfg.model_dump(mode="json", exclude_none=True)
-        resolve = getattr(cfg, "resolve_model_path", lambda p: p)
-
-        def fix(path: str) -> str:
-            return os.path.abspath(str(resolve(path)))
-
-        for m in data.get("models") or []:
-            m["model"] = fix(m["model"])
-        for sl in data.get("slices") or []:
-            for src in sl.get("sources", []):
-                src["model"] = fix(src["model"])
-            if sl.get("base_model"):
-                sl["base_model"] = fix(sl["base_model"])
-        if data.get("base_model"):
-            data["base_model"] = fix(data["base_model"])
-        if data.get("tokenizer_source") not in (None, "base"):
-            data["tokenizer_source"] = fix(data["tokenizer_source"])
-        if not data.get("models"):
-            data.pop("models", None)
-        return cls(data)
+def worker_name() -> str:
+    """``host:pid`` of this process."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
-Candidate = Ingredient | UniformSoup | RecipeMerge
+@contextmanager
+def _in_dir(path: str) -> Iterator[None]:
+    """Run with ``path`` as the working directory when it exists here (relative data paths and
+    module names of the evaluator are the driver's)."""
+    old = os.getcwd()
+    if path and path != old and os.path.isdir(path):
+        os.chdir(path)
+        try:
+            yield
+        finally:
+            os.chdir(old)
+    else:
+        yield
 
 
 @dataclass(frozen=True)
@@ -227,24 +181,63 @@ class RemoteEvaluator:
         )
         return f"RemoteEvaluator({how}={self.name!r})"
 
-    def build(self) -> Any:
-        """The evaluator, built (or taken from this process's cache)."""
-        from soupkit.backends._worker import get_evaluator
+    def construct(self, *, remote: bool = True) -> Any:
+        """Build the evaluator here (a worker calls this once per evaluator and keeps it).
 
-        return get_evaluator(self)[0]
+        Args:
+            remote: messages name this worker process and say what workers need (False: the
+                evaluator is built in the process that runs the search).
+
+        Raises:
+            EvaluationError: the spec cannot be imported, the factory failed, the stored object
+                cannot be fetched, or the result is not callable; names the evaluator (and the
+                worker).
+        """
+        on = f" on worker {worker_name()}" if remote else ""
+        with _in_dir(self.cwd):
+            if self.spec is not None:
+                ev = load_evaluator(self.spec)
+            elif self.factory is not None:
+                try:
+                    ev = self.factory(*self.args, **dict(self.kwargs))
+                except SoupError as e:
+                    raise EvaluationError(f"cannot build evaluator {self.name}{on}: {e}") from None
+                except Exception as e:
+                    hint = (
+                        "\nhint: the factory runs on every worker: its data files and model "
+                        "folder must be readable there at the same paths (shared storage)"
+                        if remote
+                        else ""
+                    )
+                    raise EvaluationError(
+                        f"cannot build evaluator {self.name}{on}: {type(e).__name__}: {e}{hint}"
+                    ) from e
+            elif not remote and not isinstance(self.obj, StoredObject):
+                return self.obj  # the caller's own object: used as given, checked as it is used
+            else:
+                ev = self.obj.fetch() if isinstance(self.obj, StoredObject) else self.obj
+        if not callable(ev):
+            raise EvaluationError(
+                f"evaluator {self.name}{' built' + on if remote else ''} is a "
+                f"{type(ev).__name__}, not a callable(state) -> float"
+            )
+        return ev
+
+    def build(self) -> Any:
+        """The evaluator, built in this process on first use and kept."""
+        got = _BUILT.get(self.token)
+        if got is None:
+            got = _BUILT[self.token] = self.construct(remote=False)
+        return got
 
     def __call__(self, state: Mapping[str, torch.Tensor]) -> float:
         """Score ``state`` with the evaluator (built in this process on first use)."""
-        from soupkit.evaluate.protocol import run_evaluator
-
         return run_evaluator(self.build(), state, label=None).score
 
     def evaluate(
         self, state: Mapping[str, torch.Tensor], *, need: float | None = None, strict: bool = False
     ) -> EvalResult:
         """Bounded evaluation when the built evaluator supports it, else a full one."""
-        from soupkit.evaluate.protocol import BoundedEvaluator
-
         ev = self.build()
         if isinstance(ev, BoundedEvaluator):
             return ev.evaluate(state, need=need, strict=strict)
@@ -287,11 +280,16 @@ class EvalJob:
         requests: the evaluations to run on it, in order.
         version: the driver's soupkit version; a worker with another version refuses the job
             (a different engine could build different bytes).
+        keep: for a job scoring a batch of examples: the candidates whose weights the worker
+            should keep for the next jobs (a sequential test's candidate and, while its examples
+            are not all known, the incumbent); the worker drops the others it kept. Empty: it
+            keeps the last two.
     """
 
     candidate: Candidate
     requests: tuple[EvalRequest, ...]
     version: str = __version__
+    keep: tuple[Candidate, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.requests:

@@ -1,10 +1,10 @@
 """`LocalBackend`: run evaluation jobs in this process, one at a time.
 
-It is the reference implementation of the `Backend` protocol: the same `execute_job` a Ray
-worker runs, without a scheduler. Searches given ``backend=LocalBackend()`` take the job path
-(candidates rebuilt from paths, evaluators built from their `RemoteEvaluator`) and give the same
-results as the default in-process path; tests use it to check the job path without Ray, and it
-shows what a new backend must do.
+It is the reference implementation of the `Backend` protocol: the same `Worker` a Ray actor
+runs, without a scheduler. It is also greedy soup's default: the search has one loop, and
+without a backend it runs it on a `LocalBackend` (candidates rebuilt from paths, evaluators
+built from their `RemoteEvaluator`, one model in memory plus the running sum). Tests use it to
+check the job path without Ray, and it shows what a new backend must do.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Collection
 from typing import Any
 
-from soupkit.backends._worker import execute_job
+from soupkit.backends._worker import Worker
 from soupkit.backends.jobs import EvalJob, JobOutcome
 from soupkit.errors import EvaluationError, UsageError
 
@@ -35,6 +35,7 @@ class LocalBackend:
         self._jobs: dict[int, EvalJob] = {}
         self._done: dict[int, JobOutcome | EvaluationError] = {}
         self._next = 0
+        self._worker = Worker(remote=False)
         self.retries: list[dict[str, Any]] = []
 
     def __enter__(self) -> LocalBackend:
@@ -63,7 +64,7 @@ class LocalBackend:
         h = pending[0]
         job = self._jobs.pop(h)
         try:
-            self._done[h] = execute_job(job)
+            self._done[h] = self._worker.execute(job)
         except EvaluationError as e:
             self._done[h] = e
         return [h]
@@ -89,6 +90,7 @@ class LocalBackend:
         return {"backend": self.name, "workers": 1}
 
     def close(self) -> None:
-        """Forget every queued job."""
+        """Forget every queued job, and what the worker keeps (evaluators, running sum)."""
         self._jobs.clear()
         self._done.clear()
+        self._worker.clear()

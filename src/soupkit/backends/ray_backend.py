@@ -9,7 +9,8 @@ What runs where:
   cache, makes every accept / reject decision and writes the output.
 * Each worker slot is a Ray actor (`EvaluationWorker`) holding the resources asked for
   (``num_cpus``, ``num_gpus``, ``memory``, custom ``resources``) for the backend's lifetime, and
-  running one job at a time through `soupkit.backends.execute_job`. A job carries paths,
+  running one job at a time on its own `soupkit.backends._worker.Worker` (what
+  `soupkit.backends.execute_job` runs). A job carries paths,
   digests and the evaluator's `RemoteEvaluator` (a few hundred bytes); the actor reads the
   checkpoints from shared storage and builds the candidate itself. Actors are started as jobs
   need them, up to `RayBackend.parallelism` (what the cluster's resources fit, or
@@ -41,56 +42,21 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from soupkit._util import extras as _extras
-from soupkit.backends._worker import execute_job, worker_name
-from soupkit.backends.jobs import EvalJob, JobOutcome
+from soupkit.backends._ray import StoredObject, import_ray
+from soupkit.backends._worker import Worker
+from soupkit.backends.jobs import EvalJob, JobOutcome, worker_name
 from soupkit.errors import EvaluationError, UsageError
+from soupkit.io.writer import parse_size
 
 __all__ = ["EvaluationWorker", "RayBackend", "StoredObject", "import_ray"]
-
-_INSTALL_HINT = _extras.install_hint("ray")
-
-
-def import_ray() -> Any:
-    """The ``ray`` module.
-
-    Raises:
-        UsageError: ray is not installed (with the pip command that installs it).
-    """
-    ray = _extras.require("ray", "ray", "the Ray backend")
-    if not hasattr(ray, "remote"):  # e.g. a folder named ray/ on sys.path, not the package
-        where = getattr(ray, "__path__", None) or getattr(ray, "__file__", "?")
-        raise UsageError(
-            f"the Ray backend needs the 'ray' package; 'import ray' found {where}, which is not it\n"
-            f"{_INSTALL_HINT}"
-        )
-    return ray
-
-
-class StoredObject:
-    """An evaluator object put in Ray's object store once per run; workers fetch it when they
-    first need it (the reference is nested, so Ray does not fetch it for every task)."""
-
-    def __init__(self, ref: Any) -> None:
-        self.ref = [ref]
-
-    def fetch(self) -> Any:
-        """The object (called on a worker)."""
-        ray = import_ray()
-        try:
-            return ray.get(self.ref[0])
-        except Exception as e:
-            raise EvaluationError(
-                f"cannot unpickle the evaluator object on this Ray worker: {type(e).__name__}: {e}\n"
-                "hint: its class or function must be importable on every worker (install its package, "
-                "or put its folder on PYTHONPATH / runtime_env={'py_modules': [...]}), or name it by "
-                "import string (RemoteEvaluator.from_spec('pkg.mod:fn'))"
-            ) from e
 
 
 class EvaluationWorker:
     """The Ray actor behind one worker slot: runs jobs one at a time in its own process, which
     keeps the evaluators it built (and greedy soup's running sum) for the next jobs."""
+
+    def __init__(self) -> None:
+        self._worker = Worker()
 
     def ready(self) -> str:
         """``host:pid``, once the actor is up (jobs go only to actors that answered)."""
@@ -100,7 +66,7 @@ class EvaluationWorker:
         """Run ``job`` (see `execute_job`); stops early if the driver cancelled it."""
         ctx = import_ray().get_runtime_context()
         is_canceled = getattr(ctx, "is_canceled", None)  # Ray >= 2.8
-        return execute_job(job, stop=is_canceled)
+        return self._worker.execute(job, stop=is_canceled)
 
 
 @dataclass
@@ -177,8 +143,6 @@ class RayBackend:
             problems.append(f"max_retries must be an integer >= 0, got {max_retries!r}")
         mem: int | None = None
         if memory is not None:
-            from soupkit.io.writer import parse_size
-
             try:
                 mem = parse_size(memory)
             except ValueError as e:

@@ -158,6 +158,7 @@ def run_jobs(
     on_done: Callable[[int, JobOutcome], None] | None = None,
     *,
     log: RunLog | None = None,
+    keep_going: bool = True,
 ) -> list[JobOutcome]:
     """Run independent ``jobs`` on ``backend``; outcomes in the order of ``jobs``.
 
@@ -167,10 +168,13 @@ def run_jobs(
         on_done: called with ``(index, outcome)`` as each job finishes (in finishing order),
             e.g. to store the score in a cache right away.
         log: counts the jobs.
+        keep_going: after a failed job, run the others to the end (False: stop at the first
+            failure, as a search in this process does; the jobs not yet run are cancelled).
 
     Raises:
-        EvaluationError: a job failed (after the backend's retries). The other jobs are still
-            run to the end and passed to ``on_done`` first, so nothing computed is lost.
+        EvaluationError: a job failed (after the backend's retries). With ``keep_going``, the
+            other jobs are still run to the end and passed to ``on_done`` first, so nothing
+            computed is lost.
     """
     t0 = time.perf_counter()
     handles: dict[int, int] = {}
@@ -187,6 +191,8 @@ def run_jobs(
                 try:
                     got = backend.result(h)
                 except EvaluationError as e:
+                    if not keep_going:
+                        raise
                     errors.append(e)
                     continue
                 out[k] = got

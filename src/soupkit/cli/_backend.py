@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from soupkit.backends import RayBackend, RemoteEvaluator
+from soupkit.cli._search_common import build_evaluator
 from soupkit.errors import UsageError
 
 __all__ = [
@@ -153,8 +154,6 @@ def make_backend(args: argparse.Namespace) -> RayBackend | None:
 def build_cli_evaluator(flags: dict[str, Any], checkpoints: list[str], data: str | None) -> Any:
     """Build the evaluator the CLI flags describe, on a worker (``data``: use this file instead of
     the built-in evaluator's, for the second evaluation set)."""
-    from soupkit.cli._search_common import build_evaluator
-
     ns = argparse.Namespace(**flags, evaluator_id="worker")
     if data is not None:
         kind = "hf_classification" if flags.get("hf_classification") else "hf_perplexity"

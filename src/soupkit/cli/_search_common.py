@@ -16,13 +16,16 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from soupkit.errors import UsageError
+from soupkit.evaluate.builtin import HFCausalLMPerplexityEvaluator, HFClassificationEvaluator
 from soupkit.evaluate.identity import source_digest
+from soupkit.evaluate.loader import load_evaluator
 from soupkit.io.digest import sha256_file
 from soupkit.search.cache import ScoreCache, default_cache_path
 
@@ -246,8 +249,6 @@ def _model_dir(args: argparse.Namespace, checkpoints: Sequence[str]) -> Path:
 
 
 def _user(spec: str, given: str | None) -> tuple[Any, str]:
-    from soupkit.evaluate.loader import load_evaluator
-
     ev = load_evaluator(spec)
     if given:
         return ev, given
@@ -269,8 +270,6 @@ def _folder_digest(folder: Path) -> str:
 
 
 def _builtin(kind: str, data: str, args: argparse.Namespace, model_dir: Path) -> tuple[Any, str]:
-    from soupkit.evaluate.builtin import HFCausalLMPerplexityEvaluator, HFClassificationEvaluator
-
     if not Path(data).is_file():
         raise UsageError(f"{data}: no such data file")
     if kind == "classification":
@@ -358,8 +357,6 @@ def load_bn(args: argparse.Namespace) -> tuple[Any, Any] | None:
     spec = getattr(args, "recalibrate_bn", None)
     if not spec:
         return None
-    from soupkit.evaluate.loader import load_evaluator  # the same import-string rules
-
     fn = load_evaluator(spec)
     got = fn()  # type: ignore[call-arg]
     if not (isinstance(got, (tuple, list)) and len(got) == 2):
@@ -369,7 +366,5 @@ def load_bn(args: argparse.Namespace) -> tuple[Any, Any] | None:
         )
     model, loader = got
     if args.bn_batches is not None:
-        import itertools
-
         loader = list(itertools.islice(loader, args.bn_batches))
     return model, loader

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from soupkit._util.defaults import MAX_SHARD_SIZE
 from soupkit._util.format import human_seconds
 from soupkit.cli._backend import (
     add_backend_flags,
@@ -81,7 +82,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         "--force", action="store_true", help="replace OUT_DIR if it exists and is not empty"
     )
     p.add_argument(
-        "--max-shard-size", default="5GB", metavar="SIZE", help="largest output shard (default 5GB)"
+        "--max-shard-size",
+        default=MAX_SHARD_SIZE,
+        metavar="SIZE",
+        help=f"largest output shard (default {MAX_SHARD_SIZE})",
     )
     p.add_argument("--no-plot", action="store_true", help="do not write greedy-soup.png")
     p.add_argument("--no-progress", action="store_true", help="do not show progress bars")

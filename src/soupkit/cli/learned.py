@@ -5,12 +5,16 @@ from __future__ import annotations
 import argparse
 import random
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
+from soupkit._util.defaults import MAX_SHARD_SIZE
 from soupkit._util.format import human_seconds
 from soupkit.cli._common import command, progress_flag
 from soupkit.cli._search_common import cli_record
 from soupkit.errors import UsageError
+from soupkit.evaluate.builtin import HFClassificationEvaluator
+from soupkit.evaluate.loader import load_evaluator
 from soupkit.search.learned import LearnedSoupResult, classification_loss, learned_soup
 from soupkit.search.report_plot import short_labels
 
@@ -94,7 +98,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         "--force", action="store_true", help="replace OUT_DIR if it exists and is not empty"
     )
     p.add_argument(
-        "--max-shard-size", default="5GB", metavar="SIZE", help="largest output shard (default 5GB)"
+        "--max-shard-size",
+        default=MAX_SHARD_SIZE,
+        metavar="SIZE",
+        help=f"largest output shard (default {MAX_SHARD_SIZE})",
     )
     p.add_argument("--no-plot", action="store_true", help="do not write learned-soup.png")
     p.add_argument("--no-progress", action="store_true", help="do not show progress bars")
@@ -102,8 +109,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 
 
 def _model_dir(args: argparse.Namespace) -> str:
-    from pathlib import Path
-
     if args.model_dir:
         return str(args.model_dir)
     first = Path(args.checkpoints[0])
@@ -112,8 +117,6 @@ def _model_dir(args: argparse.Namespace) -> str:
 
 def _hf(args: argparse.Namespace) -> tuple[Any, list[Any]]:
     """The classifier and its labelled batches, tokenized by the built-in evaluator's code."""
-    from soupkit.evaluate.builtin import HFClassificationEvaluator
-
     ev = HFClassificationEvaluator(
         _model_dir(args),
         args.hf_classification,
@@ -133,8 +136,6 @@ def _hf(args: argparse.Namespace) -> tuple[Any, list[Any]]:
 
 
 def _setup(spec: str) -> Mapping[str, Any]:
-    from soupkit.evaluate.loader import load_evaluator  # same import-string rules as evaluators
-
     got = load_evaluator(spec)()  # type: ignore[call-arg]
     if not isinstance(got, Mapping) or "model" not in got or "data" not in got:
         raise UsageError(
@@ -169,12 +170,8 @@ def run(args: argparse.Namespace) -> int:
         model, data = _hf(args)
     evaluator = None
     if args.evaluator:
-        from soupkit.evaluate.loader import load_evaluator
-
         evaluator = load_evaluator(args.evaluator)
     elif args.test_data:
-        from soupkit.evaluate.builtin import HFClassificationEvaluator
-
         evaluator = HFClassificationEvaluator(
             _model_dir(args),
             args.test_data,

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import re
+from pathlib import Path
 from typing import Any
 
+from soupkit._util.defaults import MAX_SHARD_SIZE
 from soupkit._util.format import human_seconds
+from soupkit.backends import RemoteEvaluator
 from soupkit.cli._backend import (
     add_backend_flags,
     distributed_lines,
@@ -22,6 +25,7 @@ from soupkit.cli._search_common import (
     open_cli_cache,
 )
 from soupkit.errors import UsageError
+from soupkit.evaluate.lmeval import LMEvalEvaluator
 from soupkit.search.recipe_search import SAMPLERS, OptimizeResult, load_space, optimize
 
 
@@ -151,7 +155,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         help="start a new study in OUT_DIR, deleting the old study.db",
     )
     p.add_argument(
-        "--max-shard-size", default="5GB", metavar="SIZE", help="largest output shard (default 5GB)"
+        "--max-shard-size",
+        default=MAX_SHARD_SIZE,
+        metavar="SIZE",
+        help=f"largest output shard (default {MAX_SHARD_SIZE})",
     )
     p.add_argument(
         "--no-plot", action="store_true", help="do not write history.png and coefficients.png"
@@ -224,11 +231,6 @@ def lm_eval_evaluators(
     args: argparse.Namespace, first: list[str], *, remote: bool
 ) -> tuple[Any, str, Any | None, str | None]:
     """The ``--lm-eval`` evaluators (built on the workers with a backend), with their identities."""
-    from pathlib import Path
-
-    from soupkit.backends import RemoteEvaluator
-    from soupkit.evaluate.lmeval import LMEvalEvaluator
-
     others = [
         f
         for f in (

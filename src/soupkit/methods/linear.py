@@ -12,12 +12,17 @@ bit): in float32, ``acc = w_0 * theta_0``, then ``acc.addcmul_(theta_i, w_i)`` f
 recipe order (a fused multiply-add: one rounding per step, on every CPU kernel path, whatever the
 chunking or thread count), then ``acc / sum(w)`` with the float32 sum of the weights. Weights are
 not re-normalised silently: ``normalize: false`` keeps them as given.
+
+`RunningSum` is the same arithmetic one ingredient at a time, for whole state dicts: greedy soup
+keeps the float32 sum of the accepted ingredients and evaluates ``(sum + next) / (k + 1)``, which
+equals this method's uniform soup of those ingredients bit for bit (``w_i = 1``: the fused
+multiply-add adds exactly, and the divisor is the same float32 sum of ones).
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -69,10 +74,9 @@ def linear(
     Works in place on ``tensors`` (the engine hands every method tensors it owns).
     """
     weights, total = _weights(p.weight)
-    # acc = w0 * t0 is what addcmul_ from zeros gives (fma(t0, w0, 0) rounds once, like a product)
-    acc = tensors[0].mul_(weights[0])
+    acc = RunningSum.first(tensors[0], weights[0])
     for t, w in zip(tensors[1:], weights[1:]):
-        acc.addcmul_(t, w)  # one rounding per step: a fused multiply-add, as mergekit does
+        RunningSum.step(acc, t, w)
     if p.normalize:
         acc.div_(total)
     return acc
@@ -86,3 +90,84 @@ def _weights(weight: tuple[float, ...]) -> tuple[tuple[torch.Tensor, ...], torch
     with torch.inference_mode(False):
         w = torch.tensor(weight, dtype=torch.float32)
         return tuple(w.unbind()), w.sum()
+
+
+class RunningSum:
+    """Float32 running sum of whole state dicts with `linear`'s operations: the uniform soup of
+    the ingredients added so far, and of those plus one more, without holding them all.
+
+    The first state dict fixes the names, their order and the soup's dtypes: its floating-point
+    tensors are summed in float32 and cast back to their own dtype; its other tensors (integer
+    buffers, masks) are taken as they are, as the engine takes them from the first model. An
+    ingredient is added in place (`add`, tensor by tensor); `mean` gives the soup of the added
+    ingredients, optionally with one more that is not added (greedy soup's candidate). Pure
+    tensors: reading the ingredients is the caller's.
+
+    Attributes:
+        count: ingredients added.
+        names: every tensor name, in the first state dict's order.
+    """
+
+    def __init__(self, first: Mapping[str, torch.Tensor]) -> None:
+        self._acc: dict[str, torch.Tensor] = {}
+        self._fixed: dict[str, torch.Tensor] = {}
+        self._dtype: dict[str, torch.dtype] = {}
+        for name, t in first.items():
+            if t.is_floating_point():
+                self._acc[name] = RunningSum.first(t.to(torch.float32, copy=True), _ONE)
+                self._dtype[name] = t.dtype
+            else:
+                self._fixed[name] = t
+        self.names: tuple[str, ...] = tuple(first)
+        self.count = 1
+
+    @staticmethod
+    def first(t: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """``w * t`` in place in ``t`` (float32, owned): what ``addcmul_`` from zeros gives
+        (``fma(t, w, 0)`` rounds once, like a product)."""
+        return t.mul_(w)
+
+    @staticmethod
+    def step(acc: torch.Tensor, t: torch.Tensor, w: torch.Tensor) -> None:
+        """``acc += w * t`` in place: one rounding per step (a fused multiply-add, as mergekit
+        does)."""
+        acc.addcmul_(t, w)
+
+    def summed(self, name: str) -> bool:
+        """Whether ``name`` is summed (a floating-point tensor); the others need not be read."""
+        return name in self._acc
+
+    def add(self, name: str, t: torch.Tensor) -> None:
+        """Add the next ingredient's tensor ``name`` (call for every summed name, then `added`)."""
+        RunningSum.step(self._acc[name], t.to(torch.float32), _ONE)
+
+    def added(self) -> None:
+        """Count the ingredient whose tensors were just added."""
+        self.count += 1
+
+    def mean(self, name: str, extra: torch.Tensor | None = None) -> torch.Tensor:
+        """Tensor ``name`` of the uniform soup of the added ingredients, plus ``extra`` (one more
+        ingredient's tensor, not added to the sum) when given; in the first ingredient's dtype."""
+        fixed = self._fixed.get(name)
+        if fixed is not None:
+            return fixed
+        n = self.count
+        if extra is None:
+            return (self._acc[name] / _count(n)).to(self._dtype[name])
+        c = torch.addcmul(self._acc[name], extra.to(torch.float32), _ONE)
+        c /= _count(n + 1)
+        return c.to(self._dtype[name])
+
+    def clear(self) -> None:
+        """Free the sum."""
+        self._acc.clear()
+        self._fixed.clear()
+
+
+with torch.inference_mode(False):
+    _ONE = torch.tensor(1.0, dtype=torch.float32)
+
+
+def _count(n: int) -> torch.Tensor:
+    # Exactly what `linear` divides a uniform soup of n by: the float32 sum of n weights of 1.0.
+    return _weights((1.0,) * n)[1]

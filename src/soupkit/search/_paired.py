@@ -239,12 +239,13 @@ class _Memo:
     """Builds a state at most once, on first use; ``clear`` frees it."""
 
     def __init__(self, fn: StateFn) -> None:
-        self.fn, self.state = fn, None  # type: Any
+        self.fn = fn
+        self.state: Mapping[str, torch.Tensor] | None = None
 
     def __call__(self) -> Mapping[str, torch.Tensor]:
         if self.state is None:
             self.state = self.fn()
-        return self.state  # type: ignore[no-any-return]
+        return self.state
 
     def clear(self) -> None:
         self.state = None

@@ -94,7 +94,7 @@ def coefficients(p: MergePlan, cfg: MergeConfig) -> dict[str, Any]:
     labels = short_labels([e.model for e in cfg.models])
     series: list[dict[str, Any]] = []
     for key in p.method.per_model_names:
-        rows = []
+        rows: list[list[float]] = []
         for where in order:
             vals = getattr(jobs[reps[where]].params, key, None)
             if not isinstance(vals, tuple) or not all(

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-import sys
 from collections.abc import Callable, Iterator
-from typing import Any
 
 import torch
 
@@ -29,27 +27,8 @@ __all__ = [
     "checkpoint_digest",
     "evaluator_identity",
     "iter_tensors",
-    "progress_bar",
     "read_state",
 ]
-
-
-def progress_bar(total: int | None, enabled: bool | None, desc: str, unit: str = "it") -> Any:
-    """A tqdm bar on stderr (default: shown only when stderr is a terminal)."""
-    from tqdm.auto import tqdm
-
-    disable = (not sys.stderr.isatty()) if enabled is None else (not enabled)
-    scale = unit == "B"
-    return tqdm(
-        total=total,
-        desc=desc,
-        unit=unit,
-        unit_scale=scale,
-        unit_divisor=1024 if scale else 1000,
-        disable=disable,
-        dynamic_ncols=True,
-        leave=False,
-    )
 
 
 def iter_tensors(ck: Checkpoint, reader: TensorReader) -> Iterator[tuple[str, torch.Tensor]]:
@@ -69,25 +48,6 @@ def read_state(ck: Checkpoint, reader: TensorReader | None = None) -> dict[str, 
         return dict(iter_tensors(ck, reader))
     with TensorReader() as r:
         return dict(iter_tensors(ck, r))
-
-
-def start_sum(
-    ck: Checkpoint,
-    reader: TensorReader,
-) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.dtype]]:
-    """A running sum started from one ingredient: its float tensors as float32 (the sum), its
-    non-float tensors as they are (taken from the first ingredient, as the engine does), and each
-    float tensor's stored dtype (the soup's output dtype)."""
-    acc: dict[str, torch.Tensor] = {}
-    fixed: dict[str, torch.Tensor] = {}
-    out_dtype: dict[str, torch.dtype] = {}
-    for name, info in ck.tensors.items():
-        if info.is_float:
-            acc[name] = reader.read(info).reshape(info.shape).to(torch.float32, copy=True)
-            out_dtype[name] = info.torch_dtype
-        else:
-            fixed[name] = reader.read(info).reshape(info.shape)
-    return acc, fixed, out_dtype
 
 
 def checkpoint_digest(

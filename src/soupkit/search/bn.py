@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from soupkit._util.defaults import MAX_SHARD_SIZE
 from soupkit.api.merging import MergeResult, run_merge_plan
 from soupkit.engine import MemorySink, run_plan
 from soupkit.errors import UsageError
@@ -124,7 +125,7 @@ def write_recalibrated(
     max_batches: int | None = None,
     force: bool = False,
     progress: bool | None = None,
-    max_shard_size: int | str = "5GB",
+    max_shard_size: int | str = MAX_SHARD_SIZE,
     extra_report: Mapping[str, Any] | None = None,
     extra_files: Mapping[str, bytes] | None = None,
 ) -> MergeResult:

@@ -42,8 +42,9 @@ import torch
 from soupkit.errors import UsageError
 from soupkit.evaluate.protocol import EvalResult, meets
 from soupkit.io.digest import HashCache, cache_dir
+from soupkit.search._state import evaluator_identity
 
-__all__ = ["ScoreCache", "default_cache_path"]
+__all__ = ["ScoreCache", "cache_identity", "default_cache_path", "open_cache"]
 
 _VERSION = 1
 
@@ -280,3 +281,30 @@ class ScoreCache:
             rec["strict"] = strict
         self._scores.setdefault((evaluator, subject), []).append({"v": _VERSION, **rec})
         self._append(rec)
+
+
+def open_cache(cache: ScoreCache | str | os.PathLike[str] | bool | None) -> ScoreCache:
+    """``True`` -> the default file, a path -> that file, ``None``/``False`` -> memory only."""
+    if isinstance(cache, ScoreCache):
+        return cache
+    if cache is True:
+        return ScoreCache(default_cache_path())
+    if cache is None or cache is False:
+        return ScoreCache(None)
+    return ScoreCache(cache)
+
+
+def cache_identity(evaluator: object, given: str | None, store: ScoreCache) -> str:
+    """An evaluator's identity in ``store``: derived strictly for a persistent cache (see
+    `evaluator_identity`); for a memory-only cache any name unique to this object will do
+    (nothing outlives the run)."""
+    if store.path is not None:
+        return evaluator_identity(evaluator, given)
+    if given is not None:
+        return given
+    try:
+        return evaluator_identity(evaluator)
+    except UsageError:
+        name = getattr(evaluator, "__qualname__", None) or type(evaluator).__qualname__
+        mod = getattr(evaluator, "__module__", None) or type(evaluator).__module__
+        return f"{mod}:{name}#{id(evaluator):x}"

@@ -37,21 +37,25 @@ import glob
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from soupkit.api.merging import MergeResult, linear_recipe, plan, run_merge_plan
+from soupkit._util.defaults import MAX_SHARD_SIZE
+from soupkit._util.progress import progress_bar
+from soupkit.api.merging import MergeResult, linear_recipe, plan
 from soupkit.errors import UsageError
 from soupkit.evaluate.protocol import Evaluator, run_evaluator
 from soupkit.io.checkpoint import Checkpoint
 from soupkit.io.header import TensorInfo
 from soupkit.io.reader import TensorReader
+from soupkit.methods.linear import RunningSum
 from soupkit.recipe.schema import MergeConfig, load_recipe
-from soupkit.search._state import progress_bar
+from soupkit.search import report_plot
+from soupkit.search._output import finish_search
 
 __all__ = [
     "LearnedSoupResult",
@@ -247,9 +251,10 @@ class StreamingMixture:
                     slot.target.copy_(self.reader.read(slot.infos[0]).reshape(slot.target.shape))
                     continue
                 w = self._weights(a, slot)
+                # `linear`'s operations (RunningSum), on a fresh product (the read may be shared)
                 acc = self._read(slot.infos[0]) * w[0]
                 for info, wk in zip(slot.infos[1:], w[1:]):
-                    acc.addcmul_(self._read(info), wk)  # fused multiply-add, as `linear` does
+                    RunningSum.step(acc, self._read(info), wk)
                 slot.target.copy_(acc)
                 del acc
 
@@ -431,7 +436,7 @@ def learned_soup(
     force: bool = False,
     progress: bool | None = None,
     plot: bool = True,
-    max_shard_size: int | str = "5GB",
+    max_shard_size: int | str = MAX_SHARD_SIZE,
     report_extra: Mapping[str, Any] | None = None,
 ) -> LearnedSoupResult:
     """Learn mixing coefficients of ``checkpoints`` on held-out labelled ``data`` (see module docs).
@@ -513,77 +518,22 @@ def learned_soup(
             score=score,
             uniform_score=uniform_score,
         )
-    if out is None:
-        return replace(result, seconds=time.perf_counter() - t0)
-    return _write(
+    return finish_search(
         result,
-        net,
         out,
-        recalibrate_bn_data,
+        lambda: plan(result.recipe, max_shard_size=max_shard_size),
+        "learned",
+        report_plot.learned_plot,
+        PLOT_NAME,
+        t0=t0,
         force=force,
         progress=progress,
         plot=plot,
         max_shard_size=max_shard_size,
         report_extra=report_extra,
-        t0=t0,
+        recalibrate=(net, recalibrate_bn_data) if recalibrate_bn_data is not None else None,
     )
 
 
 def _summary(alpha: torch.Tensor, per_tensor: bool) -> list[float]:
     return (alpha.mean(dim=1) if per_tensor else alpha).tolist()
-
-
-def _write(
-    result: LearnedSoupResult,
-    model: torch.nn.Module,
-    out: str | os.PathLike[str],
-    bn_data: Iterable[Any] | None,
-    *,
-    force: bool,
-    progress: bool | None,
-    plot: bool,
-    max_shard_size: int | str,
-    report_extra: Mapping[str, Any] | None,
-    t0: float,
-) -> LearnedSoupResult:
-    from soupkit.search import report_plot
-    from soupkit.search.bn import write_recalibrated
-
-    notes = list(result.notes)
-    files: dict[str, bytes] = {}
-    dest = Path(out)
-    plot_path = None
-    record = replace(result, seconds=time.perf_counter() - t0).to_dict()
-    if plot:
-        if report_plot.matplotlib_available():
-            files[PLOT_NAME] = report_plot.learned_plot(record)
-            plot_path = dest / PLOT_NAME
-        else:
-            notes.append("plot skipped: matplotlib is not installed (pip install 'soupkit[plot]')")
-            record["notes"] = notes
-    p = plan(result.recipe, max_shard_size=max_shard_size)
-    extra = {"learned": record, **dict(report_extra or {})}
-    if bn_data is not None:
-        merged = write_recalibrated(
-            p,
-            dest,
-            model,
-            bn_data,
-            force=force,
-            progress=progress,
-            max_shard_size=max_shard_size,
-            extra_report=extra,
-            extra_files=files,
-        )
-    else:
-        merged = run_merge_plan(
-            p, dest, force=force, progress=progress, extra_report=extra, extra_files=files
-        )
-    return replace(
-        result,
-        out=dest,
-        merge=merged,
-        plot=plot_path,
-        notes=notes,
-        seconds=time.perf_counter() - t0,
-    )

@@ -56,15 +56,17 @@ import socket
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import yaml
 
 from soupkit import methods
+from soupkit._util.defaults import MAX_SHARD_SIZE
 from soupkit._util.extras import require
-from soupkit.api.merging import MergeResult, plan
+from soupkit._util.progress import progress_bar
+from soupkit.api.merging import MergeResult, plan, run_merge_plan
 from soupkit.backends import (
     Backend,
     EvalJob,
@@ -80,9 +82,10 @@ from soupkit.errors import ConfigError, PlanError, SoupError, UsageError
 from soupkit.evaluate.protocol import EvalResult, Evaluator, run_evaluator
 from soupkit.io.checkpoint import open_checkpoint
 from soupkit.recipe.schema import MergeConfig, load_recipe
-from soupkit.search._state import checkpoint_digest, progress_bar
-from soupkit.search.cache import ScoreCache
-from soupkit.search.greedy import _identity, open_cache
+from soupkit.search import _recipe_search_plot as _optimize_plot
+from soupkit.search import report_plot
+from soupkit.search._state import checkpoint_digest
+from soupkit.search.cache import ScoreCache, cache_identity, open_cache
 from soupkit.search.sweeps import _recipe_key
 
 __all__ = ["SAMPLERS", "OptimizeResult", "SearchSpace", "TrialRecord", "load_space", "optimize"]
@@ -159,7 +162,7 @@ def _is_choice(v: Any) -> bool:
     return isinstance(v, dict) and "choice" in v
 
 
-def _number(v: Any) -> bool:
+def _number(v: Any) -> TypeGuard[int | float]:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
@@ -279,8 +282,8 @@ class _Parser:
         return v
 
 
-def _accepts(method: str, key: str) -> bool:
-    spec = methods.REGISTRY.get(method)
+def _accepts(method: str | None, key: str) -> bool:
+    spec = methods.REGISTRY.get(method) if method is not None else None
     return spec is None or key in (*spec.global_names, *spec.per_model_names)
 
 
@@ -530,7 +533,7 @@ def per_trial_sampler(name: str, seed: int) -> Any:
     optuna = _optuna()
     make_sampler(name, seed)  # fail now on a missing package, not inside the first trial
 
-    class PerTrialSampler(optuna.samplers.BaseSampler):  # type: ignore[misc]
+    class PerTrialSampler(optuna.samplers.BaseSampler):  # type: ignore[misc,name-defined]
         def __init__(self) -> None:
             self._by: dict[int, Any] = {}
 
@@ -713,7 +716,7 @@ def _open_storage(optuna: Any, url: str) -> Any:
     per suggested parameter (20 ms each on a busy disk, which dominated small searches)."""
     if not url.startswith("sqlite"):
         return optuna.storages.RDBStorage(url)
-    from sqlalchemy import event
+    sqlalchemy = require("sqlalchemy", "optimize", "soupkit optimize's study storage")
 
     def pragmas(conn: Any, _record: Any) -> None:
         cur = conn.cursor()
@@ -722,17 +725,15 @@ def _open_storage(optuna: Any, url: str) -> Any:
         cur.execute("PRAGMA busy_timeout=60000")
         cur.close()
 
-    from sqlalchemy import create_engine
-
     # the listener must see the very first connection (table creation), so it is attached to
     # an engine made for the purpose and handed to Optuna by its URL's pool settings
-    probe = create_engine(url)
-    event.listen(probe, "connect", pragmas)
+    probe = sqlalchemy.create_engine(url)
+    sqlalchemy.event.listen(probe, "connect", pragmas)
     with probe.connect():
         pass  # sets WAL mode in the file (persistent)
     probe.dispose()
     storage = optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
-    event.listen(storage.engine, "connect", pragmas)
+    sqlalchemy.event.listen(storage.engine, "connect", pragmas)
     storage.engine.dispose()  # reconnect with the pragmas
     return storage
 
@@ -780,7 +781,7 @@ def optimize(
     progress: bool | None = None,
     plot: bool = True,
     write_model: bool = True,
-    max_shard_size: int | str = "5GB",
+    max_shard_size: int | str = MAX_SHARD_SIZE,
     report_extra: Mapping[str, Any] | None = None,
 ) -> OptimizeResult:
     """Search a recipe's parameters by evaluation (see the module docstring); write the best.
@@ -931,9 +932,9 @@ def _run(
     if parallel < 1:
         raise UsageError(f"parallel must be at least 1, got {parallel}")
     store = open_cache(cache)
-    eid = _identity(evaluator, evaluator_id, store)
+    eid = cache_identity(evaluator, evaluator_id, store)
     hid = (
-        _identity(holdout_evaluator, holdout_evaluator_id, store)
+        cache_identity(holdout_evaluator, holdout_evaluator_id, store)
         if holdout_evaluator is not None
         else None
     )
@@ -1277,8 +1278,6 @@ def _search(
 
 
 def _replace(r: OptimizeResult, **kw: Any) -> OptimizeResult:
-    from dataclasses import replace
-
     return replace(r, **kw)
 
 
@@ -1344,10 +1343,6 @@ def _write(
     report_extra: Mapping[str, Any] | None,
     t0: float,
 ) -> OptimizeResult:
-    from soupkit.api.merging import run_merge_plan
-    from soupkit.search import _recipe_search_plot as _optimize_plot
-    from soupkit.search import report_plot
-
     notes = list(result.notes)
     p = plan(result.recipe, max_shard_size=max_shard_size)
     (dest / RECIPE_NAME).write_text(

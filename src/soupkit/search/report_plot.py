@@ -13,6 +13,7 @@ import io
 import json
 import math
 import os
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -79,8 +80,6 @@ def _ellipsize(text: str, limit: int) -> str:
 
 def _title(ax: Any, lines: Sequence[str], width_in: float, fontsize: float = 9.5) -> None:
     """A title that fits the axes: every line wrapped to the figure's width, never cut off."""
-    import textwrap
-
     chars = max(30, int(width_in * 72 / (0.62 * fontsize)) - 4)  # average glyph ~0.6 em, a margin
     wrapped = [w for line in lines for w in textwrap.wrap(line, chars)]
     ax.set_title("\n".join(wrapped), fontsize=fontsize)

@@ -77,6 +77,8 @@ from typing import Any
 
 import torch
 
+from soupkit.errors import EvaluationError
+
 __all__ = [
     "PairedDecision",
     "SequentialOptions",
@@ -256,8 +258,6 @@ def decide(
 
 def check_binary(values: torch.Tensor, indices: Sequence[int], who: str) -> None:
     """Raise `EvaluationError` unless every value is 0 or 1 (the test needs correctness)."""
-    from soupkit.errors import EvaluationError
-
     bad = ~((values == 0) | (values == 1))
     if bool(bad.any()):
         k = int(torch.nonzero(bad)[0, 0])

@@ -35,17 +35,20 @@ by the checkpoint's content digest, plus the evaluator's identity.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from soupkit import methods
+from soupkit._util.defaults import MAX_SHARD_SIZE
+from soupkit._util.progress import progress_bar
 from soupkit.api.merging import MergeResult, plan
 from soupkit.backends import Backend, resolve_backend
 from soupkit.engine import MemorySink, run_plan
@@ -54,10 +57,12 @@ from soupkit.evaluate.protocol import Evaluator, run_evaluator
 from soupkit.io.checkpoint import open_checkpoint
 from soupkit.planning.plan import MergePlan
 from soupkit.recipe.schema import MergeConfig, load_recipe
+from soupkit.search import report_plot
+from soupkit.search._output import finish_search
 from soupkit.search._paired import PairedRunner, require_per_example
-from soupkit.search._state import checkpoint_digest, progress_bar
-from soupkit.search.cache import ScoreCache
-from soupkit.search.greedy import _identity, open_cache, write_search_output
+from soupkit.search._state import checkpoint_digest
+from soupkit.search._sweep_jobs import sweep_on_backend
+from soupkit.search.cache import ScoreCache, cache_identity, open_cache
 from soupkit.search.sequential import SequentialOptions
 
 __all__ = ["DEFAULT_PARAM", "SweepPoint", "SweepResult", "sweep", "sweep_recipes"]
@@ -307,7 +312,7 @@ def sweep(
     force: bool = False,
     progress: bool | None = None,
     plot: bool = True,
-    max_shard_size: int | str = "5GB",
+    max_shard_size: int | str = MAX_SHARD_SIZE,
     report_extra: Mapping[str, Any] | None = None,
     recalibrate: tuple[Any, Iterable[Any]] | None = None,
     backend: Backend | str | None = None,
@@ -393,9 +398,9 @@ def sweep(
     n_examples = require_per_example(evaluator, opts) if opts is not None else 0
     be, owned = resolve_backend(backend)  # an unknown backend fails before any hashing
     store = open_cache(cache)
-    eid = _identity(evaluator, evaluator_id, store)
+    eid = cache_identity(evaluator, evaluator_id, store)
     sid = (
-        _identity(shift_evaluator, shift_evaluator_id, store)
+        cache_identity(shift_evaluator, shift_evaluator_id, store)
         if shift_evaluator is not None
         else None
     )
@@ -420,10 +425,8 @@ def sweep(
     distributed: dict[str, Any] | None = None
     notes: list[str] = []
     if be is not None:  # every point at once on the backend; the loop below is the local path
-        from soupkit.search._on_backend import sweep_on_backend
-
         try:
-            points, calls, hits, distributed, notes = sweep_on_backend(
+            on_be, fresh_on_be, hits, distributed, notes = sweep_on_backend(
                 be,
                 name,
                 param,
@@ -440,6 +443,17 @@ def sweep(
         finally:
             if owned:
                 be.close()
+        calls = sum(fresh_on_be)
+        points = [
+            SweepPoint(
+                float(v),
+                on_be[k][eid].score,
+                on_be[k][sid].score if sid is not None else None,
+                cached=fresh_on_be[k] == 0,
+                metrics=dict(on_be[k][eid].metrics),
+            )
+            for k, v in enumerate(values)
+        ]
     seq_info: dict[str, Any] | None = None
     best_i: int | None = None
     if opts is not None:  # each point against the best before it; the loop below is the exact path
@@ -519,19 +533,21 @@ def sweep(
         distributed=distributed,
         sequential=seq_info,
     )
-    if out is None:
-        return replace(result, seconds=time.perf_counter() - t0)
-    return _write(
+    best_plan = plans[best_i]
+    return finish_search(
         result,
-        plans[best_i],
         out,
+        lambda: best_plan,
+        "sweep",
+        report_plot.sweep_plot,
+        PLOT_NAME,
+        t0=t0,
         force=force,
         progress=progress,
         plot=plot,
-        report_extra=report_extra,
-        t0=t0,
-        recalibrate=recalibrate,
         max_shard_size=max_shard_size,
+        report_extra=report_extra,
+        recalibrate=recalibrate,
     )
 
 
@@ -574,10 +590,10 @@ def _sequential_points(
         for k in range(1, len(recipes)):
             po = runner.compare(
                 keys[k],
-                lambda k=k: state_of(k),
+                functools.partial(state_of, k),
                 labels[k],
                 keys[best],
-                lambda b=best: state_of(b),
+                functools.partial(state_of, best),
                 labels[best],
                 threshold=1,
             )
@@ -627,44 +643,3 @@ def _sequential_points(
             SweepPoint(float(v), score, shift[k], cached=False, examples=known, **decided[k])
         )
     return points, best, calls, hits
-
-
-def _write(
-    result: SweepResult,
-    p: MergePlan,
-    out: str | os.PathLike[str],
-    *,
-    force: bool,
-    progress: bool | None,
-    plot: bool,
-    report_extra: Mapping[str, Any] | None,
-    t0: float,
-    recalibrate: tuple[Any, Iterable[Any]] | None = None,
-    max_shard_size: int | str = "5GB",
-) -> SweepResult:
-    from soupkit.search import report_plot
-
-    history = replace(result, seconds=time.perf_counter() - t0).to_dict()
-    dest, merged, plot_path, notes = write_search_output(
-        p,
-        out,
-        "sweep",
-        history,
-        result.notes,
-        report_plot.sweep_plot,
-        PLOT_NAME,
-        force=force,
-        progress=progress,
-        plot=plot,
-        max_shard_size=max_shard_size,
-        report_extra=report_extra,
-        recalibrate=recalibrate,
-    )
-    return replace(
-        result,
-        out=dest,
-        merge=merged,
-        plot=plot_path,
-        notes=notes,
-        seconds=time.perf_counter() - t0,
-    )

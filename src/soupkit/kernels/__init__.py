@@ -52,9 +52,11 @@ ISA_ENV = "SOUPKIT_KERNELS_ISA"
 
 _ext: ModuleType | None
 try:
-    from soupkit.kernels import _elementwise as _ext
+    from soupkit.kernels import _elementwise
 except ImportError:  # built without a C compiler, or a source tree without `make kernels`
     _ext = None
+else:
+    _ext = _elementwise
 
 _CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 

@@ -4,8 +4,9 @@
  * One call computes n output elements (one piece of the engine, on the calling thread, with
  * the GIL released): it reads each input in its own dtype, converts to float32, runs a small
  * program of float32 steps, converts to the output dtype and counts the stored values that
- * are NaN or +-Inf. It works in blocks of EW_BLOCK elements whose float32 values stay in L1,
- * so every input byte is read from memory once and every output byte written once.
+ * are NaN or +-Inf. Every input byte is read from memory once and every output byte written
+ * once: the AVX2 / AVX-512 paths (_elementwise_simd.h) run the whole program per vector in
+ * registers, the portable path per block of EW_BLOCK elements in L1.
  *
  * The program (built by soupkit/kernels/__init__.py from a method's parameters) is a list of
  * steps, one per input, then optional final operations, each rounded to float32 exactly as the
@@ -34,7 +35,7 @@
 enum { EW_SET_MUL = 0, EW_FMA = 1, EW_MUL_ADD = 2, EW_SUB_SET_MUL = 3, EW_SUB_MUL_ADD = 4 };
 enum { EW_DIV = 1, EW_SCALE = 2, EW_ADD_BASE = 4 };
 
-#define EW_BLOCK 2048 /* float32 elements per block: 2 x 8 KiB of scratch, inside L1 */
+#define EW_BLOCK 2048 /* portable path: float32 elements per block, 3 x 8 KiB of scratch in L1 */
 #define EW_MAX_STEPS 4096
 
 typedef struct {

@@ -210,6 +210,27 @@ def test_pieces_on_threads_equal_sequential_pieces(
     assert same_bytes(one_thread, ref), first_difference(one_thread, ref)
 
 
+@pytest.mark.parametrize("isa", AVAILABLE_ISAS)
+def test_unaligned_inputs_and_output(isa: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inputs read straight from a file buffer may start at any even address."""
+    monkeypatch.setenv(kernels.ISA_ENV, isa)
+    n = 1001
+
+    def at_offset(x: torch.Tensor, off: int) -> torch.Tensor:
+        buf = torch.empty(x.numel() * x.element_size() + off, dtype=torch.uint8)
+        y = buf[off:].view(x.dtype)
+        y.copy_(x)
+        return y
+
+    for dt in (torch.bfloat16, torch.float16):
+        xs = [at_offset(make_input(n, dt, i, 1.0, 4), 2 + 4 * i) for i in range(3)]
+        assert all(x.data_ptr() % 4 == 2 for x in xs)
+        out = at_offset(torch.empty(n, dtype=dt), 6)
+        bad = kernels.linear(out, xs, [0.5, 0.25, 0.25])
+        ref, ref_bad = reference("linear", {"weight": (0.5, 0.25, 0.25)}, xs, None, dt)
+        assert same_bytes(out, ref) and bad == ref_bad, first_difference(out, ref)
+
+
 def test_bad_arguments_are_refused() -> None:
     x = torch.ones(8)
     with pytest.raises(ValueError, match="input 1 has 7 elements, out has 8"):
@@ -221,6 +242,8 @@ def test_bad_arguments_are_refused() -> None:
     with pytest.raises(ValueError, match="not supported here"):
         kernels.linear(torch.empty(8), [x.double()], [1.0])
     assert not kernels.supports([torch.float32], torch.float32, [float("nan")])
+    assert kernels.supports([torch.float32] * kernels.MAX_INPUTS, torch.float32)
+    assert not kernels.supports([torch.float32] * (kernels.MAX_INPUTS + 1), torch.float32)
     with pytest.raises(ValueError, match="not supported here"):
         kernels.linear(torch.empty(8), [x], [float("inf")])
 

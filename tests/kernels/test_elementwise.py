@@ -248,6 +248,34 @@ def test_bad_arguments_are_refused() -> None:
         kernels.linear(torch.empty(8), [x], [float("inf")])
 
 
+def test_extension_refuses_malformed_programs() -> None:
+    """The private entry point checks what it can, so a wrong call raises instead of crashing."""
+    from soupkit.kernels import _elementwise as ext
+
+    x, out = torch.ones(4), torch.empty(4)
+    ok = (x.data_ptr(), 0, ext.SET_MUL, 1.0)
+    args = (4, out.data_ptr(), 0, 0, 0, (ok,), 0, 1.0, 1.0, 0, 1, 0)
+    assert ext.run(*args) == 0
+    bad_calls = {
+        "no output": (4, 0, *args[2:]),
+        "no steps": (*args[:5], (), *args[6:]),
+        "unknown dtype": (*args[:5], ((x.data_ptr(), 7, ext.SET_MUL, 1.0),), *args[6:]),
+        "null input": (*args[:5], ((0, 0, ext.SET_MUL, 1.0),), *args[6:]),
+        "first step adds": (*args[:5], ((x.data_ptr(), 0, ext.MUL_ADD, 1.0),), *args[6:]),
+        "task vector without base": (
+            *args[:5],
+            ((x.data_ptr(), 0, ext.SUB_SET_MUL, 1.0),),
+            *args[6:],
+        ),
+        "base added without base": (*args[:6], ext.ADD_BASE, *args[7:]),
+        "negative n": (-1, *args[1:]),
+    }
+    for what, call in bad_calls.items():
+        with pytest.raises(ValueError):
+            ext.run(*call)
+            pytest.fail(what)
+
+
 SUBPROCESS_CHECK = r"""
 import sys, torch
 sys.path.insert(0, sys.argv[1])

@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import soupkit.kernels as kernels
+from soupkit.methods import REGISTRY
 
 from .reference import DTYPES, first_difference, make_input, reference, same_bytes
 
@@ -143,6 +144,50 @@ def test_every_dtype_pair_and_size(
                 ("wise_ft", {"alpha": 0.4}),
             ]:
                 check(method, (params, inputs, base, out_dtype, isa), monkeypatch)
+
+
+@pytest.mark.parametrize(
+    ("method", "raw"),
+    [
+        ("linear", {"weight": (0.5, 2.0, -1.0), "normalize": False}),
+        ("linear", {"weight": (1.0, 1.0, 1.0)}),
+        ("task_arithmetic", {"weight": (0.5, 0.3, 0.9), "lambda": 0.7, "normalize": True}),
+        ("task_arithmetic", {"weight": (1.0, 1.0, 1.0)}),
+        ("wise_ft", {"alpha": 0.35}),
+    ],
+)
+def test_for_method_binds_the_registry_params(method: str, raw: dict[str, object]) -> None:
+    """for_method() reads the parameter objects the planner resolves (the registry's Params
+    models) and its kernel gives the reference's bytes, for a base of another dtype too."""
+    spec = REGISTRY[method]
+    params = spec.params.model_validate(raw)
+    k = 1 if method == "wise_ft" else 3
+    in_dts = [torch.bfloat16, torch.float16, torch.float32][:k]
+    inputs = [make_input(999, d, i, 1.0, 3) for i, d in enumerate(in_dts)]
+    base = make_input(999, torch.float16, 50, 1.0, 3) if spec.needs_base else None
+    fn = kernels.for_method(
+        method, params, in_dts, None if base is None else base.dtype, torch.bfloat16
+    )
+    assert fn is not None
+    out = torch.empty(999, dtype=torch.bfloat16)
+    bad = fn(out, inputs, base)
+    ref, ref_bad = reference(method, raw, inputs, base, torch.bfloat16)
+    assert same_bytes(out, ref) and bad == ref_bad, first_difference(out, ref)
+
+
+def test_for_method_declines_what_it_does_not_reproduce(monkeypatch: pytest.MonkeyPatch) -> None:
+    lin = REGISTRY["linear"].params.model_validate({"weight": (1.0, 1.0)})
+    f32 = [torch.float32, torch.float32]
+    assert kernels.for_method("linear", lin, f32, None, torch.float32) is not None
+    assert kernels.for_method("linear", lin, [torch.float64] * 2, None, torch.float32) is None
+    assert kernels.for_method("linear", lin, f32, None, torch.float64) is None
+    slerp = REGISTRY["slerp"].params.model_validate({"t": 0.5})
+    assert kernels.for_method("slerp", slerp, f32, torch.float32, torch.float32) is None
+    ta = REGISTRY["task_arithmetic"].params.model_validate({"weight": (1.0, 1.0)})
+    assert kernels.for_method("task_arithmetic", ta, f32, None, torch.float32) is None  # no base
+    monkeypatch.setenv(kernels.DISABLE_ENV, "0")
+    assert kernels.for_method("linear", lin, f32, None, torch.float32) is None
+    assert set(kernels.METHODS) == {"linear", "task_arithmetic", "wise_ft"}
 
 
 def test_hand_computed_values() -> None:

@@ -29,9 +29,10 @@ from __future__ import annotations
 import math
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import ModuleType
+from typing import Any
 
 import torch
 
@@ -40,7 +41,9 @@ __all__ = [
     "ISA_ENV",
     "MAX_INPUTS",
     "available",
+    "METHODS",
     "best_isa",
+    "for_method",
     "isa",
     "linear",
     "supports",
@@ -354,3 +357,66 @@ def wise_ft(
     c1, c2 = _f32([1.0 - alpha, alpha])
     steps = [(zero_shot, _ext.SET_MUL, c1), (fine_tuned, _ext.MUL_ADD, c2)]
     return _run(out, steps, None, 0)
+
+
+#: The merge methods the kernels compute (their float32 mode), by registry name.
+METHODS = ("linear", "task_arithmetic", "wise_ft")
+
+#: A kernel bound to one tensor's parameters: ``fn(out, inputs, base) -> NaN / Inf count``.
+PieceKernel = Callable[[torch.Tensor, Sequence[torch.Tensor], "torch.Tensor | None"], int]
+
+
+def for_method(
+    method: str,
+    params: Any,
+    in_dtypes: Sequence[torch.dtype],
+    base_dtype: torch.dtype | None,
+    out_dtype: torch.dtype,
+) -> PieceKernel | None:
+    """The kernel that computes one piece of ``method`` with these parameters, or None when the
+    torch implementation must run (another method, a dtype or a parameter value the kernels do
+    not reproduce, or the kernels switched off).
+
+    Args:
+        method: the registry name (``"linear"``, ``"task_arithmetic"``, ``"wise_ft"``).
+        params: the method's resolved parameters for this tensor (``LinearParams``, ...: read
+            by attribute, ``weight``, ``normalize``, ``lambda_``, ``alpha``).
+        in_dtypes: the models' input dtypes, as the reader returns them.
+        base_dtype: the base model's dtype, None without a base.
+        out_dtype: the output dtype.
+
+    Returns:
+        ``fn(out, inputs, base)``: writes the piece into ``out`` (inputs and base: tensors of
+        ``out.numel()`` elements in the dtypes given) and returns how many values it wrote
+        are NaN or +-Inf. Decide once per tensor; call once per piece.
+    """
+    dts = [*in_dtypes, *([base_dtype] if base_dtype is not None else [])]
+    if method == "linear":
+        w = tuple(params.weight)
+        norm = bool(params.normalize)
+        if not supports(dts, out_dtype, w):
+            return None
+        return lambda out, xs, base: linear(out, xs, w, normalize=norm)
+    if method == "task_arithmetic" and base_dtype is not None:
+        w = tuple(params.weight)
+        lam = float(params.lambda_)
+        norm = bool(params.normalize)
+        if not supports(dts, out_dtype, [*w, lam]):
+            return None
+
+        def ta(out: torch.Tensor, xs: Sequence[torch.Tensor], base: torch.Tensor | None) -> int:
+            assert base is not None
+            return task_arithmetic(out, xs, base, w, lam=lam, normalize=norm)
+
+        return ta
+    if method == "wise_ft" and base_dtype is not None and len(in_dtypes) == 1:
+        alpha = float(params.alpha)
+        if not supports(dts, out_dtype, [alpha]):
+            return None
+
+        def wf(out: torch.Tensor, xs: Sequence[torch.Tensor], base: torch.Tensor | None) -> int:
+            assert base is not None
+            return wise_ft(out, base, xs[0], alpha)
+
+        return wf
+    return None

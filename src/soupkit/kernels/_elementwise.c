@@ -422,6 +422,7 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "soupkit.kernels._elementwise",
     "soupkit's fused elementwise merge kernels (private: use soupkit.kernels).", -1, methods,
+    NULL, NULL, NULL, NULL,
 };
 
 PyMODINIT_FUNC PyInit__elementwise(void) {

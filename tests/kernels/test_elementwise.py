@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 import soupkit.kernels as kernels
 from soupkit.methods import REGISTRY
 
-from .reference import DTYPES, first_difference, make_input, reference, same_bytes
+from .reference import DTYPES, first_difference, make_input, nan_pile, reference, same_bytes
 
 ISAS = ["portable", "avx2", "avx512"]
 AVAILABLE_ISAS = (
@@ -190,6 +190,29 @@ def test_for_method_declines_what_it_does_not_reproduce(monkeypatch: pytest.Monk
     assert set(kernels.METHODS) == {"linear", "task_arithmetic", "wise_ft"}
 
 
+@pytest.mark.parametrize("isa", AVAILABLE_ISAS)
+def test_nan_operands_everywhere(isa: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(kernels.ISA_ENV, isa)
+    for n in (1, 5, 8, 9, 16, 17, 33, 70):
+        for di in DTYPES:
+            for do in DTYPES:
+                xs = [nan_pile(n, di, i) for i in range(3)]
+                base = nan_pile(n, di, 11)
+                for method, params in [
+                    ("linear", {"weight": (0.2, 0.3, 0.5), "normalize": True}),
+                    (
+                        "task_arithmetic",
+                        {"weight": (1.0, -0.5, 0.7), "lambda": 0.9, "normalize": True},
+                    ),
+                    ("wise_ft", {"alpha": 0.4}),
+                ]:
+                    check(
+                        method,
+                        (params, xs if method != "wise_ft" else xs[:1], base, do, isa),
+                        monkeypatch,
+                    )
+
+
 def test_hand_computed_values() -> None:
     """Golden values: weighted mean, task arithmetic and WiSE-FT on exactly representable numbers."""
     a = torch.tensor([1.0, 2.0, -4.0, 0.5], dtype=torch.bfloat16)
@@ -324,14 +347,15 @@ def test_extension_refuses_malformed_programs() -> None:
 SUBPROCESS_CHECK = r"""
 import sys, torch
 sys.path.insert(0, sys.argv[1])
-from reference import make_input, reference, same_bytes, DTYPES
+from reference import make_input, nan_pile, reference, same_bytes, DTYPES
 import soupkit.kernels as k
 print(torch.backends.cpu.get_cpu_capability(), k._calibrate())
-for n in (0, 1, 9, 17, 2049, 5000):
+for n in (0, 1, 9, 17, 70, 2049, 5000):
     for di in DTYPES:
         for do in DTYPES:
-            xs = [make_input(n, di, 3 * n + i, 1.0, 9) for i in range(3)]
-            base = make_input(n, di, n, 1.0, 9)
+          for piles in (False, True):
+            xs = [nan_pile(n, di, i) if piles else make_input(n, di, 3 * n + i, 1.0, 9) for i in range(3)]
+            base = nan_pile(n, di, 11) if piles else make_input(n, di, n, 1.0, 9)
             for m, p in [("linear", {"weight": (0.3, 0.3, 0.4)}),
                          ("task_arithmetic", {"weight": (1.0, 0.5, 0.2), "lambda": 0.7}),
                          ("wise_ft", {"alpha": 0.3})]:

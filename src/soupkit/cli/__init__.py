@@ -45,7 +45,9 @@ _COMMANDS = (
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The ``soupkit`` parser; ``only``: register just that command (its module, and the API
+    it imports, are the only ones loaded: `main` uses it when the command line names one)."""
     parser = argparse.ArgumentParser(
         prog="soupkit",
         description="Model soups and weight-space merging of fine-tuned checkpoints.",
@@ -53,9 +55,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"soupkit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in _COMMANDS:
+    for name in _COMMANDS if only is None else (only,):
         importlib.import_module(f"soupkit.cli.{name}").add_parser(sub)
     return parser
+
+
+def _named_command(argv: Sequence[str]) -> str | None:
+    """The command module ``argv`` names (its first argument, as every command is parsed),
+    or None (no command, an option first, or an unknown name: the full parser reports it)."""
+    if not argv:
+        return None
+    name = argv[0].replace("-", "_")
+    return name if name in _COMMANDS else None
 
 
 class Terminated(KeyboardInterrupt):
@@ -67,8 +78,13 @@ def _on_sigterm(signum: int, frame: object) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; returns the exit code (also used as the console script)."""
-    parser = build_parser()
+    """Run the CLI; returns the exit code (also used as the console script).
+
+    Only the named command's module is imported (and through it only the API it uses), so
+    ``soupkit merge`` does not load the search, backends or evaluators before its first byte.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(_named_command(argv))
     args = parser.parse_args(argv)
     tune_allocator()  # large method temporaries stay in the heap (see soupkit.engine.malloc)
     previous = None

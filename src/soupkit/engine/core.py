@@ -16,7 +16,9 @@
 The pieces of a unit are shared between the compute threads (`Helpers.split` in
 `soupkit.engine.compute`); every piece is computed exactly as it would be alone, so output
 bytes depend neither on threads nor on chunking. `_Engine._call` is the one place a method's
-function is called on a piece (where a fused kernel would replace it).
+torch function is called on a piece; an elementwise piece whose method has a native kernel
+(`soupkit.kernels.for_method`: one fused pass from the stored dtypes to the output dtype, the
+same bytes) runs that instead (`_Engine._kernel_piece`).
 """
 
 from __future__ import annotations
@@ -27,8 +29,9 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 
+from soupkit import kernels
 from soupkit._util import interrupts as _interrupts
-from soupkit.engine import prepass
+from soupkit.engine import native, prepass
 from soupkit.engine.compute import Helpers, Workspace, exact_inputs, tensor_seed
 from soupkit.engine.nonfinite import Loader, all_finite, nonfinite_error
 from soupkit.engine.pipeline import (
@@ -109,6 +112,8 @@ class _Engine:
         # per (plan, tensor): a per-tensor pre-pass being accumulated, then its statistic
         self.accs: dict[tuple[int, int], Accumulator] = {}
         self.stats: dict[tuple[int, int], TensorStat] = {}
+        # per (plan, tensor): the native kernel of an elementwise piece, or None (torch)
+        self.kernel_fns: dict[tuple[int, int], kernels.PieceKernel | None] = {}
         self.read = 0
         self.written = [0] * len(plans)
         self.skipped = [0] * len(plans)
@@ -239,6 +244,43 @@ class _Engine:
         """Elements [u.a + s, u.a + e) of every input of a lazy unit, read on thread t."""
         return self.spaces[t].read(self.reader, u.infos, u.a + s, u.a + e, self.compute_elems)
 
+    def _kernel_for(self, k: int, j: int) -> kernels.PieceKernel | None:
+        """Plan k's native kernel for tensor j's elementwise pieces, decided once per tensor."""
+        key = (k, j)
+        if key not in self.kernel_fns:
+            self.kernel_fns[key] = (
+                native.piece_kernel(self.plans[k], j, self.cast)
+                if self.modes[k] == _ELEM and not self.exact[k]
+                else None
+            )
+        return self.kernel_fns[key]
+
+    def _kernel_piece(
+        self, u: Unit, k: int, fn: kernels.PieceKernel, dest: torch.Tensor, s: int, e: int, t: int
+    ) -> bool:
+        """Elements [s, e) of unit ``u`` for plan k by its native kernel, on thread t. False
+        when the torch path must (re)compute the piece: an input is not contiguous, or the piece
+        holds NaN / Inf that is an error (the torch path then diagnoses it)."""
+        job = self.plans[k].jobs[u.j]
+        raws = (
+            self._read_piece(u, s, e, t)
+            if u.lazy
+            else [None if r is None else r[s:e] for r in u.raws]
+        )
+        *xr, br = raws
+        xs = [r for r in xr if r is not None]
+        base = br if job.base is not None else None
+        if not all(x.is_contiguous() for x in xs) or (
+            base is not None and not base.is_contiguous()
+        ):
+            return False
+        if fn(dest[s:e], xs, base) == 0:
+            return True
+        if self.allow_nonfinite:
+            self.nonfinite[k][job.name] = None
+            return True
+        return False
+
     def _piece(
         self,
         u: Unit,
@@ -253,6 +295,9 @@ class _Engine:
         block with its own generator, or a piece of a pre-pass method given its statistic."""
         plan = self.plans[k]
         job = plan.jobs[u.j]
+        fn = self.kernel_fns.get((k, u.j)) if stat is None else None
+        if fn is not None and self._kernel_piece(u, k, fn, dest, s, e, t):
+            return
         if u.lazy:
             xs, base = self.spaces[t].inputs(
                 self._read_piece(u, s, e, t), 0, e - s, job.base is not None
@@ -339,6 +384,8 @@ class _Engine:
                     self._piece(u, k, dest, s, e, 0, stat)
             else:
                 block = mode == _BLOCK
+                if mode == _ELEM:
+                    self._kernel_for(k, u.j)  # decided here, once, before the threads share it
                 size = self.rng_block if block else self.compute_elems
                 piece = functools.partial(self._piece, u, k, dest)
                 self.helpers.split(
@@ -347,6 +394,7 @@ class _Engine:
             self.writer.write(self.sinks[k], job, dest, u.a, buf)
             if u.b == job.numel:
                 self.stats.pop((k, u.j), None)
+                self.kernel_fns.pop((k, u.j), None)
 
     def _copy(self, u: Unit, active: Sequence[int]) -> None:
         raw = u.raws[0]

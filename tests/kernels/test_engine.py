@@ -1,0 +1,132 @@
+"""The engine runs elementwise pieces on the native kernels, with the bytes of its torch path.
+
+Every merge here runs twice through the streaming engine, kernels on and off
+(``SOUPKIT_KERNELS=0``), and the outputs must be equal byte for byte; a spy on
+`soupkit.engine.core._Engine._kernel_piece` proves the kernel path ran.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import soupkit
+from soupkit.engine import core
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.fixture
+def spy(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
+    calls = [0]
+    orig = core._Engine._kernel_piece
+
+    def counted(self: core._Engine, *a: Any) -> bool:
+        calls[0] += 1
+        return orig(self, *a)
+
+    monkeypatch.setattr(core._Engine, "_kernel_piece", counted)
+    yield calls
+
+
+def _models(tmp: Path, dtype: torch.dtype, n: int = 3, nan: bool = False) -> list[str]:
+    g = torch.Generator().manual_seed(7)
+    base = {
+        "a.weight": torch.randn(37, 129, generator=g),
+        "b.bias": torch.randn(1001, generator=g),
+        "steps": torch.arange(5),
+    }
+    paths = []
+    for i in range(n):
+        sd = {
+            k: (v + 0.01 * torch.randn(v.shape, generator=g)).to(dtype)
+            if v.is_floating_point()
+            else v
+            for k, v in base.items()
+        }
+        if nan and i == 1:
+            sd["b.bias"][17] = float("nan")
+        p = tmp / f"m{i}.safetensors"
+        save_file(sd, str(p))
+        paths.append(str(p))
+    return paths
+
+
+def _merge(recipe: dict[str, Any], out: Path, **kw: Any) -> dict[str, bytes]:
+    soupkit.merge(recipe, out, progress=False, force=True, chunk_elems=1000, **kw)
+    return {f.name: f.read_bytes() for f in sorted(out.glob("*.safetensors"))}
+
+
+def _recipes(paths: list[str], out_dtype: str) -> dict[str, dict[str, Any]]:
+    models = [{"model": p, "parameters": {"weight": w}} for p, w in zip(paths[1:], (0.7, -0.2))]
+    return {
+        "linear": {
+            "merge_method": "linear",
+            "models": [{"model": p, "parameters": {"weight": 0.3}} for p in paths],
+            "out_dtype": out_dtype,
+        },
+        "task_arithmetic": {
+            "merge_method": "task_arithmetic",
+            "base_model": paths[0],
+            "models": models,
+            "parameters": {"lambda": 0.9},
+            "out_dtype": out_dtype,
+        },
+        "wise_ft": {
+            "merge_method": "wise_ft",
+            "base_model": paths[0],
+            "models": [{"model": paths[1]}],
+            "parameters": {"alpha": 0.35},
+            "out_dtype": out_dtype,
+        },
+    }
+
+
+@pytest.mark.parametrize("in_dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("out_dtype", ["float32", "bfloat16", "float16"])
+def test_engine_kernels_write_the_torch_bytes(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    spy: list[int],
+    in_dtype: torch.dtype,
+    out_dtype: str,
+) -> None:
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)  # the engine's float16 rule
+    paths = _models(tmp_path, in_dtype)
+    for name, recipe in _recipes(paths, out_dtype).items():
+        with monkeypatch.context() as m:
+            m.setenv("SOUPKIT_KERNELS", "0")
+            before = spy[0]
+            ref = _merge(recipe, tmp_path / f"{name}-torch")
+            assert spy[0] == before, "SOUPKIT_KERNELS=0 must not run the kernels"
+        before = spy[0]
+        got = _merge(recipe, tmp_path / f"{name}-kernels")
+        assert spy[0] > before, f"{name}: the kernels did not run"
+        assert got == ref, f"{name} {in_dtype} -> {out_dtype}: kernel bytes differ"
+
+
+def test_recipe_dtype_that_rounds_first_stays_on_torch(tmp_path: Path, spy: list[int]) -> None:
+    paths = _models(tmp_path, torch.float32)
+    recipe = _recipes(paths, "float32")["linear"] | {"dtype": "bfloat16"}
+    _merge(recipe, tmp_path / "o")
+    assert spy[0] == 0
+
+
+def test_nonfinite_is_diagnosed_as_on_the_torch_path(tmp_path: Path, spy: list[int]) -> None:
+    paths = _models(tmp_path, torch.bfloat16, nan=True)
+    recipe = _recipes(paths, "bfloat16")["linear"]
+    with pytest.raises(soupkit.NonFiniteError) as err:
+        _merge(recipe, tmp_path / "o")
+    assert "b.bias" in str(err.value) and spy[0] > 0
+    # allowed: the same bytes as torch writes
+    got = _merge(recipe, tmp_path / "k", allow_nonfinite=True)
+    with pytest.MonkeyPatch.context() as m:
+        m.setenv("SOUPKIT_KERNELS", "0")
+        ref = _merge(recipe, tmp_path / "t", allow_nonfinite=True)
+    assert got == ref
+    assert torch.isnan(load_file(str(tmp_path / "k" / "model.safetensors"))["b.bias"][17])

@@ -77,9 +77,11 @@ RECIPE_NAMES = ("linear", "task_arithmetic", "ties", "dare_ties")
 #: Every soupkit tool runs with its cache of input digests off (``SOUPKIT_HASH_CACHE=0``), so each
 #: run hashes as a first merge of new inputs does, except ``soupkit-hashcache``: the default as a
 #: user re-merging the same inputs runs it (the cache in ``OUT_DIR/hash-cache``; its first run
-#: fills it, later runs take the digests from it).
+#: fills it, later runs take the digests from it). ``soupkit-torch`` is soupkit with its native
+#: kernels off (``SOUPKIT_KERNELS=0``): the torch path, same bytes, to show what the kernels gain.
 TOOLS = (
     "soupkit",
+    "soupkit-torch",
     "soupkit-nohash",
     "soupkit-hashcache",
     "soupkit-mergekit",
@@ -898,6 +900,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "soupkit-hashcache (soupkit re-merging: input digests from its cache), "
         "soupkit-mergekit (soupkit with `convention: mergekit`), "
         "soupkit-paper (soupkit with `convention: paper`), "
+        "soupkit-torch (soupkit with its native kernels off), "
         "mergekit (default: soupkit,mergekit)",
     )
     p.add_argument(
@@ -1044,6 +1047,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     if name == "soupkit-hashcache"
                     else {"SOUPKIT_HASH_CACHE": "0"}
                 ),
+                **({"SOUPKIT_KERNELS": "0"} if name == "soupkit-torch" else {}),
             }
         else:
             tool = probe_mergekit(args.mergekit)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import textwrap
 
+from soupkit._util.defaults import MAX_SHARD_SIZE
 from soupkit.io.names import KeyMap
 
 
@@ -14,7 +15,7 @@ def add_output_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--max-shard-size",
-        default="5GB",
+        default=MAX_SHARD_SIZE,
         metavar="SIZE",
         help="largest output shard, e.g. 5GB (default), 500MB, 2GiB",
     )

@@ -8,6 +8,7 @@ from typing import Any
 
 import yaml
 
+from soupkit._util.defaults import MAX_SHARD_SIZE
 from soupkit.adapters.lora import LoraResult, extract_lora, fold_lora, merge_loras
 from soupkit.cli._common import command, examples, progress_flag
 from soupkit.errors import UsageError
@@ -173,7 +174,9 @@ def _shared(p: argparse.ArgumentParser) -> None:
         help="output dtype (default: the base's / the adapters')",
     )
     p.add_argument("--force", action="store_true", help="replace OUT if it exists and is not empty")
-    p.add_argument("--max-shard-size", default="5GB", metavar="SIZE", help="largest output shard")
+    p.add_argument(
+        "--max-shard-size", default=MAX_SHARD_SIZE, metavar="SIZE", help="largest output shard"
+    )
     p.add_argument("--no-progress", action="store_true", help="do not show a progress bar")
     p.add_argument(
         "--allow-pickle",

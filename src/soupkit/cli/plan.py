@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from soupkit._util.defaults import MAX_SHARD_SIZE
 from soupkit.api.merging import plan
 from soupkit.cli._common import (
     add_compute_flag,
@@ -27,7 +28,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     """,
     )
     p.add_argument("recipe", type=Path, help="YAML recipe")
-    p.add_argument("--max-shard-size", default="5GB", metavar="SIZE", help="largest output shard")
+    p.add_argument(
+        "--max-shard-size", default=MAX_SHARD_SIZE, metavar="SIZE", help="largest output shard"
+    )
     p.add_argument("--all", action="store_true", help="list every tensor, not only the first 40")
     add_compute_flag(p)
     add_key_map_flags(p)

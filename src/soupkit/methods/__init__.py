@@ -13,6 +13,7 @@ import re
 from collections.abc import Callable
 
 from soupkit.errors import UnknownMethodError
+from soupkit.methods._philox import CounterRNG
 from soupkit.methods._spec import (
     ExactCheckFn,
     GlobalTrimFn,
@@ -24,7 +25,16 @@ from soupkit.methods._spec import (
     TensorTrimFn,
 )
 
-__all__ = ["REGISTRY", "MagnitudeCut", "MethodSpec", "Params", "all_methods", "get", "method"]
+__all__ = [
+    "REGISTRY",
+    "CounterRNG",
+    "MagnitudeCut",
+    "MethodSpec",
+    "Params",
+    "all_methods",
+    "get",
+    "method",
+]
 
 REGISTRY: dict[str, MethodSpec] = {}
 _NAME = re.compile(r"^[a-z][a-z0-9_]*[a-z0-9]$")

@@ -1,0 +1,612 @@
+/* soupkit.kernels._sparsify: fused kernels of the sparsifying task-vector methods (TIES,
+ * DARE, DELLA, Model Breadcrumbs), bit-identical to their torch references in
+ * soupkit.methods._ops (tests/kernels/test_sparsify.py compares them byte for byte).
+ *
+ * One call = one piece of one tensor on one thread (the GIL is released). Per block of BLK
+ * elements: read each model's input and the base in their native dtype, form the float32
+ * deltas (x - base), sparsify each model's delta (magnitude cut, band, DARE or DELLA drop,
+ * Philox4x32-10 draws computed here), rescale, combine (weighted sum, or TIES' sign election
+ * and disjoint merge), scale by lambda and add the base back: the float32 tensor that
+ * MethodSpec.call returns. Every float operation is the reference's, in its order, with no
+ * contraction (-ffp-contract=off): x * w then + acc, never fma.
+ *
+ * Also: the magnitude histograms of the radix select (TopKSelect's two passes over the bit
+ * patterns of |x - base|) and DELLA's per-row keep probabilities (stable magnitude ranks).
+ *
+ * Pointers arrive as Python ints (tensor.data_ptr()); the Python face (soupkit.kernels.sparsify)
+ * checks dtypes, sizes and contiguity before calling.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "_common.h"
+
+#define BLK 1024
+#define MAX_MODELS 64
+
+/* ------------------------------------------------------------------ Philox4x32-10 */
+
+#define PH_M0 0xD2511F53u
+#define PH_M1 0xCD9E8D57u
+#define PH_W0 0x9E3779B9u
+#define PH_W1 0xBB67AE85u
+
+/* Words of counters q0 .. q0 + nq (4 per counter, element order) of one stream. Written as
+ * independent lanes so that the compiler vectorises it (vpmuludq); one clone per ISA. */
+#if SOUPKIT_X86 && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target_clones("avx512f", "avx2", "default")))
+#endif
+static void philox_words(uint64_t q0, size_t nq, uint32_t stream, uint32_t k0, uint32_t k1,
+                         uint32_t *out) {
+    for (size_t j = 0; j < nq; j++) {
+        uint64_t q = q0 + j;
+        uint32_t c0 = (uint32_t)q, c1 = (uint32_t)(q >> 32), c2 = stream, c3 = 0;
+        uint32_t a0 = k0, a1 = k1;
+        for (int r = 0; r < 10; r++) {
+            if (r) {
+                a0 += PH_W0;
+                a1 += PH_W1;
+            }
+            uint64_t p0 = (uint64_t)PH_M0 * c0;
+            uint64_t p1 = (uint64_t)PH_M1 * c2;
+            uint32_t y0 = (uint32_t)(p1 >> 32) ^ c1 ^ a0;
+            uint32_t y2 = (uint32_t)(p0 >> 32) ^ c3 ^ a1;
+            c1 = (uint32_t)p1;
+            c3 = (uint32_t)p0;
+            c0 = y0;
+            c2 = y2;
+        }
+        out[4 * j] = c0;
+        out[4 * j + 1] = c1;
+        out[4 * j + 2] = c2;
+        out[4 * j + 3] = c3;
+    }
+}
+
+/* The 24-bit draws (word >> 8) of elements e0 .. e0 + n of a stream. */
+static void draws24(uint64_t key, uint64_t e0, size_t n, uint32_t stream, uint32_t *out,
+                    uint32_t *scratch /* n + 8 words */) {
+    uint64_t q0 = e0 >> 2;
+    uint64_t q1 = (e0 + n + 3) >> 2;
+    philox_words(q0, (size_t)(q1 - q0), stream, (uint32_t)key, (uint32_t)(key >> 32), scratch);
+    size_t skip = (size_t)(e0 & 3);
+    for (size_t j = 0; j < n; j++)
+        out[j] = scratch[skip + j] >> 8;
+}
+
+/* ------------------------------------------------------------------ torch's add and sub */
+
+/* torch's add_(a, b) / sub_(a, b) run as fmadd(b, +-alpha, a) in its vectorised CPU kernels:
+ * the same value as a + b (b * 1 is exact, one rounding), but where both are NaN the result
+ * is b's NaN (quieted), not a's as an SSE add gives. */
+static inline float t_add(float a, float b) { return sk_isnan(b) ? sk_quiet(b) : a + b; }
+static inline float t_sub(float a, float b) { return sk_isnan(b) ? sk_quiet(b) : a - b; }
+
+/* ------------------------------------------------------------------ inputs */
+
+static void to_f32(const void *src, int dtype, size_t off, size_t n, float *dst) {
+    if (dtype == SK_F32) {
+        memcpy(dst, (const float *)src + off, n * sizeof(float));
+    } else if (dtype == SK_BF16) {
+        const uint16_t *s = (const uint16_t *)src + off;
+        for (size_t j = 0; j < n; j++)
+            dst[j] = sk_bf16_to_f32(s[j]);
+    } else {
+        const uint16_t *s = (const uint16_t *)src + off;
+        for (size_t j = 0; j < n; j++)
+            dst[j] = sk_f16_to_f32(s[j]);
+    }
+}
+
+/* deltas: d = x - base (float32; torch's t.sub_(base)) */
+static void deltas(const void *x, int xdt, const float *base, size_t off, size_t n, float *d) {
+    to_f32(x, xdt, off, n, d);
+    for (size_t j = 0; j < n; j++)
+        d[j] = t_sub(d[j], base[j]);
+}
+
+/* ------------------------------------------------------------------ per-model sparsify */
+
+enum { SP_NONE = 0, SP_CUT = 1, SP_BAND = 2, SP_DARE = 3, SP_DELLA = 4 };
+enum { RS_NONE = 0, RS_DIV = 1, RS_PROB = 2 };
+
+/* A magnitude cut as soupkit.methods._ops.cut_mask applies it: keep |d| > t, NaN unless the
+ * cut keeps nothing (ties 0 at +Inf), and the entries equal to t: all (ties < 0: None) or the
+ * first `ties` of them in flat order (a running count across blocks and calls). */
+typedef struct {
+    float t;
+    int64_t ties;  /* < 0: None (keep every tie); else the quota left */
+    int keep_nan;
+    int64_t used;  /* ties consumed by this call */
+} cut_t;
+
+static inline int cut_keep(cut_t *c, float mag) {
+    if (mag > c->t)
+        return 1;
+    if (sk_isnan(mag))
+        return c->keep_nan;
+    if (mag == c->t) {
+        if (c->ties < 0)
+            return 1;
+        if (c->used < c->ties) {
+            c->used++;
+            return 1;
+        }
+    }
+    return 0;
+}
+
+typedef struct {
+    int kind;
+    int rescale;
+    float div;       /* RS_DIV: survivors / div */
+    cut_t cut, low;  /* SP_CUT: cut; SP_BAND: keep cut and not low (when has_low) */
+    int has_low;
+    uint32_t thresh; /* SP_DARE: keep when draw < thresh */
+    const float *probs; /* SP_DELLA: keep probabilities (whole piece) */
+} sparsify_t;
+
+/* d[0..n) of one model at piece offset `off`; draws for DARE / DELLA in `u` */
+static void sparsify(sparsify_t *s, float *d, size_t n, size_t off, uint64_t key,
+                     uint64_t e0, uint32_t stream, uint32_t *u, uint32_t *scratch) {
+    switch (s->kind) {
+    case SP_CUT:
+        for (size_t j = 0; j < n; j++) {
+            float mag = fabsf(d[j]);
+            if (!cut_keep(&s->cut, mag))
+                d[j] = 0.0f;
+        }
+        break;
+    case SP_BAND:
+        for (size_t j = 0; j < n; j++) {
+            float mag = fabsf(d[j]);
+            int keep = cut_keep(&s->cut, mag);
+            if (s->has_low && cut_keep(&s->low, mag))
+                keep = 0;
+            if (!keep)
+                d[j] = 0.0f;
+        }
+        break;
+    case SP_DARE:
+        draws24(key, e0 + off, n, stream, u, scratch);
+        for (size_t j = 0; j < n; j++)
+            if (u[j] >= s->thresh)
+                d[j] = 0.0f;
+        break;
+    case SP_DELLA:
+        draws24(key, e0 + off, n, stream, u, scratch);
+        for (size_t j = 0; j < n; j++) {
+            float v = (float)u[j] * 0x1p-24f; /* exact */
+            if (!(v < s->probs[off + j]))
+                d[j] = 0.0f;
+        }
+        break;
+    default:
+        break;
+    }
+    if (s->rescale == RS_DIV) {
+        for (size_t j = 0; j < n; j++)
+            d[j] = d[j] / s->div;
+    } else if (s->rescale == RS_PROB) {
+        for (size_t j = 0; j < n; j++)
+            d[j] = d[j] / s->probs[off + j];
+    }
+}
+
+/* ------------------------------------------------------------------ combine */
+
+enum { CB_LINEAR = 0, CB_CONSENSUS = 1 };
+enum { SS_UNWEIGHTED = 0, SS_WEIGHTED = 1, SS_COUNT = 2 };
+enum { TIE_ZERO = 0, TIE_POSITIVE = 1 };
+enum { AG_MEAN = 0, AG_WEIGHTED_MEAN = 1, AG_SUM = 2 };
+
+typedef struct {
+    int combine, sign_source, sign_tie, aggregation, normalize, has_lam;
+    float divisor; /* linear with normalize: the summed weights, as torch sums them */
+    float lam;
+    float w[MAX_MODELS];
+} combine_t;
+
+static inline float torch_sign(float x) {
+    /* torch.sign: +1, -1, 0 for zeros and NaN */
+    return x > 0.0f ? 1.0f : (x < 0.0f ? -1.0f : 0.0f);
+}
+
+/* merged delta of one block into out (d[i] are the sparsified deltas, overwritten) */
+static void combine(const combine_t *c, int m, float **d, size_t n, float *out, float *tot,
+                    float *div) {
+    if (c->combine == CB_LINEAR) {
+        for (size_t j = 0; j < n; j++)
+            out[j] = d[0][j] * c->w[0];
+        for (int i = 1; i < m; i++) {
+            float w = c->w[i];
+            for (size_t j = 0; j < n; j++) {
+                float p = d[i][j] * w;
+                out[j] = t_add(out[j], p);
+            }
+        }
+        if (c->normalize)
+            for (size_t j = 0; j < n; j++)
+                out[j] = out[j] / c->divisor;
+    } else {
+        /* signed_i: the weighted deltas (weighted) or the deltas; products_i: w_i * delta_i,
+         * which are the signed ones when weighted. A weight of 1 is the delta itself. */
+        if (c->sign_source == SS_WEIGHTED)
+            for (int i = 0; i < m; i++)
+                if (c->w[i] != 1.0f)
+                    for (size_t j = 0; j < n; j++)
+                        d[i][j] = d[i][j] * c->w[i];
+        if (c->sign_source == SS_COUNT) {
+            for (size_t j = 0; j < n; j++)
+                tot[j] = torch_sign(d[0][j]);
+            for (int i = 1; i < m; i++)
+                for (size_t j = 0; j < n; j++)
+                    tot[j] = tot[j] + torch_sign(d[i][j]);
+        } else {
+            if (m > 1)
+                for (size_t j = 0; j < n; j++)
+                    tot[j] = t_add(d[0][j], d[1][j]);
+            else
+                memcpy(tot, d[0], n * sizeof(float));
+            for (int i = 2; i < m; i++)
+                for (size_t j = 0; j < n; j++)
+                    tot[j] = t_add(tot[j], d[i][j]);
+        }
+        if (c->sign_tie == TIE_POSITIVE)
+            for (size_t j = 0; j < n; j++)
+                tot[j] = tot[j] >= 0.0f ? 1.0f : -1.0f;
+        else
+            for (size_t j = 0; j < n; j++)
+                tot[j] = torch_sign(tot[j]);
+        for (size_t j = 0; j < n; j++) {
+            out[j] = 0.0f;
+            div[j] = 0.0f;
+        }
+        for (int i = 0; i < m; i++) {
+            float w = c->w[i];
+            int scale = c->sign_source != SS_WEIGHTED && w != 1.0f;
+            for (size_t j = 0; j < n; j++) {
+                float s = d[i][j];
+                float agree = torch_sign(s) == tot[j] ? 1.0f : 0.0f;
+                float prod = scale ? s * w : s;
+                out[j] = t_add(out[j], prod * agree);
+                if (c->aggregation == AG_MEAN)
+                    div[j] = div[j] + agree;
+                else if (c->aggregation == AG_WEIGHTED_MEAN)
+                    div[j] = div[j] + agree * w;
+            }
+        }
+        if (c->aggregation == AG_MEAN) {
+            for (size_t j = 0; j < n; j++) {
+                float v = div[j];
+                v = v < 1.0f ? 1.0f : v; /* clamp_(min=1): never NaN here */
+                out[j] = out[j] / v;
+            }
+        } else if (c->aggregation == AG_WEIGHTED_MEAN) {
+            for (size_t j = 0; j < n; j++) {
+                float v = div[j];
+                v = v + (v == 0.0f ? 1.0f : 0.0f);
+                out[j] = out[j] / v;
+            }
+        }
+    }
+    if (c->has_lam)
+        for (size_t j = 0; j < n; j++)
+            out[j] = out[j] * c->lam;
+}
+
+/* ------------------------------------------------------------------ argument helpers */
+
+static int get_ptrs(PyObject *seq, int m, uintptr_t *out, const char *what) {
+    PyObject *fast = PySequence_Fast(seq, what);
+    if (!fast)
+        return -1;
+    if (PySequence_Fast_GET_SIZE(fast) != m) {
+        Py_DECREF(fast);
+        PyErr_Format(PyExc_ValueError, "%s: expected %d entries", what, m);
+        return -1;
+    }
+    for (int i = 0; i < m; i++) {
+        unsigned long long v = PyLong_AsUnsignedLongLong(PySequence_Fast_GET_ITEM(fast, i));
+        if (PyErr_Occurred()) {
+            Py_DECREF(fast);
+            return -1;
+        }
+        out[i] = (uintptr_t)v;
+    }
+    Py_DECREF(fast);
+    return 0;
+}
+
+/* gta(xs, dtypes, base, base_dtype, n, out, key, offset, specs, combine_spec) -> used ties
+ *
+ * specs: one tuple per model (kind, rescale, div, t, ties, keep_nan, has_low, t_low, ties_low,
+ *        keep_nan_low, thresh, probs_ptr)
+ * combine_spec: (combine, sign_source, sign_tie, aggregation, normalize, divisor, has_lam,
+ *        lam, weights)
+ * Returns a list of (ties used by the cut, ties used by the low cut) per model. */
+static PyObject *py_gta(PyObject *self, PyObject *args) {
+    PyObject *xs_o, *dt_o, *specs_o, *comb_o;
+    unsigned long long base_p, out_p, key, e0;
+    int base_dt;
+    Py_ssize_t n;
+    if (!PyArg_ParseTuple(args, "OOKinKKKOO", &xs_o, &dt_o, &base_p, &base_dt, &n, &out_p, &key,
+                          &e0, &specs_o, &comb_o))
+        return NULL;
+    Py_ssize_t m = PySequence_Size(xs_o);
+    if (m < 1 || m > MAX_MODELS) {
+        PyErr_Format(PyExc_ValueError, "gta: 1 to %d models, got %zd", MAX_MODELS, m);
+        return NULL;
+    }
+    uintptr_t xs[MAX_MODELS], dts[MAX_MODELS];
+    if (get_ptrs(xs_o, (int)m, xs, "xs") || get_ptrs(dt_o, (int)m, dts, "dtypes"))
+        return NULL;
+    sparsify_t sp[MAX_MODELS];
+    memset(sp, 0, sizeof(sp));
+    PyObject *sfast = PySequence_Fast(specs_o, "specs");
+    if (!sfast)
+        return NULL;
+    if (PySequence_Fast_GET_SIZE(sfast) != m) {
+        Py_DECREF(sfast);
+        PyErr_SetString(PyExc_ValueError, "gta: one spec per model");
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < m; i++) {
+        sparsify_t *s = &sp[i];
+        double div;
+        long long ties, tiesl;
+        unsigned long long probs;
+        unsigned int thresh;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(sfast, i), "iidfLiifLiIK", &s->kind,
+                              &s->rescale, &div, &s->cut.t, &ties, &s->cut.keep_nan,
+                              &s->has_low, &s->low.t, &tiesl, &s->low.keep_nan, &thresh,
+                              &probs)) {
+            Py_DECREF(sfast);
+            return NULL;
+        }
+        s->div = (float)div;
+        s->cut.ties = ties;
+        s->low.ties = tiesl;
+        s->thresh = thresh;
+        s->probs = (const float *)(uintptr_t)probs;
+    }
+    Py_DECREF(sfast);
+    combine_t cb;
+    memset(&cb, 0, sizeof(cb));
+    PyObject *w_o;
+    if (!PyArg_ParseTuple(comb_o, "iiiiififO", &cb.combine, &cb.sign_source, &cb.sign_tie,
+                          &cb.aggregation, &cb.normalize, &cb.divisor, &cb.has_lam, &cb.lam,
+                          &w_o))
+        return NULL;
+    PyObject *wf = PySequence_Fast(w_o, "weights");
+    if (!wf)
+        return NULL;
+    if (PySequence_Fast_GET_SIZE(wf) != m) {
+        Py_DECREF(wf);
+        PyErr_SetString(PyExc_ValueError, "gta: one weight per model");
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < m; i++) {
+        cb.w[i] = (float)PyFloat_AsDouble(PySequence_Fast_GET_ITEM(wf, i));
+    }
+    Py_DECREF(wf);
+    if (PyErr_Occurred())
+        return NULL;
+
+    size_t blk = BLK;
+    float *mem = (float *)malloc(sizeof(float) * blk * (size_t)(m + 4) + sizeof(uint32_t) * (2 * blk + 16));
+    if (!mem)
+        return PyErr_NoMemory();
+    float *basebuf = mem;
+    float *outb = basebuf + blk;
+    float *tot = outb + blk;
+    float *divb = tot + blk;
+    float *dbuf = divb + blk;
+    uint32_t *u = (uint32_t *)(dbuf + blk * (size_t)m);
+    uint32_t *scratch = u + blk;
+    float *d[MAX_MODELS];
+    for (Py_ssize_t i = 0; i < m; i++)
+        d[i] = dbuf + blk * (size_t)i;
+    float *out = (float *)(uintptr_t)out_p;
+    const void *base = (const void *)(uintptr_t)base_p;
+
+    Py_BEGIN_ALLOW_THREADS
+    for (size_t a = 0; a < (size_t)n; a += blk) {
+        size_t len = (size_t)n - a < blk ? (size_t)n - a : blk;
+        to_f32(base, base_dt, a, len, basebuf);
+        for (Py_ssize_t i = 0; i < m; i++) {
+            deltas((const void *)xs[i], (int)dts[i], basebuf, a, len, d[i]);
+            sparsify(&sp[i], d[i], len, a, key, e0, (uint32_t)i, u, scratch);
+        }
+        combine(&cb, (int)m, d, len, outb, tot, divb);
+        for (size_t j = 0; j < len; j++)
+            out[a + j] = t_add(outb[j], basebuf[j]);
+    }
+    Py_END_ALLOW_THREADS
+    free(mem);
+
+    PyObject *res = PyList_New(m);
+    if (!res)
+        return NULL;
+    for (Py_ssize_t i = 0; i < m; i++)
+        PyList_SET_ITEM(res, i, Py_BuildValue("(LL)", (long long)sp[i].cut.used,
+                                              (long long)sp[i].low.used));
+    return res;
+}
+
+/* count_equal(x, dtype, base, base_dtype, n, t) -> entries with |x - base| == t */
+static PyObject *py_count_equal(PyObject *self, PyObject *args) {
+    unsigned long long xp, bp;
+    int xdt, bdt;
+    Py_ssize_t n;
+    float t;
+    if (!PyArg_ParseTuple(args, "KiKinf", &xp, &xdt, &bp, &bdt, &n, &t))
+        return NULL;
+    long long count = 0;
+    Py_BEGIN_ALLOW_THREADS
+    float b[BLK], d[BLK];
+    for (size_t a = 0; a < (size_t)n; a += BLK) {
+        size_t len = (size_t)n - a < BLK ? (size_t)n - a : BLK;
+        to_f32((const void *)(uintptr_t)bp, bdt, a, len, b);
+        deltas((const void *)(uintptr_t)xp, xdt, b, a, len, d);
+        for (size_t j = 0; j < len; j++)
+            count += fabsf(d[j]) == t;
+    }
+    Py_END_ALLOW_THREADS
+    return PyLong_FromLongLong(count);
+}
+
+/* mag_hist(x, dtype, base, base_dtype, n, hist, bucket): bit patterns of |x - base| counted
+ * into int64 hist: bucket < 0: by their top 16 bits (32768 bins); else the low 16 bits of
+ * the patterns whose top 16 bits are `bucket` (65536 bins). */
+static PyObject *py_mag_hist(PyObject *self, PyObject *args) {
+    unsigned long long xp, bp, hp;
+    int xdt, bdt;
+    Py_ssize_t n;
+    long bucket;
+    if (!PyArg_ParseTuple(args, "KiKinKl", &xp, &xdt, &bp, &bdt, &n, &hp, &bucket))
+        return NULL;
+    int64_t *hist = (int64_t *)(uintptr_t)hp;
+    Py_BEGIN_ALLOW_THREADS
+    float b[BLK], d[BLK];
+    for (size_t a = 0; a < (size_t)n; a += BLK) {
+        size_t len = (size_t)n - a < BLK ? (size_t)n - a : BLK;
+        to_f32((const void *)(uintptr_t)bp, bdt, a, len, b);
+        deltas((const void *)(uintptr_t)xp, xdt, b, a, len, d);
+        if (bucket < 0) {
+            for (size_t j = 0; j < len; j++)
+                hist[(sk_bits(d[j]) & 0x7fffffffu) >> 16]++;
+        } else {
+            for (size_t j = 0; j < len; j++) {
+                uint32_t bits = sk_bits(d[j]) & 0x7fffffffu;
+                if ((long)(bits >> 16) == bucket)
+                    hist[bits & 0xffffu]++;
+            }
+        }
+    }
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+/* della_probs(x, dtype, base, base_dtype, rows, cols, density, epsilon, out):
+ * soupkit.methods._ops.della_keep_probs of the delta x - base viewed as [rows, cols]:
+ * stable ranks by magnitude within each row (NaN above every number, ties by position),
+ * p = f32(density - epsilon) + ((f32(rank) / f32(cols - 1)) * 2) * f32(epsilon). */
+static PyObject *py_della_probs(PyObject *self, PyObject *args) {
+    unsigned long long xp, bp, op;
+    int xdt, bdt;
+    Py_ssize_t rows, cols;
+    double density, epsilon;
+    if (!PyArg_ParseTuple(args, "KiKinnddK", &xp, &xdt, &bp, &bdt, &rows, &cols, &density,
+                          &epsilon, &op))
+        return NULL;
+    float *out = (float *)(uintptr_t)op;
+    if (cols <= 0 || rows <= 0)
+        Py_RETURN_NONE;
+    uint64_t *keys = (uint64_t *)malloc(sizeof(uint64_t) * 2 * (size_t)cols);
+    float *d = (float *)malloc(sizeof(float) * 2 * (size_t)cols);
+    if (!keys || !d) {
+        free(keys);
+        free(d);
+        return PyErr_NoMemory();
+    }
+    uint64_t *tmp = keys + cols;
+    float *b = d + cols;
+    const float lo = (float)(density - epsilon);
+    const float eps = (float)epsilon;
+    const float den = (float)(cols - 1);
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t r = 0; r < rows; r++) {
+        size_t off = (size_t)r * (size_t)cols;
+        to_f32((const void *)(uintptr_t)bp, bdt, off, (size_t)cols, b);
+        deltas((const void *)(uintptr_t)xp, xdt, b, off, (size_t)cols, d);
+        if (cols == 1) {
+            out[off] = lo + (0.5f * 2.0f) * eps;
+            continue;
+        }
+        /* key: magnitude bits (NaN as one value above +Inf) << 32 | index: unique, so an LSD
+         * radix sort on the 32 magnitude bits, stable, gives torch's stable argsort */
+        for (Py_ssize_t j = 0; j < cols; j++) {
+            uint32_t bits = sk_bits(d[j]) & 0x7fffffffu;
+            if (bits > 0x7f800000u)
+                bits = 0x7f800001u;
+            keys[j] = ((uint64_t)bits << 32) | (uint64_t)j;
+        }
+        uint64_t *src = keys, *dst = tmp;
+        for (int pass = 0; pass < 4; pass++) {
+            size_t cnt[257];
+            memset(cnt, 0, sizeof(cnt));
+            int sh = 32 + 8 * pass;
+            for (Py_ssize_t j = 0; j < cols; j++)
+                cnt[((src[j] >> sh) & 0xff) + 1]++;
+            for (int k = 0; k < 256; k++)
+                cnt[k + 1] += cnt[k];
+            for (Py_ssize_t j = 0; j < cols; j++)
+                dst[cnt[(src[j] >> sh) & 0xff]++] = src[j];
+            uint64_t *sw = src;
+            src = dst;
+            dst = sw;
+        }
+        for (Py_ssize_t rank = 0; rank < cols; rank++) {
+            size_t j = (size_t)(src[rank] & 0xffffffffu);
+            float rn = (float)rank / den;
+            rn = rn * 2.0f;
+            rn = rn * eps;
+            out[off + j] = rn + lo;
+        }
+    }
+    Py_END_ALLOW_THREADS
+    free(keys);
+    free(d);
+    Py_RETURN_NONE;
+}
+
+/* philox_draws(key, offset, n, stream, out uint32*): the 24-bit draws (testing, benchmarks) */
+static PyObject *py_draws(PyObject *self, PyObject *args) {
+    unsigned long long key, e0, op;
+    Py_ssize_t n;
+    unsigned int stream;
+    if (!PyArg_ParseTuple(args, "KKnIK", &key, &e0, &n, &stream, &op))
+        return NULL;
+    uint32_t *out = (uint32_t *)(uintptr_t)op;
+    uint32_t *scratch = (uint32_t *)malloc(sizeof(uint32_t) * (BLK + 16));
+    if (!scratch)
+        return PyErr_NoMemory();
+    Py_BEGIN_ALLOW_THREADS
+    for (size_t a = 0; a < (size_t)n; a += BLK) {
+        size_t len = (size_t)n - a < BLK ? (size_t)n - a : BLK;
+        draws24(key, e0 + a, len, stream, out + a, scratch);
+    }
+    Py_END_ALLOW_THREADS
+    free(scratch);
+    Py_RETURN_NONE;
+}
+
+/* isa() -> the best instruction set this CPU offers ("portable", "avx2", "avx512"); the
+ * Philox loop is compiled for each and chosen by the loader (GCC target_clones). */
+static PyObject *py_isa(PyObject *self, PyObject *noargs) {
+    return PyUnicode_FromString(soupkit_isa_names[soupkit_isa_detect()]);
+}
+
+static PyMethodDef methods[] = {
+    {"isa", py_isa, METH_NOARGS, "The instruction set the Philox loop runs with."},
+    {"gta", py_gta, METH_VARARGS, "Fused sparsify + combine of one piece (see the module)."},
+    {"count_equal", py_count_equal, METH_VARARGS, "Entries with |x - base| == t."},
+    {"mag_hist", py_mag_hist, METH_VARARGS, "Radix-select histograms of |x - base|."},
+    {"della_probs", py_della_probs, METH_VARARGS, "DELLA's per-row keep probabilities."},
+    {"philox_draws", py_draws, METH_VARARGS, "24-bit Philox4x32-10 draws of a stream."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_sparsify",
+    "Fused kernels of TIES, DARE, DELLA and Breadcrumbs (see soupkit.kernels.sparsify).", -1,
+    methods,
+};
+
+PyMODINIT_FUNC PyInit__sparsify(void) { return PyModule_Create(&module); }

@@ -4,6 +4,8 @@
 # make docs  - the documentation site in site/ (mkdocs build --strict)
 # make lint  - ruff check and ruff format --check
 # make smoke - install dist/'s wheel into a fresh venv and use it from a temp dir
+# make kernels - (re)build the native kernels in place (src/soupkit/kernels/*.so), for running
+#              from the source tree with PYTHONPATH=src; `make venv` builds them too
 # Both create .venv on first use, pinned by constraints.txt. `make test` also creates
 # benchmarks/.venv-mergekit (mergekit 0.1.5, pinned by benchmarks/mergekit-constraints.txt),
 # the reference the cross-check tests compare soupkit with; it never shares packages with .venv.
@@ -19,12 +21,14 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export NO_MKDOCS_2_WARNING := 1
+# a kernel build that fails is an error here (a plain `pip install` warns and goes without)
+export SOUPKIT_REQUIRE_KERNELS := 1
 
-.PHONY: demo demo-quick test venv mergekit-venv clean dist docs lint smoke
+.PHONY: demo demo-quick test venv mergekit-venv clean dist docs lint smoke kernels
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --disable-pip-version-check torch==2.13.0
 	$(PIP) install -q --disable-pip-version-check -c constraints.txt -e '.[dev,docs,eval,ray,optimize,lm-eval]'
@@ -42,10 +46,15 @@ demo: $(STAMP)
 demo-quick: $(STAMP)
 	$(PY) -m demo --quick $(DEMO_ARGS)
 
-test: $(STAMP) $(MKSTAMP) lint docs smoke
+test: $(STAMP) $(MKSTAMP) kernels lint docs smoke
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-# The build backend (hatchling) is pinned by constraints.txt in build's isolated environment.
+# setup.py compiles each src/soupkit/kernels/_*.c into an extension module next to it (the
+# editable install imports them from there); rebuilt when a C source or header changes.
+kernels: $(STAMP)
+	$(PY) setup.py -q build_ext --inplace
+
+# The build backend (setuptools) is pinned by constraints.txt in build's isolated environment.
 dist: $(STAMP)
 	rm -rf dist
 	PIP_CONSTRAINT=$(CURDIR)/constraints.txt $(PY) -m build --outdir dist .
@@ -61,4 +70,5 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 
 clean:
-	rm -rf $(VENV) benchmarks/.venv-mergekit .pytest_cache .hypothesis results/demo dist site
+	rm -rf $(VENV) benchmarks/.venv-mergekit .pytest_cache .hypothesis results/demo dist site build
+	rm -f src/soupkit/kernels/*.so src/soupkit/kernels/*.pyd

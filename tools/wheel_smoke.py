@@ -12,7 +12,8 @@ missing from the wheel fails here instead of working by accident from the source
   ``merge``) exits 0 and prints nothing on stderr (no warning such as torch's "Failed to
   initialize NumPy" on a plain install);
 - the Python API is the installed copy (``soupkit.__file__`` inside the venv) and merges with
-  the expected numbers, from files and in memory; ``py.typed`` is shipped;
+  the expected numbers, from files and in memory; ``py.typed`` and the native kernels
+  (``soupkit.kernels``) are shipped;
 - a feature whose extra is missing (``--backend ray``, the Hugging Face evaluators) fails with
   the ``pip install 'soupkit[EXTRA]'`` command and no traceback.
 
@@ -50,6 +51,8 @@ where = Path(soupkit.__file__).resolve()
 assert venv in where.parents, f"soupkit imported from {where}, not from the venv {venv}"
 assert soupkit.__version__ == importlib.metadata.version("soupkit"), soupkit.__version__
 assert importlib.resources.files("soupkit").joinpath("py.typed").is_file(), "py.typed missing"
+import soupkit.kernels  # the wheel ships the native kernels, built for this CPU family
+assert soupkit.kernels.available(), "soupkit.kernels not available from the wheel"
 
 a, b = load_file(work / "a.safetensors"), load_file(work / "b.safetensors")
 res = soupkit.uniform_soup([work / "a.safetensors", work / "b.safetensors"], work / "api-soup",

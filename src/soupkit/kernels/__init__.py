@@ -1,0 +1,349 @@
+"""soupkit's native kernels: the merge pass fused into one read of each input.
+
+The C extension ``soupkit.kernels._elementwise`` (built by the package's own setup.py) computes
+one piece of an elementwise merge in a single pass: it reads every input in its stored dtype
+(float32, bfloat16 or float16), converts to float32, combines, converts to the output dtype and
+counts the stored values that are NaN or +-Inf. Its results are the bytes of soupkit's torch
+reference (``methods/linear.py``, ``methods/task_arithmetic.py``, ``methods/wise_ft.py`` run on
+float32 copies, then ``Tensor.copy_`` into the output dtype), NaN payloads included:
+tests/kernels/ compares them byte for byte.
+
+One call is one piece on the calling thread, with the GIL released: the engine already splits
+a tensor into pieces across its compute threads. The functions here take contiguous CPU
+tensors: the inputs in their own dtypes (what the reader returns), an output tensor of ``n``
+elements in the output dtype, and the method's parameters.
+
+Switches (environment variables, read at every call):
+
+- ``SOUPKIT_KERNELS=0`` turns the kernels off: `available()` is False and soupkit runs its
+  torch implementation (same bytes, slower).
+- ``SOUPKIT_KERNELS_ISA=portable|avx2|avx512`` caps the instruction set (at most what the
+  CPU has; for tests and benchmarks). By default the best the CPU runs is chosen at import.
+
+This module imports only torch, the standard library and the extension (no other soupkit
+module), so every layer may use it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch
+
+__all__ = [
+    "DISABLE_ENV",
+    "ISA_ENV",
+    "available",
+    "best_isa",
+    "isa",
+    "linear",
+    "supports",
+    "task_arithmetic",
+    "wise_ft",
+]
+
+DISABLE_ENV = "SOUPKIT_KERNELS"
+ISA_ENV = "SOUPKIT_KERNELS_ISA"
+
+_ext: ModuleType | None
+try:
+    from soupkit.kernels import _elementwise as _ext
+except ImportError:  # built without a C compiler, or a source tree without `make kernels`
+    _ext = None
+
+_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+@dataclass(frozen=True)
+class _Calibration:
+    """How this process's torch rounds where CPUs or torch builds may differ (measured once).
+
+    Attributes:
+        fused: ``Tensor.addcmul_`` rounds once (a fused multiply-add: torch's AVX2 / AVX-512
+            kernels) rather than after the product and after the sum (its portable kernel).
+        bf16_nan: the bfloat16 word torch stores for every float32 NaN (None: not one word,
+            so bfloat16 outputs are not offered).
+        f16_block: torch converts float16 to float32 in runs of this many elements; the last
+            ``n % f16_block`` of a tensor go through another path (None: float16 inputs are not
+            offered).
+        f16_tail_nan: the float32 bits that path gives every float16 NaN.
+    """
+
+    fused: bool
+    bf16_nan: int | None
+    f16_block: int | None
+    f16_tail_nan: int
+
+
+_lock = threading.Lock()
+_calibrated: _Calibration | None = None
+_measured = False
+
+
+def _bits32(x: torch.Tensor) -> list[int]:
+    return [v & 0xFFFFFFFF for v in x.view(torch.int32).tolist()]
+
+
+def _from_bits(words: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    """A tensor of ``dtype`` (32 or 16 bits) holding these bit patterns."""
+    bits = 32 if dtype == torch.float32 else 16
+    itype = torch.int32 if bits == 32 else torch.int16
+    signed = [w - (1 << bits) if w >> (bits - 1) else w for w in words]
+    return torch.tensor(signed, dtype=itype).view(dtype)
+
+
+def _calibrate() -> _Calibration | None:
+    """The calibration of this process (measured on first use); None when torch behaves in a
+    way the kernels do not reproduce (then they are not used)."""
+    global _calibrated, _measured
+    with _lock:
+        if not _measured:
+            with torch.inference_mode(False):
+                _calibrated = _measure()
+            _measured = True
+        return _calibrated
+
+
+def _measure() -> _Calibration | None:
+    assert _ext is not None
+    # addcmul_: fused or not, decided by which of the two programs gives torch's bits
+    g = torch.Generator().manual_seed(1234)
+    acc, t = torch.randn(4099, generator=g), torch.randn(4099, generator=g)
+    w = torch.tensor(0.1, dtype=torch.float32)
+    ref = acc.clone().addcmul_(t, w)
+    fused: bool | None = None
+    for kind in (_ext.FMA, _ext.MUL_ADD):
+        out = torch.empty_like(acc)
+        steps = ((acc.data_ptr(), 0, _ext.SET_MUL, 1.0), (t.data_ptr(), 0, kind, float(w)))
+        _ext.run(acc.numel(), out.data_ptr(), 0, 0, 0, steps, 0, 1.0, 1.0, 0, 1, 0)
+        if torch.equal(out.view(torch.int32), ref.view(torch.int32)):
+            fused = kind == _ext.FMA
+            break
+    if fused is None:
+        return None
+    # float32 NaN -> bfloat16: one word, whatever the payload, position and length?
+    nans = [0x7FC00000, 0xFFC00000, 0x7F800001, 0x7FFFFFFF]
+    seen: set[int] = set()
+    for n in (1, 7, 16, 33, 64):
+        bf = _from_bits((nans * n)[:n], torch.float32).to(torch.bfloat16)
+        seen.update(v & 0xFFFF for v in bf.view(torch.int16).tolist())
+    bf16_nan = seen.pop() if len(seen) == 1 else None
+    # float16 -> float32: which trailing elements take another path, and what a NaN becomes there
+    starts: dict[int, int] = {}
+    words: set[int] = set()
+    for n in range(1, 70):
+        got = _bits32(_from_bits(([0x7C01, 0xFE02] * n)[:n], torch.float16).float())
+        want = ([0x7FC02000, 0xFFC04000] * n)[:n]
+        odd = [i for i in range(n) if got[i] != want[i]]
+        starts[n] = odd[0] if odd else n
+        if odd != list(range(starts[n], n)):
+            starts = {}  # not a trailing run: not a pattern the kernels know
+            break
+        words.update(got[i] for i in odd)
+    blocks = [b for b in (1, 2, 4, 8, 16, 32, 64) if all(s == n - n % b for n, s in starts.items())]
+    f16_block = blocks[0] if starts and blocks and len(words) <= 1 else None
+    return _Calibration(fused, bf16_nan, f16_block, words.pop() if words else 0)
+
+
+def _enabled() -> bool:
+    return _ext is not None and os.environ.get(DISABLE_ENV, "1").strip() != "0"
+
+
+def _apply_isa_env() -> None:
+    want = os.environ.get(ISA_ENV, "").strip()
+    assert _ext is not None
+    if want and _ext.isa() != want:
+        _ext.set_isa(want)  # ValueError names the levels this CPU runs
+    elif not want and _ext.isa() != _ext.best_isa():
+        _ext.set_isa(_ext.best_isa())
+
+
+def available() -> bool:
+    """True when the native kernels are built and not switched off (``SOUPKIT_KERNELS=0``)."""
+    return _enabled() and _calibrate() is not None
+
+
+def isa() -> str | None:
+    """The instruction set the kernels use now: ``"avx512"``, ``"avx2"`` or ``"portable"``
+    (None when they are not available)."""
+    if not _enabled():
+        return None
+    assert _ext is not None
+    _apply_isa_env()
+    return str(_ext.isa())
+
+
+def best_isa() -> str | None:
+    """The best instruction set this CPU runs the kernels with (None when not built)."""
+    return None if _ext is None else str(_ext.best_isa())
+
+
+def supports(
+    in_dtypes: Sequence[torch.dtype], out_dtype: torch.dtype, params: Sequence[float] = ()
+) -> bool:
+    """Whether the kernels reproduce the reference for these dtypes and parameter values.
+
+    Args:
+        in_dtypes: the dtypes of the inputs (and the base) as the reader returns them.
+        out_dtype: the output dtype.
+        params: the method's numeric parameters (weights, lambda, alpha): NaN or +-Inf ones
+            are left to the reference.
+    """
+    if not _enabled() or out_dtype not in _CODES or any(d not in _CODES for d in in_dtypes):
+        return False
+    cal = _calibrate()
+    if cal is None:
+        return False
+    if out_dtype == torch.bfloat16 and cal.bf16_nan is None:
+        return False
+    if torch.float16 in in_dtypes and cal.f16_block is None:
+        return False
+    return all(math.isfinite(p) for p in params)
+
+
+def _f32(values: Sequence[float]) -> list[float]:
+    """The values rounded to float32, as ``torch.tensor(values, dtype=torch.float32)`` does."""
+    return torch.tensor(list(values), dtype=torch.float32).tolist()
+
+
+def _check(out: torch.Tensor, tensors: Sequence[torch.Tensor], params: Sequence[float]) -> int:
+    n = out.numel()
+    for what, t in [("out", out)] + [(f"input {i}", x) for i, x in enumerate(tensors)]:
+        if t.device.type != "cpu" or not t.is_contiguous():
+            raise ValueError(f"soupkit.kernels: {what} must be a contiguous CPU tensor")
+        if t.numel() != n:
+            raise ValueError(f"soupkit.kernels: {what} has {t.numel()} elements, out has {n}")
+    if not supports([t.dtype for t in tensors], out.dtype, params):
+        raise ValueError(
+            "soupkit.kernels: not supported here: "
+            f"inputs {[str(t.dtype) for t in tensors]}, out {out.dtype}, parameters {list(params)}"
+            " (check soupkit.kernels.supports() first)"
+        )
+    return n
+
+
+def _run(
+    out: torch.Tensor,
+    steps: Sequence[tuple[torch.Tensor, int, float]],
+    base: torch.Tensor | None,
+    flags: int,
+    total: float = 1.0,
+    lam: float = 1.0,
+) -> int:
+    assert _ext is not None
+    _apply_isa_env()
+    cal = _calibrate()
+    assert cal is not None  # _check() passed
+    if not steps:
+        raise ValueError("soupkit.kernels: no inputs")
+    if out.numel() == 0:
+        return 0
+    return int(
+        _ext.run(
+            out.numel(),
+            out.data_ptr(),
+            _CODES[out.dtype],
+            0 if base is None else base.data_ptr(),
+            0 if base is None else _CODES[base.dtype],
+            tuple((x.data_ptr(), _CODES[x.dtype], kind, w) for x, kind, w in steps),
+            flags,
+            total,
+            lam,
+            cal.bf16_nan or 0,
+            cal.f16_block or 1,
+            cal.f16_tail_nan,
+        )
+    )
+
+
+def linear(
+    out: torch.Tensor,
+    inputs: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    *,
+    normalize: bool = True,
+) -> int:
+    """``out = sum_i w_i * inputs[i]`` (``/ sum_i w_i`` when ``normalize``), as `linear` computes it.
+
+    The reference is ``soupkit.methods.linear`` on float32 copies of the inputs, then
+    ``out.copy_(result)``: ``acc = x_0 * w_0``, ``acc.addcmul_(x_i, w_i)`` in order, then
+    ``acc / sum(w)`` with the float32 sum of the float32 weights.
+
+    Args:
+        out: the output piece (float32, bfloat16 or float16), written in place.
+        inputs: one tensor per model, ``out.numel()`` elements each, any of those dtypes.
+        weights: one weight per model.
+        normalize: divide by the sum of the weights.
+
+    Returns:
+        How many values written to ``out`` are NaN or +-Inf.
+    """
+    if len(weights) != len(inputs):
+        raise ValueError(f"soupkit.kernels: {len(inputs)} inputs but {len(weights)} weights")
+    _check(out, inputs, weights)
+    assert _ext is not None
+    w = _f32(weights)
+    cal = _calibrate()
+    fma = _ext.FMA if cal is not None and cal.fused else _ext.MUL_ADD
+    steps = [(inputs[0], _ext.SET_MUL, w[0])] + [(x, fma, wi) for x, wi in zip(inputs[1:], w[1:])]
+    total = float(torch.tensor(w, dtype=torch.float32).sum())
+    return _run(out, steps, None, _ext.DIV if normalize else 0, total=total)
+
+
+def task_arithmetic(
+    out: torch.Tensor,
+    inputs: Sequence[torch.Tensor],
+    base: torch.Tensor,
+    weights: Sequence[float],
+    *,
+    lam: float = 1.0,
+    normalize: bool = False,
+) -> int:
+    """``out = base + lam * sum_i w_i * (inputs[i] - base)`` (the sum ``/ sum_i w_i`` when
+    ``normalize``), as `task_arithmetic` computes it.
+
+    The reference: ``d_i = x_i - base``, ``m = d_0 * w_0``, ``m += d_i * w_i`` in order, then
+    ``m / sum(w)``, ``m * lam`` (skipped for 1) and ``m + base``, each rounded to float32.
+
+    Args:
+        out: the output piece, written in place.
+        inputs: one tensor per model.
+        base: the base model's piece.
+        weights: one weight per model.
+        lam: the recipe's ``lambda``.
+        normalize: divide the weighted sum by the sum of the weights.
+
+    Returns:
+        How many values written to ``out`` are NaN or +-Inf.
+    """
+    if len(weights) != len(inputs):
+        raise ValueError(f"soupkit.kernels: {len(inputs)} inputs but {len(weights)} weights")
+    _check(out, [*inputs, base], [*weights, lam])
+    assert _ext is not None
+    w = _f32(weights)
+    steps = [(inputs[0], _ext.SUB_SET_MUL, w[0])]
+    steps += [(x, _ext.SUB_MUL_ADD, wi) for x, wi in zip(inputs[1:], w[1:])]
+    flags = _ext.ADD_BASE | (_ext.DIV if normalize else 0) | (_ext.SCALE if lam != 1 else 0)
+    total = float(torch.tensor(w, dtype=torch.float32).sum())
+    return _run(out, steps, base, flags, total=total, lam=_f32([lam])[0])
+
+
+def wise_ft(
+    out: torch.Tensor, zero_shot: torch.Tensor, fine_tuned: torch.Tensor, alpha: float
+) -> int:
+    """``out = (1 - alpha) * zero_shot + alpha * fine_tuned``, as `wise_ft` computes it: both
+    products rounded to float32 (``1 - alpha`` formed in double precision), then added.
+
+    Returns:
+        How many values written to ``out`` are NaN or +-Inf.
+    """
+    _check(out, [zero_shot, fine_tuned], [alpha])
+    assert _ext is not None
+    c1, c2 = _f32([1.0 - alpha, alpha])
+    steps = [(zero_shot, _ext.SET_MUL, c1), (fine_tuned, _ext.MUL_ADD, c2)]
+    return _run(out, steps, None, 0)

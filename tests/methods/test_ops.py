@@ -94,7 +94,9 @@ def test_each_models_draws_are_its_own_stream_and_do_not_depend_on_pieces() -> N
     assert not (m1_low & ~m1).any() and m1_low.sum() < m1.sum()  # the same draws, lower bar
     # pieces at any offsets give the whole tensor's mask
     pieces = [(0, 3), (3, 515), (515, 1001)]
-    joined = torch.cat([_ops.dare_drop(x[a:b], 0.5, rng.at(a), "none", stream=1) for a, b in pieces])
+    joined = torch.cat(
+        [_ops.dare_drop(x[a:b], 0.5, rng.at(a), "none", stream=1) for a, b in pieces]
+    )
     assert torch.equal(joined != 0, m1)
     # a torch.Generator stands for its seed
     g = torch.Generator().manual_seed(5)

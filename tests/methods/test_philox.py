@@ -8,8 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from soupkit.methods import CounterRNG
-from soupkit.methods import _philox
+from soupkit.methods import CounterRNG, _philox
 
 # Random123 1.14, examples/kat_vectors: "philox4x32 10", counter (4 words), key (2 words),
 # expected output (4 words); the published known-answer test of Salmon et al. (SC 2011).

@@ -89,7 +89,16 @@ static inline float t_sub(float a, float b) { return sk_isnan(b) ? sk_quiet(b) :
 
 /* ------------------------------------------------------------------ inputs */
 
-static void to_f32(const void *src, int dtype, size_t off, size_t n, float *dst) {
+/* torch converts float16 to float32 in runs of a calibrated block (soupkit.kernels'
+ * _Calibration); the elements of a piece from `f16_tail` on take another path, where a NaN
+ * becomes the word `f16_tail_nan`. */
+typedef struct {
+    int64_t f16_tail;
+    uint32_t f16_tail_nan;
+} conv_t;
+
+static void to_f32(const conv_t *cv, const void *src, int dtype, size_t off, size_t n,
+                   float *dst) {
     if (dtype == SK_F32) {
         memcpy(dst, (const float *)src + off, n * sizeof(float));
     } else if (dtype == SK_BF16) {
@@ -98,14 +107,20 @@ static void to_f32(const void *src, int dtype, size_t off, size_t n, float *dst)
             dst[j] = sk_bf16_to_f32(s[j]);
     } else {
         const uint16_t *s = (const uint16_t *)src + off;
-        for (size_t j = 0; j < n; j++)
-            dst[j] = sk_f16_to_f32(s[j]);
+        for (size_t j = 0; j < n; j++) {
+            uint16_t h = s[j];
+            if ((int64_t)(off + j) >= cv->f16_tail && (h & 0x7c00u) == 0x7c00u && (h & 0x3ffu))
+                dst[j] = sk_float(cv->f16_tail_nan);
+            else
+                dst[j] = sk_f16_to_f32(h);
+        }
     }
 }
 
 /* deltas: d = x - base (float32; torch's t.sub_(base)) */
-static void deltas(const void *x, int xdt, const float *base, size_t off, size_t n, float *d) {
-    to_f32(x, xdt, off, n, d);
+static void deltas(const conv_t *cv, const void *x, int xdt, const float *base, size_t off,
+                   size_t n, float *d) {
+    to_f32(cv, x, xdt, off, n, d);
     for (size_t j = 0; j < n; j++)
         d[j] = t_sub(d[j], base[j]);
 }
@@ -335,9 +350,12 @@ static PyObject *py_gta(PyObject *self, PyObject *args) {
     unsigned long long base_p, out_p, key, e0;
     int base_dt;
     Py_ssize_t n;
-    if (!PyArg_ParseTuple(args, "OOKinKKKOO", &xs_o, &dt_o, &base_p, &base_dt, &n, &out_p, &key,
-                          &e0, &specs_o, &comb_o))
+    conv_t cv;
+    unsigned int tail_nan;
+    if (!PyArg_ParseTuple(args, "OOKinKKKOOLI", &xs_o, &dt_o, &base_p, &base_dt, &n, &out_p, &key,
+                          &e0, &specs_o, &comb_o, &cv.f16_tail, &tail_nan))
         return NULL;
+    cv.f16_tail_nan = tail_nan;
     Py_ssize_t m = PySequence_Size(xs_o);
     if (m < 1 || m > MAX_MODELS) {
         PyErr_Format(PyExc_ValueError, "gta: 1 to %d models, got %zd", MAX_MODELS, m);
@@ -418,9 +436,9 @@ static PyObject *py_gta(PyObject *self, PyObject *args) {
     Py_BEGIN_ALLOW_THREADS
     for (size_t a = 0; a < (size_t)n; a += blk) {
         size_t len = (size_t)n - a < blk ? (size_t)n - a : blk;
-        to_f32(base, base_dt, a, len, basebuf);
+        to_f32(&cv, base, base_dt, a, len, basebuf);
         for (Py_ssize_t i = 0; i < m; i++) {
-            deltas((const void *)xs[i], (int)dts[i], basebuf, a, len, d[i]);
+            deltas(&cv, (const void *)xs[i], (int)dts[i], basebuf, a, len, d[i]);
             sparsify(&sp[i], d[i], len, a, key, e0, (uint32_t)i, u, scratch);
         }
         combine(&cb, (int)m, d, len, outb, tot, divb);
@@ -445,15 +463,19 @@ static PyObject *py_count_equal(PyObject *self, PyObject *args) {
     int xdt, bdt;
     Py_ssize_t n;
     float t;
-    if (!PyArg_ParseTuple(args, "KiKinf", &xp, &xdt, &bp, &bdt, &n, &t))
+    conv_t cv;
+    unsigned int tail_nan;
+    if (!PyArg_ParseTuple(args, "KiKinfLI", &xp, &xdt, &bp, &bdt, &n, &t, &cv.f16_tail,
+                          &tail_nan))
         return NULL;
+    cv.f16_tail_nan = tail_nan;
     long long count = 0;
     Py_BEGIN_ALLOW_THREADS
     float b[BLK], d[BLK];
     for (size_t a = 0; a < (size_t)n; a += BLK) {
         size_t len = (size_t)n - a < BLK ? (size_t)n - a : BLK;
-        to_f32((const void *)(uintptr_t)bp, bdt, a, len, b);
-        deltas((const void *)(uintptr_t)xp, xdt, b, a, len, d);
+        to_f32(&cv, (const void *)(uintptr_t)bp, bdt, a, len, b);
+        deltas(&cv, (const void *)(uintptr_t)xp, xdt, b, a, len, d);
         for (size_t j = 0; j < len; j++)
             count += fabsf(d[j]) == t;
     }
@@ -469,15 +491,19 @@ static PyObject *py_mag_hist(PyObject *self, PyObject *args) {
     int xdt, bdt;
     Py_ssize_t n;
     long bucket;
-    if (!PyArg_ParseTuple(args, "KiKinKl", &xp, &xdt, &bp, &bdt, &n, &hp, &bucket))
+    conv_t cv;
+    unsigned int tail_nan;
+    if (!PyArg_ParseTuple(args, "KiKinKlLI", &xp, &xdt, &bp, &bdt, &n, &hp, &bucket,
+                          &cv.f16_tail, &tail_nan))
         return NULL;
+    cv.f16_tail_nan = tail_nan;
     int64_t *hist = (int64_t *)(uintptr_t)hp;
     Py_BEGIN_ALLOW_THREADS
     float b[BLK], d[BLK];
     for (size_t a = 0; a < (size_t)n; a += BLK) {
         size_t len = (size_t)n - a < BLK ? (size_t)n - a : BLK;
-        to_f32((const void *)(uintptr_t)bp, bdt, a, len, b);
-        deltas((const void *)(uintptr_t)xp, xdt, b, a, len, d);
+        to_f32(&cv, (const void *)(uintptr_t)bp, bdt, a, len, b);
+        deltas(&cv, (const void *)(uintptr_t)xp, xdt, b, a, len, d);
         if (bucket < 0) {
             for (size_t j = 0; j < len; j++)
                 hist[(sk_bits(d[j]) & 0x7fffffffu) >> 16]++;
@@ -502,9 +528,12 @@ static PyObject *py_della_probs(PyObject *self, PyObject *args) {
     int xdt, bdt;
     Py_ssize_t rows, cols;
     double density, epsilon;
-    if (!PyArg_ParseTuple(args, "KiKinnddK", &xp, &xdt, &bp, &bdt, &rows, &cols, &density,
-                          &epsilon, &op))
+    conv_t cv;
+    unsigned int tail_nan;
+    if (!PyArg_ParseTuple(args, "KiKinnddKLI", &xp, &xdt, &bp, &bdt, &rows, &cols, &density,
+                          &epsilon, &op, &cv.f16_tail, &tail_nan))
         return NULL;
+    cv.f16_tail_nan = tail_nan;
     float *out = (float *)(uintptr_t)op;
     if (cols <= 0 || rows <= 0)
         Py_RETURN_NONE;
@@ -523,8 +552,8 @@ static PyObject *py_della_probs(PyObject *self, PyObject *args) {
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t r = 0; r < rows; r++) {
         size_t off = (size_t)r * (size_t)cols;
-        to_f32((const void *)(uintptr_t)bp, bdt, off, (size_t)cols, b);
-        deltas((const void *)(uintptr_t)xp, xdt, b, off, (size_t)cols, d);
+        to_f32(&cv, (const void *)(uintptr_t)bp, bdt, off, (size_t)cols, b);
+        deltas(&cv, (const void *)(uintptr_t)xp, xdt, b, off, (size_t)cols, d);
         if (cols == 1) {
             out[off] = lo + (0.5f * 2.0f) * eps;
             continue;

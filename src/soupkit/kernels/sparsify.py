@@ -10,8 +10,9 @@ numbers with the same Philox4x32-10 stream (`soupkit.methods._philox`).
 Without the extension (not built, or ``SOUPKIT_KERNELS=0``) every function runs the torch
 reference instead, so callers need no second path; `native` says which one runs. The kernels
 cover every switch of these methods except ``rescale: l1`` (the L1 norms are torch sums, whose
-summation order the kernels do not reproduce): `supported` is False there and the functions
-use the reference.
+summation order the kernels do not reproduce), and the input dtypes that
+`soupkit.kernels.supports` accepts (float16 needs the calibration of torch's conversion):
+`supported` is False otherwise and the functions use the reference.
 
 The piece-wise form of TIES (`ties_piece`) is what a streaming engine calls: each model's cut
 (`MagnitudeCut`, from the radix select that `magnitude_hist` serves) with its tie quota spent
@@ -20,21 +21,25 @@ in flat order across pieces, exactly as ``soupkit.tensor_trim.chunk_cut`` spends
 
 from __future__ import annotations
 
+import importlib
 import math
-import os
 from collections.abc import MutableSequence, Sequence
+from types import ModuleType
 from typing import Any
 
 import torch
 
+from soupkit.kernels import _calibrate, available
+from soupkit.kernels import supports as _supports_dtypes
 from soupkit.methods import MagnitudeCut, Params
 from soupkit.methods import get as get_method
 from soupkit.methods._ops import topk_cut
 from soupkit.methods._philox import CounterRNG, counter_rng, keep_threshold
 
+_ext: ModuleType | None
 try:  # the extension is optional: without it, the torch reference runs
-    from soupkit.kernels import _sparsify as _ext
-except ImportError:  # pragma: no cover - exercised by builds without a C compiler
+    _ext = importlib.import_module("soupkit.kernels._sparsify")
+except ImportError:  # built without a C compiler, or a source tree without `make kernels`
     _ext = None
 
 __all__ = [
@@ -69,14 +74,26 @@ _KEEP_ALL = MagnitudeCut(-math.inf, None)
 
 def native() -> bool:
     """True when the C kernels run (built, and not disabled with ``SOUPKIT_KERNELS=0``)."""
-    return _ext is not None and os.environ.get("SOUPKIT_KERNELS", "1") != "0"
+    return _ext is not None and available()
 
 
-def supported(name: str, p: Params, n_models: int) -> bool:
-    """Whether the kernels compute method ``name`` with parameters ``p`` (else: the reference)."""
-    if name not in METHODS or not 1 <= n_models <= _MAX_MODELS:
+def supported(name: str, p: Params, dtypes: Sequence[torch.dtype]) -> bool:
+    """Whether the kernels compute method ``name`` with parameters ``p`` on inputs of these
+    dtypes (the models' and the base's); else the functions here run the reference."""
+    if name not in METHODS or not 2 <= len(dtypes) <= _MAX_MODELS + 1:
+        return False
+    if not (native() and _supports_dtypes(dtypes, torch.float32)):
         return False
     return getattr(p, "rescale", None) != "l1"
+
+
+def _conv(n: int) -> tuple[int, int]:
+    """(first element of the float16 tail, the float32 bits of a NaN there) for a piece of n
+    elements: where torch's float16 conversion takes its other path."""
+    cal = _calibrate()
+    if cal is None or cal.f16_block is None:
+        return n, 0
+    return n - n % cal.f16_block, cal.f16_tail_nan
 
 
 def _check(xs: Sequence[torch.Tensor], base: torch.Tensor) -> int:
@@ -170,6 +187,7 @@ def _run(
         rng.offset if rng is not None else 0,
         list(specs),
         combine,
+        *_conv(n),
     )
     return out, used
 
@@ -177,7 +195,9 @@ def _run(
 # ---------------------------------------------------------------------------- magnitude cuts
 
 
-def magnitude_hist(x: torch.Tensor, base: torch.Tensor, hist: torch.Tensor, bucket: int = -1) -> None:
+def magnitude_hist(
+    x: torch.Tensor, base: torch.Tensor, hist: torch.Tensor, bucket: int = -1
+) -> None:
     """Add the bit patterns of ``|x - base|`` (float32 deltas) to ``hist`` (int64, in place):
     by their top 16 bits (``bucket < 0``, 32768 bins), or the low 16 bits of the patterns in
     top-16-bit bucket ``bucket`` (65536 bins): the two passes of the radix select of
@@ -186,11 +206,11 @@ def magnitude_hist(x: torch.Tensor, base: torch.Tensor, hist: torch.Tensor, buck
     bins = 1 << 15 if bucket < 0 else 1 << 16
     if hist.dtype != torch.int64 or hist.numel() != bins or not hist.is_contiguous():
         raise ValueError(f"hist must be a contiguous int64 tensor of {bins} bins")
-    if native():
+    if native() and _supports_dtypes([x.dtype, base.dtype], torch.float32):
         assert _ext is not None
         _ext.mag_hist(
             x.data_ptr(), _DTYPES[x.dtype], base.data_ptr(), _DTYPES[base.dtype], n,
-            hist.data_ptr(), bucket,
+            hist.data_ptr(), bucket, *_conv(n),
         )  # fmt: skip
         return
     bits = (x.reshape(-1).float() - base.reshape(-1).float()).view(torch.int32) & 0x7FFFFFFF
@@ -218,7 +238,7 @@ def magnitude_cut(x: torch.Tensor, base: torch.Tensor, k: int) -> MagnitudeCut |
         return None
     if k <= 0:
         return MagnitudeCut(math.inf, 0)
-    if not native():
+    if not (native() and _supports_dtypes([x.dtype, base.dtype], torch.float32)):
         return topk_cut((x.float() - base.float()).abs_(), k)
     inf_bucket = 0x7F800000 >> 16
     hi = torch.zeros(1 << 15, dtype=torch.int64)
@@ -247,8 +267,14 @@ def _count_equal(x: torch.Tensor, base: torch.Tensor, t: float) -> int:
     assert _ext is not None
     return int(
         _ext.count_equal(
-            x.data_ptr(), _DTYPES[x.dtype], base.data_ptr(), _DTYPES[base.dtype], base.numel(), t
-        )
+            x.data_ptr(),
+            _DTYPES[x.dtype],
+            base.data_ptr(),
+            _DTYPES[base.dtype],
+            base.numel(),
+            t,
+            *_conv(base.numel()),
+        )  # fmt: skip
     )
 
 
@@ -271,7 +297,7 @@ def ties_piece(
     ``ties(deltas, p, trim=<the piece's cuts>)`` + base gives.
     """
     _check(xs, base)
-    if not native():
+    if not supported("ties", p, [x.dtype for x in (*xs, base)]):
         piece_cuts = []
         for i, c in enumerate(cuts):
             if c is None or c.ties is None or c.threshold != c.threshold:
@@ -341,7 +367,7 @@ def merge(
     n = _check(xs, base)
     shape = tuple(shape) if shape is not None else tuple(base.shape)
     r = counter_rng(rng) if name.startswith(("dare", "della")) else None
-    if not (native() and supported(name, p, len(xs))):
+    if not supported(name, p, [x.dtype for x in (*xs, base)]):
         res = _reference(name, [x.reshape(shape) for x in xs], base.reshape(shape), p, r)
         res = res.reshape(-1)
         if out is not None:
@@ -383,6 +409,7 @@ def merge(
             _ext.della_probs(
                 x.data_ptr(), _DTYPES[x.dtype], base.data_ptr(), _DTYPES[base.dtype],
                 rows, n // rows if rows else 0, float(d), float(p.epsilon[i]), probs.data_ptr(),
+                *_conv(n),
             )  # fmt: skip
             keep.append(probs)
             rs = _RS_PROB if p.rescale == "probability" else _RS_NONE

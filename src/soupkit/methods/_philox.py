@@ -110,9 +110,12 @@ def philox4x32_10(
             k1 = (k1 + _W1) & _MASK
         p0 = c0 * m0
         p1 = c2 * m1
-        c0, c1, c2, c3 = (p1 >> s32) ^ c1 ^ np.uint64(k0), p1 & mask, (
-            p0 >> s32
-        ) ^ c3 ^ np.uint64(k1), p0 & mask
+        c0, c1, c2, c3 = (
+            (p1 >> s32) ^ c1 ^ np.uint64(k0),
+            p1 & mask,
+            (p0 >> s32) ^ c3 ^ np.uint64(k1),
+            p0 & mask,
+        )
     return c0, c1, c2, c3
 
 

@@ -47,8 +47,8 @@ import torch
 from pydantic import model_validator
 
 from soupkit.methods import _exact, _ops, method
-from soupkit.methods._philox import CounterRNG, counter_rng
 from soupkit.methods._conventions import ConsensusParams, Density, PresetParams
+from soupkit.methods._philox import CounterRNG, counter_rng
 
 Rescale = Literal["density", "l1", "none"]
 _BOOL = {True: "density", False: "none"}
@@ -129,8 +129,7 @@ def _drop(
 ) -> list[torch.Tensor]:
     r = counter_rng(rng)
     return [
-        _ops.dare_drop(d, k, r, rescale, stream=i)
-        for i, (d, k) in enumerate(zip(deltas, density))
+        _ops.dare_drop(d, k, r, rescale, stream=i) for i, (d, k) in enumerate(zip(deltas, density))
     ]
 
 
@@ -146,7 +145,10 @@ def _drop(
     exact_check=_exact.gta_check,
 )
 def dare_linear(
-    deltas: Sequence[torch.Tensor], p: DareLinearParams, *, rng: CounterRNG | torch.Generator | None = None
+    deltas: Sequence[torch.Tensor],
+    p: DareLinearParams,
+    *,
+    rng: CounterRNG | torch.Generator | None = None,
 ) -> torch.Tensor:
     """Drop and rescale each task vector, then ``lambda * sum_i w_i tau'_i``."""
     dropped = _drop(deltas, p.density, p.rescale, rng)
@@ -165,7 +167,10 @@ def dare_linear(
     exact_check=_exact.gta_check,
 )
 def dare_ties(
-    deltas: Sequence[torch.Tensor], p: DareTiesParams, *, rng: CounterRNG | torch.Generator | None = None
+    deltas: Sequence[torch.Tensor],
+    p: DareTiesParams,
+    *,
+    rng: CounterRNG | torch.Generator | None = None,
 ) -> torch.Tensor:
     """Drop and rescale each task vector, then TIES' elect and disjoint merge."""
     dropped = _drop(deltas, p.density, p.rescale, rng)

@@ -45,8 +45,8 @@ import torch
 from pydantic import Field, model_validator
 
 from soupkit.methods import _exact, _ops, method
-from soupkit.methods._philox import CounterRNG, counter_rng
 from soupkit.methods._conventions import ConsensusParams, Density, PresetParams
+from soupkit.methods._philox import CounterRNG, counter_rng
 
 Rescale = Literal["probability", "l1", "none"]
 Epsilon = Annotated[float, Field(ge=0, lt=1)]
@@ -161,7 +161,10 @@ def _drop(
     exact_check=_exact.gta_check,
 )
 def della(
-    deltas: Sequence[torch.Tensor], p: DellaParams, *, rng: CounterRNG | torch.Generator | None = None
+    deltas: Sequence[torch.Tensor],
+    p: DellaParams,
+    *,
+    rng: CounterRNG | torch.Generator | None = None,
 ) -> torch.Tensor:
     """MagPrune each task vector, then TIES' elect and disjoint merge."""
     return _ops.consensus_combine(
@@ -187,7 +190,10 @@ def della(
     exact_check=_exact.gta_check,
 )
 def della_linear(
-    deltas: Sequence[torch.Tensor], p: DellaLinearParams, *, rng: CounterRNG | torch.Generator | None = None
+    deltas: Sequence[torch.Tensor],
+    p: DellaLinearParams,
+    *,
+    rng: CounterRNG | torch.Generator | None = None,
 ) -> torch.Tensor:
     """MagPrune each task vector, then ``lambda * sum_i w_i tau'_i``."""
     return _ops.linear_combine(

@@ -4,7 +4,7 @@ Salmon, Moraes, Dror, Shaw, "Parallel Random Numbers: As Easy as 1, 2, 3", SC 20
 (Random123). A Philox draw is a pure function of a 64-bit key and a 128-bit counter, so any
 element's draw can be computed on its own: the result of a drop does not depend on how a tensor
 is cut into pieces, in which order the pieces run or on how many threads run them. This module
-is the reference (vectorised numpy uint64 arithmetic); the native kernels
+is the reference (vectorised int64 torch arithmetic); the native kernels
 (`soupkit.kernels.sparsify`) compute the same words and are tested against it.
 
 The stream of a drop:
@@ -26,7 +26,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 __all__ = [
@@ -91,31 +90,34 @@ def counter_rng(rng: CounterRNG | torch.Generator | None) -> CounterRNG:
 
 
 def philox4x32_10(
-    c0: np.ndarray,
-    c1: np.ndarray,
-    c2: np.ndarray,
-    c3: np.ndarray,
+    c0: torch.Tensor,
+    c1: torch.Tensor,
+    c2: torch.Tensor,
+    c3: torch.Tensor,
     k0: int,
     k1: int,
     rounds: int = ROUNDS,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Philox4x32 (``rounds`` rounds, 10 by default) of the counters ``(c0, c1, c2, c3)``
-    (uint64 arrays holding uint32 words) under key ``(k0, k1)``: four uint64 arrays of uint32
-    words, as Random123's ``philox4x32_R``. (A product of two 32-bit words fits in 64 bits,
-    so numpy's uint64 arithmetic gives its high and low halves exactly.)"""
-    m0, m1, mask, s32 = np.uint64(_M0), np.uint64(_M1), np.uint64(_MASK), np.uint64(32)
+    (int64 tensors holding uint32 words; consumed) under key ``(k0, k1)``: four int64 tensors
+    of uint32 words, as Random123's ``philox4x32_R``.
+
+    The 64-bit product of two 32-bit words wraps around in int64 (two's complement, as torch's
+    integer multiplication does on every CPU), so its bits are the unsigned product's: ``>> 32``
+    then ``& 0xFFFFFFFF`` gives the high word, ``& 0xFFFFFFFF`` the low one. The known-answer
+    tests (the all-ones vector overflows every product) would catch a platform that differs.
+    """
     for r in range(rounds):
         if r:
             k0 = (k0 + _W0) & _MASK
             k1 = (k1 + _W1) & _MASK
-        p0 = c0 * m0
-        p1 = c2 * m1
-        c0, c1, c2, c3 = (
-            (p1 >> s32) ^ c1 ^ np.uint64(k0),
-            p1 & mask,
-            (p0 >> s32) ^ c3 ^ np.uint64(k1),
-            p0 & mask,
-        )
+        p0 = c0.mul_(_M0)
+        p1 = c2.mul_(_M1)
+        n0 = (p1 >> 32).bitwise_and_(_MASK).bitwise_xor_(c1).bitwise_xor_(k0)
+        n2 = (p0 >> 32).bitwise_and_(_MASK).bitwise_xor_(c3).bitwise_xor_(k1)
+        c1 = p1.bitwise_and_(_MASK)
+        c3 = p0.bitwise_and_(_MASK)
+        c0, c2 = n0, n2
     return c0, c1, c2, c3
 
 
@@ -126,18 +128,17 @@ def words(rng: CounterRNG, stream: int, n: int) -> torch.Tensor:
         return torch.empty(0, dtype=torch.int64)
     first = rng.offset >> 2
     last = (rng.offset + n - 1) >> 2
-    q = np.arange(first, last + 1, dtype=np.uint64)
+    q = torch.arange(first, last + 1, dtype=torch.int64)
     out = philox4x32_10(
-        q & np.uint64(_MASK),
-        q >> np.uint64(32),
-        np.full_like(q, stream & _MASK),
-        np.zeros_like(q),
+        q & _MASK,
+        q >> 32,
+        torch.full_like(q, stream & _MASK),
+        torch.zeros_like(q),
         rng.key & _MASK,
         rng.key >> 32,
     )
-    flat = np.stack(out, axis=1).reshape(-1).view(np.int64)
     start = rng.offset & 3
-    return torch.from_numpy(flat[start : start + n])
+    return torch.stack(out, dim=1).reshape(-1)[start : start + n]
 
 
 def uniform24(rng: CounterRNG, stream: int, n: int) -> torch.Tensor:

@@ -29,6 +29,22 @@
 #define BLK 1024
 #define MAX_MODELS 64
 
+/* The block loops are written branch-free so that the compiler vectorises them; each is
+ * compiled for AVX-512, AVX2 and the baseline, the loader picks the CPU's (GCC's
+ * target_clones; other compilers get the portable build). */
+/* helpers are inlined into each clone, so that they are vectorised for its ISA */
+#if defined(__GNUC__)
+#define SK_INLINE static inline __attribute__((always_inline))
+#else
+#define SK_INLINE static inline
+#endif
+
+#if SOUPKIT_X86 && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
+#define SK_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define SK_CLONES
+#endif
+
 /* ------------------------------------------------------------------ Philox4x32-10 */
 
 #define PH_M0 0xD2511F53u
@@ -38,10 +54,7 @@
 
 /* Words of counters q0 .. q0 + nq (4 per counter, element order) of one stream. Written as
  * independent lanes so that the compiler vectorises it (vpmuludq); one clone per ISA. */
-#if SOUPKIT_X86 && defined(__GNUC__) && !defined(__clang__)
-__attribute__((target_clones("avx512f", "avx2", "default")))
-#endif
-static void philox_words(uint64_t q0, size_t nq, uint32_t stream, uint32_t k0, uint32_t k1,
+SK_CLONES static void philox_words(uint64_t q0, size_t nq, uint32_t stream, uint32_t k0, uint32_t k1,
                          uint32_t *out) {
     for (size_t j = 0; j < nq; j++) {
         uint64_t q = q0 + j;
@@ -84,8 +97,8 @@ static void draws24(uint64_t key, uint64_t e0, size_t n, uint32_t stream, uint32
 /* torch's add_(a, b) / sub_(a, b) run as fmadd(b, +-alpha, a) in its vectorised CPU kernels:
  * the same value as a + b (b * 1 is exact, one rounding), but where both are NaN the result
  * is b's NaN (quieted), not a's as an SSE add gives. */
-static inline float t_add(float a, float b) { return sk_isnan(b) ? sk_quiet(b) : a + b; }
-static inline float t_sub(float a, float b) { return sk_isnan(b) ? sk_quiet(b) : a - b; }
+SK_INLINE float t_add(float a, float b) { return sk_isnan(b) ? sk_quiet(b) : a + b; }
+SK_INLINE float t_sub(float a, float b) { return sk_isnan(b) ? sk_quiet(b) : a - b; }
 
 /* ------------------------------------------------------------------ inputs */
 
@@ -97,7 +110,7 @@ typedef struct {
     uint32_t f16_tail_nan;
 } conv_t;
 
-static void to_f32(const conv_t *cv, const void *src, int dtype, size_t off, size_t n,
+SK_INLINE void to_f32(const conv_t *cv, const void *src, int dtype, size_t off, size_t n,
                    float *dst) {
     if (dtype == SK_F32) {
         memcpy(dst, (const float *)src + off, n * sizeof(float));
@@ -118,7 +131,7 @@ static void to_f32(const conv_t *cv, const void *src, int dtype, size_t off, siz
 }
 
 /* deltas: d = x - base (float32; torch's t.sub_(base)) */
-static void deltas(const conv_t *cv, const void *x, int xdt, const float *base, size_t off,
+SK_INLINE void deltas(const conv_t *cv, const void *x, int xdt, const float *base, size_t off,
                    size_t n, float *d) {
     to_f32(cv, x, xdt, off, n, d);
     for (size_t j = 0; j < n; j++)
@@ -140,20 +153,40 @@ typedef struct {
     int64_t used;  /* ties consumed by this call */
 } cut_t;
 
-static inline int cut_keep(cut_t *c, float mag) {
-    if (mag > c->t)
-        return 1;
-    if (sk_isnan(mag))
-        return c->keep_nan;
-    if (mag == c->t) {
-        if (c->ties < 0)
-            return 1;
-        if (c->used < c->ties) {
-            c->used++;
-            return 1;
+SK_INLINE uint32_t mag_bits(float x) { return sk_bits(x) & 0x7fffffffu; }
+
+/* keep[j] (all ones / zero) of a block under cut c: branch-free for every entry, then, in the
+ * one block where the tie quota runs out, a scalar pass for the entries equal to t. */
+SK_INLINE void cut_block(cut_t *c, const float *d, size_t n, uint32_t *keep) {
+    const float t = c->t;
+    const uint32_t nan_keep = c->keep_nan ? 0xffffffffu : 0;
+    int ties_all = c->ties < 0;
+    size_t eq = 0;
+    if (!ties_all && c->used < c->ties) {
+        for (size_t j = 0; j < n; j++)
+            eq += sk_float(mag_bits(d[j])) == t;
+        if (c->used + (int64_t)eq <= c->ties) { /* every tie of this block survives */
+            ties_all = 1;
+            c->used += (int64_t)eq;
         }
     }
-    return 0;
+    const uint32_t tie_keep = ties_all ? 0xffffffffu : 0;
+    for (size_t j = 0; j < n; j++) {
+        uint32_t mb = mag_bits(d[j]);
+        float mag = sk_float(mb);
+        uint32_t gt = mag > t ? 0xffffffffu : 0;
+        uint32_t isn = mb > 0x7f800000u ? nan_keep : 0;
+        uint32_t eqk = mag == t ? tie_keep : 0;
+        keep[j] = gt | isn | eqk;
+    }
+    if (!ties_all && c->used < c->ties) { /* the boundary block: the first ties survive */
+        for (size_t j = 0; j < n && c->used < c->ties; j++) {
+            if (sk_float(mag_bits(d[j])) == t) {
+                keep[j] = 0xffffffffu;
+                c->used++;
+            }
+        }
+    }
 }
 
 typedef struct {
@@ -166,50 +199,60 @@ typedef struct {
     const float *probs; /* SP_DELLA: keep probabilities (whole piece) */
 } sparsify_t;
 
-/* d[0..n) of one model at piece offset `off`; draws for DARE / DELLA in `u` */
-static void sparsify(sparsify_t *s, float *d, size_t n, size_t off, uint64_t key,
-                     uint64_t e0, uint32_t stream, uint32_t *u, uint32_t *scratch) {
+/* where(keep, d, +0.0): the bits of d AND the mask (torch's masked_fill(~keep, 0.0)) */
+SK_INLINE void apply_keep(float *d, const uint32_t *keep, size_t n) {
+    for (size_t j = 0; j < n; j++)
+        d[j] = sk_float(sk_bits(d[j]) & keep[j]);
+}
+
+/* d[0..n) of one model at piece offset `off`; draws for DARE / DELLA in `u`, masks in `k1`,
+ * `k2` */
+SK_INLINE void sparsify(sparsify_t *s, float *d, size_t n, size_t off, uint64_t key,
+                            uint64_t e0, uint32_t stream, uint32_t *u, uint32_t *scratch,
+                            uint32_t *k1, uint32_t *k2) {
     switch (s->kind) {
     case SP_CUT:
-        for (size_t j = 0; j < n; j++) {
-            float mag = fabsf(d[j]);
-            if (!cut_keep(&s->cut, mag))
-                d[j] = 0.0f;
-        }
+        cut_block(&s->cut, d, n, k1);
+        apply_keep(d, k1, n);
         break;
     case SP_BAND:
-        for (size_t j = 0; j < n; j++) {
-            float mag = fabsf(d[j]);
-            int keep = cut_keep(&s->cut, mag);
-            if (s->has_low && cut_keep(&s->low, mag))
-                keep = 0;
-            if (!keep)
-                d[j] = 0.0f;
+        cut_block(&s->cut, d, n, k1);
+        if (s->has_low) {
+            cut_block(&s->low, d, n, k2);
+            for (size_t j = 0; j < n; j++)
+                k1[j] &= ~k2[j];
         }
+        apply_keep(d, k1, n);
         break;
-    case SP_DARE:
+    case SP_DARE: {
+        const uint32_t th = s->thresh;
         draws24(key, e0 + off, n, stream, u, scratch);
         for (size_t j = 0; j < n; j++)
-            if (u[j] >= s->thresh)
-                d[j] = 0.0f;
+            k1[j] = u[j] < th ? 0xffffffffu : 0;
+        apply_keep(d, k1, n);
         break;
-    case SP_DELLA:
+    }
+    case SP_DELLA: {
+        const float *pr = s->probs + off;
         draws24(key, e0 + off, n, stream, u, scratch);
         for (size_t j = 0; j < n; j++) {
-            float v = (float)u[j] * 0x1p-24f; /* exact */
-            if (!(v < s->probs[off + j]))
-                d[j] = 0.0f;
+            float v = (float)(int32_t)u[j] * 0x1p-24f; /* exact: 24 bits */
+            k1[j] = v < pr[j] ? 0xffffffffu : 0;
         }
+        apply_keep(d, k1, n);
         break;
+    }
     default:
         break;
     }
     if (s->rescale == RS_DIV) {
+        const float dv = s->div;
         for (size_t j = 0; j < n; j++)
-            d[j] = d[j] / s->div;
+            d[j] = d[j] / dv;
     } else if (s->rescale == RS_PROB) {
+        const float *pr = s->probs + off;
         for (size_t j = 0; j < n; j++)
-            d[j] = d[j] / s->probs[off + j];
+            d[j] = d[j] / pr[j];
     }
 }
 
@@ -227,73 +270,88 @@ typedef struct {
     float w[MAX_MODELS];
 } combine_t;
 
-static inline float torch_sign(float x) {
-    /* torch.sign: +1, -1, 0 for zeros and NaN */
-    return x > 0.0f ? 1.0f : (x < 0.0f ? -1.0f : 0.0f);
+SK_INLINE float torch_sign(float x) {
+    /* torch.sign: +1, -1, 0 for zeros and NaN (branch-free: it vectorises) */
+    return (float)((x > 0.0f) - (x < 0.0f));
 }
 
 /* merged delta of one block into out (d[i] are the sparsified deltas, overwritten) */
-static void combine(const combine_t *c, int m, float **d, size_t n, float *out, float *tot,
-                    float *div) {
+SK_INLINE void combine(const combine_t *c, int m, float **d, size_t n, float *out,
+                           float *tot, float *div) {
     if (c->combine == CB_LINEAR) {
+        const float w0 = c->w[0];
         for (size_t j = 0; j < n; j++)
-            out[j] = d[0][j] * c->w[0];
+            out[j] = d[0][j] * w0;
         for (int i = 1; i < m; i++) {
-            float w = c->w[i];
-            for (size_t j = 0; j < n; j++) {
-                float p = d[i][j] * w;
-                out[j] = t_add(out[j], p);
-            }
-        }
-        if (c->normalize)
+            const float w = c->w[i];
+            const float *di = d[i];
             for (size_t j = 0; j < n; j++)
-                out[j] = out[j] / c->divisor;
+                out[j] = t_add(out[j], di[j] * w);
+        }
+        if (c->normalize) {
+            const float dv = c->divisor;
+            for (size_t j = 0; j < n; j++)
+                out[j] = out[j] / dv;
+        }
     } else {
         /* signed_i: the weighted deltas (weighted) or the deltas; products_i: w_i * delta_i,
          * which are the signed ones when weighted. A weight of 1 is the delta itself. */
         if (c->sign_source == SS_WEIGHTED)
             for (int i = 0; i < m; i++)
-                if (c->w[i] != 1.0f)
+                if (c->w[i] != 1.0f) {
+                    const float w = c->w[i];
+                    float *di = d[i];
                     for (size_t j = 0; j < n; j++)
-                        d[i][j] = d[i][j] * c->w[i];
+                        di[j] = di[j] * w;
+                }
         if (c->sign_source == SS_COUNT) {
             for (size_t j = 0; j < n; j++)
                 tot[j] = torch_sign(d[0][j]);
-            for (int i = 1; i < m; i++)
+            for (int i = 1; i < m; i++) {
+                const float *di = d[i];
                 for (size_t j = 0; j < n; j++)
-                    tot[j] = tot[j] + torch_sign(d[i][j]);
+                    tot[j] = tot[j] + torch_sign(di[j]);
+            }
         } else {
-            if (m > 1)
+            if (m > 1) {
+                const float *d0 = d[0], *d1 = d[1];
                 for (size_t j = 0; j < n; j++)
-                    tot[j] = t_add(d[0][j], d[1][j]);
-            else
+                    tot[j] = t_add(d0[j], d1[j]);
+            } else {
                 memcpy(tot, d[0], n * sizeof(float));
-            for (int i = 2; i < m; i++)
+            }
+            for (int i = 2; i < m; i++) {
+                const float *di = d[i];
                 for (size_t j = 0; j < n; j++)
-                    tot[j] = t_add(tot[j], d[i][j]);
+                    tot[j] = t_add(tot[j], di[j]);
+            }
         }
         if (c->sign_tie == TIE_POSITIVE)
             for (size_t j = 0; j < n; j++)
-                tot[j] = tot[j] >= 0.0f ? 1.0f : -1.0f;
+                tot[j] = (float)(2 * (tot[j] >= 0.0f) - 1);
         else
             for (size_t j = 0; j < n; j++)
                 tot[j] = torch_sign(tot[j]);
-        for (size_t j = 0; j < n; j++) {
-            out[j] = 0.0f;
-            div[j] = 0.0f;
-        }
+        memset(out, 0, n * sizeof(float));
+        memset(div, 0, n * sizeof(float));
         for (int i = 0; i < m; i++) {
-            float w = c->w[i];
-            int scale = c->sign_source != SS_WEIGHTED && w != 1.0f;
+            const float w = c->w[i];
+            const float *si = d[i];
+            /* products: the signed tensor itself when weighted (or w == 1), else s * w */
+            const float pw = (c->sign_source != SS_WEIGHTED) ? w : 1.0f;
+            const int scale = pw != 1.0f;
             for (size_t j = 0; j < n; j++) {
-                float s = d[i][j];
-                float agree = torch_sign(s) == tot[j] ? 1.0f : 0.0f;
-                float prod = scale ? s * w : s;
+                float s = si[j];
+                float agree = (float)(torch_sign(s) == tot[j]);
+                float prod = scale ? s * pw : s;
                 out[j] = t_add(out[j], prod * agree);
-                if (c->aggregation == AG_MEAN)
-                    div[j] = div[j] + agree;
-                else if (c->aggregation == AG_WEIGHTED_MEAN)
-                    div[j] = div[j] + agree * w;
+            }
+            if (c->aggregation == AG_MEAN) {
+                for (size_t j = 0; j < n; j++)
+                    div[j] = div[j] + (float)(torch_sign(si[j]) == tot[j]);
+            } else if (c->aggregation == AG_WEIGHTED_MEAN) {
+                for (size_t j = 0; j < n; j++)
+                    div[j] = div[j] + (float)(torch_sign(si[j]) == tot[j]) * w;
             }
         }
         if (c->aggregation == AG_MEAN) {
@@ -310,9 +368,11 @@ static void combine(const combine_t *c, int m, float **d, size_t n, float *out, 
             }
         }
     }
-    if (c->has_lam)
+    if (c->has_lam) {
+        const float lam = c->lam;
         for (size_t j = 0; j < n; j++)
-            out[j] = out[j] * c->lam;
+            out[j] = out[j] * lam;
+    }
 }
 
 /* ------------------------------------------------------------------ argument helpers */
@@ -336,6 +396,26 @@ static int get_ptrs(PyObject *seq, int m, uintptr_t *out, const char *what) {
     }
     Py_DECREF(fast);
     return 0;
+}
+
+/* The blocks of one gta call (one clone per ISA, see SK_CLONES). */
+SK_CLONES static void gta_blocks(const conv_t *cv, int m, const void *const *xs,
+                                 const uintptr_t *dts, const void *base, int base_dt, size_t n,
+                                 float *out, uint64_t key, uint64_t e0, sparsify_t *sp,
+                                 const combine_t *cb, float **d, float *basebuf, float *outb,
+                                 float *tot, float *divb, uint32_t *u, uint32_t *scratch,
+                                 uint32_t *k1, uint32_t *k2) {
+    for (size_t a = 0; a < n; a += BLK) {
+        size_t len = n - a < BLK ? n - a : BLK;
+        to_f32(cv, base, base_dt, a, len, basebuf);
+        for (int i = 0; i < m; i++) {
+            deltas(cv, xs[i], (int)dts[i], basebuf, a, len, d[i]);
+            sparsify(&sp[i], d[i], len, a, key, e0, (uint32_t)i, u, scratch, k1, k2);
+        }
+        combine(cb, m, d, len, outb, tot, divb);
+        for (size_t j = 0; j < len; j++)
+            out[a + j] = t_add(outb[j], basebuf[j]);
+    }
 }
 
 /* gta(xs, dtypes, base, base_dtype, n, out, key, offset, specs, combine_spec) -> used ties
@@ -417,7 +497,8 @@ static PyObject *py_gta(PyObject *self, PyObject *args) {
         return NULL;
 
     size_t blk = BLK;
-    float *mem = (float *)malloc(sizeof(float) * blk * (size_t)(m + 4) + sizeof(uint32_t) * (2 * blk + 16));
+    float *mem = (float *)malloc(sizeof(float) * blk * (size_t)(m + 4) +
+                                 sizeof(uint32_t) * (4 * blk + 16));
     if (!mem)
         return PyErr_NoMemory();
     float *basebuf = mem;
@@ -426,7 +507,9 @@ static PyObject *py_gta(PyObject *self, PyObject *args) {
     float *divb = tot + blk;
     float *dbuf = divb + blk;
     uint32_t *u = (uint32_t *)(dbuf + blk * (size_t)m);
-    uint32_t *scratch = u + blk;
+    uint32_t *k1 = u + blk;
+    uint32_t *k2 = k1 + blk;
+    uint32_t *scratch = k2 + blk;
     float *d[MAX_MODELS];
     for (Py_ssize_t i = 0; i < m; i++)
         d[i] = dbuf + blk * (size_t)i;
@@ -434,17 +517,8 @@ static PyObject *py_gta(PyObject *self, PyObject *args) {
     const void *base = (const void *)(uintptr_t)base_p;
 
     Py_BEGIN_ALLOW_THREADS
-    for (size_t a = 0; a < (size_t)n; a += blk) {
-        size_t len = (size_t)n - a < blk ? (size_t)n - a : blk;
-        to_f32(&cv, base, base_dt, a, len, basebuf);
-        for (Py_ssize_t i = 0; i < m; i++) {
-            deltas(&cv, (const void *)xs[i], (int)dts[i], basebuf, a, len, d[i]);
-            sparsify(&sp[i], d[i], len, a, key, e0, (uint32_t)i, u, scratch);
-        }
-        combine(&cb, (int)m, d, len, outb, tot, divb);
-        for (size_t j = 0; j < len; j++)
-            out[a + j] = t_add(outb[j], basebuf[j]);
-    }
+    gta_blocks(&cv, (int)m, (const void *const *)xs, dts, base, base_dt, (size_t)n, out, key, e0,
+               sp, &cb, d, basebuf, outb, tot, divb, u, scratch, k1, k2);
     Py_END_ALLOW_THREADS
     free(mem);
 
@@ -455,6 +529,20 @@ static PyObject *py_gta(PyObject *self, PyObject *args) {
         PyList_SET_ITEM(res, i, Py_BuildValue("(LL)", (long long)sp[i].cut.used,
                                               (long long)sp[i].low.used));
     return res;
+}
+
+SK_CLONES static long long count_equal_blocks(const conv_t *cv, const void *x, int xdt,
+                                              const void *base, int bdt, size_t n, float t) {
+    long long count = 0;
+    float b[BLK], d[BLK];
+    for (size_t a = 0; a < n; a += BLK) {
+        size_t len = n - a < BLK ? n - a : BLK;
+        to_f32(cv, base, bdt, a, len, b);
+        deltas(cv, x, xdt, b, a, len, d);
+        for (size_t j = 0; j < len; j++)
+            count += sk_float(mag_bits(d[j])) == t;
+    }
+    return count;
 }
 
 /* count_equal(x, dtype, base, base_dtype, n, t) -> entries with |x - base| == t */
@@ -469,18 +557,33 @@ static PyObject *py_count_equal(PyObject *self, PyObject *args) {
                           &tail_nan))
         return NULL;
     cv.f16_tail_nan = tail_nan;
-    long long count = 0;
+    long long count;
     Py_BEGIN_ALLOW_THREADS
-    float b[BLK], d[BLK];
-    for (size_t a = 0; a < (size_t)n; a += BLK) {
-        size_t len = (size_t)n - a < BLK ? (size_t)n - a : BLK;
-        to_f32(&cv, (const void *)(uintptr_t)bp, bdt, a, len, b);
-        deltas(&cv, (const void *)(uintptr_t)xp, xdt, b, a, len, d);
-        for (size_t j = 0; j < len; j++)
-            count += fabsf(d[j]) == t;
-    }
+    count = count_equal_blocks(&cv, (const void *)(uintptr_t)xp, xdt, (const void *)(uintptr_t)bp,
+                               bdt, (size_t)n, t);
     Py_END_ALLOW_THREADS
     return PyLong_FromLongLong(count);
+}
+
+SK_CLONES static void mag_hist_blocks(const conv_t *cv, const void *x, int xdt,
+                                      const void *base, int bdt, size_t n, int64_t *hist,
+                                      long bucket) {
+    float b[BLK], d[BLK];
+    for (size_t a = 0; a < n; a += BLK) {
+        size_t len = n - a < BLK ? n - a : BLK;
+        to_f32(cv, base, bdt, a, len, b);
+        deltas(cv, x, xdt, b, a, len, d);
+        if (bucket < 0) {
+            for (size_t j = 0; j < len; j++)
+                hist[mag_bits(d[j]) >> 16]++;
+        } else {
+            for (size_t j = 0; j < len; j++) {
+                uint32_t bits = mag_bits(d[j]);
+                if ((long)(bits >> 16) == bucket)
+                    hist[bits & 0xffffu]++;
+            }
+        }
+    }
 }
 
 /* mag_hist(x, dtype, base, base_dtype, n, hist, bucket): bit patterns of |x - base| counted
@@ -499,22 +602,8 @@ static PyObject *py_mag_hist(PyObject *self, PyObject *args) {
     cv.f16_tail_nan = tail_nan;
     int64_t *hist = (int64_t *)(uintptr_t)hp;
     Py_BEGIN_ALLOW_THREADS
-    float b[BLK], d[BLK];
-    for (size_t a = 0; a < (size_t)n; a += BLK) {
-        size_t len = (size_t)n - a < BLK ? (size_t)n - a : BLK;
-        to_f32(&cv, (const void *)(uintptr_t)bp, bdt, a, len, b);
-        deltas(&cv, (const void *)(uintptr_t)xp, xdt, b, a, len, d);
-        if (bucket < 0) {
-            for (size_t j = 0; j < len; j++)
-                hist[(sk_bits(d[j]) & 0x7fffffffu) >> 16]++;
-        } else {
-            for (size_t j = 0; j < len; j++) {
-                uint32_t bits = sk_bits(d[j]) & 0x7fffffffu;
-                if ((long)(bits >> 16) == bucket)
-                    hist[bits & 0xffffu]++;
-            }
-        }
-    }
+    mag_hist_blocks(&cv, (const void *)(uintptr_t)xp, xdt, (const void *)(uintptr_t)bp, bdt,
+                    (size_t)n, hist, bucket);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }

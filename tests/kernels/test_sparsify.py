@@ -103,9 +103,14 @@ def _params(draw: Any, name: str, m: int) -> Any:
         assume(False)
 
 
+_LEVELS = ["portable", "avx2", "avx512"]
+ISAS = _LEVELS[: _LEVELS.index(K._ext.best_isa()) + 1] if K._ext is not None else _LEVELS[:1]
+
+
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(data=st.data(), name=st.sampled_from(K.METHODS))
-def test_each_method_equals_its_reference(data: Any, name: str) -> None:
+@given(data=st.data(), name=st.sampled_from(K.METHODS), isa=st.sampled_from(ISAS))
+def test_each_method_equals_its_reference(data: Any, name: str, isa: str) -> None:
+    """Every instruction set the CPU runs (``SOUPKIT_KERNELS_ISA`` caps it) gives the bytes."""
     xs, base = data.draw(cases())
     p = _params(data.draw, name, len(xs))
     n = base.numel()
@@ -115,7 +120,10 @@ def test_each_method_equals_its_reference(data: Any, name: str) -> None:
     if name.startswith("della") and n == 1025:
         shape = (25, 41)
     rng = CounterRNG(data.draw(st.integers(0, 2**64 - 1)))
-    got = K.merge(name, xs, base, p, rng=rng, shape=shape)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SOUPKIT_KERNELS_ISA", isa)
+        got = K.merge(name, xs, base, p, rng=rng, shape=shape)
+        assert K._ext.isa() == isa
     want = K._reference(name, [x.reshape(shape) for x in xs], base.reshape(shape), p, rng).reshape(
         -1
     )

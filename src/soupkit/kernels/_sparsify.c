@@ -29,20 +29,35 @@
 #define BLK 1024
 #define MAX_MODELS 64
 
-/* The block loops are written branch-free so that the compiler vectorises them; each is
- * compiled for AVX-512, AVX2 and the baseline, the loader picks the CPU's (GCC's
- * target_clones; other compilers get the portable build). */
-/* helpers are inlined into each clone, so that they are vectorised for its ISA */
+/* The block loops are written branch-free so that the compiler vectorises them. Each entry
+ * point (gta, count_equal, mag_hist, philox_draws) runs a body compiled three times, for
+ * AVX-512, AVX2 and the portable baseline (SK_VARIANTS); g_isa chooses, soupkit_isa_detect()
+ * by default, lowered by set_isa() (SOUPKIT_KERNELS_ISA, for tests and benchmarks). The helpers
+ * are always inlined, so each variant vectorises them for its ISA. */
 #if defined(__GNUC__)
 #define SK_INLINE static inline __attribute__((always_inline))
 #else
 #define SK_INLINE static inline
 #endif
 
-#if SOUPKIT_X86 && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
-#define SK_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+static int g_isa = SK_PORTABLE;
+static int g_isa_best = SK_PORTABLE;
+
+#if SOUPKIT_X86
+#define SK_VARIANTS(ret, name, params, args)                                                   \
+    SOUPKIT_TARGET_AVX512 static ret name##_avx512 params { return name##_body args; }          \
+    SOUPKIT_TARGET_AVX2 static ret name##_avx2 params { return name##_body args; }              \
+    static ret name##_portable params { return name##_body args; }                               \
+    static ret name params {                                                                     \
+        if (g_isa == SK_AVX512)                                                                  \
+            return name##_avx512 args;                                                           \
+        if (g_isa == SK_AVX2)                                                                    \
+            return name##_avx2 args;                                                             \
+        return name##_portable args;                                                             \
+    }
 #else
-#define SK_CLONES
+#define SK_VARIANTS(ret, name, params, args)                                                   \
+    static ret name params { return name##_body args; }
 #endif
 
 /* ------------------------------------------------------------------ Philox4x32-10 */
@@ -53,8 +68,8 @@
 #define PH_W1 0xBB67AE85u
 
 /* Words of counters q0 .. q0 + nq (4 per counter, element order) of one stream. Written as
- * independent lanes so that the compiler vectorises it (vpmuludq); one clone per ISA. */
-SK_CLONES static void philox_words(uint64_t q0, size_t nq, uint32_t stream, uint32_t k0, uint32_t k1,
+ * independent lanes so that the compiler vectorises it (vpmuludq). */
+SK_INLINE void philox_words(uint64_t q0, size_t nq, uint32_t stream, uint32_t k0, uint32_t k1,
                          uint32_t *out) {
     for (size_t j = 0; j < nq; j++) {
         uint64_t q = q0 + j;
@@ -82,7 +97,7 @@ SK_CLONES static void philox_words(uint64_t q0, size_t nq, uint32_t stream, uint
 }
 
 /* The 24-bit draws (word >> 8) of elements e0 .. e0 + n of a stream. */
-static void draws24(uint64_t key, uint64_t e0, size_t n, uint32_t stream, uint32_t *out,
+SK_INLINE void draws24(uint64_t key, uint64_t e0, size_t n, uint32_t stream, uint32_t *out,
                     uint32_t *scratch /* n + 8 words */) {
     uint64_t q0 = e0 >> 2;
     uint64_t q1 = (e0 + n + 3) >> 2;
@@ -398,13 +413,13 @@ static int get_ptrs(PyObject *seq, int m, uintptr_t *out, const char *what) {
     return 0;
 }
 
-/* The blocks of one gta call (one clone per ISA, see SK_CLONES). */
-SK_CLONES static void gta_blocks(const conv_t *cv, int m, const void *const *xs,
-                                 const uintptr_t *dts, const void *base, int base_dt, size_t n,
-                                 float *out, uint64_t key, uint64_t e0, sparsify_t *sp,
-                                 const combine_t *cb, float **d, float *basebuf, float *outb,
-                                 float *tot, float *divb, uint32_t *u, uint32_t *scratch,
-                                 uint32_t *k1, uint32_t *k2) {
+/* The blocks of one gta call. */
+SK_INLINE int gta_blocks_body(const conv_t *cv, int m, const void *const *xs,
+                              const uintptr_t *dts, const void *base, int base_dt, size_t n,
+                              float *out, uint64_t key, uint64_t e0, sparsify_t *sp,
+                              const combine_t *cb, float **d, float *basebuf, float *outb,
+                              float *tot, float *divb, uint32_t *u, uint32_t *scratch,
+                              uint32_t *k1, uint32_t *k2) {
     for (size_t a = 0; a < n; a += BLK) {
         size_t len = n - a < BLK ? n - a : BLK;
         to_f32(cv, base, base_dt, a, len, basebuf);
@@ -416,7 +431,17 @@ SK_CLONES static void gta_blocks(const conv_t *cv, int m, const void *const *xs,
         for (size_t j = 0; j < len; j++)
             out[a + j] = t_add(outb[j], basebuf[j]);
     }
+    return 0;
 }
+
+SK_VARIANTS(int, gta_blocks,
+            (const conv_t *cv, int m, const void *const *xs, const uintptr_t *dts,
+             const void *base, int base_dt, size_t n, float *out, uint64_t key, uint64_t e0,
+             sparsify_t *sp, const combine_t *cb, float **d, float *basebuf, float *outb,
+             float *tot, float *divb, uint32_t *u, uint32_t *scratch, uint32_t *k1,
+             uint32_t *k2),
+            (cv, m, xs, dts, base, base_dt, n, out, key, e0, sp, cb, d, basebuf, outb, tot, divb,
+             u, scratch, k1, k2))
 
 /* gta(xs, dtypes, base, base_dtype, n, out, key, offset, specs, combine_spec) -> used ties
  *
@@ -531,8 +556,8 @@ static PyObject *py_gta(PyObject *self, PyObject *args) {
     return res;
 }
 
-SK_CLONES static long long count_equal_blocks(const conv_t *cv, const void *x, int xdt,
-                                              const void *base, int bdt, size_t n, float t) {
+SK_INLINE long long count_equal_blocks_body(const conv_t *cv, const void *x, int xdt,
+                                            const void *base, int bdt, size_t n, float t) {
     long long count = 0;
     float b[BLK], d[BLK];
     for (size_t a = 0; a < n; a += BLK) {
@@ -544,6 +569,11 @@ SK_CLONES static long long count_equal_blocks(const conv_t *cv, const void *x, i
     }
     return count;
 }
+
+SK_VARIANTS(long long, count_equal_blocks,
+            (const conv_t *cv, const void *x, int xdt, const void *base, int bdt, size_t n,
+             float t),
+            (cv, x, xdt, base, bdt, n, t))
 
 /* count_equal(x, dtype, base, base_dtype, n, t) -> entries with |x - base| == t */
 static PyObject *py_count_equal(PyObject *self, PyObject *args) {
@@ -565,9 +595,9 @@ static PyObject *py_count_equal(PyObject *self, PyObject *args) {
     return PyLong_FromLongLong(count);
 }
 
-SK_CLONES static void mag_hist_blocks(const conv_t *cv, const void *x, int xdt,
-                                      const void *base, int bdt, size_t n, int64_t *hist,
-                                      long bucket) {
+SK_INLINE int mag_hist_blocks_body(const conv_t *cv, const void *x, int xdt,
+                                   const void *base, int bdt, size_t n, int64_t *hist,
+                                   long bucket) {
     float b[BLK], d[BLK];
     for (size_t a = 0; a < n; a += BLK) {
         size_t len = n - a < BLK ? n - a : BLK;
@@ -584,7 +614,13 @@ SK_CLONES static void mag_hist_blocks(const conv_t *cv, const void *x, int xdt,
             }
         }
     }
+    return 0;
 }
+
+SK_VARIANTS(int, mag_hist_blocks,
+            (const conv_t *cv, const void *x, int xdt, const void *base, int bdt, size_t n,
+             int64_t *hist, long bucket),
+            (cv, x, xdt, base, bdt, n, hist, bucket))
 
 /* mag_hist(x, dtype, base, base_dtype, n, hist, bucket): bit patterns of |x - base| counted
  * into int64 hist: bucket < 0: by their top 16 bits (32768 bins); else the low 16 bits of
@@ -684,6 +720,20 @@ static PyObject *py_della_probs(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+SK_INLINE int draws_blocks_body(uint64_t key, uint64_t e0, size_t n, uint32_t stream,
+                                uint32_t *out, uint32_t *scratch) {
+    for (size_t a = 0; a < n; a += BLK) {
+        size_t len = n - a < BLK ? n - a : BLK;
+        draws24(key, e0 + a, len, stream, out + a, scratch);
+    }
+    return 0;
+}
+
+SK_VARIANTS(int, draws_blocks,
+            (uint64_t key, uint64_t e0, size_t n, uint32_t stream, uint32_t *out,
+             uint32_t *scratch),
+            (key, e0, n, stream, out, scratch))
+
 /* philox_draws(key, offset, n, stream, out uint32*): the 24-bit draws (testing, benchmarks) */
 static PyObject *py_draws(PyObject *self, PyObject *args) {
     unsigned long long key, e0, op;
@@ -696,23 +746,45 @@ static PyObject *py_draws(PyObject *self, PyObject *args) {
     if (!scratch)
         return PyErr_NoMemory();
     Py_BEGIN_ALLOW_THREADS
-    for (size_t a = 0; a < (size_t)n; a += BLK) {
-        size_t len = (size_t)n - a < BLK ? (size_t)n - a : BLK;
-        draws24(key, e0 + a, len, stream, out + a, scratch);
-    }
+    draws_blocks(key, e0, (size_t)n, stream, out, scratch);
     Py_END_ALLOW_THREADS
     free(scratch);
     Py_RETURN_NONE;
 }
 
-/* isa() -> the best instruction set this CPU offers ("portable", "avx2", "avx512"); the
- * Philox loop is compiled for each and chosen by the loader (GCC target_clones). */
+/* isa() / best_isa() / set_isa(name): the level in use, the best this CPU runs, and a lower
+ * one to use (tests, benchmarks; soupkit.kernels' SOUPKIT_KERNELS_ISA). */
 static PyObject *py_isa(PyObject *self, PyObject *noargs) {
-    return PyUnicode_FromString(soupkit_isa_names[soupkit_isa_detect()]);
+    return PyUnicode_FromString(soupkit_isa_names[g_isa]);
+}
+
+static PyObject *py_best_isa(PyObject *self, PyObject *noargs) {
+    return PyUnicode_FromString(soupkit_isa_names[g_isa_best]);
+}
+
+static PyObject *py_set_isa(PyObject *self, PyObject *arg) {
+    const char *name = PyUnicode_AsUTF8(arg);
+    if (!name)
+        return NULL;
+    for (int i = 0; i <= SK_AVX512; i++) {
+        if (strcmp(name, soupkit_isa_names[i]) == 0) {
+            if (i > g_isa_best) {
+                PyErr_Format(PyExc_ValueError, "this CPU cannot run the %s kernels (best: %s)",
+                             name, soupkit_isa_names[g_isa_best]);
+                return NULL;
+            }
+            g_isa = i;
+            Py_RETURN_NONE;
+        }
+    }
+    PyErr_Format(PyExc_ValueError, "unknown ISA %R (portable, avx2, avx512)", arg);
+    return NULL;
 }
 
 static PyMethodDef methods[] = {
-    {"isa", py_isa, METH_NOARGS, "The instruction set the Philox loop runs with."},
+    {"isa", py_isa, METH_NOARGS, "The ISA level in use."},
+    {"best_isa", py_best_isa, METH_NOARGS, "The best ISA level this CPU runs."},
+    {"set_isa", py_set_isa, METH_O, "Use this ISA level (at most best_isa()); for tests."},
     {"gta", py_gta, METH_VARARGS, "Fused sparsify + combine of one piece (see the module)."},
     {"count_equal", py_count_equal, METH_VARARGS, "Entries with |x - base| == t."},
     {"mag_hist", py_mag_hist, METH_VARARGS, "Radix-select histograms of |x - base|."},
@@ -727,4 +799,7 @@ static struct PyModuleDef module = {
     methods,
 };
 
-PyMODINIT_FUNC PyInit__sparsify(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__sparsify(void) {
+    g_isa_best = g_isa = soupkit_isa_detect();
+    return PyModule_Create(&module);
+}

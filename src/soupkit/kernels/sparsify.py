@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from soupkit.kernels import _calibrate, available
+from soupkit.kernels import _calibrate, available, isa
 from soupkit.kernels import supports as _supports_dtypes
 from soupkit.methods import MagnitudeCut, Params
 from soupkit.methods import get as get_method
@@ -85,6 +85,14 @@ def supported(name: str, p: Params, dtypes: Sequence[torch.dtype]) -> bool:
     if not (native() and _supports_dtypes(dtypes, torch.float32)):
         return False
     return getattr(p, "rescale", None) != "l1"
+
+
+def _sync_isa() -> None:
+    """Use the instruction set `soupkit.kernels.isa` uses (``SOUPKIT_KERNELS_ISA`` caps it)."""
+    assert _ext is not None
+    want = isa()
+    if want is not None and want != _ext.isa():
+        _ext.set_isa(want)
 
 
 def _conv(n: int) -> tuple[int, int]:
@@ -176,6 +184,7 @@ def _run(
     if out is None:
         out = torch.empty(n, dtype=torch.float32)
     assert _ext is not None
+    _sync_isa()
     used = _ext.gta(
         [x.data_ptr() for x in xs],
         [_DTYPES[x.dtype] for x in xs],
@@ -207,6 +216,7 @@ def magnitude_hist(
     if hist.dtype != torch.int64 or hist.numel() != bins or not hist.is_contiguous():
         raise ValueError(f"hist must be a contiguous int64 tensor of {bins} bins")
     if native() and _supports_dtypes([x.dtype, base.dtype], torch.float32):
+        _sync_isa()
         assert _ext is not None
         _ext.mag_hist(
             x.data_ptr(), _DTYPES[x.dtype], base.data_ptr(), _DTYPES[base.dtype], n,
@@ -265,6 +275,7 @@ def magnitude_cut(x: torch.Tensor, base: torch.Tensor, k: int) -> MagnitudeCut |
 
 def _count_equal(x: torch.Tensor, base: torch.Tensor, t: float) -> int:
     assert _ext is not None
+    _sync_isa()
     return int(
         _ext.count_equal(
             x.data_ptr(),

@@ -38,6 +38,7 @@ import torch
 __all__ = [
     "DISABLE_ENV",
     "ISA_ENV",
+    "MAX_INPUTS",
     "available",
     "best_isa",
     "isa",
@@ -48,13 +49,16 @@ __all__ = [
 ]
 
 DISABLE_ENV = "SOUPKIT_KERNELS"
+MAX_INPUTS = 4096  # inputs (models and base) of one call: _elementwise.c's EW_MAX_STEPS
 ISA_ENV = "SOUPKIT_KERNELS_ISA"
 
 _ext: ModuleType | None
 try:
-    from soupkit.kernels import _elementwise as _ext
+    from soupkit.kernels import _elementwise
 except ImportError:  # built without a C compiler, or a source tree without `make kernels`
     _ext = None
+else:
+    _ext = _elementwise
 
 _CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
@@ -189,12 +193,15 @@ def supports(
     """Whether the kernels reproduce the reference for these dtypes and parameter values.
 
     Args:
-        in_dtypes: the dtypes of the inputs (and the base) as the reader returns them.
+        in_dtypes: the dtypes of the inputs (and the base) as the reader returns them (at most
+            `MAX_INPUTS`).
         out_dtype: the output dtype.
         params: the method's numeric parameters (weights, lambda, alpha): NaN or +-Inf ones
             are left to the reference.
     """
     if not _enabled() or out_dtype not in _CODES or any(d not in _CODES for d in in_dtypes):
+        return False
+    if len(in_dtypes) > MAX_INPUTS:
         return False
     cal = _calibrate()
     if cal is None:

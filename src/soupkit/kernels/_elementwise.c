@@ -4,8 +4,9 @@
  * One call computes n output elements (one piece of the engine, on the calling thread, with
  * the GIL released): it reads each input in its own dtype, converts to float32, runs a small
  * program of float32 steps, converts to the output dtype and counts the stored values that
- * are NaN or +-Inf. It works in blocks of EW_BLOCK elements whose float32 values stay in L1,
- * so every input byte is read from memory once and every output byte written once.
+ * are NaN or +-Inf. Every input byte is read from memory once and every output byte written
+ * once: the AVX2 / AVX-512 paths (_elementwise_simd.h) run the whole program per vector in
+ * registers, the portable path per block of EW_BLOCK elements in L1.
  *
  * The program (built by soupkit/kernels/__init__.py from a method's parameters) is a list of
  * steps, one per input, then optional final operations, each rounded to float32 exactly as the
@@ -34,7 +35,7 @@
 enum { EW_SET_MUL = 0, EW_FMA = 1, EW_MUL_ADD = 2, EW_SUB_SET_MUL = 3, EW_SUB_MUL_ADD = 4 };
 enum { EW_DIV = 1, EW_SCALE = 2, EW_ADD_BASE = 4 };
 
-#define EW_BLOCK 2048 /* float32 elements per block: 2 x 8 KiB of scratch, inside L1 */
+#define EW_BLOCK 2048 /* portable path: float32 elements per block, 3 x 8 KiB of scratch in L1 */
 #define EW_MAX_STEPS 4096
 
 typedef struct {
@@ -128,49 +129,67 @@ static inline int ew_store(const ew_prog *g, int64_t i, float v) {
 }
 
 /* ---------------------------------------------------------------- portable C (any CPU) */
-#define SK_ISA portable
-#define SK_TARGET
-#define SK_W 1
-#define SK_VF float
-#define SK_VI int
-#define SK_SET1(x) (x)
-#define SK_SET1_I(x) (x)
-#define SK_LOAD_F32(p) (*(p))
-#define SK_LOAD_BF16(p) sk_bf16_to_f32(*(p))
-#define SK_LOAD_F16(p) sk_f16_to_f32(*(p))
-#define SK_STORE_F32(p, v) (*(p) = (v))
-#define SK_STORE_BF16(p, v) (*(p) = sk_f32_to_bf16((v), g->bf16_nan))
-#define SK_STORE_F16(p, v) (*(p) = sk_f32_to_f16(v))
-#define SK_ADD(a, b) ((a) + (b))
-#define SK_SUB(a, b) ((a) - (b))
-#define SK_MUL(a, b) ((a) * (b))
-#define SK_DIV(a, b) ((a) / (b))
-#define SK_FMADD(a, b, c) fmaf((a), (b), (c))
-#define SK_NANMASK(v) sk_isnan(v)
-#define SK_ABS(v, mask) ((void)(mask), fabsf(v))
-#define SK_NLT_COUNT(a, lim) (!((a) < (lim)))
-#include "_elementwise_simd.h"
-#undef SK_ISA
-#undef SK_TARGET
-#undef SK_W
-#undef SK_VF
-#undef SK_VI
-#undef SK_SET1
-#undef SK_SET1_I
-#undef SK_LOAD_F32
-#undef SK_LOAD_BF16
-#undef SK_LOAD_F16
-#undef SK_STORE_F32
-#undef SK_STORE_BF16
-#undef SK_STORE_F16
-#undef SK_ADD
-#undef SK_SUB
-#undef SK_MUL
-#undef SK_DIV
-#undef SK_FMADD
-#undef SK_NANMASK
-#undef SK_ABS
-#undef SK_NLT_COUNT
+/* Blocks of EW_BLOCK elements: each step is a simple loop over a float32 block in L1, which
+ * the compiler vectorises for the target (SSE2 on baseline x86-64, NEON on aarch64). */
+
+static void ew_load_block(float *dst, const void *x, int dt, int64_t cnt) {
+    if (dt == SK_F32)
+        memcpy(dst, x, (size_t)cnt * 4);
+    else if (dt == SK_BF16)
+        for (int64_t i = 0; i < cnt; i++)
+            dst[i] = sk_bf16_to_f32(((const uint16_t *)x)[i]);
+    else
+        for (int64_t i = 0; i < cnt; i++)
+            dst[i] = sk_f16_to_f32(((const uint16_t *)x)[i]);
+}
+
+static void ew_step_block(float *m, const float *b, float *x, int kind, float w, int64_t cnt) {
+    switch (kind) {
+    case EW_SET_MUL:
+        for (int64_t i = 0; i < cnt; i++) m[i] = x[i] * w;
+        break;
+    case EW_FMA:
+        for (int64_t i = 0; i < cnt; i++) m[i] = fmaf(x[i], w, m[i]);
+        break;
+    case EW_MUL_ADD:
+        for (int64_t i = 0; i < cnt; i++) m[i] = m[i] + x[i] * w;
+        break;
+    case EW_SUB_SET_MUL:
+        for (int64_t i = 0; i < cnt; i++) m[i] = (x[i] - b[i]) * w;
+        break;
+    default:
+        for (int64_t i = 0; i < cnt; i++) m[i] = m[i] + (x[i] - b[i]) * w;
+        break;
+    }
+}
+
+static int64_t ew_run_portable(const ew_prog *g) {
+    float m[EW_BLOCK], b[EW_BLOCK], x[EW_BLOCK];
+    int64_t bad = 0;
+    for (int64_t s = 0; s < g->n; s += EW_BLOCK) {
+        int64_t cnt = g->n - s < EW_BLOCK ? g->n - s : EW_BLOCK;
+        if (g->base)
+            ew_load_block(b, sk_at(g->base, g->base_dtype, s), g->base_dtype, cnt);
+        for (int k = 0; k < g->nsteps; k++) {
+            const ew_step *st = &g->steps[k];
+            ew_load_block(x, sk_at(st->x, st->dtype, s), st->dtype, cnt);
+            ew_step_block(m, b, x, st->kind, st->w, cnt);
+        }
+        for (int64_t i = 0; i < cnt; i++) {
+            float v = m[i];
+            if (g->flags & EW_DIV)
+                v = v / g->total;
+            if (g->flags & EW_SCALE)
+                v = v * g->lam;
+            if (g->flags & EW_ADD_BASE)
+                v = v + b[i];
+            if (sk_isnan(v)) /* NaN payloads: the scalar reference */
+                v = ew_elem(g, s + i);
+            bad += ew_store(g, s + i, v);
+        }
+    }
+    return bad;
+}
 
 #if SOUPKIT_X86
 /* ------------------------------------------------------------- AVX2 + FMA + F16C (8 lanes) */

@@ -31,17 +31,20 @@
 
 /* The block loops are written branch-free so that the compiler vectorises them. Each entry
  * point (gta, count_equal, mag_hist, philox_draws) runs a body compiled three times, for
- * AVX-512, AVX2 and the portable baseline (SK_VARIANTS); g_isa chooses, soupkit_isa_detect()
- * by default, lowered by set_isa() (SOUPKIT_KERNELS_ISA, for tests and benchmarks). The helpers
- * are always inlined, so each variant vectorises them for its ISA. */
+ * AVX-512, AVX2 and the portable baseline (SK_VARIANTS). The caller names the level as the
+ * last argument (soupkit.kernels.isa(): the best this CPU runs, capped by SOUPKIT_KERNELS_ISA),
+ * capped here by what the CPU runs. The helpers are always inlined, so each variant vectorises
+ * them for its ISA. */
 #if defined(__GNUC__)
 #define SK_INLINE static inline __attribute__((always_inline))
 #else
 #define SK_INLINE static inline
 #endif
 
-static int g_isa = SK_PORTABLE;
+static _Thread_local int g_isa = SK_PORTABLE; /* the level of the call on this thread */
 static int g_isa_best = SK_PORTABLE;
+
+static void use_isa(int level) { g_isa = level < g_isa_best ? (level < 0 ? 0 : level) : g_isa_best; }
 
 #if SOUPKIT_X86
 #define SK_VARIANTS(ret, name, params, args)                                                   \
@@ -457,8 +460,9 @@ static PyObject *py_gta(PyObject *self, PyObject *args) {
     Py_ssize_t n;
     conv_t cv;
     unsigned int tail_nan;
-    if (!PyArg_ParseTuple(args, "OOKinKKKOOLI", &xs_o, &dt_o, &base_p, &base_dt, &n, &out_p, &key,
-                          &e0, &specs_o, &comb_o, &cv.f16_tail, &tail_nan))
+    int isa;
+    if (!PyArg_ParseTuple(args, "OOKinKKKOOLIi", &xs_o, &dt_o, &base_p, &base_dt, &n, &out_p,
+                          &key, &e0, &specs_o, &comb_o, &cv.f16_tail, &tail_nan, &isa))
         return NULL;
     cv.f16_tail_nan = tail_nan;
     Py_ssize_t m = PySequence_Size(xs_o);
@@ -542,6 +546,7 @@ static PyObject *py_gta(PyObject *self, PyObject *args) {
     const void *base = (const void *)(uintptr_t)base_p;
 
     Py_BEGIN_ALLOW_THREADS
+    use_isa(isa);
     gta_blocks(&cv, (int)m, (const void *const *)xs, dts, base, base_dt, (size_t)n, out, key, e0,
                sp, &cb, d, basebuf, outb, tot, divb, u, scratch, k1, k2);
     Py_END_ALLOW_THREADS
@@ -583,12 +588,14 @@ static PyObject *py_count_equal(PyObject *self, PyObject *args) {
     float t;
     conv_t cv;
     unsigned int tail_nan;
-    if (!PyArg_ParseTuple(args, "KiKinfLI", &xp, &xdt, &bp, &bdt, &n, &t, &cv.f16_tail,
-                          &tail_nan))
+    int isa;
+    if (!PyArg_ParseTuple(args, "KiKinfLIi", &xp, &xdt, &bp, &bdt, &n, &t, &cv.f16_tail,
+                          &tail_nan, &isa))
         return NULL;
     cv.f16_tail_nan = tail_nan;
     long long count;
     Py_BEGIN_ALLOW_THREADS
+    use_isa(isa);
     count = count_equal_blocks(&cv, (const void *)(uintptr_t)xp, xdt, (const void *)(uintptr_t)bp,
                                bdt, (size_t)n, t);
     Py_END_ALLOW_THREADS
@@ -632,12 +639,14 @@ static PyObject *py_mag_hist(PyObject *self, PyObject *args) {
     long bucket;
     conv_t cv;
     unsigned int tail_nan;
-    if (!PyArg_ParseTuple(args, "KiKinKlLI", &xp, &xdt, &bp, &bdt, &n, &hp, &bucket,
-                          &cv.f16_tail, &tail_nan))
+    int isa;
+    if (!PyArg_ParseTuple(args, "KiKinKlLIi", &xp, &xdt, &bp, &bdt, &n, &hp, &bucket,
+                          &cv.f16_tail, &tail_nan, &isa))
         return NULL;
     cv.f16_tail_nan = tail_nan;
     int64_t *hist = (int64_t *)(uintptr_t)hp;
     Py_BEGIN_ALLOW_THREADS
+    use_isa(isa);
     mag_hist_blocks(&cv, (const void *)(uintptr_t)xp, xdt, (const void *)(uintptr_t)bp, bdt,
                     (size_t)n, hist, bucket);
     Py_END_ALLOW_THREADS
@@ -734,57 +743,27 @@ SK_VARIANTS(int, draws_blocks,
              uint32_t *scratch),
             (key, e0, n, stream, out, scratch))
 
-/* philox_draws(key, offset, n, stream, out uint32*): the 24-bit draws (testing, benchmarks) */
+/* philox_draws(key, offset, n, stream, out uint32*, isa): the 24-bit draws (tests) */
 static PyObject *py_draws(PyObject *self, PyObject *args) {
     unsigned long long key, e0, op;
     Py_ssize_t n;
     unsigned int stream;
-    if (!PyArg_ParseTuple(args, "KKnIK", &key, &e0, &n, &stream, &op))
+    int isa;
+    if (!PyArg_ParseTuple(args, "KKnIKi", &key, &e0, &n, &stream, &op, &isa))
         return NULL;
     uint32_t *out = (uint32_t *)(uintptr_t)op;
     uint32_t *scratch = (uint32_t *)malloc(sizeof(uint32_t) * (BLK + 16));
     if (!scratch)
         return PyErr_NoMemory();
     Py_BEGIN_ALLOW_THREADS
+    use_isa(isa);
     draws_blocks(key, e0, (size_t)n, stream, out, scratch);
     Py_END_ALLOW_THREADS
     free(scratch);
     Py_RETURN_NONE;
 }
 
-/* isa() / best_isa() / set_isa(name): the level in use, the best this CPU runs, and a lower
- * one to use (tests, benchmarks; soupkit.kernels' SOUPKIT_KERNELS_ISA). */
-static PyObject *py_isa(PyObject *self, PyObject *noargs) {
-    return PyUnicode_FromString(soupkit_isa_names[g_isa]);
-}
-
-static PyObject *py_best_isa(PyObject *self, PyObject *noargs) {
-    return PyUnicode_FromString(soupkit_isa_names[g_isa_best]);
-}
-
-static PyObject *py_set_isa(PyObject *self, PyObject *arg) {
-    const char *name = PyUnicode_AsUTF8(arg);
-    if (!name)
-        return NULL;
-    for (int i = 0; i <= SK_AVX512; i++) {
-        if (strcmp(name, soupkit_isa_names[i]) == 0) {
-            if (i > g_isa_best) {
-                PyErr_Format(PyExc_ValueError, "this CPU cannot run the %s kernels (best: %s)",
-                             name, soupkit_isa_names[g_isa_best]);
-                return NULL;
-            }
-            g_isa = i;
-            Py_RETURN_NONE;
-        }
-    }
-    PyErr_Format(PyExc_ValueError, "unknown ISA %R (portable, avx2, avx512)", arg);
-    return NULL;
-}
-
 static PyMethodDef methods[] = {
-    {"isa", py_isa, METH_NOARGS, "The ISA level in use."},
-    {"best_isa", py_best_isa, METH_NOARGS, "The best ISA level this CPU runs."},
-    {"set_isa", py_set_isa, METH_O, "Use this ISA level (at most best_isa()); for tests."},
     {"gta", py_gta, METH_VARARGS, "Fused sparsify + combine of one piece (see the module)."},
     {"count_equal", py_count_equal, METH_VARARGS, "Entries with |x - base| == t."},
     {"mag_hist", py_mag_hist, METH_VARARGS, "Radix-select histograms of |x - base|."},
@@ -800,6 +779,6 @@ static struct PyModuleDef module = {
 };
 
 PyMODINIT_FUNC PyInit__sparsify(void) {
-    g_isa_best = g_isa = soupkit_isa_detect();
+    g_isa_best = soupkit_isa_detect();
     return PyModule_Create(&module);
 }

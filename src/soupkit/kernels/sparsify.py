@@ -87,12 +87,13 @@ def supported(name: str, p: Params, dtypes: Sequence[torch.dtype]) -> bool:
     return getattr(p, "rescale", None) != "l1"
 
 
-def _sync_isa() -> None:
-    """Use the instruction set `soupkit.kernels.isa` uses (``SOUPKIT_KERNELS_ISA`` caps it)."""
-    assert _ext is not None
-    want = isa()
-    if want is not None and want != _ext.isa():
-        _ext.set_isa(want)
+_LEVELS = {"portable": 0, "avx2": 1, "avx512": 2}
+
+
+def _isa() -> int:
+    """The instruction set `soupkit.kernels.isa` uses (``SOUPKIT_KERNELS_ISA`` caps it), as
+    the level the C entry points take."""
+    return _LEVELS.get(isa() or "portable", 0)
 
 
 def _conv(n: int) -> tuple[int, int]:
@@ -184,7 +185,6 @@ def _run(
     if out is None:
         out = torch.empty(n, dtype=torch.float32)
     assert _ext is not None
-    _sync_isa()
     used = _ext.gta(
         [x.data_ptr() for x in xs],
         [_DTYPES[x.dtype] for x in xs],
@@ -197,6 +197,7 @@ def _run(
         list(specs),
         combine,
         *_conv(n),
+        _isa(),
     )
     return out, used
 
@@ -216,11 +217,10 @@ def magnitude_hist(
     if hist.dtype != torch.int64 or hist.numel() != bins or not hist.is_contiguous():
         raise ValueError(f"hist must be a contiguous int64 tensor of {bins} bins")
     if native() and _supports_dtypes([x.dtype, base.dtype], torch.float32):
-        _sync_isa()
         assert _ext is not None
         _ext.mag_hist(
             x.data_ptr(), _DTYPES[x.dtype], base.data_ptr(), _DTYPES[base.dtype], n,
-            hist.data_ptr(), bucket, *_conv(n),
+            hist.data_ptr(), bucket, *_conv(n), _isa(),
         )  # fmt: skip
         return
     bits = (x.reshape(-1).float() - base.reshape(-1).float()).view(torch.int32) & 0x7FFFFFFF
@@ -275,7 +275,6 @@ def magnitude_cut(x: torch.Tensor, base: torch.Tensor, k: int) -> MagnitudeCut |
 
 def _count_equal(x: torch.Tensor, base: torch.Tensor, t: float) -> int:
     assert _ext is not None
-    _sync_isa()
     return int(
         _ext.count_equal(
             x.data_ptr(),
@@ -285,6 +284,7 @@ def _count_equal(x: torch.Tensor, base: torch.Tensor, t: float) -> int:
             base.numel(),
             t,
             *_conv(base.numel()),
+            _isa(),
         )  # fmt: skip
     )
 

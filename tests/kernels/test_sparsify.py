@@ -93,7 +93,7 @@ def _params(draw: Any, name: str, m: int) -> Any:
             raw["sign_tie"] = draw(st.sampled_from(["zero", "positive"]))
             raw["aggregation"] = draw(st.sampled_from(["mean", "weighted_mean", "sum"]))
     if "rescale" in spec.params.model_fields:
-        options = ["none", "density"] if name.startswith("dare") else ["none", "probability"]
+        options = ["none", "l1", "density" if name.startswith("dare") else "probability"]
         raw["rescale"] = draw(st.sampled_from(options))
     if name in ("dare_linear", "della_linear", "breadcrumbs") and draw(st.booleans()):
         raw["normalize"] = True
@@ -252,17 +252,6 @@ def test_disabled_kernels_run_the_reference(monkeypatch: pytest.MonkeyPatch) -> 
     assert K.native()
 
 
-def test_l1_rescale_is_left_to_the_reference() -> None:
-    spec = get_method("dare_ties")
-    p = spec.params.model_validate({"weight": [1.0], "density": [0.5]})  # mergekit: l1
-    assert p.rescale == "l1"
-    assert not K.supported("dare_ties", p, [torch.float32, torch.float32])
-    base = torch.randn(300)
-    xs = [base + torch.randn(300)]
-    got = K.merge("dare_ties", xs, base, p, rng=CounterRNG(3))
-    assert _same(got, K._reference("dare_ties", xs, base, p, CounterRNG(3)))
-
-
 def test_bad_inputs_are_refused() -> None:
     p = get_method("ties").params.model_validate({"weight": [1.0], "density": [0.5]})
     with pytest.raises(TypeError, match="float32, bfloat16 or float16"):
@@ -286,9 +275,7 @@ def test_a_realistic_tensor_equals_the_reference(name: str, dtype: torch.dtype) 
         raw["epsilon"] = [0.1, 0.2, 0.05, 0.0]
     if name.startswith("breadcrumbs"):
         raw["gamma"] = [0.01, 0.1, 0.0, 0.05]
-    if name.startswith(("dare", "della")):
-        raw["rescale"] = "none"
-    p = get_method(name).params.model_validate(raw)
+    p = get_method(name).params.model_validate(raw)  # DARE / DELLA: mergekit's L1 rescale
     rng = CounterRNG(2**63 + 12345, 0)
     got = K.merge(name, xs, base, p, rng=rng)
     assert _same(got, K._reference(name, xs, base, p, rng))

@@ -159,7 +159,7 @@ SK_INLINE void deltas(const conv_t *cv, const void *x, int xdt, const float *bas
 /* ------------------------------------------------------------------ per-model sparsify */
 
 enum { SP_NONE = 0, SP_CUT = 1, SP_BAND = 2, SP_DARE = 3, SP_DELLA = 4 };
-enum { RS_NONE = 0, RS_DIV = 1, RS_PROB = 2 };
+enum { RS_NONE = 0, RS_DIV = 1, RS_PROB = 2, RS_MUL = 3 };
 
 /* A magnitude cut as soupkit.methods._ops.cut_mask applies it: keep |d| > t, NaN unless the
  * cut keeps nothing (ties 0 at +Inf), and the entries equal to t: all (ties < 0: None) or the
@@ -210,7 +210,7 @@ SK_INLINE void cut_block(cut_t *c, const float *d, size_t n, uint32_t *keep) {
 typedef struct {
     int kind;
     int rescale;
-    float div;       /* RS_DIV: survivors / div */
+    float div;       /* RS_DIV: survivors / div; RS_MUL: survivors * div (an L1 factor) */
     cut_t cut, low;  /* SP_CUT: cut; SP_BAND: keep cut and not low (when has_low) */
     int has_low;
     uint32_t thresh; /* SP_DARE: keep when draw < thresh */
@@ -271,6 +271,10 @@ SK_INLINE void sparsify(sparsify_t *s, float *d, size_t n, size_t off, uint64_t 
         const float *pr = s->probs + off;
         for (size_t j = 0; j < n; j++)
             d[j] = d[j] / pr[j];
+    } else if (s->rescale == RS_MUL) { /* masked * scale: the tensor's NaN first */
+        const float sc = s->div;
+        for (size_t j = 0; j < n; j++)
+            d[j] = sk_isnan(d[j]) ? sk_quiet(d[j]) : d[j] * sc;
     }
 }
 
@@ -580,6 +584,70 @@ SK_VARIANTS(long long, count_equal_blocks,
              float t),
             (cv, x, xdt, base, bdt, n, t))
 
+/* One model's float32 delta and its sparsified copy (no rescale): what the L1 rescale's torch
+ * sums read. */
+SK_INLINE int drop_blocks_body(const conv_t *cv, const void *x, int xdt, const void *base,
+                               int bdt, size_t n, sparsify_t *sp, uint64_t key, uint64_t e0,
+                               uint32_t stream, float *delta, float *dropped, uint32_t *u,
+                               uint32_t *scratch, uint32_t *k1, uint32_t *k2) {
+    float b[BLK];
+    for (size_t a = 0; a < n; a += BLK) {
+        size_t len = n - a < BLK ? n - a : BLK;
+        to_f32(cv, base, bdt, a, len, b);
+        deltas(cv, x, xdt, b, a, len, delta + a);
+        memcpy(dropped + a, delta + a, len * sizeof(float));
+        sparsify(sp, dropped + a, len, a, key, e0, stream, u, scratch, k1, k2);
+    }
+    return 0;
+}
+
+SK_VARIANTS(int, drop_blocks,
+            (const conv_t *cv, const void *x, int xdt, const void *base, int bdt, size_t n,
+             sparsify_t *sp, uint64_t key, uint64_t e0, uint32_t stream, float *delta,
+             float *dropped, uint32_t *u, uint32_t *scratch, uint32_t *k1, uint32_t *k2),
+            (cv, x, xdt, base, bdt, n, sp, key, e0, stream, delta, dropped, u, scratch, k1, k2))
+
+/* drop(x, dtype, base, base_dtype, n, spec, key, offset, stream, delta, dropped, f16_tail,
+ *      f16_tail_nan, isa): one model's delta and its DARE / DELLA drop (spec as in gta). */
+static PyObject *py_drop(PyObject *self, PyObject *args) {
+    unsigned long long xp, bp, key, e0, dp, op;
+    int xdt, bdt, isa;
+    Py_ssize_t n;
+    unsigned int stream, tail_nan;
+    PyObject *spec_o;
+    conv_t cv;
+    if (!PyArg_ParseTuple(args, "KiKinOKKIKKLIi", &xp, &xdt, &bp, &bdt, &n, &spec_o, &key, &e0,
+                          &stream, &dp, &op, &cv.f16_tail, &tail_nan, &isa))
+        return NULL;
+    cv.f16_tail_nan = tail_nan;
+    sparsify_t sp;
+    memset(&sp, 0, sizeof(sp));
+    double div;
+    long long ties, tiesl;
+    unsigned long long probs;
+    unsigned int thresh;
+    if (!PyArg_ParseTuple(spec_o, "iidfLiifLiIK", &sp.kind, &sp.rescale, &div, &sp.cut.t, &ties,
+                          &sp.cut.keep_nan, &sp.has_low, &sp.low.t, &tiesl, &sp.low.keep_nan,
+                          &thresh, &probs))
+        return NULL;
+    sp.div = (float)div;
+    sp.cut.ties = ties;
+    sp.low.ties = tiesl;
+    sp.thresh = thresh;
+    sp.probs = (const float *)(uintptr_t)probs;
+    uint32_t *mem = (uint32_t *)malloc(sizeof(uint32_t) * (4 * BLK + 16));
+    if (!mem)
+        return PyErr_NoMemory();
+    Py_BEGIN_ALLOW_THREADS
+    use_isa(isa);
+    drop_blocks(&cv, (const void *)(uintptr_t)xp, xdt, (const void *)(uintptr_t)bp, bdt,
+                (size_t)n, &sp, key, e0, stream, (float *)(uintptr_t)dp, (float *)(uintptr_t)op,
+                mem, mem + 3 * BLK, mem + BLK, mem + 2 * BLK);
+    Py_END_ALLOW_THREADS
+    free(mem);
+    Py_RETURN_NONE;
+}
+
 /* count_equal(x, dtype, base, base_dtype, n, t) -> entries with |x - base| == t */
 static PyObject *py_count_equal(PyObject *self, PyObject *args) {
     unsigned long long xp, bp;
@@ -765,6 +833,7 @@ static PyObject *py_draws(PyObject *self, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"gta", py_gta, METH_VARARGS, "Fused sparsify + combine of one piece (see the module)."},
+    {"drop", py_drop, METH_VARARGS, "One model's delta and its DARE / DELLA drop."},
     {"count_equal", py_count_equal, METH_VARARGS, "Entries with |x - base| == t."},
     {"mag_hist", py_mag_hist, METH_VARARGS, "Radix-select histograms of |x - base|."},
     {"della_probs", py_della_probs, METH_VARARGS, "DELLA's per-row keep probabilities."},

@@ -9,10 +9,12 @@ numbers with the same Philox4x32-10 stream (`soupkit.methods._philox`).
 
 Without the extension (not built, or ``SOUPKIT_KERNELS=0``) every function runs the torch
 reference instead, so callers need no second path; `native` says which one runs. The kernels
-cover every switch of these methods except ``rescale: l1`` (the L1 norms are torch sums, whose
-summation order the kernels do not reproduce), and the input dtypes that
-`soupkit.kernels.supports` accepts (float16 needs the calibration of torch's conversion):
-`supported` is False otherwise and the functions use the reference.
+cover every switch of these methods, for the input dtypes that `soupkit.kernels.supports`
+accepts (float16 needs the calibration of torch's conversion); `supported` is False otherwise
+and the functions use the reference. ``rescale: l1`` (mergekit's default for DARE / DELLA) takes
+two passes: the kernel writes each model's delta and its dropped copy, torch sums their
+magnitudes (the reference's sums, in torch's order, which C does not reproduce), and the fused
+pass then draws again and multiplies by the factor.
 
 The piece-wise form of TIES (`ties_piece`) is what a streaming engine calls: each model's cut
 (`MagnitudeCut`, from the radix select that `magnitude_hist` serves) with its tie quota spent
@@ -33,7 +35,7 @@ from soupkit.kernels import _calibrate, available, isa
 from soupkit.kernels import supports as _supports_dtypes
 from soupkit.methods import MagnitudeCut, Params
 from soupkit.methods import get as get_method
-from soupkit.methods._ops import topk_cut
+from soupkit.methods._ops import l1_scale, topk_cut
 from soupkit.methods._philox import CounterRNG, counter_rng, keep_threshold
 
 _ext: ModuleType | None
@@ -65,7 +67,7 @@ _MAX_MODELS = 64
 
 # kinds, rescales and combine codes of _sparsify.c
 _SP_NONE, _SP_CUT, _SP_BAND, _SP_DARE, _SP_DELLA = range(5)
-_RS_NONE, _RS_DIV, _RS_PROB = range(3)
+_RS_NONE, _RS_DIV, _RS_PROB, _RS_MUL = range(4)
 _SIGN_SOURCE = {"unweighted": 0, "weighted": 1, "count": 2}
 _SIGN_TIE = {"zero": 0, "positive": 1}
 _AGGREGATION = {"mean": 0, "weighted_mean": 1, "sum": 2}
@@ -82,9 +84,7 @@ def supported(name: str, p: Params, dtypes: Sequence[torch.dtype]) -> bool:
     dtypes (the models' and the base's); else the functions here run the reference."""
     if name not in METHODS or not 2 <= len(dtypes) <= _MAX_MODELS + 1:
         return False
-    if not (native() and _supports_dtypes(dtypes, torch.float32)):
-        return False
-    return getattr(p, "rescale", None) != "l1"
+    return native() and _supports_dtypes(dtypes, torch.float32)
 
 
 _LEVELS = {"portable": 0, "avx2": 1, "avx512": 2}
@@ -349,6 +349,25 @@ def ties_piece(
 # ---------------------------------------------------------------------------- whole calls
 
 
+def _l1(
+    spec: tuple[Any, ...], x: torch.Tensor, base: torch.Tensor, rng: CounterRNG | None, i: int
+) -> tuple[Any, ...]:
+    """``spec`` (a drop without rescale) with mergekit's L1 rescale: the factor from torch's
+    sums over this model's delta and its dropped copy (`l1_scale`, as `l1_rescale`)."""
+    assert _ext is not None and rng is not None
+    n = base.numel()
+    delta = torch.empty(n, dtype=torch.float32)
+    dropped = torch.empty(n, dtype=torch.float32)
+    _ext.drop(
+        x.data_ptr(), _DTYPES[x.dtype], base.data_ptr(), _DTYPES[base.dtype], n, spec,
+        rng.key, rng.offset, i, delta.data_ptr(), dropped.data_ptr(), *_conv(n), _isa(),
+    )  # fmt: skip
+    scale = l1_scale(delta, dropped)
+    if scale is None:
+        return spec
+    return (spec[0], _RS_MUL, float(scale), *spec[3:])
+
+
 def merge(
     name: str,
     xs: Sequence[torch.Tensor],
@@ -409,7 +428,8 @@ def merge(
                 specs.append(_spec())
                 continue
             rs = _RS_DIV if p.rescale == "density" else _RS_NONE
-            specs.append(_spec(_SP_DARE, rs, div=float(d), thresh=keep_threshold(d)))
+            spec = _spec(_SP_DARE, rs, div=float(d), thresh=keep_threshold(d))
+            specs.append(_l1(spec, x, base, r, i) if p.rescale == "l1" else spec)
         else:  # della
             if d >= 1:
                 specs.append(_spec())
@@ -424,7 +444,8 @@ def merge(
             )  # fmt: skip
             keep.append(probs)
             rs = _RS_PROB if p.rescale == "probability" else _RS_NONE
-            specs.append(_spec(_SP_DELLA, rs, probs=probs.data_ptr()))
+            spec = _spec(_SP_DELLA, rs, probs=probs.data_ptr())
+            specs.append(_l1(spec, x, base, r, i) if p.rescale == "l1" else spec)
     res, _ = _run(xs, base, specs, _combine(p, consensus), r, out)
     del keep
     return res

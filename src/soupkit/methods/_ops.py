@@ -53,6 +53,7 @@ __all__ = [
     "disjoint_merge",
     "elect_sign",
     "l1_rescale",
+    "l1_scale",
     "linear_combine",
     "scale_",
     "topk_cut",
@@ -196,16 +197,25 @@ def trim_band(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor
 # ---------------------------------------------------------------------------- random drops
 
 
-def l1_rescale(original: torch.Tensor, masked: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
-    """Scale ``masked`` so its L1 norm matches ``original``'s (mergekit's ``rescale_norm: l1``).
-
-    Left unscaled when either norm is below ``eps``, as mergekit does.
-    """
+def l1_scale(
+    original: torch.Tensor, masked: torch.Tensor, eps: float = 1e-7
+) -> torch.Tensor | None:
+    """The float32 factor (0-d) that gives ``masked`` the L1 norm of ``original``, or None when
+    either norm is below ``eps`` (then ``masked`` stays as it is, as mergekit does)."""
     before = original.abs().sum()
     after = masked.abs().sum()
     if before < eps or after < eps:
-        return masked
-    return masked * (before / after)
+        return None
+    return before / after
+
+
+def l1_rescale(original: torch.Tensor, masked: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Scale ``masked`` so its L1 norm matches ``original``'s (mergekit's ``rescale_norm: l1``).
+
+    Left unscaled when either norm is below ``eps``, as mergekit does (`l1_scale`).
+    """
+    scale = l1_scale(original, masked, eps)
+    return masked if scale is None else masked * scale
 
 
 def dare_drop(

@@ -1,14 +1,14 @@
 """GB/s of the native TIES / DARE-TIES / DELLA / Breadcrumbs kernels against the torch reference.
 
 One realistic tensor: an MLP projection of a 7B Llama (5504 x 2048), bfloat16, a base and 4
-fine-tunes (base + 0.01 * N(0, 1)), the default ``convention: mergekit`` except DARE / DELLA's
-rescale (``rescale: density`` / ``probability``: the kernels leave mergekit's L1 rescale to
-torch). GB/s counts the bytes read (5 inputs x 2 bytes per element); each figure is the median
-of ``--repeats`` runs, all in memory (no I/O).
+fine-tunes (base + 0.01 * N(0, 1)), the default ``convention: mergekit`` (DARE / DELLA: L1
+rescale). GB/s counts the bytes read (5 inputs x 2 bytes per element); each figure is the
+median of ``--repeats`` runs, all in memory (no I/O).
 
 - ``kernel``: `soupkit.kernels.sparsify` (1 thread: one call on the whole tensor, which for TIES
-  and Breadcrumbs includes the C radix select of the cuts; 2 threads: the tensor in two halves on
-  two Python threads, the GIL released: DARE's halves draw from ``rng.at(start)``; TIES counts
+  and Breadcrumbs includes the C radix select of the cuts, and for DARE one call per engine
+  block of 2^20 elements, each drawing from ``rng.at(start)``: mergekit's L1 rescale is per
+  block; 2 threads, the GIL released: DARE's blocks shared by two Python threads; TIES counts
   its histograms per half, adds them, and the second half starts from the tie quota the first
   leaves; DELLA and Breadcrumbs run whole tensors only, so only 1 thread is measured).
 - ``torch``: the reference as the engine runs it today, with torch's intra-op threads set to 1 or
@@ -49,8 +49,8 @@ MODELS = 4
 
 PARAMS: dict[str, dict[str, Any]] = {
     "ties": {"density": [0.5] * MODELS},
-    "dare_ties": {"density": [0.3] * MODELS, "rescale": "density"},
-    "della": {"density": [0.5] * MODELS, "epsilon": [0.1] * MODELS, "rescale": "probability"},
+    "dare_ties": {"density": [0.3] * MODELS},
+    "della": {"density": [0.5] * MODELS, "epsilon": [0.1] * MODELS},
     "breadcrumbs": {"density": [0.5] * MODELS, "gamma": [0.01] * MODELS},
 }
 
@@ -192,37 +192,43 @@ def kernel_ties_2(
     return out
 
 
-def kernel_dare_2(
+def kernel_dare(
     xs: list[torch.Tensor],
     base: torch.Tensor,
     p: Any,
     rng: CounterRNG,
-    pool: concurrent.futures.Executor,
+    pool: concurrent.futures.Executor | None,
 ) -> torch.Tensor:
+    """DARE on the engine's blocks of 2^20 elements (its L1 rescale is per block), shared by
+    the threads of ``pool`` (None: this thread)."""
     n = base.numel()
     flat = [x.reshape(-1) for x in xs]
     b = base.reshape(-1)
     out = torch.empty(n, dtype=torch.float32)
-    list(
-        pool.map(
-            lambda se: K.merge(
-                "dare_ties",
-                [x[se[0] : se[1]] for x in flat],
-                b[se[0] : se[1]],
-                p,
-                rng=rng.at(se[0]),
-                out=out[se[0] : se[1]],
-            ),  # fmt: skip
-            [(0, n // 2), (n // 2, n)],
-        )
-    )
+
+    def block(se: tuple[int, int]) -> torch.Tensor:
+        s, e = se
+        xs_p = [x[s:e] for x in flat]
+        return K.merge("dare_ties", xs_p, b[s:e], p, rng=rng.at(s), out=out[s:e])
+
+    list((pool.map if pool is not None else map)(block, _chunks(n, RNG_BLOCK)))
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--methods", nargs="+", choices=sorted(PARAMS), default=list(PARAMS))
+    ap.add_argument("--threads", nargs="+", type=int, choices=[1, 2], default=[1, 2])
+    ap.add_argument(
+        "--paper-rescale",
+        action="store_true",
+        help="DARE: rescale: density, DELLA: rescale: probability (default: mergekit's L1)",
+    )
     args = ap.parse_args()
+    if args.paper_rescale:
+        PARAMS["dare_ties"]["rescale"] = "density"
+        PARAMS["della"]["rescale"] = "probability"
     if not K.native():
         raise SystemExit("the native kernels are not built: run `make kernels` first")
     xs, base = _inputs()
@@ -235,16 +241,20 @@ def main() -> None:
     print("| method | path | threads | s (median) | GB/s |")
     print("|---|---|---|---|---|")
     pool = concurrent.futures.ThreadPoolExecutor(2)
-    for name, raw in PARAMS.items():
+    for name in args.methods:
+        raw = PARAMS[name]
         p = get_method(name).params.model_validate({"weight": [1.0] * MODELS, **raw})
         runs: dict[tuple[str, int], Callable[[], torch.Tensor]] = {}
-        runs[("kernel", 1)] = functools.partial(K.merge, name, xs, base, p, rng=rng)
+        if name == "dare_ties":
+            runs[("kernel", 1)] = functools.partial(kernel_dare, xs, base, p, rng, None)
+        else:
+            runs[("kernel", 1)] = functools.partial(K.merge, name, xs, base, p, rng=rng)
         ref: Callable[[], torch.Tensor]
         if name == "ties":
             runs[("kernel", 2)] = functools.partial(kernel_ties_2, xs, base, p, pool)
             ref = functools.partial(torch_ties, xs, base, p)
         elif name == "dare_ties":
-            runs[("kernel", 2)] = functools.partial(kernel_dare_2, xs, base, p, rng, pool)
+            runs[("kernel", 2)] = functools.partial(kernel_dare, xs, base, p, rng, pool)
             ref = functools.partial(torch_dare, xs, base, p, rng)
         else:
             ref = functools.partial(torch_whole, name, xs, base, p, rng)
@@ -253,12 +263,14 @@ def main() -> None:
             got = fn()
             if not torch.equal(got.view(torch.int32), want.view(torch.int32)):
                 raise SystemExit(f"{name} {path} {threads}: not the reference's bytes")
-        for threads in (1, 2):
+        for threads in args.threads:
             torch.set_num_threads(threads)
             s = _median(ref, args.repeats)
             print(f"| {name} | torch | {threads} | {s:.3f} | {gb / s:.2f} |")
         torch.set_num_threads(1)
         for (path, threads), fn in runs.items():
+            if threads not in args.threads:
+                continue
             s = _median(fn, args.repeats)
             print(f"| {name} | {path} | {threads} | {s:.3f} | {gb / s:.2f} |")
     pool.shutdown()

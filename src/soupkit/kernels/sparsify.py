@@ -79,12 +79,13 @@ def native() -> bool:
     return _ext is not None and available()
 
 
-def supported(name: str, p: Params, dtypes: Sequence[torch.dtype]) -> bool:
+def supported(name: str, p: Any, dtypes: Sequence[torch.dtype]) -> bool:
     """Whether the kernels compute method ``name`` with parameters ``p`` on inputs of these
     dtypes (the models' and the base's); else the functions here run the reference."""
     if name not in METHODS or not 2 <= len(dtypes) <= _MAX_MODELS + 1:
         return False
-    return native() and _supports_dtypes(dtypes, torch.float32)
+    numbers = [*p.weight, p.lambda_]  # NaN / Inf ones are left to the reference
+    return native() and _supports_dtypes(dtypes, torch.float32, numbers)
 
 
 _LEVELS = {"portable": 0, "avx2": 1, "avx512": 2}

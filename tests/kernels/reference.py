@@ -66,6 +66,24 @@ def make_input(n: int, dtype: torch.dtype, seed: int, scale: float, specials: in
     return x
 
 
+def nan_pile(n: int, dtype: torch.dtype, salt: int) -> torch.Tensor:
+    """Every element a NaN (payload, sign, quiet or signalling: salted per input) or an Inf, so
+    that every operation meets two NaN operands somewhere: which payload wins is tested."""
+    if dtype == torch.float32:
+        words = [(0x7F800001 + 0x1111 * (i + salt)) | ((i + salt) % 3 == 0) << 31 for i in range(n)]
+        words = [w if (i + salt) % 7 else 0x7F800000 for i, w in enumerate(words)]
+        return from_bits32([w & 0xFFFFFFFF for w in words])
+    top = 0x7F80 if dtype == torch.bfloat16 else 0x7C00
+    words = [
+        top | (1 + (i * 5 + salt * 3) % 0x3F) | (0x8000 if (i + salt) % 3 == 0 else 0)
+        for i in range(n)
+    ]
+    words = [w if (i + salt) % 7 else top for i, w in enumerate(words)]
+    return torch.tensor([w - 0x10000 if w >= 0x8000 else w for w in words], dtype=torch.int16).view(
+        dtype
+    )
+
+
 def reference(
     method: str,
     params: dict[str, object],

@@ -20,8 +20,9 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import soupkit.kernels as kernels
+from soupkit.methods import REGISTRY
 
-from .reference import DTYPES, first_difference, make_input, reference, same_bytes
+from .reference import DTYPES, first_difference, make_input, nan_pile, reference, same_bytes
 
 ISAS = ["portable", "avx2", "avx512"]
 AVAILABLE_ISAS = (
@@ -145,6 +146,73 @@ def test_every_dtype_pair_and_size(
                 check(method, (params, inputs, base, out_dtype, isa), monkeypatch)
 
 
+@pytest.mark.parametrize(
+    ("method", "raw"),
+    [
+        ("linear", {"weight": (0.5, 2.0, -1.0), "normalize": False}),
+        ("linear", {"weight": (1.0, 1.0, 1.0)}),
+        ("task_arithmetic", {"weight": (0.5, 0.3, 0.9), "lambda": 0.7, "normalize": True}),
+        ("task_arithmetic", {"weight": (1.0, 1.0, 1.0)}),
+        ("wise_ft", {"alpha": 0.35}),
+    ],
+)
+def test_for_method_binds_the_registry_params(method: str, raw: dict[str, object]) -> None:
+    """for_method() reads the parameter objects the planner resolves (the registry's Params
+    models) and its kernel gives the reference's bytes, for a base of another dtype too."""
+    spec = REGISTRY[method]
+    params = spec.params.model_validate(raw)
+    k = 1 if method == "wise_ft" else 3
+    in_dts = [torch.bfloat16, torch.float16, torch.float32][:k]
+    inputs = [make_input(999, d, i, 1.0, 3) for i, d in enumerate(in_dts)]
+    base = make_input(999, torch.float16, 50, 1.0, 3) if spec.needs_base else None
+    fn = kernels.for_method(
+        method, params, in_dts, None if base is None else base.dtype, torch.bfloat16
+    )
+    assert fn is not None
+    out = torch.empty(999, dtype=torch.bfloat16)
+    bad = fn(out, inputs, base)
+    ref, ref_bad = reference(method, raw, inputs, base, torch.bfloat16)
+    assert same_bytes(out, ref) and bad == ref_bad, first_difference(out, ref)
+
+
+def test_for_method_declines_what_it_does_not_reproduce(monkeypatch: pytest.MonkeyPatch) -> None:
+    lin = REGISTRY["linear"].params.model_validate({"weight": (1.0, 1.0)})
+    f32 = [torch.float32, torch.float32]
+    assert kernels.for_method("linear", lin, f32, None, torch.float32) is not None
+    assert kernels.for_method("linear", lin, [torch.float64] * 2, None, torch.float32) is None
+    assert kernels.for_method("linear", lin, f32, None, torch.float64) is None
+    slerp = REGISTRY["slerp"].params.model_validate({"t": 0.5})
+    assert kernels.for_method("slerp", slerp, f32, torch.float32, torch.float32) is None
+    ta = REGISTRY["task_arithmetic"].params.model_validate({"weight": (1.0, 1.0)})
+    assert kernels.for_method("task_arithmetic", ta, f32, None, torch.float32) is None  # no base
+    monkeypatch.setenv(kernels.DISABLE_ENV, "0")
+    assert kernels.for_method("linear", lin, f32, None, torch.float32) is None
+    assert set(kernels.METHODS) == {"linear", "task_arithmetic", "wise_ft"}
+
+
+@pytest.mark.parametrize("isa", AVAILABLE_ISAS)
+def test_nan_operands_everywhere(isa: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(kernels.ISA_ENV, isa)
+    for n in (1, 5, 8, 9, 16, 17, 33, 70):
+        for di in DTYPES:
+            for do in DTYPES:
+                xs = [nan_pile(n, di, i) for i in range(3)]
+                base = nan_pile(n, di, 11)
+                for method, params in [
+                    ("linear", {"weight": (0.2, 0.3, 0.5), "normalize": True}),
+                    (
+                        "task_arithmetic",
+                        {"weight": (1.0, -0.5, 0.7), "lambda": 0.9, "normalize": True},
+                    ),
+                    ("wise_ft", {"alpha": 0.4}),
+                ]:
+                    check(
+                        method,
+                        (params, xs if method != "wise_ft" else xs[:1], base, do, isa),
+                        monkeypatch,
+                    )
+
+
 def test_hand_computed_values() -> None:
     """Golden values: weighted mean, task arithmetic and WiSE-FT on exactly representable numbers."""
     a = torch.tensor([1.0, 2.0, -4.0, 0.5], dtype=torch.bfloat16)
@@ -248,17 +316,46 @@ def test_bad_arguments_are_refused() -> None:
         kernels.linear(torch.empty(8), [x], [float("inf")])
 
 
+def test_extension_refuses_malformed_programs() -> None:
+    """The private entry point checks what it can, so a wrong call raises instead of crashing."""
+    from soupkit.kernels import _elementwise as ext
+
+    x, out = torch.ones(4), torch.empty(4)
+    ok = (x.data_ptr(), 0, ext.SET_MUL, 1.0)
+    args = (4, out.data_ptr(), 0, 0, 0, (ok,), 0, 1.0, 1.0, 0, 1, 0)
+    assert ext.run(*args) == 0
+    bad_calls = {
+        "no output": (4, 0, *args[2:]),
+        "no steps": (*args[:5], (), *args[6:]),
+        "unknown dtype": (*args[:5], ((x.data_ptr(), 7, ext.SET_MUL, 1.0),), *args[6:]),
+        "null input": (*args[:5], ((0, 0, ext.SET_MUL, 1.0),), *args[6:]),
+        "first step adds": (*args[:5], ((x.data_ptr(), 0, ext.MUL_ADD, 1.0),), *args[6:]),
+        "task vector without base": (
+            *args[:5],
+            ((x.data_ptr(), 0, ext.SUB_SET_MUL, 1.0),),
+            *args[6:],
+        ),
+        "base added without base": (*args[:6], ext.ADD_BASE, *args[7:]),
+        "negative n": (-1, *args[1:]),
+    }
+    for what, call in bad_calls.items():
+        with pytest.raises(ValueError):
+            ext.run(*call)
+            pytest.fail(what)
+
+
 SUBPROCESS_CHECK = r"""
 import sys, torch
 sys.path.insert(0, sys.argv[1])
-from reference import make_input, reference, same_bytes, DTYPES
+from reference import make_input, nan_pile, reference, same_bytes, DTYPES
 import soupkit.kernels as k
 print(torch.backends.cpu.get_cpu_capability(), k._calibrate())
-for n in (0, 1, 9, 17, 2049, 5000):
+for n in (0, 1, 9, 17, 70, 2049, 5000):
     for di in DTYPES:
         for do in DTYPES:
-            xs = [make_input(n, di, 3 * n + i, 1.0, 9) for i in range(3)]
-            base = make_input(n, di, n, 1.0, 9)
+          for piles in (False, True):
+            xs = [nan_pile(n, di, i) if piles else make_input(n, di, 3 * n + i, 1.0, 9) for i in range(3)]
+            base = nan_pile(n, di, 11) if piles else make_input(n, di, n, 1.0, 9)
             for m, p in [("linear", {"weight": (0.3, 0.3, 0.4)}),
                          ("task_arithmetic", {"weight": (1.0, 0.5, 0.2), "lambda": 0.7}),
                          ("wise_ft", {"alpha": 0.3})]:

@@ -29,9 +29,10 @@ from __future__ import annotations
 import math
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import ModuleType
+from typing import Any
 
 import torch
 
@@ -40,7 +41,9 @@ __all__ = [
     "ISA_ENV",
     "MAX_INPUTS",
     "available",
+    "METHODS",
     "best_isa",
+    "for_method",
     "isa",
     "linear",
     "supports",
@@ -158,13 +161,17 @@ def _enabled() -> bool:
     return _ext is not None and os.environ.get(DISABLE_ENV, "1").strip() != "0"
 
 
+_isa_env: str | None = None  # the SOUPKIT_KERNELS_ISA value applied last
+
+
 def _apply_isa_env() -> None:
+    global _isa_env
     want = os.environ.get(ISA_ENV, "").strip()
+    if want == _isa_env:
+        return
     assert _ext is not None
-    if want and _ext.isa() != want:
-        _ext.set_isa(want)  # ValueError names the levels this CPU runs
-    elif not want and _ext.isa() != _ext.best_isa():
-        _ext.set_isa(_ext.best_isa())
+    _ext.set_isa(want or _ext.best_isa())  # ValueError names the levels this CPU runs
+    _isa_env = want
 
 
 def available() -> bool:
@@ -218,53 +225,173 @@ def _f32(values: Sequence[float]) -> list[float]:
     return torch.tensor(list(values), dtype=torch.float32).tolist()
 
 
-def _check(out: torch.Tensor, tensors: Sequence[torch.Tensor], params: Sequence[float]) -> int:
-    n = out.numel()
-    for what, t in [("out", out)] + [(f"input {i}", x) for i, x in enumerate(tensors)]:
-        if t.device.type != "cpu" or not t.is_contiguous():
-            raise ValueError(f"soupkit.kernels: {what} must be a contiguous CPU tensor")
-        if t.numel() != n:
-            raise ValueError(f"soupkit.kernels: {what} has {t.numel()} elements, out has {n}")
-    if not supports([t.dtype for t in tensors], out.dtype, params):
-        raise ValueError(
-            "soupkit.kernels: not supported here: "
-            f"inputs {[str(t.dtype) for t in tensors]}, out {out.dtype}, parameters {list(params)}"
-            " (check soupkit.kernels.supports() first)"
+def _f32_sum(values: Sequence[float]) -> float:
+    """The float32 sum the methods divide by: ``torch.tensor(values, dtype=float32).sum()``."""
+    return float(torch.tensor(list(values), dtype=torch.float32).sum())
+
+
+@dataclass(frozen=True)
+class _Program:
+    """One method's parameters for one tensor, as the extension runs them: built once, then
+    run once per piece (a few microseconds of Python per call)."""
+
+    kinds: tuple[int, ...]  # one step kind per input (_elementwise's SET_MUL, FMA, ...)
+    weights: tuple[float, ...]  # float32 values
+    flags: int
+    total: float
+    lam: float
+    in_codes: tuple[int, ...]
+    base_code: int | None
+    out_code: int
+    cal: _Calibration
+
+    def run(
+        self, out: torch.Tensor, inputs: Sequence[torch.Tensor], base: torch.Tensor | None
+    ) -> int:
+        n = out.numel()
+        tensors = [out, *inputs] if base is None else [out, *inputs, base]
+        codes = (self.out_code, *self.in_codes) + (() if base is None else (self.base_code,))
+        if (
+            len(inputs) != len(self.kinds)
+            or (base is None) != (self.base_code is None)
+            or not all(
+                t.is_cpu and t.is_contiguous() and t.numel() == n and _CODES.get(t.dtype) == c
+                for t, c in zip(tensors, codes)
+            )
+        ):
+            raise self._mismatch(out, inputs, base)
+        if n == 0:
+            return 0
+        assert _ext is not None
+        _apply_isa_env()
+        return int(
+            _ext.run(
+                n,
+                out.data_ptr(),
+                self.out_code,
+                0 if base is None else base.data_ptr(),
+                0 if self.base_code is None else self.base_code,
+                tuple(
+                    (x.data_ptr(), c, kind, w)
+                    for x, c, kind, w in zip(inputs, self.in_codes, self.kinds, self.weights)
+                ),
+                self.flags,
+                self.total,
+                self.lam,
+                self.cal.bf16_nan or 0,
+                self.cal.f16_block or 1,
+                self.cal.f16_tail_nan,
+            )
         )
-    return n
+
+    def _mismatch(
+        self, out: torch.Tensor, inputs: Sequence[torch.Tensor], base: torch.Tensor | None
+    ) -> ValueError:
+        """What is wrong with the tensors of a call (the checks in `run`, spelled out)."""
+        if len(inputs) != len(self.kinds) or (base is None) != (self.base_code is None):
+            return ValueError(
+                f"soupkit.kernels: {len(inputs)} inputs{'' if base is None else ' and a base'}, "
+                f"expected {len(self.kinds)}{'' if self.base_code is None else ' and a base'}"
+            )
+        named: list[tuple[str, torch.Tensor, int | None]] = [("out", out, self.out_code)]
+        named += [(f"input {i}", x, c) for i, (x, c) in enumerate(zip(inputs, self.in_codes))]
+        if base is not None:
+            named.append(("base", base, self.base_code))
+        for what, t, code in named:
+            if not t.is_cpu or not t.is_contiguous():
+                return ValueError(f"soupkit.kernels: {what} must be a contiguous CPU tensor")
+            if t.numel() != out.numel():
+                return ValueError(
+                    f"soupkit.kernels: {what} has {t.numel()} elements, out has {out.numel()}"
+                )
+            if _CODES.get(t.dtype) != code:
+                return ValueError(f"soupkit.kernels: {what} is {t.dtype}, not the program's dtype")
+        return ValueError("soupkit.kernels: inconsistent call")
 
 
-def _run(
-    out: torch.Tensor,
-    steps: Sequence[tuple[torch.Tensor, int, float]],
-    base: torch.Tensor | None,
+def _program(
+    kinds: Sequence[int],
+    weights: Sequence[float],
     flags: int,
+    in_dtypes: Sequence[torch.dtype],
+    base_dtype: torch.dtype | None,
+    out_dtype: torch.dtype,
+    params: Sequence[float],
     total: float = 1.0,
     lam: float = 1.0,
-) -> int:
-    assert _ext is not None
-    _apply_isa_env()
+) -> _Program | None:
+    dts = [*in_dtypes, *([base_dtype] if base_dtype is not None else [])]
+    if not in_dtypes or not supports(dts, out_dtype, params):
+        return None
     cal = _calibrate()
-    assert cal is not None  # _check() passed
-    if not steps:
-        raise ValueError("soupkit.kernels: no inputs")
-    if out.numel() == 0:
-        return 0
-    return int(
-        _ext.run(
-            out.numel(),
-            out.data_ptr(),
-            _CODES[out.dtype],
-            0 if base is None else base.data_ptr(),
-            0 if base is None else _CODES[base.dtype],
-            tuple((x.data_ptr(), _CODES[x.dtype], kind, w) for x, kind, w in steps),
-            flags,
-            total,
-            lam,
-            cal.bf16_nan or 0,
-            cal.f16_block or 1,
-            cal.f16_tail_nan,
-        )
+    assert cal is not None  # supports() said yes
+    return _Program(
+        tuple(kinds),
+        tuple(_f32(weights)),
+        flags,
+        total,
+        lam,
+        tuple(_CODES[d] for d in in_dtypes),
+        None if base_dtype is None else _CODES[base_dtype],
+        _CODES[out_dtype],
+        cal,
+    )
+
+
+def _linear_program(
+    weights: Sequence[float],
+    normalize: bool,
+    in_dtypes: Sequence[torch.dtype],
+    out_dtype: torch.dtype,
+) -> _Program | None:
+    if _ext is None or len(weights) != len(in_dtypes):
+        return None
+    cal = _calibrate()
+    fma = _ext.FMA if cal is not None and cal.fused else _ext.MUL_ADD
+    kinds = [_ext.SET_MUL] + [fma] * (len(weights) - 1)
+    flags = _ext.DIV if normalize else 0
+    total = _f32_sum(weights) if all(math.isfinite(w) for w in weights) else 1.0
+    return _program(kinds, weights, flags, in_dtypes, None, out_dtype, weights, total)
+
+
+def _task_arithmetic_program(
+    weights: Sequence[float],
+    lam: float,
+    normalize: bool,
+    in_dtypes: Sequence[torch.dtype],
+    base_dtype: torch.dtype,
+    out_dtype: torch.dtype,
+) -> _Program | None:
+    if _ext is None or len(weights) != len(in_dtypes):
+        return None
+    kinds = [_ext.SUB_SET_MUL] + [_ext.SUB_MUL_ADD] * (len(weights) - 1)
+    flags = _ext.ADD_BASE | (_ext.DIV if normalize else 0) | (_ext.SCALE if lam != 1 else 0)
+    params = [*weights, lam]
+    finite = all(math.isfinite(v) for v in params)
+    total = _f32_sum(weights) if finite else 1.0
+    lam32 = _f32([lam])[0] if finite else 1.0
+    return _program(kinds, weights, flags, in_dtypes, base_dtype, out_dtype, params, total, lam32)
+
+
+def _wise_ft_program(
+    alpha: float, zero_shot: torch.dtype, fine_tuned: torch.dtype, out_dtype: torch.dtype
+) -> _Program | None:
+    if _ext is None:
+        return None
+    kinds = [_ext.SET_MUL, _ext.MUL_ADD]
+    # (1 - alpha) formed in double precision, as methods/wise_ft.py does
+    return _program(
+        kinds, [1.0 - alpha, alpha], 0, [zero_shot, fine_tuned], None, out_dtype, [alpha]
+    )
+
+
+def _unsupported(
+    inputs: Sequence[torch.Tensor], out: torch.Tensor, params: Sequence[float]
+) -> ValueError:
+    return ValueError(
+        "soupkit.kernels: not supported here: "
+        f"inputs {[str(t.dtype) for t in inputs]}, out {out.dtype}, parameters {list(params)}"
+        " (check soupkit.kernels.supports() first)"
     )
 
 
@@ -292,14 +419,10 @@ def linear(
     """
     if len(weights) != len(inputs):
         raise ValueError(f"soupkit.kernels: {len(inputs)} inputs but {len(weights)} weights")
-    _check(out, inputs, weights)
-    assert _ext is not None
-    w = _f32(weights)
-    cal = _calibrate()
-    fma = _ext.FMA if cal is not None and cal.fused else _ext.MUL_ADD
-    steps = [(inputs[0], _ext.SET_MUL, w[0])] + [(x, fma, wi) for x, wi in zip(inputs[1:], w[1:])]
-    total = float(torch.tensor(w, dtype=torch.float32).sum())
-    return _run(out, steps, None, _ext.DIV if normalize else 0, total=total)
+    prog = _linear_program(weights, normalize, [x.dtype for x in inputs], out.dtype)
+    if prog is None:
+        raise _unsupported(inputs, out, weights)
+    return prog.run(out, inputs, None)
 
 
 def task_arithmetic(
@@ -330,14 +453,12 @@ def task_arithmetic(
     """
     if len(weights) != len(inputs):
         raise ValueError(f"soupkit.kernels: {len(inputs)} inputs but {len(weights)} weights")
-    _check(out, [*inputs, base], [*weights, lam])
-    assert _ext is not None
-    w = _f32(weights)
-    steps = [(inputs[0], _ext.SUB_SET_MUL, w[0])]
-    steps += [(x, _ext.SUB_MUL_ADD, wi) for x, wi in zip(inputs[1:], w[1:])]
-    flags = _ext.ADD_BASE | (_ext.DIV if normalize else 0) | (_ext.SCALE if lam != 1 else 0)
-    total = float(torch.tensor(w, dtype=torch.float32).sum())
-    return _run(out, steps, base, flags, total=total, lam=_f32([lam])[0])
+    prog = _task_arithmetic_program(
+        weights, lam, normalize, [x.dtype for x in inputs], base.dtype, out.dtype
+    )
+    if prog is None:
+        raise _unsupported([*inputs, base], out, [*weights, lam])
+    return prog.run(out, inputs, base)
 
 
 def wise_ft(
@@ -349,8 +470,72 @@ def wise_ft(
     Returns:
         How many values written to ``out`` are NaN or +-Inf.
     """
-    _check(out, [zero_shot, fine_tuned], [alpha])
-    assert _ext is not None
-    c1, c2 = _f32([1.0 - alpha, alpha])
-    steps = [(zero_shot, _ext.SET_MUL, c1), (fine_tuned, _ext.MUL_ADD, c2)]
-    return _run(out, steps, None, 0)
+    prog = _wise_ft_program(alpha, zero_shot.dtype, fine_tuned.dtype, out.dtype)
+    if prog is None:
+        raise _unsupported([zero_shot, fine_tuned], out, [alpha])
+    return prog.run(out, [zero_shot, fine_tuned], None)
+
+
+#: The merge methods the kernels compute (their float32 mode), by registry name.
+METHODS = ("linear", "task_arithmetic", "wise_ft")
+
+#: A kernel bound to one tensor's parameters: ``fn(out, inputs, base) -> NaN / Inf count``.
+PieceKernel = Callable[[torch.Tensor, Sequence[torch.Tensor], "torch.Tensor | None"], int]
+
+
+def for_method(
+    method: str,
+    params: Any,
+    in_dtypes: Sequence[torch.dtype],
+    base_dtype: torch.dtype | None,
+    out_dtype: torch.dtype,
+) -> PieceKernel | None:
+    """The kernel that computes one piece of ``method`` with these parameters, or None when the
+    torch implementation must run (another method, a dtype or a parameter value the kernels do
+    not reproduce, or the kernels switched off).
+
+    Args:
+        method: the registry name (``"linear"``, ``"task_arithmetic"``, ``"wise_ft"``).
+        params: the method's resolved parameters for this tensor (``LinearParams``, ...: read
+            by attribute, ``weight``, ``normalize``, ``lambda_``, ``alpha``).
+        in_dtypes: the models' input dtypes, as the reader returns them.
+        base_dtype: the base model's dtype, None without a base.
+        out_dtype: the output dtype.
+
+    Returns:
+        ``fn(out, inputs, base)``: writes the piece into ``out`` (inputs and base: contiguous
+        tensors of ``out.numel()`` elements in the dtypes given) and returns how many values it
+        wrote are NaN or +-Inf. Decide once per tensor (the parameters are converted here); call
+        once per piece (a few microseconds of Python).
+    """
+    if method == "linear":
+        lprog = _linear_program(tuple(params.weight), bool(params.normalize), in_dtypes, out_dtype)
+        if lprog is None:
+            return None
+
+        def lin(out: torch.Tensor, xs: Sequence[torch.Tensor], base: torch.Tensor | None) -> int:
+            return lprog.run(out, xs, None)  # a base the engine read for the plan is not used
+
+        return lin
+    if method == "task_arithmetic" and base_dtype is not None:
+        prog = _task_arithmetic_program(
+            tuple(params.weight),
+            float(params.lambda_),
+            bool(params.normalize),
+            in_dtypes,
+            base_dtype,
+            out_dtype,
+        )
+        return None if prog is None else prog.run
+    if method == "wise_ft" and base_dtype is not None and len(in_dtypes) == 1:
+        wprog = _wise_ft_program(float(params.alpha), base_dtype, in_dtypes[0], out_dtype)
+        if wprog is None:
+            return None
+
+        def wf(out: torch.Tensor, xs: Sequence[torch.Tensor], base: torch.Tensor | None) -> int:
+            if base is None or len(xs) != 1:
+                raise ValueError("soupkit.kernels: wise_ft takes one input and a base")
+            return wprog.run(out, [base, xs[0]], None)
+
+        return wf
+    return None

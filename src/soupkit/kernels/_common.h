@@ -19,7 +19,10 @@ enum { SK_PORTABLE = 0, SK_AVX2 = 1, SK_AVX512 = 2 };
 
 static const char *const soupkit_isa_names[] = {"portable", "avx2", "avx512"};
 
-#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
+/* -DSOUPKIT_NO_SIMD builds the portable path alone, as on a CPU other than x86-64 (a test
+ * of that build: tests/kernels/test_build.py) */
+#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__)) && \
+    !defined(SOUPKIT_NO_SIMD)
 #define SOUPKIT_X86 1
 #include <immintrin.h>
 /* AVX2 level: AVX2 + FMA + F16C (every AVX2 CPU soupkit meets has all three) */

@@ -347,14 +347,15 @@ static PyObject *py_run(PyObject *self, PyObject *args) {
             return NULL;
         }
         unsigned long long addr = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(t, 0));
-        long kind = PyLong_AsLong(PyTuple_GET_ITEM(t, 2));
-        double w = PyFloat_AsDouble(PyTuple_GET_ITEM(t, 3));
+        long kind = PyErr_Occurred() ? -1 : PyLong_AsLong(PyTuple_GET_ITEM(t, 2));
+        double w = PyErr_Occurred() ? 0.0 : PyFloat_AsDouble(PyTuple_GET_ITEM(t, 3));
         if (PyErr_Occurred() || !parse_dtype(PyTuple_GET_ITEM(t, 1), &st[k].dtype)) {
             PyMem_Free(st);
             return NULL;
         }
-        if (kind < EW_SET_MUL || kind > EW_SUB_MUL_ADD || (k == 0) != (kind == EW_SET_MUL || kind == EW_SUB_SET_MUL) ||
-            (!base && (kind == EW_SUB_SET_MUL || kind == EW_SUB_MUL_ADD))) {
+        if (kind < EW_SET_MUL || kind > EW_SUB_MUL_ADD ||
+            (k == 0) != (kind == EW_SET_MUL || kind == EW_SUB_SET_MUL) ||
+            (!base && (kind == EW_SUB_SET_MUL || kind == EW_SUB_MUL_ADD)) || (n > 0 && !addr)) {
             PyMem_Free(st);
             PyErr_SetString(PyExc_ValueError, "invalid elementwise step");
             return NULL;
@@ -370,9 +371,9 @@ static PyObject *py_run(PyObject *self, PyObject *args) {
         .limit = k_limits[out_dtype], .bf16_nan = (uint16_t)bf16_nan,
         .f16_tail = n - n % f16_block, .f16_tail_nan = (uint32_t)f16_tail_nan,
     };
-    if ((flags & EW_ADD_BASE) && !base) {
+    if (((flags & EW_ADD_BASE) && !base) || (n > 0 && !out)) {
         PyMem_Free(st);
-        PyErr_SetString(PyExc_ValueError, "EW_ADD_BASE without a base");
+        PyErr_SetString(PyExc_ValueError, "invalid elementwise program (no base or no output)");
         return NULL;
     }
     int64_t bad;
@@ -421,6 +422,7 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "soupkit.kernels._elementwise",
     "soupkit's fused elementwise merge kernels (private: use soupkit.kernels).", -1, methods,
+    NULL, NULL, NULL, NULL,
 };
 
 PyMODINIT_FUNC PyInit__elementwise(void) {

@@ -6,6 +6,11 @@ from __future__ import annotations
 
 import concurrent.futures
 import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -280,3 +285,53 @@ def test_a_realistic_tensor_equals_the_reference(name: str, dtype: torch.dtype) 
     rng = CounterRNG(2**63 + 12345, 0)
     got = K.merge(name, xs, base, p, rng=rng)
     assert _same(got, K._reference(name, xs, base, p, rng))
+
+
+PORTABLE_CHECK = r"""
+import torch
+import soupkit.kernels as k
+from soupkit.kernels import sparsify as K
+from soupkit.methods import CounterRNG, get
+assert K.native() and k.best_isa() == "portable", k.best_isa()
+g = torch.Generator().manual_seed(3)
+for n in (0, 1, 17, 2049):
+    for dt in (torch.float32, torch.bfloat16, torch.float16):
+        base = torch.randn(n, generator=g).to(dt)
+        xs = [(base.float() + 0.1 * torch.randn(n, generator=g)).to(dt) for _ in range(3)]
+        for name in K.METHODS:
+            raw = {"weight": [1.0, 0.5, 2.0], "density": [0.3, 0.5, 0.9]}
+            if name.startswith("della"):
+                raw["epsilon"] = [0.1, 0.2, 0.05]
+            if name.startswith("breadcrumbs"):
+                raw["gamma"] = [0.01, 0.1, 0.0]
+            p = get(name).params.model_validate(raw)
+            got = K.merge(name, xs, base, p, rng=CounterRNG(9))
+            want = K._reference(name, xs, base, p, CounterRNG(9)).reshape(-1)
+            assert torch.equal(got.view(torch.int32), want.view(torch.int32)), (name, n, dt)
+print("ok")
+"""
+
+
+def test_portable_only_build(tmp_path: Path) -> None:
+    """Built with -DSOUPKIT_NO_SIMD (the portable path alone, as on aarch64), the sparsifying
+    kernels give the reference's bytes too."""
+    root = Path(__file__).resolve().parents[2]
+    env = {"PATH": "/usr/bin:/bin", "SOUPKIT_REQUIRE_KERNELS": "1", "CFLAGS": "-DSOUPKIT_NO_SIMD"}
+    r = subprocess.run(
+        [sys.executable, "setup.py", "build_ext", "--build-lib", str(tmp_path / "lib"),
+         "--build-temp", str(tmp_path / "tmp"), "--force"],
+        cwd=root, capture_output=True, text=True, env=env,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    pkg = tmp_path / "pkg"
+    shutil.copytree(
+        root / "src" / "soupkit", pkg / "soupkit", ignore=shutil.ignore_patterns("*.so")
+    )
+    for so in (tmp_path / "lib").rglob("*.so"):
+        shutil.copy(so, pkg / "soupkit" / "kernels" / so.name)
+    r = subprocess.run(
+        [sys.executable, "-c", PORTABLE_CHECK],
+        capture_output=True, text=True, timeout=600,
+        env={**os.environ, "PYTHONPATH": str(pkg), "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stdout + r.stderr

@@ -335,3 +335,24 @@ def test_portable_only_build(tmp_path: Path) -> None:
         env={**os.environ, "PYTHONPATH": str(pkg), "OMP_NUM_THREADS": "1"},
     )  # fmt: skip
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stdout + r.stderr
+
+
+def test_the_extension_refuses_malformed_calls() -> None:
+    x = torch.zeros(4)
+    none = (0, 0, 1.0, 0.0, -1, 1, 0, 0.0, -1, 1, 0, 0)
+    comb = (0, 0, 0, 0, 0, 1.0, 0, 1.0, [1.0])
+    args = ([x.data_ptr()], [0], x.data_ptr(), 0, 4, x.data_ptr(), 0, 0)
+    with pytest.raises(ValueError, match="null address"):
+        K._ext.gta([0], [0], x.data_ptr(), 0, 4, x.data_ptr(), 0, 0, [none], comb, 4, 0, 0)
+    with pytest.raises(ValueError, match="unknown dtype"):
+        K._ext.gta(
+            [x.data_ptr()], [7], x.data_ptr(), 0, 4, x.data_ptr(), 0, 0, [none], comb, 4, 0, 0
+        )
+    with pytest.raises(ValueError, match="malformed sparsify spec"):
+        K._ext.gta(*args, [(9, *none[1:])], comb, 4, 0, 0)
+    with pytest.raises(ValueError, match="malformed sparsify spec"):  # DELLA without probabilities
+        K._ext.gta(*args, [(4, *none[1:])], comb, 4, 0, 0)
+    with pytest.raises(ValueError, match="malformed combine spec"):
+        K._ext.gta(*args, [none], (0, 5, 0, 0, 0, 1.0, 0, 1.0, [1.0]), 4, 0, 0)
+    with pytest.raises(ValueError, match="1 to 64 models"):
+        K._ext.gta([], [], x.data_ptr(), 0, 4, x.data_ptr(), 0, 0, [], comb, 4, 0, 0)

@@ -271,10 +271,10 @@ SK_INLINE void sparsify(sparsify_t *s, float *d, size_t n, size_t off, uint64_t 
         const float *pr = s->probs + off;
         for (size_t j = 0; j < n; j++)
             d[j] = d[j] / pr[j];
-    } else if (s->rescale == RS_MUL) { /* masked * scale: the tensor's NaN first */
+    } else if (s->rescale == RS_MUL) { /* masked * scale; a NaN scale is left to torch */
         const float sc = s->div;
         for (size_t j = 0; j < n; j++)
-            d[j] = sk_isnan(d[j]) ? sk_quiet(d[j]) : d[j] * sc;
+            d[j] = d[j] * sc;
     }
 }
 
@@ -477,6 +477,13 @@ static PyObject *py_gta(PyObject *self, PyObject *args) {
     uintptr_t xs[MAX_MODELS], dts[MAX_MODELS];
     if (get_ptrs(xs_o, (int)m, xs, "xs") || get_ptrs(dt_o, (int)m, dts, "dtypes"))
         return NULL;
+    int bad = n < 0 || base_dt < 0 || base_dt > SK_F16 || (n > 0 && (!base_p || !out_p));
+    for (Py_ssize_t i = 0; i < m; i++)
+        bad |= dts[i] > SK_F16 || (n > 0 && !xs[i]);
+    if (bad) {
+        PyErr_SetString(PyExc_ValueError, "gta: null address, negative size or unknown dtype");
+        return NULL;
+    }
     sparsify_t sp[MAX_MODELS];
     memset(sp, 0, sizeof(sp));
     PyObject *sfast = PySequence_Fast(specs_o, "specs");
@@ -500,6 +507,12 @@ static PyObject *py_gta(PyObject *self, PyObject *args) {
             Py_DECREF(sfast);
             return NULL;
         }
+        if (s->kind < SP_NONE || s->kind > SP_DELLA || s->rescale < RS_NONE ||
+            s->rescale > RS_MUL || (n > 0 && (s->kind == SP_DELLA || s->rescale == RS_PROB) && !probs)) {
+            Py_DECREF(sfast);
+            PyErr_SetString(PyExc_ValueError, "gta: malformed sparsify spec");
+            return NULL;
+        }
         s->div = (float)div;
         s->cut.ties = ties;
         s->low.ties = tiesl;
@@ -514,6 +527,12 @@ static PyObject *py_gta(PyObject *self, PyObject *args) {
                           &cb.aggregation, &cb.normalize, &cb.divisor, &cb.has_lam, &cb.lam,
                           &w_o))
         return NULL;
+    if (cb.combine < CB_LINEAR || cb.combine > CB_CONSENSUS || cb.sign_source < 0 ||
+        cb.sign_source > SS_COUNT || cb.sign_tie < 0 || cb.sign_tie > TIE_POSITIVE ||
+        cb.aggregation < 0 || cb.aggregation > AG_SUM) {
+        PyErr_SetString(PyExc_ValueError, "gta: malformed combine spec");
+        return NULL;
+    }
     PyObject *wf = PySequence_Fast(w_o, "weights");
     if (!wf)
         return NULL;

@@ -366,7 +366,13 @@ def _l1(
     scale = l1_scale(delta, dropped)
     if scale is None:
         return spec
+    if scale.isnan():  # NaN in the piece: which NaN torch's product keeps depends on its loop
+        raise _UseReference
     return (spec[0], _RS_MUL, float(scale), *spec[3:])
+
+
+class _UseReference(Exception):
+    """Raised while preparing a kernel call that the reference must make instead."""
 
 
 def merge(
@@ -395,16 +401,31 @@ def merge(
     Returns:
         The flat float32 result, byte for byte ``MethodSpec.call`` on float32 copies.
     """
-    n = _check(xs, base)
+    _check(xs, base)
     shape = tuple(shape) if shape is not None else tuple(base.shape)
     r = counter_rng(rng) if name.startswith(("dare", "della")) else None
-    if not supported(name, p, [x.dtype for x in (*xs, base)]):
-        res = _reference(name, [x.reshape(shape) for x in xs], base.reshape(shape), p, r)
-        res = res.reshape(-1)
-        if out is not None:
-            out.copy_(res)
-            return out
-        return res
+    if supported(name, p, [x.dtype for x in (*xs, base)]):
+        try:
+            return _native(name, xs, base, p, r, shape, out)
+        except _UseReference:
+            pass
+    res = _reference(name, [x.reshape(shape) for x in xs], base.reshape(shape), p, r).reshape(-1)
+    if out is not None:
+        out.copy_(res)
+        return out
+    return res
+
+
+def _native(
+    name: str,
+    xs: Sequence[torch.Tensor],
+    base: torch.Tensor,
+    p: Any,
+    r: CounterRNG | None,
+    shape: tuple[int, ...],
+    out: torch.Tensor | None,
+) -> torch.Tensor:
+    n = base.numel()
     consensus = name in ("ties", "dare_ties", "della", "breadcrumbs_ties")
     keep: list[torch.Tensor] = []  # buffers the C code reads (DELLA's probabilities)
     specs = []

@@ -14,7 +14,8 @@ accepts (float16 needs the calibration of torch's conversion); `supported` is Fa
 and the functions use the reference. ``rescale: l1`` (mergekit's default for DARE / DELLA) takes
 two passes: the kernel writes each model's delta and its dropped copy, torch sums their
 magnitudes (the reference's sums, in torch's order, which C does not reproduce), and the fused
-pass then draws again and multiplies by the factor.
+pass then draws again and multiplies by the factor. A piece whose factor is NaN (it holds a NaN)
+runs the reference: which of two NaN operands torch's product keeps depends on its loop.
 
 The piece-wise form of TIES (`ties_piece`) is what a streaming engine calls: each model's cut
 (`MagnitudeCut`, from the radix select that `magnitude_hist` serves) with its tie quota spent

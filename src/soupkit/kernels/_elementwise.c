@@ -227,27 +227,6 @@ SOUPKIT_TARGET_AVX2 static inline void sk8_store_bf16(uint16_t *p, __m256 v) {
 #define SK_ABS(v, mask) _mm256_and_ps((v), _mm256_castsi256_ps(mask))
 #define SK_NLT_COUNT(a, lim) __builtin_popcount(_mm256_movemask_ps(_mm256_cmp_ps((a), (lim), _CMP_NLT_UQ)))
 #include "_elementwise_simd.h"
-#undef SK_ISA
-#undef SK_TARGET
-#undef SK_W
-#undef SK_VF
-#undef SK_VI
-#undef SK_SET1
-#undef SK_SET1_I
-#undef SK_LOAD_F32
-#undef SK_LOAD_BF16
-#undef SK_LOAD_F16
-#undef SK_STORE_F32
-#undef SK_STORE_BF16
-#undef SK_STORE_F16
-#undef SK_ADD
-#undef SK_SUB
-#undef SK_MUL
-#undef SK_DIV
-#undef SK_FMADD
-#undef SK_NANMASK
-#undef SK_ABS
-#undef SK_NLT_COUNT
 
 /* ---------------------------------------------------------------------- AVX-512F (16 lanes) */
 SOUPKIT_TARGET_AVX512 static inline __m512 sk16_load_bf16(const uint16_t *p) {

@@ -67,5 +67,27 @@ static SK_TARGET int64_t SK_FN(ew_run)(const ew_prog *g) {
 }
 
 #undef SK_FN
+/* the ISA's macros end here: the next ISA defines its own */
+#undef SK_ISA
+#undef SK_TARGET
+#undef SK_W
+#undef SK_VF
+#undef SK_VI
+#undef SK_SET1
+#undef SK_SET1_I
+#undef SK_LOAD_F32
+#undef SK_LOAD_BF16
+#undef SK_LOAD_F16
+#undef SK_STORE_F32
+#undef SK_STORE_BF16
+#undef SK_STORE_F16
+#undef SK_ADD
+#undef SK_SUB
+#undef SK_MUL
+#undef SK_DIV
+#undef SK_FMADD
+#undef SK_NANMASK
+#undef SK_ABS
+#undef SK_NLT_COUNT
 #undef SK_CAT
 #undef SK_CAT2

@@ -174,7 +174,7 @@ def kernel_ties_2(
     q1 = list(q0)
     for i, c in enumerate(cuts):  # the second half starts where the first leaves the quota
         if c is not None and c.ties is not None:
-            q1[i] -= min(q1[i], K._count_equal(flat[i][:half], b[:half], c.threshold))
+            q1[i] -= min(q1[i], K.count_equal(flat[i][:half], b[:half], c.threshold))
     out = torch.empty(n, dtype=torch.float32)
     list(
         pool.map(

@@ -47,7 +47,9 @@ except ImportError:  # built without a C compiler, or a source tree without `mak
 
 __all__ = [
     "METHODS",
+    "count_equal",
     "magnitude_cut",
+    "magnitude_hist",
     "merge",
     "native",
     "supported",
@@ -275,7 +277,13 @@ def magnitude_cut(x: torch.Tensor, base: torch.Tensor, k: int) -> MagnitudeCut |
     return MagnitudeCut(threshold, None if need == equal else need)
 
 
-def _count_equal(x: torch.Tensor, base: torch.Tensor, t: float) -> int:
+def count_equal(x: torch.Tensor, base: torch.Tensor, t: float) -> int:
+    """How many entries have ``|x - base| == t`` (float32 deltas): the entries of a piece that
+    a tie quota at threshold ``t`` may spend, so that a caller can start later pieces of a
+    TIES merge on other threads with the quota the earlier ones leave."""
+    n = _check([x], base)
+    if not (native() and _supports_dtypes([x.dtype, base.dtype], torch.float32)):
+        return int(((x.float() - base.float()).abs_() == t).sum())
     assert _ext is not None
     return int(
         _ext.count_equal(
@@ -283,9 +291,9 @@ def _count_equal(x: torch.Tensor, base: torch.Tensor, t: float) -> int:
             _DTYPES[x.dtype],
             base.data_ptr(),
             _DTYPES[base.dtype],
-            base.numel(),
+            n,
             t,
-            *_conv(base.numel()),
+            *_conv(n),
             _isa(),
         )  # fmt: skip
     )
@@ -316,9 +324,7 @@ def ties_piece(
             if c is None or c.ties is None or c.threshold != c.threshold:
                 piece_cuts.append(c)
                 continue
-            equal = 0
-            if quota[i] > 0:
-                equal = int(((xs[i].float() - base.float()).abs_() == c.threshold).sum())
+            equal = count_equal(xs[i], base, c.threshold) if quota[i] > 0 else 0
             take = min(equal, quota[i])
             ties = None if 0 < take == equal else take
             piece_cuts.append(MagnitudeCut(c.threshold, ties))
@@ -338,7 +344,7 @@ def ties_piece(
             continue
         keep_nan = 1
         if c.threshold == math.inf:  # NaN survives unless no tie of this piece does
-            take = min(_count_equal(xs[i], base, c.threshold), quota[i]) if quota[i] else 0
+            take = min(count_equal(xs[i], base, c.threshold), quota[i]) if quota[i] else 0
             keep_nan = int(take > 0)
         specs.append(_spec(_SP_CUT, cut=(c.threshold, quota[i], keep_nan)))
     res, used = _run(xs, base, specs, _combine(p, True), out=out)

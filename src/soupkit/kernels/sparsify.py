@@ -48,6 +48,7 @@ except ImportError:  # built without a C compiler, or a source tree without `mak
 __all__ = [
     "METHODS",
     "count_equal",
+    "cut_piece",
     "magnitude_cut",
     "magnitude_hist",
     "merge",
@@ -352,6 +353,50 @@ def ties_piece(
     for i, c in enumerate(cuts):
         if c is not None and c.ties is not None and c.threshold == c.threshold:
             quota[i] -= used[i][0]
+    return res
+
+
+def _band_spec(upper: MagnitudeCut | None, lower: MagnitudeCut | None) -> tuple[Any, ...]:
+    """The spec of ``apply_band(delta, upper, lower)`` (cuts of a whole tensor or a piece)."""
+    low = None if lower is None or (lower.threshold == math.inf and lower.ties == 0) else lower
+    if upper is None and low is None:
+        return _spec()
+    return _spec(_SP_BAND, cut=_cut_spec(upper), low=None if low is None else _cut_spec(low))
+
+
+CUT_METHODS = ("ties", "breadcrumbs", "breadcrumbs_ties")
+
+
+def cut_piece(
+    name: str,
+    xs: Sequence[torch.Tensor],
+    base: torch.Tensor,
+    p: Any,
+    cuts: Sequence[Sequence[MagnitudeCut | None]],
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One piece of a streamed TIES or Breadcrumbs merge (``name`` in `CUT_METHODS`), given
+    the piece's own cuts: what the method's ``stat=`` argument holds for it (per model, TIES's
+    one cut, Breadcrumbs' ``(upper, lower)`` band; the tie quotas already spent for the piece,
+    as `soupkit.methods._cuts.TensorCuts.piece` hands them out). The result is the flat float32
+    ``MethodSpec.call(..., stat=cuts)`` of the piece, byte for byte.
+    """
+    if name not in CUT_METHODS:
+        raise ValueError(f"cut_piece serves {CUT_METHODS}, not {name!r}")
+    _check(xs, base)
+    if not supported(name, p, [x.dtype for x in (*xs, base)]):
+        spec = get_method(name)
+        f32 = [x.to(torch.float32, copy=True) for x in xs]
+        res = spec.call(f32, p, base=base.to(torch.float32), stat=cuts).reshape(-1)
+        if out is not None:
+            out.copy_(res)
+            return out
+        return res
+    if name == "ties":
+        specs = [_spec() if c[0] is None else _spec(_SP_CUT, cut=_cut_spec(c[0])) for c in cuts]
+    else:
+        specs = [_band_spec(upper, lower) for upper, lower in cuts]
+    res, _ = _run(xs, base, specs, _combine(p, name != "breadcrumbs"), out=out)
     return res
 
 

@@ -60,7 +60,8 @@ class TensorStat(Protocol):
 
     def piece(self, xs: Sequence[torch.Tensor], base: torch.Tensor | None) -> Any:
         """The method's ``stat=`` argument for the next piece (pieces come in flat order), from
-        the piece's float32 model tensors ``xs`` and ``base`` (read only)."""
+        the piece's model tensors ``xs`` and ``base`` (read only): float32, or their stored
+        dtype when a native kernel computes the piece (convert with ``.float()``)."""
         ...
 
 

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import soupkit
-from soupkit.engine import core, execute, native
+from soupkit.engine import core, execute, native, prepass
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -139,8 +139,15 @@ def test_nonfinite_is_diagnosed_as_on_the_torch_path(tmp_path: Path, spy: list[i
 @pytest.fixture
 def sparse_spy(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, int]]:
     """Counts the engine's calls of the sparsifying kernels, per kind of call."""
-    calls = {"merge": 0, "cut_piece": 0}
-    for kind in calls:
+    calls = {"merge": 0, "cut_piece": 0, "hist": 0}
+    hist = prepass._NativeMagnitude.hist
+
+    def counted_hist(self: Any, *a: Any) -> None:
+        calls["hist"] += 1
+        hist(self, *a)
+
+    monkeypatch.setattr(prepass._NativeMagnitude, "hist", counted_hist)
+    for kind in ("merge", "cut_piece"):
         orig = getattr(native.SparseKernel, kind)
 
         def counted(
@@ -216,6 +223,9 @@ def test_engine_sparsifying_kernels_write_the_torch_bytes(
         before = dict(sparse_spy)
         got = _merge(recipe, tmp_path / f"{name}-kernels")
         assert sparse_spy[kind] > before[kind], f"{name}: the kernels did not run"
+        # the per-tensor magnitude pre-pass counts natively (the global one runs on torch)
+        per_tensor = kind == "cut_piece" and "global" not in name
+        assert (sparse_spy["hist"] > before["hist"]) == per_tensor, name
         assert got == ref, f"{name} {in_dtype}: kernel bytes differ"
 
 
@@ -231,7 +241,7 @@ def test_sparsifying_kernels_fall_back(
     paths64 = _models(tmp_path / "f64", torch.float64)
     recipe64, _ = _sparse_recipes(paths64, "float32")["ties-mergekit"]
     _merge(recipe64, tmp_path / "f64-out")
-    assert sparse_spy == {"merge": 0, "cut_piece": 0}
+    assert sparse_spy == {"merge": 0, "cut_piece": 0, "hist": 0}
     # and the same recipe without those does run them
     _merge(recipe, tmp_path / "plain")
     assert sparse_spy["merge"] > 0

@@ -415,6 +415,8 @@ class _Engine:
             split=self.helpers.split,
             spaces=self.spaces,
             last=last,
+            # the magnitude counts run natively where every plan's pieces do (same deltas)
+            native=bool(accs) and all(self._sparse_for(k, u.j) is not None for k, _, _ in accs),
         )
         for k, _, acc in accs:
             if last and u.step == self._tensor_passes(k, u.j) - 1:

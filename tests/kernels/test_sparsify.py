@@ -356,3 +356,42 @@ def test_the_extension_refuses_malformed_calls() -> None:
         K._ext.gta(*args, [none], (0, 5, 0, 0, 0, 1.0, 0, 1.0, [1.0]), 4, 0, 0)
     with pytest.raises(ValueError, match="1 to 64 models"):
         K._ext.gta([], [], x.data_ptr(), 0, 4, x.data_ptr(), 0, 0, [], comb, 4, 0, 0)
+
+
+@pytest.mark.parametrize("name", K.CUT_METHODS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cut_piece_equals_the_reference_piece_by_piece(name: str, dtype: torch.dtype) -> None:
+    """Pieces in flat order, each given its cuts by `TensorCuts.piece` (tie quotas spent across
+    pieces): the kernel's piece is the reference's piece, and the pieces together are the
+    whole-tensor merge."""
+    from soupkit.methods._cuts import TensorCuts
+
+    g = torch.Generator().manual_seed(3)
+    n = 5003
+    base = torch.randn(n, generator=g).to(dtype)
+    # coarse deltas: many entries tie at each threshold, so the quotas matter
+    xs = [(base.float() + torch.randint(-3, 4, (n,), generator=g) / 64).to(dtype) for _ in range(3)]
+    spec = get_method(name)
+    per = {"density": [0.4, 0.55, 0.7]} | ({"gamma": [0.02, 0.0, 0.05]} if name != "ties" else {})
+    p = spec.params.model_validate({"weight": [1.0, 0.5, 0.8], "lambda": 0.8} | per)
+    cuts = []
+    for i, x in enumerate(xs):
+        k = int(per["density"][i] * n)
+        if name == "ties":
+            cuts.append((K.magnitude_cut(x, base, k),))
+        else:
+            top = min(int(per["gamma"][i] * n), n - k)
+            cuts.append((K.magnitude_cut(x, base, top + k), K.magnitude_cut(x, base, top)))
+    assert any(c is not None and c.ties is not None for cc in cuts for c in cc)
+    stat_k, stat_r = TensorCuts(cuts), TensorCuts(cuts)
+    whole = K.merge(name, xs, base, p)
+    pieces = []
+    for s in range(0, n, 777):
+        e = min(n, s + 777)
+        px, pb = [x[s:e] for x in xs], base[s:e]
+        got = K.cut_piece(name, px, pb, p, stat_k.piece(px, pb))
+        f32 = [x.float() for x in px]
+        want = K._reference(name, px, pb, p, None, stat_r.piece(f32, pb.float()))
+        assert _same(got, want), (name, s)
+        pieces.append(got)
+    assert _same(torch.cat(pieces), whole)

@@ -128,12 +128,17 @@ def _reference(
     base: torch.Tensor,
     p: Params,
     rng: CounterRNG | None,
-    trim: Sequence[MagnitudeCut | None] | None = None,
+    stat: Sequence[Sequence[MagnitudeCut | None]] | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    """The method's torch function on float32 copies, flat (written into ``out`` if given)."""
     spec = get_method(name)
     f32 = [x.to(torch.float32, copy=True) for x in xs]
-    stat = None if trim is None else [(c,) for c in trim]  # TIES's statistic: one cut a model
-    return spec.call(f32, p, base=base.to(torch.float32), rng=rng, stat=stat)
+    res = spec.call(f32, p, base=base.to(torch.float32), rng=rng, stat=stat).reshape(-1)
+    if out is None:
+        return res
+    out.copy_(res)
+    return out
 
 
 def _cut_spec(cut: MagnitudeCut | None) -> tuple[float, int, int]:
@@ -331,11 +336,7 @@ def ties_piece(
             ties = None if 0 < take == equal else take
             piece_cuts.append(MagnitudeCut(c.threshold, ties))
             quota[i] -= take
-        res = _reference("ties", xs, base, p, None, piece_cuts)
-        if out is not None:
-            out.copy_(res.reshape(-1))
-            return out
-        return res.reshape(-1)
+        return _reference("ties", xs, base, p, None, [(c,) for c in piece_cuts], out)
     specs = []
     for i, c in enumerate(cuts):
         if c is None:
@@ -385,13 +386,7 @@ def cut_piece(
         raise ValueError(f"cut_piece serves {CUT_METHODS}, not {name!r}")
     _check(xs, base)
     if not supported(name, p, [x.dtype for x in (*xs, base)]):
-        spec = get_method(name)
-        f32 = [x.to(torch.float32, copy=True) for x in xs]
-        res = spec.call(f32, p, base=base.to(torch.float32), stat=cuts).reshape(-1)
-        if out is not None:
-            out.copy_(res)
-            return out
-        return res
+        return _reference(name, xs, base, p, None, cuts, out)
     if name == "ties":
         specs = [_spec() if c[0] is None else _spec(_SP_CUT, cut=_cut_spec(c[0])) for c in cuts]
     else:
@@ -462,11 +457,7 @@ def merge(
             return _native(name, xs, base, p, r, shape, out)
         except _UseReference:
             pass
-    res = _reference(name, [x.reshape(shape) for x in xs], base.reshape(shape), p, r).reshape(-1)
-    if out is not None:
-        out.copy_(res)
-        return out
-    return res
+    return _reference(name, [x.reshape(shape) for x in xs], base.reshape(shape), p, r, out=out)
 
 
 def _native(

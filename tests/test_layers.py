@@ -36,8 +36,10 @@ LAYERS: dict[str, int] = {
     "_version": 0,
     "_util": 1,  # extras, format, interrupts, safe_regex, progress, defaults
     "methods": 2,  # pure math, the registry, MethodSpec
-    "kernels": 2,  # native kernels: same rank as methods, neither imports the other
-    "io": 3,  # headers, reader, writer, the output folder, digests, Hub, names
+    "io": 3,
+    # native kernels: above methods (the sparsifying ones fall back to the methods' torch
+    # reference and share their cut and Philox definitions); sibling of io
+    "kernels": 3,  # headers, reader, writer, the output folder, digests, Hub, names
     "recipe": 4,  # schema, parameters
     "planning": 5,  # headers + recipe -> per-tensor jobs
     "engine": 6,  # the streaming pipeline and the pre-passes methods declare

@@ -77,6 +77,7 @@ PUBLIC: dict[str, list[str]] = {
         "wise_ft",
     ],
     "soupkit.methods": [
+        "CounterRNG",
         "MagnitudeCut",
         "MethodSpec",
         "Params",

@@ -1,8 +1,9 @@
-"""The engine runs elementwise pieces on the native kernels, with the bytes of its torch path.
+"""The engine runs pieces on the native kernels, with the bytes of its torch path.
 
 Every merge here runs twice through the streaming engine, kernels on and off
 (``SOUPKIT_KERNELS=0``), and the outputs must be equal byte for byte; a spy on
-`soupkit.engine.core._Engine._kernel_piece` proves the kernel path ran.
+`soupkit.engine.core._Engine._kernel_piece` (elementwise methods) or on
+`soupkit.engine.native.SparseKernel` (TIES, DARE, DELLA, Breadcrumbs) proves the kernel path ran.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import soupkit
-from soupkit.engine import core
+from soupkit.engine import core, execute, native, prepass
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -130,3 +131,150 @@ def test_nonfinite_is_diagnosed_as_on_the_torch_path(tmp_path: Path, spy: list[i
         ref = _merge(recipe, tmp_path / "t", allow_nonfinite=True)
     assert got == ref
     assert torch.isnan(load_file(str(tmp_path / "k" / "model.safetensors"))["b.bias"][17])
+
+
+# ------------------------------------------------------------ sparsifying methods (TIES, DARE, ...)
+
+
+@pytest.fixture
+def sparse_spy(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, int]]:
+    """Counts the engine's calls of the sparsifying kernels, per kind of call."""
+    calls = {"merge": 0, "cut_piece": 0, "hist": 0}
+    hist = prepass._NativeMagnitude.hist
+
+    def counted_hist(self: Any, *a: Any) -> None:
+        calls["hist"] += 1
+        hist(self, *a)
+
+    monkeypatch.setattr(prepass._NativeMagnitude, "hist", counted_hist)
+    for kind in ("merge", "cut_piece"):
+        orig = getattr(native.SparseKernel, kind)
+
+        def counted(
+            self: native.SparseKernel, *a: Any, _o: Any = orig, _k: str = kind, **kw: Any
+        ) -> Any:
+            calls[_k] += 1
+            return _o(self, *a, **kw)
+
+        monkeypatch.setattr(native.SparseKernel, kind, counted)
+    yield calls
+
+
+def _sparse_recipes(paths: list[str], out_dtype: str) -> dict[str, tuple[dict[str, Any], str]]:
+    """Recipe and the kernel call that must serve it, per case."""
+    d = [0.45, 0.6]
+
+    def rec(method: str, params: dict[str, Any], per: dict[str, list[Any]]) -> dict[str, Any]:
+        models = [
+            {"model": p, "parameters": {"weight": w} | {k: v[i] for k, v in per.items()}}
+            for i, (p, w) in enumerate(zip(paths[1:], (0.7, 0.4)))
+        ]
+        return {
+            "merge_method": method,
+            "base_model": paths[0],
+            "models": models,
+            "parameters": params,
+            "out_dtype": out_dtype,
+            "seed": 11,
+        }
+
+    return {
+        "ties-mergekit": (rec("ties", {"convention": "mergekit"}, {"density": d}), "cut_piece"),
+        "ties-paper-global": (
+            rec("ties", {"convention": "paper", "density": 0.4}, {}),
+            "cut_piece",
+        ),
+        "ties-peft-lambda": (
+            rec("ties", {"convention": "peft", "lambda": 1.3}, {"density": d}),
+            "cut_piece",
+        ),
+        "dare_ties-l1": (rec("dare_ties", {"rescale": "l1"}, {"density": d}), "merge"),
+        "dare_linear-l1": (rec("dare_linear", {"rescale": "l1"}, {"density": d}), "merge"),
+        "dare_linear-density": (
+            rec("dare_linear", {"rescale": "density"}, {"density": d}),
+            "merge",
+        ),
+        "della": (rec("della", {}, {"density": d, "epsilon": [0.1, 0.2]}), "merge"),
+        "breadcrumbs": (rec("breadcrumbs", {}, {"density": d, "gamma": [0.02, 0.05]}), "cut_piece"),
+        "breadcrumbs_ties": (
+            rec("breadcrumbs_ties", {}, {"density": d, "gamma": [0.02, 0.05]}),
+            "cut_piece",
+        ),
+    }
+
+
+@pytest.mark.parametrize("in_dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_engine_sparsifying_kernels_write_the_torch_bytes(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    sparse_spy: dict[str, int],
+    in_dtype: torch.dtype,
+) -> None:
+    # several RNG blocks and compute pieces per tensor, several units per tensor (chunk_elems)
+    monkeypatch.setattr(execute, "RNG_BLOCK", 1024)
+    monkeypatch.setattr(execute, "COMPUTE_ELEMS", 300)
+    paths = _models(tmp_path, in_dtype)
+    for name, (recipe, kind) in _sparse_recipes(paths, "bfloat16").items():
+        with monkeypatch.context() as m:
+            m.setenv("SOUPKIT_KERNELS", "0")
+            before = dict(sparse_spy)
+            ref = _merge(recipe, tmp_path / f"{name}-torch")
+            assert sparse_spy == before, "SOUPKIT_KERNELS=0 must not run the kernels"
+        before = dict(sparse_spy)
+        got = _merge(recipe, tmp_path / f"{name}-kernels")
+        assert sparse_spy[kind] > before[kind], f"{name}: the kernels did not run"
+        # the per-tensor magnitude pre-pass counts natively (the global one runs on torch)
+        per_tensor = kind == "cut_piece" and "global" not in name
+        assert (sparse_spy["hist"] > before["hist"]) == per_tensor, name
+        assert got == ref, f"{name} {in_dtype}: kernel bytes differ"
+
+
+def test_sparsifying_kernels_fall_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sparse_spy: dict[str, int]
+) -> None:
+    """Exact mode, a recipe dtype that rounds the inputs first, and float64 inputs: torch."""
+    paths = _models(tmp_path, torch.float32)
+    recipe, _ = _sparse_recipes(paths, "float32")["dare_ties-l1"]
+    _merge(recipe | {"compute": "exact"}, tmp_path / "exact")
+    _merge(recipe | {"dtype": "bfloat16"}, tmp_path / "rounded")
+    (tmp_path / "f64").mkdir()
+    paths64 = _models(tmp_path / "f64", torch.float64)
+    recipe64, _ = _sparse_recipes(paths64, "float32")["ties-mergekit"]
+    _merge(recipe64, tmp_path / "f64-out")
+    assert sparse_spy == {"merge": 0, "cut_piece": 0, "hist": 0}
+    # and the same recipe without those does run them
+    _merge(recipe, tmp_path / "plain")
+    assert sparse_spy["merge"] > 0
+
+
+def test_sparsifying_nonfinite_is_diagnosed_as_on_the_torch_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sparse_spy: dict[str, int]
+) -> None:
+    """A NaN input: the same error as on the torch path (or, where the drop or trim removes it,
+    the same bytes), and with allow_nonfinite the same bytes."""
+    monkeypatch.setattr(execute, "COMPUTE_ELEMS", 300)
+    paths = _models(tmp_path, torch.bfloat16, nan=True)
+
+    def outcome(recipe: dict[str, Any], out: Path, kernels: bool) -> str | dict[str, bytes]:
+        with pytest.MonkeyPatch.context() as m:
+            m.setenv("SOUPKIT_KERNELS", "1" if kernels else "0")
+            try:
+                return _merge(recipe, out)
+            except soupkit.NonFiniteError as e:
+                return str(e)
+
+    raised = 0
+    for name in ("ties-mergekit", "dare_linear-density", "della", "breadcrumbs"):
+        recipe, kind = _sparse_recipes(paths, "bfloat16")[name]
+        before = sparse_spy[kind]
+        ref = outcome(recipe, tmp_path / f"{name}-t", kernels=False)
+        got = outcome(recipe, tmp_path / f"{name}-o", kernels=True)
+        assert sparse_spy[kind] > before, name
+        assert got == ref, name
+        raised += isinstance(got, str) and "b.bias" in got
+        got = _merge(recipe, tmp_path / f"{name}-k", allow_nonfinite=True)
+        with pytest.MonkeyPatch.context() as m:
+            m.setenv("SOUPKIT_KERNELS", "0")
+            ref = _merge(recipe, tmp_path / f"{name}-r", allow_nonfinite=True)
+        assert got == ref, name
+    assert raised >= 2  # the NaN survives TIES's and Breadcrumbs' trims (NaN ranks on top)

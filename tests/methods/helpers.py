@@ -81,9 +81,8 @@ def direct(
     if base is not None and spec.base_as_input:  # karcher: the base after the models, as mergekit
         xs.append(base[name].float().clone())
     rng = None
-    if spec.stochastic:
-        block = 0 if spec.elementwise else None
-        rng = torch.Generator().manual_seed(tensor_seed(seed, name, block))
+    if spec.stochastic:  # the tensor's counter-based stream, from its first element
+        rng = methods.CounterRNG(tensor_seed(seed, name))
     return spec.call(xs, params, base=b, rng=rng)
 
 

@@ -19,8 +19,8 @@ Conventions every function here keeps, so that results never depend on chunking 
 - Magnitude trims keep *exactly* ``int(density * n)`` entries. Entries tied at the cut are
   ordered by position: among equal magnitudes the one with the lower flat (row-major) index
   ranks higher. `topk_cut` and `trim_band` both follow this one total order.
-- Random numbers come only from the generator passed in; each model gets its own generator
-  split off it (`split_generators`), so changing one model's density never changes another
+- Random numbers come only from the counter-based stream passed in (one stream per model,
+  see `soupkit.methods._philox`), so changing one model's density never changes another
   model's mask.
 """
 
@@ -32,6 +32,8 @@ from typing import Literal
 
 import torch
 
+from soupkit.methods import _philox
+from soupkit.methods._philox import CounterRNG
 from soupkit.methods._topk import MagnitudeCut
 
 __all__ = [
@@ -49,7 +51,7 @@ __all__ = [
     "l1_rescale",
     "linear_combine",
     "scale_",
-    "split_generators",
+    "uniform",
     "topk_cut",
     "trim_band",
     "trim_topk",
@@ -167,16 +169,10 @@ def trim_band(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor
 # ---------------------------------------------------------------------------- random drops
 
 
-def split_generators(rng: torch.Generator | None, n: int) -> list[torch.Generator]:
-    """``n`` independent generators derived from ``rng`` (one per model).
-
-    Raises:
-        ValueError: ``rng`` is None (a stochastic method was called without a generator).
-    """
-    if rng is None:
-        raise ValueError("this method is stochastic: pass rng=torch.Generator().manual_seed(...)")
-    seeds = torch.randint(0, 2**62, (n,), generator=rng, dtype=torch.int64)
-    return [torch.Generator().manual_seed(int(s)) for s in seeds]
+def uniform(rng: CounterRNG | torch.Generator, stream: int, shape: torch.Size) -> torch.Tensor:
+    """The draws ``u = v / 2^24`` in float64 (exact), of soupkit's counter-based stream."""
+    v = _philox.uniform24(_philox.counter_rng(rng), stream, math.prod(shape))
+    return (v.to(torch.float64) / 2**24).view(shape)
 
 
 def l1_rescale(original: torch.Tensor, masked: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
@@ -194,8 +190,10 @@ def l1_rescale(original: torch.Tensor, masked: torch.Tensor, eps: float = 1e-7) 
 def dare_drop(
     delta: torch.Tensor,
     density: float,
-    generator: torch.Generator,
+    generator: CounterRNG | torch.Generator,
     rescale: Literal["density", "l1", "none"] = "density",
+    *,
+    stream: int = 0,
 ) -> torch.Tensor:
     """DARE: drop each entry independently with probability ``1 - density``, rescale survivors.
 
@@ -214,7 +212,7 @@ def dare_drop(
     """
     if density >= 1:
         return delta
-    keep = torch.rand(delta.shape, generator=generator) < density
+    keep = uniform(generator, stream, delta.shape) < density  # real numbers: no rounding
     dropped = delta.masked_fill(~keep, 0.0)
     if rescale == "density":
         return dropped.div_(density)
@@ -253,8 +251,10 @@ def della_drop(
     delta: torch.Tensor,
     density: float,
     epsilon: float,
-    generator: torch.Generator,
+    generator: CounterRNG | torch.Generator,
     rescale: Literal["probability", "l1", "none"] = "probability",
+    *,
+    stream: int = 0,
 ) -> torch.Tensor:
     """DELLA: drop entries with magnitude-ranked probabilities (`della_keep_probs`), rescale.
 
@@ -272,7 +272,7 @@ def della_drop(
     if density >= 1:
         return delta
     probs = della_keep_probs(delta, density, epsilon)
-    keep = torch.rand(delta.shape, generator=generator) < probs
+    keep = uniform(generator, stream, delta.shape) < probs.double()
     dropped = delta.masked_fill(~keep, 0.0)
     if rescale == "probability":
         return dropped.div_(probs)

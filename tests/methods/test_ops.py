@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from soupkit.methods import MagnitudeCut, _ops
+from soupkit.methods import CounterRNG, MagnitudeCut, _ops
 
 
 def test_topk_keeps_exactly_k_and_breaks_ties_by_lower_index() -> None:
@@ -84,13 +84,23 @@ def test_dare_drop_keeps_density_fraction_and_rescales_exactly() -> None:
     assert _ops.dare_drop(x, 1.0, g) is x
 
 
-def test_split_generators_make_each_models_draws_independent_of_the_others() -> None:
-    g1 = _ops.split_generators(torch.Generator().manual_seed(5), 3)
-    g2 = _ops.split_generators(torch.Generator().manual_seed(5), 3)
-    draws1 = [torch.rand(4, generator=g) for g in g1]
-    draws2 = [torch.rand(4, generator=g) for g in g2]
-    assert all(torch.equal(a, b) for a, b in zip(draws1, draws2))
-    assert not torch.equal(draws1[0], draws1[1])
+def test_each_models_draws_are_its_own_stream_and_do_not_depend_on_pieces() -> None:
+    x = torch.randn(1001, generator=torch.Generator().manual_seed(0))
+    rng = CounterRNG(5)
+    m0 = _ops.dare_drop(x, 0.5, rng, "none", stream=0) != 0
+    m1 = _ops.dare_drop(x, 0.5, rng, "none", stream=1) != 0
+    assert not torch.equal(m0, m1)  # other model, other mask
+    m1_low = _ops.dare_drop(x, 0.3, rng, "none", stream=1) != 0
+    assert not (m1_low & ~m1).any() and m1_low.sum() < m1.sum()  # the same draws, lower bar
+    # pieces at any offsets give the whole tensor's mask
+    pieces = [(0, 3), (3, 515), (515, 1001)]
+    joined = torch.cat(
+        [_ops.dare_drop(x[a:b], 0.5, rng.at(a), "none", stream=1) for a, b in pieces]
+    )
+    assert torch.equal(joined != 0, m1)
+    # a torch.Generator stands for its seed
+    g = torch.Generator().manual_seed(5)
+    assert torch.equal(_ops.dare_drop(x, 0.5, g, "none", stream=1) != 0, m1)
 
 
 def test_della_keep_probabilities_ramp_within_rows() -> None:

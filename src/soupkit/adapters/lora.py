@@ -85,7 +85,7 @@ from soupkit.io.links import resolve_model_file
 from soupkit.io.output import OutputWriter, json_bytes, report_header
 from soupkit.io.reader import TensorReader
 from soupkit.io.writer import OutputTensor, layout_shards, parse_size
-from soupkit.methods import MethodSpec, Params
+from soupkit.methods import CounterRNG, MethodSpec, Params
 from soupkit.recipe.params import LayerIndex, resolve_chain
 from soupkit.recipe.schema import load_recipe
 
@@ -1106,9 +1106,7 @@ def _combine(
 ) -> torch.Tensor:
     """The merged delta for one tensor, with the engine's seeding (see `soupkit.engine.execute`)."""
 
-    def run(
-        ds: list[torch.Tensor], base: torch.Tensor, rng: torch.Generator | None
-    ) -> torch.Tensor:
+    def run(ds: list[torch.Tensor], base: torch.Tensor, rng: CounterRNG | None) -> torch.Tensor:
         if spec.kind == "task_vector":
             merged: torch.Tensor = spec.fn(ds, p, rng=rng)
             return merged
@@ -1122,13 +1120,13 @@ def _combine(
     if not spec.stochastic:
         return run(deltas, w, None)
     if not spec.elementwise:
-        return run(deltas, w, torch.Generator().manual_seed(tensor_seed(seed, name)))
+        return run(deltas, w, CounterRNG(tensor_seed(seed, name)))
     flat = [d.reshape(-1) for d in deltas]
     wf = w.reshape(-1)
     out = torch.empty_like(wf)
     for a in range(0, wf.numel(), RNG_BLOCK):
         b = min(wf.numel(), a + RNG_BLOCK)
-        rng = torch.Generator().manual_seed(tensor_seed(seed, name, a // RNG_BLOCK))
+        rng = CounterRNG(tensor_seed(seed, name), a)  # the engine's blocks (L1 rescale)
         out[a:b] = run([f[a:b].clone() for f in flat], wf[a:b], rng)
     return out.reshape(w.shape)
 

@@ -7,8 +7,9 @@
 - whole tensors (``_WHOLE``): the method needs them (SLERP, DELLA, ...) or exact mode;
 - elementwise (``_ELEM``): any pieces; for one plan on file inputs the compute threads read each
   piece themselves (`_Engine._lazy`);
-- stochastic elementwise (``_BLOCK``): one generator per RNG block, seeded from (recipe seed,
-  tensor name, block);
+- stochastic elementwise (``_BLOCK``): RNG blocks, each drawing from the tensor's counter-based
+  generator (`soupkit.methods.CounterRNG`: key from (recipe seed, tensor name), offset the
+  block's first element), so the draws depend on neither blocks nor threads;
 - with a pre-pass statistic (``_STAT``, `soupkit.methods.Prepass`): the statistic first (a global
   one from `soupkit.engine.prepass.global_stats`, a per-tensor one from pre-pass units of the
   tensor), then pieces in flat order, each given its part of the statistic.
@@ -18,7 +19,9 @@ The pieces of a unit are shared between the compute threads (`Helpers.split` in
 bytes depend neither on threads nor on chunking. `_Engine._call` is the one place a method's
 torch function is called on a piece; an elementwise piece whose method has a native kernel
 (`soupkit.kernels.for_method`: one fused pass from the stored dtypes to the output dtype, the
-same bytes) runs that instead (`_Engine._kernel_piece`).
+same bytes) runs that instead (`_Engine._kernel_piece`); so do the RNG blocks, whole tensors and
+statistic pieces of the sparsifying methods that `soupkit.engine.native.sparse_kernel` finds a
+kernel for (`_Engine._sparse_piece`, `_Engine._whole`).
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ from soupkit.engine.sinks import Sink
 from soupkit.errors import MethodInputError, shown
 from soupkit.io.header import DTYPES, TensorInfo
 from soupkit.io.reader import TensorReader
+from soupkit.methods._philox import CounterRNG
 from soupkit.methods._spec import Accumulator, MethodSpec, TensorStat
 from soupkit.planning.plan import MergePlan, TensorJob
 
@@ -114,6 +118,8 @@ class _Engine:
         self.stats: dict[tuple[int, int], TensorStat] = {}
         # per (plan, tensor): the native kernel of an elementwise piece, or None (torch)
         self.kernel_fns: dict[tuple[int, int], kernels.PieceKernel | None] = {}
+        # per (plan, tensor): the native kernel of a sparsifying method, or None (torch)
+        self.sparse_fns: dict[tuple[int, int], native.SparseKernel | None] = {}
         self.read = 0
         self.written = [0] * len(plans)
         self.skipped = [0] * len(plans)
@@ -199,7 +205,7 @@ class _Engine:
         job: TensorJob,
         xs: list[torch.Tensor],
         base: torch.Tensor | None,
-        rng: torch.Generator | None,
+        rng: CounterRNG | torch.Generator | None,
         stat: object,
         n: int,
         shape: tuple[int, ...] | None = None,
@@ -255,6 +261,48 @@ class _Engine:
             )
         return self.kernel_fns[key]
 
+    def _sparse_for(self, k: int, j: int) -> native.SparseKernel | None:
+        """Plan k's native kernel for tensor j of a sparsifying method, decided once per tensor."""
+        key = (k, j)
+        if key not in self.sparse_fns:
+            self.sparse_fns[key] = (
+                native.sparse_kernel(self.plans[k], j, self.cast)
+                if self.modes[k] != _ELEM and not self.exact[k]
+                else None
+            )
+        return self.sparse_fns[key]
+
+    def _rng(self, k: int, job: TensorJob, start: int) -> CounterRNG:
+        """The random source of plan k's tensor ``job`` from its element ``start`` on."""
+        return CounterRNG(tensor_seed(self.plans[k].config.seed, job.name), start)
+
+    def _sparse_piece(
+        self,
+        u: Unit,
+        k: int,
+        fn: native.SparseKernel,
+        dest: torch.Tensor,
+        s: int,
+        e: int,
+        stat: TensorStat | None,
+    ) -> bool:
+        """Elements [s, e) of unit ``u`` for plan k by a sparsifying kernel: an RNG block, or a
+        piece given its cuts by ``stat``. False (nothing consumed): the torch path computes it."""
+        job = self.plans[k].jobs[u.j]
+        *xr, br = [None if r is None else r[s:e] for r in u.raws]
+        xs = [r for r in xr if r is not None]
+        if br is None or not all(x.is_contiguous() for x in (*xs, br)):
+            return False
+        if stat is not None:
+            out = fn.cut_piece(xs, br, stat.piece(xs, br))
+            assert out is not None, f"{fn.name}: a statistic but no cut kernel"
+        elif self.modes[k] == _BLOCK:
+            out = fn.merge(xs, br, self._rng(k, job, u.a + s), whole=False)
+        else:
+            return False
+        self._emit(k, job, out, u.a + s, u.a + e, dest[s:e])
+        return True
+
     def _kernel_piece(
         self, u: Unit, k: int, fn: kernels.PieceKernel, dest: torch.Tensor, s: int, e: int, t: int
     ) -> bool:
@@ -298,31 +346,49 @@ class _Engine:
         fn = self.kernel_fns.get((k, u.j)) if stat is None else None
         if fn is not None and self._kernel_piece(u, k, fn, dest, s, e, t):
             return
+        sparse = self.sparse_fns.get((k, u.j))
+        if sparse is not None and self._sparse_piece(u, k, sparse, dest, s, e, stat):
+            return
         if u.lazy:
             xs, base = self.spaces[t].inputs(
                 self._read_piece(u, s, e, t), 0, e - s, job.base is not None
             )
         else:
             xs, base = self.spaces[t].inputs(u.raws, s, e, job.base is not None)
-        rng = None
-        if self.modes[k] == _BLOCK:
-            block = (u.a + s) // self.rng_block
-            rng = torch.Generator().manual_seed(tensor_seed(plan.config.seed, job.name, block))
+        rng = self._rng(k, job, u.a + s) if self.modes[k] == _BLOCK else None
         part = stat.piece(xs, base) if stat is not None else None
         out = self._call(k, job, xs, base, rng, part, e - s)
         self._emit(k, job, out, u.a + s, u.a + e, dest[s:e])
+
+    def _sparse_whole(self, u: Unit, k: int, fn: native.SparseKernel, dest: torch.Tensor) -> bool:
+        """The whole tensor of unit ``u`` for plan k by a sparsifying kernel (DELLA); False:
+        an input is not contiguous, the torch path computes it."""
+        plan, n = self.plans[k], u.b - u.a
+        job = plan.jobs[u.j]
+        *xr, br = u.raws
+        xs = [r[:n] for r in xr if r is not None]
+        if br is None or not all(x.is_contiguous() for x in (*xs, br)):
+            return False
+        rng = self._rng(k, job, 0) if plan.method.stochastic else None
+        self._emit(k, job, fn.merge(xs, br[:n], rng, whole=True), u.a, u.b, dest)
+        return True
 
     def _whole(self, u: Unit, k: int, dest: torch.Tensor) -> None:
         """The whole tensor of unit ``u`` for plan k, in one call (exact mode: in its dtype)."""
         plan, n = self.plans[k], u.b - u.a
         job = plan.jobs[u.j]
+        fn = self._sparse_for(k, u.j)
+        if fn is not None and self._sparse_whole(u, k, fn, dest):
+            return
         if self.exact[k]:
             xs, base = exact_inputs(u.raws, n, job.base is not None, self.cast)
         else:
             xs, base = self.spaces[0].inputs(u.raws, 0, n, job.base is not None)
-        rng = None
-        if plan.method.stochastic:
+        rng: CounterRNG | torch.Generator | None = None
+        if plan.method.stochastic and self.exact[k]:  # mergekit's arithmetic draws from torch
             rng = torch.Generator().manual_seed(tensor_seed(plan.config.seed, job.name))
+        elif plan.method.stochastic:
+            rng = self._rng(k, job, 0)
         out = self._call(k, job, xs, base, rng, None, n, job.shape)
         self._emit(k, job, out, u.a, u.b, dest)
 
@@ -349,6 +415,8 @@ class _Engine:
             split=self.helpers.split,
             spaces=self.spaces,
             last=last,
+            # the magnitude counts run natively where every plan's pieces do (same deltas)
+            native=bool(accs) and all(self._sparse_for(k, u.j) is not None for k, _, _ in accs),
         )
         for k, _, acc in accs:
             if last and u.step == self._tensor_passes(k, u.j) - 1:
@@ -380,12 +448,15 @@ class _Engine:
             if mode == _WHOLE:
                 self._whole(u, k, dest)
             elif stat is not None:  # pieces in flat order: the statistic is handed out in order
+                self._sparse_for(k, u.j)
                 for s, e in chunks(n, self.compute_elems):
                     self._piece(u, k, dest, s, e, 0, stat)
             else:
                 block = mode == _BLOCK
                 if mode == _ELEM:
                     self._kernel_for(k, u.j)  # decided here, once, before the threads share it
+                else:
+                    self._sparse_for(k, u.j)
                 size = self.rng_block if block else self.compute_elems
                 piece = functools.partial(self._piece, u, k, dest)
                 self.helpers.split(
@@ -395,6 +466,7 @@ class _Engine:
             if u.b == job.numel:
                 self.stats.pop((k, u.j), None)
                 self.kernel_fns.pop((k, u.j), None)
+                self.sparse_fns.pop((k, u.j), None)
 
     def _copy(self, u: Unit, active: Sequence[int]) -> None:
         raw = u.raws[0]

@@ -10,8 +10,9 @@ Memory is bounded by the plan: elementwise methods run on chunks of ``plan.chunk
 elements (the inputs of one chunk plus one output chunk, and the next chunk read ahead);
 methods that declare a pre-pass (TIES) get their statistic first and then run on chunks too;
 other methods get whole tensors (the inputs of one tensor plus one output). Randomness comes
-only from a `torch.Generator` seeded from (recipe seed, tensor name[, block]), so output bytes
-never depend on chunking, order or threads.
+only from the tensor's counter-based generator (`soupkit.methods.CounterRNG`, keyed by (recipe
+seed, tensor name); in exact mode a `torch.Generator` seeded from them), so output bytes never
+depend on chunking, order or threads.
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ The pure math (what is accumulated, how it is finalised) lives with the method i
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -27,8 +28,10 @@ from soupkit.engine.compute import Workspace
 from soupkit.engine.pipeline import chunks
 from soupkit.io.header import TensorInfo
 from soupkit.io.reader import TensorReader
+from soupkit.kernels import sparsify
 from soupkit.methods import Prepass
 from soupkit.methods._spec import Accumulator, TensorStat
+from soupkit.methods._topk import magnitude_bits_
 from soupkit.planning.plan import MergePlan, TensorJob
 from soupkit.planning.prepass import global_prepass_jobs
 
@@ -37,16 +40,36 @@ __all__ = ["accumulate", "global_stats", "observe_into"]
 Deltas = Callable[[Sequence[int]], dict[int, torch.Tensor]]
 
 
+class _NativeMagnitude:
+    """A chunk's ``|theta_i - theta_0|`` patterns, counted by the native kernel from the stored
+    dtypes (`soupkit.methods._topk.MagnitudeHist`)."""
+
+    def __init__(self, x: torch.Tensor, base: torch.Tensor) -> None:
+        self.x, self.base = x, base
+
+    def hist(self, out: torch.Tensor, bucket: int) -> None:
+        sparsify.magnitude_hist(self.x, self.base, out, bucket)
+
+
 def observe_into(
-    accs: Sequence[tuple[Prepass, Accumulator]], step: int, part: int, deltas: Deltas
+    accs: Sequence[tuple[Prepass, Accumulator]],
+    step: int,
+    part: int,
+    deltas: Deltas,
+    raw: Callable[[int], _NativeMagnitude] | None = None,
 ) -> None:
     """Hand one chunk to every accumulator: ``deltas(models)`` gives those models' float32
     deltas for the chunk (scratch: `Prepass.observe` may overwrite them). Accumulators with the
-    same ``observe`` share one computation of it, per model."""
+    same ``observe`` share one computation of it, per model. With ``raw`` (model -> its chunk in
+    the stored dtypes, for a native count), magnitude patterns are counted without forming them."""
     for observe in dict.fromkeys(d.observe for d, _ in accs):
         group = [a for d, a in accs if d.observe is observe]
-        found = deltas(sorted({i for a in group for i in a.models}))
-        observed = {i: observe(d) for i, d in found.items()}
+        models = sorted({i for a in group for i in a.models})
+        observed: dict[int, Any]
+        if raw is not None and observe is magnitude_bits_:
+            observed = {i: raw(i) for i in models}
+        else:
+            observed = {i: observe(d) for i, d in deltas(models).items()}
         for a in group:
             a.add(step, part, observed)
 
@@ -71,12 +94,15 @@ def accumulate(
     split: Callable[[Sequence[tuple[int, int]], Callable[[int, int, int], None], int], None],
     spaces: Sequence[Workspace],
     last: bool,
+    native: bool = False,
 ) -> None:
     """Pass ``step`` over elements [0, n) of one unit (raw inputs, then the base), for every
     accumulator that wants it; ``last``: the unit ends the tensor, so the pass ends too.
 
     The pieces (``pieces`` elements) are shared between up to ``threads`` threads by ``split``;
-    thread t converts into ``spaces[t]`` and accumulates into its own fork.
+    thread t converts into ``spaces[t]`` and accumulates into its own fork. ``native``: the
+    stored dtypes convert straight to the deltas' float32 (no recipe ``dtype`` rounding them;
+    the caller checks), so magnitude histograms may be counted by the native kernel.
     """
     want = [(d, a) for d, a in accs if a.wants(step)]
     if want:
@@ -84,8 +110,18 @@ def accumulate(
         threads = min(threads, len(ranges))
         parts = [want] + [[(d, a.fork()) for d, a in want] for _ in range(1, threads)]
 
+        *xr, br = raws
+        present = [r for r in xr if r is not None]  # indexed as the float32 deltas are
+
         def piece(s: int, e: int, t: int) -> None:
-            observe_into(parts[t], step, 0, _deltas(spaces[t], raws, s, e))
+            raw = None
+            if native and br is not None:
+                b = br[s:e]
+
+                def raw(i: int) -> _NativeMagnitude:
+                    return _NativeMagnitude(present[i][s:e], b)
+
+            observe_into(parts[t], step, 0, _deltas(spaces[t], raws, s, e), raw)
 
         split(ranges, piece, threads)
         for part in parts[1:]:

@@ -14,11 +14,13 @@ import re
 from collections.abc import Callable
 
 from soupkit.errors import UnknownMethodError
+from soupkit.methods._philox import CounterRNG
 from soupkit.methods._spec import ExactCheckFn, Kind, MethodFn, MethodSpec, Params, Prepass
 from soupkit.methods._topk import MagnitudeCut
 
 __all__ = [
     "REGISTRY",
+    "CounterRNG",
     "MagnitudeCut",
     "MethodSpec",
     "Params",

@@ -49,7 +49,9 @@ class TensorCuts:
         ]
 
     def piece(self, xs: Sequence[torch.Tensor], base: torch.Tensor | None) -> list[Cuts]:
-        """The cuts of the next piece, from its model tensors ``xs`` and ``base`` (unchanged)."""
+        """The cuts of the next piece, from its model tensors ``xs`` and ``base`` (unchanged;
+        float32, or their stored dtype, which converts to float32 exactly: a native kernel's
+        caller need not convert the piece)."""
         out: list[Cuts] = []
         for i, cc in enumerate(self.cuts):
             row: list[MagnitudeCut | None] = []
@@ -62,7 +64,7 @@ class TensorCuts:
                 if self.quota[i][j] > 0:
                     assert base is not None
                     if magnitude is None:
-                        magnitude = (xs[i] - base).abs_()
+                        magnitude = (xs[i].float() - base.float()).abs_()
                     equal = int((magnitude == c.threshold).sum())
                 pc, self.quota[i][j] = chunk_cut(c, equal, self.quota[i][j])
                 row.append(pc)

@@ -14,9 +14,10 @@ Conventions every function here keeps, so that results never depend on chunking 
 - Magnitude trims keep *exactly* ``int(density * n)`` entries. Entries tied at the cut are
   ordered by position: among equal magnitudes the one with the lower flat (row-major) index
   ranks higher. `topk_cut` and `trim_band` both follow this one total order.
-- Random numbers come only from the generator passed in; each model gets its own generator
-  split off it (`split_generators`), so changing one model's density never changes another
-  model's mask.
+- Random numbers come only from the counter-based generator passed in (`CounterRNG`,
+  Philox4x32-10, see `soupkit.methods._philox`): an element's draw depends only on the key,
+  the model's position (its stream) and the element's flat index, so changing one model's
+  density never changes another model's mask, and no draw depends on pieces or threads.
 
 Speed without changing a bit: torch's boolean masks (comparisons into ``bool``,
 ``masked_fill``, ``float * bool``) run 5-20x slower than float arithmetic on CPU, so the hot
@@ -35,6 +36,8 @@ from typing import Literal
 
 import torch
 
+from soupkit.methods import _philox
+from soupkit.methods._philox import CounterRNG
 from soupkit.methods._topk import MagnitudeCut
 
 __all__ = [
@@ -52,9 +55,9 @@ __all__ = [
     "disjoint_merge",
     "elect_sign",
     "l1_rescale",
+    "l1_scale",
     "linear_combine",
     "scale_",
-    "split_generators",
     "topk_cut",
     "trim_band",
     "trim_topk",
@@ -213,61 +216,66 @@ def trim_band(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor
 # ---------------------------------------------------------------------------- random drops
 
 
-def split_generators(rng: torch.Generator | None, n: int) -> list[torch.Generator]:
-    """``n`` independent generators derived from ``rng`` (one per model).
-
-    Raises:
-        ValueError: ``rng`` is None (a stochastic method was called without a generator).
-    """
-    if rng is None:
-        raise ValueError("this method is stochastic: pass rng=torch.Generator().manual_seed(...)")
-    seeds = torch.randint(0, 2**62, (n,), generator=rng, dtype=torch.int64)
-    return [torch.Generator().manual_seed(int(s)) for s in seeds]
+def l1_scale(
+    original: torch.Tensor, masked: torch.Tensor, eps: float = 1e-7
+) -> torch.Tensor | None:
+    """The float32 factor (0-d) that gives ``masked`` the L1 norm of ``original``, or None when
+    either norm is below ``eps`` (then ``masked`` stays as it is, as mergekit does)."""
+    before = original.abs().sum()
+    after = masked.abs().sum()
+    if before < eps or after < eps:
+        return None
+    return before / after
 
 
 def l1_rescale(original: torch.Tensor, masked: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
     """Scale ``masked`` so its L1 norm matches ``original``'s (mergekit's ``rescale_norm: l1``).
 
-    Left unscaled when either norm is below ``eps``, as mergekit does.
+    Left unscaled when either norm is below ``eps``, as mergekit does (`l1_scale`).
     """
-    before = original.abs().sum()
-    after = masked.abs().sum()
-    if before < eps or after < eps:
-        return masked
-    return masked * (before / after)
+    scale = l1_scale(original, masked, eps)
+    return masked if scale is None else masked * scale
 
 
 def dare_drop(
     delta: torch.Tensor,
     density: float,
-    generator: torch.Generator,
+    rng: CounterRNG | torch.Generator,
     rescale: Literal["density", "l1", "none"] = "density",
+    *,
+    stream: int = 0,
 ) -> torch.Tensor:
     """DARE: drop each entry independently with probability ``1 - density``, rescale survivors.
 
-    An entry survives when ``u < density`` for its draw ``u ~ U[0, 1)`` (``torch.rand``), so each
-    element's decision depends only on its own draw: the operation is elementwise.
+    An entry survives when its draw ``u = v / 2^24`` (``v`` = `_philox.uniform24` of the
+    entry's flat index ``rng.offset + j`` in stream ``stream``) is below ``density``, i.e. when
+    ``v < keep_threshold(density)``. Each element's decision depends only on its own draw: the
+    operation is elementwise, and a piece of a tensor given ``rng.at(start)`` gets the same
+    decisions as the whole tensor.
 
     Args:
         delta (`torch.Tensor`): a task vector.
         density (`float`): survival probability, in (0, 1]; 1 keeps everything (no draws).
-        generator (`torch.Generator`): the only source of randomness.
+        rng: the only source of randomness (a ``torch.Generator`` stands for its seed, see
+            `_philox.counter_rng`).
         rescale: ``"density"`` divides survivors by ``density`` (the paper, PEFT); ``"l1"``
             matches the L1 norm of ``delta`` (mergekit); ``"none"`` leaves them.
+        stream: the model's position in the recipe (its own sequence of draws).
 
     Returns:
         `torch.Tensor`: the sparsified tensor.
     """
     if density >= 1:
         return delta
-    u = torch.rand(delta.shape, generator=generator)
+    v = _philox.uniform24(_philox.counter_rng(rng), stream, delta.numel()).view(delta.shape)
+    threshold = _philox.keep_threshold(density)
     if delta.dtype == torch.float32:
         drop = torch.empty(delta.shape, dtype=torch.int32)
         dropped = _zero_where(
-            delta, torch.ge(u, density, out=drop)
-        )  # = masked_fill(~(u < density))
+            delta, torch.ge(v, threshold, out=drop)
+        )  # = masked_fill(~(v < threshold))
     else:
-        dropped = delta.masked_fill(~(u < density), 0.0)
+        dropped = delta.masked_fill(~(v < threshold), 0.0)
     if rescale == "density":
         return dropped.div_(density)
     if rescale == "l1":
@@ -305,8 +313,10 @@ def della_drop(
     delta: torch.Tensor,
     density: float,
     epsilon: float,
-    generator: torch.Generator,
+    rng: CounterRNG | torch.Generator,
     rescale: Literal["probability", "l1", "none"] = "probability",
+    *,
+    stream: int = 0,
 ) -> torch.Tensor:
     """DELLA: drop entries with magnitude-ranked probabilities (`della_keep_probs`), rescale.
 
@@ -314,7 +324,8 @@ def della_drop(
         delta (`torch.Tensor`): a task vector.
         density (`float`): mean keep probability, in (0, 1]; 1 keeps everything (no draws).
         epsilon (`float`): half-width of the keep-probability range.
-        generator (`torch.Generator`): the only source of randomness.
+        rng: the only source of randomness; entry ``j`` survives when its draw
+            ``u = v / 2^24`` (as in `dare_drop`, stream ``stream``) is below its probability.
         rescale: ``"probability"`` divides each survivor by its own keep probability (the
             paper's ``1 / (1 - p_i)``); ``"l1"`` matches the L1 norm (mergekit); ``"none"``.
 
@@ -324,7 +335,8 @@ def della_drop(
     if density >= 1:
         return delta
     probs = della_keep_probs(delta, density, epsilon)
-    keep = torch.rand(delta.shape, generator=generator) < probs
+    v = _philox.uniform24(_philox.counter_rng(rng), stream, delta.numel()).view(delta.shape)
+    keep = v.to(torch.float32).mul_(2.0**-24) < probs  # exact: v has 24 bits
     dropped = delta.masked_fill(~keep, 0.0)
     if rescale == "probability":
         return dropped.div_(probs)

@@ -34,6 +34,8 @@ from typing import Any, ClassVar, Literal, Protocol
 import torch
 from pydantic import BaseModel, ConfigDict
 
+from soupkit.methods._philox import CounterRNG
+
 __all__ = [
     "Accumulator",
     "ExactCheckFn",
@@ -58,7 +60,8 @@ class TensorStat(Protocol):
 
     def piece(self, xs: Sequence[torch.Tensor], base: torch.Tensor | None) -> Any:
         """The method's ``stat=`` argument for the next piece (pieces come in flat order), from
-        the piece's float32 model tensors ``xs`` and ``base`` (read only)."""
+        the piece's model tensors ``xs`` and ``base`` (read only): float32, or their stored
+        dtype when a native kernel computes the piece (convert with ``.float()``)."""
         ...
 
 
@@ -154,8 +157,9 @@ class MethodSpec:
         elementwise: output element j depends only on input elements j, so the engine may run
             the method on chunks of a tensor (bounded memory). False for methods with a
             per-tensor statistic (top-k thresholds, norms, angles).
-        stochastic: the method draws random numbers; the engine passes a ``torch.Generator``
-            seeded from (recipe seed, tensor name).
+        stochastic: the method draws random numbers; the engine passes its random source,
+            seeded from (recipe seed, tensor name): a `CounterRNG` (Philox4x32-10, see
+            `soupkit.methods._philox`), or a ``torch.Generator`` that stands for its seed.
         work_per_input: float32 working tensors per input (of the tensor's size) the method
             holds at its peak, copies included; the plan's memory estimate uses it (2 fits
             most methods; those that stack and mask their inputs hold more).
@@ -217,7 +221,7 @@ class MethodSpec:
         p: Params,
         *,
         base: torch.Tensor | None = None,
-        rng: torch.Generator | None = None,
+        rng: CounterRNG | torch.Generator | None = None,
         stat: Any = None,
         exact: bool = False,
     ) -> torch.Tensor:

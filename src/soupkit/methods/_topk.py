@@ -29,13 +29,14 @@ import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 __all__ = [
     "BATCH_ENTRIES",
     "MagnitudeCut",
+    "MagnitudeHist",
     "TopKSelect",
     "chunk_cut",
     "magnitude_bits",
@@ -62,6 +63,17 @@ class MagnitudeCut:
 
     threshold: float
     ties: int | None = None
+
+
+class MagnitudeHist(Protocol):
+    """A chunk's ``|delta|`` bit patterns that count themselves into a histogram (a native
+    kernel reading the stored dtypes: `soupkit.kernels.sparsify.magnitude_hist`), handed to
+    `TopKSelect` instead of the patterns: the same counts."""
+
+    def hist(self, out: torch.Tensor, bucket: int) -> None:
+        """Add the patterns' top 16 bits (``bucket < 0``, `HI_BINS` bins) or the low 16 bits of
+        those in top-16-bit bucket ``bucket`` (`LO_BINS` bins) to ``out`` (int64)."""
+        ...
 
 
 def magnitude_bits(delta: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:
@@ -132,8 +144,11 @@ class TopKSelect:
         for b, h in part.lo.items():
             self.lo[b] += h
 
-    def add_hi(self, bits: torch.Tensor) -> None:
+    def add_hi(self, bits: torch.Tensor | MagnitudeHist) -> None:
         """Count a chunk's bit patterns (from `magnitude_bits`) by their top 16 bits."""
+        if not isinstance(bits, torch.Tensor):
+            bits.hist(self.hi, -1)
+            return
         self._add(-1, bits, lambda src, dst: torch.bitwise_right_shift(src, 16, out=dst))
 
     def select_buckets(self) -> None:
@@ -145,9 +160,12 @@ class TopKSelect:
             refine.add(_INF_BITS >> 16)
         self.lo = {b: torch.zeros(LO_BINS, dtype=torch.int64) for b in sorted(refine)}
 
-    def add_lo(self, bits: torch.Tensor) -> None:
+    def add_lo(self, bits: torch.Tensor | MagnitudeHist) -> None:
         """Count a chunk's entries inside the selected buckets (after `select_buckets`)."""
         for b in self.lo:
+            if not isinstance(bits, torch.Tensor):
+                bits.hist(self.lo[b], b)
+                continue
             self._add(b, bits, functools.partial(_lo_bins, b << 16))
 
     def _add(

@@ -10,13 +10,15 @@ Yu et al., "Language Models are Super Mario: Absorbing Abilities from Homologous
 Free Lunch", ICML 2024, https://arxiv.org/abs/2311.03099 (drop rate p = 1 - density; survivors
 scaled by 1 / (1 - p)).
 
-Randomness: an entry survives when its draw ``u ~ U[0, 1)`` from ``torch.rand`` is below
-``density``. Draws come only from the generator the engine passes, which it seeds from
-(recipe seed, tensor name, block of 2^20 elements); each model gets its own generator split off
-it. Each entry's decision is independent of the others, so the methods are elementwise: the
-output bytes do not depend on chunk size, thread count or tensor order. A model's mask depends
-on its position in the recipe (its generator is the i-th split), not on the other models'
-densities; listing the models in another order gives another, equally distributed, draw.
+Randomness: an entry survives when its draw ``u ~ U[0, 1)`` is below ``density``. Draws come
+from a counter-based generator, Philox4x32-10 (`soupkit.methods._philox`): the draw of entry
+``e`` of model ``i`` is a pure function of the key the engine derives from (recipe seed, tensor
+name[, block of 2^20 elements]), ``i`` and ``e``, 24 bits, ``u = (word >> 8) / 2^24``. Each
+entry's decision is independent of the others, so the methods are elementwise: the output
+bytes do not depend on chunk size, thread count or tensor order. A model's mask depends on its
+position in the recipe (its stream), not on the other models' densities; listing the models in
+another order gives another, equally distributed, draw. (soupkit 0.1.0 drew from
+``torch.rand`` on a Mersenne-Twister generator: the same seed now gives other masks.)
 
 Convention switches (defaults = mergekit's, so a mergekit recipe gives mergekit's model;
 ``convention: paper`` / ``peft`` sets them all to the other anchor):
@@ -46,6 +48,7 @@ from pydantic import model_validator
 
 from soupkit.methods import _exact, _ops, method
 from soupkit.methods._conventions import ConsensusParams, Density, PresetParams
+from soupkit.methods._philox import CounterRNG, counter_rng
 
 Rescale = Literal["density", "l1", "none"]
 _BOOL = {True: "density", False: "none"}
@@ -122,10 +125,12 @@ def _drop(
     deltas: Sequence[torch.Tensor],
     density: Sequence[float],
     rescale: Rescale,
-    rng: torch.Generator | None,
+    rng: CounterRNG | torch.Generator | None,
 ) -> list[torch.Tensor]:
-    gens = _ops.split_generators(rng, len(deltas))
-    return [_ops.dare_drop(d, k, g, rescale) for d, k, g in zip(deltas, density, gens)]
+    r = counter_rng(rng)
+    return [
+        _ops.dare_drop(d, k, r, rescale, stream=i) for i, (d, k) in enumerate(zip(deltas, density))
+    ]
 
 
 @method(
@@ -140,7 +145,10 @@ def _drop(
     exact_check=_exact.gta_check,
 )
 def dare_linear(
-    deltas: Sequence[torch.Tensor], p: DareLinearParams, *, rng: torch.Generator | None = None
+    deltas: Sequence[torch.Tensor],
+    p: DareLinearParams,
+    *,
+    rng: CounterRNG | torch.Generator | None = None,
 ) -> torch.Tensor:
     """Drop and rescale each task vector, then ``lambda * sum_i w_i tau'_i``."""
     dropped = _drop(deltas, p.density, p.rescale, rng)
@@ -159,7 +167,10 @@ def dare_linear(
     exact_check=_exact.gta_check,
 )
 def dare_ties(
-    deltas: Sequence[torch.Tensor], p: DareTiesParams, *, rng: torch.Generator | None = None
+    deltas: Sequence[torch.Tensor],
+    p: DareTiesParams,
+    *,
+    rng: CounterRNG | torch.Generator | None = None,
 ) -> torch.Tensor:
     """Drop and rescale each task vector, then TIES' elect and disjoint merge."""
     dropped = _drop(deltas, p.density, p.rescale, rng)

@@ -32,7 +32,8 @@ tensors of 3 or more dimensions. Ranks break ties by position (stable sort), whe
 ``argsort`` leaves them unspecified; a row of one entry gets keep probability ``density``
 (mergekit divides 0 by 0 there); exact mode (``compute: exact``) ranks and draws as mergekit
 does (see `soupkit.methods._exact`). The method needs whole tensors (ranks are per row) and draws
-from one generator per tensor, seeded from (recipe seed, tensor name).
+from the counter-based generator of `dare` (Philox4x32-10, one stream per model), keyed by
+(recipe seed, tensor name); ``u < p`` keeps an entry, with the 24-bit draw ``u``.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from pydantic import Field, model_validator
 
 from soupkit.methods import _exact, _ops, method
 from soupkit.methods._conventions import ConsensusParams, Density, PresetParams
+from soupkit.methods._philox import CounterRNG, counter_rng
 
 Rescale = Literal["probability", "l1", "none"]
 Epsilon = Annotated[float, Field(ge=0, lt=1)]
@@ -135,12 +137,14 @@ class DellaParams(ConsensusParams):
 
 
 def _drop(
-    deltas: Sequence[torch.Tensor], p: DellaParams | DellaLinearParams, rng: torch.Generator | None
+    deltas: Sequence[torch.Tensor],
+    p: DellaParams | DellaLinearParams,
+    rng: CounterRNG | torch.Generator | None,
 ) -> list[torch.Tensor]:
-    gens = _ops.split_generators(rng, len(deltas))
+    r = counter_rng(rng)
     return [
-        _ops.della_drop(d, k, e, g, p.rescale)
-        for d, k, e, g in zip(deltas, p.density, p.epsilon, gens)
+        _ops.della_drop(d, k, e, r, p.rescale, stream=i)
+        for i, (d, k, e) in enumerate(zip(deltas, p.density, p.epsilon))
     ]
 
 
@@ -157,7 +161,10 @@ def _drop(
     exact_check=_exact.gta_check,
 )
 def della(
-    deltas: Sequence[torch.Tensor], p: DellaParams, *, rng: torch.Generator | None = None
+    deltas: Sequence[torch.Tensor],
+    p: DellaParams,
+    *,
+    rng: CounterRNG | torch.Generator | None = None,
 ) -> torch.Tensor:
     """MagPrune each task vector, then TIES' elect and disjoint merge."""
     return _ops.consensus_combine(
@@ -183,7 +190,10 @@ def della(
     exact_check=_exact.gta_check,
 )
 def della_linear(
-    deltas: Sequence[torch.Tensor], p: DellaLinearParams, *, rng: torch.Generator | None = None
+    deltas: Sequence[torch.Tensor],
+    p: DellaLinearParams,
+    *,
+    rng: CounterRNG | torch.Generator | None = None,
 ) -> torch.Tensor:
     """MagPrune each task vector, then ``lambda * sum_i w_i tau'_i``."""
     return _ops.linear_combine(

@@ -4,13 +4,13 @@
 *units*: a chunk of every input, read once for all plans by the reader thread
 (`soupkit.engine.pipeline`). How a plan handles a tensor depends on its method:
 
-- whole tensors (``_WHOLE``): the method needs them (SLERP, DELLA, ...) or exact mode;
-- elementwise (``_ELEM``): any pieces; for one plan on file inputs the compute threads read each
-  piece themselves (`_Engine._lazy`);
-- stochastic elementwise (``_BLOCK``): RNG blocks, each drawing from the tensor's counter-based
+- whole tensors (``WHOLE``): the method needs them (SLERP, DELLA, ...) or exact mode;
+- elementwise (``ELEM``): any pieces; for one plan on file inputs the compute threads read each
+  piece themselves (`soupkit.engine.schedule.Schedule._lazy`);
+- stochastic elementwise (``BLOCK``): RNG blocks, each drawing from the tensor's counter-based
   generator (`soupkit.methods.CounterRNG`: key from (recipe seed, tensor name), offset the
   block's first element), so the draws depend on neither blocks nor threads;
-- with a pre-pass statistic (``_STAT``, `soupkit.methods.Prepass`): the statistic first (a global
+- with a pre-pass statistic (``STAT``, `soupkit.methods.Prepass`): the statistic first (a global
   one from `soupkit.engine.prepass.global_stats`, a per-tensor one from pre-pass units of the
   tensor), then pieces in flat order, each given its part of the statistic.
 
@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import functools
 import queue
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
@@ -48,26 +48,17 @@ from soupkit.engine.pipeline import (
     WriteBehind,
     chunks,
 )
+from soupkit.engine.schedule import BLOCK, ELEM, STAT, WHOLE, Schedule, mode
 from soupkit.engine.sinks import Sink
 from soupkit.errors import MethodInputError, shown
-from soupkit.io.header import DTYPES, TensorInfo
+from soupkit.io.header import DTYPES
 from soupkit.io.reader import TensorReader
 from soupkit.methods._philox import CounterRNG
-from soupkit.methods._spec import Accumulator, MethodSpec, TensorStat
+from soupkit.methods._spec import Accumulator, TensorStat
 from soupkit.planning.plan import MergePlan, TensorJob
 
-_WHOLE, _ELEM, _BLOCK, _STAT = "whole", "elem", "block", "stat"
 
-
-def _mode(spec: MethodSpec, exact: bool) -> str:
-    if exact or spec.streams_whole_tensors:
-        return _WHOLE
-    if spec.prepass is not None:
-        return _STAT
-    return _BLOCK if spec.stochastic else _ELEM
-
-
-class _Engine:
+class _Engine(Schedule):
     """One pass of ``plans`` (same inputs) into ``sinks``; `run` it once.
 
     Args:
@@ -104,12 +95,12 @@ class _Engine:
         self.compute_elems, self.rng_block = compute_elems, rng_block
         # exact mode (compute: exact): whole tensors in the recipe's dtype, mergekit's arithmetic
         self.exact = [p.config.compute == "exact" for p in plans]
-        self.modes = [_mode(p.method, ex) for p, ex in zip(plans, self.exact)]
+        self.modes = [mode(p.method, ex) for p, ex in zip(plans, self.exact)]
         # Pieces of a unit are split between `workers` threads (RNG blocks) or `stream_workers`
         # threads (cheap elementwise pieces, pre-pass counting); see Helpers.split.
         self.workers = max(workers, stream_workers)
         self.stream_workers = stream_workers
-        blocks = _BLOCK in self.modes
+        blocks = BLOCK in self.modes
         # per compute thread: float32 buffers (kept up to a piece or an RNG block), read buffers
         keep = max(compute_elems, rng_block if blocks else 0)
         self.spaces = [Workspace(keep, self.cast) for _ in range(self.workers)]
@@ -142,60 +133,6 @@ class _Engine:
         self.helpers = Helpers(self.workers)
 
     # ------------------------------------------------------------------ schedule (reader thread)
-
-    def _active(self, j: int) -> list[int]:
-        return [k for k, p in enumerate(self.plans) if p.jobs[j].name not in self.skips[k]]
-
-    def _tensor_passes(self, k: int, j: int) -> int:
-        """Passes of plan k's per-tensor pre-pass over tensor j (0: none)."""
-        job, decl = self.plans[k].jobs[j], self.plans[k].method.prepass
-        if self.modes[k] != _STAT or decl is None or job.params is None:
-            return 0
-        return decl.passes(job.params) if decl.scope(job.params) == "tensor" else 0
-
-    def _lazy(self, infos: Sequence[TensorInfo | None], active: Sequence[int]) -> bool:
-        """Whether the compute threads read a unit's pieces themselves: for one plan of a cheap
-        elementwise method on file inputs. A piece is then read into a small per-thread buffer
-        and converted while it is still in that core's cache, instead of a whole unit being
-        copied out of the page cache by the reader thread and read back from memory by the
-        main thread: the linear benchmark's pass went from 2.9 to 2.6 s, with a third less
-        system CPU (benchmarks/README.md). Several plans share one read of each unit instead."""
-        return (
-            len(active) == 1
-            and self.modes[active[0]] == _ELEM
-            and all(t is None or t.data is None for t in infos)
-        )
-
-    def schedule(self) -> Iterator[Unit]:
-        for j, job in enumerate(self.jobs):
-            active = self._active(j)
-            if not active:
-                yield Unit(j, "skip", 0, 0, ())
-                continue
-            if job.source is not None:
-                for a, b in chunks(job.numel, self.plans[0].chunk_elems):
-                    yield Unit(j, "copy", a, b, (job.source,), (b - a) * job.source.itemsize)
-                continue
-            bases = (self.plans[k].jobs[j].base for k in active)
-            base = next((b for b in bases if b is not None), None)
-            infos = (*job.inputs, base)
-            per_elem = sum(t.itemsize for t in job.inputs) + (
-                base.itemsize if base is not None else 0
-            )
-            modes = {self.modes[k] for k in active}
-            if _WHOLE in modes:
-                step = max(job.numel, 1)
-            elif _BLOCK in modes:
-                step = self.rng_block * self.workers  # one RNG block per compute thread
-            else:
-                step = self.plans[0].chunk_elems
-            # a per-tensor pre-pass reads the tensor first, unless one unit holds all of it
-            passes = max(self._tensor_passes(k, j) for k in active) if step < job.numel else 0
-            lazy = self._lazy(infos, active)  # never for pre-pass units (not _ELEM)
-            for p in [*range(passes), -1]:
-                for a, b in chunks(job.numel, step):
-                    phase = "merge" if p < 0 else "prepass"
-                    yield Unit(j, phase, a, b, infos, (b - a) * per_elem, lazy, step=max(p, 0))
 
     # ------------------------------------------------------- compute (main thread and helpers)
 
@@ -256,7 +193,7 @@ class _Engine:
         if key not in self.kernel_fns:
             self.kernel_fns[key] = (
                 native.piece_kernel(self.plans[k], j, self.cast)
-                if self.modes[k] == _ELEM and not self.exact[k]
+                if self.modes[k] == ELEM and not self.exact[k]
                 else None
             )
         return self.kernel_fns[key]
@@ -267,7 +204,7 @@ class _Engine:
         if key not in self.sparse_fns:
             self.sparse_fns[key] = (
                 native.sparse_kernel(self.plans[k], j, self.cast)
-                if self.modes[k] != _ELEM and not self.exact[k]
+                if self.modes[k] != ELEM and not self.exact[k]
                 else None
             )
         return self.sparse_fns[key]
@@ -296,7 +233,7 @@ class _Engine:
         if stat is not None:
             out = fn.cut_piece(xs, br, stat.piece(xs, br))
             assert out is not None, f"{fn.name}: a statistic but no cut kernel"
-        elif self.modes[k] == _BLOCK:
+        elif self.modes[k] == BLOCK:
             out = fn.merge(xs, br, self._rng(k, job, u.a + s), whole=False)
         else:
             return False
@@ -355,7 +292,7 @@ class _Engine:
             )
         else:
             xs, base = self.spaces[t].inputs(u.raws, s, e, job.base is not None)
-        rng = self._rng(k, job, u.a + s) if self.modes[k] == _BLOCK else None
+        rng = self._rng(k, job, u.a + s) if self.modes[k] == BLOCK else None
         part = stat.piece(xs, base) if stat is not None else None
         out = self._call(k, job, xs, base, rng, part, e - s)
         self._emit(k, job, out, u.a + s, u.a + e, dest[s:e])
@@ -444,16 +381,16 @@ class _Engine:
             mode, out_dtype = self.modes[k], DTYPES[job.out_dtype][0]
             buf = self.out_pool.get(n * out_dtype.itemsize)
             dest = buf[: n * out_dtype.itemsize].view(out_dtype)
-            stat = self._stat(k, u) if mode == _STAT else None
-            if mode == _WHOLE:
+            stat = self._stat(k, u) if mode == STAT else None
+            if mode == WHOLE:
                 self._whole(u, k, dest)
             elif stat is not None:  # pieces in flat order: the statistic is handed out in order
                 self._sparse_for(k, u.j)
                 for s, e in chunks(n, self.compute_elems):
                     self._piece(u, k, dest, s, e, 0, stat)
             else:
-                block = mode == _BLOCK
-                if mode == _ELEM:
+                block = mode == BLOCK
+                if mode == ELEM:
                     self._kernel_for(k, u.j)  # decided here, once, before the threads share it
                 else:
                     self._sparse_for(k, u.j)

@@ -9,8 +9,10 @@ ICML 2022, https://arxiv.org/abs/2203.05482. Same name and semantics as mergekit
 
 Order of operations (the same roundings as mergekit 0.1.5's `linear`, so the two agree bit for
 bit): in float32, ``acc = w_0 * theta_0``, then ``acc.addcmul_(theta_i, w_i)`` for i = 1..n-1 in
-recipe order (a fused multiply-add: one rounding per step, on every CPU kernel path, whatever the
-chunking or thread count), then ``acc / sum(w)`` with the float32 sum of the weights. Weights are
+recipe order (torch's vectorised CPU kernels, AVX2 and AVX-512, fuse it into one rounding per
+step; its portable kernel rounds the product and the sum separately; either way the result does
+not depend on chunking or thread count, and `soupkit.kernels` measures which one this process's
+torch does and follows it), then ``acc / sum(w)`` with the float32 sum of the weights. Weights are
 not re-normalised silently: ``normalize: false`` keeps them as given.
 
 `RunningSum` is the same arithmetic one ingredient at a time, for whole state dicts: greedy soup
@@ -129,8 +131,8 @@ class RunningSum:
 
     @staticmethod
     def step(acc: torch.Tensor, t: torch.Tensor, w: torch.Tensor) -> None:
-        """``acc += w * t`` in place: one rounding per step (a fused multiply-add, as mergekit
-        does)."""
+        """``acc += w * t`` in place with ``addcmul_``, as mergekit does (one rounding per step
+        on torch's AVX2 / AVX-512 kernels, two on its portable one)."""
         acc.addcmul_(t, w)
 
     def summed(self, name: str) -> bool:

@@ -252,3 +252,38 @@ def test_one_evaluator_source_digest(tmp_path: Path, monkeypatch: pytest.MonkeyP
         )
     finally:
         sys.modules.pop("myeval16b", None)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 8])
+def test_hashing_threads_give_every_files_digest(tmp_path: Path, threads: int) -> None:
+    """Files are shared out among the threads, largest first; each digest is hashlib's."""
+    files = []
+    for i, size in enumerate([0, 1, hashing.BLOCK + 3, 5000, 2 * hashing.BLOCK, 17, 65536]):
+        f = tmp_path / f"f{i}"
+        f.write_bytes(os.urandom(size))
+        files.append(f)
+    hasher = hashing.BackgroundHasher([*files, files[2]], None, threads=threads)  # a repeat
+    assert len(hasher._threads) == min(threads, len(files))
+    digests = hasher.result()
+    assert digests == {f: hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
+
+
+def test_hashing_threads_report_an_unreadable_file(tmp_path: Path) -> None:
+    good = tmp_path / "good"
+    good.write_bytes(b"x" * 1000)
+    with pytest.raises(soupkit.errors.CheckpointFormatError, match="hashing the inputs failed"):
+        hashing.BackgroundHasher([good, tmp_path / "missing", good], None, threads=2).result()
+
+
+def test_default_hashing_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    for cpus, files, want in [
+        (2, 5, 2),
+        (1, 5, 2),
+        (None, 5, 2),
+        (16, 5, 5),
+        (16, 20, 8),
+        (64, 1, 1),
+        (4, 0, 1),
+    ]:
+        monkeypatch.setattr(os, "cpu_count", lambda c=cpus: c)
+        assert hashing.default_threads(files) == want, (cpus, files)

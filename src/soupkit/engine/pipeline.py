@@ -173,6 +173,11 @@ class ReadAhead:
             for u in self._schedule:
                 if not self.budget.acquire(0 if u.lazy else u.nbytes):
                     return
+                if u.lazy and u.phase != "skip":
+                    # the compute threads read its pieces: have the disk start on them now
+                    for info in u.infos:
+                        if info is not None:
+                            self._reader.advise(info, u.a, u.b)
                 for info in () if u.lazy else u.infos:
                     if info is None or u.phase == "skip":
                         u.raws.append(None)

@@ -3,10 +3,13 @@ input hashes computed beside a merge in a background thread.
 
 The report of a merge records the sha256 of every input file so a soup can be audited and
 rebuilt. Hashing costs a full read of every input, which would add a second pass to a merge
-that is itself bound by reading. `BackgroundHasher` overlaps that pass with the merge: one
-thread reads each file in 8 MiB blocks and feeds ``hashlib`` (which releases the GIL on large
+that is itself bound by reading. `BackgroundHasher` overlaps that pass with the merge: its
+threads read the files in 8 MiB blocks and feed ``hashlib`` (which releases the GIL on large
 buffers), so on two or more cores the hashes cost little wall time, and the reads mostly hit
-the page cache the merge is filling anyway. Memory is one block.
+the page cache the merge is filling anyway. Memory is one block per thread. sha256 runs at
+about 2 GB/s per core even with the CPU's SHA instructions, so one thread alone finished
+about 2 s after a 7 GB linear merge on two cores, the other core idle; two threads, the
+largest files first, finish with the merge (benchmarks/README.md, "Issue 17").
 
 `sha256_file` is the only place soupkit reads a file to hash it (shards, inputs, search
 ingredients, evaluator sources), in `BLOCK`-sized reads.
@@ -43,6 +46,7 @@ __all__ = [
     "InputHashes",
     "cache_dir",
     "changed_files_check",
+    "default_threads",
     "file_state",
     "sha256_file",
 ]
@@ -199,12 +203,25 @@ def file_state(path: Path) -> FileStamp:
     return file_stamp(os.stat(path))
 
 
+def default_threads(files: int) -> int:
+    """Hashing threads beside a merge: two on a two-core machine (one alone finishes well after
+    the merge), half the cores on larger ones, at most 8 and at most one per file."""
+    return max(1, min(files, max(2, (os.cpu_count() or 1) // 2), 8))
+
+
+def _size(f: Path) -> int:
+    try:
+        return os.stat(f).st_size
+    except OSError:
+        return 0  # reported when it is hashed
+
+
 class _Cancelled(Exception):
     """`BackgroundHasher.cancel` was called: stop after the current block."""
 
 
 class BackgroundHasher:
-    """sha256 of a list of files in a daemon thread.
+    """sha256 of a list of files in daemon threads.
 
     Usage::
 
@@ -212,28 +229,44 @@ class BackgroundHasher:
         ...merge...
         digests = hasher.result()             # waits; path -> hex digest
 
-    `cancel` stops it early (on an interrupt). Files are deduplicated. Digests found in
+    `cancel` stops it early (on an interrupt). Files are deduplicated and hashed largest
+    first, each by one of ``threads`` threads (default `default_threads`). Digests found in
     ``cache`` (e.g. `HashCache.default()`) are not computed again, and new ones are added to it
     by `result`.
     """
 
-    def __init__(self, files: Sequence[Path], cache: HashCache | None = None) -> None:
+    def __init__(
+        self, files: Sequence[Path], cache: HashCache | None = None, threads: int | None = None
+    ) -> None:
         self.files = list(dict.fromkeys(files))
         self.cache = cache
         self.from_cache: set[Path] = set()  # files whose digest came from the cache
         self._digests: dict[Path, str] = {}
         self._error: BaseException | None = None
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="soupkit-hash-inputs", daemon=True)
-        self._thread.start()
+        self._lock = threading.Lock()
+        self._todo = sorted(self.files, key=_size)  # popped from the end: largest first
+        n = default_threads(len(self.files)) if threads is None else max(1, threads)
+        self._threads = [
+            threading.Thread(target=self._run, name=f"soupkit-hash-inputs-{i}", daemon=True)
+            for i in range(min(n, max(1, len(self.files))))
+        ]
+        for t in self._threads:
+            t.start()
 
     def _stop_point(self, _n: int) -> None:
         if self._stop.is_set():
             raise _Cancelled
 
+    def _next(self) -> Path | None:
+        with self._lock:
+            if self._error is not None or not self._todo:
+                return None
+            return self._todo.pop()
+
     def _run(self) -> None:
         try:
-            for f in self.files:
+            while (f := self._next()) is not None:
                 self._stop_point(0)
                 key = self.cache.key(f) if self.cache is not None else None
                 got = self.cache.get(key) if self.cache is not None and key is not None else None
@@ -248,12 +281,15 @@ class BackgroundHasher:
         except _Cancelled:
             return
         except BaseException as e:  # reported by result(), in the caller's thread
-            self._error = e
+            with self._lock:
+                if self._error is None:
+                    self._error = e
 
     def cancel(self) -> None:
         """Stop hashing (the thread ends after its current block)."""
         self._stop.set()
-        self._thread.join(timeout=5)
+        for t in self._threads:
+            t.join(timeout=5)
 
     def result(self) -> dict[Path, str]:
         """Wait for every digest.
@@ -261,9 +297,10 @@ class BackgroundHasher:
         Raises:
             CheckpointFormatError: a file could not be read.
         """
-        while self._thread.is_alive():
-            self._thread.join(timeout=0.1)
-            _interrupts.check()  # a held SIGINT / SIGTERM does not wait for the hashing
+        for t in self._threads:
+            while t.is_alive():
+                t.join(timeout=0.1)
+                _interrupts.check()  # a held SIGINT / SIGTERM does not wait for the hashing
         if self._error is not None:
             e = self._error
             raise CheckpointFormatError(

@@ -20,6 +20,8 @@ from soupkit.io.header import FileStamp, TensorInfo, changed_message, file_stamp
 
 __all__ = ["TensorReader", "byte_view"]
 
+_WILLNEED: int | None = getattr(os, "POSIX_FADV_WILLNEED", None)
+
 
 def byte_view(t: torch.Tensor) -> memoryview:
     """A writable memoryview of a contiguous CPU tensor's bytes (zero copy, no numpy)."""
@@ -86,6 +88,27 @@ class TensorReader:
                     )
                 self._fds[path] = fd
             return fd
+
+    def advise(self, info: TensorInfo, start: int = 0, stop: int | None = None) -> None:
+        """Ask the kernel to start reading elements ``[start, stop)`` of ``info`` into the page
+        cache now (``posix_fadvise(WILLNEED)``), for a later `read` on another thread.
+
+        Only a hint: it reads nothing into the process and fails silently where the platform
+        or the file system has no such call. On a warm cache it costs a lookup of the pages.
+        """
+        if info.data is not None or _WILLNEED is None:
+            return
+        stop = info.numel if stop is None else stop
+        nbytes = (stop - start) * info.itemsize
+        if nbytes <= 0:
+            return
+        assert info.file is not None
+        try:
+            os.posix_fadvise(
+                self._fd(info.file), info.start + start * info.itemsize, nbytes, _WILLNEED
+            )
+        except OSError:
+            return
 
     def read(
         self,

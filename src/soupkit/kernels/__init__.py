@@ -571,8 +571,7 @@ def running_sum_ops(threads: int | None = None) -> RunningSumOps | None:
 
 _SPLIT_MIN = 1 << 18  # elements below which one call stays on one thread
 _SPLIT_ALIGN = 4096  # piece boundaries: a multiple of every float16 run and vector width
-_pool: ThreadPoolExecutor | None = None
-_pool_size = 0
+_pool: tuple[int, ThreadPoolExecutor] | None = None  # (the process id, its pool)
 
 
 def _kinds(n: int) -> tuple[int, ...]:
@@ -588,7 +587,7 @@ def _run_split(
     prog: _Program, out: torch.Tensor, ins: Sequence[torch.Tensor], threads: int
 ) -> None:
     """``prog`` over the whole of ``out`` in up to ``threads`` pieces (one on this thread)."""
-    global _pool, _pool_size
+    global _pool
     n = out.numel()
     k = max(1, min(threads, n // _SPLIT_MIN))
     if k == 1:
@@ -598,17 +597,19 @@ def _run_split(
     o, xs = out.view(-1), [x.view(-1) for x in ins]
     ranges = [(s, min(s + step, n)) for s in range(0, n, step)]
     with _lock:
-        if _pool is None or _pool_size < len(ranges) - 1:
-            if _pool is not None:
-                _pool.shutdown(wait=False)  # its running calls finish; new ones go to the new pool
-            _pool_size = len(ranges) - 1
-            _pool = ThreadPoolExecutor(_pool_size, thread_name_prefix="soupkit-kernels")
-        pool = _pool
+        # one pool per process (a forked child has none of its parent's threads); more pieces
+        # than workers wait their turn
+        if _pool is None or _pool[0] != os.getpid():
+            workers = os.cpu_count() or 1
+            _pool = (os.getpid(), ThreadPoolExecutor(workers, thread_name_prefix="soupkit-kernels"))
+        pool = _pool[1]
     futs = [pool.submit(prog.run, o[s:e], [x[s:e] for x in xs], None) for s, e in ranges[1:]]
-    s, e = ranges[0]
-    prog.run(o[s:e], [x[s:e] for x in xs], None)
-    for f in futs:
-        f.result()
+    try:
+        s, e = ranges[0]
+        prog.run(o[s:e], [x[s:e] for x in xs], None)
+    finally:
+        for f in futs:  # every piece is finished (or failed) before the call returns
+            f.result()
 
 
 #: The merge methods the kernels compute (their float32 mode), by registry name.

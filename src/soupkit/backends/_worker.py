@@ -10,7 +10,8 @@ own). A worker keeps what repeated jobs would redo:
   `soupkit.methods.linear.RunningSum`): trying ``soup + next`` right after ``soup + previous``
   reads only the new checkpoint. The sum is dropped *before* it is changed in place and kept
   again after, so an interrupted job (a cancelled speculative evaluation) never leaves a
-  half-updated sum behind;
+  half-updated sum behind. Its adds and means run on the native kernels
+  (`soupkit.kernels.RunningSumOps`, same bytes, on torch's thread count) where they apply;
 * for jobs that score batches of examples (paired sequential decisions), the weights of the
   candidates the job says to keep (`EvalJob.keep`: the candidate and, while its examples are
   not all known, the incumbent, which alternate batch by batch); without that, the last two;
@@ -28,6 +29,7 @@ from typing import Any
 
 import torch
 
+from soupkit import kernels
 from soupkit._version import __version__
 from soupkit.api.merging import linear_recipe, plan
 from soupkit.backends.jobs import (
@@ -134,7 +136,8 @@ class Worker:
         s = self._sum
         self._sum = None  # dropped while the sum may change: an interrupted job leaves none
         if s is None or c.digests[: len(s.digests)] != s.digests:
-            s = _PrefixSum(c.digests[0], RunningSum(_read(ckpts[0], reader)))
+            ops = kernels.running_sum_ops()  # None: torch (kernels not built or switched off)
+            s = _PrefixSum(c.digests[0], RunningSum(_read(ckpts[0], reader), ops=ops))
         for k in range(len(s.digests), len(c.digests) - 1):
             for name, info in ckpts[k].tensors.items():
                 if s.total.summed(name):

@@ -30,6 +30,7 @@ import math
 import os
 import threading
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -42,10 +43,12 @@ __all__ = [
     "MAX_INPUTS",
     "available",
     "METHODS",
+    "RunningSumOps",
     "best_isa",
     "for_method",
     "isa",
     "linear",
+    "running_sum_ops",
     "supports",
     "task_arithmetic",
     "wise_ft",
@@ -474,6 +477,139 @@ def wise_ft(
     if prog is None:
         raise _unsupported([zero_shot, fine_tuned], out, [alpha])
     return prog.run(out, [zero_shot, fine_tuned], None)
+
+
+class RunningSumOps:
+    """The hot operations of greedy soup's float32 running sum (`soupkit.methods.linear.
+    RunningSum`, which takes this as ``ops``) and of learned soup's mixture, on the kernels.
+
+    Each operation returns None (or False) when the kernels do not reproduce torch's bytes for
+    its tensors (a dtype they do not read, a non-contiguous tensor, float16 inputs while torch
+    converts on several threads, or the kernels switched off since): the caller then runs its
+    torch code. Otherwise the result is those bytes: ``linear``'s program with weights of 1 and
+    the running sum's divisor (tests/kernels/test_running_sum.py compares them).
+
+    One call splits its tensor into pieces on up to ``threads`` threads (default: torch's
+    thread count at the call, so a worker's ``torch.set_num_threads`` applies); the pieces are
+    computed exactly as one call would, so the bytes do not depend on the count.
+
+    Attributes:
+        calls: operations the kernels ran (for tests and benchmarks).
+    """
+
+    def __init__(self, threads: int | None = None) -> None:
+        self.threads = threads
+        self.calls = 0
+
+    def _prog(
+        self,
+        kinds: Sequence[int],
+        weights: Sequence[float],
+        ins: Sequence[torch.Tensor],
+        out_dtype: torch.dtype,
+        divisor: float | None,
+    ) -> _Program | None:
+        if not all(x.is_cpu and x.is_contiguous() for x in ins):
+            return None
+        dts = [x.dtype for x in ins]
+        if torch.float16 in dts and torch.get_num_threads() != 1:
+            return None  # torch converts float16 NaNs per thread range: not reproduced
+        params = [*weights, *([] if divisor is None else [divisor])]
+        assert _ext is not None
+        flags = 0 if divisor is None else _ext.DIV
+        return _program(kinds, weights, flags, dts, None, out_dtype, params, divisor or 1.0)
+
+    def _run(self, prog: _Program, out: torch.Tensor, ins: Sequence[torch.Tensor]) -> None:
+        _run_split(prog, out, ins, self.threads or torch.get_num_threads())
+        self.calls += 1
+
+    def scaled(self, x: torch.Tensor, w: float) -> torch.Tensor | None:
+        """``x.to(float32) * w`` as a new float32 tensor (``w`` a float32 value)."""
+        prog = self._prog(_kinds(1), (w,), (x,), torch.float32, None)
+        if prog is None:
+            return None
+        out = torch.empty(x.shape, dtype=torch.float32)
+        self._run(prog, out, (x,))
+        return out
+
+    def step(self, acc: torch.Tensor, x: torch.Tensor, w: float) -> bool:
+        """``acc.addcmul_(x.to(float32), w)`` in place (``acc`` float32, ``w`` a float32 value);
+        False: not done, run torch."""
+        if acc.dtype != torch.float32 or acc.shape != x.shape:
+            return False
+        prog = self._prog(_kinds(2), (1.0, w), (acc, x), torch.float32, None)
+        if prog is None:
+            return False
+        self._run(prog, acc, (acc, x))
+        return True
+
+    def mean(
+        self,
+        acc: torch.Tensor,
+        divisor: float,
+        dtype: torch.dtype,
+        extra: torch.Tensor | None = None,
+    ) -> torch.Tensor | None:
+        """``(acc / divisor).to(dtype)``, or with ``extra``
+        ``(torch.addcmul(acc, extra.to(float32), 1) / divisor).to(dtype)``, as a new tensor."""
+        ins = (acc,) if extra is None else (acc, extra)
+        if acc.dtype != torch.float32 or (extra is not None and extra.shape != acc.shape):
+            return None
+        prog = self._prog(_kinds(len(ins)), (1.0,) * len(ins), ins, dtype, divisor)
+        if prog is None:
+            return None
+        out = torch.empty(acc.shape, dtype=dtype)
+        self._run(prog, out, ins)
+        return out
+
+
+def running_sum_ops(threads: int | None = None) -> RunningSumOps | None:
+    """`RunningSumOps` when the kernels are available (built, calibrated, switched on), else
+    None (the running sum runs torch)."""
+    return RunningSumOps(threads) if available() else None
+
+
+_SPLIT_MIN = 1 << 18  # elements below which one call stays on one thread
+_SPLIT_ALIGN = 4096  # piece boundaries: a multiple of every float16 run and vector width
+_pool: tuple[int, ThreadPoolExecutor] | None = None  # (the process id, its pool)
+
+
+def _kinds(n: int) -> tuple[int, ...]:
+    """The step kinds of ``x_0 * 1`` then ``n - 1`` times ``addcmul_`` in this process (fused
+    or not, as calibrated)."""
+    assert _ext is not None
+    cal = _calibrate()
+    fma = _ext.FMA if cal is not None and cal.fused else _ext.MUL_ADD
+    return (_ext.SET_MUL,) + (fma,) * (n - 1)
+
+
+def _run_split(
+    prog: _Program, out: torch.Tensor, ins: Sequence[torch.Tensor], threads: int
+) -> None:
+    """``prog`` over the whole of ``out`` in up to ``threads`` pieces (one on this thread)."""
+    global _pool
+    n = out.numel()
+    k = max(1, min(threads, n // _SPLIT_MIN))
+    if k == 1:
+        prog.run(out.view(-1), [x.view(-1) for x in ins], None)
+        return
+    step = -(-n // k // _SPLIT_ALIGN) * _SPLIT_ALIGN
+    o, xs = out.view(-1), [x.view(-1) for x in ins]
+    ranges = [(s, min(s + step, n)) for s in range(0, n, step)]
+    with _lock:
+        # one pool per process (a forked child has none of its parent's threads); more pieces
+        # than workers wait their turn
+        if _pool is None or _pool[0] != os.getpid():
+            workers = os.cpu_count() or 1
+            _pool = (os.getpid(), ThreadPoolExecutor(workers, thread_name_prefix="soupkit-kernels"))
+        pool = _pool[1]
+    futs = [pool.submit(prog.run, o[s:e], [x[s:e] for x in xs], None) for s, e in ranges[1:]]
+    try:
+        s, e = ranges[0]
+        prog.run(o[s:e], [x[s:e] for x in xs], None)
+    finally:
+        for f in futs:  # every piece is finished (or failed) before the call returns
+            f.result()
 
 
 #: The merge methods the kernels compute (their float32 mode), by registry name.

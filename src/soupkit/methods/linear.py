@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import torch
 from pydantic import model_validator
@@ -94,6 +94,27 @@ def _weights(weight: tuple[float, ...]) -> tuple[tuple[torch.Tensor, ...], torch
         return tuple(w.unbind()), w.sum()
 
 
+class SumOps(Protocol):
+    """Faster forms of `RunningSum`'s operations with the same bytes (`soupkit.kernels.
+    RunningSumOps`, which this layer does not import: the callers above pass it). Each returns
+    None / False when it cannot do a call; `RunningSum` then runs torch."""
+
+    def scaled(self, x: torch.Tensor, w: float) -> torch.Tensor | None:
+        """``x.to(float32) * w``, a new tensor."""
+
+    def step(self, acc: torch.Tensor, x: torch.Tensor, w: float) -> bool:
+        """``acc.addcmul_(x.to(float32), w)`` in place."""
+
+    def mean(
+        self,
+        acc: torch.Tensor,
+        divisor: float,
+        dtype: torch.dtype,
+        extra: torch.Tensor | None = None,
+    ) -> torch.Tensor | None:
+        """``((acc + extra) / divisor).to(dtype)`` (``acc`` alone without ``extra``)."""
+
+
 class RunningSum:
     """Float32 running sum of whole state dicts with `linear`'s operations: the uniform soup of
     the ingredients added so far, and of those plus one more, without holding them all.
@@ -105,18 +126,27 @@ class RunningSum:
     ingredients, optionally with one more that is not added (greedy soup's candidate). Pure
     tensors: reading the ingredients is the caller's.
 
+    Args:
+        first: the first ingredient's state dict.
+        ops: `SumOps` that run the adds and means where they can (the native kernels), with
+            the same bytes; None: torch.
+
     Attributes:
         count: ingredients added.
         names: every tensor name, in the first state dict's order.
     """
 
-    def __init__(self, first: Mapping[str, torch.Tensor]) -> None:
+    def __init__(self, first: Mapping[str, torch.Tensor], *, ops: SumOps | None = None) -> None:
         self._acc: dict[str, torch.Tensor] = {}
         self._fixed: dict[str, torch.Tensor] = {}
         self._dtype: dict[str, torch.dtype] = {}
+        self._ops = ops
         for name, t in first.items():
             if t.is_floating_point():
-                self._acc[name] = RunningSum.first(t.to(torch.float32, copy=True), _ONE)
+                acc = None if ops is None else ops.scaled(t, 1.0)
+                if acc is None:
+                    acc = RunningSum.first(t.to(torch.float32, copy=True), _ONE)
+                self._acc[name] = acc
                 self._dtype[name] = t.dtype
             else:
                 self._fixed[name] = t
@@ -141,7 +171,9 @@ class RunningSum:
 
     def add(self, name: str, t: torch.Tensor) -> None:
         """Add the next ingredient's tensor ``name`` (call for every summed name, then `added`)."""
-        RunningSum.step(self._acc[name], t.to(torch.float32), _ONE)
+        acc = self._acc[name]
+        if self._ops is None or not self._ops.step(acc, t, 1.0):
+            RunningSum.step(acc, t.to(torch.float32), _ONE)
 
     def added(self) -> None:
         """Count the ingredient whose tensors were just added."""
@@ -154,6 +186,15 @@ class RunningSum:
         if fixed is not None:
             return fixed
         n = self.count
+        if self._ops is not None:
+            got = self._ops.mean(
+                self._acc[name],
+                float(_count(n if extra is None else n + 1)),
+                self._dtype[name],
+                extra,
+            )
+            if got is not None:
+                return got
         if extra is None:
             return (self._acc[name] / _count(n)).to(self._dtype[name])
         c = torch.addcmul(self._acc[name], extra.to(torch.float32), _ONE)

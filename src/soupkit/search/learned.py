@@ -44,6 +44,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from soupkit import kernels
 from soupkit._util.defaults import MAX_SHARD_SIZE
 from soupkit._util.progress import progress_bar
 from soupkit.api.merging import MergeResult, linear_recipe, plan
@@ -161,6 +162,8 @@ class StreamingMixture:
         shape = (k, len(float_slots)) if per_tensor else (k,)
         self.logits = torch.zeros(shape, dtype=torch.float32, requires_grad=True)
         self.reader = TensorReader()
+        # the mixture's sums on the native kernels where they apply (same bytes), else torch
+        self._ops = kernels.running_sum_ops()
 
     def close(self) -> None:
         self.reader.close()
@@ -252,11 +255,24 @@ class StreamingMixture:
                     continue
                 w = self._weights(a, slot)
                 # `linear`'s operations (RunningSum), on a fresh product (the read may be shared)
-                acc = self._read(slot.infos[0]) * w[0]
+                acc = self._scaled(slot.infos[0], w[0])
                 for info, wk in zip(slot.infos[1:], w[1:]):
-                    RunningSum.step(acc, self._read(info), wk)
+                    self._step(acc, info, wk)
                 slot.target.copy_(acc)
                 del acc
+
+    def _scaled(self, info: TensorInfo, w: torch.Tensor) -> torch.Tensor:
+        """``read(info) * w`` in float32 (a new tensor): on the kernels when they apply."""
+        x = self.reader.read(info).reshape(info.shape)
+        got = None if self._ops is None else self._ops.scaled(x, float(w))
+        return got if got is not None else x.to(torch.float32) * w
+
+    def _step(self, acc: torch.Tensor, info: TensorInfo, w: torch.Tensor) -> None:
+        """``acc += read(info) * w`` with ``addcmul_``'s roundings: on the kernels when they
+        apply."""
+        x = self.reader.read(info).reshape(info.shape)
+        if self._ops is None or not self._ops.step(acc, x, float(w)):
+            RunningSum.step(acc, x.to(torch.float32), w)
 
     def alpha_gradient(self) -> torch.Tensor:
         """``dL/dalpha`` from the gradients now in the model (after ``loss.backward()``).

@@ -179,12 +179,24 @@ def l1_rescale(original: torch.Tensor, masked: torch.Tensor, eps: float = 1e-7) 
     """Scale ``masked`` so its L1 norm matches ``original``'s (mergekit's ``rescale_norm: l1``).
 
     Left unscaled when either norm is below ``eps``, as mergekit does.
+
+    The norms are soupkit's fixed-order float64 sums (8 lanes by flat index mod 8, each in
+    index order, combined pairwise), each rounded once to float32: written here as a plain
+    Python loop (issue 17 replaced torch's float32 ``sum()``, whose order C cannot follow).
     """
-    before = original.abs().sum()
-    after = masked.abs().sum()
+    before = _l1_norm(original)
+    after = _l1_norm(masked)
     if before < eps or after < eps:
         return masked
     return masked * (before / after)
+
+
+def _l1_norm(x: torch.Tensor) -> torch.Tensor:
+    lane = [0.0] * 8
+    for j, v in enumerate(x.reshape(-1).tolist()):
+        lane[j % 8] += abs(v)
+    total = ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]))
+    return torch.tensor(total, dtype=torch.float64).to(torch.float32)
 
 
 def dare_drop(

@@ -158,7 +158,7 @@ SK_INLINE void deltas(const conv_t *cv, const void *x, int xdt, const float *bas
 
 /* ------------------------------------------------------------------ per-model sparsify */
 
-enum { SP_NONE = 0, SP_CUT = 1, SP_BAND = 2, SP_DARE = 3, SP_DELLA = 4 };
+enum { SP_NONE = 0, SP_CUT = 1, SP_BAND = 2, SP_DARE = 3, SP_DELLA = 4, SP_MASK = 5 };
 enum { RS_NONE = 0, RS_DIV = 1, RS_PROB = 2, RS_MUL = 3 };
 
 /* A magnitude cut as soupkit.methods._ops.cut_mask applies it: keep |d| > t, NaN unless the
@@ -215,6 +215,7 @@ typedef struct {
     int has_low;
     uint32_t thresh; /* SP_DARE: keep when draw < thresh */
     const float *probs; /* SP_DELLA: keep probabilities (whole piece) */
+    const uint8_t *mask; /* SP_MASK: keep flags 0 / 1 (whole piece), from l1_drop */
 } sparsify_t;
 
 /* where(keep, d, +0.0): the bits of d AND the mask (torch's masked_fill(~keep, 0.0)) */
@@ -257,6 +258,13 @@ SK_INLINE void sparsify(sparsify_t *s, float *d, size_t n, size_t off, uint64_t 
             float v = (float)(int32_t)u[j] * 0x1p-24f; /* exact: 24 bits */
             k1[j] = v < pr[j] ? 0xffffffffu : 0;
         }
+        apply_keep(d, k1, n);
+        break;
+    }
+    case SP_MASK: { /* the drops l1_drop made (and recorded) for the L1 rescale's sums */
+        const uint8_t *mk = s->mask + off;
+        for (size_t j = 0; j < n; j++)
+            k1[j] = 0u - (uint32_t)mk[j];
         apply_keep(d, k1, n);
         break;
     }
@@ -507,8 +515,10 @@ static PyObject *py_gta(PyObject *self, PyObject *args) {
             Py_DECREF(sfast);
             return NULL;
         }
-        if (s->kind < SP_NONE || s->kind > SP_DELLA || s->rescale < RS_NONE ||
-            s->rescale > RS_MUL || (n > 0 && (s->kind == SP_DELLA || s->rescale == RS_PROB) && !probs)) {
+        if (s->kind < SP_NONE || s->kind > SP_MASK || s->rescale < RS_NONE ||
+            s->rescale > RS_MUL ||
+            (n > 0 && (s->kind >= SP_DELLA || s->rescale == RS_PROB) && !probs) ||
+            (s->kind == SP_MASK && s->rescale == RS_PROB)) {
             Py_DECREF(sfast);
             PyErr_SetString(PyExc_ValueError, "gta: malformed sparsify spec");
             return NULL;
@@ -517,7 +527,10 @@ static PyObject *py_gta(PyObject *self, PyObject *args) {
         s->cut.ties = ties;
         s->low.ties = tiesl;
         s->thresh = thresh;
-        s->probs = (const float *)(uintptr_t)probs;
+        if (s->kind == SP_MASK) /* the last field is the mask's address */
+            s->mask = (const uint8_t *)(uintptr_t)probs;
+        else
+            s->probs = (const float *)(uintptr_t)probs;
     }
     Py_DECREF(sfast);
     combine_t cb;
@@ -603,40 +616,72 @@ SK_VARIANTS(long long, count_equal_blocks,
              float t),
             (cv, x, xdt, base, bdt, n, t))
 
-/* One model's float32 delta and its sparsified copy (no rescale): what the L1 rescale's torch
- * sums read. */
-SK_INLINE int drop_blocks_body(const conv_t *cv, const void *x, int xdt, const void *base,
-                               int bdt, size_t n, sparsify_t *sp, uint64_t key, uint64_t e0,
-                               uint32_t stream, float *delta, float *dropped, uint32_t *u,
-                               uint32_t *scratch, uint32_t *k1, uint32_t *k2) {
-    float b[BLK];
-    for (size_t a = 0; a < n; a += BLK) {
+/* The L1 norms of mergekit's rescale, in a fixed order that does not depend on the vector
+ * width, the thread count or how a caller splits its work (soupkit.methods._ops.l1_norm is the
+ * torch reference): element j of the call adds |v| as a float64 to lane j % 8, each lane sums
+ * in index order, the lanes combine as ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7)).
+ * `a` (the position of v[0] in the call) is a multiple of 8: the lanes vectorise. */
+#define L1_LANES 8
+
+SK_INLINE void l1_lanes(const float *v, size_t n, double *acc) {
+    size_t j = 0;
+    for (; j + L1_LANES <= n; j += L1_LANES)
+        for (int l = 0; l < L1_LANES; l++)
+            acc[l] += (double)sk_float(mag_bits(v[j + l]));
+    for (; j < n; j++)
+        acc[j % L1_LANES] += (double)sk_float(mag_bits(v[j]));
+}
+
+SK_INLINE double l1_combine(const double *l) {
+    return ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]));
+}
+
+/* One model's DARE / DELLA drop (no rescale) over the call: the L1 norms of its delta and of
+ * the dropped delta (sums[0], sums[1]), and the keep flag of every element (0 / 1 in mask),
+ * which gta's SP_MASK then applies instead of drawing again. Nothing float32 is stored. */
+SK_INLINE int l1_drop_blocks_body(const conv_t *cv, const void *x, int xdt, const void *base,
+                                  int bdt, size_t n, sparsify_t *sp, uint64_t key, uint64_t e0,
+                                  uint32_t stream, uint8_t *mask, double *sums, float *b,
+                                  float *d, float *dd, uint32_t *u, uint32_t *scratch,
+                                  uint32_t *k1, uint32_t *k2) {
+    double before[L1_LANES] = {0}, after[L1_LANES] = {0};
+    for (size_t a = 0; a < n; a += BLK) { /* BLK is a multiple of L1_LANES */
         size_t len = n - a < BLK ? n - a : BLK;
         to_f32(cv, base, bdt, a, len, b);
-        deltas(cv, x, xdt, b, a, len, delta + a);
-        memcpy(dropped + a, delta + a, len * sizeof(float));
-        sparsify(sp, dropped + a, len, a, key, e0, stream, u, scratch, k1, k2);
+        deltas(cv, x, xdt, b, a, len, d);
+        l1_lanes(d, len, before);
+        memcpy(dd, d, len * sizeof(float));
+        sparsify(sp, dd, len, a, key, e0, stream, u, scratch, k1, k2);
+        for (size_t j = 0; j < len; j++)
+            mask[a + j] = (uint8_t)(k1[j] & 1u);
+        l1_lanes(dd, len, after);
     }
+    sums[0] = l1_combine(before);
+    sums[1] = l1_combine(after);
     return 0;
 }
 
-SK_VARIANTS(int, drop_blocks,
+SK_VARIANTS(int, l1_drop_blocks,
             (const conv_t *cv, const void *x, int xdt, const void *base, int bdt, size_t n,
-             sparsify_t *sp, uint64_t key, uint64_t e0, uint32_t stream, float *delta,
-             float *dropped, uint32_t *u, uint32_t *scratch, uint32_t *k1, uint32_t *k2),
-            (cv, x, xdt, base, bdt, n, sp, key, e0, stream, delta, dropped, u, scratch, k1, k2))
+             sparsify_t *sp, uint64_t key, uint64_t e0, uint32_t stream, uint8_t *mask,
+             double *sums, float *b, float *d, float *dd, uint32_t *u, uint32_t *scratch,
+             uint32_t *k1, uint32_t *k2),
+            (cv, x, xdt, base, bdt, n, sp, key, e0, stream, mask, sums, b, d, dd, u, scratch, k1,
+             k2))
 
-/* drop(x, dtype, base, base_dtype, n, spec, key, offset, stream, delta, dropped, f16_tail,
- *      f16_tail_nan, isa): one model's delta and its DARE / DELLA drop (spec as in gta). */
-static PyObject *py_drop(PyObject *self, PyObject *args) {
-    unsigned long long xp, bp, key, e0, dp, op;
+/* l1_drop(x, dtype, base, base_dtype, n, spec, key, offset, stream, mask, f16_tail,
+ *         f16_tail_nan, isa) -> (L1 norm of the delta, L1 norm of the dropped delta), as
+ * float64: one model's DARE / DELLA drop (spec as in gta, kind SP_DARE or SP_DELLA, no
+ * rescale), its keep flags written to the uint8 array `mask` (n bytes). */
+static PyObject *py_l1_drop(PyObject *self, PyObject *args) {
+    unsigned long long xp, bp, key, e0, mp;
     int xdt, bdt, isa;
     Py_ssize_t n;
     unsigned int stream, tail_nan;
     PyObject *spec_o;
     conv_t cv;
-    if (!PyArg_ParseTuple(args, "KiKinOKKIKKLIi", &xp, &xdt, &bp, &bdt, &n, &spec_o, &key, &e0,
-                          &stream, &dp, &op, &cv.f16_tail, &tail_nan, &isa))
+    if (!PyArg_ParseTuple(args, "KiKinOKKIKLIi", &xp, &xdt, &bp, &bdt, &n, &spec_o, &key, &e0,
+                          &stream, &mp, &cv.f16_tail, &tail_nan, &isa))
         return NULL;
     cv.f16_tail_nan = tail_nan;
     sparsify_t sp;
@@ -649,22 +694,28 @@ static PyObject *py_drop(PyObject *self, PyObject *args) {
                           &sp.cut.keep_nan, &sp.has_low, &sp.low.t, &tiesl, &sp.low.keep_nan,
                           &thresh, &probs))
         return NULL;
+    if (n < 0 || (sp.kind != SP_DARE && sp.kind != SP_DELLA) || sp.rescale != RS_NONE ||
+        (n > 0 && (!xp || !bp || !mp || (sp.kind == SP_DELLA && !probs))) || xdt < 0 ||
+        xdt > SK_F16 || bdt < 0 || bdt > SK_F16) {
+        PyErr_SetString(PyExc_ValueError, "l1_drop: malformed arguments");
+        return NULL;
+    }
     sp.div = (float)div;
-    sp.cut.ties = ties;
-    sp.low.ties = tiesl;
     sp.thresh = thresh;
     sp.probs = (const float *)(uintptr_t)probs;
-    uint32_t *mem = (uint32_t *)malloc(sizeof(uint32_t) * (4 * BLK + 16));
-    if (!mem)
+    float *fmem = (float *)malloc(sizeof(float) * 3 * BLK + sizeof(uint32_t) * (4 * BLK + 16));
+    if (!fmem)
         return PyErr_NoMemory();
+    uint32_t *mem = (uint32_t *)(fmem + 3 * BLK);
+    double sums[2];
     Py_BEGIN_ALLOW_THREADS
     use_isa(isa);
-    drop_blocks(&cv, (const void *)(uintptr_t)xp, xdt, (const void *)(uintptr_t)bp, bdt,
-                (size_t)n, &sp, key, e0, stream, (float *)(uintptr_t)dp, (float *)(uintptr_t)op,
-                mem, mem + 3 * BLK, mem + BLK, mem + 2 * BLK);
+    l1_drop_blocks(&cv, (const void *)(uintptr_t)xp, xdt, (const void *)(uintptr_t)bp, bdt,
+                   (size_t)n, &sp, key, e0, stream, (uint8_t *)(uintptr_t)mp, sums, fmem,
+                   fmem + BLK, fmem + 2 * BLK, mem, mem + 3 * BLK, mem + BLK, mem + 2 * BLK);
     Py_END_ALLOW_THREADS
-    free(mem);
-    Py_RETURN_NONE;
+    free(fmem);
+    return Py_BuildValue("(dd)", sums[0], sums[1]);
 }
 
 /* count_equal(x, dtype, base, base_dtype, n, t) -> entries with |x - base| == t */
@@ -852,7 +903,7 @@ static PyObject *py_draws(PyObject *self, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"gta", py_gta, METH_VARARGS, "Fused sparsify + combine of one piece (see the module)."},
-    {"drop", py_drop, METH_VARARGS, "One model's delta and its DARE / DELLA drop."},
+    {"l1_drop", py_l1_drop, METH_VARARGS, "One model's DARE / DELLA drop: L1 norms, keep flags."},
     {"count_equal", py_count_equal, METH_VARARGS, "Entries with |x - base| == t."},
     {"mag_hist", py_mag_hist, METH_VARARGS, "Radix-select histograms of |x - base|."},
     {"della_probs", py_della_probs, METH_VARARGS, "DELLA's per-row keep probabilities."},

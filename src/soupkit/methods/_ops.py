@@ -54,6 +54,8 @@ __all__ = [
     "della_keep_probs",
     "disjoint_merge",
     "elect_sign",
+    "l1_factor",
+    "l1_norm",
     "l1_rescale",
     "l1_scale",
     "linear_combine",
@@ -216,16 +218,44 @@ def trim_band(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor
 # ---------------------------------------------------------------------------- random drops
 
 
+L1_LANES = 8
+
+
+def l1_norm(x: torch.Tensor) -> float:
+    """The L1 norm of ``x`` in soupkit's fixed order, as a float64 (NaN if ``x`` holds NaN).
+
+    Element ``j`` (flat) adds ``|x_j|`` as a float64 to lane ``j % 8``; each lane sums in index
+    order; the lanes combine as ``((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7))``. The order
+    depends only on the size, so the native kernel (`soupkit.kernels.sparsify`, vectorised
+    over the lanes) computes the same bits, on any number of threads; and float64 sums of
+    float32 magnitudes carry no float32 rounding. (Up to soupkit 0.2, a float32 ``sum()`` in
+    torch's own order, which C does not reproduce at full speed.)
+    """
+    a = x.detach().reshape(-1).abs().to(torch.float64)
+    if a.numel() % L1_LANES:
+        a = torch.nn.functional.pad(a, (0, L1_LANES - a.numel() % L1_LANES))  # + 0.0: exact
+    if a.numel() == 0:
+        return 0.0
+    lane = a.view(-1, L1_LANES).cumsum(0)[-1].tolist()  # cumsum: sequential, in index order
+    return ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]))
+
+
+def l1_factor(before: float, after: float, eps: float = 1e-7) -> torch.Tensor | None:
+    """The float32 factor (0-d) ``f32(before) / f32(after)`` of two `l1_norm` values (each
+    rounded once to float32), or None when either is below ``eps`` (mergekit's rule)."""
+    b, a = torch.tensor([before, after], dtype=torch.float64).to(torch.float32)
+    if b < eps or a < eps:
+        return None
+    return b / a
+
+
 def l1_scale(
     original: torch.Tensor, masked: torch.Tensor, eps: float = 1e-7
 ) -> torch.Tensor | None:
-    """The float32 factor (0-d) that gives ``masked`` the L1 norm of ``original``, or None when
-    either norm is below ``eps`` (then ``masked`` stays as it is, as mergekit does)."""
-    before = original.abs().sum()
-    after = masked.abs().sum()
-    if before < eps or after < eps:
-        return None
-    return before / after
+    """The float32 factor (0-d) that gives ``masked`` the L1 norm of ``original`` (`l1_norm`,
+    `l1_factor`), or None when either norm is below ``eps`` (then ``masked`` stays as it is,
+    as mergekit does)."""
+    return l1_factor(l1_norm(original), l1_norm(masked), eps)
 
 
 def l1_rescale(original: torch.Tensor, masked: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:

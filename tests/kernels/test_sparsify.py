@@ -154,6 +154,20 @@ def test_native_philox_draws_equal_the_reference(
     assert torch.equal(out.to(torch.int64), want)
 
 
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("back", [0, 1, 5, 37, 63, 64, 200])
+def test_vector_philox_carries_into_the_high_counter_word(isa: str, back: int) -> None:
+    """The vector paths count 8 or 16 counters per vector: a counter crossing 2^32 inside one
+    carries into the high word (element 4 * 2^32 is counter 2^32)."""
+    offset = (4 << 32) - back
+    out = torch.empty(1000, dtype=torch.int32)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SOUPKIT_KERNELS_ISA", isa)
+        K._ext.philox_draws(2**64 - 1, offset, 1000, 7, out.data_ptr(), K._isa())
+    want = _philox.uniform24(CounterRNG(2**64 - 1, offset), 7, 1000)
+    assert torch.equal(out.to(torch.int64), want)
+
+
 def test_native_philox_answers_the_known_answer_vector() -> None:
     # counter (0, 0, 0, 0), key (0, 0): Random123's first philox4x32-10 vector, >> 8
     out = torch.empty(4, dtype=torch.int32)

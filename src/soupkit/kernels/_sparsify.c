@@ -99,12 +99,132 @@ SK_INLINE void philox_words(uint64_t q0, size_t nq, uint32_t stream, uint32_t k0
     }
 }
 
+#if SOUPKIT_X86
+/* philox_words with intrinsics, 16 (AVX-512) or 8 (AVX2) counters per vector, one 32-bit lane
+ * each: the 32 x 32 -> 64-bit products of the even lanes and of the odd lanes (shifted down)
+ * by vpmuludq, their high and low words blended back into place. The four word vectors are
+ * transposed into element order by unpacks: 128-bit lane k of u_i holds counter 4k + i's four
+ * words. The counters past the last multiple of the width run philox_words. */
+SOUPKIT_TARGET_AVX512 static void philox_words_avx512(uint64_t q0, size_t nq, uint32_t stream,
+                                                     uint32_t k0, uint32_t k1, uint32_t *out) {
+    const __m512i m0 = _mm512_set1_epi64(PH_M0), m1 = _mm512_set1_epi64(PH_M1);
+    const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    size_t j = 0;
+    for (; j + 16 <= nq; j += 16) {
+        uint64_t q = q0 + j;
+        /* the low words q + l, l < 16, may carry into the high word within the vector */
+        __m512i lo = _mm512_add_epi32(_mm512_set1_epi32((int)(uint32_t)q), iota);
+        __mmask16 carry = _mm512_cmplt_epu32_mask(lo, _mm512_set1_epi32((int)(uint32_t)q));
+        __m512i c0 = lo;
+        __m512i c1 = _mm512_mask_add_epi32(_mm512_set1_epi32((int)(uint32_t)(q >> 32)), carry,
+                                           _mm512_set1_epi32((int)(uint32_t)(q >> 32)),
+                                           _mm512_set1_epi32(1));
+        __m512i c2 = _mm512_set1_epi32((int)stream), c3 = _mm512_setzero_si512();
+        uint32_t a0 = k0, a1 = k1;
+        for (int r = 0; r < 10; r++) {
+            if (r) {
+                a0 += PH_W0;
+                a1 += PH_W1;
+            }
+            __m512i pe0 = _mm512_mul_epu32(c0, m0), po0 = _mm512_mul_epu32(_mm512_srli_epi64(c0, 32), m0);
+            __m512i pe1 = _mm512_mul_epu32(c2, m1), po1 = _mm512_mul_epu32(_mm512_srli_epi64(c2, 32), m1);
+            __m512i hi0 = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(pe0, 32), po0);
+            __m512i lo0 = _mm512_mask_blend_epi32(0xAAAA, pe0, _mm512_slli_epi64(po0, 32));
+            __m512i hi1 = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(pe1, 32), po1);
+            __m512i lo1 = _mm512_mask_blend_epi32(0xAAAA, pe1, _mm512_slli_epi64(po1, 32));
+            c0 = _mm512_xor_si512(_mm512_xor_si512(hi1, c1), _mm512_set1_epi32((int)a0));
+            c2 = _mm512_xor_si512(_mm512_xor_si512(hi0, c3), _mm512_set1_epi32((int)a1));
+            c1 = lo1;
+            c3 = lo0;
+        }
+        __m512i t0 = _mm512_unpacklo_epi32(c0, c1), t1 = _mm512_unpackhi_epi32(c0, c1);
+        __m512i t2 = _mm512_unpacklo_epi32(c2, c3), t3 = _mm512_unpackhi_epi32(c2, c3);
+        __m512i u0 = _mm512_unpacklo_epi64(t0, t2), u1 = _mm512_unpackhi_epi64(t0, t2);
+        __m512i u2 = _mm512_unpacklo_epi64(t1, t3), u3 = _mm512_unpackhi_epi64(t1, t3);
+        uint32_t *o = out + 4 * j;
+        /* 128-bit lane k of u_i: counter 4k + i. The lane index must be a constant. */
+#define PH_STORE512(k)                                                                   \
+        _mm_storeu_si128((__m128i *)(o + 16 * (k)), _mm512_extracti32x4_epi32(u0, k));     \
+        _mm_storeu_si128((__m128i *)(o + 16 * (k) + 4), _mm512_extracti32x4_epi32(u1, k)); \
+        _mm_storeu_si128((__m128i *)(o + 16 * (k) + 8), _mm512_extracti32x4_epi32(u2, k)); \
+        _mm_storeu_si128((__m128i *)(o + 16 * (k) + 12), _mm512_extracti32x4_epi32(u3, k));
+        PH_STORE512(0)
+        PH_STORE512(1)
+        PH_STORE512(2)
+        PH_STORE512(3)
+#undef PH_STORE512
+    }
+    philox_words(q0 + j, nq - j, stream, k0, k1, out + 4 * j);
+}
+
+SOUPKIT_TARGET_AVX2 static void philox_words_avx2(uint64_t q0, size_t nq, uint32_t stream,
+                                                 uint32_t k0, uint32_t k1, uint32_t *out) {
+    const __m256i m0 = _mm256_set1_epi64x(PH_M0), m1 = _mm256_set1_epi64x(PH_M1);
+    const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i sign = _mm256_set1_epi32((int)0x80000000u);
+    size_t j = 0;
+    for (; j + 8 <= nq; j += 8) {
+        uint64_t q = q0 + j;
+        __m256i base = _mm256_set1_epi32((int)(uint32_t)q);
+        __m256i lo = _mm256_add_epi32(base, iota);
+        /* unsigned lo < base (a carry) as a signed compare of the sign-flipped words */
+        __m256i carry = _mm256_cmpgt_epi32(_mm256_xor_si256(base, sign), _mm256_xor_si256(lo, sign));
+        __m256i c0 = lo;
+        __m256i c1 = _mm256_sub_epi32(_mm256_set1_epi32((int)(uint32_t)(q >> 32)), carry);
+        __m256i c2 = _mm256_set1_epi32((int)stream), c3 = _mm256_setzero_si256();
+        uint32_t a0 = k0, a1 = k1;
+        for (int r = 0; r < 10; r++) {
+            if (r) {
+                a0 += PH_W0;
+                a1 += PH_W1;
+            }
+            __m256i pe0 = _mm256_mul_epu32(c0, m0), po0 = _mm256_mul_epu32(_mm256_srli_epi64(c0, 32), m0);
+            __m256i pe1 = _mm256_mul_epu32(c2, m1), po1 = _mm256_mul_epu32(_mm256_srli_epi64(c2, 32), m1);
+            __m256i hi0 = _mm256_blend_epi32(_mm256_srli_epi64(pe0, 32), po0, 0xAA);
+            __m256i lo0 = _mm256_blend_epi32(pe0, _mm256_slli_epi64(po0, 32), 0xAA);
+            __m256i hi1 = _mm256_blend_epi32(_mm256_srli_epi64(pe1, 32), po1, 0xAA);
+            __m256i lo1 = _mm256_blend_epi32(pe1, _mm256_slli_epi64(po1, 32), 0xAA);
+            c0 = _mm256_xor_si256(_mm256_xor_si256(hi1, c1), _mm256_set1_epi32((int)a0));
+            c2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c3), _mm256_set1_epi32((int)a1));
+            c1 = lo1;
+            c3 = lo0;
+        }
+        __m256i t0 = _mm256_unpacklo_epi32(c0, c1), t1 = _mm256_unpackhi_epi32(c0, c1);
+        __m256i t2 = _mm256_unpacklo_epi32(c2, c3), t3 = _mm256_unpackhi_epi32(c2, c3);
+        __m256i u0 = _mm256_unpacklo_epi64(t0, t2), u1 = _mm256_unpackhi_epi64(t0, t2);
+        __m256i u2 = _mm256_unpacklo_epi64(t1, t3), u3 = _mm256_unpackhi_epi64(t1, t3);
+        uint32_t *o = out + 4 * j;
+        _mm256_storeu_si256((__m256i *)o, _mm256_permute2x128_si256(u0, u1, 0x20));
+        _mm256_storeu_si256((__m256i *)(o + 8), _mm256_permute2x128_si256(u2, u3, 0x20));
+        _mm256_storeu_si256((__m256i *)(o + 16), _mm256_permute2x128_si256(u0, u1, 0x31));
+        _mm256_storeu_si256((__m256i *)(o + 24), _mm256_permute2x128_si256(u2, u3, 0x31));
+    }
+    philox_words(q0 + j, nq - j, stream, k0, k1, out + 4 * j);
+}
+#endif
+
+/* philox_words on the vector unit of the call's level (g_isa). */
+SK_INLINE void philox_words_isa(uint64_t q0, size_t nq, uint32_t stream, uint32_t k0, uint32_t k1,
+                             uint32_t *out) {
+#if SOUPKIT_X86
+    if (g_isa == SK_AVX512) {
+        philox_words_avx512(q0, nq, stream, k0, k1, out);
+        return;
+    }
+    if (g_isa == SK_AVX2) {
+        philox_words_avx2(q0, nq, stream, k0, k1, out);
+        return;
+    }
+#endif
+    philox_words(q0, nq, stream, k0, k1, out);
+}
+
 /* The 24-bit draws (word >> 8) of elements e0 .. e0 + n of a stream. */
 SK_INLINE void draws24(uint64_t key, uint64_t e0, size_t n, uint32_t stream, uint32_t *out,
                     uint32_t *scratch /* n + 8 words */) {
     uint64_t q0 = e0 >> 2;
     uint64_t q1 = (e0 + n + 3) >> 2;
-    philox_words(q0, (size_t)(q1 - q0), stream, (uint32_t)key, (uint32_t)(key >> 32), scratch);
+    philox_words_isa(q0, (size_t)(q1 - q0), stream, (uint32_t)key, (uint32_t)(key >> 32), scratch);
     size_t skip = (size_t)(e0 & 3);
     for (size_t j = 0; j < n; j++)
         out[j] = scratch[skip + j] >> 8;

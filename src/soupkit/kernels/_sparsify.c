@@ -738,22 +738,71 @@ SK_VARIANTS(long long, count_equal_blocks,
 
 /* The L1 norms of mergekit's rescale, in a fixed order that does not depend on the vector
  * width, the thread count or how a caller splits its work (soupkit.methods._ops.l1_norm is the
- * torch reference): element j of the call adds |v| as a float64 to lane j % 8, each lane sums
- * in index order, the lanes combine as ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7)).
- * `a` (the position of v[0] in the call) is a multiple of 8: the lanes vectorise. */
+ * torch reference): the magnitudes as float64, in rows of 8 (element j of the call in row
+ * j / 8, lane j % 8; the last row padded with zeros), the rows summed pairwise as a tree over
+ * a power-of-two number of rows (zero rows pad it; x + 0 is exact), then the 8 lanes as
+ * ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7)). The tree is built as the rows stream in:
+ * a binary counter whose level k holds the sum of the last complete run of 2^k rows. */
 #define L1_LANES 8
+#define L1_LEVELS 58
 
-SK_INLINE void l1_lanes(const float *v, size_t n, double *acc) {
-    size_t j = 0;
-    for (; j + L1_LANES <= n; j += L1_LANES)
+typedef struct {
+    double level[L1_LEVELS][L1_LANES];
+    uint64_t rows;
+} l1_tree;
+
+/* a complete run of 2^k0 rows (its tree's sum in `sum`) when t->rows is a multiple of 2^k0:
+ * carried up the counter as its 2^k0 rows pushed one at a time would be */
+SK_INLINE void l1_push(l1_tree *t, double *sum, int k0) {
+    uint64_t i = t->rows >> k0;
+    int k = k0;
+    for (; i & 1u; i >>= 1, k++)
         for (int l = 0; l < L1_LANES; l++)
-            acc[l] += (double)sk_float(mag_bits(v[j + l]));
-    for (; j < n; j++)
-        acc[j % L1_LANES] += (double)sk_float(mag_bits(v[j]));
+            sum[l] = t->level[k][l] + sum[l];
+    memcpy(t->level[k], sum, sizeof(double) * L1_LANES);
+    t->rows += (uint64_t)1 << k0;
 }
 
-SK_INLINE double l1_combine(const double *l) {
-    return ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]));
+#define L1_BLK_ROWS (BLK / L1_LANES)
+#define L1_BLK_LOG 7 /* 2^7 = BLK / L1_LANES rows */
+_Static_assert(L1_BLK_ROWS == 1 << L1_BLK_LOG, "a block is a complete subtree of rows");
+
+/* the magnitudes of v[0..n) as the next rows: a whole block (n == BLK, which calls give only
+ * at a multiple of BLK) reduced as one complete subtree, in place, level by level; a partial
+ * block (only at the end of a call) a row at a time, its last row padded with zeros */
+SK_INLINE void l1_rows(l1_tree *t, const float *v, size_t n, double *buf /* BLK */) {
+    if (n == BLK) {
+        for (size_t j = 0; j < BLK; j++)
+            buf[j] = (double)sk_float(mag_bits(v[j]));
+        for (size_t size = L1_BLK_ROWS / 2; size >= 1; size /= 2)
+            for (size_t i = 0; i < size; i++)
+                for (int l = 0; l < L1_LANES; l++)
+                    buf[i * L1_LANES + l] = buf[2 * i * L1_LANES + l] + buf[(2 * i + 1) * L1_LANES + l];
+        l1_push(t, buf, L1_BLK_LOG);
+        return;
+    }
+    double row[L1_LANES];
+    for (size_t j = 0; j < n; j += L1_LANES) {
+        size_t m = n - j < L1_LANES ? n - j : L1_LANES;
+        for (size_t l = 0; l < L1_LANES; l++)
+            row[l] = l < m ? (double)sk_float(mag_bits(v[j + l])) : 0.0;
+        l1_push(t, row, 0);
+    }
+}
+
+/* the padded tree: the complete runs (set bits of rows), each added to the right of the ones
+ * before it, from the smallest: S1 + (S2 + (... + Sk)); then the lanes */
+SK_INLINE double l1_total(const l1_tree *t) {
+    double acc[L1_LANES] = {0};
+    int first = 1;
+    for (int k = 0; k < L1_LEVELS; k++) {
+        if (!((t->rows >> k) & 1u))
+            continue;
+        for (int l = 0; l < L1_LANES; l++)
+            acc[l] = first ? t->level[k][l] : t->level[k][l] + acc[l];
+        first = 0;
+    }
+    return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
 }
 
 /* One model's DARE / DELLA drop (no rescale) over the call: the L1 norms of its delta and of
@@ -764,20 +813,22 @@ SK_INLINE int l1_drop_blocks_body(const conv_t *cv, const void *x, int xdt, cons
                                   uint32_t stream, uint8_t *mask, double *sums, float *b,
                                   float *d, float *dd, uint32_t *u, uint32_t *scratch,
                                   uint32_t *k1, uint32_t *k2) {
-    double before[L1_LANES] = {0}, after[L1_LANES] = {0};
+    l1_tree before, after; /* 3.7 KB each */
+    double rowbuf[BLK];
+    before.rows = after.rows = 0;
     for (size_t a = 0; a < n; a += BLK) { /* BLK is a multiple of L1_LANES */
         size_t len = n - a < BLK ? n - a : BLK;
         to_f32(cv, base, bdt, a, len, b);
         deltas(cv, x, xdt, b, a, len, d);
-        l1_lanes(d, len, before);
+        l1_rows(&before, d, len, rowbuf);
         memcpy(dd, d, len * sizeof(float));
         sparsify(sp, dd, len, a, key, e0, stream, u, scratch, k1, k2);
         for (size_t j = 0; j < len; j++)
             mask[a + j] = (uint8_t)(k1[j] & 1u);
-        l1_lanes(dd, len, after);
+        l1_rows(&after, dd, len, rowbuf);
     }
-    sums[0] = l1_combine(before);
-    sums[1] = l1_combine(after);
+    sums[0] = l1_total(&before);
+    sums[1] = l1_total(&after);
     return 0;
 }
 

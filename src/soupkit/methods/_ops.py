@@ -224,19 +224,26 @@ L1_LANES = 8
 def l1_norm(x: torch.Tensor) -> float:
     """The L1 norm of ``x`` in soupkit's fixed order, as a float64 (NaN if ``x`` holds NaN).
 
-    Element ``j`` (flat) adds ``|x_j|`` as a float64 to lane ``j % 8``; each lane sums in index
-    order; the lanes combine as ``((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7))``. The order
-    depends only on the size, so the native kernel (`soupkit.kernels.sparsify`, vectorised
-    over the lanes) computes the same bits, on any number of threads; and float64 sums of
-    float32 magnitudes carry no float32 rounding. (Up to soupkit 0.2, a float32 ``sum()`` in
-    torch's own order, which C does not reproduce at full speed.)
+    The magnitudes as float64, in rows of 8 (flat element ``j`` in row ``j // 8``, lane
+    ``j % 8``; the last row padded with zeros), the rows padded with zero rows to a power of two
+    and summed as a pairwise tree (adjacent rows, then adjacent pairs, ...; ``x + 0`` is exact,
+    so the padding changes nothing), then the lanes as
+    ``((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7))``. The order depends only on the size,
+    so the native kernel (`soupkit.kernels.sparsify`, which builds the same tree as the rows
+    stream in) computes the same bits, on any number of threads; and float64 sums of float32
+    magnitudes carry no float32 rounding. (Up to soupkit 0.2: a float32 ``sum()`` in torch's
+    own order, which C does not reproduce at full speed.)
     """
     a = x.detach().reshape(-1).abs().to(torch.float64)
-    if a.numel() % L1_LANES:
-        a = torch.nn.functional.pad(a, (0, L1_LANES - a.numel() % L1_LANES))  # + 0.0: exact
-    if a.numel() == 0:
+    rows = -(-a.numel() // L1_LANES)
+    if rows == 0:
         return 0.0
-    lane = a.view(-1, L1_LANES).cumsum(0)[-1].tolist()  # cumsum: sequential, in index order
+    power = 1 << (rows - 1).bit_length()
+    r = torch.nn.functional.pad(a, (0, power * L1_LANES - a.numel())).view(power, L1_LANES)
+    while r.shape[0] > 1:
+        pairs = r.view(-1, 2, L1_LANES)
+        r = pairs[:, 0] + pairs[:, 1]
+    lane = r[0].tolist()
     return ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]))
 
 

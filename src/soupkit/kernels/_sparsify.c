@@ -11,7 +11,9 @@
  * contraction (-ffp-contract=off): x * w then + acc, never fma.
  *
  * Also: the magnitude histograms of the radix select (TopKSelect's two passes over the bit
- * patterns of |x - base|) and DELLA's per-row keep probabilities (stable magnitude ranks).
+ * patterns of |x - base|), DELLA's per-row keep probabilities (stable magnitude ranks), and
+ * the first pass of `rescale: l1` (l1_drop: both L1 norms in the reference's fixed float64
+ * order, and the drops recorded as bytes that the fused pass applies instead of drawing again).
  *
  * Pointers arrive as Python ints (tensor.data_ptr()); the Python face (soupkit.kernels.sparsify)
  * checks dtypes, sizes and contiguity before calling.

@@ -14,7 +14,7 @@ accepts (float16 needs the calibration of torch's conversion); `supported` is Fa
 and the functions use the reference. ``rescale: l1`` (mergekit's default for DARE / DELLA) takes
 two passes: per model, one draws the drops, records them (a byte per element) and sums the L1
 norms of the delta and of the dropped delta in `soupkit.methods._ops.l1_norm`'s fixed order
-(float64 lanes, so C gives the reference's bits); the fused pass then applies the recorded drops
+(a float64 pairwise tree, so C gives the reference's bits); the fused pass then applies the recorded drops
 and the factor. A piece whose factor is NaN (it holds a NaN) runs the reference: which of two
 NaN operands torch's product keeps depends on its loop.
 

@@ -20,9 +20,8 @@ from hypothesis import strategies as st
 
 import soupkit.kernels as kernels
 from soupkit.kernels import sparsify as K
-from soupkit.methods import CounterRNG, MagnitudeCut, _philox
+from soupkit.methods import CounterRNG, MagnitudeCut, _ops, _philox
 from soupkit.methods import get as get_method
-from soupkit.methods import _ops
 from soupkit.methods._ops import topk_cut
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -312,14 +311,15 @@ def test_l1_rescaled_blocks_on_threads_equal_one_thread(data: Any, name: str) ->
     n = base.numel()
     rng = CounterRNG(data.draw(st.integers(0, 2**64 - 1)))
     blocks = _pieces(data.draw, n)
-    want = [
-        K.merge(name, [x[a:b] for x in xs], base[a:b], p, rng=rng.at(a)) for a, b in blocks
-    ]
+    want = [K.merge(name, [x[a:b] for x in xs], base[a:b], p, rng=rng.at(a)) for a, b in blocks]
     with concurrent.futures.ThreadPoolExecutor(data.draw(st.integers(2, 3))) as pool:
         got = list(
             pool.map(
                 lambda ab: K.merge(
-                    name, [x[ab[0] : ab[1]] for x in xs], base[ab[0] : ab[1]], p,
+                    name,
+                    [x[ab[0] : ab[1]] for x in xs],
+                    base[ab[0] : ab[1]],
+                    p,
                     rng=rng.at(ab[0]),
                 ),  # fmt: skip
                 blocks * 2,

@@ -203,7 +203,9 @@ def _l1_norm(x: torch.Tensor) -> torch.Tensor:
         return [a + b for a, b in zip(tree(lo, half), tree(lo + half, half))]
 
     lane = tree(0, 1 << (len(rows) - 1).bit_length()) if rows else [0.0] * 8
-    total = ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]))
+    total = ((lane[0] + lane[1]) + (lane[2] + lane[3])) + (
+        (lane[4] + lane[5]) + (lane[6] + lane[7])
+    )
     return torch.tensor(total, dtype=torch.float64).to(torch.float32)
 
 

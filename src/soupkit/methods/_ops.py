@@ -231,7 +231,7 @@ def l1_norm(x: torch.Tensor) -> float:
     ``((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7))``. The order depends only on the size,
     so the native kernel (`soupkit.kernels.sparsify`, which builds the same tree as the rows
     stream in) computes the same bits, on any number of threads; and float64 sums of float32
-    magnitudes carry no float32 rounding. (Up to soupkit 0.2: a float32 ``sum()`` in torch's
+    magnitudes carry no float32 rounding. (Before issue 17: a float32 ``sum()`` in torch's
     own order, which C does not reproduce at full speed.)
     """
     a = x.detach().reshape(-1).abs().to(torch.float64)
@@ -243,17 +243,18 @@ def l1_norm(x: torch.Tensor) -> float:
     while r.shape[0] > 1:
         pairs = r.view(-1, 2, L1_LANES)
         r = pairs[:, 0] + pairs[:, 1]
-    lane = r[0].tolist()
+    lane: list[float] = r[0].tolist()
     return ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]))
 
 
 def l1_factor(before: float, after: float, eps: float = 1e-7) -> torch.Tensor | None:
     """The float32 factor (0-d) ``f32(before) / f32(after)`` of two `l1_norm` values (each
     rounded once to float32), or None when either is below ``eps`` (mergekit's rule)."""
-    b, a = torch.tensor([before, after], dtype=torch.float64).to(torch.float32)
+    b, a = torch.tensor([before, after], dtype=torch.float64).to(torch.float32).unbind()
     if b < eps or a < eps:
         return None
-    return b / a
+    factor: torch.Tensor = b / a
+    return factor
 
 
 def l1_scale(

@@ -234,12 +234,16 @@ def l1_norm(x: torch.Tensor) -> float:
     magnitudes carry no float32 rounding. (Before issue 17: a float32 ``sum()`` in torch's
     own order, which C does not reproduce at full speed.)
     """
-    a = x.detach().reshape(-1).abs().to(torch.float64)
-    rows = -(-a.numel() // L1_LANES)
+    flat = x.detach().reshape(-1)
+    n = flat.numel()
+    rows = -(-n // L1_LANES)
     if rows == 0:
         return 0.0
     power = 1 << (rows - 1).bit_length()
-    r = torch.nn.functional.pad(a, (0, power * L1_LANES - a.numel())).view(power, L1_LANES)
+    a = torch.empty(power * L1_LANES, dtype=torch.float64)
+    a[:n].copy_(flat).abs_()
+    a[n:].zero_()
+    r = a.view(power, L1_LANES)
     while r.shape[0] > 1:
         pairs = r.view(-1, 2, L1_LANES)
         r = pairs[:, 0] + pairs[:, 1]

@@ -241,22 +241,29 @@ def test_dare_pieces_on_threads_equal_the_whole_tensor(data: Any, name: str) -> 
     rng = CounterRNG(data.draw(st.integers(0, 2**64 - 1)))
     whole = K.merge(name, xs, base, p, rng=rng)
     out = torch.empty(n, dtype=torch.float32)
-    pieces = _pieces(data.draw, n)
-    with concurrent.futures.ThreadPoolExecutor(data.draw(st.integers(1, 3))) as pool:
-        list(
-            pool.map(
-                lambda ab: K.merge(
-                    name,
-                    [x[ab[0] : ab[1]] for x in xs],
-                    base[ab[0] : ab[1]],
-                    p,
-                    rng=rng.at(ab[0]),
-                    out=out[ab[0] : ab[1]],
-                ),  # fmt: skip
-                pieces,
-            )
-        )
+    _on_threads(name, xs, base, p, rng, _pieces(data.draw, n), data.draw(st.integers(1, 3)), out)
     assert _same(out, whole)
+
+
+def _on_threads(
+    name: str,
+    xs: list[torch.Tensor],
+    base: torch.Tensor,
+    p: Any,
+    rng: CounterRNG,
+    pieces: list[tuple[int, int]],
+    threads: int,
+    out: torch.Tensor | None = None,
+) -> list[torch.Tensor]:
+    """`K.merge` of each piece ``[a, b)`` (``rng.at(a)``), on ``threads`` threads at once."""
+
+    def one(ab: tuple[int, int]) -> torch.Tensor:
+        a, b = ab
+        dest = None if out is None else out[a:b]
+        return K.merge(name, [x[a:b] for x in xs], base[a:b], p, rng=rng.at(a), out=dest)
+
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(one, pieces))
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -312,19 +319,7 @@ def test_l1_rescaled_blocks_on_threads_equal_one_thread(data: Any, name: str) ->
     rng = CounterRNG(data.draw(st.integers(0, 2**64 - 1)))
     blocks = _pieces(data.draw, n)
     want = [K.merge(name, [x[a:b] for x in xs], base[a:b], p, rng=rng.at(a)) for a, b in blocks]
-    with concurrent.futures.ThreadPoolExecutor(data.draw(st.integers(2, 3))) as pool:
-        got = list(
-            pool.map(
-                lambda ab: K.merge(
-                    name,
-                    [x[ab[0] : ab[1]] for x in xs],
-                    base[ab[0] : ab[1]],
-                    p,
-                    rng=rng.at(ab[0]),
-                ),  # fmt: skip
-                blocks * 2,
-            )
-        )
+    got = _on_threads(name, xs, base, p, rng, blocks * 2, data.draw(st.integers(2, 3)))
     assert all(_same(g, w) for g, w in zip(got, want * 2))
 
 

@@ -237,6 +237,9 @@ def test_dare_pieces_on_threads_equal_the_whole_tensor(data: Any, name: str) -> 
     xs, base = data.draw(cases())
     p = _params(data.draw, name, len(xs))
     assume(p.rescale != "l1")  # the L1 norm is per piece: pieces are another merge
+    # a float16 NaN's float32 payload depends on where the piece's float16 tail starts
+    # (torch's conversion, which the kernel reproduces per call): pieces give other payloads
+    assume(not any(t.dtype == torch.float16 and bool(t.isnan().any()) for t in (*xs, base)))
     n = base.numel()
     rng = CounterRNG(data.draw(st.integers(0, 2**64 - 1)))
     whole = K.merge(name, xs, base, p, rng=rng)

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 import soupkit.kernels as kernels
 from soupkit.kernels import sparsify as K
-from soupkit.methods import CounterRNG, MagnitudeCut, _philox
+from soupkit.methods import CounterRNG, MagnitudeCut, _ops, _philox
 from soupkit.methods import get as get_method
 from soupkit.methods._ops import topk_cut
 
@@ -153,6 +153,20 @@ def test_native_philox_draws_equal_the_reference(
     assert torch.equal(out.to(torch.int64), want)
 
 
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("back", [0, 1, 5, 37, 63, 64, 200])
+def test_vector_philox_carries_into_the_high_counter_word(isa: str, back: int) -> None:
+    """The vector paths count 8 or 16 counters per vector: a counter crossing 2^32 inside one
+    carries into the high word (element 4 * 2^32 is counter 2^32)."""
+    offset = (4 << 32) - back
+    out = torch.empty(1000, dtype=torch.int32)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SOUPKIT_KERNELS_ISA", isa)
+        K._ext.philox_draws(2**64 - 1, offset, 1000, 7, out.data_ptr(), K._isa())
+    want = _philox.uniform24(CounterRNG(2**64 - 1, offset), 7, 1000)
+    assert torch.equal(out.to(torch.int64), want)
+
+
 def test_native_philox_answers_the_known_answer_vector() -> None:
     # counter (0, 0, 0, 0), key (0, 0): Random123's first philox4x32-10 vector, >> 8
     out = torch.empty(4, dtype=torch.int32)
@@ -223,26 +237,93 @@ def test_dare_pieces_on_threads_equal_the_whole_tensor(data: Any, name: str) -> 
     xs, base = data.draw(cases())
     p = _params(data.draw, name, len(xs))
     assume(p.rescale != "l1")  # the L1 norm is per piece: pieces are another merge
+    # a float16 NaN's float32 payload depends on where the piece's float16 tail starts
+    # (torch's conversion, which the kernel reproduces per call): pieces give other payloads
+    assume(not any(t.dtype == torch.float16 and bool(t.isnan().any()) for t in (*xs, base)))
     n = base.numel()
     rng = CounterRNG(data.draw(st.integers(0, 2**64 - 1)))
     whole = K.merge(name, xs, base, p, rng=rng)
     out = torch.empty(n, dtype=torch.float32)
-    pieces = _pieces(data.draw, n)
-    with concurrent.futures.ThreadPoolExecutor(data.draw(st.integers(1, 3))) as pool:
-        list(
-            pool.map(
-                lambda ab: K.merge(
-                    name,
-                    [x[ab[0] : ab[1]] for x in xs],
-                    base[ab[0] : ab[1]],
-                    p,
-                    rng=rng.at(ab[0]),
-                    out=out[ab[0] : ab[1]],
-                ),  # fmt: skip
-                pieces,
-            )
-        )
+    _on_threads(name, xs, base, p, rng, _pieces(data.draw, n), data.draw(st.integers(1, 3)), out)
     assert _same(out, whole)
+
+
+def _on_threads(
+    name: str,
+    xs: list[torch.Tensor],
+    base: torch.Tensor,
+    p: Any,
+    rng: CounterRNG,
+    pieces: list[tuple[int, int]],
+    threads: int,
+    out: torch.Tensor | None = None,
+) -> list[torch.Tensor]:
+    """`K.merge` of each piece ``[a, b)`` (``rng.at(a)``), on ``threads`` threads at once."""
+
+    def one(ab: tuple[int, int]) -> torch.Tensor:
+        a, b = ab
+        dest = None if out is None else out[a:b]
+        return K.merge(name, [x[a:b] for x in xs], base[a:b], p, rng=rng.at(a), out=dest)
+
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(one, pieces))
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    data=st.data(),
+    della=st.booleans(),
+    isa=st.sampled_from(ISAS),
+    density=st.sampled_from([1e-4, 0.1, 0.3, 0.77, 0.999]),
+)
+def test_l1_drop_sums_the_reference_norms_and_records_its_drops(
+    data: Any, della: bool, isa: str, density: float
+) -> None:
+    """The L1 pass of ``rescale: l1``: both norms are `_ops.l1_norm`'s bits (NaN, Inf too) and
+    the recorded keep flags are the reference's drops."""
+    xs, base = data.draw(cases())
+    x, n = xs[0], base.numel()
+    rng = CounterRNG(data.draw(st.integers(0, 2**64 - 1)), data.draw(st.integers(0, 2**40)))
+    stream = data.draw(st.integers(0, 63))
+    delta = x.float() - base.float()
+    if della:
+        probs = _ops.della_keep_probs(delta, density, 0.1).contiguous()
+        spec = K._spec(K._SP_DELLA, probs=probs.data_ptr())
+        dropped = _ops.della_drop(delta, density, 0.1, rng, "none", stream=stream)
+    else:
+        spec = K._spec(K._SP_DARE, thresh=_philox.keep_threshold(density))
+        dropped = _ops.dare_drop(delta, density, rng, "none", stream=stream)
+    mask = torch.full((n,), 7, dtype=torch.uint8)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SOUPKIT_KERNELS_ISA", isa)
+        before, after = K._ext.l1_drop(
+            x.data_ptr(), K._DTYPES[x.dtype], base.data_ptr(), K._DTYPES[base.dtype], n, spec,
+            rng.key, rng.offset, stream, mask.data_ptr(), *K._conv(n), K._isa(),
+        )  # fmt: skip
+    for got, want in ((before, _ops.l1_norm(delta)), (after, _ops.l1_norm(dropped))):
+        assert got == want or (math.isnan(got) and math.isnan(want)), (got, want)
+    v = _philox.uniform24(rng, stream, n)
+    if della:
+        keep = v.to(torch.float32).mul_(2.0**-24) < probs
+    else:
+        keep = v < _philox.keep_threshold(density)
+    assert torch.equal(mask, keep.to(torch.uint8))  # every byte written, 0 or 1
+    assert _same(delta.masked_fill(~mask.bool(), 0.0), dropped)
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data(), name=st.sampled_from(["dare_linear", "dare_ties"]))
+def test_l1_rescaled_blocks_on_threads_equal_one_thread(data: Any, name: str) -> None:
+    """``rescale: l1`` is per block (the engine's RNG block): blocks merged on several threads
+    at once give each block's one-thread bytes."""
+    xs, base = data.draw(cases())
+    p = _params(data.draw, name, len(xs)).model_copy(update={"rescale": "l1"})
+    n = base.numel()
+    rng = CounterRNG(data.draw(st.integers(0, 2**64 - 1)))
+    blocks = _pieces(data.draw, n)
+    want = [K.merge(name, [x[a:b] for x in xs], base[a:b], p, rng=rng.at(a)) for a, b in blocks]
+    got = _on_threads(name, xs, base, p, rng, blocks * 2, data.draw(st.integers(2, 3)))
+    assert all(_same(g, w) for g, w in zip(got, want * 2))
 
 
 def test_disabled_kernels_run_the_reference(monkeypatch: pytest.MonkeyPatch) -> None:

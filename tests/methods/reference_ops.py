@@ -179,12 +179,34 @@ def l1_rescale(original: torch.Tensor, masked: torch.Tensor, eps: float = 1e-7) 
     """Scale ``masked`` so its L1 norm matches ``original``'s (mergekit's ``rescale_norm: l1``).
 
     Left unscaled when either norm is below ``eps``, as mergekit does.
+
+    The norms are soupkit's fixed-order float64 sums (rows of 8 by flat index, the rows summed
+    as a pairwise tree padded with zero rows to a power of two, then the lanes pairwise), each
+    rounded once to float32: written here as plain recursion (issue 17 replaced torch's float32
+    ``sum()``, whose order C cannot follow at full speed).
     """
-    before = original.abs().sum()
-    after = masked.abs().sum()
+    before = _l1_norm(original)
+    after = _l1_norm(masked)
     if before < eps or after < eps:
         return masked
     return masked * (before / after)
+
+
+def _l1_norm(x: torch.Tensor) -> torch.Tensor:
+    flat = [abs(v) for v in x.reshape(-1).tolist()]
+    rows = [flat[j : j + 8] + [0.0] * (8 - len(flat[j : j + 8])) for j in range(0, len(flat), 8)]
+
+    def tree(lo: int, size: int) -> list[float]:
+        if size == 1:
+            return rows[lo] if lo < len(rows) else [0.0] * 8
+        half = size // 2
+        return [a + b for a, b in zip(tree(lo, half), tree(lo + half, half))]
+
+    lane = tree(0, 1 << (len(rows) - 1).bit_length()) if rows else [0.0] * 8
+    total = ((lane[0] + lane[1]) + (lane[2] + lane[3])) + (
+        (lane[4] + lane[5]) + (lane[6] + lane[7])
+    )
+    return torch.tensor(total, dtype=torch.float64).to(torch.float32)
 
 
 def dare_drop(

@@ -120,3 +120,58 @@ def test_elect_sign_tie_rules() -> None:
     assert _ops.elect_sign([a, b], "unweighted", "positive").tolist() == [1.0, 1.0, 1.0]
     # by count: +1 and -1 tie at index 2 although the sum is positive
     assert _ops.elect_sign([a, b], "count", "zero").tolist() == [0.0, 0.0, 0.0]
+
+
+def _lane_sum(values: list[float]) -> float:
+    """The documented order of `_ops.l1_norm`, written as plain recursion over Python floats."""
+    rows = [[0.0] * 8 for _ in range(-(-len(values) // 8))]
+    for j, v in enumerate(values):
+        rows[j // 8][j % 8] = abs(v)
+
+    def tree(lo: int, size: int) -> list[float]:  # rows [lo, lo + size), zero past the end
+        if size == 1:
+            return rows[lo] if lo < len(rows) else [0.0] * 8
+        left, right = tree(lo, size // 2), tree(lo + size // 2, size // 2)
+        return [a + b for a, b in zip(left, right)]
+
+    if not rows:
+        return 0.0
+    lane = tree(0, 1 << (len(rows) - 1).bit_length())
+    return ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    n=st.sampled_from([0, 1, 2, 7, 8, 9, 15, 16, 17, 1023, 1024, 1025, 3001]),
+    seed=st.integers(0, 2**31),
+    spread=st.integers(0, 60),
+    special=st.sampled_from([None, math.inf, -math.inf, math.nan]),
+)
+def test_l1_norm_is_the_documented_float64_tree(
+    n: int, seed: int, spread: int, special: float | None
+) -> None:
+    g = torch.Generator().manual_seed(seed)
+    # magnitudes over 2^-spread .. 2^spread: a float32 sum would lose the small ones
+    scale = torch.randint(-spread, spread + 1, (n,), generator=g).float()
+    x = torch.randn(n, generator=g) * torch.pow(2.0, scale)
+    if special is not None and n:
+        x[int(torch.randint(0, n, (1,), generator=g))] = special
+    got, want = _ops.l1_norm(x), _lane_sum(x.tolist())
+    assert got == want or (math.isnan(got) and math.isnan(want))
+
+
+def test_l1_norm_and_factor_hand_example() -> None:
+    # float32 left to right: 2^24 + 1 -> 2^24 (round to even), twice; float64 lanes: exact
+    x = torch.tensor([2.0**24, 1.0, -1.0])
+    assert _ops.l1_norm(x) == 2.0**24 + 2
+    m = x.abs()
+    assert float((m[0] + m[1]) + m[2]) == 2.0**24
+    # the factor: each norm rounded once to float32, then their float32 quotient
+    half = _ops.l1_factor(3.0, 2.0)
+    assert half is not None and half.item() == 1.5 and half.dtype == torch.float32
+    third = _ops.l1_factor(1.0, 3.0)
+    assert third is not None and third.item() == float(torch.tensor(1.0) / torch.tensor(3.0))
+    assert _ops.l1_factor(1.0, 0.0) is None and _ops.l1_factor(5e-8, 1.0) is None  # below eps
+    scale = _ops.l1_scale(x, torch.tensor([0.0, 1.0, 0.0]))
+    assert scale is not None and scale.item() == 2.0**24 + 2
+    assert _ops.l1_norm(torch.empty(0)) == 0.0 and _ops.l1_scale(x, torch.zeros(3)) is None

@@ -11,7 +11,9 @@
  * contraction (-ffp-contract=off): x * w then + acc, never fma.
  *
  * Also: the magnitude histograms of the radix select (TopKSelect's two passes over the bit
- * patterns of |x - base|) and DELLA's per-row keep probabilities (stable magnitude ranks).
+ * patterns of |x - base|), DELLA's per-row keep probabilities (stable magnitude ranks), and
+ * the first pass of `rescale: l1` (l1_drop: both L1 norms in the reference's fixed float64
+ * order, and the drops recorded as bytes that the fused pass applies instead of drawing again).
  *
  * Pointers arrive as Python ints (tensor.data_ptr()); the Python face (soupkit.kernels.sparsify)
  * checks dtypes, sizes and contiguity before calling.
@@ -99,12 +101,132 @@ SK_INLINE void philox_words(uint64_t q0, size_t nq, uint32_t stream, uint32_t k0
     }
 }
 
+#if SOUPKIT_X86
+/* philox_words with intrinsics, 16 (AVX-512) or 8 (AVX2) counters per vector, one 32-bit lane
+ * each: the 32 x 32 -> 64-bit products of the even lanes and of the odd lanes (shifted down)
+ * by vpmuludq, their high and low words blended back into place. The four word vectors are
+ * transposed into element order by unpacks: 128-bit lane k of u_i holds counter 4k + i's four
+ * words. The counters past the last multiple of the width run philox_words. */
+SOUPKIT_TARGET_AVX512 static void philox_words_avx512(uint64_t q0, size_t nq, uint32_t stream,
+                                                     uint32_t k0, uint32_t k1, uint32_t *out) {
+    const __m512i m0 = _mm512_set1_epi64(PH_M0), m1 = _mm512_set1_epi64(PH_M1);
+    const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    size_t j = 0;
+    for (; j + 16 <= nq; j += 16) {
+        uint64_t q = q0 + j;
+        /* the low words q + l, l < 16, may carry into the high word within the vector */
+        __m512i lo = _mm512_add_epi32(_mm512_set1_epi32((int)(uint32_t)q), iota);
+        __mmask16 carry = _mm512_cmplt_epu32_mask(lo, _mm512_set1_epi32((int)(uint32_t)q));
+        __m512i c0 = lo;
+        __m512i c1 = _mm512_mask_add_epi32(_mm512_set1_epi32((int)(uint32_t)(q >> 32)), carry,
+                                           _mm512_set1_epi32((int)(uint32_t)(q >> 32)),
+                                           _mm512_set1_epi32(1));
+        __m512i c2 = _mm512_set1_epi32((int)stream), c3 = _mm512_setzero_si512();
+        uint32_t a0 = k0, a1 = k1;
+        for (int r = 0; r < 10; r++) {
+            if (r) {
+                a0 += PH_W0;
+                a1 += PH_W1;
+            }
+            __m512i pe0 = _mm512_mul_epu32(c0, m0), po0 = _mm512_mul_epu32(_mm512_srli_epi64(c0, 32), m0);
+            __m512i pe1 = _mm512_mul_epu32(c2, m1), po1 = _mm512_mul_epu32(_mm512_srli_epi64(c2, 32), m1);
+            __m512i hi0 = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(pe0, 32), po0);
+            __m512i lo0 = _mm512_mask_blend_epi32(0xAAAA, pe0, _mm512_slli_epi64(po0, 32));
+            __m512i hi1 = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(pe1, 32), po1);
+            __m512i lo1 = _mm512_mask_blend_epi32(0xAAAA, pe1, _mm512_slli_epi64(po1, 32));
+            c0 = _mm512_xor_si512(_mm512_xor_si512(hi1, c1), _mm512_set1_epi32((int)a0));
+            c2 = _mm512_xor_si512(_mm512_xor_si512(hi0, c3), _mm512_set1_epi32((int)a1));
+            c1 = lo1;
+            c3 = lo0;
+        }
+        __m512i t0 = _mm512_unpacklo_epi32(c0, c1), t1 = _mm512_unpackhi_epi32(c0, c1);
+        __m512i t2 = _mm512_unpacklo_epi32(c2, c3), t3 = _mm512_unpackhi_epi32(c2, c3);
+        __m512i u0 = _mm512_unpacklo_epi64(t0, t2), u1 = _mm512_unpackhi_epi64(t0, t2);
+        __m512i u2 = _mm512_unpacklo_epi64(t1, t3), u3 = _mm512_unpackhi_epi64(t1, t3);
+        uint32_t *o = out + 4 * j;
+        /* 128-bit lane k of u_i: counter 4k + i. The lane index must be a constant. */
+#define PH_STORE512(k)                                                                   \
+        _mm_storeu_si128((__m128i *)(o + 16 * (k)), _mm512_extracti32x4_epi32(u0, k));     \
+        _mm_storeu_si128((__m128i *)(o + 16 * (k) + 4), _mm512_extracti32x4_epi32(u1, k)); \
+        _mm_storeu_si128((__m128i *)(o + 16 * (k) + 8), _mm512_extracti32x4_epi32(u2, k)); \
+        _mm_storeu_si128((__m128i *)(o + 16 * (k) + 12), _mm512_extracti32x4_epi32(u3, k));
+        PH_STORE512(0)
+        PH_STORE512(1)
+        PH_STORE512(2)
+        PH_STORE512(3)
+#undef PH_STORE512
+    }
+    philox_words(q0 + j, nq - j, stream, k0, k1, out + 4 * j);
+}
+
+SOUPKIT_TARGET_AVX2 static void philox_words_avx2(uint64_t q0, size_t nq, uint32_t stream,
+                                                 uint32_t k0, uint32_t k1, uint32_t *out) {
+    const __m256i m0 = _mm256_set1_epi64x(PH_M0), m1 = _mm256_set1_epi64x(PH_M1);
+    const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i sign = _mm256_set1_epi32((int)0x80000000u);
+    size_t j = 0;
+    for (; j + 8 <= nq; j += 8) {
+        uint64_t q = q0 + j;
+        __m256i base = _mm256_set1_epi32((int)(uint32_t)q);
+        __m256i lo = _mm256_add_epi32(base, iota);
+        /* unsigned lo < base (a carry) as a signed compare of the sign-flipped words */
+        __m256i carry = _mm256_cmpgt_epi32(_mm256_xor_si256(base, sign), _mm256_xor_si256(lo, sign));
+        __m256i c0 = lo;
+        __m256i c1 = _mm256_sub_epi32(_mm256_set1_epi32((int)(uint32_t)(q >> 32)), carry);
+        __m256i c2 = _mm256_set1_epi32((int)stream), c3 = _mm256_setzero_si256();
+        uint32_t a0 = k0, a1 = k1;
+        for (int r = 0; r < 10; r++) {
+            if (r) {
+                a0 += PH_W0;
+                a1 += PH_W1;
+            }
+            __m256i pe0 = _mm256_mul_epu32(c0, m0), po0 = _mm256_mul_epu32(_mm256_srli_epi64(c0, 32), m0);
+            __m256i pe1 = _mm256_mul_epu32(c2, m1), po1 = _mm256_mul_epu32(_mm256_srli_epi64(c2, 32), m1);
+            __m256i hi0 = _mm256_blend_epi32(_mm256_srli_epi64(pe0, 32), po0, 0xAA);
+            __m256i lo0 = _mm256_blend_epi32(pe0, _mm256_slli_epi64(po0, 32), 0xAA);
+            __m256i hi1 = _mm256_blend_epi32(_mm256_srli_epi64(pe1, 32), po1, 0xAA);
+            __m256i lo1 = _mm256_blend_epi32(pe1, _mm256_slli_epi64(po1, 32), 0xAA);
+            c0 = _mm256_xor_si256(_mm256_xor_si256(hi1, c1), _mm256_set1_epi32((int)a0));
+            c2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c3), _mm256_set1_epi32((int)a1));
+            c1 = lo1;
+            c3 = lo0;
+        }
+        __m256i t0 = _mm256_unpacklo_epi32(c0, c1), t1 = _mm256_unpackhi_epi32(c0, c1);
+        __m256i t2 = _mm256_unpacklo_epi32(c2, c3), t3 = _mm256_unpackhi_epi32(c2, c3);
+        __m256i u0 = _mm256_unpacklo_epi64(t0, t2), u1 = _mm256_unpackhi_epi64(t0, t2);
+        __m256i u2 = _mm256_unpacklo_epi64(t1, t3), u3 = _mm256_unpackhi_epi64(t1, t3);
+        uint32_t *o = out + 4 * j;
+        _mm256_storeu_si256((__m256i *)o, _mm256_permute2x128_si256(u0, u1, 0x20));
+        _mm256_storeu_si256((__m256i *)(o + 8), _mm256_permute2x128_si256(u2, u3, 0x20));
+        _mm256_storeu_si256((__m256i *)(o + 16), _mm256_permute2x128_si256(u0, u1, 0x31));
+        _mm256_storeu_si256((__m256i *)(o + 24), _mm256_permute2x128_si256(u2, u3, 0x31));
+    }
+    philox_words(q0 + j, nq - j, stream, k0, k1, out + 4 * j);
+}
+#endif
+
+/* philox_words on the vector unit of the call's level (g_isa). */
+SK_INLINE void philox_words_isa(uint64_t q0, size_t nq, uint32_t stream, uint32_t k0, uint32_t k1,
+                             uint32_t *out) {
+#if SOUPKIT_X86
+    if (g_isa == SK_AVX512) {
+        philox_words_avx512(q0, nq, stream, k0, k1, out);
+        return;
+    }
+    if (g_isa == SK_AVX2) {
+        philox_words_avx2(q0, nq, stream, k0, k1, out);
+        return;
+    }
+#endif
+    philox_words(q0, nq, stream, k0, k1, out);
+}
+
 /* The 24-bit draws (word >> 8) of elements e0 .. e0 + n of a stream. */
 SK_INLINE void draws24(uint64_t key, uint64_t e0, size_t n, uint32_t stream, uint32_t *out,
                     uint32_t *scratch /* n + 8 words */) {
     uint64_t q0 = e0 >> 2;
     uint64_t q1 = (e0 + n + 3) >> 2;
-    philox_words(q0, (size_t)(q1 - q0), stream, (uint32_t)key, (uint32_t)(key >> 32), scratch);
+    philox_words_isa(q0, (size_t)(q1 - q0), stream, (uint32_t)key, (uint32_t)(key >> 32), scratch);
     size_t skip = (size_t)(e0 & 3);
     for (size_t j = 0; j < n; j++)
         out[j] = scratch[skip + j] >> 8;
@@ -158,7 +280,7 @@ SK_INLINE void deltas(const conv_t *cv, const void *x, int xdt, const float *bas
 
 /* ------------------------------------------------------------------ per-model sparsify */
 
-enum { SP_NONE = 0, SP_CUT = 1, SP_BAND = 2, SP_DARE = 3, SP_DELLA = 4 };
+enum { SP_NONE = 0, SP_CUT = 1, SP_BAND = 2, SP_DARE = 3, SP_DELLA = 4, SP_MASK = 5 };
 enum { RS_NONE = 0, RS_DIV = 1, RS_PROB = 2, RS_MUL = 3 };
 
 /* A magnitude cut as soupkit.methods._ops.cut_mask applies it: keep |d| > t, NaN unless the
@@ -215,6 +337,7 @@ typedef struct {
     int has_low;
     uint32_t thresh; /* SP_DARE: keep when draw < thresh */
     const float *probs; /* SP_DELLA: keep probabilities (whole piece) */
+    const uint8_t *mask; /* SP_MASK: keep flags 0 / 1 (whole piece), from l1_drop */
 } sparsify_t;
 
 /* where(keep, d, +0.0): the bits of d AND the mask (torch's masked_fill(~keep, 0.0)) */
@@ -257,6 +380,13 @@ SK_INLINE void sparsify(sparsify_t *s, float *d, size_t n, size_t off, uint64_t 
             float v = (float)(int32_t)u[j] * 0x1p-24f; /* exact: 24 bits */
             k1[j] = v < pr[j] ? 0xffffffffu : 0;
         }
+        apply_keep(d, k1, n);
+        break;
+    }
+    case SP_MASK: { /* the drops l1_drop made (and recorded) for the L1 rescale's sums */
+        const uint8_t *mk = s->mask + off;
+        for (size_t j = 0; j < n; j++)
+            k1[j] = 0u - (uint32_t)mk[j];
         apply_keep(d, k1, n);
         break;
     }
@@ -507,8 +637,10 @@ static PyObject *py_gta(PyObject *self, PyObject *args) {
             Py_DECREF(sfast);
             return NULL;
         }
-        if (s->kind < SP_NONE || s->kind > SP_DELLA || s->rescale < RS_NONE ||
-            s->rescale > RS_MUL || (n > 0 && (s->kind == SP_DELLA || s->rescale == RS_PROB) && !probs)) {
+        if (s->kind < SP_NONE || s->kind > SP_MASK || s->rescale < RS_NONE ||
+            s->rescale > RS_MUL ||
+            (n > 0 && (s->kind >= SP_DELLA || s->rescale == RS_PROB) && !probs) ||
+            (s->kind == SP_MASK && s->rescale == RS_PROB)) {
             Py_DECREF(sfast);
             PyErr_SetString(PyExc_ValueError, "gta: malformed sparsify spec");
             return NULL;
@@ -517,7 +649,10 @@ static PyObject *py_gta(PyObject *self, PyObject *args) {
         s->cut.ties = ties;
         s->low.ties = tiesl;
         s->thresh = thresh;
-        s->probs = (const float *)(uintptr_t)probs;
+        if (s->kind == SP_MASK) /* the last field is the mask's address */
+            s->mask = (const uint8_t *)(uintptr_t)probs;
+        else
+            s->probs = (const float *)(uintptr_t)probs;
     }
     Py_DECREF(sfast);
     combine_t cb;
@@ -603,40 +738,123 @@ SK_VARIANTS(long long, count_equal_blocks,
              float t),
             (cv, x, xdt, base, bdt, n, t))
 
-/* One model's float32 delta and its sparsified copy (no rescale): what the L1 rescale's torch
- * sums read. */
-SK_INLINE int drop_blocks_body(const conv_t *cv, const void *x, int xdt, const void *base,
-                               int bdt, size_t n, sparsify_t *sp, uint64_t key, uint64_t e0,
-                               uint32_t stream, float *delta, float *dropped, uint32_t *u,
-                               uint32_t *scratch, uint32_t *k1, uint32_t *k2) {
-    float b[BLK];
-    for (size_t a = 0; a < n; a += BLK) {
+/* The L1 norms of mergekit's rescale, in a fixed order that does not depend on the vector
+ * width, the thread count or how a caller splits its work (soupkit.methods._ops.l1_norm is the
+ * torch reference): the magnitudes as float64, in rows of 8 (element j of the call in row
+ * j / 8, lane j % 8; the last row padded with zeros), the rows summed pairwise as a tree over
+ * a power-of-two number of rows (zero rows pad it; x + 0 is exact), then the 8 lanes as
+ * ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7)). The tree is built as the rows stream in:
+ * a binary counter whose level k holds the sum of the last complete run of 2^k rows. */
+#define L1_LANES 8
+#define L1_LEVELS 58
+
+typedef struct {
+    double level[L1_LEVELS][L1_LANES];
+    uint64_t rows;
+} l1_tree;
+
+/* a complete run of 2^k0 rows (its tree's sum in `sum`) when t->rows is a multiple of 2^k0:
+ * carried up the counter as its 2^k0 rows pushed one at a time would be */
+SK_INLINE void l1_push(l1_tree *t, double *sum, int k0) {
+    uint64_t i = t->rows >> k0;
+    int k = k0;
+    for (; i & 1u; i >>= 1, k++)
+        for (int l = 0; l < L1_LANES; l++)
+            sum[l] = t->level[k][l] + sum[l];
+    memcpy(t->level[k], sum, sizeof(double) * L1_LANES);
+    t->rows += (uint64_t)1 << k0;
+}
+
+#define L1_BLK_ROWS (BLK / L1_LANES)
+#define L1_BLK_LOG 7 /* 2^7 = BLK / L1_LANES rows */
+_Static_assert(L1_BLK_ROWS == 1 << L1_BLK_LOG, "a block is a complete subtree of rows");
+
+/* the magnitudes of v[0..n) as the next rows: a whole block (n == BLK, which calls give only
+ * at a multiple of BLK) reduced as one complete subtree, in place, level by level; a partial
+ * block (only at the end of a call) a row at a time, its last row padded with zeros */
+SK_INLINE void l1_rows(l1_tree *t, const float *v, size_t n, double *buf /* BLK */) {
+    if (n == BLK) {
+        for (size_t j = 0; j < BLK; j++)
+            buf[j] = (double)sk_float(mag_bits(v[j]));
+        for (size_t size = L1_BLK_ROWS / 2; size >= 1; size /= 2)
+            for (size_t i = 0; i < size; i++)
+                for (int l = 0; l < L1_LANES; l++)
+                    buf[i * L1_LANES + l] = buf[2 * i * L1_LANES + l] + buf[(2 * i + 1) * L1_LANES + l];
+        l1_push(t, buf, L1_BLK_LOG);
+        return;
+    }
+    double row[L1_LANES];
+    for (size_t j = 0; j < n; j += L1_LANES) {
+        size_t m = n - j < L1_LANES ? n - j : L1_LANES;
+        for (size_t l = 0; l < L1_LANES; l++)
+            row[l] = l < m ? (double)sk_float(mag_bits(v[j + l])) : 0.0;
+        l1_push(t, row, 0);
+    }
+}
+
+/* the padded tree: the complete runs (set bits of rows), each added to the right of the ones
+ * before it, from the smallest: S1 + (S2 + (... + Sk)); then the lanes */
+SK_INLINE double l1_total(const l1_tree *t) {
+    double acc[L1_LANES] = {0};
+    int first = 1;
+    for (int k = 0; k < L1_LEVELS; k++) {
+        if (!((t->rows >> k) & 1u))
+            continue;
+        for (int l = 0; l < L1_LANES; l++)
+            acc[l] = first ? t->level[k][l] : t->level[k][l] + acc[l];
+        first = 0;
+    }
+    return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
+/* One model's DARE / DELLA drop (no rescale) over the call: the L1 norms of its delta and of
+ * the dropped delta (sums[0], sums[1]), and the keep flag of every element (0 / 1 in mask),
+ * which gta's SP_MASK then applies instead of drawing again. Nothing float32 is stored. */
+SK_INLINE int l1_drop_blocks_body(const conv_t *cv, const void *x, int xdt, const void *base,
+                                  int bdt, size_t n, sparsify_t *sp, uint64_t key, uint64_t e0,
+                                  uint32_t stream, uint8_t *mask, double *sums, float *b,
+                                  float *d, float *dd, uint32_t *u, uint32_t *scratch,
+                                  uint32_t *k1, uint32_t *k2) {
+    l1_tree before, after; /* 3.7 KB each */
+    double rowbuf[BLK];
+    before.rows = after.rows = 0;
+    for (size_t a = 0; a < n; a += BLK) { /* BLK is a multiple of L1_LANES */
         size_t len = n - a < BLK ? n - a : BLK;
         to_f32(cv, base, bdt, a, len, b);
-        deltas(cv, x, xdt, b, a, len, delta + a);
-        memcpy(dropped + a, delta + a, len * sizeof(float));
-        sparsify(sp, dropped + a, len, a, key, e0, stream, u, scratch, k1, k2);
+        deltas(cv, x, xdt, b, a, len, d);
+        l1_rows(&before, d, len, rowbuf);
+        memcpy(dd, d, len * sizeof(float));
+        sparsify(sp, dd, len, a, key, e0, stream, u, scratch, k1, k2);
+        for (size_t j = 0; j < len; j++)
+            mask[a + j] = (uint8_t)(k1[j] & 1u);
+        l1_rows(&after, dd, len, rowbuf);
     }
+    sums[0] = l1_total(&before);
+    sums[1] = l1_total(&after);
     return 0;
 }
 
-SK_VARIANTS(int, drop_blocks,
+SK_VARIANTS(int, l1_drop_blocks,
             (const conv_t *cv, const void *x, int xdt, const void *base, int bdt, size_t n,
-             sparsify_t *sp, uint64_t key, uint64_t e0, uint32_t stream, float *delta,
-             float *dropped, uint32_t *u, uint32_t *scratch, uint32_t *k1, uint32_t *k2),
-            (cv, x, xdt, base, bdt, n, sp, key, e0, stream, delta, dropped, u, scratch, k1, k2))
+             sparsify_t *sp, uint64_t key, uint64_t e0, uint32_t stream, uint8_t *mask,
+             double *sums, float *b, float *d, float *dd, uint32_t *u, uint32_t *scratch,
+             uint32_t *k1, uint32_t *k2),
+            (cv, x, xdt, base, bdt, n, sp, key, e0, stream, mask, sums, b, d, dd, u, scratch, k1,
+             k2))
 
-/* drop(x, dtype, base, base_dtype, n, spec, key, offset, stream, delta, dropped, f16_tail,
- *      f16_tail_nan, isa): one model's delta and its DARE / DELLA drop (spec as in gta). */
-static PyObject *py_drop(PyObject *self, PyObject *args) {
-    unsigned long long xp, bp, key, e0, dp, op;
+/* l1_drop(x, dtype, base, base_dtype, n, spec, key, offset, stream, mask, f16_tail,
+ *         f16_tail_nan, isa) -> (L1 norm of the delta, L1 norm of the dropped delta), as
+ * float64: one model's DARE / DELLA drop (spec as in gta, kind SP_DARE or SP_DELLA, no
+ * rescale), its keep flags written to the uint8 array `mask` (n bytes). */
+static PyObject *py_l1_drop(PyObject *self, PyObject *args) {
+    unsigned long long xp, bp, key, e0, mp;
     int xdt, bdt, isa;
     Py_ssize_t n;
     unsigned int stream, tail_nan;
     PyObject *spec_o;
     conv_t cv;
-    if (!PyArg_ParseTuple(args, "KiKinOKKIKKLIi", &xp, &xdt, &bp, &bdt, &n, &spec_o, &key, &e0,
-                          &stream, &dp, &op, &cv.f16_tail, &tail_nan, &isa))
+    if (!PyArg_ParseTuple(args, "KiKinOKKIKLIi", &xp, &xdt, &bp, &bdt, &n, &spec_o, &key, &e0,
+                          &stream, &mp, &cv.f16_tail, &tail_nan, &isa))
         return NULL;
     cv.f16_tail_nan = tail_nan;
     sparsify_t sp;
@@ -649,22 +867,28 @@ static PyObject *py_drop(PyObject *self, PyObject *args) {
                           &sp.cut.keep_nan, &sp.has_low, &sp.low.t, &tiesl, &sp.low.keep_nan,
                           &thresh, &probs))
         return NULL;
+    if (n < 0 || (sp.kind != SP_DARE && sp.kind != SP_DELLA) || sp.rescale != RS_NONE ||
+        (n > 0 && (!xp || !bp || !mp || (sp.kind == SP_DELLA && !probs))) || xdt < 0 ||
+        xdt > SK_F16 || bdt < 0 || bdt > SK_F16) {
+        PyErr_SetString(PyExc_ValueError, "l1_drop: malformed arguments");
+        return NULL;
+    }
     sp.div = (float)div;
-    sp.cut.ties = ties;
-    sp.low.ties = tiesl;
     sp.thresh = thresh;
     sp.probs = (const float *)(uintptr_t)probs;
-    uint32_t *mem = (uint32_t *)malloc(sizeof(uint32_t) * (4 * BLK + 16));
-    if (!mem)
+    float *fmem = (float *)malloc(sizeof(float) * 3 * BLK + sizeof(uint32_t) * (4 * BLK + 16));
+    if (!fmem)
         return PyErr_NoMemory();
+    uint32_t *mem = (uint32_t *)(fmem + 3 * BLK);
+    double sums[2];
     Py_BEGIN_ALLOW_THREADS
     use_isa(isa);
-    drop_blocks(&cv, (const void *)(uintptr_t)xp, xdt, (const void *)(uintptr_t)bp, bdt,
-                (size_t)n, &sp, key, e0, stream, (float *)(uintptr_t)dp, (float *)(uintptr_t)op,
-                mem, mem + 3 * BLK, mem + BLK, mem + 2 * BLK);
+    l1_drop_blocks(&cv, (const void *)(uintptr_t)xp, xdt, (const void *)(uintptr_t)bp, bdt,
+                   (size_t)n, &sp, key, e0, stream, (uint8_t *)(uintptr_t)mp, sums, fmem,
+                   fmem + BLK, fmem + 2 * BLK, mem, mem + 3 * BLK, mem + BLK, mem + 2 * BLK);
     Py_END_ALLOW_THREADS
-    free(mem);
-    Py_RETURN_NONE;
+    free(fmem);
+    return Py_BuildValue("(dd)", sums[0], sums[1]);
 }
 
 /* count_equal(x, dtype, base, base_dtype, n, t) -> entries with |x - base| == t */
@@ -852,7 +1076,7 @@ static PyObject *py_draws(PyObject *self, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"gta", py_gta, METH_VARARGS, "Fused sparsify + combine of one piece (see the module)."},
-    {"drop", py_drop, METH_VARARGS, "One model's delta and its DARE / DELLA drop."},
+    {"l1_drop", py_l1_drop, METH_VARARGS, "One model's DARE / DELLA drop: L1 norms, keep flags."},
     {"count_equal", py_count_equal, METH_VARARGS, "Entries with |x - base| == t."},
     {"mag_hist", py_mag_hist, METH_VARARGS, "Radix-select histograms of |x - base|."},
     {"della_probs", py_della_probs, METH_VARARGS, "DELLA's per-row keep probabilities."},

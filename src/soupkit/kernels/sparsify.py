@@ -12,10 +12,11 @@ reference instead, so callers need no second path; `native` says which one runs.
 cover every switch of these methods, for the input dtypes that `soupkit.kernels.supports`
 accepts (float16 needs the calibration of torch's conversion); `supported` is False otherwise
 and the functions use the reference. ``rescale: l1`` (mergekit's default for DARE / DELLA) takes
-two passes: the kernel writes each model's delta and its dropped copy, torch sums their
-magnitudes (the reference's sums, in torch's order, which C does not reproduce), and the fused
-pass then draws again and multiplies by the factor. A piece whose factor is NaN (it holds a NaN)
-runs the reference: which of two NaN operands torch's product keeps depends on its loop.
+two passes: per model, one draws the drops, records them (a byte per element) and sums the L1
+norms of the delta and of the dropped delta in `soupkit.methods._ops.l1_norm`'s fixed order
+(a float64 pairwise tree, so C gives the reference's bits); the fused pass then applies the recorded drops
+and the factor. A piece whose factor is NaN (it holds a NaN) runs the reference: which of two
+NaN operands torch's product keeps depends on its loop.
 
 The piece-wise form of TIES (`ties_piece`) is what a streaming engine calls: each model's cut
 (`MagnitudeCut`, from the radix select that `magnitude_hist` serves) with its tie quota spent
@@ -36,7 +37,7 @@ from soupkit.kernels import _calibrate, available, isa
 from soupkit.kernels import supports as _supports_dtypes
 from soupkit.methods import MagnitudeCut, Params
 from soupkit.methods import get as get_method
-from soupkit.methods._ops import l1_scale, topk_cut
+from soupkit.methods._ops import l1_factor, topk_cut
 from soupkit.methods._philox import CounterRNG, counter_rng, keep_threshold
 
 _ext: ModuleType | None
@@ -70,7 +71,7 @@ _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _MAX_MODELS = 64
 
 # kinds, rescales and combine codes of _sparsify.c
-_SP_NONE, _SP_CUT, _SP_BAND, _SP_DARE, _SP_DELLA = range(5)
+_SP_NONE, _SP_CUT, _SP_BAND, _SP_DARE, _SP_DELLA, _SP_MASK = range(6)
 _RS_NONE, _RS_DIV, _RS_PROB, _RS_MUL = range(4)
 _SIGN_SOURCE = {"unweighted": 0, "weighted": 1, "count": 2}
 _SIGN_TIE = {"zero": 0, "positive": 1}
@@ -399,24 +400,32 @@ def cut_piece(
 
 
 def _l1(
-    spec: tuple[Any, ...], x: torch.Tensor, base: torch.Tensor, rng: CounterRNG | None, i: int
+    spec: tuple[Any, ...],
+    x: torch.Tensor,
+    base: torch.Tensor,
+    rng: CounterRNG | None,
+    i: int,
+    keep: list[torch.Tensor],
 ) -> tuple[Any, ...]:
-    """``spec`` (a drop without rescale) with mergekit's L1 rescale: the factor from torch's
-    sums over this model's delta and its dropped copy (`l1_scale`, as `l1_rescale`)."""
+    """``spec`` (a drop without rescale) with mergekit's L1 rescale: one pass draws the drops,
+    records them (a byte per element, kept alive in ``keep``) and sums both L1 norms
+    (`l1_norm`'s order); the returned spec applies the recorded drops and the factor
+    (`l1_factor`), so the fused pass does not draw again."""
     assert _ext is not None and rng is not None
     n = base.numel()
-    delta = torch.empty(n, dtype=torch.float32)
-    dropped = torch.empty(n, dtype=torch.float32)
-    _ext.drop(
+    mask = torch.empty(n, dtype=torch.uint8)
+    before, after = _ext.l1_drop(
         x.data_ptr(), _DTYPES[x.dtype], base.data_ptr(), _DTYPES[base.dtype], n, spec,
-        rng.key, rng.offset, i, delta.data_ptr(), dropped.data_ptr(), *_conv(n), _isa(),
+        rng.key, rng.offset, i, mask.data_ptr(), *_conv(n), _isa(),
     )  # fmt: skip
-    scale = l1_scale(delta, dropped)
-    if scale is None:
-        return spec
-    if scale.isnan():  # NaN in the piece: which NaN torch's product keeps depends on its loop
+    scale = l1_factor(before, after)
+    if (
+        scale is not None and scale.isnan()
+    ):  # NaN: which NaN torch's product keeps depends on its loop
         raise _UseReference
-    return (spec[0], _RS_MUL, float(scale), *spec[3:])
+    keep.append(mask)
+    rescale, factor = (_RS_NONE, 1.0) if scale is None else (_RS_MUL, float(scale))
+    return (_SP_MASK, rescale, factor, *spec[3:-1], mask.data_ptr())
 
 
 class _UseReference(Exception):
@@ -471,7 +480,7 @@ def _native(
 ) -> torch.Tensor:
     n = base.numel()
     consensus = name in ("ties", "dare_ties", "della", "breadcrumbs_ties")
-    keep: list[torch.Tensor] = []  # buffers the C code reads (DELLA's probabilities)
+    keep: list[torch.Tensor] = []  # buffers the C code reads (DELLA's probabilities, masks)
     specs = []
     for i, x in enumerate(xs):
         d = p.density[i]
@@ -495,7 +504,7 @@ def _native(
                 continue
             rs = _RS_DIV if p.rescale == "density" else _RS_NONE
             spec = _spec(_SP_DARE, rs, div=float(d), thresh=keep_threshold(d))
-            specs.append(_l1(spec, x, base, r, i) if p.rescale == "l1" else spec)
+            specs.append(_l1(spec, x, base, r, i, keep) if p.rescale == "l1" else spec)
         else:  # della
             if d >= 1:
                 specs.append(_spec())
@@ -511,7 +520,7 @@ def _native(
             keep.append(probs)
             rs = _RS_PROB if p.rescale == "probability" else _RS_NONE
             spec = _spec(_SP_DELLA, rs, probs=probs.data_ptr())
-            specs.append(_l1(spec, x, base, r, i) if p.rescale == "l1" else spec)
+            specs.append(_l1(spec, x, base, r, i, keep) if p.rescale == "l1" else spec)
     res, _ = _run(xs, base, specs, _combine(p, consensus), r, out)
     del keep
     return res

@@ -54,6 +54,8 @@ __all__ = [
     "della_keep_probs",
     "disjoint_merge",
     "elect_sign",
+    "l1_factor",
+    "l1_norm",
     "l1_rescale",
     "l1_scale",
     "linear_combine",
@@ -216,16 +218,56 @@ def trim_band(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor
 # ---------------------------------------------------------------------------- random drops
 
 
+L1_LANES = 8
+
+
+def l1_norm(x: torch.Tensor) -> float:
+    """The L1 norm of ``x`` in soupkit's fixed order, as a float64 (NaN if ``x`` holds NaN).
+
+    The magnitudes as float64, in rows of 8 (flat element ``j`` in row ``j // 8``, lane
+    ``j % 8``; the last row padded with zeros), the rows padded with zero rows to a power of two
+    and summed as a pairwise tree (adjacent rows, then adjacent pairs, ...; ``x + 0`` is exact,
+    so the padding changes nothing), then the lanes as
+    ``((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7))``. The order depends only on the size,
+    so the native kernel (`soupkit.kernels.sparsify`, which builds the same tree as the rows
+    stream in) computes the same bits, on any number of threads; and float64 sums of float32
+    magnitudes carry no float32 rounding. (Before issue 17: a float32 ``sum()`` in torch's
+    own order, which C does not reproduce at full speed.)
+    """
+    flat = x.detach().reshape(-1)
+    n = flat.numel()
+    rows = -(-n // L1_LANES)
+    if rows == 0:
+        return 0.0
+    power = 1 << (rows - 1).bit_length()
+    a = torch.empty(power * L1_LANES, dtype=torch.float64)
+    a[:n].copy_(flat).abs_()
+    a[n:].zero_()
+    r = a.view(power, L1_LANES)
+    while r.shape[0] > 1:
+        pairs = r.view(-1, 2, L1_LANES)
+        r = pairs[:, 0] + pairs[:, 1]
+    lane: list[float] = r[0].tolist()
+    return ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]))
+
+
+def l1_factor(before: float, after: float, eps: float = 1e-7) -> torch.Tensor | None:
+    """The float32 factor (0-d) ``f32(before) / f32(after)`` of two `l1_norm` values (each
+    rounded once to float32), or None when either is below ``eps`` (mergekit's rule)."""
+    b, a = torch.tensor([before, after], dtype=torch.float64).to(torch.float32).unbind()
+    if b < eps or a < eps:
+        return None
+    factor: torch.Tensor = b / a
+    return factor
+
+
 def l1_scale(
     original: torch.Tensor, masked: torch.Tensor, eps: float = 1e-7
 ) -> torch.Tensor | None:
-    """The float32 factor (0-d) that gives ``masked`` the L1 norm of ``original``, or None when
-    either norm is below ``eps`` (then ``masked`` stays as it is, as mergekit does)."""
-    before = original.abs().sum()
-    after = masked.abs().sum()
-    if before < eps or after < eps:
-        return None
-    return before / after
+    """The float32 factor (0-d) that gives ``masked`` the L1 norm of ``original`` (`l1_norm`,
+    `l1_factor`), or None when either norm is below ``eps`` (then ``masked`` stays as it is,
+    as mergekit does)."""
+    return l1_factor(l1_norm(original), l1_norm(masked), eps)
 
 
 def l1_rescale(original: torch.Tensor, masked: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:

@@ -27,7 +27,8 @@ Convention switches (defaults = mergekit's, so a mergekit recipe gives mergekit'
   scale the sparsified tensor to the L1 norm of the original), ``none``. mergekit's boolean
   form is accepted: ``true`` = ``density``, ``false`` = ``none``. Deviation: the engine works
   on blocks of 2^20 elements, so ``l1`` matches the norm per block (per tensor, as mergekit
-  does, for tensors up to 2^20 elements).
+  does, for tensors up to 2^20 elements). The norms are float64 sums in a fixed order
+  (`_ops.l1_norm`), so the native kernels give the same bytes.
 - ``dare_ties`` also takes the consensus switches of `ties` (``sign_source``, ``sign_tie``,
   ``aggregation``): paper = unweighted / zero / mean (TIES Algorithm 1, as PEFT's
   ``dare_ties`` up to its ``positive`` tie rule); mergekit = weighted / positive / sum

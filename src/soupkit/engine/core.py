@@ -347,18 +347,21 @@ class _Engine(Schedule):
             if key not in self.accs:
                 self.accs[key] = decl.start(job.params, job.numel)
             accs.append((k, decl, self.accs[key]))
+        # the magnitude counts run natively where every plan's pieces do (same deltas); they
+        # are compute-bound then (about 1 ns per entry and model), so every compute thread counts
+        native = bool(accs) and all(self._sparse_for(k, u.j) is not None for k, _, _ in accs)
+        threads = self.workers if native else self.stream_workers
         prepass.accumulate(
             [(d, a) for _, d, a in accs],
             u.step,
             u.raws,
             u.b - u.a,
             pieces=self.compute_elems,
-            threads=self.stream_workers if self.helpers.pool is not None else 1,
+            threads=threads if self.helpers.pool is not None else 1,
             split=self.helpers.split,
             spaces=self.spaces,
             last=last,
-            # the magnitude counts run natively where every plan's pieces do (same deltas)
-            native=bool(accs) and all(self._sparse_for(k, u.j) is not None for k, _, _ in accs),
+            native=native,
         )
         for k, _, acc in accs:
             if last and u.step == self._tensor_passes(k, u.j) - 1:
@@ -400,7 +403,7 @@ class _Engine(Schedule):
         def count(s: int, e: int, t: int) -> None:
             counts[s] = stat.count([x[s:e] for x in xs], br[s:e], fn.count_equal)
 
-        self.helpers.split(ranges, count, self.stream_workers)
+        self.helpers.split(ranges, count, self.workers)
         return {s: stat.piece_counted(counts[s]) for s, _ in ranges}
 
     def _merge(self, u: Unit, active: Sequence[int]) -> None:
@@ -420,10 +423,10 @@ class _Engine(Schedule):
                     for s, e in ranges:
                         self._piece(u, k, dest, s, e, 0, stat)
                 else:
-                    self.helpers.split(
+                    self.helpers.split(  # the cut kernels are compute-bound: every thread
                         ranges,
                         lambda s, e, t: self._piece(u, k, dest, s, e, t, stat, parts[s]),
-                        self.stream_workers,
+                        self.workers,
                     )
             else:
                 block = mode == BLOCK

@@ -443,3 +443,42 @@ def test_cut_piece_equals_the_reference_piece_by_piece(name: str, dtype: torch.d
         assert _same(got, want), (name, s)
         pieces.append(got)
     assert _same(torch.cat(pieces), whole)
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.data())
+def test_global_topk_counted_natively_equals_the_torch_counts(data: Any) -> None:
+    """`GlobalTopK` (TIES ``trim_scope: global``) fed the native histograms of several tensors'
+    chunks (`magnitude_hist` from the stored dtypes) gives the cuts of the torch counts over the
+    float32 patterns, the third pass (surplus ties counted per tensor) included."""
+    from soupkit.engine.prepass import _NativeMagnitude
+    from soupkit.methods._cuts import GlobalTopK
+    from soupkit.methods._topk import magnitude_bits
+
+    tensors = [data.draw(cases()) for _ in range(data.draw(st.integers(1, 3)))]
+    m = min(len(xs) for xs, _ in tensors)
+    total = sum(base.numel() for _, base in tensors)
+    ks = [data.draw(st.integers(-1, total + 1)) for _ in range(m)]
+    accs = {"native": GlobalTopK(total, ks), "torch": GlobalTopK(total, ks)}
+    for step in range(3):
+        for kind, acc in accs.items():
+            if not acc.wants(step):
+                continue
+            for part, (xs, base) in enumerate(tensors):
+                for a, b in _pieces(data.draw, base.numel()):
+                    if kind == "native":
+                        seen: dict[int, Any] = {
+                            i: _NativeMagnitude(xs[i][a:b], base[a:b]) for i in acc.models
+                        }
+                    else:
+                        d = {i: xs[i][a:b].float() - base[a:b].float() for i in acc.models}
+                        seen = {i: magnitude_bits(v) for i, v in d.items()}
+                    acc.add(step, part, seen)
+            acc.end_pass(step)
+    assert accs["native"].wants(2) == accs["torch"].wants(2)
+    for part in range(len(tensors)):
+        got, want = (accs[k].result(part) for k in ("native", "torch"))
+        assert got.quota == want.quota
+        assert [[repr(c) for c in cc] for cc in got.cuts] == [
+            [repr(c) for c in cc] for cc in want.cuts
+        ]

@@ -5,7 +5,8 @@ A method that needs a whole-tensor (or whole-model) statistic before it can stre
 
 - ``scope == "global"`` (`global_stats`): before the merge pass, every tensor in scope (name
   order, `soupkit.planning.prepass.global_prepass_jobs`) is read chunk by chunk, once per pass the
-  accumulator wants; the result is each tensor's statistic;
+  accumulator wants, the chunks shared between the compute threads; the result is each tensor's
+  statistic;
 - ``scope == "tensor"`` (`accumulate`, driven by `soupkit.engine.core`): the engine's pipeline
   reads the tensor's units once per pass before merging it (or counts the unit in hand when it
   holds the whole tensor); the pieces of a unit are shared between the compute threads, each
@@ -19,11 +20,14 @@ The pure math (what is accumulated, how it is finalised) lives with the method i
 
 from __future__ import annotations
 
+import concurrent.futures
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
+from soupkit.engine import native
 from soupkit.engine.compute import Workspace
 from soupkit.engine.pipeline import chunks
 from soupkit.io.header import TensorInfo
@@ -153,12 +157,21 @@ def _file_deltas(
     return load
 
 
-def global_stats(plan: MergePlan, reader: TensorReader) -> dict[str, TensorStat]:
+def global_stats(
+    plan: MergePlan, reader: TensorReader, threads: int = 1
+) -> dict[str, TensorStat]:
     """Run ``plan``'s global pre-pass: each tensor in scope's statistic (empty: none in scope).
+
+    The chunks of a pass are shared between ``threads`` threads, each reading its chunks and
+    counting into its own fork of the accumulator (added back with ``join``: integer counts,
+    the same in any order). Where the plan's pieces run on a native kernel (the stored dtypes
+    convert straight to the deltas' float32), magnitude patterns are counted natively from the
+    stored dtypes (`soupkit.kernels.sparsify.magnitude_hist`), as the per-tensor pre-pass does.
 
     Args:
         plan: the merge plan (exact mode never streams, so it has no pre-pass).
         reader: an open `TensorReader`.
+        threads: threads that read and count the chunks.
     """
     decl = plan.method.prepass
     chosen = global_prepass_jobs(plan.method, plan.jobs)
@@ -167,11 +180,52 @@ def global_stats(plan: MergePlan, reader: TensorReader) -> dict[str, TensorStat]
     params = chosen[0].params  # the declaration's check made them agree
     acc = decl.start(params, sum(j.numel for j in chosen))
     cast = getattr(torch, plan.config.dtype) if plan.config.dtype else None
+    index = {id(j): n for n, j in enumerate(plan.jobs)}
+    counted = [native.sparse_kernel(plan, index[id(j)], cast) is not None for j in chosen]
+    tasks = [
+        (part, job, a, b)
+        for part, job in enumerate(chosen)
+        for a, b in chunks(job.numel, plan.chunk_elems)
+    ]
+    threads = max(1, min(threads, len(tasks)))
     for step in range(decl.passes(params)):
         if not acc.wants(step):
             continue
-        for part, job in enumerate(chosen):
-            for a, b in chunks(job.numel, plan.chunk_elems):
-                observe_into([(decl, acc)], step, part, _file_deltas(reader, cast, job, a, b))
+        forks = [acc] + [acc.fork() for _ in range(1, threads)]
+        todo = iter(tasks)
+        lock = threading.Lock()
+
+        def count(t: int) -> None:
+            with torch.inference_mode():  # as the engine's threads: the counts are its tensors
+                while True:
+                    with lock:
+                        task = next(todo, None)
+                    if task is None:
+                        return
+                    part, job, a, b = task
+                    raw = None
+                    if counted[part]:
+                        assert job.base is not None
+                        base = reader.read(job.base, a, b)
+
+                        def raw(i: int, job: TensorJob = job, b0: torch.Tensor = base) -> Any:
+                            return _NativeMagnitude(reader.read(job.inputs[i], a, b), b0)
+
+                    deltas = _file_deltas(reader, cast, job, a, b)
+                    observe_into([(decl, forks[t])], step, part, deltas, raw)
+
+        if threads == 1:
+            count(0)
+        else:
+            with concurrent.futures.ThreadPoolExecutor(threads - 1) as pool:
+                futures = [pool.submit(count, t) for t in range(1, threads)]
+                try:
+                    count(0)
+                finally:
+                    todo = iter(())  # the helpers stop after their current chunk
+                for f in futures:
+                    f.result()
+        for fork in forks[1:]:
+            acc.join(fork)
         acc.end_pass(step)
     return {j.name: acc.result(part) for part, j in enumerate(chosen)}

@@ -25,6 +25,7 @@ from soupkit.methods._topk import (
     HI_BINS,
     LO_BINS,
     MagnitudeCut,
+    MagnitudeHist,
     TopKSelect,
     chunk_cut,
     select_bucket,
@@ -187,6 +188,9 @@ class GlobalTopK:
     def add(self, step: int, part: int, observed: Mapping[int, torch.Tensor]) -> None:
         for i in self.active:
             bits = observed[i]
+            if not isinstance(bits, torch.Tensor):  # patterns that count themselves natively
+                self._add_counted(step, part, i, bits)
+                continue
             if step == 0:
                 self.hi[i] += torch.bincount(bits >> 16, minlength=HI_BINS)
             elif step == 1:
@@ -195,6 +199,19 @@ class GlobalTopK:
             elif i in self.patterns:
                 key = (i, part)
                 self.tied[key] = self.tied.get(key, 0) + int((bits == self.patterns[i]).sum())
+
+    def _add_counted(self, step: int, part: int, i: int, bits: MagnitudeHist) -> None:
+        """`add` of model i's chunk given as a `MagnitudeHist`: the same counts."""
+        if step == 0:
+            bits.hist(self.hi[i], -1)
+        elif step == 1:
+            bits.hist(self.lo[i], self.buckets[i][0])
+        elif i in self.patterns:  # the tied pattern's count: its bin in its bucket's histogram
+            pattern = self.patterns[i]
+            lo = torch.zeros(LO_BINS, dtype=torch.int64)
+            bits.hist(lo, pattern >> 16)
+            key = (i, part)
+            self.tied[key] = self.tied.get(key, 0) + int(lo[pattern & 0xFFFF])
 
     def end_pass(self, step: int) -> None:
         if step == 0:

@@ -107,6 +107,8 @@ class _Engine(Schedule):
         # per (plan, tensor): a per-tensor pre-pass being accumulated, then its statistic
         self.accs: dict[tuple[int, int], Accumulator] = {}
         self.stats: dict[tuple[int, int], TensorStat] = {}
+        # the helper threads' forks of the pre-pass accumulators, kept for a pass's units
+        self.forks: dict[int, list[Accumulator]] = {}
         # per (plan, tensor): the native kernel of an elementwise piece, or None (torch)
         self.kernel_fns: dict[tuple[int, int], kernels.PieceKernel | None] = {}
         # per (plan, tensor): the native kernel of a sparsifying method, or None (torch)
@@ -362,6 +364,7 @@ class _Engine(Schedule):
             spaces=self.spaces,
             last=last,
             native=native,
+            forks=self.forks,
         )
         for k, _, acc in accs:
             if last and u.step == self._tensor_passes(k, u.j) - 1:

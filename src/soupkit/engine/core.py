@@ -390,9 +390,9 @@ class _Engine(Schedule):
     ) -> dict[int, object] | None:
         """Plan k's statistic's part of every piece of unit ``u`` (by first element), so that
         the pieces then run on every compute thread: the compute threads count the pieces
-        (`soupkit.methods._spec.CountedStat.count`, natively from the stored dtypes: the tie quota of
-        a piece depends only on the counts of the pieces before it), then this thread hands the
-        parts out in flat order. None: the pieces run in order on this thread (one thread, no
+        (`soupkit.methods._spec.CountedStat.count`, natively from the stored dtypes: the tie
+        quota of a piece depends only on the counts of the pieces before it), then this thread
+        hands the parts out in flat order. None: the pieces run in order on this thread (one thread, no
         native kernel, or a statistic that cannot be counted ahead)."""
         fn = self._sparse_for(k, u.j)
         if fn is None or self.helpers.pool is None or not isinstance(stat, CountedStat):
@@ -408,6 +408,20 @@ class _Engine(Schedule):
 
         self.helpers.split(ranges, count, self.workers)
         return {s: stat.piece_counted(counts[s]) for s, _ in ranges}
+
+    def _counted_piece(
+        self,
+        u: Unit,
+        k: int,
+        dest: torch.Tensor,
+        stat: TensorStat,
+        parts: Mapping[int, object],
+        s: int,
+        e: int,
+        t: int,
+    ) -> None:
+        """`_piece` of a statistic's piece whose part `_counted_parts` handed out already."""
+        self._piece(u, k, dest, s, e, t, stat, parts[s])
 
     def _merge(self, u: Unit, active: Sequence[int]) -> None:
         n = u.b - u.a
@@ -426,11 +440,8 @@ class _Engine(Schedule):
                     for s, e in ranges:
                         self._piece(u, k, dest, s, e, 0, stat)
                 else:
-                    self.helpers.split(  # the cut kernels are compute-bound: every thread
-                        ranges,
-                        lambda s, e, t: self._piece(u, k, dest, s, e, t, stat, parts[s]),
-                        self.workers,
-                    )
+                    piece = functools.partial(self._counted_piece, u, k, dest, stat, parts)
+                    self.helpers.split(ranges, piece, self.workers)  # compute-bound: every thread
             else:
                 block = mode == BLOCK
                 if mode == ELEM:

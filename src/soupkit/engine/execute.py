@@ -157,8 +157,7 @@ def run_plans(
             skips=skips,
             # a method's global pre-pass (TIES's `trim_scope: global`) runs before the pass
             global_stats=[
-                global_stats(p, reader, compute_threads or _sizes_compute_threads())
-                for p in plans
+                global_stats(p, reader, compute_threads or _sizes_compute_threads()) for p in plans
             ],
             compute_elems=COMPUTE_ELEMS,
             rng_block=RNG_BLOCK,

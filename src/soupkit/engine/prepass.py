@@ -20,15 +20,15 @@ The pure math (what is accumulated, how it is finalised) lives with the method i
 
 from __future__ import annotations
 
-import concurrent.futures
-import threading
+import functools
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from soupkit.engine import native
-from soupkit.engine.compute import Workspace
+from soupkit.engine.compute import Helpers, Workspace
 from soupkit.engine.pipeline import chunks
 from soupkit.io.header import TensorInfo
 from soupkit.io.reader import TensorReader
@@ -166,9 +166,44 @@ def _file_deltas(
     return load
 
 
-def global_stats(
-    plan: MergePlan, reader: TensorReader, threads: int = 1
-) -> dict[str, TensorStat]:
+@dataclass(frozen=True)
+class _Chunk:
+    """Elements [a, b) of tensor ``job``, the ``part``-th in the global scope; ``native``: its
+    magnitudes are counted by the native kernel from the stored dtypes."""
+
+    part: int
+    job: TensorJob
+    a: int
+    b: int
+    native: bool
+
+
+def _count_chunk(
+    decl: Prepass,
+    forks: Sequence[Accumulator],
+    step: int,
+    tasks: Sequence[_Chunk],
+    reader: TensorReader,
+    cast: torch.dtype | None,
+    s: int,
+    e: int,
+    t: int,
+) -> None:
+    """Pass ``step`` of a global pre-pass over chunk ``tasks[s]``, on thread t (into its fork)."""
+    c = tasks[s]
+    raw = None
+    if c.native:
+        assert c.job.base is not None
+        base = reader.read(c.job.base, c.a, c.b)
+
+        def raw(i: int) -> _NativeMagnitude:
+            return _NativeMagnitude(reader.read(c.job.inputs[i], c.a, c.b), base)
+
+    deltas = _file_deltas(reader, cast, c.job, c.a, c.b)
+    observe_into([(decl, forks[t])], step, c.part, deltas, raw)
+
+
+def global_stats(plan: MergePlan, reader: TensorReader, threads: int = 1) -> dict[str, TensorStat]:
     """Run ``plan``'s global pre-pass: each tensor in scope's statistic (empty: none in scope).
 
     The chunks of a pass are shared between ``threads`` threads, each reading its chunks and
@@ -192,49 +227,22 @@ def global_stats(
     index = {id(j): n for n, j in enumerate(plan.jobs)}
     counted = [native.sparse_kernel(plan, index[id(j)], cast) is not None for j in chosen]
     tasks = [
-        (part, job, a, b)
+        _Chunk(part, job, a, b, counted[part])
         for part, job in enumerate(chosen)
         for a, b in chunks(job.numel, plan.chunk_elems)
     ]
     threads = max(1, min(threads, len(tasks)))
-    for step in range(decl.passes(params)):
-        if not acc.wants(step):
-            continue
-        forks = [acc] + [acc.fork() for _ in range(1, threads)]
-        todo = iter(tasks)
-        lock = threading.Lock()
-
-        def count(t: int) -> None:
-            with torch.inference_mode():  # as the engine's threads: the counts are its tensors
-                while True:
-                    with lock:
-                        task = next(todo, None)
-                    if task is None:
-                        return
-                    part, job, a, b = task
-                    raw = None
-                    if counted[part]:
-                        assert job.base is not None
-                        base = reader.read(job.base, a, b)
-
-                        def raw(i: int, job: TensorJob = job, b0: torch.Tensor = base) -> Any:
-                            return _NativeMagnitude(reader.read(job.inputs[i], a, b), b0)
-
-                    deltas = _file_deltas(reader, cast, job, a, b)
-                    observe_into([(decl, forks[t])], step, part, deltas, raw)
-
-        if threads == 1:
-            count(0)
-        else:
-            with concurrent.futures.ThreadPoolExecutor(threads - 1) as pool:
-                futures = [pool.submit(count, t) for t in range(1, threads)]
-                try:
-                    count(0)
-                finally:
-                    todo = iter(())  # the helpers stop after their current chunk
-                for f in futures:
-                    f.result()
-        for fork in forks[1:]:
-            acc.join(fork)
-        acc.end_pass(step)
+    helpers = Helpers(threads)
+    try:
+        for step in range(decl.passes(params)):
+            if not acc.wants(step):
+                continue
+            forks = [acc] + [acc.fork() for _ in range(1, threads)]
+            each = functools.partial(_count_chunk, decl, forks, step, tasks, reader, cast)
+            helpers.split([(n, n + 1) for n in range(len(tasks))], each, threads)
+            for fork in forks[1:]:
+                acc.join(fork)
+            acc.end_pass(step)
+    finally:
+        helpers.shutdown()
     return {j.name: acc.result(part) for part, j in enumerate(chosen)}

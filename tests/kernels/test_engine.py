@@ -223,9 +223,8 @@ def test_engine_sparsifying_kernels_write_the_torch_bytes(
         before = dict(sparse_spy)
         got = _merge(recipe, tmp_path / f"{name}-kernels")
         assert sparse_spy[kind] > before[kind], f"{name}: the kernels did not run"
-        # the per-tensor magnitude pre-pass counts natively (the global one runs on torch)
-        per_tensor = kind == "cut_piece" and "global" not in name
-        assert (sparse_spy["hist"] > before["hist"]) == per_tensor, name
+        # the magnitude pre-passes (per tensor and global) count natively
+        assert (sparse_spy["hist"] > before["hist"]) == (kind == "cut_piece"), name
         assert got == ref, f"{name} {in_dtype}: kernel bytes differ"
 
 
@@ -278,3 +277,68 @@ def test_sparsifying_nonfinite_is_diagnosed_as_on_the_torch_path(
             ref = _merge(recipe, tmp_path / f"{name}-r", allow_nonfinite=True)
         assert got == ref, name
     assert raised >= 2  # the NaN survives TIES's and Breadcrumbs' trims (NaN ranks on top)
+
+
+def _coarse_models(tmp: Path, nan: bool) -> list[str]:
+    """Base + 3 bf16 models whose deltas take few values: many entries tie at every
+    threshold, spread over the pieces and units of each tensor (and a NaN / an Inf)."""
+    g = torch.Generator().manual_seed(5)
+    base = {"a.weight": torch.randn(41, 127, generator=g), "b.bias": torch.randn(2999, generator=g)}
+    paths = []
+    for i in range(4):
+        sd = {
+            k: (v + (torch.randint(-3, 4, v.shape, generator=g) / 64 if i else 0)).to(
+                torch.bfloat16
+            )
+            for k, v in base.items()
+        }
+        if nan and i == 2:
+            sd["b.bias"][1500] = float("nan")
+            sd["a.weight"][3, 5] = float("inf")
+        p = tmp / f"c{i}.safetensors"
+        save_file(sd, str(p))
+        paths.append(str(p))
+    return paths
+
+
+@pytest.mark.parametrize("nan", [False, True], ids=["finite", "nan"])
+def test_statistic_pieces_on_threads_write_the_bytes_of_one_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, nan: bool
+) -> None:
+    """TIES's pieces (tie quotas flowing piece to piece) counted and merged on two threads give
+    the bytes of one thread and of the torch path, per-tensor and global trims."""
+    monkeypatch.setattr(execute, "COMPUTE_ELEMS", 300)
+    ran = [0]
+    counted = core._Engine._counted_parts
+
+    def spy(self: core._Engine, *a: Any) -> Any:
+        parts = counted(self, *a)
+        ran[0] += parts is not None
+        return parts
+
+    monkeypatch.setattr(core._Engine, "_counted_parts", spy)
+    paths = _coarse_models(tmp_path, nan)
+    models = [
+        {"model": p, "parameters": {"weight": w, "density": d}}
+        for p, w, d in zip(paths[1:], (1.0, 0.6, 0.8), (0.5, 0.3, 0.7))
+    ]
+    for scope in ("tensor", "global"):
+        recipe = {
+            "merge_method": "ties",
+            "base_model": paths[0],
+            "models": models,
+            "parameters": {"trim_scope": scope} if scope == "global" else {},
+            "out_dtype": "float32",
+        }
+        out: dict[str, dict[str, bytes]] = {}
+        for threads, kernels in ((2, "1"), (1, "1"), (2, "0")):
+            with monkeypatch.context() as m:
+                m.setattr(execute, "_sizes_compute_threads", lambda t=threads: t)
+                m.setattr(execute, "_sizes_stream_threads", lambda t=threads: t)
+                m.setenv("SOUPKIT_KERNELS", kernels)
+                before = ran[0]
+                key = f"{scope}-{threads}-{kernels}"
+                out[key] = _merge(recipe, tmp_path / key, allow_nonfinite=nan)
+                if kernels == "1":  # one thread: the pieces run in order, no counting ahead
+                    assert (ran[0] > before) == (threads == 2), key
+        assert len({tuple(v.items()) for v in out.values()}) == 1, scope

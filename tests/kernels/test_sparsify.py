@@ -231,6 +231,54 @@ def test_ties_pieces_spend_the_tie_quota_as_the_whole_tensor(data: Any) -> None:
         assert _same(out, K.merge("ties", xs, base, p))
 
 
+@settings(max_examples=200, deadline=None)
+@given(data=st.data(), name=st.sampled_from(K.CUT_METHODS))
+def test_cut_pieces_counted_on_threads_equal_the_pieces_in_order(data: Any, name: str) -> None:
+    """What the engine does with the pieces of a unit: count each piece's ties at the
+    thresholds (`TensorCuts.count`, the native `count_equal`) on several threads in any order,
+    hand the cuts out in flat order (`piece_counted`), then run the pieces on several threads:
+    the bytes, and the quotas left, of the pieces handed out one after another by
+    `TensorCuts.piece` and merged by the torch reference (ties at the thresholds spread over
+    the pieces, NaN / Inf, every dtype)."""
+    from soupkit.methods._cuts import TensorCuts
+
+    xs, base = data.draw(cases())
+    p = _params(data.draw, name, len(xs))
+    n = base.numel()
+    cuts = []
+    for x, d, g in zip(xs, p.density, getattr(p, "gamma", [None] * len(xs)), strict=True):
+        keep = int(d * n)
+        if g is None:
+            cuts.append((K.magnitude_cut(x, base, keep) if d < 1 else None,))
+        else:
+            top = min(int(g * n), n - keep)
+            cuts.append((K.magnitude_cut(x, base, top + keep), K.magnitude_cut(x, base, top)))
+    pieces = _pieces(data.draw, n)
+    threaded, ordered = TensorCuts(cuts), TensorCuts(cuts)
+    order = data.draw(st.permutations(range(len(pieces))))
+
+    def count(i: int) -> tuple[int, Any]:
+        a, b = pieces[i]
+        return i, threaded.count([x[a:b] for x in xs], base[a:b], K.count_equal)
+
+    with concurrent.futures.ThreadPoolExecutor(data.draw(st.integers(1, 3))) as pool:
+        counts = dict(pool.map(count, order))
+        parts = [threaded.piece_counted(counts[i]) for i in range(len(pieces))]
+        out = torch.empty(n, dtype=torch.float32)
+
+        def run(i: int) -> None:
+            a, b = pieces[i]
+            K.cut_piece(name, [x[a:b] for x in xs], base[a:b], p, parts[i], out=out[a:b])
+
+        list(pool.map(run, order))
+    ref = torch.empty(n, dtype=torch.float32)
+    for a, b in pieces:
+        px, pb = [x[a:b].float() for x in xs], base[a:b].float()
+        K._reference(name, px, pb, p, None, ordered.piece(px, pb), out=ref[a:b])
+    assert threaded.quota == ordered.quota
+    assert _same(out, ref), (name, p)
+
+
 @settings(max_examples=100, deadline=None)
 @given(data=st.data(), name=st.sampled_from(["dare_linear", "dare_ties"]))
 def test_dare_pieces_on_threads_equal_the_whole_tensor(data: Any, name: str) -> None:
@@ -476,3 +524,42 @@ def test_cut_piece_equals_the_reference_piece_by_piece(name: str, dtype: torch.d
         assert _same(got, want), (name, s)
         pieces.append(got)
     assert _same(torch.cat(pieces), whole)
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.data())
+def test_global_topk_counted_natively_equals_the_torch_counts(data: Any) -> None:
+    """`GlobalTopK` (TIES ``trim_scope: global``) fed the native histograms of several tensors'
+    chunks (`magnitude_hist` from the stored dtypes) gives the cuts of the torch counts over the
+    float32 patterns, the third pass (surplus ties counted per tensor) included."""
+    from soupkit.engine.prepass import _NativeMagnitude
+    from soupkit.methods._cuts import GlobalTopK
+    from soupkit.methods._topk import magnitude_bits
+
+    tensors = [data.draw(cases()) for _ in range(data.draw(st.integers(1, 3)))]
+    m = min(len(xs) for xs, _ in tensors)
+    total = sum(base.numel() for _, base in tensors)
+    ks = [data.draw(st.integers(-1, total + 1)) for _ in range(m)]
+    accs = {"native": GlobalTopK(total, ks), "torch": GlobalTopK(total, ks)}
+    for step in range(3):
+        for kind, acc in accs.items():
+            if not acc.wants(step):
+                continue
+            for part, (xs, base) in enumerate(tensors):
+                for a, b in _pieces(data.draw, base.numel()):
+                    if kind == "native":
+                        seen: dict[int, Any] = {
+                            i: _NativeMagnitude(xs[i][a:b], base[a:b]) for i in acc.models
+                        }
+                    else:
+                        d = {i: xs[i][a:b].float() - base[a:b].float() for i in acc.models}
+                        seen = {i: magnitude_bits(v) for i, v in d.items()}
+                    acc.add(step, part, seen)
+            acc.end_pass(step)
+    assert accs["native"].wants(2) == accs["torch"].wants(2)
+    for part in range(len(tensors)):
+        got, want = (accs[k].result(part) for k in ("native", "torch"))
+        assert got.quota == want.quota
+        assert [[repr(c) for c in cc] for cc in got.cuts] == [
+            [repr(c) for c in cc] for cc in want.cuts
+        ]

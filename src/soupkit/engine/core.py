@@ -54,7 +54,7 @@ from soupkit.errors import MethodInputError, shown
 from soupkit.io.header import DTYPES
 from soupkit.io.reader import TensorReader
 from soupkit.methods._philox import CounterRNG
-from soupkit.methods._spec import Accumulator, TensorStat
+from soupkit.methods._spec import Accumulator, CountedStat, TensorStat
 from soupkit.planning.plan import MergePlan, TensorJob
 
 
@@ -107,6 +107,8 @@ class _Engine(Schedule):
         # per (plan, tensor): a per-tensor pre-pass being accumulated, then its statistic
         self.accs: dict[tuple[int, int], Accumulator] = {}
         self.stats: dict[tuple[int, int], TensorStat] = {}
+        # the helper threads' forks of the pre-pass accumulators, kept for a pass's units
+        self.forks: dict[int, list[Accumulator]] = {}
         # per (plan, tensor): the native kernel of an elementwise piece, or None (torch)
         self.kernel_fns: dict[tuple[int, int], kernels.PieceKernel | None] = {}
         # per (plan, tensor): the native kernel of a sparsifying method, or None (torch)
@@ -222,16 +224,18 @@ class _Engine(Schedule):
         s: int,
         e: int,
         stat: TensorStat | None,
+        part: object = None,
     ) -> bool:
         """Elements [s, e) of unit ``u`` for plan k by a sparsifying kernel: an RNG block, or a
-        piece given its cuts by ``stat``. False (nothing consumed): the torch path computes it."""
+        piece given its cuts by ``stat`` (``part``: the cuts, handed out already). False
+        (nothing consumed): the torch path computes it."""
         job = self.plans[k].jobs[u.j]
         *xr, br = [None if r is None else r[s:e] for r in u.raws]
         xs = [r for r in xr if r is not None]
         if br is None or not all(x.is_contiguous() for x in (*xs, br)):
             return False
         if stat is not None:
-            out = fn.cut_piece(xs, br, stat.piece(xs, br))
+            out = fn.cut_piece(xs, br, stat.piece(xs, br) if part is None else part)
             assert out is not None, f"{fn.name}: a statistic but no cut kernel"
         elif self.modes[k] == BLOCK:
             out = fn.merge(xs, br, self._rng(k, job, u.a + s), whole=False)
@@ -275,16 +279,18 @@ class _Engine(Schedule):
         e: int,
         t: int,
         stat: TensorStat | None = None,
+        part: object = None,
     ) -> None:
         """Elements [s, e) of unit ``u`` for plan k, on thread t: an elementwise piece, an RNG
-        block with its own generator, or a piece of a pre-pass method given its statistic."""
+        block with its own generator, or a piece of a pre-pass method given its statistic
+        (``part``: the piece's part of it, handed out already; None: ``stat`` hands it out)."""
         plan = self.plans[k]
         job = plan.jobs[u.j]
         fn = self.kernel_fns.get((k, u.j)) if stat is None else None
         if fn is not None and self._kernel_piece(u, k, fn, dest, s, e, t):
             return
         sparse = self.sparse_fns.get((k, u.j))
-        if sparse is not None and self._sparse_piece(u, k, sparse, dest, s, e, stat):
+        if sparse is not None and self._sparse_piece(u, k, sparse, dest, s, e, stat, part):
             return
         if u.lazy:
             xs, base = self.spaces[t].inputs(
@@ -293,7 +299,8 @@ class _Engine(Schedule):
         else:
             xs, base = self.spaces[t].inputs(u.raws, s, e, job.base is not None)
         rng = self._rng(k, job, u.a + s) if self.modes[k] == BLOCK else None
-        part = stat.piece(xs, base) if stat is not None else None
+        if part is None and stat is not None:
+            part = stat.piece(xs, base)
         out = self._call(k, job, xs, base, rng, part, e - s)
         self._emit(k, job, out, u.a + s, u.a + e, dest[s:e])
 
@@ -342,18 +349,22 @@ class _Engine(Schedule):
             if key not in self.accs:
                 self.accs[key] = decl.start(job.params, job.numel)
             accs.append((k, decl, self.accs[key]))
+        # the magnitude counts run natively where every plan's pieces do (same deltas); they
+        # are compute-bound then (about 1 ns per entry and model), so every compute thread counts
+        native = bool(accs) and all(self._sparse_for(k, u.j) is not None for k, _, _ in accs)
+        threads = self.workers if native else self.stream_workers
         prepass.accumulate(
             [(d, a) for _, d, a in accs],
             u.step,
             u.raws,
             u.b - u.a,
             pieces=self.compute_elems,
-            threads=self.stream_workers if self.helpers.pool is not None else 1,
+            threads=threads if self.helpers.pool is not None else 1,
             split=self.helpers.split,
             spaces=self.spaces,
             last=last,
-            # the magnitude counts run natively where every plan's pieces do (same deltas)
-            native=bool(accs) and all(self._sparse_for(k, u.j) is not None for k, _, _ in accs),
+            native=native,
+            forks=self.forks,
         )
         for k, _, acc in accs:
             if last and u.step == self._tensor_passes(k, u.j) - 1:
@@ -374,6 +385,44 @@ class _Engine(Schedule):
                 )
         return self.stats.get((k, u.j))
 
+    def _counted_parts(
+        self, u: Unit, k: int, stat: TensorStat, ranges: Sequence[tuple[int, int]]
+    ) -> dict[int, object] | None:
+        """Plan k's statistic's part of every piece of unit ``u`` (by first element), so that
+        the pieces then run on every compute thread: the compute threads count the pieces
+        (`soupkit.methods._spec.CountedStat.count`, natively from the stored dtypes: the tie
+        quota of a piece depends only on the counts of the pieces before it), then this thread
+        hands the parts out in flat order. None: the pieces run in order on this thread (one thread, no
+        native kernel, or a statistic that cannot be counted ahead)."""
+        fn = self._sparse_for(k, u.j)
+        if fn is None or self.helpers.pool is None or not isinstance(stat, CountedStat):
+            return None
+        *xr, br = u.raws
+        xs = [r for r in xr if r is not None]
+        if br is None or not all(r.is_contiguous() for r in (*xs, br)):
+            return None
+        counts: dict[int, object] = {}
+
+        def count(s: int, e: int, t: int) -> None:
+            counts[s] = stat.count([x[s:e] for x in xs], br[s:e], fn.count_equal)
+
+        self.helpers.split(ranges, count, self.workers)
+        return {s: stat.piece_counted(counts[s]) for s, _ in ranges}
+
+    def _counted_piece(
+        self,
+        u: Unit,
+        k: int,
+        dest: torch.Tensor,
+        stat: TensorStat,
+        parts: Mapping[int, object],
+        s: int,
+        e: int,
+        t: int,
+    ) -> None:
+        """`_piece` of a statistic's piece whose part `_counted_parts` handed out already."""
+        self._piece(u, k, dest, s, e, t, stat, parts[s])
+
     def _merge(self, u: Unit, active: Sequence[int]) -> None:
         n = u.b - u.a
         for k in active:
@@ -385,9 +434,14 @@ class _Engine(Schedule):
             if mode == WHOLE:
                 self._whole(u, k, dest)
             elif stat is not None:  # pieces in flat order: the statistic is handed out in order
-                self._sparse_for(k, u.j)
-                for s, e in chunks(n, self.compute_elems):
-                    self._piece(u, k, dest, s, e, 0, stat)
+                ranges = list(chunks(n, self.compute_elems))
+                parts = self._counted_parts(u, k, stat, ranges)
+                if parts is None:
+                    for s, e in ranges:
+                        self._piece(u, k, dest, s, e, 0, stat)
+                else:
+                    piece = functools.partial(self._counted_piece, u, k, dest, stat, parts)
+                    self.helpers.split(ranges, piece, self.workers)  # compute-bound: every thread
             else:
                 block = mode == BLOCK
                 if mode == ELEM:

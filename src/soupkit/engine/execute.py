@@ -156,7 +156,9 @@ def run_plans(
             allow_nonfinite=allow_nonfinite,
             skips=skips,
             # a method's global pre-pass (TIES's `trim_scope: global`) runs before the pass
-            global_stats=[global_stats(p, reader) for p in plans],
+            global_stats=[
+                global_stats(p, reader, compute_threads or _sizes_compute_threads()) for p in plans
+            ],
             compute_elems=COMPUTE_ELEMS,
             rng_block=RNG_BLOCK,
             workers=compute_threads or _sizes_compute_threads(),

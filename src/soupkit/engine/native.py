@@ -71,6 +71,12 @@ class SparseKernel:
         shape = self.shape if whole else None
         return sparsify.merge(self.name, xs, base, self.params, rng=rng, shape=shape)
 
+    @staticmethod
+    def count_equal(x: torch.Tensor, base: torch.Tensor, t: float) -> int:
+        """How many entries have ``|x - base| == t`` (float32 deltas), counted from the stored
+        dtypes: what a tie quota needs of a piece (`soupkit.methods._spec.CountedStat`)."""
+        return sparsify.count_equal(x, base, t)
+
     def cut_piece(
         self, xs: Sequence[torch.Tensor], base: torch.Tensor, cuts: Any
     ) -> torch.Tensor | None:

@@ -17,7 +17,7 @@ Pure tensor code, chunk at a time, on the radix select of `soupkit.methods._topk
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
@@ -25,6 +25,7 @@ from soupkit.methods._topk import (
     HI_BINS,
     LO_BINS,
     MagnitudeCut,
+    MagnitudeHist,
     TopKSelect,
     chunk_cut,
     select_bucket,
@@ -52,21 +53,44 @@ class TensorCuts:
         """The cuts of the next piece, from its model tensors ``xs`` and ``base`` (unchanged;
         float32, or their stored dtype, which converts to float32 exactly: a native kernel's
         caller need not convert the piece)."""
+        return self.piece_counted(self.count(xs, base))
+
+    def count(
+        self,
+        xs: Sequence[torch.Tensor],
+        base: torch.Tensor | None,
+        equal: Callable[[torch.Tensor, torch.Tensor, float], int] | None = None,
+    ) -> dict[tuple[int, int], int]:
+        """What `piece_counted` needs of a piece: per (model, cut) whose tie quota is not spent
+        yet, how many entries of the piece have ``|x - base|`` equal to the threshold. Changes
+        nothing, so the pieces of a tensor may be counted on several threads, in any order,
+        before they are handed out. ``equal(x, base, t)`` counts (default: torch on float32
+        copies; a native kernel counts from the stored dtypes, the same number)."""
+        counts: dict[tuple[int, int], int] = {}
+        magnitude: dict[int, torch.Tensor] = {}
+        for i, cc in enumerate(self.cuts):
+            for j, c in enumerate(cc):
+                if c is None or c.ties is None or c.threshold != c.threshold:
+                    continue
+                if self.quota[i][j] <= 0:
+                    continue
+                assert base is not None
+                if equal is not None:
+                    counts[(i, j)] = equal(xs[i], base, c.threshold)
+                    continue
+                if i not in magnitude:
+                    magnitude[i] = (xs[i].float() - base.float()).abs_()
+                counts[(i, j)] = int((magnitude[i] == c.threshold).sum())
+        return counts
+
+    def piece_counted(self, counts: Mapping[tuple[int, int], int]) -> list[Cuts]:
+        """The cuts of the next piece (flat order) from its `count`: each tie quota is spent
+        here, in the order the pieces are handed out."""
         out: list[Cuts] = []
         for i, cc in enumerate(self.cuts):
             row: list[MagnitudeCut | None] = []
-            magnitude: torch.Tensor | None = None
             for j, c in enumerate(cc):
-                if c is None or c.ties is None or c.threshold != c.threshold:
-                    row.append(c)
-                    continue
-                equal = 0
-                if self.quota[i][j] > 0:
-                    assert base is not None
-                    if magnitude is None:
-                        magnitude = (xs[i].float() - base.float()).abs_()
-                    equal = int((magnitude == c.threshold).sum())
-                pc, self.quota[i][j] = chunk_cut(c, equal, self.quota[i][j])
+                pc, self.quota[i][j] = chunk_cut(c, counts.get((i, j), 0), self.quota[i][j])
                 row.append(pc)
             out.append(tuple(row))
         return out
@@ -164,6 +188,9 @@ class GlobalTopK:
     def add(self, step: int, part: int, observed: Mapping[int, torch.Tensor]) -> None:
         for i in self.active:
             bits = observed[i]
+            if not isinstance(bits, torch.Tensor):  # patterns that count themselves natively
+                self._add_counted(step, part, i, bits)
+                continue
             if step == 0:
                 self.hi[i] += torch.bincount(bits >> 16, minlength=HI_BINS)
             elif step == 1:
@@ -172,6 +199,19 @@ class GlobalTopK:
             elif i in self.patterns:
                 key = (i, part)
                 self.tied[key] = self.tied.get(key, 0) + int((bits == self.patterns[i]).sum())
+
+    def _add_counted(self, step: int, part: int, i: int, bits: MagnitudeHist) -> None:
+        """`add` of model i's chunk given as a `MagnitudeHist`: the same counts."""
+        if step == 0:
+            bits.hist(self.hi[i], -1)
+        elif step == 1:
+            bits.hist(self.lo[i], self.buckets[i][0])
+        elif i in self.patterns:  # the tied pattern's count: its bin in its bucket's histogram
+            pattern = self.patterns[i]
+            lo = torch.zeros(LO_BINS, dtype=torch.int64)
+            bits.hist(lo, pattern >> 16)
+            key = (i, part)
+            self.tied[key] = self.tied.get(key, 0) + int(lo[pattern & 0xFFFF])
 
     def end_pass(self, step: int) -> None:
         if step == 0:

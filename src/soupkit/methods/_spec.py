@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, Protocol
+from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -38,6 +38,7 @@ from soupkit.methods._philox import CounterRNG
 
 __all__ = [
     "Accumulator",
+    "CountedStat",
     "ExactCheckFn",
     "MethodFn",
     "MethodSpec",
@@ -62,6 +63,27 @@ class TensorStat(Protocol):
         """The method's ``stat=`` argument for the next piece (pieces come in flat order), from
         the piece's model tensors ``xs`` and ``base`` (read only): float32, or their stored
         dtype when a native kernel computes the piece (convert with ``.float()``)."""
+        ...
+
+
+@runtime_checkable
+class CountedStat(TensorStat, Protocol):
+    """A `TensorStat` whose hand-out splits into a count of each piece, which changes nothing
+    (so the engine counts a unit's pieces on several threads) and a cheap hand-out in flat
+    order from those counts; ``piece(xs, base)`` is ``piece_counted(count(xs, base))``."""
+
+    def count(
+        self,
+        xs: Sequence[torch.Tensor],
+        base: torch.Tensor | None,
+        equal: Callable[[torch.Tensor, torch.Tensor, float], int] | None = None,
+    ) -> Any:
+        """What the piece's hand-out needs, counted (``equal(x, base, t)``: how many entries
+        have ``|x - base| == t``; None: torch counts)."""
+        ...
+
+    def piece_counted(self, counts: Any) -> Any:
+        """The method's ``stat=`` argument for the next piece (flat order), from its count."""
         ...
 
 

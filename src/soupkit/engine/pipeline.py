@@ -4,7 +4,9 @@ Threads share the work, so that reading, computing and writing overlap:
 
 - a reader thread (`ReadAhead`) reads the raw bytes of the next unit (a chunk of every input of
   a tensor) with os.preadv into pooled buffers (`BufferPool`) while the current one is computed
-  (preadv releases the GIL); `Budget` bounds the bytes of units in flight;
+  (preadv releases the GIL); `Budget` bounds the bytes of units in flight. A lazy unit (its
+  pieces read by the compute threads) is only announced to the kernel (`TensorReader.advise`),
+  so that a cold disk reads it ahead instead of idling between the compute threads' reads;
 - the main thread and its helpers compute (`soupkit.engine.core`, `soupkit.engine.compute`);
 - a writer thread (`WriteBehind`) hands output buffers to the sinks (pwrite and the on-the-fly
   sha256, both of which release the GIL), in order.

@@ -129,8 +129,8 @@ def words(rng: CounterRNG, stream: int, n: int) -> torch.Tensor:
     stream ``stream`` (the model's position).
 
     The counters run ``_CHUNK`` at a time (each word's int64 tensor then stays in the CPU's
-    cache across the ten rounds: about 1.8x less CPU than whole-tensor passes for 2^20
-    elements, measured); each
+    cache across the ten rounds: 1.2-1.8x less CPU than whole-tensor passes for 2^20
+    elements, benchmarks/README.md); each
     counter's words depend on that counter alone, so the chunking changes no word."""
     if n == 0:
         return torch.empty(0, dtype=torch.int64)

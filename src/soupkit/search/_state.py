@@ -1,7 +1,7 @@
 """Shared plumbing of the search algorithms: read one ingredient, hash it, name an evaluator.
 
-* `read_state` loads one checkpoint into memory tensor by tensor through `soupkit.io`; search code
-  calls it for one ingredient at a time, never for all of them at once.
+* `read_state` loads one checkpoint into memory tensor by tensor through `soupkit.io` (public
+  API; the greedy workers read their ingredients with their own `TensorReader`).
 * `checkpoint_digest` is the *content* identity of a checkpoint (what score caches key on): the
   SHA-256 of the SHA-256s of its safetensors files, in storage order. Hashing reads every byte
   once; `soupkit.io.digest.HashCache` remembers a file's hash under a fast key (path, device,

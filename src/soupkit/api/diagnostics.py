@@ -31,7 +31,6 @@ are drawn with matplotlib's Agg canvas when an output folder is given.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -49,6 +48,7 @@ from soupkit.api.merging import merge_state_dicts
 from soupkit.errors import UsageError
 from soupkit.evaluate import load_evaluator, run_evaluator
 from soupkit.io.checkpoint import Checkpoint, in_memory_checkpoint, open_checkpoint
+from soupkit.io.digest import sha256_file
 from soupkit.io.names import KeyMap, as_state_dict, prefix_hint, rename_checkpoint
 from soupkit.io.reader import TensorReader
 
@@ -236,7 +236,7 @@ def _file_digest(path: Path) -> str | None:
     try:
         if path.stat().st_size > 200_000_000:
             return None
-        return hashlib.sha256(path.read_bytes()).hexdigest()
+        return sha256_file(path)
     except OSError:
         return None
 

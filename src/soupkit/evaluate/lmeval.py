@@ -38,6 +38,7 @@ import torch
 from soupkit._util.extras import require
 from soupkit.errors import EvaluationError
 from soupkit.evaluate.builtin import _load_hf, _resolve_dtype, _StateLoader
+from soupkit.io.digest import sha256_file
 
 __all__ = ["LMEvalEvaluator"]
 
@@ -57,10 +58,6 @@ def _lm_eval() -> Any:
     lm_eval = require("lm_eval", "lm-eval", feature, EvaluationError)
     require("lm_eval.evaluator", "lm-eval", feature, EvaluationError)
     return lm_eval
-
-
-def _sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 class LMEvalEvaluator:
@@ -139,16 +136,16 @@ class LMEvalEvaluator:
         files: dict[str, str] = {}
         for name in _HASHED:
             if (self.model_dir / name).is_file():
-                files[name] = _sha(self.model_dir / name)
+                files[name] = sha256_file(self.model_dir / name)
         if self.include_path is not None:
             for f in sorted(self.include_path.rglob("*")):
                 if f.is_file() and f.stat().st_size < 200_000_000:
-                    files[str(f.relative_to(self.include_path))] = _sha(f)
+                    files[str(f.relative_to(self.include_path))] = sha256_file(f)
                     if f.suffix in (".yaml", ".yml"):  # local data files the task names
                         for line in f.read_text(encoding="utf-8", errors="replace").split():
                             p = Path(line.strip("'\",{}[]"))
                             if p.is_absolute() and p.is_file() and p.stat().st_size < 200_000_000:
-                                files[str(p)] = _sha(p)
+                                files[str(p)] = sha256_file(p)
         settings = {
             "tasks": self.tasks,
             "metric": self.metric,

@@ -5,14 +5,16 @@ The report of a merge records the sha256 of every input file so a soup can be au
 rebuilt. Hashing costs a full read of every input, which would add a second pass to a merge
 that is itself bound by reading. `BackgroundHasher` overlaps that pass with the merge: its
 threads read the files in 8 MiB blocks and feed ``hashlib`` (which releases the GIL on large
-buffers), so on two or more cores the hashes cost little wall time, and the reads mostly hit
-the page cache the merge is filling anyway. Memory is one block per thread. sha256 runs at
-about 2 GB/s per core even with the CPU's SHA instructions, so one thread alone finished
-about 2 s after a 7 GB linear merge on two cores, the other core idle; two threads, the
-largest files first, finish with the merge (benchmarks/README.md, "Issue 17").
+buffers), and the reads mostly hit the page cache the merge is filling anyway. Memory is one
+block per thread. sha256 runs at 1.1-1.3 GiB/s per core here even with the CPU's SHA
+instructions, so one thread alone finished about 2 s after a 7 GB linear merge on two cores,
+the other core idle; two threads, the largest files first, finish with the merge. On two cores
+the hashing is then the larger part of a first merge's CPU time (benchmarks/README.md,
+"Issue 17").
 
-`sha256_file` is the only place soupkit reads a file to hash it (shards, inputs, search
-ingredients, evaluator sources), in `BLOCK`-sized reads.
+`sha256_file` is the one helper soupkit hashes a file with (inputs, search ingredients,
+evaluator sources, the lm-eval evaluator's files, `soupkit diff`'s carried files), in
+`BLOCK`-sized reads; output shards are hashed as they are written (`soupkit.io.output`).
 
 `HashCache` remembers digests across runs under a file's identity and state (path, device,
 inode, size, modification and change times), as git's index does: merging the same inputs

@@ -134,10 +134,6 @@ class _Engine(Schedule):
         self.writer = WriteBehind(self.out_pool)
         self.helpers = Helpers(self.workers)
 
-    # ------------------------------------------------------------------ schedule (reader thread)
-
-    # ------------------------------------------------------- compute (main thread and helpers)
-
     def _call(
         self,
         k: int,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from soupkit.errors import NonFiniteError, shown
-from soupkit.io.header import DTYPES, TensorInfo
+from soupkit.io.header import DTYPES
 from soupkit.io.reader import TensorReader
 from soupkit.planning.plan import MergePlan, TensorJob
 
@@ -111,15 +111,8 @@ def nonfinite_error(
 
 
 class Loader:
-    """Reads ranges as float32 (through the recipe's `dtype` first, if set): the diagnostics' reader."""
+    """What the diagnostics read with: the run's reader and the recipe's `dtype` (None: none)."""
 
     def __init__(self, reader: TensorReader, cast_to: torch.dtype | None) -> None:
         self.reader = reader
         self.cast_to = cast_to
-
-    def f32(self, info: TensorInfo, a: int, b: int) -> torch.Tensor:
-        raw = self.reader.read(info, a, b)
-        if self.cast_to is not None and raw.dtype != self.cast_to:
-            raw = raw.to(self.cast_to)
-        # Methods own (and may overwrite) the tensors they get: never hand them a user's tensor.
-        return raw.to(torch.float32, copy=info.data is not None)

@@ -349,9 +349,7 @@ def _linear_program(
 ) -> _Program | None:
     if _ext is None or len(weights) != len(in_dtypes):
         return None
-    cal = _calibrate()
-    fma = _ext.FMA if cal is not None and cal.fused else _ext.MUL_ADD
-    kinds = [_ext.SET_MUL] + [fma] * (len(weights) - 1)
+    kinds = list(_kinds(len(weights)))
     flags = _ext.DIV if normalize else 0
     total = _f32_sum(weights) if all(math.isfinite(w) for w in weights) else 1.0
     return _program(kinds, weights, flags, in_dtypes, None, out_dtype, weights, total)

@@ -18,9 +18,10 @@ norms of the delta and of the dropped delta in `soupkit.methods._ops.l1_norm`'s 
 and the factor. A piece whose factor is NaN (it holds a NaN) runs the reference: which of two
 NaN operands torch's product keeps depends on its loop.
 
-The piece-wise form of TIES (`ties_piece`) is what a streaming engine calls: each model's cut
-(`MagnitudeCut`, from the radix select that `magnitude_hist` serves) with its tie quota spent
-in flat order across pieces, exactly as ``soupkit.methods._topk.chunk_cut`` spends it.
+The engine streams TIES with `cut_piece`, given each piece's cuts by
+``soupkit.methods._cuts.TensorCuts`` (each model's `MagnitudeCut`, its tie quota spent in flat
+order across pieces, the ties counted by `count_equal`). `ties_piece` does the same in one call
+(the cuts and the quota bookkeeping together), for tests and `benchmarks/kernels_sparsify.py`.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from soupkit.kernels import _calibrate, available, isa
 from soupkit.kernels import supports as _supports_dtypes
 from soupkit.methods import MagnitudeCut, Params
 from soupkit.methods import get as get_method
-from soupkit.methods._ops import l1_factor, topk_cut
+from soupkit.methods._ops import band_ranks, l1_factor, topk_cut
 from soupkit.methods._philox import CounterRNG, counter_rng, keep_threshold
 
 _ext: ModuleType | None
@@ -489,15 +490,9 @@ def _native(
             cut = magnitude_cut(x, base, kk) if d < 1 else None
             specs.append(_spec() if cut is None else _spec(_SP_CUT, cut=_cut_spec(cut)))
         elif name.startswith("breadcrumbs"):
-            keep_n = int(d * n)
-            top = min(int(p.gamma[i] * n), n - keep_n)
-            if top <= 0 and keep_n >= n:
-                specs.append(_spec())
-                continue
-            upper = magnitude_cut(x, base, top + keep_n)
-            lower = magnitude_cut(x, base, top)
-            low = _cut_spec(lower) if (top > 0 and lower is not None) else None
-            specs.append(_spec(_SP_BAND, cut=_cut_spec(upper), low=low))
+            top, keep_n = band_ranks(n, d, p.gamma[i])
+            lower = magnitude_cut(x, base, top) if top > 0 else None
+            specs.append(_band_spec(magnitude_cut(x, base, top + keep_n), lower))
         elif name.startswith("dare"):
             if d >= 1:
                 specs.append(_spec())

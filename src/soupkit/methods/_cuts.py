@@ -242,10 +242,6 @@ class GlobalTopK:
         for key, n in part.tied.items():
             self.tied[key] = self.tied.get(key, 0) + n
 
-    def threshold(self, i: int) -> float:
-        """Model i's global threshold (the k-th largest magnitude), after pass 1."""
-        return self.found[i][0]
-
     def result(self, part: int) -> TensorCuts:
         """The cuts of tensor ``part`` (asked for in order: the tie quotas go to earlier parts
         first)."""

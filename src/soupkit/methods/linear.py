@@ -201,11 +201,6 @@ class RunningSum:
         c /= _count(n + 1)
         return c.to(self._dtype[name])
 
-    def clear(self) -> None:
-        """Free the sum."""
-        self._acc.clear()
-        self._fixed.clear()
-
 
 with torch.inference_mode(False):
     _ONE = torch.tensor(1.0, dtype=torch.float32)

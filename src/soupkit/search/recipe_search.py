@@ -1263,7 +1263,7 @@ def _search(
         space=sp.source,
     )
     if dest is None:
-        return _replace(result, seconds=time.perf_counter() - t0)
+        return replace(result, seconds=time.perf_counter() - t0)
     return _write(
         result,
         sp,
@@ -1275,10 +1275,6 @@ def _search(
         report_extra=report_extra,
         t0=t0,
     )
-
-
-def _replace(r: OptimizeResult, **kw: Any) -> OptimizeResult:
-    return replace(r, **kw)
 
 
 def _holdout(
@@ -1351,7 +1347,7 @@ def _write(
         encoding="utf-8",
     )
     plots: list[Path] = []
-    report = _replace(result, seconds=time.perf_counter() - t0).to_dict()
+    report = replace(result, seconds=time.perf_counter() - t0).to_dict()
     if plot:
         if report_plot.matplotlib_available():
             (dest / HISTORY_PNG).write_bytes(_optimize_plot.history_plot(report))
@@ -1385,7 +1381,7 @@ def _write(
     tmp = dest / (REPORT_NAME + ".partial")
     tmp.write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
     os.replace(tmp, dest / REPORT_NAME)
-    return _replace(
+    return replace(
         result,
         out=dest,
         model=model,

@@ -358,3 +358,45 @@ def test_merge_loras_treats_the_base_as_a_recipe_does(
     assert changed
     for k in changed:
         torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["dare_linear", "dare_ties"])
+def test_stochastic_lora_merge_draws_what_a_file_merge_draws(
+    llama: dict[str, Path], tmp_path: Path, method: str
+) -> None:
+    """A seeded DARE merge of adapters drops exactly the entries a file merge of the folded
+    models drops with the same seed (counter-based draws keyed by (seed, tensor name), element
+    by element); the kept values differ only by the conventions (LoRA merges default to PEFT's)."""
+    ads = [llama["ad0"], llama["ad1"]]
+    folded = []
+    for i, ad in enumerate(ads):
+        soupkit.fold_lora(ad, llama["base"], tmp_path / f"f{i}", progress=False)
+        folded.append(tmp_path / f"f{i}")
+    soupkit.merge_loras(
+        ads, llama["base"], tmp_path / "lora", method=method, parameters={"density": 0.5},
+        seed=7, progress=False,
+    )  # fmt: skip
+    recipe = {
+        "merge_method": method,
+        "base_model": str(llama["base"]),
+        "models": [
+            {"model": str(f), "parameters": {"weight": 1.0, "density": 0.5}} for f in folded
+        ],
+        "dtype": "float32",
+        "seed": 7,
+    }
+    soupkit.merge(recipe, tmp_path / "file", progress=False)
+    base = load_file(llama["base"] / "model.safetensors")
+    got = load_file(tmp_path / "lora" / "model.safetensors")
+    ref = load_file(tmp_path / "file" / "model.safetensors")
+    checked = 0
+    for name in (
+        "model.layers.0.self_attn.q_proj.weight",
+        "model.layers.1.self_attn.v_proj.weight",
+    ):
+        a, b = got[name].float() - base[name].float(), ref[name].float() - base[name].float()
+        kept = a != 0
+        assert torch.equal(kept, b != 0), name
+        assert 0.2 < kept.float().mean() < 0.8  # some dropped, some kept: the draws matter
+        checked += 1
+    assert checked == 2

@@ -13,7 +13,7 @@ the hashing is then the larger part of a first merge's CPU time (benchmarks/READ
 "Issue 17").
 
 `sha256_file` is the one helper soupkit hashes a file with (inputs, search ingredients,
-evaluator sources, the lm-eval evaluator's files, `soupkit diff`'s carried files), in
+evaluator sources, the lm-eval evaluator's files, `soupkit diagnose`'s tokenizer files), in
 `BLOCK`-sized reads; output shards are hashed as they are written (`soupkit.io.output`).
 
 `HashCache` remembers digests across runs under a file's identity and state (path, device,

@@ -388,7 +388,12 @@ def run_merge_plan(
         sink = ShardFiles(output.tmp, p.shards, done=done, journal=journal)
         try:
             stats = run_plan(
-                p, sink, progress=bar.update, allow_nonfinite=allow_nonfinite, skip=sink.skip
+                p,
+                sink,
+                progress=bar.update,
+                allow_nonfinite=allow_nonfinite,
+                skip=sink.skip,
+                read_marks=hashes.marks,
             )
             sink.close()
         except BaseException:

@@ -32,6 +32,7 @@ from soupkit.engine.pipeline import torch_threads as _torch_threads
 from soupkit.engine.prepass import global_stats
 from soupkit.engine.sinks import MemorySink, Sink
 from soupkit.errors import UsageError
+from soupkit.io.digest import ReadMarks
 from soupkit.io.header import FileStamp
 from soupkit.io.reader import TensorReader
 from soupkit.planning.plan import MergePlan
@@ -95,6 +96,7 @@ def run_plans(
     skip: Sequence[Collection[str]] | None = None,
     threads: int | None = None,
     compute_threads: int | None = None,
+    read_marks: ReadMarks | None = None,
 ) -> list[RunStats]:
     """Run several plans over the same inputs in one pass, each into its own sink.
 
@@ -115,6 +117,8 @@ def run_plans(
             process may use, at most 4, for stochastic methods' RNG blocks; one fewer for cheap
             elementwise pieces and pre-pass counting, see `soupkit.planning.sizes`); the output
             bytes do not depend on it.
+        read_marks: where the byte ranges read are recorded, for the input hashing to follow
+            (`soupkit.io.digest.InputHashes.marks`).
 
     Returns:
         One `RunStats` per plan (``bytes_read`` is the shared pass's, counted once).
@@ -143,7 +147,7 @@ def run_plans(
     with (
         _interrupts.deferred(),
         _torch_threads(threads),
-        TensorReader(stamps) as reader,
+        TensorReader(stamps, read_marks) as reader,
         TensorReader(stamps) as diag,
         torch.inference_mode(),
     ):
@@ -188,6 +192,7 @@ def run_plan(
     skip: Collection[str] = (),
     threads: int | None = None,
     compute_threads: int | None = None,
+    read_marks: ReadMarks | None = None,
 ) -> RunStats:
     """Run every job of ``plan`` into ``sink`` (`run_plans` with one plan).
 
@@ -200,6 +205,7 @@ def run_plan(
         skip: names of tensors not to compute (their shard is already finished: resume).
         threads: torch intra-op threads during the run (default 1), restored afterwards.
         compute_threads: threads sharing the elementwise pieces (see `run_plans`).
+        read_marks: where the byte ranges read are recorded (see `run_plans`).
 
     Returns:
         `RunStats` of the run.
@@ -216,4 +222,5 @@ def run_plan(
         skip=[skip],
         threads=threads,
         compute_threads=compute_threads,
+        read_marks=read_marks,
     )[0]

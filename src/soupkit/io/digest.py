@@ -167,6 +167,17 @@ class HashCache:
         self.entries[key] = digest
         self.new[key] = digest
 
+    def lookup(self, path: Path) -> tuple[str, str | None]:
+        """``path``'s `key` now and its remembered digest, if any (raises OSError)."""
+        key = self.key(path)
+        return key, self.get(key)
+
+    def remember(self, path: Path, key: str, digest: str) -> None:
+        """Remember ``digest``, computed from ``path`` read after `lookup` gave ``key``, unless
+        the file changed meanwhile."""
+        if self.key(path) == key:
+            self.put(key, digest)
+
     def sha256(self, path: Path, on_bytes: Callable[[int], None] | None = None) -> str:
         """The digest of ``path``: remembered, or computed (`sha256_file`) and remembered if the
         file did not change while it was read. ``on_bytes`` sees the file's size either way.
@@ -174,15 +185,13 @@ class HashCache:
         Raises:
             OSError: the file cannot be read.
         """
-        key = self.key(path)
-        got = self.get(key)
+        key, got = self.lookup(path)
         if got is not None:
             if on_bytes is not None:
                 on_bytes(path.stat().st_size)
             return got
         got = sha256_file(path, on_bytes)
-        if self.key(path) == key:
-            self.put(key, got)
+        self.remember(path, key, got)
         return got
 
     def save(self) -> None:
@@ -391,8 +400,7 @@ class BackgroundHasher:
 
     def _start(self, f: _File) -> None:
         """Open ``f``, note its cache key, and take its digest from the cache if it is there."""
-        key = self.cache.key(f.path) if self.cache is not None else None
-        got = self.cache.get(key) if self.cache is not None and key is not None else None
+        key, got = self.cache.lookup(f.path) if self.cache is not None else (None, None)
         if got is not None:
             self._digests[f.path] = got
             self.from_cache.add(f.path)
@@ -421,9 +429,8 @@ class BackgroundHasher:
         self._digests[f.path] = f.sha.hexdigest()
         os.close(f.fd)
         f.fd, f.done = None, True
-        # remembered only if the file did not change while it was read
-        if self.cache is not None and f.key is not None and self.cache.key(f.path) == f.key:
-            self.cache.put(f.key, self._digests[f.path])
+        if self.cache is not None and f.key is not None:
+            self.cache.remember(f.path, f.key, self._digests[f.path])
 
     def _run(self) -> None:
         buf = memoryview(bytearray(BLOCK))

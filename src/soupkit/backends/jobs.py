@@ -30,7 +30,7 @@ from soupkit._version import __version__
 from soupkit.backends._ray import StoredObject
 from soupkit.backends.candidates import Candidate, Ingredient, RecipeMerge, UniformSoup
 from soupkit.errors import EvaluationError, SoupError, UsageError
-from soupkit.evaluate.identity import source_digest
+from soupkit.evaluate.identity import own_cache_key, spec_identity
 from soupkit.evaluate.loader import load_evaluator
 from soupkit.evaluate.protocol import BoundedEvaluator, EvalResult, run_evaluator
 
@@ -157,12 +157,9 @@ class RemoteEvaluator:
         if self.key:
             return self.key
         if self.spec is not None:
-            return f"{self.spec}@{source_digest(self.spec, self.cwd) or 'nosource'}"
+            return spec_identity(self.spec, self.cwd)
         if self.obj is not None:
-            own = getattr(self.obj, "cache_key", None)
-            if callable(own):
-                own = own()
-            return own if isinstance(own, str) and own else None
+            return own_cache_key(self.obj)
         return None
 
     @property

@@ -24,7 +24,7 @@ from typing import Any
 
 from soupkit.errors import UsageError
 from soupkit.evaluate.builtin import HFCausalLMPerplexityEvaluator, HFClassificationEvaluator
-from soupkit.evaluate.identity import source_digest
+from soupkit.evaluate.identity import own_cache_key, spec_identity
 from soupkit.evaluate.loader import load_evaluator
 from soupkit.io.digest import sha256_file
 from soupkit.search.cache import ScoreCache, default_cache_path
@@ -252,12 +252,7 @@ def _user(spec: str, given: str | None) -> tuple[Any, str]:
     ev = load_evaluator(spec)
     if given:
         return ev, given
-    key = getattr(ev, "cache_key", None)
-    if callable(key):
-        key = key()
-    if isinstance(key, str) and key:
-        return ev, key
-    return ev, f"{spec}@{source_digest(spec) or 'nosource'}"
+    return ev, own_cache_key(ev) or spec_identity(spec)
 
 
 def _folder_digest(folder: Path) -> str:
@@ -295,8 +290,8 @@ def _builtin(kind: str, data: str, args: argparse.Namespace, model_dir: Path) ->
             "autocast": args.eval_autocast,
         }
         ev = HFCausalLMPerplexityEvaluator(model_dir, data, **kw)
-    key = getattr(ev, "cache_key", None)
-    if isinstance(key, str) and key:
+    key = own_cache_key(ev)
+    if key:
         return ev, key
     ident = json.dumps(
         {

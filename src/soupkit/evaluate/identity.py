@@ -19,7 +19,7 @@ from pathlib import Path
 from soupkit.evaluate.loader import import_path
 from soupkit.io.digest import sha256_file
 
-__all__ = ["source_digest"]
+__all__ = ["own_cache_key", "source_digest", "spec_identity"]
 
 
 def _spec_file(spec: str, cwd: str) -> Path | None:
@@ -68,3 +68,19 @@ def source_digest(evaluator: object, cwd: str | None = None) -> str | None:
     if path is None or not path.is_file():
         return None
     return sha256_file(path)[:16]
+
+
+def own_cache_key(evaluator: object) -> str | None:
+    """The identity an evaluator gives itself: its ``cache_key`` attribute, a non-empty string
+    or a method returning one; None when it gives none."""
+    key = getattr(evaluator, "cache_key", None)
+    if callable(key):
+        key = key()
+    return key if isinstance(key, str) and key else None
+
+
+def spec_identity(spec: str, cwd: str | None = None) -> str:
+    """The identity of an evaluator named by an import string: the string and the digest of
+    its source file (`source_digest`; ``nosource`` when none is found), so editing the
+    evaluator invalidates its cached scores."""
+    return f"{spec}@{source_digest(spec, cwd) or 'nosource'}"

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from soupkit.errors import UsageError
-from soupkit.evaluate.identity import source_digest
+from soupkit.evaluate.identity import own_cache_key, source_digest
 from soupkit.io.checkpoint import Checkpoint
 from soupkit.io.digest import HashCache
 from soupkit.io.reader import TensorReader
@@ -87,10 +87,8 @@ def evaluator_identity(evaluator: object, given: str | None = None) -> str:
     """
     if given is not None:
         return given
-    key = getattr(evaluator, "cache_key", None)
-    if callable(key):
-        key = key()
-    if isinstance(key, str) and key:
+    key = own_cache_key(evaluator)
+    if key:
         return key
     if (
         inspect.isfunction(evaluator)

@@ -388,12 +388,7 @@ def run_merge_plan(
         sink = ShardFiles(output.tmp, p.shards, done=done, journal=journal)
         try:
             stats = run_plan(
-                p,
-                sink,
-                progress=bar.update,
-                allow_nonfinite=allow_nonfinite,
-                skip=sink.skip,
-                read_marks=hashes.marks,
+                p, sink, progress=bar.update, allow_nonfinite=allow_nonfinite, skip=sink.skip
             )
             sink.close()
         except BaseException:

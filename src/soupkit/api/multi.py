@@ -107,13 +107,7 @@ def merge_many(
         try:
             for p, o in zip(plans, outputs):
                 sinks.append(ShardFiles(o.tmp, p.shards))
-            stats = run_plans(
-                plans,
-                sinks,
-                progress=bar.update,
-                allow_nonfinite=allow_nonfinite,
-                read_marks=hashes.marks,
-            )
+            stats = run_plans(plans, sinks, progress=bar.update, allow_nonfinite=allow_nonfinite)
             for s in sinks:
                 s.close()
         except BaseException:

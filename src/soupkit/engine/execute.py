@@ -32,7 +32,6 @@ from soupkit.engine.pipeline import torch_threads as _torch_threads
 from soupkit.engine.prepass import global_stats
 from soupkit.engine.sinks import MemorySink, Sink
 from soupkit.errors import UsageError
-from soupkit.io.digest import ReadMarks
 from soupkit.io.header import FileStamp
 from soupkit.io.reader import TensorReader
 from soupkit.planning.plan import MergePlan
@@ -96,7 +95,6 @@ def run_plans(
     skip: Sequence[Collection[str]] | None = None,
     threads: int | None = None,
     compute_threads: int | None = None,
-    read_marks: ReadMarks | None = None,
 ) -> list[RunStats]:
     """Run several plans over the same inputs in one pass, each into its own sink.
 
@@ -117,8 +115,6 @@ def run_plans(
             process may use, at most 4, for stochastic methods' RNG blocks; one fewer for cheap
             elementwise pieces and pre-pass counting, see `soupkit.planning.sizes`); the output
             bytes do not depend on it.
-        read_marks: where the byte ranges read are recorded, for the input hashing to follow
-            (`soupkit.io.digest.InputHashes.marks`).
 
     Returns:
         One `RunStats` per plan (``bytes_read`` is the shared pass's, counted once).
@@ -147,7 +143,7 @@ def run_plans(
     with (
         _interrupts.deferred(),
         _torch_threads(threads),
-        TensorReader(stamps, read_marks) as reader,
+        TensorReader(stamps) as reader,
         TensorReader(stamps) as diag,
         torch.inference_mode(),
     ):
@@ -192,7 +188,6 @@ def run_plan(
     skip: Collection[str] = (),
     threads: int | None = None,
     compute_threads: int | None = None,
-    read_marks: ReadMarks | None = None,
 ) -> RunStats:
     """Run every job of ``plan`` into ``sink`` (`run_plans` with one plan).
 
@@ -205,7 +200,6 @@ def run_plan(
         skip: names of tensors not to compute (their shard is already finished: resume).
         threads: torch intra-op threads during the run (default 1), restored afterwards.
         compute_threads: threads sharing the elementwise pieces (see `run_plans`).
-        read_marks: where the byte ranges read are recorded (see `run_plans`).
 
     Returns:
         `RunStats` of the run.
@@ -222,5 +216,4 @@ def run_plan(
         skip=[skip],
         threads=threads,
         compute_threads=compute_threads,
-        read_marks=read_marks,
     )[0]

@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 
 from soupkit.errors import CheckpointFormatError, shown
-from soupkit.io.digest import ReadMarks
 from soupkit.io.header import FileStamp, TensorInfo, changed_message, file_stamp, open_regular
 
 __all__ = ["TensorReader", "byte_view"]
@@ -43,15 +42,10 @@ class TensorReader:
         expected: file -> its identity when its header was read (`Checkpoint.stamps`); a file
             whose open descriptor no longer matches is refused, so bytes written after
             planning are never read as if the header described them.
-        marks: where each read's byte range is recorded (`ReadMarks`: the input hashing
-            follows the reads).
     """
 
-    def __init__(
-        self, expected: Mapping[Path, FileStamp] | None = None, marks: ReadMarks | None = None
-    ) -> None:
+    def __init__(self, expected: Mapping[Path, FileStamp] | None = None) -> None:
         self._expected = dict(expected or {})
-        self._marks = marks
         self._fds: dict[Path, int] = {}
         self._lock = threading.Lock()  # several threads read: one descriptor per file
 
@@ -164,6 +158,4 @@ class TensorReader:
                         "while soupkit was reading it"
                     )
                 done += n
-            if self._marks is not None:
-                self._marks.add(info.file, offset, offset + nbytes)
         return buf.view(info.torch_dtype)

@@ -137,6 +137,32 @@ def test_passthrough_slices_renumber_layers(tmp_path: Path) -> None:
     assert (tmp_path / "out" / "tokenizer.json").is_file()
 
 
+def test_sliced_recipe_says_what_its_global_prepass_reads(tmp_path: Path) -> None:
+    """A sliced TIES recipe with a global trim notes the pre-pass's extra reads, as the same
+    recipe over whole models does (the slices planner once left the note out)."""
+    a, b = _two_models(tmp_path)
+    c = write_llama(tmp_path / "c", llama_state(3))
+    params = {"density": 0.5, "trim_scope": "global"}
+    whole = soupkit.plan(
+        {
+            "merge_method": "ties",
+            "base_model": str(a),
+            "models": [{"model": str(b)}, {"model": str(c)}],
+            "parameters": params,
+        }
+    )
+    sliced = soupkit.plan(
+        {
+            "merge_method": "ties",
+            "base_model": str(a),
+            "slices": [{"sources": [{"model": str(m), "layer_range": [0, 4]} for m in (a, b, c)]}],
+            "parameters": params,
+        }
+    )
+    note = [n for n in whole.notes if "pre-pass" in n]
+    assert len(note) == 1 and [n for n in sliced.notes if "pre-pass" in n] == note
+
+
 def test_merge_many_updates_a_sliced_models_config_like_merge(tmp_path: Path) -> None:
     # merge_many writes the files beside the weights with soupkit.merge's own code: the carried
     # config.json gets the sliced layer count, not the source model's

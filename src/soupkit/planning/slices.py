@@ -74,7 +74,7 @@ from soupkit.planning.plan import (
     parameter_problems,
     validated_params,
 )
-from soupkit.planning.prepass import prepass_problems
+from soupkit.planning.prepass import prepass_notes, prepass_problems
 from soupkit.recipe.params import resolve_chain
 from soupkit.recipe.schema import Conditional, MergeConfig, ParamValue, Slice, SliceSource
 
@@ -583,6 +583,7 @@ def plan_slices(
         [n for ck in opened.values() for n in ck.notes]
         + ignored_parameter_notes(cfg, spec)
         + cfg.recipe_notes()
+        + prepass_notes(spec, jobs)
     )
     k = 0
     for i, (sources, _) in enumerate(resolved):

@@ -17,7 +17,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import soupkit
-from soupkit.engine import core, execute, native, prepass
+from soupkit.engine import core, execute, native
+from soupkit.kernels import sparsify
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -140,13 +141,13 @@ def test_nonfinite_is_diagnosed_as_on_the_torch_path(tmp_path: Path, spy: list[i
 def sparse_spy(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, int]]:
     """Counts the engine's calls of the sparsifying kernels, per kind of call."""
     calls = {"merge": 0, "cut_piece": 0, "hist": 0}
-    hist = prepass._NativeMagnitude.hist
+    hist = sparsify.NativeMagnitude.hist
 
     def counted_hist(self: Any, *a: Any) -> None:
         calls["hist"] += 1
         hist(self, *a)
 
-    monkeypatch.setattr(prepass._NativeMagnitude, "hist", counted_hist)
+    monkeypatch.setattr(sparsify.NativeMagnitude, "hist", counted_hist)
     for kind in ("merge", "cut_piece"):
         orig = getattr(native.SparseKernel, kind)
 

@@ -532,7 +532,6 @@ def test_global_topk_counted_natively_equals_the_torch_counts(data: Any) -> None
     """`GlobalTopK` (TIES ``trim_scope: global``) fed the native histograms of several tensors'
     chunks (`magnitude_hist` from the stored dtypes) gives the cuts of the torch counts over the
     float32 patterns, the third pass (surplus ties counted per tensor) included."""
-    from soupkit.engine.prepass import _NativeMagnitude
     from soupkit.methods._cuts import GlobalTopK
     from soupkit.methods._topk import magnitude_bits
 
@@ -549,7 +548,7 @@ def test_global_topk_counted_natively_equals_the_torch_counts(data: Any) -> None
                 for a, b in _pieces(data.draw, base.numel()):
                     if kind == "native":
                         seen: dict[int, Any] = {
-                            i: _NativeMagnitude(xs[i][a:b], base[a:b]) for i in acc.models
+                            i: K.NativeMagnitude(xs[i][a:b], base[a:b]) for i in acc.models
                         }
                     else:
                         d = {i: xs[i][a:b].float() - base[a:b].float() for i in acc.models}

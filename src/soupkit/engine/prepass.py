@@ -44,23 +44,12 @@ __all__ = ["accumulate", "global_stats", "observe_into"]
 Deltas = Callable[[Sequence[int]], dict[int, torch.Tensor]]
 
 
-class _NativeMagnitude:
-    """A chunk's ``|theta_i - theta_0|`` patterns, counted by the native kernel from the stored
-    dtypes (`soupkit.methods._topk.MagnitudeHist`)."""
-
-    def __init__(self, x: torch.Tensor, base: torch.Tensor) -> None:
-        self.x, self.base = x, base
-
-    def hist(self, out: torch.Tensor, bucket: int) -> None:
-        sparsify.magnitude_hist(self.x, self.base, out, bucket)
-
-
 def observe_into(
     accs: Sequence[tuple[Prepass, Accumulator]],
     step: int,
     part: int,
     deltas: Deltas,
-    raw: Callable[[int], _NativeMagnitude] | None = None,
+    raw: Callable[[int], sparsify.NativeMagnitude] | None = None,
 ) -> None:
     """Hand one chunk to every accumulator: ``deltas(models)`` gives those models' float32
     deltas for the chunk (scratch: `Prepass.observe` may overwrite them). Accumulators with the
@@ -130,8 +119,8 @@ def accumulate(
             if native and br is not None:
                 b = br[s:e]
 
-                def raw(i: int) -> _NativeMagnitude:
-                    return _NativeMagnitude(present[i][s:e], b)
+                def raw(i: int) -> sparsify.NativeMagnitude:
+                    return sparsify.NativeMagnitude(present[i][s:e], b)
 
             observe_into(parts[t], step, 0, _deltas(spaces[t], raws, s, e), raw)
 
@@ -196,8 +185,8 @@ def _count_chunk(
         assert c.job.base is not None
         base = reader.read(c.job.base, c.a, c.b)
 
-        def raw(i: int) -> _NativeMagnitude:
-            return _NativeMagnitude(reader.read(c.job.inputs[i], c.a, c.b), base)
+        def raw(i: int) -> sparsify.NativeMagnitude:
+            return sparsify.NativeMagnitude(reader.read(c.job.inputs[i], c.a, c.b), base)
 
     deltas = _file_deltas(reader, cast, c.job, c.a, c.b)
     observe_into([(decl, forks[t])], step, c.part, deltas, raw)

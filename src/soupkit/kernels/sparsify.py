@@ -40,6 +40,7 @@ from soupkit.methods import MagnitudeCut, Params
 from soupkit.methods import get as get_method
 from soupkit.methods._ops import band_ranks, l1_factor, topk_cut
 from soupkit.methods._philox import CounterRNG, counter_rng, keep_threshold
+from soupkit.methods._topk import TopKSelect
 
 _ext: ModuleType | None
 try:  # the extension is optional: without it, the torch reference runs
@@ -49,6 +50,7 @@ except ImportError:  # built without a C compiler, or a source tree without `mak
 
 __all__ = [
     "METHODS",
+    "NativeMagnitude",
     "count_equal",
     "cut_piece",
     "magnitude_cut",
@@ -244,18 +246,23 @@ def magnitude_hist(
         hist += torch.bincount(inside, minlength=bins)
 
 
-def _select(hist: torch.Tensor, k: int) -> tuple[int, int]:
-    """Bucket holding the k-th largest entry, and how many entries lie in higher buckets."""
-    from_top = torch.flip(hist, [0]).cumsum(0)
-    j = int(torch.searchsorted(from_top, torch.tensor([k], dtype=from_top.dtype)))
-    bucket = hist.numel() - 1 - j
-    return bucket, int(from_top[j]) - int(hist[bucket])
+class NativeMagnitude:
+    """A chunk's ``|x - base|`` patterns (float32 deltas) that the native kernel counts from
+    the stored dtypes (`magnitude_hist`): a ``soupkit.methods._topk.MagnitudeHist`` for
+    ``TopKSelect``."""
+
+    def __init__(self, x: torch.Tensor, base: torch.Tensor) -> None:
+        self.x, self.base = x, base
+
+    def hist(self, out: torch.Tensor, bucket: int) -> None:
+        magnitude_hist(self.x, self.base, out, bucket)
 
 
 def magnitude_cut(x: torch.Tensor, base: torch.Tensor, k: int) -> MagnitudeCut | None:
     """The cut that keeps the ``k`` largest ``|x - base|`` (float32 deltas), ties by lower
-    index: exactly ``soupkit.methods._ops.topk_cut(|delta|, k)``, found by a radix select over
-    the magnitudes' bit patterns (two histogram passes) instead of a sort."""
+    index: exactly ``soupkit.methods._ops.topk_cut(|delta|, k)``, found by
+    ``soupkit.methods._topk.TopKSelect``'s radix select over the magnitudes' bit patterns (two
+    native histogram passes) instead of a sort."""
     n = _check([x], base)
     if k >= n:
         return None
@@ -263,27 +270,11 @@ def magnitude_cut(x: torch.Tensor, base: torch.Tensor, k: int) -> MagnitudeCut |
         return MagnitudeCut(math.inf, 0)
     if not (native() and _supports_dtypes([x.dtype, base.dtype], torch.float32)):
         return topk_cut((x.float() - base.float()).abs_(), k)
-    inf_bucket = 0x7F800000 >> 16
-    hi = torch.zeros(1 << 15, dtype=torch.int64)
-    magnitude_hist(x, base, hi)
-    bucket, above_hi = _select(hi, k)
-    lo = torch.zeros(1 << 16, dtype=torch.int64)
-    magnitude_hist(x, base, lo, bucket)
-    low, above_lo = _select(lo, k - above_hi)
-    pattern = (bucket << 16) | low
-    if pattern > 0x7F800000:  # the k-th largest is NaN: kthvalue's threshold is NaN
-        return MagnitudeCut(math.nan, k)
-    # topk_cut counts `above` with `>`, which NaN fails: NaN patterns are counted apart
-    nan = int(hi[inf_bucket + 1 :].sum())
-    if int(hi[inf_bucket]):
-        inf_lo = lo if bucket == inf_bucket else torch.zeros(1 << 16, dtype=torch.int64)
-        if bucket != inf_bucket:
-            magnitude_hist(x, base, inf_lo, inf_bucket)
-        nan += int(inf_lo[1:].sum())
-    equal = int(lo[low])
-    need = k - (above_hi + above_lo - nan)
-    threshold = float(torch.tensor([pattern], dtype=torch.int32).view(torch.float32))
-    return MagnitudeCut(threshold, None if need == equal else need)
+    select, patterns = TopKSelect(n, (k,)), NativeMagnitude(x, base)
+    select.add_hi(patterns)
+    select.select_buckets()
+    select.add_lo(patterns)
+    return select.cut(k)
 
 
 def count_equal(x: torch.Tensor, base: torch.Tensor, t: float) -> int:

@@ -39,6 +39,7 @@ import torch
 from soupkit.kernels import sparsify as K
 from soupkit.methods import CounterRNG, MagnitudeCut
 from soupkit.methods import get as get_method
+from soupkit.methods._topk import select_bucket
 
 # the engine's piece of cheap elementwise work and its block of stochastic methods
 # (soupkit._sizes; not imported: the engine's modules are moving, issue 16)
@@ -102,9 +103,9 @@ def radix_cuts(
     for i, d in enumerate(density):
         k = int(d * n)
         hi = sum(run(functools.partial(hist, i, -1), parts))
-        bucket, above_hi = K._select(hi, k)
+        bucket, above_hi = select_bucket(hi, k)
         lo = sum(run(functools.partial(hist, i, bucket), parts))
-        low, above_lo = K._select(lo, k - above_hi)
+        low, above_lo = select_bucket(lo, k - above_hi)
         t = float(torch.tensor([(bucket << 16) | low], dtype=torch.int32).view(torch.float32))
         need = k - above_hi - above_lo
         cuts.append(MagnitudeCut(t, None if need == int(lo[low]) else need))

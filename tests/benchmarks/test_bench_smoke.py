@@ -19,7 +19,9 @@ SOUPKIT = Path(sys.executable).parent / "soupkit"
 MERGEKIT = BENCH / ".venv-mergekit" / "bin" / "mergekit-yaml"
 
 
-def _run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def _run(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    # A bound for a hang, not a speed check: `run.py --smoke` starts one process per tool and
+    # recipe (each imports torch): 17 s in a full run here, 25 s beside two busy loops, 62 s beside six
     return subprocess.run(
         [sys.executable, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -11,9 +12,14 @@ from .eco_helpers import llama_state, write_llama
 
 
 @pytest.fixture(autouse=True)
-def _one_thread() -> None:
-    # tiny tensors on a shared 2-core machine: OpenMP barriers cost more than they save
+def _one_thread() -> Iterator[None]:
+    # tiny tensors on a shared 2-core machine: OpenMP barriers cost more than they save; the
+    # count is restored after each test, so the tests that run later (other folders, in any
+    # order) do not inherit it
+    before = torch.get_num_threads()
     torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture

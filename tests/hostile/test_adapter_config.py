@@ -184,9 +184,9 @@ def test_safe_match_equals_re_match(key: str, name: str) -> None:
     "key", [r"(a|aa)+$X", r"(a+)+$X", r"(a*)*$X", r"(.*a){20}$X", r"(a|a?)+$X"]
 )
 def test_catastrophic_keys_take_linear_time(key: str) -> None:
-    t = time.perf_counter()
+    t = time.process_time()  # CPU time: waiting for a core on a loaded machine does not count
     assert safe_match(rf"(.*\.)?({key})$", "a" * 2000) is False
-    assert time.perf_counter() - t < 5
+    assert time.process_time() - t < 5
 
 
 @pytest.mark.parametrize(

@@ -323,11 +323,14 @@ def test_sigterm_during_a_cli_merge_is_held_then_cancels(
         return real_report(*a, **k)
 
     monkeypatch.setattr(soupkit.api.merging, "_report", report_then_sigterm)
+    # the handler the CLI found (SIG_DFL in a fresh process; an earlier test's library, such as
+    # ray.init's, may have installed another) is the one it leaves
+    before = signal.getsignal(signal.SIGTERM)
     code = main(["merge", str(tmp_path / "r.yaml"), str(tmp_path / "out"), "--no-progress"])
     err = capsys.readouterr().err
     assert code == 143 and "Traceback" not in err, err
     assert not (tmp_path / "out").exists() and not debris(tmp_path)
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    assert signal.getsignal(signal.SIGTERM) is before
 
 
 def test_other_unraisable_exceptions_still_reach_the_previous_hook(tmp_path: Path) -> None:

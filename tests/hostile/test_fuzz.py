@@ -195,7 +195,7 @@ def test_alias_chains_are_refused_exactly_when_they_expand_past_the_limit(
         )  # {<<: [...]} / [...]
         total += 1 + size
     total += 2 + 5  # merge_method: linear / models: [{model: m1}]
-    t = time.perf_counter()
+    t = time.process_time()  # CPU time: waiting for a core on a loaded machine does not count
     try:
         soupkit.load_recipe(text)
     except ConfigError as e:
@@ -205,7 +205,7 @@ def test_alias_chains_are_refused_exactly_when_they_expand_past_the_limit(
         )
     else:
         raise AssertionError("a0...: unknown keys are always refused")
-    assert time.perf_counter() - t < 2.0
+    assert time.process_time() - t < 2.0
 
 
 def test_yaml_billion_laughs_is_bounded() -> None:

@@ -331,7 +331,7 @@ def test_hundreds_of_thousands_of_entries_parse_in_bounded_time(tmp_path: Path) 
     bad = raw_file(
         tmp_path / "many-bad.safetensors", text(2), b"\0" * n
     )  # only the very last entry is wrong
-    t0 = time.perf_counter()
+    t0 = time.process_time()  # CPU time: waiting for a core on a loaded machine does not count
     assert len(read_safetensors_header(good).tensors) == n
     with pytest.raises(
         CheckpointFormatError,
@@ -339,7 +339,7 @@ def test_hundreds_of_thousands_of_entries_parse_in_bounded_time(tmp_path: Path) 
     ):
         read_safetensors_header(bad)
     # ~1 s on an idle core; a check that is quadratic in the entry count would take hours
-    assert time.perf_counter() - t0 < 30
+    assert time.process_time() - t0 < 30
 
 
 def test_valid_edge_cases_still_parse(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ next run removes; and that re-run succeeds.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -95,7 +96,10 @@ def kill_while_writing(proc: Any, out: Path, log: Path, delay: float, sig: int) 
         time.sleep(0.002)
     time.sleep(delay)
     if proc.is_alive():
-        os.kill(proc.pid, sig)
+        # it can still end between the check and the kill (the fork server reaps it at once):
+        # then it finished before the signal, which check_after_kill accepts
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, sig)
     proc.join(timeout=120)
     return proc.exitcode, log.read_text() if log.exists() else ""
 

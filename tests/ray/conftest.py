@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 
 import pytest
 import torch
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _restore_sigterm() -> Iterator[None]:
+    # ray.init installs a SIGTERM handler (sys.exit) that ray.shutdown leaves in place: put
+    # back what the module found, so the tests that run later see the handler they would see
+    # had no Ray test run before them (tests/hostile/test_faults.py checks the CLI's handling)
+    before = signal.getsignal(signal.SIGTERM)
+    yield
+    signal.signal(signal.SIGTERM, before)
 
 
 @pytest.fixture(autouse=True)

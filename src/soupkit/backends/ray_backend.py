@@ -36,9 +36,12 @@ evaluators); an evaluator already running finishes first, and its actor is busy 
 
 from __future__ import annotations
 
+import contextlib
 import math
+import signal
+import threading
 from collections import deque
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -80,6 +83,24 @@ class _Task:
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0] if text else ''}".strip()
+
+
+@contextlib.contextmanager
+def _signal_handlers_kept() -> Iterator[None]:
+    """Put back the SIGINT / SIGTERM handlers found on entry. ``ray.init`` installs its own
+    SIGTERM handler (``sys.exit(15)``) on the main thread: it replaced the CLI's (exit 143
+    after cleaning up) and, inside `soupkit._util.interrupts.deferred`, the one that holds a
+    signal until a point where every lock is free."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in before.items():
+            if handler is not None:  # None: set outside Python, cannot be put back
+                signal.signal(s, handler)
 
 
 class RayBackend:
@@ -215,7 +236,8 @@ class RayBackend:
             if self.runtime_env is not None:
                 kw["runtime_env"] = self.runtime_env
             try:
-                ray.init(address=self.address, **kw)
+                with _signal_handlers_kept():
+                    ray.init(address=self.address, **kw)
             except (ConnectionError, RuntimeError, ValueError, TimeoutError) as e:
                 where = self.address or "RAY_ADDRESS / a new local instance"
                 raise UsageError(

@@ -103,6 +103,41 @@ def test_model_plus_adapter_equals_soupkit_lora_fold(
         soupkit.plan({**_recipe(), "models": [{"model": "./base+./nope"}, {"model": "./other"}]})
 
 
+def test_an_adapter_rewritten_with_its_size_and_time_is_folded_again(
+    models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A retrained adapter has the same size; `cp -p`, `rsync -t` or a file system with coarse
+    times can give it the old modification time too. The cached fold must not be reused."""
+    import os
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    shutil.copytree(models / "lora", tmp_path / "lora")
+    monkeypatch.chdir(models)
+    monkeypatch.setenv("SOUPKIT_LORA_CACHE", str(tmp_path / "cache"))
+    recipe = {"merge_method": "linear", "models": [{"model": f"./base+{tmp_path / 'lora'}"}]}
+    first = soupkit.merge(recipe, tmp_path / "a", progress=False, hash_inputs=False)
+    f = tmp_path / "lora" / "adapter_model.safetensors"
+    st = f.stat()
+    state = load_file(str(f))
+    with safe_open(str(f), "pt") as h:
+        meta = h.metadata()
+    save_file({k: v * 2 if "lora_B" in k else v for k, v in state.items()}, str(f), metadata=meta)
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (f.stat().st_size, f.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    assert any(
+        "adapter is folded into the model" in n and ", folded:" in n
+        for n in soupkit.plan(recipe).notes
+    )
+    second = soupkit.merge(recipe, tmp_path / "b", progress=False, hash_inputs=False, force=True)
+    a = load_file(str(first.out / "model.safetensors"))
+    b = load_file(str(second.out / "model.safetensors"))
+    changed = [k for k in a if not torch.equal(a[k], b[k])]
+    assert changed and all(any(m in k for m in ("q_proj", "v_proj", "down_proj")) for k in changed)
+
+
 @pytest.mark.skipif(not MERGEKIT_PY.is_file(), reason="the mergekit reference venv is absent")
 def test_model_plus_adapter_exact_mode_equals_mergekit(
     models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch

@@ -5,8 +5,10 @@ model: the model is the base with the adapter folded in, ``W + scale * B @ A`` p
 module. As mergekit does (its ``--lora-merge-cache``), the folded model is written once into a
 cache folder and read from there: `soupkit.adapters.lora.fold_lora` streams it tensor by tensor (memory:
 one base tensor plus that module's factors), so the result is exactly ``soupkit lora fold``'s.
-The cache key holds both paths, their files' sizes and modification times, and the rounding, so
-an edited adapter is folded again.
+The cache key holds both paths, the identity and state of each of their files (`HashCache.key`:
+device, inode, size, modification and change times; the change time moves on any write and no
+program can set it back) and the rounding, so an edited adapter is folded again, even one
+rewritten with the same size and its old modification time.
 
 Rounding: the default mode folds in float32 and rounds once (``soupkit lora fold``'s default);
 exact mode (``compute: exact``) folds as PEFT's ``merge_and_unload`` does on CPU, which is what
@@ -27,6 +29,7 @@ from typing import Literal
 from soupkit.adapters.lora import fold_lora
 from soupkit.errors import CheckpointFormatError
 from soupkit.io.checkpoint import Checkpoint, open_checkpoint
+from soupkit.io.digest import HashCache
 from soupkit.planning.from_recipe import open_path
 from soupkit.recipe.schema import MergeConfig
 
@@ -64,7 +67,7 @@ def split_model_adapter(path: str, resolve: Callable[[str], str]) -> tuple[str, 
 
 def _stamp(path: Path) -> str:
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    return ";".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
+    return ";".join(HashCache.key(p) for p in files)
 
 
 def resolve_model_adapter(

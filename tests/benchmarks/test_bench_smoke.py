@@ -201,3 +201,44 @@ def test_profile_reports_phases_and_functions(small_data: Path, tmp_path: Path) 
     assert head.startswith("ties.yaml: pass ") and " GB/s of " in head and "system" in head
     assert phases.startswith("phases (main thread wall s): ") and "merge" in phases
     assert "tottime" in r.stdout  # the function table
+
+
+def test_plot_results_draws_every_merge_and_refuses_unreadable_files(tmp_path: Path) -> None:
+    def tool(median: float, private: int) -> dict[str, object]:
+        return {
+            "median_wall_s": median,
+            "min_wall_s": median * 0.9,
+            "max_wall_s": median * 1.1,
+            "peak_private_bytes": private,
+        }
+
+    meta = {"date": "2026-12-05 15:44 UTC", "data": "/x/full", "cold": False}
+    doc = {
+        "meta": {**meta, "machine": {"logical_cores": 2}},
+        "recipes": [
+            {
+                "name": "linear",
+                "cat": {"median_s": 0.9},
+                "tools": {"soupkit": tool(6.4, 1 << 28), "mergekit": tool(13.1, 5 << 30)},
+            },
+            {
+                "name": "ties",
+                "tools": {"soupkit": tool(16.4, 1 << 28), "mergekit": {"skipped": "absent"}},
+            },
+        ],
+    }
+    (tmp_path / "r.json").write_text(json.dumps(doc))
+    out = tmp_path / "plots" / "r.png"
+    r = _run(str(BENCH / "plot_results.py"), str(tmp_path / "r.json"), "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+    sys.path.insert(0, str(BENCH))
+    try:
+        import plot_results
+    finally:
+        sys.path.remove(str(BENCH))
+    table, order = plot_results.rows([doc], None)
+    assert [row["label"] for row in table] == ["linear (full)", "ties (full)"]
+    assert order == ["soupkit", "mergekit"] and "mergekit" not in table[1]["tools"]
+    bad = _run(str(BENCH / "plot_results.py"), str(tmp_path / "missing.json"), "--out", str(out))
+    assert bad.returncode == 2 and "missing.json: cannot read run.py results" in bad.stderr

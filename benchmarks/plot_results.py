@@ -5,7 +5,7 @@
         benchmarks/results/latest-kernels-elementwise.json \\
         benchmarks/results/latest-kernels-consensus.json \\
         benchmarks/results/latest-cold.json benchmarks/results/latest-x2.json \\
-        --tools soupkit,mergekit --out benchmarks/results/issue17.png
+        --tools soupkit,soupkit-nohash,mergekit --out docs/img/benchmarks-issue17.png
 
 One row per merge (recipe, inputs, warm or cold page cache); per tool a bar of the median wall
 time with its min-max whisker, log scale, labelled with how many times faster than mergekit's

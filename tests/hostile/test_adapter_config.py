@@ -129,7 +129,7 @@ def adapter_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
     max_examples=60 * (20 if LONG else 1),
     deadline=None,
     derandomize=not LONG,
-    suppress_health_check=[HealthCheck.function_scoped_fixture],
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 @given(st.one_of(config_like, near_valid, json_value))
 def test_fuzz_read_adapter_only_raises_soup_errors(adapter_files: Path, cfg: Any) -> None:

@@ -102,7 +102,9 @@ def check(method: str, case, monkeypatch: pytest.MonkeyPatch) -> None:  # type: 
 
 
 SETTINGS = settings(
-    max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=400,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 
 

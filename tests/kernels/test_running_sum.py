@@ -56,7 +56,9 @@ def cases(draw: st.DrawFn):  # type: ignore[no-untyped-def]
 
 
 @settings(
-    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=300,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 @given(case=cases())
 def test_running_sum_bytes(case, monkeypatch, one_torch_thread, small_pieces) -> None:  # type: ignore[no-untyped-def]

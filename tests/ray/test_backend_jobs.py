@@ -133,7 +133,9 @@ def test_local_backend_gives_the_in_process_result(tmp_path: Path, problem: dict
 
 
 @settings(
-    max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=8,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 @given(seed=st.integers(0, 10_000), speculate=st.integers(1, 6), early_stop=st.booleans())
 def test_speculation_makes_the_sequential_decisions_whatever_order_results_arrive(

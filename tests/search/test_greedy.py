@@ -146,7 +146,9 @@ def test_early_rejection_gives_the_same_soup_as_full_evaluation(
 
 
 @settings(
-    max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=12,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 @given(
     kinds=st.lists(st.sampled_from(["good", "perm", "noisy"]), min_size=2, max_size=7),

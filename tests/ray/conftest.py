@@ -16,7 +16,8 @@ def _restore_sigterm() -> Iterator[None]:
     # had no Ray test run before them (tests/hostile/test_faults.py checks the CLI's handling)
     before = signal.getsignal(signal.SIGTERM)
     yield
-    signal.signal(signal.SIGTERM, before)
+    if before is not None:  # None: set outside Python, cannot be put back
+        signal.signal(signal.SIGTERM, before)
 
 
 @pytest.fixture(autouse=True)

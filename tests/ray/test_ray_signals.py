@@ -1,11 +1,13 @@
 """Starting Ray keeps soupkit's signal handling: ``ray.init`` installs a SIGTERM handler of its
 own (``sys.exit(15)``), which replaced the CLI's (clean up, exit 143) and, inside a held region,
-the one that holds a signal until every lock is free."""
+the one that holds a signal until every lock is free; a SIGTERM while Ray starts goes through
+the handler soupkit had."""
 
 from __future__ import annotations
 
 import os
 import signal
+import sys
 from typing import Any
 
 import pytest
@@ -21,6 +23,7 @@ if not hasattr(ray, "remote"):  # tests/ray/ found as a namespace package: no ra
 
 from soupkit import RayBackend  # noqa: E402
 from soupkit._util import interrupts  # noqa: E402
+from soupkit.errors import UsageError  # noqa: E402
 
 
 class Asked(Exception):
@@ -32,8 +35,9 @@ def _mine(signum: int, frame: Any) -> None:
 
 
 def test_a_backend_that_starts_ray_keeps_the_handlers_it_found() -> None:
-    if ray.is_initialized():
-        pytest.skip("Ray is already running in this process: the backend would not start it")
+    # every module that starts Ray shuts it down: otherwise the backend would not start it here
+    assert not ray.is_initialized(), "an earlier test left Ray running"
+    sigint = signal.getsignal(signal.SIGINT)
     before = signal.signal(signal.SIGTERM, _mine)
     backend = RayBackend(
         num_cpus=0.5,
@@ -51,8 +55,37 @@ def test_a_backend_that_starts_ray_keeps_the_handlers_it_found() -> None:
             with pytest.raises(Asked):
                 interrupts.check()  # delivered through the handler found before
         assert signal.getsignal(signal.SIGTERM) is _mine
-        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert signal.getsignal(signal.SIGINT) is sigint
     finally:
         backend.close()
         signal.signal(signal.SIGTERM, before)
     assert not ray.is_initialized()
+
+
+def _ray_init_then_sigterm(**kw: Any) -> None:
+    """What a SIGTERM while Ray starts does: Ray's handler first, then the signal."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))
+    os.kill(os.getpid(), signal.SIGTERM)
+    raise AssertionError("Ray's handler did not run")
+
+
+def test_a_sigterm_while_ray_starts_goes_through_the_handler_found(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", _ray_init_then_sigterm)
+    before = signal.signal(signal.SIGTERM, _mine)
+    try:
+        with pytest.raises(Asked):  # the CLI's handler: Terminated, exit 143
+            RayBackend().connect()
+        assert signal.getsignal(signal.SIGTERM) is _mine
+        # held (a merge's thread hand-offs): recorded, delivered at the end of the region
+        with pytest.raises(Asked):
+            with interrupts.deferred():
+                held = signal.getsignal(signal.SIGTERM)
+                with pytest.raises(UsageError, match="SIGTERM"):
+                    RayBackend().connect()
+                assert signal.getsignal(signal.SIGTERM) is held
+        assert signal.getsignal(signal.SIGTERM) is _mine
+    finally:
+        signal.signal(signal.SIGTERM, before)

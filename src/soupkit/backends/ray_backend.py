@@ -87,20 +87,37 @@ def _first_line(e: BaseException) -> str:
 
 @contextlib.contextmanager
 def _signal_handlers_kept() -> Iterator[None]:
-    """Put back the SIGINT / SIGTERM handlers found on entry. ``ray.init`` installs its own
-    SIGTERM handler (``sys.exit(15)``) on the main thread: it replaced the CLI's (exit 143
-    after cleaning up) and, inside `soupkit._util.interrupts.deferred`, the one that holds a
-    signal until a point where every lock is free."""
+    """Keep the SIGINT / SIGTERM handlers found on entry across ``ray.init``, which installs its
+    own SIGTERM handler (``sys.exit(15)``) on the main thread as it starts: that replaced the
+    CLI's (exit 143 after cleaning up) and, inside `soupkit._util.interrupts.deferred`, the one
+    that holds a signal until a point where every lock is free.
+
+    The handlers are put back when ``ray.init`` returns. A SIGTERM while it runs reaches Ray's
+    handler, whose `SystemExit` is turned back into the signal, delivered through the handler
+    found (the CLI's raises at once, a held one records it); then `UsageError`.
+    """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
+
+    def put_back() -> None:
         for s, handler in before.items():
             if handler is not None:  # None: set outside Python, cannot be put back
                 signal.signal(s, handler)
+
+    try:
+        yield
+    except SystemExit as e:
+        if e.code != signal.SIGTERM:
+            raise
+        put_back()
+        signal.raise_signal(signal.SIGTERM)
+        raise UsageError(
+            "Ray was being started when soupkit received SIGTERM; nothing was evaluated"
+        ) from None
+    finally:
+        put_back()
 
 
 class RayBackend:

@@ -5,10 +5,12 @@ model: the model is the base with the adapter folded in, ``W + scale * B @ A`` p
 module. As mergekit does (its ``--lora-merge-cache``), the folded model is written once into a
 cache folder and read from there: `soupkit.adapters.lora.fold_lora` streams it tensor by tensor (memory:
 one base tensor plus that module's factors), so the result is exactly ``soupkit lora fold``'s.
-The cache key holds both paths, the identity and state of each of their files (`HashCache.key`:
-device, inode, size, modification and change times; the change time moves on any write and no
-program can set it back) and the rounding, so an edited adapter is folded again, even one
-rewritten with the same size and its old modification time.
+The cache key holds both paths, the sha256 of every adapter file (adapters are small, and a
+retrained one has the same size; its old modification time can come with it, from ``cp -p`` or
+``rsync -t``), the resolved path, size, modification and change times of every model file (any
+write moves the change time, which ordinary programs cannot set back; no device or inode
+number, which a remount can change), and the rounding: an edited adapter or model is folded
+again, and the same files after a remount find their fold.
 
 Rounding: the default mode folds in float32 and rounds once (``soupkit lora fold``'s default);
 exact mode (``compute: exact``) folds as PEFT's ``merge_and_unload`` does on CPU, which is what
@@ -29,7 +31,7 @@ from typing import Literal
 from soupkit.adapters.lora import fold_lora
 from soupkit.errors import CheckpointFormatError
 from soupkit.io.checkpoint import Checkpoint, open_checkpoint
-from soupkit.io.digest import HashCache
+from soupkit.io.digest import sha256_file
 from soupkit.planning.from_recipe import open_path
 from soupkit.recipe.schema import MergeConfig
 
@@ -65,9 +67,24 @@ def split_model_adapter(path: str, resolve: Callable[[str], str]) -> tuple[str, 
     return path[:i], path[i + 1 :]
 
 
-def _stamp(path: Path) -> str:
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    return ";".join(HashCache.key(p) for p in files)
+def _files(path: Path) -> list[Path]:
+    return sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+
+
+def _content(path: Path) -> str:
+    """The adapter's files by content (their sha256)."""
+    return ";".join(
+        f"{p.relative_to(path) if p != path else p.name}:{sha256_file(p)}" for p in _files(path)
+    )
+
+
+def _state(path: Path) -> str:
+    """The model's files by resolved path, size, modification and change times."""
+    out = []
+    for p in _files(path):
+        st = p.stat()
+        out.append(f"{os.path.realpath(p)}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}")
+    return ";".join(out)
 
 
 def resolve_model_adapter(
@@ -98,7 +115,7 @@ def resolve_model_adapter(
             )
     rounding: Literal["fp32", "peft"] = "peft" if exact else "fp32"
     key = hashlib.sha256(
-        "\n".join([str(m.resolve()), _stamp(m), str(a.resolve()), _stamp(a), rounding]).encode()
+        "\n".join([str(m.resolve()), _state(m), str(a.resolve()), _content(a), rounding]).encode()
     ).hexdigest()[:24]
     dest = fold_cache_dir() / f"{m.name}+{a.name}-{key}"
     if (

@@ -111,16 +111,18 @@ def plot(results: list[dict[str, Any]], out: Path, tools: list[str] | None = Non
     ax_t.set_xlabel("wall seconds (median, min-max; log scale); label: times faster than mergekit")
     ax_m.set_xscale("log")
     ax_m.set_xlabel("peak private memory, GiB (log scale)")
-    top = max(
+    mems = [
         t["peak_private_bytes"] / GIB for row in table for t in row["tools"].values()
         if t.get("peak_private_bytes")
-    )  # fmt: skip
-    ticks = [x for x in (0.125, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64) if x <= top * 2]
-    ax_m.set_xlim(right=top * 2.5)
-    ax_m.xaxis.set_major_locator(FixedLocator(ticks))
-    ax_m.set_xticklabels([f"{x:g}" for x in ticks])
-    ax_m.xaxis.set_minor_locator(NullLocator())
-    ax_m.xaxis.set_minor_formatter(NullFormatter())
+    ]  # fmt: skip
+    if mems:  # results from an older run.py may have no memory figures
+        top = max(mems)
+        ticks = [x for x in (0.125, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64) if x <= top * 2]
+        ax_m.set_xlim(right=top * 2.5)
+        ax_m.xaxis.set_major_locator(FixedLocator(ticks))
+        ax_m.set_xticklabels([f"{x:g}" for x in ticks])
+        ax_m.xaxis.set_minor_locator(NullLocator())
+        ax_m.xaxis.set_minor_formatter(NullFormatter())
     for ax in (ax_t, ax_m):
         ax.grid(axis="x", which="both", alpha=0.3)
     handles, labels = ax_t.get_legend_handles_labels()

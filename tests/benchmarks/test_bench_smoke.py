@@ -6,6 +6,7 @@ Fast (a few seconds for soupkit; the mergekit part, ~10 s, runs only when the se
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -232,11 +233,10 @@ def test_plot_results_draws_every_merge_and_refuses_unreadable_files(tmp_path: P
     r = _run(str(BENCH / "plot_results.py"), str(tmp_path / "r.json"), "--out", str(out))
     assert r.returncode == 0, r.stderr
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
-    sys.path.insert(0, str(BENCH))
-    try:
-        import plot_results
-    finally:
-        sys.path.remove(str(BENCH))
+    spec = importlib.util.spec_from_file_location("_plot_results", BENCH / "plot_results.py")
+    assert spec is not None and spec.loader is not None
+    plot_results = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plot_results)
     table, order = plot_results.rows([doc], None)
     assert [row["label"] for row in table] == ["linear (full)", "ties (full)"]
     assert order == ["soupkit", "mergekit"] and "mergekit" not in table[1]["tools"]

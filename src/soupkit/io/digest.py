@@ -20,8 +20,9 @@ evaluator sources, the lm-eval evaluator's files, `soupkit diagnose`'s tokenizer
 inode, size, modification and change times), as git's index does: merging the same inputs
 again (a sweep, a greedy soup, a recipe being tuned) skips the hashing, about 3 CPU-seconds per
 7 GB here. A search's score cache keeps the same digests in its own file and passes them in
-as ``records`` (one store, two places it persists). Any write to a file changes its change time (``st_ctime``, which ordinary programs cannot set
-back), so a changed file is hashed again. ``SOUPKIT_HASH_CACHE=0`` turns the cache off.
+as ``records`` (one store, two places it persists). Any write to a file changes its change
+time (``st_ctime``, which ordinary programs cannot set back), so a changed file is hashed
+again. ``SOUPKIT_HASH_CACHE=0`` turns the cache off.
 
 `file_state` and `changed_files_check` notice an input that changes while soupkit reads it
 (the state is taken before the merge and compared after it).

@@ -143,10 +143,7 @@ class RunningSum:
         self._ops = ops
         for name, t in first.items():
             if t.is_floating_point():
-                acc = None if ops is None else ops.scaled(t, 1.0)
-                if acc is None:
-                    acc = RunningSum.first(t.to(torch.float32, copy=True), _ONE)
-                self._acc[name] = acc
+                self._acc[name] = RunningSum.scaled(t, _ONE, ops)
                 self._dtype[name] = t.dtype
             else:
                 self._fixed[name] = t
@@ -165,15 +162,29 @@ class RunningSum:
         on torch's AVX2 / AVX-512 kernels, two on its portable one)."""
         acc.addcmul_(t, w)
 
+    @staticmethod
+    def scaled(t: torch.Tensor, w: torch.Tensor, ops: SumOps | None = None) -> torch.Tensor:
+        """`first` of a float32 copy of ``t`` (any floating dtype; a new tensor): by ``ops``
+        where they can, else torch (the same bytes)."""
+        got = None if ops is None else ops.scaled(t, float(w))
+        return got if got is not None else RunningSum.first(t.to(torch.float32, copy=True), w)
+
+    @staticmethod
+    def step_any(
+        acc: torch.Tensor, t: torch.Tensor, w: torch.Tensor, ops: SumOps | None = None
+    ) -> None:
+        """`step` of ``t`` in any floating dtype (converted to float32): by ``ops`` where they
+        can, else torch (the same bytes)."""
+        if ops is None or not ops.step(acc, t, float(w)):
+            RunningSum.step(acc, t.to(torch.float32), w)
+
     def summed(self, name: str) -> bool:
         """Whether ``name`` is summed (a floating-point tensor); the others need not be read."""
         return name in self._acc
 
     def add(self, name: str, t: torch.Tensor) -> None:
         """Add the next ingredient's tensor ``name`` (call for every summed name, then `added`)."""
-        acc = self._acc[name]
-        if self._ops is None or not self._ops.step(acc, t, 1.0):
-            RunningSum.step(acc, t.to(torch.float32), _ONE)
+        RunningSum.step_any(self._acc[name], t, _ONE, self._ops)
 
     def added(self) -> None:
         """Count the ingredient whose tensors were just added."""

@@ -255,24 +255,15 @@ class StreamingMixture:
                     continue
                 w = self._weights(a, slot)
                 # `linear`'s operations (RunningSum), on a fresh product (the read may be shared)
-                acc = self._scaled(slot.infos[0], w[0])
+                acc = RunningSum.scaled(self._raw(slot.infos[0]), w[0], self._ops)
                 for info, wk in zip(slot.infos[1:], w[1:]):
-                    self._step(acc, info, wk)
+                    RunningSum.step_any(acc, self._raw(info), wk, self._ops)
                 slot.target.copy_(acc)
                 del acc
 
-    def _scaled(self, info: TensorInfo, w: torch.Tensor) -> torch.Tensor:
-        """``read(info) * w`` in float32 (a new tensor): on the kernels when they apply."""
-        x = self.reader.read(info).reshape(info.shape)
-        got = None if self._ops is None else self._ops.scaled(x, float(w))
-        return got if got is not None else x.to(torch.float32) * w
-
-    def _step(self, acc: torch.Tensor, info: TensorInfo, w: torch.Tensor) -> None:
-        """``acc += read(info) * w`` with ``addcmul_``'s roundings: on the kernels when they
-        apply."""
-        x = self.reader.read(info).reshape(info.shape)
-        if self._ops is None or not self._ops.step(acc, x, float(w)):
-            RunningSum.step(acc, x.to(torch.float32), w)
+    def _raw(self, info: TensorInfo) -> torch.Tensor:
+        """Tensor ``info`` as stored (the running sum converts it)."""
+        return self.reader.read(info).reshape(info.shape)
 
     def alpha_gradient(self) -> torch.Tensor:
         """``dL/dalpha`` from the gradients now in the model (after ``loss.backward()``).

@@ -411,9 +411,8 @@ def _l1(
         rng.key, rng.offset, i, mask.data_ptr(), *_conv(n), _isa(),
     )  # fmt: skip
     scale = l1_factor(before, after)
-    if (
-        scale is not None and scale.isnan()
-    ):  # NaN: which NaN torch's product keeps depends on its loop
+    # a NaN factor (the piece holds NaN): which NaN torch's product keeps depends on its loop
+    if scale is not None and scale.isnan():
         raise _UseReference
     keep.append(mask)
     rescale, factor = (_RS_NONE, 1.0) if scale is None else (_RS_MUL, float(scale))
